@@ -1,0 +1,1 @@
+"""The bounce_processor service."""
