@@ -1,0 +1,112 @@
+"""Avro encoding of every topic's messages (fastavro, schemaless, versioned by header).
+
+``schemas/avro/<topic>.avsc`` is the current schema of ``<topic>``; it carries a top-level
+``"tayori_version": N``. Every earlier version stays in ``schemas/avro/history/
+<topic>.vN.avsc`` so a consumer can read a message written by an older producer: the
+producer puts its version in the ``tayori-schema-version`` header and the reader resolves
+that writer schema against its own (Avro schema resolution). Example payloads live in
+``schemas/avro/examples/<topic>/*.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import fastavro
+from fastavro.read import SchemaResolutionError
+from fastavro.types import Schema
+
+from libs.common.errors import InvalidMessage
+from libs.common.topics import Topic
+
+VERSION_HEADER = "tayori-schema-version"
+
+_DECODE_ERRORS = (
+    EOFError, ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError, OverflowError,
+    StopIteration, AttributeError, SchemaResolutionError,
+)
+
+
+def schemas_dir() -> Path:
+    override = os.environ.get("TAYORI_SCHEMAS_DIR")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[2] / "schemas" / "avro"
+
+
+def _parse(path: Path) -> tuple[int, Schema]:
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    version = int(raw.get("tayori_version", 1))
+    return version, fastavro.parse_schema(raw)
+
+
+@cache
+def current_schema(topic: str) -> tuple[int, Schema]:
+    """(version, parsed schema) of ``topic``'s current schema."""
+    path = schemas_dir() / f"{topic}.avsc"
+    if not path.exists():
+        raise LookupError(f"no Avro schema for topic {topic!r} at {path}")
+    return _parse(path)
+
+
+@cache
+def schema_version(topic: str, version: int) -> Schema:
+    """The writer schema of ``topic`` at ``version`` (current or from history/)."""
+    current_version, current = current_schema(topic)
+    if version == current_version:
+        return current
+    path = schemas_dir() / "history" / f"{topic}.v{version}.avsc"
+    if not path.exists():
+        raise LookupError(f"unknown schema version {version} of {topic}")
+    return _parse(path)[1]
+
+
+def _base(topic: Topic | str) -> str:
+    return topic.value if isinstance(topic, Topic) else topic
+
+
+def encode(topic: Topic | str, value: dict[str, Any]) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """Serialise ``value`` with ``topic``'s current schema; bad values raise InvalidMessage."""
+    version, schema = current_schema(_base(topic))
+    buffer = io.BytesIO()
+    try:
+        fastavro.schemaless_writer(buffer, schema, value)
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+        raise InvalidMessage(f"does not match schema {_base(topic)} v{version}: {exc}") from exc
+    return buffer.getvalue(), [(VERSION_HEADER, str(version).encode())]
+
+
+def decode(
+    topic: Topic | str, data: bytes | None, headers: Any = ()
+) -> dict[str, Any]:
+    """Read a message of ``topic``; anything unreadable raises InvalidMessage."""
+    base = _base(topic)
+    if data is None:
+        raise InvalidMessage("empty message value (tombstone) where a record was expected")
+    reader_version, reader = current_schema(base)
+    writer_version = reader_version
+    for key, raw in headers or ():
+        if key == VERSION_HEADER:
+            try:
+                writer_version = int(raw)
+            except ValueError:
+                raise InvalidMessage(f"bad {VERSION_HEADER} header {raw!r}") from None
+    try:
+        writer = schema_version(base, writer_version)
+    except LookupError as exc:
+        raise InvalidMessage(str(exc)) from None
+    buffer = io.BytesIO(data)
+    try:
+        record = fastavro.schemaless_reader(buffer, writer, reader)
+    except _DECODE_ERRORS as exc:
+        raise InvalidMessage(f"not a valid {base} v{writer_version} record: {exc!r}") from None
+    if buffer.tell() != len(data):
+        raise InvalidMessage(f"{len(data) - buffer.tell()} trailing bytes after a {base} record")
+    if not isinstance(record, dict):
+        raise InvalidMessage(f"{base} record is not a record")
+    return record

@@ -1,0 +1,133 @@
+"""PostgreSQL: the asyncpg pool, named SQL blocks, and ordered per-schema migrations.
+
+Each service owns one schema. Its SQL lives in ``queries.sql`` as named blocks::
+
+    -- name: upsert-contact
+    INSERT INTO ...
+
+loaded once (:class:`Queries`). Its migrations are ``migrations/NNNN_title.sql`` applied in
+order, each in its own transaction, under an advisory lock so replicas starting together
+do not race; ``<schema>.schema_migrations`` records what ran.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from libs.common.logging import get_logger
+
+log = get_logger(__name__)
+
+_NAME = re.compile(r"^--\s*name:\s*([\w-]+)\s*$", re.MULTILINE)
+
+
+class Queries(Mapping[str, str]):
+    """The named SQL blocks of one ``.sql`` file: ``queries["upsert-contact"]``."""
+
+    def __init__(self, path: Path) -> None:
+        text = path.read_text(encoding="utf-8")
+        parts = _NAME.split(text)
+        self._sql: dict[str, str] = {}
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in self._sql:
+                raise ValueError(f"{path}: query {name!r} defined twice")
+            self._sql[name] = body.strip().rstrip(";")
+
+    def __getitem__(self, name: str) -> str:
+        return self._sql[name]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._sql)
+
+    def __len__(self) -> int:
+        return len(self._sql)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(
+            kind, encoder=lambda v: json.dumps(v, ensure_ascii=False), decoder=json.loads,
+            schema="pg_catalog",
+        )
+
+
+async def create_pool(dsn: str, schema: str, *, size: int = 10) -> asyncpg.Pool:
+    """A pool whose connections see ``schema`` first and decode json/jsonb to Python."""
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=size,
+        init=_init_connection,
+        server_settings={"search_path": f"{schema},public", "application_name": f"tayori-{schema}"},
+    )
+    assert pool is not None
+    return pool
+
+
+async def connect(dsn: str, schema: str) -> asyncpg.Connection:
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": f"{schema},public"})
+    await _init_connection(conn)
+    return conn
+
+
+def migration_files(directory: Path) -> list[tuple[int, str, Path]]:
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        number, _, title = path.stem.partition("_")
+        if not number.isdigit():
+            raise ValueError(f"migration {path.name}: name must start with a number")
+        found.append((int(number), title, path))
+    numbers = [n for n, _, _ in found]
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise ValueError(f"migrations in {directory} must be numbered 1..N without gaps: {numbers}")
+    return found
+
+
+async def migrate(dsn: str, schema: str, directory: Path) -> list[str]:
+    """Apply the pending migrations of ``schema``; returns the names applied."""
+    from libs.common.outbox import DDL as outbox_ddl
+
+    applied: list[str] = []
+    conn = await asyncpg.connect(dsn)
+    try:
+        lock_key = int.from_bytes(schema.encode()[:8].ljust(8, b"\0"), "big", signed=True)
+        await conn.execute("SELECT pg_advisory_lock($1)", lock_key)
+        try:
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            await conn.execute(
+                f'CREATE TABLE IF NOT EXISTS "{schema}".schema_migrations ('
+                " version int PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {
+                r["version"]
+                for r in await conn.fetch(f'SELECT version FROM "{schema}".schema_migrations')
+            }
+            await conn.execute(f'SET search_path TO "{schema}", public')
+            await conn.execute(outbox_ddl)
+            for number, title, path in migration_files(directory):
+                if number in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(path.read_text(encoding="utf-8"))
+                    await conn.execute(
+                        f'INSERT INTO "{schema}".schema_migrations (version, name) VALUES ($1, $2)',
+                        number, title,
+                    )
+                applied.append(path.name)
+                log.info("migration_applied", schema=schema, migration=path.name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", lock_key)
+    finally:
+        await conn.close()
+    return applied
+
+
+def as_dict(record: asyncpg.Record | None) -> dict[str, Any] | None:
+    return dict(record) if record is not None else None

@@ -1,0 +1,303 @@
+"""Kafka plumbing: a publisher, a batch consumer loop with DLQ, and topic creation.
+
+The consumer loop is the at-least-once contract every service follows::
+
+    fetch batch → decode each message → handler(batch) writes to PostgreSQL → commit offsets
+
+A message that cannot be decoded, or that the handler rejects with
+:class:`InvalidMessage`, goes to ``<topic>.dlq`` with headers naming the stage, reason,
+partition and offset, and the loop moves on. :class:`TransientError` and connection
+errors are retried (forever, with backoff) without committing, so nothing is skipped.
+A :class:`DlqLimit` stops the consumer when most of what it reads is dead-lettered:
+that is a bad deploy or a bad producer, and discarding it quietly would lose data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from libs.common import avro
+from libs.common.errors import DlqLimitExceeded, InvalidMessage
+from libs.common.logging import get_logger
+from libs.common.metrics import (
+    BATCH_SECONDS,
+    CONSUMER_LAST_PROGRESS,
+    MESSAGES_CONSUMED,
+    MESSAGES_DEAD_LETTERED,
+    MESSAGES_PUBLISHED,
+)
+from libs.common.retry import FOREVER, retry
+from libs.common.settings import CommonSettings
+from libs.common.topics import DEFAULT_PARTITIONS, Topic, all_topic_names, topic_name
+
+log = get_logger(__name__)
+
+
+def make_producer(settings: CommonSettings, **overrides: Any) -> AIOKafkaProducer:
+    """A producer for at-least-once delivery: acks from all replicas, no idempotence.
+
+    The embedded broker refuses idempotent producers, and every consumer is idempotent
+    anyway, so nothing depends on it.
+    """
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "client_id": f"tayori-{settings.service}",
+        "acks": "all",
+        "enable_idempotence": False,
+        "linger_ms": 5,
+        "max_batch_size": 256 * 1024,
+        "compression_type": None,
+    }
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+class Publisher:
+    """Sends Avro-encoded records to Tayori topics under the configured prefix."""
+
+    def __init__(self, settings: CommonSettings, producer: AIOKafkaProducer) -> None:
+        self.settings = settings
+        self.producer = producer
+
+    def name(self, topic: Topic | str) -> str:
+        return topic_name(topic, self.settings.topic_prefix)
+
+    async def send(
+        self, topic: Topic, key: str | int | None, value: dict[str, Any]
+    ) -> asyncio.Future[Any]:
+        """Queue one record; await the returned future for its acknowledgement."""
+        data, headers = avro.encode(topic, value)
+        return await self.send_raw(topic, key, data, headers)
+
+    async def send_raw(
+        self,
+        topic: Topic | str,
+        key: str | int | None,
+        data: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]:
+        raw_key = None if key is None else str(key).encode()
+        future = await self.producer.send(self.name(topic), data, key=raw_key, headers=headers)
+        MESSAGES_PUBLISHED.labels(self.settings.service, topic_label(topic)).inc()
+        return future
+
+    async def send_and_wait(self, topic: Topic, key: str | int | None, value: dict[str, Any]) -> Any:
+        return await (await self.send(topic, key, value))
+
+
+def topic_label(topic: Topic | str) -> str:
+    return topic.value if isinstance(topic, Topic) else topic
+
+
+async def ensure_topics(bootstrap: str, prefix: str = "", partitions: int = DEFAULT_PARTITIONS) -> None:
+    """Create every Tayori topic and DLQ that does not exist yet."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="tayori-admin")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = []
+        for name in all_topic_names(prefix):
+            if name in existing:
+                continue
+            configs = {"cleanup.policy": "compact"} if name.endswith(Topic.CONTACTS_CHANGELOG.value) else {}
+            wanted.append(NewTopic(name, partitions, 1, topic_configs=configs))
+        if wanted:
+            try:
+                await admin.create_topics(wanted)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+
+
+@dataclass
+class Message:
+    """One consumed record: its decoded value and where it came from."""
+
+    topic: Topic
+    key: str | None
+    value: dict[str, Any]
+    partition: int
+    offset: int
+    timestamp_ms: int
+
+
+@dataclass
+class DlqLimit:
+    """Stop when more than ``ratio`` of the last ``window`` messages were dead-lettered
+    and at least ``minimum`` were: a poison pill moves on, a bad deploy stops."""
+
+    ratio: float = 0.5
+    minimum: int = 100
+    window: int = 1000
+    _recent: deque[bool] = field(default_factory=deque)
+
+    def record(self, dead_lettered: bool) -> None:
+        self._recent.append(dead_lettered)
+        if len(self._recent) > self.window:
+            self._recent.popleft()
+        bad = sum(self._recent)
+        if bad >= self.minimum and bad > self.ratio * len(self._recent):
+            raise DlqLimitExceeded(
+                f"{bad} of the last {len(self._recent)} messages were dead-lettered"
+            )
+
+
+Handler = Callable[[list[Message]], Awaitable[None]]
+
+
+class Consumer:
+    """A consumer group member running ``handler`` on batches of decoded messages.
+
+    ``handler`` receives the batch of one partition in offset order (per-key order holds)
+    and must be idempotent: after a crash, everything since the last commit comes again.
+    It may raise :class:`InvalidMessage` with ``.message`` set to reject one message; the
+    loop dead-letters it and calls the handler again with the rest of the batch.
+    """
+
+    def __init__(
+        self,
+        settings: CommonSettings,
+        publisher: Publisher,
+        *,
+        group: str,
+        topics: Sequence[Topic],
+        handler: Handler,
+        max_records: int = 2000,
+        dlq_limit: DlqLimit | None = None,
+    ) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.group = group
+        self.topics = list(topics)
+        self.handler = handler
+        self.max_records = max_records
+        self.dlq_limit = dlq_limit or DlqLimit(settings.dlq_limit_ratio, settings.dlq_limit_min)
+        self._by_name = {topic_name(t, settings.topic_prefix): t for t in self.topics}
+        self._consumer: AIOKafkaConsumer | None = None
+        self.last_progress = time.monotonic()
+        self.assigned = False
+
+    async def start(self) -> None:
+        s = self.settings
+        self._consumer = AIOKafkaConsumer(
+            *self._by_name,
+            bootstrap_servers=s.kafka_bootstrap,
+            group_id=f"{s.topic_prefix}{self.group}",
+            client_id=f"tayori-{s.service}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=s.kafka_session_timeout_ms,
+            heartbeat_interval_ms=max(100, s.kafka_session_timeout_ms // 5),
+            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
+            max_poll_records=self.max_records,
+        )
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    async def run(self) -> None:
+        """Consume until cancelled. Offsets are committed only after the handler succeeded."""
+        assert self._consumer is not None, "start() first"
+        consumer = self._consumer
+        while True:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=self.max_records)
+            self.assigned = bool(consumer.assignment())
+            self.last_progress = time.monotonic()
+            CONSUMER_LAST_PROGRESS.labels(self.settings.service, self.group).set(time.time())
+            if not batches:
+                continue
+            offsets: dict[TopicPartition, int] = {}
+            for tp, records in batches.items():
+                started = time.perf_counter()
+                topic = self._by_name[tp.topic]
+                await self._process(topic, records)
+                offsets[tp] = records[-1].offset + 1
+                BATCH_SECONDS.labels(self.settings.service, topic.value).observe(
+                    time.perf_counter() - started
+                )
+            await consumer.commit(offsets)
+
+    async def _process(self, topic: Topic, records: list[ConsumerRecord]) -> None:
+        messages: list[Message] = []
+        for record in records:
+            try:
+                value = avro.decode(topic, record.value, record.headers)
+            except InvalidMessage as exc:
+                await self._dead_letter(topic, record, "decode", exc.reason)
+                continue
+            key = record.key.decode(errors="replace") if record.key is not None else None
+            messages.append(
+                Message(topic, key, value, record.partition, record.offset, record.timestamp)
+            )
+        by_offset = {r.offset: r for r in records}
+        await self._handle(topic, messages, by_offset)
+
+    async def _handle(
+        self, topic: Topic, messages: list[Message], by_offset: dict[int, ConsumerRecord]
+    ) -> None:
+        """Run the handler on ``messages``; a rejected message is dead-lettered and the
+        messages before and after it are handled on their own, in order."""
+        if not messages:
+            return
+        try:
+            await retry(
+                lambda: self.handler(messages),
+                name=f"handle:{topic.value}",
+                service=self.settings.service,
+                strategy=FOREVER,
+            )
+        except InvalidMessage as exc:
+            bad = getattr(exc, "message", None)
+            if not isinstance(bad, Message) or bad not in messages:
+                raise
+            at = messages.index(bad)
+            await self._handle(topic, messages[:at], by_offset)
+            await self._dead_letter(topic, by_offset[bad.offset], "process", exc.reason)
+            await self._handle(topic, messages[at + 1 :], by_offset)
+            return
+        for _ in messages:
+            self.dlq_limit.record(False)
+        MESSAGES_CONSUMED.labels(self.settings.service, topic.value, "ok").inc(len(messages))
+
+    async def _dead_letter(
+        self, topic: Topic, record: ConsumerRecord, stage: str, reason: str
+    ) -> None:
+        headers = list(record.headers or ()) + [
+            ("dlq-stage", stage.encode()),
+            ("dlq-reason", reason[:2000].encode()),
+            ("dlq-topic", record.topic.encode()),
+            ("dlq-partition", str(record.partition).encode()),
+            ("dlq-offset", str(record.offset).encode()),
+            ("dlq-consumer-group", self.group.encode()),
+        ]
+        key = record.key.decode(errors="replace") if record.key is not None else None
+        future = await self.publisher.send_raw(topic.dlq, key, record.value, headers)
+        await future
+        MESSAGES_DEAD_LETTERED.labels(self.settings.service, topic.value, stage).inc()
+        MESSAGES_CONSUMED.labels(self.settings.service, topic.value, "dead_lettered").inc()
+        log.warning(
+            "message_dead_lettered",
+            topic=topic.value, partition=record.partition, offset=record.offset,
+            stage=stage, reason=reason[:500],
+        )
+        self.dlq_limit.record(True)
+
+
+def reject(message: Message, reason: str, field: str | None = None) -> InvalidMessage:
+    """An InvalidMessage naming the one message of a batch that a handler refuses."""
+    exc = InvalidMessage(reason, field=field)
+    exc.message = message  # type: ignore[attr-defined]
+    return exc

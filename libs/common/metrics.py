@@ -1,0 +1,72 @@
+"""Every Prometheus metric Tayori exports, declared once with its kind and meaning.
+
+Labels are low-cardinality (service, topic, outcome); never an id or an address.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Kafka consumers -------------------------------------------------------------------
+#: messages a consumer finished (handled or dead-lettered), by topic and outcome.
+MESSAGES_CONSUMED = Counter(
+    "tayori_messages_consumed_total", "Messages consumed", ["service", "topic", "outcome"]
+)
+#: messages sent to a dead-letter topic, by source topic and failing stage.
+MESSAGES_DEAD_LETTERED = Counter(
+    "tayori_messages_dead_lettered_total", "Messages sent to a DLQ", ["service", "topic", "stage"]
+)
+#: seconds one consumed batch took from decode to commit.
+BATCH_SECONDS = Histogram(
+    "tayori_consumer_batch_seconds",
+    "Time to process one consumed batch",
+    ["service", "topic"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+#: unix time of the last batch a consumer committed (health = the loop is making progress).
+CONSUMER_LAST_PROGRESS = Gauge(
+    "tayori_consumer_last_progress_timestamp_seconds", "Last consumer progress", ["service", "group"]
+)
+#: retries of transient failures, by operation.
+TRANSIENT_RETRIES = Counter(
+    "tayori_transient_retries_total", "Retries after a transient error", ["service", "operation"]
+)
+
+# Producers and the outbox ---------------------------------------------------------
+#: messages published to Kafka, by topic.
+MESSAGES_PUBLISHED = Counter(
+    "tayori_messages_published_total", "Messages published", ["service", "topic"]
+)
+#: rows waiting in a service's outbox (published after their transaction commits).
+OUTBOX_BACKLOG = Gauge("tayori_outbox_backlog", "Outbox rows not yet published", ["service"])
+
+# HTTP -------------------------------------------------------------------------------
+#: HTTP requests served, by route template, method and status code.
+HTTP_REQUESTS = Counter(
+    "tayori_http_requests_total", "HTTP requests", ["service", "route", "method", "status"]
+)
+#: seconds to serve an HTTP request, by route template.
+HTTP_SECONDS = Histogram(
+    "tayori_http_request_seconds",
+    "HTTP request latency",
+    ["service", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+# Contacts ---------------------------------------------------------------------------
+#: upstream contact events applied, by event type and effect (created, updated, deleted, duplicate).
+CONTACT_EVENTS = Counter(
+    "tayori_contact_events_total", "Upstream contact events applied", ["type", "effect"]
+)
+#: rows processed by CSV import jobs, by outcome (imported, updated, skipped, error).
+IMPORT_ROWS = Counter("tayori_import_rows_total", "CSV import rows", ["outcome"])
+#: seconds to answer a contact search (count + page).
+SEARCH_SECONDS = Histogram(
+    "tayori_contact_search_seconds",
+    "Contact search latency",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2.5, 5),
+)
+#: recipients streamed on campaign.recipients by snapshot requests.
+SNAPSHOT_RECIPIENTS = Counter(
+    "tayori_snapshot_recipients_total", "Recipients streamed for campaign snapshots"
+)

@@ -1,0 +1,177 @@
+"""The runtime every service shares: pool, migrations, producer, outbox, consumers, HTTP.
+
+A service describes itself (schema, migrations, consumers, routes); :class:`Runtime`
+starts the parts in dependency order and stops them in reverse on SIGTERM/SIGINT:
+stop taking HTTP requests, let consumers finish the batch in hand (uncommitted work is
+redelivered to the next owner), publish what the outbox holds, close connections.
+
+Health is "the loops are making progress": every consumer must have polled recently.
+Readiness is "the dependencies answer": PostgreSQL and the Kafka cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from libs.common import db, http
+from libs.common.kafka import Consumer, Handler, Publisher, make_producer
+from libs.common.logging import get_logger
+from libs.common.outbox import OutboxRelay
+from libs.common.settings import CommonSettings
+from libs.common.topics import Topic
+
+log = get_logger(__name__)
+
+#: a consumer that has not polled for this long is reported unhealthy.
+STALL_SECONDS = 60.0
+
+
+@dataclass
+class ConsumerSpec:
+    group: str
+    topics: list[Topic]
+    handler: Handler
+    max_records: int = 2000
+
+
+@dataclass
+class Runtime:
+    """One running service. Fill ``consumers`` and ``routes`` before :meth:`start`."""
+
+    settings: CommonSettings
+    schema: str
+    migrations: Path
+    title: str
+    consumers: list[ConsumerSpec] = field(default_factory=list)
+    setup_routes: Callable[[web.Application], None] | None = None
+    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    pool: asyncpg.Pool = field(init=False)
+    publisher: Publisher = field(init=False)
+    outbox: OutboxRelay = field(init=False)
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list, init=False)
+    _consumers: list[Consumer] = field(default_factory=list, init=False)
+    _runner: web.AppRunner | None = field(default=None, init=False)
+    _failure: BaseException | None = field(default=None, init=False)
+    port: int = field(default=0, init=False)
+
+    async def start(self, *, migrate: bool = True) -> None:
+        s = self.settings
+        if migrate:
+            await db.migrate(s.database_url, self.schema, self.migrations)
+        self.pool = await db.create_pool(s.database_url, self.schema, size=s.db_pool_size)
+        producer = make_producer(s)
+        await producer.start()
+        self.publisher = Publisher(s, producer)
+        self.outbox = OutboxRelay(self.pool, self.publisher, self.schema)
+        self._spawn(self.outbox.run(), "outbox")
+        for spec in self.consumers:
+            consumer = Consumer(
+                s, self.publisher, group=spec.group, topics=spec.topics,
+                handler=spec.handler, max_records=spec.max_records,
+            )
+            await consumer.start()
+            self._consumers.append(consumer)
+            self._spawn(consumer.run(), f"consumer:{spec.group}")
+        for job in self.background:
+            self._spawn(job(), job.__name__)
+        app = http.create_app(
+            s.service, s.bearer_tokens(), health=self.health, ready=self.ready, title=self.title
+        )
+        if self.setup_routes:
+            self.setup_routes(app)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, s.http_host, s.http_port, reuse_address=True)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else s.http_port
+        log.info("service_started", http_port=self.port, schema=self.schema)
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._failure = exc
+            log.error("service_task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
+
+    async def health(self) -> tuple[bool, dict[str, Any]]:
+        now = time.monotonic()
+        stalled = [c.group for c in self._consumers if now - c.last_progress > STALL_SECONDS]
+        dead = [t.get_name() for t in self._tasks if t.done()]
+        ok = not stalled and not dead and self._failure is None
+        return ok, {"stalled_consumers": stalled, "stopped_tasks": dead}
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        checks: dict[str, Any] = {}
+        try:
+            async with asyncio.timeout(2):
+                await self.pool.fetchval("SELECT 1")
+            checks["database"] = "ok"
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            checks["database"] = f"unreachable: {type(exc).__name__}"
+        client = self.publisher.producer.client
+        checks["kafka"] = "ok" if client.cluster.brokers() else "no brokers known"
+        ok = all(v == "ok" for v in checks.values()) and (await self.health())[0]
+        return ok, checks
+
+    async def stop(self) -> None:
+        log.info("service_stopping")
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for consumer in self._consumers:
+            await consumer.stop()
+        try:
+            await self.outbox.drain()
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("outbox_drain_failed", error=repr(exc))
+        await self.publisher.producer.stop()
+        await self.pool.close()
+        log.info("service_stopped")
+
+    async def wait_for_consumers(self, timeout: float = 60.0) -> None:
+        """Until every consumer has partitions assigned (tests, `tayori dev` readiness)."""
+        deadline = time.monotonic() + timeout
+        while not all(c.assigned for c in self._consumers):
+            if time.monotonic() > deadline:
+                raise TimeoutError("consumers did not get partitions assigned")
+            await asyncio.sleep(0.05)
+
+    async def serve_forever(self) -> None:
+        """Run until SIGTERM/SIGINT or a failed task, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        watcher = asyncio.ensure_future(self._watch_failures(stop))
+        await stop.wait()
+        watcher.cancel()
+        await self.stop()
+        if self._failure is not None:
+            raise SystemExit(f"stopped after a failure: {self._failure!r}")
+
+    async def _watch_failures(self, stop: asyncio.Event) -> None:
+        while self._failure is None:
+            await asyncio.sleep(0.2)
+        stop.set()

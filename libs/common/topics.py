@@ -1,0 +1,54 @@
+"""Every Kafka topic Tayori uses, in one place (SPEC §7).
+
+Tests and side-by-side deployments give each run its own topics with a prefix
+(``KAFKA_TOPIC_PREFIX``); :func:`topic_name` applies it.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Topic(str, Enum):
+    CONTACTS_EVENTS = "contacts.events"
+    CONTACTS_CHANGELOG = "contacts.changelog"
+    SUPPRESSION_COMMANDS = "suppression.commands"
+    SUPPRESSION_CHANGES = "suppression.changes"
+    SNAPSHOT_REQUESTS = "snapshot.requests"
+    CAMPAIGN_RECIPIENTS = "campaign.recipients"
+    SEND_REQUESTS = "send.requests"
+    CAMPAIGN_CONTROL = "campaign.control"
+    DELIVERY_RESULTS = "delivery.results"
+    FEEDBACK_EVENTS = "feedback.events"
+    BOUNCE_EVENTS = "bounce.events"
+    EXPORT_REQUESTS = "export.requests"
+    EXPORT_COMPLETED = "export.completed"
+    MAIL_SYSTEM = "mail.system"
+    JOBS_EVENTS = "jobs.events"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.value}.dlq"
+
+    @property
+    def compacted(self) -> bool:
+        return self is Topic.CONTACTS_CHANGELOG
+
+
+#: Partitions per topic when Tayori creates them (the embedded broker, tests).
+DEFAULT_PARTITIONS = 4
+
+
+def topic_name(topic: Topic | str, prefix: str = "") -> str:
+    """The broker-side name of ``topic`` (a Topic or a DLQ name) under ``prefix``."""
+    name = topic.value if isinstance(topic, Topic) else topic
+    return f"{prefix}{name}"
+
+
+def all_topic_names(prefix: str = "") -> list[str]:
+    """Every topic and its DLQ, as created by ``tayori dev`` and the test fixtures."""
+    names: list[str] = []
+    for topic in Topic:
+        names.append(topic_name(topic, prefix))
+        names.append(topic_name(topic.dlq, prefix))
+    return names
