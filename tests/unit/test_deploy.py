@@ -1,0 +1,678 @@
+"""The deployment artefacts agree with Kubernetes' API schemas and with the code.
+
+Covers ``deploy/k8s/base`` (kustomize base), ``docker-compose.yml``, ``Dockerfile`` and
+``.dockerignore``. Core Kubernetes kinds are validated (strictly: unknown fields fail) with
+``kubernetes_validate``; CRD kinds it has no schema for (ServiceMonitor, PrometheusRule,
+KafkaTopic) are checked by hand. Topic lists are compared with
+:func:`libs.common.topics.all_topic_names` and alert expressions with the metrics declared in
+:mod:`libs.common.metrics`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+
+from libs.common import metrics as tayori_metrics
+from libs.common.settings import CommonSettings
+from libs.common.topics import DEFAULT_PARTITIONS, Topic, all_topic_names
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ROOT / "deploy" / "k8s" / "base"
+KUSTOMIZATION = BASE / "kustomization.yaml"
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+
+#: Validate against the newest Kubernetes schemas kubernetes_validate ships and against an
+#: older release still common in production, so the manifests use no brand-new fields.
+K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+
+#: Custom resources kubernetes_validate has no schema for: (apiVersion, kind).
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("kafka.strimzi.io/v1beta2", "KafkaTopic"),
+}
+CONFIG_MAP = "tayori-config"
+SECRET = "tayori-secrets"
+IMAGE_NAME = "tayori"
+#: Labels Prometheus attaches to every scraped series (target labels), besides the metric's own.
+TARGET_LABELS = {"namespace", "pod", "job", "instance", "service", "container", "endpoint"}
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+PROM_DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
+
+
+# -- loading ---------------------------------------------------------------------------
+
+
+def _load_all(path: Path) -> list[dict[str, Any]]:
+    docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    for doc in docs:
+        assert isinstance(doc, dict), f"{path.name}: a YAML document that is not a mapping"
+    return docs
+
+
+def _manifest_files() -> list[Path]:
+    return sorted(p for p in BASE.iterdir() if p.is_file() and p != KUSTOMIZATION)
+
+
+def _resources() -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for path in _manifest_files():
+        assert path.suffix in (".yaml", ".yml"), f"unexpected non-YAML file {path.name}"
+        for doc in _load_all(path):
+            found.append((path.name, doc))
+    return found
+
+
+RESOURCES = _resources()
+
+
+def _rid(item: tuple[str, dict[str, Any]]) -> str:
+    filename, doc = item
+    return f"{filename}:{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+
+
+def _is_crd(doc: dict[str, Any]) -> bool:
+    return (doc.get("apiVersion"), doc.get("kind")) in CRD_KINDS
+
+
+def _of_kind(kind: str) -> list[dict[str, Any]]:
+    return [doc for _, doc in RESOURCES if doc.get("kind") == kind]
+
+
+def _one(kind: str, name: str) -> dict[str, Any]:
+    matches = [doc for doc in _of_kind(kind) if doc["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected exactly one {kind} named {name}, found {len(matches)}"
+    return matches[0]
+
+
+CORE = [item for item in RESOURCES if not _is_crd(item[1])]
+CUSTOM = [item for item in RESOURCES if _is_crd(item[1])]
+DEPLOYMENTS = _of_kind("Deployment")
+
+
+def _pod_spec(deployment: dict[str, Any]) -> dict[str, Any]:
+    return deployment["spec"]["template"]["spec"]
+
+
+def _all_containers(deployment: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    spec = _pod_spec(deployment)
+    yield from spec.get("initContainers", [])
+    yield from spec["containers"]
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _component(deployment: dict[str, Any]) -> str:
+    return deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+# -- the base as a whole ---------------------------------------------------------------
+
+
+def test_base_holds_every_kind_the_spec_names() -> None:
+    kinds = {doc["kind"] for _, doc in RESOURCES}
+    expected = {
+        "ConfigMap",
+        "Secret",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "KafkaTopic",
+    }
+    assert expected <= kinds, f"missing kinds: {sorted(expected - kinds)}"
+    assert _one("Deployment", "tayori-contacts")
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("item", CORE, ids=_rid)
+def test_core_resource_validates_against_kubernetes_schema(
+    item: tuple[str, dict[str, Any]], version: str
+) -> None:
+    _, doc = item
+    # Raises ValidationError on a schema violation (strict: also unknown fields) and
+    # SchemaNotFoundError for a kind it does not know (add it to CRD_KINDS and check it here).
+    kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("item", RESOURCES, ids=_rid)
+def test_resource_metadata(item: tuple[str, dict[str, Any]]) -> None:
+    filename, doc = item
+    assert isinstance(doc.get("apiVersion"), str) and doc["apiVersion"], filename
+    assert isinstance(doc.get("kind"), str) and doc["kind"], filename
+    metadata = doc.get("metadata")
+    assert isinstance(metadata, dict), f"{filename}: no metadata"
+    assert DNS_SUBDOMAIN.match(metadata.get("name", "")), f"{filename}: bad name {metadata}"
+    # The base is namespace-less: the operator's context or an overlay decides.
+    assert "namespace" not in metadata, f"{filename}: {metadata['name']} sets a namespace"
+
+
+def test_resource_names_are_unique_per_kind() -> None:
+    seen: set[tuple[str, str]] = set()
+    for filename, doc in RESOURCES:
+        key = (doc["kind"], doc["metadata"]["name"])
+        assert key not in seen, f"{filename}: duplicate {key}"
+        seen.add(key)
+
+
+# -- kustomization ---------------------------------------------------------------------
+
+
+def _kustomization() -> dict[str, Any]:
+    docs = _load_all(KUSTOMIZATION)
+    assert len(docs) == 1
+    return docs[0]
+
+
+def test_kustomization_lists_every_file_and_only_existing_ones() -> None:
+    kustomization = _kustomization()
+    assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
+    assert kustomization["kind"] == "Kustomization"
+    listed = kustomization["resources"]
+    assert len(listed) == len(set(listed)), f"duplicates in resources: {listed}"
+    for name in listed:
+        assert (BASE / name).is_file(), f"kustomization lists {name}, which does not exist"
+    on_disk = {p.name for p in _manifest_files()}
+    assert set(listed) == on_disk, (
+        f"not listed: {sorted(on_disk - set(listed))}; missing: {sorted(set(listed) - on_disk)}"
+    )
+    assert "kafka-topics.yaml" in listed
+    assert "namespace" not in kustomization, "the base must stay namespace-less"
+
+
+def test_kustomization_maps_the_image_every_container_uses() -> None:
+    images = {entry["name"]: entry for entry in _kustomization().get("images", [])}
+    assert IMAGE_NAME in images, "kustomization.yaml has no images: entry for the tayori image"
+    assert images[IMAGE_NAME].get("newTag"), "the tayori image entry sets no newTag"
+    for deployment in DEPLOYMENTS:
+        for container in _all_containers(deployment):
+            assert container["image"] == IMAGE_NAME, (
+                f"{deployment['metadata']['name']}/{container['name']} uses "
+                f"{container['image']!r}; use the name {IMAGE_NAME!r} and map it in images:"
+            )
+
+
+# -- Deployments -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d["metadata"]["name"])
+def test_deployment_probes(deployment: dict[str, Any]) -> None:
+    for container in _pod_spec(deployment)["containers"]:
+        port_names = {p["name"] for p in container.get("ports", [])}
+        assert "http" in port_names, f"{container['name']}: no port named http"
+        expected = {"livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+        for probe_name, path in expected.items():
+            probe = container.get(probe_name)
+            assert probe, f"{container['name']}: no {probe_name}"
+            assert probe["httpGet"]["path"] == path, f"{container['name']}: {probe_name} path"
+            assert probe["httpGet"]["port"] in port_names | {8080}
+        startup = container.get("startupProbe")
+        assert startup and startup["httpGet"]["path"] == "/healthz"
+        # The startup probe must allow a cold start (migrations already ran in the init container).
+        budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+        assert budget >= 30, f"{container['name']}: startupProbe allows only {budget}s"
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d["metadata"]["name"])
+def test_deployment_resources_and_env(deployment: dict[str, Any]) -> None:
+    for container in _all_containers(deployment):
+        name = container["name"]
+        resources = container.get("resources", {})
+        for section in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(resources.get(section, {})), f"{name}: {section}"
+        refs = container.get("envFrom", [])
+        config_maps = {r["configMapRef"]["name"] for r in refs if "configMapRef" in r}
+        secrets = {r["secretRef"]["name"] for r in refs if "secretRef" in r}
+        assert CONFIG_MAP in config_maps, f"{name}: envFrom lacks ConfigMap {CONFIG_MAP}"
+        assert SECRET in secrets, f"{name}: envFrom lacks Secret {SECRET}"
+        for ref in refs:
+            assert not ref.get("configMapRef", {}).get("optional"), f"{name}: optional config"
+            assert not ref.get("secretRef", {}).get("optional"), f"{name}: optional secret"
+    # The referenced objects are part of the base.
+    _one("ConfigMap", CONFIG_MAP)
+    _one("Secret", SECRET)
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d["metadata"]["name"])
+def test_deployment_runs_its_service_after_its_migrations(deployment: dict[str, Any]) -> None:
+    service = _component(deployment)
+    spec = _pod_spec(deployment)
+    inits = spec.get("initContainers", [])
+    assert [c.get("args") for c in inits] == [["migrate", service]]
+    assert [c.get("args") for c in spec["containers"]] == [[service]]
+    assert deployment["spec"]["replicas"] >= 2, "one replica cannot survive a node drain"
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert _selects(selector, deployment["spec"]["template"]["metadata"]["labels"])
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d["metadata"]["name"])
+def test_deployment_is_hardened(deployment: dict[str, Any]) -> None:
+    spec = _pod_spec(deployment)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec.get("terminationGracePeriodSeconds") == 30
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for container in _all_containers(deployment):
+        context = container.get("securityContext", {})
+        assert context.get("readOnlyRootFilesystem") is True, container["name"]
+        assert context.get("allowPrivilegeEscalation") is False, container["name"]
+        assert "ALL" in context.get("capabilities", {}).get("drop", []), container["name"]
+        tmp = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+        assert tmp, f"{container['name']}: read-only root needs a writable /tmp"
+        assert "emptyDir" in volumes[tmp[0]["name"]], "/tmp must be an emptyDir"
+    preferred = spec["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert any(
+        _selects(term["podAffinityTerm"]["labelSelector"]["matchLabels"], pod_labels)
+        for term in preferred
+    ), "pod anti-affinity does not select the Deployment's own pods"
+
+
+def test_runtime_user_matches_the_image() -> None:
+    match = re.search(r"^USER\s+(\d+)", DOCKERFILE.read_text(), re.MULTILINE)
+    assert match, "Dockerfile sets no numeric USER"
+    for deployment in DEPLOYMENTS:
+        assert _pod_spec(deployment)["securityContext"]["runAsUser"] == int(match.group(1))
+
+
+# -- Service, PDB, ServiceMonitor wiring -----------------------------------------------
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d["metadata"]["name"])
+def test_every_deployment_has_a_service_and_a_pdb(deployment: dict[str, Any]) -> None:
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    container_ports = {
+        p["name"]: p["containerPort"]
+        for c in _pod_spec(deployment)["containers"]
+        for p in c["ports"]
+    }
+    services = [s for s in _of_kind("Service") if _selects(s["spec"]["selector"], pod_labels)]
+    assert len(services) == 1, f"{len(services)} Services select {pod_labels}"
+    for port in services[0]["spec"]["ports"]:
+        assert (
+            port["targetPort"] in container_ports or port["targetPort"] in container_ports.values()
+        )
+    pdbs = [
+        p
+        for p in _of_kind("PodDisruptionBudget")
+        if _selects(p["spec"]["selector"]["matchLabels"], pod_labels)
+    ]
+    assert len(pdbs) == 1, f"{len(pdbs)} PodDisruptionBudgets select {pod_labels}"
+    assert pdbs[0]["spec"]["minAvailable"] == 1
+    assert pdbs[0]["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+
+
+def test_http_port_setting_matches_the_container_port() -> None:
+    http_port = int(_one("ConfigMap", CONFIG_MAP)["data"]["HTTP_PORT"])
+    for deployment in DEPLOYMENTS:
+        for container in _pod_spec(deployment)["containers"]:
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            assert ports["http"] == http_port
+
+
+def test_service_monitor_scrapes_every_service() -> None:
+    monitors = _of_kind("ServiceMonitor")
+    assert monitors
+    for service in _of_kind("Service"):
+        port_names = {p["name"] for p in service["spec"]["ports"]}
+        scraped = [
+            endpoint
+            for monitor in monitors
+            if _selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+            for endpoint in monitor["spec"]["endpoints"]
+            if endpoint["port"] in port_names
+        ]
+        assert scraped, f"no ServiceMonitor scrapes Service {service['metadata']['name']}"
+        assert all(endpoint["path"] == "/metrics" for endpoint in scraped)
+
+
+# -- custom resources, checked by hand -------------------------------------------------
+
+
+def _check_service_monitor(spec: dict[str, Any]) -> None:
+    assert set(spec) >= {"selector", "endpoints"}
+    assert isinstance(spec["selector"].get("matchLabels"), dict) and spec["selector"]["matchLabels"]
+    assert isinstance(spec["endpoints"], list) and spec["endpoints"]
+    for endpoint in spec["endpoints"]:
+        assert isinstance(endpoint.get("port"), str) and endpoint["port"]
+        assert endpoint.get("path", "/metrics").startswith("/")
+        for key in ("interval", "scrapeTimeout"):
+            if key in endpoint:
+                assert PROM_DURATION.match(endpoint[key]), f"{key}: {endpoint[key]!r}"
+
+
+def _balanced(expr: str) -> bool:
+    pairs = {")": "(", "]": "[", "}": "{"}
+    stack: list[str] = []
+    for char in re.sub(r'"[^"]*"', '""', expr):
+        if char in "([{":
+            stack.append(char)
+        elif char in pairs:
+            if not stack or stack.pop() != pairs[char]:
+                return False
+    return not stack
+
+
+def _check_prometheus_rule(spec: dict[str, Any]) -> None:
+    assert set(spec) == {"groups"}
+    assert isinstance(spec["groups"], list) and spec["groups"]
+    alerts: set[str] = set()
+    group_names: set[str] = set()
+    for group in spec["groups"]:
+        assert isinstance(group.get("name"), str) and group["name"] not in group_names
+        group_names.add(group["name"])
+        assert isinstance(group.get("rules"), list) and group["rules"]
+        for rule in group["rules"]:
+            assert ("alert" in rule) != ("record" in rule), rule
+            assert isinstance(rule.get("expr"), str) and rule["expr"].strip(), rule
+            assert _balanced(rule["expr"]), f"unbalanced brackets in {rule['expr']!r}"
+            if "for" in rule:
+                assert PROM_DURATION.match(rule["for"]), rule["for"]
+            if "alert" in rule:
+                assert rule["alert"] not in alerts, f"duplicate alert {rule['alert']}"
+                alerts.add(rule["alert"])
+                assert rule["labels"]["severity"] in {"critical", "warning", "info"}
+                assert rule["annotations"]["summary"].strip()
+                assert rule["annotations"]["description"].strip()
+
+
+def _check_kafka_topic(doc: dict[str, Any]) -> None:
+    spec = doc["spec"]
+    assert doc["metadata"]["labels"].get("strimzi.io/cluster"), "no strimzi.io/cluster label"
+    assert set(spec) <= {"topicName", "partitions", "replicas", "config"}, set(spec)
+    assert isinstance(spec.get("topicName"), str) and spec["topicName"]
+    assert isinstance(spec.get("partitions"), int) and spec["partitions"] >= 1
+    assert isinstance(spec.get("replicas"), int) and 1 <= spec["replicas"] <= 32767
+    for key, value in spec.get("config", {}).items():
+        assert isinstance(key, str) and isinstance(value, (str, int, bool)), (key, value)
+
+
+@pytest.mark.parametrize("item", CUSTOM, ids=_rid)
+def test_custom_resource_structure(item: tuple[str, dict[str, Any]]) -> None:
+    _, doc = item
+    assert isinstance(doc.get("spec"), dict) and doc["spec"], "no spec"
+    checks = {
+        "ServiceMonitor": lambda: _check_service_monitor(doc["spec"]),
+        "PrometheusRule": lambda: _check_prometheus_rule(doc["spec"]),
+        "KafkaTopic": lambda: _check_kafka_topic(doc),
+    }
+    checks[doc["kind"]]()
+
+
+# -- alerts against the metrics the code exports ---------------------------------------
+
+
+def _exported_series() -> dict[str, set[str]]:
+    """Series name → label names, for every metric declared in libs.common.metrics."""
+    series: dict[str, set[str]] = {}
+    for metric in vars(tayori_metrics).values():
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        name, labels = metric._name, set(metric._labelnames)
+        suffixes = {
+            "counter": ("_total",),
+            "gauge": ("",),
+            "histogram": ("_bucket", "_sum", "_count"),
+            "summary": ("_sum", "_count", ""),
+        }[metric._type]
+        for suffix in suffixes:
+            series[name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    return series
+
+
+def _alert_exprs() -> list[str]:
+    return [
+        rule["expr"]
+        for rule_doc in _of_kind("PrometheusRule")
+        for group in rule_doc["spec"]["groups"]
+        for rule in group["rules"]
+    ]
+
+
+def test_alerts_cover_what_operators_need() -> None:
+    exprs = "\n".join(_alert_exprs())
+    for metric in (
+        "tayori_consumer_last_progress_timestamp_seconds",
+        "tayori_messages_dead_lettered_total",
+        "tayori_outbox_backlog",
+    ):
+        assert metric in exprs, f"no alert on {metric}"
+    assert re.search(r'tayori_http_requests_total\{status=~"5\.\."\}', exprs), "no 5xx alert"
+
+
+def test_alerts_use_only_metrics_and_labels_the_code_exports() -> None:
+    series = _exported_series()
+    assert "tayori_outbox_backlog" in series  # the helper itself works
+    for expr in _alert_exprs():
+        used = set(re.findall(r"\btayori_\w+", expr))
+        for name in used:
+            assert name in series, f"{name} is not a metric in libs/common/metrics.py"
+        allowed = TARGET_LABELS | {"le"} | set().union(*(series[n] for n in used))
+        for name, matchers in re.findall(r"\b(tayori_\w+)\{([^}]*)\}", expr):
+            for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers):
+                assert label in series[name] | TARGET_LABELS, f"{name} has no label {label}"
+        for grouping in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+            for label in (part.strip() for part in grouping.split(",")):
+                assert label in allowed, f"{label!r} in {expr!r} is on none of {sorted(used)}"
+
+
+def test_target_down_alert_matches_every_scraped_service() -> None:
+    jobs = [m for e in _alert_exprs() for m in re.findall(r'\bup\{job=~"([^"]+)"\}', e)]
+    assert jobs, "no alert on up{job=~...}"
+    for service in _of_kind("Service"):
+        # Without a jobLabel the Prometheus Operator names the job after the Service.
+        assert any(re.fullmatch(job, service["metadata"]["name"]) for job in jobs)
+
+
+# -- Kafka topics ----------------------------------------------------------------------
+
+
+def test_kafka_topics_cover_every_topic_and_dlq() -> None:
+    topics = _of_kind("KafkaTopic")
+    names = [t["spec"]["topicName"] for t in topics]
+    assert len(names) == len(set(names)), "a topic is declared twice"
+    expected = set(all_topic_names())
+    assert len(expected) == 2 * len(Topic)
+    assert set(names) == expected, (
+        f"missing: {sorted(expected - set(names))}; unknown: {sorted(set(names) - expected)}"
+    )
+    for topic in topics:
+        spec = topic["spec"]
+        assert topic["metadata"]["name"] == spec["topicName"].replace(".", "-")
+        assert spec["partitions"] == DEFAULT_PARTITIONS, spec["topicName"]
+        replicas = spec["replicas"]
+        min_isr = int(spec.get("config", {}).get("min.insync.replicas", 1))
+        assert min_isr < replicas or replicas == 1, f"{spec['topicName']}: no room for a failure"
+
+
+def test_only_the_changelog_is_compacted_in_kubernetes() -> None:
+    by_name = {t["spec"]["topicName"]: t["spec"] for t in _of_kind("KafkaTopic")}
+    for topic in Topic:
+        policy = by_name[topic.value].get("config", {}).get("cleanup.policy", "delete")
+        assert (policy == "compact") is topic.compacted, f"{topic.value}: {policy}"
+        dlq_policy = by_name[topic.dlq].get("config", {}).get("cleanup.policy", "delete")
+        assert dlq_policy == "delete", f"{topic.dlq} must keep every failed message"
+
+
+# -- ConfigMap and Secret --------------------------------------------------------------
+
+
+def _secret_env_names() -> set[str]:
+    names = {
+        f.metadata["env"]
+        for f in dataclasses.fields(CommonSettings)
+        if f.metadata.get("secret") and f.metadata.get("env")
+    }
+    assert names, "CommonSettings declares no secret settings"
+    return names | {"DATABASE_URL"}  # carries the database password
+
+
+def test_secret_is_a_template_holding_every_secret_setting() -> None:
+    secret = _one("Secret", SECRET)
+    assert "data" not in secret, "use stringData placeholders, never encoded values"
+    values = secret["stringData"]
+    assert _secret_env_names() <= set(values), sorted(_secret_env_names() - set(values))
+    for key, value in values.items():
+        assert "REPLACE_ME" in value, f"{key} is not a placeholder"
+    text = (BASE / "secret.yaml").read_text()
+    assert re.search(r"replace", text.split("apiVersion:")[0], re.IGNORECASE), (
+        "secret.yaml must start with a comment telling the operator to replace the values"
+    )
+
+
+def test_config_map_holds_no_secret_and_the_settings_services_need() -> None:
+    data = _one("ConfigMap", CONFIG_MAP)["data"]
+    assert not (_secret_env_names() & set(data)), "a secret setting in the ConfigMap"
+    needed = {"KAFKA_BOOTSTRAP", "KAFKA_TOPIC_PREFIX", "HTTP_PORT", "LOG_LEVEL", "SMTP_HOST"}
+    assert needed <= set(data), sorted(needed - set(data))
+    assert re.fullmatch(r"[\w.-]+:\d+", data["KAFKA_BOOTSTRAP"])
+    # The KafkaTopic resources name topics without a prefix.
+    assert data["KAFKA_TOPIC_PREFIX"] == ""
+
+
+# -- docker-compose.yml ----------------------------------------------------------------
+
+
+def _compose() -> dict[str, Any]:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(compose, dict) and isinstance(compose.get("services"), dict)
+    return compose
+
+
+def _command_text(service: dict[str, Any]) -> str:
+    parts: list[str] = []
+    for key in ("entrypoint", "command"):
+        value = service.get(key, [])
+        parts.extend([value] if isinstance(value, str) else value)
+    return "\n".join(parts)
+
+
+def _topic_service(services: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    found = [(n, s) for n, s in services.items() if "kafka-topics.sh" in _command_text(s)]
+    assert len(found) == 1, f"expected one topic-creation service, found {[n for n, _ in found]}"
+    return found[0]
+
+
+def test_compose_services_use_an_image_or_a_build() -> None:
+    services = _compose()["services"]
+    assert {"kafka", "postgres", "mailpit", "contacts-migrate", "contacts"} <= set(services)
+    for name, service in services.items():
+        assert service.get("image") or service.get("build"), f"{name}: no image and no build"
+
+
+def test_compose_runs_kafka_in_kraft_mode_postgres_16_and_mailpit() -> None:
+    services = _compose()["services"]
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert "controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]
+    assert not any("zookeeper" in str(s.get("image", "")) for s in services.values())
+    assert services["postgres"]["image"].startswith("postgres:16")
+    assert services["mailpit"]["image"].startswith("axllent/mailpit")
+
+
+def test_compose_creates_every_topic() -> None:
+    name, service = _topic_service(_compose()["services"])
+    command = _command_text(service)
+    for topic in all_topic_names():
+        pattern = r"(?<![\w.-])" + re.escape(topic) + r"(?![\w.-])"
+        assert re.search(pattern, command), f"{name} does not create {topic}"
+    assert re.search(rf"--partitions\s+{DEFAULT_PARTITIONS}\b", command)
+    compacted = [t.value for t in Topic if t.compacted]
+    assert compacted
+    for topic in compacted:
+        line = next(
+            (ln for ln in command.splitlines() if re.search(rf"\b{re.escape(topic)}(\s|$)", ln)),
+            "",
+        )
+        assert "cleanup.policy=compact" in line, f"{topic} is not created compacted"
+    assert command.count("cleanup.policy=compact") == len(compacted)
+
+
+def test_compose_dependencies_wait_for_health_or_completion() -> None:
+    services = _compose()["services"]
+    for name, service in services.items():
+        depends = service.get("depends_on", {})
+        assert isinstance(depends, dict), f"{name}: use depends_on with conditions"
+        for target, how in depends.items():
+            assert target in services, f"{name} depends on unknown {target}"
+            condition = how["condition"]
+            if condition == "service_healthy":
+                assert services[target].get("healthcheck"), f"{target} has no healthcheck"
+            else:
+                assert condition == "service_completed_successfully", (name, target)
+                assert services[target].get("restart") == "no", f"{target} is not one-shot"
+    topic_service, _ = _topic_service(services)
+    contacts = services["contacts"]
+    assert contacts["depends_on"]["contacts-migrate"]["condition"] == (
+        "service_completed_successfully"
+    )
+    assert topic_service in contacts["depends_on"]
+    assert contacts["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["contacts-migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services[topic_service]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert contacts.get("healthcheck") and "/readyz" in str(contacts["healthcheck"]["test"])
+
+
+def test_compose_contacts_service_and_shared_environment() -> None:
+    services = _compose()["services"]
+    contacts = services["contacts"]
+    assert contacts["command"] == ["contacts"]
+    assert "8081:8080" in contacts["ports"]
+    assert services["contacts-migrate"]["command"] == ["migrate", "contacts"]
+    env = contacts["environment"]
+    needed = {"DATABASE_URL", "KAFKA_BOOTSTRAP", "HTTP_PORT", "SMTP_HOST", "SMTP_PORT"}
+    assert needed <= set(env), sorted(needed - set(env))
+    assert _secret_env_names() <= set(env)
+    # One shared block (a YAML anchor), so the migration sees the same database as the service.
+    assert services["contacts-migrate"]["environment"] == env
+    assert "&tayori-env" in COMPOSE.read_text()
+    # Addresses point at the compose services.
+    kafka_host, _, kafka_port = env["KAFKA_BOOTSTRAP"].partition(":")
+    assert kafka_host in services
+    assert (
+        f"{kafka_host}:{kafka_port}"
+        in services[kafka_host]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    )
+    assert re.match(r"postgresql://[^@]+@postgres[:/]", env["DATABASE_URL"])
+    assert env["SMTP_HOST"] in services
+    assert env["HTTP_PORT"] == "8080"
+
+
+# -- Dockerfile ------------------------------------------------------------------------
+
+
+def test_dockerfile_builds_a_non_root_image_running_tayori() -> None:
+    text = DOCKERFILE.read_text()
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.MULTILINE)
+    assert froms and all(image == "python:3.11-slim" for image in froms), froms
+    users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    assert re.search(r"pip install \.(\s|$)", text)
+    assert re.search(r"^ENTRYPOINT \[\"tayori\"\]\s*$", text, re.MULTILINE)
+    assert re.search(r"TAYORI_SCHEMAS_DIR=/app/schemas/avro\b", text)
+    assert re.search(r"^COPY\s+schemas/avro\s+/app/schemas/avro/?\s*$", text, re.MULTILINE)
+
+
+def test_dockerignore_keeps_the_context_small_but_complete() -> None:
+    entries = {
+        line.strip().rstrip("/")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".git", ".venv", ".tayori"} <= entries
+    for needed in ("pyproject.toml", "README.md", "libs", "services", "tayori", "schemas"):
+        assert needed not in entries, f".dockerignore excludes {needed}, which the build needs"
