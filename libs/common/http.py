@@ -28,6 +28,8 @@ ROLES = {"viewer": 1, "operator": 2, "admin": 3}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ROLE_KEY = web.AppKey("tokens", dict)
 SERVICE_KEY = web.AppKey("service", str)
+#: the caller's role, set by the auth middleware on every authenticated request.
+ROLE = web.RequestKey("role", str)
 
 
 def requires(role: str) -> Callable[[Handler], Handler]:
@@ -128,7 +130,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     route_handler = request.match_info.handler
     needed = getattr(route_handler, "tayori_role", "default")
-    if needed is None or isinstance(request.match_info, web.MatchInfoError):
+    if needed is None or request.match_info.http_exception is not None:
         return await handler(request)
     if needed == "default":
         needed = "viewer" if request.method in ("GET", "HEAD") else "operator"
@@ -139,7 +141,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(401, "missing or unknown bearer token")
     if ROLES.get(role, 0) < ROLES[needed]:
         return error(403, f"role {role!r} may not do this; {needed!r} or higher is required")
-    request["role"] = role
+    request[ROLE] = role
     return await handler(request)
 
 
