@@ -98,6 +98,10 @@ class Runtime:
         self.port = sockets[0].getsockname()[1] if sockets else s.http_port
         log.info("service_started", http_port=self.port, schema=self.schema)
 
+    @property
+    def _loops(self) -> set[str]:
+        return {"outbox", *(f"consumer:{c.group}" for c in self.consumers)}
+
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
         task = asyncio.ensure_future(coro)
         task.set_name(name)
@@ -115,7 +119,9 @@ class Runtime:
     async def health(self) -> tuple[bool, dict[str, Any]]:
         now = time.monotonic()
         stalled = [c.group for c in self._consumers if now - c.last_progress > STALL_SECONDS]
-        dead = [t.get_name() for t in self._tasks if t.done()]
+        # A one-shot background job that finished is fine; a loop that ended is not.
+        dead = [t.get_name() for t in self._tasks
+                if t.done() and (t.get_name() in self._loops or t.cancelled() or t.exception())]
         ok = not stalled and not dead and self._failure is None
         return ok, {"stalled_consumers": stalled, "stopped_tasks": dead}
 

@@ -1,0 +1,1 @@
+"""Tayori: customer database and email delivery platform."""

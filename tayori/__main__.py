@@ -1,0 +1,3 @@
+from tayori.cli import main
+
+main()

@@ -1,0 +1,221 @@
+"""Fixtures: the real embedded stack, one database and one set of topics per test.
+
+- ``stack`` (session): PostgreSQL (pgserver), the Tansu broker, started once.
+- ``database``: a fresh database cloned from a migrated template (fast: ~0.1 s).
+- ``prefix``: a topic prefix of this test's own, with every topic created.
+- ``contacts``: the contacts service running in this process against both.
+- ``kafka``: a publisher and a reader for this test's topics.
+- ``smtp_sink``: a real SMTP server on loopback storing into a Maildir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from libs.common import avro, db
+from libs.common.kafka import Publisher, ensure_topics, make_producer
+from libs.common.settings import CommonSettings
+from libs.common.topics import Topic, topic_name
+from tayori.embedded import EmbeddedBroker, EmbeddedPostgres, SmtpSink, free_port, temp_home
+
+T = TypeVar("T")
+ADMIN_TOKEN = "test-admin-token"
+OPERATOR_TOKEN = "test-operator-token"
+VIEWER_TOKEN = "test-viewer-token"
+SERVICE_MIGRATIONS = {
+    "contacts": Path(__file__).resolve().parents[1] / "services" / "contacts" / "migrations",
+}
+
+
+@dataclasses.dataclass
+class Stack:
+    postgres: EmbeddedPostgres
+    broker: EmbeddedBroker
+    home: Path
+
+
+@pytest.fixture(scope="session")
+def stack() -> Stack:
+    home = temp_home()
+    postgres = EmbeddedPostgres(home / "pg", fast_unsafe=True)
+    broker = EmbeddedBroker(free_port(), log_path=home / "broker.log")
+    yield Stack(postgres, broker, home)
+    broker.stop()
+    postgres.stop()
+
+
+@pytest.fixture(scope="session")
+async def template_db(stack: Stack) -> str:
+    name = "tayori_template"
+    dsn = await stack.postgres.create_database(name)
+    for schema, migrations in SERVICE_MIGRATIONS.items():
+        await db.migrate(dsn, schema, migrations)
+    return name
+
+
+@pytest.fixture
+async def database(stack: Stack, template_db: str) -> str:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    return await stack.postgres.create_database(name, template=template_db)
+
+
+@pytest.fixture
+async def prefix(stack: Stack) -> str:
+    value = f"t{uuid.uuid4().hex[:10]}."
+    await ensure_topics(stack.broker.bootstrap, value, partitions=2)
+    return value
+
+
+def settings_for(cls: type[T], stack: Stack, database: str, prefix: str, **overrides: Any) -> T:
+    values = dict(
+        database_url=database,
+        kafka_bootstrap=stack.broker.bootstrap,
+        topic_prefix=prefix,
+        kafka_session_timeout_ms=1000,
+        kafka_fetch_max_wait_ms=20,
+        http_host="127.0.0.1",
+        http_port=0,
+        admin_token=ADMIN_TOKEN,
+        api_tokens=f"operator:{OPERATOR_TOKEN},viewer:{VIEWER_TOKEN}",
+        db_pool_size=5,
+    )
+    values.update(overrides)
+    return cls(**values)  # type: ignore[call-arg]
+
+
+class Api:
+    """A small HTTP client for one service, authenticated as admin unless told otherwise."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
+        self.session = session
+        self.base = base
+
+    async def call(self, method: str, path: str, json: Any = None, token: str | None = ADMIN_TOKEN,
+                   **kwargs: Any) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self.session.request(method, self.base + path, json=json, headers=headers,
+                                        **kwargs) as response:
+            if response.content_type == "application/json":
+                return response.status, await response.json()
+            return response.status, await response.text()
+
+    async def ok(self, method: str, path: str, json: Any = None, **kwargs: Any) -> Any:
+        status, body = await self.call(method, path, json, **kwargs)
+        assert 200 <= status < 300, f"{method} {path} → {status}: {body}"
+        return body
+
+
+@dataclasses.dataclass
+class Service:
+    runtime: Any
+    api: Api
+
+
+@pytest.fixture
+async def contacts(stack: Stack, database: str, prefix: str) -> AsyncIterator[Service]:
+    from services.contacts.app import build
+    from services.contacts.settings import ContactsSettings
+
+    runtime = build(settings_for(ContactsSettings, stack, database, prefix))
+    await runtime.start()
+    await runtime.wait_for_consumers()
+    async with aiohttp.ClientSession() as session:
+        yield Service(runtime, Api(session, f"http://127.0.0.1:{runtime.port}"))
+    await runtime.stop()
+
+
+class Kafka:
+    """Publish to and read from this test's topics."""
+
+    def __init__(self, stack: Stack, prefix: str, publisher: Publisher) -> None:
+        self.stack = stack
+        self.prefix = prefix
+        self.publisher = publisher
+
+    async def send(self, topic: Topic, key: Any, value: dict[str, Any]) -> None:
+        await self.publisher.send_and_wait(topic, key, value)
+
+    async def send_raw(self, topic: Topic, key: Any, data: bytes | None) -> None:
+        await (await self.publisher.send_raw(topic, key, data))
+
+    async def read(self, topic: Topic | str, *, until: Callable[[list[Any]], bool],
+                   raw: bool = False, timeout: float = 60.0) -> list[Any]:
+        """Records of ``topic`` from the beginning until ``until(records)`` holds."""
+        name = topic_name(topic, self.prefix)
+        consumer = AIOKafkaConsumer(
+            name, bootstrap_servers=self.stack.broker.bootstrap, auto_offset_reset="earliest",
+            enable_auto_commit=False, group_id=None, fetch_max_wait_ms=20,
+        )
+        await consumer.start()
+        records: list[Any] = []
+        try:
+            async with asyncio.timeout(timeout):
+                while not until(records):
+                    batches = await consumer.getmany(timeout_ms=200)
+                    for batch in batches.values():
+                        for record in batch:
+                            if raw or not isinstance(topic, Topic):
+                                records.append(record)
+                            else:
+                                records.append(avro.decode(topic, record.value, record.headers))
+        except TimeoutError:
+            raise AssertionError(f"{name}: condition not met; got {len(records)} records: {records[-5:]}") from None
+        finally:
+            await consumer.stop()
+        return records
+
+
+@pytest.fixture
+async def kafka(stack: Stack, prefix: str) -> AsyncIterator[Kafka]:
+    settings = CommonSettings(kafka_bootstrap=stack.broker.bootstrap, topic_prefix=prefix, service="test")
+    producer = make_producer(settings, linger_ms=0)
+    await producer.start()
+    yield Kafka(stack, prefix, Publisher(settings, producer))
+    await producer.stop()
+
+
+@pytest.fixture
+def smtp_sink(tmp_path: Path) -> SmtpSink:
+    sink = SmtpSink(tmp_path / "maildir", free_port())
+    yield sink
+    sink.stop()
+
+
+async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float = 60.0,
+                     interval: float = 0.05) -> T:
+    """Poll ``check`` until it returns a truthy value (or stops raising AssertionError)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: Any = None
+    while True:
+        try:
+            result = await check()
+            if result:
+                return result
+            last = result
+        except AssertionError as exc:
+            last = exc
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s; last: {last!r}")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves asyncio tasks running behind it."""
+    before = set(asyncio.all_tasks())
+    yield
+    await asyncio.sleep(0)
+    leaked = [t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()]
+    if leaked:
+        await asyncio.sleep(0.5)
+        leaked = [t for t in leaked if not t.done()]
+    assert not leaked, f"tasks leaked: {[t.get_name() + ' ' + repr(t.get_coro()) for t in leaked]}"
