@@ -1,0 +1,72 @@
+"""The contacts service: its topics, consumers, routes and background jobs in one place.
+
+Inputs: contacts.events, suppression.changes, delivery.results, feedback.events,
+bounce.events, snapshot.requests. Outputs (through the outbox unless noted):
+contacts.changelog, suppression.commands, jobs.events, campaign.recipients (streamed
+directly: a snapshot is a read, redone whole if interrupted).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from libs.common.service import ConsumerSpec, Runtime
+from libs.common.topics import Topic
+from services.contacts import agents, api, imports
+from services.contacts.context import CONTEXT, Context
+from services.contacts.settings import ContactsSettings
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+SCHEMA = "contacts"
+
+
+def build(settings: ContactsSettings) -> Runtime:
+    runtime = Runtime(settings=settings, schema=SCHEMA, migrations=MIGRATIONS,
+                      title="Tayori contacts")
+    holder: dict[str, Context] = {}
+
+    def ctx() -> Context:
+        if "ctx" not in holder:
+            holder["ctx"] = Context(settings, runtime.pool, runtime.publisher)
+        return holder["ctx"]
+
+    def bind(handler):  # type: ignore[no-untyped-def]
+        @functools.wraps(handler)
+        async def run(batch):  # type: ignore[no-untyped-def]
+            return await handler(ctx(), batch)
+        return run
+
+    runtime.consumers = [
+        ConsumerSpec("contacts.ingest", [Topic.CONTACTS_EVENTS], bind(agents.handle_contact_events)),
+        ConsumerSpec("contacts.projections",
+                     [Topic.SUPPRESSION_CHANGES, Topic.DELIVERY_RESULTS, Topic.FEEDBACK_EVENTS,
+                      Topic.BOUNCE_EVENTS],
+                     bind(_projections)),
+        ConsumerSpec("contacts.snapshots", [Topic.SNAPSHOT_REQUESTS],
+                     bind(agents.handle_snapshot_requests), max_records=10),
+    ]
+
+    async def resume_imports() -> None:
+        await imports.resume_jobs(ctx())
+
+    runtime.background = [resume_imports]
+
+    def setup_routes(app):  # type: ignore[no-untyped-def]
+        app[CONTEXT] = ctx()
+        app.router.add_routes(api.routes)
+        app.router.add_routes(imports.routes)
+
+    runtime.setup_routes = setup_routes
+    return runtime
+
+
+async def _projections(ctx: Context, batch):  # type: ignore[no-untyped-def]
+    topic = batch[0].topic
+    handler = {
+        Topic.SUPPRESSION_CHANGES: agents.handle_suppression_changes,
+        Topic.DELIVERY_RESULTS: agents.handle_delivery_results,
+        Topic.FEEDBACK_EVENTS: agents.handle_feedback,
+        Topic.BOUNCE_EVENTS: agents.handle_bounce_events,
+    }[topic]
+    await handler(ctx, batch)

@@ -1,0 +1,347 @@
+"""Pure domain decisions of the contacts service: no I/O, testable without a broker.
+
+- normalising and validating the contact record (F-01) and custom values (F-02);
+- turning an upstream event (F-03) into a :class:`ContactPatch` plus what to do with it;
+- the shapes published on ``contacts.changelog`` and returned by the API.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from libs.common.errors import InvalidMessage
+from services.contacts.models import (
+    ENGAGEMENTS,
+    SALES_STATUSES,
+    TEXT_FIELDS,
+    FieldDefinition,
+)
+
+_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_TRUE = {"true", "1", "yes", "y", "on", "はい", "○", "有"}
+_FALSE = {"false", "0", "no", "n", "off", "いいえ", "×", "無", ""}
+MAX_TEXT = 2000
+MAX_TAGS = 100
+
+
+def normalise_email(raw: Any, field_name: str = "email") -> str:
+    """Trimmed, domain lower-cased; the local part keeps its case (RFC 5321)."""
+    if not isinstance(raw, str):
+        raise InvalidMessage("email must be a string", field=field_name)
+    address = raw.strip()
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise InvalidMessage(f"{_shown(address)} is not an email address", field=field_name)
+    domain = domain.lower().rstrip(".")
+    labels = domain.split(".")
+    if (
+        len(address) > 254
+        or len(local) > 64
+        or not _LOCAL.match(local)
+        or local.startswith(".")
+        or local.endswith(".")
+        or ".." in local
+        or len(labels) < 2
+        or not all(_LABEL.match(label) for label in labels)
+    ):
+        raise InvalidMessage(f"{_shown(address)} is not a valid email address", field=field_name)
+    return f"{local}@{domain}"
+
+
+def _shown(text: str) -> str:
+    return repr(text[:80])
+
+
+def parse_bool(raw: Any, field_name: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, (int, str)):
+        text = str(raw).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise InvalidMessage(f"expected true or false, got {raw!r}", field=field_name)
+
+
+def parse_date(raw: Any, field_name: str) -> dt.date:
+    if isinstance(raw, dt.datetime):
+        return raw.date()
+    if isinstance(raw, dt.date):
+        return raw
+    if isinstance(raw, str):
+        text = raw.strip().replace("/", "-")
+        try:
+            return dt.date.fromisoformat(text[:10]) if len(text) >= 10 else _loose_date(text)
+        except ValueError:
+            pass
+    raise InvalidMessage(f"expected a date YYYY-MM-DD, got {raw!r}", field=field_name)
+
+
+def _loose_date(text: str) -> dt.date:
+    year, month, day = (int(p) for p in text.split("-"))
+    return dt.date(year, month, day)
+
+
+def parse_number(raw: Any, field_name: str) -> int | float:
+    if isinstance(raw, bool):
+        raise InvalidMessage("expected a number, got a boolean", field=field_name)
+    if isinstance(raw, (int, float)):
+        return raw
+    if isinstance(raw, str):
+        text = raw.strip().replace(",", "")
+        try:
+            number = float(text)
+        except ValueError:
+            pass
+        else:
+            if number == number and abs(number) != float("inf"):
+                return int(number) if number.is_integer() and "." not in text else number
+    raise InvalidMessage(f"expected a number, got {raw!r}", field=field_name)
+
+
+def _choice(raw: Any, choices: Mapping[str, str], field_name: str) -> str:
+    text = str(raw).strip() if raw is not None else ""
+    if text in choices:
+        return text
+    for code, label in choices.items():
+        if text == label:
+            return code
+    allowed = ", ".join(f"{c} ({label})" for c, label in choices.items())
+    raise InvalidMessage(f"{raw!r} is not one of {allowed}", field=field_name)
+
+
+def custom_value(raw: Any, definition: FieldDefinition, field_name: str) -> Any:
+    """A custom value converted to its JSON form for ``contact.custom``; None clears it."""
+    if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+        return None
+    kind = definition.type
+    if kind == "number":
+        return parse_number(raw, field_name)
+    if kind == "date":
+        return parse_date(raw, field_name).isoformat()
+    if kind == "boolean":
+        return parse_bool(raw, field_name)
+    if kind == "choice":
+        return _choice(raw, {c: c for c in definition.choices}, field_name)
+    if not isinstance(raw, (str, int, float)):
+        raise InvalidMessage(f"expected text, got {type(raw).__name__}", field=field_name)
+    return _text(raw, field_name)
+
+
+def _text(raw: Any, field_name: str) -> str:
+    text = str(raw).strip()
+    if len(text) > MAX_TEXT:
+        raise InvalidMessage(f"longer than {MAX_TEXT} characters", field=field_name)
+    if "\x00" in text:
+        raise InvalidMessage("contains a NUL character", field=field_name)
+    return text
+
+
+def parse_tags(raw: Any, field_name: str = "tags") -> list[str]:
+    if isinstance(raw, str):
+        raw = [part for part in re.split(r"[,、，\n]", raw)]
+    if not isinstance(raw, list):
+        raise InvalidMessage("tags must be a list of strings", field=field_name)
+    tags: list[str] = []
+    for tag in raw:
+        if not isinstance(tag, str):
+            raise InvalidMessage("tags must be a list of strings", field=field_name)
+        tag = tag.strip()
+        if tag and tag not in tags:
+            if len(tag) > 100:
+                raise InvalidMessage(f"tag {tag[:20]!r}… is longer than 100 characters", field=field_name)
+            tags.append(tag)
+    if len(tags) > MAX_TAGS:
+        raise InvalidMessage(f"more than {MAX_TAGS} tags", field=field_name)
+    return tags
+
+
+@dataclass
+class ContactPatch:
+    """Validated changes to one contact.
+
+    ``columns`` maps a column to its new value (None clears it); ``custom_set`` and
+    ``custom_clear`` change custom values; a field that is absent is left unchanged.
+    """
+
+    columns: dict[str, Any] = field(default_factory=dict)
+    custom_set: dict[str, Any] = field(default_factory=dict)
+    custom_clear: list[str] = field(default_factory=list)
+
+    @property
+    def email(self) -> str | None:
+        return self.columns.get("email")
+
+    @property
+    def external_id(self) -> str | None:
+        return self.columns.get("external_id")
+
+    def is_empty(self) -> bool:
+        return not (self.columns or self.custom_set or self.custom_clear)
+
+
+def contact_patch(
+    data: Mapping[str, Any],
+    fields: Mapping[str, FieldDefinition],
+    *,
+    prefix: str = "",
+    custom_key: str = "custom_fields",
+) -> ContactPatch:
+    """Validate a contact body (API JSON, an event's ContactData, an import row).
+
+    A key that is absent or None leaves the field as it is; ``""`` clears it.
+    Unknown keys are refused, so a typo never silently drops data.
+    """
+    patch = ContactPatch()
+    for name, raw in data.items():
+        where = f"{prefix}{name}"
+        if name == custom_key:
+            if raw is None:
+                continue
+            if not isinstance(raw, Mapping):
+                raise InvalidMessage("custom fields must be an object", field=where)
+            _custom_into(patch, raw, fields, where)
+            continue
+        if raw is None:
+            continue
+        if name == "email":
+            patch.columns["email"] = normalise_email(raw, where)
+        elif name == "external_id":
+            text = _text(raw, where)
+            patch.columns["external_id"] = text or None
+        elif name in TEXT_FIELDS:
+            patch.columns[name] = _text(raw, where) or None
+        elif name == "acquired_at":
+            patch.columns[name] = None if raw == "" else parse_date(raw, where)
+        elif name == "sales_status":
+            patch.columns[name] = "open" if raw == "" else _choice(raw, SALES_STATUSES, where)
+        elif name == "engagement":
+            patch.columns[name] = None if raw == "" else _choice(raw, ENGAGEMENTS, where)
+        elif name == "star":
+            patch.columns[name] = parse_bool(raw, where)
+        elif name == "tags":
+            patch.columns[name] = parse_tags(raw, where)
+        else:
+            raise InvalidMessage(f"unknown field {name!r}", field=where)
+    return patch
+
+
+def _custom_into(
+    patch: ContactPatch, values: Mapping[str, Any], fields: Mapping[str, FieldDefinition], where: str
+) -> None:
+    for key, raw in values.items():
+        definition = fields.get(key)
+        if definition is None:
+            known = ", ".join(sorted(fields)) or "none defined"
+            raise InvalidMessage(f"unknown custom field {key!r} (known: {known})", field=f"{where}.{key}")
+        value = custom_value(raw, definition, f"{where}.{key}")
+        if value is None:
+            patch.custom_clear.append(key)
+        else:
+            patch.custom_set[key] = value
+
+
+# Upstream events (F-03) -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UpstreamEvent:
+    """A validated ``contacts.events`` record."""
+
+    event_id: str
+    type: str
+    external_id: str | None
+    email: str | None
+    patch: ContactPatch
+    group_id: int | None = None
+    auto_stop: bool = False
+
+
+def upstream_event(value: Mapping[str, Any], fields: Mapping[str, FieldDefinition]) -> UpstreamEvent:
+    """Validate an event; raises InvalidMessage naming the field at fault."""
+    event_id = value.get("event_id") or ""
+    if not event_id.strip():
+        raise InvalidMessage("event_id is required", field="event_id")
+    kind = value.get("type")
+    email = normalise_email(value["email"]) if value.get("email") else None
+    external_id = (value.get("external_id") or "").strip() or None
+    if not email and not external_id:
+        raise InvalidMessage("an event needs external_id or email to find its contact", field="email")
+    patch = contact_patch(value.get("contact") or {}, fields, prefix="contact.")
+    if "email" in patch.columns or "external_id" in patch.columns:
+        raise InvalidMessage("email and external_id go at the top level of the event", field="contact")
+    if email:
+        patch.columns["email"] = email
+    if external_id:
+        patch.columns["external_id"] = external_id
+    group_id = None
+    auto_stop = False
+    if kind == "MembershipRequested":
+        membership = value.get("membership")
+        if not membership:
+            raise InvalidMessage("MembershipRequested needs membership.group_id", field="membership")
+        group_id = int(membership["group_id"])
+        auto_stop = bool(membership.get("auto_stop"))
+    elif kind not in ("ContactUpserted", "ContactDeleted"):
+        raise InvalidMessage(f"unknown event type {kind!r}", field="type")
+    return UpstreamEvent(event_id, str(kind), external_id, email, patch, group_id, auto_stop)
+
+
+# Published shapes ---------------------------------------------------------------------------
+
+SNAPSHOT_FIELDS = ("email", "external_id", *TEXT_FIELDS, "sales_status", "engagement", "star",
+                   "tags", "score", "delivery_status", "created_at", "updated_at")
+
+
+def _iso(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, (dt.date, dt.datetime)) else value
+
+
+def contact_json(row: Mapping[str, Any], memberships: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The API representation of a contact row."""
+    body = {key: _iso(value) for key, value in row.items() if key != "custom"}
+    body["custom_fields"] = dict(row.get("custom") or {})
+    if memberships is not None:
+        body["memberships"] = memberships
+    return body
+
+
+def changelog_value(row: Mapping[str, Any] | None, contact_id: int, *, version: int,
+                    changed_at: dt.datetime) -> dict[str, Any]:
+    """A ``contacts.changelog`` record; ``row=None`` for a deletion."""
+    if row is None:
+        return {"contact_id": contact_id, "op": "deleted", "version": version,
+                "changed_at": changed_at, "contact": None}
+    snapshot = {name: row[name] for name in SNAPSHOT_FIELDS}
+    snapshot["acquired_at"] = row["acquired_at"].isoformat() if row["acquired_at"] else None
+    snapshot["acquisition_channel"] = row["acquisition_channel"]
+    snapshot["tags"] = list(row["tags"])
+    snapshot["custom_fields"] = {k: _custom_text(v) for k, v in (row["custom"] or {}).items()}
+    return {"contact_id": contact_id, "op": "upserted", "version": version,
+            "changed_at": changed_at, "contact": snapshot}
+
+
+def _custom_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def merge_values(row: Mapping[str, Any]) -> dict[str, str]:
+    """Every field a merge tag may use (F-21), as text, frozen into a campaign snapshot."""
+    values: dict[str, str] = {}
+    for name in ("email", "external_id", *TEXT_FIELDS, "acquired_at", "sales_status",
+                 "engagement", "score"):
+        value = row.get(name)
+        values[name] = "" if value is None else str(_iso(value))
+    values["tags"] = ",".join(row.get("tags") or ())
+    for key, value in (row.get("custom") or {}).items():
+        values[f"custom.{key}"] = _custom_text(value)
+        values.setdefault(key, _custom_text(value))
+    values["contact_id"] = str(row["id"])
+    return values

@@ -1,0 +1,144 @@
+-- Named SQL of the contacts service (loaded once by libs.common.db.Queries).
+
+-- name: field-definitions
+SELECT key, label, type, choices FROM field_definition ORDER BY created_at, key;
+
+-- name: insert-field-definition
+INSERT INTO field_definition (key, label, type, choices) VALUES ($1, $2, $3, $4)
+ON CONFLICT (key) DO NOTHING
+RETURNING key, label, type, choices;
+
+-- name: claim-events
+-- The ids of this batch not seen before; rolled back with the batch if it fails.
+INSERT INTO processed_event (event_id) SELECT unnest($1::text[])
+ON CONFLICT DO NOTHING
+RETURNING event_id;
+
+-- name: contact-by-id
+SELECT * FROM contact WHERE id = $1;
+
+-- name: contact-by-id-for-update
+SELECT * FROM contact WHERE id = $1 FOR UPDATE;
+
+-- name: contact-by-email-for-update
+SELECT * FROM contact WHERE email = $1 FOR UPDATE;
+
+-- name: contact-by-external-id-for-update
+SELECT * FROM contact WHERE external_id = $1 FOR UPDATE;
+
+-- name: contact-id-by-email
+SELECT id FROM contact WHERE email = $1;
+
+-- name: contact-id-by-external-id
+SELECT id FROM contact WHERE external_id = $1;
+
+-- name: delete-contact
+DELETE FROM contact WHERE id = $1 RETURNING id, version;
+
+-- name: contact-memberships
+SELECT m.group_id, g.kind, g.name, m.state, m.method, m.joined_at, m.changed_at
+FROM membership m JOIN contact_group g ON g.id = m.group_id
+WHERE m.contact_id = $1 ORDER BY m.group_id;
+
+-- name: groups
+SELECT g.id, g.kind, g.name, g.description, g.created_at,
+       (SELECT count(*) FROM membership m WHERE m.group_id = g.id) AS members
+FROM contact_group g WHERE g.kind = $1 ORDER BY g.id;
+
+-- name: group-by-id
+SELECT id, kind, name, description, created_at FROM contact_group WHERE id = $1;
+
+-- name: insert-group
+INSERT INTO contact_group (kind, name, description) VALUES ($1, $2, $3)
+ON CONFLICT (kind, name) DO NOTHING
+RETURNING id, kind, name, description, created_at;
+
+-- name: join-membership
+-- A new membership; an existing one is left as it is (suppression owns its state).
+INSERT INTO membership (contact_id, group_id, state, method)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (contact_id, group_id) DO NOTHING
+RETURNING contact_id, group_id, state, method, joined_at, changed_at;
+
+-- name: leave-membership
+DELETE FROM membership WHERE contact_id = $1 AND group_id = $2 RETURNING contact_id;
+
+-- name: apply-membership-change
+-- Projection of suppression.changes: newer changes win, stale redeliveries do nothing.
+INSERT INTO membership (contact_id, group_id, state, method, changed_at)
+SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM contact WHERE id = $1)
+                            AND EXISTS (SELECT 1 FROM contact_group WHERE id = $2)
+ON CONFLICT (contact_id, group_id) DO UPDATE
+SET state = EXCLUDED.state, method = EXCLUDED.method, changed_at = EXCLUDED.changed_at
+WHERE membership.changed_at <= EXCLUDED.changed_at;
+
+-- name: record-history
+-- Projection of delivery.results / feedback.events for history filters (F-05, F-28).
+INSERT INTO delivery_history (contact_id, campaign_id, kind, first_at, last_at)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $4::timestamptz[])
+ON CONFLICT (contact_id, kind, campaign_id) DO UPDATE
+SET last_at = greatest(delivery_history.last_at, EXCLUDED.last_at),
+    first_at = least(delivery_history.first_at, EXCLUDED.first_at),
+    count = delivery_history.count + 1;
+
+-- name: record-engagement
+INSERT INTO engagement (event_id, contact_id, campaign_id, kind, points, occurred_at)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::timestamptz[])
+ON CONFLICT (event_id) DO NOTHING
+RETURNING contact_id;
+
+-- name: refresh-scores
+-- F-08: the score is the engagement points of the last 90 days.
+UPDATE contact c
+SET score = coalesce((SELECT sum(e.points) FROM engagement e
+                      WHERE e.contact_id = c.id AND e.occurred_at > now() - interval '90 days'), 0),
+    version = c.version + 1, updated_at = now()
+WHERE c.id = ANY($1::bigint[])
+RETURNING c.*;
+
+-- name: expire-scores
+-- Daily: contacts whose score includes points older than 90 days.
+SELECT DISTINCT contact_id FROM engagement
+WHERE occurred_at <= now() - interval '90 days' AND occurred_at > now() - interval '91 days';
+
+-- name: set-delivery-status
+UPDATE contact SET delivery_status = $2, version = version + 1, updated_at = now()
+WHERE id = $1 AND delivery_status IS DISTINCT FROM $2
+RETURNING *;
+
+-- name: saved-filters
+SELECT id, name, group_id, filter, created_at, updated_at FROM saved_filter
+WHERE ($1::bigint IS NULL OR group_id IS NULL OR group_id = $1)
+ORDER BY id;
+
+-- name: saved-filters-by-id
+SELECT id, name, group_id, filter FROM saved_filter WHERE id = ANY($1::bigint[]);
+
+-- name: insert-saved-filter
+INSERT INTO saved_filter (name, group_id, filter) VALUES ($1, $2, $3)
+RETURNING id, name, group_id, filter, created_at, updated_at;
+
+-- name: update-saved-filter
+UPDATE saved_filter SET name = coalesce($2, name), filter = coalesce($3, filter), updated_at = now()
+WHERE id = $1 RETURNING id, name, group_id, filter, created_at, updated_at;
+
+-- name: delete-saved-filter
+DELETE FROM saved_filter WHERE id = $1 RETURNING id;
+
+-- name: bulk-add-tag
+UPDATE contact SET tags = array_append(tags, $2), version = version + 1, updated_at = now()
+WHERE id = ANY($1::bigint[]) AND NOT tags @> ARRAY[$2]
+RETURNING *;
+
+-- name: bulk-remove-tag
+UPDATE contact SET tags = array_remove(tags, $2), version = version + 1, updated_at = now()
+WHERE id = ANY($1::bigint[]) AND tags @> ARRAY[$2]
+RETURNING *;
+
+-- name: bulk-star
+UPDATE contact SET star = $2, version = version + 1, updated_at = now()
+WHERE id = ANY($1::bigint[]) AND star IS DISTINCT FROM $2
+RETURNING *;
+
+-- name: bulk-delete
+DELETE FROM contact WHERE id = ANY($1::bigint[]) RETURNING id, version;

@@ -1,0 +1,20 @@
+"""Settings of the contacts service (environment variables; see README's table)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from libs.common.settings import CommonSettings, env
+
+
+@dataclass(frozen=True, repr=False)
+class ContactsSettings(CommonSettings):
+    service: str = "contacts"
+    http_port: int = env("HTTP_PORT", 8081)
+    #: F-08 points for an open and a click.
+    score_open_points: int = env("SCORE_OPEN_POINTS", 1)
+    score_click_points: int = env("SCORE_CLICK_POINTS", 3)
+    #: largest CSV upload accepted by POST /v1/imports.
+    import_max_bytes: int = env("IMPORT_MAX_BYTES", 200 * 1024 * 1024)
+    #: rows committed per transaction by an import job (its checkpoint granularity).
+    import_chunk_rows: int = env("IMPORT_CHUNK_ROWS", 1000)

@@ -1,0 +1,123 @@
+"""contacts.events → PostgreSQL → contacts.changelog, through the real broker and database."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from libs.common.topics import Topic
+from tests.conftest import eventually
+
+NOW = dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC)
+
+
+def upserted(email: str | None = None, external_id: str | None = None, event_id: str | None = None,
+             **contact: Any) -> dict[str, Any]:
+    return {
+        "event_id": event_id or str(uuid.uuid4()), "type": "ContactUpserted", "occurred_at": NOW,
+        "source": "test", "external_id": external_id, "email": email,
+        "contact": contact or None, "membership": None,
+    }
+
+
+async def _contact(service, email: str) -> dict[str, Any] | None:
+    row = await service.runtime.pool.fetchrow("SELECT * FROM contact WHERE email = $1", email)
+    return dict(row) if row else None
+
+
+async def test_event_becomes_row_and_changelog(contacts, kafka):
+    event = upserted("Taro.Yamada@Example.CO.JP ", external_id="SYN-1", name="山田 太郎",
+                     name_kana="ヤマダ タロウ", tags=["vip", "展示会"], sales_status="返信済")
+    await kafka.send(Topic.CONTACTS_EVENTS, "SYN-1", event)
+
+    row = await eventually(lambda: _contact(contacts, "Taro.Yamada@example.co.jp"))
+    assert row["external_id"] == "SYN-1"
+    assert row["name"] == "山田 太郎"
+    assert row["tags"] == ["vip", "展示会"]
+    assert row["sales_status"] == "replied"
+
+    changes = await kafka.read(Topic.CONTACTS_CHANGELOG, until=lambda r: len(r) >= 1)
+    assert changes[0]["contact_id"] == row["id"]
+    assert changes[0]["op"] == "upserted"
+    assert changes[0]["contact"]["email"] == "Taro.Yamada@example.co.jp"
+    assert changes[0]["contact"]["name_kana"] == "ヤマダ タロウ"
+
+
+async def test_same_event_twice_has_one_effect(contacts, kafka):
+    event = upserted("hanako@example.jp", event_id="evt-dup-1", tags=["a"])
+    await kafka.send(Topic.CONTACTS_EVENTS, "hanako@example.jp", event)
+    await kafka.send(Topic.CONTACTS_EVENTS, "hanako@example.jp", event)
+    # A later, different event for the same key proves both copies were consumed.
+    await kafka.send(Topic.CONTACTS_EVENTS, "hanako@example.jp", upserted("hanako@example.jp", memo="後"))
+
+    row = await eventually(lambda: _contact(contacts, "hanako@example.jp"))
+    row = await eventually(
+        lambda: _ready(contacts, "hanako@example.jp", lambda r: r["memo"] == "後"))
+    assert row["version"] == 2  # created once, updated once: the duplicate did nothing
+    changes = await kafka.read(Topic.CONTACTS_CHANGELOG, until=lambda r: len(r) >= 2)
+    assert [c["version"] for c in changes] == [1, 2]
+
+
+async def _ready(service, email, predicate):
+    row = await _contact(service, email)
+    return row if row and predicate(row) else None
+
+
+async def test_poison_event_goes_to_dlq_and_next_is_processed(contacts, kafka):
+    await kafka.send_raw(Topic.CONTACTS_EVENTS, "x", b"\x00not avro at all")
+    await kafka.send(Topic.CONTACTS_EVENTS, "bad@", upserted("not-an-address"))
+    await kafka.send(Topic.CONTACTS_EVENTS, "ok@example.jp", upserted("ok@example.jp", name="次"))
+
+    row = await eventually(lambda: _contact(contacts, "ok@example.jp"))
+    assert row["name"] == "次"
+    dead = await kafka.read(Topic.CONTACTS_EVENTS.dlq, until=lambda r: len(r) >= 2)
+    by_stage = {dict(r.headers)["dlq-stage"]: r for r in dead}  # two keys: two partitions
+    assert by_stage.keys() == {b"decode", b"process"}
+    assert by_stage[b"decode"].value == b"\x00not avro at all"
+    process = dict(by_stage[b"process"].headers)
+    assert b"is not an email address" in process["dlq-reason"]
+    assert process["dlq-offset"].isdigit()
+    assert process["dlq-topic"].endswith(b"contacts.events")
+
+
+async def test_null_leaves_unchanged_and_empty_string_clears(contacts, kafka):
+    await kafka.send(Topic.CONTACTS_EVENTS, "E-7", upserted("keep@example.jp", external_id="E-7",
+                                                             company="株式会社テスト", phone="03-0000-0000"))
+    await kafka.send(Topic.CONTACTS_EVENTS, "E-7", upserted(external_id="E-7", phone="", title="部長"))
+    row = await eventually(lambda: _ready(contacts, "keep@example.jp", lambda r: r["title"] == "部長"))
+    assert row["company"] == "株式会社テスト"
+    assert row["phone"] is None
+
+
+async def test_delete_and_membership_events(contacts, kafka):
+    group = await contacts.api.ok("POST", "/v1/groups", {"name": "メルマガ"})
+    await kafka.send(Topic.CONTACTS_EVENTS, "m@example.jp", upserted("m@example.jp"))
+    await kafka.send(Topic.CONTACTS_EVENTS, "m@example.jp", {
+        **upserted("m@example.jp"), "type": "MembershipRequested", "contact": None,
+        "membership": {"group_id": group["id"], "auto_stop": True},
+    })
+    await kafka.send(Topic.CONTACTS_EVENTS, "gone@example.jp", upserted("gone@example.jp"))
+    await kafka.send(Topic.CONTACTS_EVENTS, "gone@example.jp",
+                     {**upserted("gone@example.jp"), "type": "ContactDeleted", "contact": None})
+
+    async def joined():
+        return await contacts.runtime.pool.fetchrow(
+            "SELECT m.* FROM membership m JOIN contact c ON c.id = m.contact_id WHERE c.email = $1",
+            "m@example.jp")
+
+    membership = await eventually(joined)
+    assert membership["state"] == "unsubscribed"
+    assert membership["method"] == "auto_stop"
+    commands = await kafka.read(Topic.SUPPRESSION_COMMANDS, until=lambda r: len(r) >= 1)
+    assert commands[0]["type"] == "Join"
+    assert commands[0]["group_id"] == group["id"]
+    assert commands[0]["method"] == "auto_stop"
+
+    async def deleted():
+        changes = await kafka.read(Topic.CONTACTS_CHANGELOG, until=lambda r: any(c["op"] == "deleted" for c in r))
+        return changes
+
+    changes = await deleted()
+    assert await _contact(contacts, "gone@example.jp") is None
+    assert [c["op"] for c in changes if c["contact_id"] == changes[-1]["contact_id"]] == ["upserted", "deleted"]
