@@ -1,0 +1,113 @@
+"""libs/common: settings, tokens, masking, SQL blocks, the DLQ limit, backoff."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from libs.common.db import Queries, migration_files
+from libs.common.errors import DlqLimitExceeded
+from libs.common.kafka import DlqLimit
+from libs.common.logging import mask_email
+from libs.common.retry import Backoff
+from libs.common.settings import CommonSettings, load
+from libs.common.tokens import BadToken, Signer
+from libs.common.topics import Topic, all_topic_names, topic_name
+
+
+def test_settings_from_environment_with_types_and_secret_files(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("s3cret\n")
+    settings = load(CommonSettings, {
+        "KAFKA_BOOTSTRAP": "kafka:9092", "HTTP_PORT": "9000", "DLQ_LIMIT_RATIO": "0.25",
+        "TAYORI_ADMIN_TOKEN_FILE": str(secret), "TAYORI_API_TOKENS": "viewer:v1, operator:o1",
+    })
+    assert settings.kafka_bootstrap == "kafka:9092"
+    assert settings.http_port == 9000
+    assert settings.dlq_limit_ratio == 0.25
+    assert settings.admin_token == "s3cret"
+    assert settings.bearer_tokens() == {"s3cret": "admin", "v1": "viewer", "o1": "operator"}
+    shown = repr(settings)
+    assert "s3cret" not in shown and "v1" not in shown and "kafka:9092" in shown
+
+
+def test_settings_refuse_a_bad_number() -> None:
+    with pytest.raises(ValueError):
+        load(CommonSettings, {"HTTP_PORT": "eighty"})
+
+
+def test_tokens_verify_rotate_and_refuse_forgeries_alike() -> None:
+    old = Signer("k1:first-secret", "unsubscribe")
+    token = old.sign({"c": 42, "g": 7})
+    rotated = Signer("k2:second-secret,k1:first-secret", "unsubscribe")
+    assert rotated.verify(token) == {"c": 42, "g": 7}
+    assert rotated.sign({"c": 1}).startswith("k2.")
+    kid, payload, mac = token.split(".")
+    forgeries = [
+        f"{kid}.{payload}.{'A' * len(mac)}",          # wrong MAC
+        f"{kid}.{payload[:-2]}xx.{mac}",              # tampered payload
+        f"k9.{payload}.{mac}",                        # unknown key
+        "not-a-token",
+        Signer("k1:other-secret", "unsubscribe").sign({"c": 42, "g": 7}),  # other key, same kid
+        Signer("k1:first-secret", "click").sign({"c": 42, "g": 7}),        # other purpose
+    ]
+    for forged in forgeries:
+        with pytest.raises(BadToken) as caught:
+            rotated.verify(forged)
+        assert str(caught.value) == ""  # the same, uninformative answer for every failure
+
+
+def test_tokens_expire() -> None:
+    signer = Signer("k1:secret", "download")
+    token = signer.sign({"job": "j"}, ttl_seconds=60)
+    assert signer.verify(token)["job"] == "j"
+    with pytest.raises(BadToken):
+        signer.verify(token, now=time.time() + 61)
+
+
+def test_mask_email_keeps_domain_only() -> None:
+    assert mask_email("taro.yamada@example.co.jp") == "t***@example.co.jp"
+    assert mask_email("nonsense") == "***"
+    assert mask_email(None) == ""
+
+
+def test_named_queries(tmp_path: Path) -> None:
+    sql = tmp_path / "q.sql"
+    sql.write_text("-- name: one\nSELECT 1;\n\n-- name: two-rows\nSELECT 1\nUNION SELECT 2;\n")
+    queries = Queries(sql)
+    assert queries["one"] == "SELECT 1"
+    assert queries["two-rows"] == "SELECT 1\nUNION SELECT 2"
+    sql.write_text("-- name: one\nSELECT 1;\n-- name: one\nSELECT 2;\n")
+    with pytest.raises(ValueError, match="defined twice"):
+        Queries(sql)
+
+
+def test_migrations_must_be_numbered_without_gaps(tmp_path: Path) -> None:
+    (tmp_path / "0001_a.sql").write_text("")
+    (tmp_path / "0003_c.sql").write_text("")
+    with pytest.raises(ValueError, match="without gaps"):
+        migration_files(tmp_path)
+
+
+def test_dlq_limit_lets_a_poison_pill_through_but_stops_a_bad_deploy() -> None:
+    limit = DlqLimit(ratio=0.5, minimum=10, window=100)
+    for i in range(200):  # one bad message in twenty
+        limit.record(dead_lettered=(i % 20 == 0))
+    with pytest.raises(DlqLimitExceeded):
+        for _ in range(100):
+            limit.record(dead_lettered=True)
+
+
+def test_backoff_is_bounded_and_jittered() -> None:
+    delays = list(Backoff(initial=0.1, maximum=1.0, attempts=6).delays())
+    assert len(delays) == 6
+    assert all(0 <= d <= 1.0 for d in delays)
+
+
+def test_topic_names_and_dlqs() -> None:
+    assert topic_name(Topic.CONTACTS_EVENTS, "t1.") == "t1.contacts.events"
+    names = all_topic_names("p.")
+    assert "p.contacts.events.dlq" in names
+    assert len(names) == 2 * len(Topic)
