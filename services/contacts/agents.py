@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import asyncpg
 from structlog.contextvars import bound_contextvars
 
-from libs.common.errors import InvalidMessage, NotFound
+from libs.common.errors import InvalidMessage, NotFound, TransientError
 from libs.common.kafka import Message, reject
 from libs.common.logging import get_logger
 from libs.common.metrics import CONTACT_EVENTS
@@ -39,7 +39,7 @@ async def handle_contact_events(ctx: Context, batch: list[Message]) -> None:
             try:
                 events.append((message, upstream_event(message.value, fields)))
             except InvalidMessage as exc:
-                if "custom field" in exc.reason:
+                if exc.field and "custom_fields." in exc.field:  # defined since the cache was read?
                     fields = await ctx.fields.get(conn, fresh=True)
                     try:
                         events.append((message, upstream_event(message.value, fields)))
@@ -49,44 +49,72 @@ async def handle_contact_events(ctx: Context, batch: list[Message]) -> None:
                 raise reject(message, exc.reason, exc.field) from None
             except (KeyError, ValueError, TypeError) as exc:
                 raise reject(message, f"malformed event: {exc!r}") from None
-        async with conn.transaction():
-            fresh = await _claim(conn, {e.event_id for _, e in events})
-            for message, event in events:
-                if event.event_id not in fresh:
-                    CONTACT_EVENTS.labels(event.type, "duplicate").inc()
-                    continue
-                fresh.discard(event.event_id)  # the same id twice in one batch: once
-                try:
-                    effect = await _apply(conn, event)
-                except InvalidMessage as exc:
-                    raise reject(message, exc.reason, exc.field) from None
-                CONTACT_EVENTS.labels(event.type, effect).inc()
+        try:
+            await _apply_batch(conn, events)
+        except asyncpg.UniqueViolationError as exc:
+            # Another writer (the API, another replica) took an address between our
+            # lock and our insert: the batch is rolled back and retried, then sees it.
+            raise TransientError(f"concurrent write: {exc}") from exc
+
+
+async def _apply_batch(conn: asyncpg.Connection, events: list[tuple[Message, UpstreamEvent]]) -> None:
+    async with conn.transaction():
+        fresh = await _claim(conn, {e.event_id for _, e in events})
+        upserts: list[tuple[Message, UpstreamEvent]] = []
+        for message, event in events:
+            if event.event_id not in fresh:
+                CONTACT_EVENTS.labels(event.type, "duplicate").inc()
+                continue
+            fresh.discard(event.event_id)  # the same id twice in one batch: once
+            if event.type == "ContactUpserted":
+                upserts.append((message, event))
+                continue
+            await _upsert_all(conn, upserts)  # keep the order of events per key
+            upserts = []
+            try:
+                effect = await _apply(conn, event)
+            except InvalidMessage as exc:
+                raise reject(message, exc.reason, exc.field) from None
+            CONTACT_EVENTS.labels(event.type, effect).inc()
+        await _upsert_all(conn, upserts)
+
+
+async def _upsert_all(conn: asyncpg.Connection, upserts: list[tuple[Message, UpstreamEvent]]) -> None:
+    """ContactUpserted events in bulk: one statement per kind for each run of distinct keys."""
+    for run in store.batch_runs([event.patch for _, event in upserts]):
+        events = [upserts[i] for i in run]
+        outcomes = await store.upsert_run(
+            conn, [e.patch for _, e in events],
+            keys=["external_id" if e.external_id else "email" for _, e in events],
+        )
+        for (message, _), outcome in zip(events, outcomes, strict=True):
+            if isinstance(outcome, InvalidMessage):
+                raise reject(message, outcome.reason, outcome.field)
+        for outcome in outcomes:
+            CONTACT_EVENTS.labels("ContactUpserted", outcome[0]).inc()  # type: ignore[index]
 
 
 async def _apply(conn: asyncpg.Connection, event: UpstreamEvent) -> str:
-    key = "external_id" if event.external_id else "email"
+    """ContactDeleted and MembershipRequested, one at a time."""
+    contact_id = await store.find_id(conn, external_id=event.external_id, email=event.email)
     if event.type == "ContactDeleted":
-        contact_id = await store.find_id(conn, external_id=event.external_id, email=event.email)
         if contact_id is None:
             return "absent"
         await store.delete(conn, [contact_id])
         return "deleted"
-    if event.type == "ContactUpserted" or not event.patch.is_empty() or event.group_id is None:
-        effect, row = await store.upsert(conn, event.patch, key=key)
+    patch = event.patch
+    carries_data = set(patch.columns) - {"email", "external_id"} or patch.custom_set or patch.custom_clear
+    if contact_id is None or carries_data:
+        _, row = await store.upsert(conn, patch, key="external_id" if event.external_id else "email")
         contact_id = row["id"] if row is not None else None
-    else:
-        effect = "unchanged"
-        contact_id = await store.find_id(conn, external_id=event.external_id, email=event.email)
-    if event.type == "MembershipRequested":
-        if contact_id is None:
-            raise InvalidMessage("MembershipRequested for an unknown contact", field="email")
-        try:
-            joined = await store.join(conn, contact_id, event.group_id or 0,
-                                      auto_stop=event.auto_stop, method="upstream", actor="upstream")
-        except NotFound as exc:
-            raise InvalidMessage(str(exc), field="membership.group_id") from None
-        return "joined" if joined is not None else "already_member"
-    return effect
+    if contact_id is None:
+        raise InvalidMessage("MembershipRequested for an unknown contact", field="email")
+    try:
+        joined = await store.join(conn, contact_id, event.group_id or 0,
+                                  auto_stop=event.auto_stop, method="upstream", actor="upstream")
+    except NotFound as exc:
+        raise InvalidMessage(str(exc), field="membership.group_id") from None
+    return "joined" if joined is not None else "already_member"
 
 
 async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None:

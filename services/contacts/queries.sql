@@ -142,3 +142,55 @@ RETURNING *;
 
 -- name: bulk-delete
 DELETE FROM contact WHERE id = ANY($1::bigint[]) RETURNING id, version;
+
+-- name: lock-identities
+-- Every contact an upsert batch could touch, by address or upstream key, locked.
+SELECT * FROM contact WHERE email = ANY($1::text[]) OR external_id = ANY($2::text[])
+ORDER BY id FOR UPDATE;
+
+-- name: insert-contacts
+-- One row per patch (jsonb): absent keys take the column defaults.
+INSERT INTO contact (email, external_id, name, name_kana, company, department, title, phone,
+                     address, website, memo, acquired_at, acquisition_channel, sales_status,
+                     engagement, star, tags, custom)
+SELECT p->>'email', p->>'external_id', p->>'name', p->>'name_kana', p->>'company',
+       p->>'department', p->>'title', p->>'phone', p->>'address', p->>'website', p->>'memo',
+       (p->>'acquired_at')::date, p->>'acquisition_channel',
+       coalesce(p->>'sales_status', 'open'), p->>'engagement',
+       coalesce((p->>'star')::boolean, false),
+       coalesce(ARRAY(SELECT jsonb_array_elements_text(p->'tags')), '{}'),
+       coalesce(p->'custom_set', '{}')
+FROM unnest($1::jsonb[]) WITH ORDINALITY AS u(p, n)
+ORDER BY n
+RETURNING *;
+
+-- name: update-contacts
+-- One (id, patch) per contact: a key present in the patch sets the column (null clears it),
+-- an absent key leaves it.
+UPDATE contact c SET
+    email = CASE WHEN u.p ? 'email' THEN u.p->>'email' ELSE c.email END,
+    external_id = CASE WHEN u.p ? 'external_id' THEN u.p->>'external_id' ELSE c.external_id END,
+    name = CASE WHEN u.p ? 'name' THEN u.p->>'name' ELSE c.name END,
+    name_kana = CASE WHEN u.p ? 'name_kana' THEN u.p->>'name_kana' ELSE c.name_kana END,
+    company = CASE WHEN u.p ? 'company' THEN u.p->>'company' ELSE c.company END,
+    department = CASE WHEN u.p ? 'department' THEN u.p->>'department' ELSE c.department END,
+    title = CASE WHEN u.p ? 'title' THEN u.p->>'title' ELSE c.title END,
+    phone = CASE WHEN u.p ? 'phone' THEN u.p->>'phone' ELSE c.phone END,
+    address = CASE WHEN u.p ? 'address' THEN u.p->>'address' ELSE c.address END,
+    website = CASE WHEN u.p ? 'website' THEN u.p->>'website' ELSE c.website END,
+    memo = CASE WHEN u.p ? 'memo' THEN u.p->>'memo' ELSE c.memo END,
+    acquired_at = CASE WHEN u.p ? 'acquired_at' THEN (u.p->>'acquired_at')::date ELSE c.acquired_at END,
+    acquisition_channel = CASE WHEN u.p ? 'acquisition_channel' THEN u.p->>'acquisition_channel'
+                               ELSE c.acquisition_channel END,
+    sales_status = CASE WHEN u.p ? 'sales_status' THEN u.p->>'sales_status' ELSE c.sales_status END,
+    engagement = CASE WHEN u.p ? 'engagement' THEN u.p->>'engagement' ELSE c.engagement END,
+    star = CASE WHEN u.p ? 'star' THEN (u.p->>'star')::boolean ELSE c.star END,
+    tags = CASE WHEN u.p ? 'tags' THEN ARRAY(SELECT jsonb_array_elements_text(u.p->'tags'))
+                ELSE c.tags END,
+    custom = (c.custom || coalesce(u.p->'custom_set', '{}'))
+             - coalesce(ARRAY(SELECT jsonb_array_elements_text(u.p->'custom_clear')), '{}'),
+    version = c.version + 1,
+    updated_at = now()
+FROM unnest($1::bigint[], $2::jsonb[]) AS u(id, p)
+WHERE c.id = u.id
+RETURNING c.*;

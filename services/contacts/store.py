@@ -192,3 +192,117 @@ async def join(
             "actor": actor, "campaign_id": None, "issued_at": row["joined_at"],
         })
     return row
+
+
+# Batches ---------------------------------------------------------------------------------
+
+def _patch_json(patch: ContactPatch) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        k: (v.isoformat() if isinstance(v, dt.date) else v) for k, v in patch.columns.items()
+    }
+    if patch.custom_set:
+        body["custom_set"] = patch.custom_set
+    if patch.custom_clear:
+        body["custom_clear"] = patch.custom_clear
+    return body
+
+
+def _identities(patch: ContactPatch) -> set[tuple[str, str]]:
+    return {(c, patch.columns[c]) for c in ("email", "external_id") if patch.columns.get(c)}
+
+
+def batch_runs(patches: list[ContactPatch]) -> list[list[int]]:
+    """Split patches (in order) into runs in which no address or upstream key repeats,
+    so each run can be applied with one statement per kind and keep the order's meaning."""
+    runs: list[list[int]] = []
+    seen: set[tuple[str, str]] = set()
+    for i, patch in enumerate(patches):
+        ids = _identities(patch)
+        if not runs or ids & seen:
+            runs.append([])
+            seen = set()
+        runs[-1].append(i)
+        seen |= ids
+    return runs
+
+
+async def upsert_run(
+    conn: asyncpg.Connection, patches: list[ContactPatch], *, keys: list[str] | str = "email",
+    mode: str = "insert_or_update",
+) -> list[tuple[str, asyncpg.Record | None] | InvalidMessage]:
+    """:func:`upsert` for many patches whose identities do not repeat (see batch_runs).
+
+    Decides every patch in Python against the locked rows it could touch, then writes with
+    one INSERT and one UPDATE. Returns per patch (effect, row) or the InvalidMessage that
+    refuses it; when any patch is refused nothing is written, so the caller can decide.
+    """
+    emails = [p.columns["email"] for p in patches if p.columns.get("email")]
+    external_ids = [p.columns["external_id"] for p in patches if p.columns.get("external_id")]
+    locked = await conn.fetch(QUERIES["lock-identities"], emails, external_ids)
+    by_email = {r["email"]: r for r in locked}
+    by_external = {r["external_id"]: r for r in locked if r["external_id"] is not None}
+
+    outcomes: list[tuple[str, asyncpg.Record | None] | InvalidMessage] = []
+    inserts: list[tuple[int, ContactPatch]] = []
+    updates: list[tuple[int, int, ContactPatch]] = []
+    for i, patch in enumerate(patches):
+        key = keys if isinstance(keys, str) else keys[i]
+        try:
+            target = _target(patch, key, by_email, by_external)
+        except InvalidMessage as exc:
+            outcomes.append(exc)
+            continue
+        if target is None:
+            if mode == "update_only":
+                outcomes.append(("skipped", None))
+            elif not patch.email:
+                outcomes.append(InvalidMessage("email is required to create a contact", field="email"))
+            else:
+                outcomes.append(("inserted", None))
+                inserts.append((i, patch))
+        elif mode == "insert_only":
+            outcomes.append(("skipped", target))
+        else:
+            outcomes.append(("updated", None))
+            updates.append((i, target["id"], patch))
+    if any(isinstance(o, InvalidMessage) for o in outcomes):
+        return outcomes
+    written: list[asyncpg.Record] = []
+    if inserts:
+        rows = await conn.fetch(QUERIES["insert-contacts"], [_patch_json(p) for _, p in inserts])
+        by_address = {r["email"]: r for r in rows}  # addresses are distinct within a run
+        for i, patch in inserts:
+            outcomes[i] = ("inserted", by_address[patch.columns["email"]])
+        written += rows
+    if updates:
+        rows = await conn.fetch(QUERIES["update-contacts"], [cid for _, cid, _ in updates],
+                                [_patch_json(p) for _, _, p in updates])
+        by_id = {r["id"]: r for r in rows}
+        for i, contact_id, _ in updates:
+            outcomes[i] = ("updated", by_id[contact_id])
+        written += rows
+    await publish_contacts(conn, written)
+    return outcomes
+
+
+def _target(patch: ContactPatch, key: str, by_email: dict[str, Any],
+            by_external: dict[str, Any]) -> Any:
+    """The existing contact a patch applies to (None: a new one), or InvalidMessage."""
+    key_value = patch.columns.get(key)
+    if not key_value:
+        raise InvalidMessage(f"{key} is required to find the contact", field=key)
+    target = (by_email if key == "email" else by_external).get(key_value)
+    if target is None and key == "external_id" and patch.email:
+        adopt = by_email.get(patch.email)
+        if adopt is not None:
+            if adopt["external_id"] not in (None, key_value):
+                raise InvalidMessage(
+                    f"email already belongs to the contact with external_id {adopt['external_id']!r}",
+                    field="email")
+            return adopt
+    for column, index in (("email", by_email), ("external_id", by_external)):
+        value = patch.columns.get(column)
+        owner = index.get(value) if value else None
+        if owner is not None and (target is None or owner["id"] != target["id"]):
+            raise InvalidMessage(f"another contact already has this {column}", field=column)
+    return target

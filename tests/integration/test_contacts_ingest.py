@@ -121,3 +121,32 @@ async def test_delete_and_membership_events(contacts, kafka):
     changes = await deleted()
     assert await _contact(contacts, "gone@example.jp") is None
     assert [c["op"] for c in changes if c["contact_id"] == changes[-1]["contact_id"]] == ["upserted", "deleted"]
+
+
+async def test_a_batch_keeps_per_key_order_adopts_known_addresses_and_refuses_conflicts(contacts, kafka):
+    known = await contacts.api.ok("POST", "/v1/contacts", {"email": "known@example.jp", "name": "既存"})
+    events = [
+        ("K-1", upserted("first@example.jp", external_id="K-1", name="一")),
+        ("K-1", upserted(external_id="K-1", name="二")),            # same key again: later wins
+        ("K-2", upserted("known@example.jp", external_id="K-2")),   # adopts the API's contact
+        ("K-3", upserted("known@example.jp", external_id="K-3")),   # address taken by K-2: refused
+        ("K-1", {**upserted(external_id="K-1"), "type": "ContactDeleted"}),
+        ("K-1", upserted("first@example.jp", external_id="K-1", name="三")),  # created anew
+        ("K-4", upserted("last@example.jp", external_id="K-4")),
+    ]
+    for key, event in events:
+        await kafka.send(Topic.CONTACTS_EVENTS, "same-partition", event)  # one partition, in order
+
+    await eventually(lambda: _contact(contacts, "last@example.jp"))
+    adopted = await _contact(contacts, "known@example.jp")
+    assert adopted["id"] == known["id"]
+    assert adopted["external_id"] == "K-2"
+    assert adopted["name"] == "既存"
+    recreated = await _contact(contacts, "first@example.jp")
+    assert recreated["name"] == "三"
+    assert recreated["version"] == 1
+    assert await contacts.runtime.pool.fetchval("SELECT count(*) FROM contact WHERE external_id = 'K-3'") == 0
+
+    dead = await kafka.read(Topic.CONTACTS_EVENTS.dlq, until=lambda r: len(r) >= 1)
+    assert len(dead) == 1
+    assert b"K-2" in dict(dead[0].headers)["dlq-reason"]
