@@ -54,6 +54,8 @@ class Runtime:
     consumers: list[ConsumerSpec] = field(default_factory=list)
     setup_routes: Callable[[web.Application], None] | None = None
     background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    #: called on stop after HTTP closed and before the pool closes (in-flight jobs).
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     pool: asyncpg.Pool = field(init=False)
     publisher: Publisher = field(init=False)
@@ -61,6 +63,7 @@ class Runtime:
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list, init=False)
     _consumers: list[Consumer] = field(default_factory=list, init=False)
     _runner: web.AppRunner | None = field(default=None, init=False)
+    app: web.Application | None = field(default=None, init=False)
     _failure: BaseException | None = field(default=None, init=False)
     port: int = field(default=0, init=False)
 
@@ -89,6 +92,7 @@ class Runtime:
         )
         if self.setup_routes:
             self.setup_routes(app)
+        self.app = app
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.http_host, s.http_port, reuse_address=True)
@@ -142,6 +146,8 @@ class Runtime:
         log.info("service_stopping")
         if self._runner is not None:
             await self._runner.cleanup()
+        for hook in self.on_stop:
+            await hook()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -51,6 +51,7 @@ def build(settings: ContactsSettings) -> Runtime:
         await imports.resume_jobs(ctx())
 
     runtime.background = [resume_imports]
+    runtime.on_stop = [imports.stop_jobs]
 
     def setup_routes(app):  # type: ignore[no-untyped-def]
         app[CONTEXT] = ctx()
