@@ -185,7 +185,11 @@ class Consumer:
         self._by_name = {topic_name(t, settings.topic_prefix): t for t in self.topics}
         self._consumer: AIOKafkaConsumer | None = None
         self.last_progress = time.monotonic()
-        self.assigned = False
+
+    @property
+    def assigned(self) -> bool:
+        """Whether the group gave this member partitions (it may still be joining)."""
+        return self._consumer is not None and bool(self._consumer.assignment())
 
     async def start(self) -> None:
         s = self.settings
@@ -214,7 +218,6 @@ class Consumer:
         consumer = self._consumer
         while True:
             batches = await consumer.getmany(timeout_ms=1000, max_records=self.max_records)
-            self.assigned = bool(consumer.assignment())
             self.last_progress = time.monotonic()
             CONSUMER_LAST_PROGRESS.labels(self.settings.service, self.group).set(time.time())
             if not batches:

@@ -77,14 +77,15 @@ class Runtime:
         self.publisher = Publisher(s, producer)
         self.outbox = OutboxRelay(self.pool, self.publisher, self.schema)
         self._spawn(self.outbox.run(), "outbox")
-        for spec in self.consumers:
-            consumer = Consumer(
-                s, self.publisher, group=spec.group, topics=spec.topics,
-                handler=spec.handler, max_records=spec.max_records,
-            )
-            await consumer.start()
-            self._consumers.append(consumer)
-            self._spawn(consumer.run(), f"consumer:{spec.group}")
+        self._consumers = [
+            Consumer(s, self.publisher, group=spec.group, topics=spec.topics,
+                     handler=spec.handler, max_records=spec.max_records)
+            for spec in self.consumers
+        ]
+        # Joining a group takes a while on some brokers: join all groups at once.
+        await asyncio.gather(*(consumer.start() for consumer in self._consumers))
+        for consumer in self._consumers:
+            self._spawn(consumer.run(), f"consumer:{consumer.group}")
         for job in self.background:
             self._spawn(job(), job.__name__)
         app = http.create_app(
