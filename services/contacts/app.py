@@ -15,6 +15,7 @@ from libs.common.service import ConsumerSpec, Runtime
 from libs.common.topics import Topic
 from services.contacts import agents, api, imports
 from services.contacts.context import CONTEXT, Context
+from services.contacts.maintenance import run_forever as maintenance_loop
 from services.contacts.settings import ContactsSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -50,7 +51,10 @@ def build(settings: ContactsSettings) -> Runtime:
     async def resume_imports() -> None:
         await imports.resume_jobs(ctx())
 
-    runtime.background = [resume_imports]
+    async def maintenance() -> None:
+        await maintenance_loop(ctx())
+
+    runtime.background = [resume_imports, maintenance]
     runtime.on_stop = [imports.stop_jobs]
 
     def setup_routes(app):  # type: ignore[no-untyped-def]

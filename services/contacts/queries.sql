@@ -74,12 +74,16 @@ WHERE membership.changed_at <= EXCLUDED.changed_at;
 
 -- name: record-history
 -- Projection of delivery.results / feedback.events for history filters (F-05, F-28).
-INSERT INTO delivery_history (contact_id, campaign_id, kind, first_at, last_at)
-SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $4::timestamptz[])
+-- Grouped first: one batch often holds several opens of one campaign by one contact, and
+-- ON CONFLICT DO UPDATE may touch a row only once per statement.
+INSERT INTO delivery_history (contact_id, campaign_id, kind, first_at, last_at, count)
+SELECT contact_id, campaign_id, kind, min(at), max(at), count(*)
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[]) AS e(contact_id, campaign_id, kind, at)
+GROUP BY contact_id, campaign_id, kind
 ON CONFLICT (contact_id, kind, campaign_id) DO UPDATE
 SET last_at = greatest(delivery_history.last_at, EXCLUDED.last_at),
     first_at = least(delivery_history.first_at, EXCLUDED.first_at),
-    count = delivery_history.count + 1;
+    count = delivery_history.count + EXCLUDED.count;
 
 -- name: record-engagement
 INSERT INTO engagement (event_id, contact_id, campaign_id, kind, points, occurred_at)
@@ -96,10 +100,16 @@ SET score = coalesce((SELECT sum(e.points) FROM engagement e
 WHERE c.id = ANY($1::bigint[])
 RETURNING c.*;
 
--- name: expire-scores
--- Daily: contacts whose score includes points older than 90 days.
-SELECT DISTINCT contact_id FROM engagement
-WHERE occurred_at <= now() - interval '90 days' AND occurred_at > now() - interval '91 days';
+-- name: expire-engagement
+-- Points older than 90 days no longer count: drop them, return whose score must change.
+WITH expired AS (
+    DELETE FROM engagement WHERE occurred_at <= now() - interval '90 days' RETURNING contact_id
+)
+SELECT DISTINCT contact_id FROM expired;
+
+-- name: forget-processed-events
+-- Redeliveries come within minutes; ids older than the retention cannot come back.
+DELETE FROM processed_event WHERE processed_at < now() - make_interval(days => $1);
 
 -- name: set-delivery-status
 UPDATE contact SET delivery_status = $2, version = version + 1, updated_at = now()

@@ -1,0 +1,32 @@
+"""Periodic upkeep of the contacts schema: scores lose points older than 90 days (F-08),
+and idempotency ids past their retention are forgotten."""
+
+from __future__ import annotations
+
+import asyncio
+
+from libs.common.logging import get_logger
+from libs.common.retry import retry
+from services.contacts import store
+from services.contacts.context import Context
+from services.contacts.store import QUERIES
+
+log = get_logger(__name__)
+
+
+async def run_once(ctx: Context) -> int:
+    """One pass; returns how many scores changed. Safe to run on every replica."""
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        expired = [r["contact_id"] for r in await conn.fetch(QUERIES["expire-engagement"])]
+        rows = await conn.fetch(QUERIES["refresh-scores"], expired) if expired else []
+        await store.publish_contacts(conn, rows)
+        forgotten = await conn.execute(QUERIES["forget-processed-events"],
+                                       ctx.settings.processed_event_retention_days)
+    log.info("maintenance_done", scores_refreshed=len(rows), event_ids_forgotten=forgotten)
+    return len(rows)
+
+
+async def run_forever(ctx: Context) -> None:
+    while True:
+        await retry(lambda: run_once(ctx), name="maintenance", service=ctx.settings.service)
+        await asyncio.sleep(ctx.settings.maintenance_interval_seconds)
