@@ -8,7 +8,8 @@ outbox of that same transaction.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import asyncpg
 from structlog.contextvars import bound_contextvars
@@ -23,11 +24,22 @@ from services.contacts.processor import UpstreamEvent, upstream_event
 from services.contacts.store import QUERIES
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 
 async def _claim(conn: asyncpg.Connection, ids: Iterable[str]) -> set[str]:
     rows = await conn.fetch(QUERIES["claim-events"], list(ids))
     return {r["event_id"] for r in rows}
+
+
+def _once_each(items: list[T], event_id: Callable[[T], str], fresh: set[str]) -> list[T]:
+    """The items whose id was fresh, each id once: a batch may hold a redelivered copy."""
+    kept = []
+    for item in items:
+        if event_id(item) in fresh:
+            fresh.discard(event_id(item))
+            kept.append(item)
+    return kept
 
 
 async def handle_contact_events(ctx: Context, batch: list[Message]) -> None:
@@ -157,7 +169,7 @@ async def _record_history(ctx: Context, rows: list[tuple[int, str, str, dt.datet
         return
     async with ctx.pool.acquire() as conn, conn.transaction():
         fresh = await _claim(conn, (r[4] for r in rows))
-        rows = [r for r in rows if r[4] in fresh]
+        rows = _once_each(rows, lambda r: r[4], fresh)
         if rows:
             contact_ids, campaign_ids, kinds, times, _ = (list(c) for c in zip(*rows, strict=True))
             await conn.execute(QUERIES["record-history"], contact_ids, campaign_ids, kinds, times)
@@ -169,7 +181,7 @@ async def handle_feedback(ctx: Context, batch: list[Message]) -> None:
     history_kind = {"open": "opened", "click": "clicked"}
     async with ctx.pool.acquire() as conn, conn.transaction():
         fresh = await _claim(conn, (m.value["event_id"] for m in batch))
-        events = [m.value for m in batch if m.value["event_id"] in fresh]
+        events = _once_each([m.value for m in batch], lambda e: e["event_id"], fresh)
         if not events:
             return
         await conn.execute(
@@ -204,9 +216,18 @@ async def handle_bounce_events(ctx: Context, batch: list[Message]) -> None:
 
 
 async def handle_snapshot_requests(ctx: Context, batch: list[Message]) -> None:
-    """SPEC §9: evaluate a campaign's target once and stream its recipients, then an end marker."""
+    """SPEC §9: evaluate a campaign's target once and stream its recipients, then an end marker.
+
+    A request is remembered once its answer is complete, so a redelivered request is answered
+    again only when the first answer was cut short (and (request_id, seq) makes that harmless).
+    """
     for message in batch:
         request = message.value
         with bound_contextvars(campaign_id=request["campaign_id"]):
+            done = await ctx.pool.fetchval("SELECT 1 FROM processed_event WHERE event_id = $1",
+                                           f"snapshot:{request['request_id']}")
+            if done:
+                log.info("snapshot_already_answered", request_id=request["request_id"])
+                continue
             await targets.stream_snapshot(ctx, request)
-
+            await ctx.pool.execute(QUERIES["claim-events"], [f"snapshot:{request['request_id']}"])

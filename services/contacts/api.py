@@ -77,6 +77,13 @@ async def patch_contact(request: web.Request) -> web.Response:
         patch = contact_patch(body, await ctx.fields.get(conn))
         if "email" in body and not patch.email:
             raise InvalidMessage("email cannot be cleared", field="email")
+        for column in ("email", "external_id"):
+            value = patch.columns.get(column)
+            owner = value and await store.find_id(
+                conn, external_id=value if column == "external_id" else None,
+                email=value if column == "email" else None)
+            if owner and owner != contact_id:
+                raise Conflict(f"another contact already has this {column}")
         row = await store.update_by_id(conn, contact_id, patch)
     return json_response(contact_json(row))
 
@@ -93,6 +100,7 @@ async def delete_contact(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/contacts/search")
+@requires("viewer")
 async def search_contacts(request: web.Request) -> web.Response:
     """F-05 search: {filter, sort, limit, cursor, group_id} → {items, next_cursor, total}."""
     ctx = _ctx(request)

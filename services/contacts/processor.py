@@ -135,6 +135,9 @@ def custom_value(raw: Any, definition: FieldDefinition, field_name: str) -> Any:
 
 
 def _text(raw: Any, field_name: str) -> str:
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        # str() of a list or object would store its Python repr as the value
+        raise InvalidMessage(f"expected text, got {type(raw).__name__}", field=field_name)
     text = str(raw).strip()
     if len(text) > MAX_TEXT:
         raise InvalidMessage(f"longer than {MAX_TEXT} characters", field=field_name)
@@ -320,7 +323,7 @@ def changelog_value(row: Mapping[str, Any] | None, contact_id: int, *, version: 
     snapshot = {name: row[name] for name in SNAPSHOT_FIELDS}
     snapshot["acquired_at"] = row["acquired_at"].isoformat() if row["acquired_at"] else None
     snapshot["acquisition_channel"] = row["acquisition_channel"]
-    snapshot["tags"] = list(row["tags"])
+    snapshot["tags"] = sorted(row["tags"])
     snapshot["custom_fields"] = {k: _custom_text(v) for k, v in (row["custom"] or {}).items()}
     return {"contact_id": contact_id, "op": "upserted", "version": version,
             "changed_at": changed_at, "contact": snapshot}

@@ -33,7 +33,7 @@ CHUNK = 2000
 
 
 async def load_saved_filters(conn: asyncpg.Connection, target_filter: Any,
-                             extra: list[int] = ()) -> dict[int, SavedFilterRef]:
+                             extra: tuple[int, ...] = ()) -> dict[int, SavedFilterRef]:
     """Every saved filter the target names, followed transitively."""
     wanted = set(extra) | referenced_saved_filters(target_filter)
     found: dict[int, SavedFilterRef] = {}
@@ -63,7 +63,7 @@ async def target_query(
         raise InvalidMessage("a target needs a group, a filter or a saved filter", field="target")
     if group_id is not None and await conn.fetchrow(QUERIES["group-by-id"], group_id) is None:
         raise NotFound(f"group or plan {group_id} does not exist")
-    saved = await load_saved_filters(conn, target_filter, [saved_filter_id] if saved_filter_id else [])
+    saved = await load_saved_filters(conn, target_filter, (saved_filter_id,) if saved_filter_id else ())
     node: dict[str, Any] = {"all": []}
     if target_filter:
         node["all"].append(target_filter)
@@ -81,8 +81,12 @@ async def target_query(
         where.append(f"m.state = ANY(${len(params)}::text[])")
         select = "c.*, m.group_id AS target_group_id, m.state AS membership_state"
     else:
+        # No group decides: 配信禁止 anywhere is the stronger refusal, so a banned contact
+        # is never a recipient of a filter-only campaign.
         join = ""
         select = "c.*, NULL::bigint AS target_group_id, NULL::text AS membership_state"
+        where.append("NOT EXISTS (SELECT 1 FROM membership b"
+                     " WHERE b.contact_id = c.id AND b.state = 'banned')")
     sql = f"SELECT {select} FROM contact c {join} WHERE {' AND '.join(where)}"
     if dedupe == "by_email":
         # The same mailbox written with a different case of its local part: send once.
@@ -95,8 +99,7 @@ async def target_query(
 
 async def iterate_target(conn: asyncpg.Connection, sql: str, params: list[Any]) -> AsyncIterator[asyncpg.Record]:
     """Rows of a target query through a server-side cursor (memory stays flat)."""
-    cursor = await conn.cursor(sql, *params, prefetch=CHUNK)
-    async for row in cursor:
+    async for row in conn.cursor(sql, *params, prefetch=CHUNK):
         yield row
 
 
@@ -134,9 +137,10 @@ async def stream_snapshot(ctx: Context, request: Mapping[str, Any]) -> int:
                 dedupe=request.get("dedupe") or "none",
             )
             async for row in iterate_target(conn, sql, params):
-                total += 1
+                # seq counts from 0 and the end marker's seq is the total (campaign.recipients.avsc)
                 pending.append(await publisher.send(
                     Topic.CAMPAIGN_RECIPIENTS, campaign_id, recipient_record(request, total, row)))
+                total += 1
                 if len(pending) >= CHUNK:
                     await asyncio.gather(*pending)
                     pending.clear()
@@ -147,7 +151,7 @@ async def stream_snapshot(ctx: Context, request: Mapping[str, Any]) -> int:
         error = getattr(exc, "reason", None) or str(exc)
         log.warning("snapshot_refused", reason=error)
     await publisher.send_and_wait(Topic.CAMPAIGN_RECIPIENTS, campaign_id,
-                                  end_record(request, total + 1, total, error))
+                                  end_record(request, total, total, error))
     SNAPSHOT_RECIPIENTS.inc(total)
     log.info("snapshot_streamed", recipients=total, error=error)
     return total
