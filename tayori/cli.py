@@ -1,9 +1,9 @@
 """``tayori``: run one service, the whole system (``dev``), or a service's migrations.
 
-    tayori dev                  the whole system on embedded defaults (SPEC §8, §10)
-    tayori contacts             one service (likewise suppression, scheduler, ...)
-    tayori migrate contacts     apply a service's migrations and exit
-    tayori topics               create every topic on KAFKA_BOOTSTRAP and exit
+tayori dev                  the whole system on embedded defaults (SPEC §8, §10)
+tayori contacts             one service (likewise suppression, scheduler, ...)
+tayori migrate contacts     apply a service's migrations and exit
+tayori topics               create every topic on KAFKA_BOOTSTRAP and exit
 """
 
 from __future__ import annotations
@@ -13,27 +13,34 @@ import asyncio
 import importlib
 import sys
 from pathlib import Path
+from types import ModuleType
+
+from libs.common.settings import CommonSettings
 
 SERVICES = ("contacts", "suppression", "scheduler", "sender", "bounce_processor", "exporter")
 #: services that exist as code today; `tayori dev` starts these.
 IMPLEMENTED = ("contacts",)
 
 
-def _service_parts(name: str):  # type: ignore[no-untyped-def]
+def _service_parts(name: str) -> tuple[ModuleType, type[CommonSettings]]:
     if name not in IMPLEMENTED:
-        raise SystemExit(f"tayori: service {name!r} is not implemented yet (have: {', '.join(IMPLEMENTED)})")
+        raise SystemExit(
+            f"tayori: service {name!r} is not implemented yet (have: {', '.join(IMPLEMENTED)})"
+        )
     app = importlib.import_module(f"services.{name}.app")
     settings = importlib.import_module(f"services.{name}.settings")
     settings_cls = next(
-        getattr(settings, attr) for attr in dir(settings)
+        getattr(settings, attr)
+        for attr in dir(settings)
         if attr.endswith("Settings") and attr != "CommonSettings"
     )
     return app, settings_cls
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="tayori", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tayori", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("dev", help="run the whole system on embedded defaults")
     for name in SERVICES:

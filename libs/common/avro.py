@@ -27,8 +27,16 @@ from libs.common.topics import Topic
 VERSION_HEADER = "tayori-schema-version"
 
 _DECODE_ERRORS = (
-    EOFError, ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError, OverflowError,
-    StopIteration, AttributeError, SchemaResolutionError,
+    EOFError,
+    ValueError,
+    IndexError,
+    KeyError,
+    TypeError,
+    UnicodeDecodeError,
+    OverflowError,
+    StopIteration,
+    AttributeError,
+    SchemaResolutionError,
 )
 
 
@@ -81,9 +89,7 @@ def encode(topic: Topic | str, value: dict[str, Any]) -> tuple[bytes, list[tuple
     return buffer.getvalue(), [(VERSION_HEADER, str(version).encode())]
 
 
-def decode(
-    topic: Topic | str, data: bytes | None, headers: Any = ()
-) -> dict[str, Any]:
+def decode(topic: Topic | str, data: bytes | None, headers: Any = ()) -> dict[str, Any]:
     """Read a message of ``topic``; anything unreadable raises InvalidMessage."""
     base = _base(topic)
     if data is None:

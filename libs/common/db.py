@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ class Queries(Mapping[str, str]):
     def __getitem__(self, name: str) -> str:
         return self._sql[name]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[str]:
         return iter(self._sql)
 
     def __len__(self) -> int:
@@ -52,7 +52,9 @@ class Queries(Mapping[str, str]):
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for kind in ("json", "jsonb"):
         await conn.set_type_codec(
-            kind, encoder=lambda v: json.dumps(v, ensure_ascii=False), decoder=json.loads,
+            kind,
+            encoder=lambda v: json.dumps(v, ensure_ascii=False),
+            decoder=json.loads,
             schema="pg_catalog",
         )
 
@@ -118,7 +120,8 @@ async def migrate(dsn: str, schema: str, directory: Path) -> list[str]:
                     await conn.execute(path.read_text(encoding="utf-8"))
                     await conn.execute(
                         f'INSERT INTO "{schema}".schema_migrations (version, name) VALUES ($1, $2)',
-                        number, title,
+                        number,
+                        title,
                     )
                 applied.append(path.name)
                 log.info("migration_applied", schema=schema, migration=path.name)

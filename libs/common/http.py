@@ -166,7 +166,9 @@ def create_app(
     @public
     async def readyz(_: web.Request) -> web.Response:
         ok, detail = await ready()
-        return json_response({"status": "ready" if ok else "not_ready", **detail}, 200 if ok else 503)
+        return json_response(
+            {"status": "ready" if ok else "not_ready", **detail}, 200 if ok else 503
+        )
 
     @public
     async def metrics(_: web.Request) -> web.Response:
@@ -209,11 +211,16 @@ def openapi_document(app: web.Application, title: str) -> dict[str, Any]:
         if params:
             operation["parameters"] = params
         if role is not None:
-            needed = role if role != "default" else ("viewer" if route.method == "GET" else "operator")
+            needed = (
+                role if role != "default" else ("viewer" if route.method == "GET" else "operator")
+            )
             operation["security"] = [{"bearer": []}]
             operation["x-tayori-role"] = needed
             operation["responses"].update(
-                {"401": {"description": "no or unknown token"}, "403": {"description": "role too low"}}
+                {
+                    "401": {"description": "no or unknown token"},
+                    "403": {"description": "role too low"},
+                }
             )
         if route.method in ("POST", "PUT", "PATCH"):
             operation["responses"]["400"] = {"description": "invalid input: {error, field}"}

@@ -90,7 +90,9 @@ class Publisher:
         MESSAGES_PUBLISHED.labels(self.settings.service, topic_label(topic)).inc()
         return future
 
-    async def send_and_wait(self, topic: Topic, key: str | int | None, value: dict[str, Any]) -> Any:
+    async def send_and_wait(
+        self, topic: Topic, key: str | int | None, value: dict[str, Any]
+    ) -> Any:
         return await (await self.send(topic, key, value))
 
 
@@ -98,7 +100,9 @@ def topic_label(topic: Topic | str) -> str:
     return topic.value if isinstance(topic, Topic) else topic
 
 
-async def ensure_topics(bootstrap: str, prefix: str = "", partitions: int = DEFAULT_PARTITIONS) -> None:
+async def ensure_topics(
+    bootstrap: str, prefix: str = "", partitions: int = DEFAULT_PARTITIONS
+) -> None:
     """Create every Tayori topic and DLQ that does not exist yet."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="tayori-admin")
     await admin.start()
@@ -108,7 +112,11 @@ async def ensure_topics(bootstrap: str, prefix: str = "", partitions: int = DEFA
         for name in all_topic_names(prefix):
             if name in existing:
                 continue
-            configs = {"cleanup.policy": "compact"} if name.endswith(Topic.CONTACTS_CHANGELOG.value) else {}
+            configs = (
+                {"cleanup.policy": "compact"}
+                if name.endswith(Topic.CONTACTS_CHANGELOG.value)
+                else {}
+            )
             wanted.append(NewTopic(name, partitions, 1, topic_configs=configs))
         if wanted:
             try:
@@ -278,7 +286,8 @@ class Consumer:
     async def _dead_letter(
         self, topic: Topic, record: ConsumerRecord, stage: str, reason: str
     ) -> None:
-        headers = list(record.headers or ()) + [
+        headers = [
+            *(record.headers or ()),
             ("dlq-stage", stage.encode()),
             ("dlq-reason", reason[:2000].encode()),
             ("dlq-topic", record.topic.encode()),
@@ -293,8 +302,11 @@ class Consumer:
         MESSAGES_CONSUMED.labels(self.settings.service, topic.value, "dead_lettered").inc()
         log.warning(
             "message_dead_lettered",
-            topic=topic.value, partition=record.partition, offset=record.offset,
-            stage=stage, reason=reason[:500],
+            topic=topic.value,
+            partition=record.partition,
+            offset=record.offset,
+            stage=stage,
+            reason=reason[:500],
         )
         self.dlq_limit.record(True)
 

@@ -25,7 +25,9 @@ BATCH_SECONDS = Histogram(
 )
 #: unix time of the last batch a consumer committed (health = the loop is making progress).
 CONSUMER_LAST_PROGRESS = Gauge(
-    "tayori_consumer_last_progress_timestamp_seconds", "Last consumer progress", ["service", "group"]
+    "tayori_consumer_last_progress_timestamp_seconds",
+    "Last consumer progress",
+    ["service", "group"],
 )
 #: retries of transient failures, by operation.
 TRANSIENT_RETRIES = Counter(

@@ -121,7 +121,9 @@ class OutboxRelay:
                 )
             await asyncio.gather(*futures)
             # By id, not by range: a transaction that took a lower id may commit later.
-            await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
+            await conn.execute(
+                "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
+            )
             OUTBOX_BACKLOG.labels(self.publisher.settings.service).set(
                 max(0, len(rows) - self.batch)
             )

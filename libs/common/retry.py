@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -28,7 +28,7 @@ class Backoff:
     multiplier: float = 2.0
     attempts: int | None = 8
 
-    def delays(self):  # type: ignore[no-untyped-def]
+    def delays(self) -> Iterator[float]:
         delay = self.initial
         n = 0
         while self.attempts is None or n < self.attempts:

@@ -65,6 +65,7 @@ class Runtime:
     _runner: web.AppRunner | None = field(default=None, init=False)
     app: web.Application | None = field(default=None, init=False)
     _failure: BaseException | None = field(default=None, init=False)
+    _failed: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     port: int = field(default=0, init=False)
 
     async def start(self, *, migrate: bool = True) -> None:
@@ -78,8 +79,14 @@ class Runtime:
         self.outbox = OutboxRelay(self.pool, self.publisher, self.schema)
         self._spawn(self.outbox.run(), "outbox")
         self._consumers = [
-            Consumer(s, self.publisher, group=spec.group, topics=spec.topics,
-                     handler=spec.handler, max_records=spec.max_records)
+            Consumer(
+                s,
+                self.publisher,
+                group=spec.group,
+                topics=spec.topics,
+                handler=spec.handler,
+                max_records=spec.max_records,
+            )
             for spec in self.consumers
         ]
         # Joining a group takes a while on some brokers: join all groups at once.
@@ -119,14 +126,18 @@ class Runtime:
         exc = task.exception()
         if exc is not None:
             self._failure = exc
+            self._failed.set()
             log.error("service_task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
 
     async def health(self) -> tuple[bool, dict[str, Any]]:
         now = time.monotonic()
         stalled = [c.group for c in self._consumers if now - c.last_progress > STALL_SECONDS]
         # A one-shot background job that finished is fine; a loop that ended is not.
-        dead = [t.get_name() for t in self._tasks
-                if t.done() and (t.get_name() in self._loops or t.cancelled() or t.exception())]
+        dead = [
+            t.get_name()
+            for t in self._tasks
+            if t.done() and (t.get_name() in self._loops or t.cancelled() or t.exception())
+        ]
         ok = not stalled and not dead and self._failure is None
         return ok, {"stalled_consumers": stalled, "stopped_tasks": dead}
 
@@ -177,14 +188,11 @@ class Runtime:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
-        watcher = asyncio.ensure_future(self._watch_failures(stop))
-        await stop.wait()
-        watcher.cancel()
+        stopped = asyncio.ensure_future(stop.wait())
+        failed = asyncio.ensure_future(self._failed.wait())
+        await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        failed.cancel()
         await self.stop()
         if self._failure is not None:
             raise SystemExit(f"stopped after a failure: {self._failure!r}")
-
-    async def _watch_failures(self, stop: asyncio.Event) -> None:
-        while self._failure is None:
-            await asyncio.sleep(0.2)
-        stop.set()

@@ -6,10 +6,10 @@ Tests and side-by-side deployments give each run its own topics with a prefix
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Topic(str, Enum):
+class Topic(StrEnum):
     CONTACTS_EVENTS = "contacts.events"
     CONTACTS_CHANGELOG = "contacts.changelog"
     SUPPRESSION_COMMANDS = "suppression.commands"

@@ -69,7 +69,9 @@ async def handle_contact_events(ctx: Context, batch: list[Message]) -> None:
             raise TransientError(f"concurrent write: {exc}") from exc
 
 
-async def _apply_batch(conn: asyncpg.Connection, events: list[tuple[Message, UpstreamEvent]]) -> None:
+async def _apply_batch(
+    conn: asyncpg.Connection, events: list[tuple[Message, UpstreamEvent]]
+) -> None:
     async with conn.transaction():
         fresh = await _claim(conn, {e.event_id for _, e in events})
         upserts: list[tuple[Message, UpstreamEvent]] = []
@@ -91,12 +93,15 @@ async def _apply_batch(conn: asyncpg.Connection, events: list[tuple[Message, Ups
         await _upsert_all(conn, upserts)
 
 
-async def _upsert_all(conn: asyncpg.Connection, upserts: list[tuple[Message, UpstreamEvent]]) -> None:
+async def _upsert_all(
+    conn: asyncpg.Connection, upserts: list[tuple[Message, UpstreamEvent]]
+) -> None:
     """ContactUpserted events in bulk: one statement per kind for each run of distinct keys."""
     for run in store.batch_runs([event.patch for _, event in upserts]):
         events = [upserts[i] for i in run]
         outcomes = await store.upsert_run(
-            conn, [e.patch for _, e in events],
+            conn,
+            [e.patch for _, e in events],
             keys=["external_id" if e.external_id else "email" for _, e in events],
         )
         for (message, _), outcome in zip(events, outcomes, strict=True):
@@ -115,15 +120,25 @@ async def _apply(conn: asyncpg.Connection, event: UpstreamEvent) -> str:
         await store.delete(conn, [contact_id])
         return "deleted"
     patch = event.patch
-    carries_data = set(patch.columns) - {"email", "external_id"} or patch.custom_set or patch.custom_clear
+    carries_data = (
+        set(patch.columns) - {"email", "external_id"} or patch.custom_set or patch.custom_clear
+    )
     if contact_id is None or carries_data:
-        _, row = await store.upsert(conn, patch, key="external_id" if event.external_id else "email")
+        _, row = await store.upsert(
+            conn, patch, key="external_id" if event.external_id else "email"
+        )
         contact_id = row["id"] if row is not None else None
     if contact_id is None:
         raise InvalidMessage("MembershipRequested for an unknown contact", field="email")
     try:
-        joined = await store.join(conn, contact_id, event.group_id or 0,
-                                  auto_stop=event.auto_stop, method="upstream", actor="upstream")
+        joined = await store.join(
+            conn,
+            contact_id,
+            event.group_id or 0,
+            auto_stop=event.auto_stop,
+            method="upstream",
+            actor="upstream",
+        )
     except NotFound as exc:
         raise InvalidMessage(str(exc), field="membership.group_id") from None
     return "joined" if joined is not None else "already_member"
@@ -140,26 +155,42 @@ async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None
             if change["contact_id"] is None or change["group_id"] is None:
                 raise reject(message, "a membership change needs contact_id and group_id")
             if change["state"] == "left":
-                await conn.execute(QUERIES["leave-membership"], change["contact_id"], change["group_id"])
+                await conn.execute(
+                    QUERIES["leave-membership"], change["contact_id"], change["group_id"]
+                )
                 continue
             if change["state"] not in ("deliverable", "unsubscribed", "banned"):
                 raise reject(message, f"unknown membership state {change['state']!r}", "state")
             await conn.execute(
-                QUERIES["apply-membership-change"], change["contact_id"], change["group_id"],
-                change["state"], change["method"] or "system", change["changed_at"],
+                QUERIES["apply-membership-change"],
+                change["contact_id"],
+                change["group_id"],
+                change["state"],
+                change["method"] or "system",
+                change["changed_at"],
             )
 
 
-_OUTCOME_KIND = {"sent": "received", "permanent_error": "errored", "temporary_error": "errored",
-                 "policy_error": "errored"}
+_OUTCOME_KIND = {
+    "sent": "received",
+    "permanent_error": "errored",
+    "temporary_error": "errored",
+    "policy_error": "errored",
+}
 
 
 async def handle_delivery_results(ctx: Context, batch: list[Message]) -> None:
     """Delivery history for search (received / errored) from ``delivery.results``."""
     rows = [
-        (m.value["contact_id"], m.value["campaign_id"], _OUTCOME_KIND[m.value["outcome"]],
-         m.value["occurred_at"], m.value["result_id"])
-        for m in batch if m.value["outcome"] in _OUTCOME_KIND
+        (
+            m.value["contact_id"],
+            m.value["campaign_id"],
+            _OUTCOME_KIND[m.value["outcome"]],
+            m.value["occurred_at"],
+            m.value["result_id"],
+        )
+        for m in batch
+        if m.value["outcome"] in _OUTCOME_KIND
     ]
     await _record_history(ctx, rows)
 
@@ -186,14 +217,19 @@ async def handle_feedback(ctx: Context, batch: list[Message]) -> None:
             return
         await conn.execute(
             QUERIES["record-history"],
-            [e["contact_id"] for e in events], [e["campaign_id"] for e in events],
-            [history_kind[e["type"]] for e in events], [e["occurred_at"] for e in events],
+            [e["contact_id"] for e in events],
+            [e["campaign_id"] for e in events],
+            [history_kind[e["type"]] for e in events],
+            [e["occurred_at"] for e in events],
         )
         scored = await conn.fetch(
             QUERIES["record-engagement"],
-            [e["event_id"] for e in events], [e["contact_id"] for e in events],
-            [e["campaign_id"] for e in events], [e["type"] for e in events],
-            [points[e["type"]] for e in events], [e["occurred_at"] for e in events],
+            [e["event_id"] for e in events],
+            [e["contact_id"] for e in events],
+            [e["campaign_id"] for e in events],
+            [e["type"] for e in events],
+            [points[e["type"]] for e in events],
+            [e["occurred_at"] for e in events],
         )
         contact_ids = sorted({r["contact_id"] for r in scored})
         if contact_ids:
@@ -224,8 +260,10 @@ async def handle_snapshot_requests(ctx: Context, batch: list[Message]) -> None:
     for message in batch:
         request = message.value
         with bound_contextvars(campaign_id=request["campaign_id"]):
-            done = await ctx.pool.fetchval("SELECT 1 FROM processed_event WHERE event_id = $1",
-                                           f"snapshot:{request['request_id']}")
+            done = await ctx.pool.fetchval(
+                "SELECT 1 FROM processed_event WHERE event_id = $1",
+                f"snapshot:{request['request_id']}",
+            )
             if done:
                 log.info("snapshot_already_answered", request_id=request["request_id"])
                 continue

@@ -35,6 +35,7 @@ def _int(raw: str, name: str) -> int:
 
 # Contacts ------------------------------------------------------------------------------
 
+
 @routes.post("/v1/contacts")
 async def create_contact(request: web.Request) -> web.Response:
     """Create a contact (F-01). 409 when the email or external_id is taken."""
@@ -47,8 +48,11 @@ async def create_contact(request: web.Request) -> web.Response:
             raise InvalidMessage("email is required", field="email")
         for column in ("email", "external_id"):
             value = patch.columns.get(column)
-            if value and await store.find_id(conn, external_id=value if column == "external_id" else None,
-                                             email=value if column == "email" else None):
+            if value and await store.find_id(
+                conn,
+                external_id=value if column == "external_id" else None,
+                email=value if column == "email" else None,
+            ):
                 raise Conflict(f"a contact with this {column} already exists")
         row = await store.insert(conn, patch)
     return json_response(contact_json(row), status=201)
@@ -63,7 +67,9 @@ async def get_contact(request: web.Request) -> web.Response:
         row = await conn.fetchrow(QUERIES["contact-by-id"], contact_id)
         if row is None:
             raise NotFound(f"contact {contact_id} does not exist")
-        memberships = [dict(r) for r in await conn.fetch(QUERIES["contact-memberships"], contact_id)]
+        memberships = [
+            dict(r) for r in await conn.fetch(QUERIES["contact-memberships"], contact_id)
+        ]
     return json_response(contact_json(row, memberships))
 
 
@@ -80,8 +86,10 @@ async def patch_contact(request: web.Request) -> web.Response:
         for column in ("email", "external_id"):
             value = patch.columns.get(column)
             owner = value and await store.find_id(
-                conn, external_id=value if column == "external_id" else None,
-                email=value if column == "email" else None)
+                conn,
+                external_id=value if column == "external_id" else None,
+                email=value if column == "email" else None,
+            )
             if owner and owner != contact_id:
                 raise Conflict(f"another contact already has this {column}")
         row = await store.update_by_id(conn, contact_id, patch)
@@ -112,18 +120,28 @@ async def search_contacts(request: web.Request) -> web.Response:
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT:
         raise InvalidMessage(f"limit must be an integer from 1 to {MAX_LIMIT}", field="limit")
     started = time.perf_counter()
-    async with ctx.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+    async with (
+        ctx.pool.acquire() as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
         fields = await ctx.fields.get(conn)
         saved = await load_saved_filters(conn, body.get("filter"))
         page, next_cursor = compile_search(
-            body.get("filter"), fields, sort=body.get("sort"), limit=limit,
-            cursor=body.get("cursor"), saved_filters=saved, group_scope=body.get("group_id"),
+            body.get("filter"),
+            fields,
+            sort=body.get("sort"),
+            limit=limit,
+            cursor=body.get("cursor"),
+            saved_filters=saved,
+            group_scope=body.get("group_id"),
         )
         rows = await conn.fetch(page.sql_page, *page.page_params)
         total = await conn.fetchval(page.sql_count, *page.count_params)
     SEARCH_SECONDS.observe(time.perf_counter() - started)
     cursor = next_cursor(rows[-1]) if len(rows) == limit else None
-    return json_response({"items": [contact_json(r) for r in rows], "next_cursor": cursor, "total": total})
+    return json_response(
+        {"items": [contact_json(r) for r in rows], "next_cursor": cursor, "total": total}
+    )
 
 
 BULK_ACTIONS = ("add_tag", "remove_tag", "star", "unstar", "delete")
@@ -164,19 +182,24 @@ async def _selected_ids(conn: Any, ctx: Context, body: dict[str, Any]) -> list[i
         raise InvalidMessage("give either ids or filter", field="ids")
     if "ids" in body:
         ids = body["ids"]
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        if not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids
+        ):
             raise InvalidMessage("ids must be a list of integers", field="ids")
         if len(ids) > 100_000:
             raise InvalidMessage("at most 100000 ids; use a filter for more", field="ids")
         return ids
     fields = await ctx.fields.get(conn)
     saved = await load_saved_filters(conn, body["filter"])
-    compiled = compile_filter(body["filter"], fields, saved_filters=saved, group_scope=body.get("group_id"))
+    compiled = compile_filter(
+        body["filter"], fields, saved_filters=saved, group_scope=body.get("group_id")
+    )
     rows = await conn.fetch(f"SELECT c.id FROM contact c WHERE {compiled.where}", *compiled.params)
     return [r["id"] for r in rows]
 
 
 # Custom fields ---------------------------------------------------------------------------
+
 
 @routes.get("/v1/fields")
 async def list_fields(request: web.Request) -> web.Response:
@@ -195,19 +218,35 @@ async def create_field(request: web.Request) -> web.Response:
     body = await read_json(request)
     key, label, kind = body.get("key"), body.get("label"), body.get("type")
     choices = body.get("choices") or []
-    if not isinstance(key, str) or not key or not key.isidentifier() or not key.islower() or len(key) > 63 \
-            or not key.isascii():
-        raise InvalidMessage("key must be lower-case ASCII letters, digits and _ (max 63)", field="key")
+    if (
+        not isinstance(key, str)
+        or not key
+        or not key.isidentifier()
+        or not key.islower()
+        or len(key) > 63
+        or not key.isascii()
+    ):
+        raise InvalidMessage(
+            "key must be lower-case ASCII letters, digits and _ (max 63)", field="key"
+        )
     if not isinstance(label, str) or not label.strip():
         raise InvalidMessage("label is required", field="label")
     if kind not in CUSTOM_TYPES:
         raise InvalidMessage(f"type must be one of {', '.join(CUSTOM_TYPES)}", field="type")
-    if kind == "choice" and (not isinstance(choices, list) or not choices
-                             or not all(isinstance(c, str) and c for c in choices)):
+    if kind == "choice" and (
+        not isinstance(choices, list)
+        or not choices
+        or not all(isinstance(c, str) and c for c in choices)
+    ):
         raise InvalidMessage("a choice field needs a non-empty list of choices", field="choices")
     async with ctx.pool.acquire() as conn:
-        row = await conn.fetchrow(QUERIES["insert-field-definition"], key, label.strip(), kind,
-                                  list(choices) if kind == "choice" else [])
+        row = await conn.fetchrow(
+            QUERIES["insert-field-definition"],
+            key,
+            label.strip(),
+            kind,
+            list(choices) if kind == "choice" else [],
+        )
     if row is None:
         raise Conflict(f"custom field {key!r} already exists")
     ctx.fields.invalidate()
@@ -215,6 +254,7 @@ async def create_field(request: web.Request) -> web.Response:
 
 
 # Groups and step plans ----------------------------------------------------------------
+
 
 def _group_views(kind: str) -> None:
     path = "/v1/groups" if kind == "group" else "/v1/plans"
@@ -230,7 +270,9 @@ def _group_views(kind: str) -> None:
         if not isinstance(name, str) or not name.strip():
             raise InvalidMessage("name is required", field="name")
         async with _ctx(request).pool.acquire() as conn:
-            row = await conn.fetchrow(QUERIES["insert-group"], kind, name.strip(), body.get("description"))
+            row = await conn.fetchrow(
+                QUERIES["insert-group"], kind, name.strip(), body.get("description")
+            )
         if row is None:
             raise Conflict(f"a {kind} named {name.strip()!r} already exists")
         return json_response(dict(row), status=201)
@@ -253,21 +295,29 @@ async def add_members(request: web.Request) -> web.Response:
     body = await read_json(request)
     ids = body.get("contact_ids")
     if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
-        raise InvalidMessage("contact_ids must be a non-empty list of integers", field="contact_ids")
+        raise InvalidMessage(
+            "contact_ids must be a non-empty list of integers", field="contact_ids"
+        )
     auto_stop = bool(body.get("auto_stop", False))
     joined = 0
     async with ctx.pool.acquire() as conn, conn.transaction():
-        known = {r["id"] for r in await conn.fetch("SELECT id FROM contact WHERE id = ANY($1::bigint[])", ids)}
+        known = {
+            r["id"]
+            for r in await conn.fetch("SELECT id FROM contact WHERE id = ANY($1::bigint[])", ids)
+        }
         missing = [i for i in ids if i not in known]
         if missing:
             raise NotFound(f"contacts do not exist: {missing[:10]}")
         for contact_id in ids:
             if await store.join(conn, contact_id, group_id, auto_stop=auto_stop) is not None:
                 joined += 1
-    return json_response({"group_id": group_id, "joined": joined, "already_members": len(ids) - joined})
+    return json_response(
+        {"group_id": group_id, "joined": joined, "already_members": len(ids) - joined}
+    )
 
 
 # Saved filters ---------------------------------------------------------------------------
+
 
 def _filter_json(row: Any) -> dict[str, Any]:
     return dict(row)
@@ -279,7 +329,9 @@ async def list_filters(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     group = request.query.get("group_id")
     async with ctx.pool.acquire() as conn:
-        rows = await conn.fetch(QUERIES["saved-filters"], _int(group, "group_id") if group else None)
+        rows = await conn.fetch(
+            QUERIES["saved-filters"], _int(group, "group_id") if group else None
+        )
     if not group:
         rows = [r for r in rows if r["group_id"] is None]
     return json_response({"items": [_filter_json(r) for r in rows]})

@@ -9,8 +9,12 @@ directly: a snapshot is a read, redone whole if interrupted).
 from __future__ import annotations
 
 import functools
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from aiohttp import web
+
+from libs.common.kafka import Handler, Message
 from libs.common.service import ConsumerSpec, Runtime
 from libs.common.topics import Topic
 from services.contacts import agents, api, imports
@@ -18,34 +22,49 @@ from services.contacts.context import CONTEXT, Context
 from services.contacts.maintenance import run_forever as maintenance_loop
 from services.contacts.settings import ContactsSettings
 
+ContextHandler = Callable[[Context, list[Message]], Awaitable[None]]
 MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA = "contacts"
 
 
 def build(settings: ContactsSettings) -> Runtime:
-    runtime = Runtime(settings=settings, schema=SCHEMA, migrations=MIGRATIONS,
-                      title="Tayori contacts")
-    holder: dict[str, Context] = {}
+    runtime = Runtime(
+        settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori contacts"
+    )
+    made: list[Context] = []  # once the runtime has its pool and producer
 
     def ctx() -> Context:
-        if "ctx" not in holder:
-            holder["ctx"] = Context(settings, runtime.pool, runtime.publisher)
-        return holder["ctx"]
+        if not made:
+            made.append(Context(settings, runtime.pool, runtime.publisher))
+        return made[0]
 
-    def bind(handler):  # type: ignore[no-untyped-def]
+    def bind(handler: ContextHandler) -> Handler:
         @functools.wraps(handler)
-        async def run(batch):  # type: ignore[no-untyped-def]
-            return await handler(ctx(), batch)
+        async def run(batch: list[Message]) -> None:
+            await handler(ctx(), batch)
+
         return run
 
     runtime.consumers = [
-        ConsumerSpec("contacts.ingest", [Topic.CONTACTS_EVENTS], bind(agents.handle_contact_events)),
-        ConsumerSpec("contacts.projections",
-                     [Topic.SUPPRESSION_CHANGES, Topic.DELIVERY_RESULTS, Topic.FEEDBACK_EVENTS,
-                      Topic.BOUNCE_EVENTS],
-                     bind(_projections)),
-        ConsumerSpec("contacts.snapshots", [Topic.SNAPSHOT_REQUESTS],
-                     bind(agents.handle_snapshot_requests), max_records=10),
+        ConsumerSpec(
+            "contacts.ingest", [Topic.CONTACTS_EVENTS], bind(agents.handle_contact_events)
+        ),
+        ConsumerSpec(
+            "contacts.projections",
+            [
+                Topic.SUPPRESSION_CHANGES,
+                Topic.DELIVERY_RESULTS,
+                Topic.FEEDBACK_EVENTS,
+                Topic.BOUNCE_EVENTS,
+            ],
+            bind(_projections),
+        ),
+        ConsumerSpec(
+            "contacts.snapshots",
+            [Topic.SNAPSHOT_REQUESTS],
+            bind(agents.handle_snapshot_requests),
+            max_records=10,
+        ),
     ]
 
     async def resume_imports() -> None:
@@ -57,7 +76,7 @@ def build(settings: ContactsSettings) -> Runtime:
     runtime.background = [resume_imports, maintenance]
     runtime.on_stop = [imports.stop_jobs]
 
-    def setup_routes(app):  # type: ignore[no-untyped-def]
+    def setup_routes(app: web.Application) -> None:
         app[CONTEXT] = ctx()
         app.router.add_routes(api.routes)
         app.router.add_routes(imports.routes)
@@ -66,7 +85,7 @@ def build(settings: ContactsSettings) -> Runtime:
     return runtime
 
 
-async def _projections(ctx: Context, batch):  # type: ignore[no-untyped-def]
+async def _projections(ctx: Context, batch: list[Message]) -> None:
     topic = batch[0].topic
     handler = {
         Topic.SUPPRESSION_CHANGES: agents.handle_suppression_changes,

@@ -50,8 +50,14 @@ routes = web.RouteTableDef()
 
 KEYS = ("email", "external_id")
 ENCODINGS = ("auto", "utf-8", "utf-8-sig", "cp932", "shift_jis")
-_ENCODING_ALIASES = {"utf8": "utf-8", "utf-8-bom": "utf-8-sig", "sjis": "shift_jis",
-                     "shift-jis": "shift_jis", "windows-31j": "cp932", "ms932": "cp932"}
+_ENCODING_ALIASES = {
+    "utf8": "utf-8",
+    "utf-8-bom": "utf-8-sig",
+    "sjis": "shift_jis",
+    "shift-jis": "shift_jis",
+    "windows-31j": "cp932",
+    "ms932": "cp932",
+}
 _OPTIONS = ("mode", "key", "encoding", "mapping", "filename")
 _BOM = b"\xef\xbb\xbf"
 ACTIVE = ("queued", "running")
@@ -64,32 +70,45 @@ _DB_REFUSALS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
 _UNIQUE_FIELDS = {"contact_email_key": "email", "contact_external_id_key": "external_id"}
 
 # SQL of this module (kept here rather than in queries.sql so the job lives in one file).
-_JOB_COLUMNS = ("id, status, mode, key_field, encoding, filename, requested_by, mapping, next_line,"
-                " total, inserted, updated, skipped, failed, detail, created_at, updated_at")
+_JOB_COLUMNS = (
+    "id, status, mode, key_field, encoding, filename, requested_by, mapping, next_line,"
+    " total, inserted, updated, skipped, failed, detail, created_at, updated_at"
+)
 SQL_INSERT_JOB = (
     "INSERT INTO import_job (id, status, mode, key_field, encoding, filename, requested_by,"
     " mapping, payload, total) VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9)"
-    f" RETURNING {_JOB_COLUMNS}")
+    f" RETURNING {_JOB_COLUMNS}"
+)
 SQL_JOB = f"SELECT {_JOB_COLUMNS} FROM import_job WHERE id = $1"
 SQL_JOB_PAYLOAD = f"SELECT {_JOB_COLUMNS}, payload FROM import_job WHERE id = $1"
-SQL_JOBS = (f"SELECT {_JOB_COLUMNS} FROM import_job WHERE ($1::text IS NULL OR status = $1)"
-            " ORDER BY created_at DESC, id LIMIT $2")
-SQL_ACTIVE_JOBS = ("SELECT id FROM import_job WHERE status IN ('queued', 'running')"
-                   " ORDER BY created_at")
+SQL_JOBS = (
+    f"SELECT {_JOB_COLUMNS} FROM import_job WHERE ($1::text IS NULL OR status = $1)"
+    " ORDER BY created_at DESC, id LIMIT $2"
+)
+SQL_ACTIVE_JOBS = (
+    "SELECT id FROM import_job WHERE status IN ('queued', 'running') ORDER BY created_at"
+)
 SQL_LOCK_JOB = "SELECT status, next_line FROM import_job WHERE id = $1 FOR UPDATE"
 SQL_ADVANCE_JOB = (
     "UPDATE import_job SET status = 'running', next_line = $2, inserted = inserted + $3,"
     " updated = updated + $4, skipped = skipped + $5, failed = failed + $6, updated_at = now()"
-    f" WHERE id = $1 RETURNING {_JOB_COLUMNS}")
-SQL_FINISH_JOB = ("UPDATE import_job SET status = $2, detail = $3, updated_at = now()"
-                  f" WHERE id = $1 AND status IN ('queued', 'running') RETURNING {_JOB_COLUMNS}")
-SQL_INSERT_ERRORS = ("INSERT INTO import_error (job_id, line, field, message)"
-                     " SELECT $1, * FROM unnest($2::int[], $3::text[], $4::text[])")
-SQL_ERRORS = ("SELECT line, field, message FROM import_error WHERE job_id = $1"
-              " ORDER BY line LIMIT $2")
+    f" WHERE id = $1 RETURNING {_JOB_COLUMNS}"
+)
+SQL_FINISH_JOB = (
+    "UPDATE import_job SET status = $2, detail = $3, updated_at = now()"
+    f" WHERE id = $1 AND status IN ('queued', 'running') RETURNING {_JOB_COLUMNS}"
+)
+SQL_INSERT_ERRORS = (
+    "INSERT INTO import_error (job_id, line, field, message)"
+    " SELECT $1, * FROM unnest($2::int[], $3::text[], $4::text[])"
+)
+SQL_ERRORS = (
+    "SELECT line, field, message FROM import_error WHERE job_id = $1 ORDER BY line LIMIT $2"
+)
 
 
 # Pure parts: decoding, records, header mapping, rows ----------------------------------------
+
 
 def decode(payload: bytes, encoding: str) -> tuple[str, str]:
     """The file's text and the encoding used; ``auto``: BOM → utf-8-sig, UTF-8, else cp932.
@@ -112,7 +131,7 @@ def decode(payload: bytes, encoding: str) -> tuple[str, str]:
                 if not payload[: exc.start].isascii():
                     raise _undecodable(payload, exc, "utf-8") from None
             encoding = "cp932"
-    body = payload[len(_BOM):] if bom and encoding.startswith("utf-8") else payload
+    body = payload[len(_BOM) :] if bom and encoding.startswith("utf-8") else payload
     try:
         text = body.decode("utf-8" if encoding == "utf-8-sig" else encoding)
     except UnicodeDecodeError as exc:
@@ -125,7 +144,9 @@ def _undecodable(body: bytes, exc: UnicodeDecodeError, encoding: str) -> Invalid
     line = body.count(ending, 0, exc.start) + 1
     return InvalidMessage(
         f"line {line}: byte 0x{body[exc.start]:02x} is not valid {encoding}; choose the file's"
-        " encoding (utf-8, utf-8-sig, cp932 or shift_jis)", field="encoding")
+        " encoding (utf-8, utf-8-sig, cp932 or shift_jis)",
+        field="encoding",
+    )
 
 
 def records(text: str) -> Iterator[tuple[int, int, list[str]]]:
@@ -164,16 +185,21 @@ def match_header(header: str, fields: Mapping[str, FieldDefinition]) -> str | No
 def _target(value: Any, fields: Mapping[str, FieldDefinition], column: str) -> str | None:
     if value == "":
         return None
-    if isinstance(value, str) and (value in WRITABLE or (
-            value.startswith("custom.") and value.removeprefix("custom.") in fields)):
+    if isinstance(value, str) and (
+        value in WRITABLE
+        or (value.startswith("custom.") and value.removeprefix("custom.") in fields)
+    ):
         return value
     raise InvalidMessage(
         f"mapping of {column!r}: {value!r} is not a writable field, custom.<key> of a defined"
-        ' custom field, or "" to ignore the column', field="mapping")
+        ' custom field, or "" to ignore the column',
+        field="mapping",
+    )
 
 
-def resolve_columns(header: list[str], mapping: Mapping[str, Any] | None,
-                    fields: Mapping[str, FieldDefinition]) -> list[str | None]:
+def resolve_columns(
+    header: list[str], mapping: Mapping[str, Any] | None, fields: Mapping[str, FieldDefinition]
+) -> list[str | None]:
     """The target of each column (``name``, ``custom.<key>`` or None = ignored).
 
     ``mapping`` (heading → target) wins; other headings are matched by :func:`match_header`.
@@ -182,8 +208,9 @@ def resolve_columns(header: list[str], mapping: Mapping[str, Any] | None,
     names = [h.strip().removeprefix("\ufeff") for h in header]
     for column in mapping:
         if column not in names:
-            raise InvalidMessage(f"mapping names column {column!r}, which the file does not have",
-                                 field="mapping")
+            raise InvalidMessage(
+                f"mapping names column {column!r}, which the file does not have", field="mapping"
+            )
     if len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)
         raise InvalidMessage(f"column {twice!r} appears twice in the header", field="file")
@@ -196,21 +223,24 @@ def resolve_columns(header: list[str], mapping: Mapping[str, Any] | None,
             target = match_header(name, fields)
             if target is None:
                 raise InvalidMessage(
-                    f"column {name!r} matches no field; map it to a field, or to \"\" to ignore"
-                    " it", field="mapping")
+                    f'column {name!r} matches no field; map it to a field, or to "" to ignore it',
+                    field="mapping",
+                )
         if target is not None:
             if target in seen:
-                raise InvalidMessage(f"columns {seen[target]!r} and {name!r} both map to {target}",
-                                     field="mapping")
+                raise InvalidMessage(
+                    f"columns {seen[target]!r} and {name!r} both map to {target}", field="mapping"
+                )
             seen[target] = name
         columns.append(target)
     return columns
 
 
-def row_patch(cells: list[str], columns: list[str | None],
-              fields: Mapping[str, FieldDefinition]) -> ContactPatch:
+def row_patch(
+    cells: list[str], columns: list[str | None], fields: Mapping[str, FieldDefinition]
+) -> ContactPatch:
     """Validate one record; empty cells are left out, so they leave the field unchanged."""
-    if any(cell.strip() for cell in cells[len(columns):]):
+    if any(cell.strip() for cell in cells[len(columns) :]):
         raise InvalidMessage(f"the row has {len(cells)} cells but the header {len(columns)}")
     data: dict[str, Any] = {}
     custom: dict[str, str] = {}
@@ -232,8 +262,14 @@ def row_patch(cells: list[str], columns: list[str | None],
         raise InvalidMessage(exc.reason, field=field or None) from None
 
 
-def plan_import(text: str, mapping: Mapping[str, Any] | None, fields: Mapping[str, FieldDefinition],
-                *, key: str, mode: str) -> tuple[dict[str, str], int]:
+def plan_import(
+    text: str,
+    mapping: Mapping[str, Any] | None,
+    fields: Mapping[str, FieldDefinition],
+    *,
+    key: str,
+    mode: str,
+) -> tuple[dict[str, str], int]:
     """Check a decoded file before accepting it: header, mapping, key column, CSV syntax.
 
     Returns the resolved mapping (heading → target, "" ignored) and the number of records.
@@ -247,14 +283,16 @@ def plan_import(text: str, mapping: Mapping[str, Any] | None, fields: Mapping[st
     if key not in columns:
         raise InvalidMessage(f"the file has no column for the key field {key}", field="key")
     if mode != "update_only" and "email" not in columns:
-        raise InvalidMessage("creating contacts needs an email column; use mode update_only",
-                             field="mode")
+        raise InvalidMessage(
+            "creating contacts needs an email column; use mode update_only", field="mode"
+        )
     total = sum(1 for _ in rows)
     names = [h.strip().removeprefix("\ufeff") for h in header]
     return {n: c or "" for n, c in zip(names, columns, strict=True)}, total
 
 
 # HTTP ------------------------------------------------------------------------------------------
+
 
 class _TooLarge(Exception):
     pass
@@ -275,8 +313,9 @@ async def _upload(request: web.Request, limit: int) -> tuple[bytes, dict[str, st
         options: dict[str, str] = {}
         async for part in await request.multipart():
             if not isinstance(part, BodyPartReader) or part.name not in ("file", *_OPTIONS):
-                raise InvalidMessage(f"unexpected form part {getattr(part, 'name', None)!r}",
-                                     field="file")
+                raise InvalidMessage(
+                    f"unexpected form part {getattr(part, 'name', None)!r}", field="file"
+                )
             if part.name == "file":
                 payload = await _read_limited(part.read_chunk, limit)
                 options.setdefault("filename", part.filename or "")
@@ -289,13 +328,15 @@ async def _upload(request: web.Request, limit: int) -> tuple[bytes, dict[str, st
         options = {k: v for k, v in request.query.items()}
         unknown = set(options) - set(_OPTIONS)
         if unknown:
-            raise InvalidMessage(f"unknown query parameter {sorted(unknown)[0]!r}",
-                                 field=sorted(unknown)[0])
+            raise InvalidMessage(
+                f"unknown query parameter {sorted(unknown)[0]!r}", field=sorted(unknown)[0]
+            )
         if request.charset and "encoding" not in options:
             options["encoding"] = request.charset
         return await _read_limited(request.content.read, limit), options
-    raise InvalidMessage("send multipart/form-data with a file part, or a text/csv body",
-                         field="file")
+    raise InvalidMessage(
+        "send multipart/form-data with a file part, or a text/csv body", field="file"
+    )
 
 
 def _options(raw: Mapping[str, str]) -> tuple[str, str, str, dict[str, Any] | None]:
@@ -343,13 +384,23 @@ async def create_import(request: web.Request) -> web.Response:
     text, encoding = await asyncio.to_thread(decode, payload, encoding)
     async with ctx.pool.acquire() as conn:
         fields = await ctx.fields.get(conn, fresh=True)
-    resolved, total = await asyncio.to_thread(plan_import, text, mapping, fields, key=key,
-                                              mode=mode)
+    resolved, total = await asyncio.to_thread(
+        plan_import, text, mapping, fields, key=key, mode=mode
+    )
     del text
     async with ctx.pool.acquire() as conn, conn.transaction():
-        job = await conn.fetchrow(SQL_INSERT_JOB, str(uuid.uuid4()), mode, key, encoding,
-                                  raw.get("filename") or None, request.get("role"), resolved,
-                                  payload, total)
+        job = await conn.fetchrow(
+            SQL_INSERT_JOB,
+            str(uuid.uuid4()),
+            mode,
+            key,
+            encoding,
+            raw.get("filename") or None,
+            request.get("role"),
+            resolved,
+            payload,
+            total,
+        )
         await _publish(ctx, conn, job)
     log.info("import_queued", job_id=job["id"], total=total, mode=mode, key=key)
     _start(ctx, job["id"])
@@ -427,12 +478,26 @@ async def _publish(ctx: Context, conn: asyncpg.Connection, job: Mapping[str, Any
     """Queue the job's whole state on jobs.events in the caller's transaction."""
     errors = await conn.fetch(SQL_ERRORS, job["id"], 100) if job["failed"] else []
     ok = job["inserted"] + job["updated"] + job["skipped"]
-    await outbox.add(conn, Topic.JOBS_EVENTS, job["id"], job_event(
-        job["id"], kind="import", status=job["status"], service=ctx.settings.service,
-        title=f"CSV import {job['filename'] or job['id']}", created_at=job["created_at"],
-        requested_by=job["requested_by"], total=job["total"], processed=ok + job["failed"],
-        succeeded=ok, failed=job["failed"], errors=[dict(e) for e in errors],
-        detail=job["detail"]))
+    await outbox.add(
+        conn,
+        Topic.JOBS_EVENTS,
+        job["id"],
+        job_event(
+            job["id"],
+            kind="import",
+            status=job["status"],
+            service=ctx.settings.service,
+            title=f"CSV import {job['filename'] or job['id']}",
+            created_at=job["created_at"],
+            requested_by=job["requested_by"],
+            total=job["total"],
+            processed=ok + job["failed"],
+            succeeded=ok,
+            failed=job["failed"],
+            errors=[dict(e) for e in errors],
+            detail=job["detail"],
+        ),
+    )
 
 
 async def _run_job(ctx: Context, job_id: str) -> None:
@@ -498,6 +563,7 @@ class _Runner:
 
     async def commit(self, chunk: list[tuple[int, list[str]]], next_line: int) -> bool:
         """Apply one chunk and advance the checkpoint in one transaction; False: not ours."""
+
         async def attempt() -> Counter[str] | None:
             try:
                 return await self._transaction(chunk, next_line, careful=False)
@@ -506,8 +572,9 @@ class _Runner:
                 # its email): redo the chunk with a savepoint per row so only that row fails.
                 return await self._transaction(chunk, next_line, careful=True)
 
-        result = await retry(attempt, name="import_chunk", service=self.ctx.settings.service,
-                             strategy=_CHUNK_RETRY)
+        result = await retry(
+            attempt, name="import_chunk", service=self.ctx.settings.service, strategy=_CHUNK_RETRY
+        )
         if result is None:
             log.warning("import_taken_over", checkpoint=self.checkpoint)
             return False
@@ -516,15 +583,19 @@ class _Runner:
         self.checkpoint = next_line
         return True
 
-    async def _transaction(self, chunk: list[tuple[int, list[str]]], next_line: int, *,
-                           careful: bool) -> Counter[str] | None:
+    async def _transaction(
+        self, chunk: list[tuple[int, list[str]]], next_line: int, *, careful: bool
+    ) -> Counter[str] | None:
         tally: Counter[str] = Counter()
         errors: list[tuple[int, str | None, str]] = []
         key, mode = self.key, self.mode
         async with self.ctx.pool.acquire() as conn, conn.transaction():
             current = await conn.fetchrow(SQL_LOCK_JOB, self.job_id)
-            if current is None or current["status"] not in ACTIVE \
-                    or current["next_line"] != self.checkpoint:
+            if (
+                current is None
+                or current["status"] not in ACTIVE
+                or current["next_line"] != self.checkpoint
+            ):
                 return None
             for line, cells in chunk:
                 try:
@@ -547,9 +618,19 @@ class _Runner:
                 lines, names, messages = (list(c) for c in zip(*errors, strict=True))
                 await conn.execute(SQL_INSERT_ERRORS, self.job_id, lines, names, messages)
             tally["failed"] = len(errors)
-            await _publish(self.ctx, conn, await conn.fetchrow(
-                SQL_ADVANCE_JOB, self.job_id, next_line, tally["inserted"], tally["updated"],
-                tally["skipped"], tally["failed"]))
+            await _publish(
+                self.ctx,
+                conn,
+                await conn.fetchrow(
+                    SQL_ADVANCE_JOB,
+                    self.job_id,
+                    next_line,
+                    tally["inserted"],
+                    tally["updated"],
+                    tally["skipped"],
+                    tally["failed"],
+                ),
+            )
         return tally
 
     async def finish(self, status: str, detail: str | None, *, checked: bool = True) -> None:
@@ -561,5 +642,11 @@ class _Runner:
             if job is None:
                 return
             await _publish(self.ctx, conn, job)
-        log.info("import_finished", status=status, inserted=job["inserted"],
-                 updated=job["updated"], skipped=job["skipped"], failed=job["failed"])
+        log.info(
+            "import_finished",
+            status=status,
+            inserted=job["inserted"],
+            updated=job["updated"],
+            skipped=job["skipped"],
+            failed=job["failed"],
+        )

@@ -20,8 +20,9 @@ async def run_once(ctx: Context) -> int:
         expired = [r["contact_id"] for r in await conn.fetch(QUERIES["expire-engagement"])]
         rows = await conn.fetch(QUERIES["refresh-scores"], expired) if expired else []
         await store.publish_contacts(conn, rows)
-        forgotten = await conn.execute(QUERIES["forget-processed-events"],
-                                       ctx.settings.processed_event_retention_days)
+        forgotten = await conn.execute(
+            QUERIES["forget-processed-events"], ctx.settings.processed_event_retention_days
+        )
     log.info("maintenance_done", scores_refreshed=len(rows), event_ids_forgotten=forgotten)
     return len(rows)
 

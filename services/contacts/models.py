@@ -7,21 +7,37 @@ from typing import Any
 
 #: free-text columns of the contact table, in display order.
 TEXT_FIELDS = (
-    "name", "name_kana", "company", "department", "title", "phone", "address", "website",
-    "memo", "acquisition_channel",
+    "name",
+    "name_kana",
+    "company",
+    "department",
+    "title",
+    "phone",
+    "address",
+    "website",
+    "memo",
+    "acquisition_channel",
 )
 
 #: 営業ステータス: code → the seed products' label.
 SALES_STATUSES = {
-    "open": "未対応", "replied": "返信済", "called": "電話済",
-    "visited": "訪問済", "contracted": "契約済", "lost": "失注",
+    "open": "未対応",
+    "replied": "返信済",
+    "called": "電話済",
+    "visited": "訪問済",
+    "contracted": "契約済",
+    "lost": "失注",
 }
 #: エンゲージメント
 ENGAGEMENTS = {"hot": "ホット", "active": "アクティブ", "inactive": "非アクティブ"}
 #: 配信ステータス (SATORI), kept current by the bounce processor.
 DELIVERY_STATUSES = {
-    "unconfirmed": "未確認", "ok": "正常", "invalid_address": "アドレス不正",
-    "error": "エラー", "temporary_error": "一時エラー", "spam": "スパム",
+    "unconfirmed": "未確認",
+    "ok": "正常",
+    "invalid_address": "アドレス不正",
+    "error": "エラー",
+    "temporary_error": "一時エラー",
+    "spam": "スパム",
 }
 #: 配信状態 of a membership (F-10).
 MEMBERSHIP_STATES = {"deliverable": "配信可能", "unsubscribed": "配信停止", "banned": "配信禁止"}
@@ -50,17 +66,41 @@ CHOICES: dict[str, dict[str, str]] = {
 }
 
 #: Fields a client may write (the rest are kept by the system).
-WRITABLE = ("email", "external_id", *TEXT_FIELDS, "acquired_at", "sales_status", "engagement",
-            "star", "tags")
+WRITABLE = (
+    "email",
+    "external_id",
+    *TEXT_FIELDS,
+    "acquired_at",
+    "sales_status",
+    "engagement",
+    "star",
+    "tags",
+)
 
 #: Japanese column headings accepted by CSV import as aliases of field names.
 JAPANESE_ALIASES = {
-    "メールアドレス": "email", "Eメール": "email", "顧客ID": "external_id", "Synergy!ID": "external_id",
-    "氏名": "name", "名前": "name", "フリガナ": "name_kana", "氏名（カナ）": "name_kana",
-    "会社名": "company", "部署": "department", "部署名": "department", "役職": "title",
-    "電話番号": "phone", "住所": "address", "ウェブサイト": "website", "URL": "website",
-    "メモ": "memo", "情報獲得日": "acquired_at", "情報獲得経路": "acquisition_channel",
-    "営業ステータス": "sales_status", "エンゲージメント": "engagement", "スター": "star",
+    "メールアドレス": "email",
+    "Eメール": "email",
+    "顧客ID": "external_id",
+    "Synergy!ID": "external_id",
+    "氏名": "name",
+    "名前": "name",
+    "フリガナ": "name_kana",
+    "氏名（カナ）": "name_kana",
+    "会社名": "company",
+    "部署": "department",
+    "部署名": "department",
+    "役職": "title",
+    "電話番号": "phone",
+    "住所": "address",
+    "ウェブサイト": "website",
+    "URL": "website",
+    "メモ": "memo",
+    "情報獲得日": "acquired_at",
+    "情報獲得経路": "acquisition_channel",
+    "営業ステータス": "sales_status",
+    "エンゲージメント": "engagement",
+    "スター": "star",
     "タグ": "tags",
 }
 
@@ -77,4 +117,9 @@ class FieldDefinition:
     choices: tuple[str, ...] = field(default_factory=tuple)
 
     def as_json(self) -> dict[str, Any]:
-        return {"key": self.key, "label": self.label, "type": self.type, "choices": list(self.choices)}
+        return {
+            "key": self.key,
+            "label": self.label,
+            "type": self.type,
+            "choices": list(self.choices),
+        }

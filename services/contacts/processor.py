@@ -158,7 +158,9 @@ def parse_tags(raw: Any, field_name: str = "tags") -> list[str]:
         tag = tag.strip()
         if tag and tag not in tags:
             if len(tag) > 100:
-                raise InvalidMessage(f"tag {tag[:20]!r}… is longer than 100 characters", field=field_name)
+                raise InvalidMessage(
+                    f"tag {tag[:20]!r}… is longer than 100 characters", field=field_name
+                )
             tags.append(tag)
     if len(tags) > MAX_TAGS:
         raise InvalidMessage(f"more than {MAX_TAGS} tags", field=field_name)
@@ -236,13 +238,18 @@ def contact_patch(
 
 
 def _custom_into(
-    patch: ContactPatch, values: Mapping[str, Any], fields: Mapping[str, FieldDefinition], where: str
+    patch: ContactPatch,
+    values: Mapping[str, Any],
+    fields: Mapping[str, FieldDefinition],
+    where: str,
 ) -> None:
     for key, raw in values.items():
         definition = fields.get(key)
         if definition is None:
             known = ", ".join(sorted(fields)) or "none defined"
-            raise InvalidMessage(f"unknown custom field {key!r} (known: {known})", field=f"{where}.{key}")
+            raise InvalidMessage(
+                f"unknown custom field {key!r} (known: {known})", field=f"{where}.{key}"
+            )
         value = custom_value(raw, definition, f"{where}.{key}")
         if value is None:
             patch.custom_clear.append(key)
@@ -251,6 +258,7 @@ def _custom_into(
 
 
 # Upstream events (F-03) -----------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class UpstreamEvent:
@@ -265,7 +273,9 @@ class UpstreamEvent:
     auto_stop: bool = False
 
 
-def upstream_event(value: Mapping[str, Any], fields: Mapping[str, FieldDefinition]) -> UpstreamEvent:
+def upstream_event(
+    value: Mapping[str, Any], fields: Mapping[str, FieldDefinition]
+) -> UpstreamEvent:
     """Validate an event; raises InvalidMessage naming the field at fault."""
     event_id = value.get("event_id") or ""
     if not event_id.strip():
@@ -274,10 +284,14 @@ def upstream_event(value: Mapping[str, Any], fields: Mapping[str, FieldDefinitio
     email = normalise_email(value["email"]) if value.get("email") else None
     external_id = (value.get("external_id") or "").strip() or None
     if not email and not external_id:
-        raise InvalidMessage("an event needs external_id or email to find its contact", field="email")
+        raise InvalidMessage(
+            "an event needs external_id or email to find its contact", field="email"
+        )
     patch = contact_patch(value.get("contact") or {}, fields, prefix="contact.")
     if "email" in patch.columns or "external_id" in patch.columns:
-        raise InvalidMessage("email and external_id go at the top level of the event", field="contact")
+        raise InvalidMessage(
+            "email and external_id go at the top level of the event", field="contact"
+        )
     if email:
         patch.columns["email"] = email
     if external_id:
@@ -287,7 +301,9 @@ def upstream_event(value: Mapping[str, Any], fields: Mapping[str, FieldDefinitio
     if kind == "MembershipRequested":
         membership = value.get("membership")
         if not membership:
-            raise InvalidMessage("MembershipRequested needs membership.group_id", field="membership")
+            raise InvalidMessage(
+                "MembershipRequested needs membership.group_id", field="membership"
+            )
         group_id = int(membership["group_id"])
         auto_stop = bool(membership.get("auto_stop"))
     elif kind not in ("ContactUpserted", "ContactDeleted"):
@@ -297,15 +313,28 @@ def upstream_event(value: Mapping[str, Any], fields: Mapping[str, FieldDefinitio
 
 # Published shapes ---------------------------------------------------------------------------
 
-SNAPSHOT_FIELDS = ("email", "external_id", *TEXT_FIELDS, "sales_status", "engagement", "star",
-                   "tags", "score", "delivery_status", "created_at", "updated_at")
+SNAPSHOT_FIELDS = (
+    "email",
+    "external_id",
+    *TEXT_FIELDS,
+    "sales_status",
+    "engagement",
+    "star",
+    "tags",
+    "score",
+    "delivery_status",
+    "created_at",
+    "updated_at",
+)
 
 
 def _iso(value: Any) -> Any:
     return value.isoformat() if isinstance(value, (dt.date, dt.datetime)) else value
 
 
-def contact_json(row: Mapping[str, Any], memberships: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def contact_json(
+    row: Mapping[str, Any], memberships: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The API representation of a contact row."""
     body = {key: _iso(value) for key, value in row.items() if key != "custom"}
     body["custom_fields"] = dict(row.get("custom") or {})
@@ -314,19 +343,30 @@ def contact_json(row: Mapping[str, Any], memberships: list[dict[str, Any]] | Non
     return body
 
 
-def changelog_value(row: Mapping[str, Any] | None, contact_id: int, *, version: int,
-                    changed_at: dt.datetime) -> dict[str, Any]:
+def changelog_value(
+    row: Mapping[str, Any] | None, contact_id: int, *, version: int, changed_at: dt.datetime
+) -> dict[str, Any]:
     """A ``contacts.changelog`` record; ``row=None`` for a deletion."""
     if row is None:
-        return {"contact_id": contact_id, "op": "deleted", "version": version,
-                "changed_at": changed_at, "contact": None}
+        return {
+            "contact_id": contact_id,
+            "op": "deleted",
+            "version": version,
+            "changed_at": changed_at,
+            "contact": None,
+        }
     snapshot = {name: row[name] for name in SNAPSHOT_FIELDS}
     snapshot["acquired_at"] = row["acquired_at"].isoformat() if row["acquired_at"] else None
     snapshot["acquisition_channel"] = row["acquisition_channel"]
     snapshot["tags"] = sorted(row["tags"])
     snapshot["custom_fields"] = {k: _custom_text(v) for k, v in (row["custom"] or {}).items()}
-    return {"contact_id": contact_id, "op": "upserted", "version": version,
-            "changed_at": changed_at, "contact": snapshot}
+    return {
+        "contact_id": contact_id,
+        "op": "upserted",
+        "version": version,
+        "changed_at": changed_at,
+        "contact": snapshot,
+    }
 
 
 def _custom_text(value: Any) -> str:
@@ -338,8 +378,15 @@ def _custom_text(value: Any) -> str:
 def merge_values(row: Mapping[str, Any]) -> dict[str, str]:
     """Every field a merge tag may use (F-21), as text, frozen into a campaign snapshot."""
     values: dict[str, str] = {}
-    for name in ("email", "external_id", *TEXT_FIELDS, "acquired_at", "sales_status",
-                 "engagement", "score"):
+    for name in (
+        "email",
+        "external_id",
+        *TEXT_FIELDS,
+        "acquired_at",
+        "sales_status",
+        "engagement",
+        "score",
+    ):
         value = row.get(name)
         values[name] = "" if value is None else str(_iso(value))
     values["tags"] = ",".join(row.get("tags") or ())

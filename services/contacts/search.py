@@ -77,22 +77,51 @@ OPS: dict[str, tuple[str, ...]] = {
 OPS["date"] = OPS["timestamp"] = OPS["number"]
 _ALL_OPS = frozenset(op for ops in OPS.values() for op in ops)
 _COMPARE = {"eq": "=", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
-_TAG_SQL = {"include_any": "c.tags && {}", "include_all": "c.tags @> {}",
-            "exclude_any": "NOT (c.tags && {})", "exclude_all": "NOT (c.tags @> {})"}
+_TAG_SQL = {
+    "include_any": "c.tags && {}",
+    "include_all": "c.tags @> {}",
+    "exclude_any": "NOT (c.tags && {})",
+    "exclude_all": "NOT (c.tags @> {})",
+}
 #: columns that may be NULL; the rest are NOT NULL in 0001_contacts.sql.
-NOT_NULL = frozenset({"id", "email", "sales_status", "star", "score", "delivery_status",
-                      "created_at", "updated_at"})
-SORT_FIELDS = ("id", "email", "name", "name_kana", "company", "score", "created_at",
-               "updated_at", "acquired_at")
-_SQL_TYPE = {"text": "text", "choice": "text", "number": "bigint", "date": "date",
-             "timestamp": "timestamptz", "boolean": "boolean"}
-_NODE_KEYS = ("all", "any", "not", "field", "membership", "delivery_state", "history",
-              "saved_filter")
+NOT_NULL = frozenset(
+    {"id", "email", "sales_status", "star", "score", "delivery_status", "created_at", "updated_at"}
+)
+SORT_FIELDS = (
+    "id",
+    "email",
+    "name",
+    "name_kana",
+    "company",
+    "score",
+    "created_at",
+    "updated_at",
+    "acquired_at",
+)
+_SQL_TYPE = {
+    "text": "text",
+    "choice": "text",
+    "number": "bigint",
+    "date": "date",
+    "timestamp": "timestamptz",
+    "boolean": "boolean",
+}
+_NODE_KEYS = (
+    "all",
+    "any",
+    "not",
+    "field",
+    "membership",
+    "delivery_state",
+    "history",
+    "saved_filter",
+)
 MEMBERSHIP_FILTER_STATES = (*MEMBERSHIP_STATES, "member", "not_member")
 _MEMBERSHIPS = "EXISTS (SELECT 1 FROM membership m WHERE m.contact_id = c.id{})"
 #: across all memberships: 全てで配信可能 / いずれかで配信停止 / いずれかで配信禁止
 DELIVERY_STATES = {
-    "all_deliverable": _MEMBERSHIPS.format("") + " AND NOT "
+    "all_deliverable": _MEMBERSHIPS.format("")
+    + " AND NOT "
     + _MEMBERSHIPS.format(" AND m.state IN ('unsubscribed', 'banned')"),
     "any_unsubscribed": _MEMBERSHIPS.format(" AND m.state = 'unsubscribed'"),
     "any_banned": _MEMBERSHIPS.format(" AND m.state = 'banned'"),
@@ -153,9 +182,13 @@ class _Target:
 
 
 class _Compiler:
-    def __init__(self, fields: Mapping[str, FieldDefinition],
-                 saved_filters: Mapping[int, SavedFilterRef], group_scope: int | None,
-                 first_param: int) -> None:
+    def __init__(
+        self,
+        fields: Mapping[str, FieldDefinition],
+        saved_filters: Mapping[int, SavedFilterRef],
+        group_scope: int | None,
+        first_param: int,
+    ) -> None:
         self.fields = fields
         self.saved_filters = saved_filters
         self.group_scope = group_scope
@@ -175,18 +208,24 @@ class _Compiler:
         if self.nodes > MAX_NODES:
             raise _fail(f"filter has more than {MAX_NODES} conditions and groups", path)
         if not isinstance(node, dict):
-            raise _fail(f"a filter node must be an object with one of: {_listing(_NODE_KEYS)}",
-                        path)
+            raise _fail(
+                f"a filter node must be an object with one of: {_listing(_NODE_KEYS)}", path
+            )
         kinds = [k for k in _NODE_KEYS if k in node]
         if len(kinds) != 1:
-            raise _fail(f"a filter node needs exactly one of: {_listing(_NODE_KEYS)}; got "
-                        f"{_listing(node) or 'nothing'}", path)
+            raise _fail(
+                f"a filter node needs exactly one of: {_listing(_NODE_KEYS)}; got "
+                f"{_listing(node) or 'nothing'}",
+                path,
+            )
         kind = kinds[0]
         allowed = ("field", "op", "value") if kind == "field" else (kind,)
         extra = [k for k in node if k not in allowed]
         if extra:
-            raise _fail(f"unknown key {extra[0]!r} in a {kind} node; allowed: "
-                        f"{_listing(allowed)}", f"{path}.{extra[0]}")
+            raise _fail(
+                f"unknown key {extra[0]!r} in a {kind} node; allowed: {_listing(allowed)}",
+                f"{path}.{extra[0]}",
+            )
         if kind in ("all", "any"):
             return self.group(kind, node[kind], f"{path}.{kind}", depth)
         if kind == "not":
@@ -212,26 +251,28 @@ class _Compiler:
         if not isinstance(name, str):
             raise _fail("field must be a string naming a contact field or custom.<key>", path)
         if name.startswith("custom."):
-            definition = self.fields.get(name[len("custom."):])
+            definition = self.fields.get(name[len("custom.") :])
             if definition is None:
                 known = _listing(f"custom.{k}" for k in sorted(self.fields)) or "none defined"
                 raise _fail(f"unknown custom field {name!r}; defined: {known}", path)
             key = self.bind(definition.key, "text")
             expr = {
                 "number": f"(CASE WHEN jsonb_typeof(c.custom -> {key}) = 'number'"
-                          f" THEN (c.custom ->> {key})::numeric END)",
+                f" THEN (c.custom ->> {key})::numeric END)",
                 "boolean": f"(CASE WHEN jsonb_typeof(c.custom -> {key}) = 'boolean'"
-                           f" THEN (c.custom ->> {key})::boolean END)",
+                f" THEN (c.custom ->> {key})::boolean END)",
                 # stored as ISO strings: compared as text, never cast (a bad value cannot raise)
                 "date": f"(CASE WHEN (c.custom ->> {key}) ~ '^\\d{{4}}-\\d{{2}}-\\d{{2}}$'"
-                        f" THEN c.custom ->> {key} END)",
+                f" THEN c.custom ->> {key} END)",
             }.get(definition.type, f"(c.custom ->> {key})")
             choices = {c: c for c in definition.choices}
             return _Target(expr, definition.type, True, choices, custom=True)
         kind = FIELD_KINDS.get(name)
         if kind is None:
-            raise _fail(f"unknown field {name!r}; use one of: {_listing(FIELD_KINDS)}, "
-                        "or custom.<key>", path)
+            raise _fail(
+                f"unknown field {name!r}; use one of: {_listing(FIELD_KINDS)}, or custom.<key>",
+                path,
+            )
         return _Target(f"c.{name}", kind, name not in NOT_NULL, CHOICES.get(name, {}))
 
     def field(self, node: dict[str, Any], path: str) -> str:
@@ -241,8 +282,11 @@ class _Compiler:
         if op not in allowed:
             known = isinstance(op, str) and op in _ALL_OPS
             what = "op not valid for this field:" if known else "unknown op"
-            raise _fail(f"{what} {op!r} on {target.kind} field {node['field']!r}; allowed: "
-                        f"{_listing(allowed)}", f"{path}.op")
+            raise _fail(
+                f"{what} {op!r} on {target.kind} field {node['field']!r}; allowed: "
+                f"{_listing(allowed)}",
+                f"{path}.op",
+            )
         if op in ("empty", "not_empty"):
             if "value" in node:
                 raise _fail(f"{op} takes no value", f"{path}.value")
@@ -267,8 +311,9 @@ class _Compiler:
             return f"({e} IS NULL OR {e} = '')" if empty else f"({e} IS NOT NULL AND {e} <> '')"
         return f"{e} IS NULL" if empty else f"{e} IS NOT NULL"
 
-    def compare(self, target: _Target, op: str, value: Any, path: str,
-                convert: Callable[[Any, str], Any]) -> str:
+    def compare(
+        self, target: _Target, op: str, value: Any, path: str, convert: Callable[[Any, str], Any]
+    ) -> str:
         values = _operands(op, value, path, convert)
         e = target.expr
         if e == "c.email" and op in ("eq", "ne", "in"):  # addresses match case-insensitively
@@ -299,8 +344,11 @@ class _Compiler:
         group_id = _positive_int(spec.get("group_id"), f"{path}.group_id", "group_id")
         state = spec.get("state", "member")
         if state not in MEMBERSHIP_FILTER_STATES:
-            raise _fail(f"unknown membership state {state!r}; allowed: "
-                        f"{_listing(MEMBERSHIP_FILTER_STATES)}", f"{path}.state")
+            raise _fail(
+                f"unknown membership state {state!r}; allowed: "
+                f"{_listing(MEMBERSHIP_FILTER_STATES)}",
+                f"{path}.state",
+            )
         sql = "SELECT 1 FROM membership m WHERE m.contact_id = c.id AND m.group_id = "
         sql += self.bind(group_id, "bigint")
         if state in MEMBERSHIP_STATES:
@@ -309,8 +357,9 @@ class _Compiler:
 
     def delivery_state(self, state: Any, path: str) -> str:
         if not isinstance(state, str) or state not in DELIVERY_STATES:
-            raise _fail(f"unknown delivery_state {state!r}; allowed: "
-                        f"{_listing(DELIVERY_STATES)}", path)
+            raise _fail(
+                f"unknown delivery_state {state!r}; allowed: {_listing(DELIVERY_STATES)}", path
+            )
         return f"({DELIVERY_STATES[state]})"
 
     def history(self, spec: Any, path: str) -> str:
@@ -318,10 +367,14 @@ class _Compiler:
         spec = _object(spec, keys, path)
         event = spec.get("event")
         if event not in HISTORY_EVENTS:
-            raise _fail(f"unknown history event {event!r}; allowed: {_listing(HISTORY_EVENTS)}",
-                        f"{path}.event")
-        sql = ("SELECT 1 FROM delivery_history h WHERE h.contact_id = c.id AND h.kind = "
-               + self.bind(event, "text"))
+            raise _fail(
+                f"unknown history event {event!r}; allowed: {_listing(HISTORY_EVENTS)}",
+                f"{path}.event",
+            )
+        sql = (
+            "SELECT 1 FROM delivery_history h WHERE h.contact_id = c.id AND h.kind = "
+            + self.bind(event, "text")
+        )
         if "campaign_id" in spec and "campaign_ids" in spec:
             raise _fail("give campaign_id or campaign_ids, not both", f"{path}.campaign_ids")
         if "campaign_id" in spec:
@@ -346,8 +399,11 @@ class _Compiler:
         if saved is None:
             raise _fail(f"unknown saved filter {filter_id}", path)
         if saved.group_id is not None and saved.group_id != self.group_scope:
-            raise _fail(f"saved filter {filter_id} is scoped to group {saved.group_id} and can "
-                        "only be used there; use a global saved filter", path)
+            raise _fail(
+                f"saved filter {filter_id} is scoped to group {saved.group_id} and can "
+                "only be used there; use a global saved filter",
+                path,
+            )
         if filter_id in self.expanding:
             chain = " → ".join(str(i) for i in [*self.expanding, filter_id])
             raise _fail(f"saved filters refer to each other in a cycle: {chain}", path)
@@ -359,6 +415,7 @@ class _Compiler:
 
 
 # -- value conversion -------------------------------------------------------------------
+
 
 def _object(spec: Any, keys: tuple[str, ...], path: str) -> dict[str, Any]:
     if not isinstance(spec, dict):
@@ -425,19 +482,22 @@ def _datetime(value: Any, path: str) -> dt.datetime:
 
 def _converter(target: _Target) -> Callable[[Any, str], Any]:
     if target.kind == "choice":
+
         def choice(value: Any, path: str) -> str:
             for code, label in target.choices.items():
                 if value in (code, label):
                     return code
             raise _fail(f"{value!r} is not one of: {_listing(target.choices)}", path)
+
         return choice
     if target.kind == "date" and target.custom:
         return lambda value, path: _date(value, path).isoformat()
     return {"text": _text, "number": _number, "boolean": _boolean, "date": _date}[target.kind]
 
 
-def _timestamp_mode(target: _Target, value: Any, op: str, path: str
-                    ) -> tuple[_Target, Callable[[Any, str], Any]]:
+def _timestamp_mode(
+    target: _Target, value: Any, op: str, path: str
+) -> tuple[_Target, Callable[[Any, str], Any]]:
     """Bare dates compare the local calendar day; anything else compares the instant."""
     values = value if isinstance(value, list) and op in ("in", "between") else [value]
     if values and all(isinstance(v, str) and _ISO_DATE.match(v) for v in values):
@@ -476,9 +536,15 @@ def _like_escape(text: str) -> str:
 
 # -- public API -------------------------------------------------------------------------
 
-def compile_filter(filter: dict[str, Any] | None, fields: Mapping[str, FieldDefinition], *,
-                   saved_filters: Mapping[int, SavedFilterRef] | None = None,
-                   group_scope: int | None = None, first_param: int = 1) -> CompiledFilter:
+
+def compile_filter(
+    filter: dict[str, Any] | None,
+    fields: Mapping[str, FieldDefinition],
+    *,
+    saved_filters: Mapping[int, SavedFilterRef] | None = None,
+    group_scope: int | None = None,
+    first_param: int = 1,
+) -> CompiledFilter:
     """Compile a filter node to a WHERE expression over ``contact c`` and its parameters.
 
     ``fields`` are the custom field definitions by key; ``saved_filters`` must hold every
@@ -513,11 +579,16 @@ def referenced_saved_filters(filter: Any) -> set[int]:
     return found
 
 
-def compile_search(filter: dict[str, Any] | None, fields: Mapping[str, FieldDefinition], *,
-                   sort: list[Any] | str | None, limit: int, cursor: str | None,
-                   saved_filters: Mapping[int, SavedFilterRef] | None = None,
-                   group_scope: int | None = None,
-                   ) -> tuple[SearchPage, Callable[[Mapping[str, Any]], str]]:
+def compile_search(
+    filter: dict[str, Any] | None,
+    fields: Mapping[str, FieldDefinition],
+    *,
+    sort: list[Any] | str | None,
+    limit: int,
+    cursor: str | None,
+    saved_filters: Mapping[int, SavedFilterRef] | None = None,
+    group_scope: int | None = None,
+) -> tuple[SearchPage, Callable[[Mapping[str, Any]], str]]:
     """The page and count queries, and a function making the next cursor from a page's last row.
 
     The page holds at most ``limit`` rows; when it holds fewer there is no next page.
@@ -525,10 +596,10 @@ def compile_search(filter: dict[str, Any] | None, fields: Mapping[str, FieldDefi
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
         raise InvalidMessage(f"limit must be an integer from 1 to {MAX_LIMIT}", field="limit")
     keys = _sort_keys(sort)
-    compiled = compile_filter(filter, fields, saved_filters=saved_filters,
-                              group_scope=group_scope)
-    fingerprint = hashlib.sha256(json.dumps([filter, keys], sort_keys=True, default=str)
-                                 .encode()).hexdigest()[:16]
+    compiled = compile_filter(filter, fields, saved_filters=saved_filters, group_scope=group_scope)
+    fingerprint = hashlib.sha256(
+        json.dumps([filter, keys], sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
     params = list(compiled.params)
     where = compiled.where
     if cursor is not None:
@@ -553,11 +624,13 @@ def compile_search(filter: dict[str, Any] | None, fields: Mapping[str, FieldDefi
 
 # -- sorting and keyset pagination ------------------------------------------------------
 
+
 def _sort_keys(sort: list[Any] | str | None) -> list[tuple[str, str]]:
     items = [] if sort is None else [sort] if isinstance(sort, str) else sort
     if not isinstance(items, list) or len(items) > MAX_SORT_KEYS:
-        raise InvalidMessage(f"sort is a field name or a list of up to {MAX_SORT_KEYS} keys",
-                             field="sort")
+        raise InvalidMessage(
+            f"sort is a field name or a list of up to {MAX_SORT_KEYS} keys", field="sort"
+        )
     keys: list[tuple[str, str]] = []
     name: Any
     for i, item in enumerate(items):
@@ -567,11 +640,14 @@ def _sort_keys(sort: list[Any] | str | None) -> list[tuple[str, str]]:
         elif isinstance(item, dict) and set(item) <= {"field", "direction"}:
             name, direction = item.get("field"), item.get("direction", "asc")
         else:
-            raise InvalidMessage('a sort key is "field", "-field" or '
-                                 '{"field": F, "direction": "asc"|"desc"}', field=path)
+            raise InvalidMessage(
+                'a sort key is "field", "-field" or {"field": F, "direction": "asc"|"desc"}',
+                field=path,
+            )
         if name not in SORT_FIELDS:
-            raise InvalidMessage(f"cannot sort by {name!r}; sortable: {_listing(SORT_FIELDS)}",
-                                 field=path)
+            raise InvalidMessage(
+                f"cannot sort by {name!r}; sortable: {_listing(SORT_FIELDS)}", field=path
+            )
         if direction not in ("asc", "desc"):
             raise InvalidMessage("direction must be asc or desc", field=path)
         if any(name == known for known, _ in keys):
@@ -603,8 +679,9 @@ def _after(keys: list[tuple[str, str]], values: list[Any], params: list[Any]) ->
             steps.append((f"{column} IS NULL", f"{column} IS NOT NULL"))
         params.append(value)
         param = f"${len(params)}::{_SQL_TYPE[FIELD_KINDS[name]]}"
-        steps.append((f"{column} {'>' if direction == 'asc' else '<'} {param}",
-                      f"{column} = {param}"))
+        steps.append(
+            (f"{column} {'>' if direction == 'asc' else '<'} {param}", f"{column} = {param}")
+        )
     disjuncts = []
     for i, (after, _) in enumerate(steps):
         if after is not None:
@@ -625,8 +702,10 @@ def _decode_cursor(cursor: str, keys: list[tuple[str, str]], fingerprint: str) -
     if not isinstance(body, dict) or not isinstance(body.get("v"), list):
         raise InvalidMessage("malformed cursor", field="cursor")
     if body.get("f") != fingerprint or len(body["v"]) != len(keys):
-        raise InvalidMessage("cursor belongs to a different filter or sort; start again "
-                             "without a cursor", field="cursor")
+        raise InvalidMessage(
+            "cursor belongs to a different filter or sort; start again without a cursor",
+            field="cursor",
+        )
     return [_cursor_field(name, value) for (name, _), value in zip(keys, body["v"], strict=True)]
 
 

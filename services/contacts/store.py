@@ -33,7 +33,9 @@ class FieldCache:
         self._fields: dict[str, FieldDefinition] = {}
         self._loaded = 0.0
 
-    async def get(self, conn: asyncpg.Connection, *, fresh: bool = False) -> dict[str, FieldDefinition]:
+    async def get(
+        self, conn: asyncpg.Connection, *, fresh: bool = False
+    ) -> dict[str, FieldDefinition]:
         if fresh or time.monotonic() - self._loaded > self.ttl:
             rows = await conn.fetch(QUERIES["field-definitions"])
             self._fields = {
@@ -49,26 +51,42 @@ class FieldCache:
 
 async def publish_contact(conn: asyncpg.Connection, row: asyncpg.Record) -> None:
     await outbox.add(
-        conn, Topic.CONTACTS_CHANGELOG, row["id"],
+        conn,
+        Topic.CONTACTS_CHANGELOG,
+        row["id"],
         changelog_value(row, row["id"], version=row["version"], changed_at=row["updated_at"]),
     )
 
 
 async def publish_contacts(conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> None:
-    await outbox.add_many(conn, [
-        (Topic.CONTACTS_CHANGELOG, row["id"],
-         changelog_value(row, row["id"], version=row["version"], changed_at=row["updated_at"]))
-        for row in rows
-    ])
+    await outbox.add_many(
+        conn,
+        [
+            (
+                Topic.CONTACTS_CHANGELOG,
+                row["id"],
+                changelog_value(
+                    row, row["id"], version=row["version"], changed_at=row["updated_at"]
+                ),
+            )
+            for row in rows
+        ],
+    )
 
 
 async def publish_deleted(conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> None:
     now = dt.datetime.now(dt.UTC)
-    await outbox.add_many(conn, [
-        (Topic.CONTACTS_CHANGELOG, r["id"], changelog_value(None, r["id"], version=r["version"] + 1,
-                                                           changed_at=now))
-        for r in rows
-    ])
+    await outbox.add_many(
+        conn,
+        [
+            (
+                Topic.CONTACTS_CHANGELOG,
+                r["id"],
+                changelog_value(None, r["id"], version=r["version"] + 1, changed_at=now),
+            )
+            for r in rows
+        ],
+    )
 
 
 async def _owner(conn: asyncpg.Connection, column: str, value: str) -> int | None:
@@ -77,39 +95,22 @@ async def _owner(conn: asyncpg.Connection, column: str, value: str) -> int | Non
 
 
 async def upsert(
-    conn: asyncpg.Connection, patch: ContactPatch, *, key: str = "email",
+    conn: asyncpg.Connection,
+    patch: ContactPatch,
+    *,
+    key: str = "email",
     mode: str = "insert_or_update",
 ) -> tuple[str, asyncpg.Record | None]:
     """Create or update the contact ``patch`` names by ``key`` (email or external_id).
 
     Returns (effect, row): effect is inserted, updated or skipped (mode forbade it).
-    A change that would take another contact's email or external_id is refused.
+    A change that would take another contact's email or external_id is refused
+    with InvalidMessage, before anything is written.
     """
-    key_value = patch.columns.get(key)
-    if not key_value:
-        raise InvalidMessage(f"{key} is required to find the contact", field=key)
-    lookup = "contact-by-email-for-update" if key == "email" else "contact-by-external-id-for-update"
-    existing = await conn.fetchrow(QUERIES[lookup], key_value)
-    if existing is None and key == "external_id" and patch.email:
-        # The upstream key is new but the address is known: adopt that contact, unless
-        # it already carries another upstream key.
-        by_email = await conn.fetchrow(QUERIES["contact-by-email-for-update"], patch.email)
-        if by_email is not None:
-            if by_email["external_id"] not in (None, key_value):
-                raise InvalidMessage(
-                    f"email already belongs to the contact with external_id {by_email['external_id']!r}",
-                    field="email",
-                )
-            existing = by_email
-    if existing is None:
-        if mode == "update_only":
-            return "skipped", None
-        if not patch.email:
-            raise InvalidMessage("email is required to create a contact", field="email")
-        return "inserted", await insert(conn, patch)
-    if mode == "insert_only":
-        return "skipped", existing
-    return "updated", await update(conn, existing, patch)
+    (outcome,) = await upsert_run(conn, [patch], keys=key, mode=mode)
+    if isinstance(outcome, InvalidMessage):
+        raise outcome
+    return outcome
 
 
 async def insert(conn: asyncpg.Connection, patch: ContactPatch) -> asyncpg.Record:
@@ -128,7 +129,9 @@ async def insert(conn: asyncpg.Connection, patch: ContactPatch) -> asyncpg.Recor
     return row
 
 
-async def update(conn: asyncpg.Connection, existing: asyncpg.Record, patch: ContactPatch) -> asyncpg.Record:
+async def update(
+    conn: asyncpg.Connection, existing: asyncpg.Record, patch: ContactPatch
+) -> asyncpg.Record:
     for column in ("email", "external_id"):
         value = patch.columns.get(column)
         if value and value != existing[column]:
@@ -152,7 +155,9 @@ async def update(conn: asyncpg.Connection, existing: asyncpg.Record, patch: Cont
     return row
 
 
-async def update_by_id(conn: asyncpg.Connection, contact_id: int, patch: ContactPatch) -> asyncpg.Record:
+async def update_by_id(
+    conn: asyncpg.Connection, contact_id: int, patch: ContactPatch
+) -> asyncpg.Record:
     existing = await conn.fetchrow(QUERIES["contact-by-id-for-update"], contact_id)
     if existing is None:
         raise NotFound(f"contact {contact_id} does not exist")
@@ -165,7 +170,9 @@ async def delete(conn: asyncpg.Connection, contact_ids: list[int]) -> list[int]:
     return [r["id"] for r in rows]
 
 
-async def find_id(conn: asyncpg.Connection, *, external_id: str | None, email: str | None) -> int | None:
+async def find_id(
+    conn: asyncpg.Connection, *, external_id: str | None, email: str | None
+) -> int | None:
     if external_id:
         found = await _owner(conn, "external_id", external_id)
         if found is not None or not email:
@@ -174,8 +181,13 @@ async def find_id(conn: asyncpg.Connection, *, external_id: str | None, email: s
 
 
 async def join(
-    conn: asyncpg.Connection, contact_id: int, group_id: int, *, auto_stop: bool = False,
-    method: str = "system", actor: str = "operator",
+    conn: asyncpg.Connection,
+    contact_id: int,
+    group_id: int,
+    *,
+    auto_stop: bool = False,
+    method: str = "system",
+    actor: str = "operator",
 ) -> asyncpg.Record | None:
     """Add a membership (F-10) and ask suppression to own its state. Idempotent."""
     group = await conn.fetchrow(QUERIES["group-by-id"], group_id)
@@ -186,15 +198,28 @@ async def join(
     row = await conn.fetchrow(QUERIES["join-membership"], contact_id, group_id, state, method)
     if row is not None:
         email = await conn.fetchval("SELECT email FROM contact WHERE id = $1", contact_id)
-        await outbox.add(conn, Topic.SUPPRESSION_COMMANDS, contact_id, {
-            "command_id": str(uuid.uuid4()), "type": "Join", "contact_id": contact_id,
-            "email": email, "group_id": group_id, "state": state, "method": method,
-            "actor": actor, "campaign_id": None, "issued_at": row["joined_at"],
-        })
+        await outbox.add(
+            conn,
+            Topic.SUPPRESSION_COMMANDS,
+            contact_id,
+            {
+                "command_id": str(uuid.uuid4()),
+                "type": "Join",
+                "contact_id": contact_id,
+                "email": email,
+                "group_id": group_id,
+                "state": state,
+                "method": method,
+                "actor": actor,
+                "campaign_id": None,
+                "issued_at": row["joined_at"],
+            },
+        )
     return row
 
 
 # Batches ---------------------------------------------------------------------------------
+
 
 def _patch_json(patch: ContactPatch) -> dict[str, Any]:
     body: dict[str, Any] = {
@@ -227,7 +252,10 @@ def batch_runs(patches: list[ContactPatch]) -> list[list[int]]:
 
 
 async def upsert_run(
-    conn: asyncpg.Connection, patches: list[ContactPatch], *, keys: list[str] | str = "email",
+    conn: asyncpg.Connection,
+    patches: list[ContactPatch],
+    *,
+    keys: list[str] | str = "email",
     mode: str = "insert_or_update",
 ) -> list[tuple[str, asyncpg.Record | None] | InvalidMessage]:
     """:func:`upsert` for many patches whose identities do not repeat (see batch_runs).
@@ -256,7 +284,9 @@ async def upsert_run(
             if mode == "update_only":
                 outcomes.append(("skipped", None))
             elif not patch.email:
-                outcomes.append(InvalidMessage("email is required to create a contact", field="email"))
+                outcomes.append(
+                    InvalidMessage("email is required to create a contact", field="email")
+                )
             else:
                 outcomes.append(("inserted", None))
                 inserts.append((i, patch))
@@ -275,8 +305,11 @@ async def upsert_run(
             outcomes[i] = ("inserted", by_address[patch.columns["email"]])
         written += rows
     if updates:
-        rows = await conn.fetch(QUERIES["update-contacts"], [cid for _, cid, _ in updates],
-                                [_patch_json(p) for _, _, p in updates])
+        rows = await conn.fetch(
+            QUERIES["update-contacts"],
+            [cid for _, cid, _ in updates],
+            [_patch_json(p) for _, _, p in updates],
+        )
         by_id = {r["id"]: r for r in rows}
         for i, contact_id, _ in updates:
             outcomes[i] = ("updated", by_id[contact_id])
@@ -285,8 +318,9 @@ async def upsert_run(
     return outcomes
 
 
-def _target(patch: ContactPatch, key: str, by_email: dict[str, Any],
-            by_external: dict[str, Any]) -> Any:
+def _target(
+    patch: ContactPatch, key: str, by_email: dict[str, Any], by_external: dict[str, Any]
+) -> Any:
     """The existing contact a patch applies to (None: a new one), or InvalidMessage."""
     key_value = patch.columns.get(key)
     if not key_value:
@@ -296,9 +330,11 @@ def _target(patch: ContactPatch, key: str, by_email: dict[str, Any],
         adopt = by_email.get(patch.email)
         if adopt is not None:
             if adopt["external_id"] not in (None, key_value):
+                owner = adopt["external_id"]
                 raise InvalidMessage(
-                    f"email already belongs to the contact with external_id {adopt['external_id']!r}",
-                    field="email")
+                    f"email already belongs to the contact with external_id {owner!r}",
+                    field="email",
+                )
             return adopt
     for column, index in (("email", by_email), ("external_id", by_external)):
         value = patch.columns.get(column)

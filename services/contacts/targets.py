@@ -32,8 +32,9 @@ STOPPED_STATUSES = ["invalid_address", "error", "spam"]
 CHUNK = 2000
 
 
-async def load_saved_filters(conn: asyncpg.Connection, target_filter: Any,
-                             extra: tuple[int, ...] = ()) -> dict[int, SavedFilterRef]:
+async def load_saved_filters(
+    conn: asyncpg.Connection, target_filter: Any, extra: tuple[int, ...] = ()
+) -> dict[int, SavedFilterRef]:
     """Every saved filter the target names, followed transitively."""
     wanted = set(extra) | referenced_saved_filters(target_filter)
     found: dict[int, SavedFilterRef] = {}
@@ -41,7 +42,9 @@ async def load_saved_filters(conn: asyncpg.Connection, target_filter: Any,
         rows = await conn.fetch(QUERIES["saved-filters-by-id"], list(wanted - found.keys()))
         missing = (wanted - found.keys()) - {r["id"] for r in rows}
         if missing:
-            raise InvalidMessage(f"saved filter {sorted(missing)[0]} does not exist", field="saved_filter")
+            raise InvalidMessage(
+                f"saved filter {sorted(missing)[0]} does not exist", field="saved_filter"
+            )
         for r in rows:
             found[r["id"]] = SavedFilterRef(r["id"], r["group_id"], r["filter"])
             wanted |= referenced_saved_filters(r["filter"])
@@ -63,7 +66,9 @@ async def target_query(
         raise InvalidMessage("a target needs a group, a filter or a saved filter", field="target")
     if group_id is not None and await conn.fetchrow(QUERIES["group-by-id"], group_id) is None:
         raise NotFound(f"group or plan {group_id} does not exist")
-    saved = await load_saved_filters(conn, target_filter, (saved_filter_id,) if saved_filter_id else ())
+    saved = await load_saved_filters(
+        conn, target_filter, (saved_filter_id,) if saved_filter_id else ()
+    )
     node: dict[str, Any] = {"all": []}
     if target_filter:
         node["all"].append(target_filter)
@@ -85,38 +90,63 @@ async def target_query(
         # is never a recipient of a filter-only campaign.
         join = ""
         select = "c.*, NULL::bigint AS target_group_id, NULL::text AS membership_state"
-        where.append("NOT EXISTS (SELECT 1 FROM membership b"
-                     " WHERE b.contact_id = c.id AND b.state = 'banned')")
+        where.append(
+            "NOT EXISTS (SELECT 1 FROM membership b"
+            " WHERE b.contact_id = c.id AND b.state = 'banned')"
+        )
     sql = f"SELECT {select} FROM contact c {join} WHERE {' AND '.join(where)}"
     if dedupe == "by_email":
         # The same mailbox written with a different case of its local part: send once.
-        sql = f"SELECT DISTINCT ON (lower(t.email)) t.* FROM ({sql}) t ORDER BY lower(t.email), t.id"
+        sql = (
+            f"SELECT DISTINCT ON (lower(t.email)) t.* FROM ({sql}) t ORDER BY lower(t.email), t.id"
+        )
         sql = f"SELECT * FROM ({sql}) d ORDER BY d.id"
     else:
         sql += " ORDER BY c.id"
     return sql, params
 
 
-async def iterate_target(conn: asyncpg.Connection, sql: str, params: list[Any]) -> AsyncIterator[asyncpg.Record]:
+async def iterate_target(
+    conn: asyncpg.Connection, sql: str, params: list[Any]
+) -> AsyncIterator[asyncpg.Record]:
     """Rows of a target query through a server-side cursor (memory stays flat)."""
     async for row in conn.cursor(sql, *params, prefetch=CHUNK):
         yield row
 
 
-def recipient_record(request: Mapping[str, Any], seq: int, row: Mapping[str, Any]) -> dict[str, Any]:
+def recipient_record(
+    request: Mapping[str, Any], seq: int, row: Mapping[str, Any]
+) -> dict[str, Any]:
     return {
-        "campaign_id": request["campaign_id"], "request_id": request["request_id"],
-        "kind": "recipient", "seq": seq, "contact_id": row["id"], "email": row["email"],
-        "group_id": row["target_group_id"], "membership_state": row["membership_state"],
-        "merge_values": merge_values(row), "total": None, "error": None,
+        "campaign_id": request["campaign_id"],
+        "request_id": request["request_id"],
+        "kind": "recipient",
+        "seq": seq,
+        "contact_id": row["id"],
+        "email": row["email"],
+        "group_id": row["target_group_id"],
+        "membership_state": row["membership_state"],
+        "merge_values": merge_values(row),
+        "total": None,
+        "error": None,
     }
 
 
-def end_record(request: Mapping[str, Any], seq: int, total: int, error: str | None = None) -> dict[str, Any]:
+def end_record(
+    request: Mapping[str, Any], seq: int, total: int, error: str | None = None
+) -> dict[str, Any]:
     return {
-        "campaign_id": request["campaign_id"], "request_id": request["request_id"], "kind": "end",
-        "seq": seq, "contact_id": None, "email": None, "group_id": None, "membership_state": None,
-        "merge_values": {}, "total": total, "error": error,
+        "campaign_id": request["campaign_id"],
+        "request_id": request["request_id"],
+        "kind": "end",
+        "seq": seq,
+        "contact_id": None,
+        "email": None,
+        "group_id": None,
+        "membership_state": None,
+        "merge_values": {},
+        "total": total,
+        "error": error,
     }
 
 
@@ -127,19 +157,32 @@ async def stream_snapshot(ctx: Context, request: Mapping[str, Any]) -> int:
     total = 0
     pending: list[asyncio.Future[Any]] = []
     try:
-        async with ctx.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        async with (
+            ctx.pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
             fields = await ctx.fields.get(conn)
-            target_filter = json.loads(request["filter_json"]) if request.get("filter_json") else None
+            target_filter = (
+                json.loads(request["filter_json"]) if request.get("filter_json") else None
+            )
             sql, params = await target_query(
-                conn, fields, group_id=request.get("group_id"), target_filter=target_filter,
+                conn,
+                fields,
+                group_id=request.get("group_id"),
+                target_filter=target_filter,
                 saved_filter_id=request.get("saved_filter_id"),
                 include_unsubscribed=bool(request.get("include_unsubscribed")),
                 dedupe=request.get("dedupe") or "none",
             )
             async for row in iterate_target(conn, sql, params):
                 # seq counts from 0 and the end marker's seq is the total (campaign.recipients.avsc)
-                pending.append(await publisher.send(
-                    Topic.CAMPAIGN_RECIPIENTS, campaign_id, recipient_record(request, total, row)))
+                pending.append(
+                    await publisher.send(
+                        Topic.CAMPAIGN_RECIPIENTS,
+                        campaign_id,
+                        recipient_record(request, total, row),
+                    )
+                )
                 total += 1
                 if len(pending) >= CHUNK:
                     await asyncio.gather(*pending)
@@ -150,8 +193,9 @@ async def stream_snapshot(ctx: Context, request: Mapping[str, Any]) -> int:
         await asyncio.gather(*pending)
         error = getattr(exc, "reason", None) or str(exc)
         log.warning("snapshot_refused", reason=error)
-    await publisher.send_and_wait(Topic.CAMPAIGN_RECIPIENTS, campaign_id,
-                                  end_record(request, total, total, error))
+    await publisher.send_and_wait(
+        Topic.CAMPAIGN_RECIPIENTS, campaign_id, end_record(request, total, total, error)
+    )
     SNAPSHOT_RECIPIENTS.inc(total)
     log.info("snapshot_streamed", recipients=total, error=error)
     return total

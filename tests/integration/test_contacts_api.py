@@ -33,12 +33,17 @@ async def read_to_end(kafka: Any, topic: Topic | str) -> list[Any]:
     Topic, raw ConsumerRecords for a name (a DLQ)."""
     name = topic_name(topic, kafka.prefix)
     consumer = AIOKafkaConsumer(
-        name, bootstrap_servers=kafka.stack.broker.bootstrap, auto_offset_reset="earliest",
-        enable_auto_commit=False, group_id=None, fetch_max_wait_ms=20,
+        name,
+        bootstrap_servers=kafka.stack.broker.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        fetch_max_wait_ms=20,
     )
     await consumer.start()
     records: list[dict[str, Any]] = []
     try:
+
         async def assigned() -> Any:
             return consumer.assignment()
 
@@ -50,8 +55,10 @@ async def read_to_end(kafka: Any, topic: Topic | str) -> list[Any]:
                 if not behind:
                     break
                 for batch in (await consumer.getmany(*behind, timeout_ms=200)).values():
-                    records.extend(avro.decode(topic, r.value, r.headers)
-                                   if isinstance(topic, Topic) else r for r in batch)
+                    records.extend(
+                        avro.decode(topic, r.value, r.headers) if isinstance(topic, Topic) else r
+                        for r in batch
+                    )
     finally:
         await consumer.stop()
     return records
@@ -72,8 +79,16 @@ def by_contact(changes: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]
 
 
 async def define_fields(api: Any) -> None:
-    await api.ok("POST", "/v1/fields", {"key": "plan", "label": "プラン", "type": "choice",
-                                        "choices": ["free", "premium", "business"]})
+    await api.ok(
+        "POST",
+        "/v1/fields",
+        {
+            "key": "plan",
+            "label": "プラン",
+            "type": "choice",
+            "choices": ["free", "premium", "business"],
+        },
+    )
     await api.ok("POST", "/v1/fields", {"key": "seats", "label": "席数", "type": "number"})
 
 
@@ -93,36 +108,57 @@ async def test_contact_lifecycle_validation_and_changelog(contacts, kafka):
     await define_fields(api)
     await api.ok("POST", "/v1/fields", {"key": "member_since", "label": "入会日", "type": "date"})
 
-    status, created = await api.call("POST", "/v1/contacts", {
-        "email": " Hanako.Yamada@Example.CO.JP ", "external_id": "SYN-1", "name": "山田 花子",
-        "company": "株式会社さくら", "phone": "03-1234-5678", "tags": ["vip", "展示会"],
-        "sales_status": "返信済", "star": True,
-        "custom_fields": {"plan": "premium", "seats": "25", "member_since": "2024/04/01"},
-    })
+    status, created = await api.call(
+        "POST",
+        "/v1/contacts",
+        {
+            "email": " Hanako.Yamada@Example.CO.JP ",
+            "external_id": "SYN-1",
+            "name": "山田 花子",
+            "company": "株式会社さくら",
+            "phone": "03-1234-5678",
+            "tags": ["vip", "展示会"],
+            "sales_status": "返信済",
+            "star": True,
+            "custom_fields": {"plan": "premium", "seats": "25", "member_since": "2024/04/01"},
+        },
+    )
     assert status == 201, created
     contact_id = created["id"]
     assert created["email"] == "Hanako.Yamada@example.co.jp"
     assert created["sales_status"] == "replied"
     assert created["tags"] == ["vip", "展示会"]
     assert created["custom_fields"] == {
-        "plan": "premium", "seats": 25, "member_since": "2024-04-01"}
+        "plan": "premium",
+        "seats": 25,
+        "member_since": "2024-04-01",
+    }
     assert (created["score"], created["delivery_status"], created["version"]) == (
-        0, "unconfirmed", 1)
+        0,
+        "unconfirmed",
+        1,
+    )
 
     fetched = await api.ok("GET", f"/v1/contacts/{contact_id}")
     assert fetched["memberships"] == []
     assert {k: fetched[k] for k in ("email", "name", "company", "star")} == {
-        "email": "Hanako.Yamada@example.co.jp", "name": "山田 花子", "company": "株式会社さくら",
-        "star": True}
+        "email": "Hanako.Yamada@example.co.jp",
+        "name": "山田 花子",
+        "company": "株式会社さくら",
+        "star": True,
+    }
 
     # 409: the same address (the domain compares lower-cased) or the same external id
-    for body in ({"email": "Hanako.Yamada@EXAMPLE.co.jp"},
-                 {"email": "other@example.jp", "external_id": "SYN-1"}):
+    for body in (
+        {"email": "Hanako.Yamada@EXAMPLE.co.jp"},
+        {"email": "other@example.jp", "external_id": "SYN-1"},
+    ):
         status, answer = await api.call("POST", "/v1/contacts", body)
         assert status == 409, (body, answer)
     other = await api.ok("POST", "/v1/contacts", {"email": "other@example.jp"})
-    status, _ = await api.call("PATCH", f"/v1/contacts/{other['id']}",
-                               {"email": "Hanako.Yamada@example.co.jp"})
+    status, _ = await api.call(
+        "PATCH", f"/v1/contacts/{other['id']}", {"email": "Hanako.Yamada@example.co.jp"}
+    )
     assert status == 409
 
     # 400 names the field at fault
@@ -132,8 +168,10 @@ async def test_contact_lifecycle_validation_and_changelog(contacts, kafka):
         "score": {"email": "n@example.jp", "score": 100},
         "custom_fields.seats": {"email": "n@example.jp", "custom_fields": {"seats": "many"}},
         "custom_fields.plan": {"email": "n@example.jp", "custom_fields": {"plan": "gold"}},
-        "custom_fields.member_since": {"email": "n@example.jp",
-                                       "custom_fields": {"member_since": "2024-13-40"}},
+        "custom_fields.member_since": {
+            "email": "n@example.jp",
+            "custom_fields": {"member_since": "2024-13-40"},
+        },
         "custom_fields.unknown": {"email": "n@example.jp", "custom_fields": {"unknown": "x"}},
         "custom_fields": {"email": "n@example.jp", "custom_fields": ["premium"]},
         "star": {"email": "n@example.jp", "star": "maybe"},
@@ -151,17 +189,26 @@ async def test_contact_lifecycle_validation_and_changelog(contacts, kafka):
     assert await contacts.runtime.pool.fetchval("SELECT count(*) FROM contact") == 2
 
     # PATCH: absent fields stay, "" clears, custom_fields merge key by key
-    patched = await api.ok("PATCH", f"/v1/contacts/{contact_id}", {
-        "phone": "", "title": "課長", "custom_fields": {"seats": 30, "plan": ""}})
+    patched = await api.ok(
+        "PATCH",
+        f"/v1/contacts/{contact_id}",
+        {"phone": "", "title": "課長", "custom_fields": {"seats": 30, "plan": ""}},
+    )
     assert patched["phone"] is None
     assert patched["title"] == "課長"
     assert patched["company"] == "株式会社さくら"
     assert patched["custom_fields"] == {"seats": 30, "member_since": "2024-04-01"}
     assert patched["version"] == 2
-    patched = await api.ok("PATCH", f"/v1/contacts/{contact_id}",
-                           {"custom_fields": {"plan": "business"}, "tags": "vip,新規"})
+    patched = await api.ok(
+        "PATCH",
+        f"/v1/contacts/{contact_id}",
+        {"custom_fields": {"plan": "business"}, "tags": "vip,新規"},
+    )
     assert patched["custom_fields"] == {
-        "seats": 30, "member_since": "2024-04-01", "plan": "business"}
+        "seats": 30,
+        "member_since": "2024-04-01",
+        "plan": "business",
+    }
     assert patched["tags"] == ["vip", "新規"]
     status, answer = await api.call("PATCH", f"/v1/contacts/{contact_id}", {"seats": 3})
     assert (status, answer["field"]) == (400, "seats")
@@ -182,13 +229,23 @@ async def test_contact_lifecycle_validation_and_changelog(contacts, kafka):
     assert set(history) == {contact_id, other["id"]}
     mine = history[contact_id]
     assert [(c["op"], c["version"]) for c in mine] == [
-        ("upserted", 1), ("upserted", 2), ("upserted", 3), ("deleted", 4)]
+        ("upserted", 1),
+        ("upserted", 2),
+        ("upserted", 3),
+        ("deleted", 4),
+    ]
     assert mine[0]["contact"]["custom_fields"] == {
-        "plan": "premium", "seats": "25", "member_since": "2024-04-01"}
+        "plan": "premium",
+        "seats": "25",
+        "member_since": "2024-04-01",
+    }
     assert mine[1]["contact"]["phone"] is None
     assert mine[1]["contact"]["title"] == "課長"
     assert mine[2]["contact"]["custom_fields"] == {
-        "seats": "30", "member_since": "2024-04-01", "plan": "business"}
+        "seats": "30",
+        "member_since": "2024-04-01",
+        "plan": "business",
+    }
     assert mine[3]["contact"] is None
 
 
@@ -219,8 +276,11 @@ async def test_custom_field_definitions_need_admin(contacts):
     assert [f["key"] for f in listed["items"]] == ["rank", "budget"]
 
     # a field is usable as soon as it is defined
-    contact = await api.ok("POST", "/v1/contacts", {
-        "email": "f@example.jp", "custom_fields": {"rank": "B", "budget": "1,500,000"}})
+    contact = await api.ok(
+        "POST",
+        "/v1/contacts",
+        {"email": "f@example.jp", "custom_fields": {"rank": "B", "budget": "1,500,000"}},
+    )
     assert contact["custom_fields"] == {"rank": "B", "budget": 1500000}
 
 
@@ -232,8 +292,9 @@ async def test_groups_plans_and_members(contacts, kafka):
     people = [await api.ok("POST", "/v1/contacts", {"email": f"m{i}@example.jp"}) for i in range(3)]
     m0, m1, m2 = (p["id"] for p in people)
 
-    status, group = await api.call("POST", "/v1/groups",
-                                   {"name": "ニュース", "description": "週刊"})
+    status, group = await api.call(
+        "POST", "/v1/groups", {"name": "ニュース", "description": "週刊"}
+    )
     assert status == 201
     assert (group["kind"], group["name"], group["description"]) == ("group", "ニュース", "週刊")
     status, _ = await api.call("POST", "/v1/groups", {"name": " ニュース "})
@@ -247,41 +308,57 @@ async def test_groups_plans_and_members(contacts, kafka):
 
     members = f"/v1/groups/{group['id']}/members"
     assert await api.ok("POST", members, {"contact_ids": [m0, m1]}) == {
-        "group_id": group["id"], "joined": 2, "already_members": 0}
+        "group_id": group["id"],
+        "joined": 2,
+        "already_members": 0,
+    }
     assert await api.ok("POST", members, {"contact_ids": [m0, m1, m2]}) == {
-        "group_id": group["id"], "joined": 1, "already_members": 2}
+        "group_id": group["id"],
+        "joined": 1,
+        "already_members": 2,
+    }
     assert await api.ok("POST", members, {"contact_ids": [m0, m1, m2]}) == {
-        "group_id": group["id"], "joined": 0, "already_members": 3}
+        "group_id": group["id"],
+        "joined": 0,
+        "already_members": 3,
+    }
     status, _ = await api.call("POST", members, {"contact_ids": [m0, 999999]})
     assert status == 404
     status, _ = await api.call("POST", "/v1/groups/999999/members", {"contact_ids": [m0]})
     assert status == 404
     status, answer = await api.call("POST", members, {"contact_ids": []})
     assert (status, answer["field"]) == (400, "contact_ids")
-    assert await api.ok("POST", f"/v1/groups/{plan['id']}/members",
-                        {"contact_ids": [m2], "auto_stop": True}) == {
-        "group_id": plan["id"], "joined": 1, "already_members": 0}
+    assert await api.ok(
+        "POST", f"/v1/groups/{plan['id']}/members", {"contact_ids": [m2], "auto_stop": True}
+    ) == {"group_id": plan["id"], "joined": 1, "already_members": 0}
 
     groups = await api.ok("GET", "/v1/groups", token=VIEWER_TOKEN)
     assert [(g["id"], g["name"], g["members"]) for g in groups["items"]] == [
-        (group["id"], "ニュース", 3)]
+        (group["id"], "ニュース", 3)
+    ]
     plans = await api.ok("GET", "/v1/plans")
     assert [(p["id"], p["members"]) for p in plans["items"]] == [(plan["id"], 1)]
     fetched = await api.ok("GET", f"/v1/contacts/{m2}")
-    assert [(m["group_id"], m["kind"], m["state"], m["method"])
-            for m in fetched["memberships"]] == [
+    assert [
+        (m["group_id"], m["kind"], m["state"], m["method"]) for m in fetched["memberships"]
+    ] == [
         (group["id"], "group", "deliverable", "system"),
-        (plan["id"], "plan", "unsubscribed", "auto_stop")]
+        (plan["id"], "plan", "unsubscribed", "auto_stop"),
+    ]
 
     # one Join command per new membership, none for the repeated joins or the refused call
     commands = await published(contacts, kafka, Topic.SUPPRESSION_COMMANDS)
-    assert sorted((c["type"], c["contact_id"], c["email"], c["group_id"], c["state"], c["method"],
-                   c["actor"]) for c in commands) == sorted([
-        ("Join", m0, "m0@example.jp", group["id"], "deliverable", "system", "operator"),
-        ("Join", m1, "m1@example.jp", group["id"], "deliverable", "system", "operator"),
-        ("Join", m2, "m2@example.jp", group["id"], "deliverable", "system", "operator"),
-        ("Join", m2, "m2@example.jp", plan["id"], "unsubscribed", "auto_stop", "operator"),
-    ])
+    assert sorted(
+        (c["type"], c["contact_id"], c["email"], c["group_id"], c["state"], c["method"], c["actor"])
+        for c in commands
+    ) == sorted(
+        [
+            ("Join", m0, "m0@example.jp", group["id"], "deliverable", "system", "operator"),
+            ("Join", m1, "m1@example.jp", group["id"], "deliverable", "system", "operator"),
+            ("Join", m2, "m2@example.jp", group["id"], "deliverable", "system", "operator"),
+            ("Join", m2, "m2@example.jp", plan["id"], "unsubscribed", "auto_stop", "operator"),
+        ]
+    )
     assert len({c["command_id"] for c in commands}) == 4
 
 
@@ -299,20 +376,26 @@ async def test_saved_filters_global_and_group_scoped(contacts):
     assert status == 201
     assert (global_filter["group_id"], global_filter["filter"]) == (None, vip)
     in_group = {"all": [{"membership": {"group_id": group["id"]}}, vip]}
-    status, scoped = await api.call("POST", "/v1/filters", {
-        "name": "VIP", "group_id": group["id"], "filter": in_group})  # same name, other scope
+    status, scoped = await api.call(
+        "POST", "/v1/filters", {"name": "VIP", "group_id": group["id"], "filter": in_group}
+    )  # same name, other scope
     assert status == 201
     status, _ = await api.call("POST", "/v1/filters", {"name": "VIP", "filter": vip})
     assert status == 409
-    status, _ = await api.call("POST", "/v1/filters",
-                               {"name": "x", "group_id": 999999, "filter": vip})
+    status, _ = await api.call(
+        "POST", "/v1/filters", {"name": "x", "group_id": 999999, "filter": vip}
+    )
     assert status == 404
-    status, answer = await api.call("POST", "/v1/filters", {
-        "name": "bad", "filter": {"field": "tags", "op": "eq", "value": "vip"}})
+    status, answer = await api.call(
+        "POST",
+        "/v1/filters",
+        {"name": "bad", "filter": {"field": "tags", "op": "eq", "value": "vip"}},
+    )
     assert (status, answer["field"]) == (400, "filter.op")
     # a global filter cannot lean on a group-scoped one
-    status, answer = await api.call("POST", "/v1/filters", {
-        "name": "wrapper", "filter": {"saved_filter": scoped["id"]}})
+    status, answer = await api.call(
+        "POST", "/v1/filters", {"name": "wrapper", "filter": {"saved_filter": scoped["id"]}}
+    )
     assert (status, answer["field"]) == (400, "filter.saved_filter")
 
     listed = await api.ok("GET", "/v1/filters", token=VIEWER_TOKEN)
@@ -326,21 +409,27 @@ async def test_saved_filters_global_and_group_scoped(contacts):
     # the global filter works anywhere, with or without a group
     expected = sorted([vip_member["id"], vip_outside["id"]])
     assert await ids_of(api, {"saved_filter": global_filter["id"]}) == expected
-    assert await ids_of(api, {"saved_filter": global_filter["id"]},
-                        group_id=group["id"]) == expected
+    assert (
+        await ids_of(api, {"saved_filter": global_filter["id"]}, group_id=group["id"]) == expected
+    )
 
     # the scoped one only inside its group
     for extra in ({}, {"group_id": other_group["id"]}):
-        status, answer = await api.call("POST", "/v1/contacts/search", {
-            "filter": {"all": [{"saved_filter": scoped["id"]}]}, **extra})
+        status, answer = await api.call(
+            "POST",
+            "/v1/contacts/search",
+            {"filter": {"all": [{"saved_filter": scoped["id"]}]}, **extra},
+        )
         assert status == 400, extra
         assert answer["field"] == "filter.all[0].saved_filter"
         assert f"scoped to group {group['id']}" in answer["error"]
     assert await ids_of(api, {"saved_filter": scoped["id"]}, group_id=group["id"]) == [
-        vip_member["id"]]
+        vip_member["id"]
+    ]
 
-    status, answer = await api.call("POST", "/v1/contacts/search",
-                                    {"filter": {"saved_filter": 999999}})
+    status, answer = await api.call(
+        "POST", "/v1/contacts/search", {"filter": {"saved_filter": 999999}}
+    )
     assert status == 400
     status, _ = await api.call("DELETE", f"/v1/filters/{global_filter['id']}")
     assert status == 204
@@ -356,7 +445,8 @@ async def test_bulk_actions_by_ids_and_by_filter(contacts, kafka):
     seed = [["a"], [], ["a", "x"], ["x"], []]
     b0, b1, b2, b3, b4 = [
         (await api.ok("POST", "/v1/contacts", {"email": f"b{i}@example.jp", "tags": tags}))["id"]
-        for i, tags in enumerate(seed)]
+        for i, tags in enumerate(seed)
+    ]
 
     async def bulk(body: dict[str, Any], token: str = ADMIN_TOKEN) -> tuple[int, Any]:
         return await api.call("POST", "/v1/contacts/bulk", body, token=token)
@@ -368,16 +458,27 @@ async def test_bulk_actions_by_ids_and_by_filter(contacts, kafka):
     tagged = lambda tag: {"field": "tags", "op": "include_any", "value": [tag]}  # noqa: E731
 
     assert await bulk({"action": "add_tag", "tag": " a ", "ids": [b0, b1, b4]}) == (
-        200, {"action": "add_tag", "selected": 3, "affected": 2})
-    assert await bulk({"action": "remove_tag", "tag": "x", "filter": tagged("x")},
-                      OPERATOR_TOKEN) == (
-        200, {"action": "remove_tag", "selected": 2, "affected": 2})
+        200,
+        {"action": "add_tag", "selected": 3, "affected": 2},
+    )
+    assert await bulk(
+        {"action": "remove_tag", "tag": "x", "filter": tagged("x")}, OPERATOR_TOKEN
+    ) == (200, {"action": "remove_tag", "selected": 2, "affected": 2})
     assert await bulk({"action": "star", "filter": tagged("a")}) == (
-        200, {"action": "star", "selected": 4, "affected": 4})
+        200,
+        {"action": "star", "selected": 4, "affected": 4},
+    )
     assert await bulk({"action": "unstar", "ids": [b0, b3]}) == (
-        200, {"action": "unstar", "selected": 2, "affected": 1})
-    assert await state() == {b0: (["a"], False), b1: (["a"], True), b2: (["a"], True),
-                             b3: ([], False), b4: (["a"], True)}
+        200,
+        {"action": "unstar", "selected": 2, "affected": 1},
+    )
+    assert await state() == {
+        b0: (["a"], False),
+        b1: (["a"], True),
+        b2: (["a"], True),
+        b3: ([], False),
+        b4: (["a"], True),
+    }
 
     starred = {"field": "star", "op": "eq", "value": True}
     status, _ = await bulk({"action": "delete", "filter": starred}, OPERATOR_TOKEN)
@@ -390,16 +491,25 @@ async def test_bulk_actions_by_ids_and_by_filter(contacts, kafka):
         ({"action": "star", "ids": [b0], "filter": starred}, "ids"),
         ({"action": "star"}, "ids"),
         ({"action": "star", "ids": [str(b0)]}, "ids"),
-        ({"action": "star", "filter": {"field": "stars", "op": "eq", "value": True}},
-         "filter.field"),
+        (
+            {"action": "star", "filter": {"field": "stars", "op": "eq", "value": True}},
+            "filter.field",
+        ),
     ):
         status, answer = await bulk(body)
         assert (status, answer.get("field")) == (400, field), body
-    assert await state() == {b0: (["a"], False), b1: (["a"], True), b2: (["a"], True),
-                             b3: ([], False), b4: (["a"], True)}
+    assert await state() == {
+        b0: (["a"], False),
+        b1: (["a"], True),
+        b2: (["a"], True),
+        b3: ([], False),
+        b4: (["a"], True),
+    }
 
     assert await bulk({"action": "delete", "filter": starred}) == (
-        200, {"action": "delete", "selected": 3, "affected": 3})
+        200,
+        {"action": "delete", "selected": 3, "affected": 3},
+    )
     assert await state() == {b0: (["a"], False), b3: ([], False)}
 
     # contacts.changelog: one record per affected contact and action, none for the others
@@ -407,19 +517,37 @@ async def test_bulk_actions_by_ids_and_by_filter(contacts, kafka):
 
     def summary(change: dict[str, Any]) -> tuple[Any, ...]:
         contact = change["contact"]
-        return (change["op"], change["version"],
-                None if contact is None else (contact["tags"], contact["star"]))
+        return (
+            change["op"],
+            change["version"],
+            None if contact is None else (contact["tags"], contact["star"]),
+        )
 
     assert {cid: [summary(c) for c in changes] for cid, changes in history.items()} == {
-        b0: [("upserted", 1, (["a"], False)), ("upserted", 2, (["a"], True)),
-             ("upserted", 3, (["a"], False))],
-        b1: [("upserted", 1, ([], False)), ("upserted", 2, (["a"], False)),
-             ("upserted", 3, (["a"], True)), ("deleted", 4, None)],
-        b2: [("upserted", 1, (["a", "x"], False)), ("upserted", 2, (["a"], False)),
-             ("upserted", 3, (["a"], True)), ("deleted", 4, None)],
+        b0: [
+            ("upserted", 1, (["a"], False)),
+            ("upserted", 2, (["a"], True)),
+            ("upserted", 3, (["a"], False)),
+        ],
+        b1: [
+            ("upserted", 1, ([], False)),
+            ("upserted", 2, (["a"], False)),
+            ("upserted", 3, (["a"], True)),
+            ("deleted", 4, None),
+        ],
+        b2: [
+            ("upserted", 1, (["a", "x"], False)),
+            ("upserted", 2, (["a"], False)),
+            ("upserted", 3, (["a"], True)),
+            ("deleted", 4, None),
+        ],
         b3: [("upserted", 1, (["x"], False)), ("upserted", 2, ([], False))],
-        b4: [("upserted", 1, ([], False)), ("upserted", 2, (["a"], False)),
-             ("upserted", 3, (["a"], True)), ("deleted", 4, None)],
+        b4: [
+            ("upserted", 1, ([], False)),
+            ("upserted", 2, (["a"], False)),
+            ("upserted", 3, (["a"], True)),
+            ("deleted", 4, None),
+        ],
     }
 
 
@@ -428,27 +556,37 @@ async def test_bulk_actions_by_ids_and_by_filter(contacts, kafka):
 
 async def test_roles_health_metrics_and_openapi(contacts):
     api = contacts.api
-    created = await api.ok("POST", "/v1/contacts", {"email": "r@example.jp", "name": "閲覧"},
-                           token=OPERATOR_TOKEN)
+    created = await api.ok(
+        "POST", "/v1/contacts", {"email": "r@example.jp", "name": "閲覧"}, token=OPERATOR_TOKEN
+    )
     path = f"/v1/contacts/{created['id']}"
 
     for token in (None, "no-such-token"):
-        for method, target, body in (("GET", path, None), ("POST", "/v1/contacts/search", {}),
-                                     ("GET", "/v1/fields", None)):
+        for method, target, body in (
+            ("GET", path, None),
+            ("POST", "/v1/contacts/search", {}),
+            ("GET", "/v1/fields", None),
+        ):
             status, answer = await api.call(method, target, body, token=token)
             assert status == 401, (token, method, target, answer)
 
     status, fetched = await api.call("GET", path, token=VIEWER_TOKEN)
     assert (status, fetched["name"]) == (200, "閲覧")
-    status, found = await api.call("POST", "/v1/contacts/search",
-                                   {"filter": {"field": "name", "op": "eq", "value": "閲覧"}},
-                                   token=VIEWER_TOKEN)
+    status, found = await api.call(
+        "POST",
+        "/v1/contacts/search",
+        {"filter": {"field": "name", "op": "eq", "value": "閲覧"}},
+        token=VIEWER_TOKEN,
+    )
     assert status == 200, found
     assert [c["id"] for c in found["items"]] == [created["id"]]
-    for method, target, body in (("POST", "/v1/contacts", {"email": "v@example.jp"}),
-                                 ("PATCH", path, {"name": "x"}), ("DELETE", path, None),
-                                 ("POST", "/v1/groups", {"name": "g"}),
-                                 ("POST", "/v1/filters", {"name": "f", "filter": {}})):
+    for method, target, body in (
+        ("POST", "/v1/contacts", {"email": "v@example.jp"}),
+        ("PATCH", path, {"name": "x"}),
+        ("DELETE", path, None),
+        ("POST", "/v1/groups", {"name": "g"}),
+        ("POST", "/v1/filters", {"name": "f", "filter": {}}),
+    ):
         status, _ = await api.call(method, target, body, token=VIEWER_TOKEN)
         assert status == 403, (method, target)
     assert await contacts.runtime.pool.fetchval("SELECT count(*) FROM contact") == 1
@@ -460,18 +598,36 @@ async def test_roles_health_metrics_and_openapi(contacts):
         assert status == 200, (target, body)
     status, metrics = await api.call("GET", "/metrics", token=None)
     assert status == 200
-    served = [line for line in metrics.splitlines()
-              if line.startswith("tayori_http_requests_total{")
-              and all(label in line for label in ('service="contacts"', 'method="GET"',
-                                                   'route="/v1/contacts/{id}"', 'status="200"'))]
+    served = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("tayori_http_requests_total{")
+        and all(
+            label in line
+            for label in (
+                'service="contacts"',
+                'method="GET"',
+                'route="/v1/contacts/{id}"',
+                'status="200"',
+            )
+        )
+    ]
     assert len(served) == 1, served
     assert float(served[0].rsplit(" ", 1)[1]) >= 1
     status, document = await api.call("GET", "/openapi.json", token=None)
     assert status == 200
     assert document["openapi"].startswith("3.")
-    assert {"/v1/contacts", "/v1/contacts/{id}", "/v1/contacts/search", "/v1/contacts/bulk",
-            "/v1/fields", "/v1/groups", "/v1/plans", "/v1/groups/{id}/members",
-            "/v1/filters"} <= set(document["paths"])
+    assert {
+        "/v1/contacts",
+        "/v1/contacts/{id}",
+        "/v1/contacts/search",
+        "/v1/contacts/bulk",
+        "/v1/fields",
+        "/v1/groups",
+        "/v1/plans",
+        "/v1/groups/{id}/members",
+        "/v1/filters",
+    } <= set(document["paths"])
     assert "post" in document["paths"]["/v1/contacts/search"]
 
 
@@ -505,8 +661,13 @@ async def test_search_over_http(contacts):
     ids: list[int] = []
     for i, (name, tags, plan, seats, star, _) in enumerate(SEED):
         custom = {k: v for k, v in (("plan", plan), ("seats", seats)) if v is not None}
-        body = {"email": f"s{i:02d}@example.jp", "name": name, "tags": tags, "star": star,
-                "custom_fields": custom}
+        body = {
+            "email": f"s{i:02d}@example.jp",
+            "name": name,
+            "tags": tags,
+            "star": star,
+            "custom_fields": custom,
+        }
         ids.append((await api.ok("POST", "/v1/contacts", body))["id"])
     for group, digit in ((g1, "1"), (g2, "2")):
         members = [ids[i] for i, row in enumerate(SEED) if digit in row[5]]
@@ -518,18 +679,49 @@ async def test_search_over_http(contacts):
     vip = {"field": "tags", "op": "include_any", "value": ["vip"]}
     in_g1, in_g2 = {"membership": {"group_id": g1}}, {"membership": {"group_id": g2}}
     cases = [
-        ({"all": [{"field": "tags", "op": "include_all", "value": ["vip", "展示会"]},
-                  {"field": "custom.plan", "op": "eq", "value": "premium"},
-                  {"field": "star", "op": "eq", "value": True}]}, pick(0, 5, 11)),
+        (
+            {
+                "all": [
+                    {"field": "tags", "op": "include_all", "value": ["vip", "展示会"]},
+                    {"field": "custom.plan", "op": "eq", "value": "premium"},
+                    {"field": "star", "op": "eq", "value": True},
+                ]
+            },
+            pick(0, 5, 11),
+        ),
         ({"any": [in_g1, in_g2]}, pick(0, 1, 2, 4, 7, 8, 10, 11, 14)),
-        ({"all": [in_g1, {"membership": {"group_id": g2, "state": "not_member"}},
-                  {"field": "star", "op": "eq", "value": True}]}, pick(0, 8, 11)),
-        ({"not": {"any": [vip, {"field": "custom.seats", "op": "gte", "value": 10}]}},
-         pick(4, 6, 9, 12)),
-        ({"all": [{"field": "custom.plan", "op": "in", "value": ["free", "business"]},
-                  {"field": "tags", "op": "exclude_any", "value": ["休眠"]}]}, pick(3, 8, 9, 12)),
-        ({"all": [{"field": "name", "op": "empty"},
-                  {"field": "custom.seats", "op": "between", "value": [1, 50]}]}, pick(3, 7)),
+        (
+            {
+                "all": [
+                    in_g1,
+                    {"membership": {"group_id": g2, "state": "not_member"}},
+                    {"field": "star", "op": "eq", "value": True},
+                ]
+            },
+            pick(0, 8, 11),
+        ),
+        (
+            {"not": {"any": [vip, {"field": "custom.seats", "op": "gte", "value": 10}]}},
+            pick(4, 6, 9, 12),
+        ),
+        (
+            {
+                "all": [
+                    {"field": "custom.plan", "op": "in", "value": ["free", "business"]},
+                    {"field": "tags", "op": "exclude_any", "value": ["休眠"]},
+                ]
+            },
+            pick(3, 8, 9, 12),
+        ),
+        (
+            {
+                "all": [
+                    {"field": "name", "op": "empty"},
+                    {"field": "custom.seats", "op": "between", "value": [1, 50]},
+                ]
+            },
+            pick(3, 7),
+        ),
         ({"field": "custom.seats", "op": "lt", "value": 10}, pick(1, 3, 4, 5, 9, 10)),
         (None, sorted(ids)),
     ]
@@ -540,16 +732,24 @@ async def test_search_over_http(contacts):
 
     # keyset paging with limit 4 visits every match once, in the requested order
     any_group = {"any": [in_g1, in_g2]}
-    for filter, sort in ((any_group, None), (any_group, ["name"]), (None, ["-name", "-created_at"]),
-                         (None, [{"field": "email", "direction": "desc"}])):
-        whole = await api.ok("POST", "/v1/contacts/search",
-                             {"filter": filter, "sort": sort, "limit": 100})
+    for filter, sort in (
+        (any_group, None),
+        (any_group, ["name"]),
+        (None, ["-name", "-created_at"]),
+        (None, [{"field": "email", "direction": "desc"}]),
+    ):
+        whole = await api.ok(
+            "POST", "/v1/contacts/search", {"filter": filter, "sort": sort, "limit": 100}
+        )
         seen: list[int] = []
         cursor = None
         pages = 0
         while True:
-            page = await api.ok("POST", "/v1/contacts/search",
-                                {"filter": filter, "sort": sort, "limit": 4, "cursor": cursor})
+            page = await api.ok(
+                "POST",
+                "/v1/contacts/search",
+                {"filter": filter, "sort": sort, "limit": 4, "cursor": cursor},
+            )
             pages += 1
             assert page["total"] == whole["total"]
             assert len(page["items"]) <= 4
@@ -560,18 +760,25 @@ async def test_search_over_http(contacts):
             assert pages < 10, "paging does not end"
         assert seen == [c["id"] for c in whole["items"]], (filter, sort)
         assert len(set(seen)) == len(seen) == whole["total"]
-    by_name = await api.ok("POST", "/v1/contacts/search",
-                           {"filter": any_group, "sort": ["name"], "limit": 100})
+    by_name = await api.ok(
+        "POST", "/v1/contacts/search", {"filter": any_group, "sort": ["name"], "limit": 100}
+    )
     names = [c["name"] for c in by_name["items"]]
     assert names[-1] is None and None not in names[:-1]  # NULLs last
 
     # refusals name the field
     for body, field in (
-        ({"limit": 0}, "limit"), ({"limit": 5000}, "limit"), ({"limit": True}, "limit"),
-        ({"filter": {"all": [vip, {"field": "nickname", "op": "eq", "value": "x"}]}},
-         "filter.all[1].field"),
-        ({"filter": {"any": [{"field": "custom.rank", "op": "eq", "value": "A"}]}},
-         "filter.any[0].field"),
+        ({"limit": 0}, "limit"),
+        ({"limit": 5000}, "limit"),
+        ({"limit": True}, "limit"),
+        (
+            {"filter": {"all": [vip, {"field": "nickname", "op": "eq", "value": "x"}]}},
+            "filter.all[1].field",
+        ),
+        (
+            {"filter": {"any": [{"field": "custom.rank", "op": "eq", "value": "A"}]}},
+            "filter.any[0].field",
+        ),
         ({"filter": {"field": "star", "op": "contains", "value": "t"}}, "filter.op"),
         ({"filter": {"membership": {"group_id": g1, "state": "gone"}}}, "filter.membership.state"),
         ({"sort": ["phone"]}, "sort[0]"),
@@ -581,6 +788,9 @@ async def test_search_over_http(contacts):
         status, answer = await api.call("POST", "/v1/contacts/search", body)
         assert (status, answer.get("field")) == (400, field), (body, answer)
     first = await api.ok("POST", "/v1/contacts/search", {"filter": vip, "limit": 2})
-    status, answer = await api.call("POST", "/v1/contacts/search", {
-        "filter": any_group, "limit": 2, "cursor": first["next_cursor"]})
+    status, answer = await api.call(
+        "POST",
+        "/v1/contacts/search",
+        {"filter": any_group, "limit": 2, "cursor": first["next_cursor"]},
+    )
     assert (status, answer["field"]) == (400, "cursor")

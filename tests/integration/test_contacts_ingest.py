@@ -12,12 +12,21 @@ from tests.conftest import eventually
 NOW = dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC)
 
 
-def upserted(email: str | None = None, external_id: str | None = None, event_id: str | None = None,
-             **contact: Any) -> dict[str, Any]:
+def upserted(
+    email: str | None = None,
+    external_id: str | None = None,
+    event_id: str | None = None,
+    **contact: Any,
+) -> dict[str, Any]:
     return {
-        "event_id": event_id or str(uuid.uuid4()), "type": "ContactUpserted", "occurred_at": NOW,
-        "source": "test", "external_id": external_id, "email": email,
-        "contact": contact or None, "membership": None,
+        "event_id": event_id or str(uuid.uuid4()),
+        "type": "ContactUpserted",
+        "occurred_at": NOW,
+        "source": "test",
+        "external_id": external_id,
+        "email": email,
+        "contact": contact or None,
+        "membership": None,
     }
 
 
@@ -27,8 +36,14 @@ async def _contact(service, email: str) -> dict[str, Any] | None:
 
 
 async def test_event_becomes_row_and_changelog(contacts, kafka):
-    event = upserted("Taro.Yamada@Example.CO.JP ", external_id="SYN-1", name="山田 太郎",
-                     name_kana="ヤマダ タロウ", tags=["vip", "展示会"], sales_status="返信済")
+    event = upserted(
+        "Taro.Yamada@Example.CO.JP ",
+        external_id="SYN-1",
+        name="山田 太郎",
+        name_kana="ヤマダ タロウ",
+        tags=["vip", "展示会"],
+        sales_status="返信済",
+    )
     await kafka.send(Topic.CONTACTS_EVENTS, "SYN-1", event)
 
     row = await eventually(lambda: _contact(contacts, "Taro.Yamada@example.co.jp"))
@@ -49,11 +64,14 @@ async def test_same_event_twice_has_one_effect(contacts, kafka):
     await kafka.send(Topic.CONTACTS_EVENTS, "hanako@example.jp", event)
     await kafka.send(Topic.CONTACTS_EVENTS, "hanako@example.jp", event)
     # A later, different event for the same key proves both copies were consumed.
-    await kafka.send(Topic.CONTACTS_EVENTS, "hanako@example.jp", upserted("hanako@example.jp", memo="後"))
+    await kafka.send(
+        Topic.CONTACTS_EVENTS, "hanako@example.jp", upserted("hanako@example.jp", memo="後")
+    )
 
     row = await eventually(lambda: _contact(contacts, "hanako@example.jp"))
     row = await eventually(
-        lambda: _ready(contacts, "hanako@example.jp", lambda r: r["memo"] == "後"))
+        lambda: _ready(contacts, "hanako@example.jp", lambda r: r["memo"] == "後")
+    )
     assert row["version"] == 2  # created once, updated once: the duplicate did nothing
     changes = await kafka.read(Topic.CONTACTS_CHANGELOG, until=lambda r: len(r) >= 2)
     assert [c["version"] for c in changes] == [1, 2]
@@ -82,10 +100,19 @@ async def test_poison_event_goes_to_dlq_and_next_is_processed(contacts, kafka):
 
 
 async def test_null_leaves_unchanged_and_empty_string_clears(contacts, kafka):
-    await kafka.send(Topic.CONTACTS_EVENTS, "E-7", upserted("keep@example.jp", external_id="E-7",
-                                                             company="株式会社テスト", phone="03-0000-0000"))
-    await kafka.send(Topic.CONTACTS_EVENTS, "E-7", upserted(external_id="E-7", phone="", title="部長"))
-    row = await eventually(lambda: _ready(contacts, "keep@example.jp", lambda r: r["title"] == "部長"))
+    await kafka.send(
+        Topic.CONTACTS_EVENTS,
+        "E-7",
+        upserted(
+            "keep@example.jp", external_id="E-7", company="株式会社テスト", phone="03-0000-0000"
+        ),
+    )
+    await kafka.send(
+        Topic.CONTACTS_EVENTS, "E-7", upserted(external_id="E-7", phone="", title="部長")
+    )
+    row = await eventually(
+        lambda: _ready(contacts, "keep@example.jp", lambda r: r["title"] == "部長")
+    )
     assert row["company"] == "株式会社テスト"
     assert row["phone"] is None
 
@@ -93,18 +120,28 @@ async def test_null_leaves_unchanged_and_empty_string_clears(contacts, kafka):
 async def test_delete_and_membership_events(contacts, kafka):
     group = await contacts.api.ok("POST", "/v1/groups", {"name": "メルマガ"})
     await kafka.send(Topic.CONTACTS_EVENTS, "m@example.jp", upserted("m@example.jp"))
-    await kafka.send(Topic.CONTACTS_EVENTS, "m@example.jp", {
-        **upserted("m@example.jp"), "type": "MembershipRequested", "contact": None,
-        "membership": {"group_id": group["id"], "auto_stop": True},
-    })
+    await kafka.send(
+        Topic.CONTACTS_EVENTS,
+        "m@example.jp",
+        {
+            **upserted("m@example.jp"),
+            "type": "MembershipRequested",
+            "contact": None,
+            "membership": {"group_id": group["id"], "auto_stop": True},
+        },
+    )
     await kafka.send(Topic.CONTACTS_EVENTS, "gone@example.jp", upserted("gone@example.jp"))
-    await kafka.send(Topic.CONTACTS_EVENTS, "gone@example.jp",
-                     {**upserted("gone@example.jp"), "type": "ContactDeleted", "contact": None})
+    await kafka.send(
+        Topic.CONTACTS_EVENTS,
+        "gone@example.jp",
+        {**upserted("gone@example.jp"), "type": "ContactDeleted", "contact": None},
+    )
 
     async def joined():
         return await contacts.runtime.pool.fetchrow(
             "SELECT m.* FROM membership m JOIN contact c ON c.id = m.contact_id WHERE c.email = $1",
-            "m@example.jp")
+            "m@example.jp",
+        )
 
     membership = await eventually(joined)
     assert membership["state"] == "unsubscribed"
@@ -115,7 +152,9 @@ async def test_delete_and_membership_events(contacts, kafka):
     assert commands[0]["method"] == "auto_stop"
 
     async def deleted():
-        changes = await kafka.read(Topic.CONTACTS_CHANGELOG, until=lambda r: any(c["op"] == "deleted" for c in r))
+        changes = await kafka.read(
+            Topic.CONTACTS_CHANGELOG, until=lambda r: any(c["op"] == "deleted" for c in r)
+        )
         return changes
 
     changes = await deleted()
@@ -124,18 +163,22 @@ async def test_delete_and_membership_events(contacts, kafka):
     assert [c["op"] for c in changes if c["contact_id"] == gone] == ["upserted", "deleted"]
 
 
-async def test_a_batch_keeps_per_key_order_adopts_known_addresses_and_refuses_conflicts(contacts, kafka):
-    known = await contacts.api.ok("POST", "/v1/contacts", {"email": "known@example.jp", "name": "既存"})
+async def test_a_batch_keeps_per_key_order_adopts_known_addresses_and_refuses_conflicts(
+    contacts, kafka
+):
+    known = await contacts.api.ok(
+        "POST", "/v1/contacts", {"email": "known@example.jp", "name": "既存"}
+    )
     events = [
         ("K-1", upserted("first@example.jp", external_id="K-1", name="一")),
-        ("K-1", upserted(external_id="K-1", name="二")),            # same key again: later wins
-        ("K-2", upserted("known@example.jp", external_id="K-2")),   # adopts the API's contact
-        ("K-3", upserted("known@example.jp", external_id="K-3")),   # address taken by K-2: refused
+        ("K-1", upserted(external_id="K-1", name="二")),  # same key again: later wins
+        ("K-2", upserted("known@example.jp", external_id="K-2")),  # adopts the API's contact
+        ("K-3", upserted("known@example.jp", external_id="K-3")),  # address taken by K-2: refused
         ("K-1", {**upserted(external_id="K-1"), "type": "ContactDeleted"}),
         ("K-1", upserted("first@example.jp", external_id="K-1", name="三")),  # created anew
         ("K-4", upserted("last@example.jp", external_id="K-4")),
     ]
-    for key, event in events:
+    for _key, event in events:
         await kafka.send(Topic.CONTACTS_EVENTS, "same-partition", event)  # one partition, in order
 
     await eventually(lambda: _contact(contacts, "last@example.jp"))
@@ -146,7 +189,12 @@ async def test_a_batch_keeps_per_key_order_adopts_known_addresses_and_refuses_co
     recreated = await _contact(contacts, "first@example.jp")
     assert recreated["name"] == "三"
     assert recreated["version"] == 1
-    assert await contacts.runtime.pool.fetchval("SELECT count(*) FROM contact WHERE external_id = 'K-3'") == 0
+    assert (
+        await contacts.runtime.pool.fetchval(
+            "SELECT count(*) FROM contact WHERE external_id = 'K-3'"
+        )
+        == 0
+    )
 
     dead = await kafka.read(Topic.CONTACTS_EVENTS.dlq, until=lambda r: len(r) >= 1)
     assert len(dead) == 1

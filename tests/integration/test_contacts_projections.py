@@ -23,52 +23,107 @@ async def consumed(service: Any, event_ids: list[str]) -> None:
 
     async def done() -> bool:
         found = await service.runtime.pool.fetchval(
-            "SELECT count(*) FROM processed_event WHERE event_id = ANY($1::text[])", event_ids)
+            "SELECT count(*) FROM processed_event WHERE event_id = ANY($1::text[])", event_ids
+        )
         return found == len(set(event_ids))
 
     await eventually(done)
 
 
-async def publish_together(kafka: Any, topic: Topic,
-                           records: list[tuple[Any, dict[str, Any]]]) -> None:
+async def publish_together(
+    kafka: Any, topic: Topic, records: list[tuple[Any, dict[str, Any]]]
+) -> None:
     """Send without waiting in between, so that records tend to share a consumed batch."""
     futures = [await kafka.publisher.send(topic, key, value) for key, value in records]
     await asyncio.gather(*futures)
 
 
-def membership_change(contact_id: int, group_id: int | None, state: str, changed_at: dt.datetime,
-                      version: int, *, kind: str = "membership", method: str | None = "system",
-                      email: str | None = None) -> dict[str, Any]:
-    return {"change_id": str(uuid.uuid4()), "kind": kind, "contact_id": contact_id,
-            "email": email, "group_id": group_id, "state": state, "method": method,
-            "changed_at": changed_at, "version": version}
+def membership_change(
+    contact_id: int,
+    group_id: int | None,
+    state: str,
+    changed_at: dt.datetime,
+    version: int,
+    *,
+    kind: str = "membership",
+    method: str | None = "system",
+    email: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "change_id": str(uuid.uuid4()),
+        "kind": kind,
+        "contact_id": contact_id,
+        "email": email,
+        "group_id": group_id,
+        "state": state,
+        "method": method,
+        "changed_at": changed_at,
+        "version": version,
+    }
 
 
-def delivery_result(contact_id: int, campaign_id: str, outcome: str, occurred_at: dt.datetime,
-                    result_id: str | None = None) -> dict[str, Any]:
-    return {"result_id": result_id or str(uuid.uuid4()), "campaign_id": campaign_id,
-            "contact_id": contact_id, "email": f"{contact_id}@example.jp", "outcome": outcome,
-            "smtp_code": {"sent": 250, "permanent_error": 550, "temporary_error": 452}.get(outcome),
-            "enhanced_code": None, "diagnostic": None, "relay": None, "message_id": None,
-            "step_id": None, "suppressed_reason": "bounced" if outcome == "suppressed" else None,
-            "occurred_at": occurred_at}
+def delivery_result(
+    contact_id: int,
+    campaign_id: str,
+    outcome: str,
+    occurred_at: dt.datetime,
+    result_id: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "result_id": result_id or str(uuid.uuid4()),
+        "campaign_id": campaign_id,
+        "contact_id": contact_id,
+        "email": f"{contact_id}@example.jp",
+        "outcome": outcome,
+        "smtp_code": {"sent": 250, "permanent_error": 550, "temporary_error": 452}.get(outcome),
+        "enhanced_code": None,
+        "diagnostic": None,
+        "relay": None,
+        "message_id": None,
+        "step_id": None,
+        "suppressed_reason": "bounced" if outcome == "suppressed" else None,
+        "occurred_at": occurred_at,
+    }
 
 
-def feedback(contact_id: int, campaign_id: str, kind: str, occurred_at: dt.datetime,
-             event_id: str | None = None) -> dict[str, Any]:
-    return {"event_id": event_id or str(uuid.uuid4()), "type": kind, "campaign_id": campaign_id,
-            "contact_id": contact_id,
-            "url": "https://shop.example.jp/sale" if kind == "click" else None,
-            "user_agent": "Mozilla/5.0", "occurred_at": occurred_at}
+def feedback(
+    contact_id: int,
+    campaign_id: str,
+    kind: str,
+    occurred_at: dt.datetime,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "event_id": event_id or str(uuid.uuid4()),
+        "type": kind,
+        "campaign_id": campaign_id,
+        "contact_id": contact_id,
+        "url": "https://shop.example.jp/sale" if kind == "click" else None,
+        "user_agent": "Mozilla/5.0",
+        "occurred_at": occurred_at,
+    }
 
 
-def bounce(contact_id: int, delivery_status: str | None, occurred_at: dt.datetime, *,
-           action: str = "bounced", event_id: str | None = None) -> dict[str, Any]:
-    return {"event_id": event_id or str(uuid.uuid4()), "contact_id": contact_id,
-            "email": f"{contact_id}@example.jp", "campaign_id": None,
-            "classification": delivery_status or "temporary_error",
-            "hard": delivery_status in ("invalid_address", "error"), "action": action,
-            "delivery_status": delivery_status, "diagnostic": None, "occurred_at": occurred_at}
+def bounce(
+    contact_id: int,
+    delivery_status: str | None,
+    occurred_at: dt.datetime,
+    *,
+    action: str = "bounced",
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "event_id": event_id or str(uuid.uuid4()),
+        "contact_id": contact_id,
+        "email": f"{contact_id}@example.jp",
+        "campaign_id": None,
+        "classification": delivery_status or "temporary_error",
+        "hard": delivery_status in ("invalid_address", "error"),
+        "action": action,
+        "delivery_status": delivery_status,
+        "diagnostic": None,
+        "occurred_at": occurred_at,
+    }
 
 
 async def search_ids(api: Any, filter: Any) -> set[int]:
@@ -81,8 +136,10 @@ async def test_membership_changes_answer_membership_and_delivery_state(contacts,
     api = contacts.api
     g1 = (await api.ok("POST", "/v1/groups", {"name": "メルマガ"}))["id"]
     g2 = (await api.ok("POST", "/v1/plans", {"name": "ステップ"}))["id"]
-    p = [(await api.ok("POST", "/v1/contacts", {"email": f"p{i}@example.jp"}))["id"]
-         for i in range(7)]
+    p = [
+        (await api.ok("POST", "/v1/contacts", {"email": f"p{i}@example.jp"}))["id"]
+        for i in range(7)
+    ]
     await api.ok("POST", f"/v1/groups/{g1}/members", {"contact_ids": p[:5]})
     await api.ok("POST", f"/v1/groups/{g2}/members", {"contact_ids": [p[2], p[3]]})
     # later than the joins: suppression answers after contacts asked it
@@ -103,8 +160,9 @@ async def test_membership_changes_answer_membership_and_delivery_state(contacts,
         # a change for a membership contacts had not recorded yet creates it
         membership_change(p[5], g2, "unsubscribed", at[1], 2, method="upstream"),
     ]
-    await publish_together(kafka, Topic.SUPPRESSION_CHANGES,
-                           [(c["contact_id"], c) for c in changes])
+    await publish_together(
+        kafka, Topic.SUPPRESSION_CHANGES, [(c["contact_id"], c) for c in changes]
+    )
     await consumed(contacts, [c["change_id"] for c in changes])
 
     state = {
@@ -112,15 +170,20 @@ async def test_membership_changes_answer_membership_and_delivery_state(contacts,
         for r in await contacts.runtime.pool.fetch("SELECT * FROM membership")
     }
     assert {key: value[0] for key, value in state.items()} == {
-        (p[0], g1): "unsubscribed", (p[1], g1): "banned", (p[2], g1): "deliverable",
-        (p[3], g1): "deliverable", (p[4], g1): "deliverable",
-        (p[2], g2): "unsubscribed", (p[5], g2): "unsubscribed",
+        (p[0], g1): "unsubscribed",
+        (p[1], g1): "banned",
+        (p[2], g1): "deliverable",
+        (p[3], g1): "deliverable",
+        (p[4], g1): "deliverable",
+        (p[2], g2): "unsubscribed",
+        (p[5], g2): "unsubscribed",
     }
     assert state[(p[0], g1)][1:] == ("form", at[1])
     assert state[(p[2], g1)][1:] == ("system", at[3])
     fetched = await api.ok("GET", f"/v1/contacts/{p[5]}")
     assert [(m["group_id"], m["state"], m["method"]) for m in fetched["memberships"]] == [
-        (g2, "unsubscribed", "upstream")]
+        (g2, "unsubscribed", "upstream")
+    ]
     dead = await read_to_end(kafka, Topic.SUPPRESSION_CHANGES.dlq)
     assert dead == []
 
@@ -135,20 +198,30 @@ async def test_membership_changes_answer_membership_and_delivery_state(contacts,
         ({"delivery_state": "any_unsubscribed"}, {p[0], p[2], p[5]}),
         ({"delivery_state": "any_banned"}, {p[1]}),
         ({"not": {"delivery_state": "all_deliverable"}}, {p[0], p[1], p[2], p[5], p[6]}),
-        ({"all": [{"membership": {"group_id": g1, "state": "deliverable"}},
-                  {"delivery_state": "any_unsubscribed"}]}, {p[2]}),
+        (
+            {
+                "all": [
+                    {"membership": {"group_id": g1, "state": "deliverable"}},
+                    {"delivery_state": "any_unsubscribed"},
+                ]
+            },
+            {p[2]},
+        ),
     ]
     for filter, ids in expected:
         assert await search_ids(api, filter) == ids, filter
-    status, answer = await api.call("POST", "/v1/contacts/search",
-                                    {"filter": {"delivery_state": "some_deliverable"}})
+    status, answer = await api.call(
+        "POST", "/v1/contacts/search", {"filter": {"delivery_state": "some_deliverable"}}
+    )
     assert (status, answer["field"]) == (400, "filter.delivery_state")
 
 
 async def test_history_score_and_delivery_status(contacts, kafka):
     api = contacts.api
-    h = [(await api.ok("POST", "/v1/contacts", {"email": f"h{i}@example.jp"}))["id"]
-         for i in range(5)]
+    h = [
+        (await api.ok("POST", "/v1/contacts", {"email": f"h{i}@example.jp"}))["id"]
+        for i in range(5)
+    ]
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     ago = lambda **kw: now - dt.timedelta(**kw)  # noqa: E731
     a, b = str(uuid.uuid4()), str(uuid.uuid4())
@@ -183,12 +256,18 @@ async def test_history_score_and_delivery_status(contacts, kafka):
     ]
     await publish_together(kafka, Topic.BOUNCE_EVENTS, [(e["contact_id"], e) for e in bounces])
     # a suppressed result is not history and claims nothing; the next one on its key does
-    await consumed(contacts, [r["result_id"] for r in results if r["outcome"] != "suppressed"]
-                   + [e["event_id"] for e in events] + [e["event_id"] for e in bounces])
+    await consumed(
+        contacts,
+        [r["result_id"] for r in results if r["outcome"] != "suppressed"]
+        + [e["event_id"] for e in events]
+        + [e["event_id"] for e in bounces],
+    )
 
     # F-08: 1 point per open, 3 per click, last 90 days, each event once
-    scores = {r["id"]: r["score"] for r in await contacts.runtime.pool.fetch(
-        "SELECT id, score FROM contact")}
+    scores = {
+        r["id"]: r["score"]
+        for r in await contacts.runtime.pool.fetch("SELECT id, score FROM contact")
+    }
     assert scores == {h[0]: 1 + 1 + 3, h[1]: 0, h[2]: 3, h[3]: 0, h[4]: 1}
     assert (await api.ok("GET", f"/v1/contacts/{h[0]}"))["score"] == 5
     assert await search_ids(api, {"field": "score", "op": "gte", "value": 3}) == {h[0], h[2]}
@@ -214,34 +293,60 @@ async def test_history_score_and_delivery_status(contacts, kafka):
         (history("clicked"), {h[0], h[2]}),
         (history("clicked", within_days=7), {h[0]}),
         (history("clicked", campaign_id=a, negate=True), {h[1], h[2], h[3], h[4]}),
-        ({"all": [history("received", campaign_id=a),
-                  history("clicked", campaign_id=a, negate=True)]}, {h[4]}),
+        (
+            {
+                "all": [
+                    history("received", campaign_id=a),
+                    history("clicked", campaign_id=a, negate=True),
+                ]
+            },
+            {h[4]},
+        ),
     ]
     for filter, ids in expected:
         assert await search_ids(api, filter) == ids, filter
     rows = await contacts.runtime.pool.fetch(
-        "SELECT contact_id, kind, count FROM delivery_history WHERE campaign_id = $1", a)
-    assert sorted((r["contact_id"], r["kind"], r["count"]) for r in rows) == sorted([
-        (h[0], "received", 1), (h[0], "opened", 2), (h[0], "clicked", 1),
-        (h[1], "errored", 1), (h[4], "received", 1), (h[4], "opened", 1)])
-    status, answer = await api.call("POST", "/v1/contacts/search",
-                                    {"filter": history("bounced")})
+        "SELECT contact_id, kind, count FROM delivery_history WHERE campaign_id = $1", a
+    )
+    assert sorted((r["contact_id"], r["kind"], r["count"]) for r in rows) == sorted(
+        [
+            (h[0], "received", 1),
+            (h[0], "opened", 2),
+            (h[0], "clicked", 1),
+            (h[1], "errored", 1),
+            (h[4], "received", 1),
+            (h[4], "opened", 1),
+        ]
+    )
+    status, answer = await api.call("POST", "/v1/contacts/search", {"filter": history("bounced")})
     assert (status, answer["field"]) == (400, "filter.history.event")
 
     # F-32: delivery_status as bounce_processor decides it, published on the changelog
-    statuses = {r["id"]: r["delivery_status"] for r in await contacts.runtime.pool.fetch(
-        "SELECT id, delivery_status FROM contact")}
-    assert statuses == {h[0]: "unconfirmed", h[1]: "invalid_address", h[2]: "unconfirmed",
-                        h[3]: "unconfirmed", h[4]: "ok"}
-    assert await search_ids(api, {"field": "delivery_status", "op": "eq",
-                                  "value": "アドレス不正"}) == {h[1]}
+    statuses = {
+        r["id"]: r["delivery_status"]
+        for r in await contacts.runtime.pool.fetch("SELECT id, delivery_status FROM contact")
+    }
+    assert statuses == {
+        h[0]: "unconfirmed",
+        h[1]: "invalid_address",
+        h[2]: "unconfirmed",
+        h[3]: "unconfirmed",
+        h[4]: "ok",
+    }
+    assert await search_ids(
+        api, {"field": "delivery_status", "op": "eq", "value": "アドレス不正"}
+    ) == {h[1]}
     changes = by_contact(await published(contacts, kafka, Topic.CONTACTS_CHANGELOG))
-    assert [(c["version"], c["contact"]["delivery_status"], c["contact"]["score"])
-            for c in changes[h[1]]] == [(1, "unconfirmed", 0), (2, "invalid_address", 0)]
+    assert [
+        (c["version"], c["contact"]["delivery_status"], c["contact"]["score"])
+        for c in changes[h[1]]
+    ] == [(1, "unconfirmed", 0), (2, "invalid_address", 0)]
     assert [c["version"] for c in changes[h[3]]] == [1]
     for contact_id in h:  # the last record holds the final state
         last = changes[contact_id][-1]["contact"]
         assert (last["score"], last["delivery_status"]) == (
-            scores[contact_id], statuses[contact_id]), contact_id
+            scores[contact_id],
+            statuses[contact_id],
+        ), contact_id
     assert [c["version"] for c in changes[h[4]]] == list(range(1, len(changes[h[4]]) + 1))
     assert {"temporary_error", "ok"} <= {c["contact"]["delivery_status"] for c in changes[h[4]]}

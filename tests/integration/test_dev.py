@@ -23,13 +23,23 @@ from tayori.embedded import free_port
 
 
 def _start(home: Path, ports: dict[str, int]) -> subprocess.Popen[str]:
-    env = dict(os.environ, TAYORI_HOME=str(home), TAYORI_ADMIN_TOKEN="dev-test-token",
-               TAYORI_CONTACTS_PORT=str(ports["contacts"]), TAYORI_KAFKA_PORT=str(ports["kafka"]),
-               TAYORI_SMTP_SINK_PORT=str(ports["smtp"]))
+    env = dict(
+        os.environ,
+        TAYORI_HOME=str(home),
+        TAYORI_ADMIN_TOKEN="dev-test-token",
+        TAYORI_CONTACTS_PORT=str(ports["contacts"]),
+        TAYORI_KAFKA_PORT=str(ports["kafka"]),
+        TAYORI_SMTP_SINK_PORT=str(ports["smtp"]),
+    )
     for name in ("DATABASE_URL", "KAFKA_BOOTSTRAP", "SMTP_HOST"):
         env.pop(name, None)
-    return subprocess.Popen([sys.executable, "-m", "tayori", "dev"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tayori", "dev"],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _wait_banner(proc: subprocess.Popen[str]) -> str:
@@ -44,8 +54,11 @@ def _wait_banner(proc: subprocess.Popen[str]) -> str:
 
 def _request(method: str, url: str, body: dict | None = None) -> dict:
     request = urllib.request.Request(
-        url, method=method, data=json.dumps(body).encode() if body is not None else None,
-        headers={"Authorization": "Bearer dev-test-token", "Content-Type": "application/json"})
+        url,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": "Bearer dev-test-token", "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
@@ -70,14 +83,18 @@ def test_dev_runs_everything_keeps_state_and_stops_cleanly(tmp_path: Path) -> No
         banner = _wait_banner(proc)
         assert "dev-test-token" in banner
         assert f"127.0.0.1:{ports['contacts']}" in banner
-        created = _request("POST", f"{base}/v1/contacts", {"email": "dev@example.jp", "name": "開発"})
+        created = _request(
+            "POST", f"{base}/v1/contacts", {"email": "dev@example.jp", "name": "開発"}
+        )
         message = EmailMessage()
         message["From"], message["To"], message["Subject"] = "a@example.jp", "b@example.jp", "件名"
         message.set_content("本文")
         with smtplib.SMTP("127.0.0.1", ports["smtp"]) as smtp:
             smtp.send_message(message)
-        stored = [email.message_from_bytes(m.as_bytes(), policy=email.policy.default)
-                  for m in mailbox.Maildir(str(home / "maildir"), create=False)]
+        stored = [
+            email.message_from_bytes(m.as_bytes(), policy=email.policy.default)
+            for m in mailbox.Maildir(str(home / "maildir"), create=False)
+        ]
         assert [m["Subject"] for m in stored] == ["件名"]
         assert stored[0]["X-Tayori-Envelope-To"] == "b@example.jp"
     finally:

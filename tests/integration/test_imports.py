@@ -20,16 +20,16 @@ PLAN_FIELD = {"key": "plan", "label": "契約プラン", "type": "choice", "choi
 
 # Japanese headings (aliases and a custom field's label); line numbers on the right.
 MIXED_ROWS = [
-    "メールアドレス,顧客ID,氏名,情報獲得日,営業ステータス,契約プラン,メモ",             # 1
-    "taro@example.jp,C-1,山田 太郎,2024-04-01,返信済,pro,",                              # 2 ok
-    "not-an-email,C-2,鈴木 一郎,,,,",                                                    # 3 email
-    'hanako@example.jp,C-3,佐藤 花子,2024/5/6,,free,"一行目',                            # 4 ok
-    '二行目"',                                                                           # 5
-    "jiro@example.jp,C-4,田中 次郎,2024-02-30,,,",                                       # 6 date
-    "saburo@example.jp,C-5,高橋 三郎,,,gold,",                                           # 7 choice
-    "shiro@example.jp,C-900,伊藤 四郎,,,,",                                              # 8 ext id
-    "taro@example.jp,,山田 太郎（更新）,,,,",                                          # 9 upd. 2
-    "goro@example.jp,C-6,渡辺 五郎,,,,①㈱",                                              # 10 ok
+    "メールアドレス,顧客ID,氏名,情報獲得日,営業ステータス,契約プラン,メモ",  # 1
+    "taro@example.jp,C-1,山田 太郎,2024-04-01,返信済,pro,",  # 2 ok
+    "not-an-email,C-2,鈴木 一郎,,,,",  # 3 email
+    'hanako@example.jp,C-3,佐藤 花子,2024/5/6,,free,"一行目',  # 4 ok
+    '二行目"',  # 5
+    "jiro@example.jp,C-4,田中 次郎,2024-02-30,,,",  # 6 date
+    "saburo@example.jp,C-5,高橋 三郎,,,gold,",  # 7 choice
+    "shiro@example.jp,C-900,伊藤 四郎,,,,",  # 8 ext id
+    "taro@example.jp,,山田 太郎（更新）,,,,",  # 9 upd. 2
+    "goro@example.jp,C-6,渡辺 五郎,,,,①㈱",  # 10 ok
 ]
 MIXED_ERRORS = [(3, "email"), (6, "acquired_at"), (7, "custom.plan"), (8, "external_id")]
 
@@ -46,10 +46,12 @@ def _form(payload: bytes, filename: str = "contacts.csv", **options: str) -> aio
     return form
 
 
-async def _upload(service: Any, payload: bytes, *, token: str = OPERATOR_TOKEN,
-                  **options: str) -> tuple[int, Any]:
-    return await service.api.call("POST", "/v1/imports", token=token,
-                                  data=_form(payload, **options))
+async def _upload(
+    service: Any, payload: bytes, *, token: str = OPERATOR_TOKEN, **options: str
+) -> tuple[int, Any]:
+    return await service.api.call(
+        "POST", "/v1/imports", token=token, data=_form(payload, **options)
+    )
 
 
 async def _finished(service: Any, job_id: str) -> dict[str, Any]:
@@ -70,17 +72,18 @@ async def _import(service: Any, payload: bytes, **options: str) -> dict[str, Any
 
 
 async def _find(service: Any, email: str) -> dict[str, Any] | None:
-    body = await service.api.ok("POST", "/v1/contacts/search",
-                                {"filter": {"field": "email", "op": "eq", "value": email}})
+    body = await service.api.ok(
+        "POST", "/v1/contacts/search", {"filter": {"field": "email", "op": "eq", "value": email}}
+    )
     assert body["total"] <= 1
     return body["items"][0] if body["items"] else None
 
 
-async def _post_raw(service: Any, body: bytes, content_type: str,
-                    **params: str) -> tuple[int, Any]:
+async def _post_raw(service: Any, body: bytes, content_type: str, **params: str) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}", "Content-Type": content_type}
-    async with service.api.session.post(service.api.base + "/v1/imports", data=body,
-                                        headers=headers, params=params) as response:
+    async with service.api.session.post(
+        service.api.base + "/v1/imports", data=body, headers=headers, params=params
+    ) as response:
         return response.status, await response.json()
 
 
@@ -88,15 +91,19 @@ def _csv(lines: list[str], newline: str = "\n") -> str:
     return newline.join(lines) + newline
 
 
-@pytest.mark.parametrize(("label", "encoding", "option", "detected"), [
-    ("utf-8", "utf-8", "utf-8", "utf-8"),
-    ("utf-8 with BOM", "utf-8-sig", "auto", "utf-8-sig"),
-    ("cp932 (Excel)", "cp932", "auto", "cp932"),
-])
+@pytest.mark.parametrize(
+    ("label", "encoding", "option", "detected"),
+    [
+        ("utf-8", "utf-8", "utf-8", "utf-8"),
+        ("utf-8 with BOM", "utf-8-sig", "auto", "utf-8-sig"),
+        ("cp932 (Excel)", "cp932", "auto", "cp932"),
+    ],
+)
 async def test_mixed_rows_per_encoding(contacts, kafka, label, encoding, option, detected):
     await contacts.api.ok("POST", "/v1/fields", PLAN_FIELD)
-    await contacts.api.ok("POST", "/v1/contacts",
-                          {"email": "owner@example.jp", "external_id": "C-900"})
+    await contacts.api.ok(
+        "POST", "/v1/contacts", {"email": "owner@example.jp", "external_id": "C-900"}
+    )
     ctx = _ctx(contacts)
     ctx.settings = dataclasses.replace(ctx.settings, import_chunk_rows=3)  # several chunks
     payload = _csv(MIXED_ROWS, "\r\n" if encoding == "cp932" else "\n").encode(encoding)
@@ -104,12 +111,17 @@ async def test_mixed_rows_per_encoding(contacts, kafka, label, encoding, option,
     status, accepted = await _upload(contacts, payload, encoding=option)
     assert status == 202, accepted
     assert (accepted["total"], accepted["encoding"], accepted["mode"], accepted["key"]) == (
-        8, detected, "insert_or_update", "email")
+        8,
+        detected,
+        "insert_or_update",
+        "email",
+    )
     assert accepted["mapping"]["契約プラン"] == "custom.plan"
     job = await _finished(contacts, accepted["id"])
 
-    assert {k: job[k] for k in ("total", "inserted", "updated", "skipped", "failed", "processed")} \
-        == {"total": 8, "inserted": 3, "updated": 1, "skipped": 0, "failed": 4, "processed": 8}
+    assert {
+        k: job[k] for k in ("total", "inserted", "updated", "skipped", "failed", "processed")
+    } == {"total": 8, "inserted": 3, "updated": 1, "skipped": 0, "failed": 4, "processed": 8}
     assert [(e["line"], e["field"]) for e in job["errors"]] == MIXED_ERRORS
     assert "2024-02-30" in job["errors"][1]["message"]
     assert job["filename"] == "contacts.csv" and job["created_at"] and job["updated_at"]
@@ -117,7 +129,11 @@ async def test_mixed_rows_per_encoding(contacts, kafka, label, encoding, option,
     taro = await _find(contacts, "taro@example.jp")
     assert taro is not None
     assert (taro["name"], taro["external_id"], taro["acquired_at"], taro["sales_status"]) == (
-        "山田 太郎（更新）", "C-1", "2024-04-01", "replied")  # line 9 updated line 2's contact
+        "山田 太郎（更新）",
+        "C-1",
+        "2024-04-01",
+        "replied",
+    )  # line 9 updated line 2's contact
     assert taro["custom_fields"] == {"plan": "pro"}
     hanako = await _find(contacts, "hanako@example.jp")
     assert hanako["memo"].splitlines() == ["一行目", "二行目"]
@@ -128,13 +144,21 @@ async def test_mixed_rows_per_encoding(contacts, kafka, label, encoding, option,
     owner = await _find(contacts, "owner@example.jp")
     assert owner["external_id"] == "C-900" and owner["name"] is None
 
-    events = await kafka.read(Topic.JOBS_EVENTS, until=lambda rs: any(
-        r["job_id"] == accepted["id"] and r["status"] == "done" for r in rs))
+    events = await kafka.read(
+        Topic.JOBS_EVENTS,
+        until=lambda rs: any(r["job_id"] == accepted["id"] and r["status"] == "done" for r in rs),
+    )
     mine = [e for e in events if e["job_id"] == accepted["id"]]
     assert [e["status"] for e in mine] == ["queued", "running", "running", "running", "done"]
     done = mine[-1]
-    assert (done["kind"], done["service"], done["total"], done["processed"], done["succeeded"],
-            done["failed"]) == ("import", "contacts", 8, 8, 4, 4)
+    assert (
+        done["kind"],
+        done["service"],
+        done["total"],
+        done["processed"],
+        done["succeeded"],
+        done["failed"],
+    ) == ("import", "contacts", 8, 8, 4, 4)
     assert [(e["line"], e["field"]) for e in done["errors"]] == MIXED_ERRORS
     assert done["title"] == "CSV import contacts.csv"
 
@@ -161,8 +185,13 @@ async def test_external_id_key(contacts):
     # Update by upstream id, changing the address; a new id with a new address is created;
     # a new id whose address belongs to a contact with another id is refused.
     await contacts.api.ok("POST", "/v1/contacts", {"email": "k2@example.jp", "external_id": "K-2"})
-    rows = ["顧客ID,メールアドレス,会社名", "K-1,k1-new@example.jp,新社名",
-            "K-3,k3@example.jp,三社", "K-4,k2@example.jp,四社", "K-5,,五社"]
+    rows = [
+        "顧客ID,メールアドレス,会社名",
+        "K-1,k1-new@example.jp,新社名",
+        "K-3,k3@example.jp,三社",
+        "K-4,k2@example.jp,四社",
+        "K-5,,五社",
+    ]
     job = await _import(contacts, _csv(rows).encode(), key="external_id")
     assert (job["inserted"], job["updated"], job["failed"]) == (1, 1, 2)
     assert [(e["line"], e["field"]) for e in job["errors"]] == [(4, "email"), (5, "email")]
@@ -170,36 +199,53 @@ async def test_external_id_key(contacts):
     assert (moved["external_id"], moved["company"]) == ("K-1", "新社名")
     assert (await _find(contacts, "k3@example.jp"))["external_id"] == "K-3"
 
-    job = await _import(contacts, _csv(["顧客ID,会社名", "K-3,更新", "K-9,無し"]).encode(),
-                        key="external_id", mode="update_only")
+    job = await _import(
+        contacts,
+        _csv(["顧客ID,会社名", "K-3,更新", "K-9,無し"]).encode(),
+        key="external_id",
+        mode="update_only",
+    )
     assert (job["updated"], job["skipped"], job["failed"]) == (1, 1, 0)
     assert (await _find(contacts, "k3@example.jp"))["company"] == "更新"
 
 
 async def test_custom_fields_are_typed_and_mapping_and_raw_body(contacts):
-    for field in ({"key": "seats", "label": "席数", "type": "number"},
-                  {"key": "since", "label": "契約日", "type": "date"},
-                  {"key": "active", "label": "有効", "type": "boolean"}):
+    for field in (
+        {"key": "seats", "label": "席数", "type": "number"},
+        {"key": "since", "label": "契約日", "type": "date"},
+        {"key": "active", "label": "有効", "type": "boolean"},
+    ):
         await contacts.api.ok("POST", "/v1/fields", field)
-    rows = ["Mail,Seats,契約日,有効,Ignored", "t@example.jp,\"1,200\",2024/1/2,はい,x",
-            "u@example.jp,many,,,", "v@example.jp,3.5,,false,"]
+    rows = [
+        "Mail,Seats,契約日,有効,Ignored",
+        't@example.jp,"1,200",2024/1/2,はい,x',
+        "u@example.jp,many,,,",
+        "v@example.jp,3.5,,false,",
+    ]
     mapping = {"Mail": "email", "Seats": "custom.seats", "Ignored": ""}
     job = await _import(contacts, _csv(rows).encode(), mapping=json.dumps(mapping))
     assert (job["inserted"], job["failed"]) == (2, 1)
     assert [(e["line"], e["field"]) for e in job["errors"]] == [(3, "custom.seats")]
     assert "'many'" in job["errors"][0]["message"]
-    assert job["mapping"] == {"Mail": "email", "Seats": "custom.seats", "契約日": "custom.since",
-                              "有効": "custom.active", "Ignored": ""}
-    row = await contacts.runtime.pool.fetchrow("SELECT custom FROM contact WHERE email = $1",
-                                               "t@example.jp")
+    assert job["mapping"] == {
+        "Mail": "email",
+        "Seats": "custom.seats",
+        "契約日": "custom.since",
+        "有効": "custom.active",
+        "Ignored": "",
+    }
+    row = await contacts.runtime.pool.fetchrow(
+        "SELECT custom FROM contact WHERE email = $1", "t@example.jp"
+    )
     assert row["custom"] == {"seats": 1200, "since": "2024-01-02", "active": True}
     v = await _find(contacts, "v@example.jp")
     assert v["custom_fields"] == {"seats": 3.5, "active": False}
 
     # The same API with a text/csv body and the options as query parameters.
     body = _csv(["メールアドレス,席数", "w@example.jp,7"]).encode("cp932")
-    status, accepted = await _post_raw(contacts, body, "text/csv", encoding="cp932",
-                                       mode="insert_only", filename="w.csv")
+    status, accepted = await _post_raw(
+        contacts, body, "text/csv", encoding="cp932", mode="insert_only", filename="w.csv"
+    )
     assert status == 202, accepted
     job = await _finished(contacts, accepted["id"])
     assert (job["inserted"], job["encoding"], job["filename"]) == (1, "cp932", "w.csv")
@@ -208,8 +254,12 @@ async def test_custom_fields_are_typed_and_mapping_and_raw_body(contacts):
 
 REFUSED = [
     (b"email\na@example.jp\n", {"encoding": "latin-1"}, "encoding", "encoding must be one of"),
-    ("email,name\na@example.jp,山田\n".encode("cp932"), {"encoding": "utf-8"}, "encoding",
-     "line 2: byte 0x8e is not valid utf-8"),
+    (
+        "email,name\na@example.jp,山田\n".encode("cp932"),
+        {"encoding": "utf-8"},
+        "encoding",
+        "line 2: byte 0x8e is not valid utf-8",
+    ),
     (b"email,favourite\na@example.jp,x\n", {}, "mapping", "column 'favourite' matches no field"),
     (b"email\na@example.jp\n", {"mode": "upsert"}, "mode", "mode must be one of"),
     (b"email\na@example.jp\n", {"key": "id"}, "key", "key must be one of"),
@@ -218,8 +268,12 @@ REFUSED = [
     (b"email,x\na@example.jp,1\n", {"mapping": '{"x": "score"}'}, "mapping", "'score' is not"),
     (b"", {}, "file", "header row"),
     (b'email,memo\na@example.jp,"open\n', {}, "file", "line 2: malformed CSV"),
-    (b"email,name\na@example.jp,x\n", {"mapping": '{"name": "", "memo": "memo"}'}, "mapping",
-     "mapping names column 'memo'"),
+    (
+        b"email,name\na@example.jp,x\n",
+        {"mapping": '{"name": "", "memo": "memo"}'},
+        "mapping",
+        "mapping names column 'memo'",
+    ),
     (b"email,email\na@example.jp,x\n", {}, "file", "column 'email' appears twice"),
 ]
 
@@ -255,19 +309,35 @@ async def test_roles_size_limit_and_listing(contacts):
 
 
 def _resume_payload() -> bytes:
-    return _csv(["email,memo", "r1@example.jp,", 'r2@example.jp,"a', 'b"', "r3@example.jp,",
-                 "bad,", "r4@example.jp,"]).encode()
+    return _csv(
+        [
+            "email,memo",
+            "r1@example.jp,",
+            'r2@example.jp,"a',
+            'b"',
+            "r3@example.jp,",
+            "bad,",
+            "r4@example.jp,",
+        ]
+    ).encode()
 
 
-async def _insert_job(service: Any, *, status: str, next_line: int, inserted: int = 0,
-                      failed: int = 0) -> str:
+async def _insert_job(
+    service: Any, *, status: str, next_line: int, inserted: int = 0, failed: int = 0
+) -> str:
     job_id = str(uuid.uuid4())
     await service.runtime.pool.execute(
         "INSERT INTO import_job (id, status, mode, key_field, encoding, mapping, payload, total,"
         " next_line, inserted, failed) VALUES ($1, $2, 'insert_or_update', 'email', 'utf-8', $3,"
         " $4, 5, $5, $6, $7)",
-        job_id, status, {"email": "email", "memo": "memo"}, _resume_payload(), next_line, inserted,
-        failed)
+        job_id,
+        status,
+        {"email": "email", "memo": "memo"},
+        _resume_payload(),
+        next_line,
+        inserted,
+        failed,
+    )
     return job_id
 
 
@@ -282,8 +352,10 @@ async def test_resume_processes_only_the_rows_after_the_checkpoint(contacts, kaf
     assert [(e["line"], e["field"]) for e in job["errors"]] == [(6, "email")]
     emails = {r["email"] for r in await runtime.pool.fetch("SELECT email FROM contact")}
     assert emails == {"r3@example.jp", "r4@example.jp"}
-    events = await kafka.read(Topic.JOBS_EVENTS, until=lambda rs: any(
-        r["job_id"] == job_id and r["status"] == "done" for r in rs))
+    events = await kafka.read(
+        Topic.JOBS_EVENTS,
+        until=lambda rs: any(r["job_id"] == job_id and r["status"] == "done" for r in rs),
+    )
     assert [e["status"] for e in events if e["job_id"] == job_id] == ["running", "done"]
 
 
@@ -292,8 +364,9 @@ async def test_two_runners_of_one_job_apply_it_once(contacts):
     # job's row lock in every chunk, lets one of them apply it and the other step aside.
     job_id = await _insert_job(contacts, status="queued", next_line=0)
     runtime = contacts.runtime
-    ctx = Context(dataclasses.replace(runtime.settings, import_chunk_rows=2), runtime.pool,
-                  runtime.publisher)
+    ctx = Context(
+        dataclasses.replace(runtime.settings, import_chunk_rows=2), runtime.pool, runtime.publisher
+    )
     await asyncio.gather(imports._Runner(ctx, job_id).run(), imports._Runner(ctx, job_id).run())
     job = await _finished(contacts, job_id)
     assert (job["inserted"], job["updated"], job["failed"]) == (4, 0, 1)

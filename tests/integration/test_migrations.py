@@ -27,7 +27,9 @@ async def test_migrations_apply_once_and_every_query_prepares(stack: Stack) -> N
                 raise AssertionError(f"query {name!r} does not fit the schema: {exc}") from exc
         outbox_columns = await conn.fetch(
             "SELECT column_name FROM information_schema.columns"
-            " WHERE table_schema = $1 AND table_name = 'outbox'", SCHEMA)
+            " WHERE table_schema = $1 AND table_name = 'outbox'",
+            SCHEMA,
+        )
         assert {r["column_name"] for r in outbox_columns} >= {"id", "topic", "key", "payload"}
     finally:
         await conn.close()

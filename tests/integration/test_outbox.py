@@ -13,21 +13,41 @@ from tests.conftest import eventually
 
 def _job(job_id: str, status: str) -> dict:
     now = dt.datetime(2026, 11, 23, tzinfo=dt.UTC)
-    return {"job_id": job_id, "kind": "import", "status": status, "service": "test", "title": "t",
-            "requested_by": None, "total": None, "processed": 0, "succeeded": 0, "failed": 0,
-            "errors": [], "detail": None, "created_at": now, "updated_at": now}
+    return {
+        "job_id": job_id,
+        "kind": "import",
+        "status": status,
+        "service": "test",
+        "title": "t",
+        "requested_by": None,
+        "total": None,
+        "processed": 0,
+        "succeeded": 0,
+        "failed": 0,
+        "errors": [],
+        "detail": None,
+        "created_at": now,
+        "updated_at": now,
+    }
 
 
 async def test_outbox_publishes_committed_rows_in_order_and_never_rolled_back_ones(
     database: str, kafka
 ) -> None:
     pool = await db.create_pool(database, "contacts", size=2)
-    relay = OutboxRelay(pool, Publisher(kafka.publisher.settings, kafka.publisher.producer), "contacts")
+    relay = OutboxRelay(
+        pool, Publisher(kafka.publisher.settings, kafka.publisher.producer), "contacts"
+    )
     try:
         async with pool.acquire() as conn:
             async with conn.transaction():
-                await outbox.add_many(conn, [(Topic.JOBS_EVENTS, "j1", _job("j1", s))
-                                             for s in ("queued", "running", "done")])
+                await outbox.add_many(
+                    conn,
+                    [
+                        (Topic.JOBS_EVENTS, "j1", _job("j1", s))
+                        for s in ("queued", "running", "done")
+                    ],
+                )
             try:
                 async with conn.transaction():
                     await outbox.add(conn, Topic.JOBS_EVENTS, "j2", _job("j2", "queued"))
@@ -41,7 +61,10 @@ async def test_outbox_publishes_committed_rows_in_order_and_never_rolled_back_on
 
         records = await kafka.read(Topic.JOBS_EVENTS, until=lambda r: len(r) >= 3)
         assert [(r["job_id"], r["status"]) for r in records] == [
-            ("j1", "queued"), ("j1", "running"), ("j1", "done")]
+            ("j1", "queued"),
+            ("j1", "running"),
+            ("j1", "done"),
+        ]
 
         # While one relay holds the lock, another publishes nothing (order across replicas).
         async with pool.acquire() as conn:

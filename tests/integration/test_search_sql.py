@@ -62,15 +62,25 @@ def seed_contact(i: int) -> dict[str, Any]:
         custom["vip"] = i % 4 == 0
     if i % 3 == 1:
         custom["note"] = f"メモ{i}"
-    awkward: dict[int, dict[str, Any]] = {4: {"note": ""}, 11: {"seats": "many"},
-                                          12: {"seats": 2.5}, 17: {"renewal": "not a date"}}
+    awkward: dict[int, dict[str, Any]] = {
+        4: {"note": ""},
+        11: {"seats": "many"},
+        12: {"seats": 2.5},
+        17: {"renewal": "not a date"},
+    }
     custom.update(awkward.get(i, {}))
-    tags = [tag for tag, on in (("newsletter", i % 2 == 0), ("vip", i % 3 == 0),
-                                ("セミナー", i % 5 == 0)) if on]
+    tags = [
+        tag
+        for tag, on in (("newsletter", i % 2 == 0), ("vip", i % 3 == 0), ("セミナー", i % 5 == 0))
+        if on
+    ]
     return {
         "email": "Taro.Yamada@Example.JP" if i == 7 else f"user{i:02d}@{DOMAINS[i % 3]}",
-        "name": None if i % 9 == 4 else "" if i == 13 else
-        f"{FAMILY[i % len(FAMILY)]} {GIVEN[i % len(GIVEN)]}",
+        "name": None
+        if i % 9 == 4
+        else ""
+        if i == 13
+        else f"{FAMILY[i % len(FAMILY)]} {GIVEN[i % len(GIVEN)]}",
         "name_kana": None if i % 7 == 3 else KANA[i % len(KANA)],
         "company": "" if i == 20 else COMPANIES[i % len(COMPANIES)],
         "memo": {5: "a_b", 6: "axb", 8: "50\\50"}.get(i),
@@ -157,7 +167,8 @@ class Seeded:
         while wanted - set(refs):
             rows = await self.conn.fetch(
                 "SELECT id, group_id, filter FROM saved_filter WHERE id = ANY($1::bigint[])",
-                sorted(wanted - set(refs)))
+                sorted(wanted - set(refs)),
+            )
             for row in rows:
                 refs[row["id"]] = SavedFilterRef(row["id"], row["group_id"], row["filter"])
                 wanted |= referenced_saved_filters(row["filter"])
@@ -166,10 +177,12 @@ class Seeded:
         return refs
 
     async def search(self, filter: Any, *, scope: int | None = None) -> set[int]:
-        compiled = compile_filter(filter, FIELDS, saved_filters=await self.saved_refs(filter),
-                                  group_scope=scope)
-        rows = await self.conn.fetch(f"SELECT c.id FROM contact c WHERE {compiled.where}",
-                                     *compiled.params)
+        compiled = compile_filter(
+            filter, FIELDS, saved_filters=await self.saved_refs(filter), group_scope=scope
+        )
+        rows = await self.conn.fetch(
+            f"SELECT c.id FROM contact c WHERE {compiled.where}", *compiled.params
+        )
         found = [row["id"] for row in rows]
         assert len(found) == len(set(found))
         return set(found)
@@ -179,10 +192,13 @@ async def seed(db: Seeded) -> None:
     conn = db.conn
     for name in ("g1", "g2", "g3"):
         db.groups[name] = await conn.fetchval(
-            "INSERT INTO contact_group (name) VALUES ($1) RETURNING id", name)
+            "INSERT INTO contact_group (name) VALUES ($1) RETURNING id", name
+        )
     columns = list(seed_contact(0))
-    insert = (f"INSERT INTO contact ({', '.join(columns)}) VALUES "
-              f"({', '.join(f'${n}' for n in range(1, len(columns) + 1))}) RETURNING id")
+    insert = (
+        f"INSERT INTO contact ({', '.join(columns)}) VALUES "
+        f"({', '.join(f'${n}' for n in range(1, len(columns) + 1))}) RETURNING id"
+    )
     for i in range(N):
         row = seed_contact(i)
         row["id"] = await conn.fetchval(insert, *(row[c] for c in columns))
@@ -190,26 +206,55 @@ async def seed(db: Seeded) -> None:
         row["memberships"] = {db.groups[g]: state for g, state in memberships_of(i).items()}
         row["history"] = history_of(i)
         for group_id, state in row["memberships"].items():
-            await conn.execute("INSERT INTO membership (contact_id, group_id, state, method) "
-                               "VALUES ($1, $2, $3, 'system')", row["id"], group_id, state)
+            await conn.execute(
+                "INSERT INTO membership (contact_id, group_id, state, method) "
+                "VALUES ($1, $2, $3, 'system')",
+                row["id"],
+                group_id,
+                state,
+            )
         for campaign, kind, days in row["history"]:
             # an hour inside the day, so "within N days" is unambiguous when days < N
             last = db.now - dt.timedelta(days=days) + dt.timedelta(hours=1)
             await conn.execute(
                 "INSERT INTO delivery_history (contact_id, campaign_id, kind, first_at, last_at) "
-                "VALUES ($1, $2, $3, $4, $4)", row["id"], campaign, kind, last)
+                "VALUES ($1, $2, $3, $4, $4)",
+                row["id"],
+                campaign,
+                kind,
+                last,
+            )
         db.rows.append(row)
+
     async def save(name: str, group: str | None, filter: dict[str, Any]) -> None:
         db.saved[name] = await conn.fetchval(
             "INSERT INTO saved_filter (name, group_id, filter) VALUES ($1, $2, $3) RETURNING id",
-            name, db.groups[group] if group else None, filter)
+            name,
+            db.groups[group] if group else None,
+            filter,
+        )
 
     await save("starred", None, {"field": "star", "op": "eq", "value": True})
-    await save("g1 starred high", "g1", {"all": [{"saved_filter": db.saved["starred"]},
-                                                 {"field": "score", "op": "gte", "value": 20}]})
-    await save("starred or seminar", None, {"any": [
-        {"saved_filter": db.saved["starred"]},
-        {"field": "tags", "op": "include_any", "value": ["セミナー"]}]})
+    await save(
+        "g1 starred high",
+        "g1",
+        {
+            "all": [
+                {"saved_filter": db.saved["starred"]},
+                {"field": "score", "op": "gte", "value": 20},
+            ]
+        },
+    )
+    await save(
+        "starred or seminar",
+        None,
+        {
+            "any": [
+                {"saved_filter": db.saved["starred"]},
+                {"field": "tags", "op": "include_any", "value": ["セミナー"]},
+            ]
+        },
+    )
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -224,8 +269,9 @@ async def db(postgres_uri: str) -> AsyncIterator[Seeded]:
     conn = await asyncpg.connect(uri, server_settings={"search_path": "contacts,public"})
     try:
         for kind in ("json", "jsonb"):
-            await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads,
-                                      schema="pg_catalog")
+            await conn.set_type_codec(
+                kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+            )
         await conn.execute("CREATE SCHEMA contacts")
         for path in sorted(MIGRATIONS.glob("*.sql")):
             await conn.execute(path.read_text(encoding="utf-8"))
@@ -237,6 +283,7 @@ async def db(postgres_uri: str) -> AsyncIterator[Seeded]:
 
 
 # -- field conditions: (field, op, value, what Python says matches) ---------------------
+
 
 def seats(row: dict) -> Any:
     """A custom number as search sees it: None when missing or not a JSON number."""
@@ -280,8 +327,7 @@ CASES: list[tuple[str, str, Any, Callable[[dict], bool]]] = [
     ("email", "ne", "TARO.YAMADA@example.jp", lambda r: r["i"] != 7),
     ("email", "contains", "EXAMPLE.COM", lambda r: "example.com" in r["email"].lower()),
     ("email", "starts_with", "user1", lambda r: r["email"].startswith("user1")),
-    ("email", "in", ["USER00@EXAMPLE.JP", "taro.yamada@example.jp"],
-     lambda r: r["i"] in (0, 7)),
+    ("email", "in", ["USER00@EXAMPLE.JP", "taro.yamada@example.jp"], lambda r: r["i"] in (0, 7)),
     ("company", "contains", "100%", lambda r: r["company"] == "100%_off商事"),
     ("company", "contains", "%_", lambda r: r["company"] == "100%_off商事"),
     ("company", "contains", "acme", lambda r: "acme" in (r["company"] or "").lower()),
@@ -313,18 +359,42 @@ CASES: list[tuple[str, str, Any, Callable[[dict], bool]]] = [
     ("custom.seats", "not_empty", None, lambda r: seats(r) is not None),
     ("acquired_at", "eq", "2023-01-18", lambda r: r["acquired_at"] == D("2023-01-18")),
     ("acquired_at", "ne", "2023-01-18", lambda r: r["acquired_at"] != D("2023-01-18")),
-    ("acquired_at", "gt", "2023-06-01", lambda r: (r["acquired_at"] or D("0001-01-01"))
-     > D("2023-06-01")),
-    ("acquired_at", "gte", "2023-06-20", lambda r: (r["acquired_at"] or D("0001-01-01"))
-     >= D("2023-06-20")),
-    ("acquired_at", "lt", "2023-03-01", lambda r: (r["acquired_at"] or D("9999-01-01"))
-     < D("2023-03-01")),
-    ("acquired_at", "lte", "2023-03-08", lambda r: (r["acquired_at"] or D("9999-01-01"))
-     <= D("2023-03-08")),
-    ("acquired_at", "between", ["2023-02-01", "2023-06-20"],
-     lambda r: D("2023-02-01") <= (r["acquired_at"] or D("0001-01-01")) <= D("2023-06-20")),
-    ("acquired_at", "in", ["2023-01-18", "2023-02-04"],
-     lambda r: r["acquired_at"] in (D("2023-01-18"), D("2023-02-04"))),
+    (
+        "acquired_at",
+        "gt",
+        "2023-06-01",
+        lambda r: (r["acquired_at"] or D("0001-01-01")) > D("2023-06-01"),
+    ),
+    (
+        "acquired_at",
+        "gte",
+        "2023-06-20",
+        lambda r: (r["acquired_at"] or D("0001-01-01")) >= D("2023-06-20"),
+    ),
+    (
+        "acquired_at",
+        "lt",
+        "2023-03-01",
+        lambda r: (r["acquired_at"] or D("9999-01-01")) < D("2023-03-01"),
+    ),
+    (
+        "acquired_at",
+        "lte",
+        "2023-03-08",
+        lambda r: (r["acquired_at"] or D("9999-01-01")) <= D("2023-03-08"),
+    ),
+    (
+        "acquired_at",
+        "between",
+        ["2023-02-01", "2023-06-20"],
+        lambda r: D("2023-02-01") <= (r["acquired_at"] or D("0001-01-01")) <= D("2023-06-20"),
+    ),
+    (
+        "acquired_at",
+        "in",
+        ["2023-01-18", "2023-02-04"],
+        lambda r: r["acquired_at"] in (D("2023-01-18"), D("2023-02-04")),
+    ),
     ("acquired_at", "empty", None, lambda r: r["acquired_at"] is None),
     ("acquired_at", "not_empty", None, lambda r: r["acquired_at"] is not None),
     ("custom.renewal", "eq", "2024-01-12", lambda r: renewal(r) == "2024-01-12"),
@@ -333,25 +403,53 @@ CASES: list[tuple[str, str, Any, Callable[[dict], bool]]] = [
     ("custom.renewal", "gte", "2024-06-09", lambda r: (renewal(r) or "") >= "2024-06-09"),
     ("custom.renewal", "lt", "2024-02-01", lambda r: (renewal(r) or "9") < "2024-02-01"),
     ("custom.renewal", "lte", "2024-02-06", lambda r: (renewal(r) or "9") <= "2024-02-06"),
-    ("custom.renewal", "between", ["2024-02-01", "2024-04-30"],
-     lambda r: "2024-02-01" <= (renewal(r) or "") <= "2024-04-30"),
-    ("custom.renewal", "in", ["2024-01-01", "2024-01-12"],
-     lambda r: renewal(r) in ("2024-01-01", "2024-01-12")),
+    (
+        "custom.renewal",
+        "between",
+        ["2024-02-01", "2024-04-30"],
+        lambda r: "2024-02-01" <= (renewal(r) or "") <= "2024-04-30",
+    ),
+    (
+        "custom.renewal",
+        "in",
+        ["2024-01-01", "2024-01-12"],
+        lambda r: renewal(r) in ("2024-01-01", "2024-01-12"),
+    ),
     ("custom.renewal", "empty", None, lambda r: renewal(r) is None),
-    ("created_at", "gte", "2024-01-05T13:00:00+00:00",
-     lambda r: r["created_at"] >= dt.datetime(2024, 1, 5, 13, tzinfo=UTC)),
-    ("created_at", "lt", "2024-01-05T13:00:00",  # naive: Japan time
-     lambda r: r["created_at"] < dt.datetime(2024, 1, 5, 13, tzinfo=JST)),
+    (
+        "created_at",
+        "gte",
+        "2024-01-05T13:00:00+00:00",
+        lambda r: r["created_at"] >= dt.datetime(2024, 1, 5, 13, tzinfo=UTC),
+    ),
+    (
+        "created_at",
+        "lt",
+        "2024-01-05T13:00:00",  # naive: Japan time
+        lambda r: r["created_at"] < dt.datetime(2024, 1, 5, 13, tzinfo=JST),
+    ),
     ("created_at", "eq", "2024-01-03", lambda r: jst_day(r["created_at"]) == D("2024-01-03")),
     ("created_at", "ne", "2024-01-03", lambda r: jst_day(r["created_at"]) != D("2024-01-03")),
     ("created_at", "lte", "2024-01-03", lambda r: jst_day(r["created_at"]) <= D("2024-01-03")),
     ("created_at", "gt", "2024-01-03", lambda r: jst_day(r["created_at"]) > D("2024-01-03")),
-    ("created_at", "between", ["2024-01-02", "2024-01-04"],
-     lambda r: D("2024-01-02") <= jst_day(r["created_at"]) <= D("2024-01-04")),
-    ("created_at", "in", ["2024-01-02", "2024-01-07"],
-     lambda r: jst_day(r["created_at"]) in (D("2024-01-02"), D("2024-01-07"))),
-    ("updated_at", "between", ["2024-01-03T00:00:00Z", "2024-01-05T00:00:00Z"],
-     lambda r: BASE + dt.timedelta(days=2) <= r["updated_at"] <= BASE + dt.timedelta(days=4)),
+    (
+        "created_at",
+        "between",
+        ["2024-01-02", "2024-01-04"],
+        lambda r: D("2024-01-02") <= jst_day(r["created_at"]) <= D("2024-01-04"),
+    ),
+    (
+        "created_at",
+        "in",
+        ["2024-01-02", "2024-01-07"],
+        lambda r: jst_day(r["created_at"]) in (D("2024-01-02"), D("2024-01-07")),
+    ),
+    (
+        "updated_at",
+        "between",
+        ["2024-01-03T00:00:00Z", "2024-01-05T00:00:00Z"],
+        lambda r: BASE + dt.timedelta(days=2) <= r["updated_at"] <= BASE + dt.timedelta(days=4),
+    ),
     ("updated_at", "empty", None, lambda r: False),
     ("star", "eq", True, lambda r: r["star"]),
     ("star", "eq", False, lambda r: not r["star"]),
@@ -369,8 +467,12 @@ CASES: list[tuple[str, str, Any, Callable[[dict], bool]]] = [
     ("engagement", "empty", None, lambda r: r["engagement"] is None),
     ("engagement", "not_empty", None, lambda r: r["engagement"] is not None),
     ("delivery_status", "eq", "ok", lambda r: r["delivery_status"] == "ok"),
-    ("delivery_status", "in", ["spam", "エラー"],
-     lambda r: r["delivery_status"] in ("spam", "error")),
+    (
+        "delivery_status",
+        "in",
+        ["spam", "エラー"],
+        lambda r: r["delivery_status"] in ("spam", "error"),
+    ),
     ("custom.plan", "eq", "pro", lambda r: plan(r) == "pro"),
     ("custom.plan", "ne", "pro", lambda r: plan(r) != "pro"),
     ("custom.plan", "in", ["free", "enterprise"], lambda r: plan(r) in ("free", "enterprise")),
@@ -380,24 +482,44 @@ CASES: list[tuple[str, str, Any, Callable[[dict], bool]]] = [
     ("custom.note", "starts_with", "メモ2", lambda r: (note(r) or "").startswith("メモ2")),
     ("custom.note", "empty", None, lambda r: not note(r)),
     ("custom.note", "not_empty", None, lambda r: bool(note(r))),
-    ("tags", "include_any", ["vip", "セミナー"],
-     lambda r: bool({"vip", "セミナー"} & set(r["tags"]))),
+    (
+        "tags",
+        "include_any",
+        ["vip", "セミナー"],
+        lambda r: bool({"vip", "セミナー"} & set(r["tags"])),
+    ),
     ("tags", "include_all", ["vip", "セミナー"], lambda r: {"vip", "セミナー"} <= set(r["tags"])),
-    ("tags", "exclude_any", ["vip", "セミナー"],
-     lambda r: not {"vip", "セミナー"} & set(r["tags"])),
-    ("tags", "exclude_all", ["vip", "セミナー"],
-     lambda r: not {"vip", "セミナー"} <= set(r["tags"])),
+    (
+        "tags",
+        "exclude_any",
+        ["vip", "セミナー"],
+        lambda r: not {"vip", "セミナー"} & set(r["tags"]),
+    ),
+    (
+        "tags",
+        "exclude_all",
+        ["vip", "セミナー"],
+        lambda r: not {"vip", "セミナー"} <= set(r["tags"]),
+    ),
     ("tags", "empty", None, lambda r: not r["tags"]),
     ("tags", "not_empty", None, lambda r: bool(r["tags"])),
 ]
-MAY_BE_TRIVIAL = {("company", "starts_with"), ("score", "empty"), ("score", "not_empty"),
-                  ("updated_at", "empty")}
+MAY_BE_TRIVIAL = {
+    ("company", "starts_with"),
+    ("score", "empty"),
+    ("score", "not_empty"),
+    ("updated_at", "empty"),
+}
 
 
-@pytest.mark.parametrize(("field", "op", "value", "predicate"), CASES,
-                         ids=[f"{f}-{op}-{i}" for i, (f, op, _, _) in enumerate(CASES)])
-async def test_field_conditions(db: Seeded, field: str, op: str, value: Any,
-                                predicate: Callable[[dict], bool]) -> None:
+@pytest.mark.parametrize(
+    ("field", "op", "value", "predicate"),
+    CASES,
+    ids=[f"{f}-{op}-{i}" for i, (f, op, _, _) in enumerate(CASES)],
+)
+async def test_field_conditions(
+    db: Seeded, field: str, op: str, value: Any, predicate: Callable[[dict], bool]
+) -> None:
     node: dict[str, Any] = {"field": field, "op": op}
     if value is not None:
         node["value"] = value
@@ -430,13 +552,17 @@ async def test_membership_states(db: Seeded, group: str, state: str) -> None:
     assert await db.search({"membership": {"group_id": group_id, "state": state}}) == expected
 
 
-@pytest.mark.parametrize(("state", "predicate"), [
-    ("all_deliverable", lambda states: bool(states) and set(states) == {"deliverable"}),
-    ("any_unsubscribed", lambda states: "unsubscribed" in states),
-    ("any_banned", lambda states: "banned" in states),
-])
-async def test_aggregate_delivery_state(db: Seeded, state: str,
-                                        predicate: Callable[[list[str]], bool]) -> None:
+@pytest.mark.parametrize(
+    ("state", "predicate"),
+    [
+        ("all_deliverable", lambda states: bool(states) and set(states) == {"deliverable"}),
+        ("any_unsubscribed", lambda states: "unsubscribed" in states),
+        ("any_banned", lambda states: "banned" in states),
+    ],
+)
+async def test_aggregate_delivery_state(
+    db: Seeded, state: str, predicate: Callable[[list[str]], bool]
+) -> None:
     expected = db.ids(lambda r: predicate(list(r["memberships"].values())))
     assert 0 < len(expected) < N
     assert await db.search({"delivery_state": state}) == expected
@@ -447,22 +573,29 @@ HISTORY = [
     ({"event": "received", "campaign_id": "c1"}, lambda h: h[:2] == ("c1", "received")),
     ({"event": "opened", "within_days": 10}, lambda h: h[1] == "opened" and h[2] < 10),
     ({"event": "clicked", "campaign_id": "c2"}, lambda h: h[:2] == ("c2", "clicked")),
-    ({"event": "clicked", "campaign_id": "c2", "within_days": 30},
-     lambda h: h[:2] == ("c2", "clicked") and h[2] < 30),
+    (
+        {"event": "clicked", "campaign_id": "c2", "within_days": 30},
+        lambda h: h[:2] == ("c2", "clicked") and h[2] < 30,
+    ),
     ({"event": "errored"}, lambda h: h[1] == "errored"),
     ({"event": "errored", "within_days": 7}, lambda h: h[1] == "errored" and h[2] < 7),
-    ({"event": "received", "campaign_ids": ["c2", "c3"]},
-     lambda h: h[1] == "received" and h[0] in ("c2", "c3")),
-    ({"event": "errored", "campaign_ids": ["c1", "c2"]},
-     lambda h: h[1] == "errored" and h[0] in ("c1", "c2")),
+    (
+        {"event": "received", "campaign_ids": ["c2", "c3"]},
+        lambda h: h[1] == "received" and h[0] in ("c2", "c3"),
+    ),
+    (
+        {"event": "errored", "campaign_ids": ["c1", "c2"]},
+        lambda h: h[1] == "errored" and h[0] in ("c1", "c2"),
+    ),
     ({"event": "received", "within_days": 12}, lambda h: h[1] == "received" and h[2] < 12),
 ]
 
 
 @pytest.mark.parametrize(("spec", "predicate"), HISTORY)
 @pytest.mark.parametrize("negate", [False, True])
-async def test_delivery_history(db: Seeded, spec: dict, predicate: Callable[[tuple], bool],
-                                negate: bool) -> None:
+async def test_delivery_history(
+    db: Seeded, spec: dict, predicate: Callable[[tuple], bool], negate: bool
+) -> None:
     hit = db.ids(lambda r: any(predicate(h) for h in r["history"]))
     assert 0 < len(hit) < N
     expected = db.all_ids - hit if negate else hit
@@ -474,12 +607,14 @@ async def test_saved_filters_inline_and_respect_scope(db: Seeded) -> None:
     either = db.saved["starred or seminar"]
     assert await db.search({"saved_filter": starred}) == db.ids(lambda r: r["star"])
     assert await db.search({"saved_filter": either}) == db.ids(
-        lambda r: r["star"] or "セミナー" in r["tags"])
+        lambda r: r["star"] or "セミナー" in r["tags"]
+    )
     g1 = db.groups["g1"]
     expected = db.ids(lambda r: r["star"] and r["score"] >= 20 and g1 in r["memberships"])
     assert expected
-    filter = {"all": [{"membership": {"group_id": g1, "state": "member"}},
-                      {"saved_filter": scoped}]}
+    filter = {
+        "all": [{"membership": {"group_id": g1, "state": "member"}}, {"saved_filter": scoped}]
+    }
     assert await db.search(filter, scope=g1) == expected
     for scope in (None, db.groups["g2"]):
         with pytest.raises(InvalidMessage) as info:
@@ -492,23 +627,43 @@ async def test_saved_filters_inline_and_respect_scope(db: Seeded) -> None:
 
 async def test_nested_combinations(db: Seeded) -> None:
     g1, g2 = db.groups["g1"], db.groups["g2"]
-    filter = {"any": [
-        {"all": [{"field": "star", "op": "eq", "value": True},
-                 {"not": {"field": "tags", "op": "include_any", "value": ["セミナー"]}},
-                 {"field": "score", "op": "between", "value": [10, 40]}]},
-        {"all": [{"membership": {"group_id": g1, "state": "banned"}},
-                 {"not": {"history": {"event": "errored"}}}]},
-        {"not": {"any": [{"field": "custom.seats", "op": "lt", "value": 100},
-                         {"membership": {"group_id": g2, "state": "member"}},
-                         {"field": "engagement", "op": "eq", "value": "hot"}]}},
-    ]}
+    filter = {
+        "any": [
+            {
+                "all": [
+                    {"field": "star", "op": "eq", "value": True},
+                    {"not": {"field": "tags", "op": "include_any", "value": ["セミナー"]}},
+                    {"field": "score", "op": "between", "value": [10, 40]},
+                ]
+            },
+            {
+                "all": [
+                    {"membership": {"group_id": g1, "state": "banned"}},
+                    {"not": {"history": {"event": "errored"}}},
+                ]
+            },
+            {
+                "not": {
+                    "any": [
+                        {"field": "custom.seats", "op": "lt", "value": 100},
+                        {"membership": {"group_id": g2, "state": "member"}},
+                        {"field": "engagement", "op": "eq", "value": "hot"},
+                    ]
+                }
+            },
+        ]
+    }
 
     def predicate(r: dict) -> bool:
         first = r["star"] and "セミナー" not in r["tags"] and 10 <= r["score"] <= 40
-        second = (r["memberships"].get(g1) == "banned"
-                  and not any(h[1] == "errored" for h in r["history"]))
-        third = not ((seats(r) is not None and seats(r) < 100) or g2 in r["memberships"]
-                     or r["engagement"] == "hot")
+        second = r["memberships"].get(g1) == "banned" and not any(
+            h[1] == "errored" for h in r["history"]
+        )
+        third = not (
+            (seats(r) is not None and seats(r) < 100)
+            or g2 in r["memberships"]
+            or r["engagement"] == "hot"
+        )
         return bool(first or second or third)
 
     expected = db.ids(predicate)
@@ -531,10 +686,14 @@ SORTS: list[tuple[Any, Callable[[dict], tuple] | None]] = [
     ("id", lambda r: (r["id"],)),
     ("-id", lambda r: (-r["id"],)),
     ("-score", lambda r: (-r["score"], r["id"])),
-    (["acquired_at", "-created_at"],
-     lambda r: (nulls_last(r["acquired_at"], False), -r["created_at"].timestamp(), r["id"])),
-    ([{"field": "acquired_at", "direction": "desc"}, "score", "-id"],
-     lambda r: (nulls_last(r["acquired_at"], True), r["score"], -r["id"])),
+    (
+        ["acquired_at", "-created_at"],
+        lambda r: (nulls_last(r["acquired_at"], False), -r["created_at"].timestamp(), r["id"]),
+    ),
+    (
+        [{"field": "acquired_at", "direction": "desc"}, "score", "-id"],
+        lambda r: (nulls_last(r["acquired_at"], True), r["score"], -r["id"]),
+    ),
     (["-updated_at"], lambda r: (-r["updated_at"].timestamp(), r["id"])),
     (["company", "-score"], None),  # text order follows the database collation
     ("-name", None),
@@ -546,8 +705,8 @@ SORTS: list[tuple[Any, Callable[[dict], tuple] | None]] = [
 @pytest.mark.parametrize(("sort", "python_order"), SORTS, ids=[str(s) for s, _ in SORTS])
 @pytest.mark.parametrize("filtered", [False, True])
 async def test_keyset_pagination_walks_every_row_once(
-        db: Seeded, sort: Any, python_order: Callable[[dict], tuple] | None,
-        filtered: bool) -> None:
+    db: Seeded, sort: Any, python_order: Callable[[dict], tuple] | None, filtered: bool
+) -> None:
     filter = {"field": "tags", "op": "not_empty"} if filtered else None
     matching = [r for r in db.rows if r["tags"] or not filtered]
     full, _ = compile_search(filter, FIELDS, sort=sort, limit=MAX_LIMIT, cursor=None)

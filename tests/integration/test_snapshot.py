@@ -26,19 +26,27 @@ STOPPED = ["invalid_address", "error", "spam"]
 
 
 def snapshot_request(**target: Any) -> dict[str, Any]:
-    request = {"request_id": str(uuid.uuid4()), "campaign_id": str(uuid.uuid4()),
-               "group_id": None, "filter_json": None, "saved_filter_id": None,
-               "include_unsubscribed": False, "dedupe": "none",
-               "requested_at": dt.datetime.now(dt.UTC)}
+    request = {
+        "request_id": str(uuid.uuid4()),
+        "campaign_id": str(uuid.uuid4()),
+        "group_id": None,
+        "filter_json": None,
+        "saved_filter_id": None,
+        "include_unsubscribed": False,
+        "dedupe": "none",
+        "requested_at": dt.datetime.now(dt.UTC),
+    }
     request.update(target)
     return request
 
 
-async def snapshots(kafka: Any, requests: list[dict[str, Any]]
-                    ) -> dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]:
+async def snapshots(
+    kafka: Any, requests: list[dict[str, Any]]
+) -> dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]:
     """Publish ``requests`` and read every answer: request_id → (recipients, end marker)."""
-    await publish_together(kafka, Topic.SNAPSHOT_REQUESTS,
-                           [(r["campaign_id"], r) for r in requests])
+    await publish_together(
+        kafka, Topic.SNAPSHOT_REQUESTS, [(r["campaign_id"], r) for r in requests]
+    )
     wanted = {r["request_id"] for r in requests}
 
     def complete(records: list[dict[str, Any]]) -> bool:
@@ -68,13 +76,13 @@ def complete_list(answer: tuple[list[dict[str, Any]], dict[str, Any]]) -> list[i
 #: (name, company, tags, plan, seats, star, in the group) of contacts c0..c7
 PEOPLE = [
     ("相川 一郎", "株式会社あおば", ["vip"], "premium", 10, True, True),
-    ("伊藤 二郎", None, ["vip"], "free", 3, False, True),   # unsubscribed in the group
+    ("伊藤 二郎", None, ["vip"], "free", 3, False, True),  # unsubscribed in the group
     ("上田 三郎", None, ["vip"], "premium", 2, False, True),  # banned in the group
     ("遠藤 四郎", None, ["vip"], "premium", 5, True, False),  # invalid_address
     ("小川 五郎", "小川商店", [], "business", 50, False, True),
     ("加藤 六郎", None, ["vip"], "premium", 12, True, True),
     ("木村 七郎", None, ["vip"], None, 1, False, False),
-    ("工藤 八郎", None, [], "free", None, False, True),      # temporary_error: still sent
+    ("工藤 八郎", None, [], "free", None, False, True),  # temporary_error: still sent
 ]
 
 
@@ -85,51 +93,107 @@ async def test_snapshot_of_each_target_equals_the_search(contacts, kafka):
     c: list[int] = []
     for i, (name, company, tags, plan, seats, star, _) in enumerate(PEOPLE):
         custom = {k: v for k, v in (("plan", plan), ("seats", seats)) if v is not None}
-        c.append((await api.ok("POST", "/v1/contacts", {
-            "email": f"c{i}@example.jp", "name": name, "company": company, "tags": tags,
-            "star": star, "custom_fields": custom}))["id"])
-    await api.ok("POST", f"/v1/groups/{group}/members",
-                 {"contact_ids": [c[i] for i, row in enumerate(PEOPLE) if row[6]]})
+        c.append(
+            (
+                await api.ok(
+                    "POST",
+                    "/v1/contacts",
+                    {
+                        "email": f"c{i}@example.jp",
+                        "name": name,
+                        "company": company,
+                        "tags": tags,
+                        "star": star,
+                        "custom_fields": custom,
+                    },
+                )
+            )["id"]
+        )
+    await api.ok(
+        "POST",
+        f"/v1/groups/{group}/members",
+        {"contact_ids": [c[i] for i, row in enumerate(PEOPLE) if row[6]]},
+    )
     later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
-    changes = [membership_change(c[1], group, "unsubscribed", later, 2, method="form"),
-               membership_change(c[2], group, "banned", later, 2)]
-    await publish_together(kafka, Topic.SUPPRESSION_CHANGES,
-                           [(x["contact_id"], x) for x in changes])
-    bounces = [bounce(c[3], "invalid_address", later), bounce(c[7], "temporary_error", later,
-                                                              action="counted")]
+    changes = [
+        membership_change(c[1], group, "unsubscribed", later, 2, method="form"),
+        membership_change(c[2], group, "banned", later, 2),
+    ]
+    await publish_together(
+        kafka, Topic.SUPPRESSION_CHANGES, [(x["contact_id"], x) for x in changes]
+    )
+    bounces = [
+        bounce(c[3], "invalid_address", later),
+        bounce(c[7], "temporary_error", later, action="counted"),
+    ]
     await publish_together(kafka, Topic.BOUNCE_EVENTS, [(x["contact_id"], x) for x in bounces])
     await consumed(contacts, [x["change_id"] for x in changes] + [x["event_id"] for x in bounces])
 
     deliverable = {"membership": {"group_id": group, "state": "deliverable"}}
     unsubscribed = {"membership": {"group_id": group, "state": "unsubscribed"}}
     vip = {"field": "tags", "op": "include_any", "value": ["vip"]}
-    by_plan = {"any": [{"field": "custom.plan", "op": "eq", "value": "business"},
-                       {"all": [{"field": "custom.plan", "op": "eq", "value": "premium"},
-                                {"field": "custom.seats", "op": "gte", "value": 10}]}]}
-    no_vip = await api.ok("POST", "/v1/filters", {"name": "VIP以外", "filter": {
-        "field": "tags", "op": "exclude_any", "value": ["vip"]}})
-    starred = await api.ok("POST", "/v1/filters", {"name": "スター", "filter": {
-        "field": "star", "op": "eq", "value": True}})
-    big_in_group = await api.ok("POST", "/v1/filters", {
-        "name": "大口", "group_id": group,
-        "filter": {"all": [{"membership": {"group_id": group}},
-                           {"field": "custom.seats", "op": "gte", "value": 10}]}})
+    by_plan = {
+        "any": [
+            {"field": "custom.plan", "op": "eq", "value": "business"},
+            {
+                "all": [
+                    {"field": "custom.plan", "op": "eq", "value": "premium"},
+                    {"field": "custom.seats", "op": "gte", "value": 10},
+                ]
+            },
+        ]
+    }
+    no_vip = await api.ok(
+        "POST",
+        "/v1/filters",
+        {"name": "VIP以外", "filter": {"field": "tags", "op": "exclude_any", "value": ["vip"]}},
+    )
+    starred = await api.ok(
+        "POST",
+        "/v1/filters",
+        {"name": "スター", "filter": {"field": "star", "op": "eq", "value": True}},
+    )
+    big_in_group = await api.ok(
+        "POST",
+        "/v1/filters",
+        {
+            "name": "大口",
+            "group_id": group,
+            "filter": {
+                "all": [
+                    {"membership": {"group_id": group}},
+                    {"field": "custom.seats", "op": "gte", "value": 10},
+                ]
+            },
+        },
+    )
     vip_starred = {"all": [vip, {"field": "star", "op": "eq", "value": True}]}
 
     # (target, the same selection as a search, the search's group scope)
     cases = {
         "group": (dict(group_id=group), deliverable, None),
-        "group+filter": (dict(group_id=group, filter_json=json.dumps(vip)),
-                         {"all": [deliverable, vip]}, None),
+        "group+filter": (
+            dict(group_id=group, filter_json=json.dumps(vip)),
+            {"all": [deliverable, vip]},
+            None,
+        ),
         "filter": (dict(filter_json=json.dumps(by_plan, ensure_ascii=False)), by_plan, None),
         "saved filter": (dict(saved_filter_id=no_vip["id"]), {"saved_filter": no_vip["id"]}, None),
-        "group+saved filter": (dict(group_id=group, saved_filter_id=starred["id"]),
-                               {"all": [deliverable, {"saved_filter": starred["id"]}]}, None),
+        "group+saved filter": (
+            dict(group_id=group, saved_filter_id=starred["id"]),
+            {"all": [deliverable, {"saved_filter": starred["id"]}]},
+            None,
+        ),
         "group+scoped saved filter": (
             dict(group_id=group, saved_filter_id=big_in_group["id"]),
-            {"all": [deliverable, {"saved_filter": big_in_group["id"]}]}, group),
-        "include_unsubscribed": (dict(group_id=group, include_unsubscribed=True),
-                                 {"any": [deliverable, unsubscribed]}, None),
+            {"all": [deliverable, {"saved_filter": big_in_group["id"]}]},
+            group,
+        ),
+        "include_unsubscribed": (
+            dict(group_id=group, include_unsubscribed=True),
+            {"any": [deliverable, unsubscribed]},
+            None,
+        ),
     }
     requests = {name: snapshot_request(**target) for name, (target, _, _) in cases.items()}
     requests["stopped status"] = snapshot_request(filter_json=json.dumps(vip_starred))
@@ -158,44 +222,90 @@ async def test_snapshot_of_each_target_equals_the_search(contacts, kafka):
     assert banned_anywhere == [i for i in all_vip if i not in (c[2], c[3])]
     # (e) the search still finds the invalid address; the snapshot leaves it out
     assert await ids_of(api, vip_starred) == [c[0], c[3], c[5]]
-    assert got["stopped status"] == await ids_of(api, {"all": [vip_starred, {
-        "not": {"field": "delivery_status", "op": "in", "value": STOPPED}}]})
+    assert got["stopped status"] == await ids_of(
+        api,
+        {"all": [vip_starred, {"not": {"field": "delivery_status", "op": "in", "value": STOPPED}}]},
+    )
 
     recipients, _ = answers[requests["include_unsubscribed"]["request_id"]]
-    assert [(r["contact_id"], r["email"], r["group_id"], r["membership_state"])
-            for r in recipients] == [
+    assert [
+        (r["contact_id"], r["email"], r["group_id"], r["membership_state"]) for r in recipients
+    ] == [
         (c[0], "c0@example.jp", group, "deliverable"),
         (c[1], "c1@example.jp", group, "unsubscribed"),
         (c[4], "c4@example.jp", group, "deliverable"),
         (c[5], "c5@example.jp", group, "deliverable"),
-        (c[7], "c7@example.jp", group, "deliverable")]
+        (c[7], "c7@example.jp", group, "deliverable"),
+    ]
     recipients, _ = answers[requests["filter"]["request_id"]]
     assert {(r["group_id"], r["membership_state"]) for r in recipients} == {(None, None)}
 
     # merge values are the contact as it was at the snapshot
-    first = {r["contact_id"]: r["merge_values"]
-             for r in answers[requests["group"]["request_id"]][0]}
-    shown = ("contact_id", "email", "name", "company", "tags", "sales_status", "score",
-             "custom.plan", "plan", "custom.seats", "seats")
+    first = {
+        r["contact_id"]: r["merge_values"] for r in answers[requests["group"]["request_id"]][0]
+    }
+    shown = (
+        "contact_id",
+        "email",
+        "name",
+        "company",
+        "tags",
+        "sales_status",
+        "score",
+        "custom.plan",
+        "plan",
+        "custom.seats",
+        "seats",
+    )
     assert {k: first[c[0]].get(k) for k in shown} == {
-        "contact_id": str(c[0]), "email": "c0@example.jp", "name": "相川 一郎",
-        "company": "株式会社あおば", "tags": "vip", "sales_status": "open", "score": "0",
-        "custom.plan": "premium", "plan": "premium", "custom.seats": "10", "seats": "10"}
+        "contact_id": str(c[0]),
+        "email": "c0@example.jp",
+        "name": "相川 一郎",
+        "company": "株式会社あおば",
+        "tags": "vip",
+        "sales_status": "open",
+        "score": "0",
+        "custom.plan": "premium",
+        "plan": "premium",
+        "custom.seats": "10",
+        "seats": "10",
+    }
     assert {k: first[c[7]].get(k) for k in shown} == {
-        "contact_id": str(c[7]), "email": "c7@example.jp", "name": "工藤 八郎", "company": "",
-        "tags": "", "sales_status": "open", "score": "0",
-        "custom.plan": "free", "plan": "free", "custom.seats": None, "seats": None}
+        "contact_id": str(c[7]),
+        "email": "c7@example.jp",
+        "name": "工藤 八郎",
+        "company": "",
+        "tags": "",
+        "sales_status": "open",
+        "score": "0",
+        "custom.plan": "free",
+        "plan": "free",
+        "custom.seats": None,
+        "seats": None,
+    }
 
-    await api.ok("PATCH", f"/v1/contacts/{c[0]}", {
-        "name": "相川 一郎（改）", "company": "", "custom_fields": {"seats": 11, "plan": ""}})
+    await api.ok(
+        "PATCH",
+        f"/v1/contacts/{c[0]}",
+        {"name": "相川 一郎（改）", "company": "", "custom_fields": {"seats": 11, "plan": ""}},
+    )
     again = snapshot_request(group_id=group)
     answer = (await snapshots(kafka, [again]))[again["request_id"]]
     assert complete_list(answer) == got["group"]
     now = {r["contact_id"]: r["merge_values"] for r in answer[0]}
     assert {k: now[c[0]].get(k) for k in shown} == {
-        "contact_id": str(c[0]), "email": "c0@example.jp", "name": "相川 一郎（改）",
-        "company": "", "tags": "vip", "sales_status": "open", "score": "0",
-        "custom.plan": None, "plan": None, "custom.seats": "11", "seats": "11"}
+        "contact_id": str(c[0]),
+        "email": "c0@example.jp",
+        "name": "相川 一郎（改）",
+        "company": "",
+        "tags": "vip",
+        "sales_status": "open",
+        "score": "0",
+        "custom.plan": None,
+        "plan": None,
+        "custom.seats": "11",
+        "seats": "11",
+    }
     assert first[c[0]]["name"] == "相川 一郎"  # the earlier snapshot kept its values
 
 
@@ -204,16 +314,23 @@ async def test_snapshot_of_a_bad_target_ends_with_the_error(contacts, kafka):
     group = (await api.ok("POST", "/v1/groups", {"name": "会員"}))["id"]
     member = (await api.ok("POST", "/v1/contacts", {"email": "m@example.jp"}))["id"]
     await api.ok("POST", f"/v1/groups/{group}/members", {"contact_ids": [member]})
-    scoped = await api.ok("POST", "/v1/filters", {"name": "会員限定", "group_id": group,
-                                                  "filter": {"membership": {"group_id": group}}})
+    scoped = await api.ok(
+        "POST",
+        "/v1/filters",
+        {"name": "会員限定", "group_id": group, "filter": {"membership": {"group_id": group}}},
+    )
     bad = {
-        "unknown field": (snapshot_request(filter_json=json.dumps(
-            {"field": "nope", "op": "eq", "value": 1})), "'nope'"),
+        "unknown field": (
+            snapshot_request(filter_json=json.dumps({"field": "nope", "op": "eq", "value": 1})),
+            "'nope'",
+        ),
         "not json": (snapshot_request(filter_json="{not json"), ""),
         "unknown group": (snapshot_request(group_id=999999), "999999"),
         "unknown saved filter": (snapshot_request(saved_filter_id=999999), "999999"),
-        "scoped filter outside its group": (snapshot_request(saved_filter_id=scoped["id"]),
-                                            f"scoped to group {group}"),
+        "scoped filter outside its group": (
+            snapshot_request(saved_filter_id=scoped["id"]),
+            f"scoped to group {group}",
+        ),
         "no target": (snapshot_request(), "target"),
     }
     good = snapshot_request(group_id=group)

@@ -20,10 +20,16 @@ from libs.common.topics import Topic, all_topic_names, topic_name
 def test_settings_from_environment_with_types_and_secret_files(tmp_path: Path) -> None:
     secret = tmp_path / "token"
     secret.write_text("s3cret\n")
-    settings = load(CommonSettings, {
-        "KAFKA_BOOTSTRAP": "kafka:9092", "HTTP_PORT": "9000", "DLQ_LIMIT_RATIO": "0.25",
-        "TAYORI_ADMIN_TOKEN_FILE": str(secret), "TAYORI_API_TOKENS": "viewer:v1, operator:o1",
-    })
+    settings = load(
+        CommonSettings,
+        {
+            "KAFKA_BOOTSTRAP": "kafka:9092",
+            "HTTP_PORT": "9000",
+            "DLQ_LIMIT_RATIO": "0.25",
+            "TAYORI_ADMIN_TOKEN_FILE": str(secret),
+            "TAYORI_API_TOKENS": "viewer:v1, operator:o1",
+        },
+    )
     assert settings.kafka_bootstrap == "kafka:9092"
     assert settings.http_port == 9000
     assert settings.dlq_limit_ratio == 0.25
@@ -46,12 +52,12 @@ def test_tokens_verify_rotate_and_refuse_forgeries_alike() -> None:
     assert rotated.sign({"c": 1}).startswith("k2.")
     kid, payload, mac = token.split(".")
     forgeries = [
-        f"{kid}.{payload}.{'A' * len(mac)}",          # wrong MAC
-        f"{kid}.{payload[:-2]}xx.{mac}",              # tampered payload
-        f"k9.{payload}.{mac}",                        # unknown key
+        f"{kid}.{payload}.{'A' * len(mac)}",  # wrong MAC
+        f"{kid}.{payload[:-2]}xx.{mac}",  # tampered payload
+        f"k9.{payload}.{mac}",  # unknown key
         "not-a-token",
         Signer("k1:other-secret", "unsubscribe").sign({"c": 42, "g": 7}),  # other key, same kid
-        Signer("k1:first-secret", "click").sign({"c": 42, "g": 7}),        # other purpose
+        Signer("k1:first-secret", "click").sign({"c": 42, "g": 7}),  # other purpose
     ]
     for forged in forgeries:
         with pytest.raises(BadToken) as caught:

@@ -23,6 +23,7 @@ FIELDS = {
 
 # Encodings -----------------------------------------------------------------------------------
 
+
 def test_auto_detects_bom_utf8_and_cp932():
     text = "email,name\na@example.jp,山田 太郎\n"
     assert decode(b"\xef\xbb\xbf" + text.encode(), "auto") == (text, "utf-8-sig")
@@ -72,13 +73,16 @@ def test_cp932_with_an_illegal_sequence_names_its_line():
 
 # Records and lines ------------------------------------------------------------------------
 
+
 def test_records_carry_physical_line_numbers_across_multiline_cells():
-    text = ('email,memo\r\n'
-            'a@example.jp,"first\r\nsecond\r\nthird"\r\n'
-            '\r\n'
-            'b@example.jp,plain\r\n'
-            'c@example.jp,"with ""quotes""\nand LF"\n'
-            'd@example.jp,last')
+    text = (
+        "email,memo\r\n"
+        'a@example.jp,"first\r\nsecond\r\nthird"\r\n'
+        "\r\n"
+        "b@example.jp,plain\r\n"
+        'c@example.jp,"with ""quotes""\nand LF"\n'
+        "d@example.jp,last"
+    )
     found = list(records(text))
     lines = [(start, after) for start, after, _ in found]
     assert lines == [(1, 2), (2, 5), (6, 7), (7, 9), (9, 10)]
@@ -101,32 +105,47 @@ def test_malformed_csv_names_the_line_where_the_record_starts():
 
 # Header mapping ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("header", "target"), [
-    ("email", "email"), (" Email ", "email"), ("メールアドレス", "email"),
-    ("顧客ID", "external_id"),
-    ("情報獲得日", "acquired_at"), ("plan", "custom.plan"), ("custom.seats", "custom.seats"),
-    ("契約プラン", "custom.plan"), ("\ufeffemail", "email"), ("score", None), ("unknown", None),
-])
+
+@pytest.mark.parametrize(
+    ("header", "target"),
+    [
+        ("email", "email"),
+        (" Email ", "email"),
+        ("メールアドレス", "email"),
+        ("顧客ID", "external_id"),
+        ("情報獲得日", "acquired_at"),
+        ("plan", "custom.plan"),
+        ("custom.seats", "custom.seats"),
+        ("契約プラン", "custom.plan"),
+        ("\ufeffemail", "email"),
+        ("score", None),
+        ("unknown", None),
+    ],
+)
 def test_header_matching(header, target):
     assert match_header(header, FIELDS) == target
 
 
 def test_mapping_wins_and_can_ignore_columns():
     header = ["Mail", "氏名", "会員種別", "memo"]
-    columns = resolve_columns(header, {"Mail": "email", "会員種別": "custom.plan", "memo": ""},
-                              FIELDS)
+    columns = resolve_columns(
+        header, {"Mail": "email", "会員種別": "custom.plan", "memo": ""}, FIELDS
+    )
     assert columns == ["email", "name", "custom.plan", None]
 
 
-@pytest.mark.parametrize(("header", "mapping", "field", "message"), [
-    (["email", "favourite"], None, "mapping", "column 'favourite' matches no field"),
-    (["email", "id"], None, "mapping", "column 'id' matches no field"),
-    (["email", "x"], {"x": "score"}, "mapping", "'score' is not a writable field"),
-    (["email", "x"], {"x": "custom.nope"}, "mapping", "'custom.nope' is not a writable field"),
-    (["email"], {"other": "name"}, "mapping", "mapping names column 'other'"),
-    (["email", "メールアドレス"], None, "mapping", "both map to email"),
-    (["email", "email"], None, "file", "column 'email' appears twice"),
-])
+@pytest.mark.parametrize(
+    ("header", "mapping", "field", "message"),
+    [
+        (["email", "favourite"], None, "mapping", "column 'favourite' matches no field"),
+        (["email", "id"], None, "mapping", "column 'id' matches no field"),
+        (["email", "x"], {"x": "score"}, "mapping", "'score' is not a writable field"),
+        (["email", "x"], {"x": "custom.nope"}, "mapping", "'custom.nope' is not a writable field"),
+        (["email"], {"other": "name"}, "mapping", "mapping names column 'other'"),
+        (["email", "メールアドレス"], None, "mapping", "both map to email"),
+        (["email", "email"], None, "file", "column 'email' appears twice"),
+    ],
+)
 def test_bad_headers_and_mappings(header, mapping, field, message):
     with pytest.raises(InvalidMessage) as caught:
         resolve_columns(header, mapping, FIELDS)
@@ -153,6 +172,7 @@ def test_plan_checks_key_column_and_counts_records():
 
 # Rows ----------------------------------------------------------------------------------------
 
+
 def test_row_patch_leaves_empty_cells_unchanged_and_types_custom_values():
     columns = ["email", "name", "custom.plan", "custom.seats", None]
     patch = row_patch(["A@Example.JP", "", "pro", "12", "ignored"], columns, FIELDS)
@@ -163,9 +183,11 @@ def test_row_patch_leaves_empty_cells_unchanged_and_types_custom_values():
 
 def test_row_patch_errors_name_the_field():
     columns = ["email", "acquired_at", "custom.plan"]
-    for cells, field in [(["bad", "", ""], "email"),
-                         (["a@example.jp", "2024-13-45", ""], "acquired_at"),
-                         (["a@example.jp", "", "gold"], "custom.plan")]:
+    for cells, field in [
+        (["bad", "", ""], "email"),
+        (["a@example.jp", "2024-13-45", ""], "acquired_at"),
+        (["a@example.jp", "", "gold"], "custom.plan"),
+    ]:
         with pytest.raises(InvalidMessage) as caught:
             row_patch(cells, columns, FIELDS)
         assert caught.value.field == field

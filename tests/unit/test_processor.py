@@ -25,18 +25,34 @@ FIELDS = {
 }
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    ("  Taro@Example.COM ", "Taro@example.com"),
-    ("a.b+tag@Sub.Example.co.jp", "a.b+tag@sub.example.co.jp"),
-])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("  Taro@Example.COM ", "Taro@example.com"),
+        ("a.b+tag@Sub.Example.co.jp", "a.b+tag@sub.example.co.jp"),
+    ],
+)
 def test_email_is_trimmed_and_domain_lowercased(raw: str, expected: str) -> None:
     assert normalise_email(raw) == expected
 
 
-@pytest.mark.parametrize("raw", [
-    "", "plain", "@example.com", "a@", "a@b", "a..b@example.com", ".a@example.com",
-    "a b@example.com", "a@exa mple.com", "a@-example.com", "a@example.com\r\nBcc: x@y.z", 42,
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "plain",
+        "@example.com",
+        "a@",
+        "a@b",
+        "a..b@example.com",
+        ".a@example.com",
+        "a b@example.com",
+        "a@exa mple.com",
+        "a@-example.com",
+        "a@example.com\r\nBcc: x@y.z",
+        42,
+    ],
+)
 def test_bad_emails_are_refused_naming_the_field(raw: object) -> None:
     with pytest.raises(InvalidMessage) as caught:
         normalise_email(raw)
@@ -44,31 +60,52 @@ def test_bad_emails_are_refused_naming_the_field(raw: object) -> None:
 
 
 def test_patch_converts_every_kind_and_labels() -> None:
-    patch = contact_patch({
-        "email": "x@example.jp", "name": " 山田 ", "sales_status": "契約済", "engagement": "hot",
-        "star": "はい", "tags": "展示会、vip,展示会", "acquired_at": "2026/4/1",
-        "custom_fields": {"plan": "pro", "seats": "1,200", "renewal": "2027-01-31", "paid": "false",
-                          "note": ""},
-    }, FIELDS)
+    patch = contact_patch(
+        {
+            "email": "x@example.jp",
+            "name": " 山田 ",
+            "sales_status": "契約済",
+            "engagement": "hot",
+            "star": "はい",
+            "tags": "展示会、vip,展示会",
+            "acquired_at": "2026/4/1",
+            "custom_fields": {
+                "plan": "pro",
+                "seats": "1,200",
+                "renewal": "2027-01-31",
+                "paid": "false",
+                "note": "",
+            },
+        },
+        FIELDS,
+    )
     assert patch.columns["name"] == "山田"
     assert patch.columns["sales_status"] == "contracted"
     assert patch.columns["star"] is True
     assert patch.columns["tags"] == ["展示会", "vip"]
     assert patch.columns["acquired_at"] == dt.date(2026, 4, 1)
-    assert patch.custom_set == {"plan": "pro", "seats": 1200, "renewal": "2027-01-31", "paid": False}
+    assert patch.custom_set == {
+        "plan": "pro",
+        "seats": 1200,
+        "renewal": "2027-01-31",
+        "paid": False,
+    }
     assert patch.custom_clear == ["note"]
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"nickname": "x"}, "nickname"),
-    ({"sales_status": "maybe"}, "sales_status"),
-    ({"star": "perhaps"}, "star"),
-    ({"acquired_at": "yesterday"}, "acquired_at"),
-    ({"custom_fields": {"plan": "enterprise"}}, "custom_fields.plan"),
-    ({"custom_fields": {"seats": "many"}}, "custom_fields.seats"),
-    ({"custom_fields": {"colour": "red"}}, "custom_fields.colour"),
-    ({"tags": [1, 2]}, "tags"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"nickname": "x"}, "nickname"),
+        ({"sales_status": "maybe"}, "sales_status"),
+        ({"star": "perhaps"}, "star"),
+        ({"acquired_at": "yesterday"}, "acquired_at"),
+        ({"custom_fields": {"plan": "enterprise"}}, "custom_fields.plan"),
+        ({"custom_fields": {"seats": "many"}}, "custom_fields.seats"),
+        ({"custom_fields": {"colour": "red"}}, "custom_fields.colour"),
+        ({"tags": [1, 2]}, "tags"),
+    ],
+)
 def test_patch_errors_name_the_field(body: dict, field: str) -> None:
     with pytest.raises(InvalidMessage) as caught:
         contact_patch(body, FIELDS)
@@ -76,8 +113,13 @@ def test_patch_errors_name_the_field(body: dict, field: str) -> None:
 
 
 def test_upstream_event_needs_a_key_and_a_known_type() -> None:
-    base = {"event_id": "e1", "type": "ContactUpserted", "external_id": None, "email": None,
-            "contact": None}
+    base = {
+        "event_id": "e1",
+        "type": "ContactUpserted",
+        "external_id": None,
+        "email": None,
+        "contact": None,
+    }
     with pytest.raises(InvalidMessage, match="external_id or email"):
         upstream_event(base, FIELDS)
     with pytest.raises(InvalidMessage, match="unknown event type"):
@@ -89,12 +131,30 @@ def test_upstream_event_needs_a_key_and_a_known_type() -> None:
 def test_changelog_and_merge_values_from_a_row() -> None:
     now = dt.datetime(2026, 11, 23, tzinfo=dt.UTC)
     row = {
-        "id": 5, "email": "a@example.jp", "external_id": None, "name": "山田", "name_kana": None,
-        "company": "株式会社", "department": None, "title": None, "phone": None, "address": None,
-        "website": None, "memo": None, "acquired_at": dt.date(2026, 1, 2),
-        "acquisition_channel": "展示会", "sales_status": "open", "engagement": None, "star": True,
-        "tags": ["a"], "custom": {"paid": True, "seats": 3}, "score": 4,
-        "delivery_status": "ok", "version": 2, "created_at": now, "updated_at": now,
+        "id": 5,
+        "email": "a@example.jp",
+        "external_id": None,
+        "name": "山田",
+        "name_kana": None,
+        "company": "株式会社",
+        "department": None,
+        "title": None,
+        "phone": None,
+        "address": None,
+        "website": None,
+        "memo": None,
+        "acquired_at": dt.date(2026, 1, 2),
+        "acquisition_channel": "展示会",
+        "sales_status": "open",
+        "engagement": None,
+        "star": True,
+        "tags": ["a"],
+        "custom": {"paid": True, "seats": 3},
+        "score": 4,
+        "delivery_status": "ok",
+        "version": 2,
+        "created_at": now,
+        "updated_at": now,
     }
     change = changelog_value(row, 5, version=2, changed_at=now)
     assert change["contact"]["custom_fields"] == {"paid": "true", "seats": "3"}

@@ -35,8 +35,11 @@ VALUES = {
     "text": ("山田", ["山田", "佐藤"], None),
     "number": (10, [1, 2.5], [1, 50]),
     "date": ("2024-04-01", ["2024-04-01", "2024-05-01"], ["2024-01-01", "2024-12-31"]),
-    "timestamp": ("2024-04-01T09:00:00+09:00", ["2024-04-01T00:00:00Z"],
-                  ["2024-01-01", "2024-02-01"]),
+    "timestamp": (
+        "2024-04-01T09:00:00+09:00",
+        ["2024-04-01T00:00:00Z"],
+        ["2024-01-01", "2024-02-01"],
+    ),
     "boolean": (True, None, None),
 }
 OPS = {
@@ -54,8 +57,12 @@ FIELD_OF_KIND = {
     "boolean": ["star", "custom.vip"],
     "choice": ["sales_status", "engagement", "delivery_status", "custom.plan"],
 }
-CHOICE_VALUES = {"sales_status": "open", "engagement": "hot", "delivery_status": "ok",
-                 "custom.plan": "pro"}
+CHOICE_VALUES = {
+    "sales_status": "open",
+    "engagement": "hot",
+    "delivery_status": "ok",
+    "custom.plan": "pro",
+}
 
 
 def condition(field: Any, op: Any, value: object = ...) -> dict:
@@ -102,8 +109,8 @@ def test_every_op_of_every_kind_compiles(kind: str, field: str, op: str) -> None
     compiled = compile_filter(condition(field, op, value_for(kind, field, op)), FIELDS)
     check_numbering(compiled)
     assert "'" not in compiled.where.replace("''", "").replace("'number'", "").replace(
-        "'boolean'", "").replace("'Asia/Tokyo'", "").replace(
-        "'^\\d{4}-\\d{2}-\\d{2}$'", "")
+        "'boolean'", ""
+    ).replace("'Asia/Tokyo'", "").replace("'^\\d{4}-\\d{2}-\\d{2}$'", "")
 
 
 @pytest.mark.parametrize("op", ["include_any", "include_all", "exclude_any", "exclude_all"])
@@ -115,9 +122,15 @@ def test_tag_ops(op: str) -> None:
     assert compile_filter(condition("tags", "empty"), FIELDS).where == "cardinality(c.tags) = 0"
 
 
-@pytest.mark.parametrize(("filter", "where"), [
-    (None, "TRUE"), ({}, "TRUE"), ({"all": []}, "TRUE"), ({"any": []}, "FALSE"),
-])
+@pytest.mark.parametrize(
+    ("filter", "where"),
+    [
+        (None, "TRUE"),
+        ({}, "TRUE"),
+        ({"all": []}, "TRUE"),
+        ({"any": []}, "FALSE"),
+    ],
+)
 def test_empty_filters(filter: dict | None, where: str) -> None:
     assert compile_filter(filter, FIELDS) == CompiledFilter(where, [])
 
@@ -125,12 +138,17 @@ def test_empty_filters(filter: dict | None, where: str) -> None:
 def test_values_are_converted_by_kind() -> None:
     assert compile_filter(condition("score", "between", [10, 50]), FIELDS).params == [10, 50]
     assert compile_filter(condition("custom.seats", "gt", 2.5), FIELDS).params == [
-        "seats", Decimal("2.5")]
+        "seats",
+        Decimal("2.5"),
+    ]
     assert compile_filter(condition("score", "gt", 2.5), FIELDS).params == [Decimal("2.5")]
     assert compile_filter(condition("acquired_at", "eq", "2024-02-29"), FIELDS).params == [
-        dt.date(2024, 2, 29)]
+        dt.date(2024, 2, 29)
+    ]
     assert compile_filter(condition("custom.renewal", "lt", "2024-02-29"), FIELDS).params == [
-        "renewal", "2024-02-29"]
+        "renewal",
+        "2024-02-29",
+    ]
     moment = compile_filter(condition("created_at", "gte", "2024-04-01T09:00:00"), FIELDS)
     assert moment.params == [dt.datetime(2024, 4, 1, tzinfo=dt.UTC)]
     assert "AT TIME ZONE" not in moment.where
@@ -138,16 +156,19 @@ def test_values_are_converted_by_kind() -> None:
     assert day.params == [dt.date(2024, 4, 1)] and "AT TIME ZONE 'Asia/Tokyo'" in day.where
     # a choice may be given by its code or by its Japanese label
     assert compile_filter(condition("sales_status", "eq", "契約済"), FIELDS).params == [
-        "contracted"]
+        "contracted"
+    ]
     assert compile_filter(condition("email", "in", ["A@Example.JP"]), FIELDS).params == [
-        ["a@example.jp"]]
+        ["a@example.jp"]
+    ]
 
 
 def test_like_wildcards_are_escaped() -> None:
     compiled = compile_filter(condition("company", "contains", "100%_\\"), FIELDS)
     assert compiled.params == ["%100\\%\\_\\\\%"]
     assert compile_filter(condition("company", "starts_with", "株式会社"), FIELDS).params == [
-        "株式会社%"]
+        "株式会社%"
+    ]
 
 
 def test_ne_and_negation_keep_missing_values() -> None:
@@ -160,13 +181,20 @@ def test_ne_and_negation_keep_missing_values() -> None:
 
 
 def test_nested_groups_and_numbering_from_first_param() -> None:
-    filter = {"all": [
-        condition("star", "eq", True),
-        {"any": [condition("score", "gte", 10), {"not": condition("tags", "include_any", ["x"])}]},
-        {"membership": {"group_id": 3, "state": "deliverable"}},
-        {"delivery_state": "any_banned"},
-        {"history": {"event": "opened", "campaign_ids": ["c1", "c2"], "within_days": 30}},
-    ]}
+    filter = {
+        "all": [
+            condition("star", "eq", True),
+            {
+                "any": [
+                    condition("score", "gte", 10),
+                    {"not": condition("tags", "include_any", ["x"])},
+                ]
+            },
+            {"membership": {"group_id": 3, "state": "deliverable"}},
+            {"delivery_state": "any_banned"},
+            {"history": {"event": "opened", "campaign_ids": ["c1", "c2"], "within_days": 30}},
+        ]
+    }
     compiled = compile_filter(filter, FIELDS, first_param=4)
     check_numbering(compiled, first=4)
     assert compiled.params == [True, 10, ["x"], 3, "deliverable", "opened", ["c1", "c2"], 30]
@@ -178,8 +206,9 @@ def test_membership_and_history_shapes() -> None:
     assert member.params == [3] and member.where.startswith("EXISTS (")
     outsider = compile_filter({"membership": {"group_id": 3, "state": "not_member"}}, FIELDS)
     assert outsider.where.startswith("NOT EXISTS (")
-    history = compile_filter({"history": {"event": "clicked", "campaign_id": "c9",
-                                          "negate": True}}, FIELDS)
+    history = compile_filter(
+        {"history": {"event": "clicked", "campaign_id": "c9", "negate": True}}, FIELDS
+    )
     assert history.where.startswith("NOT EXISTS (") and history.params == ["clicked", "c9"]
     for state in ("all_deliverable", "any_unsubscribed", "any_banned"):
         assert compile_filter({"delivery_state": state}, FIELDS).params == []
@@ -187,8 +216,10 @@ def test_membership_and_history_shapes() -> None:
 
 def test_user_values_never_reach_the_sql() -> None:
     filters = [
-        condition("name", "eq", EVIL), condition("name", "contains", EVIL),
-        condition("email", "in", [EVIL]), condition("custom.note", "starts_with", EVIL),
+        condition("name", "eq", EVIL),
+        condition("name", "contains", EVIL),
+        condition("email", "in", [EVIL]),
+        condition("custom.note", "starts_with", EVIL),
         condition("tags", "include_all", [EVIL]),
         {"history": {"event": "received", "campaign_id": EVIL}},
     ]
@@ -208,67 +239,93 @@ def test_custom_keys_are_checked_then_bound() -> None:
     assert EVIL not in compiled.where and compiled.params == [EVIL, "a"]
 
 
-@pytest.mark.parametrize(("filter", "path", "words"), [
-    ({"field": "name", "op": "eq", "value": "a", "extra": 1}, "filter.extra", "unknown key"),
-    ({"all": [{"bogus": 1}]}, "filter.all[0]", "exactly one of"),
-    ({"all": [{"not": {}}, {"any": 3}]}, "filter.all[0].not", "exactly one of"),
-    ({"any": [{"all": [], "any": []}]}, "filter.any[0]", "exactly one of"),
-    ({"any": 3}, "filter.any", "takes a list"),
-    ([], "filter", "must be an object"),
-    (condition("nickname", "eq", "a"), "filter.field", "unknown field"),
-    (condition("tags.x", "eq", "a"), "filter.field", "custom.<key>"),
-    (condition("custom.nope", "eq", "a"), "filter.field", "unknown custom field"),
-    (condition(3, "eq", "a"), "filter.field", "must be a string"),
-    (condition("name", "like", "a"), "filter.op", "unknown op"),
-    (condition("name", ["eq"], "a"), "filter.op", "unknown op"),
-    (condition("name", "gt", "a"), "filter.op", "not valid"),
-    (condition("star", "contains", "a"), "filter.op", "allowed: eq, ne, empty, not_empty"),
-    (condition("tags", "eq", "a"), "filter.op", "include_any"),
-    (condition("score", "contains", "1"), "filter.op", "not valid"),
-    (condition("sales_status", "gt", "open"), "filter.op", "not valid"),
-    (condition("score", "eq", "10"), "filter.value", "expected a number"),
-    (condition("score", "eq", True), "filter.value", "expected a number"),
-    (condition("score", "eq", float("nan")), "filter.value", "finite"),
-    (condition("star", "eq", "true"), "filter.value", "true or false"),
-    (condition("name", "eq", 3), "filter.value", "expected a string"),
-    (condition("name", "eq", "a\x00b"), "filter.value", "NUL"),
-    (condition("name", "eq"), "filter.value", "needs a value"),
-    (condition("name", "empty", "x"), "filter.value", "takes no value"),
-    (condition("acquired_at", "eq", "2024-02-30"), "filter.value", "YYYY-MM-DD"),
-    (condition("acquired_at", "eq", "20240201"), "filter.value", "YYYY-MM-DD"),
-    (condition("custom.renewal", "gt", "next week"), "filter.value", "YYYY-MM-DD"),
-    (condition("created_at", "gt", "yesterday"), "filter.value", "ISO 8601"),
-    (condition("sales_status", "eq", "won"), "filter.value", "open, replied"),
-    (condition("custom.plan", "eq", "gold"), "filter.value", "free, pro"),
-    (condition("name", "in", []), "filter.value", "non-empty list"),
-    (condition("name", "in", "a"), "filter.value", "non-empty list"),
-    (condition("name", "in", ["a", 3]), "filter.value[1]", "expected a string"),
-    (condition("score", "between", [1]), "filter.value", "[low, high]"),
-    (condition("score", "between", [5, 1]), "filter.value", "low <= high"),
-    (condition("score", "between", [1, "x"]), "filter.value[1]", "expected a number"),
-    (condition("tags", "include_any", []), "filter.value", "non-empty list"),
-    (condition("tags", "include_any", ["a", None]), "filter.value[1]", "expected a string"),
-    ({"membership": {"group_id": "3"}}, "filter.membership.group_id", "positive integer"),
-    ({"membership": {"group_id": 3, "state": "gone"}}, "filter.membership.state", "not_member"),
-    ({"membership": {"group_id": 3, "x": 1}}, "filter.membership.x", "unknown key"),
-    ({"membership": 3}, "filter.membership", "object"),
-    ({"delivery_state": "some"}, "filter.delivery_state", "all_deliverable"),
-    ({"delivery_state": ["any_banned"]}, "filter.delivery_state", "all_deliverable"),
-    ({"history": {"event": "bounced"}}, "filter.history.event", "received, opened"),
-    ({"history": {"event": "opened", "within_days": 0}}, "filter.history.within_days",
-     "positive integer"),
-    ({"history": {"event": "opened", "within_days": 10**9}}, "filter.history.within_days",
-     "at most"),
-    ({"history": {"event": "opened", "negate": "yes"}}, "filter.history.negate", "true or false"),
-    ({"history": {"event": "opened", "campaign_id": 5}}, "filter.history.campaign_id", "string"),
-    ({"history": {"event": "opened", "campaign_id": "a", "campaign_ids": ["b"]}},
-     "filter.history.campaign_ids", "not both"),
-    ({"history": {"event": "opened", "campaign_ids": []}}, "filter.history.campaign_ids",
-     "non-empty list"),
-    ({"saved_filter": "7"}, "filter.saved_filter", "positive integer"),
-    ({"all": [condition("name", "eq", "a"), {"not": condition("score", "gt", "x")}]},
-     "filter.all[1].not.value", "expected a number"),
-])
+@pytest.mark.parametrize(
+    ("filter", "path", "words"),
+    [
+        ({"field": "name", "op": "eq", "value": "a", "extra": 1}, "filter.extra", "unknown key"),
+        ({"all": [{"bogus": 1}]}, "filter.all[0]", "exactly one of"),
+        ({"all": [{"not": {}}, {"any": 3}]}, "filter.all[0].not", "exactly one of"),
+        ({"any": [{"all": [], "any": []}]}, "filter.any[0]", "exactly one of"),
+        ({"any": 3}, "filter.any", "takes a list"),
+        ([], "filter", "must be an object"),
+        (condition("nickname", "eq", "a"), "filter.field", "unknown field"),
+        (condition("tags.x", "eq", "a"), "filter.field", "custom.<key>"),
+        (condition("custom.nope", "eq", "a"), "filter.field", "unknown custom field"),
+        (condition(3, "eq", "a"), "filter.field", "must be a string"),
+        (condition("name", "like", "a"), "filter.op", "unknown op"),
+        (condition("name", ["eq"], "a"), "filter.op", "unknown op"),
+        (condition("name", "gt", "a"), "filter.op", "not valid"),
+        (condition("star", "contains", "a"), "filter.op", "allowed: eq, ne, empty, not_empty"),
+        (condition("tags", "eq", "a"), "filter.op", "include_any"),
+        (condition("score", "contains", "1"), "filter.op", "not valid"),
+        (condition("sales_status", "gt", "open"), "filter.op", "not valid"),
+        (condition("score", "eq", "10"), "filter.value", "expected a number"),
+        (condition("score", "eq", True), "filter.value", "expected a number"),
+        (condition("score", "eq", float("nan")), "filter.value", "finite"),
+        (condition("star", "eq", "true"), "filter.value", "true or false"),
+        (condition("name", "eq", 3), "filter.value", "expected a string"),
+        (condition("name", "eq", "a\x00b"), "filter.value", "NUL"),
+        (condition("name", "eq"), "filter.value", "needs a value"),
+        (condition("name", "empty", "x"), "filter.value", "takes no value"),
+        (condition("acquired_at", "eq", "2024-02-30"), "filter.value", "YYYY-MM-DD"),
+        (condition("acquired_at", "eq", "20240201"), "filter.value", "YYYY-MM-DD"),
+        (condition("custom.renewal", "gt", "next week"), "filter.value", "YYYY-MM-DD"),
+        (condition("created_at", "gt", "yesterday"), "filter.value", "ISO 8601"),
+        (condition("sales_status", "eq", "won"), "filter.value", "open, replied"),
+        (condition("custom.plan", "eq", "gold"), "filter.value", "free, pro"),
+        (condition("name", "in", []), "filter.value", "non-empty list"),
+        (condition("name", "in", "a"), "filter.value", "non-empty list"),
+        (condition("name", "in", ["a", 3]), "filter.value[1]", "expected a string"),
+        (condition("score", "between", [1]), "filter.value", "[low, high]"),
+        (condition("score", "between", [5, 1]), "filter.value", "low <= high"),
+        (condition("score", "between", [1, "x"]), "filter.value[1]", "expected a number"),
+        (condition("tags", "include_any", []), "filter.value", "non-empty list"),
+        (condition("tags", "include_any", ["a", None]), "filter.value[1]", "expected a string"),
+        ({"membership": {"group_id": "3"}}, "filter.membership.group_id", "positive integer"),
+        ({"membership": {"group_id": 3, "state": "gone"}}, "filter.membership.state", "not_member"),
+        ({"membership": {"group_id": 3, "x": 1}}, "filter.membership.x", "unknown key"),
+        ({"membership": 3}, "filter.membership", "object"),
+        ({"delivery_state": "some"}, "filter.delivery_state", "all_deliverable"),
+        ({"delivery_state": ["any_banned"]}, "filter.delivery_state", "all_deliverable"),
+        ({"history": {"event": "bounced"}}, "filter.history.event", "received, opened"),
+        (
+            {"history": {"event": "opened", "within_days": 0}},
+            "filter.history.within_days",
+            "positive integer",
+        ),
+        (
+            {"history": {"event": "opened", "within_days": 10**9}},
+            "filter.history.within_days",
+            "at most",
+        ),
+        (
+            {"history": {"event": "opened", "negate": "yes"}},
+            "filter.history.negate",
+            "true or false",
+        ),
+        (
+            {"history": {"event": "opened", "campaign_id": 5}},
+            "filter.history.campaign_id",
+            "string",
+        ),
+        (
+            {"history": {"event": "opened", "campaign_id": "a", "campaign_ids": ["b"]}},
+            "filter.history.campaign_ids",
+            "not both",
+        ),
+        (
+            {"history": {"event": "opened", "campaign_ids": []}},
+            "filter.history.campaign_ids",
+            "non-empty list",
+        ),
+        ({"saved_filter": "7"}, "filter.saved_filter", "positive integer"),
+        (
+            {"all": [condition("name", "eq", "a"), {"not": condition("score", "gt", "x")}]},
+            "filter.all[1].not.value",
+            "expected a number",
+        ),
+    ],
+)
 def test_errors_name_the_path_and_what_is_allowed(filter: object, path: str, words: str) -> None:
     err = error(filter)
     assert err.field == path, err.reason
@@ -297,8 +354,9 @@ SAVED = {
 
 
 def test_saved_filters_are_inlined() -> None:
-    compiled = compile_filter({"all": [condition("name", "eq", "a"), {"saved_filter": 1}]},
-                              FIELDS, saved_filters=SAVED)
+    compiled = compile_filter(
+        {"all": [condition("name", "eq", "a"), {"saved_filter": 1}]}, FIELDS, saved_filters=SAVED
+    )
     assert compiled.params == ["a", True]
     check_numbering(compiled)
     scoped = compile_filter({"saved_filter": 2}, FIELDS, saved_filters=SAVED, group_scope=12)
@@ -318,16 +376,27 @@ def test_saved_filter_errors() -> None:
 
 
 def test_referenced_saved_filters() -> None:
-    filter = {"all": [{"saved_filter": 1}, {"not": {"any": [{"saved_filter": 7}]}},
-                      {"saved_filter": True}, condition("score", "eq", 1)]}
+    filter = {
+        "all": [
+            {"saved_filter": 1},
+            {"not": {"any": [{"saved_filter": 7}]}},
+            {"saved_filter": True},
+            condition("score", "eq", 1),
+        ]
+    }
     assert referenced_saved_filters(filter) == {1, 7}
     assert referenced_saved_filters(None) == set()
 
 
 # -- search: sort, limit, cursor ---------------------------------------------------------
 
-def search(cursor: str | None = None, sort: object = "-updated_at", filter: dict | None = None,
-           limit: int = 7):
+
+def search(
+    cursor: str | None = None,
+    sort: object = "-updated_at",
+    filter: dict | None = None,
+    limit: int = 7,
+):
     return compile_search(filter, FIELDS, sort=sort, limit=limit, cursor=cursor)  # type: ignore[arg-type]
 
 
@@ -337,20 +406,36 @@ def test_page_and_count_queries() -> None:
     assert page.count_params == [10]
     assert page.sql_page == (
         "SELECT c.* FROM contact c WHERE c.score >= $1::bigint ORDER BY (c.company IS NULL), "
-        "c.company ASC, c.score DESC, c.id ASC LIMIT $2")
+        "c.company ASC, c.score DESC, c.id ASC LIMIT $2"
+    )
     assert page.page_params == [10, 7]
 
 
-@pytest.mark.parametrize("sort", [
-    "email", "-name", ["company", "-score"], [{"field": "acquired_at", "direction": "desc"}],
-    ["-id"], None, ["created_at", {"field": "name_kana"}, "-updated_at"],
-])
+@pytest.mark.parametrize(
+    "sort",
+    [
+        "email",
+        "-name",
+        ["company", "-score"],
+        [{"field": "acquired_at", "direction": "desc"}],
+        ["-id"],
+        None,
+        ["created_at", {"field": "name_kana"}, "-updated_at"],
+    ],
+)
 def test_cursor_round_trip(sort: object) -> None:
     page, next_cursor = search(sort=sort)
-    row = {"id": 41, "email": "a@b.jp", "name": None, "name_kana": "ヤマダ",
-           "company": "株式会社あ", "score": 3, "acquired_at": dt.date(2024, 1, 2),
-           "created_at": dt.datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC),
-           "updated_at": dt.datetime(2024, 5, 6, tzinfo=dt.UTC)}
+    row = {
+        "id": 41,
+        "email": "a@b.jp",
+        "name": None,
+        "name_kana": "ヤマダ",
+        "company": "株式会社あ",
+        "score": 3,
+        "acquired_at": dt.date(2024, 1, 2),
+        "created_at": dt.datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC),
+        "updated_at": dt.datetime(2024, 5, 6, tzinfo=dt.UTC),
+    }
     cursor = next_cursor(row)
     assert re.fullmatch(r"[A-Za-z0-9_-]+", cursor)
     following, again = search(cursor, sort=sort)
@@ -368,8 +453,10 @@ def test_keyset_predicate_handles_nulls_and_directions() -> None:
     _, next_cursor = search(sort=["-name", "score"])
     cursor = next_cursor({"name": None, "score": 3, "id": 9})
     page, _ = search(cursor, sort=["-name", "score"])
-    assert ("(c.name IS NULL AND c.score > $1::bigint) OR "
-            "(c.name IS NULL AND c.score = $1::bigint AND c.id > $2::bigint)") in page.sql_page
+    assert (
+        "(c.name IS NULL AND c.score > $1::bigint) OR "
+        "(c.name IS NULL AND c.score = $1::bigint AND c.id > $2::bigint)"
+    ) in page.sql_page
     cursor = next_cursor({"name": "佐藤", "score": 3, "id": 9})
     page, _ = search(cursor, sort=["-name", "score"])
     assert "(c.name IS NULL) OR (c.name IS NOT NULL AND c.name < $1::text) OR" in page.sql_page
@@ -385,7 +472,10 @@ def test_bad_cursors_are_refused() -> None:
     good = next_cursor({"updated_at": dt.datetime(2024, 5, 6, tzinfo=dt.UTC), "id": 5})
     fingerprint = json.loads(base64.urlsafe_b64decode(good + "=" * (-len(good) % 4)))["f"]
     bad = [
-        "not base64!!", "", encode([1, 2]), encode({"f": fingerprint}),
+        "not base64!!",
+        "",
+        encode([1, 2]),
+        encode({"f": fingerprint}),
         encode({"f": fingerprint, "v": ["2024-05-06T00:00:00+00:00", "5"]}),
         encode({"f": fingerprint, "v": ["2024-05-06T00:00:00", 5]}),  # naive
         encode({"f": fingerprint, "v": ["yesterday", 5]}),
@@ -405,13 +495,23 @@ def test_bad_cursors_are_refused() -> None:
     search(good, sort=[{"field": "updated_at", "direction": "desc"}])  # same sort, other spelling
 
 
-@pytest.mark.parametrize(("sort", "limit", "field"), [
-    ("custom.plan", 5, "sort"), ("phone", 5, "sort"), (["a", "b", "c", "d"], 5, "sort"),
-    ([{"field": "name", "direction": "up"}], 5, "sort[0]"), (["name", "-name"], 5, "sort[1]"),
-    ([{"field": "name", "order": "asc"}], 5, "sort[0]"), ([3], 5, "sort[0]"), (7, 5, "sort"),
-    ("id", 0, "limit"), ("id", MAX_LIMIT + 1, "limit"), ("id", True, "limit"),
-    ("id", "10", "limit"),
-])
+@pytest.mark.parametrize(
+    ("sort", "limit", "field"),
+    [
+        ("custom.plan", 5, "sort"),
+        ("phone", 5, "sort"),
+        (["a", "b", "c", "d"], 5, "sort"),
+        ([{"field": "name", "direction": "up"}], 5, "sort[0]"),
+        (["name", "-name"], 5, "sort[1]"),
+        ([{"field": "name", "order": "asc"}], 5, "sort[0]"),
+        ([3], 5, "sort[0]"),
+        (7, 5, "sort"),
+        ("id", 0, "limit"),
+        ("id", MAX_LIMIT + 1, "limit"),
+        ("id", True, "limit"),
+        ("id", "10", "limit"),
+    ],
+)
 def test_bad_sort_and_limit(sort: object, limit: object, field: str) -> None:
     with pytest.raises(InvalidMessage) as info:
         compile_search(None, FIELDS, sort=sort, limit=limit, cursor=None)  # type: ignore[arg-type]
