@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import importlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -32,7 +34,8 @@ ADMIN_TOKEN = "test-admin-token"
 OPERATOR_TOKEN = "test-operator-token"
 VIEWER_TOKEN = "test-viewer-token"
 SERVICE_MIGRATIONS = {
-    "contacts": Path(__file__).resolve().parents[1] / "services" / "contacts" / "migrations",
+    name: Path(__file__).resolve().parents[1] / "services" / name / "migrations"
+    for name in ("contacts", "suppression")
 }
 
 
@@ -127,17 +130,34 @@ class Service:
     api: Api
 
 
+@contextlib.asynccontextmanager
+async def running(name: str, stack: Stack, database: str, prefix: str,
+                  **overrides: Any) -> AsyncIterator[Service]:
+    """Service ``name`` running in this process against this test's database and topics."""
+    app = importlib.import_module(f"services.{name}.app")
+    settings_module = importlib.import_module(f"services.{name}.settings")
+    settings_cls = next(getattr(settings_module, a) for a in dir(settings_module)
+                        if a.endswith("Settings") and a != "CommonSettings")
+    runtime = app.build(settings_for(settings_cls, stack, database, prefix, **overrides))
+    await runtime.start()
+    try:
+        await runtime.wait_for_consumers()
+        async with aiohttp.ClientSession() as session:
+            yield Service(runtime, Api(session, f"http://127.0.0.1:{runtime.port}"))
+    finally:
+        await runtime.stop()
+
+
 @pytest.fixture
 async def contacts(stack: Stack, database: str, prefix: str) -> AsyncIterator[Service]:
-    from services.contacts.app import build
-    from services.contacts.settings import ContactsSettings
+    async with running("contacts", stack, database, prefix) as service:
+        yield service
 
-    runtime = build(settings_for(ContactsSettings, stack, database, prefix))
-    await runtime.start()
-    await runtime.wait_for_consumers()
-    async with aiohttp.ClientSession() as session:
-        yield Service(runtime, Api(session, f"http://127.0.0.1:{runtime.port}"))
-    await runtime.stop()
+
+@pytest.fixture
+async def suppression(stack: Stack, database: str, prefix: str) -> AsyncIterator[Service]:
+    async with running("suppression", stack, database, prefix) as service:
+        yield service
 
 
 class Kafka:

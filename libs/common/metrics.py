@@ -72,3 +72,21 @@ SEARCH_SECONDS = Histogram(
 SNAPSHOT_RECIPIENTS = Counter(
     "tayori_snapshot_recipients_total", "Recipients streamed for campaign snapshots"
 )
+
+# Suppression ------------------------------------------------------------------------
+#: delivery-state changes published, by kind (membership, contact_black, address,
+#: blacklist_rule), new state and method.
+SUPPRESSION_CHANGES = Counter(
+    "tayori_suppression_changes_total", "Suppression changes", ["kind", "state", "method"]
+)
+#: seconds to answer a can-send question (GET /v1/can-send).
+CAN_SEND_SECONDS = Histogram(
+    "tayori_can_send_seconds",
+    "Can-send decision latency",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
+#: unsubscribe requests through the public endpoint, by outcome (unsubscribed,
+#: already_stopped, bad_token) and kind (form, one_click).
+UNSUBSCRIBE_REQUESTS = Counter(
+    "tayori_unsubscribe_requests_total", "Public unsubscribe requests", ["outcome", "kind"]
+)

@@ -1,0 +1,141 @@
+"""The public unsubscribe endpoints (F-13): ``GET /u/{token}`` confirms, ``POST`` acts.
+
+- GET never changes state (mail scanners follow links); it shows a confirmation form.
+- POST unsubscribes — a form submit or an RFC 8058 one-click body
+  (``List-Unsubscribe=One-Click``, urlencoded or multipart) — and answers 200 with a page,
+  never a redirect, only after the change is committed.
+- A forged, tampered, expired-key or unknown token gets exactly the same answer.
+Pages are plain HTML in Japanese and English with no external assets.
+"""
+
+from __future__ import annotations
+
+import html
+
+from aiohttp import BodyPartReader, web
+from structlog.contextvars import bound_contextvars
+
+from libs.common.errors import NotFound
+from libs.common.http import public
+from libs.common.logging import get_logger
+from libs.common.metrics import UNSUBSCRIBE_REQUESTS
+from libs.common.tokens import BadToken
+from libs.common.unsubscribe import UnsubscribeTarget
+from services.suppression import store
+from services.suppression.context import CONTEXT, Context
+from services.suppression.store import QUERIES
+
+log = get_logger(__name__)
+routes = web.RouteTableDef()
+
+_STYLE = (
+    "body{font-family:system-ui,-apple-system,'Hiragino Sans','Noto Sans JP',sans-serif;"
+    "max-width:36em;margin:3em auto;padding:0 1em;color:#222;line-height:1.7}"
+    "button{font-size:1em;padding:.6em 1.4em;border-radius:6px;border:1px solid #888;"
+    "background:#f4f4f4;cursor:pointer}p.en{color:#555}"
+)
+_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Robots-Tag": "noindex",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+}
+
+
+def _page(title: str, body: str, status: int = 200) -> web.Response:
+    document = (
+        f'<!doctype html><html lang="ja"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>"
+        f"<body>{body}</body></html>"
+    )
+    return web.Response(
+        text=document, status=status, content_type="text/html", charset="utf-8", headers=_HEADERS
+    )
+
+
+def _not_valid() -> web.Response:
+    # One answer for every token we cannot honour: nothing to learn by probing.
+    return _page(
+        "無効なリンク / Link not valid",
+        "<h1>このリンクは無効です</h1><p>リンクの有効期限が切れているか、正しくありません。</p>"
+        '<p class="en">This link is not valid. It may be incomplete or no longer in use.</p>',
+        status=404,
+    )
+
+
+async def _target(ctx: Context, token: str) -> UnsubscribeTarget | None:
+    try:
+        target = ctx.links.read(token)
+    except BadToken:
+        return None
+    row = await ctx.pool.fetchrow(QUERIES["membership"], target.contact_id, target.group_id)
+    return target if row is not None else None
+
+
+@routes.get("/u/{token}")
+@public
+async def confirm(request: web.Request) -> web.Response:
+    """Public: the unsubscribe confirmation page (changes nothing)."""
+    ctx = request.app[CONTEXT]
+    if await _target(ctx, request.match_info["token"]) is None:
+        UNSUBSCRIBE_REQUESTS.labels("bad_token", "view").inc()
+        return _not_valid()
+    return _page(
+        "配信停止の確認 / Unsubscribe",
+        "<h1>配信停止の確認</h1><p>このメールの配信を停止します。よろしければボタンを押してください。</p>"
+        '<p class="en">To stop receiving these emails, press the button.</p>'
+        '<form method="post"><input type="hidden" name="confirm" value="1">'
+        '<button type="submit">配信を停止する / Unsubscribe</button></form>',
+    )
+
+
+@routes.post("/u/{token}")
+@public
+async def unsubscribe(request: web.Request) -> web.Response:
+    """Public: unsubscribe (form submit or RFC 8058 one-click), durable before the answer."""
+    ctx = request.app[CONTEXT]
+    kind = await _kind(request)
+    target = await _target(ctx, request.match_info["token"])
+    if target is None:
+        UNSUBSCRIBE_REQUESTS.labels("bad_token", kind).inc()
+        return _not_valid()
+    with bound_contextvars(
+        contact_id=target.contact_id, group_id=target.group_id, campaign_id=target.campaign_id
+    ):
+        try:
+            async with ctx.pool.acquire() as conn, conn.transaction():
+                transition, _ = await store.change_state(
+                    conn,
+                    target.contact_id,
+                    target.group_id,
+                    "unsubscribed",
+                    actor="reader",
+                    method="form",
+                    campaign_id=target.campaign_id,
+                )
+        except NotFound:
+            UNSUBSCRIBE_REQUESTS.labels("bad_token", kind).inc()
+            return _not_valid()
+        outcome = "unsubscribed" if transition.changes else "already_stopped"
+        UNSUBSCRIBE_REQUESTS.labels(outcome, kind).inc()
+        log.info("unsubscribe_request", outcome=outcome, kind=kind)
+    return _page(
+        "配信を停止しました / Unsubscribed",
+        "<h1>配信を停止しました</h1><p>今後、このメールは届きません。</p>"
+        '<p class="en">You have been unsubscribed. You will not receive these emails any more.</p>',
+    )
+
+
+async def _kind(request: web.Request) -> str:
+    """one_click for an RFC 8058 body (either encoding), form otherwise; the body is read
+    whole either way so the connection stays usable."""
+    if request.content_type.startswith("multipart/"):
+        reader = await request.multipart()
+        values: dict[str, str] = {}
+        async for part in reader:
+            if isinstance(part, BodyPartReader) and part.name:
+                values[part.name] = (await part.text())[:200]
+    else:
+        values = {k: str(v)[:200] for k, v in (await request.post()).items()}
+    return "one_click" if values.get("List-Unsubscribe") == "One-Click" else "form"

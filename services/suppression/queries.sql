@@ -1,0 +1,145 @@
+-- Named SQL of the suppression service (loaded once by libs.common.db.Queries).
+
+-- name: claim-events
+INSERT INTO processed_event (event_id) SELECT unnest($1::text[])
+ON CONFLICT DO NOTHING
+RETURNING event_id;
+
+-- name: lock-memberships
+-- Every membership of a contact, locked: changes of one contact are serialised.
+SELECT * FROM membership WHERE contact_id = $1 ORDER BY group_id FOR UPDATE;
+
+-- name: membership
+SELECT * FROM membership WHERE contact_id = $1 AND group_id = $2;
+
+-- name: memberships-of
+SELECT * FROM membership WHERE contact_id = $1 ORDER BY group_id;
+
+-- name: join
+INSERT INTO membership (contact_id, group_id, state, method, joined_at, changed_at)
+VALUES ($1, $2, $3, $4, $5, $5)
+ON CONFLICT (contact_id, group_id) DO NOTHING
+RETURNING *;
+
+-- name: leave
+DELETE FROM membership WHERE contact_id = $1 AND group_id = $2
+RETURNING contact_id, group_id, method, nextval('change_version') AS version;
+
+-- name: set-state
+UPDATE membership
+SET state = $3, method = $4, campaign_id = $5, changed_at = now(),
+    version = nextval('change_version')
+WHERE contact_id = $1 AND group_id = $2
+RETURNING *;
+
+-- name: propagate
+-- F-12: the other memberships of a contact move to the stronger state, method auto_sync.
+UPDATE membership
+SET state = $3, method = 'auto_sync', changed_at = now(), version = nextval('change_version')
+WHERE contact_id = $1 AND group_id <> $2 AND state_rank(state) < state_rank($3)
+RETURNING *;
+
+-- name: sync-policy
+SELECT unsubscribe, ban, updated_at FROM sync_policy WHERE id = 1;
+
+-- name: set-sync-policy
+-- Returns the policy before and after, so the caller knows which switch was turned on.
+WITH before AS (SELECT unsubscribe, ban FROM sync_policy WHERE id = 1 FOR UPDATE)
+UPDATE sync_policy p
+SET unsubscribe = coalesce($1, p.unsubscribe), ban = coalesce($2, p.ban), updated_at = now()
+FROM before b
+WHERE p.id = 1
+RETURNING b.unsubscribe AS was_unsubscribe, b.ban AS was_ban, p.unsubscribe, p.ban, p.updated_at;
+
+-- name: insert-sync-job
+INSERT INTO sync_job (id, kind, status, requested_by) VALUES ($1, $2, 'queued', $3) RETURNING *;
+
+-- name: sync-job
+SELECT * FROM sync_job WHERE id = $1;
+
+-- name: sync-job-for-update
+SELECT * FROM sync_job WHERE id = $1 FOR UPDATE;
+
+-- name: sync-jobs
+SELECT * FROM sync_job ORDER BY created_at DESC LIMIT 100;
+
+-- name: unfinished-sync-jobs
+SELECT id FROM sync_job WHERE status IN ('queued', 'running') ORDER BY created_at;
+
+-- name: sync-candidates
+-- The next contacts holding a membership in the trigger state, after the checkpoint.
+SELECT DISTINCT contact_id FROM membership
+WHERE state = $1 AND contact_id > $2
+ORDER BY contact_id LIMIT $3;
+
+-- name: sync-apply
+-- Every weaker membership of these contacts moves to the trigger state.
+UPDATE membership
+SET state = $2, method = 'auto_sync', changed_at = now(), version = nextval('change_version')
+WHERE contact_id = ANY($1::bigint[]) AND state_rank(state) < state_rank($2)
+RETURNING *;
+
+-- name: update-sync-job
+UPDATE sync_job
+SET status = $2, after_contact = $3, contacts = contacts + $4, changed = changed + $5,
+    detail = $6, updated_at = now()
+WHERE id = $1
+RETURNING *;
+
+-- name: contact
+SELECT * FROM contact WHERE id = $1;
+
+-- name: upsert-contact-address
+-- Projection of contacts.changelog: newer versions win.
+INSERT INTO contact (id, email, changelog_version) VALUES ($1, $2, $3)
+ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, changelog_version = EXCLUDED.changelog_version,
+                               updated_at = now()
+WHERE contact.changelog_version < EXCLUDED.changelog_version;
+
+-- name: forget-contact
+-- A deleted contact: its memberships go, its address suppressions stay (they are per address).
+WITH gone AS (DELETE FROM membership WHERE contact_id = $1 RETURNING contact_id)
+DELETE FROM contact WHERE id = $1;
+
+-- name: set-black
+INSERT INTO contact (id, black, black_changed_at) VALUES ($1, $2, now())
+ON CONFLICT (id) DO UPDATE SET black = EXCLUDED.black, black_changed_at = now(), updated_at = now()
+WHERE contact.black IS DISTINCT FROM EXCLUDED.black
+RETURNING id, email, black, black_changed_at, nextval('change_version') AS version;
+
+-- name: set-delivery-status
+INSERT INTO contact (id, delivery_status) VALUES ($1, $2)
+ON CONFLICT (id) DO UPDATE SET delivery_status = EXCLUDED.delivery_status, updated_at = now();
+
+-- name: blacklist
+SELECT id, title, match, value, created_at FROM blacklist_rule ORDER BY id;
+
+-- name: insert-blacklist-rule
+INSERT INTO blacklist_rule (title, match, value) VALUES ($1, $2, $3)
+ON CONFLICT (match, value) DO NOTHING
+RETURNING id, title, match, value, created_at;
+
+-- name: delete-blacklist-rule
+DELETE FROM blacklist_rule WHERE id = $1 RETURNING id, title, match, value;
+
+-- name: blacklist-match
+-- The first rule matching an address: $1 the address, $2 its domain and parent domains.
+SELECT id, title, match, value FROM blacklist_rule
+WHERE (match = 'exact' AND value = lower($1)) OR (match = 'suffix' AND value = ANY($2::text[]))
+ORDER BY id LIMIT 1;
+
+-- name: suppress-address
+INSERT INTO address_suppression (email, reason, source) VALUES (lower($1), $2, $3)
+ON CONFLICT (email) DO UPDATE SET reason = EXCLUDED.reason, source = EXCLUDED.source
+WHERE address_suppression.reason IS DISTINCT FROM EXCLUDED.reason
+RETURNING email, reason, nextval('change_version') AS version;
+
+-- name: address-suppression
+SELECT email, reason, source, created_at FROM address_suppression WHERE email = lower($1);
+
+-- name: clear-bounce
+DELETE FROM address_suppression WHERE email = lower($1) AND reason = 'bounced'
+RETURNING email, nextval('change_version') AS version;
+
+-- name: contacts-with-address
+SELECT id FROM contact WHERE lower(email) = lower($1);

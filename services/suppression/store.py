@@ -1,0 +1,250 @@
+"""The suppression service's state changes, each inside the caller's transaction.
+
+Every change is queued on ``suppression.changes`` through the outbox in the transaction
+that made it, so contacts' projection and the sender's last-mile copy see exactly what
+was committed. Changes of one contact are serialised by locking its memberships first.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from libs.common import outbox
+from libs.common.db import Queries
+from libs.common.errors import Forbidden, NotFound
+from libs.common.metrics import SUPPRESSION_CHANGES
+from libs.common.topics import Topic
+from services.suppression.processor import (
+    DEFAULT_METHOD,
+    Transition,
+    decide,
+    join_state,
+    propagation,
+    reader_unsubscribe,
+)
+
+QUERIES = Queries(Path(__file__).with_name("queries.sql"))
+
+
+def change_record(
+    kind: str,
+    *,
+    state: str,
+    version: int,
+    contact_id: int | None = None,
+    group_id: int | None = None,
+    email: str | None = None,
+    method: str | None = None,
+    changed_at: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """A ``suppression.changes`` record."""
+    return {
+        "change_id": str(uuid.uuid4()),
+        "kind": kind,
+        "contact_id": contact_id,
+        "email": email,
+        "group_id": group_id,
+        "state": state,
+        "method": method,
+        "changed_at": changed_at or dt.datetime.now(dt.UTC),
+        "version": version,
+    }
+
+
+def membership_change(row: Mapping[str, Any], state: str | None = None) -> dict[str, Any]:
+    return change_record(
+        "membership",
+        state=state or row["state"],
+        version=row["version"],
+        contact_id=row["contact_id"],
+        group_id=row["group_id"],
+        method=row["method"],
+        changed_at=row.get("changed_at"),
+    )
+
+
+async def publish(conn: asyncpg.Connection, changes: Iterable[dict[str, Any]]) -> None:
+    messages = []
+    for change in changes:
+        key = change["contact_id"] if change["contact_id"] is not None else change["email"]
+        messages.append((Topic.SUPPRESSION_CHANGES, key, change))
+        SUPPRESSION_CHANGES.labels(change["kind"], change["state"], change["method"] or "").inc()
+    await outbox.add_many(conn, messages)
+
+
+async def _policy(conn: asyncpg.Connection) -> asyncpg.Record:
+    return await conn.fetchrow(QUERIES["sync-policy"])
+
+
+async def change_state(
+    conn: asyncpg.Connection,
+    contact_id: int,
+    group_id: int,
+    wanted: str,
+    *,
+    actor: str,
+    method: str | None = None,
+    campaign_id: str | None = None,
+) -> tuple[Transition, asyncpg.Record]:
+    """Move one membership to ``wanted`` if ``actor`` may (F-11), then propagate (F-12).
+
+    Raises NotFound for an unknown membership and Forbidden naming the rule when the
+    actor may not; an allowed no-op changes and publishes nothing.
+    """
+    memberships = {
+        r["group_id"]: r for r in await conn.fetch(QUERIES["lock-memberships"], contact_id)
+    }
+    current = memberships.get(group_id)
+    if current is None:
+        raise NotFound(f"contact {contact_id} is not a member of group or plan {group_id}")
+    if actor == "reader" and wanted == "unsubscribed":
+        transition = reader_unsubscribe(current["state"])
+    else:
+        transition = decide(current["state"], wanted, actor)
+    if not transition.allowed:
+        raise Forbidden(transition.rule or "not allowed")
+    if not transition.changes:
+        return transition, current
+    row = await conn.fetchrow(
+        QUERIES["set-state"],
+        contact_id,
+        group_id,
+        wanted,
+        method or DEFAULT_METHOD[actor],
+        campaign_id,
+    )
+    changes = [membership_change(row)]
+    policy = await _policy(conn)
+    target = propagation(wanted, sync_unsubscribe=policy["unsubscribe"], sync_ban=policy["ban"])
+    if target is not None:
+        for other in await conn.fetch(QUERIES["propagate"], contact_id, group_id, target):
+            changes.append(membership_change(other))
+    await publish(conn, changes)
+    return transition, row
+
+
+async def join(
+    conn: asyncpg.Connection,
+    contact_id: int,
+    group_id: int,
+    *,
+    state: str = "deliverable",
+    auto_stop: bool = False,
+    email: str | None = None,
+    joined_at: dt.datetime | None = None,
+) -> asyncpg.Record | None:
+    """A new membership (idempotent: an existing one is left as it is)."""
+    memberships = await conn.fetch(QUERIES["lock-memberships"], contact_id)
+    policy = await _policy(conn)
+    state, method = join_state(
+        state,
+        auto_stop=auto_stop,
+        sync_ban=policy["ban"],
+        banned_elsewhere=any(m["state"] == "banned" for m in memberships),
+    )
+    row = await conn.fetchrow(
+        QUERIES["join"], contact_id, group_id, state, method, joined_at or dt.datetime.now(dt.UTC)
+    )
+    if email:
+        await conn.execute(
+            "INSERT INTO contact (id, email) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+            contact_id,
+            email,
+        )
+    if row is not None:
+        await publish(conn, [membership_change(row)])
+    return row
+
+
+async def leave(conn: asyncpg.Connection, contact_id: int, group_id: int) -> bool:
+    row = await conn.fetchrow(QUERIES["leave"], contact_id, group_id)
+    if row is None:
+        return False
+    await publish(
+        conn,
+        [
+            change_record(
+                "membership",
+                state="left",
+                version=row["version"],
+                contact_id=contact_id,
+                group_id=group_id,
+                method=row["method"],
+            )
+        ],
+    )
+    return True
+
+
+async def set_black(conn: asyncpg.Connection, contact_id: int, black: bool) -> bool:
+    """F-14: the per-contact black flag; returns whether it changed."""
+    row = await conn.fetchrow(QUERIES["set-black"], contact_id, black)
+    if row is None:
+        return False
+    await publish(
+        conn,
+        [
+            change_record(
+                "contact_black",
+                state="black" if black else "cleared",
+                version=row["version"],
+                contact_id=contact_id,
+                email=row["email"],
+                method="system",
+            )
+        ],
+    )
+    return True
+
+
+async def suppress_address(conn: asyncpg.Connection, email: str, reason: str, source: str) -> bool:
+    """F-15: bounced, complained or invalid; returns whether it changed."""
+    row = await conn.fetchrow(QUERIES["suppress-address"], email, reason, source)
+    if row is None:
+        return False
+    await publish(conn, [await _address_change(conn, row["email"], reason, row["version"])])
+    return True
+
+
+async def clear_bounce(conn: asyncpg.Connection, email: str) -> None:
+    """An operator lifts ``bounced`` (only that: complaints stay)."""
+    row = await conn.fetchrow(QUERIES["clear-bounce"], email)
+    if row is None:
+        existing = await conn.fetchrow(QUERIES["address-suppression"], email)
+        if existing is None:
+            raise NotFound("this address is not suppressed")
+        raise Forbidden(f"only a bounced address can be cleared; this one is {existing['reason']}")
+    await publish(conn, [await _address_change(conn, row["email"], "cleared", row["version"])])
+
+
+async def _address_change(
+    conn: asyncpg.Connection, email: str, state: str, version: int
+) -> dict[str, Any]:
+    contact_id = await conn.fetchval(QUERIES["contacts-with-address"], email)
+    return change_record(
+        "address", state=state, version=version, contact_id=contact_id, email=email, method="system"
+    )
+
+
+async def blacklist_change(
+    conn: asyncpg.Connection, rule: Mapping[str, Any], *, removed: bool
+) -> None:
+    version = await conn.fetchval("SELECT nextval('change_version')")
+    await publish(
+        conn,
+        [
+            change_record(
+                "blacklist_rule",
+                state="cleared" if removed else rule["match"],
+                version=version,
+                email=rule["value"],
+                method="system",
+            )
+        ],
+    )
