@@ -316,6 +316,18 @@ async def add_members(request: web.Request) -> web.Response:
     )
 
 
+@routes.delete("/v1/groups/{id}/members/{contact_id}")
+async def remove_member(request: web.Request) -> web.Response:
+    """Remove a contact from a group or plan (a plan's remaining steps stop)."""
+    ctx = _ctx(request)
+    group_id = _int(request.match_info["id"], "id")
+    contact_id = _int(request.match_info["contact_id"], "contact_id")
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        if not await store.leave(conn, contact_id, group_id):
+            raise NotFound(f"contact {contact_id} is not a member of group or plan {group_id}")
+    return web.Response(status=204)
+
+
 # Saved filters ---------------------------------------------------------------------------
 
 

@@ -180,6 +180,31 @@ async def find_id(
     return await _owner(conn, "email", email) if email else None
 
 
+async def leave(conn: asyncpg.Connection, contact_id: int, group_id: int) -> bool:
+    """Remove a membership here and ask suppression to end it. Idempotent."""
+    removed = await conn.fetchval(QUERIES["leave-membership"], contact_id, group_id)
+    if removed is None:
+        return False
+    await outbox.add(
+        conn,
+        Topic.SUPPRESSION_COMMANDS,
+        contact_id,
+        {
+            "command_id": str(uuid.uuid4()),
+            "type": "Leave",
+            "contact_id": contact_id,
+            "email": None,
+            "group_id": group_id,
+            "state": None,
+            "method": "system",
+            "actor": "operator",
+            "campaign_id": None,
+            "issued_at": dt.datetime.now(dt.UTC),
+        },
+    )
+    return True
+
+
 async def join(
     conn: asyncpg.Connection,
     contact_id: int,

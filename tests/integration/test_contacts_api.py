@@ -794,3 +794,19 @@ async def test_search_over_http(contacts):
         {"filter": any_group, "limit": 2, "cursor": first["next_cursor"]},
     )
     assert (status, answer["field"]) == (400, "cursor")
+
+
+async def test_leaving_a_group_asks_suppression_to_end_the_membership(contacts, kafka):
+    api = contacts.api
+    group = await api.ok("POST", "/v1/groups", {"name": "退会テスト"})
+    contact = await api.ok("POST", "/v1/contacts", {"email": "leave@example.jp"})
+    await api.ok("POST", f"/v1/groups/{group['id']}/members", {"contact_ids": [contact["id"]]})
+    status, _ = await api.call("DELETE", f"/v1/groups/{group['id']}/members/{contact['id']}")
+    assert status == 204
+    status, body = await api.call("DELETE", f"/v1/groups/{group['id']}/members/{contact['id']}")
+    assert status == 404 and "not a member" in body["error"]
+    commands = await kafka.read(Topic.SUPPRESSION_COMMANDS, until=lambda r: len(r) >= 2)
+    assert [(c["type"], c["group_id"]) for c in commands] == [
+        ("Join", group["id"]), ("Leave", group["id"])]
+    got = await api.ok("GET", f"/v1/contacts/{contact['id']}")
+    assert got["memberships"] == []
