@@ -86,7 +86,7 @@ CAN_SEND_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
 )
 #: unsubscribe requests through the public endpoint, by outcome (unsubscribed,
-#: already_stopped, bad_token) and kind (form, one_click).
+#: already_stopped, bad_token) and kind (view = the GET confirmation page, form, one_click).
 UNSUBSCRIBE_REQUESTS = Counter(
     "tayori_unsubscribe_requests_total", "Public unsubscribe requests", ["outcome", "kind"]
 )

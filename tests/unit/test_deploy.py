@@ -3,7 +3,10 @@
 Covers ``deploy/k8s/base`` (kustomize base), ``docker-compose.yml``, ``Dockerfile`` and
 ``.dockerignore``. Core Kubernetes kinds are validated (strictly: unknown fields fail) with
 ``kubernetes_validate``; CRD kinds it has no schema for (ServiceMonitor, PrometheusRule,
-KafkaTopic) are checked by hand. Topic lists are compared with
+KafkaTopic) are checked by hand. Every service in :data:`tayori.cli.IMPLEMENTED` must be
+deployed (Deployment, Service, PodDisruptionBudget, migration initContainer, compose service
+and migration one-shot); the Ingress must expose exactly the public routes (handlers marked
+with :func:`libs.common.http.public`) and nothing else. Topic lists are compared with
 :func:`libs.common.topics.all_topic_names` and alert expressions with the metrics declared in
 :mod:`libs.common.metrics`.
 """
@@ -11,19 +14,23 @@ KafkaTopic) are checked by hand. Topic lists are compared with
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
 import yaml
+from aiohttp import web
 from prometheus_client.metrics import MetricWrapperBase
 
 from libs.common import metrics as tayori_metrics
 from libs.common.settings import CommonSettings
 from libs.common.topics import DEFAULT_PARTITIONS, Topic, all_topic_names
+from tayori.cli import IMPLEMENTED
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "k8s" / "base"
@@ -47,6 +54,10 @@ SECRET = "tayori-secrets"
 IMAGE_NAME = "tayori"
 #: Labels Prometheus attaches to every scraped series (target labels), besides the metric's own.
 TARGET_LABELS = {"namespace", "pod", "job", "instance", "service", "container", "endpoint"}
+#: Routes every service's HTTP server adds itself (libs.common.http); all cluster-internal.
+STANDARD_ROUTES = ("/healthz", "/readyz", "/metrics", "/openapi.json")
+#: Port every Tayori container listens on (HTTP_PORT in containers).
+CONTAINER_PORT = 8080
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 PROM_DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
 
@@ -119,6 +130,46 @@ def _component(deployment: dict[str, Any]) -> str:
     return deployment["metadata"]["labels"]["app.kubernetes.io/component"]
 
 
+def _pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+def _services_of(deployment: dict[str, Any]) -> list[dict[str, Any]]:
+    labels = _pod_labels(deployment)
+    return [s for s in _of_kind("Service") if _selects(s["spec"]["selector"], labels)]
+
+
+def _pdbs_of(deployment: dict[str, Any]) -> list[dict[str, Any]]:
+    labels = _pod_labels(deployment)
+    return [
+        p
+        for p in _of_kind("PodDisruptionBudget")
+        if _selects(p["spec"]["selector"]["matchLabels"], labels)
+    ]
+
+
+def _routes(service: str) -> list[tuple[str, str, bool]]:
+    """(method, path, public) of every route a service serves, the standard ones included.
+
+    Reads the RouteTableDefs of the service's own modules its ``app`` imports; a route is
+    public when its handler is marked with :func:`libs.common.http.public`.
+    """
+    app_module = importlib.import_module(f"services.{service}.app")
+    found = [("GET", path, False) for path in STANDARD_ROUTES]
+    for module in vars(app_module).values():
+        table = getattr(module, "routes", None)
+        if not getattr(module, "__name__", "").startswith(f"services.{service}."):
+            continue
+        if not isinstance(table, web.RouteTableDef):
+            continue
+        for route in table:
+            if isinstance(route, web.RouteDef):
+                public = hasattr(route.handler, "tayori_role") and route.handler.tayori_role is None
+                found.append((route.method, route.path, public))
+    assert len(found) > len(STANDARD_ROUTES), f"found no routes of {service}"
+    return found
+
+
 # -- the base as a whole ---------------------------------------------------------------
 
 
@@ -130,12 +181,14 @@ def test_base_holds_every_kind_the_spec_names() -> None:
         "Deployment",
         "Service",
         "PodDisruptionBudget",
+        "Ingress",
         "ServiceMonitor",
         "PrometheusRule",
         "KafkaTopic",
     }
     assert expected <= kinds, f"missing kinds: {sorted(expected - kinds)}"
-    assert _one("Deployment", "tayori-contacts")
+    for service in IMPLEMENTED:
+        assert _one("Deployment", f"tayori-{service}")
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -259,6 +312,27 @@ def test_deployment_runs_its_service_after_its_migrations(deployment: dict[str, 
     assert _selects(selector, deployment["spec"]["template"]["metadata"]["labels"])
 
 
+def test_deployments_run_exactly_the_implemented_services() -> None:
+    components = sorted(_component(d) for d in DEPLOYMENTS)
+    assert components == sorted(IMPLEMENTED), (
+        f"Deployments run {components}; tayori.cli.IMPLEMENTED is {sorted(IMPLEMENTED)}"
+    )
+
+
+@pytest.mark.parametrize("service", IMPLEMENTED)
+def test_every_implemented_service_is_deployed(service: str) -> None:
+    deployment = _one("Deployment", f"tayori-{service}")
+    assert _component(deployment) == service
+    spec = _pod_spec(deployment)
+    assert [c.get("args") for c in spec.get("initContainers", [])] == [["migrate", service]], (
+        f"tayori-{service} does not run `tayori migrate {service}` in an initContainer"
+    )
+    assert [c.get("args") for c in spec["containers"]] == [[service]]
+    # Named tayori-<service>: the TargetDown alert and the dashboards match the job on it.
+    assert [s["metadata"]["name"] for s in _services_of(deployment)] == [f"tayori-{service}"]
+    assert [p["metadata"]["name"] for p in _pdbs_of(deployment)] == [f"tayori-{service}"]
+
+
 @pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d["metadata"]["name"])
 def test_deployment_is_hardened(deployment: dict[str, Any]) -> None:
     spec = _pod_spec(deployment)
@@ -295,26 +369,30 @@ def test_runtime_user_matches_the_image() -> None:
 
 @pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d["metadata"]["name"])
 def test_every_deployment_has_a_service_and_a_pdb(deployment: dict[str, Any]) -> None:
-    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    pod_labels = _pod_labels(deployment)
     container_ports = {
         p["name"]: p["containerPort"]
         for c in _pod_spec(deployment)["containers"]
         for p in c["ports"]
     }
-    services = [s for s in _of_kind("Service") if _selects(s["spec"]["selector"], pod_labels)]
+    services = _services_of(deployment)
     assert len(services) == 1, f"{len(services)} Services select {pod_labels}"
     for port in services[0]["spec"]["ports"]:
         assert (
             port["targetPort"] in container_ports or port["targetPort"] in container_ports.values()
         )
-    pdbs = [
-        p
-        for p in _of_kind("PodDisruptionBudget")
-        if _selects(p["spec"]["selector"]["matchLabels"], pod_labels)
-    ]
+    pdbs = _pdbs_of(deployment)
     assert len(pdbs) == 1, f"{len(pdbs)} PodDisruptionBudgets select {pod_labels}"
     assert pdbs[0]["spec"]["minAvailable"] == 1
     assert pdbs[0]["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+
+
+def test_services_are_cluster_internal() -> None:
+    # Public routes reach the internet through the Ingress only, never a Service of its own.
+    for service in _of_kind("Service"):
+        spec = service["spec"]
+        assert spec.get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
+        assert not spec.get("externalIPs"), service["metadata"]["name"]
 
 
 def test_http_port_setting_matches_the_container_port() -> None:
@@ -339,6 +417,82 @@ def test_service_monitor_scrapes_every_service() -> None:
         ]
         assert scraped, f"no ServiceMonitor scrapes Service {service['metadata']['name']}"
         assert all(endpoint["path"] == "/metrics" for endpoint in scraped)
+    for monitor in monitors:
+        # A label every Service carries, so a new service is scraped without an edit here.
+        assert "app.kubernetes.io/component" not in monitor["spec"]["selector"]["matchLabels"]
+
+
+# -- Ingress: the public routes and nothing else ---------------------------------------
+
+
+def _ingress_paths() -> list[tuple[str, dict[str, Any]]]:
+    """(host, path entry) of every HTTP path of every Ingress."""
+    return [
+        (rule.get("host", ""), path)
+        for ingress in _of_kind("Ingress")
+        for rule in ingress["spec"].get("rules", [])
+        for path in rule.get("http", {}).get("paths", [])
+    ]
+
+
+def _ingress_matches(path: dict[str, Any], request_path: str) -> bool:
+    """Whether an Ingress path entry routes ``request_path`` (Kubernetes' matching rules)."""
+    if path["pathType"] == "Exact":
+        return request_path == path["path"]
+    # ImplementationSpecific is up to the controller: nothing here could vouch for it.
+    assert path["pathType"] == "Prefix", f"pathType {path['pathType']} of {path['path']}"
+    prefix = [element for element in path["path"].split("/") if element]
+    elements = [element for element in request_path.split("/") if element]
+    return elements[: len(prefix)] == prefix
+
+
+def test_ingress_exposes_only_the_unsubscribe_pages_of_suppression() -> None:
+    ingresses = _of_kind("Ingress")
+    assert len(ingresses) == 1, f"expected one Ingress, found {len(ingresses)}"
+    spec = ingresses[0]["spec"]
+    assert "defaultBackend" not in spec, "a default backend exposes every other path"
+    paths = _ingress_paths()
+    assert [(p["path"], p["pathType"], p["backend"]["service"]["name"]) for _, p in paths] == [
+        ("/u/", "Prefix", "tayori-suppression")
+    ]
+    for host, path in paths:
+        assert host and "*" not in host, f"{path['path']}: give the rule one explicit host"
+        backend = path["backend"]["service"]
+        ports = _one("Service", backend["name"])["spec"]["ports"]
+        assert backend["port"].get("name") in {p["name"] for p in ports} or backend["port"].get(
+            "number"
+        ) in {p["port"] for p in ports}, f"{backend} names no port of the Service"
+
+
+def test_ingress_serves_the_public_url_over_tls() -> None:
+    (ingress,) = _of_kind("Ingress")
+    hosts = {rule["host"] for rule in ingress["spec"]["rules"]}
+    tls = ingress["spec"].get("tls", [])
+    assert tls and all(entry.get("secretName") for entry in tls), "no TLS certificate Secret"
+    tls_hosts = {host for entry in tls for host in entry.get("hosts", [])}
+    assert hosts <= tls_hosts, f"served without TLS: {sorted(hosts - tls_hosts)}"
+    # Links in sent mail are built on TAYORI_PUBLIC_URL: it must be this Ingress, in https.
+    public_url = urlsplit(_one("ConfigMap", CONFIG_MAP)["data"]["TAYORI_PUBLIC_URL"])
+    assert public_url.scheme == "https"
+    assert public_url.hostname in hosts and public_url.port is None
+    assert public_url.path in ("", "/"), "a path prefix would move /u/ off the Ingress path"
+
+
+@pytest.mark.parametrize("service", IMPLEMENTED)
+def test_ingress_routes_exactly_the_public_routes(service: str) -> None:
+    to_service = [
+        path
+        for _, path in _ingress_paths()
+        if path["backend"]["service"]["name"] == f"tayori-{service}"
+    ]
+    for method, route, public in _routes(service):
+        exposed = any(_ingress_matches(path, route) for path in to_service)
+        if public:
+            assert exposed, f"{method} {route} of {service} is public but not in the Ingress"
+        else:
+            assert not exposed, (
+                f"{method} {route} of {service} is internal but the Ingress routes it"
+            )
 
 
 # -- custom resources, checked by hand -------------------------------------------------
@@ -444,6 +598,11 @@ def _alert_exprs() -> list[str]:
     ]
 
 
+def _selectors(expr: str) -> list[tuple[str, str]]:
+    """(metric, matchers) of every ``tayori_…{…}`` selector; quoted values may hold braces."""
+    return re.findall(r'\b(tayori_\w+)\{((?:[^{}"]|"[^"]*")*)\}', expr)
+
+
 def test_alerts_cover_what_operators_need() -> None:
     exprs = "\n".join(_alert_exprs())
     for metric in (
@@ -453,6 +612,34 @@ def test_alerts_cover_what_operators_need() -> None:
     ):
         assert metric in exprs, f"no alert on {metric}"
     assert re.search(r'tayori_http_requests_total\{status=~"5\.\."\}', exprs), "no 5xx alert"
+    # Invalid unsubscribe tokens: links being tampered with or /u/ being scanned.
+    assert re.search(r'tayori_unsubscribe_requests_total\{outcome="bad_token"\}', exprs)
+
+
+def test_alerts_watch_the_public_endpoint() -> None:
+    public = {route for s in IMPLEMENTED for _, route, is_public in _routes(s) if is_public}
+    assert public, "no public route found"
+    five_xx = [
+        matchers
+        for expr in _alert_exprs()
+        for name, matchers in _selectors(expr)
+        if name == "tayori_http_requests_total" and re.search(r'\bstatus=~"5', matchers)
+    ]
+    watched = {route for m in five_xx for route in re.findall(r'\broute="([^"]*)"', m)}
+    assert public <= watched, f"no 5xx alert on the public routes {sorted(public - watched)}"
+
+
+def test_alert_label_values_exist_in_the_code() -> None:
+    routes = {route for s in IMPLEMENTED for _, route, _ in _routes(s)}
+    sources = "\n".join(p.read_text() for p in sorted((ROOT / "services").rglob("*.py")))
+    for expr in _alert_exprs():
+        for _, matchers in _selectors(expr):
+            for route in re.findall(r'\broute="([^"]*)"', matchers):
+                assert route in routes, f"no service serves route {route!r}"
+            for service in re.findall(r'\bservice="([^"]*)"', matchers):
+                assert service in IMPLEMENTED, f"no service {service!r}"
+            for outcome in re.findall(r'\boutcome="([^"]*)"', matchers):
+                assert f'"{outcome}"' in sources, f"no code counts outcome {outcome!r}"
 
 
 def test_alerts_use_only_metrics_and_labels_the_code_exports() -> None:
@@ -463,7 +650,7 @@ def test_alerts_use_only_metrics_and_labels_the_code_exports() -> None:
         for name in used:
             assert name in series, f"{name} is not a metric in libs/common/metrics.py"
         allowed = TARGET_LABELS | {"le"} | set().union(*(series[n] for n in used))
-        for name, matchers in re.findall(r"\b(tayori_\w+)\{([^}]*)\}", expr):
+        for name, matchers in _selectors(expr):
             for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers):
                 assert label in series[name] | TARGET_LABELS, f"{name} has no label {label}"
         for grouping in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
@@ -649,7 +836,63 @@ def test_compose_contacts_service_and_shared_environment() -> None:
     )
     assert re.match(r"postgresql://[^@]+@postgres[:/]", env["DATABASE_URL"])
     assert env["SMTP_HOST"] in services
-    assert env["HTTP_PORT"] == "8080"
+    assert env["HTTP_PORT"] == str(CONTAINER_PORT)
+
+
+def _published(service: dict[str, Any]) -> list[tuple[int, int]]:
+    """(host port, container port) of every "HOST:CONTAINER" mapping of a compose service."""
+    pairs = []
+    for mapping in service.get("ports", []):
+        match = re.fullmatch(r"(?:[\d.]+:)?(\d+):(\d+)(?:/tcp)?", str(mapping))
+        assert match, f"use the short HOST:CONTAINER syntax, not {mapping!r}"
+        pairs.append((int(match.group(1)), int(match.group(2))))
+    return pairs
+
+
+def test_compose_runs_exactly_the_implemented_services() -> None:
+    services = _compose()["services"]
+    image = services["contacts"]["image"]
+    tayori = {name for name, service in services.items() if service.get("image") == image}
+    expected = set(IMPLEMENTED) | {f"{name}-migrate" for name in IMPLEMENTED}
+    assert tayori == expected, (
+        f"missing: {sorted(expected - tayori)}; not implemented: {sorted(tayori - expected)}"
+    )
+
+
+@pytest.mark.parametrize("name", IMPLEMENTED)
+def test_compose_service_and_its_migration(name: str) -> None:
+    services = _compose()["services"]
+    assert name in services and f"{name}-migrate" in services, f"{name}: not in compose"
+    service, migrate = services[name], services[f"{name}-migrate"]
+    assert service["command"] == [name]
+    assert migrate["command"] == ["migrate", name]
+    assert migrate.get("restart") == "no", f"{name}-migrate must be a one-shot"
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    depends = service["depends_on"]
+    assert depends[f"{name}-migrate"]["condition"] == "service_completed_successfully"
+    topic_service, _ = _topic_service(services)
+    assert depends[topic_service]["condition"] == "service_completed_successfully"
+    assert depends["postgres"]["condition"] == "service_healthy"
+    assert f":{CONTAINER_PORT}/readyz" in str(service["healthcheck"]["test"])
+    # The shared anchor: same settings for every service and its migration.
+    assert service["environment"] == migrate["environment"] == services["contacts"]["environment"]
+    assert [container for _, container in _published(service)] == [CONTAINER_PORT]
+
+
+def test_compose_host_ports_are_unique() -> None:
+    ports = [host for s in _compose()["services"].values() for host, _ in _published(s)]
+    duplicates = sorted({port for port in ports if ports.count(port) > 1})
+    assert not duplicates, f"host ports published twice: {duplicates}"
+
+
+def test_compose_public_url_points_at_the_suppression_service() -> None:
+    services = _compose()["services"]
+    value = services["suppression"]["environment"]["TAYORI_PUBLIC_URL"]
+    match = re.fullmatch(r"\$\{TAYORI_PUBLIC_URL:-([^}]+)\}", value)
+    default = match.group(1) if match else value
+    ((host_port, _),) = _published(services["suppression"])
+    assert default == f"http://localhost:{host_port}"
+    assert "TAYORI_OPERATOR_EMAIL" in services["suppression"]["environment"]
 
 
 # -- Dockerfile ------------------------------------------------------------------------
