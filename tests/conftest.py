@@ -131,13 +131,17 @@ class Service:
 
 
 @contextlib.asynccontextmanager
-async def running(name: str, stack: Stack, database: str, prefix: str,
-                  **overrides: Any) -> AsyncIterator[Service]:
+async def running(
+    name: str, stack: Stack, database: str, prefix: str, **overrides: Any
+) -> AsyncIterator[Service]:
     """Service ``name`` running in this process against this test's database and topics."""
     app = importlib.import_module(f"services.{name}.app")
     settings_module = importlib.import_module(f"services.{name}.settings")
-    settings_cls = next(getattr(settings_module, a) for a in dir(settings_module)
-                        if a.endswith("Settings") and a != "CommonSettings")
+    settings_cls = next(
+        getattr(settings_module, a)
+        for a in dir(settings_module)
+        if a.endswith("Settings") and a != "CommonSettings"
+    )
     runtime = app.build(settings_for(settings_cls, stack, database, prefix, **overrides))
     await runtime.start()
     try:

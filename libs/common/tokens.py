@@ -60,6 +60,8 @@ class Signer:
         return f"{self._kid}.{payload}.{self._mac(self._keys[self._kid], self._kid, payload)}"
 
     def verify(self, token: str, *, now: float | None = None) -> dict[str, Any]:
+        if not token.isascii():
+            raise BadToken()
         try:
             kid, payload, mac = token.split(".")
             secret = self._keys[kid]

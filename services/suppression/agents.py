@@ -17,7 +17,7 @@ from libs.common.kafka import Message, reject
 from libs.common.logging import get_logger
 from services.suppression import store
 from services.suppression.context import Context
-from services.suppression.processor import STATES
+from services.suppression.processor import METHODS, STATES
 from services.suppression.store import QUERIES
 
 log = get_logger(__name__)
@@ -63,8 +63,18 @@ def _group(command: dict[str, Any]) -> int:
     return int(command["group_id"])
 
 
+def _check_values(command: dict[str, Any]) -> None:
+    """Free-text fields the schema cannot constrain: refuse them here (→ DLQ) rather than
+    let the table's CHECK constraints fail the whole batch."""
+    if command.get("state") is not None and command["state"] not in STATES:
+        raise InvalidMessage(f"state must be one of {', '.join(STATES)}", field="state")
+    if command.get("method") is not None and command["method"] not in METHODS:
+        raise InvalidMessage(f"method must be one of {', '.join(METHODS)}", field="method")
+
+
 async def _apply(conn: asyncpg.Connection, command: dict[str, Any]) -> None:
     kind = command["type"]
+    _check_values(command)
     if kind == "ClearBounce":
         if not command.get("email"):
             raise InvalidMessage("ClearBounce needs email", field="email")
@@ -128,7 +138,8 @@ async def handle_changelog(ctx: Context, batch: list[Message]) -> None:
         for message in batch:
             change = message.value
             if change["op"] == "deleted":
-                await conn.execute(QUERIES["forget-contact"], change["contact_id"])
+                gone = await conn.fetch(QUERIES["forget-contact"], change["contact_id"])
+                await store.publish(conn, [store.left_change(r) for r in gone])
             elif change["contact"] is not None:
                 await conn.execute(
                     QUERIES["upsert-contact-address"],

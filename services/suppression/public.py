@@ -130,12 +130,16 @@ async def unsubscribe(request: web.Request) -> web.Response:
 async def _kind(request: web.Request) -> str:
     """one_click for an RFC 8058 body (either encoding), form otherwise; the body is read
     whole either way so the connection stays usable."""
-    if request.content_type.startswith("multipart/"):
-        reader = await request.multipart()
-        values: dict[str, str] = {}
-        async for part in reader:
-            if isinstance(part, BodyPartReader) and part.name:
-                values[part.name] = (await part.text())[:200]
-    else:
-        values = {k: str(v)[:200] for k, v in (await request.post()).items()}
+    values: dict[str, str] = {}
+    try:
+        if request.content_type.startswith("multipart/"):
+            reader = await request.multipart()
+            async for part in reader:
+                if isinstance(part, BodyPartReader) and part.name:
+                    values[part.name] = (await part.text())[:200]
+        else:
+            values = {k: str(v)[:200] for k, v in (await request.post()).items()}
+    except ValueError:  # a body that is not the form it claims (no boundary, not UTF-8)
+        await request.read()
+        return "form"
     return "one_click" if values.get("List-Unsubscribe") == "One-Click" else "form"

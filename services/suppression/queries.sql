@@ -97,9 +97,11 @@ ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, changelog_version = EXCLU
 WHERE contact.changelog_version < EXCLUDED.changelog_version;
 
 -- name: forget-contact
--- A deleted contact: its memberships go, its address suppressions stay (they are per address).
-WITH gone AS (DELETE FROM membership WHERE contact_id = $1 RETURNING contact_id)
-DELETE FROM contact WHERE id = $1;
+-- A deleted contact: its memberships go (returned, to publish), its address suppressions
+-- stay (they are per address).
+WITH gone AS (DELETE FROM contact WHERE id = $1)
+DELETE FROM membership WHERE contact_id = $1
+RETURNING contact_id, group_id, method, nextval('change_version') AS version;
 
 -- name: set-black
 INSERT INTO contact (id, black, black_changed_at) VALUES ($1, $2, now())
@@ -138,8 +140,15 @@ RETURNING email, reason, nextval('change_version') AS version;
 SELECT email, reason, source, created_at FROM address_suppression WHERE email = lower($1);
 
 -- name: clear-bounce
-DELETE FROM address_suppression WHERE email = lower($1) AND reason = 'bounced'
-RETURNING email, nextval('change_version') AS version;
+-- The operator's word outranks the bounce processor's last status for this address.
+WITH cleared AS (
+    DELETE FROM address_suppression WHERE email = lower($1) AND reason = 'bounced'
+    RETURNING email
+), reset AS (
+    UPDATE contact SET delivery_status = NULL, updated_at = now()
+    WHERE lower(email) = lower($1) AND EXISTS (SELECT 1 FROM cleared)
+)
+SELECT email, nextval('change_version') AS version FROM cleared;
 
 -- name: contacts-with-address
 SELECT id FROM contact WHERE lower(email) = lower($1);

@@ -72,7 +72,9 @@ def membership_change(row: Mapping[str, Any], state: str | None = None) -> dict[
 async def publish(conn: asyncpg.Connection, changes: Iterable[dict[str, Any]]) -> None:
     messages = []
     for change in changes:
-        key = change["contact_id"] if change["contact_id"] is not None else change["email"]
+        # Address-level kinds are keyed by the address, so one address's changes stay in order.
+        by_address = change["kind"] in ("address", "blacklist_rule") or change["contact_id"] is None
+        key = change["email"] if by_address else change["contact_id"]
         messages.append((Topic.SUPPRESSION_CHANGES, key, change))
         SUPPRESSION_CHANGES.labels(change["kind"], change["state"], change["method"] or "").inc()
     await outbox.add_many(conn, messages)
@@ -162,23 +164,23 @@ async def join(
     return row
 
 
+def left_change(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The change that says a membership no longer exists."""
+    return change_record(
+        "membership",
+        state="left",
+        version=row["version"],
+        contact_id=row["contact_id"],
+        group_id=row["group_id"],
+        method=row["method"],
+    )
+
+
 async def leave(conn: asyncpg.Connection, contact_id: int, group_id: int) -> bool:
     row = await conn.fetchrow(QUERIES["leave"], contact_id, group_id)
     if row is None:
         return False
-    await publish(
-        conn,
-        [
-            change_record(
-                "membership",
-                state="left",
-                version=row["version"],
-                contact_id=contact_id,
-                group_id=group_id,
-                method=row["method"],
-            )
-        ],
-    )
+    await publish(conn, [left_change(row)])
     return True
 
 

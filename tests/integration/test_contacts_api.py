@@ -807,6 +807,8 @@ async def test_leaving_a_group_asks_suppression_to_end_the_membership(contacts, 
     assert status == 404 and "not a member" in body["error"]
     commands = await kafka.read(Topic.SUPPRESSION_COMMANDS, until=lambda r: len(r) >= 2)
     assert [(c["type"], c["group_id"]) for c in commands] == [
-        ("Join", group["id"]), ("Leave", group["id"])]
+        ("Join", group["id"]),
+        ("Leave", group["id"]),
+    ]
     got = await api.ok("GET", f"/v1/contacts/{contact['id']}")
     assert got["memberships"] == []

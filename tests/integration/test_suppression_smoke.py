@@ -10,9 +10,18 @@ from tests.conftest import eventually
 
 
 def join(contact_id: int, group_id: int, email: str) -> dict:
-    return {"command_id": str(uuid.uuid4()), "type": "Join", "contact_id": contact_id,
-            "email": email, "group_id": group_id, "state": "deliverable", "method": "system",
-            "actor": "operator", "campaign_id": None, "issued_at": dt.datetime.now(dt.UTC)}
+    return {
+        "command_id": str(uuid.uuid4()),
+        "type": "Join",
+        "contact_id": contact_id,
+        "email": email,
+        "group_id": group_id,
+        "state": "deliverable",
+        "method": "system",
+        "actor": "operator",
+        "campaign_id": None,
+        "issued_at": dt.datetime.now(dt.UTC),
+    }
 
 
 async def test_join_then_unsubscribe_by_link(suppression, kafka):
@@ -25,8 +34,9 @@ async def test_join_then_unsubscribe_by_link(suppression, kafka):
     status, page = await api.call("GET", "/" + path, token=None)
     assert status == 200 and "配信停止" in page
     assert (await api.ok("GET", "/v1/memberships/7/2"))["state"] == "deliverable"
-    status, page = await api.call("POST", "/" + path, token=None,
-                                  data={"List-Unsubscribe": "One-Click"})
+    status, page = await api.call(
+        "POST", "/" + path, token=None, data={"List-Unsubscribe": "One-Click"}
+    )
     assert status == 200
     assert (await api.ok("GET", "/v1/memberships/7/2"))["state"] == "unsubscribed"
     assert (await api.ok("GET", "/v1/memberships/7/1"))["state"] == "deliverable"
