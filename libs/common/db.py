@@ -59,6 +59,16 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def _keep_session(_: asyncpg.Connection) -> None:
+    """Pool release without asyncpg's reset query (a round trip per release).
+
+    asyncpg still rolls back an unfinished transaction and drops listener callbacks; the
+    reset query would also undo session state, and Tayori keeps none: no SET, no
+    session-level advisory locks, cursors only inside transactions, and whoever LISTENs
+    UNLISTENs before releasing (the outbox relay).
+    """
+
+
 async def create_pool(dsn: str, schema: str, *, size: int = 10) -> asyncpg.Pool:
     """A pool whose connections see ``schema`` first and decode json/jsonb to Python."""
     pool = await asyncpg.create_pool(
@@ -66,6 +76,7 @@ async def create_pool(dsn: str, schema: str, *, size: int = 10) -> asyncpg.Pool:
         min_size=1,
         max_size=size,
         init=_init_connection,
+        reset=_keep_session,
         server_settings={"search_path": f"{schema},public", "application_name": f"tayori-{schema}"},
     )
     assert pool is not None

@@ -38,9 +38,11 @@ CREATE TABLE IF NOT EXISTS outbox (
 )
 """
 
+# One round trip: the rows, and the NOTIFY that wakes the relay when they commit.
 _INSERT = (
-    "INSERT INTO outbox (topic, key, payload, schema_version)"
-    " SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int[])"
+    "WITH queued AS (INSERT INTO outbox (topic, key, payload, schema_version)"
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int[]) RETURNING 1)"
+    " SELECT pg_notify(current_schema() || '_outbox', '') WHERE EXISTS (SELECT 1 FROM queued)"
 )
 
 
@@ -63,7 +65,6 @@ async def add_many(
         return
     topics, keys, payloads, versions = (list(col) for col in zip(*rows, strict=True))
     await conn.execute(_INSERT, topics, keys, payloads, versions)
-    await conn.execute("SELECT pg_notify(current_schema() || '_outbox', '')")
 
 
 class OutboxRelay:
@@ -94,6 +95,7 @@ class OutboxRelay:
                         pass
         finally:
             await listener.remove_listener(channel, self._notified)
+            await listener.execute("UNLISTEN *")  # the pool does not reset sessions
             await self.pool.release(listener)
 
     def _notified(self, *_: Any) -> None:

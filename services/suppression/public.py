@@ -64,10 +64,17 @@ def _not_valid() -> web.Response:
     )
 
 
-async def _target(ctx: Context, token: str) -> UnsubscribeTarget | None:
+def _signed(ctx: Context, token: str) -> UnsubscribeTarget | None:
     try:
-        target = ctx.links.read(token)
+        return ctx.links.read(token)
     except BadToken:
+        return None
+
+
+async def _target(ctx: Context, token: str) -> UnsubscribeTarget | None:
+    """The membership a token names, if we issued the token and the membership exists."""
+    target = _signed(ctx, token)
+    if target is None:
         return None
     row = await ctx.pool.fetchrow(QUERIES["membership"], target.contact_id, target.group_id)
     return target if row is not None else None
@@ -96,7 +103,7 @@ async def unsubscribe(request: web.Request) -> web.Response:
     """Public: unsubscribe (form submit or RFC 8058 one-click), durable before the answer."""
     ctx = request.app[CONTEXT]
     kind = await _kind(request)
-    target = await _target(ctx, request.match_info["token"])
+    target = _signed(ctx, request.match_info["token"])  # the membership is checked below
     if target is None:
         UNSUBSCRIBE_REQUESTS.labels("bad_token", kind).inc()
         return _not_valid()
