@@ -23,11 +23,20 @@ async def first_event_seconds(bootstrap: str, session_timeout: float | None) -> 
     topic_name = f"faust-start-{uuid.uuid4().hex[:8]}"
     options = {}
     if session_timeout is not None:
-        options = {"broker_session_timeout": session_timeout,
-                   "broker_heartbeat_interval": session_timeout / 5}
-    app = faust.App(f"tayori-bench-{uuid.uuid4().hex[:8]}", broker=f"kafka://{bootstrap}",
-                    store="memory://", web_enabled=False, topic_partitions=1,
-                    producer_acks=1, datadir=str(temp_home("faust-")), **options)
+        options = {
+            "broker_session_timeout": session_timeout,
+            "broker_heartbeat_interval": session_timeout / 5,
+        }
+    app = faust.App(
+        f"tayori-bench-{uuid.uuid4().hex[:8]}",
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        web_enabled=False,
+        topic_partitions=1,
+        producer_acks=1,
+        datadir=str(temp_home("faust-")),
+        **options,
+    )
     topic = app.topic(topic_name, value_serializer="raw")
     seen = asyncio.Event()
 
@@ -52,8 +61,11 @@ async def first_event_seconds(bootstrap: str, session_timeout: float | None) -> 
 async def main() -> None:
     broker = EmbeddedBroker(free_port())
     try:
-        for label, timeout in (("faust default (session 60 s)", None), ("session 6 s", 6.0),
-                               ("session 2 s", 2.0)):
+        for label, timeout in (
+            ("faust default (session 60 s)", None),
+            ("session 6 s", 6.0),
+            ("session 2 s", 2.0),
+        ):
             seconds = await first_event_seconds(broker.bootstrap, timeout)
             print(f"{label:<32} first event after {seconds:6.1f} s", flush=True)
     finally:

@@ -182,6 +182,7 @@ class Consumer:
         handler: Handler,
         max_records: int = 2000,
         dlq_limit: DlqLimit | None = None,
+        fetch_max_wait_ms: int | None = None,
     ) -> None:
         self.settings = settings
         self.publisher = publisher
@@ -189,6 +190,7 @@ class Consumer:
         self.topics = list(topics)
         self.handler = handler
         self.max_records = max_records
+        self.fetch_max_wait_ms = fetch_max_wait_ms or settings.kafka_fetch_max_wait_ms
         self.dlq_limit = dlq_limit or DlqLimit(settings.dlq_limit_ratio, settings.dlq_limit_min)
         self._by_name = {topic_name(t, settings.topic_prefix): t for t in self.topics}
         self._consumer: AIOKafkaConsumer | None = None
@@ -210,7 +212,7 @@ class Consumer:
             auto_offset_reset="earliest",
             session_timeout_ms=s.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(100, s.kafka_session_timeout_ms // 5),
-            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
+            fetch_max_wait_ms=self.fetch_max_wait_ms,
             max_poll_records=self.max_records,
         )
         await self._consumer.start()

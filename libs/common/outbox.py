@@ -86,9 +86,10 @@ class OutboxRelay:
         await listener.add_listener(channel, self._notified)
         try:
             while True:
+                # Cleared before publishing: a commit notified meanwhile is not lost.
+                self._wake.clear()
                 published = await self.publish_once()
                 if published < self.batch:
-                    self._wake.clear()
                     try:
                         await asyncio.wait_for(self._wake.wait(), timeout=1.0)
                     except TimeoutError:

@@ -41,6 +41,8 @@ class ConsumerSpec:
     topics: list[Topic]
     handler: Handler
     max_records: int = 2000
+    #: use the short fetch wait (KAFKA_FAST_FETCH_MAX_WAIT_MS): changes users wait to see.
+    latency_critical: bool = False
 
 
 @dataclass
@@ -86,6 +88,7 @@ class Runtime:
                 topics=spec.topics,
                 handler=spec.handler,
                 max_records=spec.max_records,
+                fetch_max_wait_ms=s.kafka_fast_fetch_max_wait_ms if spec.latency_critical else None,
             )
             for spec in self.consumers
         ]

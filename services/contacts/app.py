@@ -50,9 +50,14 @@ def build(settings: ContactsSettings) -> Runtime:
             "contacts.ingest", [Topic.CONTACTS_EVENTS], bind(agents.handle_contact_events)
         ),
         ConsumerSpec(
+            "contacts.suppression",
+            [Topic.SUPPRESSION_CHANGES],
+            bind(agents.handle_suppression_changes),
+            latency_critical=True,  # an unsubscribe should show at once
+        ),
+        ConsumerSpec(
             "contacts.projections",
             [
-                Topic.SUPPRESSION_CHANGES,
                 Topic.DELIVERY_RESULTS,
                 Topic.FEEDBACK_EVENTS,
                 Topic.BOUNCE_EVENTS,
@@ -88,7 +93,6 @@ def build(settings: ContactsSettings) -> Runtime:
 async def _projections(ctx: Context, batch: list[Message]) -> None:
     topic = batch[0].topic
     handler = {
-        Topic.SUPPRESSION_CHANGES: agents.handle_suppression_changes,
         Topic.DELIVERY_RESULTS: agents.handle_delivery_results,
         Topic.FEEDBACK_EVENTS: agents.handle_feedback,
         Topic.BOUNCE_EVENTS: agents.handle_bounce_events,

@@ -1,0 +1,171 @@
+"""``make bench``: ingest, search and snapshot benchmarks of contacts, and the unsubscribe
+latency of suppression.
+
+    python -m bench [--only ingest|search|snapshot|unsubscribe] [--contacts N] [--ingest-events N]
+
+Each benchmark runs on a fresh embedded stack (new temp directory, new PostgreSQL data
+directory with default durability, new broker) and prints its figure next to the ceiling
+measured in the same run, and a goal: as an aligned table and as one JSON line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import datetime as dt
+import gc
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import uvloop
+
+from bench import ingest, search, snapshot, unsubscribe
+from bench.load import load
+from bench.report import Result, json_line, progress, table
+from bench.stack import database
+from libs.common import logging as tlog
+from tayori.embedded import temp_home
+
+DEFAULT_CONTACTS = 1_000_000
+DEFAULT_INGEST = 200_000
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    memory = "unknown"
+    with open("/proc/meminfo", encoding="utf-8") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+                break
+    return {
+        "date": dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="seconds"),
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "memory": memory,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--only",
+        choices=("ingest", "search", "snapshot", "unsubscribe"),
+        action="append",
+        help="run only this benchmark (repeatable)",
+    )
+    parser.add_argument(
+        "--contacts",
+        type=int,
+        default=DEFAULT_CONTACTS,
+        help=f"contacts loaded for search and snapshot (default {DEFAULT_CONTACTS:,})",
+    )
+    parser.add_argument(
+        "--ingest-events",
+        type=int,
+        default=None,
+        help=f"events for ingest (default {DEFAULT_INGEST:,}, or --contacts when that is smaller)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=search.REQUESTS,
+        help=f"search requests of each kind (default {search.REQUESTS})",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="cProfile the service during ingest and write the stats here",
+    )
+    return parser.parse_args(argv)
+
+
+async def main(args: argparse.Namespace, root: Path) -> list[Result]:
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    chosen = args.only or ["ingest", "search", "snapshot", "unsubscribe"]
+    ingest_events = args.ingest_events or min(DEFAULT_INGEST, args.contacts)
+    results: list[Result] = []
+
+    def report(found: list[Result], started: float) -> None:
+        for result in found:
+            result.data["benchmark_seconds"] = round(time.monotonic() - started, 1)
+            result.data["loadavg_after"] = loadavg()
+            print(json_line(result), flush=True)
+        results.extend(found)
+        gc.collect()
+
+    try:
+        if "ingest" in chosen:
+            started = time.monotonic()
+            report(await ingest.run(root, ingest_events, profile=args.profile), started)
+        if "search" in chosen or "snapshot" in chosen:
+            async with database(root, "contacts") as db:
+                started = time.monotonic()
+                progress(f"loading {args.contacts:,} contacts for search and snapshot")
+                loaded = await load(db.dsn, args.contacts)
+                gc.collect()
+                gc.freeze()  # nothing loaded stays in memory, but keep GC pauses out of latencies
+                if "search" in chosen:
+                    report(await search.run(root, db, loaded, args.requests), started)
+                    started = time.monotonic()
+                if "snapshot" in chosen:
+                    report(await snapshot.run(root, db, loaded), started)
+        if "unsubscribe" in chosen:
+            started = time.monotonic()
+            report(await unsubscribe.run(root), started)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg", encoding="utf-8") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def run(argv: list[str]) -> int:
+    args = parse(argv)
+    tlog.configure("bench", "warning")
+    info = machine()
+    print(f"Tayori benchmarks — {info['date']}")
+    print(
+        f"machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory']} RAM, "
+        f"Python {info['python']}, Linux {info['kernel']}"
+    )
+    print(f"command: python -m bench {' '.join(argv)}".rstrip())
+    print(f"load average at start: {loadavg()} (other work on the machine skews every figure)")
+    print(flush=True)
+    started = time.monotonic()
+    root = temp_home("tayori-bench-")
+    # Registered before pgserver is imported, so it runs after pgserver's own exit hook,
+    # which recreates its lock directory under root.
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    results = uvloop.run(main(args, root))
+    print()
+    print(table(results))
+    print(f"\ntotal {time.monotonic() - started:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))

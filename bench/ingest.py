@@ -1,0 +1,158 @@
+"""Ingest: ContactUpserted events on contacts.events → rows in PostgreSQL, against COPY.
+
+1. N events (Japanese names, 2 tags, 2 custom fields defined first) are produced onto
+   ``contacts.events`` before the service runs (not timed).
+2. Ceiling: ``copy_records_to_table`` of the same rows, same columns, into a fresh copy of
+   the contact table (``LIKE contacts.contact INCLUDING ALL``: same indexes) in the same
+   database; only the COPY calls are timed.
+3. The service starts; the figure is events/s from the moment its consumers have
+   partitions until ``SELECT count(*) FROM contact`` reaches N (its outbox also publishes
+   one contacts.changelog record per contact meanwhile, as in production).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import datetime as dt
+import io
+import pstats
+import time
+from pathlib import Path
+
+from bench.data import COPY_COLUMNS, CUSTOM_FIELDS, copy_row, profiles, upserted_event
+from bench.report import Result, n, progress, rate
+from bench.stack import Stack, database, define_fields, stack
+from libs.common import avro
+from libs.common.kafka import Publisher, make_producer
+from libs.common.topics import Topic
+from services.contacts.app import build
+
+GOAL_RATIO = 0.5
+COPY_CHUNK = 50_000
+
+
+async def produce_events(st: Stack, count: int) -> float:
+    settings = st.settings(service="bench")
+    producer = make_producer(settings)
+    await producer.start()
+    publisher = Publisher(settings, producer)
+    occurred_at = dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC)
+    started = time.monotonic()
+    try:
+        pending = []
+        for p in profiles(count):
+            data, headers = avro.encode(Topic.CONTACTS_EVENTS, upserted_event(p, occurred_at))
+            pending.append(
+                await publisher.send_raw(Topic.CONTACTS_EVENTS, p["external_id"], data, headers)
+            )
+            if len(pending) >= 10_000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return time.monotonic() - started
+
+
+async def copy_ceiling(st: Stack, count: int) -> float:
+    """Seconds spent in COPY for the same rows into an identically indexed empty table."""
+    conn = await st.connect_plain()
+    try:
+        await conn.execute(
+            "CREATE SCHEMA bench_copy;"
+            " CREATE TABLE bench_copy.contact (LIKE contacts.contact INCLUDING ALL)"
+        )
+        spent = 0.0
+        source = profiles(count)
+        while True:
+            chunk = [copy_row(p) for _, p in zip(range(COPY_CHUNK), source, strict=False)]
+            if not chunk:
+                break
+            started = time.monotonic()
+            await conn.copy_records_to_table(
+                "contact", schema_name="bench_copy", columns=COPY_COLUMNS, records=chunk
+            )
+            spent += time.monotonic() - started
+        await conn.execute("CHECKPOINT")  # the service does not pay for the COPY's dirty pages
+        return spent
+    finally:
+        await conn.close()
+
+
+async def run(root: Path, count: int, *, profile: Path | None = None) -> list[Result]:
+    async with database(root, "ingest") as db, stack(root, "ingest", db) as st:
+        conn = await st.connect_plain()
+        await define_fields(conn, CUSTOM_FIELDS)
+        progress(f"ingest: producing {n(count)} events")
+        produce_s = await produce_events(st, count)
+        progress(f"ingest: produced in {produce_s:.1f}s; COPY ceiling")
+        copy_s = await copy_ceiling(st, count)
+        progress(f"ingest: COPY {n(rate(count, copy_s))} rows/s; starting the service")
+
+        runtime = build(st.settings())
+        profiler = cProfile.Profile() if profile else None
+        started = time.monotonic()
+        await runtime.start()
+        await runtime.wait_for_consumers()
+        ready = time.monotonic()
+        if profiler:
+            profiler.enable()
+        last_report = ready
+        done = 0
+        try:
+            while done < count:
+                await asyncio.sleep(0.1)
+                done = await conn.fetchval("SELECT count(*) FROM contacts.contact")
+                if time.monotonic() - last_report > 10:
+                    last_report = time.monotonic()
+                    progress(f"ingest: {n(done)} rows, {n(rate(done, last_report - ready))}/s")
+            finished = time.monotonic()
+            if profiler:
+                profiler.disable()
+            while True:  # and the changelog of every row published
+                if not await conn.fetchval("SELECT count(*) FROM contacts.outbox"):
+                    break
+                await asyncio.sleep(0.1)
+            outbox_drained = time.monotonic()
+        finally:
+            await runtime.stop()
+        same = await conn.fetchval(
+            "SELECT count(*) FROM contacts.contact c JOIN bench_copy.contact b USING (external_id)"
+            " WHERE (c.email, c.name, c.name_kana, c.company, c.phone, c.acquired_at, c.tags,"
+            "        c.custom, c.sales_status, c.engagement)"
+            "   IS NOT DISTINCT FROM (b.email, b.name, b.name_kana, b.company, b.phone,"
+            "        b.acquired_at, b.tags, b.custom, b.sales_status, b.engagement)"
+        )
+        await conn.close()
+
+    if profiler and profile:
+        profiler.dump_stats(profile)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        progress(f"ingest profile written to {profile}\n{text.getvalue()}")
+
+    events_per_s = rate(count, finished - ready)
+    copy_per_s = rate(count, copy_s)
+    ratio = events_per_s / copy_per_s
+    return [
+        Result(
+            name="ingest",
+            figure=f"{n(events_per_s)} events/s",
+            ceiling=f"COPY {n(copy_per_s)} rows/s",
+            goal=f">= {GOAL_RATIO:.0%} of COPY",
+            passed=ratio >= GOAL_RATIO,
+            ratio=ratio,
+            data={
+                "events": count,
+                "events_per_s": round(events_per_s),
+                "copy_rows_per_s": round(copy_per_s),
+                "ingest_seconds": round(finished - ready, 2),
+                "startup_seconds": round(ready - started, 2),
+                "changelog_published_seconds": round(outbox_drained - ready, 2),
+                "copy_seconds": round(copy_s, 2),
+                "produce_seconds": round(produce_s, 2),
+                "rows_identical_to_copy": same,
+            },
+        )
+    ]

@@ -1,0 +1,295 @@
+"""Unsubscribe latency (issue 3): POST /u/{token} → change on suppression.changes and in
+contacts' projection, at a steady 500 requests/s, beside the broker round trip.
+
+Both services run as their own processes (`tayori contacts`, `tayori suppression`) on the
+embedded PostgreSQL and broker, as in `tayori dev`; this process is the load generator and
+the observer: a consumer of suppression.changes, and a LISTEN on a trigger that the bench
+puts on contacts.membership. The floor is produce → consume through the same broker at
+the same rate with the same consumer fetch wait the services use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from bench.report import Result, ms, percentile, progress
+from libs.common import avro, db
+from libs.common.kafka import ensure_topics
+from libs.common.topics import Topic, topic_name
+from libs.common.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
+from services.contacts.app import MIGRATIONS as CONTACTS_MIGRATIONS
+from services.suppression.app import MIGRATIONS as SUPPRESSION_MIGRATIONS
+from tayori.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, wait_for_port
+
+RATE = 500
+SECONDS = 10
+FETCH_WAIT_MS = 10  # KAFKA_FAST_FETCH_MAX_WAIT_MS: what the latency-critical consumers use
+KEYS = "k1:bench-unsubscribe-signing-key"
+GROUP = 1
+
+
+async def _seed(dsn: str, contacts: int) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO contacts.contact_group (kind, name) VALUES ('group', 'bench')"
+        )
+        await conn.copy_records_to_table(
+            "contact",
+            schema_name="contacts",
+            columns=["email"],
+            records=[(f"u{i}@example.jp",) for i in range(contacts)],
+        )
+        await conn.execute(
+            "INSERT INTO contacts.membership (contact_id, group_id, state, method)"
+            " SELECT id, $1, 'deliverable', 'system' FROM contacts.contact",
+            GROUP,
+        )
+        await conn.execute(
+            "INSERT INTO suppression.contact (id, email) SELECT id, email FROM contacts.contact"
+        )
+        await conn.execute(
+            "INSERT INTO suppression.membership (contact_id, group_id, state, method)"
+            " SELECT id, $1, 'deliverable', 'system' FROM contacts.contact",
+            GROUP,
+        )
+        await conn.execute("""
+            CREATE FUNCTION contacts.bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN PERFORM pg_notify('bench_membership', NEW.contact_id::text); RETURN NEW; END $$;
+            CREATE TRIGGER bench_notify AFTER UPDATE ON contacts.membership
+            FOR EACH ROW WHEN (NEW.state = 'unsubscribed') EXECUTE FUNCTION contacts.bench_notify();
+        """)
+    finally:
+        await conn.close()
+
+
+def _start(service: str, env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tayori", service],
+            env={**env, "HTTP_PORT": str(port), "HTTP_HOST": "127.0.0.1"},
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    wait_for_port("127.0.0.1", port, timeout=60, proc=process)
+    return process
+
+
+async def _ready(session: aiohttp.ClientSession, port: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"service on {port} not ready")
+
+
+async def _floor(bootstrap: str, prefix: str, count: int) -> list[float]:
+    """Produce → consume latency through the broker at RATE, FETCH_WAIT_MS fetch wait."""
+    name = f"{prefix}bench.floor"
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=0)
+    consumer = AIOKafkaConsumer(
+        name,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=FETCH_WAIT_MS,
+    )
+    await producer.start()
+    await consumer.start()
+    latencies: list[float] = []
+    try:
+
+        async def consume() -> None:
+            while len(latencies) < count:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    now = time.perf_counter()
+                    latencies.extend(now - float(r.value) for r in records)
+
+        reader = asyncio.ensure_future(consume())
+        started = time.perf_counter()
+        for i in range(count):
+            await asyncio.sleep(max(0.0, started + i / RATE - time.perf_counter()))
+            await producer.send(name, str(time.perf_counter()).encode())
+        await asyncio.wait_for(reader, 60)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    return latencies
+
+
+async def run(root: Path) -> list[Result]:
+    count = RATE * SECONDS
+    postgres = EmbeddedPostgres(root / "unsub-pg")
+    broker = EmbeddedBroker(free_port(), log_path=root / "unsub-broker.log")
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        dsn = await postgres.create_database("tayori")
+        await db.migrate(dsn, "contacts", CONTACTS_MIGRATIONS)
+        await db.migrate(dsn, "suppression", SUPPRESSION_MIGRATIONS)
+        prefix = f"u{uuid.uuid4().hex[:8]}."
+        await ensure_topics(broker.bootstrap, prefix)
+        await ensure_topics(broker.bootstrap, prefix + "bench.", partitions=1)
+        progress(f"unsubscribe: seeding {count} contacts")
+        await _seed(dsn, count)
+        env = {
+            **os.environ,
+            "DATABASE_URL": dsn,
+            "KAFKA_BOOTSTRAP": broker.bootstrap,
+            "KAFKA_TOPIC_PREFIX": prefix,
+            "KAFKA_SESSION_TIMEOUT_MS": "1000",
+            "KAFKA_FAST_FETCH_MAX_WAIT_MS": str(FETCH_WAIT_MS),
+            "TAYORI_SIGNING_KEYS": KEYS,
+            "TAYORI_ADMIN_TOKEN": "bench",
+            "LOG_LEVEL": "warning",
+        }
+        ports = {"contacts": free_port(), "suppression": free_port()}
+        for service, port in ports.items():
+            processes.append(_start(service, env, port, root / f"unsub-{service}.log"))
+        links = UnsubscribeLinks(KEYS, f"http://127.0.0.1:{ports['suppression']}")
+        ids = [
+            r["id"]
+            for r in await (await asyncpg.connect(dsn)).fetch(
+                "SELECT id FROM contacts.contact ORDER BY id"
+            )
+        ]
+        urls = {cid: links.url(UnsubscribeTarget(cid, GROUP, "bench")) for cid in ids}
+
+        sent: dict[int, float] = {}
+        answered: list[float] = []
+        on_topic: dict[int, float] = {}
+        in_contacts: dict[int, float] = {}
+
+        all_seen = asyncio.Event()
+
+        def seen_in_contacts(*notification: Any) -> None:
+            in_contacts.setdefault(int(notification[3]), time.perf_counter())
+            if len(in_contacts) >= count:
+                all_seen.set()
+
+        listener = await asyncpg.connect(dsn)
+        await listener.add_listener("bench_membership", seen_in_contacts)
+        consumer = AIOKafkaConsumer(
+            topic_name(Topic.SUPPRESSION_CHANGES, prefix),
+            bootstrap_servers=broker.bootstrap,
+            group_id=None,
+            auto_offset_reset="latest",
+            fetch_max_wait_ms=10,
+        )
+        await consumer.start()
+
+        async def watch() -> None:
+            while len(on_topic) < count:
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    now = time.perf_counter()
+                    for record in records:
+                        change = avro.decode(
+                            Topic.SUPPRESSION_CHANGES, record.value, record.headers
+                        )
+                        on_topic.setdefault(change["contact_id"], now)
+
+        watcher = asyncio.ensure_future(watch())
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as session:
+            for port in ports.values():
+                await _ready(session, port)
+            await asyncio.sleep(1.0)
+
+            async def post(contact_id: int) -> None:
+                sent[contact_id] = time.perf_counter()
+                async with session.post(
+                    urls[contact_id], data={"List-Unsubscribe": "One-Click"}
+                ) as response:
+                    assert response.status == 200, response.status
+                answered.append(time.perf_counter() - sent[contact_id])
+
+            progress(f"unsubscribe: {count} POSTs at {RATE}/s")
+            tasks = []
+            started = time.perf_counter()
+            for i, contact_id in enumerate(ids):
+                await asyncio.sleep(max(0.0, started + i / RATE - time.perf_counter()))
+                tasks.append(asyncio.ensure_future(post(contact_id)))
+            await asyncio.gather(*tasks)
+            achieved = count / (time.perf_counter() - started)
+        await asyncio.wait_for(watcher, 120)
+        with contextlib.suppress(TimeoutError):  # a shortfall is reported, not hidden
+            await asyncio.wait_for(all_seen.wait(), 60)
+        await consumer.stop()
+        await listener.close()
+
+        progress("unsubscribe: broker round trip floor")
+        floor = await _floor(broker.bootstrap, prefix, count)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        broker.stop()
+        postgres.stop()
+
+    topic_lat = [on_topic[c] - sent[c] for c in on_topic if c in sent]
+    contacts_lat = [in_contacts[c] - sent[c] for c in in_contacts if c in sent]
+    data: dict[str, Any] = {
+        "requests": count,
+        "achieved_rate": round(achieved, 1),
+        "http_p50_ms": ms(percentile(answered, 50)),
+        "http_p99_ms": ms(percentile(answered, 99)),
+        "topic_p50_ms": ms(percentile(topic_lat, 50)),
+        "topic_p99_ms": ms(percentile(topic_lat, 99)),
+        "contacts_p50_ms": ms(percentile(contacts_lat, 50)),
+        "contacts_p99_ms": ms(percentile(contacts_lat, 99)),
+        "contacts_seen": len(contacts_lat),
+        "floor_p50_ms": ms(percentile(floor, 50)),
+        "floor_p99_ms": ms(percentile(floor, 99)),
+    }
+    p99 = percentile(contacts_lat, 99)
+    return [
+        Result(
+            "unsubscribe → suppression.changes",
+            f"p50 {data['topic_p50_ms']} / p99 {data['topic_p99_ms']} ms "
+            f"(HTTP p99 {data['http_p99_ms']} ms, {achieved:.0f} req/s)",
+            f"broker p50 {data['floor_p50_ms']} / p99 {data['floor_p99_ms']} ms",
+            "p99 < 100 ms",
+            percentile(topic_lat, 99) < 0.1,
+            data=data,
+        ),
+        Result(
+            "unsubscribe → contacts projection",
+            f"p50 {data['contacts_p50_ms']} / p99 {data['contacts_p99_ms']} ms",
+            f"broker p50 {data['floor_p50_ms']} / p99 {data['floor_p99_ms']} ms",
+            "p99 < 100 ms",
+            p99 < 0.1 and len(contacts_lat) == count,
+            data=data,
+        ),
+    ]
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    from bench.report import table
+
+    results = asyncio.run(run(Path(tempfile.mkdtemp(prefix="tayori-bench-"))))
+    print(table(results))
+    for result in results:
+        print(result.data)
