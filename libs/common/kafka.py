@@ -148,13 +148,15 @@ class DlqLimit:
     minimum: int = 100
     window: int = 1000
     _recent: deque[bool] = field(default_factory=deque)
+    _bad: int = 0  # dead-lettered among _recent, kept as we go (this runs per message)
 
     def record(self, dead_lettered: bool) -> None:
         self._recent.append(dead_lettered)
+        self._bad += dead_lettered
         if len(self._recent) > self.window:
-            self._recent.popleft()
-        bad = sum(self._recent)
-        if bad >= self.minimum and bad > self.ratio * len(self._recent):
+            self._bad -= self._recent.popleft()
+        bad = self._bad
+        if dead_lettered and bad >= self.minimum and bad > self.ratio * len(self._recent):
             raise DlqLimitExceeded(
                 f"{bad} of the last {len(self._recent)} messages were dead-lettered"
             )
@@ -232,16 +234,19 @@ class Consumer:
             CONSUMER_LAST_PROGRESS.labels(self.settings.service, self.group).set(time.time())
             if not batches:
                 continue
-            offsets: dict[TopicPartition, int] = {}
+            # Partitions are independent (order is per key, keys stay in one partition):
+            # handle them concurrently, so one waits on the database while another decodes.
             for tp, records in batches.items():
-                started = time.perf_counter()
-                topic = self._by_name[tp.topic]
-                await self._process(topic, records)
-                offsets[tp] = records[-1].offset + 1
-                BATCH_SECONDS.labels(self.settings.service, topic.value).observe(
-                    time.perf_counter() - started
-                )
-            await consumer.commit(offsets)
+                await self._partition(tp, records)
+            await consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+
+    async def _partition(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
+        started = time.perf_counter()
+        topic = self._by_name[tp.topic]
+        await self._process(topic, records)
+        BATCH_SECONDS.labels(self.settings.service, topic.value).observe(
+            time.perf_counter() - started
+        )
 
     async def _process(self, topic: Topic, records: list[ConsumerRecord]) -> None:
         messages: list[Message] = []

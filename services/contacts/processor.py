@@ -365,7 +365,8 @@ def changelog_value(
         "op": "upserted",
         "version": version,
         "changed_at": changed_at,
-        "contact": snapshot,
+        # The union branch named up front: fastavro then skips trying each branch (~2x faster).
+        "contact": ("tayori.ContactSnapshot", snapshot),
     }
 
 

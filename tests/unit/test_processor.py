@@ -6,7 +6,9 @@ import datetime as dt
 
 import pytest
 
+from libs.common import avro
 from libs.common.errors import InvalidMessage
+from libs.common.topics import Topic
 from services.contacts.models import FieldDefinition
 from services.contacts.processor import (
     changelog_value,
@@ -157,8 +159,12 @@ def test_changelog_and_merge_values_from_a_row() -> None:
         "updated_at": now,
     }
     change = changelog_value(row, 5, version=2, changed_at=now)
-    assert change["contact"]["custom_fields"] == {"paid": "true", "seats": "3"}
-    assert change["contact"]["acquired_at"] == "2026-01-02"
+    branch, contact = change["contact"]
+    assert branch == "tayori.ContactSnapshot"  # the union branch, named for the encoder
+    assert contact["custom_fields"] == {"paid": "true", "seats": "3"}
+    assert contact["acquired_at"] == "2026-01-02"
+    decoded = avro.decode(Topic.CONTACTS_CHANGELOG, *avro.encode(Topic.CONTACTS_CHANGELOG, change))
+    assert decoded["contact"]["email"] == "a@example.jp"
     values = merge_values(row)
     assert values["name"] == "山田"
     assert values["custom.seats"] == "3"
