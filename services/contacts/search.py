@@ -179,6 +179,8 @@ class _Target:
     nullable: bool
     choices: Mapping[str, str]
     custom: bool = False
+    #: the bound parameter holding a custom field's key (custom targets only)
+    key: str | None = None
 
 
 class _Compiler:
@@ -266,7 +268,7 @@ class _Compiler:
                 f" THEN c.custom ->> {key} END)",
             }.get(definition.type, f"(c.custom ->> {key})")
             choices = {c: c for c in definition.choices}
-            return _Target(expr, definition.type, True, choices, custom=True)
+            return _Target(expr, definition.type, True, choices, custom=True, key=key)
         kind = FIELD_KINDS.get(name)
         if kind is None:
             raise _fail(
@@ -319,6 +321,12 @@ class _Compiler:
         if e == "c.email" and op in ("eq", "ne", "in"):  # addresses match case-insensitively
             e, values = "lower(c.email)", [v.lower() for v in values]
         values, sql_type = _param_type(target, values)
+        if target.custom and op == "eq":
+            # Containment, so the GIN index on custom answers it (jsonb numbers compare by
+            # value: 3 matches 3.0); a value of another JSON type never matches.
+            json_type = {"number": "numeric", "boolean": "boolean"}.get(target.kind, "text")
+            value_sql = f"to_jsonb({self.bind(values[0], json_type)})"
+            return f"c.custom @> jsonb_build_object({target.key}, {value_sql})"
         if op == "ne":
             return f"{e} IS DISTINCT FROM {self.bind(values[0], sql_type)}"
         if op == "in":

@@ -176,8 +176,11 @@ def test_ne_and_negation_keep_missing_values() -> None:
     # a nullable leaf is never NULL, so NOT (leaf) matches contacts without a value
     where = compile_filter({"not": condition("company", "eq", "A")}, FIELDS).where
     assert where == "NOT ((c.company IS NOT NULL AND c.company = $1::text))"
-    where = compile_filter(condition("custom.note", "eq", "A"), FIELDS).where
+    where = compile_filter(condition("custom.note", "contains", "A"), FIELDS).where
     assert where.endswith("IS TRUE")
+    # eq on a custom field is containment (GIN-indexed), which is never NULL either
+    where = compile_filter({"not": condition("custom.note", "eq", "A")}, FIELDS).where
+    assert where == "NOT (c.custom @> jsonb_build_object($1::text, to_jsonb($2::text)))"
 
 
 def test_nested_groups_and_numbering_from_first_param() -> None:
