@@ -174,19 +174,15 @@ async def stream_snapshot(ctx: Context, request: Mapping[str, Any]) -> int:
                 include_unsubscribed=bool(request.get("include_unsubscribed")),
                 dedupe=request.get("dedupe") or "none",
             )
-            async for row in iterate_target(conn, sql, params):
-                # seq counts from 0 and the end marker's seq is the total (campaign.recipients.avsc)
-                pending.append(
-                    await publisher.send(
-                        Topic.CAMPAIGN_RECIPIENTS,
-                        campaign_id,
-                        recipient_record(request, total, row),
-                    )
+            cursor = await conn.cursor(sql, *params)
+            while rows := await cursor.fetch(CHUNK):
+                # seq counts from 0; the end marker's seq is the total (campaign.recipients.avsc)
+                records = [recipient_record(request, total + i, row) for i, row in enumerate(rows)]
+                total += len(rows)
+                await asyncio.gather(*pending)  # one chunk in flight while the next is read
+                pending = await publisher.send_same_key(
+                    Topic.CAMPAIGN_RECIPIENTS, campaign_id, records
                 )
-                total += 1
-                if len(pending) >= CHUNK:
-                    await asyncio.gather(*pending)
-                    pending.clear()
         await asyncio.gather(*pending)
         error = None
     except (InvalidMessage, NotFound, ValueError) as exc:
