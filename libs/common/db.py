@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
 from libs.common.logging import get_logger
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 _NAME = re.compile(r"^--\s*name:\s*([\w-]+)\s*$", re.MULTILINE)
 
@@ -141,6 +142,29 @@ async def migrate(dsn: str, schema: str, directory: Path) -> list[str]:
     finally:
         await conn.close()
     return applied
+
+
+_CLAIM = (
+    "INSERT INTO processed_event (event_id) SELECT unnest($1::text[])"
+    " ON CONFLICT DO NOTHING RETURNING event_id"
+)
+
+
+async def claim_once(
+    conn: asyncpg.Connection, items: Sequence[T], event_id: Callable[[T], str]
+) -> list[T]:
+    """The items whose id was never processed, each id once (a batch may hold a redelivered
+    copy). The ids are recorded in the schema's ``processed_event`` table inside the
+    caller's transaction, so they are forgotten again if it rolls back."""
+    rows = await conn.fetch(_CLAIM, list({event_id(item) for item in items}))
+    fresh = {r["event_id"] for r in rows}
+    kept = []
+    for item in items:
+        key = event_id(item)
+        if key in fresh:
+            fresh.discard(key)
+            kept.append(item)
+    return kept
 
 
 def as_dict(record: asyncpg.Record | None) -> dict[str, Any] | None:

@@ -12,18 +12,19 @@ Readiness is "the dependencies answer": PostgreSQL and the Kafka cluster.
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 from aiohttp import web
 
 from libs.common import db, http
-from libs.common.kafka import Consumer, Handler, Publisher, make_producer
+from libs.common.kafka import Consumer, Handler, Message, Publisher, make_producer
 from libs.common.logging import get_logger
 from libs.common.outbox import OutboxRelay
 from libs.common.settings import CommonSettings
@@ -33,6 +34,30 @@ log = get_logger(__name__)
 
 #: a consumer that has not polled for this long is reported unhealthy.
 STALL_SECONDS = 60.0
+
+
+C = TypeVar("C")
+
+
+class LazyContext(Generic[C]):
+    """A service's shared context, made on first use — once the runtime has its pool and
+    producer — and ``bind`` to turn ``handler(context, batch)`` into a consumer handler."""
+
+    def __init__(self, make: Callable[[], C]) -> None:
+        self._make = make
+        self._made: list[C] = []
+
+    def __call__(self) -> C:
+        if not self._made:
+            self._made.append(self._make())
+        return self._made[0]
+
+    def bind(self, handler: Callable[[C, list[Message]], Awaitable[None]]) -> Handler:
+        @functools.wraps(handler)
+        async def run(batch: list[Message]) -> None:
+            await handler(self(), batch)
+
+        return run
 
 
 @dataclass

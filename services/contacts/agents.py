@@ -8,12 +8,12 @@ outbox of that same transaction.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterable
-from typing import TypeVar
+from collections import Counter
 
 import asyncpg
 from structlog.contextvars import bound_contextvars
 
+from libs.common.db import claim_once
 from libs.common.errors import InvalidMessage, NotFound, TransientError
 from libs.common.kafka import Message, reject
 from libs.common.logging import get_logger
@@ -24,22 +24,6 @@ from services.contacts.processor import UpstreamEvent, upstream_event
 from services.contacts.store import QUERIES
 
 log = get_logger(__name__)
-T = TypeVar("T")
-
-
-async def _claim(conn: asyncpg.Connection, ids: Iterable[str]) -> set[str]:
-    rows = await conn.fetch(QUERIES["claim-events"], list(ids))
-    return {r["event_id"] for r in rows}
-
-
-def _once_each(items: list[T], event_id: Callable[[T], str], fresh: set[str]) -> list[T]:
-    """The items whose id was fresh, each id once: a batch may hold a redelivered copy."""
-    kept = []
-    for item in items:
-        if event_id(item) in fresh:
-            fresh.discard(event_id(item))
-            kept.append(item)
-    return kept
 
 
 async def handle_contact_events(ctx: Context, batch: list[Message]) -> None:
@@ -73,13 +57,12 @@ async def _apply_batch(
     conn: asyncpg.Connection, events: list[tuple[Message, UpstreamEvent]]
 ) -> None:
     async with conn.transaction():
-        fresh = await _claim(conn, {e.event_id for _, e in events})
+        fresh = await claim_once(conn, events, lambda e: e[1].event_id)
+        repeated = Counter(e.type for _, e in events) - Counter(e.type for _, e in fresh)
+        for event_type, count in repeated.items():
+            CONTACT_EVENTS.labels(event_type, "duplicate").inc(count)
         upserts: list[tuple[Message, UpstreamEvent]] = []
-        for message, event in events:
-            if event.event_id not in fresh:
-                CONTACT_EVENTS.labels(event.type, "duplicate").inc()
-                continue
-            fresh.discard(event.event_id)  # the same id twice in one batch: once
+        for message, event in fresh:
             if event.type == "ContactUpserted":
                 upserts.append((message, event))
                 continue
@@ -147,10 +130,9 @@ async def _apply(conn: asyncpg.Connection, event: UpstreamEvent) -> str:
 async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None:
     """Keep the membership projection current (newer change wins; stale ones do nothing)."""
     async with ctx.pool.acquire() as conn, conn.transaction():
-        fresh = await _claim(conn, (m.value["change_id"] for m in batch))
-        for message in batch:
+        for message in await claim_once(conn, batch, lambda m: m.value["change_id"]):
             change = message.value
-            if change["change_id"] not in fresh or change["kind"] != "membership":
+            if change["kind"] != "membership":
                 continue
             if change["contact_id"] is None or change["group_id"] is None:
                 raise reject(message, "a membership change needs contact_id and group_id")
@@ -199,8 +181,7 @@ async def _record_history(ctx: Context, rows: list[tuple[int, str, str, dt.datet
     if not rows:
         return
     async with ctx.pool.acquire() as conn, conn.transaction():
-        fresh = await _claim(conn, (r[4] for r in rows))
-        rows = _once_each(rows, lambda r: r[4], fresh)
+        rows = await claim_once(conn, rows, lambda r: r[4])
         if rows:
             contact_ids, campaign_ids, kinds, times, _ = (list(c) for c in zip(*rows, strict=True))
             await conn.execute(QUERIES["record-history"], contact_ids, campaign_ids, kinds, times)
@@ -211,8 +192,7 @@ async def handle_feedback(ctx: Context, batch: list[Message]) -> None:
     points = {"open": ctx.settings.score_open_points, "click": ctx.settings.score_click_points}
     history_kind = {"open": "opened", "click": "clicked"}
     async with ctx.pool.acquire() as conn, conn.transaction():
-        fresh = await _claim(conn, (m.value["event_id"] for m in batch))
-        events = _once_each([m.value for m in batch], lambda e: e["event_id"], fresh)
+        events = await claim_once(conn, [m.value for m in batch], lambda e: e["event_id"])
         if not events:
             return
         await conn.execute(
@@ -240,11 +220,10 @@ async def handle_feedback(ctx: Context, batch: list[Message]) -> None:
 async def handle_bounce_events(ctx: Context, batch: list[Message]) -> None:
     """Delivery status per contact (F-32) as the bounce processor decides it."""
     async with ctx.pool.acquire() as conn, conn.transaction():
-        fresh = await _claim(conn, (m.value["event_id"] for m in batch))
-        for message in batch:
+        for message in await claim_once(conn, batch, lambda m: m.value["event_id"]):
             event = message.value
             status = event.get("delivery_status")
-            if event["event_id"] not in fresh or not status or event["contact_id"] is None:
+            if not status or event["contact_id"] is None:
                 continue
             row = await conn.fetchrow(QUERIES["set-delivery-status"], event["contact_id"], status)
             if row is not None:
@@ -268,4 +247,5 @@ async def handle_snapshot_requests(ctx: Context, batch: list[Message]) -> None:
                 log.info("snapshot_already_answered", request_id=request["request_id"])
                 continue
             await targets.stream_snapshot(ctx, request)
-            await ctx.pool.execute(QUERIES["claim-events"], [f"snapshot:{request['request_id']}"])
+            async with ctx.pool.acquire() as conn:
+                await claim_once(conn, [f"snapshot:{request['request_id']}"], str)

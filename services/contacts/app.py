@@ -8,21 +8,18 @@ directly: a snapshot is a read, redone whole if interrupted).
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 
-from libs.common.kafka import Handler, Message
-from libs.common.service import ConsumerSpec, Runtime
+from libs.common.kafka import Message
+from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
 from services.contacts import agents, api, imports
 from services.contacts.context import CONTEXT, Context
 from services.contacts.maintenance import run_forever as maintenance_loop
 from services.contacts.settings import ContactsSettings
 
-ContextHandler = Callable[[Context, list[Message]], Awaitable[None]]
 MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA = "contacts"
 
@@ -31,19 +28,8 @@ def build(settings: ContactsSettings) -> Runtime:
     runtime = Runtime(
         settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori contacts"
     )
-    made: list[Context] = []  # once the runtime has its pool and producer
-
-    def ctx() -> Context:
-        if not made:
-            made.append(Context(settings, runtime.pool, runtime.publisher))
-        return made[0]
-
-    def bind(handler: ContextHandler) -> Handler:
-        @functools.wraps(handler)
-        async def run(batch: list[Message]) -> None:
-            await handler(ctx(), batch)
-
-        return run
+    ctx = LazyContext(lambda: Context(settings, runtime.pool, runtime.publisher))
+    bind = ctx.bind
 
     runtime.consumers = [
         ConsumerSpec(

@@ -8,12 +8,6 @@ INSERT INTO field_definition (key, label, type, choices) VALUES ($1, $2, $3, $4)
 ON CONFLICT (key) DO NOTHING
 RETURNING key, label, type, choices;
 
--- name: claim-events
--- The ids of this batch not seen before; rolled back with the batch if it fails.
-INSERT INTO processed_event (event_id) SELECT unnest($1::text[])
-ON CONFLICT DO NOTHING
-RETURNING event_id;
-
 -- name: contact-by-id
 SELECT * FROM contact WHERE id = $1;
 

@@ -6,12 +6,12 @@ redelivered batch has no second effect; every change goes out through the outbox
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import asyncpg
 from structlog.contextvars import bound_contextvars
 
+from libs.common.db import claim_once
 from libs.common.errors import Forbidden, InvalidMessage, NotFound
 from libs.common.kafka import Message, reject
 from libs.common.logging import get_logger
@@ -23,19 +23,11 @@ from services.suppression.store import QUERIES
 log = get_logger(__name__)
 
 
-async def _claim(conn: asyncpg.Connection, ids: Iterable[str]) -> set[str]:
-    return {r["event_id"] for r in await conn.fetch(QUERIES["claim-events"], list(ids))}
-
-
 async def handle_commands(ctx: Context, batch: list[Message]) -> None:
     """``suppression.commands``: joins from contacts, state changes from upstream systems."""
     async with ctx.pool.acquire() as conn, conn.transaction():
-        fresh = await _claim(conn, (m.value["command_id"] for m in batch))
-        for message in batch:
+        for message in await claim_once(conn, batch, lambda m: m.value["command_id"]):
             command = message.value
-            if command["command_id"] not in fresh:
-                continue
-            fresh.discard(command["command_id"])
             with bound_contextvars(contact_id=command.get("contact_id"), command=command["type"]):
                 try:
                     await _apply(conn, command)
@@ -115,12 +107,8 @@ async def _apply(conn: asyncpg.Connection, command: dict[str, Any]) -> None:
 async def handle_bounces(ctx: Context, batch: list[Message]) -> None:
     """``bounce.events``: addresses the bounce rules stopped (F-15) and delivery status (F-32)."""
     async with ctx.pool.acquire() as conn, conn.transaction():
-        fresh = await _claim(conn, (m.value["event_id"] for m in batch))
-        for message in batch:
+        for message in await claim_once(conn, batch, lambda m: m.value["event_id"]):
             event = message.value
-            if event["event_id"] not in fresh:
-                continue
-            fresh.discard(event["event_id"])
             reason = {"bounced": "bounced", "complained": "complained"}.get(event["action"])
             if reason:
                 await store.suppress_address(

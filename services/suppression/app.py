@@ -7,20 +7,16 @@ jobs.events, mail.system (sync completion mails).
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 
-from libs.common.kafka import Handler, Message
-from libs.common.service import ConsumerSpec, Runtime
+from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
 from services.suppression import agents, api, public, sync
 from services.suppression.context import CONTEXT, Context
 from services.suppression.settings import SuppressionSettings
 
-ContextHandler = Callable[[Context, list[Message]], Awaitable[None]]
 MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA = "suppression"
 
@@ -29,19 +25,8 @@ def build(settings: SuppressionSettings) -> Runtime:
     runtime = Runtime(
         settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori suppression"
     )
-    made: list[Context] = []  # once the runtime has its pool and producer
-
-    def ctx() -> Context:
-        if not made:
-            made.append(Context(settings, runtime.pool, runtime.publisher))
-        return made[0]
-
-    def bind(handler: ContextHandler) -> Handler:
-        @functools.wraps(handler)
-        async def run(batch: list[Message]) -> None:
-            await handler(ctx(), batch)
-
-        return run
+    ctx = LazyContext(lambda: Context(settings, runtime.pool, runtime.publisher))
+    bind = ctx.bind
 
     runtime.consumers = [
         ConsumerSpec(

@@ -1,10 +1,5 @@
 -- Named SQL of the suppression service (loaded once by libs.common.db.Queries).
 
--- name: claim-events
-INSERT INTO processed_event (event_id) SELECT unnest($1::text[])
-ON CONFLICT DO NOTHING
-RETURNING event_id;
-
 -- name: lock-memberships
 -- Every membership of a contact, locked: changes of one contact are serialised.
 SELECT * FROM membership WHERE contact_id = $1 ORDER BY group_id FOR UPDATE;
