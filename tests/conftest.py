@@ -188,14 +188,7 @@ class Kafka:
     ) -> list[Any]:
         """Records of ``topic`` from the beginning until ``until(records)`` holds."""
         name = topic_name(topic, self.prefix)
-        consumer = AIOKafkaConsumer(
-            name,
-            bootstrap_servers=self.stack.broker.bootstrap,
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            group_id=None,
-            fetch_max_wait_ms=20,
-        )
+        consumer = self._reader(name)
         await consumer.start()
         records: list[Any] = []
         try:
@@ -212,6 +205,45 @@ class Kafka:
             raise AssertionError(
                 f"{name}: condition not met; got {len(records)} records: {records[-5:]}"
             ) from None
+        finally:
+            await consumer.stop()
+        return records
+
+    def _reader(self, name: str) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            name,
+            bootstrap_servers=self.stack.broker.bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            group_id=None,
+            fetch_max_wait_ms=20,
+        )
+
+    async def read_to_end(self, topic: Topic | str) -> list[Any]:
+        """Every record of ``topic`` up to the end offsets as they are now: decoded for a
+        Topic, raw ConsumerRecords for a name (a DLQ)."""
+        consumer = self._reader(topic_name(topic, self.prefix))
+        await consumer.start()
+        records: list[Any] = []
+        try:
+
+            async def assigned() -> Any:
+                return consumer.assignment()
+
+            partitions = sorted(await eventually(assigned))
+            async with asyncio.timeout(60):
+                ends = await consumer.end_offsets(partitions)
+                while True:
+                    behind = [tp for tp in partitions if await consumer.position(tp) < ends[tp]]
+                    if not behind:
+                        break
+                    for batch in (await consumer.getmany(*behind, timeout_ms=200)).values():
+                        records.extend(
+                            avro.decode(topic, r.value, r.headers)
+                            if isinstance(topic, Topic)
+                            else r
+                            for r in batch
+                        )
         finally:
             await consumer.stop()
         return records

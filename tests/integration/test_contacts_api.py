@@ -6,14 +6,10 @@ actions (F-07), roles, the operational endpoints, and search over HTTP (F-05).
 
 from __future__ import annotations
 
-import asyncio
 from collections import defaultdict
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
-
-from libs.common import avro
-from libs.common.topics import Topic, topic_name
+from libs.common.topics import Topic
 from tests.conftest import ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN, eventually
 
 # Helpers (the projection and snapshot tests import them too) ----------------------------
@@ -28,46 +24,10 @@ async def outbox_drained(service: Any) -> None:
     await eventually(empty)
 
 
-async def read_to_end(kafka: Any, topic: Topic | str) -> list[Any]:
-    """Every record of ``topic`` up to the end offsets as they are now: decoded for a
-    Topic, raw ConsumerRecords for a name (a DLQ)."""
-    name = topic_name(topic, kafka.prefix)
-    consumer = AIOKafkaConsumer(
-        name,
-        bootstrap_servers=kafka.stack.broker.bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-        fetch_max_wait_ms=20,
-    )
-    await consumer.start()
-    records: list[dict[str, Any]] = []
-    try:
-
-        async def assigned() -> Any:
-            return consumer.assignment()
-
-        partitions = sorted(await eventually(assigned))
-        async with asyncio.timeout(60):
-            ends = await consumer.end_offsets(partitions)
-            while True:
-                behind = [tp for tp in partitions if await consumer.position(tp) < ends[tp]]
-                if not behind:
-                    break
-                for batch in (await consumer.getmany(*behind, timeout_ms=200)).values():
-                    records.extend(
-                        avro.decode(topic, r.value, r.headers) if isinstance(topic, Topic) else r
-                        for r in batch
-                    )
-    finally:
-        await consumer.stop()
-    return records
-
-
 async def published(service: Any, kafka: Any, topic: Topic) -> list[dict[str, Any]]:
     """What ``service`` has published on ``topic`` so far (through its outbox)."""
     await outbox_drained(service)
-    return await read_to_end(kafka, topic)
+    return await kafka.read_to_end(topic)
 
 
 def by_contact(changes: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:

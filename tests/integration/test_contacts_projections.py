@@ -14,7 +14,7 @@ from typing import Any
 
 from libs.common.topics import Topic
 from tests.conftest import eventually
-from tests.integration.test_contacts_api import by_contact, published, read_to_end
+from tests.integration.test_contacts_api import by_contact, published
 
 
 async def consumed(service: Any, event_ids: list[str]) -> None:
@@ -184,7 +184,7 @@ async def test_membership_changes_answer_membership_and_delivery_state(contacts,
     assert [(m["group_id"], m["state"], m["method"]) for m in fetched["memberships"]] == [
         (g2, "unsubscribed", "upstream")
     ]
-    dead = await read_to_end(kafka, Topic.SUPPRESSION_CHANGES.dlq)
+    dead = await kafka.read_to_end(Topic.SUPPRESSION_CHANGES.dlq)
     assert dead == []
 
     expected = [

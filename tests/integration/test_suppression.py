@@ -16,7 +16,7 @@ from typing import Any
 
 from libs.common.topics import Topic
 from tests.conftest import OPERATOR_TOKEN, VIEWER_TOKEN, eventually, running
-from tests.integration.test_contacts_api import published, read_to_end
+from tests.integration.test_contacts_api import published
 
 # Schema-valid records (schemas/avro/*.avsc) ----------------------------------------------------
 
@@ -533,7 +533,7 @@ async def test_ban_sync_switch(suppression, kafka):
         ]
     )
     assert_versions_increase(changes)
-    events = await read_to_end(kafka, Topic.JOBS_EVENTS)
+    events = await kafka.read_to_end(Topic.JOBS_EVENTS)
     assert [ev["status"] for ev in events if ev["job_id"] == job["id"]] == [
         "queued",
         "running",
