@@ -253,9 +253,7 @@ async def test_snapshot_of_each_target_equals_the_search(contacts, kafka):
         "sales_status",
         "score",
         "custom.plan",
-        "plan",
         "custom.seats",
-        "seats",
     )
     assert {k: first[c[0]].get(k) for k in shown} == {
         "contact_id": str(c[0]),
@@ -266,22 +264,18 @@ async def test_snapshot_of_each_target_equals_the_search(contacts, kafka):
         "sales_status": "open",
         "score": "0",
         "custom.plan": "premium",
-        "plan": "premium",
         "custom.seats": "10",
-        "seats": "10",
     }
     assert {k: first[c[7]].get(k) for k in shown} == {
         "contact_id": str(c[7]),
         "email": "c7@example.jp",
         "name": "工藤 八郎",
-        "company": "",
-        "tags": "",
+        "company": None,  # empty fields are left out: they render as ""
+        "tags": None,
         "sales_status": "open",
         "score": "0",
         "custom.plan": "free",
-        "plan": "free",
         "custom.seats": None,
-        "seats": None,
     }
 
     await api.ok(
@@ -297,14 +291,12 @@ async def test_snapshot_of_each_target_equals_the_search(contacts, kafka):
         "contact_id": str(c[0]),
         "email": "c0@example.jp",
         "name": "相川 一郎（改）",
-        "company": "",
+        "company": None,
         "tags": "vip",
         "sales_status": "open",
         "score": "0",
         "custom.plan": None,
-        "plan": None,
         "custom.seats": "11",
-        "seats": "11",
     }
     assert first[c[0]]["name"] == "相川 一郎"  # the earlier snapshot kept its values
 
