@@ -164,6 +164,23 @@ async def suppression(stack: Stack, database: str, prefix: str) -> AsyncIterator
         yield service
 
 
+@pytest.fixture
+async def scheduler(stack: Stack, database: str, prefix: str) -> AsyncIterator[Service]:
+    async with running("scheduler", stack, database, prefix) as service:
+        yield service
+
+
+@pytest.fixture
+async def sender(
+    stack: Stack, database: str, prefix: str, smtp_sink: SmtpSink
+) -> AsyncIterator[Service]:
+    """The sender delivering to this test's SMTP sink."""
+    async with running(
+        "sender", stack, database, prefix, smtp_relays=f"127.0.0.1:{smtp_sink.port}"
+    ) as service:
+        yield service
+
+
 class Kafka:
     """Publish to and read from this test's topics."""
 
