@@ -165,8 +165,13 @@ async def suppression(stack: Stack, database: str, prefix: str) -> AsyncIterator
 
 
 @pytest.fixture
-async def scheduler(stack: Stack, database: str, prefix: str) -> AsyncIterator[Service]:
-    async with running("scheduler", stack, database, prefix) as service:
+async def scheduler(
+    stack: Stack, database: str, prefix: str, contacts: Service
+) -> AsyncIterator[Service]:
+    """The scheduler, asking this test's contacts service for field definitions."""
+    async with running(
+        "scheduler", stack, database, prefix, contacts_url=contacts.api.base
+    ) as service:
         yield service
 
 
