@@ -307,9 +307,36 @@ def test_deployment_runs_its_service_after_its_migrations(deployment: dict[str, 
     inits = spec.get("initContainers", [])
     assert [c.get("args") for c in inits] == [["migrate", service]]
     assert [c.get("args") for c in spec["containers"]] == [[service]]
-    assert deployment["spec"]["replicas"] >= 2, "one replica cannot survive a node drain"
+    hpa = _autoscaler_of(deployment)
+    replicas = hpa["spec"]["minReplicas"] if hpa else deployment["spec"]["replicas"]
+    assert replicas >= 2, "one replica cannot survive a node drain"
+    if hpa:
+        assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert _selects(selector, deployment["spec"]["template"]["metadata"]["labels"])
+
+
+def _autoscaler_of(deployment: dict[str, Any]) -> dict[str, Any] | None:
+    name = deployment["metadata"]["name"]
+    found = [
+        doc
+        for _, doc in RESOURCES
+        if doc["kind"] == "HorizontalPodAutoscaler"
+        and doc["spec"]["scaleTargetRef"]
+        == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+    ]
+    assert len(found) <= 1, f"{name} has {len(found)} autoscalers"
+    return found[0] if found else None
+
+
+def test_sender_scales_with_an_hpa_on_cpu() -> None:
+    hpa = _autoscaler_of(_one("Deployment", "tayori-sender"))
+    assert hpa is not None, "SPEC §8: an HPA for the sender"
+    spec = hpa["spec"]
+    assert 2 <= spec["minReplicas"] <= spec["maxReplicas"]
+    # More replicas than partitions of send.requests would sit idle.
+    assert spec["maxReplicas"] <= DEFAULT_PARTITIONS
+    assert [m["resource"]["name"] for m in spec["metrics"]] == ["cpu"]
 
 
 def test_deployments_run_exactly_the_implemented_services() -> None:
@@ -384,7 +411,9 @@ def test_every_deployment_has_a_service_and_a_pdb(deployment: dict[str, Any]) ->
     pdbs = _pdbs_of(deployment)
     assert len(pdbs) == 1, f"{len(pdbs)} PodDisruptionBudgets select {pod_labels}"
     assert pdbs[0]["spec"]["minAvailable"] == 1
-    assert pdbs[0]["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+    hpa = _autoscaler_of(deployment)
+    replicas = hpa["spec"]["minReplicas"] if hpa else deployment["spec"]["replicas"]
+    assert pdbs[0]["spec"]["minAvailable"] < replicas
 
 
 def test_services_are_cluster_internal() -> None:
