@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +23,7 @@ import aiohttp
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from bench.processes import ready, start, stop
 from bench.report import Result, ms, percentile, progress
 from libs.common import avro, db
 from libs.common.kafka import ensure_topics
@@ -32,7 +31,7 @@ from libs.common.topics import Topic, topic_name
 from libs.common.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
 from services.contacts.app import MIGRATIONS as CONTACTS_MIGRATIONS
 from services.suppression.app import MIGRATIONS as SUPPRESSION_MIGRATIONS
-from tayori.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, wait_for_port
+from tayori.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 
 RATE = 500
 SECONDS = 10
@@ -74,32 +73,6 @@ async def _seed(dsn: str, contacts: int) -> None:
         """)
     finally:
         await conn.close()
-
-
-def _start(service: str, env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tayori", service],
-            env={**env, "HTTP_PORT": str(port), "HTTP_HOST": "127.0.0.1"},
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
-    wait_for_port("127.0.0.1", port, timeout=60, proc=process)
-    return process
-
-
-async def _ready(session: aiohttp.ClientSession, port: int) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise TimeoutError(f"service on {port} not ready")
 
 
 async def _floor(bootstrap: str, prefix: str, count: int) -> list[float]:
@@ -163,7 +136,7 @@ async def run(root: Path) -> list[Result]:
         }
         ports = {"contacts": free_port(), "suppression": free_port()}
         for service, port in ports.items():
-            processes.append(_start(service, env, port, root / f"unsub-{service}.log"))
+            processes.append(start(service, env, port, root / f"unsub-{service}.log"))
         links = UnsubscribeLinks(KEYS, f"http://127.0.0.1:{ports['suppression']}")
         ids = [
             r["id"]
@@ -209,7 +182,7 @@ async def run(root: Path) -> list[Result]:
         watcher = asyncio.ensure_future(watch())
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as session:
             for port in ports.values():
-                await _ready(session, port)
+                await ready(session, port)
             await asyncio.sleep(1.0)
 
             async def post(contact_id: int) -> None:
@@ -237,13 +210,7 @@ async def run(root: Path) -> list[Result]:
         progress("unsubscribe: broker round trip floor")
         floor = await _floor(broker.bootstrap, prefix, count)
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(processes)
         broker.stop()
         postgres.stop()
 
