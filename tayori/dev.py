@@ -91,6 +91,10 @@ class Dev:
         if not env.get("SMTP_HOST"):
             self.sink = SmtpSink(self.home / "maildir", port("smtp_sink"))
             env["SMTP_HOST"], env["SMTP_PORT"] = "127.0.0.1", str(self.sink.port)
+        # Services find each other on the dev ports: the scheduler asks contacts for field
+        # definitions, and unsubscribe links in mail point at suppression's public pages.
+        env.setdefault("CONTACTS_URL", f"http://127.0.0.1:{port('contacts')}")
+        env.setdefault("TAYORI_PUBLIC_URL", f"http://127.0.0.1:{port('suppression')}")
         asyncio.run(ensure_topics(env["KAFKA_BOOTSTRAP"], env.get("KAFKA_TOPIC_PREFIX", "")))
         for name in IMPLEMENTED:
             app, _ = _service_parts(name)

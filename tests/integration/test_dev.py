@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from tayori.dev import PORTS
 from tayori.embedded import free_port
 
 
@@ -31,7 +32,10 @@ def _start(home: Path, ports: dict[str, int]) -> subprocess.Popen[str]:
         TAYORI_KAFKA_PORT=str(ports["kafka"]),
         TAYORI_SMTP_SINK_PORT=str(ports["smtp"]),
     )
-    for name in ("DATABASE_URL", "KAFKA_BOOTSTRAP", "SMTP_HOST"):
+    # Every service on a free port, so nothing else on the machine is in the way.
+    for name in PORTS:
+        env.setdefault(f"TAYORI_{name.upper()}_PORT", str(free_port()))
+    for name in ("DATABASE_URL", "KAFKA_BOOTSTRAP", "SMTP_HOST", "CONTACTS_URL"):
         env.pop(name, None)
     return subprocess.Popen(
         [sys.executable, "-m", "tayori", "dev"],
