@@ -90,3 +90,24 @@ CAN_SEND_SECONDS = Histogram(
 UNSUBSCRIBE_REQUESTS = Counter(
     "tayori_unsubscribe_requests_total", "Public unsubscribe requests", ["outcome", "kind"]
 )
+
+# Scheduler --------------------------------------------------------------------------
+#: campaigns by status (draft, reserving, scheduled, sending, sent, aggregating, aggregated,
+#: failed, halted, cancelled), refreshed by the release loop.
+SCHEDULER_CAMPAIGNS = Gauge("tayori_scheduler_campaigns", "Campaigns by status", ["status"])
+#: send.requests released for campaigns, by kind (first = attempt 1, again = re-released
+#: after a pause).
+SCHEDULER_RELEASED = Counter(
+    "tayori_scheduler_released_total", "Send requests released by the scheduler", ["kind"]
+)
+#: delivery results that decided a recipient's ledger row, by outcome (success, error,
+#: suppressed); duplicates and later results of the same recipient are not counted.
+SCHEDULER_RESULTS = Counter(
+    "tayori_scheduler_results_total", "Delivery results counted", ["outcome"]
+)
+#: campaigns halted by the error-rate rule (F-26).
+SCHEDULER_HALTS = Counter("tayori_scheduler_halts_total", "Campaigns halted by error rate")
+#: sending campaigns waiting outside their category's sending window.
+SCHEDULER_WINDOW_PAUSED = Gauge(
+    "tayori_scheduler_window_paused_campaigns", "Sending campaigns paused outside their window"
+)

@@ -1,0 +1,149 @@
+"""Kafka handlers of the scheduler: decode → process → write → (the loop commits).
+
+- ``campaign.recipients``: the answer to a reservation's snapshot request becomes the
+  campaign's recipient ledger (one row per seq; rows of other requests are ignored); the
+  end marker decides between scheduled (planned = total) and failed.
+- ``delivery.results``: each result id counted once; the first result of a recipient
+  decides its ledger row; counters move the status (sent) or halt the campaign (F-26).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter, defaultdict
+from typing import Any
+
+import asyncpg
+
+from libs.common.db import claim_once
+from libs.common.kafka import Message
+from libs.common.logging import get_logger
+from libs.common.metrics import SCHEDULER_HALTS, SCHEDULER_RESULTS
+from services.scheduler import processor, store
+from services.scheduler.context import Context
+from services.scheduler.store import QUERIES
+
+log = get_logger(__name__)
+
+
+def _uuid(raw: Any) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(raw))
+    except ValueError:
+        return None
+
+
+async def handle_recipients(ctx: Context, batch: list[Message]) -> None:
+    """``campaign.recipients`` → the recipient ledger; idempotent per (request_id, seq)."""
+    by_campaign: dict[uuid.UUID, list[dict[str, Any]]] = defaultdict(list)
+    for message in batch:
+        campaign_id = _uuid(message.value["campaign_id"])
+        if campaign_id is not None:
+            by_campaign[campaign_id].append(message.value)
+    if not by_campaign:
+        return
+    now = ctx.clock.now()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        campaigns = await conn.fetch(QUERIES["reserving-campaigns"], list(by_campaign))
+        for campaign in campaigns:
+            if campaign["status"] != "reserving" or campaign["request_id"] is None:
+                continue  # cancelled meanwhile, or an answer to a finished reservation
+            request_id = str(campaign["request_id"])
+            mine = [r for r in by_campaign[campaign["id"]] if r["request_id"] == request_id]
+            await _apply_answer(conn, campaign["id"], mine, now)
+
+
+async def _apply_answer(
+    conn: asyncpg.Connection, campaign_id: uuid.UUID, records: list[dict[str, Any]], now: Any
+) -> None:
+    recipients = [r for r in records if r["kind"] == "recipient" and r["contact_id"] is not None]
+    if recipients:
+        await conn.execute(
+            QUERIES["insert-recipients"],
+            campaign_id,
+            [r["seq"] for r in recipients],
+            [r["contact_id"] for r in recipients],
+            [r["email"] or "" for r in recipients],
+            [r["group_id"] for r in recipients],
+            [r["membership_state"] for r in recipients],
+            [json.dumps(r["merge_values"] or {}, ensure_ascii=False) for r in recipients],
+        )
+    end = next((r for r in records if r["kind"] == "end"), None)
+    if end is None:
+        return
+    if end["error"]:
+        await store.transition(conn, campaign_id, "failed", now, f"snapshot failed: {end['error']}")
+        return
+    total = end["total"] or 0
+    if total == 0:
+        await store.transition(conn, campaign_id, "failed", now, "no recipients (配信対象なし)")
+        return
+    # One key, one partition: every recipient came before its end marker.
+    size = await conn.fetchval(QUERIES["ledger-size"], campaign_id)
+    if size != total:
+        await store.transition(
+            conn, campaign_id, "failed", now, f"recipient list incomplete: {size} of {total}"
+        )
+        return
+    await conn.execute(QUERIES["set-planned"], campaign_id, total)
+    await store.transition(conn, campaign_id, "scheduled", now, f"{total} recipients")
+
+
+async def handle_results(ctx: Context, batch: list[Message]) -> None:
+    """``delivery.results`` → ledger outcomes, counters, sent or halted."""
+    s = ctx.settings
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        fresh = await claim_once(conn, batch, lambda m: m.value["result_id"])
+        first: dict[tuple[uuid.UUID, int], dict[str, Any]] = {}
+        for message in fresh:
+            result = message.value
+            if (result.get("step_id") or "").startswith(processor.TEST_STEP_PREFIX):
+                continue  # test sends are never counted (F-23)
+            campaign_id = _uuid(result["campaign_id"])
+            if campaign_id is not None:
+                first.setdefault((campaign_id, result["contact_id"]), result)
+        if not first:
+            return
+        campaign_ids = sorted({c for c, _ in first})
+        # Campaign rows first, as the release loop does: no lock-order inversion with it.
+        locked = {r["id"] for r in await conn.fetch(QUERIES["lock-campaigns"], campaign_ids)}
+        items = [(k, r) for k, r in first.items() if k[0] in locked]
+        if not items:
+            return
+        recorded = await conn.fetch(
+            QUERIES["record-outcomes"],
+            [c for (c, _), _ in items],
+            [contact for (_, contact), _ in items],
+            [processor.OUTCOMES.get(r["outcome"], "error") for _, r in items],
+            [r["result_id"] for _, r in items],
+            [r["occurred_at"] for _, r in items],
+        )
+        tallies: dict[uuid.UUID, Counter[str]] = defaultdict(Counter)
+        for row in recorded:
+            tallies[row["campaign_id"]][row["outcome"]] += 1
+            SCHEDULER_RESULTS.labels(row["outcome"]).inc()
+        now = ctx.clock.now()
+        for campaign_id, tally in tallies.items():
+            row = await conn.fetchrow(
+                QUERIES["add-counts"],
+                campaign_id,
+                tally["success"],
+                tally["error"],
+                tally["suppressed"],
+            )
+            if row["status"] != "sending":
+                continue
+            counters = store.counters(row)
+            if processor.should_halt(
+                counters, min_attempts=s.halt_min_attempts, threshold=s.halt_error_rate
+            ):
+                reason = processor.halt_reason(counters, s.halt_error_rate)
+                if await store.transition(conn, campaign_id, "halted", now, reason):
+                    await store.publish_control(conn, campaign_id, "halt", reason, now)
+                    SCHEDULER_HALTS.inc()
+                    log.warning("campaign_halted", campaign_id=str(campaign_id), reason=reason)
+            elif counters.unsent == 0:
+                await store.transition(
+                    conn, campaign_id, "sent", now, "every recipient has a result"
+                )

@@ -1,0 +1,436 @@
+"""Operator HTTP API of the scheduler (SPEC §10): categories, campaigns, reservation,
+cancel, test send, preview and the frozen recipient list. JSON, bearer tokens with roles.
+
+Invalid input answers 422 with ``{"error", "field"}``; a request the campaign's status
+does not allow answers 409.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import functools
+import io
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from libs.common import mergetags, outbox
+from libs.common.errors import Conflict, InvalidMessage, NotFound
+from libs.common.http import ROLE, error, json_response, read_json, requires
+from libs.common.metrics import SCHEDULER_RELEASED
+from libs.common.render import CampaignMessage
+from libs.common.topics import Topic
+from libs.common.unsubscribe import UnsubscribeTarget
+from services.scheduler import processor, status, store
+from services.scheduler.context import CONTEXT, Context
+from services.scheduler.store import QUERIES
+from services.scheduler.window import Window
+
+routes = web.RouteTableDef()
+View = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _ctx(request: web.Request) -> Context:
+    return request.app[CONTEXT]
+
+
+def unprocessable(view: View) -> View:
+    """Answer invalid input with 422 (the errors middleware would say 400)."""
+
+    @functools.wraps(view)
+    async def run(request: web.Request) -> web.StreamResponse:
+        try:
+            return await view(request)
+        except InvalidMessage as exc:
+            return error(422, exc.reason, exc.field)
+
+    return run
+
+
+def _int(raw: str | None, name: str) -> int:
+    try:
+        return int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidMessage(f"{name} must be an integer", field=name) from None
+
+
+# Categories ---------------------------------------------------------------------------------
+
+
+def _category_values(body: dict[str, Any]) -> tuple[str, str, str, str]:
+    name = body.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidMessage("name must not be empty", field="name")
+    window = Window.of(body.get("window_start"), body.get("window_end"), body.get("time_zone"))  # type: ignore[arg-type]
+    return name.strip(), f"{window.start:%H:%M}", f"{window.end:%H:%M}", window.zone.key
+
+
+@routes.get("/v1/categories")
+async def list_categories(request: web.Request) -> web.Response:
+    """Every category with its sending window (配信可能時間帯)."""
+    rows = await _ctx(request).pool.fetch(QUERIES["categories"])
+    return json_response({"items": [store.category_json(r) for r in rows]})
+
+
+@routes.post("/v1/categories")
+@unprocessable
+async def create_category(request: web.Request) -> web.Response:
+    """Create a category: {name, window_start "HH:MM", window_end "HH:MM", time_zone}.
+
+    A window whose start is after its end crosses midnight; start == end is all day."""
+    values = _category_values(await read_json(request))
+    row = await _ctx(request).pool.fetchrow(QUERIES["insert-category"], *values)
+    return json_response(store.category_json(row), status=201)
+
+
+@routes.get("/v1/categories/{id}")
+async def get_category(request: web.Request) -> web.Response:
+    """One category."""
+    category_id = _int(request.match_info["id"], "id")
+    row = await _ctx(request).pool.fetchrow(QUERIES["category"], category_id)
+    if row is None:
+        raise NotFound(f"category {category_id} does not exist")
+    return json_response(store.category_json(row))
+
+
+@routes.put("/v1/categories/{id}")
+@requires("admin")
+@unprocessable
+async def put_category(request: web.Request) -> web.Response:
+    """Replace a category's name and window; sending campaigns follow it from the next tick."""
+    category_id = _int(request.match_info["id"], "id")
+    values = _category_values(await read_json(request))
+    row = await _ctx(request).pool.fetchrow(QUERIES["update-category"], category_id, *values)
+    if row is None:
+        raise NotFound(f"category {category_id} does not exist")
+    return json_response(store.category_json(row))
+
+
+@routes.delete("/v1/categories/{id}")
+@requires("admin")
+async def delete_category(request: web.Request) -> web.Response:
+    """Delete a category no campaign uses (409 otherwise)."""
+    category_id = _int(request.match_info["id"], "id")
+    async with _ctx(request).pool.acquire() as conn, conn.transaction():
+        if await conn.fetchval(QUERIES["category-in-use"], category_id):
+            raise Conflict(f"category {category_id} is used by campaigns")
+        if await conn.fetchval(QUERIES["delete-category"], category_id) is None:
+            raise NotFound(f"category {category_id} does not exist")
+    return web.Response(status=204)
+
+
+# Campaigns ------------------------------------------------------------------------------------
+
+
+@routes.post("/v1/campaigns")
+@unprocessable
+async def create_campaign(request: web.Request) -> web.Response:
+    """Create a draft campaign (F-20..F-22); every field is checked here, not at send time.
+
+    Body: {name, category_id, target: {group_id?, filter?, saved_filter_id?}, from_address,
+    from_name?, reply_to?, subject, format: text|html, body, coupon_url?, dedupe: none|by_email,
+    include_unsubscribed?, scheduled_at (ISO 8601 with offset, ≥ now + 3 min)}."""
+    ctx = _ctx(request)
+    body = await read_json(request)
+    now = ctx.clock.now()
+    keys = await ctx.contacts.custom_field_keys()
+    values = processor.validate_campaign(
+        body,
+        custom_field_keys=keys,
+        now=now,
+        min_lead=dt.timedelta(seconds=ctx.settings.min_lead_seconds),
+    )
+    target = processor.Target(values["group_id"], values["filter"], values["saved_filter_id"])
+    search_filter = target.search_filter()
+    if search_filter is not None:
+        await ctx.contacts.check_filter(search_filter, "target.filter")
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await store.check_category(conn, values["category_id"])
+        row = await conn.fetchrow(
+            QUERIES["insert-campaign"],
+            uuid.uuid4(),
+            *values.values(),
+            request.get(ROLE),
+            now,
+        )
+        await conn.execute(
+            "INSERT INTO campaign_status_change (campaign_id, status, reason, at)"
+            " VALUES ($1, 'draft', 'created', $2)",
+            row["id"],
+            now,
+        )
+    return json_response(store.campaign_json(row), status=201)
+
+
+@routes.get("/v1/campaigns")
+@unprocessable
+async def list_campaigns(request: web.Request) -> web.Response:
+    """Campaigns, newest first: ?limit (1-200, default 50), ?cursor, ?status."""
+    limit = _int(request.query.get("limit", "50"), "limit")
+    if not 1 <= limit <= 200:
+        raise InvalidMessage("limit must be between 1 and 200", field="limit")
+    wanted = request.query.get("status")
+    if wanted is not None and wanted not in status.STATUSES:
+        raise InvalidMessage(f"status must be one of {', '.join(status.STATUSES)}", field="status")
+    after_at: dt.datetime | None = None
+    after_id: uuid.UUID | None = None
+    cursor = request.query.get("cursor")
+    if cursor:
+        at, _, ident = cursor.partition("_")
+        try:
+            after_at, after_id = dt.datetime.fromisoformat(at), uuid.UUID(ident)
+        except ValueError:
+            raise InvalidMessage("cursor is not one this API gave", field="cursor") from None
+    rows = await _ctx(request).pool.fetch(
+        QUERIES["campaigns-page"], after_at, after_id, wanted, limit + 1
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = f"{rows[-1]['created_at'].isoformat()}_{rows[-1]['id']}" if more else None
+    return json_response(
+        {"items": [store.campaign_json(r) for r in rows], "next_cursor": next_cursor}
+    )
+
+
+@routes.get("/v1/campaigns/{id}")
+async def get_campaign(request: web.Request) -> web.Response:
+    """One campaign with its status, counters (planned, success, error, suppressed, unsent)
+    and status history."""
+    async with _ctx(request).pool.acquire() as conn:
+        row = await store.get_campaign(conn, request.match_info["id"])
+        history = await conn.fetch(QUERIES["history"], row["id"])
+    return json_response(store.campaign_json(row, history))
+
+
+@routes.post("/v1/campaigns/{id}/reserve")
+@unprocessable
+async def reserve(request: web.Request) -> web.Response:
+    """予約 (F-22): freeze the recipient list. draft → reserving; the list arrives from
+    contacts and the campaign becomes scheduled (or failed when nobody is selected)."""
+    ctx = _ctx(request)
+    now = ctx.clock.now()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        campaign = await store.get_campaign(conn, request.match_info["id"], lock=True)
+        status.check(campaign["status"], "reserving")
+        if campaign["scheduled_at"] <= now:
+            raise InvalidMessage(
+                "scheduled_at has passed; create the campaign again with a later time",
+                field="scheduled_at",
+            )
+        request_id = uuid.uuid4()
+        await conn.execute(QUERIES["set-request"], campaign["id"], request_id)
+        row = await store.transition(conn, campaign["id"], "reserving", now, "reserved")
+        assert row is not None  # locked and checked above
+        await outbox.add(
+            conn,
+            Topic.SNAPSHOT_REQUESTS,
+            str(campaign["id"]),
+            processor.snapshot_request(campaign, str(request_id), now),
+        )
+    return json_response(store.campaign_json(row), status=202)
+
+
+@routes.post("/v1/campaigns/{id}/cancel")
+async def cancel(request: web.Request) -> web.Response:
+    """キャンセル: only before sending starts (draft, reserving, scheduled); 409 after."""
+    ctx = _ctx(request)
+    now = ctx.clock.now()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        campaign = await store.get_campaign(conn, request.match_info["id"], lock=True)
+        status.check(campaign["status"], "cancelled")
+        row = await store.transition(
+            conn, campaign["id"], "cancelled", now, f"by {request.get(ROLE)}"
+        )
+        assert row is not None  # locked and checked above
+        await store.publish_control(conn, campaign["id"], "cancel", "cancelled by an operator", now)
+    return json_response(store.campaign_json(row))
+
+
+# Test send and confirmation (F-23, F-24) ----------------------------------------------------
+
+
+async def _recipient_values(
+    ctx: Context, conn: asyncpg.Connection, campaign: Any, contact_id: int | None
+) -> tuple[dict[str, str], str, int | None, int]:
+    """(merge values, address, group_id, contact_id) of the chosen recipient: from the
+    ledger when the list is frozen, else from the contacts service, else sample values."""
+    ledger = campaign["status"] in status.LEDGER_COMPLETE
+    if ledger:
+        row = await (
+            conn.fetchrow(QUERIES["first-recipient"], campaign["id"])
+            if contact_id is None
+            else conn.fetchrow(QUERIES["recipient-of"], campaign["id"], contact_id)
+        )
+        if row is not None:
+            return dict(row["merge_values"]), row["email"], row["group_id"], row["contact_id"]
+        if contact_id is not None:
+            raise NotFound(f"contact {contact_id} is not a recipient of this campaign")
+    if contact_id is not None:
+        contact = await ctx.contacts.contact(contact_id)
+        values = processor.merge_values_of_contact(contact)
+        return (
+            values,
+            contact.get("email") or "sample@example.com",
+            campaign["group_id"],
+            contact_id,
+        )
+    values = dict(processor.SAMPLE_VALUES)
+    return values, values["email"], campaign["group_id"], 0
+
+
+def _with_links(
+    ctx: Context, campaign: Any, values: dict[str, str], group_id: int | None, contact_id: int
+) -> dict[str, str]:
+    """The special tags as the recipient will see them (coupon: its template rendered)."""
+    out = dict(values)
+    if group_id is not None:
+        out["unsubscribe_url"] = ctx.links.url(
+            UnsubscribeTarget(contact_id, group_id, str(campaign["id"]))
+        )
+    else:
+        out["unsubscribe_url"] = f"{ctx.settings.public_base_url.rstrip('/')}/u/preview"
+    if campaign["coupon_url"]:
+        out["coupon_url"] = mergetags.render(campaign["coupon_url"], values)
+    return out
+
+
+def _contact_param(raw: Any) -> int | None:
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, str):
+        return _int(raw, "contact_id")
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise InvalidMessage("contact_id must be an integer", field="contact_id")
+    return raw
+
+
+@routes.post("/v1/campaigns/{id}/test-send")
+@unprocessable
+async def test_send(request: web.Request) -> web.Response:
+    """テスト送信 (F-23): {addresses: "a@x, b@y" (≤ 20), contact_id?}. One send request per
+    address, test=true, subject prefixed [TEST]; never counted."""
+    ctx = _ctx(request)
+    body = await read_json(request)
+    addresses = processor.parse_test_addresses(body.get("addresses"))
+    contact_id = _contact_param(body.get("contact_id"))
+    now = ctx.clock.now()
+    test_id = uuid.uuid4().hex[:12]
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        campaign = await store.get_campaign(conn, request.match_info["id"])
+        values, _, group_id, chosen = await _recipient_values(ctx, conn, campaign, contact_id)
+        content = processor.content_of(campaign, test=True)
+        messages = [
+            (
+                Topic.SEND_REQUESTS,
+                chosen,
+                {
+                    "request_id": str(uuid.uuid4()),
+                    "campaign_id": str(campaign["id"]),
+                    "step_id": f"{processor.TEST_STEP_PREFIX}{test_id}:{n}",
+                    "contact_id": chosen,
+                    "email": address,
+                    "group_id": group_id,
+                    "include_unsubscribed": campaign["include_unsubscribed"],
+                    "merge_values": values,
+                    "content": content,
+                    "attempt": 1,
+                    "released_at": now,
+                    "test": True,
+                },
+            )
+            for n, address in enumerate(addresses)
+        ]
+        await outbox.add_many(conn, messages)
+    SCHEDULER_RELEASED.labels("test").inc(len(messages))
+    return json_response(
+        {
+            "test_id": test_id,
+            "addresses": addresses,
+            "contact_id": chosen,
+            "requests": len(messages),
+        },
+        status=202,
+    )
+
+
+@routes.get("/v1/campaigns/{id}/preview")
+@unprocessable
+async def preview(request: web.Request) -> web.Response:
+    """確認 (F-24): the mail as rendered for one recipient (?contact_id=; default the first
+    of the frozen list, or sample values before reservation): subject, from, text, html."""
+    ctx = _ctx(request)
+    contact_id = _contact_param(request.query.get("contact_id"))
+    async with ctx.pool.acquire() as conn:
+        campaign = await store.get_campaign(conn, request.match_info["id"])
+        values, address, group_id, chosen = await _recipient_values(ctx, conn, campaign, contact_id)
+    values = _with_links(ctx, campaign, values, group_id, chosen)
+    message = CampaignMessage(
+        campaign_id=str(campaign["id"]),
+        from_address=campaign["from_address"],
+        from_name=campaign["from_name"],
+        reply_to=campaign["reply_to"],
+        subject=campaign["subject"],
+        format=campaign["format"],
+        body=campaign["body"],
+    )
+    mime = message.render(values, to=address, contact_id=chosen)
+    return json_response(
+        {
+            "contact_id": chosen,
+            "to": address,
+            "from": message.from_address,
+            "from_name": campaign["from_name"],
+            "reply_to": campaign["reply_to"],
+            "subject": message.subject.render(values, "header").strip(),
+            "text": message.text.render(values, "text"),
+            "html": None if message.html is None else message.html.render(values, "html"),
+            "mime": mime.decode("utf-8"),
+        }
+    )
+
+
+@routes.get("/v1/campaigns/{id}/recipients.csv")
+async def recipients_csv(request: web.Request) -> web.StreamResponse:
+    """配信対象リスト (F-24): the frozen list as UTF-8 CSV (seq, contact_id, email, group_id,
+    membership_state, then one column per merge value); 409 before it is complete."""
+    ctx = _ctx(request)
+    async with ctx.pool.acquire() as conn:
+        campaign = await store.get_campaign(conn, request.match_info["id"])
+        if campaign["status"] not in status.LEDGER_COMPLETE:
+            raise Conflict(f"the recipient list is not frozen yet (status {campaign['status']})")
+        keys = [r["key"] for r in await conn.fetch(QUERIES["merge-keys"], campaign["id"])]
+        columns = processor.merge_columns(keys)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/csv; charset=utf-8",
+                "Content-Disposition": f'attachment; filename="recipients-{campaign["id"]}.csv"',
+            }
+        )
+        await response.prepare(request)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        writer.writerow(["seq", "contact_id", "email", "group_id", "membership_state", *columns])
+        async with conn.transaction(readonly=True):
+            async for row in conn.cursor(QUERIES["ledger"], campaign["id"], prefetch=2000):
+                values = row["merge_values"]
+                writer.writerow(
+                    [
+                        row["seq"],
+                        row["contact_id"],
+                        processor.safe_cell(row["email"]),
+                        "" if row["group_id"] is None else row["group_id"],
+                        row["membership_state"] or "",
+                        *(processor.safe_cell(values.get(c)) for c in columns),
+                    ]
+                )
+                if buffer.tell() > 64 * 1024:
+                    await response.write(buffer.getvalue().encode("utf-8"))
+                    buffer.seek(0)
+                    buffer.truncate()
+        await response.write(buffer.getvalue().encode("utf-8"))
+        await response.write_eof()
+    return response

@@ -1,0 +1,58 @@
+"""The scheduler service: its topics, consumers, routes and release loop in one place.
+
+Inputs: HTTP API, campaign.recipients (snapshot answers), delivery.results, the clock.
+Outputs: snapshot.requests and campaign.control through the outbox; send.requests
+published directly by the release loop (acknowledged before rows are marked released)
+and, for test sends, through the outbox.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+
+from libs.common.service import ConsumerSpec, LazyContext, Runtime
+from libs.common.topics import Topic
+from services.scheduler import agents, api, release
+from services.scheduler.context import CONTEXT, Context
+from services.scheduler.settings import SchedulerSettings
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+SCHEMA = "scheduler"
+
+
+def build(settings: SchedulerSettings) -> Runtime:
+    runtime = Runtime(
+        settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori scheduler"
+    )
+    ctx = LazyContext(lambda: Context(settings, runtime.pool, runtime.publisher))
+    bind = ctx.bind
+
+    runtime.consumers = [
+        ConsumerSpec(
+            "scheduler.recipients", [Topic.CAMPAIGN_RECIPIENTS], bind(agents.handle_recipients)
+        ),
+        ConsumerSpec(
+            "scheduler.results",
+            [Topic.DELIVERY_RESULTS],
+            bind(agents.handle_results),
+            max_records=5000,
+        ),
+    ]
+
+    async def release_loop() -> None:
+        await release.run(ctx())
+
+    async def close_clients() -> None:
+        await ctx().contacts.close()
+
+    runtime.background = [release_loop]
+    runtime.on_stop = [close_clients]
+
+    def setup_routes(app: web.Application) -> None:
+        app[CONTEXT] = ctx()
+        app.router.add_routes(api.routes)
+
+    runtime.setup_routes = setup_routes
+    return runtime

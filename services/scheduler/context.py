@@ -1,0 +1,43 @@
+"""What the scheduler's views, handlers and release loop share at run time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from libs.common.kafka import Publisher
+from libs.common.unsubscribe import UnsubscribeLinks
+from services.scheduler.clock import Clock, SystemClock
+from services.scheduler.contacts_client import ContactsClient
+from services.scheduler.settings import SchedulerSettings
+
+
+@dataclass
+class Context:
+    settings: SchedulerSettings
+    pool: asyncpg.Pool
+    publisher: Publisher
+    #: now(), replaceable by tests (see services/scheduler/clock.py).
+    clock: Clock = field(default_factory=SystemClock)
+    contacts: ContactsClient = field(init=False)
+    links: UnsubscribeLinks = field(init=False)
+    #: release loop ticks completed (tests wait for a few to see that nothing happened).
+    ticks: int = 0
+    #: per-campaign token buckets of the paced release (process-local).
+    buckets: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.contacts = ContactsClient(s.contacts_url, s.admin_token, s.contacts_timeout_seconds)
+        self.links = UnsubscribeLinks(s.signing_keys, s.public_base_url)
+
+
+CONTEXT = web.AppKey("scheduler", Context)
+
+
+def context_of(runtime: Any) -> Context:
+    """The context of a started scheduler runtime (tests: ``context_of(runtime).clock = ...``)."""
+    return runtime.app[CONTEXT]

@@ -1,0 +1,378 @@
+"""The scheduler's domain decisions, without I/O: what a valid campaign is, what a result
+counts as, when a campaign halts, and what the records it publishes look like."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from libs.common import mergetags
+from libs.common.errors import InvalidMessage
+
+#: contact fields a merge tag may name: what contacts puts in a snapshot's merge values
+#: (services/contacts/processor.py ``merge_values``), plus the contact id.
+BASE_FIELDS: tuple[str, ...] = (
+    "email",
+    "external_id",
+    "name",
+    "name_kana",
+    "company",
+    "department",
+    "title",
+    "phone",
+    "address",
+    "website",
+    "memo",
+    "acquisition_channel",
+    "acquired_at",
+    "sales_status",
+    "engagement",
+    "score",
+    "tags",
+    "contact_id",
+)
+
+FORMATS = ("text", "html")
+DEDUPE = ("none", "by_email")
+#: F-23: at most this many addresses in one test send.
+TEST_SEND_MAX = 20
+TEST_SUBJECT_PREFIX = "[TEST] "
+TEST_STEP_PREFIX = "test:"
+
+#: delivery.results outcome → the ledger's (and the counters') outcome.
+OUTCOMES: dict[str, str] = {
+    "sent": "success",
+    "suppressed": "suppressed",
+    "temporary_error": "error",
+    "permanent_error": "error",
+    "policy_error": "error",
+}
+
+# A pragmatic address check: one @, no spaces, no angle brackets, a dotted domain.
+_ADDRESS = re.compile(
+    r"^[^@\s<>\"(),;:]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$"
+)
+
+
+def check_address(value: object, field: str) -> str:
+    """A single mail address, trimmed, or :class:`InvalidMessage` naming ``field``."""
+    if not isinstance(value, str) or not _ADDRESS.match(value.strip()):
+        raise InvalidMessage(f"{field} is not a valid mail address: {value!r}", field=field)
+    return value.strip()
+
+
+def _text(body: Mapping[str, Any], name: str, *, required: bool = False) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise InvalidMessage(f"{name} is required", field=name)
+        return None
+    if not isinstance(value, str):
+        raise InvalidMessage(f"{name} must be a string", field=name)
+    if required and not value.strip():
+        raise InvalidMessage(f"{name} must not be empty", field=name)
+    return value
+
+
+def _optional_id(value: Any, field: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidMessage(f"{field} must be a positive integer", field=field)
+    return value
+
+
+def parse_time(value: object, field: str) -> dt.datetime:
+    """An ISO 8601 timestamp with its offset (a time without zone is ambiguous)."""
+    if not isinstance(value, str):
+        raise InvalidMessage(f"{field} must be an ISO 8601 timestamp with offset", field=field)
+    try:
+        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidMessage(
+            f"{field} is not an ISO 8601 timestamp: {value!r}", field=field
+        ) from None
+    if moment.tzinfo is None:
+        raise InvalidMessage(f"{field} needs a UTC offset, e.g. +09:00", field=field)
+    return moment
+
+
+@dataclass(frozen=True)
+class Target:
+    group_id: int | None
+    filter: dict[str, Any] | None
+    saved_filter_id: int | None
+
+    def search_filter(self) -> dict[str, Any] | None:
+        """The filter part as one F-05 filter (for checking it with a search)."""
+        parts: list[dict[str, Any]] = []
+        if self.filter:
+            parts.append(self.filter)
+        if self.saved_filter_id is not None:
+            parts.append({"saved_filter": self.saved_filter_id})
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else {"all": parts}
+
+
+def parse_target(raw: object) -> Target:
+    """``{"group_id"?, "filter"?, "saved_filter_id"?}`` with at least one of them."""
+    if not isinstance(raw, dict):
+        raise InvalidMessage(
+            "target must be an object with group_id, filter and/or saved_filter_id",
+            field="target",
+        )
+    unknown = set(raw) - {"group_id", "filter", "saved_filter_id"}
+    if unknown:
+        raise InvalidMessage(f"target has unknown keys: {sorted(unknown)}", field="target")
+    flt = raw.get("filter")
+    if flt is not None and (not isinstance(flt, dict) or not flt):
+        raise InvalidMessage("target.filter must be a filter object (F-05)", field="target.filter")
+    target = Target(
+        _optional_id(raw.get("group_id"), "target.group_id"),
+        flt,
+        _optional_id(raw.get("saved_filter_id"), "target.saved_filter_id"),
+    )
+    if target.group_id is None and target.filter is None and target.saved_filter_id is None:
+        raise InvalidMessage(
+            "target needs a group_id, a filter or a saved_filter_id", field="target"
+        )
+    return target
+
+
+def known_keys(custom_field_keys: Collection[str]) -> set[str]:
+    """Every key a merge tag may name: base fields and custom fields (bare and prefixed)."""
+    return {*BASE_FIELDS, *custom_field_keys, *(f"custom.{k}" for k in custom_field_keys)}
+
+
+def validate_campaign(
+    body: Mapping[str, Any],
+    *,
+    custom_field_keys: Collection[str],
+    now: dt.datetime,
+    min_lead: dt.timedelta,
+) -> dict[str, Any]:
+    """A campaign body checked field by field (F-20..F-22); returns the columns to store.
+
+    ``category_id`` is only type-checked here; that it exists is the store's business.
+    """
+    name = _text(body, "name", required=True)
+    category_id = body.get("category_id")
+    if isinstance(category_id, bool) or not isinstance(category_id, int):
+        raise InvalidMessage("category_id must be the id of a category", field="category_id")
+    target = parse_target(body.get("target"))
+    from_address = check_address(body.get("from_address"), "from_address")
+    from_name = _text(body, "from_name") or ""
+    if mergetags.escape_header(from_name) != from_name.strip():
+        raise InvalidMessage("from_name must be one line", field="from_name")
+    reply_to = body.get("reply_to")
+    if reply_to is not None and reply_to != "":
+        reply_to = check_address(reply_to, "reply_to")
+    else:
+        reply_to = None
+    subject = _text(body, "subject", required=True)
+    assert subject is not None
+    if mergetags.escape_header(subject) != subject.strip():
+        raise InvalidMessage("subject must be one line", field="subject")
+    fmt = body.get("format", "text")
+    if fmt not in FORMATS:
+        raise InvalidMessage("format must be text or html", field="format")
+    content = _text(body, "body", required=True)
+    assert content is not None
+    coupon_url = _text(body, "coupon_url") or None
+    if coupon_url is not None and not coupon_url.startswith(("https://", "http://")):
+        raise InvalidMessage("coupon_url must be an http(s) URL template", field="coupon_url")
+    dedupe = body.get("dedupe", "none")
+    if dedupe not in DEDUPE:
+        raise InvalidMessage("dedupe must be none or by_email", field="dedupe")
+    include_unsubscribed = body.get("include_unsubscribed", False)
+    if not isinstance(include_unsubscribed, bool):
+        raise InvalidMessage(
+            "include_unsubscribed must be true or false", field="include_unsubscribed"
+        )
+    if body.get("scheduled_at") is None:
+        raise InvalidMessage("scheduled_at is required (no immediate send)", field="scheduled_at")
+    scheduled_at = parse_time(body["scheduled_at"], "scheduled_at")
+    if scheduled_at < now + min_lead:
+        minutes = min_lead.total_seconds() / 60
+        raise InvalidMessage(
+            f"scheduled_at must be at least {minutes:g} minutes from now ({now.isoformat()})",
+            field="scheduled_at",
+        )
+    keys = known_keys(custom_field_keys)
+    has_coupon = coupon_url is not None
+    mergetags.validate(subject, keys, has_coupon=has_coupon, field="subject")
+    mergetags.validate(content, keys, has_coupon=has_coupon, field="body")
+    if coupon_url is not None:
+        mergetags.validate(coupon_url, keys - {"coupon_url"}, has_coupon=False, field="coupon_url")
+    return {
+        "name": name,
+        "category_id": category_id,
+        "group_id": target.group_id,
+        "filter": target.filter,
+        "saved_filter_id": target.saved_filter_id,
+        "from_address": from_address,
+        "from_name": from_name,
+        "reply_to": reply_to,
+        "subject": subject,
+        "format": fmt,
+        "body": content,
+        "coupon_url": coupon_url,
+        "dedupe": dedupe,
+        "include_unsubscribed": include_unsubscribed,
+        "scheduled_at": scheduled_at,
+    }
+
+
+def parse_test_addresses(raw: object) -> list[str]:
+    """F-23: comma-separated (or a list of) addresses, 1 to 20, each valid."""
+    if isinstance(raw, str):
+        parts = [p.strip() for p in re.split(r"[,\n、，]", raw)]
+    elif isinstance(raw, list) and all(isinstance(p, str) for p in raw):
+        parts = [p.strip() for p in raw]
+    else:
+        raise InvalidMessage("addresses must be comma-separated addresses", field="addresses")
+    addresses = [p for p in parts if p]
+    if not addresses:
+        raise InvalidMessage("addresses must name at least one address", field="addresses")
+    if len(addresses) > TEST_SEND_MAX:
+        raise InvalidMessage(
+            f"a test send goes to at most {TEST_SEND_MAX} addresses, not {len(addresses)}",
+            field="addresses",
+        )
+    return [check_address(a, "addresses") for a in addresses]
+
+
+# Results and the error-rate halt (F-25, F-26) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Counters:
+    planned: int
+    success: int
+    error: int
+    suppressed: int
+
+    @property
+    def unsent(self) -> int:
+        """未配信数: recipients without a result yet (0 when the campaign is done)."""
+        return max(0, self.planned - (self.success + self.error + self.suppressed))
+
+    @property
+    def attempts(self) -> int:
+        """Delivery attempts: results that went to a relay (suppressed ones did not)."""
+        return self.success + self.error
+
+
+def should_halt(counters: Counters, *, min_attempts: int, threshold: float) -> bool:
+    """F-26: at least ``min_attempts`` attempts and an error rate above ``threshold``."""
+    attempts = counters.attempts
+    return attempts >= min_attempts and attempts > 0 and counters.error / attempts > threshold
+
+
+def halt_reason(counters: Counters, threshold: float) -> str:
+    rate = counters.error / counters.attempts if counters.attempts else 0.0
+    return (
+        f"error rate {rate:.1%} > {threshold:.0%} after {counters.attempts} attempts"
+        f" ({counters.error} errors)"
+    )
+
+
+# Published records ----------------------------------------------------------------------------
+
+
+def content_of(campaign: Mapping[str, Any], *, test: bool = False) -> dict[str, Any]:
+    """The ``MailContent`` of a campaign's send requests (templates, not rendered)."""
+    subject = campaign["subject"]
+    return {
+        "from_address": campaign["from_address"],
+        "from_name": campaign["from_name"] or None,
+        "reply_to": campaign["reply_to"],
+        "subject": TEST_SUBJECT_PREFIX + subject if test else subject,
+        "format": campaign["format"],
+        "body": campaign["body"],
+        "coupon_url": campaign["coupon_url"],
+    }
+
+
+def snapshot_request(
+    campaign: Mapping[str, Any], request_id: str, now: dt.datetime
+) -> dict[str, Any]:
+    flt = campaign["filter"]
+    return {
+        "request_id": request_id,
+        "campaign_id": str(campaign["id"]),
+        "group_id": campaign["group_id"],
+        "filter_json": None if flt is None else json.dumps(flt, ensure_ascii=False),
+        "saved_filter_id": campaign["saved_filter_id"],
+        "include_unsubscribed": campaign["include_unsubscribed"],
+        "dedupe": campaign["dedupe"],
+        "requested_at": now,
+    }
+
+
+def control(
+    campaign_id: str, action: str, reason: str | None, command_id: str, now: dt.datetime
+) -> dict[str, Any]:
+    return {
+        "command_id": command_id,
+        "campaign_id": campaign_id,
+        "action": action,
+        "reason": reason,
+        "issued_at": now,
+    }
+
+
+# Merge values for test sends and previews ------------------------------------------------------
+
+#: what a preview or test send shows when no contact is chosen.
+SAMPLE_VALUES: dict[str, str] = {
+    "contact_id": "0",
+    "email": "sample@example.com",
+    "name": "山田 太郎",
+    "name_kana": "ヤマダ タロウ",
+    "company": "株式会社サンプル",
+    "department": "営業部",
+    "title": "部長",
+}
+
+
+def merge_values_of_contact(contact: Mapping[str, Any]) -> dict[str, str]:
+    """Merge values from a contact as the contacts API returns it, the way contacts puts
+    them in a snapshot: fields with a value as text, custom fields as ``custom.<key>``."""
+    values: dict[str, str] = {}
+    for name in BASE_FIELDS:
+        if name in ("tags", "contact_id"):
+            continue
+        value = contact.get(name)
+        if value is not None and value != "":
+            values[name] = str(value)
+    if contact.get("tags"):
+        values["tags"] = ",".join(contact["tags"])
+    for key, value in (contact.get("custom_fields") or {}).items():
+        if value is None:
+            continue
+        values[f"custom.{key}"] = (
+            ("true" if value else "false") if isinstance(value, bool) else str(value)
+        )
+    values["contact_id"] = str(contact.get("id", 0))
+    return values
+
+
+def safe_cell(value: object) -> str:
+    """F-42: a CSV cell that a spreadsheet will not read as a formula."""
+    text = "" if value is None else str(value)
+    if text and text[0] in "=+-@\t\r":
+        return "'" + text
+    return text
+
+
+def merge_columns(keys: Collection[str]) -> list[str]:
+    """Merge value columns of the recipient CSV: base fields in their order, then the rest."""
+    base = [k for k in BASE_FIELDS if k in keys and k not in ("email", "contact_id")]
+    rest = sorted(k for k in keys if k not in BASE_FIELDS)
+    return base + rest

@@ -1,0 +1,229 @@
+"""The release loop (§9 Sending): one tick every ``SCHEDULER_TICK_SECONDS``.
+
+Each tick, with the context's clock:
+
+1. a ``scheduled`` campaign whose time has come starts ``sending`` once its category's
+   window is open (until then it stays 未配信 and may still be cancelled);
+2. each ``sending`` campaign, locked for this process (``FOR NO KEY UPDATE SKIP LOCKED``, so
+   two replicas never release the same campaign and a halt waits for the chunk in hand):
+   outside the window it pauses (``campaign.control`` pause, once); when the window opens
+   again it resumes (``resume``) and rows released without a result go out again with
+   attempt + 1; inside the window it releases the next rows of its ledger at the paced
+   rate — published directly in per-partition batches, marked released only after the
+   broker acknowledged them (at least once: the sender's ledger absorbs duplicates);
+3. ``sent`` becomes ``aggregating``, and ``aggregating`` becomes ``aggregated`` once the
+   aggregation period has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+
+from libs.common import avro
+from libs.common.kafka import Publisher
+from libs.common.logging import get_logger
+from libs.common.metrics import (
+    MESSAGES_PUBLISHED,
+    SCHEDULER_CAMPAIGNS,
+    SCHEDULER_RELEASED,
+    SCHEDULER_WINDOW_PAUSED,
+)
+from libs.common.topics import Topic
+from services.scheduler import processor, status, store
+from services.scheduler.context import Context
+from services.scheduler.store import QUERIES
+from services.scheduler.window import Window
+
+log = get_logger(__name__)
+_partitioner = DefaultPartitioner()
+#: refresh the campaigns-by-status gauges every this many ticks.
+GAUGE_TICKS = 10
+
+
+@dataclass
+class Bucket:
+    """A token bucket: ``rate`` releases per second, at most one second's worth saved."""
+
+    rate: float
+    tokens: float
+    at: float
+
+    def refill(self, now: float) -> int:
+        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        return int(self.tokens)
+
+
+async def run(ctx: Context) -> None:
+    """Tick until cancelled; a tick that meets an unreachable dependency is retried next time."""
+    interval = ctx.settings.tick_seconds
+    while True:
+        started = time.monotonic()
+        try:
+            await tick(ctx)
+        except (
+            OSError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.InterfaceError,
+            KafkaError,
+        ) as exc:
+            log.warning("release_tick_failed", error=repr(exc))
+        ctx.ticks += 1
+        await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+async def tick(ctx: Context) -> None:
+    now = ctx.clock.now()
+    await start_due(ctx, now)
+    async with ctx.pool.acquire() as conn:
+        sending = [r["id"] for r in await conn.fetch(QUERIES["sending-campaigns"])]
+    for campaign_id in sending:
+        await release_campaign(ctx, campaign_id, now)
+    for gone in set(ctx.buckets) - {str(c) for c in sending}:
+        del ctx.buckets[gone]
+    await finish(ctx, now)
+    if ctx.ticks % GAUGE_TICKS == 0:
+        await update_gauges(ctx)
+
+
+async def start_due(ctx: Context, now: dt.datetime) -> None:
+    async with ctx.pool.acquire() as conn:
+        for row in await conn.fetch(QUERIES["due-campaigns"], now):
+            window = Window.of(row["window_start"], row["window_end"], row["time_zone"])
+            if window.contains(now):
+                async with conn.transaction():
+                    await store.transition(
+                        conn, row["id"], "sending", now, "scheduled time reached"
+                    )
+
+
+async def release_campaign(ctx: Context, campaign_id: uuid.UUID, now: dt.datetime) -> int:
+    """One tick of one sending campaign; returns how many requests it released."""
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        campaign = await conn.fetchrow(QUERIES["lock-sending-campaign"], campaign_id)
+        if campaign is None:
+            return 0  # another replica holds it, or it stopped sending meanwhile
+        window = Window.of(campaign["window_start"], campaign["window_end"], campaign["time_zone"])
+        key = str(campaign_id)
+        if not window.contains(now):
+            if not campaign["paused"]:
+                reason = f"outside sending window {window.describe()}"
+                await conn.execute(QUERIES["set-paused"], campaign_id, True)
+                await store.publish_control(conn, campaign_id, "pause", reason, now)
+                log.info("campaign_paused", campaign_id=key, reason=reason)
+            ctx.buckets.pop(key, None)
+            return 0
+        if campaign["paused"]:
+            await conn.execute(QUERIES["set-paused"], campaign_id, False)
+            await store.publish_control(
+                conn, campaign_id, "resume", f"sending window {window.describe()} open", now
+            )
+            again = await conn.execute(QUERIES["unrelease-pending"], campaign_id)
+            log.info("campaign_resumed", campaign_id=key, released_again=again)
+        bucket = ctx.buckets.get(key)
+        clock = time.monotonic()
+        if bucket is None:
+            rate = ctx.settings.release_rate
+            bucket = ctx.buckets[key] = Bucket(rate, rate * ctx.settings.tick_seconds, clock)
+        budget = min(bucket.refill(clock), ctx.settings.release_chunk)
+        if budget <= 0:
+            return 0
+        rows = await conn.fetch(QUERIES["unreleased"], campaign_id, budget)
+        if not rows:
+            return 0
+        content = processor.content_of(campaign)
+        records = [
+            (
+                row["contact_id"],
+                {
+                    "request_id": str(uuid.uuid4()),
+                    "campaign_id": key,
+                    "step_id": None,
+                    "contact_id": row["contact_id"],
+                    "email": row["email"],
+                    "group_id": row["group_id"],
+                    "include_unsubscribed": campaign["include_unsubscribed"],
+                    "merge_values": row["merge_values"],
+                    "content": content,
+                    "attempt": row["attempt"] + 1,
+                    "released_at": now,
+                    "test": False,
+                },
+            )
+            for row in rows
+        ]
+        await publish_keyed(ctx.publisher, Topic.SEND_REQUESTS, records)
+        await conn.execute(QUERIES["mark-released"], campaign_id, now, [r["seq"] for r in rows])
+        await conn.execute(QUERIES["add-released"], campaign_id, len(rows))
+        bucket.tokens -= len(rows)
+        first = sum(1 for r in rows if r["attempt"] == 0)
+        SCHEDULER_RELEASED.labels("first").inc(first)
+        SCHEDULER_RELEASED.labels("again").inc(len(rows) - first)
+        return len(rows)
+
+
+async def publish_keyed(
+    publisher: Publisher, topic: Topic, records: list[tuple[int | str, dict[str, Any]]]
+) -> None:
+    """Publish records with their own keys through the batch API and wait for the acks.
+
+    Each key goes to the partition the default partitioner would choose (per-key order
+    holds); building batches directly skips aiokafka's per-record work.
+    """
+    producer = publisher.producer
+    name = publisher.name(topic)
+    partitions = sorted(await producer.partitions_for(name))
+    by_partition: dict[int, list[tuple[bytes, bytes, list[tuple[str, bytes]]]]] = defaultdict(list)
+    for key, value in records:
+        raw_key = str(key).encode()
+        data, headers = avro.encode(topic, value)
+        by_partition[_partitioner(raw_key, partitions, partitions)].append((raw_key, data, headers))
+    futures: list[asyncio.Future[Any]] = []
+    for partition, items in by_partition.items():
+        batch = producer.create_batch()
+        for raw_key, data, headers in items:
+            if batch.append(key=raw_key, value=data, timestamp=None, headers=headers) is None:
+                futures.append(await producer.send_batch(batch, name, partition=partition))
+                batch = producer.create_batch()
+                batch.append(key=raw_key, value=data, timestamp=None, headers=headers)
+        if batch.record_count():
+            futures.append(await producer.send_batch(batch, name, partition=partition))
+    await asyncio.gather(*futures)
+    MESSAGES_PUBLISHED.labels(publisher.settings.service, topic.value).inc(len(records))
+
+
+async def finish(ctx: Context, now: dt.datetime) -> None:
+    """sent → aggregating at once; aggregating → aggregated after the aggregation period."""
+    period = dt.timedelta(seconds=ctx.settings.aggregation_seconds)
+    async with ctx.pool.acquire() as conn:
+        for row in await conn.fetch(QUERIES["finished-sending"]):
+            async with conn.transaction():
+                await store.transition(conn, row["id"], "aggregating", now, "counting feedback")
+        for row in await conn.fetch(QUERIES["aggregation-due"], now - period):
+            async with conn.transaction():
+                await store.transition(
+                    conn, row["id"], "aggregated", now, "aggregation period over"
+                )
+
+
+async def update_gauges(ctx: Context) -> None:
+    counts = {s: 0 for s in status.STATUSES}
+    paused = 0
+    async with ctx.pool.acquire() as conn:
+        for row in await conn.fetch(QUERIES["status-counts"]):
+            counts[row["status"]] = row["n"]
+            if row["status"] == "sending":
+                paused = row["paused"]
+    for name, n in counts.items():
+        SCHEDULER_CAMPAIGNS.labels(name).set(n)
+    SCHEDULER_WINDOW_PAUSED.set(paused)
