@@ -91,6 +91,44 @@ UNSUBSCRIBE_REQUESTS = Counter(
     "tayori_unsubscribe_requests_total", "Public unsubscribe requests", ["outcome", "kind"]
 )
 
+# Sender -----------------------------------------------------------------------------
+#: deliveries finished, by kind (campaign, test, system), outcome (sent, suppressed,
+#: temporary_error, permanent_error, policy_error) and relay (host:port; "" when none).
+SENDER_SENDS = Counter(
+    "tayori_sender_sends_total", "Deliveries finished", ["kind", "outcome", "relay"]
+)
+#: seconds of one SMTP transaction, MAIL FROM to the reply to the end of data, by relay.
+SENDER_SMTP_SECONDS = Histogram(
+    "tayori_sender_smtp_seconds",
+    "SMTP transaction latency",
+    ["relay"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+#: SMTP connections open, by relay.
+SENDER_CONNECTIONS = Gauge("tayori_sender_smtp_connections", "SMTP connections open", ["relay"])
+#: relay problems (connect failed, 421, connection lost), by relay and kind.
+SENDER_RELAY_ERRORS = Counter(
+    "tayori_sender_relay_errors_total", "SMTP relay problems", ["relay", "kind"]
+)
+#: 4xx replies that put a message back for a later try, by relay.
+SENDER_RETRIES = Counter("tayori_sender_retries_total", "Messages retried after 4xx", ["relay"])
+#: ledger rows found unfinished or finished when a request came again, by what was done:
+#: resent (claimed), assumed_sent (handed), republished (done).
+SENDER_LEDGER_RECOVERIES = Counter(
+    "tayori_sender_ledger_recoveries_total", "Ledger recoveries", ["kind"]
+)
+#: send requests dropped without a result because their campaign is paused, halted or
+#: cancelled, by that state.
+SENDER_DROPPED = Counter(
+    "tayori_sender_requests_dropped_total", "Send requests dropped by campaign control", ["state"]
+)
+#: messages handed (end of data written) per group commit.
+SENDER_GROUP_COMMIT_SIZE = Histogram(
+    "tayori_sender_group_commit_size",
+    "Messages handed per ledger commit",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+
 # Scheduler --------------------------------------------------------------------------
 #: campaigns by status (draft, reserving, scheduled, sending, sent, aggregating, aggregated,
 #: failed, halted, cancelled), refreshed by the release loop.

@@ -1,0 +1,220 @@
+"""Kafka handlers of the sender: decode → decide → claim → deliver → record → (loop commits).
+
+``send.requests`` and ``mail.system`` batches are claimed in the send ledger in one
+transaction, delivered through the relay pool, and the handler returns only when every
+outcome of the batch is committed — so the consumer never commits an offset whose work is
+not finished (see ledger.py for why nothing goes twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+from structlog.contextvars import bound_contextvars
+
+from libs.common.db import claim_once
+from libs.common.errors import InvalidMessage
+from libs.common.kafka import Message, reject
+from libs.common.logging import get_logger, mask_email
+from libs.common.metrics import SENDER_DROPPED, SENDER_LEDGER_RECOVERIES
+from libs.common.render import CampaignMessage
+from services.sender import copy, ledger
+from services.sender.context import Context
+from services.sender.ledger import (
+    ASSUMED_SENT,
+    QUERIES,
+    Claimed,
+    Delivery,
+    LedgerKey,
+    Outcome,
+    delivery_result,
+)
+
+log = get_logger(__name__)
+
+CONTROL_STATES = {"halt": "halted", "cancel": "cancelled", "pause": "paused", "resume": "active"}
+
+
+def request_key(request: dict[str, Any]) -> LedgerKey:
+    return LedgerKey(request["campaign_id"], request.get("step_id") or "", request["contact_id"])
+
+
+async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
+    """``send.requests``: last-moment can-send, ledger claim, SMTP, ``delivery.results``."""
+    campaigns = sorted({m.value["campaign_id"] for m in batch if not m.value.get("test")})
+    async with ctx.pool.acquire() as conn:
+        stopped = {
+            r["campaign_id"]: r["state"]
+            for r in await conn.fetch(QUERIES["control-states"], campaigns)
+        }
+    requests: dict[LedgerKey, tuple[dict[str, Any], CampaignMessage]] = {}
+    for message in batch:
+        request = message.value
+        state = None if request.get("test") else stopped.get(request["campaign_id"])
+        if state is not None:
+            # Paused: the scheduler re-releases it (attempt + 1) after resume. Halted and
+            # cancelled: final. Either way no result: nothing happened to the recipient.
+            SENDER_DROPPED.labels(state).inc()
+            log.info(
+                "send_request_dropped",
+                campaign_id=request["campaign_id"],
+                contact_id=request["contact_id"],
+                state=state,
+            )
+            continue
+        try:
+            built = ctx.composer.campaign_message(request["campaign_id"], request["content"])
+        except InvalidMessage as exc:
+            raise reject(message, exc.reason, exc.field) from None
+        requests.setdefault(request_key(request), (request, built))
+    if not requests:
+        return
+
+    deliveries: list[Delivery] = []
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        rows = [(key, _kind(r), r["email"], r["request_id"]) for key, (r, _) in requests.items()]
+        claimed = await ledger.claim(conn, rows)
+        undecided = [c for c in claimed if c.fresh or c.status == "claimed"]
+        decisions = await copy.decide(conn, [requests[c.key][0] for c in undecided])
+        verdicts = dict(zip([c.key for c in undecided], decisions, strict=True))
+        finished: list[tuple[LedgerKey, str, Outcome, dict[str, Any] | None]] = []
+        again: list[dict[str, Any]] = []
+        for c in claimed:
+            request, built = requests[c.key]
+            kind = _kind(request)
+            if not c.fresh and c.status == "done":
+                SENDER_LEDGER_RECOVERIES.labels("republished").inc()
+                if c.result is not None:
+                    again.append(c.result)
+                continue
+            if not c.fresh and c.status == "handed":
+                SENDER_LEDGER_RECOVERIES.labels("assumed_sent").inc()
+                outcome = Outcome(
+                    "sent", diagnostic=ASSUMED_SENT, relay=c.relay, message_id=c.message_id
+                )
+                finished.append(_done(c, kind, request, outcome))
+                continue
+            if not c.fresh:
+                SENDER_LEDGER_RECOVERIES.labels("resent").inc()
+            decision = verdicts[c.key]
+            if not decision:
+                log.info(
+                    "send_suppressed",
+                    campaign_id=c.key.campaign_id,
+                    contact_id=c.key.contact_id,
+                    email=mask_email(request["email"]),
+                    reason=decision.reason,
+                )
+                outcome = Outcome("suppressed", suppressed_reason=decision.reason)
+                finished.append(_done(c, kind, request, outcome))
+                continue
+            deliveries.append(
+                Delivery(
+                    c.key,
+                    kind,
+                    request["email"],
+                    functools.partial(ctx.composer.campaign_mail, built, request),
+                )
+            )
+        await ledger.finish(conn, finished)
+        await ledger.republish(conn, again)
+    await _deliver(ctx, deliveries)
+
+
+def _kind(request: dict[str, Any]) -> str:
+    return "test" if request.get("test") else "campaign"
+
+
+def _done(
+    c: Claimed, kind: str, request: dict[str, Any], outcome: Outcome
+) -> tuple[LedgerKey, str, Outcome, dict[str, Any] | None]:
+    result = delivery_result(c.key, request["email"], outcome) if kind == "campaign" else None
+    return c.key, kind, outcome, result
+
+
+async def _deliver(ctx: Context, deliveries: Sequence[Delivery]) -> None:
+    """Queue every delivery and wait until each outcome is committed."""
+    for delivery in deliveries:
+        ctx.relays.submit(delivery)
+    try:
+        await asyncio.gather(*(d.done for d in deliveries))
+    finally:
+        for delivery in deliveries:  # cancelled (stopping): workers skip what is left
+            if not delivery.done.done():
+                delivery.done.cancel()
+
+
+async def handle_control(ctx: Context, batch: list[Message]) -> None:
+    """``campaign.control``: halt and cancel are final, pause holds until resume."""
+    changed: dict[str, str] = {}
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        for message in await claim_once(conn, batch, lambda m: m.value["command_id"]):
+            command = message.value
+            with bound_contextvars(campaign_id=command["campaign_id"]):
+                state = CONTROL_STATES[command["action"]]
+                row = await conn.fetchrow(
+                    QUERIES["apply-control"],
+                    command["campaign_id"],
+                    state,
+                    command.get("reason"),
+                    command["issued_at"],
+                )
+                if row is None:
+                    log.info("campaign_control_ignored", action=command["action"])
+                    continue
+                changed[command["campaign_id"]] = row["state"]
+                log.info("campaign_control", action=command["action"], reason=command.get("reason"))
+    for campaign_id, state in changed.items():
+        if state == "active":
+            ctx.stopped.pop(campaign_id, None)
+        else:
+            ctx.stopped[campaign_id] = state
+
+
+async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None:
+    """``suppression.changes``: the last-mile copy (highest version per entity wins)."""
+    for message in batch:
+        try:
+            copy.check(message.value)
+        except InvalidMessage as exc:
+            raise reject(message, exc.reason, exc.field) from None
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await copy.apply(conn, [m.value for m in batch])
+
+
+async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:
+    """``mail.system``: operator notifications, once per (mail_id, recipient); no results."""
+    mails: dict[LedgerKey, tuple[dict[str, Any], str]] = {}
+    for message in batch:
+        mail = message.value
+        for index, to in enumerate(mail["to"]):
+            mails.setdefault(LedgerKey(f"mail:{mail['mail_id']}", "", index), (mail, to))
+    if not mails:
+        return
+    deliveries: list[Delivery] = []
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        rows = [(key, "system", to, mail["mail_id"]) for key, (mail, to) in mails.items()]
+        finished: list[tuple[LedgerKey, str, Outcome, dict[str, Any] | None]] = []
+        for c in await ledger.claim(conn, rows):
+            mail, to = mails[c.key]
+            if c.status == "done" and not c.fresh:
+                continue
+            if c.status == "handed" and not c.fresh:
+                SENDER_LEDGER_RECOVERIES.labels("assumed_sent").inc()
+                outcome = Outcome("sent", diagnostic=ASSUMED_SENT, relay=c.relay)
+                finished.append((c.key, "system", outcome, None))
+                continue
+            compose = functools.partial(ctx.composer.system_mail, mail, to)
+            deliveries.append(Delivery(c.key, "system", to, compose))
+        await ledger.finish(conn, finished)
+    await _deliver(ctx, deliveries)
+
+
+async def load_stopped(ctx: Context) -> None:
+    """At start: the campaigns that must not send (abandons queued deliveries of them)."""
+    async with ctx.pool.acquire() as conn:
+        for row in await conn.fetch(QUERIES["stopped-campaigns"]):
+            ctx.stopped[row["campaign_id"]] = row["state"]

@@ -1,0 +1,62 @@
+"""The sender service: its topics, consumers and background parts in one place.
+
+Inputs: send.requests (big batches), campaign.control, mail.system, suppression.changes (its
+own last-mile copy, latency-critical). Outputs: SMTP to the relays, and delivery.results
+through the outbox. HTTP: /healthz, /readyz, /metrics from the runtime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from libs.common.service import ConsumerSpec, LazyContext, Runtime
+from libs.common.topics import Topic
+from services.sender import agents
+from services.sender.context import Context
+from services.sender.settings import SenderSettings
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+SCHEMA = "sender"
+
+
+def build(settings: SenderSettings) -> Runtime:
+    settings.relays()  # a malformed SMTP_RELAYS stops the start, not the first send
+    runtime = Runtime(
+        settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori sender"
+    )
+    made: list[Context] = []
+
+    def make() -> Context:
+        made.append(Context(settings, runtime.pool, runtime.publisher))
+        return made[0]
+
+    ctx = LazyContext(make)
+    bind = ctx.bind
+
+    runtime.consumers = [
+        ConsumerSpec(
+            "sender.requests",
+            [Topic.SEND_REQUESTS],
+            bind(agents.handle_send_requests),
+            max_records=settings.send_batch,
+        ),
+        ConsumerSpec("sender.control", [Topic.CAMPAIGN_CONTROL], bind(agents.handle_control)),
+        ConsumerSpec("sender.system", [Topic.MAIL_SYSTEM], bind(agents.handle_system_mail)),
+        ConsumerSpec(
+            "sender.suppression",
+            [Topic.SUPPRESSION_CHANGES],
+            bind(agents.handle_suppression_changes),
+            latency_critical=True,
+        ),
+    ]
+
+    async def start_delivery() -> None:
+        await agents.load_stopped(ctx())
+
+    async def stop_delivery() -> None:
+        for context in made:
+            await context.stop()
+
+    runtime.background = [start_delivery]
+    runtime.on_stop = [stop_delivery]
+    return runtime

@@ -1,0 +1,138 @@
+"""Building each recipient's bytes: campaign mail, test sends and operator notifications.
+
+A campaign's MIME is built once (:class:`~libs.common.render.CampaignMessage`) and kept in a
+small LRU keyed by a hash of the request's content (the content arrives in every request);
+per recipient only the merge values, the unsubscribe link and headers, the coupon token,
+the Message-ID and the VERP return path are made, and the result optionally DKIM-signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import formatdate, make_msgid
+from typing import Any
+
+import dkim
+
+from libs.common.mergetags import COUPON_URL, UNSUBSCRIBE_URL
+from libs.common.render import CampaignMessage
+from libs.common.tokens import Signer
+from libs.common.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
+from libs.common.verp import VerpAddresses
+from services.sender.settings import SenderSettings
+
+#: headers a DKIM signature covers (those absent from a message are signed as absent).
+DKIM_HEADERS = (
+    b"From",
+    b"To",
+    b"Subject",
+    b"Date",
+    b"Message-ID",
+    b"MIME-Version",
+    b"Content-Type",
+    b"List-Unsubscribe",
+    b"List-Unsubscribe-Post",
+)
+
+
+class DkimSigner:
+    """Prepends a DKIM-Signature (relaxed/simple, rsa-sha256) to a message."""
+
+    def __init__(self, selector: str, domain: str, private_key: str) -> None:
+        self.selector = selector.encode()
+        self.domain = domain.encode()
+        self.key = private_key.encode()
+
+    def sign(self, message: bytes) -> bytes:
+        signature: bytes = dkim.sign(
+            message, self.selector, self.domain, self.key, include_headers=list(DKIM_HEADERS)
+        )
+        return signature + message
+
+
+def dkim_signer(settings: SenderSettings) -> DkimSigner | None:
+    if settings.dkim_selector and settings.dkim_domain and settings.dkim_private_key:
+        return DkimSigner(settings.dkim_selector, settings.dkim_domain, settings.dkim_private_key)
+    return None
+
+
+class Composer:
+    """Everything needed to turn a send request or a system mail into bytes."""
+
+    def __init__(self, settings: SenderSettings) -> None:
+        self.settings = settings
+        self.links = UnsubscribeLinks(settings.signing_keys, settings.public_base_url)
+        self.coupons = Signer(settings.signing_keys, "coupon")
+        self.verp = VerpAddresses(settings.signing_keys, settings.bounce_domain)
+        self.dkim = dkim_signer(settings)
+        self._messages: OrderedDict[str, CampaignMessage] = OrderedDict()
+
+    def campaign_message(self, campaign_id: str, content: dict[str, Any]) -> CampaignMessage:
+        """The campaign's built MIME; raises InvalidMessage for content no mail can be made of."""
+        digest = hashlib.sha256(
+            json.dumps([campaign_id, content], sort_keys=True).encode()
+        ).hexdigest()
+        message = self._messages.get(digest)
+        if message is not None:
+            self._messages.move_to_end(digest)
+            return message
+        message = CampaignMessage(
+            campaign_id=campaign_id,
+            from_address=content["from_address"],
+            from_name=content.get("from_name") or "",
+            reply_to=content.get("reply_to"),
+            subject=content["subject"],
+            format=content["format"],
+            body=content["body"],
+        )
+        self._messages[digest] = message
+        if len(self._messages) > self.settings.render_cache:
+            self._messages.popitem(last=False)
+        return message
+
+    def campaign_mail(
+        self, message: CampaignMessage, request: dict[str, Any]
+    ) -> tuple[bytes, str, str]:
+        """(content, Message-ID, MAIL FROM) of one recipient of a send request."""
+        campaign_id: str = request["campaign_id"]
+        contact_id: int = request["contact_id"]
+        values = dict(request.get("merge_values") or {})
+        headers: dict[str, str] | None = None
+        if request.get("group_id") is not None:
+            target = UnsubscribeTarget(contact_id, int(request["group_id"]), campaign_id)
+            headers = self.links.headers(target)
+            values[UNSUBSCRIBE_URL] = headers["List-Unsubscribe"][1:-1]  # one signature
+        else:
+            # No group, no membership to leave (a filter-only target): no unsubscribe URL to
+            # sign, so the List-Unsubscribe headers are left out and <#unsubscribe_url> is "".
+            values[UNSUBSCRIBE_URL] = ""
+        coupon = request["content"].get("coupon_url")
+        if coupon and message.uses(COUPON_URL):
+            token = self.coupons.sign({"m": campaign_id, "c": contact_id})
+            values[COUPON_URL] = f"{coupon}{'&' if '?' in coupon else '?'}t={token}"
+        message_id = message.message_id(contact_id)
+        data = message.render(values, to=request["email"], message_id=message_id, headers=headers)
+        if self.dkim is not None:
+            data = self.dkim.sign(data)
+        return data, message_id, self.verp.address(campaign_id, contact_id)
+
+    def system_mail(self, mail: dict[str, Any], to: str) -> tuple[bytes, str, str]:
+        """(content, Message-ID, MAIL FROM) of an operator notification to ``to``."""
+        message = EmailMessage(policy=SMTP)
+        message["From"] = self.settings.system_from
+        message["To"] = to
+        message["Subject"] = mail["subject"]
+        message["Date"] = formatdate(localtime=False)
+        message_id = make_msgid(domain=self.settings.system_from.rpartition("@")[2] or None)
+        message["Message-ID"] = message_id
+        message.set_content(mail["text_body"])
+        if mail.get("html_body"):
+            message.add_alternative(mail["html_body"], subtype="html")
+        data = message.as_bytes()
+        if self.dkim is not None:
+            data = self.dkim.sign(data)
+        return data, message_id, self.settings.system_from

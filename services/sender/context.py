@@ -1,0 +1,40 @@
+"""What the sender's handlers share at run time: pool, composer, ledger, relays, control."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from libs.common.kafka import Publisher
+from services.sender.compose import Composer
+from services.sender.ledger import Delivery, Ledger
+from services.sender.settings import SenderSettings
+from services.sender.smtp import RelayPool
+
+
+@dataclass
+class Context:
+    settings: SenderSettings
+    pool: asyncpg.Pool
+    publisher: Publisher
+    composer: Composer = field(init=False)
+    ledger: Ledger = field(init=False)
+    relays: RelayPool = field(init=False)
+    #: campaigns that must not send now (paused, halted, cancelled), as committed by the
+    #: campaign.control consumer: a delivery still queued for one is abandoned.
+    stopped: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.composer = Composer(self.settings)
+        self.ledger = Ledger(self.pool, self.settings.service)
+        self.relays = RelayPool(self.settings, self.ledger, still_wanted=self.still_wanted)
+        self.ledger.start()
+        self.relays.start()
+
+    def still_wanted(self, delivery: Delivery) -> bool:
+        return delivery.kind != "campaign" or delivery.campaign_id not in self.stopped
+
+    async def stop(self) -> None:
+        await self.relays.stop()
+        await self.ledger.stop()

@@ -1,0 +1,350 @@
+"""The send ledger: every (campaign, step, contact) is delivered once, across crashes.
+
+One row per ``(campaign_id, step_id or '', contact_id)``; ``mail.system`` uses
+``('mail:<mail_id>', '', <recipient index>)``. A row moves ``claimed → handed → done``.
+
+Exactly once across ``kill -9``
+-------------------------------
+An SMTP relay takes responsibility for a message when it receives the end-of-data
+terminator (``CRLF.CRLF``) and not before: a connection that closes earlier makes it
+discard the partial message. So the only moment that matters is the terminator write:
+
+1. **claim**: one transaction per consumed batch inserts the batch's keys as ``claimed``
+   (``ON CONFLICT DO NOTHING``; what was there already says what to do instead).
+2. each pooled connection sends MAIL, RCPT, DATA and the whole content **except the
+   terminator**, then hands the message to the :class:`Ledger`'s group committer.
+3. the committer marks every message ready at that moment ``handed`` in **one**
+   transaction; right after the commit returns it writes every held terminator, with no
+   ``await`` in between (nothing else can run, and cancellation cannot land, between the
+   commit and the writes).
+4. each connection reads its reply; outcomes (``done``, the stored DeliveryResult) and
+   their ``delivery.results`` rows (outbox, same transaction) are written by the next
+   committer cycle, batched.
+5. on restart or redelivery, a ``claimed`` row is sent again (its relay never got a
+   terminator, so nothing was delivered), a ``handed`` row is assumed accepted and
+   reported ``sent`` with a diagnostic saying so, a ``done`` row re-publishes its stored
+   result with the **same result_id** (the scheduler dedupes by it and needs an answer
+   for every recipient it released).
+
+The one window left is between the ``handed`` commit and the terminator write (sub-
+millisecond, no I/O wait): a crash there reports ``sent`` for a message the relay
+discarded. That is at most once, never twice. A terminator write that *fails* (the
+connection died meanwhile) is known, and the row goes back to ``claimed`` and is resent;
+so does a message whose end of data got 421 or 4xx (re-tried, bounded).
+
+Known limit: two live consumers owning one partition at once (a rebalance while the old
+owner is still sending) could both send a ``claimed`` row; Kafka's group protocol revokes
+before it reassigns, and the handler finishes its batch before it polls again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from aiosmtplib import SMTPException
+
+from libs.common import outbox
+from libs.common.db import Queries
+from libs.common.logging import get_logger
+from libs.common.metrics import SENDER_GROUP_COMMIT_SIZE, SENDER_SENDS
+from libs.common.retry import FOREVER, retry
+from libs.common.topics import Topic
+
+log = get_logger(__name__)
+QUERIES = Queries(Path(__file__).with_name("queries.sql"))
+
+#: the diagnostic of a row found 'handed' after a restart.
+ASSUMED_SENT = (
+    "assumed accepted: the end of data was written right after the ledger commit, "
+    "the relay's reply was not recorded before a restart"
+)
+#: the diagnostic of a message whose relay closed the connection after the end of data.
+LOST_AFTER_END = "assumed accepted: the connection was lost after the end of data"
+
+
+@dataclass(frozen=True)
+class LedgerKey:
+    campaign_id: str
+    step_id: str
+    contact_id: int
+
+
+class TerminatorNotWritten(Exception):
+    """The end of data could not be written (connection gone): the relay discarded it."""
+
+
+@dataclass
+class Outcome:
+    """What happened to one delivery (a DeliveryResult's fields without ids and time)."""
+
+    outcome: str
+    smtp_code: int | None = None
+    enhanced_code: str | None = None
+    diagnostic: str | None = None
+    relay: str | None = None
+    message_id: str | None = None
+    suppressed_reason: str | None = None
+
+
+@dataclass(eq=False)
+class Delivery:
+    """One message to one recipient, from claim to outcome."""
+
+    key: LedgerKey
+    kind: str  # campaign | test | system
+    email: str
+    #: builds (content with CRLF line ends, Message-ID, MAIL FROM) on first use.
+    compose: Callable[[], tuple[bytes, str, str]]
+    #: set when the outcome is recorded (or the delivery is abandoned).
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    temp_failures: int = 0
+    composed: tuple[bytes, str, str] | None = None
+    relay: str | None = None
+
+    @property
+    def campaign_id(self) -> str:
+        return self.key.campaign_id
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def delivery_result(key: LedgerKey, email: str, outcome: Outcome) -> dict[str, Any]:
+    """A new DeliveryResult (fresh result_id) as stored in the ledger (times in ms)."""
+    return {
+        "result_id": str(uuid.uuid4()),
+        "campaign_id": key.campaign_id,
+        "contact_id": key.contact_id,
+        "email": email,
+        "outcome": outcome.outcome,
+        "smtp_code": outcome.smtp_code,
+        "enhanced_code": outcome.enhanced_code,
+        "diagnostic": outcome.diagnostic,
+        "relay": outcome.relay,
+        "message_id": outcome.message_id,
+        "step_id": key.step_id or None,
+        "suppressed_reason": outcome.suppressed_reason,
+        "occurred_at": _ms(datetime.now(UTC)),
+    }
+
+
+def _columns(keys: Sequence[LedgerKey]) -> list[list[Any]]:
+    return [
+        [k.campaign_id for k in keys],
+        [k.step_id for k in keys],
+        [k.contact_id for k in keys],
+    ]
+
+
+@dataclass
+class Claimed:
+    """One claimed key and what the ledger held for it before."""
+
+    key: LedgerKey
+    fresh: bool
+    status: str | None
+    relay: str | None
+    message_id: str | None
+    result: dict[str, Any] | None
+
+
+async def claim(
+    conn: asyncpg.Connection, rows: Sequence[tuple[LedgerKey, str, str, str | None]]
+) -> list[Claimed]:
+    """Claim (key, kind, email, request_id) rows in the caller's transaction."""
+    keys = [r[0] for r in rows]
+    records = await conn.fetch(
+        QUERIES["claim"],
+        *_columns(keys),
+        [r[1] for r in rows],
+        [r[2] for r in rows],
+        [r[3] for r in rows],
+    )
+    return [
+        Claimed(
+            LedgerKey(r["campaign_id"], r["step_id"], r["contact_id"]),
+            r["fresh"],
+            r["status"],
+            r["relay"],
+            r["message_id"],
+            r["result"],
+        )
+        for r in records
+    ]
+
+
+async def finish(
+    conn: asyncpg.Connection, done: Sequence[tuple[LedgerKey, str, Outcome, dict[str, Any] | None]]
+) -> None:
+    """Record outcomes (key, kind, outcome, result) and queue the campaign rows' results on
+    ``delivery.results`` through the outbox, in the caller's transaction."""
+    if not done:
+        return
+    keys = [d[0] for d in done]
+    await conn.execute(
+        QUERIES["finish"],
+        *_columns(keys),
+        [d[2].outcome for d in done],
+        [d[2].relay for d in done],
+        [d[2].message_id for d in done],
+        [None if d[3] is None else json.dumps(d[3]) for d in done],
+    )
+    await outbox.add_many(
+        conn,
+        [(Topic.DELIVERY_RESULTS, d[0].contact_id, d[3]) for d in done if d[3] is not None],
+    )
+    for key, kind, outcome, _ in done:
+        del key
+        SENDER_SENDS.labels(kind, outcome.outcome, outcome.relay or "").inc()
+
+
+async def republish(conn: asyncpg.Connection, results: Sequence[dict[str, Any]]) -> None:
+    """Queue stored results again, unchanged (same result_id)."""
+    await outbox.add_many(conn, [(Topic.DELIVERY_RESULTS, r["contact_id"], r) for r in results])
+
+
+@dataclass
+class _Hand:
+    delivery: Delivery
+    message_id: str
+    write_terminator: Callable[[], None]
+    written: asyncio.Future[None]
+
+
+class Ledger:
+    """The group committer: hands ready messages and records outcomes in batched cycles.
+
+    Workers call :meth:`hand` (returns once the row is 'handed' and the terminator written),
+    :meth:`unhand` (the row goes back to 'claimed') and :meth:`finish` (the outcome; the
+    delivery's ``done`` resolves once it is committed). One cycle = one transaction.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, service: str) -> None:
+        self.pool = pool
+        self.service = service
+        self._hands: list[_Hand] = []
+        self._unhands: list[tuple[Delivery, asyncio.Future[None]]] = []
+        self._finished: list[tuple[Delivery, Outcome]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._cycle: asyncio.Future[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+        self._task.set_name("sender:ledger")
+
+    async def stop(self) -> None:
+        """Let the cycle in progress finish (terminators after a commit are always written)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._cycle is not None:
+            await asyncio.gather(self._cycle, return_exceptions=True)
+
+    async def hand(
+        self, delivery: Delivery, message_id: str, write_terminator: Callable[[], None]
+    ) -> None:
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._hands.append(_Hand(delivery, message_id, write_terminator, written))
+        self._wake.set()
+        await written
+
+    async def unhand(self, delivery: Delivery) -> None:
+        committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._unhands.append((delivery, committed))
+        self._wake.set()
+        await committed
+
+    def finish(self, delivery: Delivery, outcome: Outcome) -> None:
+        self._finished.append((delivery, outcome))
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            hands, self._hands = self._hands, []
+            unhands, self._unhands = self._unhands, []
+            finished, self._finished = self._finished, []
+            # Shielded: once a cycle started, its commit is followed by its terminator writes
+            # even if the service is stopping.
+            self._cycle = asyncio.ensure_future(self._commit(hands, unhands, finished))
+            await asyncio.shield(self._cycle)
+            self._cycle = None
+
+    async def _commit(
+        self,
+        hands: list[_Hand],
+        unhands: list[tuple[Delivery, asyncio.Future[None]]],
+        finished: list[tuple[Delivery, Outcome]],
+    ) -> None:
+        done = [
+            (
+                d.key,
+                d.kind,
+                o,
+                delivery_result(d.key, d.email, o) if d.kind == "campaign" else None,
+            )
+            for d, o in finished
+        ]
+
+        async def transaction() -> None:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if hands:
+                    keys = [h.delivery.key for h in hands]
+                    await conn.execute(
+                        QUERIES["hand"],
+                        *_columns(keys),
+                        [h.delivery.relay for h in hands],
+                        [h.message_id for h in hands],
+                    )
+                if unhands:
+                    await conn.execute(QUERIES["unhand"], *_columns([d.key for d, _ in unhands]))
+                await finish(conn, done)
+
+        try:
+            await retry(transaction, name="sender:ledger", service=self.service, strategy=FOREVER)
+        except BaseException as exc:
+            for h in hands:
+                _fail(h.written, exc)
+            for _, committed in unhands:
+                _fail(committed, exc)
+            for d, _ in finished:
+                _fail(d.done, exc)
+            raise
+        # Committed: write every held terminator now, before anything else can run.
+        for h in hands:
+            try:
+                h.write_terminator()
+            except (OSError, SMTPException, RuntimeError) as exc:  # the connection is gone
+                _fail(h.written, TerminatorNotWritten(repr(exc)))
+            else:
+                if not h.written.done():
+                    h.written.set_result(None)
+        SENDER_GROUP_COMMIT_SIZE.observe(len(hands))
+        for _, committed in unhands:
+            if not committed.done():
+                committed.set_result(None)
+        for d, _ in finished:
+            if not d.done.done():
+                d.done.set_result(None)
+
+
+def _fail(future: asyncio.Future[None], exc: BaseException) -> None:
+    if not future.done():
+        if isinstance(exc, asyncio.CancelledError):
+            future.cancel()
+        else:
+            future.set_exception(exc)

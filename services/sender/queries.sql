@@ -1,0 +1,110 @@
+-- Named SQL of the sender service (loaded once by libs.common.db.Queries).
+
+-- name: claim
+-- Claim a batch of ledger keys in one statement. New keys become 'claimed'; for keys that
+-- were there already, the row as it was (status, stored result) tells what to do instead.
+-- The join on send_ledger sees the table as it was before this statement's insert.
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[])
+        AS i(campaign_id, step_id, contact_id, kind, email, request_id)
+), fresh AS (
+    INSERT INTO send_ledger (campaign_id, step_id, contact_id, kind, status, email, request_id)
+    SELECT campaign_id, step_id, contact_id, kind, 'claimed', email, request_id FROM input
+    ON CONFLICT DO NOTHING
+    RETURNING campaign_id, step_id, contact_id
+)
+SELECT i.campaign_id, i.step_id, i.contact_id, f.contact_id IS NOT NULL AS fresh,
+       l.status, l.relay, l.message_id, l.result
+FROM input i
+LEFT JOIN fresh f USING (campaign_id, step_id, contact_id)
+LEFT JOIN send_ledger l USING (campaign_id, step_id, contact_id);
+
+-- name: hand
+-- The group commit: these messages' end of data is written right after this commits.
+UPDATE send_ledger l
+SET status = 'handed', relay = u.relay, message_id = u.message_id, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[])
+    AS u(campaign_id, step_id, contact_id, relay, message_id)
+WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id AND l.contact_id = u.contact_id;
+
+-- name: unhand
+-- The end of data was not accepted (421, 4xx) or never written: send again later.
+UPDATE send_ledger l
+SET status = 'claimed', updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(campaign_id, step_id, contact_id)
+WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id AND l.contact_id = u.contact_id;
+
+-- name: finish
+UPDATE send_ledger l
+SET status = 'done', outcome = u.outcome, relay = u.relay, message_id = u.message_id,
+    result = u.result::jsonb, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
+    AS u(campaign_id, step_id, contact_id, outcome, relay, message_id, result)
+WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id AND l.contact_id = u.contact_id;
+
+-- name: unfinished-count
+SELECT status, count(*) AS n FROM send_ledger WHERE status <> 'done' GROUP BY status;
+
+-- name: control-states
+-- Campaigns of a batch that must not send now (paused, halted, cancelled).
+SELECT campaign_id, state FROM campaign_control
+WHERE campaign_id = ANY($1::text[]) AND state <> 'active';
+
+-- name: stopped-campaigns
+SELECT campaign_id, state FROM campaign_control WHERE state <> 'active';
+
+-- name: apply-control
+-- halted and cancelled are final; otherwise the later command wins.
+INSERT INTO campaign_control AS c (campaign_id, state, reason, issued_at)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (campaign_id) DO UPDATE
+SET state = excluded.state, reason = excluded.reason, issued_at = excluded.issued_at,
+    updated_at = now()
+WHERE c.state NOT IN ('halted', 'cancelled')
+  AND (excluded.state IN ('halted', 'cancelled') OR c.issued_at <= excluded.issued_at)
+RETURNING state;
+
+-- name: control-state
+SELECT state FROM campaign_control WHERE campaign_id = $1;
+
+-- name: copy-memberships
+INSERT INTO membership_copy AS t (contact_id, group_id, state, version)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[])
+ON CONFLICT (contact_id, group_id) DO UPDATE
+SET state = excluded.state, version = excluded.version
+WHERE t.version < excluded.version;
+
+-- name: copy-contact-black
+INSERT INTO contact_black_copy AS t (contact_id, black, version)
+SELECT * FROM unnest($1::bigint[], $2::boolean[], $3::bigint[])
+ON CONFLICT (contact_id) DO UPDATE
+SET black = excluded.black, version = excluded.version
+WHERE t.version < excluded.version;
+
+-- name: copy-addresses
+INSERT INTO address_copy AS t (email, state, version)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
+ON CONFLICT (email) DO UPDATE
+SET state = excluded.state, version = excluded.version
+WHERE t.version < excluded.version;
+
+-- name: copy-blacklist
+INSERT INTO blacklist_copy AS t (value, state, version)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
+ON CONFLICT (value) DO UPDATE
+SET state = excluded.state, version = excluded.version
+WHERE t.version < excluded.version;
+
+-- name: memberships-for
+SELECT m.contact_id, m.group_id, m.state
+FROM membership_copy m
+JOIN unnest($1::bigint[], $2::bigint[]) AS k(contact_id, group_id) USING (contact_id, group_id);
+
+-- name: black-contacts
+SELECT contact_id FROM contact_black_copy WHERE contact_id = ANY($1::bigint[]) AND black;
+
+-- name: suppressed-addresses
+SELECT email, state FROM address_copy WHERE email = ANY($1::text[]) AND state <> 'cleared';
+
+-- name: blacklist-rules
+SELECT value, state FROM blacklist_copy WHERE value = ANY($1::text[]) AND state <> 'cleared';

@@ -1,0 +1,364 @@
+"""SMTP relays: pools of persistent connections, rate limits, failover, per-message replies.
+
+Each relay (``SMTP_RELAYS``, in failover order) gets ``SMTP_CONNECTIONS`` workers; a worker
+owns one persistent connection and takes deliveries from one queue shared by every relay.
+A relay that cannot be reached (connect error, 421, connection lost) is backed off (its
+workers wait, doubling up to 30 s) and its delivery goes back to the queue, where the
+workers of the other relays take it: that is the failover. When every relay is down the
+deliveries wait in the queue and go out when one comes back; the consumer commits nothing
+meanwhile, so nothing is lost, and the ledger makes sure nothing goes twice.
+
+One SMTP transaction uses aiosmtplib's lower layers: MAIL, RCPT and DATA through
+``execute_command``, then the dot-stuffed content without its final ``CRLF.CRLF``; the
+terminator is written by the :class:`~services.sender.ledger.Ledger` right after its group
+commit (see ledger.py), and the reply read here. Replies are classified by
+:mod:`libs.common.smtp_reply`: 4xx → tried again after a backoff, a bounded number of times;
+5xx → permanent or policy error; 421 → a relay problem, not a message outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import socket
+import time
+from collections.abc import Callable
+
+from aiosmtplib import SMTP, SMTPException, SMTPResponse
+from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import SMTPProtocol, normalize_message_line_endings
+
+from libs.common.errors import InvalidMessage
+from libs.common.logging import get_logger, mask_email
+from libs.common.metrics import (
+    SENDER_CONNECTIONS,
+    SENDER_RELAY_ERRORS,
+    SENDER_RETRIES,
+    SENDER_SMTP_SECONDS,
+)
+from libs.common.smtp_reply import Reply, classify, outcome_of
+from services.sender.ledger import (
+    LOST_AFTER_END,
+    Delivery,
+    Ledger,
+    Outcome,
+    TerminatorNotWritten,
+)
+from services.sender.settings import SenderSettings
+
+log = get_logger(__name__)
+
+TERMINATOR = b"\r\n.\r\n"
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+_MAX_RELAY_BACKOFF = 30.0
+#: errors that mean the connection (not the message) failed.
+CONNECTION_ERRORS = (OSError, SMTPException, TimeoutError)
+
+
+def data_payload(content: bytes) -> bytes:
+    """``content`` as sent after DATA: CRLF line ends, lines starting with ``.`` doubled
+    (RFC 5321 §4.5.2), **without** the final CRLF — the terminator ``CRLF.CRLF`` is written
+    separately (:data:`TERMINATOR`), after the ledger commit."""
+    stuffed = _LEADING_DOT.sub(b"..", normalize_message_line_endings(content))
+    return stuffed[:-2]  # normalize_message_line_endings ends it with CRLF
+
+
+class RateLimit:
+    """At most ``rate`` messages per second (0 = unlimited), spaced evenly."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        if not self.interval:
+            return
+        now = time.monotonic()
+        at = max(now, self._next)
+        self._next = at + self.interval
+        if at > now:
+            await asyncio.sleep(at - now)
+
+
+class Relay:
+    """One relay: its address, rate limit and backoff state."""
+
+    def __init__(self, host: str, port: int, settings: SenderSettings) -> None:
+        self.host = host
+        self.port = port
+        self.name = f"{host}:{port}"
+        self.limit = RateLimit(settings.smtp_rate_limit)
+        self.base_backoff = settings.smtp_relay_backoff
+        self.down_until = 0.0
+        self._failures = 0
+
+    def failed(self, kind: str) -> None:
+        SENDER_RELAY_ERRORS.labels(self.name, kind).inc()
+        now = time.monotonic()
+        if now < self.down_until:  # another worker already backed it off
+            return
+        self._failures += 1
+        delay = min(_MAX_RELAY_BACKOFF, self.base_backoff * 2 ** (self._failures - 1))
+        self.down_until = now + delay * random.uniform(0.8, 1.2)
+        log.warning("smtp_relay_down", relay=self.name, kind=kind, retry_in=round(delay, 3))
+
+    def recovered(self) -> None:
+        if self._failures:
+            log.info("smtp_relay_up", relay=self.name)
+        self._failures = 0
+        self.down_until = 0.0
+
+
+class RelayPool:
+    """Every relay's workers and the queue of deliveries they share."""
+
+    def __init__(
+        self,
+        settings: SenderSettings,
+        ledger: Ledger,
+        *,
+        still_wanted: Callable[[Delivery], bool] = lambda d: True,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.still_wanted = still_wanted
+        self.relays = [Relay(host, port, settings) for host, port in settings.relays()]
+        self.queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._workers: list[asyncio.Task[None]] = []
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._helo = settings.smtp_helo_name or socket.gethostname() or "localhost"
+
+    def start(self) -> None:
+        for relay in self.relays:
+            for n in range(max(1, self.settings.smtp_connections)):
+                task = asyncio.ensure_future(_Worker(self, relay).run())
+                task.set_name(f"smtp:{relay.name}:{n}")
+                self._workers.append(task)
+
+    async def stop(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
+
+    def submit(self, delivery: Delivery) -> None:
+        self.queue.put_nowait(delivery)
+
+    def later(self, delay: float, delivery: Delivery) -> None:
+        """Put ``delivery`` back on the queue after ``delay`` seconds (4xx backoff)."""
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle
+
+        def due() -> None:
+            self._timers.discard(timer)
+            self.queue.put_nowait(delivery)
+
+        timer = loop.call_later(delay, due)
+        self._timers.add(timer)
+
+    def new_client(self, relay: Relay) -> SMTP:
+        s = self.settings
+        start_tls = {"off": False, "required": True}.get(s.smtp_starttls)  # else: if offered
+        return SMTP(
+            hostname=relay.host,
+            port=relay.port,
+            username=s.smtp_username or None,
+            password=s.smtp_password or None,
+            local_hostname=self._helo,
+            timeout=s.smtp_timeout,
+            start_tls=start_tls,
+            validate_certs=s.smtp_tls_verify,
+        )
+
+
+class _RelayProblem(Exception):
+    """The connection or the relay failed; the delivery goes back to the queue."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+class _Worker:
+    """One persistent connection to one relay."""
+
+    def __init__(self, pool: RelayPool, relay: Relay) -> None:
+        self.pool = pool
+        self.relay = relay
+        self.client: SMTP | None = None
+
+    async def run(self) -> None:
+        try:
+            while True:
+                wait = self.relay.down_until - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                delivery = await self.pool.queue.get()
+                if delivery.done.done():  # abandoned meanwhile (the handler was cancelled)
+                    continue
+                if not self.pool.still_wanted(delivery):
+                    log.info("delivery_abandoned", campaign_id=delivery.campaign_id)
+                    delivery.done.set_result(None)
+                    continue
+                try:
+                    await self._deliver(delivery)
+                except _RelayProblem as problem:
+                    self._close()
+                    if problem.kind != "stale":
+                        self.relay.failed(problem.kind)
+                    self.pool.submit(delivery)
+        finally:
+            self._close()
+
+    async def _connect(self) -> SMTP:
+        if self.client is not None and self.client.is_connected:
+            return self.client
+        self._close()
+        client = self.pool.new_client(self.relay)
+        try:
+            await client.connect()
+        except CONNECTION_ERRORS as exc:
+            log.warning("smtp_connect_failed", relay=self.relay.name, error=repr(exc))
+            raise _RelayProblem("connect") from None
+        self.client = client
+        SENDER_CONNECTIONS.labels(self.relay.name).inc()
+        self.relay.recovered()
+        return client
+
+    def _close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+            SENDER_CONNECTIONS.labels(self.relay.name).dec()
+
+    async def _command(self, client: SMTP, *args: bytes) -> Reply:
+        try:
+            response: SMTPResponse = await client.execute_command(*args)
+        except CONNECTION_ERRORS:
+            raise _RelayProblem("connection_lost") from None
+        reply = classify(response.code, response.message)
+        if reply.verdict == "relay_problem":
+            raise _RelayProblem(f"reply_{reply.code}")
+        return reply
+
+    async def _deliver(self, d: Delivery) -> None:
+        if d.composed is None:
+            try:
+                d.composed = d.compose()
+            except InvalidMessage as exc:  # e.g. a recipient address no relay would take
+                self._finish(d, Outcome("permanent_error", diagnostic=f"not sent: {exc.reason}"))
+                return
+        content, message_id, mail_from = d.composed
+        reused = self.client is not None and self.client.is_connected
+        client = await self._connect()
+        await self.relay.limit.wait()
+        d.relay = self.relay.name
+        started = time.perf_counter()
+        for stage, args in enumerate(
+            (
+                (b"MAIL", b"FROM:" + quote_address(mail_from).encode()),
+                (b"RCPT", b"TO:" + quote_address(d.email).encode()),
+                (b"DATA",),
+            )
+        ):
+            try:
+                reply = await self._command(client, *args)
+            except _RelayProblem as problem:
+                if stage == 0 and reused and problem.kind == "connection_lost":
+                    raise _RelayProblem("stale") from None  # the relay closed an idle one
+                raise
+            if reply.verdict != "ok":
+                await self._reset(client)
+                self._refused(d, reply, message_id)
+                return
+        protocol = client.protocol
+        assert protocol is not None
+        try:
+            protocol.write(data_payload(content))
+        except CONNECTION_ERRORS:
+            raise _RelayProblem("connection_lost") from None
+        try:
+            await self.pool.ledger.hand(d, message_id, lambda: _write_terminator(protocol))
+        except TerminatorNotWritten:
+            await self.pool.ledger.unhand(d)
+            raise _RelayProblem("connection_lost") from None
+        try:
+            response = await protocol.read_response(timeout=self.pool.settings.smtp_timeout)
+        except CONNECTION_ERRORS as exc:
+            # The relay got the whole message; whether it kept it is unknown: at most once.
+            self._close()
+            self.relay.failed("lost_after_end")
+            log.warning("smtp_lost_after_end", relay=self.relay.name, error=repr(exc))
+            self._finish(d, Outcome("sent", diagnostic=LOST_AFTER_END, message_id=message_id))
+            return
+        SENDER_SMTP_SECONDS.labels(self.relay.name).observe(time.perf_counter() - started)
+        reply = classify(response.code, response.message)
+        if reply.verdict == "relay_problem":  # 421 after the end of data: not accepted
+            await self.pool.ledger.unhand(d)
+            raise _RelayProblem(f"reply_{reply.code}")
+        if reply.verdict == "ok":
+            self._finish(d, self._outcome(reply, message_id))
+            return
+        if reply.verdict == "retry":
+            await self.pool.ledger.unhand(d)
+        self._refused(d, reply, message_id)
+
+    async def _reset(self, client: SMTP) -> None:
+        """RSET after a refused MAIL/RCPT/DATA, so the connection can be reused."""
+        try:
+            response = await client.execute_command(b"RSET")
+        except CONNECTION_ERRORS:
+            self._close()
+            return
+        if response.code != 250:
+            self._close()
+
+    def _outcome(self, reply: Reply, message_id: str) -> Outcome:
+        return Outcome(
+            outcome_of(reply),
+            smtp_code=reply.code,
+            enhanced_code=reply.enhanced_code,
+            diagnostic=reply.diagnostic,
+            relay=self.relay.name,
+            message_id=message_id,
+        )
+
+    def _refused(self, d: Delivery, reply: Reply, message_id: str) -> None:
+        if reply.verdict == "retry":
+            d.temp_failures += 1
+            if d.temp_failures <= self.pool.settings.smtp_temp_retries:
+                SENDER_RETRIES.labels(self.relay.name).inc()
+                delay = self.pool.settings.smtp_retry_backoff * 2 ** (d.temp_failures - 1)
+                log.info(
+                    "smtp_retry_later",
+                    campaign_id=d.campaign_id,
+                    contact_id=d.key.contact_id,
+                    reply=reply.diagnostic,
+                    delay=delay,
+                )
+                self.pool.later(delay * random.uniform(0.8, 1.2), d)
+                return
+            reply = classify(reply.code, reply.text, final=True)
+        log.info(
+            "smtp_refused",
+            campaign_id=d.campaign_id,
+            contact_id=d.key.contact_id,
+            email=mask_email(d.email),
+            reply=reply.diagnostic,
+        )
+        self._finish(d, self._outcome(reply, message_id))
+
+    def _finish(self, d: Delivery, outcome: Outcome) -> None:
+        outcome.relay = outcome.relay or self.relay.name
+        self.pool.ledger.finish(d, outcome)
+
+
+def _write_terminator(protocol: SMTPProtocol) -> None:
+    """Write the held end of data; a reply is expected from here on (aiosmtplib drops data
+    that arrives while it expects none, so say so before writing)."""
+    protocol._response_pending = True
+    protocol.write(TERMINATOR)
