@@ -176,21 +176,14 @@ async def list_campaigns(request: web.Request) -> web.Response:
     wanted = request.query.get("status")
     if wanted is not None and wanted not in status.STATUSES:
         raise InvalidMessage(f"status must be one of {', '.join(status.STATUSES)}", field="status")
-    after_at: dt.datetime | None = None
-    after_id: uuid.UUID | None = None
+    after: int | None = None
     cursor = request.query.get("cursor")
     if cursor:
-        at, _, ident = cursor.partition("_")
-        try:
-            after_at, after_id = dt.datetime.fromisoformat(at), uuid.UUID(ident)
-        except ValueError:
-            raise InvalidMessage("cursor is not one this API gave", field="cursor") from None
-    rows = await _ctx(request).pool.fetch(
-        QUERIES["campaigns-page"], after_at, after_id, wanted, limit + 1
-    )
+        after = _int(cursor, "cursor")
+    rows = await _ctx(request).pool.fetch(QUERIES["campaigns-page"], after, wanted, limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
-    next_cursor = f"{rows[-1]['created_at'].isoformat()}_{rows[-1]['id']}" if more else None
+    next_cursor = str(rows[-1]["number"]) if more else None
     return json_response(
         {"items": [store.campaign_json(r) for r in rows], "next_cursor": next_cursor}
     )

@@ -28,9 +28,12 @@ class Context:
     ticks: int = 0
     #: per-campaign token buckets of the paced release (process-local).
     buckets: dict[str, Any] = field(default_factory=dict)
+    #: releases per second and campaign; starts as SCHEDULER_RELEASE_RATE (tests lower it).
+    release_rate: float = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.settings
+        self.release_rate = s.release_rate
         self.contacts = ContactsClient(s.contacts_url, s.admin_token, s.contacts_timeout_seconds)
         self.links = UnsubscribeLinks(s.signing_keys, s.public_base_url)
 

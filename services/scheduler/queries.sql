@@ -39,12 +39,12 @@ SELECT * FROM campaign WHERE id = $1;
 SELECT * FROM campaign WHERE id = $1 FOR UPDATE;
 
 -- name: campaigns-page
--- Newest first; keyset on (created_at, id); $1/$2 the last row of the previous page.
+-- Newest first; keyset on number; $1 the last number of the previous page.
 SELECT * FROM campaign
-WHERE ($1::timestamptz IS NULL OR (created_at, id) < ($1, $2::uuid))
-  AND ($3::text IS NULL OR status = $3)
-ORDER BY created_at DESC, id DESC
-LIMIT $4;
+WHERE ($1::bigint IS NULL OR number < $1)
+  AND ($2::text IS NULL OR status = $2)
+ORDER BY number DESC
+LIMIT $3;
 
 -- name: history
 SELECT status, reason, at FROM campaign_status_change WHERE campaign_id = $1 ORDER BY id;

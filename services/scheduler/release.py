@@ -58,7 +58,8 @@ class Bucket:
     tokens: float
     at: float
 
-    def refill(self, now: float) -> int:
+    def refill(self, now: float, rate: float) -> int:
+        self.rate = rate
         self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
         self.at = now
         return int(self.tokens)
@@ -133,9 +134,9 @@ async def release_campaign(ctx: Context, campaign_id: uuid.UUID, now: dt.datetim
         bucket = ctx.buckets.get(key)
         clock = time.monotonic()
         if bucket is None:
-            rate = ctx.settings.release_rate
+            rate = ctx.release_rate
             bucket = ctx.buckets[key] = Bucket(rate, rate * ctx.settings.tick_seconds, clock)
-        budget = min(bucket.refill(clock), ctx.settings.release_chunk)
+        budget = min(bucket.refill(clock, ctx.release_rate), ctx.settings.release_chunk)
         if budget <= 0:
             return 0
         rows = await conn.fetch(QUERIES["unreleased"], campaign_id, budget)

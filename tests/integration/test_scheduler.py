@@ -23,8 +23,6 @@ import io
 import uuid
 from typing import Any
 
-import pytest
-
 from libs.common.topics import Topic
 from services.scheduler.clock import FakeClock
 from services.scheduler.context import context_of
@@ -56,7 +54,9 @@ async def ticks(scheduler: Any, n: int = 3) -> None:
     await eventually(done)
 
 
-async def category(scheduler: Any, start: str = "08:00", end: str = "21:00", zone: str = "Asia/Tokyo") -> int:
+async def category(
+    scheduler: Any, start: str = "08:00", end: str = "21:00", zone: str = "Asia/Tokyo"
+) -> int:
     body = await scheduler.api.ok(
         "POST",
         "/v1/categories",
@@ -65,8 +65,11 @@ async def category(scheduler: Any, start: str = "08:00", end: str = "21:00", zon
     return int(body["id"])
 
 
-async def people(contacts: Any, n: int, group: int | None = None, **extra: Any) -> list[int]:
-    """``n`` contacts p0..p(n-1)@example.jp (named 顧客 i), members of ``group`` if given."""
+async def people(
+    contacts: Any, n: int, group: int | None = None, *, first: int = 0, **extra: Any
+) -> list[int]:
+    """``n`` contacts p<first>..@example.jp (p<i> named 顧客 i, company 会社i), members of
+    ``group`` if given."""
     api = contacts.api
     ids: list[int] = []
     for start in range(0, n, 50):
@@ -75,9 +78,14 @@ async def people(contacts: Any, n: int, group: int | None = None, **extra: Any) 
                 api.ok(
                     "POST",
                     "/v1/contacts",
-                    {"email": f"p{i}@example.jp", "name": f"顧客 {i}", "company": f"会社{i}", **extra},
+                    {
+                        "email": f"p{i}@example.jp",
+                        "name": f"顧客 {i}",
+                        "company": f"会社{i}",
+                        **extra,
+                    },
                 )
-                for i in range(start, min(n, start + 50))
+                for i in range(first + start, first + min(n, start + 50))
             )
         )
         ids.extend(c["id"] for c in created)
@@ -90,10 +98,10 @@ async def group(contacts: Any, name: str = "メルマガ会員") -> int:
     return int((await contacts.api.ok("POST", "/v1/groups", {"name": name}))["id"])
 
 
-def campaign_body(category_id: int, clock: FakeClock, **changes: Any) -> dict[str, Any]:
+def campaign_body(category: int, clock: FakeClock, **changes: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "name": "11月のお知らせ",
-        "category_id": category_id,
+        "category_id": category,
         "target": {"group_id": None},
         "from_address": "news@shop.example.jp",
         "from_name": "ショップ便り",
@@ -137,7 +145,9 @@ async def send_requests(kafka: Any, campaign_id: str, n: int, **match: Any) -> l
     return mine(records)
 
 
-def result(request: dict[str, Any], outcome: str = "sent", result_id: str | None = None) -> dict[str, Any]:
+def result(
+    request: dict[str, Any], outcome: str = "sent", result_id: str | None = None
+) -> dict[str, Any]:
     """The sender's answer to a send request."""
     return {
         "result_id": result_id or str(uuid.uuid4()),
@@ -156,7 +166,7 @@ def result(request: dict[str, Any], outcome: str = "sent", result_id: str | None
     }
 
 
-async def answer(kafka: Any, results: list[dict[str, Any]]) -> None:
+async def play_sender(kafka: Any, results: list[dict[str, Any]]) -> None:
     await publish_together(kafka, Topic.DELIVERY_RESULTS, [(r["contact_id"], r) for r in results])
 
 
@@ -165,12 +175,453 @@ def counters(body: dict[str, Any]) -> dict[str, int]:
     return {k: c[k] for k in ("planned", "success", "error", "suppressed", "unsent")}
 
 
-# Tests ---------------------------------------------------------------------------------------------
+# Tests ----------------------------------------------------------------------------------------
 
 
-async def test_smoke(scheduler):
+async def test_categories_and_their_windows(scheduler):
+    api = scheduler.api
+    tokyo = await category(scheduler)
+    night = await category(scheduler, "22:00", "06:00", "Europe/Berlin")
+    listed = await api.ok("GET", "/v1/categories")
+    assert [
+        (c["id"], c["window_start"], c["window_end"], c["time_zone"]) for c in listed["items"]
+    ] == [
+        (tokyo, "08:00", "21:00", "Asia/Tokyo"),
+        (night, "22:00", "06:00", "Europe/Berlin"),
+    ]
+    bad = [
+        ({"window_start": "8:00"}, "window_start"),
+        ({"window_end": "24:00"}, "window_end"),
+        ({"time_zone": "Mars/Olympus"}, "time_zone"),
+        ({"time_zone": "../etc/passwd"}, "time_zone"),
+        ({"name": " "}, "name"),
+    ]
+    base = {"name": "x", "window_start": "08:00", "window_end": "21:00", "time_zone": "UTC"}
+    for change, field in bad:
+        status, body = await api.call("POST", "/v1/categories", {**base, **change})
+        assert (status, body.get("field")) == (422, field), (change, body)
+    status, _ = await api.call("POST", "/v1/categories", base, token=VIEWER_TOKEN)
+    assert status == 403
+    assert (await api.call("GET", "/v1/categories", token=VIEWER_TOKEN))[0] == 200
+    changed = await api.ok(
+        "PUT", f"/v1/categories/{night}", {**base, "name": "夜間", "window_start": "23:30"}
+    )
+    assert (changed["name"], changed["window_start"], changed["time_zone"]) == (
+        "夜間",
+        "23:30",
+        "UTC",
+    )
+    assert (await api.call("PUT", f"/v1/categories/{night}", base, token=OPERATOR_TOKEN))[0] == 403
+    assert (await api.call("GET", "/v1/categories/999"))[0] == 404
+
+    clock = fake_clock(scheduler)
+    await api.ok(
+        "POST",
+        "/v1/campaigns",
+        campaign_body(tokyo, clock, target={"filter": {"field": "name", "op": "not_empty"}}),
+    )
+    status, body = await api.call("DELETE", f"/v1/categories/{tokyo}")
+    assert status == 409, body
+    assert (await api.call("DELETE", f"/v1/categories/{night}"))[0] == 204
+    assert (await api.call("GET", f"/v1/categories/{night}"))[0] == 404
+
+
+async def test_campaign_validation(scheduler, contacts):
+    await define_fields(contacts.api)
+    api = scheduler.api
     clock = fake_clock(scheduler)
     cat = await category(scheduler)
-    assert cat > 0
+    everyone = {"filter": {"field": "name", "op": "not_empty"}}
+
+    def body(**changes: Any) -> dict[str, Any]:
+        return campaign_body(cat, clock, **{"target": everyone, **changes})
+
+    good = await api.ok(
+        "POST",
+        "/v1/campaigns",
+        body(
+            subject="<#会社名> <#name>様",
+            body="<#plan> <#custom.seats> <#配信停止URL> <#coupon_url>",
+            format="html",
+            coupon_url="https://shop.example.jp/c/<#contact_id>",
+            dedupe="by_email",
+        ),
+    )
+    assert good["status"] == "draft" and good["counters"]["planned"] == 0
+    at = clock.now()
+    cases = [
+        (body(body="こんにちは <#nickname>"), "body", "<#nickname>"),
+        (body(subject="<#Name> さん"), "subject", "<#Name>"),
+        (body(body="<#クーポンURL>"), "body", "coupon"),
+        (
+            body(scheduled_at=(at + dt.timedelta(minutes=2)).isoformat()),
+            "scheduled_at",
+            "3 minutes",
+        ),
+        (body(scheduled_at=(at - dt.timedelta(days=1)).isoformat()), "scheduled_at", "3 minutes"),
+        (body(scheduled_at="2026-12-01T10:00:00"), "scheduled_at", "offset"),
+        (body(scheduled_at=None), "scheduled_at", "required"),
+        (body(subject=""), "subject", "empty"),
+        (body(subject="two\nlines"), "subject", "one line"),
+        (body(body="   "), "body", "empty"),
+        (body(from_address="news at shop"), "from_address", "mail address"),
+        (body(from_address="a@b@c.jp"), "from_address", "mail address"),
+        (body(reply_to="support@"), "reply_to", "mail address"),
+        (body(format="pdf"), "format", "text or html"),
+        (body(dedupe="sometimes"), "dedupe", "by_email"),
+        (body(category_id=9999), "category_id", "does not exist"),
+        (body(target={}), "target", "group_id"),
+        (
+            body(target={"filter": {"field": "shoe_size", "op": "eq", "value": 1}}),
+            "target.filter",
+            "",
+        ),
+    ]
+    for payload, field, words in cases:
+        status, answer = await api.call("POST", "/v1/campaigns", payload)
+        assert status == 422 and answer.get("field") == field, (field, status, answer)
+        assert words in answer["error"], answer
+    status, _ = await api.call("POST", "/v1/campaigns", body(), token=VIEWER_TOKEN)
+    assert status == 403
+    by_operator = await api.ok("POST", "/v1/campaigns", body(name="二通目"), token=OPERATOR_TOKEN)
+
+    page = await api.ok("GET", "/v1/campaigns?limit=1", token=VIEWER_TOKEN)
+    assert [c["id"] for c in page["items"]] == [by_operator["id"]]
+    rest = await api.ok("GET", f"/v1/campaigns?limit=1&cursor={page['next_cursor']}")
+    assert [c["id"] for c in rest["items"]] == [good["id"]] and rest["next_cursor"] is None
+    assert (await api.call("GET", f"/v1/campaigns/{uuid.uuid4()}"))[0] == 404
+    assert (await api.call("GET", "/v1/campaigns/not-a-uuid"))[0] == 404
+
+    # Test sends: at most 20 valid addresses.
+    many = ", ".join(f"t{i}@example.jp" for i in range(21))
+    for addresses, words in (
+        (many, "at most 20"),
+        ("a@example.jp, nobody", "mail address"),
+        ("", "at least"),
+    ):
+        status, answer = await api.call(
+            "POST", f"/v1/campaigns/{good['id']}/test-send", {"addresses": addresses}
+        )
+        assert status == 422 and answer["field"] == "addresses" and words in answer["error"], answer
+
+
+async def test_reserve_release_count_and_finish(scheduler, contacts, kafka):
+    """The whole life of a campaign: the frozen list equals the search, every recipient is
+    released with its content and merge values, results move the counters and the status."""
+    clock = fake_clock(scheduler)
+    api = scheduler.api
+    members = await group(contacts)
+    ids = await people(contacts, 6, members)
+    outsider = (await people(contacts, 1, first=100))[0]  # not a member: never a recipient
+    await contacts.api.ok("PATCH", f"/v1/contacts/{ids[5]}", {"company": "=HYPERLINK(1)"})
+    cat = await category(scheduler)
+    target_filter = {"field": "email", "op": "ne", "value": "p2@example.jp"}
+    body = campaign_body(cat, clock, target={"group_id": members, "filter": target_filter})
+    campaign = await reserved(scheduler, body)
+    cid = campaign["id"]
+    expected = await ids_of(
+        contacts.api,
+        {"all": [{"membership": {"group_id": members, "state": "deliverable"}}, target_filter]},
+    )
+    assert sorted(expected) == sorted(i for i in ids if i != ids[2]) and outsider not in expected
+    assert counters(campaign) == {
+        "planned": 5,
+        "success": 0,
+        "error": 0,
+        "suppressed": 0,
+        "unsent": 5,
+    }
+    [snapshot] = [
+        r
+        for r in await published(scheduler, kafka, Topic.SNAPSHOT_REQUESTS)
+        if r["campaign_id"] == cid
+    ]
+    assert (snapshot["group_id"], snapshot["include_unsubscribed"]) == (members, False)
+
+    # Reserving twice is refused; the frozen list is there to download.
+    status, answer = await api.call("POST", f"/v1/campaigns/{cid}/reserve")
+    assert status == 409, answer
+    status, text = await api.call("GET", f"/v1/campaigns/{cid}/recipients.csv", token=VIEWER_TOKEN)
+    assert status == 200
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert list(rows[0])[:5] == ["seq", "contact_id", "email", "group_id", "membership_state"]
+    assert [int(r["contact_id"]) for r in rows] == expected
+    assert [r["seq"] for r in rows] == [str(i) for i in range(5)]
+    assert {r["membership_state"] for r in rows} == {"deliverable"}
+    assert rows[0]["name"] == "顧客 0" and rows[-1]["company"] == "'=HYPERLINK(1)"
+
+    # Preview: the first recipient, rendered as the sender will.
+    preview = await api.ok("GET", f"/v1/campaigns/{cid}/preview")
+    assert preview["subject"] == "顧客 0様へ 11月のお知らせ"
+    assert preview["text"].startswith("顧客 0様\n会社0\n配信停止: http") and preview["html"] is None
+    assert preview["from"] == "news@shop.example.jp" and preview["to"] == "p0@example.jp"
+    assert "Subject: =?UTF-8?B?" in preview["mime"]
+    other = await api.ok("GET", f"/v1/campaigns/{cid}/preview?contact_id={ids[3]}")
+    assert other["subject"].startswith("顧客 3様")
+    assert (await api.call("GET", f"/v1/campaigns/{cid}/preview?contact_id={outsider}"))[0] == 404
+
+    # Not yet time: nothing is released.
     await ticks(scheduler)
-    assert clock.now() == NOON_TOKYO
+    assert (await api.ok("GET", f"/v1/campaigns/{cid}"))["status"] == "scheduled"
+    clock.advance(minutes=6)
+    requests = await send_requests(kafka, cid, 5)
+    assert sorted(r["contact_id"] for r in requests) == sorted(expected)
+    first = next(r for r in requests if r["contact_id"] == ids[0])
+    assert first["content"] == {
+        "from_address": "news@shop.example.jp",
+        "from_name": "ショップ便り",
+        "reply_to": "support@shop.example.jp",
+        "subject": "<#氏名>様へ 11月のお知らせ",
+        "format": "text",
+        "body": body["body"],
+        "coupon_url": None,
+    }
+    assert first["merge_values"]["name"] == "顧客 0" and first["merge_values"]["company"] == "会社0"
+    assert (first["email"], first["group_id"], first["attempt"], first["test"]) == (
+        "p0@example.jp",
+        members,
+        1,
+        False,
+    )
+    assert first["step_id"] is None and len({r["request_id"] for r in requests}) == 5
+    sending = await status_of(scheduler, cid, "sending")
+    status, answer = await api.call("POST", f"/v1/campaigns/{cid}/cancel")
+    assert status == 409, answer
+
+    # Results: a duplicate result id counts once; a second result of a recipient changes nothing.
+    by_contact = {r["contact_id"]: r for r in requests}
+    once = result(by_contact[expected[0]])
+    results = [
+        once,
+        dict(once),
+        result(by_contact[expected[0]], "permanent_error"),
+        result(by_contact[expected[1]], "permanent_error"),
+        result(by_contact[expected[2]], "suppressed"),
+        result(by_contact[expected[3]], "sent"),
+    ]
+    await play_sender(kafka, results)
+
+    async def counted() -> bool:
+        body = await api.ok("GET", f"/v1/campaigns/{cid}")
+        return counters(body) == {
+            "planned": 5,
+            "success": 2,
+            "error": 1,
+            "suppressed": 1,
+            "unsent": 1,
+        }
+
+    await eventually(counted)
+    assert sending["started_at"] is not None
+    await play_sender(kafka, [result(by_contact[expected[4]], "temporary_error")])
+    await status_of(scheduler, cid, "aggregating")
+    clock.advance(hours=1, seconds=1)
+    done = await status_of(scheduler, cid, "aggregated")
+    assert counters(done) == {"planned": 5, "success": 2, "error": 2, "suppressed": 1, "unsent": 0}
+    assert [h["status"] for h in done["history"]] == [
+        "draft",
+        "reserving",
+        "scheduled",
+        "sending",
+        "sent",
+        "aggregating",
+        "aggregated",
+    ]
+    # Nothing was released twice.
+    again = await kafka.read_to_end(Topic.SEND_REQUESTS)
+    assert len([r for r in again if r["campaign_id"] == cid]) == 5
+
+
+async def test_empty_target_fails_and_cancel(scheduler, contacts, kafka):
+    clock = fake_clock(scheduler)
+    api = scheduler.api
+    members = await group(contacts)
+    await people(contacts, 2)  # not members
+    cat = await category(scheduler)
+    campaign = await api.ok(
+        "POST", "/v1/campaigns", campaign_body(cat, clock, target={"group_id": members})
+    )
+    await api.ok("POST", f"/v1/campaigns/{campaign['id']}/reserve", token=OPERATOR_TOKEN)
+    failed = await status_of(scheduler, campaign["id"], "failed")
+    assert failed["status_label"] == "配信失敗" and "no recipients" in failed["status_reason"]
+    assert counters(failed)["planned"] == 0
+    assert (await api.call("POST", f"/v1/campaigns/{campaign['id']}/cancel"))[0] == 409
+
+    # A snapshot the contacts service refuses (a saved filter that does not exist) fails too.
+    broken = await api.ok(
+        "POST", "/v1/campaigns", campaign_body(cat, clock, target={"group_id": members + 1000})
+    )
+    await api.ok("POST", f"/v1/campaigns/{broken['id']}/reserve")
+    failed = await status_of(scheduler, broken["id"], "failed")
+    assert "snapshot failed" in failed["status_reason"]
+
+    # Cancel before sending: draft and scheduled; campaign.control says so.
+    draft = await api.ok(
+        "POST", "/v1/campaigns", campaign_body(cat, clock, target={"group_id": members})
+    )
+    status, _ = await api.call("POST", f"/v1/campaigns/{draft['id']}/reserve", token=VIEWER_TOKEN)
+    assert status == 403
+    cancelled = await api.ok("POST", f"/v1/campaigns/{draft['id']}/cancel", token=OPERATOR_TOKEN)
+    assert cancelled["status"] == "cancelled"
+    assert (await api.call("POST", f"/v1/campaigns/{draft['id']}/reserve"))[0] == 409
+    assert (await api.call("GET", f"/v1/campaigns/{draft['id']}/recipients.csv"))[0] == 409
+    controls = await published(scheduler, kafka, Topic.CAMPAIGN_CONTROL)
+    assert [(c["campaign_id"], c["action"]) for c in controls] == [(draft["id"], "cancel")]
+
+
+async def test_window_pauses_and_resumes(scheduler, contacts, kafka):
+    """Outside the window nothing starts; a window closing mid-campaign pauses it; when it
+    opens again the rows without a result go out again with attempt 2."""
+    # 21:30 in Tokyo: the 08:00-21:00 window is closed.
+    clock = fake_clock(scheduler, dt.datetime(2026, 11, 26, 12, 30, tzinfo=dt.UTC))
+    api = scheduler.api
+    members = await group(contacts)
+    ids = await people(contacts, 4, members)
+    cat = await category(scheduler)
+    campaign = await reserved(scheduler, campaign_body(cat, clock, target={"group_id": members}))
+    cid = campaign["id"]
+    clock.advance(minutes=10)
+    await ticks(scheduler)
+    assert (await api.ok("GET", f"/v1/campaigns/{cid}"))["status"] == "scheduled"
+    assert [
+        r for r in await kafka.read_to_end(Topic.SEND_REQUESTS) if r["campaign_id"] == cid
+    ] == []
+
+    # 08:00 the next morning: sending starts.
+    clock.set(dt.datetime(2026, 11, 26, 23, 0, tzinfo=dt.UTC))
+    requests = await send_requests(kafka, cid, 4)
+    await status_of(scheduler, cid, "sending")
+    by_contact = {r["contact_id"]: r for r in requests}
+    await play_sender(kafka, [result(by_contact[ids[0]]), result(by_contact[ids[1]])])
+
+    async def counted(n: int) -> Any:
+        async def check() -> bool:
+            body = await api.ok("GET", f"/v1/campaigns/{cid}")
+            return body["counters"]["success"] == n
+
+        await eventually(check)
+
+    await counted(2)
+    # 21:00 sharp: the window closes (end is exclusive); the campaign waits, paused.
+    clock.set(dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC))
+
+    async def paused() -> bool:
+        body = await api.ok("GET", f"/v1/campaigns/{cid}")
+        return body["paused"] and body["status"] == "sending"
+
+    await eventually(paused)
+    await ticks(scheduler)
+    controls = await published(scheduler, kafka, Topic.CAMPAIGN_CONTROL)
+    assert [c["action"] for c in controls] == ["pause"]
+    assert "08:00-21:00 Asia/Tokyo" in controls[0]["reason"]
+    assert (
+        len([r for r in await kafka.read_to_end(Topic.SEND_REQUESTS) if r["campaign_id"] == cid])
+        == 4
+    )
+
+    # The next morning: resume, and the two rows without a result are released again.
+    clock.set(dt.datetime(2026, 11, 27, 23, 30, tzinfo=dt.UTC))
+    again = await send_requests(kafka, cid, 2, attempt=2)
+    assert sorted(r["contact_id"] for r in again) == sorted(ids[2:])
+    controls = await published(scheduler, kafka, Topic.CAMPAIGN_CONTROL)
+    assert [c["action"] for c in controls] == ["pause", "resume"]
+    await play_sender(kafka, [result(r) for r in again])
+    sent = await status_of(scheduler, cid, "aggregating")
+    assert counters(sent) == {"planned": 4, "success": 4, "error": 0, "suppressed": 0, "unsent": 0}
+    assert not sent["paused"]
+
+
+async def test_error_rate_halts_the_campaign(scheduler, contacts, kafka):
+    """15% permanent errors over 200 attempts: halted, campaign.control halt, nothing more
+    released, and a halted campaign never resumes."""
+    clock = fake_clock(scheduler)
+    ctx = context_of(scheduler.runtime)
+    ctx.release_rate = 100.0  # slow enough that the halt comes mid-campaign
+    api = scheduler.api
+    members = await group(contacts)
+    await people(contacts, 300, members)
+    cat = await category(scheduler)
+    campaign = await reserved(scheduler, campaign_body(cat, clock, target={"group_id": members}))
+    cid = campaign["id"]
+    clock.advance(minutes=10)
+    requests = await send_requests(kafka, cid, 200)
+    results = [
+        result(r, "permanent_error" if i % 20 < 3 else "sent") for i, r in enumerate(requests[:200])
+    ]
+    await play_sender(kafka, results)
+    halted = await status_of(scheduler, cid, "halted")
+    assert counters(halted)["error"] == 30 and counters(halted)["success"] == 170
+    assert "15.0% > 10%" in halted["status_reason"]
+    controls = await published(scheduler, kafka, Topic.CAMPAIGN_CONTROL)
+    assert [(c["campaign_id"], c["action"]) for c in controls] == [(cid, "halt")]
+    released = halted["counters"]["released"]
+    assert released < 300
+    clock.advance(hours=2)
+    await ticks(scheduler, 5)
+    after = await api.ok("GET", f"/v1/campaigns/{cid}")
+    assert (after["status"], after["counters"]["released"]) == ("halted", released)
+    sent = [r for r in await kafka.read_to_end(Topic.SEND_REQUESTS) if r["campaign_id"] == cid]
+    assert len(sent) == released
+    assert (await api.call("POST", f"/v1/campaigns/{cid}/cancel"))[0] == 409
+
+
+async def test_test_send_is_marked_and_never_counted(scheduler, contacts, kafka):
+    clock = fake_clock(scheduler)
+    api = scheduler.api
+    members = await group(contacts)
+    ids = await people(contacts, 2, members)
+    cat = await category(scheduler)
+    campaign = await api.ok(
+        "POST", "/v1/campaigns", campaign_body(cat, clock, target={"group_id": members})
+    )
+    cid = campaign["id"]
+    sample = await api.ok(
+        "POST",
+        f"/v1/campaigns/{cid}/test-send",
+        {"addresses": "qa@example.jp, boss@example.jp"},
+        token=OPERATOR_TOKEN,
+    )
+    assert sample["requests"] == 2 and sample["contact_id"] == 0
+    chosen = await api.ok(
+        "POST",
+        f"/v1/campaigns/{cid}/test-send",
+        {"addresses": "qa@example.jp", "contact_id": ids[1]},
+    )
+    requests = await send_requests(kafka, cid, 3, test=True)
+    by_address = {(r["email"], r["contact_id"]): r for r in requests}
+    qa = by_address[("qa@example.jp", 0)]
+    assert qa["content"]["subject"] == "[TEST] <#氏名>様へ 11月のお知らせ"
+    assert qa["step_id"] == f"test:{sample['test_id']}:0"
+    assert by_address[("boss@example.jp", 0)]["step_id"] == f"test:{sample['test_id']}:1"
+    assert qa["merge_values"]["name"] == "山田 太郎"
+    mine = by_address[("qa@example.jp", ids[1])]
+    assert (
+        mine["merge_values"]["name"] == "顧客 1"
+        and mine["step_id"] == f"test:{chosen['test_id']}:0"
+    )
+    assert mine["merge_values"]["contact_id"] == str(ids[1])
+    assert (
+        await api.call(
+            "POST",
+            f"/v1/campaigns/{cid}/test-send",
+            {"addresses": "a@example.jp", "contact_id": 10**9},
+        )
+    )[0] == 404
+
+    # The preview before reservation uses sample values; a chosen contact's come from contacts.
+    preview = await api.ok("GET", f"/v1/campaigns/{cid}/preview")
+    assert preview["subject"] == "山田 太郎様へ 11月のお知らせ"
+    chosen_preview = await api.ok("GET", f"/v1/campaigns/{cid}/preview?contact_id={ids[0]}")
+    assert chosen_preview["to"] == "p0@example.jp" and "会社0" in chosen_preview["text"]
+
+    # Results of test sends are never counted, even when they name a recipient.
+    campaign = await reserved(scheduler, campaign_body(cat, clock, target={"group_id": members}))
+    test_result = {**result(mine), "campaign_id": campaign["id"], "contact_id": ids[1]}
+    real = result({**mine, "step_id": None, "campaign_id": campaign["id"], "contact_id": ids[0]})
+    await play_sender(kafka, [test_result, real])
+
+    async def counted() -> dict[str, int]:
+        body = await api.ok("GET", f"/v1/campaigns/{campaign['id']}")
+        return counters(body)["success"] > 0 and counters(body)
+
+    assert (await eventually(counted))["success"] == 1

@@ -13,6 +13,8 @@ CREATE TABLE category (
 
 CREATE TABLE campaign (
     id                   uuid PRIMARY KEY,
+    -- creation order (newest first in lists; the clock may stand still in tests).
+    number               bigserial UNIQUE,
     name                 text NOT NULL,
     category_id          bigint NOT NULL REFERENCES category (id),
     group_id             bigint,
@@ -48,7 +50,6 @@ CREATE TABLE campaign (
     finished_at          timestamptz,
     updated_at           timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX campaign_newest_idx ON campaign (created_at DESC, id DESC);
 CREATE INDEX campaign_active_idx ON campaign (status)
     WHERE status IN ('scheduled', 'sending', 'sent', 'aggregating');
 
