@@ -134,3 +134,294 @@ async def test_campaign_mail_arrives_personalised(
     assert sent["message_id"] == str(mail["Message-ID"]).strip()
     assert sent["smtp_code"] == 250
     assert sent["relay"] == f"127.0.0.1:{smtp_sink.port}"
+
+
+async def test_duplicate_request_sends_once_and_republishes_the_same_result(
+    sender: Service, kafka: Kafka, smtp_sink: SmtpSink
+) -> None:
+    campaign = str(uuid.uuid4())
+    request = send_request(campaign, 11)
+    await publish_all(kafka, [request])
+    first = await results(kafka, 1)
+    await publish_all(kafka, [request])  # redelivered
+    await results(kafka, 2)
+    await publish_all(kafka, [{**request, "request_id": str(uuid.uuid4()), "attempt": 2}])
+    again = await results(kafka, 3)
+    assert {r["result_id"] for r in again} == {first[0]["result_id"]}
+    assert {r["outcome"] for r in again} == {"sent"}
+    assert recipients(smtp_sink.messages()) == {"c11@example.com": 1}
+
+
+async def copy_holds(sender: Service, table: str, n: int) -> None:
+    async def applied() -> bool:
+        return await sender.runtime.pool.fetchval(f"SELECT count(*) FROM {table}") >= n
+
+    await eventually(applied)
+
+
+async def test_last_moment_suppression(sender: Service, kafka: Kafka, smtp_sink: SmtpSink) -> None:
+    changes = [
+        change("membership", "unsubscribed", contact_id=21, group_id=7),
+        change("membership", "banned", contact_id=22, group_id=7),
+        change("membership", "unsubscribed", contact_id=23, group_id=7),
+        change("blacklist_rule", "suffix", email="blocked.example"),
+        change("address", "bounced", email="C25@Example.com", contact_id=25),
+        change("contact_black", "black", contact_id=26),
+        # An older change arriving later does not win: 27 stays unsubscribed.
+        change("membership", "unsubscribed", contact_id=27, group_id=7, version=10_000_000),
+        change("membership", "deliverable", contact_id=27, group_id=7, version=9_000_000),
+    ]
+    for c in changes:
+        key = c["contact_id"] if c["kind"] in ("membership", "contact_black") else c["email"]
+        await kafka.send(Topic.SUPPRESSION_CHANGES, key, c)
+    await copy_holds(sender, "membership_copy", 4)
+    await copy_holds(sender, "blacklist_copy", 1)
+    await copy_holds(sender, "address_copy", 1)
+    await copy_holds(sender, "contact_black_copy", 1)
+    campaign = str(uuid.uuid4())
+    await publish_all(
+        kafka,
+        [
+            send_request(campaign, 21),
+            send_request(campaign, 22, include_unsubscribed=True),
+            send_request(campaign, 23, include_unsubscribed=True),
+            send_request(campaign, 24, "x@mx.blocked.example", include_unsubscribed=True),
+            send_request(campaign, 25),
+            send_request(campaign, 26),
+            send_request(campaign, 27),
+        ],
+    )
+    got = {r["contact_id"]: r for r in await results(kafka, 7)}
+    assert {k: (r["outcome"], r["suppressed_reason"]) for k, r in got.items()} == {
+        21: ("suppressed", "unsubscribed"),
+        22: ("suppressed", "banned"),
+        23: ("sent", None),
+        24: ("suppressed", "blacklisted"),
+        25: ("suppressed", "address_bounced"),
+        26: ("suppressed", "black_flag"),
+        27: ("suppressed", "unsubscribed"),
+    }
+    assert recipients(smtp_sink.messages()) == {"c23@example.com": 1}
+
+
+class RefusingHandler(MaildirHandler):
+    """Refuses recipients by their local part: perm → 550 5.1.1, policy → 550 5.7.1,
+    temp → 451 4.3.0, dataperm → accepted but 554 5.6.0 after the end of data."""
+
+    def __init__(self, maildir: Path) -> None:
+        super().__init__(maildir)
+        self.rcpt_attempts: Counter[str] = Counter()
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        self.rcpt_attempts[address] += 1
+        local = address.partition("@")[0]
+        if local == "perm":
+            return "550 5.1.1 <perm@example.com>: Recipient address rejected: User unknown"
+        if local == "policy":
+            return "550 5.7.1 Message rejected due to local policy"
+        if local == "temp":
+            return "451 4.3.0 Try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if envelope.rcpt_tos[0].startswith("dataperm@"):
+            return "554 5.6.0 Message content rejected"
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.fixture
+def refusing_relay(tmp_path: Path) -> Any:
+    handler = RefusingHandler(tmp_path / "refusing")
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    yield controller
+    controller.stop()
+
+
+async def test_relay_replies_become_outcomes(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, refusing_relay: Controller
+) -> None:
+    relay = f"127.0.0.1:{refusing_relay.port}"
+    async with running(
+        "sender",
+        stack,
+        database,
+        prefix,
+        smtp_relays=relay,
+        smtp_retry_backoff=0.02,
+        smtp_temp_retries=2,
+    ):
+        campaign = str(uuid.uuid4())
+        await publish_all(
+            kafka,
+            [
+                send_request(campaign, 31, "perm@example.com"),
+                send_request(campaign, 32, "policy@example.com"),
+                send_request(campaign, 33, "temp@example.com"),
+                send_request(campaign, 34, "dataperm@example.com"),
+                send_request(campaign, 35, "ok@example.com"),
+            ],
+        )
+        got = {r["contact_id"]: r for r in await results(kafka, 5)}
+    summary = {
+        k: (r["outcome"], r["smtp_code"], r["enhanced_code"], r["relay"]) for k, r in got.items()
+    }
+    assert summary == {
+        31: ("permanent_error", 550, "5.1.1", relay),
+        32: ("policy_error", 550, "5.7.1", relay),
+        33: ("temporary_error", 451, "4.3.0", relay),
+        34: ("permanent_error", 554, "5.6.0", relay),
+        35: ("sent", 250, None, relay),
+    }
+    assert "User unknown" in got[31]["diagnostic"]
+    assert refusing_relay.handler.rcpt_attempts["temp@example.com"] == 3  # 1 + 2 retries
+    assert refusing_relay.handler.rcpt_attempts["ok@example.com"] == 1
+
+
+async def barrier(kafka: Kafka, contact_id: int, seen: int) -> list[dict[str, Any]]:
+    """A request of another campaign to the same contact (same key, same partition, so
+    handled after what was published before it); returns the results once it has one."""
+    await publish_all(kafka, [send_request(str(uuid.uuid4()), contact_id)])
+    return await results(kafka, seen + 1)
+
+
+async def control_state(sender: Service, campaign: str, state: str) -> None:
+    async def is_state() -> bool:
+        return (
+            await sender.runtime.pool.fetchval(
+                "SELECT state FROM campaign_control WHERE campaign_id = $1", campaign
+            )
+            == state
+        )
+
+    await eventually(is_state)
+
+
+async def test_halt_stops_a_campaign_for_good(
+    sender: Service, kafka: Kafka, smtp_sink: SmtpSink
+) -> None:
+    campaign = str(uuid.uuid4())
+    await kafka.send(Topic.CAMPAIGN_CONTROL, campaign, control(campaign, "halt"))
+    await control_state(sender, campaign, "halted")
+    await kafka.send(Topic.CAMPAIGN_CONTROL, campaign, control(campaign, "resume"))
+    await publish_all(kafka, [send_request(campaign, 41)])
+    got = await barrier(kafka, 41, 0)
+    assert len(got) == 1
+    assert got[0]["campaign_id"] != campaign
+    assert len(smtp_sink.messages()) == 1
+    await control_state(sender, campaign, "halted")  # resume did not lift it
+
+
+async def test_pause_holds_until_resume(
+    sender: Service, kafka: Kafka, smtp_sink: SmtpSink
+) -> None:
+    campaign = str(uuid.uuid4())
+    await kafka.send(Topic.CAMPAIGN_CONTROL, campaign, control(campaign, "pause"))
+    await control_state(sender, campaign, "paused")
+    await publish_all(kafka, [send_request(campaign, 51)])
+    got = await barrier(kafka, 51, 0)
+    assert campaign not in {r["campaign_id"] for r in got}
+    await kafka.send(Topic.CAMPAIGN_CONTROL, campaign, control(campaign, "resume"))
+    await control_state(sender, campaign, "active")
+    await publish_all(kafka, [send_request(campaign, 51, attempt=2)])
+    got = await results(kafka, 2)
+    assert [r["outcome"] for r in got if r["campaign_id"] == campaign] == ["sent"]
+    assert recipients(smtp_sink.messages()) == {"c51@example.com": 2}  # barrier + resumed
+
+
+async def test_relay_down_then_up_delivers_once(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, tmp_path: Path
+) -> None:
+    port = free_port()
+    async with running(
+        "sender",
+        stack,
+        database,
+        prefix,
+        smtp_relays=f"127.0.0.1:{port}",
+        smtp_relay_backoff=0.05,
+    ):
+        campaign = str(uuid.uuid4())
+        await publish_all(kafka, [send_request(campaign, 61), send_request(campaign, 62)])
+        await asyncio.sleep(0.5)  # the relay is refusing connections meanwhile
+        assert await kafka.read_to_end(Topic.DELIVERY_RESULTS) == []
+        sink = SmtpSink(tmp_path / "late", port)
+        try:
+            got = await results(kafka, 2)
+            assert {r["outcome"] for r in got} == {"sent"}
+            assert recipients(await mail_to(sink, 2)) == {
+                "c61@example.com": 1,
+                "c62@example.com": 1,
+            }
+        finally:
+            sink.stop()
+
+
+async def test_failover_to_the_next_relay(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, smtp_sink: SmtpSink
+) -> None:
+    dead = free_port()
+    live = f"127.0.0.1:{smtp_sink.port}"
+    async with running(
+        "sender", stack, database, prefix, smtp_relays=f"127.0.0.1:{dead},{live}"
+    ):
+        campaign = str(uuid.uuid4())
+        await publish_all(kafka, [send_request(campaign, 70 + n) for n in range(5)])
+        got = await results(kafka, 5)
+    assert {(r["outcome"], r["relay"]) for r in got} == {("sent", live)}
+    assert len(recipients(smtp_sink.messages())) == 5
+
+
+def system_mail(mail_id: str, to: list[str]) -> dict[str, Any]:
+    return {
+        "mail_id": mail_id,
+        "job_id": "job-1",
+        "kind": "export_ready",
+        "to": to,
+        "subject": "Your export is ready",
+        "text_body": "Download it here.\n.dot line\n",
+        "html_body": "<p>Download it <a href='https://x.example/d'>here</a>.</p>",
+        "created_at": datetime.now(UTC),
+    }
+
+
+async def test_system_mail_is_delivered_once(
+    sender: Service, kafka: Kafka, smtp_sink: SmtpSink
+) -> None:
+    mail = system_mail(str(uuid.uuid4()), ["ops@example.com", "boss@example.com"])
+    await kafka.send(Topic.MAIL_SYSTEM, "job-1", mail)
+    await kafka.send(Topic.MAIL_SYSTEM, "job-1", mail)
+    await kafka.send(Topic.MAIL_SYSTEM, "job-1", system_mail(str(uuid.uuid4()), ["x@example.com"]))
+    mails = await mail_to(smtp_sink, 3)
+    assert recipients(mails) == {"ops@example.com": 1, "boss@example.com": 1, "x@example.com": 1}
+    first = next(m for m in mails if m["To"] == "ops@example.com")
+    assert first["From"] == "tayori@localhost"
+    assert first["X-Tayori-Envelope-From"] == "tayori@localhost"
+    assert first.get_content_type() == "multipart/alternative"
+    assert await kafka.read_to_end(Topic.DELIVERY_RESULTS) == []
+
+
+async def test_test_send_is_delivered_without_result(
+    sender: Service, kafka: Kafka, smtp_sink: SmtpSink
+) -> None:
+    # The sample contact is unsubscribed: a test send goes to the operator regardless.
+    await kafka.send(
+        Topic.SUPPRESSION_CHANGES,
+        81,
+        change("membership", "unsubscribed", contact_id=81, group_id=7),
+    )
+    await copy_holds(sender, "membership_copy", 1)
+    campaign = str(uuid.uuid4())
+    test = send_request(campaign, 81, "operator@example.com", step_id="test:t1:1", test=True)
+    await publish_all(kafka, [test, test])
+    got = await barrier(kafka, 81, 0)  # same key: handled after the test sends
+    assert [(r["campaign_id"], r["outcome"]) for r in got] != [(campaign, "sent")]
+    assert [r["suppressed_reason"] for r in got] == ["unsubscribed"]  # the barrier itself
+    assert recipients(await mail_to(smtp_sink, 1)) == {"operator@example.com": 1}
+    status = await sender.runtime.pool.fetchval(
+        "SELECT status FROM send_ledger WHERE step_id = 'test:t1:1'"
+    )
+    assert status == "done"
