@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.message import Message
 from pathlib import Path
@@ -117,7 +116,9 @@ async def test_campaign_mail_arrives_personalised(
     by_to = {str(m["To"]): m for m in mails}
     mail = by_to["c1@example.com"]
     assert mail["Subject"] == "Hello Name1"
-    body = mail.get_payload(decode=True).decode()
+    payload = mail.get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    body = payload.decode()
     assert "Dear Name1," in body
     assert "\n.a line starting with a dot" in body.replace("\r\n", "\n")
     links = UnsubscribeLinks(SIGNING_KEYS, "http://127.0.0.1:8082")
@@ -315,9 +316,7 @@ async def test_halt_stops_a_campaign_for_good(
     await control_state(sender, campaign, "halted")  # resume did not lift it
 
 
-async def test_pause_holds_until_resume(
-    sender: Service, kafka: Kafka, smtp_sink: SmtpSink
-) -> None:
+async def test_pause_holds_until_resume(sender: Service, kafka: Kafka, smtp_sink: SmtpSink) -> None:
     campaign = str(uuid.uuid4())
     await kafka.send(Topic.CAMPAIGN_CONTROL, campaign, control(campaign, "pause"))
     await control_state(sender, campaign, "paused")
@@ -365,9 +364,7 @@ async def test_failover_to_the_next_relay(
 ) -> None:
     dead = free_port()
     live = f"127.0.0.1:{smtp_sink.port}"
-    async with running(
-        "sender", stack, database, prefix, smtp_relays=f"127.0.0.1:{dead},{live}"
-    ):
+    async with running("sender", stack, database, prefix, smtp_relays=f"127.0.0.1:{dead},{live}"):
         campaign = str(uuid.uuid4())
         await publish_all(kafka, [send_request(campaign, 70 + n) for n in range(5)])
         got = await results(kafka, 5)
