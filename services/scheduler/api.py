@@ -24,7 +24,6 @@ from libs.common.http import ROLE, error, json_response, read_json, requires
 from libs.common.metrics import SCHEDULER_RELEASED
 from libs.common.render import CampaignMessage
 from libs.common.topics import Topic
-from libs.common.unsubscribe import UnsubscribeTarget
 from services.scheduler import processor, status, store
 from services.scheduler.context import CONTEXT, Context
 from services.scheduler.store import QUERIES
@@ -247,12 +246,17 @@ async def cancel(request: web.Request) -> web.Response:
 
 
 async def _recipient_values(
-    ctx: Context, conn: asyncpg.Connection, campaign: Any, contact_id: int | None
+    ctx: Context,
+    conn: asyncpg.Connection,
+    campaign: Any,
+    contact_id: int | None,
+    *,
+    from_ledger: bool,
 ) -> tuple[dict[str, str], str, int | None, int]:
     """(merge values, address, group_id, contact_id) of the chosen recipient: from the
-    ledger when the list is frozen, else from the contacts service, else sample values."""
-    ledger = campaign["status"] in status.LEDGER_COMPLETE
-    if ledger:
+    frozen list when ``from_ledger`` and the campaign has one, else the chosen contact as
+    the contacts service has it now, else sample values."""
+    if from_ledger and campaign["status"] in status.LEDGER_COMPLETE:
         row = await (
             conn.fetchrow(QUERIES["first-recipient"], campaign["id"])
             if contact_id is None
@@ -265,27 +269,18 @@ async def _recipient_values(
     if contact_id is not None:
         contact = await ctx.contacts.contact(contact_id)
         values = processor.merge_values_of_contact(contact)
-        return (
-            values,
-            contact.get("email") or "sample@example.com",
-            campaign["group_id"],
-            contact_id,
-        )
+        address = contact.get("email") or processor.SAMPLE_VALUES["email"]
+        return values, address, campaign["group_id"], contact_id
     values = dict(processor.SAMPLE_VALUES)
     return values, values["email"], campaign["group_id"], 0
 
 
-def _with_links(
-    ctx: Context, campaign: Any, values: dict[str, str], group_id: int | None, contact_id: int
-) -> dict[str, str]:
-    """The special tags as the recipient will see them (coupon: its template rendered)."""
+def _with_links(ctx: Context, campaign: Any, values: dict[str, str]) -> dict[str, str]:
+    """The special tags for a preview. The unsubscribe URL is a placeholder, never a
+    working token: a viewer may read previews, and must not get links that unsubscribe
+    real recipients. The coupon is its template rendered with the recipient's values."""
     out = dict(values)
-    if group_id is not None:
-        out["unsubscribe_url"] = ctx.links.url(
-            UnsubscribeTarget(contact_id, group_id, str(campaign["id"]))
-        )
-    else:
-        out["unsubscribe_url"] = f"{ctx.settings.public_base_url.rstrip('/')}/u/preview"
+    out["unsubscribe_url"] = f"{ctx.settings.public_base_url.rstrip('/')}/u/preview"
     if campaign["coupon_url"]:
         out["coupon_url"] = mergetags.render(campaign["coupon_url"], values)
     return out
@@ -314,7 +309,9 @@ async def test_send(request: web.Request) -> web.Response:
     test_id = uuid.uuid4().hex[:12]
     async with ctx.pool.acquire() as conn, conn.transaction():
         campaign = await store.get_campaign(conn, request.match_info["id"])
-        values, _, group_id, chosen = await _recipient_values(ctx, conn, campaign, contact_id)
+        values, _, group_id, chosen = await _recipient_values(
+            ctx, conn, campaign, contact_id, from_ledger=False
+        )
         content = processor.content_of(campaign, test=True)
         messages = [
             (
@@ -359,8 +356,10 @@ async def preview(request: web.Request) -> web.Response:
     contact_id = _contact_param(request.query.get("contact_id"))
     async with ctx.pool.acquire() as conn:
         campaign = await store.get_campaign(conn, request.match_info["id"])
-        values, address, group_id, chosen = await _recipient_values(ctx, conn, campaign, contact_id)
-    values = _with_links(ctx, campaign, values, group_id, chosen)
+        values, address, _, chosen = await _recipient_values(
+            ctx, conn, campaign, contact_id, from_ledger=True
+        )
+    values = _with_links(ctx, campaign, values)
     message = CampaignMessage(
         campaign_id=str(campaign["id"]),
         from_address=campaign["from_address"],

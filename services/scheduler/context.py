@@ -9,7 +9,6 @@ import asyncpg
 from aiohttp import web
 
 from libs.common.kafka import Publisher
-from libs.common.unsubscribe import UnsubscribeLinks
 from services.scheduler.clock import Clock, SystemClock
 from services.scheduler.contacts_client import ContactsClient
 from services.scheduler.settings import SchedulerSettings
@@ -23,7 +22,6 @@ class Context:
     #: now(), replaceable by tests (see services/scheduler/clock.py).
     clock: Clock = field(default_factory=SystemClock)
     contacts: ContactsClient = field(init=False)
-    links: UnsubscribeLinks = field(init=False)
     #: release loop ticks completed (tests wait for a few to see that nothing happened).
     ticks: int = 0
     #: per-campaign token buckets of the paced release (process-local).
@@ -35,7 +33,6 @@ class Context:
         s = self.settings
         self.release_rate = s.release_rate
         self.contacts = ContactsClient(s.contacts_url, s.admin_token, s.contacts_timeout_seconds)
-        self.links = UnsubscribeLinks(s.signing_keys, s.public_base_url)
 
 
 CONTEXT = web.AppKey("scheduler", Context)
