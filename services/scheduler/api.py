@@ -199,20 +199,17 @@ async def get_campaign(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/campaigns/{id}/reserve")
-@unprocessable
 async def reserve(request: web.Request) -> web.Response:
     """予約 (F-22): freeze the recipient list. draft → reserving; the list arrives from
-    contacts and the campaign becomes scheduled (or failed when nobody is selected)."""
+    contacts and the campaign becomes scheduled (or failed when nobody is selected).
+
+    The 3-minute rule of F-22 was checked when the campaign was created; a draft reserved
+    after its time starts as soon as its list is frozen and its window is open."""
     ctx = _ctx(request)
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
         campaign = await store.get_campaign(conn, request.match_info["id"], lock=True)
         status.check(campaign["status"], "reserving")
-        if campaign["scheduled_at"] <= now:
-            raise InvalidMessage(
-                "scheduled_at has passed; create the campaign again with a later time",
-                field="scheduled_at",
-            )
         request_id = uuid.uuid4()
         await conn.execute(QUERIES["set-request"], campaign["id"], request_id)
         row = await store.transition(conn, campaign["id"], "reserving", now, "reserved")

@@ -112,14 +112,14 @@ def campaign_json(row: Mapping[str, Any], history: list[Any] | None = None) -> d
         "status_label": status.LABELS[row["status"]],
         "status_reason": row["status_reason"],
         "paused": row["paused"],
-        "counters": {
-            "planned": c.planned,
-            "success": c.success,
-            "error": c.error,
-            "suppressed": c.suppressed,
-            "unsent": c.unsent,
-            "released": row["released"],
-        },
+        # Counters (F-25): 配信数, 成功数, エラー数, suppressed at the last moment, 未配信数;
+        # released = send requests published (re-releases after a pause included).
+        "planned": c.planned,
+        "success": c.success,
+        "error": c.error,
+        "suppressed": c.suppressed,
+        "unsent": c.unsent,
+        "released": row["released"],
         "created_by": row["created_by"],
         "created_at": row["created_at"],
         "reserved_at": row["reserved_at"],
