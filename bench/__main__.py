@@ -1,7 +1,8 @@
-"""``make bench``: ingest, search and snapshot benchmarks of contacts, and the unsubscribe
-latency of suppression.
+"""``make bench``: ingest, search and snapshot benchmarks of contacts, the unsubscribe
+latency of suppression, and a campaign's send rate through scheduler and sender.
 
-    python -m bench [--only ingest|search|snapshot|unsubscribe] [--contacts N] [--ingest-events N]
+    python -m bench [--only ingest|search|snapshot|unsubscribe|campaign] [--contacts N]
+                    [--ingest-events N] [--recipients N]
 
 Each benchmark runs on a fresh embedded stack (new temp directory, new PostgreSQL data
 directory with default durability, new broker) and prints its figure next to the ceiling
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench import ingest, search, snapshot, unsubscribe
+from bench import campaign, ingest, search, snapshot, unsubscribe
 from bench.load import load
 from bench.report import Result, json_line, progress, table
 from bench.stack import database
@@ -67,7 +68,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=("ingest", "search", "snapshot", "unsubscribe"),
+        choices=("ingest", "search", "snapshot", "unsubscribe", "campaign"),
         action="append",
         help="run only this benchmark (repeatable)",
     )
@@ -82,6 +83,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=None,
         help=f"events for ingest (default {DEFAULT_INGEST:,}, or --contacts when that is smaller)",
+    )
+    parser.add_argument(
+        "--recipients",
+        type=int,
+        default=campaign.RECIPIENTS,
+        help=f"recipients of the campaign benchmark (default {campaign.RECIPIENTS:,})",
     )
     parser.add_argument(
         "--requests",
@@ -102,7 +109,7 @@ async def main(args: argparse.Namespace, root: Path) -> list[Result]:
     main_task = asyncio.current_task()
     assert main_task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    chosen = args.only or ["ingest", "search", "snapshot", "unsubscribe"]
+    chosen = args.only or ["ingest", "search", "snapshot", "unsubscribe", "campaign"]
     ingest_events = args.ingest_events or min(DEFAULT_INGEST, args.contacts)
     results: list[Result] = []
 
@@ -133,6 +140,9 @@ async def main(args: argparse.Namespace, root: Path) -> list[Result]:
         if "unsubscribe" in chosen:
             started = time.monotonic()
             report(await unsubscribe.run(root), started)
+        if "campaign" in chosen:
+            started = time.monotonic()
+            report(await campaign.run(root, args.recipients), started)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return results

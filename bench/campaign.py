@@ -1,0 +1,326 @@
+"""Campaign send rate (issue 4): a 100,000-recipient campaign through scheduler → Kafka →
+sender → Postfix ``smtp-sink``, beside raw aiosmtplib sending pre-built bytes to the same
+kind of sink with the same number of connections, in the same run.
+
+contacts, scheduler and sender run as their own processes (`tayori <service>`) on the
+embedded PostgreSQL (default durability) and broker, as in `tayori dev`. The contacts are
+loaded with COPY; the campaign is created, reserved (contacts streams the frozen list to the
+scheduler) and released through the real APIs. The figure is recipients / (last
+``delivery.results`` record − first), counted by a consumer in this process and checked
+against the count ``smtp-sink`` itself reports.
+
+The ceiling gets the same machine share: the raw client runs while the broker and
+PostgreSQL sit idle, so it is an upper bound our pipeline (which also consumes, writes its
+ledger and publishes results) can only approach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiosmtplib
+import asyncpg
+from aiokafka import AIOKafkaConsumer
+
+from bench.processes import ready, start, stop
+from bench.report import Result, n, progress, rate
+from libs.common import avro, db
+from libs.common.kafka import ensure_topics
+from libs.common.render import CampaignMessage
+from libs.common.topics import Topic, topic_name
+from services.contacts.app import MIGRATIONS as CONTACTS_MIGRATIONS
+from services.scheduler.app import MIGRATIONS as SCHEDULER_MIGRATIONS
+from services.sender.app import MIGRATIONS as SENDER_MIGRATIONS
+from tayori.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, wait_for_port
+
+RECIPIENTS = 100_000
+RAW_MESSAGES = 30_000
+#: SMTP connections: the sender's pool and the raw client alike.
+CONNECTIONS = 16
+ADMIN = "bench-admin-token"
+FROM = "news@tayori.example.jp"
+SUBJECT = "<#name>様 11月のおすすめ情報"
+#: ~5 KB of HTML (with its text part), the message size of shared/LIMITS.md.
+BODY = (
+    "<html><body><p><#name>様</p>"
+    + "<p>いつもご愛顧いただきありがとうございます。今月のおすすめをお届けします。</p>" * 30
+    + '<p><a href="<#unsubscribe_url>">配信停止</a></p></body></html>'
+)
+
+
+def smtp_sink(port: int, log: Path) -> subprocess.Popen[bytes]:
+    """Postfix's ``smtp-sink`` on loopback; ``-c`` counts messages into ``log``."""
+    binary = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+    if not os.path.exists(binary):
+        raise SystemExit("campaign benchmark: needs smtp-sink (Debian package postfix)")
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [binary, "-c", "-u", "nobody", f"127.0.0.1:{port}", "1024"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    wait_for_port("127.0.0.1", port, timeout=10, proc=process)
+    return process
+
+
+def sink_count(log: Path) -> int:
+    """Messages the sink counted (its ``-c`` counter's last value)."""
+    found = re.findall(rb"mesg=(\d+)", log.read_bytes())
+    return int(found[-1]) if found else 0
+
+
+def sample_message() -> bytes:
+    message = CampaignMessage(
+        campaign_id=str(uuid.uuid4()), from_address=FROM, subject=SUBJECT, format="html", body=BODY
+    )
+    return message.render(
+        {"name": "山田 花子", "unsubscribe_url": "https://mail.example.com/u/" + "x" * 120},
+        to="u1@example.jp",
+        contact_id=1,
+    )
+
+
+async def raw_ceiling(root: Path) -> tuple[float, int]:
+    """msgs/s of aiosmtplib sending one pre-built message over CONNECTIONS connections."""
+    port = free_port()
+    log = root / "raw-sink.log"
+    sink = smtp_sink(port, log)
+    data = sample_message()
+    try:
+
+        async def worker(count: int) -> None:
+            client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port)
+            await client.connect()
+            for i in range(count):
+                await client.sendmail(FROM, [f"u{i}@example.jp"], data)
+            await client.quit()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(RAW_MESSAGES // CONNECTIONS) for _ in range(CONNECTIONS)))
+        elapsed = time.perf_counter() - started
+    finally:
+        sink.terminate()
+        sink.wait(10)
+    sent = RAW_MESSAGES // CONNECTIONS * CONNECTIONS
+    return rate(sent, elapsed), sink_count(log)
+
+
+async def _seed(dsn: str, count: int) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        group = await conn.fetchval(
+            "INSERT INTO contacts.contact_group (kind, name) VALUES ('group', 'bench') RETURNING id"
+        )
+        await conn.copy_records_to_table(
+            "contact",
+            schema_name="contacts",
+            columns=["email", "name"],
+            records=[(f"u{i}@example.jp", f"顧客 {i}") for i in range(count)],
+        )
+        await conn.execute(
+            "INSERT INTO contacts.membership (contact_id, group_id, state, method)"
+            " SELECT id, $1, 'deliverable', 'system' FROM contacts.contact",
+            group,
+        )
+        return int(group)
+    finally:
+        await conn.close()
+
+
+class Api:
+    def __init__(self, session: aiohttp.ClientSession, port: int) -> None:
+        self.session = session
+        self.base = f"http://127.0.0.1:{port}"
+
+    async def __call__(self, method: str, path: str, body: Any = None) -> Any:
+        async with self.session.request(
+            method, self.base + path, json=body, headers={"Authorization": f"Bearer {ADMIN}"}
+        ) as response:
+            answer = await response.json()
+            if response.status >= 300:
+                raise RuntimeError(f"{method} {path} → {response.status}: {answer}")
+            return answer
+
+
+async def _send_campaign(
+    scheduler: Api, group: int, watcher: asyncio.Future[None]
+) -> tuple[dict[str, Any], float]:
+    """Create, reserve and send the campaign: its final state and how long reserving took."""
+    category = await scheduler(
+        "POST",
+        "/v1/categories",
+        {
+            "name": "bench",
+            "window_start": "00:00",
+            "window_end": "00:00",  # start == end: all day
+            "time_zone": "Asia/Tokyo",
+        },
+    )
+    campaign = await scheduler(
+        "POST",
+        "/v1/campaigns",
+        {
+            "name": "bench",
+            "category_id": category["id"],
+            "target": {"group_id": group},
+            "from_address": FROM,
+            "subject": SUBJECT,
+            "format": "html",
+            "body": BODY,
+            "scheduled_at": (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)).isoformat(),
+        },
+    )
+    path = f"/v1/campaigns/{campaign['id']}"
+    reserved_at = time.perf_counter()
+    await scheduler("POST", path + "/reserve")
+    # Another process's state: polling its API is the only way to see it.
+    while (state := await scheduler("GET", path))["status"] in ("draft", "reserving"):  # noqa: ASYNC110
+        await asyncio.sleep(0.2)
+    reserve_seconds = time.perf_counter() - reserved_at
+    progress(f"campaign: {state['status']} after {reserve_seconds:.1f}s, sending")
+    await asyncio.wait_for(watcher, 900)
+    while (state := await scheduler("GET", path))["status"] == "sending":  # noqa: ASYNC110
+        await asyncio.sleep(0.2)
+    return state, reserve_seconds
+
+
+async def pipeline(root: Path, count: int) -> dict[str, Any]:
+    """Send a ``count``-recipient campaign end to end; what was measured."""
+    postgres = EmbeddedPostgres(root / "campaign-pg")
+    broker = EmbeddedBroker(free_port(), log_path=root / "campaign-broker.log")
+    sink_port = free_port()
+    sink_log = root / "campaign-sink.log"
+    sink = smtp_sink(sink_port, sink_log)
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        dsn = await postgres.create_database("tayori")
+        for schema, migrations in (
+            ("contacts", CONTACTS_MIGRATIONS),
+            ("scheduler", SCHEDULER_MIGRATIONS),
+            ("sender", SENDER_MIGRATIONS),
+        ):
+            await db.migrate(dsn, schema, migrations)
+        prefix = f"c{uuid.uuid4().hex[:8]}."
+        await ensure_topics(broker.bootstrap, prefix)
+        progress(f"campaign: loading {count:,} contacts")
+        group = await _seed(dsn, count)
+        ports = {name: free_port() for name in ("contacts", "scheduler", "sender")}
+        env = {
+            **os.environ,
+            "DATABASE_URL": dsn,
+            "KAFKA_BOOTSTRAP": broker.bootstrap,
+            "KAFKA_TOPIC_PREFIX": prefix,
+            "KAFKA_SESSION_TIMEOUT_MS": "1000",
+            "TAYORI_ADMIN_TOKEN": ADMIN,
+            "LOG_LEVEL": "warning",
+            "CONTACTS_URL": f"http://127.0.0.1:{ports['contacts']}",
+            "SMTP_HOST": "127.0.0.1",
+            "SMTP_PORT": str(sink_port),
+            "SMTP_CONNECTIONS": str(CONNECTIONS),
+            # The benchmark does not wait out the 3-minute minimum lead of F-22.
+            "SCHEDULER_MIN_LEAD_SECONDS": "2",
+        }
+        for name, port in ports.items():
+            processes.append(start(name, env, port, root / f"campaign-{name}.log"))
+
+        results = AIOKafkaConsumer(
+            topic_name(Topic.DELIVERY_RESULTS, prefix),
+            bootstrap_servers=broker.bootstrap,
+            group_id=None,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=50,
+        )
+        await results.start()
+        outcomes: dict[str, int] = {}
+        seen: set[int] = set()
+        times: list[float] = []
+
+        async def watch() -> None:
+            while len(seen) < count:
+                for records in (await results.getmany(timeout_ms=500)).values():
+                    now = time.perf_counter()
+                    for record in records:
+                        result = avro.decode(Topic.DELIVERY_RESULTS, record.value, record.headers)
+                        if result["contact_id"] in seen:
+                            continue
+                        seen.add(result["contact_id"])
+                        outcomes[result["outcome"]] = outcomes.get(result["outcome"], 0) + 1
+                        times.append(now)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            async with aiohttp.ClientSession() as session:
+                for port in ports.values():
+                    await ready(session, port)
+                state, reserve_seconds = await _send_campaign(
+                    Api(session, ports["scheduler"]), group, watcher
+                )
+        finally:
+            watcher.cancel()
+            await results.stop()
+    finally:
+        stop(processes)
+        sink.terminate()
+        sink.wait(10)
+        broker.stop()
+        postgres.stop()
+    elapsed = times[-1] - times[0] if len(times) > 1 else float("nan")
+    return {
+        "recipients": count,
+        "outcomes": outcomes,
+        "sink_received": sink_count(sink_log),
+        "reserve_seconds": round(reserve_seconds, 1),
+        "send_seconds": round(elapsed, 1),
+        "rate": rate(count, elapsed),
+        "final_status": state["status"],
+        "counters": {k: state.get(k) for k in ("planned", "success", "error", "unsent")},
+    }
+
+
+async def run(root: Path, recipients: int = RECIPIENTS) -> list[Result]:
+    progress(f"campaign: raw aiosmtplib ceiling, {RAW_MESSAGES:,} messages")
+    ceiling, raw_received = await raw_ceiling(root)
+    measured = await pipeline(root, recipients)
+    ratio = measured["rate"] / ceiling
+    data = {
+        **measured,
+        "rate": round(measured["rate"], 1),
+        "ceiling_rate": round(ceiling, 1),
+        "ceiling_received": raw_received,
+        "connections": CONNECTIONS,
+    }
+    complete = measured["sink_received"] == recipients == measured["outcomes"].get("sent")
+    return [
+        Result(
+            f"campaign {recipients:,} → smtp-sink",
+            f"{n(measured['rate'])} msgs/s ({measured['sink_received']:,} received)",
+            f"raw aiosmtplib {n(ceiling)} msgs/s ({CONNECTIONS} connections)",
+            "≥ 80% and ≥ 2,000/s",
+            complete and ratio >= 0.8 and measured["rate"] >= 2000,
+            ratio=ratio,
+            data=data,
+        )
+    ]
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+
+    from bench.report import table
+
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else RECIPIENTS
+    results = asyncio.run(run(Path(tempfile.mkdtemp(prefix="tayori-bench-")), count))
+    print(table(results))
+    for result in results:
+        print(result.data)
