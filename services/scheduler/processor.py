@@ -198,9 +198,10 @@ def validate_campaign(
         raise InvalidMessage("scheduled_at is required (no immediate send)", field="scheduled_at")
     scheduled_at = parse_time(body["scheduled_at"], "scheduled_at")
     if scheduled_at < now + min_lead:
-        minutes = min_lead.total_seconds() / 60
+        seconds = min_lead.total_seconds()
+        lead = f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} seconds"
         raise InvalidMessage(
-            f"scheduled_at must be at least {minutes:g} minutes from now ({now.isoformat()})",
+            f"scheduled_at must be at least {lead} from now ({now.isoformat()}): no immediate send",
             field="scheduled_at",
         )
     keys = known_keys(custom_field_keys)
