@@ -26,7 +26,7 @@ from typing import Any
 from libs.common.topics import Topic
 from services.scheduler.clock import FakeClock
 from services.scheduler.context import context_of
-from tests.conftest import OPERATOR_TOKEN, VIEWER_TOKEN, eventually
+from tests.conftest import OPERATOR_TOKEN, VIEWER_TOKEN, eventually, running
 from tests.integration.test_contacts_api import define_fields, ids_of, published
 from tests.integration.test_contacts_projections import publish_together
 
@@ -625,3 +625,37 @@ async def test_test_send_is_marked_and_never_counted(scheduler, contacts, kafka)
         return body if body["success"] > 0 else {}
 
     assert (await eventually(counted))["success"] == 1
+
+
+async def test_two_replicas_never_release_the_same_recipient(
+    scheduler, contacts, kafka, stack, database, prefix
+):
+    """A second scheduler on the same database and topics: the campaign lock makes them
+    take turns, so every recipient is released exactly once."""
+    members = await group(contacts)
+    await people(contacts, 120, members)
+    async with running(
+        "scheduler", stack, database, prefix, contacts_url=contacts.api.base
+    ) as second:
+        clocks = [fake_clock(scheduler), fake_clock(second)]
+        for replica in (scheduler, second):
+            context_of(replica.runtime).release_rate = 100.0  # ~20 per tick each
+        cat = await category(scheduler)
+        campaign = await reserved(
+            scheduler, campaign_body(cat, clocks[0], target={"group_id": members})
+        )
+        for clock in clocks:
+            clock.advance(minutes=10)
+        requests = await send_requests(kafka, campaign["id"], 120)
+        await ticks(scheduler)
+        await ticks(second)
+        # Both took turns: each made a release bucket, which happens under the lock.
+        for replica in (scheduler, second):
+            assert campaign["id"] in context_of(replica.runtime).buckets
+    again = [
+        r
+        for r in await kafka.read_to_end(Topic.SEND_REQUESTS)
+        if r["campaign_id"] == campaign["id"]
+    ]
+    assert len(again) == len({r["contact_id"] for r in requests}) == 120
+    assert {r["attempt"] for r in again} == {1}
