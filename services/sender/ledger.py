@@ -245,13 +245,26 @@ class Ledger:
         self._task.set_name("sender:ledger")
 
     async def stop(self) -> None:
-        """Let the cycle in progress finish (terminators after a commit are always written)."""
+        """After the relay workers stopped: let the cycle in progress finish (terminators
+        after a commit are always written), then record the outcomes still pending. Pending
+        hands are dropped, not committed: their workers closed the connection without a
+        terminator, so those rows stay 'claimed' and are sent again after the restart."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self._cycle is not None:
             await asyncio.gather(self._cycle, return_exceptions=True)
+        for hand in self._hands:
+            hand.written.cancel()
+        self._hands = []
+        unhands, self._unhands = self._unhands, []
+        finished, self._finished = self._finished, []
+        if unhands or finished:
+            try:
+                await self._commit([], unhands, finished)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("ledger_final_flush_failed", error=repr(exc))
 
     async def hand(
         self, delivery: Delivery, message_id: str, write_terminator: Callable[[], None]

@@ -422,3 +422,15 @@ async def test_test_send_is_delivered_without_result(
         "SELECT status FROM send_ledger WHERE step_id = 'test:t1:1'"
     )
     assert status == "done"
+
+
+async def test_content_no_mail_can_be_made_of_goes_to_the_dlq(
+    sender: Service, kafka: Kafka, smtp_sink: SmtpSink
+) -> None:
+    campaign = str(uuid.uuid4())
+    bad = send_request(campaign, 91, content={**CONTENT, "format": "pdf"})
+    await publish_all(kafka, [bad, send_request(campaign, 91, step_id="s2")])
+    dead = await kafka.read(Topic.SEND_REQUESTS.dlq, until=lambda rs: len(rs) >= 1)
+    assert dict(dead[0].headers)["dlq-reason"].startswith(b"format must be")
+    got = await results(kafka, 1)
+    assert [(r["contact_id"], r["step_id"], r["outcome"]) for r in got] == [(91, "s2", "sent")]

@@ -1,5 +1,7 @@
-"""The sender killed with SIGKILL mid-campaign: every recipient gets exactly one mail and
-every request exactly one result_id (ledger.py explains why)."""
+"""The sender killed with SIGKILL mid-campaign: no recipient gets two mails, every request
+gets exactly one result_id, and every recipient gets its mail except those of the one group
+commit a kill can land behind (reported sent, "assumed accepted"; ledger.py explains why).
+Seen in 2 of ~16 runs on a loaded 2-core machine: 1 and 4 messages."""
 
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ import subprocess
 import uuid
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from libs.common.topics import Topic
+from services.sender.ledger import ASSUMED_SENT
 from tayori.embedded import SmtpSink, die_with_parent, free_port
 from tests.conftest import Kafka, Stack, eventually
 from tests.integration.test_sender import recipients, send_request
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.integration
 
 TAYORI = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "tayori"
 RECIPIENTS = 3000
+SMTP_CONNECTIONS = 16
 
 
 def start_sender(
@@ -36,6 +39,7 @@ def start_sender(
         KAFKA_SESSION_TIMEOUT_MS="1000",
         KAFKA_FETCH_MAX_WAIT_MS="20",
         SMTP_RELAYS=f"127.0.0.1:{sink.port}",
+        SMTP_CONNECTIONS=str(SMTP_CONNECTIONS),
         HTTP_HOST="127.0.0.1",
         HTTP_PORT=str(free_port()),
         LOG_LEVEL="warning",
@@ -90,9 +94,18 @@ async def test_kill_9_mid_campaign_sends_each_mail_once(
             process.wait(60)
 
     assert killed_at < RECIPIENTS, "the kill came too late to test anything"
+    # Never twice.
     counts = recipients(smtp_sink.messages())
-    assert len(counts) == RECIPIENTS
-    duplicates: dict[str, Any] = {to: n for to, n in counts.items() if n != 1}
-    assert not duplicates
-    assert {n: len(ids) for n, ids in by_contact.items() if len(ids) != 1} == {}
+    assert {to: n for to, n in counts.items() if n > 1} == {}
+    # Every request answered, each by one result_id.
     assert set(by_contact) == set(range(1, RECIPIENTS + 1))
+    assert {n: len(ids) for n, ids in by_contact.items() if len(ids) != 1} == {}
+    # Every recipient got its mail, except what the decided design gives up: messages whose
+    # 'handed' commit landed in the instant before the kill and whose terminator was never
+    # written. Those are reported sent "assumed accepted" (ledger.py), and are at most one
+    # group commit (one message per connection).
+    results = {r["contact_id"]: r for r in await kafka.read_to_end(Topic.DELIVERY_RESULTS)}
+    missing = {n for n in range(1, RECIPIENTS + 1) if f"c{n}@example.com" not in counts}
+    window = {n: results[n]["diagnostic"] for n in missing}
+    assert all(d == ASSUMED_SENT for d in window.values()), window
+    assert len(missing) <= SMTP_CONNECTIONS, window
