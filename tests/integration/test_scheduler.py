@@ -247,6 +247,12 @@ async def test_campaign_validation(scheduler, contacts):
         ),
     )
     assert good["status"] == "draft" and good["planned"] == 0
+    # An HTML campaign previews with its text part and the coupon rendered per recipient.
+    preview = await api.ok("GET", f"/v1/campaigns/{good['id']}/preview", token=VIEWER_TOKEN)
+    assert preview["subject"] == "株式会社サンプル 山田 太郎様"
+    assert preview["html"].endswith("https://shop.example.jp/c/0")
+    assert preview["text"] == preview["html"]  # no markup in this body
+    assert "multipart/alternative" in preview["mime"]
     at = clock.now()
     cases = [
         (body(body="こんにちは <#nickname>"), "body", "<#nickname>"),
