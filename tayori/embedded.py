@@ -175,7 +175,7 @@ class SmtpSink:
             MaildirHandler(maildir),
             hostname=host,
             port=port,
-            server_kwargs={"data_size_limit": 50 << 20},
+            data_size_limit=50 << 20,
         )
         self.controller.start()
 
