@@ -19,21 +19,6 @@ FROM input i
 LEFT JOIN fresh f USING (campaign_id, step_id, contact_id)
 LEFT JOIN send_ledger l USING (campaign_id, step_id, contact_id);
 
--- name: hand
--- The group commit: these messages' end of data is written right after this commits.
-UPDATE send_ledger l
-SET status = 'handed', relay = u.relay, message_id = u.message_id, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[])
-    AS u(campaign_id, step_id, contact_id, relay, message_id)
-WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id AND l.contact_id = u.contact_id;
-
--- name: unhand
--- The end of data was not accepted (421, 4xx) or never written: send again later.
-UPDATE send_ledger l
-SET status = 'claimed', updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(campaign_id, step_id, contact_id)
-WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id AND l.contact_id = u.contact_id;
-
 -- name: finish
 UPDATE send_ledger l
 SET status = 'done', outcome = u.outcome, relay = u.relay, message_id = u.message_id,
@@ -108,3 +93,43 @@ SELECT email, state FROM address_copy WHERE email = ANY($1::text[]) AND state <>
 
 -- name: blacklist-rules
 SELECT value, state FROM blacklist_copy WHERE value = ANY($1::text[]) AND state <> 'cleared';
+
+-- name: cycle
+-- One group-commit cycle of the Ledger in ONE statement (its own transaction, one round
+-- trip): hand the ready messages, put refused ends of data back to 'claimed', record
+-- outcomes, queue their delivery.results in the outbox and wake its relay at commit.
+-- (Data-modifying CTEs always run to completion; no key appears in two of them.)
+WITH handed AS (
+    UPDATE send_ledger l
+    SET status = 'handed', relay = u.relay, message_id = u.message_id, updated_at = now()
+    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[])
+        AS u(campaign_id, step_id, contact_id, relay, message_id)
+    WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id
+      AND l.contact_id = u.contact_id
+    RETURNING 1
+), unhanded AS (
+    UPDATE send_ledger l
+    SET status = 'claimed', updated_at = now()
+    FROM unnest($6::text[], $7::text[], $8::bigint[]) AS u(campaign_id, step_id, contact_id)
+    WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id
+      AND l.contact_id = u.contact_id
+    RETURNING 1
+), finished AS (
+    UPDATE send_ledger l
+    SET status = 'done', outcome = u.outcome, relay = u.relay, message_id = u.message_id,
+        result = u.result::jsonb, updated_at = now()
+    FROM unnest($9::text[], $10::text[], $11::bigint[], $12::text[], $13::text[], $14::text[],
+                $15::text[])
+        AS u(campaign_id, step_id, contact_id, outcome, relay, message_id, result)
+    WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id
+      AND l.contact_id = u.contact_id
+    RETURNING 1
+), queued AS (
+    INSERT INTO outbox (topic, key, payload, schema_version)
+    SELECT * FROM unnest($16::text[], $17::text[], $18::bytea[], $19::int[])
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM handed) + (SELECT count(*) FROM unhanded)
+       + (SELECT count(*) FROM finished) AS rows,
+       (SELECT pg_notify(current_schema() || '_outbox', '') WHERE EXISTS (SELECT 1 FROM queued))
+           IS NOT NULL AS notified;

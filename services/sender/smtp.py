@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable
 
 from aiosmtplib import SMTP, SMTPException, SMTPResponse
-from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import SMTPProtocol, normalize_message_line_endings
 
 from libs.common.errors import InvalidMessage
@@ -60,8 +59,27 @@ def data_payload(content: bytes) -> bytes:
     """``content`` as sent after DATA: CRLF line ends, lines starting with ``.`` doubled
     (RFC 5321 §4.5.2), **without** the final CRLF — the terminator ``CRLF.CRLF`` is written
     separately (:data:`TERMINATOR`), after the ledger commit."""
-    stuffed = _LEADING_DOT.sub(b"..", normalize_message_line_endings(content))
-    return stuffed[:-2]  # normalize_message_line_endings ends it with CRLF
+    crlf = content.count(b"\r\n")
+    if content.count(b"\n") != crlf or content.count(b"\r") != crlf:  # bare CR or LF
+        content = normalize_message_line_endings(content)
+    elif not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    # Counting is a fast C scan; the regular expressions cost ~40 µs on a 10 KB message.
+    if content.startswith(b".") or b"\n." in content:
+        content = _LEADING_DOT.sub(b"..", content)
+    return content[:-2]
+
+
+def smtp_path(address: str) -> bytes:
+    """``<address>`` for MAIL FROM / RCPT TO (what aiosmtplib's quote_address makes, without
+    its ~45 µs address parser); InvalidMessage for what no relay would take."""
+    address = address.strip()
+    if not address or "@" not in address or _NOT_IN_PATH.search(address):
+        raise InvalidMessage(f"not a deliverable address: {address!r}", field="email")
+    return b"<" + address.encode("utf-8") + b">"
+
+
+_NOT_IN_PATH = re.compile(r"[<>\s\x00-\x1f\x7f]")
 
 
 class RateLimit:
@@ -248,11 +266,14 @@ class _Worker:
     async def _deliver(self, d: Delivery) -> None:
         if d.composed is None:
             try:
-                d.composed = d.compose()
+                content, message_id, mail_from = d.compose()
+                d.composed = (data_payload(content), message_id, mail_from)
+                d.paths = (smtp_path(mail_from), smtp_path(d.email))
             except InvalidMessage as exc:  # e.g. a recipient address no relay would take
                 self._finish(d, Outcome("permanent_error", diagnostic=f"not sent: {exc.reason}"))
                 return
-        content, message_id, mail_from = d.composed
+        payload, message_id, _ = d.composed
+        reverse_path, forward_path = d.paths
         reused = self.client is not None and self.client.is_connected
         client = await self._connect()
         await self.relay.limit.wait()
@@ -260,8 +281,8 @@ class _Worker:
         started = time.perf_counter()
         for stage, args in enumerate(
             (
-                (b"MAIL", b"FROM:" + quote_address(mail_from).encode()),
-                (b"RCPT", b"TO:" + quote_address(d.email).encode()),
+                (b"MAIL", b"FROM:" + reverse_path),
+                (b"RCPT", b"TO:" + forward_path),
                 (b"DATA",),
             )
         ):
@@ -278,7 +299,7 @@ class _Worker:
         protocol = client.protocol
         assert protocol is not None
         try:
-            protocol.write(data_payload(content))
+            protocol.write(payload)
         except CONNECTION_ERRORS:
             raise _RelayProblem("connection_lost") from None
         try:
