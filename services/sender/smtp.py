@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from aiosmtplib import SMTP, SMTPException, SMTPResponse
+from aiosmtplib import SMTP, SMTPException, SMTPHeloError, SMTPResponse
 from aiosmtplib.protocol import SMTPProtocol, normalize_message_line_endings
 
 from libs.common.errors import InvalidMessage
@@ -239,6 +239,11 @@ class _Worker:
         client = self.pool.new_client(self.relay)
         try:
             await client.connect()
+            if client.is_ehlo_or_helo_needed:  # connect() greets only to look for STARTTLS
+                try:
+                    await client.ehlo()
+                except SMTPHeloError:
+                    await client.helo()
         except CONNECTION_ERRORS as exc:
             log.warning("smtp_connect_failed", relay=self.relay.name, error=repr(exc))
             raise _RelayProblem("connect") from None
@@ -279,23 +284,15 @@ class _Worker:
         await self.relay.limit.wait()
         d.relay = self.relay.name
         started = time.perf_counter()
-        for stage, args in enumerate(
-            (
-                (b"MAIL", b"FROM:" + reverse_path),
-                (b"RCPT", b"TO:" + forward_path),
-                (b"DATA",),
-            )
-        ):
-            try:
-                reply = await self._command(client, *args)
-            except _RelayProblem as problem:
-                if stage == 0 and reused and problem.kind == "connection_lost":
-                    raise _RelayProblem("stale") from None  # the relay closed an idle one
-                raise
-            if reply.verdict != "ok":
-                await self._reset(client)
-                self._refused(d, reply, message_id)
-                return
+        if client.supports_extension("pipelining"):
+            replies = await self._pipelined(client, reverse_path, forward_path, reused)
+        else:
+            replies = await self._one_by_one(client, reverse_path, forward_path, reused)
+        refused = next((reply for reply in replies if reply.verdict != "ok"), None)
+        if refused is not None:
+            await self._reset(client)
+            self._refused(d, refused, message_id)
+            return
         protocol = client.protocol
         assert protocol is not None
         try:
@@ -327,6 +324,62 @@ class _Worker:
         if reply.verdict == "retry":
             await self.pool.ledger.unhand(d)
         self._refused(d, reply, message_id)
+
+    async def _one_by_one(
+        self, client: SMTP, reverse_path: bytes, forward_path: bytes, reused: bool
+    ) -> list[Reply]:
+        """MAIL, RCPT, DATA one round trip each, stopping at the first refusal."""
+        replies: list[Reply] = []
+        for args in ((b"MAIL", b"FROM:" + reverse_path), (b"RCPT", b"TO:" + forward_path)):
+            try:
+                replies.append(await self._command(client, *args))
+            except _RelayProblem as problem:
+                if not replies and reused and problem.kind == "connection_lost":
+                    raise _RelayProblem("stale") from None  # the relay closed an idle one
+                raise
+            if replies[-1].verdict != "ok":
+                return replies
+        replies.append(await self._command(client, b"DATA"))
+        return replies
+
+    async def _pipelined(
+        self, client: SMTP, reverse_path: bytes, forward_path: bytes, reused: bool
+    ) -> list[Reply]:
+        """MAIL, RCPT and DATA in one write (RFC 2920 PIPELINING), then their three replies.
+
+        aiosmtplib's protocol parses one reply per ``read_response``; replies that arrived
+        together wait in its buffer and are parsed from there (``_read_response_from_buffer``).
+        A DATA accepted after a refused MAIL or RCPT gets an empty message's terminator (the
+        relay has no recipient for it) so the connection stays usable.
+        """
+        protocol = client.protocol
+        if protocol is None:
+            raise _RelayProblem("stale" if reused else "connection_lost")
+        timeout = self.pool.settings.smtp_timeout
+        replies: list[Reply] = []
+        try:
+            protocol._response_pending = True
+            protocol.write(
+                b"MAIL FROM:" + reverse_path + b"\r\nRCPT TO:" + forward_path + b"\r\nDATA\r\n"
+            )
+            for _ in range(3):
+                protocol._response_pending = True
+                response = protocol._read_response_from_buffer()
+                if response is None:
+                    response = await protocol.read_response(timeout=timeout)
+                replies.append(classify(response.code, response.message))
+            protocol._response_pending = False
+            if replies[2].verdict == "ok" and any(r.verdict != "ok" for r in replies[:2]):
+                protocol._response_pending = True
+                protocol.write(b".\r\n")
+                await protocol.read_response(timeout=timeout)
+        except CONNECTION_ERRORS:
+            kind = "stale" if not replies and reused else "connection_lost"
+            raise _RelayProblem(kind) from None
+        problem = next((r for r in replies if r.verdict == "relay_problem"), None)
+        if problem is not None:
+            raise _RelayProblem(f"reply_{problem.code}")
+        return replies
 
     async def _reset(self, client: SMTP) -> None:
         """RSET after a refused MAIL/RCPT/DATA, so the connection can be reused."""

@@ -209,9 +209,18 @@ class RefusingHandler(MaildirHandler):
     """Refuses recipients by their local part: perm → 550 5.1.1, policy → 550 5.7.1,
     temp → 451 4.3.0, dataperm → accepted but 554 5.6.0 after the end of data."""
 
-    def __init__(self, maildir: Path) -> None:
+    def __init__(self, maildir: Path, pipelining: bool) -> None:
         super().__init__(maildir)
         self.rcpt_attempts: Counter[str] = Counter()
+        self.pipelining = pipelining
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:  # aiosmtpd reads commands line by line: pipelining just works
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return responses
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any
@@ -233,9 +242,9 @@ class RefusingHandler(MaildirHandler):
         return await super().handle_DATA(server, session, envelope)
 
 
-@pytest.fixture
-def refusing_relay(tmp_path: Path) -> Any:
-    handler = RefusingHandler(tmp_path / "refusing")
+@pytest.fixture(params=[False, True], ids=["one_by_one", "pipelining"])
+def refusing_relay(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    handler = RefusingHandler(tmp_path / "refusing", pipelining=request.param)
     controller = Controller(handler, hostname="127.0.0.1", port=free_port())
     controller.start()
     yield controller
