@@ -16,7 +16,7 @@ from typing import Any
 from structlog.contextvars import bound_contextvars
 
 from libs.common.db import claim_once
-from libs.common.errors import InvalidMessage
+from libs.common.errors import InvalidMessage, TransientError
 from libs.common.kafka import Message, reject
 from libs.common.logging import get_logger, mask_email
 from libs.common.metrics import SENDER_DROPPED, SENDER_LEDGER_RECOVERIES
@@ -44,6 +44,7 @@ def request_key(request: dict[str, Any]) -> LedgerKey:
 
 async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
     """``send.requests``: last-moment can-send, ledger claim, SMTP, ``delivery.results``."""
+    await ctx.owner.held.wait()
     campaigns = sorted({m.value["campaign_id"] for m in batch if not m.value.get("test")})
     async with ctx.pool.acquire() as conn:
         stopped = {
@@ -76,7 +77,7 @@ async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
     deliveries: list[Delivery] = []
     async with ctx.pool.acquire() as conn, conn.transaction():
         rows = [(key, _kind(r), r["email"], r["request_id"]) for key, (r, _) in requests.items()]
-        claimed = await ledger.claim(conn, rows)
+        claimed, busy = await ledger.claim(conn, rows, ctx.owner)
         undecided = [c for c in claimed if c.fresh or c.status == "claimed"]
         decisions = await copy.decide(conn, [requests[c.key][0] for c in undecided])
         verdicts = dict(zip([c.key for c in undecided], decisions, strict=True))
@@ -122,6 +123,17 @@ async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
         await ledger.finish(conn, finished)
         await ledger.republish(conn, again)
     await _deliver(ctx, deliveries)
+    await _wait_for_other_senders(ctx, busy)
+
+
+async def _wait_for_other_senders(ctx: Context, busy: Sequence[Claimed]) -> None:
+    """Rows another live sender is sending: its results are its own to publish; wait until
+    it is done with them, so this batch's offsets are not committed over unfinished work."""
+    if not busy:
+        return
+    log.warning("ledger_rows_owned_elsewhere", rows=len(busy))
+    if not await ledger.wait_for_owners(ctx.pool, ctx.owner, busy):
+        raise TransientError("a sender that owned rows of this batch is gone: handle it again")
 
 
 def _kind(request: dict[str, Any]) -> str:
@@ -187,6 +199,7 @@ async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None
 
 async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:
     """``mail.system``: operator notifications, once per (mail_id, recipient); no results."""
+    await ctx.owner.held.wait()
     mails: dict[LedgerKey, tuple[dict[str, Any], str]] = {}
     for message in batch:
         mail = message.value
@@ -198,7 +211,8 @@ async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:
     async with ctx.pool.acquire() as conn, conn.transaction():
         rows = [(key, "system", to, mail["mail_id"]) for key, (mail, to) in mails.items()]
         finished: list[tuple[LedgerKey, str, Outcome, dict[str, Any] | None]] = []
-        for c in await ledger.claim(conn, rows):
+        claimed, busy = await ledger.claim(conn, rows, ctx.owner)
+        for c in claimed:
             mail, to = mails[c.key]
             if c.status == "done" and not c.fresh:
                 continue
@@ -211,6 +225,7 @@ async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:
             deliveries.append(Delivery(c.key, "system", to, compose))
         await ledger.finish(conn, finished)
     await _deliver(ctx, deliveries)
+    await _wait_for_other_senders(ctx, busy)
 
 
 async def load_stopped(ctx: Context) -> None:

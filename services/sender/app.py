@@ -12,11 +12,11 @@ from pathlib import Path
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
 from services.sender import agents
-from services.sender.context import Context
+from services.sender.context import SCHEMA, Context
 from services.sender.settings import SenderSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-SCHEMA = "sender"
+__all__ = ["MIGRATIONS", "SCHEMA", "build"]
 
 
 def build(settings: SenderSettings) -> Runtime:
@@ -53,10 +53,13 @@ def build(settings: SenderSettings) -> Runtime:
     async def start_delivery() -> None:
         await agents.load_stopped(ctx())
 
+    async def hold_owner_lock() -> None:
+        await ctx().owner.hold()
+
     async def stop_delivery() -> None:
         for context in made:
             await context.stop()
 
-    runtime.background = [start_delivery]
+    runtime.background = [start_delivery, hold_owner_lock]
     runtime.on_stop = [stop_delivery]
     return runtime

@@ -8,9 +8,12 @@ import asyncpg
 
 from libs.common.kafka import Publisher
 from services.sender.compose import Composer
-from services.sender.ledger import Delivery, Ledger
+from services.sender.ledger import Delivery, Ledger, OwnerLock
 from services.sender.settings import SenderSettings
 from services.sender.smtp import RelayPool
+
+#: the sender's PostgreSQL schema.
+SCHEMA = "sender"
 
 
 @dataclass
@@ -21,12 +24,14 @@ class Context:
     composer: Composer = field(init=False)
     ledger: Ledger = field(init=False)
     relays: RelayPool = field(init=False)
+    owner: OwnerLock = field(init=False)
     #: campaigns that must not send now (paused, halted, cancelled), as committed by the
     #: campaign.control consumer: a delivery still queued for one is abandoned.
     stopped: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.composer = Composer(self.settings)
+        self.owner = OwnerLock(self.settings.database_url, SCHEMA)
         self.ledger = Ledger(self.pool, self.settings.service)
         self.relays = RelayPool(self.settings, self.ledger, still_wanted=self.still_wanted)
         self.ledger.start()

@@ -32,9 +32,12 @@ discarded. That is at most once, never twice. A terminator write that *fails* (t
 connection died meanwhile) is known, and the row goes back to ``claimed`` and is resent;
 so does a message whose end of data got 421 or 4xx (re-tried, bounded).
 
-Known limit: two live consumers owning one partition at once (a rebalance while the old
-owner is still sending) could both send a ``claimed`` row; Kafka's group protocol revokes
-before it reassigns, and the handler finishes its batch before it polls again.
+Two senders, one partition: a rebalance can give a partition to a new member while the old
+one still sends its batch. Every row records its ``owner``, a random key whose session-level
+advisory lock the owning process holds on a connection of its own for as long as it runs
+(:class:`OwnerLock`). A ``claimed`` row whose owner's lock is free is a dead sender's and is
+taken over; one whose owner still holds it is left to that owner, and the handler waits
+until it is done before its offsets are committed.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import asyncpg
 from aiosmtplib import SMTPException
 
 from libs.common import avro, outbox
-from libs.common.db import Queries
+from libs.common.db import Queries, connect
 from libs.common.logging import get_logger
 from libs.common.metrics import SENDER_GROUP_COMMIT_SIZE, SENDER_SENDS
 from libs.common.retry import FOREVER, retry
@@ -159,12 +162,20 @@ class Claimed:
     relay: str | None
     message_id: str | None
     result: dict[str, Any] | None
+    owner: int | None = None
 
 
 async def claim(
-    conn: asyncpg.Connection, rows: Sequence[tuple[LedgerKey, str, str, str | None]]
-) -> list[Claimed]:
-    """Claim (key, kind, email, request_id) rows in the caller's transaction."""
+    conn: asyncpg.Connection,
+    rows: Sequence[tuple[LedgerKey, str, str, str | None]],
+    owner: OwnerLock,
+) -> tuple[list[Claimed], list[Claimed]]:
+    """Claim (key, kind, email, request_id) rows in the caller's transaction.
+
+    Returns (claimed, busy): busy rows are 'claimed' by another sender that is alive (a
+    rebalance gave us its partition while it still sends them): they must not be sent
+    here. 'claimed' rows of a sender that is gone are taken over (they are in ``claimed``).
+    """
     keys = [r[0] for r in rows]
     records = await conn.fetch(
         QUERIES["claim"],
@@ -172,8 +183,9 @@ async def claim(
         [r[1] for r in rows],
         [r[2] for r in rows],
         [r[3] for r in rows],
+        owner.key,
     )
-    return [
+    claimed = [
         Claimed(
             LedgerKey(r["campaign_id"], r["step_id"], r["contact_id"]),
             r["fresh"],
@@ -181,9 +193,73 @@ async def claim(
             r["relay"],
             r["message_id"],
             r["result"],
+            r["owner"],
         )
         for r in records
     ]
+    foreign = [c for c in claimed if c.status == "claimed" and c.owner != owner.key]
+    if not foreign:
+        return claimed, []
+    alive = await owner.alive(conn, {c.owner for c in foreign if c.owner is not None})
+    busy = [c for c in foreign if c.owner in alive]
+    adopted = [c.key for c in foreign if c.owner not in alive]
+    if adopted:
+        await conn.execute(QUERIES["adopt"], *_columns(adopted), owner.key)
+    return [c for c in claimed if c not in busy], busy
+
+
+async def wait_for_owners(pool: asyncpg.Pool, owner: OwnerLock, busy: Sequence[Claimed]) -> bool:
+    """Wait until no busy row is 'claimed' by a live sender any more; False when one of
+    them was left 'claimed' by a sender that is gone (the batch must be handled again)."""
+    keys = [c.key for c in busy]
+    while True:
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(QUERIES["owners"], *_columns(keys))
+            pending = {r["owner"] for r in rows if r["status"] == "claimed"}
+            if not pending:
+                return True
+            if pending - await owner.alive(conn, pending):
+                return False
+        await asyncio.sleep(0.2)
+
+
+class OwnerLock:
+    """This process's identity in the ledger: a random key whose session-level advisory
+    lock a dedicated connection holds for as long as the process runs. Another sender can
+    tell a live owner (the lock is taken) from a dead one (PostgreSQL freed it)."""
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.key = int.from_bytes(uuid.uuid4().bytes[:8], "big", signed=True)
+        self.held = asyncio.Event()
+
+    async def hold(self) -> None:
+        """Take the lock and keep it; raises (stopping the service) if its connection is
+        lost, since other senders would then take this one's rows over."""
+        conn = await connect(self.dsn, self.schema)
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", self.key)
+            self.held.set()
+            while True:
+                await asyncio.sleep(1.0)
+                await conn.fetchval("SELECT 1")
+        finally:
+            self.held.clear()
+            await conn.close()
+
+    async def alive(self, conn: asyncpg.Connection, owners: set[int]) -> set[int]:
+        """The owners among ``owners`` whose process still runs (holds its lock)."""
+        living = set()
+        for key in owners:
+            if key == self.key:
+                living.add(key)  # ours, and not in flight: the rows of an abandoned delivery
+                continue
+            if await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+                await conn.execute("SELECT pg_advisory_unlock($1)", key)
+            else:
+                living.add(key)
+        return living
 
 
 async def finish(

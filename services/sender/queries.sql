@@ -8,16 +8,30 @@ WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[])
         AS i(campaign_id, step_id, contact_id, kind, email, request_id)
 ), fresh AS (
-    INSERT INTO send_ledger (campaign_id, step_id, contact_id, kind, status, email, request_id)
-    SELECT campaign_id, step_id, contact_id, kind, 'claimed', email, request_id FROM input
+    INSERT INTO send_ledger
+        (campaign_id, step_id, contact_id, kind, status, email, request_id, owner)
+    SELECT campaign_id, step_id, contact_id, kind, 'claimed', email, request_id, $7 FROM input
     ON CONFLICT DO NOTHING
     RETURNING campaign_id, step_id, contact_id
 )
 SELECT i.campaign_id, i.step_id, i.contact_id, f.contact_id IS NOT NULL AS fresh,
-       l.status, l.relay, l.message_id, l.result
+       l.status, l.relay, l.message_id, l.result, l.owner
 FROM input i
 LEFT JOIN fresh f USING (campaign_id, step_id, contact_id)
 LEFT JOIN send_ledger l USING (campaign_id, step_id, contact_id);
+
+-- name: adopt
+-- 'claimed' rows of a sender that is gone (its owner lock is free) become ours.
+UPDATE send_ledger l
+SET owner = $4, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(campaign_id, step_id, contact_id)
+WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id AND l.contact_id = u.contact_id
+  AND l.status = 'claimed';
+
+-- name: owners
+SELECT status, owner FROM send_ledger l
+JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS u(campaign_id, step_id, contact_id)
+    USING (campaign_id, step_id, contact_id);
 
 -- name: finish
 UPDATE send_ledger l

@@ -10,6 +10,7 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiosmtpd.controller import Controller
 
@@ -443,3 +444,38 @@ async def test_content_no_mail_can_be_made_of_goes_to_the_dlq(
     assert dict(dead[0].headers)["dlq-reason"].startswith(b"format must be")
     got = await results(kafka, 1)
     assert [(r["contact_id"], r["step_id"], r["outcome"]) for r in got] == [(91, "s2", "sent")]
+
+
+async def test_rows_claimed_by_another_live_sender_are_left_to_it(
+    sender: Service, kafka: Kafka, smtp_sink: SmtpSink, stack: Stack, database: str
+) -> None:
+    """A rebalance can hand a partition over while its old owner still sends: rows it claimed
+    are not sent again while it lives; when it dies they are taken over and sent once."""
+    campaign = str(uuid.uuid4())
+    finishing, dying = 901, 902  # advisory-lock keys of two "other senders"
+    others = [await asyncpg.connect(database) for _ in range(2)]
+    try:
+        for conn, key in zip(others, (finishing, dying), strict=True):
+            await conn.execute("SELECT pg_advisory_lock($1)", key)
+        await sender.runtime.pool.execute(
+            "INSERT INTO send_ledger (campaign_id, contact_id, kind, status, email, owner)"
+            " VALUES ($1, 96, 'campaign', 'claimed', 'c96@example.com', $2),"
+            "        ($1, 97, 'campaign', 'claimed', 'c97@example.com', $3)",
+            campaign,
+            finishing,
+            dying,
+        )
+        await publish_all(kafka, [send_request(campaign, 96), send_request(campaign, 97)])
+        await asyncio.sleep(1.0)
+        assert smtp_sink.messages() == []
+        # The first finishes its row (and publishes its own result); the second dies.
+        await sender.runtime.pool.execute(
+            "UPDATE send_ledger SET status = 'done', outcome = 'sent' WHERE contact_id = 96"
+        )
+        await others[1].close()
+        got = await results(kafka, 1)
+        assert [(r["contact_id"], r["outcome"]) for r in got] == [(97, "sent")]
+        assert recipients(await mail_to(smtp_sink, 1)) == {"c97@example.com": 1}
+    finally:
+        for conn in others:
+            await conn.close()
