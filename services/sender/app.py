@@ -2,17 +2,20 @@
 
 Inputs: send.requests (big batches), campaign.control, mail.system, suppression.changes (its
 own last-mile copy, latency-critical). Outputs: SMTP to the relays, and delivery.results
-through the outbox. HTTP: /healthz, /readyz, /metrics from the runtime.
+through the outbox. HTTP: /v1/relays and /v1/ledger/{campaign_id} (api.py), and /healthz,
+/readyz, /metrics from the runtime.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from aiohttp import web
+
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
-from services.sender import agents
-from services.sender.context import SCHEMA, Context
+from services.sender import agents, api
+from services.sender.context import CONTEXT, SCHEMA, Context
 from services.sender.settings import SenderSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -60,6 +63,11 @@ def build(settings: SenderSettings) -> Runtime:
         for context in made:
             await context.stop()
 
+    def setup_routes(app: web.Application) -> None:
+        app[CONTEXT] = ctx()
+        app.router.add_routes(api.routes)
+
     runtime.background = [start_delivery, hold_owner_lock]
+    runtime.setup_routes = setup_routes
     runtime.on_stop = [stop_delivery]
     return runtime

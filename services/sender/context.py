@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import asyncpg
+from aiohttp import web
 
 from libs.common.kafka import Publisher
 from services.sender.compose import Composer
@@ -43,3 +44,6 @@ class Context:
     async def stop(self) -> None:
         await self.relays.stop()
         await self.ledger.stop()
+
+
+CONTEXT = web.AppKey("sender", Context)

@@ -147,3 +147,7 @@ SELECT (SELECT count(*) FROM handed) + (SELECT count(*) FROM unhanded)
        + (SELECT count(*) FROM finished) AS rows,
        (SELECT pg_notify(current_schema() || '_outbox', '') WHERE EXISTS (SELECT 1 FROM queued))
            IS NOT NULL AS notified;
+
+-- name: ledger-summary
+SELECT status, outcome, count(*) AS n FROM send_ledger WHERE campaign_id = $1
+GROUP BY status, outcome;

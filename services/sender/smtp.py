@@ -109,6 +109,7 @@ class Relay:
         self.limit = RateLimit(settings.smtp_rate_limit)
         self.base_backoff = settings.smtp_relay_backoff
         self.down_until = 0.0
+        self.open_connections = 0
         self._failures = 0
 
     def failed(self, kind: str) -> None:
@@ -248,6 +249,7 @@ class _Worker:
             log.warning("smtp_connect_failed", relay=self.relay.name, error=repr(exc))
             raise _RelayProblem("connect") from None
         self.client = client
+        self.relay.open_connections += 1
         SENDER_CONNECTIONS.labels(self.relay.name).inc()
         self.relay.recovered()
         return client
@@ -256,6 +258,7 @@ class _Worker:
         if self.client is not None:
             self.client.close()
             self.client = None
+            self.relay.open_connections -= 1
             SENDER_CONNECTIONS.labels(self.relay.name).dec()
 
     async def _command(self, client: SMTP, *args: bytes) -> Reply:

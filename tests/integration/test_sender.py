@@ -479,3 +479,29 @@ async def test_rows_claimed_by_another_live_sender_are_left_to_it(
     finally:
         for conn in others:
             await conn.close()
+
+
+async def test_operator_api_shows_relays_and_a_campaign_ledger(
+    sender: Service, kafka: Kafka, smtp_sink: SmtpSink
+) -> None:
+    campaign = str(uuid.uuid4())
+    await publish_all(kafka, [send_request(campaign, 99)])
+    await results(kafka, 1)
+    relays = await sender.api.ok("GET", "/v1/relays")
+    assert relays["relays"] == [
+        {
+            "relay": f"127.0.0.1:{smtp_sink.port}",
+            "state": "up",
+            "retry_in_seconds": 0,
+            "connections_open": 1,
+        }
+    ]
+    ledger = await sender.api.ok("GET", f"/v1/ledger/{campaign}")
+    assert ledger == {
+        "campaign_id": campaign,
+        "control": "active",
+        "by_status": {"done": 1},
+        "by_outcome": {"sent": 1},
+    }
+    status, _ = await sender.api.call("GET", "/v1/relays", token=None)
+    assert status == 401

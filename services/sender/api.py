@@ -1,0 +1,60 @@
+"""Operator HTTP API of the sender: relay state and one campaign's send ledger (read-only)."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from libs.common.http import json_response, requires
+from services.sender.context import CONTEXT, Context
+from services.sender.ledger import QUERIES
+
+routes = web.RouteTableDef()
+
+
+def _ctx(request: web.Request) -> Context:
+    return request.app[CONTEXT]
+
+
+@routes.get("/v1/relays")
+@requires("viewer")
+async def list_relays(request: web.Request) -> web.Response:
+    """Every SMTP relay in failover order: up or backing off, connections open, queue."""
+    ctx = _ctx(request)
+    now = time.monotonic()
+    relays = [
+        {
+            "relay": relay.name,
+            "state": "backing_off" if relay.down_until > now else "up",
+            "retry_in_seconds": round(max(0.0, relay.down_until - now), 3),
+            "connections_open": relay.open_connections,
+        }
+        for relay in ctx.relays.relays
+    ]
+    return json_response({"relays": relays, "queued_deliveries": ctx.relays.queue.qsize()})
+
+
+@routes.get("/v1/ledger/{campaign_id}")
+@requires("viewer")
+async def campaign_ledger(request: web.Request) -> web.Response:
+    """One campaign's send ledger: rows by status and by outcome, and its control state."""
+    ctx = _ctx(request)
+    campaign_id = request.match_info["campaign_id"]
+    async with ctx.pool.acquire() as conn:
+        rows = await conn.fetch(QUERIES["ledger-summary"], campaign_id)
+        control = await conn.fetchval(QUERIES["control-state"], campaign_id)
+    by_status: dict[str, int] = {}
+    by_outcome: dict[str, int] = {}
+    for row in rows:
+        by_status[row["status"]] = by_status.get(row["status"], 0) + row["n"]
+        if row["outcome"] is not None:
+            by_outcome[row["outcome"]] = by_outcome.get(row["outcome"], 0) + row["n"]
+    return json_response(
+        {
+            "campaign_id": campaign_id,
+            "control": control or "active",
+            "by_status": by_status,
+            "by_outcome": by_outcome,
+        }
+    )
