@@ -55,14 +55,16 @@ _MAX_RELAY_BACKOFF = 30.0
 CONNECTION_ERRORS = (OSError, SMTPException, TimeoutError)
 
 
-def data_payload(content: bytes) -> bytes:
+def data_payload(content: bytes, *, crlf: bool = False) -> bytes:
     """``content`` as sent after DATA: CRLF line ends, lines starting with ``.`` doubled
     (RFC 5321 §4.5.2), **without** the final CRLF — the terminator ``CRLF.CRLF`` is written
-    separately (:data:`TERMINATOR`), after the ledger commit."""
-    crlf = content.count(b"\r\n")
-    if content.count(b"\n") != crlf or content.count(b"\r") != crlf:  # bare CR or LF
-        content = normalize_message_line_endings(content)
-    elif not content.endswith(b"\r\n"):
+    separately (:data:`TERMINATOR`), after the ledger commit. ``crlf``: the content is known
+    to end its lines in CRLF only (what compose.py makes), so that check is skipped."""
+    if not crlf:
+        pairs = content.count(b"\r\n")
+        if content.count(b"\n") != pairs or content.count(b"\r") != pairs:  # bare CR or LF
+            content = normalize_message_line_endings(content)
+    if not content.endswith(b"\r\n"):
         content += b"\r\n"
     # Counting is a fast C scan; the regular expressions cost ~40 µs on a 10 KB message.
     if content.startswith(b".") or b"\n." in content:
@@ -275,7 +277,9 @@ class _Worker:
         if d.composed is None:
             try:
                 content, message_id, mail_from = d.compose()
-                d.composed = (data_payload(content), message_id, mail_from)
+                # compose.py writes CRLF line ends only (CampaignMessage, EmailMessage with
+                # the SMTP policy, DKIM with linesep CRLF).
+                d.composed = (data_payload(content, crlf=True), message_id, mail_from)
                 d.paths = (smtp_path(mail_from), smtp_path(d.email))
             except InvalidMessage as exc:  # e.g. a recipient address no relay would take
                 self._finish(d, Outcome("permanent_error", diagnostic=f"not sent: {exc.reason}"))
