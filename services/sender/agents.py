@@ -24,7 +24,6 @@ from libs.common.render import CampaignMessage
 from services.sender import copy, ledger
 from services.sender.context import Context
 from services.sender.ledger import (
-    ASSUMED_SENT,
     QUERIES,
     Claimed,
     Delivery,
@@ -78,7 +77,7 @@ async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
     async with ctx.pool.acquire() as conn, conn.transaction():
         rows = [(key, _kind(r), r["email"], r["request_id"]) for key, (r, _) in requests.items()]
         claimed, busy = await ledger.claim(conn, rows, ctx.owner)
-        undecided = [c for c in claimed if c.fresh or c.status == "claimed"]
+        undecided = [c for c in claimed if c.fresh or c.status != "done"]
         decisions = await copy.decide(conn, [requests[c.key][0] for c in undecided])
         verdicts = dict(zip([c.key for c in undecided], decisions, strict=True))
         finished: list[tuple[LedgerKey, str, Outcome, dict[str, Any] | None]] = []
@@ -91,15 +90,16 @@ async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
                 if c.result is not None:
                     again.append(c.result)
                 continue
-            if not c.fresh and c.status == "handed":
-                SENDER_LEDGER_RECOVERIES.labels("assumed_sent").inc()
-                outcome = Outcome(
-                    "sent", diagnostic=ASSUMED_SENT, relay=c.relay, message_id=c.message_id
-                )
-                finished.append(_done(c, kind, request, outcome))
-                continue
             if not c.fresh:
-                SENDER_LEDGER_RECOVERIES.labels("resent").inc()
+                # 'handed': the relay may have kept the first copy; the resend carries the
+                # same Message-ID (ledger.py: nothing lost, a duplicate is recognisable).
+                SENDER_LEDGER_RECOVERIES.labels(f"resent_{c.status}").inc()
+                if c.status == "handed":
+                    log.warning(
+                        "resending_after_end_of_data",
+                        campaign_id=c.key.campaign_id,
+                        contact_id=c.key.contact_id,
+                    )
             decision = verdicts[c.key]
             if not decision:
                 log.info(
@@ -216,11 +216,8 @@ async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:
             mail, to = mails[c.key]
             if c.status == "done" and not c.fresh:
                 continue
-            if c.status == "handed" and not c.fresh:
-                SENDER_LEDGER_RECOVERIES.labels("assumed_sent").inc()
-                outcome = Outcome("sent", diagnostic=ASSUMED_SENT, relay=c.relay)
-                finished.append((c.key, "system", outcome, None))
-                continue
+            if not c.fresh:
+                SENDER_LEDGER_RECOVERIES.labels(f"resent_{c.status}").inc()
             compose = functools.partial(ctx.composer.system_mail, mail, to)
             deliveries.append(Delivery(c.key, "system", to, compose))
         await ledger.finish(conn, finished)

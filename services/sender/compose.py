@@ -4,14 +4,19 @@ A campaign's MIME is built once (:class:`~libs.common.render.CampaignMessage`) a
 small LRU keyed by the request's content (the content arrives in every request);
 per recipient only the merge values, the unsubscribe link and headers, the coupon token,
 the Message-ID and the VERP return path are made, and the result optionally DKIM-signed.
+
+Message-IDs are stable: the same ledger row always gets the same one. A message resent
+because the sender cannot know whether its relay kept the first copy (ledger.py) is then
+recognisably the same message, which is what mailbox providers drop duplicates by.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections import OrderedDict
 from email.message import EmailMessage
 from email.policy import SMTP
-from email.utils import formatdate, make_msgid
+from email.utils import formatdate
 from typing import Any
 
 import dkim
@@ -22,6 +27,17 @@ from libs.common.tokens import Signer
 from libs.common.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
 from libs.common.verp import VerpAddresses
 from services.sender.settings import SenderSettings
+
+#: the namespace of stable Message-IDs (uuid5 of the ledger key).
+MESSAGE_ID_NAMESPACE = uuid.UUID("6f3a1c52-8d4e-4b7a-9c2f-1e5d7b9a0c34")
+
+
+def stable_message_id(campaign_id: str, step_id: str | None, contact_id: int, domain: str) -> str:
+    """``<uuid5(campaign/step/contact)@domain>``: the same every time the row is sent, and
+    opaque (no ids readable in it)."""
+    key = f"{campaign_id}/{step_id or ''}/{contact_id}"
+    return f"<{uuid.uuid5(MESSAGE_ID_NAMESPACE, key).hex}@{domain}>"
+
 
 #: the fields of a request's MailContent that make its mail (the render cache's key).
 CONTENT_FIELDS = ("from_address", "from_name", "reply_to", "subject", "format", "body")
@@ -115,7 +131,9 @@ class Composer:
         if coupon and message.uses(COUPON_URL):
             token = self.coupons.sign({"m": campaign_id, "c": contact_id})
             values[COUPON_URL] = f"{coupon}{'&' if '?' in coupon else '?'}t={token}"
-        message_id = message.message_id(contact_id)
+        message_id = stable_message_id(
+            campaign_id, request.get("step_id"), contact_id, message.domain
+        )
         data = message.render(values, to=request["email"], message_id=message_id, headers=headers)
         if self.dkim is not None:
             data = self.dkim.sign(data)
@@ -128,7 +146,8 @@ class Composer:
         message["To"] = to
         message["Subject"] = mail["subject"]
         message["Date"] = formatdate(localtime=False)
-        message_id = make_msgid(domain=self.settings.system_from.rpartition("@")[2] or None)
+        domain = self.settings.system_from.rpartition("@")[2] or "localhost"
+        message_id = stable_message_id(f"mail:{mail['mail_id']}", None, 0, domain)
         message["Message-ID"] = message_id
         message.set_content(mail["text_body"])
         if mail.get("html_body"):

@@ -21,12 +21,12 @@ LEFT JOIN fresh f USING (campaign_id, step_id, contact_id)
 LEFT JOIN send_ledger l USING (campaign_id, step_id, contact_id);
 
 -- name: adopt
--- 'claimed' rows of a sender that is gone (its owner lock is free) become ours.
+-- Unfinished rows of a sender that is gone (its owner lock is free) become ours.
 UPDATE send_ledger l
 SET owner = $4, updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(campaign_id, step_id, contact_id)
 WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id AND l.contact_id = u.contact_id
-  AND l.status = 'claimed';
+  AND l.status IN ('claimed', 'handed');
 
 -- name: owners
 SELECT status, owner FROM send_ledger l

@@ -38,7 +38,6 @@ from libs.common.metrics import (
 )
 from libs.common.smtp_reply import Reply, classify, outcome_of
 from services.sender.ledger import (
-    LOST_AFTER_END,
     Delivery,
     Ledger,
     Outcome,
@@ -314,12 +313,11 @@ class _Worker:
         try:
             response = await protocol.read_response(timeout=self.pool.settings.smtp_timeout)
         except CONNECTION_ERRORS as exc:
-            # The relay got the whole message; whether it kept it is unknown: at most once.
-            self._close()
-            self.relay.failed("lost_after_end")
+            # The relay got the whole message; whether it kept it is unknown. Send it again,
+            # with the same Message-ID (RFC 5321 §4.1.1.4; ledger.py): nothing lost.
             log.warning("smtp_lost_after_end", relay=self.relay.name, error=repr(exc))
-            self._finish(d, Outcome("sent", diagnostic=LOST_AFTER_END, message_id=message_id))
-            return
+            await self.pool.ledger.unhand(d)
+            raise _RelayProblem("lost_after_end") from None
         SENDER_SMTP_SECONDS.labels(self.relay.name).observe(time.perf_counter() - started)
         reply = classify(response.code, response.message)
         if reply.verdict == "relay_problem":  # 421 after the end of data: not accepted

@@ -1,7 +1,11 @@
-"""The sender killed with SIGKILL mid-campaign: no recipient gets two mails, every request
-gets exactly one result_id, and every recipient gets its mail except those of the one group
-commit a kill can land behind (reported sent, "assumed accepted"; ledger.py explains why).
-Seen in 2 of ~16 runs on a loaded 2-core machine: 1 and 4 messages."""
+"""The sender killed with SIGKILL mid-campaign, then started again: every recipient gets
+exactly one message, counted by (recipient, Message-ID), none is lost, and every request
+gets exactly one result_id.
+
+Counting by Message-ID is the point of the design (ledger.py): a message whose end of data
+may have reached the relay just before the kill is resent with the same Message-ID, so if
+the relay had kept the first copy the second is the same message, which mailbox providers
+drop. A raw second copy is allowed only in that form, and at most one per connection."""
 
 from __future__ import annotations
 
@@ -10,16 +14,15 @@ import os
 import signal
 import subprocess
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
 
 from libs.common.topics import Topic
-from services.sender.ledger import ASSUMED_SENT
 from tayori.embedded import SmtpSink, die_with_parent, free_port
 from tests.conftest import Kafka, Stack, eventually
-from tests.integration.test_sender import recipients, send_request
+from tests.integration.test_sender import send_request
 
 pytestmark = pytest.mark.integration
 
@@ -94,18 +97,21 @@ async def test_kill_9_mid_campaign_sends_each_mail_once(
             process.wait(60)
 
     assert killed_at < RECIPIENTS, "the kill came too late to test anything"
-    # Never twice.
-    counts = recipients(smtp_sink.messages())
-    assert {to: n for to, n in counts.items() if n > 1} == {}
     # Every request answered, each by one result_id.
     assert set(by_contact) == set(range(1, RECIPIENTS + 1))
     assert {n: len(ids) for n, ids in by_contact.items() if len(ids) != 1} == {}
-    # Every recipient got its mail, except what the decided design gives up: messages whose
-    # 'handed' commit landed in the instant before the kill and whose terminator was never
-    # written. Those are reported sent "assumed accepted" (ledger.py), and are at most one
-    # group commit (one message per connection).
-    results = {r["contact_id"]: r for r in await kafka.read_to_end(Topic.DELIVERY_RESULTS)}
-    missing = {n for n in range(1, RECIPIENTS + 1) if f"c{n}@example.com" not in counts}
-    window = {n: results[n]["diagnostic"] for n in missing}
-    assert all(d == ASSUMED_SENT for d in window.values()), window
-    assert len(missing) <= SMTP_CONNECTIONS, window
+    # Every recipient exactly one message: one Message-ID each, none missing.
+    copies = Counter(
+        (str(m["X-Tayori-Envelope-To"]), str(m["Message-ID"])) for m in smtp_sink.messages()
+    )
+    ids_by_recipient: dict[str, set[str]] = defaultdict(set)
+    for to, message_id in copies:
+        ids_by_recipient[to].add(message_id)
+    expected = {f"c{n}@example.com" for n in range(1, RECIPIENTS + 1)}
+    assert set(ids_by_recipient) == expected, sorted(expected ^ set(ids_by_recipient))[:10]
+    assert {to: ids for to, ids in ids_by_recipient.items() if len(ids) != 1} == {}
+    # A second copy happens only for a message in flight at the kill: at most one per
+    # connection, and the same message (same Message-ID, checked above).
+    resent = {key: n for key, n in copies.items() if n > 1}
+    assert len(resent) <= SMTP_CONNECTIONS, resent
+    assert all(n == 2 for n in resent.values()), resent
