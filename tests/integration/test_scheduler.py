@@ -353,14 +353,17 @@ async def test_reserve_release_count_and_finish(scheduler, contacts, kafka):
     assert [int(r["contact_id"]) for r in rows] == expected
     assert [r["seq"] for r in rows] == [str(i) for i in range(5)]
     assert {r["membership_state"] for r in rows} == {"deliverable"}
-    assert rows[0]["name"] == "顧客 0" and rows[-1]["company"] == "'=HYPERLINK(1)"
+    # people() creates contacts concurrently: the list is in id order, not creation order.
+    n = ids.index(expected[0])  # the first recipient is 顧客 n, p<n>@example.jp
+    by_id = {int(r["contact_id"]): r for r in rows}
+    assert rows[0]["name"] == f"顧客 {n}" and by_id[ids[5]]["company"] == "'=HYPERLINK(1)"
 
     # Preview: the first recipient, rendered as the sender will.
     preview = await api.ok("GET", f"/v1/campaigns/{cid}/preview")
-    assert preview["subject"] == "顧客 0様へ 11月のお知らせ"
-    assert preview["text"] == "顧客 0様\n会社0\n配信停止: http://127.0.0.1:8082/u/preview\n"
+    assert preview["subject"] == f"顧客 {n}様へ 11月のお知らせ"
+    assert preview["text"] == f"顧客 {n}様\n会社{n}\n配信停止: http://127.0.0.1:8082/u/preview\n"
     assert preview["html"] is None
-    assert preview["from"] == "news@shop.example.jp" and preview["to"] == "p0@example.jp"
+    assert preview["from"] == "news@shop.example.jp" and preview["to"] == f"p{n}@example.jp"
     assert "Subject: =?UTF-8?B?" in preview["mime"]
     other = await api.ok("GET", f"/v1/campaigns/{cid}/preview?contact_id={ids[3]}")
     assert other["subject"].startswith("顧客 3様")
