@@ -123,6 +123,7 @@ async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
         await ledger.finish(conn, finished)
         await ledger.republish(conn, again)
     await _deliver(ctx, deliveries)
+    await ledger.flush(ctx.pool)
     await _wait_for_other_senders(ctx, busy)
 
 
@@ -222,6 +223,7 @@ async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:
             deliveries.append(Delivery(c.key, "system", to, compose))
         await ledger.finish(conn, finished)
     await _deliver(ctx, deliveries)
+    await ledger.flush(ctx.pool)
     await _wait_for_other_senders(ctx, busy)
 
 

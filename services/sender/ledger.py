@@ -39,6 +39,13 @@ A connection lost after the end of data is the same case and is resent the same 
 terminator write that fails, or a 421/4xx at end of data, puts the row back to
 ``claimed``.
 
+Cycles commit without waiting for the WAL flush (``synchronous_commit`` off for that
+transaction): on this kind of machine the flush is most of PostgreSQL's work per message.
+A crash of the sender loses nothing PostgreSQL committed; before the offsets of a batch
+are committed, :func:`flush` makes every earlier cycle durable with one flushing commit.
+Only a crash of PostgreSQL itself can lose the last cycles, and what they recorded is then
+resent and re-reported under the rule above.
+
 Two senders, one partition: a rebalance can give a partition to a new member while the old
 one still sends its batch. Every row records its ``owner``, a random key whose session-level
 advisory lock the owning process holds on a connection of its own for as long as it runs
@@ -227,6 +234,17 @@ async def wait_for_owners(pool: asyncpg.Pool, owner: OwnerLock, busy: Sequence[C
         await asyncio.sleep(0.2)
 
 
+async def flush(pool: asyncpg.Pool) -> None:
+    """Make every ledger cycle committed so far durable (they commit asynchronously; see
+    queries.sql "cycle"): called before a batch's offsets are committed."""
+
+    async def transaction() -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.fetchval(QUERIES["flush"])
+
+    await retry(transaction, name="sender:flush", service="sender", strategy=FOREVER)
+
+
 class OwnerLock:
     """This process's identity in the ledger: a random key whose session-level advisory
     lock a dedicated connection holds for as long as the process runs. Another sender can
@@ -304,9 +322,10 @@ class _Hand:
     written: asyncio.Future[None]
 
 
-#: group commits running at once (each on its own connection). More than one: a message
-#: that gets ready while a commit is in flight does not wait for it to finish.
-MAX_CYCLES_IN_FLIGHT = 3
+#: group commits running at once. One: what gets ready while a cycle commits waits for the
+#: next, so cycles are big and PostgreSQL's cost per message small. The campaign benchmark
+#: measured 1,088 msgs/s with one, 844 with two and ~750 with three (32 connections).
+MAX_CYCLES_IN_FLIGHT = 1
 
 
 class Ledger:

@@ -41,9 +41,6 @@ FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::te
     AS u(campaign_id, step_id, contact_id, outcome, relay, message_id, result)
 WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id AND l.contact_id = u.contact_id;
 
--- name: unfinished-count
-SELECT status, count(*) AS n FROM send_ledger WHERE status <> 'done' GROUP BY status;
-
 -- name: control-states
 -- Campaigns of a batch that must not send now (paused, halted, cancelled).
 SELECT campaign_id, state FROM campaign_control
@@ -113,7 +110,14 @@ SELECT value, state FROM blacklist_copy WHERE value = ANY($1::text[]) AND state 
 -- trip): hand the ready messages, put refused ends of data back to 'claimed', record
 -- outcomes, queue their delivery.results in the outbox and wake its relay at commit.
 -- (Data-modifying CTEs always run to completion; no key appears in two of them.)
-WITH handed AS (
+-- Its commit does not wait for the WAL flush (synchronous_commit off for this transaction
+-- only): a crash of the *sender* loses nothing committed, and before a batch's offsets are
+-- committed the handler makes everything durable with one flushing commit (ledger.flush).
+-- Only a PostgreSQL crash can lose the last cycles, and what they recorded is then resent
+-- (same Message-ID) and re-reported: the ledger's at-least-once rule, ledger.py.
+WITH settings AS (
+    SELECT set_config('synchronous_commit', 'off', true)
+), handed AS (
     UPDATE send_ledger l
     SET status = 'handed', relay = u.relay, message_id = u.message_id, updated_at = now()
     FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[])
@@ -143,7 +147,8 @@ WITH handed AS (
     SELECT * FROM unnest($16::text[], $17::text[], $18::bytea[], $19::int[])
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM handed) + (SELECT count(*) FROM unhanded)
+SELECT (SELECT count(*) FROM settings) AS asynchronous,
+       (SELECT count(*) FROM handed) + (SELECT count(*) FROM unhanded)
        + (SELECT count(*) FROM finished) AS rows,
        (SELECT pg_notify(current_schema() || '_outbox', '') WHERE EXISTS (SELECT 1 FROM queued))
            IS NOT NULL AS notified;
@@ -151,3 +156,8 @@ SELECT (SELECT count(*) FROM handed) + (SELECT count(*) FROM unhanded)
 -- name: ledger-summary
 SELECT status, outcome, count(*) AS n FROM send_ledger WHERE campaign_id = $1
 GROUP BY status, outcome;
+
+-- name: flush
+-- One commit that waits for the WAL flush, and so for every earlier asynchronous commit:
+-- assigning a transaction id makes the commit write a record (a read-only one would not).
+SELECT txid_current();
