@@ -38,6 +38,29 @@ from libs.common.errors import InvalidMessage
 
 Escape = Literal["html", "text", "header"]
 
+#: The contact fields a recipient's merge values carry (F-21): contacts puts them, when
+#: they have a value, into each campaign.recipients record; the scheduler accepts merge
+#: tags naming them (and custom.<key> for custom fields).
+CONTACT_FIELDS: tuple[str, ...] = (
+    "email",
+    "external_id",
+    "name",
+    "name_kana",
+    "company",
+    "department",
+    "title",
+    "phone",
+    "address",
+    "website",
+    "memo",
+    "acquisition_channel",
+    "acquired_at",
+    "sales_status",
+    "engagement",
+    "score",
+    "tags",
+    "contact_id",
+)
 UNSUBSCRIBE_URL = "unsubscribe_url"
 COUPON_URL = "coupon_url"
 SPECIAL_KEYS: frozenset[str] = frozenset({UNSUBSCRIBE_URL, COUPON_URL})

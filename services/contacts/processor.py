@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from libs.common.errors import InvalidMessage
+from libs.common.mergetags import CONTACT_FIELDS
 from services.contacts.models import (
     ENGAGEMENTS,
     SALES_STATUSES,
@@ -384,15 +385,9 @@ def merge_values(row: Mapping[str, Any]) -> dict[str, str]:
     recipient, so what it leaves out is time saved on every one of a million records.
     """
     values: dict[str, str] = {}
-    for name in (
-        "email",
-        "external_id",
-        *TEXT_FIELDS,
-        "acquired_at",
-        "sales_status",
-        "engagement",
-        "score",
-    ):
+    for name in CONTACT_FIELDS:
+        if name in ("tags", "contact_id"):
+            continue  # a list, and the id (always there): below
         value = row.get(name)
         if value is not None and value != "":
             values[name] = str(_iso(value))

@@ -13,28 +13,8 @@ from typing import Any
 from libs.common import mergetags
 from libs.common.errors import InvalidMessage
 
-#: contact fields a merge tag may name: what contacts puts in a snapshot's merge values
-#: (services/contacts/processor.py ``merge_values``), plus the contact id.
-BASE_FIELDS: tuple[str, ...] = (
-    "email",
-    "external_id",
-    "name",
-    "name_kana",
-    "company",
-    "department",
-    "title",
-    "phone",
-    "address",
-    "website",
-    "memo",
-    "acquisition_channel",
-    "acquired_at",
-    "sales_status",
-    "engagement",
-    "score",
-    "tags",
-    "contact_id",
-)
+#: contact fields a merge tag may name: what contacts puts in a snapshot's merge values.
+BASE_FIELDS: tuple[str, ...] = mergetags.CONTACT_FIELDS
 
 FORMATS = ("text", "html")
 DEDUPE = ("none", "by_email")
