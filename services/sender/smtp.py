@@ -195,6 +195,50 @@ class RelayPool:
         )
 
 
+class _ReplyKeeper(asyncio.Protocol):
+    """Sits between the transport and aiosmtplib's protocol and keeps reply bytes that
+    protocol would drop.
+
+    aiosmtplib's ``data_received`` ignores data that arrives while a parsed reply waits to
+    be picked up (``_response_waiter`` done). With PIPELINING the replies to MAIL, RCPT and
+    DATA can arrive in separate segments in exactly that moment, and the one dropped was
+    then waited for until SMTP_TIMEOUT. Kept in the protocol's buffer instead, it is parsed
+    by the next ``_read_response_from_buffer`` (``_Worker._pipelined`` reads the buffer
+    before it waits). Everything else goes to aiosmtplib's protocol unchanged.
+    """
+
+    def __init__(self, inner: SMTPProtocol) -> None:
+        self.inner = inner
+
+    def data_received(self, data: bytes) -> None:
+        inner = self.inner
+        waiter = inner._response_waiter
+        if waiter is not None and inner._response_pending and waiter.done():
+            inner._buffer.extend(data)
+            return
+        inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+def _keep_pipelined_replies(client: SMTP) -> None:
+    """Put a :class:`_ReplyKeeper` in front of the connection's protocol (after STARTTLS,
+    which replaces the transport)."""
+    protocol = client.protocol
+    if protocol is not None and protocol.transport is not None:
+        protocol.transport.set_protocol(_ReplyKeeper(protocol))
+
+
 class _RelayProblem(Exception):
     """The connection or the relay failed; the delivery goes back to the queue."""
 
@@ -249,6 +293,7 @@ class _Worker:
         except CONNECTION_ERRORS as exc:
             log.warning("smtp_connect_failed", relay=self.relay.name, error=repr(exc))
             raise _RelayProblem("connect") from None
+        _keep_pipelined_replies(client)
         self.client = client
         self.relay.open_connections += 1
         SENDER_CONNECTIONS.labels(self.relay.name).inc()
@@ -290,11 +335,10 @@ class _Worker:
         await self.relay.limit.wait()
         d.relay = self.relay.name
         started = time.perf_counter()
-        # MAIL, RCPT and DATA one round trip each, also when the relay offers PIPELINING:
-        # aiosmtplib's protocol drops reply bytes that arrive while an earlier parsed reply
-        # waits to be picked up, which pipelined replies in separate TCP segments do (a
-        # lost reply, then a wait of SMTP_TIMEOUT). Pipelining needs a reply reader of our own.
-        replies = await self._one_by_one(client, reverse_path, forward_path, reused)
+        if client.supports_extension("pipelining"):
+            replies = await self._pipelined(client, reverse_path, forward_path, reused)
+        else:
+            replies = await self._one_by_one(client, reverse_path, forward_path, reused)
         refused = next((reply for reply in replies if reply.verdict != "ok"), None)
         if refused is not None:
             await self._reset(client)
@@ -346,6 +390,45 @@ class _Worker:
             if replies[-1].verdict != "ok":
                 return replies
         replies.append(await self._command(client, b"DATA"))
+        return replies
+
+    async def _pipelined(
+        self, client: SMTP, reverse_path: bytes, forward_path: bytes, reused: bool
+    ) -> list[Reply]:
+        """MAIL, RCPT and DATA in one write (RFC 2920 PIPELINING), then their three replies.
+
+        aiosmtplib's protocol parses one reply per ``read_response``; replies that arrived
+        together wait in its buffer and are parsed from there (``_read_response_from_buffer``).
+        A DATA accepted after a refused MAIL or RCPT gets an empty message's terminator (the
+        relay has no recipient for it) so the connection stays usable.
+        """
+        protocol = client.protocol
+        if protocol is None:
+            raise _RelayProblem("stale" if reused else "connection_lost")
+        timeout = self.pool.settings.smtp_timeout
+        replies: list[Reply] = []
+        try:
+            protocol._response_pending = True
+            protocol.write(
+                b"MAIL FROM:" + reverse_path + b"\r\nRCPT TO:" + forward_path + b"\r\nDATA\r\n"
+            )
+            for _ in range(3):
+                protocol._response_pending = True
+                response = protocol._read_response_from_buffer()
+                if response is None:
+                    response = await protocol.read_response(timeout=timeout)
+                replies.append(classify(response.code, response.message))
+            protocol._response_pending = False
+            if replies[2].verdict == "ok" and any(r.verdict != "ok" for r in replies[:2]):
+                protocol._response_pending = True
+                protocol.write(b".\r\n")
+                await protocol.read_response(timeout=timeout)
+        except CONNECTION_ERRORS:
+            kind = "stale" if not replies and reused else "connection_lost"
+            raise _RelayProblem(kind) from None
+        problem = next((r for r in replies if r.verdict == "relay_problem"), None)
+        if problem is not None:
+            raise _RelayProblem(f"reply_{problem.code}")
         return replies
 
     async def _reset(self, client: SMTP) -> None:
