@@ -14,7 +14,7 @@ from aiohttp import web
 
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
-from services.sender import agents, api
+from services.sender import agents, api, maintenance
 from services.sender.context import CONTEXT, SCHEMA, Context
 from services.sender.settings import SenderSettings
 
@@ -67,7 +67,10 @@ def build(settings: SenderSettings) -> Runtime:
         app[CONTEXT] = ctx()
         app.router.add_routes(api.routes)
 
-    runtime.background = [start_delivery, hold_owner_lock]
+    async def upkeep() -> None:
+        await maintenance.run_forever(ctx())
+
+    runtime.background = [start_delivery, hold_owner_lock, upkeep]
     runtime.setup_routes = setup_routes
     runtime.on_stop = [stop_delivery]
     return runtime

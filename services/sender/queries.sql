@@ -161,3 +161,23 @@ GROUP BY status, outcome;
 -- One commit that waits for the WAL flush, and so for every earlier asynchronous commit:
 -- assigning a transaction id makes the commit write a record (a read-only one would not).
 SELECT txid_current();
+
+-- name: forget-ledger
+-- Finished rows claimed more than $1 days ago, at most $2 of them; how many went.
+WITH gone AS (
+    DELETE FROM send_ledger
+    WHERE ctid IN (
+        SELECT ctid FROM send_ledger
+        WHERE claimed_at < now() - make_interval(days => $1) AND status = 'done'
+        LIMIT $2
+    )
+    RETURNING 1
+)
+SELECT count(*) FROM gone;
+
+-- name: forget-processed-events
+WITH gone AS (
+    DELETE FROM processed_event WHERE processed_at < now() - make_interval(days => $1)
+    RETURNING 1
+)
+SELECT count(*) FROM gone;

@@ -47,6 +47,11 @@ class SenderSettings(CommonSettings):
     system_from: str = env("SYSTEM_MAIL_FROM", "tayori@localhost")
     #: send.requests records per fetch (big batches: one claim transaction per batch).
     send_batch: int = env("SENDER_BATCH", 4000)
+    #: days finished ledger rows (and campaign.control ids) are kept: longer than a send
+    #: request can be redelivered or replayed (the retention of send.requests).
+    ledger_retention_days: int = env("SENDER_LEDGER_RETENTION_DAYS", 30)
+    #: seconds between two upkeep passes.
+    maintenance_interval_seconds: float = env("MAINTENANCE_INTERVAL_SECONDS", 3600.0)
     #: campaigns whose built MIME is kept (LRU).
     render_cache: int = env("SENDER_RENDER_CACHE", 64)
 

@@ -17,6 +17,8 @@ from aiosmtpd.controller import Controller
 from libs.common.topics import Topic
 from libs.common.unsubscribe import UnsubscribeLinks
 from libs.common.verp import VerpAddresses
+from services.sender import maintenance
+from services.sender.context import CONTEXT
 from tayori.embedded import MaildirHandler, SmtpSink, free_port
 from tests.conftest import Kafka, Service, Stack, eventually, running
 
@@ -505,3 +507,31 @@ async def test_operator_api_shows_relays_and_a_campaign_ledger(
     }
     status, _ = await sender.api.call("GET", "/v1/relays", token=None)
     assert status == 401
+
+
+async def test_upkeep_forgets_old_finished_rows_only(sender: Service) -> None:
+    pool = sender.runtime.pool
+    rows = [
+        # (campaign, contact, status, claimed days ago)
+        ("old-done", 1, "done", 40),
+        ("old-claimed", 2, "claimed", 40),  # unfinished: never forgotten
+        ("recent-done", 3, "done", 5),
+    ]
+    for campaign, contact, status, days in rows:
+        await pool.execute(
+            "INSERT INTO send_ledger (campaign_id, contact_id, kind, status, email, claimed_at)"
+            " VALUES ($1, $2, 'campaign', $3, 'x@example.com', now() - make_interval(days => $4))",
+            campaign,
+            contact,
+            status,
+            days,
+        )
+    await pool.execute(
+        "INSERT INTO processed_event (event_id, processed_at) VALUES"
+        " ('old', now() - interval '40 days'), ('new', now())"
+    )
+    ctx = sender.runtime.app[CONTEXT]
+    assert await maintenance.run_once(ctx) == (1, 1)
+    left = await pool.fetch("SELECT campaign_id FROM send_ledger ORDER BY campaign_id")
+    assert [r["campaign_id"] for r in left] == ["old-claimed", "recent-done"]
+    assert await pool.fetchval("SELECT array_agg(event_id) FROM processed_event") == ["new"]
