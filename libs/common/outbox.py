@@ -46,7 +46,9 @@ _INSERT = (
 )
 
 
-def _row(topic: Topic, key: Any, value: dict[str, Any]) -> tuple[str, str | None, bytes, int]:
+def row(topic: Topic, key: Any, value: dict[str, Any]) -> tuple[str, str | None, bytes, int]:
+    """The outbox row (topic, key, payload, schema_version) of one message: what
+    :func:`add_many` inserts, for a statement that inserts outbox rows itself."""
     data, headers = avro.encode(topic, value)
     return topic.value, None if key is None else str(key), data, int(headers[0][1])
 
@@ -60,7 +62,7 @@ async def add_many(
     conn: asyncpg.Connection, messages: Iterable[tuple[Topic, Any, dict[str, Any]]]
 ) -> None:
     """Queue many messages in the caller's transaction with one statement."""
-    rows = [_row(topic, key, value) for topic, key, value in messages]
+    rows = [row(topic, key, value) for topic, key, value in messages]
     if not rows:
         return
     topics, keys, payloads, versions = (list(col) for col in zip(*rows, strict=True))

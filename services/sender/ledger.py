@@ -68,7 +68,7 @@ from typing import Any
 import asyncpg
 from aiosmtplib import SMTPException
 
-from libs.common import avro, outbox
+from libs.common import outbox
 from libs.common.db import Queries, connect
 from libs.common.logging import get_logger
 from libs.common.metrics import SENDER_GROUP_COMMIT_SIZE, SENDER_SENDS
@@ -425,7 +425,11 @@ class Ledger:
         hand_keys = [h.delivery.key for h in hands]
         unhand_keys = [d.key for d, _ in unhands]
         done_keys = [d[0] for d in done]
-        queued = [_outbox_row(d[0].contact_id, d[3]) for d in done if d[3] is not None]
+        queued = [
+            outbox.row(Topic.DELIVERY_RESULTS, d[0].contact_id, d[3])
+            for d in done
+            if d[3] is not None
+        ]
         arguments = [
             *_columns(hand_keys),
             [h.delivery.relay for h in hands],
@@ -471,13 +475,6 @@ class Ledger:
             SENDER_SENDS.labels(d.kind, o.outcome, o.relay or "").inc()
             if not d.done.done():
                 d.done.set_result(None)
-
-
-def _outbox_row(contact_id: int, result: dict[str, Any]) -> tuple[str, str, bytes, int]:
-    """A delivery.results row of the outbox table, as :func:`libs.common.outbox.add_many`
-    writes it; written by the cycle statement itself to save the transaction's round trips."""
-    data, headers = avro.encode(Topic.DELIVERY_RESULTS, result)
-    return Topic.DELIVERY_RESULTS.value, str(contact_id), data, int(headers[0][1])
 
 
 def _fail(future: asyncio.Future[None], exc: BaseException) -> None:
