@@ -92,31 +92,46 @@ class Publisher:
         MESSAGES_PUBLISHED.labels(self.settings.service, topic_label(topic)).inc()
         return future
 
+    async def send_keyed(
+        self, topic: Topic, records: Iterable[tuple[str | int, dict[str, Any]]]
+    ) -> list[asyncio.Future[Any]]:
+        """Queue many (key, value) records through the batch API; await the futures.
+
+        Each key goes to the partition the default partitioner would choose, and the
+        records of one key stay in order; building batches directly skips aiokafka's
+        per-record work, which is most of the cost of streaming a large list.
+        """
+        name = self.name(topic)
+        partitions = sorted(await self.producer.partitions_for(name))
+        chosen: dict[bytes, int] = {}
+        by_partition: dict[int, list[tuple[bytes, bytes, list[tuple[str, bytes]]]]] = {}
+        for key, value in records:
+            raw_key = str(key).encode()
+            partition = chosen.get(raw_key)
+            if partition is None:
+                partition = chosen[raw_key] = self._partitioner(raw_key, partitions, partitions)
+            data, headers = avro.encode(topic, value)
+            by_partition.setdefault(partition, []).append((raw_key, data, headers))
+        futures: list[asyncio.Future[Any]] = []
+        count = 0
+        for partition, items in by_partition.items():
+            batch = self.producer.create_batch()
+            for raw_key, data, headers in items:
+                if batch.append(key=raw_key, value=data, timestamp=None, headers=headers) is None:
+                    futures.append(await self.producer.send_batch(batch, name, partition=partition))
+                    batch = self.producer.create_batch()
+                    batch.append(key=raw_key, value=data, timestamp=None, headers=headers)
+            if batch.record_count():
+                futures.append(await self.producer.send_batch(batch, name, partition=partition))
+            count += len(items)
+        MESSAGES_PUBLISHED.labels(self.settings.service, topic.value).inc(count)
+        return futures
+
     async def send_same_key(
         self, topic: Topic, key: str | int, values: Iterable[dict[str, Any]]
     ) -> list[asyncio.Future[Any]]:
-        """Queue many records with one key through the batch API; await the futures.
-
-        One key means one partition (chosen once, as the default partitioner would) and
-        records in order; building batches directly skips aiokafka's per-record work, which
-        is most of the cost of streaming a large list.
-        """
-        name = self.name(topic)
-        raw_key = str(key).encode()
-        partitions = sorted(await self.producer.partitions_for(name))
-        partition = self._partitioner(raw_key, partitions, partitions)
-        futures: list[asyncio.Future[Any]] = []
-        batch = self.producer.create_batch()
-        for value in values:
-            data, headers = avro.encode(topic, value)
-            if batch.append(key=raw_key, value=data, timestamp=None, headers=headers) is None:
-                futures.append(await self.producer.send_batch(batch, name, partition=partition))
-                batch = self.producer.create_batch()
-                batch.append(key=raw_key, value=data, timestamp=None, headers=headers)
-            MESSAGES_PUBLISHED.labels(self.settings.service, topic.value).inc()
-        if batch.record_count():
-            futures.append(await self.producer.send_batch(batch, name, partition=partition))
-        return futures
+        """:meth:`send_keyed` for records of one key (one partition, in order)."""
+        return await self.send_keyed(topic, ((key, value) for value in values))
 
     async def send_and_wait(
         self, topic: Topic, key: str | int | None, value: dict[str, Any]

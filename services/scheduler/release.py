@@ -21,19 +21,13 @@ import asyncio
 import datetime as dt
 import time
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 
-from libs.common import avro
-from libs.common.kafka import Publisher
 from libs.common.logging import get_logger
 from libs.common.metrics import (
-    MESSAGES_PUBLISHED,
     SCHEDULER_CAMPAIGNS,
     SCHEDULER_RELEASED,
     SCHEDULER_WINDOW_PAUSED,
@@ -45,7 +39,6 @@ from services.scheduler.store import QUERIES
 from services.scheduler.window import Window
 
 log = get_logger(__name__)
-_partitioner = DefaultPartitioner()
 #: refresh the campaigns-by-status gauges every this many ticks.
 GAUGE_TICKS = 10
 
@@ -163,7 +156,7 @@ async def release_campaign(ctx: Context, campaign_id: uuid.UUID, now: dt.datetim
             )
             for row in rows
         ]
-        await publish_keyed(ctx.publisher, Topic.SEND_REQUESTS, records)
+        await asyncio.gather(*await ctx.publisher.send_keyed(Topic.SEND_REQUESTS, records))
         await conn.execute(QUERIES["mark-released"], campaign_id, now, [r["seq"] for r in rows])
         await conn.execute(QUERIES["add-released"], campaign_id, len(rows))
         bucket.tokens -= len(rows)
@@ -171,36 +164,6 @@ async def release_campaign(ctx: Context, campaign_id: uuid.UUID, now: dt.datetim
         SCHEDULER_RELEASED.labels("first").inc(first)
         SCHEDULER_RELEASED.labels("again").inc(len(rows) - first)
         return len(rows)
-
-
-async def publish_keyed(
-    publisher: Publisher, topic: Topic, records: list[tuple[int | str, dict[str, Any]]]
-) -> None:
-    """Publish records with their own keys through the batch API and wait for the acks.
-
-    Each key goes to the partition the default partitioner would choose (per-key order
-    holds); building batches directly skips aiokafka's per-record work.
-    """
-    producer = publisher.producer
-    name = publisher.name(topic)
-    partitions = sorted(await producer.partitions_for(name))
-    by_partition: dict[int, list[tuple[bytes, bytes, list[tuple[str, bytes]]]]] = defaultdict(list)
-    for key, value in records:
-        raw_key = str(key).encode()
-        data, headers = avro.encode(topic, value)
-        by_partition[_partitioner(raw_key, partitions, partitions)].append((raw_key, data, headers))
-    futures: list[asyncio.Future[Any]] = []
-    for partition, items in by_partition.items():
-        batch = producer.create_batch()
-        for raw_key, data, headers in items:
-            if batch.append(key=raw_key, value=data, timestamp=None, headers=headers) is None:
-                futures.append(await producer.send_batch(batch, name, partition=partition))
-                batch = producer.create_batch()
-                batch.append(key=raw_key, value=data, timestamp=None, headers=headers)
-        if batch.record_count():
-            futures.append(await producer.send_batch(batch, name, partition=partition))
-    await asyncio.gather(*futures)
-    MESSAGES_PUBLISHED.labels(publisher.settings.service, topic.value).inc(len(records))
 
 
 async def finish(ctx: Context, now: dt.datetime) -> None:
