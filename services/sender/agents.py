@@ -123,7 +123,7 @@ async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
         await ledger.finish(conn, finished)
         await ledger.republish(conn, again)
     await _deliver(ctx, deliveries)
-    await ledger.flush(ctx.pool)
+    await ctx.ledger.flush()
     await _wait_for_other_senders(ctx, busy)
 
 
@@ -223,7 +223,7 @@ async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:
             deliveries.append(Delivery(c.key, "system", to, compose))
         await ledger.finish(conn, finished)
     await _deliver(ctx, deliveries)
-    await ledger.flush(ctx.pool)
+    await ctx.ledger.flush()
     await _wait_for_other_senders(ctx, busy)
 
 

@@ -42,8 +42,8 @@ terminator write that fails, or a 421/4xx at end of data, puts the row back to
 Cycles commit without waiting for the WAL flush (``synchronous_commit`` off for that
 transaction): on this kind of machine the flush is most of PostgreSQL's work per message.
 A crash of the sender loses nothing PostgreSQL committed; before the offsets of a batch
-are committed, :func:`flush` makes every earlier cycle durable with one flushing commit.
-Only a crash of PostgreSQL itself can lose the last cycles, and what they recorded is then
+are committed, :meth:`Ledger.flush` makes every earlier cycle durable with one flushing
+commit. Only a crash of PostgreSQL itself can lose the last cycles, and what they recorded is then
 resent and re-reported under the rule above.
 
 Two senders, one partition: a rebalance can give a partition to a new member while the old
@@ -169,8 +169,6 @@ class Claimed:
     key: LedgerKey
     fresh: bool
     status: str | None
-    relay: str | None
-    message_id: str | None
     result: dict[str, Any] | None
     owner: int | None = None
 
@@ -201,8 +199,6 @@ async def claim(
             LedgerKey(r["campaign_id"], r["step_id"], r["contact_id"]),
             r["fresh"],
             r["status"],
-            r["relay"],
-            r["message_id"],
             r["result"],
             r["owner"],
         )
@@ -232,17 +228,6 @@ async def wait_for_owners(pool: asyncpg.Pool, owner: OwnerLock, busy: Sequence[C
             if pending - await owner.alive(conn, pending):
                 return False
         await asyncio.sleep(0.2)
-
-
-async def flush(pool: asyncpg.Pool) -> None:
-    """Make every ledger cycle committed so far durable (they commit asynchronously; see
-    queries.sql "cycle"): called before a batch's offsets are committed."""
-
-    async def transaction() -> None:
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.fetchval(QUERIES["flush"])
-
-    await retry(transaction, name="sender:flush", service="sender", strategy=FOREVER)
 
 
 class OwnerLock:
@@ -304,8 +289,7 @@ async def finish(
         conn,
         [(Topic.DELIVERY_RESULTS, d[0].contact_id, d[3]) for d in done if d[3] is not None],
     )
-    for key, kind, outcome, _ in done:
-        del key
+    for _, kind, outcome, _ in done:
         SENDER_SENDS.labels(kind, outcome.outcome, outcome.relay or "").inc()
 
 
@@ -384,6 +368,16 @@ class Ledger:
         self._unhands.append((delivery, committed))
         self._wake.set()
         await committed
+
+    async def flush(self) -> None:
+        """Make every cycle committed so far durable (cycles commit asynchronously; see
+        queries.sql "cycle"): called before a batch's offsets are committed."""
+
+        async def transaction() -> None:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.fetchval(QUERIES["flush"])
+
+        await retry(transaction, name="sender:flush", service=self.service, strategy=FOREVER)
 
     def finish(self, delivery: Delivery, outcome: Outcome) -> None:
         self._finished.append((delivery, outcome))

@@ -15,7 +15,7 @@ WITH input AS (
     RETURNING campaign_id, step_id, contact_id
 )
 SELECT i.campaign_id, i.step_id, i.contact_id, f.contact_id IS NOT NULL AS fresh,
-       l.status, l.relay, l.message_id, l.result, l.owner
+       l.status, l.result, l.owner
 FROM input i
 LEFT JOIN fresh f USING (campaign_id, step_id, contact_id)
 LEFT JOIN send_ledger l USING (campaign_id, step_id, contact_id);
@@ -112,7 +112,7 @@ SELECT value, state FROM blacklist_copy WHERE value = ANY($1::text[]) AND state 
 -- (Data-modifying CTEs always run to completion; no key appears in two of them.)
 -- Its commit does not wait for the WAL flush (synchronous_commit off for this transaction
 -- only): a crash of the *sender* loses nothing committed, and before a batch's offsets are
--- committed the handler makes everything durable with one flushing commit (ledger.flush).
+-- committed the handler makes everything durable with one flushing commit (Ledger.flush).
 -- Only a PostgreSQL crash can lose the last cycles, and what they recorded is then resent
 -- (same Message-ID) and re-reported: the ledger's at-least-once rule, ledger.py.
 WITH settings AS (
