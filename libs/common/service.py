@@ -52,6 +52,11 @@ class LazyContext(Generic[C]):
             self._made.append(self._make())
         return self._made[0]
 
+    @property
+    def made(self) -> C | None:
+        """The context if it has been made (a stop hook should not make one)."""
+        return self._made[0] if self._made else None
+
     def bind(self, handler: Callable[[C, list[Message]], Awaitable[None]]) -> Handler:
         @functools.wraps(handler)
         async def run(batch: list[Message]) -> None:

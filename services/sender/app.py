@@ -27,13 +27,7 @@ def build(settings: SenderSettings) -> Runtime:
     runtime = Runtime(
         settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori sender"
     )
-    made: list[Context] = []
-
-    def make() -> Context:
-        made.append(Context(settings, runtime.pool, runtime.publisher))
-        return made[0]
-
-    ctx = LazyContext(make)
+    ctx = LazyContext(lambda: Context(settings, runtime.pool, runtime.publisher))
     bind = ctx.bind
 
     runtime.consumers = [
@@ -60,7 +54,7 @@ def build(settings: SenderSettings) -> Runtime:
         await ctx().owner.hold()
 
     async def stop_delivery() -> None:
-        for context in made:
+        if (context := ctx.made) is not None:
             await context.stop()
 
     def setup_routes(app: web.Application) -> None:
