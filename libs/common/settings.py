@@ -107,6 +107,8 @@ class CommonSettings:
     # HMAC keys for signed tokens: "kid:secret,kid:secret"; the first one signs.
     signing_keys: str = env("TAYORI_SIGNING_KEYS", "dev:insecure-dev-signing-key", secret=True)
     public_base_url: str = env("TAYORI_PUBLIC_URL", "http://127.0.0.1:8082")
+    # Where the public tracking endpoints (/t/o, /t/c: bounce_processor) are reached.
+    tracking_base_url: str = env("TAYORI_TRACKING_URL", "http://127.0.0.1:8085")
     db_pool_size: int = env("DB_POOL_SIZE", 10)
     dlq_limit_ratio: float = env("DLQ_LIMIT_RATIO", 0.5)
     dlq_limit_min: int = env("DLQ_LIMIT_MIN", 100)

@@ -1,0 +1,96 @@
+"""Open and click tracking links (F-34), signed so that nobody can forge an open or a redirect.
+
+The sender puts, per recipient, an open pixel ``{tracking}/t/o/{token}`` and rewrites each
+http(s) link to ``{tracking}/t/c/{token}``; the bounce processor reads them back. A click
+token carries the destination URL *under the signature*: a redirect only ever goes to a URL
+that was in the mail we sent, so ``/t/c/`` is never an open redirect, and no lookup of the
+campaign's content is needed to answer a click.
+
+Tokens are :class:`~libs.common.tokens.Signer` tokens (keys from ``TAYORI_SIGNING_KEYS``, with
+a key id so keys rotate), one purpose each, so an open token is never accepted as a click.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from libs.common.tokens import BadToken, Signer
+
+OPEN = "open"
+CLICK = "click"
+TRACKABLE_SCHEMES = ("http", "https")
+#: the 1×1 transparent GIF the open endpoint answers with (43 bytes).
+PIXEL_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Whose mail was opened or clicked, and for a click where it goes."""
+
+    campaign_id: str
+    contact_id: int
+    url: str | None = None
+    step_id: str | None = None
+
+
+def trackable(url: str) -> bool:
+    """Whether a link is rewritten: absolute http(s) URLs only (never mailto:, tel:, #…)."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return False
+    return parts.scheme.lower() in TRACKABLE_SCHEMES and bool(parts.netloc)
+
+
+class TrackingLinks:
+    """Builds and reads tracking URLs for one public base URL."""
+
+    def __init__(self, signing_keys: str, base_url: str) -> None:
+        self._open = Signer(signing_keys, OPEN)
+        self._click = Signer(signing_keys, CLICK)
+        self._base = base_url.rstrip("/")
+
+    @staticmethod
+    def _claims(campaign_id: str, contact_id: int, step_id: str | None) -> dict[str, object]:
+        claims: dict[str, object] = {"m": campaign_id, "c": int(contact_id)}
+        if step_id:
+            claims["s"] = step_id
+        return claims
+
+    def open_url(self, campaign_id: str, contact_id: int, step_id: str | None = None) -> str:
+        token = self._open.sign(self._claims(campaign_id, contact_id, step_id))
+        return f"{self._base}/t/o/{token}"
+
+    def click_url(
+        self, campaign_id: str, contact_id: int, url: str, step_id: str | None = None
+    ) -> str:
+        """The tracked form of ``url``; ``url`` itself when it is not trackable."""
+        if not trackable(url):
+            return url
+        claims = self._claims(campaign_id, contact_id, step_id)
+        claims["u"] = url.strip()
+        return f"{self._base}/t/c/{self._click.sign(claims)}"
+
+    @staticmethod
+    def _target(claims: dict[str, object], url: str | None = None) -> TrackingTarget:
+        try:
+            campaign_id, contact_id = str(claims["m"]), int(claims["c"])  # type: ignore[call-overload]
+        except (KeyError, TypeError, ValueError):
+            raise BadToken() from None
+        step = claims.get("s")
+        return TrackingTarget(campaign_id, contact_id, url, str(step) if step else None)
+
+    def read_open(self, token: str) -> TrackingTarget:
+        """The mail an open token names; :class:`BadToken` for anything we did not issue."""
+        return self._target(self._open.verify(token))
+
+    def read_click(self, token: str) -> TrackingTarget:
+        """The mail and destination of a click token; :class:`BadToken` unless the signature
+        covers a trackable URL (so a redirect can only go where the mail pointed)."""
+        claims = self._click.verify(token)
+        url = claims.get("u")
+        if not isinstance(url, str) or not trackable(url):
+            raise BadToken()
+        return self._target(claims, url)
