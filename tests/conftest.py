@@ -3,7 +3,8 @@
 - ``stack`` (session): PostgreSQL (pgserver), the Tansu broker, started once.
 - ``database``: a fresh database cloned from a migrated template (fast: ~0.1 s).
 - ``prefix``: a topic prefix of this test's own, with every topic created.
-- ``contacts``: the contacts service running in this process against both.
+- ``contacts``: the contacts service running in this process against both (likewise
+  ``suppression``, ``scheduler``, ``exporter``, ``sender``).
 - ``kafka``: a publisher and a reader for this test's topics.
 - ``smtp_sink``: a real SMTP server on loopback storing into a Maildir.
 """
@@ -171,6 +172,24 @@ async def scheduler(
     """The scheduler, asking this test's contacts service for field definitions."""
     async with running(
         "scheduler", stack, database, prefix, contacts_url=contacts.api.base
+    ) as service:
+        yield service
+
+
+@pytest.fixture
+async def exporter(
+    stack: Stack, database: str, prefix: str, contacts: Service, tmp_path: Path
+) -> AsyncIterator[Service]:
+    """The exporter, streaming rows from this test's contacts service into ``tmp_path``.
+    A test that exports a campaign's recipients runs its own with ``scheduler_url``."""
+    async with running(
+        "exporter",
+        stack,
+        database,
+        prefix,
+        contacts_url=contacts.api.base,
+        export_dir=tmp_path / "exports",
+        sweep_seconds=0.2,
     ) as service:
         yield service
 

@@ -17,9 +17,12 @@ from services.contacts.models import CUSTOM_TYPES
 from services.contacts.processor import contact_json, contact_patch
 from services.contacts.search import MAX_LIMIT, compile_filter, compile_search
 from services.contacts.store import QUERIES
+from services.contacts.stream import stream_contacts
 from services.contacts.targets import load_saved_filters
 
 routes = web.RouteTableDef()
+#: bulk reads for other services (exports): CSV rows straight from COPY.
+routes.post("/v1/contacts/stream")(stream_contacts)
 
 
 def _ctx(request: web.Request) -> Context:
