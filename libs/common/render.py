@@ -13,6 +13,11 @@ The boundary is random per campaign and chosen so it does not occur in any stati
 body part is base64, whose alphabet (``A-Z a-z 0-9 + / =``) has no ``-``: a body line can never
 start with ``--``, so it can never be read as a delimiter line, whatever a recipient's values are.
 
+Open and click tracking (F-34), when a :class:`~libs.common.tracking.TrackingLinks` is given,
+keeps that shape: the links of each body part and the place of the open pixel are found once,
+when the campaign is built (:mod:`libs.common.links`); per recipient only each destination is
+signed (once, though it is in both parts) and joined in.
+
 The envelope (MAIL FROM, VERP return path) is the SMTP client's business; no Return-Path header
 is written here.
 """
@@ -30,8 +35,9 @@ from email.utils import formataddr, formatdate
 from html.parser import HTMLParser
 from typing import Literal
 
-from libs.common import mergetags
+from libs.common import links, mergetags
 from libs.common.errors import InvalidMessage
+from libs.common.tracking import RecipientLinks, TrackingLinks, trackable
 
 Format = Literal["text", "html"]
 
@@ -133,6 +139,10 @@ def _address(value: str, field: str) -> str:
     return clean
 
 
+def _untracked(url: str) -> str:
+    return url
+
+
 def _id_part(value: object) -> str:
     return _ID_UNSAFE.sub("", str(value)) or "0"
 
@@ -219,28 +229,9 @@ def html_to_text(source: str) -> str:
     return parser.text()
 
 
-# Merge tags survive the HTML → text conversion as private-use sentinels (no HTML meaning,
-# no whitespace, never produced by the parser) and are put back as tags afterwards.
-_SENTINEL_OPEN, _SENTINEL_CLOSE = "\ue000", "\ue001"
-_SENTINEL = re.compile(f"{_SENTINEL_OPEN}([0-9]+){_SENTINEL_CLOSE}")
-
-
 def text_template_from_html(template: mergetags.Template) -> mergetags.Template:
     """The text-part template of an HTML body template, merge tags kept in place."""
-    pieces = [template.literals[0].replace(_SENTINEL_OPEN, "")]
-    for index, literal in enumerate(template.literals[1:]):
-        pieces.append(f"{_SENTINEL_OPEN}{index}{_SENTINEL_CLOSE}")
-        pieces.append(literal.replace(_SENTINEL_OPEN, ""))
-    text = html_to_text("".join(pieces))
-    literals: list[str] = []
-    tags: list[mergetags.Tag] = []
-    position = 0
-    for match in _SENTINEL.finditer(text):
-        literals.append(text[position : match.start()])
-        tags.append(template.tags[int(match.group(1))])
-        position = match.end()
-    literals.append(text[position:])
-    return mergetags.Template(text, literals, tags)
+    return links.from_sentinels(html_to_text(links.with_sentinels(template)), template)
 
 
 class CampaignMessage:
@@ -249,6 +240,10 @@ class CampaignMessage:
     ``body`` and ``subject`` are merge-tag templates (:mod:`libs.common.mergetags`),
     validated by the scheduler when the campaign was created. ``headers`` are static extra
     headers added to every mail. ``now`` is injectable so tests get a fixed Date.
+
+    With ``tracking``, http(s) links of both parts become per-recipient click URLs (when
+    ``track_clicks``) and the HTML part gets an open pixel (when ``track_opens``); without it
+    (previews, test sends) the mail is exactly as written.
     """
 
     def __init__(
@@ -263,12 +258,16 @@ class CampaignMessage:
         body: str,
         headers: Mapping[str, str] | None = None,
         now: Callable[[], float] = time.time,
+        tracking: TrackingLinks | None = None,
+        track_opens: bool = True,
+        track_clicks: bool = True,
     ) -> None:
         if format not in ("text", "html"):
             raise InvalidMessage(f"format must be text or html, not {format!r}", field="format")
         if mergetags.escape_header(subject) != subject.strip():
             raise InvalidMessage("subject must be one line", field="subject")
         self.campaign_id = _id_part(campaign_id)
+        self._campaign = str(campaign_id)
         self.from_address = _address(from_address, "from_address")
         self.domain = self.from_address.rsplit("@", 1)[1]
         self.format = format
@@ -286,6 +285,16 @@ class CampaignMessage:
         else:
             self.html = None
             self.text = mergetags.parse(body)
+        self._tracking = tracking
+        clicks = tracking is not None and track_clicks
+        self._pixel = tracking is not None and track_opens and self.html is not None
+        tracks = tracking.tracks if tracking is not None else trackable
+        self._text_linked = links.linked_text(self.text, tracks, clicks=clicks)
+        self._html_linked = (
+            None
+            if self.html is None
+            else links.linked_html(self.html, tracks, clicks=clicks, pixel=self._pixel)
+        )
 
         static: list[str] = [
             SMTP.fold("From", formataddr((mergetags.escape_header(from_name), self.from_address)))
@@ -357,19 +366,21 @@ class CampaignMessage:
         message_id: str | None = None,
         headers: Mapping[str, str] | None = None,
         contact_id: str | int | None = None,
+        step_id: str | None = None,
     ) -> bytes:
         """The complete RFC 5322 message for one recipient, CRLF line endings.
 
         ``values`` feeds the merge tags (missing → ``""``); ``headers`` are this recipient's
         extra headers (``List-Unsubscribe``, ``List-Unsubscribe-Post``); their values are
         stripped of CR/LF. Without ``message_id`` one is generated from ``contact_id`` (or
-        ``values["contact_id"]``).
+        ``values["contact_id"]``), which also names the recipient in tracking links (with
+        ``step_id`` for a step mail).
         """
         address = _address(to, "to")
+        if contact_id is None:
+            contact_id = values.get("contact_id", "0")
         if message_id is None:
-            message_id = self.message_id(
-                contact_id if contact_id is not None else values.get("contact_id", "0")
-            )
+            message_id = self.message_id(contact_id)
         else:
             message_id = mergetags.escape_header(message_id)
         lines = [
@@ -389,15 +400,22 @@ class CampaignMessage:
                 _check_header_name(name)
                 lines.append(fold_unstructured(name, mergetags.escape_header(value)))
         lines.append(self._head)
-        text_body = _b64_body(self.text.render(values, "text"))
-        if self.html is None:
+        click: Callable[[str], str] = _untracked
+        pixel = ""
+        if self._tracking is not None:
+            recipient = RecipientLinks(self._tracking, self._campaign, int(contact_id), step_id)
+            click = recipient.click
+            if self._pixel:
+                pixel = recipient.pixel()
+        text_body = _b64_body(self._text_linked.render(values, click))
+        if self._html_linked is None:
             lines.append(text_body)
             lines.append(CRLF)
         else:
             lines.append(self._before_text)
             lines.append(text_body)
             lines.append(self._before_html)
-            lines.append(_b64_body(self.html.render(values, "html")))
+            lines.append(_b64_body(self._html_linked.render(values, click, pixel)))
             lines.append(self._closing)
         return "".join(lines).encode("utf-8")
 

@@ -13,6 +13,8 @@ a key id so keys rotate), one purpose each, so an open token is never accepted a
 from __future__ import annotations
 
 import base64
+import html
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -45,12 +47,22 @@ def trackable(url: str) -> bool:
 
 
 class TrackingLinks:
-    """Builds and reads tracking URLs for one public base URL."""
+    """Builds and reads tracking URLs for one public base URL.
 
-    def __init__(self, signing_keys: str, base_url: str) -> None:
+    ``untracked`` are URL prefixes never rewritten (the unsubscribe links ``{public}/u/``:
+    RFC 8058 and the reader expect the real one); our own tracking URLs are never tracked
+    twice.
+    """
+
+    def __init__(self, signing_keys: str, base_url: str, untracked: Iterable[str] = ()) -> None:
         self._open = Signer(signing_keys, OPEN)
         self._click = Signer(signing_keys, CLICK)
         self._base = base_url.rstrip("/")
+        self._untracked = (f"{self._base}/t/", *untracked)
+
+    def tracks(self, url: str) -> bool:
+        """Whether ``url`` is rewritten to a click URL."""
+        return trackable(url) and not url.strip().startswith(self._untracked)
 
     @staticmethod
     def _claims(campaign_id: str, contact_id: int, step_id: str | None) -> dict[str, object]:
@@ -66,8 +78,8 @@ class TrackingLinks:
     def click_url(
         self, campaign_id: str, contact_id: int, url: str, step_id: str | None = None
     ) -> str:
-        """The tracked form of ``url``; ``url`` itself when it is not trackable."""
-        if not trackable(url):
+        """The tracked form of ``url``; ``url`` itself when it is not tracked."""
+        if not self.tracks(url):
             return url
         claims = self._claims(campaign_id, contact_id, step_id)
         claims["u"] = url.strip()
@@ -94,3 +106,32 @@ class TrackingLinks:
         if not isinstance(url, str) or not trackable(url):
             raise BadToken()
         return self._target(claims, url)
+
+
+class RecipientLinks:
+    """The tracking of one recipient's mail: its open pixel, and each distinct destination
+    signed once (the same link is in the text and the HTML part)."""
+
+    __slots__ = ("_campaign_id", "_contact_id", "_links", "_signed", "_step_id")
+
+    def __init__(
+        self, links: TrackingLinks, campaign_id: str, contact_id: int, step_id: str | None = None
+    ) -> None:
+        self._links = links
+        self._campaign_id = campaign_id
+        self._contact_id = contact_id
+        self._step_id = step_id
+        self._signed: dict[str, str] = {}
+
+    def click(self, url: str) -> str:
+        signed = self._signed.get(url)
+        if signed is None:
+            signed = self._signed[url] = self._links.click_url(
+                self._campaign_id, self._contact_id, url, self._step_id
+            )
+        return signed
+
+    def pixel(self) -> str:
+        """The open pixel: a 1×1 image, hidden, with an empty alt (nothing shown or read)."""
+        url = self._links.open_url(self._campaign_id, self._contact_id, self._step_id)
+        return f'<img src="{html.escape(url)}" width="1" height="1" alt="" style="display:none">'
