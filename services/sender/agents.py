@@ -66,7 +66,9 @@ async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
             )
             continue
         try:
-            built = ctx.composer.campaign_message(request["campaign_id"], request["content"])
+            built = ctx.composer.campaign_message(
+                request["campaign_id"], request["content"], test=bool(request.get("test"))
+            )
         except InvalidMessage as exc:
             raise reject(message, exc.reason, exc.field) from None
         requests.setdefault(request_key(request), (request, built))

@@ -3,7 +3,12 @@
 A campaign's MIME is built once (:class:`~libs.common.render.CampaignMessage`) and kept in a
 small LRU keyed by the request's content (the content arrives in every request);
 per recipient only the merge values, the unsubscribe link and headers, the coupon token,
-the Message-ID and the VERP return path are made, and the result optionally DKIM-signed.
+the tracking links (F-34), the Message-ID and the VERP return path are made, and the result
+optionally DKIM-signed.
+
+Tracking is on unless the content switches it off (``track_opens`` / ``track_clicks``), and
+never in a test send (F-23: a test mail must not count as an open or click of anybody); the
+unsubscribe links ``{TAYORI_PUBLIC_URL}/u/`` are never rewritten.
 
 Message-IDs are stable: the same ledger row always gets the same one. A message resent
 because the sender cannot know whether its relay kept the first copy (ledger.py) is then
@@ -24,6 +29,7 @@ import dkim
 from libs.common.mergetags import COUPON_URL, UNSUBSCRIBE_URL
 from libs.common.render import CampaignMessage
 from libs.common.tokens import Signer
+from libs.common.tracking import TrackingLinks
 from libs.common.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
 from libs.common.verp import VerpAddresses
 from services.sender.settings import SenderSettings
@@ -40,7 +46,16 @@ def stable_message_id(campaign_id: str, step_id: str | None, contact_id: int, do
 
 
 #: the fields of a request's MailContent that make its mail (the render cache's key).
-CONTENT_FIELDS = ("from_address", "from_name", "reply_to", "subject", "format", "body")
+CONTENT_FIELDS = (
+    "from_address",
+    "from_name",
+    "reply_to",
+    "subject",
+    "format",
+    "body",
+    "track_opens",
+    "track_clicks",
+)
 
 #: headers a DKIM signature covers (those absent from a message are signed as absent).
 DKIM_HEADERS = (
@@ -85,14 +100,22 @@ class Composer:
         self.links = UnsubscribeLinks(settings.signing_keys, settings.public_base_url)
         self.coupons = Signer(settings.signing_keys, "coupon")
         self.verp = VerpAddresses(settings.signing_keys, settings.bounce_domain)
+        unsubscribe = settings.public_base_url.rstrip("/") + "/u/"
+        self.tracking = TrackingLinks(
+            settings.signing_keys, settings.tracking_base_url, untracked=(unsubscribe,)
+        )
         self.dkim = dkim_signer(settings)
-        self._messages: OrderedDict[tuple[str | None, ...], CampaignMessage] = OrderedDict()
+        self._messages: OrderedDict[tuple[object, ...], CampaignMessage] = OrderedDict()
 
-    def campaign_message(self, campaign_id: str, content: dict[str, Any]) -> CampaignMessage:
-        """The campaign's built MIME; raises InvalidMessage for content no mail can be made of."""
+    def campaign_message(
+        self, campaign_id: str, content: dict[str, Any], *, test: bool = False
+    ) -> CampaignMessage:
+        """The campaign's built MIME; raises InvalidMessage for content no mail can be made of.
+
+        ``test``: a test send's mail, never tracked."""
         # The content itself is the key (a tuple of its strings: hashing and comparing them
         # is a C scan, cheaper than serialising the content to hash it).
-        digest = (campaign_id, *(content.get(name) for name in CONTENT_FIELDS))
+        digest = (campaign_id, test, *(content.get(name) for name in CONTENT_FIELDS))
         message = self._messages.get(digest)
         if message is not None:
             self._messages.move_to_end(digest)
@@ -105,6 +128,9 @@ class Composer:
             subject=content["subject"],
             format=content["format"],
             body=content["body"],
+            tracking=None if test else self.tracking,
+            track_opens=content.get("track_opens", True),
+            track_clicks=content.get("track_clicks", True),
         )
         self._messages[digest] = message
         if len(self._messages) > self.settings.render_cache:
@@ -134,7 +160,14 @@ class Composer:
         message_id = stable_message_id(
             campaign_id, request.get("step_id"), contact_id, message.domain
         )
-        data = message.render(values, to=request["email"], message_id=message_id, headers=headers)
+        data = message.render(
+            values,
+            to=request["email"],
+            message_id=message_id,
+            headers=headers,
+            contact_id=contact_id,
+            step_id=request.get("step_id"),
+        )
         if self.dkim is not None:
             data = self.dkim.sign(data)
         return data, message_id, self.verp.address(campaign_id, contact_id)

@@ -12,12 +12,14 @@ import pytest
 
 from libs.common.smtp_reply import classify, enhanced_code, outcome_of
 from libs.common.tokens import BadToken, Signer
+from libs.common.tracking import TrackingLinks
 from libs.common.verp import VerpAddresses
 from services.sender.compose import Composer, DkimSigner
 from services.sender.settings import SenderSettings
 from services.sender.smtp import TERMINATOR, RateLimit, data_payload
 
 KEYS = "k1:secret-one,k0:secret-old"
+TRACKING = TrackingLinks(KEYS, "https://track.example")
 
 # A throw-away 1024-bit test key (dkim.verify's minimum), generated for this test only.
 TEST_KEY = """-----BEGIN RSA PRIVATE KEY-----
@@ -156,7 +158,11 @@ async def test_rate_limit_spaces_messages() -> None:
 
 
 def settings(**overrides: Any) -> SenderSettings:
-    values: dict[str, Any] = dict(signing_keys=KEYS, public_base_url="https://t.example")
+    values: dict[str, Any] = dict(
+        signing_keys=KEYS,
+        public_base_url="https://t.example",
+        tracking_base_url="https://track.example",
+    )
     values.update(overrides)
     return SenderSettings(**values)
 
@@ -202,10 +208,13 @@ def test_composing_a_campaign_mail() -> None:
     assert isinstance(html_part, bytes)
     html = html_part.decode()
     assert url in html
-    coupon = html.split("href='")[1].split("'")[0]
-    assert coupon.startswith("https://shop.example/c?code=X&amp;t=")
+    # The coupon link is tracked (F-34): its click token carries the signed coupon URL.
+    click = html.split("href='")[1].split("'")[0]
+    coupon = TRACKING.read_click(click.removeprefix("https://track.example/t/c/")).url
+    assert coupon is not None and coupon.startswith("https://shop.example/c?code=X&t=")
     token = coupon.split("t=")[1]
     claims = Signer(KEYS, "coupon").verify(token)
+    assert "https://track.example/t/o/" in html  # the open pixel
     assert claims == {"m": request()["campaign_id"], "c": 42}
     target = VerpAddresses(KEYS, "bounce.example").read(mail_from)
     assert (target.campaign_id, target.contact_id) == (request()["campaign_id"], 42)
@@ -214,6 +223,26 @@ def test_composing_a_campaign_mail() -> None:
     assert composer.campaign_message(r2["campaign_id"], r2["content"]) is (
         composer.campaign_message(request()["campaign_id"], request()["content"])
     )
+
+
+def html_of(data: bytes) -> str:
+    parts = email.message_from_bytes(data).get_payload()
+    assert isinstance(parts, list)
+    payload = parts[1].get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    return payload.decode()
+
+
+def test_test_sends_and_switched_off_campaigns_are_not_tracked() -> None:
+    composer = Composer(settings())
+    tracked = request()
+    test = request(test=True, step_id="test:abc:0")
+    switched_off = request(content={**tracked["content"], "track_opens": False})
+    built = composer.campaign_message(test["campaign_id"], test["content"], test=True)
+    assert built is not composer.campaign_message(tracked["campaign_id"], tracked["content"])
+    assert "track.example" not in html_of(composer.campaign_mail(built, test)[0])
+    html = html_of(compose(composer, switched_off)[0])
+    assert "/t/o/" not in html and "/t/c/" in html
 
 
 def test_no_group_means_no_unsubscribe_headers() -> None:
