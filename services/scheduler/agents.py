@@ -5,6 +5,8 @@
   end marker decides between scheduled (planned = total) and failed.
 - ``delivery.results``: each result id counted once; the first result of a recipient
   decides its ledger row; counters move the status (sent) or halt the campaign (F-26).
+- ``feedback.events``: opens and clicks of a campaign's recipients, each event id counted
+  once in the totals, the first of each kind per recipient in the unique counts (F-34).
 """
 
 from __future__ import annotations
@@ -147,3 +149,22 @@ async def handle_results(ctx: Context, batch: list[Message]) -> None:
                 await store.transition(
                     conn, campaign_id, "sent", now, "every recipient has a result"
                 )
+
+
+async def handle_feedback(ctx: Context, batch: list[Message]) -> None:
+    """``feedback.events`` → campaign statistics (opens, clicks, unique opens and clicks)."""
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        fresh = await claim_once(conn, batch, lambda m: m.value["event_id"])
+        tallies = processor.feedback_tallies(m.value for m in fresh)
+        if not tallies:
+            return
+        # Campaign rows first, in id order, as the results handler locks them.
+        await conn.fetch(QUERIES["lock-campaigns"], sorted({t.campaign_id for t in tallies}))
+        await conn.execute(
+            QUERIES["record-feedback"],
+            [t.campaign_id for t in tallies],
+            [t.contact_id for t in tallies],
+            [t.kind for t in tallies],
+            [t.count for t in tallies],
+            [t.first_at for t in tallies],
+        )

@@ -132,7 +132,8 @@ async def create_campaign(request: web.Request) -> web.Response:
 
     Body: {name, category_id, target: {group_id?, filter?, saved_filter_id?}, from_address,
     from_name?, reply_to?, subject, format: text|html, body, coupon_url?, dedupe: none|by_email,
-    include_unsubscribed?, scheduled_at (ISO 8601 with offset, ≥ now + 3 min)}."""
+    include_unsubscribed?, track_opens? and track_clicks? (F-34, default true), scheduled_at
+    (ISO 8601 with offset, ≥ now + 3 min)}."""
     ctx = _ctx(request)
     body = await read_json(request)
     now = ctx.clock.now()
@@ -190,8 +191,8 @@ async def list_campaigns(request: web.Request) -> web.Response:
 
 @routes.get("/v1/campaigns/{id}")
 async def get_campaign(request: web.Request) -> web.Response:
-    """One campaign with its status, counters (planned, success, error, suppressed, unsent)
-    and status history."""
+    """One campaign with its status, counters (planned, success, error, suppressed, unsent),
+    statistics (opens, clicks, unique_opens, unique_clicks) and status history."""
     async with _ctx(request).pool.acquire() as conn:
         row = await store.get_campaign(conn, request.match_info["id"])
         history = await conn.fetch(QUERIES["history"], row["id"])

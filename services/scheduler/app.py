@@ -1,6 +1,7 @@
 """The scheduler service: its topics, consumers, routes and release loop in one place.
 
-Inputs: HTTP API, campaign.recipients (snapshot answers), delivery.results, the clock.
+Inputs: HTTP API, campaign.recipients (snapshot answers), delivery.results, feedback.events
+(campaign statistics), the clock.
 Outputs: snapshot.requests and campaign.control through the outbox; send.requests
 published directly by the release loop (acknowledged before rows are marked released)
 and, for test sends, through the outbox.
@@ -39,6 +40,7 @@ def build(settings: SchedulerSettings) -> Runtime:
             bind(agents.handle_results),
             max_records=5000,
         ),
+        ConsumerSpec("scheduler.feedback", [Topic.FEEDBACK_EVENTS], bind(agents.handle_feedback)),
     ]
 
     async def release_loop() -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Collection, Mapping
+import uuid
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +175,10 @@ def validate_campaign(
         raise InvalidMessage(
             "include_unsubscribed must be true or false", field="include_unsubscribed"
         )
+    tracking = {name: body.get(name, True) for name in ("track_opens", "track_clicks")}
+    for name, value in tracking.items():
+        if not isinstance(value, bool):
+            raise InvalidMessage(f"{name} must be true or false", field=name)
     if body.get("scheduled_at") is None:
         raise InvalidMessage("scheduled_at is required (no immediate send)", field="scheduled_at")
     scheduled_at = parse_time(body["scheduled_at"], "scheduled_at")
@@ -206,6 +211,7 @@ def validate_campaign(
         "dedupe": dedupe,
         "include_unsubscribed": include_unsubscribed,
         "scheduled_at": scheduled_at,
+        **tracking,
     }
 
 
@@ -263,6 +269,39 @@ def halt_reason(counters: Counters, threshold: float) -> str:
     )
 
 
+# Feedback (F-34) ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeedbackTally:
+    """The opens or clicks of one recipient of one campaign in a batch."""
+
+    campaign_id: uuid.UUID
+    contact_id: int
+    kind: str
+    count: int
+    first_at: dt.datetime
+
+
+def feedback_tallies(events: Iterable[Mapping[str, Any]]) -> list[FeedbackTally]:
+    """``feedback.events`` (each once: already deduplicated by event id) grouped per
+    (campaign, contact, kind): how many, and the first. Events naming no campaign UUID are
+    left out (nothing of ours to count them for)."""
+    grouped: dict[tuple[uuid.UUID, int, str], tuple[int, dt.datetime]] = {}
+    for event in events:
+        try:
+            campaign_id = uuid.UUID(str(event["campaign_id"]))
+        except ValueError:
+            continue
+        key = (campaign_id, int(event["contact_id"]), str(event["type"]))
+        at: dt.datetime = event["occurred_at"]
+        count, first = grouped.get(key, (0, at))
+        grouped[key] = (count + 1, min(first, at))
+    return [
+        FeedbackTally(c, contact, kind, n, at) for (c, contact, kind), (n, at) in grouped.items()
+    ]
+
+
 # Published records ----------------------------------------------------------------------------
 
 
@@ -277,6 +316,8 @@ def content_of(campaign: Mapping[str, Any], *, test: bool = False) -> dict[str, 
         "format": campaign["format"],
         "body": campaign["body"],
         "coupon_url": campaign["coupon_url"],
+        "track_opens": campaign["track_opens"],
+        "track_clicks": campaign["track_clicks"],
     }
 
 

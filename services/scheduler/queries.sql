@@ -28,8 +28,9 @@ DELETE FROM category WHERE id = $1 RETURNING id;
 -- name: insert-campaign
 INSERT INTO campaign (id, name, category_id, group_id, filter, saved_filter_id, from_address,
     from_name, reply_to, subject, format, body, coupon_url, dedupe, include_unsubscribed,
-    scheduled_at, created_by, created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+    scheduled_at, track_opens, track_clicks, created_by, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
+    $20)
 RETURNING *;
 
 -- name: campaign
@@ -172,3 +173,38 @@ SELECT DISTINCT jsonb_object_keys(merge_values) AS key FROM recipient WHERE camp
 -- name: ledger
 SELECT seq, contact_id, email, group_id, membership_state, merge_values
 FROM recipient WHERE campaign_id = $1 ORDER BY seq;
+
+-- Feedback (F-34) --------------------------------------------------------------------------------
+
+-- name: record-feedback
+-- One batch of opens and clicks, already deduplicated by event id and grouped per
+-- (campaign, contact, kind) with their count and first time. Only recipients of a campaign's
+-- frozen list count; the first event of a kind per recipient is unique. Returns the
+-- campaigns whose counters moved.
+WITH x AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bigint[], $5::timestamptz[])
+        AS x (campaign_id, contact_id, kind, n, first_at)
+), mine AS (
+    SELECT x.* FROM x
+    JOIN recipient r ON r.campaign_id = x.campaign_id AND r.contact_id = x.contact_id
+), firsts AS (
+    INSERT INTO recipient_feedback (campaign_id, contact_id, kind, first_at)
+    SELECT campaign_id, contact_id, kind, first_at FROM mine
+    ON CONFLICT DO NOTHING
+    RETURNING campaign_id, kind
+), added AS (
+    SELECT m.campaign_id,
+        sum(m.n) FILTER (WHERE m.kind = 'open') AS opens,
+        sum(m.n) FILTER (WHERE m.kind = 'click') AS clicks,
+        (SELECT count(*) FROM firsts f WHERE f.campaign_id = m.campaign_id AND f.kind = 'open')
+            AS unique_opens,
+        (SELECT count(*) FROM firsts f WHERE f.campaign_id = m.campaign_id AND f.kind = 'click')
+            AS unique_clicks
+    FROM mine m GROUP BY m.campaign_id
+)
+UPDATE campaign c SET opens = c.opens + COALESCE(a.opens, 0),
+    clicks = c.clicks + COALESCE(a.clicks, 0),
+    unique_opens = c.unique_opens + a.unique_opens,
+    unique_clicks = c.unique_clicks + a.unique_clicks
+FROM added a WHERE c.id = a.campaign_id
+RETURNING c.id;

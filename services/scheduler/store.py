@@ -120,6 +120,13 @@ def campaign_json(row: Mapping[str, Any], history: list[Any] | None = None) -> d
         "suppressed": c.suppressed,
         "unsent": c.unsent,
         "released": row["released"],
+        # Statistics (F-34): every open and click, and recipients who opened / clicked.
+        "opens": row["opens"],
+        "clicks": row["clicks"],
+        "unique_opens": row["unique_opens"],
+        "unique_clicks": row["unique_clicks"],
+        "track_opens": row["track_opens"],
+        "track_clicks": row["track_clicks"],
         "created_by": row["created_by"],
         "created_at": row["created_at"],
         "reserved_at": row["reserved_at"],

@@ -384,6 +384,8 @@ async def test_reserve_release_count_and_finish(scheduler, contacts, kafka):
         "format": "text",
         "body": body["body"],
         "coupon_url": None,
+        "track_opens": True,
+        "track_clicks": True,
     }
     assert first["merge_values"]["name"] == "顧客 0" and first["merge_values"]["company"] == "会社0"
     assert (first["email"], first["group_id"], first["attempt"], first["test"]) == (

@@ -165,6 +165,9 @@ def test_test_content_is_prefixed() -> None:
         "format": "text",
         "body": "b",
         "coupon_url": None,
+        "track_opens": True,
+        "track_clicks": False,
     }
     assert processor.content_of(campaign, test=True)["subject"] == "[TEST] 件名"
+    assert processor.content_of(campaign)["track_clicks"] is False
     assert processor.content_of(campaign)["from_name"] is None
