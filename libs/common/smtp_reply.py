@@ -1,4 +1,4 @@
-"""What an SMTP reply means for one message (pure; the sender uses it, bounce rules will grow it).
+"""What an SMTP reply means for one message (pure; the sender uses it).
 
 A reply is read per stage of one SMTP transaction (``mail``, ``rcpt``, ``data`` for the 354
 before the content, ``end`` for the reply to the end of data):
@@ -8,24 +8,29 @@ before the content, ``end`` for the reply to the end of data):
   channel), not the message: reconnect or fail over and send the message again.
 - other 4xx: a temporary refusal of this message: retry it later, a bounded number of times,
   then report ``temporary_error``.
-- 5xx with an enhanced code in class 5.7 (security or policy, RFC 3463): ``policy_error``.
+- 5xx that :mod:`libs.common.bounce_class` classifies as ``policy`` (an enhanced code in
+  class 5.7, security or policy, RFC 3463; or policy wording without a code):
+  ``policy_error``.
 - other 5xx: ``permanent_error``.
 
 The enhanced status code (RFC 3463 ``class.subject.detail``) is read from the start of the
-reply text when present (``550 5.1.1 <a@b>: user unknown``).
+reply text when present (``550 5.1.1 <a@b>: user unknown``). What a failure means for the
+recipient (hard, soft, policy) is :mod:`libs.common.bounce_class`'s decision, shared with
+the bounce processor's reading of DSNs.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
+
+from libs.common import bounce_class
+from libs.common.bounce_class import leading_enhanced_code
 
 Verdict = Literal[
     "ok", "relay_problem", "retry", "temporary_error", "permanent_error", "policy_error"
 ]
 
-_ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 DIAGNOSTIC_LIMIT = 500
 
 
@@ -47,8 +52,7 @@ class Reply:
 
 def enhanced_code(text: str) -> str | None:
     """The RFC 3463 code at the start of a reply text (``"5.1.1"``), if any."""
-    match = _ENHANCED.match(text)
-    return ".".join(match.groups()) if match else None
+    return leading_enhanced_code(text)
 
 
 def classify(code: int, text: str, *, final: bool = False) -> Reply:
@@ -62,8 +66,8 @@ def classify(code: int, text: str, *, final: bool = False) -> Reply:
     elif 400 <= code < 500:
         verdict = "temporary_error" if final else "retry"
     elif 500 <= code < 600:
-        policy = enhanced is not None and enhanced.startswith("5.7.")
-        verdict = "policy_error" if policy else "permanent_error"
+        meaning = bounce_class.classify(enhanced=enhanced, reply_code=code, text=text)
+        verdict = "policy_error" if meaning == "policy" else "permanent_error"
     else:  # not an SMTP reply code: the relay is confused, not the message
         verdict = "relay_problem"
     return Reply(code, text, verdict, enhanced)
