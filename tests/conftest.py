@@ -205,6 +205,28 @@ async def sender(
         yield service
 
 
+async def _listening(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
+
+
+@pytest.fixture
+async def bounce_processor(stack: Stack, database: str, prefix: str) -> AsyncIterator[Service]:
+    """The bounce processor, its inbound SMTP listener on a free loopback port
+    (``service.runtime.settings.smtp_port``)."""
+    port = free_port()
+    async with running(
+        "bounce_processor", stack, database, prefix, smtp_host="127.0.0.1", smtp_port=port
+    ) as service:
+        await eventually(lambda: _listening(port))
+        yield service
+
+
 class Kafka:
     """Publish to and read from this test's topics."""
 

@@ -36,8 +36,9 @@ SOFT: frozenset[str] = frozenset({"temporary_error"})
 #: ``5.1.1`` at the start of a reply text (where RFC 2034 puts it).
 _LEADING_ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 #: an enhanced code anywhere (DSN Diagnostic-Code, bounce prose), not inside a version
-#: number or an IP address.
-_ANY_ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.]*\d)")
+#: number or an IP address; here the subject is one of the registered 0-7 (RFC 3463), so
+#: "Exim 4.96.2" is not read as a code.
+_ANY_ENHANCED = re.compile(r"(?<![\d.])([245])\.([0-7])\.(\d{1,3})(?![\d.]*\d)")
 #: a reply code at the start of a line or after ``smtp;`` (``smtp; 550 ...``).
 _REPLY_CODE = re.compile(r"(?:^|;|\n)\s*([245]\d\d)(?=[\s-]|$)")
 

@@ -1,0 +1,149 @@
+"""HTTP views of the bounce processor: public tracking (F-34) and operator reads.
+
+Public:
+
+- ``GET /t/o/{token}``: the open pixel. Always 200 with the 1×1 GIF and no-cache headers,
+  also for a token we did not issue (then nothing is recorded): a broken image in a mail
+  client tells nobody anything useful, and a different answer would let a scanner tell
+  good tokens from bad ones.
+- ``GET /t/c/{token}``: 302 to the destination signed inside the token
+  (:meth:`TrackingLinks.read_click`) — only ever a URL that was in the mail we sent; any
+  other token is 404, never a redirect.
+
+A valid hit is committed (a group commit with the hits of concurrent requests) before the
+answer, and published on ``feedback.events`` through the outbox. If the database cannot
+take it, the reader still gets the pixel or the redirect: their mail client is not the
+place to report our outage (the hit is lost, and logged).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from aiohttp import web
+
+from libs.common.errors import NotFound, TransientError
+from libs.common.http import json_response, public, requires
+from libs.common.logging import get_logger
+from libs.common.metrics import TRACKING_HITS
+from libs.common.tokens import BadToken
+from libs.common.tracking import PIXEL_GIF, TrackingTarget
+from services.bounce_processor.context import CONTEXT, Context
+from services.bounce_processor.store import QUERIES, Hit
+
+log = get_logger(__name__)
+routes = web.RouteTableDef()
+
+#: User-Agent kept with a hit (it travels on feedback.events).
+USER_AGENT_LIMIT = 256
+NO_CACHE = {
+    "Cache-Control": "no-store, no-cache, must-revalidate, private",
+    "Pragma": "no-cache",
+    "Expires": "0",
+}
+
+
+def _ctx(request: web.Request) -> Context:
+    return request.app[CONTEXT]
+
+
+async def _record(request: web.Request, kind: str, target: TrackingTarget) -> None:
+    agent = request.headers.get("User-Agent")
+    hit = Hit(
+        kind=kind,
+        campaign_id=target.campaign_id,
+        contact_id=target.contact_id,
+        occurred_at=dt.datetime.now(dt.UTC),
+        url=target.url,
+        user_agent=agent[:USER_AGENT_LIMIT] if agent else None,
+    )
+    try:
+        await _ctx(request).hit_writer.write(hit)
+    except TransientError as exc:
+        TRACKING_HITS.labels(kind, "not_stored").inc()
+        log.warning("tracking_hit_not_stored", kind=kind, error=str(exc))
+        return
+    TRACKING_HITS.labels(kind, "recorded").inc()
+
+
+@routes.get("/t/o/{token}")
+@public
+async def open_pixel(request: web.Request) -> web.Response:
+    """Open pixel (public): a 1×1 GIF, always; records an open for a valid token."""
+    try:
+        target = _ctx(request).links.read_open(request.match_info["token"])
+    except BadToken:
+        TRACKING_HITS.labels("open", "bad_token").inc()
+    else:
+        await _record(request, "open", target)
+    return web.Response(body=PIXEL_GIF, content_type="image/gif", headers=NO_CACHE)
+
+
+@routes.get("/t/c/{token}")
+@public
+async def click(request: web.Request) -> web.Response:
+    """Click redirect (public): 302 to the signed destination; 404 for any other token."""
+    try:
+        target = _ctx(request).links.read_click(request.match_info["token"])
+    except BadToken:
+        TRACKING_HITS.labels("click", "bad_token").inc()
+        return web.Response(status=404, text="Not found\n", headers=NO_CACHE)
+    await _record(request, "click", target)
+    assert target.url is not None  # read_click refuses a token without one
+    return web.Response(status=302, headers={"Location": target.url, **NO_CACHE})
+
+
+@routes.get("/v1/campaigns/{campaign_id}/engagement")
+@requires("viewer")
+async def campaign_engagement(request: web.Request) -> web.Response:
+    """Opens, clicks, unique opens and unique clicks of one campaign (F-34)."""
+    campaign_id = request.match_info["campaign_id"]
+    rows = await _ctx(request).pool.fetch(QUERIES["campaign-engagement"], campaign_id)
+    by_kind = {r["kind"]: r for r in rows}
+
+    def figure(kind: str, column: str) -> int:
+        return int(by_kind[kind][column]) if kind in by_kind else 0
+
+    return json_response(
+        {
+            "campaign_id": campaign_id,
+            "opens": figure("open", "hits"),
+            "clicks": figure("click", "hits"),
+            "unique_opens": figure("open", "people"),
+            "unique_clicks": figure("click", "people"),
+        }
+    )
+
+
+@routes.get("/v1/contacts/{contact_id}/delivery")
+@requires("viewer")
+async def contact_delivery(request: web.Request) -> web.Response:
+    """A contact's delivery status, consecutive soft bounces and latest bounces (F-31, F-32)."""
+    try:
+        contact_id = int(request.match_info["contact_id"])
+    except ValueError:
+        raise NotFound("no such contact") from None
+    async with _ctx(request).pool.acquire() as conn:
+        state = await conn.fetchrow(QUERIES["contact-state"], contact_id)
+        bounces = await conn.fetch(QUERIES["contact-bounces"], contact_id)
+    return json_response(
+        {
+            "contact_id": contact_id,
+            "delivery_status": state["delivery_status"] if state else "unconfirmed",
+            "soft_streak": state["soft_streak"] if state else 0,
+            "updated_at": state["updated_at"] if state else None,
+            "bounces": [dict(b) for b in bounces],
+        }
+    )
+
+
+@routes.get("/v1/inbound/rejected")
+@requires("operator")
+async def rejected_mail(request: web.Request) -> web.Response:
+    """Inbound mail kept because it could not be attributed or read, newest first (?limit=)."""
+    try:
+        limit = max(1, min(int(request.query.get("limit", "100")), 1000))
+    except ValueError:
+        limit = 100
+    rows = await _ctx(request).pool.fetch(QUERIES["rejected-inbound"], limit)
+    return json_response({"items": [dict(r) for r in rows]})
