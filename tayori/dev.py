@@ -95,6 +95,11 @@ class Dev:
         # definitions, and unsubscribe links in mail point at suppression's public pages.
         env.setdefault("CONTACTS_URL", f"http://127.0.0.1:{port('contacts')}")
         env.setdefault("TAYORI_PUBLIC_URL", f"http://127.0.0.1:{port('suppression')}")
+        # The bounce processor's inbound SMTP (the VERP return path). Nothing routes the
+        # sender's BOUNCE_DOMAIN here on one machine: send DSNs to it by hand to try it.
+        env.setdefault("TAYORI_TRACKING_URL", f"http://127.0.0.1:{port('bounce_processor')}")
+        env.setdefault("BOUNCE_SMTP_HOST", "127.0.0.1")
+        env.setdefault("BOUNCE_SMTP_PORT", str(port("bounce_smtp")))
         asyncio.run(ensure_topics(env["KAFKA_BOOTSTRAP"], env.get("KAFKA_TOPIC_PREFIX", "")))
         for name in IMPLEMENTED:
             app, _ = _service_parts(name)
@@ -133,6 +138,11 @@ class Dev:
             if n not in IMPLEMENTED and n not in ("bounce_smtp", "smtp_sink", "kafka")
         ]
         lines.append(f"  not yet built:    {', '.join(pending)}")
+        if "bounce_processor" in IMPLEMENTED:
+            lines.append(
+                f"  bounce smtp       127.0.0.1:{env['BOUNCE_SMTP_PORT']}"
+                f"  (VERP return path, domain {env.get('BOUNCE_DOMAIN', 'bounces.localhost')})"
+            )
         lines.append(
             f"  kafka             {env['KAFKA_BOOTSTRAP']}{' (embedded)' if self.broker else ''}"
         )

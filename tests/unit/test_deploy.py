@@ -58,6 +58,8 @@ TARGET_LABELS = {"namespace", "pod", "job", "instance", "service", "container", 
 STANDARD_ROUTES = ("/healthz", "/readyz", "/metrics", "/openapi.json")
 #: Port every Tayori container listens on (HTTP_PORT in containers).
 CONTAINER_PORT = 8080
+#: the inbound SMTP port of the bounce processor (BOUNCE_SMTP_PORT in containers).
+BOUNCE_SMTP_PORT = 2525
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 PROM_DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
 
@@ -110,6 +112,11 @@ def _one(kind: str, name: str) -> dict[str, Any]:
 CORE = [item for item in RESOURCES if not _is_crd(item[1])]
 CUSTOM = [item for item in RESOURCES if _is_crd(item[1])]
 DEPLOYMENTS = _of_kind("Deployment")
+
+
+def _name(service: str) -> str:
+    """The Kubernetes name of a service's resources (DNS names have no underscore)."""
+    return f"tayori-{service.replace('_', '-')}"
 
 
 def _pod_spec(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -188,7 +195,7 @@ def test_base_holds_every_kind_the_spec_names() -> None:
     }
     assert expected <= kinds, f"missing kinds: {sorted(expected - kinds)}"
     for service in IMPLEMENTED:
-        assert _one("Deployment", f"tayori-{service}")
+        assert _one("Deployment", _name(service))
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -348,16 +355,16 @@ def test_deployments_run_exactly_the_implemented_services() -> None:
 
 @pytest.mark.parametrize("service", IMPLEMENTED)
 def test_every_implemented_service_is_deployed(service: str) -> None:
-    deployment = _one("Deployment", f"tayori-{service}")
+    deployment = _one("Deployment", _name(service))
     assert _component(deployment) == service
     spec = _pod_spec(deployment)
     assert [c.get("args") for c in spec.get("initContainers", [])] == [["migrate", service]], (
-        f"tayori-{service} does not run `tayori migrate {service}` in an initContainer"
+        f"{_name(service)} does not run `tayori migrate {service}` in an initContainer"
     )
     assert [c.get("args") for c in spec["containers"]] == [[service]]
     # Named tayori-<service>: the TargetDown alert and the dashboards match the job on it.
-    assert [s["metadata"]["name"] for s in _services_of(deployment)] == [f"tayori-{service}"]
-    assert [p["metadata"]["name"] for p in _pdbs_of(deployment)] == [f"tayori-{service}"]
+    assert [s["metadata"]["name"] for s in _services_of(deployment)] == [_name(service)]
+    assert [p["metadata"]["name"] for p in _pdbs_of(deployment)] == [_name(service)]
 
 
 @pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d["metadata"]["name"])
@@ -475,14 +482,15 @@ def _ingress_matches(path: dict[str, Any], request_path: str) -> bool:
     return elements[: len(prefix)] == prefix
 
 
-def test_ingress_exposes_only_the_unsubscribe_pages_of_suppression() -> None:
+def test_ingress_exposes_only_the_unsubscribe_and_tracking_pages() -> None:
     ingresses = _of_kind("Ingress")
     assert len(ingresses) == 1, f"expected one Ingress, found {len(ingresses)}"
     spec = ingresses[0]["spec"]
     assert "defaultBackend" not in spec, "a default backend exposes every other path"
     paths = _ingress_paths()
     assert [(p["path"], p["pathType"], p["backend"]["service"]["name"]) for _, p in paths] == [
-        ("/u/", "Prefix", "tayori-suppression")
+        ("/u/", "Prefix", "tayori-suppression"),
+        ("/t/", "Prefix", "tayori-bounce-processor"),
     ]
     for host, path in paths:
         assert host and "*" not in host, f"{path['path']}: give the rule one explicit host"
@@ -512,7 +520,7 @@ def test_ingress_routes_exactly_the_public_routes(service: str) -> None:
     to_service = [
         path
         for _, path in _ingress_paths()
-        if path["backend"]["service"]["name"] == f"tayori-{service}"
+        if path["backend"]["service"]["name"] == _name(service)
     ]
     for method, route, public in _routes(service):
         exposed = any(_ingress_matches(path, route) for path in to_service)
@@ -905,7 +913,8 @@ def test_compose_service_and_its_migration(name: str) -> None:
     assert f":{CONTAINER_PORT}/readyz" in str(service["healthcheck"]["test"])
     # The shared anchor: same settings for every service and its migration.
     assert service["environment"] == migrate["environment"] == services["contacts"]["environment"]
-    assert [container for _, container in _published(service)] == [CONTAINER_PORT]
+    extra = [BOUNCE_SMTP_PORT] if name == "bounce_processor" else []  # its inbound SMTP
+    assert [container for _, container in _published(service)] == [CONTAINER_PORT, *extra]
 
 
 def test_compose_host_ports_are_unique() -> None:
