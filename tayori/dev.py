@@ -95,9 +95,10 @@ class Dev:
         # definitions, and unsubscribe links in mail point at suppression's public pages.
         env.setdefault("CONTACTS_URL", f"http://127.0.0.1:{port('contacts')}")
         env.setdefault("TAYORI_PUBLIC_URL", f"http://127.0.0.1:{port('suppression')}")
-        # The bounce processor's inbound SMTP (the VERP return path). Nothing routes the
-        # sender's BOUNCE_DOMAIN here on one machine: send DSNs to it by hand to try it.
+        # Open pixel and click links in mail point at the bounce processor's public pages.
         env.setdefault("TAYORI_TRACKING_URL", f"http://127.0.0.1:{port('bounce_processor')}")
+        # Its inbound SMTP (the VERP return path). Nothing routes the sender's BOUNCE_DOMAIN
+        # here on one machine: send DSNs to it by hand to try it.
         env.setdefault("BOUNCE_SMTP_HOST", "127.0.0.1")
         env.setdefault("BOUNCE_SMTP_PORT", str(port("bounce_smtp")))
         asyncio.run(ensure_topics(env["KAFKA_BOOTSTRAP"], env.get("KAFKA_TOPIC_PREFIX", "")))
