@@ -19,7 +19,7 @@ from libs.common.settings import CommonSettings
 
 SERVICES = ("contacts", "suppression", "scheduler", "sender", "bounce_processor", "exporter")
 #: services that exist as code today; `tayori dev` starts these.
-IMPLEMENTED = ("contacts", "suppression", "scheduler", "sender", "bounce_processor")
+IMPLEMENTED = ("contacts", "suppression", "scheduler", "sender", "bounce_processor", "exporter")
 
 
 def _service_parts(name: str) -> tuple[ModuleType, type[CommonSettings]]:

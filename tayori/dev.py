@@ -94,6 +94,11 @@ class Dev:
         # Services find each other on the dev ports: the scheduler asks contacts for field
         # definitions, and unsubscribe links in mail point at suppression's public pages.
         env.setdefault("CONTACTS_URL", f"http://127.0.0.1:{port('contacts')}")
+        # The exporter reads campaign recipient lists from the scheduler, writes its files
+        # under $TAYORI_HOME/exports and puts its own address in the download links.
+        env.setdefault("SCHEDULER_URL", f"http://127.0.0.1:{port('scheduler')}")
+        env.setdefault("EXPORT_DIR", str(self.home / "exports"))
+        env.setdefault("EXPORTER_PUBLIC_URL", f"http://127.0.0.1:{port('exporter')}")
         env.setdefault("TAYORI_PUBLIC_URL", f"http://127.0.0.1:{port('suppression')}")
         # Open pixel and click links in mail point at the bounce processor's public pages.
         env.setdefault("TAYORI_TRACKING_URL", f"http://127.0.0.1:{port('bounce_processor')}")
