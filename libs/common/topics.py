@@ -18,6 +18,7 @@ class Topic(StrEnum):
     CAMPAIGN_RECIPIENTS = "campaign.recipients"
     SEND_REQUESTS = "send.requests"
     CAMPAIGN_CONTROL = "campaign.control"
+    CAMPAIGN_CONTENT = "campaign.content"
     DELIVERY_RESULTS = "delivery.results"
     FEEDBACK_EVENTS = "feedback.events"
     BOUNCE_EVENTS = "bounce.events"
@@ -32,7 +33,7 @@ class Topic(StrEnum):
 
     @property
     def compacted(self) -> bool:
-        return self is Topic.CONTACTS_CHANGELOG
+        return self in (Topic.CONTACTS_CHANGELOG, Topic.CAMPAIGN_CONTENT)
 
 
 #: Partitions per topic when Tayori creates them (the embedded broker, tests).

@@ -26,6 +26,8 @@ class Context:
     ticks: int = 0
     #: per-campaign token buckets of the paced release (process-local).
     buckets: dict[str, Any] = field(default_factory=dict)
+    #: content ids this process has published on campaign.content (acknowledged).
+    published_contents: set[str] = field(default_factory=set)
     #: releases per second and campaign; starts as SCHEDULER_RELEASE_RATE (tests lower it).
     release_rate: float = field(init=False)
 

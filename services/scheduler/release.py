@@ -10,7 +10,9 @@ Each tick, with the context's clock:
    again it resumes (``resume``) and rows released without a result go out again with
    attempt + 1; inside the window it releases the next rows of its ledger at the paced
    rate — published directly in per-partition batches, marked released only after the
-   broker acknowledged them (at least once: the sender's ledger absorbs duplicates);
+   broker acknowledged them (at least once: the sender's ledger absorbs duplicates). The
+   requests name the campaign's content by id; the content itself goes out once, on
+   ``campaign.content``, acknowledged before the first request naming it;
 3. ``sent`` becomes ``aggregating``, and ``aggregating`` becomes ``aggregated`` once the
    aggregation period has passed.
 """
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 import asyncpg
 from aiokafka.errors import KafkaError
 
+from libs.common.content import BY_REFERENCE
+from libs.common.content import content_id as content_hash
 from libs.common.logging import get_logger
 from libs.common.metrics import (
     SCHEDULER_CAMPAIGNS,
@@ -135,7 +139,7 @@ async def release_campaign(ctx: Context, campaign_id: uuid.UUID, now: dt.datetim
         rows = await conn.fetch(QUERIES["unreleased"], campaign_id, budget)
         if not rows:
             return 0
-        content = processor.content_of(campaign)
+        content_id = await publish_content(ctx, campaign)
         records = [
             (
                 row["contact_id"],
@@ -148,7 +152,8 @@ async def release_campaign(ctx: Context, campaign_id: uuid.UUID, now: dt.datetim
                     "group_id": row["group_id"],
                     "include_unsubscribed": campaign["include_unsubscribed"],
                     "merge_values": row["merge_values"],
-                    "content": content,
+                    "content": BY_REFERENCE,
+                    "content_id": content_id,
                     "attempt": row["attempt"] + 1,
                     "released_at": now,
                     "test": False,
@@ -164,6 +169,23 @@ async def release_campaign(ctx: Context, campaign_id: uuid.UUID, now: dt.datetim
         SCHEDULER_RELEASED.labels("first").inc(first)
         SCHEDULER_RELEASED.labels("again").inc(len(rows) - first)
         return len(rows)
+
+
+async def publish_content(ctx: Context, campaign: asyncpg.Record) -> str:
+    """The campaign's content on ``campaign.content``, acknowledged, before any request naming
+    it goes out (once per process and content: compaction keeps one copy); its id."""
+    content = processor.content_of(campaign)
+    content_id = content_hash(str(campaign["id"]), content)
+    if content_id not in ctx.published_contents:
+        value = {
+            "content_id": content_id,
+            "campaign_id": str(campaign["id"]),
+            "content": content,
+            "published_at": ctx.clock.now(),
+        }
+        await ctx.publisher.send_and_wait(Topic.CAMPAIGN_CONTENT, content_id, value)
+        ctx.published_contents.add(content_id)
+    return content_id
 
 
 async def finish(ctx: Context, now: dt.datetime) -> None:

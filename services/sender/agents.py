@@ -20,8 +20,8 @@ from libs.common.errors import InvalidMessage, TransientError
 from libs.common.kafka import Message, reject
 from libs.common.logging import get_logger, mask_email
 from libs.common.metrics import SENDER_DROPPED, SENDER_LEDGER_RECOVERIES
-from libs.common.render import CampaignMessage
-from services.sender import copy, ledger
+from services.sender import contents, copy, ledger
+from services.sender.compose import CampaignMail
 from services.sender.context import Context
 from services.sender.ledger import (
     QUERIES,
@@ -50,7 +50,10 @@ async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
             r["campaign_id"]: r["state"]
             for r in await conn.fetch(QUERIES["control-states"], campaigns)
         }
-    requests: dict[LedgerKey, tuple[dict[str, Any], CampaignMessage]] = {}
+    named = {m.value["content_id"] for m in batch if m.value.get("content_id")}
+    missing = [i for i in named if not ctx.composer.cached(i)]
+    received = await contents.load(ctx.pool, missing) if missing else {}
+    requests: dict[LedgerKey, tuple[dict[str, Any], CampaignMail]] = {}
     for message in batch:
         request = message.value
         state = None if request.get("test") else stopped.get(request["campaign_id"])
@@ -65,12 +68,19 @@ async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
                 state=state,
             )
             continue
+        content_id = request.get("content_id")
+        # A content named by id is built with its own campaign (a cached one already is).
+        owner, content = received.get(
+            content_id or "", (request["campaign_id"], request["content"])
+        )
         try:
             built = ctx.composer.campaign_message(
-                request["campaign_id"], request["content"], test=bool(request.get("test"))
+                owner, content, test=bool(request.get("test")), content_id=content_id
             )
         except InvalidMessage as exc:
             raise reject(message, exc.reason, exc.field) from None
+        if built.campaign_id != request["campaign_id"]:
+            raise reject(message, "content_id names another campaign's content", "content_id")
         requests.setdefault(request_key(request), (request, built))
     if not requests:
         return
@@ -234,3 +244,14 @@ async def load_stopped(ctx: Context) -> None:
     async with ctx.pool.acquire() as conn:
         for row in await conn.fetch(QUERIES["stopped-campaigns"]):
             ctx.stopped[row["campaign_id"]] = row["state"]
+
+
+async def handle_contents(ctx: Context, batch: list[Message]) -> None:
+    """``campaign.content``: each content once, by its id (send.requests v4 names it)."""
+    for message in batch:
+        try:
+            contents.check(message.value)
+        except InvalidMessage as exc:
+            raise reject(message, exc.reason, exc.field) from None
+    async with ctx.pool.acquire() as conn:
+        await contents.store(conn, [m.value for m in batch])

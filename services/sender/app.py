@@ -1,7 +1,8 @@
 """The sender service: its topics, consumers and background parts in one place.
 
-Inputs: send.requests (big batches), campaign.control, mail.system, suppression.changes (its
-own last-mile copy, latency-critical). Outputs: SMTP to the relays, and delivery.results
+Inputs: send.requests (big batches), campaign.content (each campaign's content, once),
+campaign.control, mail.system, suppression.changes (its own last-mile copy,
+latency-critical). Outputs: SMTP to the relays, and delivery.results
 through the outbox. HTTP: /v1/relays and /v1/ledger/{campaign_id} (api.py), and /healthz,
 /readyz, /metrics from the runtime.
 """
@@ -38,6 +39,7 @@ def build(settings: SenderSettings) -> Runtime:
             max_records=settings.send_batch,
         ),
         ConsumerSpec("sender.control", [Topic.CAMPAIGN_CONTROL], bind(agents.handle_control)),
+        ConsumerSpec("sender.contents", [Topic.CAMPAIGN_CONTENT], bind(agents.handle_contents)),
         ConsumerSpec("sender.system", [Topic.MAIL_SYSTEM], bind(agents.handle_system_mail)),
         ConsumerSpec(
             "sender.suppression",

@@ -1,7 +1,9 @@
 """Building each recipient's bytes: campaign mail, test sends and operator notifications.
 
 A campaign's MIME is built once (:class:`~libs.common.render.CampaignMessage`) and kept in a
-small LRU keyed by the request's content (the content arrives in every request);
+small LRU keyed by the content's id (send.requests v4: the content arrives once, on
+``campaign.content``; see contents.py) or, for a request carrying its content inline, by
+the content itself;
 per recipient only the merge values, the unsubscribe link and headers, the coupon token,
 the tracking links (F-34), the Message-ID and the VERP return path are made, and the result
 optionally DKIM-signed.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import formatdate
@@ -92,6 +95,15 @@ def dkim_signer(settings: SenderSettings) -> DkimSigner | None:
     return None
 
 
+@dataclass(frozen=True)
+class CampaignMail:
+    """A content's built mail, with what rendering needs beside the templates."""
+
+    campaign_id: str
+    message: CampaignMessage
+    coupon_url: str | None
+
+
 class Composer:
     """Everything needed to turn a send request or a system mail into bytes."""
 
@@ -105,21 +117,35 @@ class Composer:
             settings.signing_keys, settings.tracking_base_url, untracked=(unsubscribe,)
         )
         self.dkim = dkim_signer(settings)
-        self._messages: OrderedDict[tuple[object, ...], CampaignMessage] = OrderedDict()
+        self._messages: OrderedDict[tuple[object, ...], CampaignMail] = OrderedDict()
+
+    def cached(self, content_id: str) -> bool:
+        """Whether the mail of a content named by id (send.requests v4) is built already."""
+        return ("id", content_id) in self._messages
 
     def campaign_message(
-        self, campaign_id: str, content: dict[str, Any], *, test: bool = False
-    ) -> CampaignMessage:
-        """The campaign's built MIME; raises InvalidMessage for content no mail can be made of.
+        self,
+        campaign_id: str,
+        content: dict[str, Any],
+        *,
+        test: bool = False,
+        content_id: str | None = None,
+    ) -> CampaignMail:
+        """The campaign's built mail; raises InvalidMessage for content no mail can be made of.
 
-        ``test``: a test send's mail, never tracked."""
-        # The content itself is the key (a tuple of its strings: hashing and comparing them
-        # is a C scan, cheaper than serialising the content to hash it).
-        digest = (campaign_id, test, *(content.get(name) for name in CONTENT_FIELDS))
-        message = self._messages.get(digest)
-        if message is not None:
+        ``test``: a test send's mail, never tracked. ``content_id``: the content's id (a hash
+        of campaign and content), the cache key; ``content`` is then only read to build."""
+        # Without an id the content itself is the key (a tuple of its strings: hashing and
+        # comparing them is a C scan, cheaper than serialising the content to hash it).
+        digest: tuple[object, ...] = (
+            ("id", content_id)
+            if content_id
+            else (campaign_id, test, *(content.get(name) for name in CONTENT_FIELDS))
+        )
+        built = self._messages.get(digest)
+        if built is not None:
             self._messages.move_to_end(digest)
-            return message
+            return built
         message = CampaignMessage(
             campaign_id=campaign_id,
             from_address=content["from_address"],
@@ -132,15 +158,15 @@ class Composer:
             track_opens=content.get("track_opens", True),
             track_clicks=content.get("track_clicks", True),
         )
-        self._messages[digest] = message
+        built = CampaignMail(campaign_id, message, content.get("coupon_url"))
+        self._messages[digest] = built
         if len(self._messages) > self.settings.render_cache:
             self._messages.popitem(last=False)
-        return message
+        return built
 
-    def campaign_mail(
-        self, message: CampaignMessage, request: dict[str, Any]
-    ) -> tuple[bytes, str, str]:
+    def campaign_mail(self, built: CampaignMail, request: dict[str, Any]) -> tuple[bytes, str, str]:
         """(content, Message-ID, MAIL FROM) of one recipient of a send request."""
+        message = built.message
         campaign_id: str = request["campaign_id"]
         contact_id: int = request["contact_id"]
         values = dict(request.get("merge_values") or {})
@@ -153,7 +179,7 @@ class Composer:
             # No group, no membership to leave (a filter-only target): no unsubscribe URL to
             # sign, so the List-Unsubscribe headers are left out and <#unsubscribe_url> is "".
             values[UNSUBSCRIBE_URL] = ""
-        coupon = request["content"].get("coupon_url")
+        coupon = built.coupon_url
         if coupon and message.uses(COUPON_URL):
             token = self.coupons.sign({"m": campaign_id, "c": contact_id})
             values[COUPON_URL] = f"{coupon}{'&' if '?' in coupon else '?'}t={token}"

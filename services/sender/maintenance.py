@@ -1,6 +1,6 @@
-"""Periodic upkeep of the sender's schema: finished ledger rows and campaign.control ids
-older than their retention are forgotten, so the tables hold the recent past, not every
-mail ever sent.
+"""Periodic upkeep of the sender's schema: finished ledger rows, campaign.control ids and
+the contents of campaigns with no ledger row left, older than their retention, are
+forgotten, so the tables hold the recent past, not every mail ever sent.
 
 The ledger's retention must outlast the time a request can be redelivered or replayed
 (the retention of ``send.requests``): a row forgotten earlier would let a replay send again.
@@ -34,7 +34,13 @@ async def run_once(ctx: Context) -> tuple[int, int]:
             break
     async with ctx.pool.acquire() as conn:
         ids = await conn.fetchval(QUERIES["forget-processed-events"], s.ledger_retention_days)
-    log.info("maintenance_done", ledger_rows_forgotten=ledger_rows, control_ids_forgotten=ids)
+        forgotten = await conn.fetchval(QUERIES["forget-contents"], s.ledger_retention_days)
+    log.info(
+        "maintenance_done",
+        ledger_rows_forgotten=ledger_rows,
+        control_ids_forgotten=ids,
+        contents_forgotten=forgotten,
+    )
     return ledger_rows, ids
 
 

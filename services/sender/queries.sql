@@ -181,3 +181,25 @@ WITH gone AS (
     RETURNING 1
 )
 SELECT count(*) FROM gone;
+
+-- name: store-contents
+-- Contents from campaign.content (their ids already checked); an id names one content, so a
+-- repeat changes nothing.
+INSERT INTO campaign_content (content_id, campaign_id, content)
+SELECT x.content_id, x.campaign_id, x.content::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[]) AS x (content_id, campaign_id, content)
+ON CONFLICT DO NOTHING;
+
+-- name: contents
+SELECT content_id, campaign_id, content FROM campaign_content WHERE content_id = ANY($1::text[]);
+
+-- name: forget-contents
+-- Contents received more than $1 days ago of campaigns with no ledger row left (a request
+-- older than the ledger's retention would be sent again anyway: see forget-ledger).
+WITH gone AS (
+    DELETE FROM campaign_content c
+    WHERE c.received_at < now() - make_interval(days => $1)
+      AND NOT EXISTS (SELECT 1 FROM send_ledger l WHERE l.campaign_id = c.campaign_id)
+    RETURNING 1
+)
+SELECT count(*) FROM gone;

@@ -376,7 +376,16 @@ async def test_reserve_release_count_and_finish(scheduler, contacts, kafka):
     requests = await send_requests(kafka, cid, 5)
     assert sorted(r["contact_id"] for r in requests) == sorted(expected)
     first = next(r for r in requests if r["contact_id"] == ids[0])
-    assert first["content"] == {
+    # The content goes out once, on campaign.content; each request names it (v4).
+    assert {r["content_id"] for r in requests} == {first["content_id"]}
+    assert first["content"]["body"] == "" and first["content_id"].startswith("c1-")
+    [content] = [
+        c
+        for c in await kafka.read_to_end(Topic.CAMPAIGN_CONTENT)
+        if c["content_id"] == first["content_id"]
+    ]
+    assert content["campaign_id"] == cid
+    assert content["content"] == {
         "from_address": "news@shop.example.jp",
         "from_name": "ショップ便り",
         "reply_to": "support@shop.example.jp",
@@ -534,8 +543,13 @@ async def test_window_pauses_and_resumes(scheduler, contacts, kafka):
     clock.set(dt.datetime(2026, 11, 27, 23, 30, tzinfo=dt.UTC))
     again = await send_requests(kafka, cid, 2, attempt=2)
     assert sorted(r["contact_id"] for r in again) == sorted(ids[2:])
-    controls = await published(scheduler, kafka, Topic.CAMPAIGN_CONTROL)
-    assert [c["action"] for c in controls] == ["pause", "resume"]
+
+    async def resumed() -> bool:
+        # The requests are acknowledged before the transaction holding "resume" commits.
+        controls = await published(scheduler, kafka, Topic.CAMPAIGN_CONTROL)
+        return [c["action"] for c in controls] == ["pause", "resume"]
+
+    await eventually(resumed)
     await play_sender(kafka, [result(r) for r in again])
     sent = await status_of(scheduler, cid, "aggregating")
     assert counters(sent) == {"planned": 4, "success": 4, "error": 0, "suppressed": 0, "unsent": 0}

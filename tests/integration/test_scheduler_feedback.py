@@ -113,6 +113,10 @@ async def test_tracking_switches_reach_the_send_requests(scheduler, contacts, ka
     assert (campaign["track_opens"], campaign["track_clicks"]) == (True, False)
     clock.advance(minutes=10)
     requests = await send_requests(kafka, campaign["id"], 2)
-    assert {(r["content"]["track_opens"], r["content"]["track_clicks"]) for r in requests} == {
+    named = {r["content_id"] for r in requests}
+    contents = [
+        c for c in await kafka.read_to_end(Topic.CAMPAIGN_CONTENT) if c["content_id"] in named
+    ]
+    assert {(c["content"]["track_opens"], c["content"]["track_clicks"]) for c in contents} == {
         (True, False)
     }
