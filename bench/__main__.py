@@ -1,7 +1,9 @@
 """``make bench``: ingest, search and snapshot benchmarks of contacts, the unsubscribe
-latency of suppression, and a campaign's send rate through scheduler and sender.
+latency of suppression, a campaign's send rate through scheduler and sender, and the bounce
+processor's DSN and open-pixel rates; a CSV export through the exporter.
 
-    python -m bench [--only ingest|search|snapshot|unsubscribe|campaign] [--contacts N]
+    python -m bench [--only ingest|search|snapshot|export|unsubscribe|campaign|bounce]
+                    [--contacts N]
                     [--ingest-events N] [--recipients N]
 
 Each benchmark runs on a fresh embedded stack (new temp directory, new PostgreSQL data
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench import campaign, ingest, search, snapshot, unsubscribe
+from bench import bounce, campaign, export, ingest, search, snapshot, unsubscribe
 from bench.load import load
 from bench.report import Result, json_line, progress, table
 from bench.stack import database
@@ -68,7 +70,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=("ingest", "search", "snapshot", "unsubscribe", "campaign"),
+        choices=("ingest", "search", "snapshot", "unsubscribe", "campaign", "bounce", "export"),
         action="append",
         help="run only this benchmark (repeatable)",
     )
@@ -76,7 +78,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--contacts",
         type=int,
         default=DEFAULT_CONTACTS,
-        help=f"contacts loaded for search and snapshot (default {DEFAULT_CONTACTS:,})",
+        help=f"contacts loaded for search, snapshot and export (default {DEFAULT_CONTACTS:,})",
     )
     parser.add_argument(
         "--ingest-events",
@@ -109,7 +111,15 @@ async def main(args: argparse.Namespace, root: Path) -> list[Result]:
     main_task = asyncio.current_task()
     assert main_task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    chosen = args.only or ["ingest", "search", "snapshot", "unsubscribe", "campaign"]
+    chosen = args.only or [
+        "ingest",
+        "search",
+        "snapshot",
+        "export",
+        "unsubscribe",
+        "campaign",
+        "bounce",
+    ]
     ingest_events = args.ingest_events or min(DEFAULT_INGEST, args.contacts)
     results: list[Result] = []
 
@@ -125,7 +135,7 @@ async def main(args: argparse.Namespace, root: Path) -> list[Result]:
         if "ingest" in chosen:
             started = time.monotonic()
             report(await ingest.run(root, ingest_events, profile=args.profile), started)
-        if "search" in chosen or "snapshot" in chosen:
+        if {"search", "snapshot", "export"} & set(chosen):
             async with database(root, "contacts") as db:
                 started = time.monotonic()
                 progress(f"loading {args.contacts:,} contacts for search and snapshot")
@@ -137,12 +147,18 @@ async def main(args: argparse.Namespace, root: Path) -> list[Result]:
                     started = time.monotonic()
                 if "snapshot" in chosen:
                     report(await snapshot.run(root, db, loaded), started)
+                    started = time.monotonic()
+                if "export" in chosen:
+                    report(await export.run(root, db, loaded), started)
         if "unsubscribe" in chosen:
             started = time.monotonic()
             report(await unsubscribe.run(root), started)
         if "campaign" in chosen:
             started = time.monotonic()
             report(await campaign.run(root, args.recipients), started)
+        if "bounce" in chosen:
+            started = time.monotonic()
+            report(await bounce.run(root), started)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return results
