@@ -518,9 +518,7 @@ def test_ingress_serves_the_public_url_over_tls() -> None:
 @pytest.mark.parametrize("service", IMPLEMENTED)
 def test_ingress_routes_exactly_the_public_routes(service: str) -> None:
     to_service = [
-        path
-        for _, path in _ingress_paths()
-        if path["backend"]["service"]["name"] == _name(service)
+        path for _, path in _ingress_paths() if path["backend"]["service"]["name"] == _name(service)
     ]
     for method, route, public in _routes(service):
         exposed = any(_ingress_matches(path, route) for path in to_service)
