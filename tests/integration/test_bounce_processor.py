@@ -17,6 +17,7 @@ from libs.common.topics import Topic
 from libs.common.tracking import PIXEL_GIF, TrackingLinks
 from libs.common.verp import VerpAddresses
 from tests.conftest import eventually
+from tests.integration.test_contacts_projections import delivery_result as projection_result
 
 pytestmark = pytest.mark.integration
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "bounces"
@@ -70,22 +71,9 @@ def count(action: str, n: int) -> Any:
 
 
 def delivery_result(contact: int, campaign: str, email: str, outcome: str, **extra: Any) -> dict:
-    return {
-        "result_id": str(uuid.uuid4()),
-        "campaign_id": campaign,
-        "contact_id": contact,
-        "email": email,
-        "outcome": outcome,
-        "smtp_code": 250 if outcome == "sent" else None,
-        "enhanced_code": None,
-        "diagnostic": None,
-        "relay": "127.0.0.1:25",
-        "message_id": f"<{uuid.uuid4()}@shop.example.jp>",
-        "step_id": None,
-        "suppressed_reason": None,
-        "occurred_at": dt.datetime.now(dt.UTC),
-        **extra,
-    }
+    """A delivery result as the sender publishes it, to ``email``."""
+    now = dt.datetime.now(dt.UTC)
+    return {**projection_result(contact, campaign, outcome, now), "email": email, **extra}
 
 
 def campaigns(n: int) -> list[str]:
