@@ -25,6 +25,7 @@ import contextvars
 import csv
 import io
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -32,6 +33,8 @@ ENCODINGS = ("utf-8", "utf-8-sig", "cp932")
 #: first characters that make a spreadsheet read a cell as a formula (F-42).
 FORMULA_STARTS = frozenset("=+-@\t\r")
 FLUSH_CHARS = 256 * 1024
+#: a cell that may begin with a formula start (a superset: ``,-`` inside a quoted value too).
+_MAYBE_FORMULA = re.compile(r'(?:^|,)"?[=+\-@\t\r]', re.MULTILINE)
 _ERRORS = "tayori-export-replace"
 #: the replacement counter of the file being flushed (set around each encode call).
 _REPLACED: contextvars.ContextVar[list[int]] = contextvars.ContextVar("replaced")
@@ -47,6 +50,14 @@ def _replace_counted(error: UnicodeError) -> tuple[str, int]:
 
 
 codecs.register_error(_ERRORS, _replace_counted)
+
+
+def _line_break_in_quotes(text: str) -> bool:
+    """Whether a quoted field of ``text`` (complete records) spans lines: then the line
+    holding its opening quote has an odd number of quotes (inner quotes are doubled)."""
+    if '"' not in text:
+        return False
+    return any(line.count('"') & 1 for line in text.split("\n"))
 
 
 def neutralise(cell: str) -> str:
@@ -93,6 +104,24 @@ class ExportFile:
             for row in rows:
                 writerow(row)
                 count += 1
+        self.rows += count
+        if self._text.tell() >= FLUSH_CHARS:
+            self._flush()
+        return count
+
+    def write_records(self, text: str) -> int:
+        """Append complete CSV records as PostgreSQL's COPY writes them (LF line ends,
+        quotes only where needed); returns how many.
+
+        Such text is already RFC 4180 but for its line ends, so when no cell can need
+        neutralising and no quoted field holds a line break, it is copied with LF made
+        CRLF — no per-row work, which is most of an export's cost. Otherwise it is parsed
+        and written row by row, as :meth:`write_rows` does.
+        """
+        if (self.safe and _MAYBE_FORMULA.search(text)) or _line_break_in_quotes(text):
+            return self.write_rows(csv.reader(io.StringIO(text)))
+        count = text.count("\n")
+        self._text.write(text.replace("\n", "\r\n"))
         self.rows += count
         if self._text.tell() >= FLUSH_CHARS:
             self._flush()

@@ -36,7 +36,7 @@ from libs.common.topics import Topic
 from services.exporter import processor
 from services.exporter.context import Context
 from services.exporter.csvfile import ExportFile
-from services.exporter.sources import SourceError
+from services.exporter.sources import SourceError, parse
 from services.exporter.store import QUERIES
 
 log = get_logger(__name__)
@@ -151,8 +151,11 @@ async def _export(ctx: Context, job: asyncpg.Record) -> None:
             await _progress(ctx, job, 0, rows.estimated_total)
             shape = rows.shape
             beat = time.monotonic()
-            async for batch in rows.batches:
-                written = out.write_rows(map(shape, batch) if shape else batch)
+            async for text in rows.chunks:
+                if shape is None:
+                    written = out.write_records(text)
+                else:
+                    written = out.write_rows(map(shape, parse(text)))
                 EXPORT_ROWS.inc(written)
                 if time.monotonic() - beat >= ctx.settings.progress_seconds:
                     beat = time.monotonic()

@@ -4,8 +4,8 @@
   delivery list), CSV rows straight from the contacts database's COPY;
 - scheduler: ``GET /v1/campaigns/{id}/recipients.csv``, a campaign's frozen recipient list.
 
-Both answer CSV; :func:`csv_batches` turns the byte stream into batches of complete rows
-with the C ``csv`` reader, a chunk at a time, so memory does not grow with the row count.
+Both answer CSV; :func:`record_chunks` turns the byte stream into text chunks of complete
+records, a chunk at a time, so memory does not grow with the row count.
 A stream that ends without its closing chunk (the service went away), a timeout or an
 error answer raises :class:`SourceError`: the export fails with that reason.
 """
@@ -17,7 +17,7 @@ import contextlib
 import csv
 import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ import aiohttp
 
 from libs.common.errors import InvalidMessage, TransientError
 from services.exporter import processor
-from services.exporter.processor import Row, Shape
+from services.exporter.processor import Shape
 from services.exporter.settings import ExporterSettings
 
 CHUNK_BYTES = 256 * 1024
@@ -37,11 +37,12 @@ class SourceError(Exception):
 
 @dataclass
 class Rows:
-    """An open source: its estimated row count and its rows in batches."""
+    """An open source: its estimated row count, how its rows become export rows (None:
+    as they are, then ``chunks`` are COPY's own CSV) and its text in chunks of records."""
 
     estimated_total: int | None
     shape: Shape | None
-    batches: AsyncIterator[list[Row]]
+    chunks: AsyncIterator[str]
 
 
 def complete_records(text: str) -> int:
@@ -53,8 +54,8 @@ def complete_records(text: str) -> int:
     return cut + 1
 
 
-async def csv_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[Row]]:
-    """Rows of a UTF-8 CSV byte stream, a batch per chunk of complete records."""
+async def record_chunks(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """The text of a UTF-8 CSV byte stream, cut into chunks of complete records."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     pending = ""
     async for chunk in chunks:
@@ -62,10 +63,15 @@ async def csv_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[Row]]:
         cut = complete_records(text)
         pending = text[cut:]
         if cut:
-            yield list(csv.reader(io.StringIO(text[:cut])))
+            yield text[:cut]
     pending += decoder.decode(b"", True)
     if pending:
-        yield list(csv.reader(io.StringIO(pending)))
+        yield pending if pending.endswith("\n") else pending + "\n"
+
+
+def parse(text: str) -> Iterator[list[str]]:
+    """The rows of complete CSV records."""
+    return csv.reader(io.StringIO(text))
 
 
 class Sources:
@@ -156,8 +162,8 @@ class Sources:
             if response.status != 200:
                 raise SourceError(f"contacts refused the export: {await _error_text(response)}")
             total = response.headers.get("X-Estimated-Total")
-            batches = csv_batches(response.content.iter_chunked(CHUNK_BYTES))
-            yield Rows(int(total) if total else None, plan.shape, batches)
+            chunks = record_chunks(response.content.iter_chunked(CHUNK_BYTES))
+            yield Rows(int(total) if total else None, plan.shape, chunks)
 
     @contextlib.asynccontextmanager
     async def _open_campaign(self, request: dict[str, Any]) -> AsyncIterator[Rows]:
@@ -169,19 +175,21 @@ class Sources:
                 raise SourceError(
                     f"the scheduler refused the export: {await _error_text(response)}"
                 )
-            batches = csv_batches(response.content.iter_chunked(CHUNK_BYTES))
-            first: list[Row] = await anext(batches, [])
-            if not first:
+            chunks = record_chunks(response.content.iter_chunked(CHUNK_BYTES))
+            first = await anext(chunks, "")
+            cut = first.find("\n") + 1
+            if not cut:
                 raise SourceError("the scheduler's recipient list has no header line")
-            shape = processor.campaign_plan(first[0], request["columns"])
-            yield Rows(campaign.get("planned"), shape, _chain(first[1:], batches))
+            header = next(parse(first[:cut]))
+            shape = processor.campaign_plan(header, request["columns"])
+            yield Rows(campaign.get("planned"), shape, _chain(first[cut:], chunks))
 
 
-async def _chain(head: list[Row], rest: AsyncIterator[list[Row]]) -> AsyncIterator[list[Row]]:
+async def _chain(head: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
     if head:
         yield head
-    async for batch in rest:
-        yield batch
+    async for chunk in rest:
+        yield chunk
 
 
 async def _error_text(response: aiohttp.ClientResponse) -> str:

@@ -125,3 +125,25 @@ def test_unsubscribed_cell_and_plans() -> None:
     assert plan.shape is not None
     row = ["a@x.jp", "unsubscribed", "2026-11-20 10:15:00", "form", "7"]
     assert plan.shape(row) == ["a@x.jp", "2026-11-20 10:15 (form)", "7", "a@x.jp"]
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_copy_text_reads_back_the_same_whether_copied_or_rewritten(
+    tmp_path: Path, safe: bool
+) -> None:
+    """COPY's CSV text goes through as it is when it can, else row by row; either way
+    the file reads back as the rows, with CRLF line ends and formulas neutralised."""
+    plain = [["1", "山田 太郎", "a@example.jp", "2026-11-20 10:15:00"]] * 50
+    tricky = [["2", "=cmd", "a,b", 'say "hi"'], ["3", "line1\nline2", "-5", "\tx"]]
+    chunks = [plain, plain + tricky, [["4", "", "x", "y"]]]
+    path = tmp_path / "out.csv"
+    with ExportFile(path, "utf-8", safe=safe) as out:
+        for rows in chunks:
+            text = io.StringIO()
+            csv.writer(text, lineterminator="\n").writerows(rows)  # quotes like COPY's
+            assert out.write_records(text.getvalue()) == len(rows)
+        out.commit()
+    expected = [[neutralise(c) if safe else c for c in row] for rows in chunks for row in rows]
+    assert _read(path, "utf-8") == expected
+    raw = path.read_bytes()
+    assert raw.count(b"\r\n") == len(expected) and b"line1\nline2" in raw
