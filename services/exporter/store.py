@@ -68,8 +68,18 @@ async def upsert_jobs(conn: asyncpg.Connection, events: list[Mapping[str, Any]])
     latest = latest_per_job(events)
     if not latest:
         return
-    columns = ("job_id", "kind", "status", "service", "title", "requested_by", "total",
-               "processed", "succeeded", "failed")  # fmt: skip
+    columns = (
+        "job_id",
+        "kind",
+        "status",
+        "service",
+        "title",
+        "requested_by",
+        "total",
+        "processed",
+        "succeeded",
+        "failed",
+    )
     values: list[list[Any]] = [[e[c] for e in latest] for c in columns]
     values.append([json.dumps(e["errors"], ensure_ascii=False) for e in latest])
     values += [[e[c] for e in latest] for c in ("detail", "created_at", "updated_at")]

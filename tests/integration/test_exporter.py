@@ -568,3 +568,71 @@ async def test_bad_requests_are_refused_at_once(contacts, exporter):
         assert (status, answer.get("field")) == (400, field), (body, answer)
     assert (await api.call("GET", f"/v1/exports/{uuid.uuid4()}"))[0] == 404
     assert (await api.call("GET", "/v1/exports/nope"))[0] == 404
+
+
+# -- a campaign's frozen recipient list -------------------------------------------------------
+
+
+async def test_campaign_recipients_from_the_schedulers_frozen_list(
+    stack, database, prefix, contacts, scheduler, tmp_path
+):
+    from tests.integration.test_scheduler import (
+        campaign_body,
+        category,
+        fake_clock,
+        group,
+        reserved,
+    )
+    from tests.integration.test_scheduler import (
+        people as members,
+    )
+
+    clock = fake_clock(scheduler)
+    members_of = await group(contacts)
+    ids = await members(contacts, 3, members_of)
+    await contacts.api.ok("PATCH", f"/v1/contacts/{ids[1]}", {"company": "=HYPERLINK(1)"})
+    body = campaign_body(await category(scheduler), clock, target={"group_id": members_of})
+    campaign = await reserved(scheduler, body)
+    async with running(
+        "exporter",
+        stack,
+        database,
+        prefix,
+        contacts_url=contacts.api.base,
+        scheduler_url=scheduler.api.base,
+        export_dir=tmp_path / "campaign",
+    ) as exporter:
+        columns = [
+            "contact_id",
+            "email",
+            "name",
+            {"key": "company", "label": "会社名"},
+            "membership_state",
+            "custom_fields.none",
+        ]
+        job = await export(
+            exporter,
+            {
+                "source": "campaign",
+                "campaign_id": campaign["id"],
+                "columns": columns,
+                "encoding": "cp932",
+            },
+        )
+        assert job["status"] == "done", job
+        assert (job["rows"], job["estimated_total"]) == (3, 3)
+        rows = rows_of((await download(exporter, job))[1], "cp932")
+    assert rows == [
+        ["contact_id", "email", "name", "会社名", "membership_state", "custom_fields.none"],
+        *(
+            [
+                str(i),
+                f"p{n}@example.jp",
+                f"顧客 {n}",
+                "'=HYPERLINK(1)" if n == 1 else f"会社{n}",
+                "deliverable",
+                "",
+            ]
+            for n, i in enumerate(ids)
+        ),
+    ]

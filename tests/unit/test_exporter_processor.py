@@ -19,8 +19,12 @@ def _event(job: str, status: str, minute: int) -> dict[str, object]:
 
 
 def test_newest_record_per_job_wins_whatever_the_order() -> None:
-    batch = [_event("a", "running", 2), _event("a", "done", 3), _event("a", "queued", 1),
-             _event("b", "queued", 0)]  # fmt: skip
+    batch = [
+        _event("a", "running", 2),
+        _event("a", "done", 3),
+        _event("a", "queued", 1),
+        _event("b", "queued", 0),
+    ]
     latest = {e["job_id"]: e["status"] for e in latest_per_job(batch)}
     assert latest == {"a": "done", "b": "queued"}
 
