@@ -1,7 +1,9 @@
-"""Open and click tracking end to end (F-34), on the sending side: a campaign through contacts,
-the scheduler and the sender to the SMTP sink; the mail that arrives has an open pixel and its
-links rewritten to signed click URLs whose destination is the link as written, while the
-unsubscribe link, mailto: and anchors are left alone. A test send is not tracked.
+"""Open and click tracking end to end (F-34): a campaign through contacts, the scheduler and
+the sender to the SMTP sink; the mail that arrives has an open pixel and its links rewritten
+to signed click URLs whose destination is the link as written, while the unsubscribe link,
+mailto: and anchors are left alone. A test send is not tracked. Then a reader opens and clicks
+through the bounce processor: the scheduler's statistics count them (unique once) and the
+contacts history filter finds the reader.
 
 The scheduler's clock is a FakeClock (see test_scheduler.py).
 """
@@ -14,6 +16,8 @@ from email.message import Message
 from libs.common.settings import CommonSettings
 from libs.common.tracking import TrackingLinks
 from libs.common.unsubscribe import UnsubscribeLinks
+from tests.conftest import eventually
+from tests.integration.test_contacts_api import ids_of
 from tests.integration.test_scheduler import (
     campaign_body,
     category,
@@ -54,7 +58,9 @@ def token(url: str, kind: str) -> str:
     return url.removeprefix(prefix)
 
 
-async def test_sent_mail_carries_signed_pixel_and_links(scheduler, contacts, sender, smtp_sink):
+async def test_sent_mail_carries_signed_pixel_and_links(
+    scheduler, contacts, sender, smtp_sink, bounce_processor
+):
     clock = fake_clock(scheduler)
     members = await group(contacts)
     ids = await people(contacts, 3, members)
@@ -74,6 +80,7 @@ async def test_sent_mail_carries_signed_pixel_and_links(scheduler, contacts, sen
     await status_of(scheduler, cid, "aggregating")
     delivered = {str(m["To"]): m for m in await mails(smtp_sink, 4)}
     contact_of = {f"p{i}@example.jp": contact for i, contact in enumerate(ids)}
+    followed: dict[int, tuple[str, str]] = {}
     for address, contact_id in contact_of.items():
         html = html_of(delivered[address])
         [pixel] = re.findall(
@@ -94,3 +101,37 @@ async def test_sent_mail_carries_signed_pixel_and_links(scheduler, contacts, sen
         assert (target.contact_id, target.group_id) == (contact_id, members)
         listed = "".join(str(delivered[address]["List-Unsubscribe"]).split())
         assert listed == f"<{unsubscribe}>"
+        followed[contact_id] = (pixel, sale)
+
+    # p0 opens twice and clicks the sale link; the others do nothing.
+    reader = ids[0]
+    pixel, sale = followed[reader]
+    tracker = bounce_processor.api
+    for _ in range(2):
+        url = tracker.base + pixel.removeprefix(DEFAULTS.tracking_base_url)
+        async with tracker.session.get(url) as response:
+            assert (response.status, response.content_type) == (200, "image/gif")
+    path = sale.removeprefix(DEFAULTS.tracking_base_url)
+    async with tracker.session.get(tracker.base + path, allow_redirects=False) as response:
+        assert response.status == 302
+        assert response.headers["Location"] == (
+            "https://shop.example.jp/sale?utm_source=tayori&utm_medium=mail"
+        )
+    status, _ = await tracker.call("GET", path[:-2] + ("AA" if path[-2:] != "AA" else "BB"))
+    assert status == 404  # a tampered token: no redirect, nothing counted
+
+    async def counted() -> bool:
+        body = await scheduler.api.ok("GET", f"/v1/campaigns/{cid}")
+        statistics = [body[k] for k in ("opens", "clicks", "unique_opens", "unique_clicks")]
+        assert statistics == [2, 1, 1, 1]
+        return True
+
+    await eventually(counted)
+    for event in ("opened", "clicked"):
+        history = {"history": {"event": event, "campaign_id": cid}}
+
+        async def found(history: dict[str, object] = history) -> bool:
+            assert await ids_of(contacts.api, history) == [reader]
+            return True
+
+        await eventually(found)
