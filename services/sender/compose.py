@@ -29,6 +29,7 @@ from typing import Any
 
 import dkim
 
+from libs.common import content as content_fields
 from libs.common.mergetags import COUPON_URL, UNSUBSCRIBE_URL
 from libs.common.render import CampaignMessage
 from libs.common.tokens import Signer
@@ -47,18 +48,6 @@ def stable_message_id(campaign_id: str, step_id: str | None, contact_id: int, do
     key = f"{campaign_id}/{step_id or ''}/{contact_id}"
     return f"<{uuid.uuid5(MESSAGE_ID_NAMESPACE, key).hex}@{domain}>"
 
-
-#: the fields of a request's MailContent that make its mail (the render cache's key).
-CONTENT_FIELDS = (
-    "from_address",
-    "from_name",
-    "reply_to",
-    "subject",
-    "format",
-    "body",
-    "track_opens",
-    "track_clicks",
-)
 
 #: headers a DKIM signature covers (those absent from a message are signed as absent).
 DKIM_HEADERS = (
@@ -140,7 +129,7 @@ class Composer:
         digest: tuple[object, ...] = (
             ("id", content_id)
             if content_id
-            else (campaign_id, test, *(content.get(name) for name in CONTENT_FIELDS))
+            else (campaign_id, test, *(content.get(name) for name in content_fields.FIELDS))
         )
         built = self._messages.get(digest)
         if built is not None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from libs.common.topics import Topic
 from tests.conftest import eventually
+from tests.integration.test_contacts_projections import feedback as opened_or_clicked
 from tests.integration.test_contacts_projections import publish_together
 from tests.integration.test_scheduler import (
     campaign_body,
@@ -24,16 +25,8 @@ from tests.integration.test_scheduler import (
 STATISTICS = ("opens", "clicks", "unique_opens", "unique_clicks")
 
 
-def feedback(kind: str, campaign_id: str, contact_id: int, event_id: str | None = None) -> Any:
-    return {
-        "event_id": event_id or str(uuid.uuid4()),
-        "type": kind,
-        "campaign_id": campaign_id,
-        "contact_id": contact_id,
-        "url": "https://shop.example.jp/sale" if kind == "click" else None,
-        "user_agent": "Mozilla/5.0",
-        "occurred_at": dt.datetime.now(dt.UTC),
-    }
+def feedback(kind: str, campaign_id: str, contact_id: int) -> dict[str, Any]:
+    return opened_or_clicked(contact_id, campaign_id, kind, dt.datetime.now(dt.UTC))
 
 
 async def statistics(scheduler: Any, campaign_id: str, wanted: dict[str, int]) -> None:
