@@ -31,10 +31,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     TAYORI_SCHEMAS_DIR=/app/schemas/avro \
     HTTP_PORT=8080
 
-# A fixed numeric UID/GID so Kubernetes `runAsNonRoot` can verify it.
+# A fixed numeric UID/GID so Kubernetes `runAsNonRoot` can verify it. The exporter writes its
+# files under /var/lib/tayori/exports (a volume in docker-compose, which copies this owner).
 RUN groupadd --system --gid 10001 tayori \
  && useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home \
-        --shell /usr/sbin/nologin tayori
+        --shell /usr/sbin/nologin tayori \
+ && mkdir -p /var/lib/tayori/exports \
+ && chown 10001:10001 /var/lib/tayori/exports
 
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
