@@ -149,3 +149,42 @@ SCHEDULER_HALTS = Counter("tayori_scheduler_halts_total", "Campaigns halted by e
 SCHEDULER_WINDOW_PAUSED = Gauge(
     "tayori_scheduler_window_paused_campaigns", "Sending campaigns paused outside their window"
 )
+
+# Exporter ---------------------------------------------------------------------------
+#: rows written into export files (rate() of it is the export's rows/s).
+EXPORT_ROWS = Counter("tayori_export_rows_total", "Rows written to export files")
+#: seconds from claiming an export job to its end, by how it ended (done, failed).
+EXPORT_JOB_SECONDS = Histogram(
+    "tayori_export_job_seconds",
+    "Export job duration",
+    ["status"],
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+)
+#: export jobs that failed, by cause (source = contacts or scheduler stream, file = disk).
+EXPORT_FAILURES = Counter("tayori_export_failures_total", "Export jobs failed", ["cause"])
+#: export files deleted by the sweeper because their download link expired.
+EXPORT_FILES_DELETED = Counter("tayori_export_files_deleted_total", "Expired export files deleted")
+
+# Bounce processor -------------------------------------------------------------------
+#: classified failures (F-30), by source (dsn, arf, heuristic, smtp = a delivery result),
+#: classification (invalid_address, temporary_error, policy, error, spam) and whether it was
+#: new or a duplicate (the same campaign, contact and class again: counted once).
+BOUNCES = Counter(
+    "tayori_bounces_total", "Classified bounces", ["source", "classification", "seen"]
+)
+#: mail received on the VERP return path, by outcome: bounce (a failure was applied),
+#: not_a_bounce (delayed, delivered, a failure of someone else), unattributed (no valid
+#: signed return path), unreadable (no report we can read). The last two are kept with
+#: their reason in bounce_processor.inbound_mail.
+BOUNCE_INBOUND_MAIL = Counter(
+    "tayori_bounce_inbound_mail_total", "Inbound bounce mail processed", ["outcome"]
+)
+#: inbound mail stored but not yet processed.
+BOUNCE_INBOUND_BACKLOG = Gauge("tayori_bounce_inbound_backlog", "Inbound bounce mail waiting")
+#: what the bounce rules did (F-31, F-32), by action: counted, bounced, complained, reset,
+#: status (the delivery status alone changed).
+BOUNCE_RULE_ACTIONS = Counter(
+    "tayori_bounce_rule_actions_total", "Bounce rule actions published", ["action"]
+)
+#: tracking requests (F-34), by kind (open, click) and outcome (recorded, bad_token).
+TRACKING_HITS = Counter("tayori_tracking_hits_total", "Tracking hits", ["kind", "outcome"])
