@@ -29,9 +29,9 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from libs.common.safecsv import FORMULA_STARTS, safe_cell
+
 ENCODINGS = ("utf-8", "utf-8-sig", "cp932")
-#: first characters that make a spreadsheet read a cell as a formula (F-42).
-FORMULA_STARTS = frozenset("=+-@\t\r")
 FLUSH_CHARS = 256 * 1024
 #: a cell that may begin with a formula start (a superset: ``,-`` inside a quoted value too).
 _MAYBE_FORMULA = re.compile(r'(?:^|,)"?[=+\-@\t\r]', re.MULTILINE)
@@ -60,11 +60,6 @@ def _line_break_in_quotes(text: str) -> bool:
     return any(line.count('"') & 1 for line in text.split("\n"))
 
 
-def neutralise(cell: str) -> str:
-    """A cell a spreadsheet will not run as a formula: ``'`` before a dangerous start."""
-    return "'" + cell if cell[:1] in FORMULA_STARTS else cell
-
-
 class ExportFile:
     """One export file being written; use as a context manager that discards on error."""
 
@@ -89,7 +84,7 @@ class ExportFile:
 
     def header(self, labels: Sequence[str]) -> None:
         """The first line: column labels (neutralised like any cell)."""
-        self._csv.writerow([neutralise(label) for label in labels] if self.safe else labels)
+        self._csv.writerow([safe_cell(label) for label in labels] if self.safe else labels)
 
     def write_rows(self, rows: Iterable[Sequence[str]]) -> int:
         """Append data rows (each a sequence of cell texts); returns how many."""

@@ -23,6 +23,7 @@ from libs.common.errors import Conflict, InvalidMessage, NotFound
 from libs.common.http import ROLE, error, json_response, read_json, requires
 from libs.common.metrics import SCHEDULER_RELEASED
 from libs.common.render import CampaignMessage
+from libs.common.safecsv import safe_cell
 from libs.common.topics import Topic
 from services.scheduler import processor, status, store
 from services.scheduler.context import CONTEXT, Context
@@ -411,10 +412,10 @@ async def recipients_csv(request: web.Request) -> web.StreamResponse:
                     [
                         row["seq"],
                         row["contact_id"],
-                        processor.safe_cell(row["email"]),
+                        safe_cell(row["email"]),
                         "" if row["group_id"] is None else row["group_id"],
                         row["membership_state"] or "",
-                        *(processor.safe_cell(values.get(c)) for c in columns),
+                        *(safe_cell(values.get(c)) for c in columns),
                     ]
                 )
                 if buffer.tell() > 64 * 1024:

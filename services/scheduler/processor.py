@@ -385,14 +385,6 @@ def merge_values_of_contact(contact: Mapping[str, Any]) -> dict[str, str]:
     return values
 
 
-def safe_cell(value: object) -> str:
-    """F-42: a CSV cell that a spreadsheet will not read as a formula."""
-    text = "" if value is None else str(value)
-    if text and text[0] in "=+-@\t\r":
-        return "'" + text
-    return text
-
-
 def merge_columns(keys: Collection[str]) -> list[str]:
     """Merge value columns of the recipient CSV: base fields in their order, then the rest."""
     base = [k for k in BASE_FIELDS if k in keys and k not in ("email", "contact_id")]

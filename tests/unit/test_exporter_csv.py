@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.exporter.csvfile import ExportFile, neutralise
+from libs.common.safecsv import safe_cell
+from services.exporter.csvfile import ExportFile
 from services.exporter.processor import contacts_plan, unsubscribed_cell
 from services.exporter.sources import complete_records
 
@@ -23,12 +24,12 @@ def _read(path: Path, encoding: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("cell", DANGEROUS)
 def test_dangerous_starts_get_an_apostrophe(cell: str) -> None:
-    assert neutralise(cell) == "'" + cell
+    assert safe_cell(cell) == "'" + cell
 
 
 @pytest.mark.parametrize("cell", HARMLESS)
 def test_other_cells_stay(cell: str) -> None:
-    assert neutralise(cell) == cell
+    assert safe_cell(cell) == cell
 
 
 def test_rfc4180_quoting_crlf_and_safe_cells(tmp_path: Path) -> None:
@@ -143,7 +144,7 @@ def test_copy_text_reads_back_the_same_whether_copied_or_rewritten(
             csv.writer(text, lineterminator="\n").writerows(rows)  # quotes like COPY's
             assert out.write_records(text.getvalue()) == len(rows)
         out.commit()
-    expected = [[neutralise(c) if safe else c for c in row] for rows in chunks for row in rows]
+    expected = [[safe_cell(c) if safe else c for c in row] for rows in chunks for row in rows]
     assert _read(path, "utf-8") == expected
     raw = path.read_bytes()
     assert raw.count(b"\r\n") == len(expected) and b"line1\nline2" in raw

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from libs.common.errors import InvalidMessage
+from libs.common.safecsv import safe_cell
 from services.scheduler import processor
 
 NOW = dt.datetime(2026, 11, 26, 3, 0, tzinfo=dt.UTC)
@@ -138,7 +139,7 @@ def test_merge_values_of_a_contact_match_the_snapshot_shape() -> None:
 
 
 def test_csv_cells_are_safe_and_columns_ordered() -> None:
-    assert [processor.safe_cell(v) for v in ("=1+1", "+81", "-", "@x", "\tx", "ok", None, 3)] == [
+    assert [safe_cell(v) for v in ("=1+1", "+81", "-", "@x", "\tx", "ok", None, 3)] == [
         "'=1+1",
         "'+81",
         "'-",
