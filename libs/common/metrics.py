@@ -149,6 +149,22 @@ SCHEDULER_HALTS = Counter("tayori_scheduler_halts_total", "Campaigns halted by e
 SCHEDULER_WINDOW_PAUSED = Gauge(
     "tayori_scheduler_window_paused_campaigns", "Sending campaigns paused outside their window"
 )
+#: step-mail enrolments (F-29) started (a deliverable join of a plan with a schedule) and
+#: ended (unsubscribed, banned or left: the remaining steps stop).
+PLAN_ENROLMENTS = Counter(
+    "tayori_scheduler_plan_enrolments_total", "Step-mail enrolments", ["change"]
+)
+#: (step, enrolment) pairs that came due, by what happened: released on send.requests, or
+#: skipped (the contact was deleted).
+STEPS_RELEASED = Counter(
+    "tayori_scheduler_steps_due_total", "Step-mail steps that came due", ["kind"]
+)
+#: delivery results that decided a step send, by outcome (success, error, suppressed).
+STEP_RESULTS = Counter(
+    "tayori_scheduler_step_results_total", "Step-mail delivery results counted", ["outcome"]
+)
+#: campaigns created by re-sending a past one (F-28, 配信実績の再送信).
+RESENDS_CREATED = Counter("tayori_scheduler_resends_total", "Re-send campaigns created")
 
 # Exporter ---------------------------------------------------------------------------
 #: rows written into export files (rate() of it is the export's rows/s).

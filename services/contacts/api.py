@@ -280,10 +280,24 @@ def _group_views(kind: str) -> None:
             raise Conflict(f"a {kind} named {name.strip()!r} already exists")
         return json_response(dict(row), status=201)
 
+    async def get_group(request: web.Request) -> web.Response:
+        group_id = _int(request.match_info["id"], "id")
+        async with _ctx(request).pool.acquire() as conn:
+            row = await conn.fetchrow(QUERIES["group-with-members"], group_id, kind)
+        if row is None:
+            raise NotFound(f"{kind} {group_id} does not exist")
+        return json_response(dict(row))
+
     list_groups.__doc__ = f"List {kind}s with member counts."
     create_group.__doc__ = f"Create a {kind}: {{name, description}}."
+    get_group.__doc__ = f"One {kind} with its member count" + (
+        " (its steps and schedule are the scheduler's: PUT|GET /v1/plans/{id} there)."
+        if kind == "plan"
+        else "."
+    )
     routes.get(path)(list_groups)
     routes.post(path)(create_group)
+    routes.get(path + "/{id}")(get_group)
 
 
 _group_views("group")

@@ -39,6 +39,11 @@ SELECT g.id, g.kind, g.name, g.description, g.created_at,
        (SELECT count(*) FROM membership m WHERE m.group_id = g.id) AS members
 FROM contact_group g WHERE g.kind = $1 ORDER BY g.id;
 
+-- name: group-with-members
+SELECT g.id, g.kind, g.name, g.description, g.created_at,
+       (SELECT count(*) FROM membership m WHERE m.group_id = g.id) AS members
+FROM contact_group g WHERE g.id = $1 AND g.kind = $2;
+
 -- name: group-by-id
 SELECT id, kind, name, description, created_at FROM contact_group WHERE id = $1;
 

@@ -7,6 +7,9 @@
   decides its ledger row; counters move the status (sent) or halt the campaign (F-26).
 - ``feedback.events``: opens and clicks of a campaign's recipients, each event id counted
   once in the totals, the first of each kind per recipient in the unique counts (F-34).
+- ``suppression.changes``: memberships, whose changes start and end step-mail enrolments
+  (F-29); results and feedback of step sends are counted per step (services/scheduler/
+  stepmail.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from libs.common.db import claim_once
 from libs.common.kafka import Message
 from libs.common.logging import get_logger
 from libs.common.metrics import SCHEDULER_HALTS, SCHEDULER_RESULTS
-from services.scheduler import processor, store
+from services.scheduler import plans, processor, stepmail, store
 from services.scheduler.context import Context
 from services.scheduler.store import QUERIES
 
@@ -98,13 +101,18 @@ async def handle_results(ctx: Context, batch: list[Message]) -> None:
     async with ctx.pool.acquire() as conn, conn.transaction():
         fresh = await claim_once(conn, batch, lambda m: m.value["result_id"])
         first: dict[tuple[uuid.UUID, int], dict[str, Any]] = {}
+        step_results: list[dict[str, Any]] = []
         for message in fresh:
             result = message.value
             if (result.get("step_id") or "").startswith(processor.TEST_STEP_PREFIX):
                 continue  # test sends are never counted (F-23)
+            if plans.parse_step_key(result.get("step_id")) is not None:
+                step_results.append(result)
+                continue
             campaign_id = _uuid(result["campaign_id"])
             if campaign_id is not None:
                 first.setdefault((campaign_id, result["contact_id"]), result)
+        await stepmail.record_results(conn, step_results)
         if not first:
             return
         campaign_ids = sorted({c for c, _ in first})
@@ -168,3 +176,13 @@ async def handle_feedback(ctx: Context, batch: list[Message]) -> None:
             [t.count for t in tallies],
             [t.first_at for t in tallies],
         )
+        await stepmail.record_feedback(conn, tallies)
+
+
+async def handle_memberships(ctx: Context, batch: list[Message]) -> None:
+    """``suppression.changes`` → the membership copy and step-mail enrolments (F-29)."""
+    changes = plans.membership_changes(m.value for m in batch)
+    if not changes:
+        return
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await stepmail.apply_memberships(conn, changes)

@@ -1,7 +1,7 @@
 """The scheduler service: its topics, consumers, routes and release loop in one place.
 
 Inputs: HTTP API, campaign.recipients (snapshot answers), delivery.results, feedback.events
-(campaign statistics), the clock.
+(campaign and step statistics), suppression.changes (step-mail enrolments), the clock.
 Outputs: snapshot.requests and campaign.control through the outbox; send.requests
 published directly by the release loop (acknowledged before rows are marked released)
 and, for test sends, through the outbox.
@@ -15,7 +15,7 @@ from aiohttp import web
 
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
-from services.scheduler import agents, api, release
+from services.scheduler import agents, api, plans_api, release
 from services.scheduler.context import CONTEXT, Context
 from services.scheduler.settings import SchedulerSettings
 
@@ -41,6 +41,12 @@ def build(settings: SchedulerSettings) -> Runtime:
             max_records=5000,
         ),
         ConsumerSpec("scheduler.feedback", [Topic.FEEDBACK_EVENTS], bind(agents.handle_feedback)),
+        ConsumerSpec(
+            "scheduler.memberships",
+            [Topic.SUPPRESSION_CHANGES],
+            bind(agents.handle_memberships),
+            max_records=5000,
+        ),
     ]
 
     async def release_loop() -> None:
@@ -55,6 +61,7 @@ def build(settings: SchedulerSettings) -> Runtime:
     def setup_routes(app: web.Application) -> None:
         app[CONTEXT] = ctx()
         app.router.add_routes(api.routes)
+        app.router.add_routes(plans_api.routes)
 
     runtime.setup_routes = setup_routes
     return runtime

@@ -60,3 +60,33 @@ class ContactsClient:
             raise InvalidMessage(f"{field}: {body.get('error', body)}", field=field)
         if status != 200:
             raise TransientError(f"contacts POST /v1/contacts/search answered {status}")
+
+    async def plan(self, plan_id: int) -> dict[str, Any]:
+        """A step-mail plan as contacts has it (its name; that it is a plan, not a group)."""
+        status, body = await self._call("GET", f"/v1/plans/{plan_id}")
+        if status == 404:
+            raise NotFound(f"plan {plan_id} does not exist")
+        if status != 200:
+            raise TransientError(f"contacts GET /v1/plans/{plan_id} answered {status}")
+        return dict(body)
+
+    async def saved_filter(self, filter_id: int) -> dict[str, Any]:
+        """A saved filter's definition (to look into its history conditions, F-28)."""
+        status, body = await self._call("GET", f"/v1/filters/{filter_id}")
+        if status == 404:
+            raise InvalidMessage(f"saved filter {filter_id} does not exist", field="target")
+        if status != 200:
+            raise TransientError(f"contacts GET /v1/filters/{filter_id} answered {status}")
+        return dict(body)
+
+    async def contacts_by_id(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        """The contacts with these ids as they are now (merge values at send time, F-29);
+        deleted ones are missing. At most 1,000 ids (the search page limit)."""
+        status, body = await self._call(
+            "POST",
+            "/v1/contacts/search",
+            {"filter": {"field": "id", "op": "in", "value": ids}, "limit": len(ids)},
+        )
+        if status != 200:
+            raise TransientError(f"contacts POST /v1/contacts/search answered {status}")
+        return {int(item["id"]): item for item in body["items"]}

@@ -130,6 +130,61 @@ def known_keys(custom_field_keys: Collection[str]) -> set[str]:
     return {*BASE_FIELDS, *custom_field_keys, *(f"custom.{k}" for k in custom_field_keys)}
 
 
+def validate_sender(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The sender settings shared by campaigns and step-mail plans: from, reply_to, coupon
+    template and tracking switches (F-20, F-21, F-34), checked; the columns to store."""
+    from_address = check_address(body.get("from_address"), "from_address")
+    from_name = _text(body, "from_name") or ""
+    if mergetags.escape_header(from_name) != from_name.strip():
+        raise InvalidMessage("from_name must be one line", field="from_name")
+    reply_to = body.get("reply_to")
+    if reply_to is not None and reply_to != "":
+        reply_to = check_address(reply_to, "reply_to")
+    else:
+        reply_to = None
+    coupon_url = _text(body, "coupon_url") or None
+    if coupon_url is not None and not coupon_url.startswith(("https://", "http://")):
+        raise InvalidMessage("coupon_url must be an http(s) URL template", field="coupon_url")
+    tracking = {name: body.get(name, True) for name in ("track_opens", "track_clicks")}
+    for name, value in tracking.items():
+        if not isinstance(value, bool):
+            raise InvalidMessage(f"{name} must be true or false", field=name)
+    return {
+        "from_address": from_address,
+        "from_name": from_name,
+        "reply_to": reply_to,
+        "coupon_url": coupon_url,
+        **tracking,
+    }
+
+
+def validate_message(
+    body: Mapping[str, Any], keys: Collection[str], *, has_coupon: bool, path: str = ""
+) -> dict[str, Any]:
+    """Subject, format and body of one mail (a campaign, or one step of a plan): present,
+    a one-line subject, and every merge tag known (F-21). ``path`` prefixes error fields
+    (``steps[1].``)."""
+
+    def required(name: str) -> str:
+        try:
+            value = _text(body, name, required=True)
+        except InvalidMessage as exc:
+            raise InvalidMessage(exc.reason, field=f"{path}{name}") from None
+        assert value is not None
+        return value
+
+    subject = required("subject")
+    if mergetags.escape_header(subject) != subject.strip():
+        raise InvalidMessage("subject must be one line", field=f"{path}subject")
+    fmt = body.get("format", "text")
+    if fmt not in FORMATS:
+        raise InvalidMessage("format must be text or html", field=f"{path}format")
+    content = required("body")
+    mergetags.validate(subject, keys, has_coupon=has_coupon, field=f"{path}subject")
+    mergetags.validate(content, keys, has_coupon=has_coupon, field=f"{path}body")
+    return {"subject": subject, "format": fmt, "body": content}
+
+
 def validate_campaign(
     body: Mapping[str, Any],
     *,
@@ -146,27 +201,10 @@ def validate_campaign(
     if isinstance(category_id, bool) or not isinstance(category_id, int):
         raise InvalidMessage("category_id must be the id of a category", field="category_id")
     target = parse_target(body.get("target"))
-    from_address = check_address(body.get("from_address"), "from_address")
-    from_name = _text(body, "from_name") or ""
-    if mergetags.escape_header(from_name) != from_name.strip():
-        raise InvalidMessage("from_name must be one line", field="from_name")
-    reply_to = body.get("reply_to")
-    if reply_to is not None and reply_to != "":
-        reply_to = check_address(reply_to, "reply_to")
-    else:
-        reply_to = None
-    subject = _text(body, "subject", required=True)
-    assert subject is not None
-    if mergetags.escape_header(subject) != subject.strip():
-        raise InvalidMessage("subject must be one line", field="subject")
-    fmt = body.get("format", "text")
-    if fmt not in FORMATS:
-        raise InvalidMessage("format must be text or html", field="format")
-    content = _text(body, "body", required=True)
-    assert content is not None
-    coupon_url = _text(body, "coupon_url") or None
-    if coupon_url is not None and not coupon_url.startswith(("https://", "http://")):
-        raise InvalidMessage("coupon_url must be an http(s) URL template", field="coupon_url")
+    sender = validate_sender(body)
+    keys = known_keys(custom_field_keys)
+    coupon_url = sender["coupon_url"]
+    message = validate_message(body, keys, has_coupon=coupon_url is not None)
     dedupe = body.get("dedupe", "none")
     if dedupe not in DEDUPE:
         raise InvalidMessage("dedupe must be none or by_email", field="dedupe")
@@ -175,10 +213,6 @@ def validate_campaign(
         raise InvalidMessage(
             "include_unsubscribed must be true or false", field="include_unsubscribed"
         )
-    tracking = {name: body.get(name, True) for name in ("track_opens", "track_clicks")}
-    for name, value in tracking.items():
-        if not isinstance(value, bool):
-            raise InvalidMessage(f"{name} must be true or false", field=name)
     if body.get("scheduled_at") is None:
         raise InvalidMessage("scheduled_at is required (no immediate send)", field="scheduled_at")
     scheduled_at = parse_time(body["scheduled_at"], "scheduled_at")
@@ -189,10 +223,6 @@ def validate_campaign(
             f"scheduled_at must be at least {lead} from now ({now.isoformat()}): no immediate send",
             field="scheduled_at",
         )
-    keys = known_keys(custom_field_keys)
-    has_coupon = coupon_url is not None
-    mergetags.validate(subject, keys, has_coupon=has_coupon, field="subject")
-    mergetags.validate(content, keys, has_coupon=has_coupon, field="body")
     if coupon_url is not None:
         mergetags.validate(coupon_url, keys - {"coupon_url"}, has_coupon=False, field="coupon_url")
     return {
@@ -201,17 +231,18 @@ def validate_campaign(
         "group_id": target.group_id,
         "filter": target.filter,
         "saved_filter_id": target.saved_filter_id,
-        "from_address": from_address,
-        "from_name": from_name,
-        "reply_to": reply_to,
-        "subject": subject,
-        "format": fmt,
-        "body": content,
+        "from_address": sender["from_address"],
+        "from_name": sender["from_name"],
+        "reply_to": sender["reply_to"],
+        "subject": message["subject"],
+        "format": message["format"],
+        "body": message["body"],
         "coupon_url": coupon_url,
         "dedupe": dedupe,
         "include_unsubscribed": include_unsubscribed,
         "scheduled_at": scheduled_at,
-        **tracking,
+        "track_opens": sender["track_opens"],
+        "track_clicks": sender["track_clicks"],
     }
 
 

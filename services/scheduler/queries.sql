@@ -18,7 +18,8 @@ UPDATE category SET name = $2, window_start = $3, window_end = $4, time_zone = $
 WHERE id = $1 RETURNING *;
 
 -- name: category-in-use
-SELECT EXISTS (SELECT 1 FROM campaign WHERE category_id = $1);
+SELECT EXISTS (SELECT 1 FROM campaign WHERE category_id = $1)
+    OR EXISTS (SELECT 1 FROM plan WHERE category_id = $1);
 
 -- name: delete-category
 DELETE FROM category WHERE id = $1 RETURNING id;
@@ -208,3 +209,184 @@ UPDATE campaign c SET opens = c.opens + COALESCE(a.opens, 0),
     unique_clicks = c.unique_clicks + a.unique_clicks
 FROM added a WHERE c.id = a.campaign_id
 RETURNING c.id;
+
+-- Step mail (F-29): memberships and enrolments -----------------------------------------------
+
+-- name: apply-memberships
+-- The newest change per (group, contact) wins; returns the ones that changed something.
+WITH x AS (
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::timestamptz[], $5::bigint[])
+        AS x (group_id, contact_id, state, changed_at, version)
+)
+INSERT INTO member AS m (group_id, contact_id, state, changed_at, version)
+SELECT group_id, contact_id, state, changed_at, version FROM x
+ON CONFLICT (group_id, contact_id) DO UPDATE
+SET state = EXCLUDED.state, changed_at = EXCLUDED.changed_at, version = EXCLUDED.version
+WHERE m.version < EXCLUDED.version
+RETURNING m.group_id, m.contact_id, m.state, m.changed_at;
+
+-- name: start-enrolments
+-- Deliverable members of a plan with a schedule: an enrolment at changed_at, unless one runs.
+INSERT INTO enrolment (plan_id, contact_id, enrolled_at)
+SELECT x.plan_id, x.contact_id, x.at
+FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) AS x (plan_id, contact_id, at)
+JOIN plan p ON p.id = x.plan_id
+ON CONFLICT (plan_id, contact_id) WHERE ended_at IS NULL DO NOTHING
+RETURNING plan_id;
+
+-- name: end-enrolments
+UPDATE enrolment e SET ended_at = x.at, ended_reason = x.state
+FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::text[])
+    AS x (plan_id, contact_id, at, state)
+WHERE e.plan_id = x.plan_id AND e.contact_id = x.contact_id AND e.ended_at IS NULL
+RETURNING e.plan_id;
+
+-- name: enrol-members
+-- A schedule defined after its plan's members joined: enrol the deliverable ones.
+INSERT INTO enrolment (plan_id, contact_id, enrolled_at)
+SELECT group_id, contact_id, changed_at FROM member WHERE group_id = $1 AND state = 'deliverable'
+ON CONFLICT (plan_id, contact_id) WHERE ended_at IS NULL DO NOTHING;
+
+-- name: enrolments-of
+SELECT e.*, (SELECT count(*) FROM step_delivery d WHERE d.enrolment_id = e.id) AS steps_done
+FROM enrolment e
+WHERE e.plan_id = $1 AND ($2::bigint IS NULL OR e.contact_id = $2)
+  AND ($3::bigint IS NULL OR e.id < $3)
+ORDER BY e.id DESC LIMIT $4;
+
+-- name: enrolment-counts
+SELECT count(*) FILTER (WHERE ended_at IS NULL) AS active,
+       count(*) FILTER (WHERE ended_at IS NOT NULL) AS ended
+FROM enrolment WHERE plan_id = $1;
+
+-- Step mail: plans and steps ---------------------------------------------------------------------
+
+-- name: plans
+SELECT * FROM plan ORDER BY id;
+
+-- name: plan
+SELECT * FROM plan WHERE id = $1;
+
+-- name: upsert-plan
+INSERT INTO plan (id, name, category_id, from_address, from_name, reply_to, coupon_url,
+    track_opens, track_clicks, created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)
+ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, category_id = EXCLUDED.category_id,
+    from_address = EXCLUDED.from_address, from_name = EXCLUDED.from_name,
+    reply_to = EXCLUDED.reply_to, coupon_url = EXCLUDED.coupon_url,
+    track_opens = EXCLUDED.track_opens, track_clicks = EXCLUDED.track_clicks,
+    updated_at = EXCLUDED.updated_at
+RETURNING *, (xmax = 0) AS created;
+
+-- name: plan-steps
+SELECT * FROM plan_step WHERE plan_id = $1 AND removed_at IS NULL ORDER BY position;
+
+-- name: lock-plan-steps
+SELECT * FROM plan_step WHERE plan_id = $1 AND removed_at IS NULL ORDER BY position FOR UPDATE;
+
+-- name: insert-step
+INSERT INTO plan_step (id, plan_id, position, day_offset, send_time, subject, format, body,
+    timed_since, created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $9);
+
+-- name: update-step
+UPDATE plan_step SET position = $2, day_offset = $3, send_time = $4, subject = $5, format = $6,
+    body = $7, timed_since = CASE WHEN $8 THEN $9 ELSE timed_since END, updated_at = $9
+WHERE id = $1;
+
+-- name: remove-steps
+UPDATE plan_step SET removed_at = $2, updated_at = $2 WHERE id = ANY($1::uuid[]);
+
+-- Step mail: release -----------------------------------------------------------------------------
+
+-- name: active-steps
+-- Every step that may be due, with its plan's settings and category window.
+SELECT s.*, p.from_address, p.from_name, p.reply_to, p.coupon_url, p.track_opens,
+    p.track_clicks, k.window_start, k.window_end, k.time_zone
+FROM plan_step s JOIN plan p ON p.id = s.plan_id JOIN category k ON k.id = p.category_id
+WHERE s.removed_at IS NULL
+ORDER BY s.plan_id, s.position;
+
+-- name: due-enrolments
+-- Running enrolments due for a step (steps.due_range) that have no delivery of it yet.
+SELECT e.id, e.contact_id FROM enrolment e
+WHERE e.plan_id = $1 AND e.ended_at IS NULL
+  AND e.enrolled_at >= $3 AND e.enrolled_at < $4 AND e.enrolled_at <= $5
+  AND NOT EXISTS (SELECT 1 FROM step_delivery d WHERE d.step_id = $2 AND d.enrolment_id = e.id)
+ORDER BY e.enrolled_at, e.id
+LIMIT $6;
+
+-- name: lock-step
+-- The releaser's lock on one step (another replica skips it this tick).
+SELECT id FROM plan_step WHERE id = $1 AND removed_at IS NULL FOR NO KEY UPDATE SKIP LOCKED;
+
+-- name: claim-step-deliveries
+-- Deliveries of a step to running enrolments; the ones claimed here (not already there).
+INSERT INTO step_delivery (step_id, enrolment_id, contact_id, released_at, skipped)
+SELECT $1::uuid, x.enrolment_id, x.contact_id,
+    CASE WHEN x.skipped IS NULL THEN $2::timestamptz END, x.skipped
+FROM unnest($3::bigint[], $4::bigint[], $5::text[]) AS x (enrolment_id, contact_id, skipped)
+JOIN enrolment e ON e.id = x.enrolment_id AND e.ended_at IS NULL
+ON CONFLICT DO NOTHING
+RETURNING enrolment_id;
+
+-- name: add-step-released
+UPDATE plan_step SET released = released + $2, skipped = skipped + $3 WHERE id = $1;
+
+-- Step mail: results and feedback ----------------------------------------------------------------
+
+-- name: lock-steps
+SELECT id FROM plan_step WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE;
+
+-- name: record-step-outcomes
+-- The first result of a (step, enrolment) decides; returns the newly decided ones.
+UPDATE step_delivery d SET outcome = x.outcome, result_id = x.result_id, result_at = x.at
+FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::timestamptz[])
+    AS x (step_id, enrolment_id, outcome, result_id, at)
+WHERE d.step_id = x.step_id AND d.enrolment_id = x.enrolment_id AND d.outcome IS NULL
+RETURNING d.step_id, d.outcome;
+
+-- name: add-step-counts
+UPDATE plan_step SET success = success + $2, error = error + $3, suppressed = suppressed + $4
+WHERE id = $1;
+
+-- name: record-step-feedback
+-- As record-feedback, for steps: only contacts a step was released to count.
+WITH x AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bigint[], $5::timestamptz[])
+        AS x (step_id, contact_id, kind, n, first_at)
+), mine AS (
+    SELECT x.* FROM x WHERE EXISTS (
+        SELECT 1 FROM step_delivery d WHERE d.step_id = x.step_id AND d.contact_id = x.contact_id)
+), firsts AS (
+    INSERT INTO step_feedback (step_id, contact_id, kind, first_at)
+    SELECT step_id, contact_id, kind, first_at FROM mine
+    ON CONFLICT DO NOTHING
+    RETURNING step_id, kind
+), added AS (
+    SELECT m.step_id,
+        sum(m.n) FILTER (WHERE m.kind = 'open') AS opens,
+        sum(m.n) FILTER (WHERE m.kind = 'click') AS clicks,
+        (SELECT count(*) FROM firsts f WHERE f.step_id = m.step_id AND f.kind = 'open')
+            AS unique_opens,
+        (SELECT count(*) FROM firsts f WHERE f.step_id = m.step_id AND f.kind = 'click')
+            AS unique_clicks
+    FROM mine m GROUP BY m.step_id
+)
+UPDATE plan_step s SET opens = s.opens + COALESCE(a.opens, 0),
+    clicks = s.clicks + COALESCE(a.clicks, 0),
+    unique_opens = s.unique_opens + a.unique_opens,
+    unique_clicks = s.unique_clicks + a.unique_clicks
+FROM added a WHERE s.id = a.step_id
+RETURNING s.id;
+
+-- Re-send (F-28) ---------------------------------------------------------------------------------
+
+-- name: campaign-times
+-- Campaigns and steps a history filter names, with when they were sent.
+SELECT id, started_at AS sent_at, false AS step FROM campaign WHERE id = ANY($1::uuid[])
+UNION ALL
+SELECT id, created_at, true FROM plan_step WHERE id = ANY($1::uuid[]);
+
+-- name: set-resent-from
+UPDATE campaign SET resent_from = $2 WHERE id = $1 RETURNING *;

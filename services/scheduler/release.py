@@ -14,7 +14,8 @@ Each tick, with the context's clock:
    requests name the campaign's content by id; the content itself goes out once, on
    ``campaign.content``, acknowledged before the first request naming it;
 3. ``sent`` becomes ``aggregating``, and ``aggregating`` becomes ``aggregated`` once the
-   aggregation period has passed.
+   aggregation period has passed;
+4. due steps of step-mail plans go out (services/scheduler/stepmail.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import asyncpg
 from aiokafka.errors import KafkaError
 
 from libs.common.content import BY_REFERENCE
-from libs.common.content import content_id as content_hash
 from libs.common.logging import get_logger
 from libs.common.metrics import (
     SCHEDULER_CAMPAIGNS,
@@ -37,7 +37,8 @@ from libs.common.metrics import (
     SCHEDULER_WINDOW_PAUSED,
 )
 from libs.common.topics import Topic
-from services.scheduler import processor, status, store
+from services.scheduler import status, stepmail, store
+from services.scheduler.contents import publish_content
 from services.scheduler.context import Context
 from services.scheduler.store import QUERIES
 from services.scheduler.window import Window
@@ -90,6 +91,7 @@ async def tick(ctx: Context) -> None:
     for gone in set(ctx.buckets) - {str(c) for c in sending}:
         del ctx.buckets[gone]
     await finish(ctx, now)
+    await stepmail.release_due_steps(ctx, now)
     if ctx.ticks % GAUGE_TICKS == 0:
         await update_gauges(ctx)
 
@@ -169,23 +171,6 @@ async def release_campaign(ctx: Context, campaign_id: uuid.UUID, now: dt.datetim
         SCHEDULER_RELEASED.labels("first").inc(first)
         SCHEDULER_RELEASED.labels("again").inc(len(rows) - first)
         return len(rows)
-
-
-async def publish_content(ctx: Context, campaign: asyncpg.Record) -> str:
-    """The campaign's content on ``campaign.content``, acknowledged, before any request naming
-    it goes out (once per process and content: compaction keeps one copy); its id."""
-    content = processor.content_of(campaign)
-    content_id = content_hash(str(campaign["id"]), content)
-    if content_id not in ctx.published_contents:
-        value = {
-            "content_id": content_id,
-            "campaign_id": str(campaign["id"]),
-            "content": content,
-            "published_at": ctx.clock.now(),
-        }
-        await ctx.publisher.send_and_wait(Topic.CAMPAIGN_CONTENT, content_id, value)
-        ctx.published_contents.add(content_id)
-    return content_id
 
 
 async def finish(ctx: Context, now: dt.datetime) -> None:

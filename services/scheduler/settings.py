@@ -27,5 +27,8 @@ class SchedulerSettings(CommonSettings):
     halt_error_rate: float = env("SCHEDULER_HALT_ERROR_RATE", 0.10)
     #: F-22: scheduled_at must be at least this many seconds after now at creation.
     min_lead_seconds: float = env("SCHEDULER_MIN_LEAD_SECONDS", 180.0)
+    #: F-28: a campaign may be named in a target's history conditions for this many calendar
+    #: months after it started sending (過去3ヶ月以内).
+    history_months: int = env("SCHEDULER_HISTORY_MONTHS", 3)
     #: seconds to wait for the contacts service's HTTP API.
     contacts_timeout_seconds: float = env("CONTACTS_TIMEOUT_SECONDS", 5.0)
