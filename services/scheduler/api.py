@@ -21,11 +21,11 @@ from aiohttp import web
 from libs.common import mergetags, outbox
 from libs.common.errors import Conflict, InvalidMessage, NotFound
 from libs.common.http import ROLE, error, json_response, read_json, requires
-from libs.common.metrics import SCHEDULER_RELEASED
+from libs.common.metrics import RESENDS_CREATED, SCHEDULER_RELEASED
 from libs.common.render import CampaignMessage
 from libs.common.safecsv import safe_cell
 from libs.common.topics import Topic
-from services.scheduler import processor, status, store
+from services.scheduler import processor, resend, status, store
 from services.scheduler.context import CONTEXT, Context
 from services.scheduler.store import QUERIES
 from services.scheduler.window import Window
@@ -117,7 +117,7 @@ async def delete_category(request: web.Request) -> web.Response:
     category_id = _int(request.match_info["id"], "id")
     async with _ctx(request).pool.acquire() as conn, conn.transaction():
         if await conn.fetchval(QUERIES["category-in-use"], category_id):
-            raise Conflict(f"category {category_id} is used by campaigns")
+            raise Conflict(f"category {category_id} is used by campaigns or step-mail plans")
         if await conn.fetchval(QUERIES["delete-category"], category_id) is None:
             raise NotFound(f"category {category_id} does not exist")
     return web.Response(status=204)
@@ -135,8 +135,14 @@ async def create_campaign(request: web.Request) -> web.Response:
     from_name?, reply_to?, subject, format: text|html, body, coupon_url?, dedupe: none|by_email,
     include_unsubscribed?, track_opens? and track_clicks? (F-34, default true), scheduled_at
     (ISO 8601 with offset, ≥ now + 3 min)}."""
-    ctx = _ctx(request)
-    body = await read_json(request)
+    row = await _create(_ctx(request), await read_json(request), request.get(ROLE))
+    return json_response(store.campaign_json(row), status=201)
+
+
+async def _create(
+    ctx: Context, body: dict[str, Any], role: str | None, resent_from: Any = None
+) -> asyncpg.Record:
+    """Validate and store a draft campaign (also a re-send's); its row."""
     now = ctx.clock.now()
     keys = await ctx.contacts.custom_field_keys()
     values = processor.validate_campaign(
@@ -149,22 +155,46 @@ async def create_campaign(request: web.Request) -> web.Response:
     search_filter = target.search_filter()
     if search_filter is not None:
         await ctx.contacts.check_filter(search_filter, "target.filter")
+        await _check_history(ctx, search_filter, now)
     async with ctx.pool.acquire() as conn, conn.transaction():
         await store.check_category(conn, values["category_id"])
         row = await conn.fetchrow(
-            QUERIES["insert-campaign"],
-            uuid.uuid4(),
-            *values.values(),
-            request.get(ROLE),
-            now,
+            QUERIES["insert-campaign"], uuid.uuid4(), *values.values(), role, now
         )
+        if resent_from is not None:
+            row = await conn.fetchrow(QUERIES["set-resent-from"], row["id"], resent_from)
         await conn.execute(
             "INSERT INTO campaign_status_change (campaign_id, status, reason, at)"
-            " VALUES ($1, 'draft', 'created', $2)",
+            " VALUES ($1, 'draft', $2, $3)",
             row["id"],
+            "created" if resent_from is None else f"re-send of {resent_from}",
             now,
         )
-    return json_response(store.campaign_json(row), status=201)
+    return row
+
+
+async def _check_history(ctx: Context, search_filter: dict[str, Any], now: dt.datetime) -> None:
+    """F-28: campaigns named in the target's history conditions (saved filters followed)
+    exist, were sent, and not more than SCHEDULER_HISTORY_MONTHS months ago."""
+    named = set(resend.history_campaigns(search_filter))
+    pending, seen = set(resend.saved_filters(search_filter)), set()
+    while pending:
+        filter_id = pending.pop()
+        seen.add(filter_id)
+        saved = (await ctx.contacts.saved_filter(filter_id))["filter"]
+        named |= set(resend.history_campaigns(saved))
+        pending |= set(resend.saved_filters(saved)) - seen
+    if not named:
+        return
+    ids = []
+    for campaign_id in named:
+        try:
+            ids.append(uuid.UUID(campaign_id))
+        except ValueError:
+            pass
+    rows = await ctx.pool.fetch(QUERIES["campaign-times"], ids)
+    known = {str(r["id"]): (r["sent_at"], r["step"]) for r in rows}
+    resend.check_history(named, known, now, ctx.settings.history_months)
 
 
 @routes.get("/v1/campaigns")
@@ -239,6 +269,24 @@ async def cancel(request: web.Request) -> web.Response:
         assert row is not None  # locked and checked above
         await store.publish_control(conn, campaign["id"], "cancel", "cancelled by an operator", now)
     return json_response(store.campaign_json(row))
+
+
+@routes.post("/v1/campaigns/{id}/resend")
+@unprocessable
+async def resend_campaign(request: web.Request) -> web.Response:
+    """再配信 (F-28): a new draft campaign with this one's body, from, reply_to, category,
+    format and settings; the target is chosen anew. Body: {scheduled_at, target?,
+    recipients?: all|opened|not_opened|clicked|not_clicked|errored|not_errored (recipients
+    of this campaign, as F-05 history conditions added to the target's filter), name?,
+    subject?, dedupe?, include_unsubscribed?}. A campaign sent more than 3 months ago
+    cannot be targeted by its recipients (422)."""
+    ctx = _ctx(request)
+    async with ctx.pool.acquire() as conn:
+        source = await store.get_campaign(conn, request.match_info["id"])
+    body = resend.resend_body(source, await read_json(request))
+    row = await _create(ctx, body, request.get(ROLE), resent_from=source["id"])
+    RESENDS_CREATED.inc()
+    return json_response(store.campaign_json(row), status=201)
 
 
 # Test send and confirmation (F-23, F-24) ----------------------------------------------------

@@ -127,6 +127,7 @@ def campaign_json(row: Mapping[str, Any], history: list[Any] | None = None) -> d
         "unique_clicks": row["unique_clicks"],
         "track_opens": row["track_opens"],
         "track_clicks": row["track_clicks"],
+        "resent_from": None if row["resent_from"] is None else str(row["resent_from"]),
         "created_by": row["created_by"],
         "created_at": row["created_at"],
         "reserved_at": row["reserved_at"],
