@@ -12,6 +12,12 @@ against the count ``smtp-sink`` itself reports.
 The ceiling gets the same machine share: the raw client runs while the broker and
 PostgreSQL sit idle, so it is an upper bound our pipeline (which also consumes, writes its
 ledger and publishes results) can only approach.
+
+Beside the rates, CPU per message of every process (user + system time from ``/proc``),
+which other work on a shared machine skews much less than msgs/s: the sender's next to the
+raw client's (its bench process's ``process_time``) for the same sink. The window is from
+the end of the reservation to the last result, less each process's idle rate (measured for
+``IDLE_SECONDS`` before the campaign) times the wait until the first result.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ from tayori.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, wait_fo
 
 RECIPIENTS = 100_000
 RAW_MESSAGES = 30_000
+#: seconds the stack is watched doing nothing, for each process's idle CPU rate.
+IDLE_SECONDS = 3.0
 #: SMTP connections: the sender's pool and the raw client alike.
 CONNECTIONS = 32
 ADMIN = "bench-admin-token"
@@ -90,8 +98,70 @@ def sample_message() -> bytes:
     )
 
 
-async def raw_ceiling(root: Path) -> tuple[float, int]:
-    """msgs/s of aiosmtplib sending one pre-built message over CONNECTIONS connections."""
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str]:
+    """``/proc/<pid>/stat`` fields after the command name (field 3 onwards)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid: int, *, tree: bool = False) -> float:
+    """User + system CPU of a process (every thread); ``tree``: with its live children and
+    the children it reaped (PostgreSQL's backends are children of the postmaster)."""
+    try:
+        fields = _stat(pid)
+    except FileNotFoundError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if tree:
+        ticks += int(fields[13]) + int(fields[14])
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    child = _stat(int(entry.name))
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+                if int(child[1]) == pid:
+                    ticks += int(child[11]) + int(child[12])
+    return ticks / _TICKS
+
+
+class CpuMeter:
+    """CPU seconds of named processes, sampled together."""
+
+    def __init__(self, pids: dict[str, int], trees: frozenset[str] = frozenset()) -> None:
+        self.pids = pids
+        self.trees = trees
+
+    def sample(self) -> tuple[float, dict[str, float]]:
+        return time.perf_counter(), {
+            name: cpu_seconds(pid, tree=name in self.trees) for name, pid in self.pids.items()
+        }
+
+
+def cpu_per_message(
+    idle: tuple[tuple[float, dict[str, float]], tuple[float, dict[str, float]]],
+    start: tuple[float, dict[str, float]],
+    end: tuple[float, dict[str, float]],
+    first_result: float,
+    messages: int,
+) -> dict[str, float]:
+    """µs of CPU per message of each process between ``start`` and ``end``, less what the
+    process burns idle (its rate over ``idle``) until the first result."""
+    (idle_from, idle_a), (idle_to, idle_b) = idle
+    waited = max(0.0, first_result - start[0])
+    out = {}
+    for name, used in end[1].items():
+        idle_rate = (idle_b[name] - idle_a[name]) / (idle_to - idle_from)
+        busy = used - start[1][name] - idle_rate * waited
+        out[name] = round(busy / messages * 1e6, 1)
+    return out
+
+
+async def raw_ceiling(root: Path) -> tuple[float, int, dict[str, float]]:
+    """msgs/s of aiosmtplib sending one pre-built message over CONNECTIONS connections, and
+    CPU µs per message of that client (this process) and of the sink."""
     port = free_port()
     log = root / "raw-sink.log"
     sink = smtp_sink(port, log)
@@ -105,14 +175,19 @@ async def raw_ceiling(root: Path) -> tuple[float, int]:
                 await client.sendmail(FROM, [f"u{i}@example.jp"], data)
             await client.quit()
 
+        sink_cpu = cpu_seconds(sink.pid)
+        cpu = time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(worker(RAW_MESSAGES // CONNECTIONS) for _ in range(CONNECTIONS)))
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
+        sink_cpu = cpu_seconds(sink.pid) - sink_cpu
     finally:
         sink.terminate()
         sink.wait(10)
     sent = RAW_MESSAGES // CONNECTIONS * CONNECTIONS
-    return rate(sent, elapsed), sink_count(log)
+    used = {"client": round(cpu / sent * 1e6, 1), "sink": round(sink_cpu / sent * 1e6, 1)}
+    return rate(sent, elapsed), sink_count(log), used
 
 
 async def _seed(dsn: str, count: int) -> int:
@@ -153,9 +228,10 @@ class Api:
 
 
 async def _send_campaign(
-    scheduler: Api, group: int, watcher: asyncio.Future[None]
-) -> tuple[dict[str, Any], float]:
-    """Create, reserve and send the campaign: its final state and how long reserving took."""
+    scheduler: Api, group: int, watcher: asyncio.Future[None], meter: CpuMeter
+) -> tuple[dict[str, Any], float, tuple[float, dict[str, float]]]:
+    """Create, reserve and send the campaign: its final state, how long reserving took and
+    the CPU sample taken when the reservation was done."""
     category = await scheduler(
         "POST",
         "/v1/categories",
@@ -187,11 +263,33 @@ async def _send_campaign(
     while (state := await scheduler("GET", path))["status"] in ("draft", "reserving"):  # noqa: ASYNC110
         await asyncio.sleep(0.2)
     reserve_seconds = time.perf_counter() - reserved_at
+    reserved = meter.sample()
     progress(f"campaign: {state['status']} after {reserve_seconds:.1f}s, sending")
     await asyncio.wait_for(watcher, 900)
     while (state := await scheduler("GET", path))["status"] == "sending":  # noqa: ASYNC110
         await asyncio.sleep(0.2)
-    return state, reserve_seconds
+    return state, reserve_seconds, reserved
+
+
+async def _count_results(
+    results: AIOKafkaConsumer,
+    count: int,
+    seen: set[int],
+    outcomes: dict[str, int],
+    times: list[float],
+) -> None:
+    """Read ``delivery.results`` until ``count`` recipients have one: each recipient's first
+    result counted by outcome, with the time it arrived."""
+    while len(seen) < count:
+        for records in (await results.getmany(timeout_ms=500)).values():
+            now = time.perf_counter()
+            for record in records:
+                result = avro.decode(Topic.DELIVERY_RESULTS, record.value, record.headers)
+                if result["contact_id"] in seen:
+                    continue
+                seen.add(result["contact_id"])
+                outcomes[result["outcome"]] = outcomes.get(result["outcome"], 0) + 1
+                times.append(now)
 
 
 async def pipeline(root: Path, count: int) -> dict[str, Any]:
@@ -244,26 +342,26 @@ async def pipeline(root: Path, count: int) -> dict[str, Any]:
         outcomes: dict[str, int] = {}
         seen: set[int] = set()
         times: list[float] = []
+        pids = {name: process.pid for name, process in zip(ports, processes, strict=True)}
+        postmaster = (root / "campaign-pg" / "postmaster.pid").read_text().split()[0]
+        pids |= {"postgres": int(postmaster), "broker": broker.process.pid, "sink": sink.pid}
+        meter = CpuMeter(pids, frozenset({"postgres"}))
+        finished: list[tuple[float, dict[str, float]]] = []
 
         async def watch() -> None:
-            while len(seen) < count:
-                for records in (await results.getmany(timeout_ms=500)).values():
-                    now = time.perf_counter()
-                    for record in records:
-                        result = avro.decode(Topic.DELIVERY_RESULTS, record.value, record.headers)
-                        if result["contact_id"] in seen:
-                            continue
-                        seen.add(result["contact_id"])
-                        outcomes[result["outcome"]] = outcomes.get(result["outcome"], 0) + 1
-                        times.append(now)
+            await _count_results(results, count, seen, outcomes, times)
+            finished.append(meter.sample())
 
         watcher = asyncio.ensure_future(watch())
         try:
             async with aiohttp.ClientSession() as session:
                 for port in ports.values():
                     await ready(session, port)
-                state, reserve_seconds = await _send_campaign(
-                    Api(session, ports["scheduler"]), group, watcher
+                idle_from = meter.sample()
+                await asyncio.sleep(IDLE_SECONDS)
+                idle = (idle_from, meter.sample())
+                state, reserve_seconds, reserved = await _send_campaign(
+                    Api(session, ports["scheduler"]), group, watcher, meter
                 )
         finally:
             watcher.cancel()
@@ -278,7 +376,9 @@ async def pipeline(root: Path, count: int) -> dict[str, Any]:
     # When each tenth of the results had arrived (s after the first): a slow start or tail
     # shows here.
     tenths = [round(times[len(times) * k // 10 - 1] - times[0], 1) for k in range(1, 11)]
+    cpu = cpu_per_message(idle, reserved, finished[0], times[0], count)
     return {
+        "cpu_us_per_msg": cpu,
         "tenths_seconds": tenths,
         "recipients": count,
         "outcomes": outcomes,
@@ -293,7 +393,7 @@ async def pipeline(root: Path, count: int) -> dict[str, Any]:
 
 async def run(root: Path, recipients: int = RECIPIENTS) -> list[Result]:
     progress(f"campaign: raw aiosmtplib ceiling, {RAW_MESSAGES:,} messages")
-    ceiling, raw_received = await raw_ceiling(root)
+    ceiling, raw_received, raw_cpu = await raw_ceiling(root)
     measured = await pipeline(root, recipients)
     ratio = measured["rate"] / ceiling
     data = {
@@ -301,14 +401,18 @@ async def run(root: Path, recipients: int = RECIPIENTS) -> list[Result]:
         "rate": round(measured["rate"], 1),
         "ceiling_rate": round(ceiling, 1),
         "ceiling_received": raw_received,
+        "ceiling_cpu_us_per_msg": raw_cpu,
         "connections": CONNECTIONS,
     }
     complete = measured["sink_received"] == recipients == measured["outcomes"].get("sent")
+    sender_cpu = measured["cpu_us_per_msg"]["sender"]
     return [
         Result(
             f"campaign {recipients:,} → smtp-sink",
-            f"{n(measured['rate'])} msgs/s ({measured['sink_received']:,} received)",
-            f"raw aiosmtplib {n(ceiling)} msgs/s ({CONNECTIONS} connections)",
+            f"{n(measured['rate'])} msgs/s ({measured['sink_received']:,} received),"
+            f" sender CPU {sender_cpu:.0f} µs/msg",
+            f"raw aiosmtplib {n(ceiling)} msgs/s ({CONNECTIONS} connections),"
+            f" CPU {raw_cpu['client']:.0f} µs/msg",
             "≥ 80% and ≥ 2,000/s",
             complete and ratio >= 0.8 and measured["rate"] >= 2000,
             ratio=ratio,
