@@ -102,6 +102,10 @@ async def process_inbound(ctx: Context) -> int:
         )
     for outcome, count in Counter(m.outcome for m in outcomes.values()).items():
         BOUNCE_INBOUND_MAIL.labels(outcome).inc(count)
+    if len(rows) < ctx.settings.batch:
+        BOUNCE_INBOUND_BACKLOG.set(0)  # a short batch took everything there was
+    else:  # a full one: count what waits (only then, it costs a scan of the pending index)
+        BOUNCE_INBOUND_BACKLOG.set(await ctx.pool.fetchval(QUERIES["pending-count"]))
     return len(rows)
 
 

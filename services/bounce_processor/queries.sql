@@ -11,6 +11,9 @@ SELECT id, mail_from, rcpt_to, raw, received_at FROM inbound_mail
 WHERE status = 'pending' ORDER BY id LIMIT $1
 FOR UPDATE SKIP LOCKED;
 
+-- name: pending-count
+SELECT count(*) FROM inbound_mail WHERE status = 'pending';
+
 -- name: forget-inbound
 DELETE FROM inbound_mail WHERE id = ANY($1::bigint[]);
 
