@@ -36,7 +36,7 @@ STEPS = [
     {"day_offset": 1, "send_time": "10:00", "subject": "<#name>様 2通目",
      "format": "text", "body": "<#name>様\n2通目\n配信停止: <#unsubscribe_url>\n"},
     {"day_offset": 3, "send_time": "18:00", "subject": "<#name>様 3通目",
-     "format": "html", "body": "<p><#name>様</p><p>3通目</p><a href=\"<#unsubscribe_url>\">停止</a>"},
+     "format": "html", "body": '<p><#name>様</p><p>3通目</p><a href="<#unsubscribe_url>">停止</a>'},
 ]  # fmt: skip
 
 

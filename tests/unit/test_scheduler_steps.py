@@ -137,11 +137,12 @@ def test_plan_edit_keeps_ids_retimes_only_moved_steps_and_removes_left_out_ones(
 
 def test_membership_changes_keep_the_newest_per_group_and_contact() -> None:
     at = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+    base = {"kind": "membership", "group_id": 1, "contact_id": 2, "changed_at": at}
     values = [
-        {"kind": "membership", "group_id": 1, "contact_id": 2, "state": "unsubscribed", "changed_at": at, "version": 9},
-        {"kind": "membership", "group_id": 1, "contact_id": 2, "state": "deliverable", "changed_at": at, "version": 3},
-        {"kind": "address", "group_id": None, "contact_id": 2, "state": "bounced", "changed_at": at, "version": 10},
-    ]  # fmt: skip
+        {**base, "state": "unsubscribed", "version": 9},
+        {**base, "state": "deliverable", "version": 3},
+        {**base, "kind": "address", "group_id": None, "state": "bounced", "version": 10},
+    ]
     [change] = plans.membership_changes(values)
     assert (change.state, change.version, change.enrols) == ("unsubscribed", 9, False)
 
@@ -177,8 +178,8 @@ def test_resend_copies_content_and_takes_a_new_target() -> None:
 def test_history_targets_are_limited_to_three_months() -> None:
     now = dt.datetime(2026, 5, 31, 12, 0, tzinfo=dt.UTC)
     assert resend.months_before(now, 3) == dt.datetime(2026, 2, 28, 12, 0, tzinfo=dt.UTC)
-    node = {"all": [{"history": {"event": "opened", "campaign_id": "a"}},
-                    {"not": {"history": {"event": "received", "campaign_ids": ["b"]}}}]}  # fmt: skip
+    opened = {"history": {"event": "opened", "campaign_id": "a"}}
+    node = {"all": [opened, {"not": {"history": {"event": "received", "campaign_ids": ["b"]}}}]}
     assert set(resend.history_campaigns(node)) == {"a", "b"}
     recent = (dt.datetime(2026, 3, 1, tzinfo=dt.UTC), False)
     old = (dt.datetime(2026, 2, 27, tzinfo=dt.UTC), False)
