@@ -8,10 +8,11 @@ workers of the other relays take it: that is the failover. When every relay is d
 deliveries wait in the queue and go out when one comes back; the consumer commits nothing
 meanwhile, so nothing is lost, and the ledger makes sure nothing goes twice.
 
-One SMTP transaction uses aiosmtplib's lower layers: MAIL, RCPT and DATA through
-``execute_command``, then the dot-stuffed content without its final ``CRLF.CRLF``; the
-terminator is written by the :class:`~services.sender.ledger.Ledger` right after its group
-commit (see ledger.py), and the reply read here. Replies are classified by
+aiosmtplib opens each connection (connect, EHLO, STARTTLS, AUTH); the transactions on it
+go through :mod:`services.sender.exchange`, a reply reader of our own: MAIL, RCPT and DATA
+(pipelined when the relay offers PIPELINING), then the dot-stuffed content without its final
+``CRLF.CRLF``; the terminator is written by the :class:`~services.sender.ledger.Ledger`
+right after its group commit (see ledger.py), and the reply read here. Replies are classified by
 :mod:`libs.common.smtp_reply`: 4xx → tried again after a backoff, a bounded number of times;
 5xx → permanent or policy error; 421 → a relay problem, not a message outcome.
 """
@@ -25,8 +26,8 @@ import socket
 import time
 from collections.abc import Callable
 
-from aiosmtplib import SMTP, SMTPException, SMTPHeloError, SMTPResponse
-from aiosmtplib.protocol import SMTPProtocol, normalize_message_line_endings
+from aiosmtplib import SMTP, SMTPException, SMTPHeloError
+from aiosmtplib.protocol import normalize_message_line_endings
 
 from libs.common.errors import InvalidMessage
 from libs.common.logging import get_logger, mask_email
@@ -37,6 +38,7 @@ from libs.common.metrics import (
     SENDER_SMTP_SECONDS,
 )
 from libs.common.smtp_reply import Reply, classify, outcome_of
+from services.sender.exchange import Exchange, take_over
 from services.sender.ledger import (
     Delivery,
     Ledger,
@@ -108,6 +110,7 @@ class Relay:
         self.port = port
         self.name = f"{host}:{port}"
         self.limit = RateLimit(settings.smtp_rate_limit)
+        self.smtp_seconds = SENDER_SMTP_SECONDS.labels(self.name)
         self.base_backoff = settings.smtp_relay_backoff
         self.down_until = 0.0
         self.open_connections = 0
@@ -195,50 +198,6 @@ class RelayPool:
         )
 
 
-class _ReplyKeeper(asyncio.Protocol):
-    """Sits between the transport and aiosmtplib's protocol and keeps reply bytes that
-    protocol would drop.
-
-    aiosmtplib's ``data_received`` ignores data that arrives while a parsed reply waits to
-    be picked up (``_response_waiter`` done). With PIPELINING the replies to MAIL, RCPT and
-    DATA can arrive in separate segments in exactly that moment, and the one dropped was
-    then waited for until SMTP_TIMEOUT. Kept in the protocol's buffer instead, it is parsed
-    by the next ``_read_response_from_buffer`` (``_Worker._pipelined`` reads the buffer
-    before it waits). Everything else goes to aiosmtplib's protocol unchanged.
-    """
-
-    def __init__(self, inner: SMTPProtocol) -> None:
-        self.inner = inner
-
-    def data_received(self, data: bytes) -> None:
-        inner = self.inner
-        waiter = inner._response_waiter
-        if waiter is not None and inner._response_pending and waiter.done():
-            inner._buffer.extend(data)
-            return
-        inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-
-def _keep_pipelined_replies(client: SMTP) -> None:
-    """Put a :class:`_ReplyKeeper` in front of the connection's protocol (after STARTTLS,
-    which replaces the transport)."""
-    protocol = client.protocol
-    if protocol is not None and protocol.transport is not None:
-        protocol.transport.set_protocol(_ReplyKeeper(protocol))
-
-
 class _RelayProblem(Exception):
     """The connection or the relay failed; the delivery goes back to the queue."""
 
@@ -254,6 +213,9 @@ class _Worker:
         self.pool = pool
         self.relay = relay
         self.client: SMTP | None = None
+        self.exchange: Exchange | None = None
+        self.pipelining = False  # what the relay's EHLO offered
+        self.timeout = pool.settings.smtp_timeout
 
     async def run(self) -> None:
         try:
@@ -278,9 +240,9 @@ class _Worker:
         finally:
             self._close()
 
-    async def _connect(self) -> SMTP:
-        if self.client is not None and self.client.is_connected:
-            return self.client
+    async def _connect(self) -> Exchange:
+        if self.client is not None and self.client.is_connected and self.exchange is not None:
+            return self.exchange
         self._close()
         client = self.pool.new_client(self.relay)
         try:
@@ -290,29 +252,34 @@ class _Worker:
                     await client.ehlo()
                 except SMTPHeloError:
                     await client.helo()
+            exchange = take_over(client)
         except CONNECTION_ERRORS as exc:
+            client.close()
             log.warning("smtp_connect_failed", relay=self.relay.name, error=repr(exc))
             raise _RelayProblem("connect") from None
-        _keep_pipelined_replies(client)
         self.client = client
+        self.exchange = exchange
+        self.pipelining = client.supports_extension("pipelining")
         self.relay.open_connections += 1
         SENDER_CONNECTIONS.labels(self.relay.name).inc()
         self.relay.recovered()
-        return client
+        return exchange
 
     def _close(self) -> None:
         if self.client is not None:
             self.client.close()
             self.client = None
+            self.exchange = None
             self.relay.open_connections -= 1
             SENDER_CONNECTIONS.labels(self.relay.name).dec()
 
-    async def _command(self, client: SMTP, *args: bytes) -> Reply:
+    async def _command(self, exchange: Exchange, command: bytes) -> Reply:
         try:
-            response: SMTPResponse = await client.execute_command(*args)
+            exchange.write(command)
+            ((code, text),) = await exchange.replies(1, self.timeout)
         except CONNECTION_ERRORS:
             raise _RelayProblem("connection_lost") from None
-        reply = classify(response.code, response.message)
+        reply = classify(code, text)
         if reply.verdict == "relay_problem":
             raise _RelayProblem(f"reply_{reply.code}")
         return reply
@@ -331,40 +298,40 @@ class _Worker:
         payload, message_id, _ = d.composed
         reverse_path, forward_path = d.paths
         reused = self.client is not None and self.client.is_connected
-        client = await self._connect()
+        exchange = await self._connect()
         await self.relay.limit.wait()
         d.relay = self.relay.name
         started = time.perf_counter()
-        if client.supports_extension("pipelining"):
-            replies = await self._pipelined(client, reverse_path, forward_path, reused)
+        if exchange.discard_unasked():
+            log.warning("smtp_reply_out_of_turn", relay=self.relay.name)
+        if self.pipelining:
+            replies = await self._pipelined(exchange, reverse_path, forward_path, reused)
         else:
-            replies = await self._one_by_one(client, reverse_path, forward_path, reused)
+            replies = await self._one_by_one(exchange, reverse_path, forward_path, reused)
         refused = next((reply for reply in replies if reply.verdict != "ok"), None)
         if refused is not None:
-            await self._reset(client)
+            await self._reset(exchange)
             self._refused(d, refused, message_id)
             return
-        protocol = client.protocol
-        assert protocol is not None
         try:
-            protocol.write(payload)
+            exchange.write(payload)
         except CONNECTION_ERRORS:
             raise _RelayProblem("connection_lost") from None
         try:
-            await self.pool.ledger.hand(d, message_id, lambda: _write_terminator(protocol))
+            await self.pool.ledger.hand(d, message_id, lambda: exchange.write(TERMINATOR))
         except TerminatorNotWritten:
             await self.pool.ledger.unhand(d)
             raise _RelayProblem("connection_lost") from None
         try:
-            response = await protocol.read_response(timeout=self.pool.settings.smtp_timeout)
+            ((code, text),) = await exchange.replies(1, self.timeout)
         except CONNECTION_ERRORS as exc:
             # The relay got the whole message; whether it kept it is unknown. Send it again,
             # with the same Message-ID (RFC 5321 §4.1.1.4; ledger.py): nothing lost.
             log.warning("smtp_lost_after_end", relay=self.relay.name, error=repr(exc))
             await self.pool.ledger.unhand(d)
             raise _RelayProblem("lost_after_end") from None
-        SENDER_SMTP_SECONDS.labels(self.relay.name).observe(time.perf_counter() - started)
-        reply = classify(response.code, response.message)
+        self.relay.smtp_seconds.observe(time.perf_counter() - started)
+        reply = classify(code, text)
         if reply.verdict == "relay_problem":  # 421 after the end of data: not accepted
             await self.pool.ledger.unhand(d)
             raise _RelayProblem(f"reply_{reply.code}")
@@ -376,53 +343,44 @@ class _Worker:
         self._refused(d, reply, message_id)
 
     async def _one_by_one(
-        self, client: SMTP, reverse_path: bytes, forward_path: bytes, reused: bool
+        self, exchange: Exchange, reverse_path: bytes, forward_path: bytes, reused: bool
     ) -> list[Reply]:
         """MAIL, RCPT, DATA one round trip each, stopping at the first refusal."""
         replies: list[Reply] = []
-        for args in ((b"MAIL", b"FROM:" + reverse_path), (b"RCPT", b"TO:" + forward_path)):
+        for command in (
+            b"MAIL FROM:" + reverse_path + b"\r\n",
+            b"RCPT TO:" + forward_path + b"\r\n",
+        ):
             try:
-                replies.append(await self._command(client, *args))
+                replies.append(await self._command(exchange, command))
             except _RelayProblem as problem:
                 if not replies and reused and problem.kind == "connection_lost":
                     raise _RelayProblem("stale") from None  # the relay closed an idle one
                 raise
             if replies[-1].verdict != "ok":
                 return replies
-        replies.append(await self._command(client, b"DATA"))
+        replies.append(await self._command(exchange, b"DATA\r\n"))
         return replies
 
     async def _pipelined(
-        self, client: SMTP, reverse_path: bytes, forward_path: bytes, reused: bool
+        self, exchange: Exchange, reverse_path: bytes, forward_path: bytes, reused: bool
     ) -> list[Reply]:
         """MAIL, RCPT and DATA in one write (RFC 2920 PIPELINING), then their three replies.
 
-        aiosmtplib's protocol parses one reply per ``read_response``; replies that arrived
-        together wait in its buffer and are parsed from there (``_read_response_from_buffer``).
         A DATA accepted after a refused MAIL or RCPT gets an empty message's terminator (the
         relay has no recipient for it) so the connection stays usable.
         """
-        protocol = client.protocol
-        if protocol is None:
-            raise _RelayProblem("stale" if reused else "connection_lost")
-        timeout = self.pool.settings.smtp_timeout
         replies: list[Reply] = []
         try:
-            protocol._response_pending = True
-            protocol.write(
+            exchange.write(
                 b"MAIL FROM:" + reverse_path + b"\r\nRCPT TO:" + forward_path + b"\r\nDATA\r\n"
             )
-            for _ in range(3):
-                protocol._response_pending = True
-                response = protocol._read_response_from_buffer()
-                if response is None:
-                    response = await protocol.read_response(timeout=timeout)
-                replies.append(classify(response.code, response.message))
-            protocol._response_pending = False
+            replies = [
+                classify(code, text) for code, text in await exchange.replies(3, self.timeout)
+            ]
             if replies[2].verdict == "ok" and any(r.verdict != "ok" for r in replies[:2]):
-                protocol._response_pending = True
-                protocol.write(b".\r\n")
-                await protocol.read_response(timeout=timeout)
+                exchange.write(b".\r\n")
+                await exchange.replies(1, self.timeout)
         except CONNECTION_ERRORS:
             kind = "stale" if not replies and reused else "connection_lost"
             raise _RelayProblem(kind) from None
@@ -431,14 +389,15 @@ class _Worker:
             raise _RelayProblem(f"reply_{problem.code}")
         return replies
 
-    async def _reset(self, client: SMTP) -> None:
+    async def _reset(self, exchange: Exchange) -> None:
         """RSET after a refused MAIL/RCPT/DATA, so the connection can be reused."""
         try:
-            response = await client.execute_command(b"RSET")
+            exchange.write(b"RSET\r\n")
+            ((code, _),) = await exchange.replies(1, self.timeout)
         except CONNECTION_ERRORS:
             self._close()
             return
-        if response.code != 250:
+        if code != 250:
             self._close()
 
     def _outcome(self, reply: Reply, message_id: str) -> Outcome:
@@ -479,10 +438,3 @@ class _Worker:
     def _finish(self, d: Delivery, outcome: Outcome) -> None:
         outcome.relay = outcome.relay or self.relay.name
         self.pool.ledger.finish(d, outcome)
-
-
-def _write_terminator(protocol: SMTPProtocol) -> None:
-    """Write the held end of data; a reply is expected from here on (aiosmtplib drops data
-    that arrives while it expects none, so say so before writing)."""
-    protocol._response_pending = True
-    protocol.write(TERMINATOR)

@@ -1,20 +1,25 @@
-"""The sender's pure parts: reply classification, VERP, dot-stuffing, DKIM, composing."""
+"""The sender's pure parts: reply classification, VERP, dot-stuffing, DKIM, composing, the
+SMTP reply reader."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.message
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import dkim
 import pytest
+from aiosmtplib import SMTPResponseException, SMTPServerDisconnected
+from aiosmtplib.protocol import SMTPProtocol
 
 from libs.common.smtp_reply import classify, enhanced_code, outcome_of
 from libs.common.tokens import BadToken, Signer
 from libs.common.tracking import TrackingLinks
 from libs.common.verp import VerpAddresses
 from services.sender.compose import Composer, DkimSigner
+from services.sender.exchange import Exchange
 from services.sender.settings import SenderSettings
 from services.sender.smtp import TERMINATOR, RateLimit, data_payload
 
@@ -147,6 +152,75 @@ def test_dot_stuffing_and_held_terminator() -> None:
     unstuffed = b"\r\n".join(line[1:] if line.startswith(b".") else line for line in received)
     assert unstuffed + b"\r\n" == content.replace(b"line\nbare", b"line\r\nbare")
     assert data_payload(b"no final newline") == b"no final newline"
+
+
+class FakeTransport:
+    """What Exchange needs of a transport, recording what was written."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def exchange() -> tuple[Exchange, FakeTransport]:
+    transport = FakeTransport()
+    return Exchange(SMTPProtocol(), cast(asyncio.Transport, transport)), transport
+
+
+async def test_pipelined_replies_in_any_segments_are_all_kept() -> None:
+    ex, transport = exchange()
+    ex.write(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n")
+    waiting = asyncio.ensure_future(ex.replies(3, timeout=5))
+    # Two replies in one segment, the third split mid-line and across a continuation.
+    for segment in (
+        b"250 2.1.0 Ok\r\n250 2.1.5",
+        b" Ok\r\n354-End data with\r\n",
+        b"354 <CR><LF>.<CR><LF>\r\n",
+    ):
+        await asyncio.sleep(0)
+        ex.data_received(segment)
+    assert await waiting == [
+        (250, "2.1.0 Ok"),
+        (250, "2.1.5 Ok"),
+        (354, "End data with\n<CR><LF>.<CR><LF>"),
+    ]
+    assert transport.written == [b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"]
+    ex.data_received(b"250 already here\r\n")  # a reply that came before it was asked for
+    assert await ex.replies(1, timeout=5) == [(250, "already here")]
+    ex.data_received(b"421 out of turn\r\n")
+    assert ex.discard_unasked() == 1
+
+
+async def test_a_lost_connection_or_no_smtp_fails_the_wait_and_every_write() -> None:
+    ex, transport = exchange()
+    waiting = asyncio.ensure_future(ex.replies(2, timeout=5))
+    await asyncio.sleep(0)
+    ex.data_received(b"250 Ok\r\n")
+    ex.connection_lost(None)
+    with pytest.raises(SMTPServerDisconnected):
+        await waiting
+    with pytest.raises(SMTPServerDisconnected):
+        ex.write(b"\r\n.\r\n")  # a terminator that cannot go out says so
+    garbled, transport = exchange()
+    garbled.data_received(b"HTTP/1.1 400 Bad Request\r\n")
+    with pytest.raises(SMTPResponseException):
+        await garbled.replies(1, timeout=5)
+    assert transport.closed
+
+
+async def test_replies_that_do_not_come_time_out() -> None:
+    ex, _ = exchange()
+    with pytest.raises(TimeoutError):
+        await ex.replies(1, timeout=0.01)
 
 
 async def test_rate_limit_spaces_messages() -> None:
