@@ -17,8 +17,8 @@ from collections import Counter
 from typing import Any
 
 from libs.common.topics import Topic
-from services.scheduler.context import context_of
 from tests.conftest import eventually, running
+from tests.integration.test_contacts_projections import feedback, publish_together
 from tests.integration.test_scheduler import category, fake_clock, people, ticks
 from tests.integration.test_scheduler_sender import subject
 from tests.integration.test_sender import copy_holds
@@ -173,4 +173,19 @@ async def test_three_step_plan(
             return True
 
         await eventually(counted)
-        assert context_of(scheduler.runtime).ticks > 0
+
+        # Opens and clicks count per step (a step's id is its campaign id on the topics);
+        # only contacts it was released to count.
+        step1 = (await scheduler.api.ok("GET", f"/v1/plans/{plan}"))["steps"][0]["id"]
+        at = dt.datetime.now(dt.UTC)
+        events = [(x, feedback(x, step1, "open", at)) for x in (a, a, b, 999_999)]
+        events.append((a, feedback(a, step1, "click", at)))
+        await publish_together(kafka, Topic.FEEDBACK_EVENTS, events)
+
+        async def engagement() -> bool:
+            [first_step, *_] = (await scheduler.api.ok("GET", f"/v1/plans/{plan}"))["steps"]
+            stats = {k: first_step[k] for k in ("opens", "unique_opens", "clicks")}
+            assert stats == {"opens": 3, "unique_opens": 2, "clicks": 1}, stats
+            return True
+
+        await eventually(engagement)
