@@ -168,14 +168,7 @@ async def handle_feedback(ctx: Context, batch: list[Message]) -> None:
             return
         # Campaign rows first, in id order, as the results handler locks them.
         await conn.fetch(QUERIES["lock-campaigns"], sorted({t.campaign_id for t in tallies}))
-        await conn.execute(
-            QUERIES["record-feedback"],
-            [t.campaign_id for t in tallies],
-            [t.contact_id for t in tallies],
-            [t.kind for t in tallies],
-            [t.count for t in tallies],
-            [t.first_at for t in tallies],
-        )
+        await conn.execute(QUERIES["record-feedback"], *processor.feedback_columns(tallies))
         await stepmail.record_feedback(conn, tallies)
 
 

@@ -106,32 +106,19 @@ async def put_plan(request: web.Request) -> web.Response:
         changes, removed = plans.plan_edit(current, wanted)
         for change in changes:
             s = change.step
-            if change.new:
-                await conn.execute(
-                    QUERIES["insert-step"],
-                    change.id,
-                    plan_id,
-                    change.position,
-                    s.day_offset,
-                    s.send_time,
-                    s.subject,
-                    s.format,
-                    s.body,
-                    now,
-                )
-            else:
-                await conn.execute(
-                    QUERIES["update-step"],
-                    change.id,
-                    change.position,
-                    s.day_offset,
-                    s.send_time,
-                    s.subject,
-                    s.format,
-                    s.body,
-                    change.retimed,
-                    now,
-                )
+            await conn.execute(
+                QUERIES["save-step"],
+                change.id,
+                plan_id,
+                change.position,
+                s.day_offset,
+                s.send_time,
+                s.subject,
+                s.format,
+                s.body,
+                now,
+                change.retimed,
+            )
         if removed:
             await conn.execute(QUERIES["remove-steps"], removed, now)
         if row["created"]:

@@ -7,7 +7,7 @@ import datetime as dt
 import json
 import re
 import uuid
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -331,6 +331,18 @@ def feedback_tallies(events: Iterable[Mapping[str, Any]]) -> list[FeedbackTally]
     return [
         FeedbackTally(c, contact, kind, n, at) for (c, contact, kind), (n, at) in grouped.items()
     ]
+
+
+def feedback_columns(tallies: Sequence[FeedbackTally]) -> tuple[list[Any], ...]:
+    """The tallies as the feedback queries' unnest arrays: ids, contacts, kinds, counts,
+    first times."""
+    return (
+        [t.campaign_id for t in tallies],
+        [t.contact_id for t in tallies],
+        [t.kind for t in tallies],
+        [t.count for t in tallies],
+        [t.first_at for t in tallies],
+    )
 
 
 # Published records ----------------------------------------------------------------------------

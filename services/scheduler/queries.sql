@@ -284,15 +284,18 @@ SELECT * FROM plan_step WHERE plan_id = $1 AND removed_at IS NULL ORDER BY posit
 -- name: lock-plan-steps
 SELECT * FROM plan_step WHERE plan_id = $1 AND removed_at IS NULL ORDER BY position FOR UPDATE;
 
--- name: insert-step
-INSERT INTO plan_step (id, plan_id, position, day_offset, send_time, subject, format, body,
-    timed_since, created_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $9);
-
--- name: update-step
-UPDATE plan_step SET position = $2, day_offset = $3, send_time = $4, subject = $5, format = $6,
-    body = $7, timed_since = CASE WHEN $8 THEN $9 ELSE timed_since END, updated_at = $9
-WHERE id = $1;
+-- name: save-step
+-- A new step, or an edit of one of this plan's steps; timed_since moves only when $10
+-- (its day or time changed).
+INSERT INTO plan_step AS s (id, plan_id, position, day_offset, send_time, subject, format,
+    body, timed_since, created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $9)
+ON CONFLICT (id) DO UPDATE SET position = EXCLUDED.position,
+    day_offset = EXCLUDED.day_offset, send_time = EXCLUDED.send_time,
+    subject = EXCLUDED.subject, format = EXCLUDED.format, body = EXCLUDED.body,
+    timed_since = CASE WHEN $10::boolean THEN EXCLUDED.timed_since ELSE s.timed_since END,
+    updated_at = EXCLUDED.updated_at
+WHERE s.plan_id = EXCLUDED.plan_id;
 
 -- name: remove-steps
 UPDATE plan_step SET removed_at = $2, updated_at = $2 WHERE id = ANY($1::uuid[]);
