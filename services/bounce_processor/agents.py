@@ -2,6 +2,8 @@
 
 - ``delivery.results`` (Kafka): synchronous SMTP outcomes; one transaction per partition
   batch, result ids claimed in it (a redelivered result counts once).
+- ``suppression.changes`` (Kafka): an operator clearing a bounced address resets its
+  contacts' soft count and bounce status.
 - inbound mail: stored by the SMTP listener (:mod:`.inbound`) and read here, a batch of
   pending rows per transaction (``FOR UPDATE SKIP LOCKED``, so replicas share the work):
   each is a bounce applied to the rules, or not a bounce, or kept with its reason.
@@ -49,6 +51,38 @@ async def handle_delivery_results(ctx: Context, batch: list[Message]) -> None:
         await store.apply_events(conn, delivered, soft_threshold=threshold)
         failures = [f for f in map(processor.result_failure, results) if f is not None]
         await store.record_failures(conn, failures, soft_threshold=threshold)
+
+
+async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None:
+    """An operator cleared a bounced address (``suppression.changes``: kind address, state
+    cleared): its contacts start again from a clean slate (rules.Cleared), and the new
+    status goes out on bounce.events so contacts and suppression show it."""
+    cleared = [
+        m.value for m in batch if m.value["kind"] == "address" and m.value["state"] == "cleared"
+    ]
+    if not cleared:
+        return
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        changes = await claim_once(conn, cleared, lambda c: c["change_id"])
+        if not changes:
+            return
+        when = {c["email"].lower(): c["changed_at"] for c in changes if c["email"]}
+        rows = await conn.fetch(
+            QUERIES["contacts-of-addresses"],
+            [c["contact_id"] for c in changes if c["contact_id"] is not None],
+            list(when),
+        )
+        events = [
+            ContactEvent(
+                r["contact_id"],
+                rules.Cleared(),
+                when.get((r["email"] or "").lower(), changes[-1]["changed_at"]),
+                r["email"],
+            )
+            for r in rows
+        ]
+        await store.apply_events(conn, events, soft_threshold=ctx.settings.soft_threshold)
+        log.info("bounces_cleared", addresses=len(changes), contacts=len(events))
 
 
 async def store_inbound(

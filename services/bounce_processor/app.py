@@ -1,6 +1,7 @@
 """The bounce processor: its topics, listener, loops and routes in one place (SPEC §5).
 
-Inputs: ``delivery.results`` (synchronous SMTP outcomes), DSN and ARF mail on its own SMTP
+Inputs: ``delivery.results`` (synchronous SMTP outcomes), ``suppression.changes`` (an
+operator clearing a bounced address), DSN and ARF mail on its own SMTP
 listener (``BOUNCE_SMTP_PORT``, the MX of ``BOUNCE_DOMAIN``), the public tracking
 endpoints ``/t/o`` and ``/t/c``. Outputs through the outbox: ``bounce.events`` (suppression
 stops bounced and complained addresses; contacts shows the delivery status) and
@@ -61,6 +62,11 @@ def build(settings: BounceSettings) -> Runtime:
             "bounce_processor.results",
             [Topic.DELIVERY_RESULTS],
             ctx.bind(agents.handle_delivery_results),
+        ),
+        ConsumerSpec(
+            "bounce_processor.suppression",
+            [Topic.SUPPRESSION_CHANGES],
+            ctx.bind(agents.handle_suppression_changes),
         ),
     ]
 

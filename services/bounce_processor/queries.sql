@@ -74,3 +74,9 @@ SET hits = engagement.hits + EXCLUDED.hits,
 -- name: campaign-engagement
 SELECT kind, coalesce(sum(hits), 0)::bigint AS hits, count(*) AS people
 FROM engagement WHERE campaign_id = $1 GROUP BY kind;
+
+-- name: contacts-of-addresses
+-- The contacts an address change concerns: by id when the change names one, else by address.
+SELECT contact_id, email FROM contact_state
+WHERE contact_id = ANY($1::bigint[]) OR lower(email) = ANY($2::text[])
+ORDER BY contact_id;

@@ -18,9 +18,10 @@ already stopped) and one event in, the new state and what to tell other services
   does **not** reset the soft count (the seed's rule: acceptance is not reading; a mailbox
   that accepts and then bounces asynchronously is exactly the soft case).
 
-A stopping status (``invalid_address``, ``error``, ``spam``) is never lifted by an event
-here: only an operator does that, so a late "delivered" cannot re-open an address the
-rules closed. A complaint outranks a later hard bounce in the status. ``bounced`` and
+A stopping status (``invalid_address``, ``error``, ``spam``) is never lifted by a mail
+event: only an operator does that (**cleared**: the soft count goes back to 0 and a bounce
+status back to ``unconfirmed``; a complaint stays), so a late "delivered" cannot re-open an
+address the rules closed. A complaint outranks a later hard bounce in the status. ``bounced`` and
 ``complained`` are published for every new failure, not only the first: suppression's
 write is idempotent, and an address an operator cleared is stopped again by its next hard
 bounce. Each failure reaches the rules once (duplicates are dropped before, store.py).
@@ -70,7 +71,16 @@ class Delivered:
     """The relay accepted a mail to this contact."""
 
 
-Event = Bounce | Engaged | Delivered
+@dataclass(frozen=True)
+class Cleared:
+    """An operator lifted the address's ``bounced`` suppression (suppression's
+    ``DELETE /v1/suppressions/{email}``): try the address again from a clean slate."""
+
+
+Event = Bounce | Engaged | Delivered | Cleared
+#: statuses an operator's clearing lifts back to ``unconfirmed`` (a complaint stays: only
+#: bounced addresses can be cleared).
+CLEARABLE = frozenset({"invalid_address", "error", "temporary_error"})
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,10 @@ def apply(state: ContactState, event: Event, *, soft_threshold: int) -> Effect:
     """The rules for one event; see the module docstring."""
     if isinstance(event, Bounce):
         return _bounce(state, event.classification, soft_threshold)
+    if isinstance(event, Cleared):
+        status = "unconfirmed" if state.delivery_status in CLEARABLE else state.delivery_status
+        after = replace(state, soft_streak=0, delivery_status=status)
+        return _effect(state, after, None, NO_CLASSIFICATION)
     status = "ok" if state.delivery_status in LIFTABLE else state.delivery_status
     if isinstance(event, Engaged):
         after = replace(state, soft_streak=0, delivery_status=status)

@@ -118,6 +118,24 @@ async def test_one_hard_bounce_stops_the_address(bounce_processor, suppression, 
     await eventually(shown)
     state = await bounces.state(contact)
     assert state["delivery_status"] == "invalid_address"
+
+    # an operator clears the bounce (クリーニング解除): the address gets a clean slate
+    await suppression.api.ok("DELETE", "/v1/suppressions/taro@example.jp")
+    events = await bounces.events(contact, count("status", 2))
+    assert events[-1]["delivery_status"] == "unconfirmed"
+    assert (await bounces.state(contact))["delivery_status"] == "unconfirmed"
+
+    async def allowed_again() -> bool:
+        body = await suppression.api.ok("GET", f"/v1/can-send?contact_id={contact}")
+        return body["allowed"]
+
+    await eventually(allowed_again)
+
+    async def shown_again() -> bool:
+        body = await contacts.api.ok("GET", f"/v1/contacts/{contact}")
+        return body["delivery_status"] == "unconfirmed"
+
+    await eventually(shown_again)
     assert [b["source"] for b in state["bounces"]] == ["dsn"]
 
 

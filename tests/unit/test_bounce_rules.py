@@ -6,6 +6,7 @@ import pytest
 
 from services.bounce_processor.rules import (
     Bounce,
+    Cleared,
     ContactState,
     Delivered,
     Effect,
@@ -93,6 +94,12 @@ def test_a_complaint() -> None:
         ("invalid_address", Bounce("error"), "error"),
         ("error", Bounce("spam"), "spam"),
         ("spam", HARD, "spam"),
+        # an operator's clearing lifts a bounce status, never a complaint
+        ("invalid_address", Cleared(), "unconfirmed"),
+        ("error", Cleared(), "unconfirmed"),
+        ("temporary_error", Cleared(), "unconfirmed"),
+        ("spam", Cleared(), "spam"),
+        ("ok", Cleared(), "ok"),
     ],
 )
 def test_delivery_status(start: str, event: Event, status: str) -> None:
@@ -104,3 +111,14 @@ def test_delivery_status(start: str, event: Event, status: str) -> None:
 def test_nothing_to_publish_when_nothing_changed() -> None:
     [effect] = run([Engaged("open")], ContactState(1, None, 0, "ok"))
     assert effect.action is None
+
+
+def test_clearing_gives_the_address_its_whole_soft_count_again() -> None:
+    effects = run([SOFT] * 3 + [Cleared()] + [SOFT] * 4)
+    assert "bounced" not in [e.action for e in effects]
+    cleared = effects[3]
+    assert (cleared.action, cleared.delivery_status, cleared.state.soft_streak) == (
+        "status",
+        "unconfirmed",
+        0,
+    )
