@@ -78,3 +78,21 @@ async def retry(
             TRANSIENT_RETRIES.labels(service, name).inc()
             log.warning("transient_error_retry", operation=name, error=repr(exc), delay=delay)
             await asyncio.sleep(delay)
+
+
+async def every(
+    seconds: float,
+    operation: Callable[[], Awaitable[object]],
+    *,
+    name: str,
+    service: str,
+    first_now: bool = False,
+) -> None:
+    """Run ``operation`` every ``seconds`` for ever (periodic upkeep), each run retried on
+    transient errors; the first run at once when ``first_now``, else one interval after the
+    start (nothing is urgent, and a restarting replica should not add load)."""
+    if not first_now:
+        await asyncio.sleep(seconds)
+    while True:
+        await retry(operation, name=name, service=service)
+        await asyncio.sleep(seconds)

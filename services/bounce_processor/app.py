@@ -18,7 +18,7 @@ from aiohttp import web
 
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
-from services.bounce_processor import agents, api
+from services.bounce_processor import agents, api, maintenance
 from services.bounce_processor.batcher import GroupWriter
 from services.bounce_processor.context import CONTEXT, Context
 from services.bounce_processor.inbound import Listener, ReturnPathHandler
@@ -88,7 +88,10 @@ def build(settings: BounceSettings) -> Runtime:
         if made is not None:
             await made.listener.stop()
 
-    runtime.background = [write_mail, write_hits, read_mail, listen]
+    async def upkeep() -> None:
+        await maintenance.run_forever(ctx())
+
+    runtime.background = [write_mail, write_hits, read_mail, listen, upkeep]
     runtime.on_stop = [stop_listening]
 
     def setup_routes(app: web.Application) -> None:

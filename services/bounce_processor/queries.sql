@@ -80,3 +80,20 @@ FROM engagement WHERE campaign_id = $1 GROUP BY kind;
 SELECT contact_id, email FROM contact_state
 WHERE contact_id = ANY($1::bigint[]) OR lower(email) = ANY($2::text[])
 ORDER BY contact_id;
+
+-- name: forget-processed-events
+-- Redeliveries come within minutes; ids older than the retention cannot come back.
+WITH gone AS (
+    DELETE FROM processed_event WHERE processed_at < now() - make_interval(days => $1)
+    RETURNING 1
+)
+SELECT count(*) FROM gone;
+
+-- name: forget-rejected-inbound
+-- Mail kept for an operator to look at (GET /v1/inbound/rejected) is not kept for ever.
+WITH gone AS (
+    DELETE FROM inbound_mail
+    WHERE status = 'rejected' AND received_at < now() - make_interval(days => $1)
+    RETURNING 1
+)
+SELECT count(*) FROM gone;

@@ -24,3 +24,7 @@ class BounceSettings(CommonSettings):
     keep_bytes: int = env("BOUNCE_KEEP_BYTES", 64 << 10)
     #: inbound mails read and applied per transaction.
     batch: int = env("BOUNCE_BATCH", 200)
+    #: upkeep: how often, and how long consumed result ids and unreadable mail are kept.
+    maintenance_interval_seconds: float = env("MAINTENANCE_INTERVAL_SECONDS", 3600.0)
+    processed_event_retention_days: int = env("PROCESSED_EVENT_RETENTION_DAYS", 14)
+    rejected_retention_days: int = env("BOUNCE_REJECTED_RETENTION_DAYS", 30)

@@ -3,10 +3,8 @@ and idempotency ids past their retention are forgotten."""
 
 from __future__ import annotations
 
-import asyncio
-
 from libs.common.logging import get_logger
-from libs.common.retry import retry
+from libs.common.retry import every
 from services.contacts import store
 from services.contacts.context import Context
 from services.contacts.store import QUERIES
@@ -28,6 +26,12 @@ async def run_once(ctx: Context) -> int:
 
 
 async def run_forever(ctx: Context) -> None:
-    while True:
-        await retry(lambda: run_once(ctx), name="maintenance", service=ctx.settings.service)
-        await asyncio.sleep(ctx.settings.maintenance_interval_seconds)
+    """A pass at the start (expired score points are due), then every interval."""
+    s = ctx.settings
+    await every(
+        s.maintenance_interval_seconds,
+        lambda: run_once(ctx),
+        name="maintenance",
+        service=s.service,
+        first_now=True,
+    )

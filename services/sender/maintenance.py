@@ -9,10 +9,8 @@ Unfinished rows ('claimed', 'handed') are never forgotten.
 
 from __future__ import annotations
 
-import asyncio
-
 from libs.common.logging import get_logger
-from libs.common.retry import retry
+from libs.common.retry import every
 from services.sender.context import Context
 from services.sender.ledger import QUERIES
 
@@ -45,7 +43,8 @@ async def run_once(ctx: Context) -> tuple[int, int]:
 
 
 async def run_forever(ctx: Context) -> None:
-    """A pass every interval, the first one interval after the start (nothing is urgent)."""
-    while True:
-        await asyncio.sleep(ctx.settings.maintenance_interval_seconds)
-        await retry(lambda: run_once(ctx), name="maintenance", service=ctx.settings.service)
+    """A pass every interval, the first one interval after the start."""
+    s = ctx.settings
+    await every(
+        s.maintenance_interval_seconds, lambda: run_once(ctx), name="maintenance", service=s.service
+    )

@@ -16,6 +16,8 @@ import pytest
 from libs.common.topics import Topic
 from libs.common.tracking import PIXEL_GIF, TrackingLinks
 from libs.common.verp import VerpAddresses
+from services.bounce_processor import maintenance
+from services.bounce_processor.context import CONTEXT
 from tests.conftest import eventually
 from tests.integration.test_contacts_projections import delivery_result as projection_result
 
@@ -251,6 +253,17 @@ async def test_mail_that_cannot_be_attributed_or_read_is_kept(bounce_processor, 
     ]
     metrics = await bounce_processor.api.ok("GET", "/metrics")
     assert 'tayori_bounce_inbound_mail_total{outcome="unattributed"}' in metrics
+
+    # kept for BOUNCE_REJECTED_RETENTION_DAYS, then forgotten by the upkeep
+    ctx = bounce_processor.runtime.app[CONTEXT]
+    await ctx.pool.execute(
+        "UPDATE inbound_mail SET received_at = now() - interval '31 days'"
+        " WHERE id = (SELECT min(id) FROM inbound_mail WHERE status = 'rejected')"
+    )
+    _, forgotten = await maintenance.run_once(ctx)
+    assert forgotten == 1
+    body = await bounce_processor.api.ok("GET", "/v1/inbound/rejected")
+    assert len(body["items"]) == 2
 
 
 async def test_tracking_feeds_history_score_and_statistics(bounce_processor, contacts, kafka):
