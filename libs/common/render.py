@@ -32,7 +32,9 @@ import time
 from collections.abc import Callable, Mapping
 from email.policy import SMTP
 from email.utils import formataddr, formatdate
+from functools import lru_cache
 from html.parser import HTMLParser
+from operator import itemgetter
 from typing import Literal
 
 from libs.common import links, mergetags
@@ -70,29 +72,46 @@ _ID_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 _HTML_SPACE = re.compile(r"[ \t\n\r\f]+")  # HTML's ASCII whitespace
 
 
+@lru_cache(maxsize=256)
+def _b64_lines(length: int) -> Callable[[str], tuple[str, ...]]:
+    """Cuts a base64 text of ``length`` characters into its 76-character lines in one C call
+    (a Python loop of slices was most of a body part's encoding cost). Body parts of one
+    campaign differ in length only by their merge values: a few lengths, cached."""
+    return itemgetter(*(slice(i, i + _B64_LINE) for i in range(0, length, _B64_LINE)))
+
+
 def _b64_body(text: str) -> str:
     """``text`` as UTF-8 base64 in 76-character CRLF lines (no trailing CRLF)."""
     encoded = binascii.b2a_base64(text.encode("utf-8"), newline=False).decode("ascii")
     if len(encoded) <= _B64_LINE:
         return encoded
-    return CRLF.join([encoded[i : i + _B64_LINE] for i in range(0, len(encoded), _B64_LINE)])
+    return CRLF.join(_b64_lines(len(encoded))(encoded))
 
 
 def _encoded_words(value: str) -> list[str]:
-    """``value`` as RFC 2047 UTF-8 ``B`` encoded words, never splitting a character."""
+    """``value`` as RFC 2047 UTF-8 ``B`` encoded words, never splitting a character: each
+    word ends before a UTF-8 continuation byte (``10xxxxxx``)."""
+    data = value.encode("utf-8")
     words: list[str] = []
-    chunk: list[bytes] = []
-    size = 0
-    for char in value:
-        data = char.encode("utf-8")
-        if size + len(data) > _ENCODED_WORD_BYTES:
-            words.append(_encoded_word(b"".join(chunk)))
-            chunk, size = [], 0
-        chunk.append(data)
-        size += len(data)
-    if chunk:
-        words.append(_encoded_word(b"".join(chunk)))
+    start = 0
+    while len(data) - start > _ENCODED_WORD_BYTES:
+        end = start + _ENCODED_WORD_BYTES
+        while data[end] & 0xC0 == 0x80:
+            end -= 1
+        words.append(_encoded_word(data[start:end]))
+        start = end
+    if start < len(data):
+        words.append(_encoded_word(data[start:]))
     return words
+
+
+def _header_safe(value: str) -> str:
+    """:func:`mergetags.escape_header`, but printable ASCII (what List-Unsubscribe, To and
+    Message-ID values are) has nothing to delete: only stripped, without ``str.translate``'s
+    dictionary lookup per character."""
+    if value.isascii() and value.isprintable():
+        return value.strip()
+    return mergetags.escape_header(value)
 
 
 def _encoded_word(data: bytes) -> str:
@@ -133,7 +152,7 @@ def _check_header_name(name: str) -> None:
 
 
 def _address(value: str, field: str) -> str:
-    clean = mergetags.escape_header(value)
+    clean = _header_safe(value)
     if clean != value.strip() or "@" not in clean or " " in clean or "<" in clean:
         raise InvalidMessage(f"bad address {value!r}", field=field)
     return clean
@@ -382,7 +401,7 @@ class CampaignMessage:
         if message_id is None:
             message_id = self.message_id(contact_id)
         else:
-            message_id = mergetags.escape_header(message_id)
+            message_id = _header_safe(message_id)
         lines = [
             "Date: ",
             self._date_header(),
@@ -398,7 +417,7 @@ class CampaignMessage:
         if headers:
             for name, value in headers.items():
                 _check_header_name(name)
-                lines.append(fold_unstructured(name, mergetags.escape_header(value)))
+                lines.append(fold_unstructured(name, _header_safe(value)))
         lines.append(self._head)
         click: Callable[[str], str] = _untracked
         pixel = ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import email.header
 import email.message
 import email.policy
 import re
@@ -227,6 +228,16 @@ def test_subject_folding() -> None:
     assert all(len(word) <= 75 for word in re.findall(r"=\?UTF-8\?B\?[^?]*\?=", folded))
     message = email.message_from_bytes((folded + "\r\n").encode(), policy=email.policy.default)
     assert message["Subject"] == japanese
+    # 1- to 4-byte characters at every offset: a word never ends inside a character.
+    for shift in range(4):
+        mixed = "a" * shift + "é顧🎉x" * 25
+        folded = fold_unstructured("Subject", mixed)
+        words = re.findall(r"=\?UTF-8\?B\?[^?]*\?=", folded)
+        assert all(len(word) <= 75 for word in words)
+        for word in words:  # each word is whole UTF-8 on its own
+            email.header.decode_header(word)[0][0].decode("utf-8")
+        message = email.message_from_bytes((folded + "\r\n").encode(), policy=email.policy.default)
+        assert message["Subject"] == mixed
 
 
 def test_html_to_text() -> None:

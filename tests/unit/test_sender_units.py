@@ -18,7 +18,7 @@ from libs.common.smtp_reply import classify, enhanced_code, outcome_of
 from libs.common.tokens import BadToken, Signer
 from libs.common.tracking import TrackingLinks
 from libs.common.verp import VerpAddresses
-from services.sender.compose import Composer, DkimSigner
+from services.sender.compose import MESSAGE_ID_NAMESPACE, Composer, DkimSigner, stable_message_id
 from services.sender.exchange import Exchange
 from services.sender.settings import SenderSettings
 from services.sender.smtp import TERMINATOR, RateLimit, data_payload
@@ -221,6 +221,15 @@ async def test_replies_that_do_not_come_time_out() -> None:
     ex, _ = exchange()
     with pytest.raises(TimeoutError):
         await ex.replies(1, timeout=0.01)
+
+
+@pytest.mark.parametrize("step", [None, "", "step-1", "ステップ"])
+def test_stable_message_id_is_the_uuid5_of_the_ledger_key(step: str | None) -> None:
+    # Rows handed before an upgrade are resent after it: the Message-ID must not change.
+    for campaign, contact in ((str(uuid.uuid4()), 42), ("mail:m-1", 0), ("c", -(2**63))):
+        key = f"{campaign}/{step or ''}/{contact}"
+        expected = f"<{uuid.uuid5(MESSAGE_ID_NAMESPACE, key).hex}@shop.example>"
+        assert stable_message_id(campaign, step, contact, "shop.example") == expected
 
 
 async def test_rate_limit_spaces_messages() -> None:
