@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,8 @@ class Context:
     ticks: int = 0
     #: per-campaign token buckets of the paced release (process-local).
     buckets: dict[str, Any] = field(default_factory=dict)
+    #: per campaign, when (context clock) its overdue rows were last looked for.
+    overdue_checked: dict[str, dt.datetime] = field(default_factory=dict)
     #: content ids this process has published on campaign.content (acknowledged).
     published_contents: set[str] = field(default_factory=set)
     #: releases per second and campaign; starts as SCHEDULER_RELEASE_RATE (tests lower it).

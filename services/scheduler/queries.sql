@@ -119,6 +119,23 @@ UPDATE campaign SET paused = $2, updated_at = now() WHERE id = $1;
 UPDATE recipient SET released_at = NULL
 WHERE campaign_id = $1 AND released_at IS NOT NULL AND outcome IS NULL;
 
+-- name: unrelease-overdue
+-- Rows released before $2 without a result, with releases left: they go out again.
+WITH again AS (
+    UPDATE recipient SET released_at = NULL
+    WHERE campaign_id = $1 AND outcome IS NULL AND released_at < $2 AND attempt < $3
+    RETURNING 1
+)
+SELECT count(*) FROM again;
+
+-- name: unanswered
+-- Rows without a result, and those of them still worth waiting for (not released yet,
+-- released after $2, or with releases left).
+SELECT count(*) AS unanswered,
+       count(*) FILTER (WHERE released_at IS NULL OR released_at >= $2 OR attempt < $3)
+           AS waiting
+FROM recipient WHERE campaign_id = $1 AND outcome IS NULL;
+
 -- name: unreleased
 SELECT seq, contact_id, email, group_id, merge_values, attempt
 FROM recipient WHERE campaign_id = $1 AND released_at IS NULL

@@ -8,7 +8,9 @@ Each tick, with the context's clock:
    two replicas never release the same campaign and a halt waits for the chunk in hand):
    outside the window it pauses (``campaign.control`` pause, once); when the window opens
    again it resumes (``resume``) and rows released without a result go out again with
-   attempt + 1; inside the window it releases the next rows of its ledger at the paced
+   attempt + 1, as do rows without a result for ``SCHEDULER_RESULT_TIMEOUT_SECONDS`` (up to
+   ``SCHEDULER_MAX_RELEASES`` releases, then the campaign is sent without them); inside the
+   window it releases the next rows of its ledger at the paced
    rate — published directly in per-partition batches, marked released only after the
    broker acknowledged them (at least once: the sender's ledger absorbs duplicates). The
    requests name the campaign's content by id; the content itself goes out once, on
@@ -90,6 +92,8 @@ async def tick(ctx: Context) -> None:
         await release_campaign(ctx, campaign_id, now)
     for gone in set(ctx.buckets) - {str(c) for c in sending}:
         del ctx.buckets[gone]
+    for gone in set(ctx.overdue_checked) - {str(c) for c in sending}:
+        del ctx.overdue_checked[gone]
     await finish(ctx, now)
     await stepmail.release_due_steps(ctx, now)
     if ctx.ticks % GAUGE_TICKS == 0:
@@ -130,6 +134,8 @@ async def release_campaign(ctx: Context, campaign_id: uuid.UUID, now: dt.datetim
             )
             again = await conn.execute(QUERIES["unrelease-pending"], campaign_id)
             log.info("campaign_resumed", campaign_id=key, released_again=again)
+        elif await overdue(ctx, conn, campaign_id, now):
+            return 0
         bucket = ctx.buckets.get(key)
         clock = time.monotonic()
         if bucket is None:
@@ -171,6 +177,35 @@ async def release_campaign(ctx: Context, campaign_id: uuid.UUID, now: dt.datetim
         SCHEDULER_RELEASED.labels("first").inc(first)
         SCHEDULER_RELEASED.labels("again").inc(len(rows) - first)
         return len(rows)
+
+
+async def overdue(
+    ctx: Context, conn: asyncpg.Connection, campaign_id: uuid.UUID, now: dt.datetime
+) -> bool:
+    """Rows released ``SCHEDULER_RESULT_TIMEOUT_SECONDS`` ago without a result (a request
+    dead-lettered or lost) go out again, up to ``SCHEDULER_MAX_RELEASES`` releases; once no
+    row is worth waiting for, the campaign is ``sent`` with those rows unsent (a late result
+    still counts). True when it was. Looked for at most every minute (it reads every row of
+    the campaign without a result), with the context's clock."""
+    s = ctx.settings
+    key = str(campaign_id)
+    timeout = dt.timedelta(seconds=s.result_timeout_seconds)
+    checked = ctx.overdue_checked.get(key)
+    if checked is not None and now - checked < min(timeout / 4, dt.timedelta(minutes=1)):
+        return False
+    ctx.overdue_checked[key] = now
+    cutoff = now - timeout
+    again = await conn.fetchval(QUERIES["unrelease-overdue"], campaign_id, cutoff, s.max_releases)
+    if again:
+        log.warning("results_overdue_released_again", campaign_id=key, rows=again)
+        return False
+    row = await conn.fetchrow(QUERIES["unanswered"], campaign_id, cutoff, s.max_releases)
+    if row["unanswered"] == 0 or row["waiting"] > 0:
+        return False
+    reason = f"{row['unanswered']} recipient(s) without a result after {s.max_releases} releases"
+    if await store.transition(conn, campaign_id, "sent", now, reason):
+        log.warning("campaign_given_up_waiting", campaign_id=key, unanswered=row["unanswered"])
+    return True
 
 
 async def finish(ctx: Context, now: dt.datetime) -> None:

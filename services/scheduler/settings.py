@@ -19,6 +19,14 @@ class SchedulerSettings(CommonSettings):
     release_rate: float = env("SCHEDULER_RELEASE_RATE", 5000.0)
     #: most send.requests released in one transaction (one chunk of acknowledged sends).
     release_chunk: int = env("SCHEDULER_RELEASE_CHUNK", 2000)
+    #: a row released this long ago without a result goes out again (attempt + 1): a request
+    #: dead-lettered or lost on the way is not waited for for ever. The sender's ledger makes
+    #: a repeat harmless (a row it still holds, e.g. in a relay outage, is not sent twice).
+    result_timeout_seconds: float = env("SCHEDULER_RESULT_TIMEOUT_SECONDS", 1800.0)
+    #: releases of one row at most; rows still without a result after the last one's timeout
+    #: are given up: the campaign becomes sent with them counted unsent (a late result still
+    #: counts).
+    max_releases: int = env("SCHEDULER_MAX_RELEASES", 3)
     #: seconds a campaign stays aggregating (集計中) after it was sent, before aggregated.
     aggregation_seconds: float = env("SCHEDULER_AGGREGATION_SECONDS", 3600.0)
     #: F-26: the error rate is judged only after this many attempts (sent + errors).

@@ -556,6 +556,49 @@ async def test_window_pauses_and_resumes(scheduler, contacts, kafka):
     assert not sent["paused"]
 
 
+async def test_rows_without_a_result_go_out_again_then_are_given_up(scheduler, contacts, kafka):
+    """A request that never gets a result (dead-lettered, lost) is released again after
+    SCHEDULER_RESULT_TIMEOUT_SECONDS, up to SCHEDULER_MAX_RELEASES releases; then the
+    campaign is sent without it, counted unsent, and a late result still counts."""
+    clock = fake_clock(scheduler)
+    api = scheduler.api
+    members = await group(contacts)
+    ids = await people(contacts, 3, members)
+    cat = await category(scheduler)
+    campaign = await reserved(scheduler, campaign_body(cat, clock, target={"group_id": members}))
+    cid = campaign["id"]
+    clock.advance(minutes=6)
+    first = {r["contact_id"]: r for r in await send_requests(kafka, cid, 3)}
+    await play_sender(kafka, [result(first[ids[0]])])
+
+    for attempt in (2, 3):
+        await ticks(scheduler)
+        clock.advance(minutes=29)  # not yet overdue: nothing goes out again
+        await ticks(scheduler)
+        records = await kafka.read_to_end(Topic.SEND_REQUESTS)
+        assert [r for r in records if r["campaign_id"] == cid and r["attempt"] == attempt] == []
+        clock.advance(minutes=2)
+        again = await send_requests(kafka, cid, 2, attempt=attempt)
+        assert sorted(r["contact_id"] for r in again) == sorted(ids[1:])
+
+    await ticks(scheduler)
+    clock.advance(minutes=31)  # the third release's timeout: nothing is worth waiting for
+    sent = await status_of(scheduler, cid, "aggregating")
+    assert counters(sent) == {"planned": 3, "success": 1, "error": 0, "suppressed": 0, "unsent": 2}
+    given_up = [h for h in sent["history"] if h["status"] == "sent"]
+    assert "2 recipient(s) without a result after 3 releases" in given_up[0]["reason"]
+    records = await kafka.read_to_end(Topic.SEND_REQUESTS)
+    assert len([r for r in records if r["campaign_id"] == cid]) == 7  # 3 + 2 + 2, no fourth
+
+    await play_sender(kafka, [result(first[ids[1]])])  # a late answer still counts
+
+    async def late() -> bool:
+        body = await api.ok("GET", f"/v1/campaigns/{cid}")
+        return counters(body)["success"] == 2 and counters(body)["unsent"] == 1
+
+    await eventually(late)
+
+
 async def test_error_rate_halts_the_campaign(scheduler, contacts, kafka):
     """15% permanent errors over 200 attempts: halted, campaign.control halt, nothing more
     released, and a halted campaign never resumes."""
