@@ -11,12 +11,15 @@ discard the partial message. So the only moment that matters is the terminator w
 
 1. **claim**: one transaction per consumed batch inserts the batch's keys as ``claimed``
    (``ON CONFLICT DO NOTHING``; what was there already says what to do instead).
-2. each pooled connection sends MAIL, RCPT, DATA and the whole content **except the
-   terminator**, then hands the message to the :class:`Ledger`'s group committer.
+2. each pooled connection sends MAIL, RCPT and DATA and, once the relay said 354, hands
+   the message to the :class:`Ledger`'s group committer, holding its content and
+   terminator.
 3. the committer marks every message ready at that moment ``handed`` in **one**
-   transaction; right after the commit returns it writes every held terminator, with no
-   ``await`` in between (nothing else can run, and cancellation cannot land, between the
-   commit and the writes).
+   transaction; right after the commit returns it writes every held content with its
+   terminator (one write each), with no ``await`` in between (nothing else can run, and
+   cancellation cannot land, between the commit and the writes). The content could go
+   before the commit as well (the relay keeps nothing without the terminator); sent with
+   the terminator it costs one write and one TCP segment less per message, at both ends.
 4. each connection reads its reply; outcomes (``done``, the stored DeliveryResult) and
    their ``delivery.results`` rows (outbox, same transaction) are written by the next
    committer cycle, batched.

@@ -10,9 +10,9 @@ meanwhile, so nothing is lost, and the ledger makes sure nothing goes twice.
 
 aiosmtplib opens each connection (connect, EHLO, STARTTLS, AUTH); the transactions on it
 go through :mod:`services.sender.exchange`, a reply reader of our own: MAIL, RCPT and DATA
-(pipelined when the relay offers PIPELINING), then the dot-stuffed content without its final
-``CRLF.CRLF``; the terminator is written by the :class:`~services.sender.ledger.Ledger`
-right after its group commit (see ledger.py), and the reply read here. Replies are classified by
+(pipelined when the relay offers PIPELINING); the dot-stuffed content and its final
+``CRLF.CRLF`` are written by the :class:`~services.sender.ledger.Ledger` right after its
+group commit (see ledger.py), and the reply read here. Replies are classified by
 :mod:`libs.common.smtp_reply`: 4xx → tried again after a backoff, a bounded number of times;
 5xx → permanent or policy error; 421 → a relay problem, not a message outcome.
 """
@@ -316,12 +316,9 @@ class _Worker:
             await self._reset(exchange)
             self._refused(d, refused, message_id)
             return
+        end = payload + TERMINATOR  # written after the ledger's commit (ledger.py)
         try:
-            exchange.write(payload)
-        except CONNECTION_ERRORS:
-            raise _RelayProblem("connection_lost") from None
-        try:
-            await self.pool.ledger.hand(d, message_id, lambda: exchange.write(TERMINATOR))
+            await self.pool.ledger.hand(d, message_id, lambda: exchange.write(end))
         except TerminatorNotWritten:
             await self.pool.ledger.unhand(d)
             raise _RelayProblem("connection_lost") from None
