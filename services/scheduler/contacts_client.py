@@ -43,13 +43,19 @@ class ContactsClient:
             raise TransientError(f"contacts GET /v1/fields answered {status}")
         return [item["key"] for item in body["items"]]
 
-    async def contact(self, contact_id: int) -> dict[str, Any]:
-        status, body = await self._call("GET", f"/v1/contacts/{contact_id}")
+    async def _one(self, path: str, missing: Exception) -> dict[str, Any]:
+        """GET one resource: ``missing`` raised on 404, TransientError on anything else."""
+        status, body = await self._call("GET", path)
         if status == 404:
-            raise NotFound(f"contact {contact_id} does not exist")
+            raise missing
         if status != 200:
-            raise TransientError(f"contacts GET /v1/contacts/{contact_id} answered {status}")
+            raise TransientError(f"contacts GET {path} answered {status}")
         return dict(body)
+
+    async def contact(self, contact_id: int) -> dict[str, Any]:
+        return await self._one(
+            f"/v1/contacts/{contact_id}", NotFound(f"contact {contact_id} does not exist")
+        )
 
     async def check_filter(self, search_filter: dict[str, Any], field: str) -> None:
         """Refuse a filter the contacts service cannot evaluate (unknown field, bad op...)."""
@@ -63,21 +69,12 @@ class ContactsClient:
 
     async def plan(self, plan_id: int) -> dict[str, Any]:
         """A step-mail plan as contacts has it (its name; that it is a plan, not a group)."""
-        status, body = await self._call("GET", f"/v1/plans/{plan_id}")
-        if status == 404:
-            raise NotFound(f"plan {plan_id} does not exist")
-        if status != 200:
-            raise TransientError(f"contacts GET /v1/plans/{plan_id} answered {status}")
-        return dict(body)
+        return await self._one(f"/v1/plans/{plan_id}", NotFound(f"plan {plan_id} does not exist"))
 
     async def saved_filter(self, filter_id: int) -> dict[str, Any]:
         """A saved filter's definition (to look into its history conditions, F-28)."""
-        status, body = await self._call("GET", f"/v1/filters/{filter_id}")
-        if status == 404:
-            raise InvalidMessage(f"saved filter {filter_id} does not exist", field="target")
-        if status != 200:
-            raise TransientError(f"contacts GET /v1/filters/{filter_id} answered {status}")
-        return dict(body)
+        missing = InvalidMessage(f"saved filter {filter_id} does not exist", field="target")
+        return await self._one(f"/v1/filters/{filter_id}", missing)
 
     async def contacts_by_id(self, ids: list[int]) -> dict[int, dict[str, Any]]:
         """The contacts with these ids as they are now (merge values at send time, F-29);
