@@ -10,6 +10,7 @@ from aiohttp import web
 from libs.common.kafka import Publisher
 from services.sender.compose import Composer
 from services.sender.ledger import Delivery, Ledger, OwnerLock
+from services.sender.replan import ReplannedConnection
 from services.sender.settings import SenderSettings
 from services.sender.smtp import RelayPool
 
@@ -33,7 +34,8 @@ class Context:
     def __post_init__(self) -> None:
         self.composer = Composer(self.settings)
         self.owner = OwnerLock(self.settings.database_url, SCHEMA)
-        self.ledger = Ledger(self.pool, self.settings.service)
+        cycles = ReplannedConnection(self.settings.database_url, SCHEMA)
+        self.ledger = Ledger(self.pool, self.settings.service, cycles)
         self.relays = RelayPool(self.settings, self.ledger, still_wanted=self.still_wanted)
         self.ledger.start()
         self.relays.start()

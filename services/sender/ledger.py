@@ -77,6 +77,7 @@ from libs.common.logging import get_logger
 from libs.common.metrics import SENDER_GROUP_COMMIT_SIZE, SENDER_SENDS
 from libs.common.retry import FOREVER, retry
 from libs.common.topics import Topic
+from services.sender.replan import ReplannedConnection, replan_transaction
 
 log = get_logger(__name__)
 QUERIES = Queries(Path(__file__).with_name("queries.sql"))
@@ -189,6 +190,8 @@ async def claim(
     over (they are in ``claimed``).
     """
     keys = [r[0] for r in rows]
+    # The claim joins send_ledger too: planned with the table as it is now (replan.py).
+    await replan_transaction(conn)
     records = await conn.fetch(
         QUERIES["claim"],
         *_columns(keys),
@@ -323,9 +326,11 @@ class Ledger:
     delivery's ``done`` resolves once it is committed). One cycle = one transaction.
     """
 
-    def __init__(self, pool: asyncpg.Pool, service: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, service: str, cycles: ReplannedConnection) -> None:
         self.pool = pool
         self.service = service
+        #: where cycles run: planned at each execution (replan.py says why).
+        self.cycles = cycles
         self._hands: list[_Hand] = []
         self._unhands: list[tuple[Delivery, asyncio.Future[None]]] = []
         self._finished: list[tuple[Delivery, Outcome]] = []
@@ -357,6 +362,7 @@ class Ledger:
                 await self._commit([], unhands, finished)
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("ledger_final_flush_failed", error=repr(exc))
+        await self.cycles.close()
 
     async def hand(
         self, delivery: Delivery, message_id: str, write_terminator: Callable[[], None]
@@ -442,8 +448,7 @@ class Ledger:
 
         async def transaction() -> None:
             # One statement, one round trip, one commit: see queries.sql "cycle".
-            async with self.pool.acquire() as conn:
-                await conn.execute(QUERIES["cycle"], *arguments)
+            await self.cycles.execute(QUERIES["cycle"], *arguments)
 
         try:
             await retry(transaction, name="sender:ledger", service=self.service, strategy=FOREVER)
