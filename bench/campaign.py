@@ -250,12 +250,21 @@ class _Stack:
     results: AIOKafkaConsumer
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self, ports: dict[str, int]) -> None:
-        """Start ``tayori <name>`` for each name, serving HTTP on its port."""
+    async def start(
+        self, ports: dict[str, int], count: int
+    ) -> tuple[_Results, asyncio.Future[None], tuple[Sample, Sample]]:
+        """Start ``tayori <name>`` for each name, serving HTTP on its port, and wait until
+        each is ready; their idle CPU; then a watcher of ``count`` results."""
         for name, port in ports.items():
             process = start(name, self.env, port, self.root / f"{self.name}-{name}.log")
             self.processes.append(process)
             self.pids[name] = process.pid
+        async with aiohttp.ClientSession() as session:
+            for port in ports.values():
+                await ready(session, port)
+        arrived = _Results(count, CpuMeter(self.pids, frozenset({"postgres"})))
+        idle = await _idle(arrived.meter)
+        return arrived, asyncio.ensure_future(arrived.watch(self.results)), idle
 
 
 @asynccontextmanager
@@ -366,17 +375,11 @@ async def pipeline(root: Path, count: int) -> dict[str, Any]:
         stack.env["CONTACTS_URL"] = f"http://127.0.0.1:{ports['contacts']}"
         # The benchmark does not wait out the 3-minute minimum lead of F-22.
         stack.env["SCHEDULER_MIN_LEAD_SECONDS"] = "2"
-        stack.start(ports)
-        meter = CpuMeter(stack.pids, frozenset({"postgres"}))
-        arrived = _Results(count, meter)
-        watcher = asyncio.ensure_future(arrived.watch(stack.results))
+        arrived, watcher, idle = await stack.start(ports, count)
         try:
             async with aiohttp.ClientSession() as session:
-                for port in ports.values():
-                    await ready(session, port)
-                idle = await _idle(meter)
                 state, reserve_seconds, reserved = await _send_campaign(
-                    Api(session, ports["scheduler"]), group, watcher, meter
+                    Api(session, ports["scheduler"]), group, watcher, arrived.meter
                 )
         finally:
             watcher.cancel()
@@ -451,16 +454,9 @@ async def sender_alone(root: Path, count: int) -> dict[str, Any]:
             await (await produce(Topic.CAMPAIGN_CONTENT, content["content_id"], data, headers))
             # Encoded before the clock starts: the sender's figures are not the bench's work.
             encoded = [(r["contact_id"], *avro.encode(Topic.SEND_REQUESTS, r)) for r in requests]
-            ports = {"sender": free_port()}
-            stack.start(ports)
-            meter = CpuMeter(stack.pids, frozenset({"postgres"}))
-            arrived = _Results(count, meter)
-            watcher = asyncio.ensure_future(arrived.watch(stack.results))
+            arrived, watcher, idle = await stack.start({"sender": free_port()}, count)
             try:
-                async with aiohttp.ClientSession() as session:
-                    await ready(session, ports["sender"])
-                idle = await _idle(meter)
-                started = meter.sample()
+                started = arrived.meter.sample()
                 progress(f"campaign: {count:,} send requests straight to the sender")
                 sent = [await produce(Topic.SEND_REQUESTS, *record) for record in encoded]
                 await asyncio.gather(*sent)
