@@ -58,7 +58,7 @@ async def copy_rate(dsn: str) -> tuple[int, int, float]:
             query = await compile_stream(
                 conn,
                 await field_definitions(conn),
-                {"filter": {}, "columns": STREAM_COLUMNS, "time_zone": TIME_ZONE},
+                {"filter": {}, "columns": STREAM_COLUMNS, "time_zone": TIME_ZONE, "safe_csv": True},
             )
             await conn.execute("SELECT set_config('TimeZone', $1, true)", TIME_ZONE)
             size = 0

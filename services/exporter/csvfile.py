@@ -25,7 +25,6 @@ import contextvars
 import csv
 import io
 import os
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -33,8 +32,6 @@ from libs.common.safecsv import FORMULA_STARTS, safe_cell
 
 ENCODINGS = ("utf-8", "utf-8-sig", "cp932")
 FLUSH_CHARS = 256 * 1024
-#: a cell that may begin with a formula start (a superset: ``,-`` inside a quoted value too).
-_MAYBE_FORMULA = re.compile(r'(?:^|,)"?[=+\-@\t\r]', re.MULTILINE)
 _ERRORS = "tayori-export-replace"
 #: the replacement counter of the file being flushed (set around each encode call).
 _REPLACED: contextvars.ContextVar[list[int]] = contextvars.ContextVar("replaced")
@@ -106,15 +103,20 @@ class ExportFile:
 
     def write_records(self, text: str) -> int:
         """Append complete CSV records as PostgreSQL's COPY writes them (LF line ends,
-        quotes only where needed); returns how many.
+        quotes only where needed), whose cells the source already made safe when this file
+        is (contacts' stream does F-42 in its query); returns how many.
 
-        Such text is already RFC 4180 but for its line ends, so when no cell can need
-        neutralising and no quoted field holds a line break, it is copied with LF made
-        CRLF — no per-row work, which is most of an export's cost. Otherwise it is parsed
-        and written row by row, as :meth:`write_rows` does.
+        Such text is already RFC 4180 but for its line ends, so when no quoted field holds
+        a line break it is copied with LF made CRLF — no per-row work, which is most of an
+        export's cost. Otherwise it is parsed and written row by row.
         """
-        if (self.safe and _MAYBE_FORMULA.search(text)) or _line_break_in_quotes(text):
-            return self.write_rows(csv.reader(io.StringIO(text)))
+        if _line_break_in_quotes(text):
+            count = 0
+            for row in csv.reader(io.StringIO(text)):
+                self._csv.writerow(row)
+                count += 1
+            self.rows += count
+            return count
         count = text.count("\n")
         self._text.write(text.replace("\n", "\r\n"))
         self.rows += count

@@ -97,7 +97,12 @@ class Sources:
             self._session = None
 
     def _contacts_body(self, request: dict[str, Any], columns: list[str]) -> dict[str, Any]:
-        body: dict[str, Any] = {"columns": columns, "time_zone": self.settings.time_zone}
+        body: dict[str, Any] = {
+            "columns": columns,
+            "time_zone": self.settings.time_zone,
+            # F-42 done by PostgreSQL in the stream: write_records need not scan the text
+            "safe_csv": request.get("safe_csv", True),
+        }
         source = request["source"]
         if source == "filter":
             body["filter"] = json.loads(request["filter_json"])

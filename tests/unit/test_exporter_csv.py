@@ -132,19 +132,21 @@ def test_unsubscribed_cell_and_plans() -> None:
 def test_copy_text_reads_back_the_same_whether_copied_or_rewritten(
     tmp_path: Path, safe: bool
 ) -> None:
-    """COPY's CSV text goes through as it is when it can, else row by row; either way
-    the file reads back as the rows, with CRLF line ends and formulas neutralised."""
+    """COPY's CSV text (its cells made safe by the source when asked, as contacts' stream
+    does in SQL) goes through as it is when it can, else row by row; either way the file
+    reads back as the rows, with CRLF line ends."""
     plain = [["1", "山田 太郎", "a@example.jp", "2026-11-20 10:15:00"]] * 50
     tricky = [["2", "=cmd", "a,b", 'say "hi"'], ["3", "line1\nline2", "-5", "\tx"]]
     chunks = [plain, plain + tricky, [["4", "", "x", "y"]]]
+    expected = [[safe_cell(c) if safe else c for c in row] for rows in chunks for row in rows]
     path = tmp_path / "out.csv"
     with ExportFile(path, "utf-8", safe=safe) as out:
         for rows in chunks:
             text = io.StringIO()
-            csv.writer(text, lineterminator="\n").writerows(rows)  # quotes like COPY's
+            source = [[safe_cell(c) if safe else c for c in row] for row in rows]
+            csv.writer(text, lineterminator="\n").writerows(source)  # quotes like COPY's
             assert out.write_records(text.getvalue()) == len(rows)
         out.commit()
-    expected = [[safe_cell(c) if safe else c for c in row] for rows in chunks for row in rows]
     assert _read(path, "utf-8") == expected
     raw = path.read_bytes()
     assert raw.count(b"\r\n") == len(expected) and b"line1\nline2" in raw
