@@ -5,7 +5,8 @@ starts the parts in dependency order and stops them in reverse on SIGTERM/SIGINT
 stop taking HTTP requests, let consumers finish the batch in hand (uncommitted work is
 redelivered to the next owner), publish what the outbox holds, close connections.
 
-Health is "the loops are making progress": every consumer must have polled recently.
+Health is "the loops are making progress": every consumer must have polled recently, and
+every background loop that reports progress (:meth:`Runtime.beat`) must have done so.
 Readiness is "the dependencies answer": PostgreSQL and the Kafka cluster.
 """
 
@@ -32,7 +33,8 @@ from libs.common.topics import Topic
 
 log = get_logger(__name__)
 
-#: a consumer that has not polled for this long is reported unhealthy.
+#: a consumer that has not polled, or a loop that has not beaten, for this long is reported
+#: unhealthy.
 STALL_SECONDS = 60.0
 
 
@@ -98,6 +100,7 @@ class Runtime:
     app: web.Application | None = field(default=None, init=False)
     _failure: BaseException | None = field(default=None, init=False)
     _failed: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _beats: dict[str, float] = field(default_factory=dict, init=False)
     port: int = field(default=0, init=False)
 
     async def start(self, *, migrate: bool = True) -> None:
@@ -162,9 +165,15 @@ class Runtime:
             self._failed.set()
             log.error("service_task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
 
+    def beat(self, loop: str) -> None:
+        """A background loop's sign of progress, once per round: from its first beat on, a
+        loop silent for ``STALL_SECONDS`` (stuck on a hung call) fails ``/healthz``."""
+        self._beats[loop] = time.monotonic()
+
     async def health(self) -> tuple[bool, dict[str, Any]]:
         now = time.monotonic()
         stalled = [c.group for c in self._consumers if now - c.last_progress > STALL_SECONDS]
+        stalled += [loop for loop, at in self._beats.items() if now - at > STALL_SECONDS]
         # A one-shot background job that finished is fine; a loop that ended is not.
         dead = [
             t.get_name()
@@ -172,7 +181,7 @@ class Runtime:
             if t.done() and (t.get_name() in self._loops or t.cancelled() or t.exception())
         ]
         ok = not stalled and not dead and self._failure is None
-        return ok, {"stalled_consumers": stalled, "stopped_tasks": dead}
+        return ok, {"stalled": stalled, "stopped_tasks": dead}
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
         checks: dict[str, Any] = {}

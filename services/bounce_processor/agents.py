@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Callable
 
 import asyncpg
 from structlog.contextvars import bound_contextvars
@@ -168,9 +169,11 @@ def _decide(
     return ReadMail("bounce", None, mail.report, mail.target), failure
 
 
-async def inbound_loop(ctx: Context) -> None:
-    """Read stored mail until cancelled: woken by the listener, polling for other replicas."""
+async def inbound_loop(ctx: Context, beat: Callable[[], None]) -> None:
+    """Read stored mail until cancelled: woken by the listener, polling for other replicas;
+    ``beat`` once a round (a loop stuck on a hung call fails /healthz)."""
     while True:
+        beat()
         ctx.mail_arrived.clear()
         taken = await retry(
             lambda: process_inbound(ctx),

@@ -77,7 +77,7 @@ def build(settings: BounceSettings) -> Runtime:
         await ctx().hit_writer.run()
 
     async def read_mail() -> None:
-        await agents.inbound_loop(ctx())
+        await agents.inbound_loop(ctx(), functools.partial(runtime.beat, "inbound_mail"))
 
     async def listen() -> None:
         # Started here, after the writers exist: a 250 needs the mail writer running.

@@ -9,6 +9,7 @@ and, for test sends, through the outbox.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from aiohttp import web
@@ -50,7 +51,7 @@ def build(settings: SchedulerSettings) -> Runtime:
     ]
 
     async def release_loop() -> None:
-        await release.run(ctx())
+        await release.run(ctx(), functools.partial(runtime.beat, "release"))
 
     async def close_clients() -> None:
         await ctx().contacts.close()

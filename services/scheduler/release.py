@@ -26,6 +26,7 @@ import asyncio
 import datetime as dt
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -65,10 +66,12 @@ class Bucket:
         return int(self.tokens)
 
 
-async def run(ctx: Context) -> None:
-    """Tick until cancelled; a tick that meets an unreachable dependency is retried next time."""
+async def run(ctx: Context, beat: Callable[[], None]) -> None:
+    """Tick until cancelled; a tick that meets an unreachable dependency is retried next time.
+    ``beat`` once a tick (a tick stuck on a hung call fails /healthz)."""
     interval = ctx.settings.tick_seconds
     while True:
+        beat()
         started = time.monotonic()
         try:
             await tick(ctx)

@@ -727,3 +727,25 @@ async def test_two_replicas_never_release_the_same_recipient(
     ]
     assert len(again) == len({r["contact_id"] for r in requests}) == 120
     assert {r["attempt"] for r in again} == {1}
+
+
+async def test_a_release_loop_stuck_on_a_hung_call_fails_healthz(scheduler, monkeypatch):
+    """/healthz is "the loops are making progress": the release loop beats once a tick, and
+    a tick that never returns (a hung dependency) makes the service unhealthy."""
+    from libs.common import service
+    from services.scheduler import release
+
+    status, body = await scheduler.api.call("GET", "/healthz", token=None)
+    assert (status, body["stalled"]) == (200, [])
+
+    async def hung(ctx: Any) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(release, "tick", hung)
+    monkeypatch.setattr(service, "STALL_SECONDS", 0.5)
+
+    async def failing() -> bool:
+        status, body = await scheduler.api.call("GET", "/healthz", token=None)
+        return status == 503 and "release" in body["stalled"]  # (idle consumers may be too)
+
+    await eventually(failing)
