@@ -15,6 +15,7 @@ that is a bad deploy or a bad producer, and discarding it quietly would lose dat
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -208,6 +209,21 @@ class DlqLimit:
 Handler = Callable[[list[Message]], Awaitable[None]]
 
 
+#: the consumer whose handler runs in this context (see :func:`still_working`).
+_HANDLING: contextvars.ContextVar[Consumer | None] = contextvars.ContextVar(
+    "handling", default=None
+)
+
+
+def still_working() -> None:
+    """Called by a handler that waits by design — the sender's batch while every SMTP relay
+    is down, uncommitted so nothing is lost: its consumer counts as making progress, so
+    /healthz does not get a waiting service restarted."""
+    consumer = _HANDLING.get()
+    if consumer is not None:
+        consumer.last_progress = time.monotonic()
+
+
 class Consumer:
     """A consumer group member running ``handler`` on batches of decoded messages.
 
@@ -286,7 +302,11 @@ class Consumer:
     async def _partition(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         started = time.perf_counter()
         topic = self._by_name[tp.topic]
-        await self._process(topic, records)
+        token = _HANDLING.set(self)
+        try:
+            await self._process(topic, records)
+        finally:
+            _HANDLING.reset(token)
         BATCH_SECONDS.labels(self.settings.service, topic.value).observe(
             time.perf_counter() - started
         )

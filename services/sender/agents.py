@@ -17,7 +17,7 @@ from structlog.contextvars import bound_contextvars
 
 from libs.common.db import claim_once
 from libs.common.errors import InvalidMessage, TransientError
-from libs.common.kafka import Message, reject
+from libs.common.kafka import Message, reject, still_working
 from libs.common.logging import get_logger, mask_email
 from libs.common.metrics import SENDER_DROPPED, SENDER_LEDGER_RECOVERIES
 from services.sender import contents, copy, ledger
@@ -34,6 +34,8 @@ from services.sender.ledger import (
 
 log = get_logger(__name__)
 
+#: while a batch waits for its outcomes, its consumer is told it still works this often.
+KEEPALIVE_SECONDS = 10.0
 CONTROL_STATES = {"halt": "halted", "cancel": "cancelled", "pause": "paused", "resume": "active"}
 
 
@@ -161,11 +163,20 @@ def _done(
 
 
 async def _deliver(ctx: Context, deliveries: Sequence[Delivery]) -> None:
-    """Queue every delivery and wait until each outcome is committed."""
+    """Queue every delivery and wait until each outcome is committed. The wait may be long
+    (every relay down: nothing is committed meanwhile, so nothing is lost); it tells the
+    consumer it is still working, so /healthz does not have a waiting sender restarted."""
     for delivery in deliveries:
         ctx.relays.submit(delivery)
     try:
-        await asyncio.gather(*(d.done for d in deliveries))
+        waiting = {d.done for d in deliveries}
+        while waiting:
+            done, waiting = await asyncio.wait(
+                waiting, timeout=KEEPALIVE_SECONDS, return_when=asyncio.FIRST_EXCEPTION
+            )
+            for future in done:
+                future.result()  # the first failure propagates, as gather did
+            still_working()
     finally:
         for delivery in deliveries:  # cancelled (stopping): workers skip what is left
             if not delivery.done.done():

@@ -371,6 +371,28 @@ async def test_relay_down_then_up_delivers_once(
             sink.stop()
 
 
+async def test_a_sender_waiting_for_its_relays_stays_healthy(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every relay down: the batch waits, uncommitted, by design; a restart would not help,
+    so /healthz stays green while the handler waits (it tells its consumer so)."""
+    from libs.common import service
+    from services.sender import agents
+
+    monkeypatch.setattr(service, "STALL_SECONDS", 1.5)
+    monkeypatch.setattr(agents, "KEEPALIVE_SECONDS", 0.2)
+    port = free_port()
+    async with running(
+        "sender", stack, database, prefix, smtp_relays=f"127.0.0.1:{port}"
+    ) as sender:
+        await publish_all(kafka, [send_request(str(uuid.uuid4()), 63)])
+        for _ in range(8):  # 4 s: well past STALL_SECONDS
+            await asyncio.sleep(0.5)
+            _, body = await sender.api.call("GET", "/healthz", token=None)
+            assert "sender.requests" not in body["stalled"], body
+        assert await kafka.read_to_end(Topic.DELIVERY_RESULTS) == []  # still waiting
+
+
 async def test_failover_to_the_next_relay(
     stack: Stack, database: str, prefix: str, kafka: Kafka, smtp_sink: SmtpSink
 ) -> None:
