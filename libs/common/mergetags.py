@@ -38,12 +38,9 @@ from libs.common.errors import InvalidMessage
 
 Escape = Literal["html", "text", "header"]
 
-#: The contact fields a recipient's merge values carry (F-21): contacts puts them, when
-#: they have a value, into each campaign.recipients record; the scheduler accepts merge
-#: tags naming them (and custom.<key> for custom fields).
-CONTACT_FIELDS: tuple[str, ...] = (
-    "email",
-    "external_id",
+#: The contact record's free-text fields, in display order (the contacts service's text
+#: columns; every one of them is a merge value too).
+TEXT_FIELDS: tuple[str, ...] = (
     "name",
     "name_kana",
     "company",
@@ -54,6 +51,14 @@ CONTACT_FIELDS: tuple[str, ...] = (
     "website",
     "memo",
     "acquisition_channel",
+)
+#: The contact fields a recipient's merge values carry (F-21): contacts puts them, when
+#: they have a value, into each campaign.recipients record; the scheduler accepts merge
+#: tags naming them (and custom.<key> for custom fields).
+CONTACT_FIELDS: tuple[str, ...] = (
+    "email",
+    "external_id",
+    *TEXT_FIELDS,
     "acquired_at",
     "sales_status",
     "engagement",

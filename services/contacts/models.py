@@ -5,19 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-#: free-text columns of the contact table, in display order.
-TEXT_FIELDS = (
-    "name",
-    "name_kana",
-    "company",
-    "department",
-    "title",
-    "phone",
-    "address",
-    "website",
-    "memo",
-    "acquisition_channel",
-)
+# The free-text columns of the contact table are one list with the merge-tag fields.
+from libs.common.mergetags import TEXT_FIELDS
 
 #: 営業ステータス: code → the seed products' label.
 SALES_STATUSES = {
