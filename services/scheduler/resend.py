@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from libs.common import content
 from libs.common.errors import InvalidMessage
 
 #: engagement → the history conditions on the source campaign (received = delivered).
@@ -35,21 +36,9 @@ ENGAGEMENTS: dict[str, list[tuple[str, bool]]] = {
     "errored": [("errored", False)],
     "not_errored": [("received", False), ("errored", True)],
 }
-#: what a re-send copies from its source (配信実績の再送信: body, from and settings).
-COPIED = (
-    "category_id",
-    "from_address",
-    "from_name",
-    "reply_to",
-    "subject",
-    "format",
-    "body",
-    "coupon_url",
-    "dedupe",
-    "include_unsubscribed",
-    "track_opens",
-    "track_clicks",
-)
+#: what a re-send copies from its source (配信実績の再送信): the whole mail content, its
+#: category and its settings.
+COPIED = ("category_id", *content.FIELDS, "dedupe", "include_unsubscribed")
 #: what the re-send request may change besides the target.
 OVERRIDABLE = ("name", "subject", "dedupe", "include_unsubscribed", "scheduled_at")
 

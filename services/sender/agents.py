@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from structlog.contextvars import bound_contextvars
@@ -210,15 +210,22 @@ async def handle_control(ctx: Context, batch: list[Message]) -> None:
             ctx.stopped[campaign_id] = state
 
 
-async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None:
-    """``suppression.changes``: the last-mile copy (highest version per entity wins)."""
+def _checked(batch: list[Message], check: Callable[[dict[str, Any]], None]) -> list[Any]:
+    """The batch's values, each passed through ``check``; the first one it refuses is
+    dead-lettered (:func:`reject`) and the batch is handled again without it."""
     for message in batch:
         try:
-            copy.check(message.value)
+            check(message.value)
         except InvalidMessage as exc:
             raise reject(message, exc.reason, exc.field) from None
+    return [m.value for m in batch]
+
+
+async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None:
+    """``suppression.changes``: the last-mile copy (highest version per entity wins)."""
+    changes = _checked(batch, copy.check)
     async with ctx.pool.acquire() as conn, conn.transaction():
-        await copy.apply(conn, [m.value for m in batch])
+        await copy.apply(conn, changes)
 
 
 async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:
@@ -259,10 +266,6 @@ async def load_stopped(ctx: Context) -> None:
 
 async def handle_contents(ctx: Context, batch: list[Message]) -> None:
     """``campaign.content``: each content once, by its id (send.requests v4 names it)."""
-    for message in batch:
-        try:
-            contents.check(message.value)
-        except InvalidMessage as exc:
-            raise reject(message, exc.reason, exc.field) from None
+    records = _checked(batch, contents.check)
     async with ctx.pool.acquire() as conn:
-        await contents.store(conn, [m.value for m in batch])
+        await contents.store(conn, records)
