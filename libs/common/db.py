@@ -84,8 +84,13 @@ async def create_pool(dsn: str, schema: str, *, size: int = 10) -> asyncpg.Pool:
     return pool
 
 
-async def connect(dsn: str, schema: str) -> asyncpg.Connection:
-    conn = await asyncpg.connect(dsn, server_settings={"search_path": f"{schema},public"})
+async def connect(
+    dsn: str, schema: str, *, settings: Mapping[str, str] | None = None
+) -> asyncpg.Connection:
+    """One connection like a pool's (``schema`` first, json decoded), with extra server
+    ``settings`` of its own."""
+    server_settings = {"search_path": f"{schema},public", **(settings or {})}
+    conn = await asyncpg.connect(dsn, server_settings=server_settings)
     await _init_connection(conn)
     return conn
 

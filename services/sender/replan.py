@@ -22,6 +22,8 @@ from typing import Any
 
 import asyncpg
 
+from libs.common import db
+
 #: the server setting of connections (or transactions) that must not reuse generic plans.
 CUSTOM_PLANS = {"plan_cache_mode": "force_custom_plan"}
 
@@ -46,8 +48,8 @@ class ReplannedConnection:
         async with self._lock:
             conn = self._conn
             if conn is None or conn.is_closed():
-                settings = {"search_path": f"{self.schema},public", **CUSTOM_PLANS}
-                conn = self._conn = await asyncpg.connect(self.dsn, server_settings=settings)
+                conn = await db.connect(self.dsn, self.schema, settings=CUSTOM_PLANS)
+                self._conn = conn
             result: str = await conn.execute(query, *args)
             return result
 
