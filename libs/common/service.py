@@ -36,6 +36,9 @@ log = get_logger(__name__)
 #: a consumer that has not polled, or a loop that has not beaten, for this long is reported
 #: unhealthy.
 STALL_SECONDS = 60.0
+#: on stop, how long the pool may wait for its connections to come back before they are
+#: closed by force.
+POOL_CLOSE_SECONDS = 10.0
 
 
 C = TypeVar("C")
@@ -212,7 +215,13 @@ class Runtime:
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("outbox_drain_failed", error=repr(exc))
         await self.publisher.producer.stop()
-        await self.pool.close()
+        try:
+            # Everything that used the pool has stopped; a connection still held now is
+            # stuck (e.g. a COPY writing to a client that stopped reading): do not hang.
+            await asyncio.wait_for(self.pool.close(), POOL_CLOSE_SECONDS)
+        except TimeoutError:
+            log.warning("pool_close_timed_out", seconds=POOL_CLOSE_SECONDS)
+            self.pool.terminate()
         log.info("service_stopped")
 
     async def wait_for_consumers(self, timeout: float = 60.0) -> None:
