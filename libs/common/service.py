@@ -39,6 +39,10 @@ STALL_SECONDS = 60.0
 #: on stop, how long the pool may wait for its connections to come back before they are
 #: closed by force.
 POOL_CLOSE_SECONDS = 10.0
+#: on stop, how long requests in flight may take to finish before they are cancelled: a
+#: plain request ends in milliseconds; a stream (an export's rows) is cut either way, and
+#: the pod's terminationGracePeriodSeconds (30) must cover this, the consumers and the pool.
+HTTP_SHUTDOWN_SECONDS = 5.0
 
 
 C = TypeVar("C")
@@ -140,7 +144,9 @@ class Runtime:
         if self.setup_routes:
             self.setup_routes(app)
         self.app = app
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_SECONDS
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.http_host, s.http_port, reuse_address=True)
         await site.start()
