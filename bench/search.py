@@ -27,7 +27,7 @@ from bench.report import Result, ms, percentile, progress
 from bench.stack import ADMIN_TOKEN, Database, Stack, field_definitions, stack
 from services.contacts.app import build
 from services.contacts.models import FieldDefinition
-from services.contacts.search import compile_search
+from services.contacts.search import CUSTOM_PLANS, compile_search
 
 REQUESTS = 200
 WARMUP = 10
@@ -58,6 +58,7 @@ def filter_b(rng: random.Random) -> dict[str, Any]:
 async def _direct(conn: Any, fields: dict[str, FieldDefinition], body: dict[str, Any]) -> int:
     page, _ = compile_search(body["filter"], fields, sort=None, limit=body["limit"], cursor=None)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
+        await conn.execute(CUSTOM_PLANS)  # as the service does
         await conn.fetch(page.sql_page, *page.page_params)
         return int(await conn.fetchval(page.sql_count, *page.count_params))
 

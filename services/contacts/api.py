@@ -15,7 +15,7 @@ from services.contacts import store
 from services.contacts.context import CONTEXT, Context
 from services.contacts.models import CUSTOM_TYPES
 from services.contacts.processor import contact_json, contact_patch
-from services.contacts.search import MAX_LIMIT, compile_filter, compile_search
+from services.contacts.search import CUSTOM_PLANS, MAX_LIMIT, compile_filter, compile_search
 from services.contacts.store import QUERIES
 from services.contacts.stream import stream_contacts
 from services.contacts.targets import load_saved_filters
@@ -127,6 +127,7 @@ async def search_contacts(request: web.Request) -> web.Response:
         ctx.pool.acquire() as conn,
         conn.transaction(isolation="repeatable_read", readonly=True),
     ):
+        await conn.execute(CUSTOM_PLANS)
         fields = await ctx.fields.get(conn)
         saved = await load_saved_filters(conn, body.get("filter"))
         page, next_cursor = compile_search(

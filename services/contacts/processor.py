@@ -333,11 +333,16 @@ def _iso(value: Any) -> Any:
     return value.isoformat() if isinstance(value, (dt.date, dt.datetime)) else value
 
 
+#: columns of a contact row the API does not show: custom (shown as custom_fields) and the
+#: aggregate delivery state kept for search (0003_membership_flags.sql)
+_NOT_IN_JSON = frozenset({"custom", "membership_flags"})
+
+
 def contact_json(
     row: Mapping[str, Any], memberships: list[dict[str, Any]] | None = None
 ) -> dict[str, Any]:
-    """The API representation of a contact row."""
-    body = {key: _iso(value) for key, value in row.items() if key != "custom"}
+    """The API representation of a contact row (search's internal aggregate left out)."""
+    body = {key: _iso(value) for key, value in row.items() if key not in _NOT_IN_JSON}
     body["custom_fields"] = dict(row.get("custom") or {})
     if memberships is not None:
         body["memberships"] = memberships

@@ -179,8 +179,25 @@ def test_ne_and_negation_keep_missing_values() -> None:
     where = compile_filter(condition("custom.note", "contains", "A"), FIELDS).where
     assert where.endswith("IS TRUE")
     # eq on a custom field is containment (GIN-indexed), which is never NULL either
-    where = compile_filter({"not": condition("custom.note", "eq", "A")}, FIELDS).where
-    assert where == "NOT (c.custom @> jsonb_build_object($1::text, to_jsonb($2::text)))"
+    compiled = compile_filter({"not": condition("custom.note", "eq", "A")}, FIELDS)
+    assert compiled.where == "NOT (c.custom @> $1::jsonb)"
+    assert compiled.params == [{"note": "A"}]
+
+
+def test_custom_eq_binds_the_document_it_contains() -> None:
+    """One jsonb parameter, the custom value as JSON has it: numbers as numbers (3.0 and 3
+    compare equal in jsonb), booleans, choice codes for labels, dates as ISO text."""
+    cases = [
+        ("custom.seats", 3, {"seats": 3}),
+        ("custom.seats", 2.5, {"seats": 2.5}),
+        ("custom.vip", True, {"vip": True}),
+        ("custom.renewal", "2025-01-31", {"renewal": "2025-01-31"}),
+    ]
+    for field, value, document in cases:
+        compiled = compile_filter(condition(field, "eq", value), FIELDS)
+        assert compiled.where == "c.custom @> $1::jsonb"
+        assert compiled.params == [document]
+        assert type(compiled.params[0][field[len("custom.") :]]) is type(value)
 
 
 def test_nested_groups_and_numbering_from_first_param() -> None:
@@ -239,7 +256,9 @@ def test_custom_keys_are_checked_then_bound() -> None:
     # even a definition with a hostile key (the table's CHECK forbids it) is only ever bound
     fields = {EVIL: FieldDefinition(EVIL, "evil", "text")}
     compiled = compile_filter(condition(f"custom.{EVIL}", "eq", "a"), fields)
-    assert EVIL not in compiled.where and compiled.params == [EVIL, "a"]
+    assert EVIL not in compiled.where and compiled.params == [{EVIL: "a"}]
+    compiled = compile_filter(condition(f"custom.{EVIL}", "starts_with", "a"), fields)
+    assert EVIL not in compiled.where and compiled.params == [EVIL, "a%"]
 
 
 @pytest.mark.parametrize(
