@@ -134,11 +134,28 @@ async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
                     functools.partial(ctx.composer.campaign_mail, built, request),
                 )
             )
-        await ledger.finish(conn, finished)
-        await ledger.republish(conn, again)
-    await _deliver(ctx, deliveries)
-    await ctx.ledger.flush()
+        results = await ledger.finish(conn, finished) + again
+    # Committed: the batch's known results go now, the others as their cycles commit.
+    early = asyncio.ensure_future(ledger.publish(ctx.publisher, results))
+    try:
+        await _deliver(ctx, deliveries)
+        await ctx.ledger.flush()
+    finally:
+        await asyncio.gather(early, return_exceptions=True)
+    early.result()
+    await _published(deliveries)
     await _wait_for_other_senders(ctx, busy)
+
+
+async def _published(deliveries: Sequence[Delivery]) -> None:
+    """Wait until every delivery's result is acknowledged by the broker: only then may the
+    batch's offsets be committed (ledger.py). A failed publication fails the handler, which
+    is retried: its claim finds the rows done and publishes their stored results again."""
+    pending = {d.published for d in deliveries if d.published is not None}
+    if pending:
+        await asyncio.wait(pending)  # not gather: a cycle's publication may be shared
+        for sent in pending:
+            sent.result()
 
 
 async def _wait_for_other_senders(ctx: Context, busy: Sequence[Claimed]) -> None:

@@ -35,7 +35,7 @@ class Context:
         self.composer = Composer(self.settings)
         self.owner = OwnerLock(self.settings.database_url, SCHEMA)
         cycles = ReplannedConnection(self.settings.database_url, SCHEMA)
-        self.ledger = Ledger(self.pool, self.settings.service, cycles)
+        self.ledger = Ledger(self.pool, self.settings.service, cycles, self.publisher)
         self.relays = RelayPool(self.settings, self.ledger, still_wanted=self.still_wanted)
         self.ledger.start()
         self.relays.start()

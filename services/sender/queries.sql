@@ -108,7 +108,7 @@ SELECT value, state FROM blacklist_copy WHERE value = ANY($1::text[]) AND state 
 -- name: cycle
 -- One group-commit cycle of the Ledger in ONE statement (its own transaction, one round
 -- trip): hand the ready messages, put refused ends of data back to 'claimed', record
--- outcomes, queue their delivery.results in the outbox and wake its relay at commit.
+-- outcomes with their delivery.results (published after the commit: ledger.py).
 -- (Data-modifying CTEs always run to completion; no key appears in two of them.)
 -- Its commit does not wait for the WAL flush (synchronous_commit off for this transaction
 -- only): a crash of the *sender* loses nothing committed, and before a batch's offsets are
@@ -142,16 +142,10 @@ WITH settings AS (
     WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id
       AND l.contact_id = u.contact_id
     RETURNING 1
-), queued AS (
-    INSERT INTO outbox (topic, key, payload, schema_version)
-    SELECT * FROM unnest($16::text[], $17::text[], $18::bytea[], $19::int[])
-    RETURNING 1
 )
 SELECT (SELECT count(*) FROM settings) AS asynchronous,
        (SELECT count(*) FROM handed) + (SELECT count(*) FROM unhanded)
-       + (SELECT count(*) FROM finished) AS rows,
-       (SELECT pg_notify(current_schema() || '_outbox', '') WHERE EXISTS (SELECT 1 FROM queued))
-           IS NOT NULL AS notified;
+       + (SELECT count(*) FROM finished) AS rows;
 
 -- name: ledger-summary
 SELECT status, outcome, count(*) AS n FROM send_ledger WHERE campaign_id = $1
