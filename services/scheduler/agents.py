@@ -3,8 +3,9 @@
 - ``campaign.recipients``: the answer to a reservation's snapshot request becomes the
   campaign's recipient ledger (one row per seq; rows of other requests are ignored); the
   end marker decides between scheduled (planned = total) and failed.
-- ``delivery.results``: each result id counted once; the first result of a recipient
-  decides its ledger row; counters move the status (sent) or halt the campaign (F-26).
+- ``delivery.results``: the first result of a recipient decides its ledger row and is
+  counted (a repeated result, same id or not, changes nothing); counters move the status
+  (sent) or halt the campaign (F-26).
 - ``feedback.events``: opens and clicks of a campaign's recipients, each event id counted
   once in the totals, the first of each kind per recipient in the unique counts (F-34).
 - ``suppression.changes``: memberships, whose changes start and end step-mail enrolments
@@ -96,13 +97,16 @@ async def _apply_answer(
 
 
 async def handle_results(ctx: Context, batch: list[Message]) -> None:
-    """``delivery.results`` → ledger outcomes, counters, sent or halted."""
+    """``delivery.results`` → ledger outcomes, counters, sent or halted.
+
+    Not claimed by result id in ``processed_event``: the first result of a recipient (or of a
+    step's enrolment) decides its row and only rows decided here are counted, so a repeated
+    result changes nothing — and a campaign's results cost no row each in processed_event."""
     s = ctx.settings
     async with ctx.pool.acquire() as conn, conn.transaction():
-        fresh = await claim_once(conn, batch, lambda m: m.value["result_id"])
         first: dict[tuple[uuid.UUID, int], dict[str, Any]] = {}
         step_results: list[dict[str, Any]] = []
-        for message in fresh:
+        for message in batch:
             result = message.value
             if (result.get("step_id") or "").startswith(processor.TEST_STEP_PREFIX):
                 continue  # test sends are never counted (F-23)

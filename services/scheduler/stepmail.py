@@ -184,7 +184,7 @@ def send_request(
 
 
 async def record_results(conn: asyncpg.Connection, results: Sequence[dict[str, Any]]) -> None:
-    """``delivery.results`` of step sends (already claimed once): the first result of each
+    """``delivery.results`` of step sends: the first result of each
     (step, enrolment) decides; the step's counters move."""
     first: dict[tuple[uuid.UUID, int], dict[str, Any]] = {}
     for result in results:
