@@ -21,12 +21,15 @@ import hashlib
 import hmac
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from libs.common.tokens import BadToken, Signer, parse_keys
 
 PURPOSE = "verp"
 PREFIX = "b-"
 MAC_BYTES = 10
+#: campaigns whose shared address start is kept (forgotten all at once beyond that).
+CAMPAIGNS_KEPT = 256
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,20 @@ class VerpTarget:
     contact_id: int
 
 
+_B32_ALPHABET = b"abcdefghijklmnopqrstuvwxyz234567"
+#: every pair of base32 digits, by the 10 bits they stand for.
+_B32_PAIRS = [bytes((a, b)) for a in _B32_ALPHABET for b in _B32_ALPHABET]
+
+
 def _b32(data: bytes) -> str:
-    return base64.b32encode(data).decode("ascii").rstrip("=").lower()
+    """RFC 4648 base32, lower case, without padding: what
+    ``base64.b32encode(data).rstrip(b"=").lower()`` gives, in one big-int pass of 10 bits a
+    step (base64's base32 is pure Python in 3.11, a loop over 5-byte chunks)."""
+    filled = data + bytes(-len(data) % 5)
+    number = int.from_bytes(filled, "big")
+    bits = len(filled) * 8
+    pairs = b"".join([_B32_PAIRS[(number >> shift) & 0x3FF] for shift in range(bits - 10, -1, -10)])
+    return pairs[: (len(data) * 8 + 4) // 5].decode()
 
 
 def _unb32(text: str) -> bytes:
@@ -51,19 +66,43 @@ class VerpAddresses:
         self._kid = next(iter(self._keys))
         self._signer = Signer(self._keys, PURPOSE)
         self.domain = bounce_domain.strip().lower().rstrip(".")
+        # Per key, the HMAC state after the constant prefix, copied per address.
+        self._prefixed = {
+            kid: hmac.new(secret, f"{PURPOSE}\x00{kid}\x00".encode(), hashlib.sha256)
+            for kid, secret in self._keys.items()
+        }
+        self._campaigns: dict[str, tuple[str, bytes, Any]] = {}
 
     def _mac(self, kid: str, body: bytes) -> bytes:
-        message = PURPOSE.encode() + b"\x00" + kid.encode() + b"\x00" + body
-        return hmac.new(self._keys[kid], message, hashlib.sha256).digest()[:MAC_BYTES]
+        mac = self._prefixed[kid].copy()
+        mac.update(body)
+        return mac.digest()[:MAC_BYTES]
+
+    def _campaign(self, campaign_id: str) -> tuple[str, bytes, Any]:
+        """What every address of a campaign shares: the start of the address up to the
+        token's 24th character (base32 of the UUID's first 15 bytes: 5-byte groups are
+        encoded on their own), the UUID's last byte, and the MAC state after the UUID."""
+        shared = self._campaigns.get(campaign_id)
+        if shared is None:
+            campaign = uuid.UUID(campaign_id).bytes  # ValueError: not a UUID
+            mac = self._prefixed[self._kid].copy()
+            mac.update(campaign)
+            start = f"{PREFIX}{self._kid}-{_b32(campaign[:15])}"
+            if len(self._campaigns) >= CAMPAIGNS_KEPT:
+                self._campaigns.clear()
+            shared = self._campaigns[campaign_id] = (start, campaign[15:], mac)
+        return shared
 
     def address(self, campaign_id: str, contact_id: int) -> str:
         try:
-            body = uuid.UUID(campaign_id).bytes + int(contact_id).to_bytes(8, "big", signed=True)
+            start, last, state = self._campaign(campaign_id)
         except ValueError:
             token = self._signer.sign({"m": campaign_id, "c": int(contact_id)})
             return f"{PREFIX}{token}@{self.domain}"
-        token = _b32(body + self._mac(self._kid, body))
-        return f"{PREFIX}{self._kid}-{token}@{self.domain}"
+        contact = int(contact_id).to_bytes(8, "big", signed=True)
+        mac = state.copy()
+        mac.update(contact)
+        return f"{start}{_b32(last + contact + mac.digest()[:MAC_BYTES])}@{self.domain}"
 
     def read(self, address: str) -> VerpTarget:
         """The campaign and contact of a return path; :class:`BadToken` for anything else
