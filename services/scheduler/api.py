@@ -1,18 +1,16 @@
 """Operator HTTP API of the scheduler (SPEC §10): categories, campaigns, reservation,
 cancel, test send, preview and the frozen recipient list. JSON, bearer tokens with roles.
 
-Invalid input answers 422 with ``{"error", "field"}``; a request the campaign's status
-does not allow answers 409.
+Invalid input answers 400 with ``{"error", "field"}`` (libs/common/http's errors
+middleware, as in every service); a request the campaign's status does not allow answers 409.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
-import functools
 import io
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -20,7 +18,7 @@ from aiohttp import web
 
 from libs.common import mergetags, outbox
 from libs.common.errors import Conflict, InvalidMessage, NotFound
-from libs.common.http import ROLE, error, json_response, read_json, requires
+from libs.common.http import ROLE, json_response, read_json, requires
 from libs.common.metrics import RESENDS_CREATED, SCHEDULER_RELEASED
 from libs.common.render import CampaignMessage
 from libs.common.safecsv import safe_cell
@@ -31,24 +29,10 @@ from services.scheduler.store import QUERIES
 from services.scheduler.window import Window
 
 routes = web.RouteTableDef()
-View = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _ctx(request: web.Request) -> Context:
     return request.app[CONTEXT]
-
-
-def unprocessable(view: View) -> View:
-    """Answer invalid input with 422 (the errors middleware would say 400)."""
-
-    @functools.wraps(view)
-    async def run(request: web.Request) -> web.StreamResponse:
-        try:
-            return await view(request)
-        except InvalidMessage as exc:
-            return error(422, exc.reason, exc.field)
-
-    return run
 
 
 def _int(raw: str | None, name: str) -> int:
@@ -77,7 +61,6 @@ async def list_categories(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/categories")
-@unprocessable
 async def create_category(request: web.Request) -> web.Response:
     """Create a category: {name, window_start "HH:MM", window_end "HH:MM", time_zone}.
 
@@ -99,7 +82,6 @@ async def get_category(request: web.Request) -> web.Response:
 
 @routes.put("/v1/categories/{id}")
 @requires("admin")
-@unprocessable
 async def put_category(request: web.Request) -> web.Response:
     """Replace a category's name and window; sending campaigns follow it from the next tick."""
     category_id = _int(request.match_info["id"], "id")
@@ -127,7 +109,6 @@ async def delete_category(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/campaigns")
-@unprocessable
 async def create_campaign(request: web.Request) -> web.Response:
     """Create a draft campaign (F-20..F-22); every field is checked here, not at send time.
 
@@ -198,7 +179,6 @@ async def _check_history(ctx: Context, search_filter: dict[str, Any], now: dt.da
 
 
 @routes.get("/v1/campaigns")
-@unprocessable
 async def list_campaigns(request: web.Request) -> web.Response:
     """Campaigns, newest first: ?limit (1-200, default 50), ?cursor, ?status."""
     limit = _int(request.query.get("limit", "50"), "limit")
@@ -272,14 +252,13 @@ async def cancel(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/campaigns/{id}/resend")
-@unprocessable
 async def resend_campaign(request: web.Request) -> web.Response:
     """再配信 (F-28): a new draft campaign with this one's body, from, reply_to, category,
     format and settings; the target is chosen anew. Body: {scheduled_at, target?,
     recipients?: all|opened|not_opened|clicked|not_clicked|errored|not_errored (recipients
     of this campaign, as F-05 history conditions added to the target's filter), name?,
     subject?, dedupe?, include_unsubscribed?}. A campaign sent more than 3 months ago
-    cannot be targeted by its recipients (422)."""
+    cannot be targeted by its recipients (400)."""
     ctx = _ctx(request)
     async with ctx.pool.acquire() as conn:
         source = await store.get_campaign(conn, request.match_info["id"])
@@ -344,7 +323,6 @@ def _contact_param(raw: Any) -> int | None:
 
 
 @routes.post("/v1/campaigns/{id}/test-send")
-@unprocessable
 async def test_send(request: web.Request) -> web.Response:
     """テスト送信 (F-23): {addresses: "a@x, b@y" (≤ 20), contact_id?}. One send request per
     address, test=true, subject prefixed [TEST]; never counted."""
@@ -395,7 +373,6 @@ async def test_send(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/campaigns/{id}/preview")
-@unprocessable
 async def preview(request: web.Request) -> web.Response:
     """確認 (F-24): the mail as rendered for one recipient (?contact_id=; default the first
     of the frozen list, or sample values before reservation): subject, from, text, html."""

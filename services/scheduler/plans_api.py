@@ -24,7 +24,7 @@ from aiohttp import web
 from libs.common.errors import InvalidMessage, NotFound
 from libs.common.http import json_response, read_json, requires
 from services.scheduler import plans, store
-from services.scheduler.api import _ctx, _int, unprocessable
+from services.scheduler.api import _ctx, _int
 from services.scheduler.store import QUERIES
 
 routes = web.RouteTableDef()
@@ -77,7 +77,6 @@ def plan_json(
 
 @routes.put("/v1/plans/{id}")
 @requires("operator")
-@unprocessable
 async def put_plan(request: web.Request) -> web.Response:
     """Set a plan's schedule: its category (window and time zone), sender and steps."""
     ctx = _ctx(request)
@@ -153,7 +152,6 @@ async def get_plan(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/plans/{id}/enrolments")
-@unprocessable
 async def list_enrolments(request: web.Request) -> web.Response:
     """Enrolments of a plan, newest first (?contact_id=, ?limit 1-1000, ?cursor)."""
     plan_id = _int(request.match_info["id"], "id")

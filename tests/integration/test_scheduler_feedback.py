@@ -100,7 +100,7 @@ async def test_tracking_switches_reach_the_send_requests(scheduler, contacts, ka
         "/v1/campaigns",
         campaign_body(cat, clock, target={"group_id": members}, track_clicks="no"),
     )
-    assert status == 422 and answer["field"] == "track_clicks"
+    assert status == 400 and answer["field"] == "track_clicks"
     body = campaign_body(cat, clock, target={"group_id": members}, track_clicks=False)
     campaign = await reserved(scheduler, body)
     assert (campaign["track_opens"], campaign["track_clicks"]) == (True, False)
