@@ -193,6 +193,28 @@ async def test_flags_under_concurrent_writers_and_bulk_statements(database: str)
         await two.close()
 
 
+async def test_flags_kept_by_a_writer_without_the_schema_on_its_search_path(database: str):
+    plain = await asyncpg.connect(database)  # search_path: the server's default
+    try:
+        group = await plain.fetchval(
+            f"INSERT INTO {SCHEMA}.contact_group (name) VALUES ('g') RETURNING id"
+        )
+        contact = await plain.fetchval(
+            f"INSERT INTO {SCHEMA}.contact (email) VALUES ('p@x.jp') RETURNING id"
+        )
+        await plain.execute(
+            f"INSERT INTO {SCHEMA}.membership (contact_id, group_id, state, method)"
+            " VALUES ($1, $2, 'banned', 'x')",
+            contact,
+            group,
+        )
+        assert await plain.fetchval(
+            f"SELECT membership_flags FROM {SCHEMA}.contact WHERE id = $1", contact
+        ) == (MEMBER | BANNED)
+    finally:
+        await plain.close()
+
+
 async def test_migration_backfills_flags_of_existing_memberships(stack: Stack, tmp_path: Path):
     before = tmp_path / "before"
     before.mkdir()
@@ -225,7 +247,8 @@ async def test_migration_backfills_flags_of_existing_memberships(stack: Stack, t
                     group_id,
                     state,
                 )
-        assert await db.migrate(dsn, SCHEMA, MIGRATIONS) == [flag_migration.name]
+        applied = await db.migrate(dsn, SCHEMA, MIGRATIONS)
+        assert applied[0] == flag_migration.name
         assert await flags(conn) == {
             ids[0]: 0,
             ids[1]: MEMBER,
