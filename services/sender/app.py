@@ -1,8 +1,8 @@
 """The sender service: its topics, consumers and background parts in one place.
 
 Inputs: send.requests (big batches), campaign.content (each campaign's content, once),
-campaign.control, mail.system, suppression.changes (its own last-mile copy,
-latency-critical). Outputs: SMTP to the relays, and delivery.results (published once
+campaign.control, mail.system, suppression.changes (its own last-mile
+copy). Outputs: SMTP to the relays, and delivery.results (published once
 the ledger committed them; ledger.py). HTTP: /v1/relays and /v1/ledger/{campaign_id}
 (api.py), and /healthz, /readyz, /metrics from the runtime.
 """
@@ -45,7 +45,10 @@ def build(settings: SenderSettings) -> Runtime:
             "sender.suppression",
             [Topic.SUPPRESSION_CHANGES],
             bind(agents.handle_suppression_changes),
-            latency_critical=True,
+            # Not latency-critical: the copy is read at the last moment before SMTP, so a
+            # change that lands 50 ms later than with the 10 ms wait changes nothing that
+            # matters, and the short wait's polls cost (on the embedded broker every fetch
+            # waits its full time) 3.7% of a core in the sender and ~9% in the broker, idle.
         ),
     ]
 
