@@ -68,3 +68,12 @@ def cpu_per_message(
         busy = used - start[1][name] - idle_rate * waited
         out[name] = round(busy / messages * 1e6, 1)
     return out
+
+
+def idle_percent(idle: tuple[Sample, Sample]) -> dict[str, float]:
+    """Each process's CPU between two samples, in % of one core."""
+    (idle_from, idle_a), (idle_to, idle_b) = idle
+    return {
+        name: round((idle_b[name] - idle_a[name]) / (idle_to - idle_from) * 100, 1)
+        for name in idle_b
+    }
