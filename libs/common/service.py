@@ -82,6 +82,9 @@ class ConsumerSpec:
     max_records: int = 2000
     #: use the short fetch wait (KAFKA_FAST_FETCH_MAX_WAIT_MS): changes users wait to see.
     latency_critical: bool = False
+    #: a fetch wait of its own (ms), e.g. longer for a quiet topic nobody waits on: on the
+    #: embedded broker every fetch waits its full time, so each poll costs broker CPU.
+    fetch_max_wait_ms: int | None = None
 
 
 @dataclass
@@ -128,7 +131,8 @@ class Runtime:
                 topics=spec.topics,
                 handler=spec.handler,
                 max_records=spec.max_records,
-                fetch_max_wait_ms=s.kafka_fast_fetch_max_wait_ms if spec.latency_critical else None,
+                fetch_max_wait_ms=spec.fetch_max_wait_ms
+                or (s.kafka_fast_fetch_max_wait_ms if spec.latency_critical else None),
             )
             for spec in self.consumers
         ]

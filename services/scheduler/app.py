@@ -21,6 +21,8 @@ from services.scheduler.context import CONTEXT, Context
 from services.scheduler.settings import SchedulerSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+#: fetch wait (ms) of the consumers of topics nobody waits on (feedback, memberships).
+QUIET_FETCH_MAX_WAIT_MS = 250
 SCHEMA = "scheduler"
 
 
@@ -41,12 +43,22 @@ def build(settings: SchedulerSettings) -> Runtime:
             bind(agents.handle_results),
             max_records=5000,
         ),
-        ConsumerSpec("scheduler.feedback", [Topic.FEEDBACK_EVENTS], bind(agents.handle_feedback)),
+        # Statistics and step-mail enrolments: nobody waits on them to the millisecond, and
+        # on the embedded broker every fetch waits its full time (each poll costs CPU here
+        # and in the broker): 4 polls a second instead of 20, bigger batches.
+        ConsumerSpec(
+            "scheduler.feedback",
+            [Topic.FEEDBACK_EVENTS],
+            bind(agents.handle_feedback),
+            max_records=5000,
+            fetch_max_wait_ms=QUIET_FETCH_MAX_WAIT_MS,
+        ),
         ConsumerSpec(
             "scheduler.memberships",
             [Topic.SUPPRESSION_CHANGES],
             bind(agents.handle_memberships),
             max_records=5000,
+            fetch_max_wait_ms=QUIET_FETCH_MAX_WAIT_MS,
         ),
     ]
 

@@ -20,6 +20,9 @@ from services.sender.context import CONTEXT, SCHEMA, Context
 from services.sender.settings import SenderSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+#: fetch wait (ms) of the consumers of quiet topics (control, contents, system mail, the
+#: suppression copy): 4 polls a second instead of 20.
+QUIET_FETCH_MAX_WAIT_MS = 250
 __all__ = ["MIGRATIONS", "SCHEMA", "build"]
 
 
@@ -38,17 +41,36 @@ def build(settings: SenderSettings) -> Runtime:
             bind(agents.handle_send_requests),
             max_records=settings.send_batch,
         ),
-        ConsumerSpec("sender.control", [Topic.CAMPAIGN_CONTROL], bind(agents.handle_control)),
-        ConsumerSpec("sender.contents", [Topic.CAMPAIGN_CONTENT], bind(agents.handle_contents)),
-        ConsumerSpec("sender.system", [Topic.MAIL_SYSTEM], bind(agents.handle_system_mail)),
+        # Quiet topics nobody waits on to the millisecond: a long fetch wait (on the
+        # embedded broker every fetch waits its full time, and each poll costs CPU here
+        # and in the broker whether or not anything arrived).
+        ConsumerSpec(
+            "sender.control",
+            [Topic.CAMPAIGN_CONTROL],
+            bind(agents.handle_control),
+            fetch_max_wait_ms=QUIET_FETCH_MAX_WAIT_MS,
+        ),
+        ConsumerSpec(
+            "sender.contents",
+            [Topic.CAMPAIGN_CONTENT],
+            bind(agents.handle_contents),
+            fetch_max_wait_ms=QUIET_FETCH_MAX_WAIT_MS,
+        ),
+        ConsumerSpec(
+            "sender.system",
+            [Topic.MAIL_SYSTEM],
+            bind(agents.handle_system_mail),
+            fetch_max_wait_ms=QUIET_FETCH_MAX_WAIT_MS,
+        ),
+        # The last-mile copy is read at the last moment before SMTP: a change applied a
+        # quarter of a second later changes nothing that matters. (It was latency-critical,
+        # 10 ms: 100 polls a second, 3.7% of a core here and ~9% in the broker, idle.)
         ConsumerSpec(
             "sender.suppression",
             [Topic.SUPPRESSION_CHANGES],
             bind(agents.handle_suppression_changes),
-            # Not latency-critical: the copy is read at the last moment before SMTP, so a
-            # change that lands 50 ms later than with the 10 ms wait changes nothing that
-            # matters, and the short wait's polls cost (on the embedded broker every fetch
-            # waits its full time) 3.7% of a core in the sender and ~9% in the broker, idle.
+            max_records=5000,
+            fetch_max_wait_ms=QUIET_FETCH_MAX_WAIT_MS,
         ),
     ]
 
