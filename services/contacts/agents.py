@@ -7,6 +7,7 @@ outbox of that same transaction.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections import Counter
 
@@ -20,6 +21,7 @@ from libs.common.logging import get_logger
 from libs.common.metrics import CONTACT_EVENTS
 from services.contacts import store, targets
 from services.contacts.context import Context
+from services.contacts.models import FieldDefinition
 from services.contacts.processor import UpstreamEvent, upstream_event
 from services.contacts.store import QUERIES
 
@@ -30,50 +32,86 @@ async def handle_contact_events(ctx: Context, batch: list[Message]) -> None:
     """F-03: ContactUpserted / ContactDeleted / MembershipRequested, idempotent per event id."""
     async with ctx.pool.acquire() as conn:
         fields = await ctx.fields.get(conn)
-        events: list[tuple[Message, UpstreamEvent]] = []
-        for message in batch:
-            try:
-                events.append((message, upstream_event(message.value, fields)))
-            except InvalidMessage as exc:
-                if exc.field and "custom_fields." in exc.field:  # defined since the cache was read?
-                    fields = await ctx.fields.get(conn, fresh=True)
-                    try:
-                        events.append((message, upstream_event(message.value, fields)))
-                        continue
-                    except InvalidMessage as again:
-                        exc = again
-                raise reject(message, exc.reason, exc.field) from None
-            except (KeyError, ValueError, TypeError) as exc:
-                raise reject(message, f"malformed event: {exc!r}") from None
         try:
-            await _apply_batch(conn, events)
+            async with conn.transaction():
+                # The batch's ids are claimed while Python validates it: PostgreSQL and
+                # Python work at the same time. A rejected event rolls the claim back.
+                claiming = await store.started(claim_once(conn, _event_ids(batch), str))
+                try:
+                    events = await _validated(ctx, conn, batch, fields, claiming)
+                finally:
+                    claimed = await claiming
+                await _apply_batch(conn, events, claimed)
         except asyncpg.UniqueViolationError as exc:
             # Another writer (the API, another replica) took an address between our
             # lock and our insert: the batch is rolled back and retried, then sees it.
             raise TransientError(f"concurrent write: {exc}") from exc
 
 
+def _event_ids(batch: list[Message]) -> list[str]:
+    """The ids a batch may claim; an event without a usable id is rejected by validation."""
+    ids = []
+    for message in batch:
+        event_id = message.value.get("event_id") if isinstance(message.value, dict) else None
+        if isinstance(event_id, str) and event_id.strip():
+            ids.append(event_id)
+    return ids
+
+
+async def _validated(
+    ctx: Context,
+    conn: asyncpg.Connection,
+    batch: list[Message],
+    fields: dict[str, FieldDefinition],
+    claiming: asyncio.Future[list[str]],
+) -> list[tuple[Message, UpstreamEvent]]:
+    """Every event validated, in order; the first bad one is rejected (dead-lettered)."""
+    events: list[tuple[Message, UpstreamEvent]] = []
+    for message in batch:
+        try:
+            events.append((message, upstream_event(message.value, fields)))
+        except InvalidMessage as exc:
+            if exc.field and "custom_fields." in exc.field:  # defined since the cache was read?
+                await claiming  # the connection is free again
+                fields = await ctx.fields.get(conn, fresh=True)
+                try:
+                    events.append((message, upstream_event(message.value, fields)))
+                    continue
+                except InvalidMessage as again:
+                    exc = again
+            raise reject(message, exc.reason, exc.field) from None
+        except (KeyError, ValueError, TypeError) as exc:
+            raise reject(message, f"malformed event: {exc!r}") from None
+    return events
+
+
 async def _apply_batch(
-    conn: asyncpg.Connection, events: list[tuple[Message, UpstreamEvent]]
+    conn: asyncpg.Connection, events: list[tuple[Message, UpstreamEvent]], claimed: list[str]
 ) -> None:
-    async with conn.transaction():
-        fresh = await claim_once(conn, events, lambda e: e[1].event_id)
-        repeated = Counter(e.type for _, e in events) - Counter(e.type for _, e in fresh)
-        for event_type, count in repeated.items():
-            CONTACT_EVENTS.labels(event_type, "duplicate").inc(count)
-        upserts: list[tuple[Message, UpstreamEvent]] = []
-        for message, event in fresh:
-            if event.type == "ContactUpserted":
-                upserts.append((message, event))
-                continue
-            await _upsert_all(conn, upserts)  # keep the order of events per key
-            upserts = []
-            try:
-                effect = await _apply(conn, event)
-            except InvalidMessage as exc:
-                raise reject(message, exc.reason, exc.field) from None
-            CONTACT_EVENTS.labels(event.type, effect).inc()
-        await _upsert_all(conn, upserts)
+    """The events whose id was claimed now (each id once), in order, in the caller's
+    transaction."""
+    unclaimed = set(claimed)
+    fresh = []
+    for message, event in events:
+        if event.event_id in unclaimed:
+            unclaimed.discard(event.event_id)
+            fresh.append((message, event))
+    repeated = Counter(e.type for _, e in events) - Counter(e.type for _, e in fresh)
+    for event_type, count in repeated.items():
+        CONTACT_EVENTS.labels(event_type, "duplicate").inc(count)
+    upserts: list[tuple[Message, UpstreamEvent]] = []
+    for message, event in fresh:
+        if event.type == "ContactUpserted":
+            upserts.append((message, event))
+            continue
+        await _upsert_all(conn, upserts)  # keep the order of events per key
+        upserts = []
+        try:
+            effect = await _apply(conn, event)
+        except InvalidMessage as exc:
+            raise reject(message, exc.reason, exc.field) from None
+        CONTACT_EVENTS.labels(event.type, effect).inc()
+    await _upsert_all(conn, upserts)
 
 
 async def _upsert_all(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +22,10 @@ from services.contacts.models import (
     FieldDefinition,
 )
 
-_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# \Z, not $: "$" also matches before a final newline, which let "a\n@example.jp" through.
+_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+\Z")
+#: two or more dot-separated labels of letters, digits and inner hyphens (lower case)
+_DOMAIN = re.compile(r"(?:(?!-)[a-z0-9-]{1,63}(?<!-)\.)+(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 _TRUE = {"true", "1", "yes", "y", "on", "はい", "○", "有"}
 _FALSE = {"false", "0", "no", "n", "off", "いいえ", "×", "無", ""}
 MAX_TEXT = 2000
@@ -39,7 +41,6 @@ def normalise_email(raw: Any, field_name: str = "email") -> str:
     if not at or not local or not domain:
         raise InvalidMessage(f"{_shown(address)} is not an email address", field=field_name)
     domain = domain.lower().rstrip(".")
-    labels = domain.split(".")
     if (
         len(address) > 254
         or len(local) > 64
@@ -47,8 +48,7 @@ def normalise_email(raw: Any, field_name: str = "email") -> str:
         or local.startswith(".")
         or local.endswith(".")
         or ".." in local
-        or len(labels) < 2
-        or not all(_LABEL.match(label) for label in labels)
+        or not _DOMAIN.match(domain)
     ):
         raise InvalidMessage(f"{_shown(address)} is not a valid email address", field=field_name)
     return f"{local}@{domain}"
@@ -136,10 +136,13 @@ def custom_value(raw: Any, definition: FieldDefinition, field_name: str) -> Any:
 
 
 def _text(raw: Any, field_name: str) -> str:
-    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+    if type(raw) is str:
+        text = raw.strip()
+    elif isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
         # str() of a list or object would store its Python repr as the value
         raise InvalidMessage(f"expected text, got {type(raw).__name__}", field=field_name)
-    text = str(raw).strip()
+    else:
+        text = str(raw).strip()
     if len(text) > MAX_TEXT:
         raise InvalidMessage(f"longer than {MAX_TEXT} characters", field=field_name)
     if "\x00" in text:
@@ -205,37 +208,46 @@ def contact_patch(
     Unknown keys are refused, so a typo never silently drops data.
     """
     patch = ContactPatch()
+    columns = patch.columns
     for name, raw in data.items():
-        where = f"{prefix}{name}"
         if name == custom_key:
             if raw is None:
                 continue
+            where = f"{prefix}{name}"
             if not isinstance(raw, Mapping):
                 raise InvalidMessage("custom fields must be an object", field=where)
             _custom_into(patch, raw, fields, where)
             continue
         if raw is None:
             continue
-        if name == "email":
-            patch.columns["email"] = normalise_email(raw, where)
-        elif name == "external_id":
-            text = _text(raw, where)
-            patch.columns["external_id"] = text or None
-        elif name in TEXT_FIELDS:
-            patch.columns[name] = _text(raw, where) or None
-        elif name == "acquired_at":
-            patch.columns[name] = None if raw == "" else parse_date(raw, where)
-        elif name == "sales_status":
-            patch.columns[name] = "open" if raw == "" else _choice(raw, SALES_STATUSES, where)
-        elif name == "engagement":
-            patch.columns[name] = None if raw == "" else _choice(raw, ENGAGEMENTS, where)
-        elif name == "star":
-            patch.columns[name] = parse_bool(raw, where)
-        elif name == "tags":
-            patch.columns[name] = parse_tags(raw, where)
-        else:
-            raise InvalidMessage(f"unknown field {name!r}", field=where)
+        parse = _COLUMN_PARSERS.get(name)
+        if parse is None:
+            raise InvalidMessage(f"unknown field {name!r}", field=f"{prefix}{name}")
+        try:
+            columns[name] = parse(raw, name)
+        except InvalidMessage as exc:
+            if prefix:  # the path is built only for the error, not for every field
+                exc.field = f"{prefix}{exc.field}"
+            raise
     return patch
+
+
+def _optional_text(raw: Any, field_name: str) -> str | None:
+    return _text(raw, field_name) or None
+
+
+#: how each column of a contact body is read; "" clears a value (the default for
+#: sales_status), absent or None leaves it (see contact_patch)
+_COLUMN_PARSERS: dict[str, Callable[[Any, str], Any]] = {
+    "email": normalise_email,
+    "external_id": _optional_text,
+    **dict.fromkeys(TEXT_FIELDS, _optional_text),
+    "acquired_at": lambda raw, where: None if raw == "" else parse_date(raw, where),
+    "sales_status": lambda raw, where: "open" if raw == "" else _choice(raw, SALES_STATUSES, where),
+    "engagement": lambda raw, where: None if raw == "" else _choice(raw, ENGAGEMENTS, where),
+    "star": parse_bool,
+    "tags": parse_tags,
+}
 
 
 def _custom_into(

@@ -158,18 +158,22 @@ SELECT * FROM contact WHERE email = ANY($1::text[]) OR external_id = ANY($2::tex
 ORDER BY id FOR UPDATE;
 
 -- name: insert-contacts
--- One row per patch (jsonb): absent keys take the column defaults.
+-- One row per element of the column arrays (store.INSERT_COLUMNS, in this order; tags as JSON
+-- text, since an array parameter cannot hold arrays of different lengths); NULL takes the
+-- column's default.
 INSERT INTO contact (email, external_id, name, name_kana, company, department, title, phone,
-                     address, website, memo, acquired_at, acquisition_channel, sales_status,
+                     address, website, memo, acquisition_channel, acquired_at, sales_status,
                      engagement, star, tags, custom)
-SELECT p->>'email', p->>'external_id', p->>'name', p->>'name_kana', p->>'company',
-       p->>'department', p->>'title', p->>'phone', p->>'address', p->>'website', p->>'memo',
-       (p->>'acquired_at')::date, p->>'acquisition_channel',
-       coalesce(p->>'sales_status', 'open'), p->>'engagement',
-       coalesce((p->>'star')::boolean, false),
-       coalesce(ARRAY(SELECT jsonb_array_elements_text(p->'tags')), '{}'),
-       coalesce(p->'custom_set', '{}')
-FROM unnest($1::jsonb[]) WITH ORDINALITY AS u(p, n)
+SELECT email, external_id, name, name_kana, company, department, title, phone,
+       address, website, memo, acquisition_channel, acquired_at, coalesce(sales_status, 'open'),
+       engagement, coalesce(star, false),
+       coalesce(ARRAY(SELECT jsonb_array_elements_text(tags::jsonb)), '{}'), coalesce(custom, '{}')
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::date[],
+            $14::text[], $15::text[], $16::boolean[], $17::text[], $18::jsonb[])
+    WITH ORDINALITY AS u(email, external_id, name, name_kana, company, department, title, phone,
+                         address, website, memo, acquisition_channel, acquired_at, sales_status,
+                         engagement, star, tags, custom, n)
 ORDER BY n
 RETURNING *;
 

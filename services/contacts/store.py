@@ -6,11 +6,14 @@ Every change that others must see is queued in the outbox in the same transactio
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import json
 import time
 import uuid
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -18,11 +21,12 @@ from libs.common import outbox
 from libs.common.db import Queries
 from libs.common.errors import InvalidMessage, NotFound
 from libs.common.topics import Topic
-from services.contacts.models import FieldDefinition
+from services.contacts.models import TEXT_FIELDS, FieldDefinition
 from services.contacts.processor import ContactPatch, changelog_value
 
 QUERIES = Queries(Path(__file__).with_name("queries.sql"))
 MODES = ("insert_or_update", "update_only", "insert_only")
+T = TypeVar("T")
 
 
 class FieldCache:
@@ -246,6 +250,37 @@ async def join(
 # Batches ---------------------------------------------------------------------------------
 
 
+async def started(operation: Awaitable[T]) -> asyncio.Future[T]:
+    """``operation`` as a task that has sent its statement, so the caller's CPU work until
+    it awaits the task overlaps the database's. The connection is busy until then."""
+    task = asyncio.ensure_future(operation)
+    await asyncio.sleep(0)
+    return task
+
+
+#: the columns of insert-contacts' arrays, in its order (tags as JSON text and custom follow)
+INSERT_COLUMNS = (
+    "email",
+    "external_id",
+    *TEXT_FIELDS,
+    "acquired_at",
+    "sales_status",
+    "engagement",
+    "star",
+)
+
+
+def _insert_row(patch: ContactPatch) -> tuple[Any, ...]:
+    """A new contact's values for insert-contacts: an absent column is NULL (its default)."""
+    get = patch.columns.get
+    tags = get("tags")
+    return (
+        *[get(c) for c in INSERT_COLUMNS],
+        None if tags is None else json.dumps(tags, ensure_ascii=False),
+        patch.custom_set,
+    )
+
+
 def _patch_json(patch: ContactPatch) -> dict[str, Any]:
     body: dict[str, Any] = {
         k: (v.isoformat() if isinstance(v, dt.date) else v) for k, v in patch.columns.items()
@@ -291,7 +326,11 @@ async def upsert_run(
     """
     emails = [p.columns["email"] for p in patches if p.columns.get("email")]
     external_ids = [p.columns["external_id"] for p in patches if p.columns.get("external_id")]
-    locked = await conn.fetch(QUERIES["lock-identities"], emails, external_ids)
+    locking = await started(conn.fetch(QUERIES["lock-identities"], emails, external_ids))
+    try:
+        inserted_rows = [_insert_row(p) for p in patches]  # meanwhile, for those it inserts
+    finally:
+        locked = await locking
     by_email = {r["email"]: r for r in locked}
     by_external = {r["external_id"]: r for r in locked if r["external_id"] is not None}
 
@@ -324,7 +363,8 @@ async def upsert_run(
         return outcomes
     written: list[asyncpg.Record] = []
     if inserts:
-        rows = await conn.fetch(QUERIES["insert-contacts"], [_patch_json(p) for _, p in inserts])
+        columns = zip(*(inserted_rows[i] for i, _ in inserts), strict=True)
+        rows = await conn.fetch(QUERIES["insert-contacts"], *(list(c) for c in columns))
         by_address = {r["email"]: r for r in rows}  # addresses are distinct within a run
         for i, patch in inserts:
             outcomes[i] = ("inserted", by_address[patch.columns["email"]])

@@ -199,3 +199,49 @@ async def test_a_batch_keeps_per_key_order_adopts_known_addresses_and_refuses_co
     dead = await kafka.read(Topic.CONTACTS_EVENTS.dlq, until=lambda r: len(r) >= 1)
     assert len(dead) == 1
     assert b"K-2" in dict(dead[0].headers)["dlq-reason"]
+
+
+async def test_a_rejected_event_rolls_back_its_batch_claims_and_the_rest_is_applied(
+    contacts, kafka
+):
+    """The batch's ids are claimed while it is validated: the bad event in the middle
+    must not leave the good ones around it claimed but unapplied."""
+    first, bad, last = (str(uuid.uuid4()) for _ in range(3))
+    events = [
+        upserted("one@example.jp", event_id=first, name="一"),
+        upserted("two@example.jp", event_id=bad, custom_fields={"nope": "x"}),
+        upserted("three@example.jp", event_id=last, name="三"),
+        upserted("one@example.jp", event_id=first, name="重複"),  # redelivered copy: no effect
+        {**upserted("four@example.jp"), "event_id": "  "},  # no usable id: rejected too
+    ]
+    for event in events:
+        await kafka.send(Topic.CONTACTS_EVENTS, "same-partition", event)
+
+    dead = await kafka.read(Topic.CONTACTS_EVENTS.dlq, until=lambda r: len(r) >= 2)
+    assert [dict(r.headers)["dlq-reason"] for r in dead] == [
+        b"unknown custom field 'nope' (known: none defined)",
+        b"event_id is required",
+    ]
+    assert (await _contact(contacts, "one@example.jp"))["name"] == "一"
+    assert (await _contact(contacts, "one@example.jp"))["version"] == 1
+    assert (await _contact(contacts, "three@example.jp"))["name"] == "三"
+    assert await _contact(contacts, "two@example.jp") is None
+    claimed = await contacts.runtime.pool.fetch(
+        "SELECT event_id FROM processed_event WHERE event_id = ANY($1::text[])", [first, bad, last]
+    )
+    assert {r["event_id"] for r in claimed} == {first, last}
+
+
+async def test_a_custom_field_defined_elsewhere_since_the_cache_was_read(contacts, kafka):
+    """Another replica defined it (no invalidation here): the batch reads the fields again."""
+    await kafka.send(Topic.CONTACTS_EVENTS, "k", upserted("warm@example.jp"))
+    await eventually(lambda: _contact(contacts, "warm@example.jp"))  # fields are cached now
+    await contacts.runtime.pool.execute(
+        "INSERT INTO field_definition (key, label, type) VALUES ('rank', 'ランク', 'number')"
+    )
+    await kafka.send(
+        Topic.CONTACTS_EVENTS, "k", upserted("ranked@example.jp", custom_fields={"rank": "3"})
+    )
+    row = await eventually(lambda: _contact(contacts, "ranked@example.jp"))
+    assert row["custom"] == {"rank": 3}
+    assert await kafka.read_to_end(Topic.CONTACTS_EVENTS.dlq) == []
