@@ -8,7 +8,6 @@ outbox of that same transaction.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 from collections import Counter
 
 import asyncpg
@@ -200,52 +199,36 @@ _OUTCOME_KIND = {
 
 
 async def handle_delivery_results(ctx: Context, batch: list[Message]) -> None:
-    """Delivery history for search (received / errored) from ``delivery.results``."""
-    rows = [
-        (
-            m.value["contact_id"],
-            m.value["campaign_id"],
-            _OUTCOME_KIND[m.value["outcome"]],
-            m.value["occurred_at"],
-            m.value["result_id"],
-        )
-        for m in batch
-        if m.value["outcome"] in _OUTCOME_KIND
-    ]
-    await _record_history(ctx, rows)
-
-
-async def _record_history(ctx: Context, rows: list[tuple[int, str, str, dt.datetime, str]]) -> None:
+    """Delivery history for search (received / errored) from ``delivery.results``: one
+    statement per batch, which claims the result ids and records what they newly tell."""
+    rows = [m.value for m in batch if m.value["outcome"] in _OUTCOME_KIND]
     if not rows:
         return
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        rows = await claim_once(conn, rows, lambda r: r[4])
-        if rows:
-            contact_ids, campaign_ids, kinds, times, _ = (list(c) for c in zip(*rows, strict=True))
-            await conn.execute(QUERIES["record-history"], contact_ids, campaign_ids, kinds, times)
+    async with ctx.pool.acquire() as conn:
+        await conn.execute(
+            QUERIES["record-history-once"],
+            [r["contact_id"] for r in rows],
+            [r["campaign_id"] for r in rows],
+            [_OUTCOME_KIND[r["outcome"]] for r in rows],
+            [r["occurred_at"] for r in rows],
+            [r["result_id"] for r in rows],
+        )
 
 
 async def handle_feedback(ctx: Context, batch: list[Message]) -> None:
-    """Opens and clicks: history (F-05) and the score (F-08), once per event id."""
+    """Opens and clicks: history (F-05) and the score (F-08), once per event id (claimed in
+    the statement that records them)."""
     points = {"open": ctx.settings.score_open_points, "click": ctx.settings.score_click_points}
     history_kind = {"open": "opened", "click": "clicked"}
+    events = [m.value for m in batch]
     async with ctx.pool.acquire() as conn, conn.transaction():
-        events = await claim_once(conn, [m.value for m in batch], lambda e: e["event_id"])
-        if not events:
-            return
-        await conn.execute(
-            QUERIES["record-history"],
-            [e["contact_id"] for e in events],
-            [e["campaign_id"] for e in events],
-            [history_kind[e["type"]] for e in events],
-            [e["occurred_at"] for e in events],
-        )
         scored = await conn.fetch(
-            QUERIES["record-engagement"],
+            QUERIES["record-feedback"],
             [e["event_id"] for e in events],
             [e["contact_id"] for e in events],
             [e["campaign_id"] for e in events],
             [e["type"] for e in events],
+            [history_kind[e["type"]] for e in events],
             [points[e["type"]] for e in events],
             [e["occurred_at"] for e in events],
         )

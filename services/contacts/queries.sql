@@ -71,22 +71,55 @@ ON CONFLICT (contact_id, group_id) DO UPDATE
 SET state = EXCLUDED.state, method = EXCLUDED.method, changed_at = EXCLUDED.changed_at
 WHERE membership.changed_at <= EXCLUDED.changed_at;
 
--- name: record-history
--- Projection of delivery.results / feedback.events for history filters (F-05, F-28).
--- Grouped first: one batch often holds several opens of one campaign by one contact, and
--- ON CONFLICT DO UPDATE may touch a row only once per statement.
+-- name: record-history-once
+-- Projection of delivery.results for history filters (F-05, F-28), claimed by result id in
+-- the same statement (one round trip, no transaction of its own): an id processed before,
+-- or repeated in the batch, counts once. Grouped: one batch often holds several results of
+-- one contact and campaign, and ON CONFLICT DO UPDATE may touch a row only once per statement.
+WITH e AS (
+    SELECT DISTINCT ON (event_id) contact_id, campaign_id, kind, at, event_id
+    FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $5::text[])
+        AS u(contact_id, campaign_id, kind, at, event_id)
+), claimed AS (
+    INSERT INTO processed_event (event_id) SELECT event_id FROM e
+    ON CONFLICT DO NOTHING
+    RETURNING event_id
+)
 INSERT INTO delivery_history (contact_id, campaign_id, kind, first_at, last_at, count)
-SELECT contact_id, campaign_id, kind, min(at), max(at), count(*)
-FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[]) AS e(contact_id, campaign_id, kind, at)
-GROUP BY contact_id, campaign_id, kind
+SELECT e.contact_id, e.campaign_id, e.kind, min(e.at), max(e.at), count(*)
+FROM e JOIN claimed USING (event_id)
+GROUP BY e.contact_id, e.campaign_id, e.kind
 ON CONFLICT (contact_id, kind, campaign_id) DO UPDATE
 SET last_at = greatest(delivery_history.last_at, EXCLUDED.last_at),
     first_at = least(delivery_history.first_at, EXCLUDED.first_at),
     count = delivery_history.count + EXCLUDED.count;
 
--- name: record-engagement
+-- name: record-feedback
+-- Opens and clicks claimed by event id, their history and their engagement points, in one
+-- statement; returns the contacts whose points changed (their score is refreshed next).
+WITH e AS (
+    SELECT DISTINCT ON (event_id) event_id, contact_id, campaign_id, kind, history_kind, points, at
+    FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::int[],
+                $7::timestamptz[])
+        AS u(event_id, contact_id, campaign_id, kind, history_kind, points, at)
+), claimed AS (
+    INSERT INTO processed_event (event_id) SELECT event_id FROM e
+    ON CONFLICT DO NOTHING
+    RETURNING event_id
+), fresh AS (
+    SELECT e.* FROM e JOIN claimed USING (event_id)
+), history AS (
+    INSERT INTO delivery_history (contact_id, campaign_id, kind, first_at, last_at, count)
+    SELECT contact_id, campaign_id, history_kind, min(at), max(at), count(*)
+    FROM fresh
+    GROUP BY contact_id, campaign_id, history_kind
+    ON CONFLICT (contact_id, kind, campaign_id) DO UPDATE
+    SET last_at = greatest(delivery_history.last_at, EXCLUDED.last_at),
+        first_at = least(delivery_history.first_at, EXCLUDED.first_at),
+        count = delivery_history.count + EXCLUDED.count
+)
 INSERT INTO engagement (event_id, contact_id, campaign_id, kind, points, occurred_at)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::timestamptz[])
+SELECT event_id, contact_id, campaign_id, kind, points, at FROM fresh
 ON CONFLICT (event_id) DO NOTHING
 RETURNING contact_id;
 

@@ -350,3 +350,29 @@ async def test_history_score_and_delivery_status(contacts, kafka):
         ), contact_id
     assert [c["version"] for c in changes[h[4]]] == list(range(1, len(changes[h[4]]) + 1))
     assert {"temporary_error", "ok"} <= {c["contact"]["delivery_status"] for c in changes[h[4]]}
+
+
+async def test_delivery_results_count_each_result_once_across_batches(contacts, kafka):
+    """The result ids are claimed in the statement that records them: a result redelivered
+    in a later batch, or twice in one, adds nothing; a new result of the same contact and
+    campaign counts."""
+    contact = (await contacts.api.ok("POST", "/v1/contacts", {"email": "once@example.jp"}))["id"]
+    campaign = str(uuid.uuid4())
+    at = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=3)
+    first = delivery_result(contact, campaign, "sent", at, result_id="r-once-1")
+    await kafka.send(Topic.DELIVERY_RESULTS, contact, first)
+    await consumed(contacts, ["r-once-1"])
+    again = [
+        first,
+        delivery_result(contact, campaign, "sent", at + dt.timedelta(hours=1), "r-once-2"),
+        delivery_result(contact, campaign, "sent", at + dt.timedelta(hours=1), "r-once-2"),
+    ]
+    await publish_together(kafka, Topic.DELIVERY_RESULTS, [(contact, r) for r in again])
+    await consumed(contacts, ["r-once-2"])
+    row = await contacts.runtime.pool.fetchrow(
+        "SELECT count, first_at, last_at FROM delivery_history"
+        " WHERE contact_id = $1 AND campaign_id = $2 AND kind = 'received'",
+        contact,
+        campaign,
+    )
+    assert dict(row) == {"count": 2, "first_at": at, "last_at": at + dt.timedelta(hours=1)}
