@@ -27,8 +27,9 @@ discard the partial message. So the only moment that matters is the terminator w
    ledger itself is the record of what must be (re)published: no outbox table.
 5. on restart or redelivery, a ``claimed`` row is sent again (its relay never got a
    terminator, so nothing was delivered), a ``done`` row re-publishes its stored result
-   with the **same result_id** (the scheduler dedupes by it and needs an answer for every
-   recipient it released), and a ``handed`` row is sent again too.
+   with the **same result_id** (consumers count a result id or a recipient once, and the
+   scheduler needs an answer for every recipient it released), and a ``handed`` row is
+   sent again too.
 
 That last case is the window SMTP leaves open whatever the order (RFC 5321 §4.1.1.4,
 RFC 1047): between the terminator reaching the relay and its reply being recorded, only
