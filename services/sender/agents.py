@@ -31,6 +31,7 @@ from services.sender.ledger import (
     Outcome,
     delivery_result,
 )
+from services.sender.results import publish
 
 log = get_logger(__name__)
 
@@ -136,7 +137,7 @@ async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
             )
         results = await ledger.finish(conn, finished) + again
     # Committed: the batch's known results go now, the others as their cycles commit.
-    early = asyncio.ensure_future(ledger.publish(ctx.publisher, results))
+    early = asyncio.ensure_future(publish(ctx.publisher, results))
     try:
         await _deliver(ctx, deliveries)
         await ctx.ledger.flush()

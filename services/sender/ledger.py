@@ -52,14 +52,10 @@ are committed, :meth:`Ledger.flush` makes every earlier cycle durable with one f
 commit. Only a crash of PostgreSQL itself can lose the last cycles, and what they recorded is then
 resent and re-reported under the rule above.
 
-Results are published straight after the commit of the cycle (or of the claim) that
-recorded them, and the handler waits for every acknowledgement of its batch after
-:meth:`Ledger.flush`, before returning (and so before its offsets are committed). A sender
-that dies before then leaves the batch uncommitted: whoever consumes it again finds the
-``done`` rows and publishes their stored results again, same result_id (consumers count a
-result id or a recipient once). This is what the outbox gave (a relay published committed
-rows, also before the flush), without writing, reading and deleting an outbox row per
-message: one INSERT, one SELECT and one DELETE less per message in PostgreSQL.
+Results go to ``delivery.results`` once the cycle (or the claim) that recorded them
+committed, and a batch's offsets are committed only after all of them are acknowledged:
+the ledger is the record of what must be (re)published, with no outbox row per message
+(results.py).
 
 Two senders, one partition: a rebalance can give a partition to a new member while the old
 one still sends its batch. Every row records its ``owner``, a random key whose session-level
@@ -88,8 +84,8 @@ from libs.common.kafka import Publisher
 from libs.common.logging import get_logger
 from libs.common.metrics import SENDER_GROUP_COMMIT_SIZE, SENDER_SENDS
 from libs.common.retry import FOREVER, retry
-from libs.common.topics import Topic
 from services.sender.replan import ReplannedConnection, replan_transaction
+from services.sender.results import ResultsOut
 
 log = get_logger(__name__)
 QUERIES = Queries(Path(__file__).with_name("queries.sql"))
@@ -310,15 +306,6 @@ async def finish(
     return [d[3] for d in done if d[3] is not None]
 
 
-async def publish(publisher: Publisher, results: Sequence[dict[str, Any]]) -> None:
-    """Publish results on ``delivery.results`` (key: the contact) and wait for the broker's
-    acknowledgements. Only results whose ledger rows are committed 'done': a repeat (same
-    result_id) is harmless, a result of a row that could still be sent would not be."""
-    if results:
-        records = [(r["contact_id"], r) for r in results]
-        await asyncio.gather(*await publisher.send_keyed(Topic.DELIVERY_RESULTS, records))
-
-
 @dataclass
 class _Hand:
     delivery: Delivery
@@ -331,9 +318,6 @@ class _Hand:
 #: next, so cycles are big and PostgreSQL's cost per message small. The campaign benchmark
 #: measured 1,088 msgs/s with one, 844 with two and ~750 with three (32 connections).
 MAX_CYCLES_IN_FLIGHT = 1
-#: committed results wait this long for the results of later cycles, to be published with
-#: them (a cycle commits ~30 results: ~8 a partition, tiny batches for the broker).
-RESULTS_LINGER_SECONDS = 0.05
 
 
 class Ledger:
@@ -353,7 +337,6 @@ class Ledger:
     ) -> None:
         self.pool = pool
         self.service = service
-        self.publisher = publisher
         #: where cycles run: planned at each execution (replan.py says why).
         self.cycles = cycles
         self._hands: list[_Hand] = []
@@ -362,10 +345,8 @@ class Ledger:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._cycles: set[asyncio.Future[None]] = set()
-        self._publishing: set[asyncio.Future[None]] = set()
-        #: results waiting for the next publication, and that publication.
-        self._results: list[dict[str, Any]] = []
-        self._next: asyncio.Future[None] | None = None
+        #: delivery.results of committed cycles go out through it (results.py).
+        self.results = ResultsOut(publisher)
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -381,7 +362,7 @@ class Ledger:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         await asyncio.gather(*self._cycles, return_exceptions=True)
-        await asyncio.gather(*self._publishing, return_exceptions=True)
+        await self.results.stop()
         for hand in self._hands:
             hand.written.cancel()
         self._hands = []
@@ -439,22 +420,6 @@ class Ledger:
             cycle = asyncio.ensure_future(self._commit(hands, unhands, finished))
             self._cycles.add(cycle)
             cycle.add_done_callback(self._cycles.discard)
-
-    def _announce(self, results: list[dict[str, Any]]) -> asyncio.Future[None]:
-        """Queue committed results for the next publication, which gathers what cycles
-        commit for RESULTS_LINGER_SECONDS: fewer, larger record batches for the broker and
-        for every consumer of delivery.results. Returns that publication."""
-        self._results.extend(results)
-        if self._next is None:
-            self._next = asyncio.ensure_future(self._publish_later())
-            self._publishing.add(self._next)
-            self._next.add_done_callback(_settled(self._publishing))
-        return self._next
-
-    async def _publish_later(self) -> None:
-        await asyncio.sleep(RESULTS_LINGER_SECONDS)
-        results, self._results, self._next = self._results, [], None
-        await publish(self.publisher, results)
 
     async def _commit(
         self,
@@ -518,25 +483,13 @@ class Ledger:
                 committed.set_result(None)
         results = [r for _, _, _, r in done if r is not None]
         if announce and results:
-            sent = self._announce(results)
+            sent = self.results.announce(results)
             for d, _ in finished:
                 d.published = sent
         for d, o in finished:
             SENDER_SENDS.labels(d.kind, o.outcome, o.relay or "").inc()
             if not d.done.done():
                 d.done.set_result(None)
-
-
-def _settled(tracked: set[asyncio.Future[None]]) -> Callable[[asyncio.Future[None]], None]:
-    """A done callback: forget the future, and mark its exception retrieved (the handler
-    that waits for it raises it; one cancelled meanwhile need not)."""
-
-    def settled(future: asyncio.Future[None]) -> None:
-        tracked.discard(future)
-        if not future.cancelled():
-            future.exception()
-
-    return settled
 
 
 def _fail(future: asyncio.Future[None], exc: BaseException) -> None:
