@@ -106,8 +106,21 @@ class LinkedTemplate:
     ) -> str:
         """The part for one recipient: each link's URL through ``click`` (which returns a URL
         it does not track unchanged), the open pixel as ``pixel``."""
+        return "".join(self.render_parts(values, click, pixel))
+
+    @property
+    def constants(self) -> tuple[str, ...]:
+        """The text every recipient gets, in order: what :meth:`render_parts` puts at its
+        even indices."""
+        return tuple(literal for piece in self.pieces for literal in piece.literals)
+
+    def render_parts(
+        self, values: Mapping[str, str], click: Callable[[str], str], pixel: str = ""
+    ) -> list[str]:
+        """What :meth:`render` joins: :attr:`constants` at even indices, the recipient's
+        values, links and pixel at odd ones."""
         mode = self.mode
-        out = [self.pieces[0].render(values, mode)]
+        out = self.pieces[0].render_parts(values, mode)
         for slot, piece in zip(self.slots, self.pieces[1:], strict=True):
             if slot.href is None:
                 out.append(pixel)
@@ -116,8 +129,8 @@ class LinkedTemplate:
                 if url is None:
                     url = _decode(mode, slot.href.render(values, mode))
                 out.append(_encode(mode, click(url)))
-            out.append(piece.render(values, mode))
-        return "".join(out)
+            out += piece.render_parts(values, mode)
+        return out
 
 
 def _is_link(href: Template, mode: Escape, tracks: Callable[[str], bool]) -> Slot | None:

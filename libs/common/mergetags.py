@@ -163,6 +163,13 @@ class Template:
         """The template with every tag replaced by its escaped value (missing → ``""``)."""
         if not self._slots:
             return self.literals[0]
+        return "".join(self.render_parts(values, escape))
+
+    def render_parts(self, values: Mapping[str, str], escape: Escape = "text") -> list[str]:
+        """What :meth:`render` joins: the literals at even indices, each tag's escaped value
+        between them (so a caller can treat the constant text apart, e.g. encode it once)."""
+        if not self._slots:
+            return [self.literals[0]]
         escaper = _ESCAPERS[escape]
         resolved: list[str] = []
         for key, fallback in self._lookups:
@@ -173,7 +180,7 @@ class Template:
         pieces = [""] * (2 * len(self._slots) + 1)
         pieces[0::2] = self.literals
         pieces[1::2] = [resolved[slot] for slot in self._slots]
-        return "".join(pieces)
+        return pieces
 
     def __repr__(self) -> str:
         return f"Template({self.source!r})"
