@@ -23,6 +23,7 @@ import aiohttp
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from bench.cpu import CpuMeter
 from bench.processes import ready, start, stop
 from bench.report import Result, ms, percentile, progress
 from libs.common import avro, db
@@ -41,7 +42,8 @@ GROUP = 1
 
 
 async def _seed(dsn: str, contacts: int) -> None:
-    conn = await asyncpg.connect(dsn)
+    # contacts' own search path: its triggers call its functions unqualified, as in the service.
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": "contacts"})
     try:
         await conn.execute(
             "INSERT INTO contacts.contact_group (kind, name) VALUES ('group', 'bench')"
@@ -109,6 +111,17 @@ async def _floor(bootstrap: str, prefix: str, count: int) -> list[float]:
     return latencies
 
 
+def _machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat."""
+    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return float(sum(ticks) - idle), float(sum(ticks))
+
+
+def _loadavg() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
 async def run(root: Path) -> list[Result]:
     count = RATE * SECONDS
     postgres = EmbeddedPostgres(root / "unsub-pg")
@@ -137,6 +150,13 @@ async def run(root: Path) -> list[Result]:
         ports = {"contacts": free_port(), "suppression": free_port()}
         for service, port in ports.items():
             processes.append(start(service, env, port, root / f"unsub-{service}.log"))
+        postmaster = (root / "unsub-pg" / "postmaster.pid").read_text().split()[0]
+        pids = {
+            **{service: p.pid for service, p in zip(ports, processes, strict=True)},
+            "postgres": int(postmaster),
+            "broker": broker.process.pid,
+            "bench": os.getpid(),
+        }
         links = UnsubscribeLinks(KEYS, f"http://127.0.0.1:{ports['suppression']}")
         ids = [
             r["id"]
@@ -148,6 +168,7 @@ async def run(root: Path) -> list[Result]:
 
         sent: dict[int, float] = {}
         answered: list[float] = []
+        answered_at: dict[int, float] = {}
         on_topic: dict[int, float] = {}
         in_contacts: dict[int, float] = {}
 
@@ -191,9 +212,13 @@ async def run(root: Path) -> list[Result]:
                     urls[contact_id], data={"List-Unsubscribe": "One-Click"}
                 ) as response:
                     assert response.status == 200, response.status
-                answered.append(time.perf_counter() - sent[contact_id])
+                answered_at[contact_id] = time.perf_counter()
+                answered.append(answered_at[contact_id] - sent[contact_id])
 
             progress(f"unsubscribe: {count} POSTs at {RATE}/s")
+            meter = CpuMeter(pids, frozenset({"postgres"}))
+            loadavg_before = _loadavg()
+            machine_before, cpu_before = _machine_busy(), meter.sample()
             tasks = []
             started = time.perf_counter()
             for i, contact_id in enumerate(ids):
@@ -204,6 +229,7 @@ async def run(root: Path) -> list[Result]:
         await asyncio.wait_for(watcher, 120)
         with contextlib.suppress(TimeoutError):  # a shortfall is reported, not hidden
             await asyncio.wait_for(all_seen.wait(), 60)
+        cpu_after, machine_after = meter.sample(), _machine_busy()
         await consumer.stop()
         await listener.close()
 
@@ -216,6 +242,7 @@ async def run(root: Path) -> list[Result]:
 
     topic_lat = [on_topic[c] - sent[c] for c in on_topic if c in sent]
     contacts_lat = [in_contacts[c] - sent[c] for c in in_contacts if c in sent]
+    relay_lat = [on_topic[c] - answered_at[c] for c in on_topic if c in answered_at]
     data: dict[str, Any] = {
         "requests": count,
         "achieved_rate": round(achieved, 1),
@@ -228,6 +255,17 @@ async def run(root: Path) -> list[Result]:
         "contacts_seen": len(contacts_lat),
         "floor_p50_ms": ms(percentile(floor, 50)),
         "floor_p99_ms": ms(percentile(floor, 99)),
+        # diagnostics: 200 → on the topic (the outbox relay and the broker), and where the
+        # CPU went from the first POST until contacts showed the last change.
+        "relay_p50_ms": ms(percentile(relay_lat, 50)),
+        "relay_p99_ms": ms(percentile(relay_lat, 99)),
+        "cpu_us_per_request": {
+            name: round((cpu_after[1][name] - cpu_before[1][name]) / count * 1e6) for name in pids
+        },
+        "machine_busy_pct": round(
+            100 * (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1]), 1
+        ),
+        "loadavg": [loadavg_before, _loadavg()],
     }
     p99 = percentile(contacts_lat, 99)
     return [
