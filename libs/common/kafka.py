@@ -102,16 +102,33 @@ class Publisher:
         records of one key stay in order; building batches directly skips aiokafka's
         per-record work, which is most of the cost of streaming a large list.
         """
+        encoded = []
+        for key, value in records:
+            data, headers = avro.encode(topic, value)
+            encoded.append((key, data, headers))
+        return await self.send_encoded(topic, encoded)
+
+    async def send_encoded(
+        self,
+        topic: Topic | str,
+        records: Iterable[tuple[str | int | None, bytes, list[tuple[str, bytes]]]],
+    ) -> list[asyncio.Future[Any]]:
+        """:meth:`send_keyed` for records encoded already: (key, data, headers).
+
+        Each batch is closed when handed over, so it goes out without waiting
+        ``linger_ms`` for records that will not come (the caller awaits its futures).
+        """
         name = self.name(topic)
         partitions = sorted(await self.producer.partitions_for(name))
         chosen: dict[bytes, int] = {}
-        by_partition: dict[int, list[tuple[bytes, bytes, list[tuple[str, bytes]]]]] = {}
-        for key, value in records:
-            raw_key = str(key).encode()
-            partition = chosen.get(raw_key)
+        by_partition: dict[int, list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]] = {}
+        for key, data, headers in records:
+            raw_key = None if key is None else str(key).encode()
+            partition = chosen.get(raw_key) if raw_key is not None else None
             if partition is None:
-                partition = chosen[raw_key] = self._partitioner(raw_key, partitions, partitions)
-            data, headers = avro.encode(topic, value)
+                partition = self._partitioner(raw_key, partitions, partitions)
+                if raw_key is not None:
+                    chosen[raw_key] = partition
             by_partition.setdefault(partition, []).append((raw_key, data, headers))
         futures: list[asyncio.Future[Any]] = []
         count = 0
@@ -119,13 +136,15 @@ class Publisher:
             batch = self.producer.create_batch()
             for raw_key, data, headers in items:
                 if batch.append(key=raw_key, value=data, timestamp=None, headers=headers) is None:
+                    batch.close()
                     futures.append(await self.producer.send_batch(batch, name, partition=partition))
                     batch = self.producer.create_batch()
                     batch.append(key=raw_key, value=data, timestamp=None, headers=headers)
             if batch.record_count():
+                batch.close()
                 futures.append(await self.producer.send_batch(batch, name, partition=partition))
             count += len(items)
-        MESSAGES_PUBLISHED.labels(self.settings.service, topic.value).inc(count)
+        MESSAGES_PUBLISHED.labels(self.settings.service, topic_label(topic)).inc(count)
         return futures
 
     async def send_same_key(
