@@ -6,8 +6,11 @@ publishes committed rows in id order and deletes them once the broker acknowledg
 A crash between publish and delete publishes a row twice — consumers are idempotent — but
 never loses one, and never publishes a change that was rolled back.
 
-One relay per schema publishes at a time (a transaction-scoped advisory lock), so rows
-for one key keep their order across replicas. ``NOTIFY`` wakes the relay at commit.
+One relay per schema publishes at a time, so rows for one key keep their order across
+replicas: the leader holds a session advisory lock on its own connection while it runs
+(:meth:`OutboxRelay.publish_once`, for shutdown and tests, takes it for one transaction).
+``NOTIFY`` wakes the relays at commit; a writer that queues rows without one (a single
+statement on the unsubscribe link's hot path) wakes its own process's relay instead.
 """
 
 from __future__ import annotations
@@ -69,8 +72,36 @@ async def add_many(
     await conn.execute(_INSERT, topics, keys, payloads, versions)
 
 
+#: how often an idle relay looks for rows nobody woke it for (a lost wake-up, a crash), and
+#: a relay that is not the leader tries to become it.
+POLL_SECONDS = 1.0
+
+# One round trip: the transaction's lock, and the rows if it got it.
+_LOCK_AND_READ = (
+    "WITH lock AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($1) AS held)"
+    " SELECT lock.held, o.id, o.topic, o.key, o.payload, o.schema_version FROM lock"
+    " LEFT JOIN LATERAL (SELECT * FROM outbox WHERE lock.held ORDER BY id LIMIT $2) o ON true"
+    " ORDER BY o.id"
+)
+# The leader's round: delete what it published last round, read the next rows (the read sees
+# the statement's snapshot, from before the delete, hence the filter).
+_DELETE_AND_READ = (
+    "WITH published AS (DELETE FROM outbox WHERE id = ANY($1::bigint[]))"
+    " SELECT id, topic, key, payload, schema_version FROM outbox"
+    " WHERE id <> ALL($1::bigint[]) ORDER BY id LIMIT $2"
+)
+_DELETE = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
+
+
 class OutboxRelay:
-    """Publishes the outbox of one schema until cancelled."""
+    """Publishes the outbox of one schema until cancelled.
+
+    One relay per schema leads (a session advisory lock on its own connection) and publishes
+    in rounds of one statement each: delete the rows the last round published, read the
+    next. The others wait to take over, and pass on what wakes them (below) with a NOTIFY.
+    A relay wakes on ``NOTIFY`` at commit (:func:`add`), on :meth:`wake` from a writer in
+    this process that queued rows without one, and every ``POLL_SECONDS``.
+    """
 
     def __init__(
         self, pool: asyncpg.Pool, publisher: Publisher, schema: str, *, batch: int = 5000
@@ -80,58 +111,87 @@ class OutboxRelay:
         self.schema = schema
         self.batch = batch
         self._wake = asyncio.Event()
+        self._woken_here = False
         self._lock_key = zlib.crc32(f"outbox:{schema}".encode())
+        self._channel = f"{schema}_outbox"
 
     async def run(self) -> None:
-        listener = await self.pool.acquire()
-        channel = f"{self.schema}_outbox"
-        await listener.add_listener(channel, self._notified)
+        conn = await self.pool.acquire()
+        await conn.add_listener(self._channel, self._notified)
+        published: list[int] = []
         try:
+            leading = False
             while True:
-                # Cleared before publishing: a commit notified meanwhile is not lost.
+                # Cleared before reading: a commit notified meanwhile is not lost.
                 self._wake.clear()
-                published = await self.publish_once()
-                if published < self.batch:
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-                    except TimeoutError:
-                        pass
+                woken_here, self._woken_here = self._woken_here, False
+                if not leading:
+                    leading = await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._lock_key)
+                if not leading:
+                    if woken_here:  # the leader, elsewhere, knows nothing of these rows
+                        await conn.execute("SELECT pg_notify($1, '')", self._channel)
+                    await self._idle()
+                    continue
+                rows = await conn.fetch(_DELETE_AND_READ, published, self.batch)
+                published = []
+                if rows:
+                    await self._send(rows)
+                    published = [r["id"] for r in rows]
+                else:
+                    OUTBOX_BACKLOG.labels(self.publisher.settings.service).set(0)
+                    await self._idle()
         finally:
-            await listener.remove_listener(channel, self._notified)
-            await listener.execute("UNLISTEN *")  # the pool does not reset sessions
-            await self.pool.release(listener)
+            await self._leave(conn, published)
+
+    async def _idle(self) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=POLL_SECONDS)
+        except TimeoutError:
+            pass
+
+    async def _leave(self, conn: asyncpg.Connection, published: list[int]) -> None:
+        """Delete what was published, give up the lead and the channel; a connection left
+        mid-statement (cancelled) is closed instead, which does both server-side."""
+        try:
+            async with asyncio.timeout(5):
+                if published:
+                    await conn.execute(_DELETE, published)
+                await conn.remove_listener(self._channel, self._notified)
+                # The pool does not reset sessions: no lock or LISTEN may stay behind.
+                await conn.execute("UNLISTEN *; SELECT pg_advisory_unlock_all()")
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            conn.terminate()
+        await self.pool.release(conn)
 
     def _notified(self, *_: Any) -> None:
         self._wake.set()
 
+    def wake(self) -> None:
+        """Publish soon: a writer in this process committed rows without a NOTIFY."""
+        self._woken_here = True
+        self._wake.set()
+
+    async def _send(self, rows: list[asyncpg.Record]) -> None:
+        """Publish ``rows`` in id order and wait for the broker's acknowledgements."""
+        by_topic: dict[str, list[tuple[str | None, bytes, list[tuple[str, bytes]]]]] = {}
+        for row in rows:
+            headers = [(avro.VERSION_HEADER, str(row["schema_version"]).encode())]
+            by_topic.setdefault(row["topic"], []).append((row["key"], row["payload"], headers))
+        futures = []
+        for topic, records in by_topic.items():
+            futures += await self.publisher.send_encoded(Topic(topic), records)
+        await asyncio.gather(*futures)
+
     async def publish_once(self) -> int:
-        """Publish and delete up to one batch of rows; returns how many."""
+        """Publish and delete up to one batch of rows, unless another relay holds the lock;
+        returns how many (graceful shutdown, tests)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", self._lock_key):
+            rows = await conn.fetch(_LOCK_AND_READ, self._lock_key, self.batch)
+            if not rows[0]["held"] or rows[0]["id"] is None:
                 return 0
-            rows = await conn.fetch(
-                "SELECT id, topic, key, payload, schema_version FROM outbox ORDER BY id LIMIT $1",
-                self.batch,
-            )
-            if not rows:
-                OUTBOX_BACKLOG.labels(self.publisher.settings.service).set(0)
-                return 0
-            futures = []
-            for row in rows:
-                headers = [(avro.VERSION_HEADER, str(row["schema_version"]).encode())]
-                futures.append(
-                    await self.publisher.send_raw(
-                        Topic(row["topic"]), row["key"], row["payload"], headers
-                    )
-                )
-            await asyncio.gather(*futures)
+            await self._send(rows)
             # By id, not by range: a transaction that took a lower id may commit later.
-            await conn.execute(
-                "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
-            )
-            OUTBOX_BACKLOG.labels(self.publisher.settings.service).set(
-                max(0, len(rows) - self.batch)
-            )
+            await conn.execute(_DELETE, [r["id"] for r in rows])
             return len(rows)
 
     async def drain(self) -> None:
