@@ -25,7 +25,7 @@ def build(settings: SuppressionSettings) -> Runtime:
     runtime = Runtime(
         settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori suppression"
     )
-    ctx = LazyContext(lambda: Context(settings, runtime.pool, runtime.publisher))
+    ctx = LazyContext(lambda: Context(settings, runtime.pool, runtime.publisher, runtime.outbox))
     bind = ctx.bind
 
     runtime.consumers = [

@@ -9,6 +9,7 @@ import asyncpg
 from aiohttp import web
 
 from libs.common.kafka import Publisher
+from libs.common.outbox import OutboxRelay
 from libs.common.unsubscribe import UnsubscribeLinks
 from services.suppression.settings import SuppressionSettings
 
@@ -18,6 +19,8 @@ class Context:
     settings: SuppressionSettings
     pool: asyncpg.Pool
     publisher: Publisher
+    #: this process's relay, woken by a change queued without a NOTIFY (the unsubscribe link).
+    outbox: OutboxRelay
     links: UnsubscribeLinks = field(init=False)
     #: running sync jobs, so they are not garbage-collected and can be cancelled on stop.
     jobs: set[asyncio.Task[None]] = field(default_factory=set)

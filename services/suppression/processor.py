@@ -63,6 +63,10 @@ def reader_unsubscribe(current: str) -> Transition:
     return decide(current, "unsubscribed", "reader")
 
 
+#: the states a reader's unsubscribe changes (the others it leaves as they are).
+READER_STOPS = tuple(state for state in STATES if reader_unsubscribe(state).changes)
+
+
 def propagation(new_state: str, *, sync_unsubscribe: bool, sync_ban: bool) -> str | None:
     """F-12: the state every other membership of the contact moves to, if any."""
     if new_state == "unsubscribed" and sync_unsubscribe:

@@ -111,20 +111,11 @@ async def unsubscribe(request: web.Request) -> web.Response:
         contact_id=target.contact_id, group_id=target.group_id, campaign_id=target.campaign_id
     ):
         try:
-            async with ctx.pool.acquire() as conn, conn.transaction():
-                transition, _ = await store.change_state(
-                    conn,
-                    target.contact_id,
-                    target.group_id,
-                    "unsubscribed",
-                    actor="reader",
-                    method="form",
-                    campaign_id=target.campaign_id,
-                )
+            stopped = await _unsubscribe(ctx, target)
         except NotFound:
             UNSUBSCRIBE_REQUESTS.labels("bad_token", kind).inc()
             return _not_valid()
-        outcome = "unsubscribed" if transition.changes else "already_stopped"
+        outcome = "unsubscribed" if stopped else "already_stopped"
         UNSUBSCRIBE_REQUESTS.labels(outcome, kind).inc()
         log.info("unsubscribe_request", outcome=outcome, kind=kind)
     return _page(
@@ -132,6 +123,31 @@ async def unsubscribe(request: web.Request) -> web.Response:
         "<h1>配信を停止しました</h1><p>今後、このメールは届きません。</p>"
         '<p class="en">You have been unsubscribed. You will not receive these emails any more.</p>',
     )
+
+
+async def _unsubscribe(ctx: Context, target: UnsubscribeTarget) -> bool:
+    """Stop the membership, committed before this returns; whether it changed. One statement
+    in the common case, whose change this process's relay publishes at once; the full
+    transaction (lock, decide, propagate) otherwise."""
+    async with ctx.pool.acquire() as conn:
+        stopped = await store.unsubscribe_by_link(
+            conn, target.contact_id, target.group_id, campaign_id=target.campaign_id
+        )
+        if stopped is not None:
+            if stopped:
+                ctx.outbox.wake()
+            return stopped
+        async with conn.transaction():
+            transition, _ = await store.change_state(
+                conn,
+                target.contact_id,
+                target.group_id,
+                "unsubscribed",
+                actor="reader",
+                method="form",
+                campaign_id=target.campaign_id,
+            )
+        return transition.changes
 
 
 async def _kind(request: web.Request) -> str:

@@ -27,6 +27,34 @@ SET state = $3, method = $4, campaign_id = $5, changed_at = now(),
 WHERE contact_id = $1 AND group_id = $2
 RETURNING *;
 
+-- name: reader-unsubscribe
+-- The public link (F-13) in one statement, for the common case: the membership is in a state
+-- a reader's unsubscribe stops ($3, from processor.reader_unsubscribe) and the sync policy
+-- propagates nothing (processor.propagation: an unsubscribe propagates only with the
+-- unsubscribe switch on). The change is queued in the outbox in the same statement: $6 is its
+-- Avro record but for the trailing changed_at and version, appended here once taken.
+-- was: the state before (NULL: no such membership); queued: whether this stopped it. A
+-- membership still in state $3 and not stopped here (the policy propagates, or a concurrent
+-- change took the row first) goes through store.change_state, which locks and decides.
+-- Used by store.unsubscribe_by_link.
+WITH policy AS (SELECT unsubscribe FROM sync_policy WHERE id = 1),
+changed AS (
+    UPDATE membership
+    SET state = 'unsubscribed', method = $4, campaign_id = $5, changed_at = now(),
+        version = nextval('change_version')
+    WHERE contact_id = $1 AND group_id = $2 AND state = ANY($3::text[])
+      AND NOT (SELECT unsubscribe FROM policy)
+    RETURNING changed_at, version
+),
+queued AS (
+    INSERT INTO outbox (topic, key, payload, schema_version)
+    SELECT $7, $1::bigint::text, $6 || avro_timestamp_millis(changed_at) || avro_long(version), $8
+    FROM changed
+    RETURNING 1
+)
+SELECT (SELECT state FROM membership WHERE contact_id = $1 AND group_id = $2) AS was,
+       EXISTS (SELECT 1 FROM queued) AS queued;
+
 -- name: propagate
 -- F-12: the other memberships of a contact move to the stronger state, method auto_sync.
 UPDATE membership

@@ -8,6 +8,7 @@ was committed. Changes of one contact are serialised by locking its memberships 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -15,13 +16,14 @@ from typing import Any
 
 import asyncpg
 
-from libs.common import outbox
+from libs.common import avro, outbox
 from libs.common.db import Queries
 from libs.common.errors import Forbidden, NotFound
 from libs.common.metrics import SUPPRESSION_CHANGES
 from libs.common.topics import Topic
 from services.suppression.processor import (
     DEFAULT_METHOD,
+    READER_STOPS,
     Transition,
     decide,
     join_state,
@@ -129,6 +131,75 @@ async def change_state(
             changes.append(membership_change(other))
     await publish(conn, changes)
     return transition, row
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+@functools.cache
+def _tail_checked() -> None:
+    """reader-unsubscribe appends changed_at and version to a record encoded without them:
+    they must stay the schema's last two fields, both Avro longs."""
+    _, schema = avro.current_schema(Topic.SUPPRESSION_CHANGES.value)
+    assert isinstance(schema, dict)
+    tail = [(f["name"], f["type"]) for f in schema["fields"][-2:]]
+    expected = [
+        ("changed_at", {"type": "long", "logicalType": "timestamp-millis"}),
+        ("version", "long"),
+    ]
+    if tail != expected:
+        raise RuntimeError(f"suppression.changes no longer ends with changed_at, version: {tail}")
+
+
+def record_head(change: dict[str, Any]) -> tuple[bytes, int]:
+    """(the Avro record of ``change`` without its trailing changed_at and version, schema
+    version): with both 0 the record ends in one zero byte each."""
+    _tail_checked()
+    _, _, payload, version = outbox.row(
+        Topic.SUPPRESSION_CHANGES, None, {**change, "changed_at": _EPOCH, "version": 0}
+    )
+    assert payload.endswith(b"\0\0"), payload
+    return payload[:-2], version
+
+
+async def unsubscribe_by_link(
+    conn: asyncpg.Connection, contact_id: int, group_id: int, *, campaign_id: str | None
+) -> bool | None:
+    """The public link's unsubscribe in one statement (its own transaction) when nothing
+    propagates: True if it stopped the membership, False if it was stopped already, None
+    when it is for :func:`change_state` (the sync policy propagates, or a concurrent change
+    took the row first). Raises NotFound for an unknown membership.
+
+    The change is queued in the outbox without a NOTIFY: the caller wakes its own relay.
+    """
+    method = DEFAULT_METHOD["reader"]
+    head, schema_version = record_head(
+        change_record(
+            "membership",
+            state="unsubscribed",
+            version=0,
+            contact_id=contact_id,
+            group_id=group_id,
+            method=method,
+        )
+    )
+    row = await conn.fetchrow(
+        QUERIES["reader-unsubscribe"],
+        contact_id,
+        group_id,
+        list(READER_STOPS),
+        method,
+        campaign_id,
+        head,
+        Topic.SUPPRESSION_CHANGES.value,
+        schema_version,
+    )
+    if row["was"] is None:
+        raise NotFound(f"contact {contact_id} is not a member of group or plan {group_id}")
+    if row["queued"]:
+        SUPPRESSION_CHANGES.labels("membership", "unsubscribed", method).inc()
+        return True
+    return None if row["was"] in READER_STOPS else False
 
 
 async def join(
