@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from libs.common import addresses
 from libs.common.errors import InvalidMessage
 from libs.common.mergetags import CONTACT_FIELDS
 from services.contacts.models import (
@@ -22,40 +23,10 @@ from services.contacts.models import (
     FieldDefinition,
 )
 
-# \Z, not $: "$" also matches before a final newline, which let "a\n@example.jp" through.
-_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+\Z")
-#: two or more dot-separated labels of letters, digits and inner hyphens (lower case)
-_DOMAIN = re.compile(r"(?:(?!-)[a-z0-9-]{1,63}(?<!-)\.)+(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 _TRUE = {"true", "1", "yes", "y", "on", "はい", "○", "有"}
 _FALSE = {"false", "0", "no", "n", "off", "いいえ", "×", "無", ""}
 MAX_TEXT = 2000
 MAX_TAGS = 100
-
-
-def normalise_email(raw: Any, field_name: str = "email") -> str:
-    """Trimmed, domain lower-cased; the local part keeps its case (RFC 5321)."""
-    if not isinstance(raw, str):
-        raise InvalidMessage("email must be a string", field=field_name)
-    address = raw.strip()
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain:
-        raise InvalidMessage(f"{_shown(address)} is not an email address", field=field_name)
-    domain = domain.lower().rstrip(".")
-    if (
-        len(address) > 254
-        or len(local) > 64
-        or not _LOCAL.match(local)
-        or local.startswith(".")
-        or local.endswith(".")
-        or ".." in local
-        or not _DOMAIN.match(domain)
-    ):
-        raise InvalidMessage(f"{_shown(address)} is not a valid email address", field=field_name)
-    return f"{local}@{domain}"
-
-
-def _shown(text: str) -> str:
-    return repr(text[:80])
 
 
 def parse_bool(raw: Any, field_name: str) -> bool:
@@ -239,7 +210,7 @@ def _optional_text(raw: Any, field_name: str) -> str | None:
 #: how each column of a contact body is read; "" clears a value (the default for
 #: sales_status), absent or None leaves it (see contact_patch)
 _COLUMN_PARSERS: dict[str, Callable[[Any, str], Any]] = {
-    "email": normalise_email,
+    "email": addresses.normalise,
     "external_id": _optional_text,
     **dict.fromkeys(TEXT_FIELDS, _optional_text),
     "acquired_at": lambda raw, where: None if raw == "" else parse_date(raw, where),
@@ -294,7 +265,7 @@ def upstream_event(
     if not event_id.strip():
         raise InvalidMessage("event_id is required", field="event_id")
     kind = value.get("type")
-    email = normalise_email(value["email"]) if value.get("email") else None
+    email = addresses.normalise(value["email"]) if value.get("email") else None
     external_id = (value.get("external_id") or "").strip() or None
     if not email and not external_id:
         raise InvalidMessage(

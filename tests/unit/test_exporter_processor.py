@@ -59,6 +59,8 @@ def test_a_request_becomes_a_schema_valid_record_and_reads_back() -> None:
         ({"columns": ["unsubscribed_at:x"]}, "columns[0]"),
         ({"header": "yes"}, "header"),
         ({"notify_email": "nobody"}, "notify_email"),
+        ({"notify_email": "ops@x.jp\r\nBcc: all@x.jp"}, "notify_email"),
+        ({"notify_email": 42}, "notify_email"),
         ({"colour": "red"}, "colour"),
     ],
 )

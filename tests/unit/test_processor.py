@@ -14,7 +14,6 @@ from services.contacts.processor import (
     changelog_value,
     contact_patch,
     merge_values,
-    normalise_email,
     upstream_event,
 )
 
@@ -25,40 +24,6 @@ FIELDS = {
     "paid": FieldDefinition("paid", "有料", "boolean"),
     "note": FieldDefinition("note", "備考", "text"),
 }
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"),
-    [
-        ("  Taro@Example.COM ", "Taro@example.com"),
-        ("a.b+tag@Sub.Example.co.jp", "a.b+tag@sub.example.co.jp"),
-    ],
-)
-def test_email_is_trimmed_and_domain_lowercased(raw: str, expected: str) -> None:
-    assert normalise_email(raw) == expected
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [
-        "",
-        "plain",
-        "@example.com",
-        "a@",
-        "a@b",
-        "a..b@example.com",
-        ".a@example.com",
-        "a b@example.com",
-        "a@exa mple.com",
-        "a@-example.com",
-        "a@example.com\r\nBcc: x@y.z",
-        42,
-    ],
-)
-def test_bad_emails_are_refused_naming_the_field(raw: object) -> None:
-    with pytest.raises(InvalidMessage) as caught:
-        normalise_email(raw)
-    assert caught.value.field == "email"
 
 
 def test_patch_converts_every_kind_and_labels() -> None:
