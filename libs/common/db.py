@@ -64,9 +64,10 @@ async def _keep_session(_: asyncpg.Connection) -> None:
     """Pool release without asyncpg's reset query (a round trip per release).
 
     asyncpg still rolls back an unfinished transaction and drops listener callbacks; the
-    reset query would also undo session state, and Tayori keeps none: no SET, no
-    session-level advisory locks, cursors only inside transactions, and whoever LISTENs
-    UNLISTENs before releasing (the outbox relay).
+    reset query would also undo session state, and Tayori leaves none on a released
+    connection: no SET, cursors only inside transactions, and the outbox relay — the one
+    holder of a session-level advisory lock (its leadership) and of a LISTEN, on the
+    connection it keeps for its lifetime — unlocks and UNLISTENs before releasing it.
     """
 
 
