@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from libs.common import mergetags
+from libs.common.addresses import normalise as normalise_address
 from libs.common.errors import InvalidMessage
 
 #: contact fields a merge tag may name: what contacts puts in a snapshot's merge values.
@@ -32,18 +33,6 @@ OUTCOMES: dict[str, str] = {
     "permanent_error": "error",
     "policy_error": "error",
 }
-
-# A pragmatic address check: one @, no spaces, no angle brackets, a dotted domain.
-_ADDRESS = re.compile(
-    r"^[^@\s<>\"(),;:]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$"
-)
-
-
-def check_address(value: object, field: str) -> str:
-    """A single mail address, trimmed, or :class:`InvalidMessage` naming ``field``."""
-    if not isinstance(value, str) or not _ADDRESS.match(value.strip()):
-        raise InvalidMessage(f"{field} is not a valid mail address: {value!r}", field=field)
-    return value.strip()
 
 
 def _text(body: Mapping[str, Any], name: str, *, required: bool = False) -> str | None:
@@ -133,13 +122,13 @@ def known_keys(custom_field_keys: Collection[str]) -> set[str]:
 def validate_sender(body: Mapping[str, Any]) -> dict[str, Any]:
     """The sender settings shared by campaigns and step-mail plans: from, reply_to, coupon
     template and tracking switches (F-20, F-21, F-34), checked; the columns to store."""
-    from_address = check_address(body.get("from_address"), "from_address")
+    from_address = normalise_address(body.get("from_address"), "from_address")
     from_name = _text(body, "from_name") or ""
     if mergetags.escape_header(from_name) != from_name.strip():
         raise InvalidMessage("from_name must be one line", field="from_name")
     reply_to = body.get("reply_to")
     if reply_to is not None and reply_to != "":
-        reply_to = check_address(reply_to, "reply_to")
+        reply_to = normalise_address(reply_to, "reply_to")
     else:
         reply_to = None
     coupon_url = _text(body, "coupon_url") or None
@@ -262,7 +251,7 @@ def parse_test_addresses(raw: object) -> list[str]:
             f"a test send goes to at most {TEST_SEND_MAX} addresses, not {len(addresses)}",
             field="addresses",
         )
-    return [check_address(a, "addresses") for a in addresses]
+    return [normalise_address(a, "addresses") for a in addresses]
 
 
 # Results and the error-rate halt (F-25, F-26) ----------------------------------------------

@@ -269,9 +269,9 @@ async def test_campaign_validation(scheduler, contacts):
         (body(subject=""), "subject", "empty"),
         (body(subject="two\nlines"), "subject", "one line"),
         (body(body="   "), "body", "empty"),
-        (body(from_address="news at shop"), "from_address", "mail address"),
-        (body(from_address="a@b@c.jp"), "from_address", "mail address"),
-        (body(reply_to="support@"), "reply_to", "mail address"),
+        (body(from_address="news at shop"), "from_address", "email address"),
+        (body(from_address="a@b@c.jp"), "from_address", "email address"),
+        (body(reply_to="support@"), "reply_to", "email address"),
         (body(format="pdf"), "format", "text or html"),
         (body(dedupe="sometimes"), "dedupe", "by_email"),
         (body(category_id=9999), "category_id", "does not exist"),
@@ -301,7 +301,7 @@ async def test_campaign_validation(scheduler, contacts):
     many = ", ".join(f"t{i}@example.jp" for i in range(21))
     for addresses, words in (
         (many, "at most 20"),
-        ("a@example.jp, nobody", "mail address"),
+        ("a@example.jp, nobody", "email address"),
         ("", "at least"),
     ):
         status, answer = await api.call(

@@ -106,7 +106,7 @@ def test_test_send_addresses() -> None:
     assert len(processor.parse_test_addresses(",".join(f"t{i}@x.jp" for i in range(20)))) == 20
     for raw, words in (
         (",".join(f"t{i}@x.jp" for i in range(21)), "at most 20"),
-        ("a@x.jp, b", "mail address"),
+        ("a@x.jp, b", "email address"),
         ("", "at least one"),
         (None, "comma-separated"),
     ):
