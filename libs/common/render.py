@@ -32,12 +32,11 @@ import time
 from collections.abc import Callable, Mapping
 from email.policy import SMTP
 from email.utils import formataddr, formatdate
-from functools import lru_cache
 from html.parser import HTMLParser
-from operator import itemgetter
 from typing import Literal
 
 from libs.common import links, mergetags
+from libs.common.base64body import Base64Part
 from libs.common.errors import InvalidMessage
 from libs.common.tracking import RecipientLinks, TrackingLinks, trackable
 
@@ -48,7 +47,6 @@ CRLF = "\r\n"
 # so ``=?UTF-8?B?…?=`` is 68 and even the first line, ``Subject: `` + word, stays within 78.
 _ENCODED_WORD_BYTES = 42
 _LINE = 78
-_B64_LINE = 76
 
 # Headers this module writes itself; a caller may not set them through ``headers``.
 _MANAGED = frozenset(
@@ -70,105 +68,6 @@ _MANAGED = frozenset(
 _HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII except ':'
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 _HTML_SPACE = re.compile(r"[ \t\n\r\f]+")  # HTML's ASCII whitespace
-
-
-@lru_cache(maxsize=256)
-def _b64_lines(length: int) -> Callable[[str], tuple[str, ...]]:
-    """Cuts a base64 text of ``length`` characters into its 76-character lines in one C call
-    (a Python loop of slices was most of a body part's encoding cost). Body parts of one
-    campaign differ in length only by their merge values: a few lengths, cached."""
-    return itemgetter(*(slice(i, i + _B64_LINE) for i in range(0, length, _B64_LINE)))
-
-
-def _b64_body(text: str) -> str:
-    """``text`` as UTF-8 base64 in 76-character CRLF lines (no trailing CRLF)."""
-    encoded = binascii.b2a_base64(text.encode("utf-8"), newline=False).decode("ascii")
-    if len(encoded) <= _B64_LINE:
-        return encoded
-    return CRLF.join(_b64_lines(len(encoded))(encoded))
-
-
-def _b64(data: bytes) -> str:
-    return binascii.b2a_base64(data, newline=False).decode("ascii")
-
-
-def _wrap(encoded: str, column: int, out: list[str]) -> int:
-    """Appends ``encoded`` to ``out`` as the continuation of a line already ``column``
-    characters long, breaking lines at 76 characters; the column after it."""
-    room = _B64_LINE - column
-    size = len(encoded)
-    if size <= room:
-        out.append(encoded)
-        return column + size
-    if room:
-        out.append(encoded[:room])
-    for start in range(room, size, _B64_LINE):
-        out.append(CRLF)
-        out.append(encoded[start : start + _B64_LINE])
-    return (size - room - 1) % _B64_LINE + 1
-
-
-class _Base64Part:
-    """A body part as :func:`_b64_body` writes it, with its constant text encoded once.
-
-    Base64 encodes 3 bytes at a time, so what a constant piece of a template encodes to
-    depends only on how many bytes the recipient's text before it left over (0–2) and at which
-    column its line stands; each (piece, bytes to complete, column) met is encoded and folded
-    once and kept, up to :attr:`BUDGET` characters a part. Per recipient only the values,
-    links and pixel, and the 3-byte groups they share with the constant text, are encoded.
-    """
-
-    BUDGET = 1 << 18  # characters kept per part; beyond, a piece is encoded each time
-
-    __slots__ = ("_constants", "_encoded", "_kept")
-
-    def __init__(self, constants: tuple[str, ...]) -> None:
-        self._constants = tuple(text.encode("utf-8") for text in constants)
-        self._encoded: dict[tuple[int, int, int], tuple[str, int, bytes]] = {}
-        self._kept = 0
-
-    def encode(self, parts: list[str]) -> str:
-        """``"".join(parts)`` as :func:`_b64_body` encodes it; ``parts`` as
-        :meth:`libs.common.links.LinkedTemplate.render_parts` returns them."""
-        out: list[str] = []
-        carry = b""  # the last 0–2 bytes, not yet encoded
-        column = 0
-        for index, text in enumerate(parts):
-            if index & 1:  # the recipient's own
-                if text:
-                    data = carry + text.encode("utf-8")
-                    whole = len(data) - len(data) % 3
-                    carry = data[whole:]
-                    if whole:
-                        column = _wrap(_b64(data[:whole]), column, out)
-                continue
-            constant = self._constants[index >> 1]
-            skip = 0
-            if carry:
-                skip = 3 - len(carry)
-                if len(constant) < skip:
-                    carry += constant
-                    continue
-                column = _wrap(_b64(carry + constant[:skip]), column, out)
-            key = (index, skip, column)
-            encoded = self._encoded.get(key)
-            if encoded is None:
-                encoded = self._constant(constant[skip:], column)
-                if self._kept < self.BUDGET:
-                    self._encoded[key] = encoded
-                    self._kept += len(encoded[0])
-            text, column, carry = encoded
-            out.append(text)
-        if carry:
-            _wrap(_b64(carry), column, out)
-        return "".join(out)
-
-    @staticmethod
-    def _constant(data: bytes, column: int) -> tuple[str, int, bytes]:
-        whole = len(data) - len(data) % 3
-        out: list[str] = []
-        column = _wrap(_b64(data[:whole]), column, out)
-        return "".join(out), column, data[whole:]
 
 
 def _encoded_words(value: str) -> list[str]:
@@ -397,9 +296,9 @@ class CampaignMessage:
             if self.html is None
             else links.linked_html(self.html, tracks, clicks=clicks, pixel=self._pixel)
         )
-        self._text_base64 = _Base64Part(self._text_linked.constants)
+        self._text_base64 = Base64Part(self._text_linked.constants)
         self._html_base64 = (
-            None if self._html_linked is None else _Base64Part(self._html_linked.constants)
+            None if self._html_linked is None else Base64Part(self._html_linked.constants)
         )
 
         static: list[str] = [

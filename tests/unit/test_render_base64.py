@@ -1,5 +1,5 @@
-"""The body parts' base64 with the constant text encoded once (render._Base64Part) is byte
-for byte what encoding each recipient's whole part gives (render._b64_body, the encoding used
+"""The body parts' base64 with the constant text encoded once (base64body.Base64Part) is byte
+for byte what encoding each recipient's whole part gives (base64body.b64_body, the encoding used
 before)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import cast
 import pytest
 
 from libs.common import render
-from libs.common.render import CampaignMessage, _b64_body, _Base64Part
+from libs.common.base64body import Base64Part, b64_body
+from libs.common.render import CampaignMessage
 from libs.common.tracking import TrackingLinks
 
 TRACKING = TrackingLinks("k1:secret-one", "https://track.example")
@@ -32,24 +33,24 @@ def test_part_matches_whole_part_encoding(seed: int) -> None:
         constants = tuple(
             _text(rng, rng.choice([0, 1, 2, 3, 5, 40, 200])) for _ in range(count + 1)
         )
-        part = _Base64Part(constants)
+        part = Base64Part(constants)
         for _ in range(4):  # again with the kept encodings, and new columns
             parts: list[str] = []
             for index, constant in enumerate(constants):
                 parts.append(constant)
                 if index < count:
                     parts.append(_text(rng, rng.choice([0, 0, 1, 2, 3, 4, 10, 80])))
-            assert part.encode(parts) == _b64_body("".join(parts))
+            assert part.encode(parts) == b64_body("".join(parts))
 
 
 def test_part_over_its_budget_still_matches() -> None:
     rng = random.Random(99)
     constants = (_text(rng, 300), _text(rng, 7), _text(rng, 300))
-    part = _Base64Part(constants)
-    part._kept = _Base64Part.BUDGET  # as if full: nothing more is kept
+    part = Base64Part(constants)
+    part._kept = Base64Part.BUDGET  # as if full: nothing more is kept
     for size in range(12):
         parts = [constants[0], _text(rng, size), constants[1], _text(rng, size + 1), constants[2]]
-        assert part.encode(parts) == _b64_body("".join(parts))
+        assert part.encode(parts) == b64_body("".join(parts))
     assert not part._encoded
 
 
@@ -63,10 +64,10 @@ def _decoded(mail: bytes) -> bytes:
 
 
 class _WholePart:
-    """The encoding before _Base64Part: the joined part, encoded whole."""
+    """The encoding before Base64Part: the joined part, encoded whole."""
 
     def encode(self, parts: list[str]) -> str:
-        return _b64_body("".join(parts))
+        return b64_body("".join(parts))
 
 
 HTML = (
