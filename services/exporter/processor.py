@@ -156,9 +156,11 @@ def parse_request(
     for flag in ("header", "safe_csv"):
         if not isinstance(body.get(flag, True), bool):
             raise _fail(f"{flag} must be true or false", flag)
-    # the operator's configured address as it is (operator@localhost in development)
-    email = body.get("notify_email")
-    email = addresses.normalise(email, "notify_email") if email else notify_email
+    # The operator's configured address is taken as configured (operator@localhost in
+    # development); any other must be an address. A record read back carries either.
+    email = body.get("notify_email") or notify_email
+    if email != notify_email:
+        email = addresses.normalise(email, "notify_email")
     request.update(
         header=body.get("header", True),
         encoding=encoding,

@@ -49,6 +49,26 @@ def test_a_request_becomes_a_schema_valid_record_and_reads_back() -> None:
     assert check_record(decoded, notify_email="other@x.jp") == request
 
 
+def test_the_configured_operator_address_is_taken_as_configured() -> None:
+    """operator@localhost (tayori dev) is no address a user could give, yet it is the one
+    configured: the request and the record read back both keep it."""
+    body = {"source": "group", "group_id": 12, "columns": ["email"]}
+    request = parse_request(
+        body, requested_by="operator", notify_email="operator@localhost", now=NOW
+    )
+    assert request["notify_email"] == "operator@localhost"
+    data, headers = avro.encode(Topic.EXPORT_REQUESTS, request)
+    decoded = avro.decode(Topic.EXPORT_REQUESTS, data, headers)
+    assert check_record(decoded, notify_email="operator@localhost") == request
+    with pytest.raises(InvalidMessage):
+        parse_request(
+            {**body, "notify_email": "operator@localhost"},
+            requested_by="operator",
+            notify_email="ops@x.jp",
+            now=NOW,
+        )
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
