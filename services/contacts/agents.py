@@ -21,7 +21,7 @@ from libs.common.metrics import CONTACT_EVENTS
 from services.contacts import store, targets
 from services.contacts.context import Context
 from services.contacts.models import FieldDefinition
-from services.contacts.processor import UpstreamEvent, upstream_event
+from services.contacts.processor import UpstreamEvent, membership_writes, upstream_event
 from services.contacts.store import QUERIES
 
 log = get_logger(__name__)
@@ -165,7 +165,11 @@ async def _apply(conn: asyncpg.Connection, event: UpstreamEvent) -> str:
 
 
 async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None:
-    """Keep the membership projection current (newer change wins; stale ones do nothing)."""
+    """Keep the membership projection current (newer change wins; stale ones do nothing;
+    "left" removes). The batch is reduced to one write per membership in Python
+    (:func:`membership_writes`) and applied in at most two statements, each of which fires
+    the membership_flags trigger once per row it changes."""
+    changes = []
     async with ctx.pool.acquire() as conn, conn.transaction():
         for message in await claim_once(conn, batch, lambda m: m.value["change_id"]):
             change = message.value
@@ -173,20 +177,22 @@ async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None
                 continue
             if change["contact_id"] is None or change["group_id"] is None:
                 raise reject(message, "a membership change needs contact_id and group_id")
-            if change["state"] == "left":
-                await conn.execute(
-                    QUERIES["leave-membership"], change["contact_id"], change["group_id"]
-                )
-                continue
-            if change["state"] not in ("deliverable", "unsubscribed", "banned"):
+            if change["state"] not in ("deliverable", "unsubscribed", "banned", "left"):
                 raise reject(message, f"unknown membership state {change['state']!r}", "state")
+            changes.append(change)
+        left, applied = membership_writes(changes)
+        if left:
             await conn.execute(
-                QUERIES["apply-membership-change"],
-                change["contact_id"],
-                change["group_id"],
-                change["state"],
-                change["method"] or "system",
-                change["changed_at"],
+                QUERIES["leave-memberships"], [c for c, _ in left], [g for _, g in left]
+            )
+        if applied:
+            await conn.execute(
+                QUERIES["apply-membership-changes"],
+                [c["contact_id"] for c in applied],
+                [c["group_id"] for c in applied],
+                [c["state"] for c in applied],
+                [c["method"] or "system" for c in applied],
+                [c["changed_at"] for c in applied],
             )
 
 

@@ -385,3 +385,32 @@ def merge_values(row: Mapping[str, Any]) -> dict[str, str]:
         values[f"custom.{key}"] = _custom_text(value)
     values["contact_id"] = str(row["id"])
     return values
+
+
+MembershipKey = tuple[int, int]
+
+
+def membership_writes(
+    changes: list[dict[str, Any]],
+) -> tuple[list[MembershipKey], list[dict[str, Any]]]:
+    """A batch of suppression.changes membership changes, in topic order, reduced to what
+    applying them one by one does: the memberships to delete (a "left" deletes whatever is
+    held), then one change per membership to apply if nothing newer is held.
+
+    Per membership: the last "left" deletes; of the changes after it (all of them if none)
+    the newest applies, the later one on a tie (``changed_at <= new`` wins, as in SQL). A
+    change older than one before it in the batch can never apply one by one: either the
+    earlier one applied and is newer, or something newer still is held. After a "left" the
+    row is gone, so the newest change after it applies unconditionally. Both lists are in
+    (contact_id, group_id) order, the order in which the statements lock their contacts.
+    """
+    left: set[MembershipKey] = set()
+    newest: dict[MembershipKey, dict[str, Any]] = {}
+    for change in changes:
+        key = (change["contact_id"], change["group_id"])
+        if change["state"] == "left":
+            left.add(key)
+            newest.pop(key, None)
+        elif key not in newest or newest[key]["changed_at"] <= change["changed_at"]:
+            newest[key] = change
+    return sorted(left), [newest[key] for key in sorted(newest)]

@@ -62,11 +62,22 @@ RETURNING contact_id, group_id, state, method, joined_at, changed_at;
 -- name: leave-membership
 DELETE FROM membership WHERE contact_id = $1 AND group_id = $2 RETURNING contact_id;
 
--- name: apply-membership-change
--- Projection of suppression.changes: newer changes win, stale redeliveries do nothing.
+-- name: leave-memberships
+-- Projection of suppression.changes: the memberships a batch's "left" changes remove.
+DELETE FROM membership m
+USING unnest($1::bigint[], $2::bigint[]) AS u(contact_id, group_id)
+WHERE m.contact_id = u.contact_id AND m.group_id = u.group_id;
+
+-- name: apply-membership-changes
+-- Projection of suppression.changes, one row per membership (the batch reduced by
+-- processor.membership_writes): newer changes win, stale redeliveries do nothing, a change
+-- for an unknown contact or group is ignored.
 INSERT INTO membership (contact_id, group_id, state, method, changed_at)
-SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM contact WHERE id = $1)
-                            AND EXISTS (SELECT 1 FROM contact_group WHERE id = $2)
+SELECT u.contact_id, u.group_id, u.state, u.method, u.changed_at
+FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::timestamptz[])
+    AS u(contact_id, group_id, state, method, changed_at)
+WHERE EXISTS (SELECT 1 FROM contact WHERE id = u.contact_id)
+  AND EXISTS (SELECT 1 FROM contact_group WHERE id = u.group_id)
 ON CONFLICT (contact_id, group_id) DO UPDATE
 SET state = EXCLUDED.state, method = EXCLUDED.method, changed_at = EXCLUDED.changed_at
 WHERE membership.changed_at <= EXCLUDED.changed_at;
