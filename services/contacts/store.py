@@ -21,7 +21,7 @@ from libs.common import outbox
 from libs.common.db import Queries
 from libs.common.errors import InvalidMessage, NotFound
 from libs.common.topics import Topic
-from services.contacts.models import TEXT_FIELDS, FieldDefinition
+from services.contacts.models import WRITABLE, FieldDefinition
 from services.contacts.processor import ContactPatch, changelog_value
 
 QUERIES = Queries(Path(__file__).with_name("queries.sql"))
@@ -258,16 +258,9 @@ async def started(operation: Awaitable[T]) -> asyncio.Future[T]:
     return task
 
 
-#: the columns of insert-contacts' arrays, in its order (tags as JSON text and custom follow)
-INSERT_COLUMNS = (
-    "email",
-    "external_id",
-    *TEXT_FIELDS,
-    "acquired_at",
-    "sales_status",
-    "engagement",
-    "star",
-)
+#: the columns of insert-contacts' arrays, in its order: the writable fields but tags (tags
+#: as JSON text and custom follow)
+INSERT_COLUMNS = tuple(name for name in WRITABLE if name != "tags")
 
 
 def _insert_row(patch: ContactPatch) -> tuple[Any, ...]:
