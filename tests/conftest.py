@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -55,6 +56,9 @@ def stack() -> Stack:
     yield Stack(postgres, broker, home)
     broker.stop()
     postgres.stop()
+    # Every test's database lives here: ~1.5 GB a run, which filled the disk after a few
+    # hundred runs when it was left behind.
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
