@@ -21,8 +21,6 @@ from services.scheduler.context import CONTEXT, Context
 from services.scheduler.settings import SchedulerSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-#: fetch wait (ms) of the consumers of topics nobody waits on (feedback, memberships).
-QUIET_FETCH_MAX_WAIT_MS = 250
 SCHEMA = "scheduler"
 
 
@@ -51,14 +49,14 @@ def build(settings: SchedulerSettings) -> Runtime:
             [Topic.FEEDBACK_EVENTS],
             bind(agents.handle_feedback),
             max_records=5000,
-            fetch_max_wait_ms=QUIET_FETCH_MAX_WAIT_MS,
+            quiet=True,
         ),
         ConsumerSpec(
             "scheduler.memberships",
             [Topic.SUPPRESSION_CHANGES],
             bind(agents.handle_memberships),
             max_records=5000,
-            fetch_max_wait_ms=QUIET_FETCH_MAX_WAIT_MS,
+            quiet=True,
         ),
     ]
 

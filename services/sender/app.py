@@ -20,9 +20,6 @@ from services.sender.context import CONTEXT, SCHEMA, Context
 from services.sender.settings import SenderSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-#: fetch wait (ms) of the consumers of quiet topics (control, contents, system mail, the
-#: suppression copy): 4 polls a second instead of 20.
-QUIET_FETCH_MAX_WAIT_MS = 250
 __all__ = ["MIGRATIONS", "SCHEMA", "build"]
 
 
@@ -48,19 +45,19 @@ def build(settings: SenderSettings) -> Runtime:
             "sender.control",
             [Topic.CAMPAIGN_CONTROL],
             bind(agents.handle_control),
-            fetch_max_wait_ms=QUIET_FETCH_MAX_WAIT_MS,
+            quiet=True,
         ),
         ConsumerSpec(
             "sender.contents",
             [Topic.CAMPAIGN_CONTENT],
             bind(agents.handle_contents),
-            fetch_max_wait_ms=QUIET_FETCH_MAX_WAIT_MS,
+            quiet=True,
         ),
         ConsumerSpec(
             "sender.system",
             [Topic.MAIL_SYSTEM],
             bind(agents.handle_system_mail),
-            fetch_max_wait_ms=QUIET_FETCH_MAX_WAIT_MS,
+            quiet=True,
         ),
         # The last-mile copy is read at the last moment before SMTP: a change applied a
         # quarter of a second later changes nothing that matters. (It was latency-critical,
@@ -70,7 +67,7 @@ def build(settings: SenderSettings) -> Runtime:
             [Topic.SUPPRESSION_CHANGES],
             bind(agents.handle_suppression_changes),
             max_records=5000,
-            fetch_max_wait_ms=QUIET_FETCH_MAX_WAIT_MS,
+            quiet=True,
         ),
     ]
 
