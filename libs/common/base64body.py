@@ -1,33 +1,14 @@
 """A mail body part as UTF-8 base64 in 76-character CRLF lines (RFC 2045), per recipient:
-:func:`b64_body` encodes a whole text; :class:`Base64Part` gives the same bytes for a text made
-of a campaign's constant pieces and a recipient's own values, encoding the constant pieces
-once (used by :mod:`libs.common.render`)."""
+:class:`Base64Part` gives the bytes of the whole part encoded at once for a text made of a
+campaign's constant pieces and a recipient's own values, encoding the constant pieces once
+(used by :mod:`libs.common.render`)."""
 
 from __future__ import annotations
 
 import binascii
-from collections.abc import Callable
-from functools import lru_cache
-from operator import itemgetter
 
 CRLF = "\r\n"
 _B64_LINE = 76
-
-
-@lru_cache(maxsize=256)
-def _b64_lines(length: int) -> Callable[[str], tuple[str, ...]]:
-    """Cuts a base64 text of ``length`` characters into its 76-character lines in one C call
-    (a Python loop of slices was most of a body part's encoding cost). Body parts of one
-    campaign differ in length only by their merge values: a few lengths, cached."""
-    return itemgetter(*(slice(i, i + _B64_LINE) for i in range(0, length, _B64_LINE)))
-
-
-def b64_body(text: str) -> str:
-    """``text`` as UTF-8 base64 in 76-character CRLF lines (no trailing CRLF)."""
-    encoded = binascii.b2a_base64(text.encode("utf-8"), newline=False).decode("ascii")
-    if len(encoded) <= _B64_LINE:
-        return encoded
-    return CRLF.join(_b64_lines(len(encoded))(encoded))
 
 
 def _b64(data: bytes) -> str:
@@ -51,7 +32,8 @@ def _wrap(encoded: str, column: int, out: list[str]) -> int:
 
 
 class Base64Part:
-    """A body part as :func:`b64_body` writes it, with its constant text encoded once.
+    """A body part as UTF-8 base64 in 76-character CRLF lines (no trailing CRLF), the
+    same bytes as the whole part encoded at once, with its constant text encoded once.
 
     Base64 encodes 3 bytes at a time, so what a constant piece of a template encodes to
     depends only on how many bytes the recipient's text before it left over (0–2) and at which
@@ -70,7 +52,7 @@ class Base64Part:
         self._kept = 0
 
     def encode(self, parts: list[str]) -> str:
-        """``"".join(parts)`` as :func:`b64_body` encodes it; ``parts`` as
+        """``"".join(parts)`` encoded as a whole; ``parts`` as
         :meth:`libs.common.links.LinkedTemplate.render_parts` returns them."""
         out: list[str] = []
         carry = b""  # the last 0–2 bytes, not yet encoded

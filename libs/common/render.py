@@ -36,13 +36,12 @@ from html.parser import HTMLParser
 from typing import Literal
 
 from libs.common import links, mergetags
-from libs.common.base64body import Base64Part
+from libs.common.base64body import CRLF, Base64Part
 from libs.common.errors import InvalidMessage
 from libs.common.tracking import RecipientLinks, TrackingLinks, trackable
 
 Format = Literal["text", "html"]
 
-CRLF = "\r\n"
 # RFC 2047: an encoded word is at most 75 characters. 42 UTF-8 bytes → 56 base64 characters,
 # so ``=?UTF-8?B?…?=`` is 68 and even the first line, ``Subject: `` + word, stays within 78.
 _ENCODED_WORD_BYTES = 42

@@ -1,9 +1,10 @@
 """The body parts' base64 with the constant text encoded once (base64body.Base64Part) is byte
-for byte what encoding each recipient's whole part gives (base64body.b64_body, the encoding used
+for byte what encoding each recipient's whole part gives (b64_body below, the encoding used
 before)."""
 
 from __future__ import annotations
 
+import base64
 import email
 import random
 from collections.abc import Mapping
@@ -12,13 +13,19 @@ from typing import cast
 import pytest
 
 from libs.common import render
-from libs.common.base64body import Base64Part, b64_body
+from libs.common.base64body import Base64Part
 from libs.common.render import CampaignMessage
 from libs.common.tracking import TrackingLinks
 
 TRACKING = TrackingLinks("k1:secret-one", "https://track.example")
 # 1-, 2-, 3- and 4-byte UTF-8 characters and line ends: every 3-byte alignment is met.
 ALPHABET = ["a", "é", "様", "😀", "\r\n", " ", "<"]
+
+
+def b64_body(text: str) -> str:
+    """The reference: ``text`` as UTF-8 base64, whole, in 76-character CRLF lines."""
+    encoded = base64.b64encode(text.encode("utf-8")).decode("ascii")
+    return "\r\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
 
 
 def _text(rng: random.Random, size: int) -> str:
