@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -42,6 +42,7 @@ from libs.common.settings import CommonSettings
 from libs.common.topics import DEFAULT_PARTITIONS, Topic, all_topic_names, topic_name
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 
 def make_producer(settings: CommonSettings, **overrides: Any) -> AIOKafkaProducer:
@@ -405,3 +406,16 @@ def reject(message: Message, reason: str, field: str | None = None) -> InvalidMe
     exc = InvalidMessage(reason, field=field)
     exc.message = message  # type: ignore[attr-defined]
     return exc
+
+
+def checked(batch: Sequence[Message], check: Callable[[Any], T]) -> list[T]:
+    """What ``check`` makes of each value of the batch; the first value it refuses with
+    :class:`InvalidMessage` is dead-lettered (:func:`reject`) and the loop hands the
+    handler the batch again without it."""
+    values = []
+    for message in batch:
+        try:
+            values.append(check(message.value))
+        except InvalidMessage as exc:
+            raise reject(message, exc.reason, exc.field) from None
+    return values

@@ -9,22 +9,17 @@
 
 from __future__ import annotations
 
-from libs.common.errors import InvalidMessage
-from libs.common.kafka import Message, reject
+import functools
+
+from libs.common.kafka import Message, checked
 from services.exporter import jobs, processor, store
 from services.exporter.context import Context
 
 
 async def handle_requests(ctx: Context, batch: list[Message]) -> None:
     """``export.requests`` → export jobs, launched after their rows committed."""
-    requests = []
-    for message in batch:
-        try:
-            requests.append(
-                processor.check_record(message.value, notify_email=ctx.settings.operator_email)
-            )
-        except InvalidMessage as exc:
-            raise reject(message, exc.reason, exc.field) from None
+    check = functools.partial(processor.check_record, notify_email=ctx.settings.operator_email)
+    requests = checked(batch, check)
     async with ctx.pool.acquire() as conn, conn.transaction():
         for request in requests:
             await jobs.create(conn, request)

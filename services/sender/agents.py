@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from structlog.contextvars import bound_contextvars
 
 from libs.common.db import claim_once
 from libs.common.errors import InvalidMessage, TransientError
-from libs.common.kafka import Message, reject, still_working
+from libs.common.kafka import Message, checked, reject, still_working
 from libs.common.logging import get_logger, mask_email
 from libs.common.metrics import SENDER_DROPPED, SENDER_LEDGER_RECOVERIES
 from services.sender import contents, copy, ledger
@@ -228,20 +228,9 @@ async def handle_control(ctx: Context, batch: list[Message]) -> None:
             ctx.stopped[campaign_id] = state
 
 
-def _checked(batch: list[Message], check: Callable[[dict[str, Any]], None]) -> list[Any]:
-    """The batch's values, each passed through ``check``; the first one it refuses is
-    dead-lettered (:func:`reject`) and the batch is handled again without it."""
-    for message in batch:
-        try:
-            check(message.value)
-        except InvalidMessage as exc:
-            raise reject(message, exc.reason, exc.field) from None
-    return [m.value for m in batch]
-
-
 async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None:
     """``suppression.changes``: the last-mile copy (highest version per entity wins)."""
-    changes = _checked(batch, copy.check)
+    changes = checked(batch, copy.check)
     async with ctx.pool.acquire() as conn, conn.transaction():
         await copy.apply(conn, changes)
 
@@ -284,6 +273,6 @@ async def load_stopped(ctx: Context) -> None:
 
 async def handle_contents(ctx: Context, batch: list[Message]) -> None:
     """``campaign.content``: each content once, by its id (send.requests v4 names it)."""
-    records = _checked(batch, contents.check)
+    records = checked(batch, contents.check)
     async with ctx.pool.acquire() as conn:
         await contents.store(conn, records)

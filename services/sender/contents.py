@@ -30,10 +30,12 @@ WAIT_SECONDS = 10.0
 _POLL_SECONDS = 0.05
 
 
-def check(record: dict[str, Any]) -> None:
-    """Refuse a content whose id is not its hash (a bug or a forgery, never to be used)."""
+def check(record: dict[str, Any]) -> dict[str, Any]:
+    """The record, or refused if its id is not its content's hash (a bug or a forgery,
+    never to be used)."""
     if record["content_id"] != content_id(record["campaign_id"], record["content"]):
         raise InvalidMessage("content_id is not the hash of this content", field="content_id")
+    return record
 
 
 async def store(conn: asyncpg.Connection, records: Sequence[dict[str, Any]]) -> None:

@@ -37,8 +37,8 @@ def _latest(changes: Sequence[dict[str, Any]], key: Any) -> list[dict[str, Any]]
     return list(best.values())
 
 
-def check(change: dict[str, Any]) -> None:
-    """Refuse (→ DLQ) a change this copy cannot hold."""
+def check(change: dict[str, Any]) -> dict[str, Any]:
+    """The change, or refused (→ DLQ) if this copy cannot hold it."""
     kind, state = change["kind"], change["state"]
     if kind == "membership":
         if change.get("contact_id") is None or change.get("group_id") is None:
@@ -53,6 +53,7 @@ def check(change: dict[str, Any]) -> None:
             raise InvalidMessage(f"a {kind} change needs email", field="email")
         if state not in (ADDRESS_STATES if kind == "address" else RULE_STATES):
             raise InvalidMessage(f"unknown {kind} state {state!r}", field="state")
+    return change
 
 
 async def apply(conn: asyncpg.Connection, changes: Sequence[dict[str, Any]]) -> None:

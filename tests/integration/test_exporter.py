@@ -22,6 +22,7 @@ import asyncpg
 import pytest
 
 from libs.common.topics import Topic
+from services.exporter import processor
 from services.exporter.context import context_of
 from services.scheduler.clock import FakeClock
 from tests.conftest import (
@@ -568,6 +569,33 @@ async def test_bad_requests_are_refused_at_once(contacts, exporter):
         assert (status, answer.get("field")) == (400, field), (body, answer)
     assert (await api.call("GET", f"/v1/exports/{uuid.uuid4()}"))[0] == 404
     assert (await api.call("GET", "/v1/exports/nope"))[0] == 404
+
+
+async def test_a_bad_record_on_export_requests_is_dead_lettered_and_the_next_one_runs(
+    contacts, exporter, kafka
+):
+    """A record that reached the topic without the API (another producer, an older build):
+    the exporter checks it like the API would, dead-letters the bad one with its reason and
+    runs the good one behind it."""
+    await people(contacts)
+    now = dt.datetime.now(dt.UTC)
+    body = {"source": "filter", "filter": {}, "columns": ["email"]}
+    good = processor.parse_request(body, requested_by="admin", notify_email="ops@x.jp", now=now)
+    bad = processor.parse_request(body, requested_by="admin", notify_email="ops@x.jp", now=now)
+    bad["notify_email"] = "ops@x.jp\r\nBcc: all@x.jp"
+    await kafka.send(Topic.EXPORT_REQUESTS, bad["job_id"], bad)
+    await kafka.send(Topic.EXPORT_REQUESTS, good["job_id"], good)
+    dead = await kafka.read(Topic.EXPORT_REQUESTS.dlq, until=lambda rs: len(rs) >= 1)
+    headers = dict(dead[0].headers)
+    assert headers["dlq-offset"] == b"0"
+    assert headers["dlq-reason"].endswith(b"is not a valid email address")
+
+    async def finished() -> dict[str, Any] | None:
+        status, job = await exporter.api.call("GET", f"/v1/exports/{good['job_id']}")
+        return job if status == 200 and job["status"] == "done" else None
+
+    assert (await eventually(finished))["rows"] == len(PEOPLE)
+    assert (await exporter.api.call("GET", f"/v1/exports/{bad['job_id']}"))[0] == 404
 
 
 # -- a campaign's frozen recipient list -------------------------------------------------------

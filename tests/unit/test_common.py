@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from libs.common.db import Queries, migration_files
-from libs.common.errors import DlqLimitExceeded
-from libs.common.kafka import DlqLimit
+from libs.common.errors import DlqLimitExceeded, InvalidMessage
+from libs.common.kafka import DlqLimit, Message, checked
 from libs.common.logging import mask_email
 from libs.common.retry import Backoff
 from libs.common.settings import CommonSettings, load
@@ -104,6 +104,22 @@ def test_dlq_limit_lets_a_poison_pill_through_but_stops_a_bad_deploy() -> None:
     with pytest.raises(DlqLimitExceeded):
         for _ in range(100):
             limit.record(dead_lettered=True)
+
+
+def test_checked_gives_each_value_as_checked_and_names_the_first_refused() -> None:
+    def message(offset: int, n: int) -> Message:
+        return Message(Topic.EXPORT_REQUESTS, None, {"n": n}, 0, offset, 0)
+
+    def check(value: dict[str, int]) -> int:
+        if value["n"] < 0:
+            raise InvalidMessage("negative", field="n")
+        return value["n"] * 2
+
+    assert checked([message(0, 1), message(1, 2)], check) == [2, 4]
+    with pytest.raises(InvalidMessage) as refused:
+        checked([message(0, 1), message(1, -1), message(2, -2)], check)
+    assert refused.value.message.offset == 1  # type: ignore[attr-defined]
+    assert (refused.value.reason, refused.value.field) == ("negative", "n")
 
 
 def test_backoff_is_bounded_and_jittered() -> None:
