@@ -24,17 +24,23 @@ HEADERS = [(avro.VERSION_HEADER, str(VERSION).encode())]
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
-def _long(n: int) -> bytes:
+def _varint(n: int) -> bytes:
     """An Avro int or long: zig-zag, then 7 bits a byte, low first."""
     z = (n << 1) ^ (n >> 63)
-    if z < 0x80:
-        return bytes((z,))
     out = bytearray()
     while z > 0x7F:
         out.append((z & 0x7F) | 0x80)
         z >>= 7
     out.append(z)
     return bytes(out)
+
+
+#: the encodings of 0 … 16383 (string lengths, attempts, small ids), made once.
+_SMALL = [_varint(n) for n in range(1 << 14)]
+
+
+def _long(n: int) -> bytes:
+    return _SMALL[n] if 0 <= n < 16384 else _varint(n)
 
 
 def _string(text: str) -> bytes:

@@ -16,7 +16,7 @@ from libs.common.errors import InvalidMessage
 from libs.common.topics import Topic
 from services.scheduler import requests
 
-CONTACT_IDS = [0, 1, 63, 64, 127, 128, 8191, 8192, 2**31, 2**62]
+CONTACT_IDS = [0, 1, 63, 64, 127, 128, 8191, 8192, 16383, 16384, 2**31, 2**62, -1, -(2**40)]
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
