@@ -1,5 +1,6 @@
-"""A consumer's fetch wait follows its topic: the normal wait while records come, the idle
-wait after a second without any (libs/common/kafka.Consumer, through the real broker)."""
+"""libs/common/kafka.Consumer through the real broker: its fetch wait follows its topic (the
+normal wait while records come, the idle wait after a second without any), and a consumer
+that opts in handles the partitions of a poll at once."""
 
 from __future__ import annotations
 
@@ -100,3 +101,60 @@ async def test_idle_consumer_polls_with_the_idle_wait_and_busy_with_the_normal_o
 
         await eventually(handled_second)
         assert [w for r, w in seen if r == second] == [BUSY_MS]
+
+
+async def test_partitions_of_a_poll_are_handled_at_once_when_asked(
+    stack: Stack, kafka: Kafka, prefix: str
+) -> None:
+    # Both partitions have records before the consumer starts: its first poll holds both.
+    sent = {}
+    for contact_id in range(1, 40):
+        result_id = str(uuid.uuid4())
+        await kafka.send(Topic.DELIVERY_RESULTS, contact_id, _result(result_id))
+        sent[result_id] = contact_id
+    settings = CommonSettings(
+        kafka_bootstrap=stack.broker.bootstrap,
+        topic_prefix=prefix,
+        service="test",
+        kafka_session_timeout_ms=1000,
+        kafka_fetch_max_wait_ms=BUSY_MS,
+    )
+    started: dict[int, asyncio.Event] = {}
+    overlapped: list[int] = []
+    handled: list[str] = []
+
+    async def handler(batch: list[Message]) -> None:
+        mine = batch[0].partition
+        started.setdefault(mine, asyncio.Event()).set()
+        others = [e for p, e in started.items() if p != mine]
+        # Sequential handling would never see another partition's handler under way.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                while not others:
+                    await asyncio.sleep(0.01)
+                    others = [e for p, e in started.items() if p != mine]
+                overlapped.append(mine)
+        handled.extend(m.value["result_id"] for m in batch)
+
+    consumer = Consumer(
+        settings,
+        kafka.publisher,
+        group=f"at-once-{uuid.uuid4().hex[:6]}",
+        topics=[Topic.DELIVERY_RESULTS],
+        handler=handler,
+        partitions_at_once=True,
+    )
+    await consumer.start()
+    task = asyncio.ensure_future(consumer.run())
+    try:
+
+        async def all_handled() -> bool:
+            return set(handled) >= set(sent)
+
+        await eventually(all_handled)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
+    assert len(started) == 2  # the test's topics have two partitions
+    assert len(set(overlapped)) == 2, "the two partitions' handlers did not run at once"
