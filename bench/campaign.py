@@ -290,10 +290,7 @@ async def _stack(root: Path, name: str, schemas: dict[str, Path]) -> AsyncIterat
             "DATABASE_URL": dsn,
             "KAFKA_BOOTSTRAP": broker.bootstrap,
             "KAFKA_TOPIC_PREFIX": prefix,
-            # As `tayori dev` has it (the embedded broker makes a joining member wait half
-            # of it): a member heartbeats every fifth of it, and at 1 s the stack's 14
-            # members' heartbeats cost the broker ~7% of a core, idle or not.
-            "KAFKA_SESSION_TIMEOUT_MS": "2000",
+            "KAFKA_SESSION_TIMEOUT_MS": "1000",
             "TAYORI_ADMIN_TOKEN": ADMIN,
             "LOG_LEVEL": "warning",
             "SMTP_HOST": "127.0.0.1",
