@@ -88,6 +88,12 @@ class ConsumerSpec:
     latency_critical: bool = False
     #: use the long fetch wait (QUIET_FETCH_MAX_WAIT_MS): a quiet topic nobody waits on.
     quiet: bool = False
+    # Neither quiet nor latency-critical: the normal wait (KAFKA_FETCH_MAX_WAIT_MS) while
+    # records come, and the long one after a second without any (a lull costs 4 polls a
+    # second, not 20).
+    #: handle the partitions of a poll concurrently (libs/common/kafka.Consumer): for a
+    #: handler that mostly waits, whose keys never span partitions.
+    partitions_at_once: bool = False
 
 
 @dataclass
@@ -137,6 +143,10 @@ class Runtime:
                 fetch_max_wait_ms=QUIET_FETCH_MAX_WAIT_MS
                 if spec.quiet
                 else (s.kafka_fast_fetch_max_wait_ms if spec.latency_critical else None),
+                idle_fetch_max_wait_ms=None
+                if spec.quiet or spec.latency_critical
+                else QUIET_FETCH_MAX_WAIT_MS,
+                partitions_at_once=spec.partitions_at_once,
             )
             for spec in self.consumers
         ]

@@ -49,6 +49,10 @@ def build(settings: ContactsSettings) -> Runtime:
                 Topic.BOUNCE_EVENTS,
             ],
             bind(_projections),
+            # Delivery history, opens, clicks and bounces for search: nobody waits on them to
+            # the millisecond; fewer polls, bigger batches (one statement each).
+            max_records=5000,
+            quiet=True,
         ),
         ConsumerSpec(
             "contacts.snapshots",

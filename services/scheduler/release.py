@@ -40,7 +40,7 @@ from libs.common.metrics import (
     SCHEDULER_WINDOW_PAUSED,
 )
 from libs.common.topics import Topic
-from services.scheduler import status, stepmail, store
+from services.scheduler import requests, status, stepmail, store
 from services.scheduler.contents import publish_content
 from services.scheduler.context import Context
 from services.scheduler.store import QUERIES
@@ -151,28 +151,15 @@ async def release_campaign(ctx: Context, campaign_id: uuid.UUID, now: dt.datetim
         if not rows:
             return 0
         content_id = await publish_content(ctx, campaign)
-        records = [
-            (
-                row["contact_id"],
-                {
-                    "request_id": str(uuid.uuid4()),
-                    "campaign_id": key,
-                    "step_id": None,
-                    "contact_id": row["contact_id"],
-                    "email": row["email"],
-                    "group_id": row["group_id"],
-                    "include_unsubscribed": campaign["include_unsubscribed"],
-                    "merge_values": row["merge_values"],
-                    "content": BY_REFERENCE,
-                    "content_id": content_id,
-                    "attempt": row["attempt"] + 1,
-                    "released_at": now,
-                    "test": False,
-                },
-            )
-            for row in rows
-        ]
-        await asyncio.gather(*await ctx.publisher.send_keyed(Topic.SEND_REQUESTS, records))
+        records = requests.encode_chunk(
+            campaign_id=key,
+            include_unsubscribed=campaign["include_unsubscribed"],
+            content=BY_REFERENCE,
+            content_id=content_id,
+            released_at=now,
+            recipients=rows,
+        )
+        await asyncio.gather(*await ctx.publisher.send_encoded(Topic.SEND_REQUESTS, records))
         await conn.execute(QUERIES["mark-released"], campaign_id, now, [r["seq"] for r in rows])
         await conn.execute(QUERIES["add-released"], campaign_id, len(rows))
         bucket.tokens -= len(rows)

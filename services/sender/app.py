@@ -37,6 +37,11 @@ def build(settings: SenderSettings) -> Runtime:
             [Topic.SEND_REQUESTS],
             bind(agents.handle_send_requests),
             max_records=settings.send_batch,
+            # A batch ends waiting for its last replies, its flush and its results'
+            # publication, with the SMTP connections idle; the next partition's batch fills
+            # that tail. Safe: every producer keys send.requests by contact, so a ledger key
+            # is in one partition and never in two batches at once.
+            partitions_at_once=True,
         ),
         # Quiet topics nobody waits on to the millisecond: a long fetch wait (on the
         # embedded broker every fetch waits its full time, and each poll costs CPU here
