@@ -16,10 +16,12 @@ import asyncio
 import cProfile
 import datetime as dt
 import io
+import os
 import pstats
 import time
 from pathlib import Path
 
+from bench.cpu import CpuMeter, Sample
 from bench.data import COPY_COLUMNS, CUSTOM_FIELDS, copy_row, profiles, upserted_event
 from bench.report import Result, n, progress, rate
 from bench.stack import Stack, database, define_fields, stack
@@ -80,6 +82,22 @@ async def copy_ceiling(st: Stack, count: int) -> float:
         await conn.close()
 
 
+def _postmaster(st: Stack) -> int:
+    return int((Path(st.postgres.server.pgdata) / "postmaster.pid").read_text().split()[0])
+
+
+def _per_event(start: Sample, end: Sample, count: int) -> dict[str, float]:
+    """CPU µs per event of each process while the service ingested (the service's
+    includes the bench's own count every 0.1 s, a few µs a second)."""
+    return {name: round((end[1][name] - start[1][name]) / count * 1e6, 1) for name in end[1]}
+
+
+def _cores(start: Sample, end: Sample) -> dict[str, float]:
+    return {
+        name: round((end[1][name] - start[1][name]) / (end[0] - start[0]), 2) for name in end[1]
+    }
+
+
 async def run(root: Path, count: int, *, profile: Path | None = None) -> list[Result]:
     async with database(root, "ingest") as db, stack(root, "ingest", db) as st:
         conn = await st.connect_plain()
@@ -90,6 +108,10 @@ async def run(root: Path, count: int, *, profile: Path | None = None) -> list[Re
         copy_s = await copy_ceiling(st, count)
         progress(f"ingest: COPY {n(rate(count, copy_s))} rows/s; starting the service")
 
+        meter = CpuMeter(
+            {"service": os.getpid(), "postgres": _postmaster(st), "broker": st.broker.process.pid},
+            frozenset({"postgres"}),
+        )
         runtime = build(st.settings())
         profiler = cProfile.Profile() if profile else None
         started = time.monotonic()
@@ -98,6 +120,7 @@ async def run(root: Path, count: int, *, profile: Path | None = None) -> list[Re
         ready = time.monotonic()
         if profiler:
             profiler.enable()
+        cpu_from = meter.sample()
         last_report = ready
         done = 0
         try:
@@ -108,6 +131,7 @@ async def run(root: Path, count: int, *, profile: Path | None = None) -> list[Re
                     last_report = time.monotonic()
                     progress(f"ingest: {n(done)} rows, {n(rate(done, last_report - ready))}/s")
             finished = time.monotonic()
+            cpu_to = meter.sample()
             if profiler:
                 profiler.disable()
             while True:  # and the changelog of every row published
@@ -153,6 +177,8 @@ async def run(root: Path, count: int, *, profile: Path | None = None) -> list[Re
                 "copy_seconds": round(copy_s, 2),
                 "produce_seconds": round(produce_s, 2),
                 "rows_identical_to_copy": same,
+                "cpu_us_per_event": _per_event(cpu_from, cpu_to, count),
+                "cpu_cores": _cores(cpu_from, cpu_to),
             },
         )
     ]
