@@ -99,6 +99,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help=f"search requests of each kind (default {search.REQUESTS})",
     )
     parser.add_argument(
+        "--ingest-replicas",
+        type=int,
+        default=0,
+        help="ingest with this many `tayori contacts` processes instead of one in this process",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         default=None,
@@ -134,7 +140,12 @@ async def main(args: argparse.Namespace, root: Path) -> list[Result]:
     try:
         if "ingest" in chosen:
             started = time.monotonic()
-            report(await ingest.run(root, ingest_events, profile=args.profile), started)
+            report(
+                await ingest.run(
+                    root, ingest_events, profile=args.profile, replicas=args.ingest_replicas
+                ),
+                started,
+            )
         if {"search", "snapshot", "export"} & set(chosen):
             async with database(root, "contacts") as db:
                 started = time.monotonic()

@@ -8,6 +8,11 @@
 3. The service starts; the figure is events/s from the moment its consumers have
    partitions until ``SELECT count(*) FROM contact`` reaches N (its outbox also publishes
    one contacts.changelog record per contact meanwhile, as in production).
+
+With ``--ingest-replicas R`` the service runs instead as R processes (``tayori contacts``,
+as deployed), started before the events are produced so that the group has settled; the
+figure is then events/s from the end of production until the count reaches N (the rows
+written while the producer ran are left out, and so is its CPU).
 """
 
 from __future__ import annotations
@@ -16,17 +21,24 @@ import asyncio
 import cProfile
 import datetime as dt
 import io
+import os
 import pstats
 import time
 from pathlib import Path
+from subprocess import Popen
 
+import aiohttp
+
+from bench import processes
+from bench.cpu import CpuMeter, Sample
 from bench.data import COPY_COLUMNS, CUSTOM_FIELDS, copy_row, profiles, upserted_event
 from bench.report import Result, n, progress, rate
-from bench.stack import Stack, database, define_fields, stack
+from bench.stack import ADMIN_TOKEN, Stack, database, define_fields, stack
 from libs.common import avro
 from libs.common.kafka import Publisher, make_producer
 from libs.common.topics import Topic
 from services.contacts.app import build
+from tayori.embedded import free_port
 
 GOAL_RATIO = 0.5
 COPY_CHUNK = 50_000
@@ -80,7 +92,27 @@ async def copy_ceiling(st: Stack, count: int) -> float:
         await conn.close()
 
 
-async def run(root: Path, count: int, *, profile: Path | None = None) -> list[Result]:
+def _postmaster(st: Stack) -> int:
+    return int((Path(st.postgres.server.pgdata) / "postmaster.pid").read_text().split()[0])
+
+
+def _per_event(start: Sample, end: Sample, count: int) -> dict[str, float]:
+    """CPU µs per event of each process while the service ingested (the service's
+    includes the bench's own count every 0.1 s, a few µs a second)."""
+    return {name: round((end[1][name] - start[1][name]) / count * 1e6, 1) for name in end[1]}
+
+
+def _cores(start: Sample, end: Sample) -> dict[str, float]:
+    return {
+        name: round((end[1][name] - start[1][name]) / (end[0] - start[0]), 2) for name in end[1]
+    }
+
+
+async def run(
+    root: Path, count: int, *, profile: Path | None = None, replicas: int = 0
+) -> list[Result]:
+    if replicas:
+        return await run_replicas(root, count, replicas)
     async with database(root, "ingest") as db, stack(root, "ingest", db) as st:
         conn = await st.connect_plain()
         await define_fields(conn, CUSTOM_FIELDS)
@@ -90,6 +122,10 @@ async def run(root: Path, count: int, *, profile: Path | None = None) -> list[Re
         copy_s = await copy_ceiling(st, count)
         progress(f"ingest: COPY {n(rate(count, copy_s))} rows/s; starting the service")
 
+        meter = CpuMeter(
+            {"service": os.getpid(), "postgres": _postmaster(st), "broker": st.broker.process.pid},
+            frozenset({"postgres"}),
+        )
         runtime = build(st.settings())
         profiler = cProfile.Profile() if profile else None
         started = time.monotonic()
@@ -98,6 +134,7 @@ async def run(root: Path, count: int, *, profile: Path | None = None) -> list[Re
         ready = time.monotonic()
         if profiler:
             profiler.enable()
+        cpu_from = meter.sample()
         last_report = ready
         done = 0
         try:
@@ -108,6 +145,7 @@ async def run(root: Path, count: int, *, profile: Path | None = None) -> list[Re
                     last_report = time.monotonic()
                     progress(f"ingest: {n(done)} rows, {n(rate(done, last_report - ready))}/s")
             finished = time.monotonic()
+            cpu_to = meter.sample()
             if profiler:
                 profiler.disable()
             while True:  # and the changelog of every row published
@@ -153,6 +191,81 @@ async def run(root: Path, count: int, *, profile: Path | None = None) -> list[Re
                 "copy_seconds": round(copy_s, 2),
                 "produce_seconds": round(produce_s, 2),
                 "rows_identical_to_copy": same,
+                "cpu_us_per_event": _per_event(cpu_from, cpu_to, count),
+                "cpu_cores": _cores(cpu_from, cpu_to),
+            },
+        )
+    ]
+
+
+async def run_replicas(root: Path, count: int, replicas: int) -> list[Result]:
+    """The service as ``replicas`` processes of ``tayori contacts`` (see the module doc)."""
+    async with database(root, "ingest") as db, stack(root, "ingest", db) as st:
+        conn = await st.connect_plain()
+        await define_fields(conn, CUSTOM_FIELDS)
+        progress(f"ingest: COPY ceiling of {n(count)} rows")
+        copy_s = await copy_ceiling(st, count)
+        env = {
+            **os.environ,
+            "DATABASE_URL": st.dsn,
+            "KAFKA_BOOTSTRAP": st.broker.bootstrap,
+            "KAFKA_TOPIC_PREFIX": st.prefix,
+            "KAFKA_SESSION_TIMEOUT_MS": "1000",
+            "KAFKA_FETCH_MAX_WAIT_MS": "20",
+            "TAYORI_ADMIN_TOKEN": ADMIN_TOKEN,
+            "LOG_LEVEL": "warning",
+        }
+        started: list[Popen[bytes]] = []
+        try:
+            ports = [free_port() for _ in range(replicas)]
+            for i, port in enumerate(ports):
+                log = root / f"ingest-replica-{i}.log"
+                started.append(processes.start("contacts", env, port, log))
+            async with aiohttp.ClientSession() as session:
+                for port in ports:
+                    await processes.ready(session, port)
+            await asyncio.sleep(5)  # the group's rebalances settle
+            pids = {f"replica{i}": p.pid for i, p in enumerate(started)}
+            meter = CpuMeter(
+                {**pids, "postgres": _postmaster(st), "broker": st.broker.process.pid},
+                frozenset({"postgres"}),
+            )
+            progress(f"ingest: {replicas} replicas ready; producing {n(count)} events")
+            await produce_events(st, count)
+            produced = time.monotonic()
+            cpu_from = meter.sample()
+            done_at_produced = done = await conn.fetchval("SELECT count(*) FROM contacts.contact")
+            progress(f"ingest: produced; {n(done)} rows so far")
+            while done < count:
+                await asyncio.sleep(0.1)
+                done = await conn.fetchval("SELECT count(*) FROM contacts.contact")
+            finished = time.monotonic()
+            cpu_to = meter.sample()
+        finally:
+            processes.stop(started)
+        await conn.close()
+
+    measured = count - done_at_produced
+    events_per_s = rate(measured, finished - produced)
+    copy_per_s = rate(count, copy_s)
+    ratio = events_per_s / copy_per_s
+    return [
+        Result(
+            name=f"ingest ({replicas} replica{'s' if replicas > 1 else ''})",
+            figure=f"{n(events_per_s)} events/s",
+            ceiling=f"COPY {n(copy_per_s)} rows/s",
+            goal=f">= {GOAL_RATIO:.0%} of COPY",
+            passed=ratio >= GOAL_RATIO,
+            ratio=ratio,
+            data={
+                "events": count,
+                "replicas": replicas,
+                "events_measured": measured,
+                "events_per_s": round(events_per_s),
+                "copy_rows_per_s": round(copy_per_s),
+                "ingest_seconds": round(finished - produced, 2),
+                "cpu_us_per_event": _per_event(cpu_from, cpu_to, measured),
+                "cpu_cores": _cores(cpu_from, cpu_to),
             },
         )
     ]

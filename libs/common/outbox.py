@@ -65,7 +65,13 @@ async def add_many(
     conn: asyncpg.Connection, messages: Iterable[tuple[Topic, Any, dict[str, Any]]]
 ) -> None:
     """Queue many messages in the caller's transaction with one statement."""
-    rows = [row(topic, key, value) for topic, key, value in messages]
+    await add_rows(conn, [row(topic, key, value) for topic, key, value in messages])
+
+
+async def add_rows(
+    conn: asyncpg.Connection, rows: list[tuple[str, str | None, bytes, int]]
+) -> None:
+    """Queue messages encoded already (:func:`row`) in the caller's transaction."""
     if not rows:
         return
     topics, keys, payloads, versions = (list(col) for col in zip(*rows, strict=True))

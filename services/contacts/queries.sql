@@ -197,8 +197,15 @@ RETURNING *;
 DELETE FROM contact WHERE id = ANY($1::bigint[]) RETURNING id, version;
 
 -- name: lock-identities
--- Every contact an upsert batch could touch, by address or upstream key, locked.
-SELECT * FROM contact WHERE email = ANY($1::text[]) OR external_id = ANY($2::text[])
+-- Every contact an upsert batch could touch, by address or upstream key, locked (in id order).
+-- The two lookups are separate so that each is an index probe or a hashed array test: as
+-- one `email = ANY(..) OR external_id = ANY(..)` filter, on a table not yet analyzed the
+-- planner walked the primary key and tested every row against both arrays, 2.4 s for a
+-- batch of 2,000 on 50,000 rows (the first minutes of an ingest into a new database).
+SELECT * FROM contact
+WHERE id = ANY (ARRAY(SELECT id FROM contact WHERE email = ANY($1::text[])
+                      UNION
+                      SELECT id FROM contact WHERE external_id = ANY($2::text[])))
 ORDER BY id FOR UPDATE;
 
 -- name: insert-contacts

@@ -63,19 +63,19 @@ async def publish_contact(conn: asyncpg.Connection, row: asyncpg.Record) -> None
 
 
 async def publish_contacts(conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> None:
-    await outbox.add_many(
-        conn,
-        [
-            (
-                Topic.CONTACTS_CHANGELOG,
-                row["id"],
-                changelog_value(
-                    row, row["id"], version=row["version"], changed_at=row["updated_at"]
-                ),
-            )
-            for row in rows
-        ],
-    )
+    await outbox.add_rows(conn, _changelog_rows(rows))
+
+
+def _changelog_rows(rows: list[asyncpg.Record]) -> list[tuple[str, str | None, bytes, int]]:
+    """The outbox rows of the contacts.changelog records of ``rows`` (contacts as written)."""
+    return [
+        outbox.row(
+            Topic.CONTACTS_CHANGELOG,
+            row["id"],
+            changelog_value(row, row["id"], version=row["version"], changed_at=row["updated_at"]),
+        )
+        for row in rows
+    ]
 
 
 async def publish_deleted(conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> None:
@@ -258,6 +258,9 @@ async def started(operation: Awaitable[T]) -> asyncio.Future[T]:
     return task
 
 
+#: new contacts are inserted this many at a time (see upsert_run)
+INSERT_CHUNK = 500
+
 #: the columns of insert-contacts' arrays, in its order: the writable fields but tags (tags
 #: as JSON text and custom follow)
 INSERT_COLUMNS = tuple(name for name in WRITABLE if name != "tags")
@@ -354,14 +357,23 @@ async def upsert_run(
             updates.append((i, target["id"], patch))
     if any(isinstance(o, InvalidMessage) for o in outcomes):
         return outcomes
-    written: list[asyncpg.Record] = []
+    changelog: list[tuple[str, str | None, bytes, int]] = []
     if inserts:
-        columns = zip(*(inserted_rows[i] for i, _ in inserts), strict=True)
-        rows = await conn.fetch(QUERIES["insert-contacts"], *(list(c) for c in columns))
-        by_address = {r["email"]: r for r in rows}  # addresses are distinct within a run
-        for i, patch in inserts:
-            outcomes[i] = ("inserted", by_address[patch.columns["email"]])
-        written += rows
+        # In chunks: Python encodes the changelog of one chunk while PostgreSQL inserts the
+        # next (until now the insert, then the encoding, each waited for the other).
+        rows: list[asyncpg.Record] = []
+        for start in range(0, len(inserts), INSERT_CHUNK):
+            chunk = inserts[start : start + INSERT_CHUNK]
+            columns = [list(c) for c in zip(*(inserted_rows[i] for i, _ in chunk), strict=True)]
+            inserting = await started(conn.fetch(QUERIES["insert-contacts"], *columns))
+            try:
+                changelog += _changelog_rows(rows)
+            finally:
+                rows = await inserting
+            by_address = {r["email"]: r for r in rows}  # addresses are distinct within a run
+            for i, patch in chunk:
+                outcomes[i] = ("inserted", by_address[patch.columns["email"]])
+        changelog += _changelog_rows(rows)
     if updates:
         rows = await conn.fetch(
             QUERIES["update-contacts"],
@@ -371,8 +383,8 @@ async def upsert_run(
         by_id = {r["id"]: r for r in rows}
         for i, contact_id, _ in updates:
             outcomes[i] = ("updated", by_id[contact_id])
-        written += rows
-    await publish_contacts(conn, written)
+        changelog += _changelog_rows(rows)
+    await outbox.add_rows(conn, changelog)
     return outcomes
 
 

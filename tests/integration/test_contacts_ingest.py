@@ -6,7 +6,10 @@ import datetime as dt
 import uuid
 from typing import Any
 
+from libs.common import avro
 from libs.common.topics import Topic
+from services.contacts import store
+from services.contacts.processor import ContactPatch
 from tests.conftest import eventually
 
 NOW = dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC)
@@ -245,3 +248,33 @@ async def test_a_custom_field_defined_elsewhere_since_the_cache_was_read(contact
     row = await eventually(lambda: _contact(contacts, "ranked@example.jp"))
     assert row["custom"] == {"rank": 3}
     assert await kafka.read_to_end(Topic.CONTACTS_EVENTS.dlq) == []
+
+
+async def test_new_contacts_inserted_in_chunks_each_get_their_row_and_changelog(
+    contacts, monkeypatch
+):
+    """upsert_run inserts new contacts a chunk at a time, encoding the changelog of one chunk
+    while the next is inserted: every patch gets its own row and one queued record, in order."""
+    monkeypatch.setattr(store, "INSERT_CHUNK", 3)
+    patches = [
+        ContactPatch(columns={"email": f"c{i}@example.jp", "name": f"名{i}"}) for i in range(8)
+    ]
+    async with contacts.runtime.pool.acquire() as conn, conn.transaction():
+        outcomes = await store.upsert_run(conn, patches)
+        queued = await conn.fetch(
+            "SELECT key, payload, schema_version FROM outbox"
+            " WHERE topic = 'contacts.changelog' ORDER BY id"
+        )
+    assert [o[0] for o in outcomes] == ["inserted"] * 8
+    assert [o[1]["email"] for o in outcomes] == [p.email for p in patches]
+    assert [o[1]["name"] for o in outcomes] == [f"名{i}" for i in range(8)]
+    records = [
+        avro.decode(
+            Topic.CONTACTS_CHANGELOG,
+            r["payload"],
+            [(avro.VERSION_HEADER, str(r["schema_version"]).encode())],
+        )
+        for r in queued
+    ]
+    assert [r["key"] for r in queued] == [str(o[1]["id"]) for o in outcomes]
+    assert [r["contact"]["email"] for r in records] == [p.email for p in patches]
