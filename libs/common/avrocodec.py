@@ -37,14 +37,9 @@ class Fallback(Exception):
 
 # Varints -----------------------------------------------------------------------------------
 
-#: zigzag varint bytes of -64..63 (one byte each), the lengths and values most fields have
-_SMALL = {n: bytes([((n << 1) ^ (n >> 63)) & 0xFF]) for n in range(-64, 64)}
 
-
-def _zigzag(n: int) -> bytes:
-    small = _SMALL.get(n)
-    if small is not None:
-        return small
+def _varint(n: int) -> bytes:
+    """An Avro int or long: zig-zag, then 7 bits a byte, low first."""
     z = (n << 1) ^ (n >> 63)
     out = bytearray()
     while z > 0x7F:
@@ -52,6 +47,15 @@ def _zigzag(n: int) -> bytes:
         z >>= 7
     out.append(z)
     return bytes(out)
+
+
+#: the encodings of 0 … 16383 (lengths, counts, attempts, small ids), made once
+_SMALL = [_varint(n) for n in range(1 << 14)]
+
+
+def zigzag(n: int) -> bytes:
+    """An Avro int or long's bytes (the usual small ones from a table)."""
+    return _SMALL[n] if 0 <= n < 16384 else _varint(n)
 
 
 def _read_long(data: bytes, pos: int) -> tuple[int, int]:
@@ -92,7 +96,7 @@ def _int(value: Any) -> int:
 
 
 _HELPERS: dict[str, Any] = {
-    "_zigzag": _zigzag,
+    "_zigzag": zigzag,
     "_read_long": _read_long,
     "_timestamp_millis": _timestamp_millis,
     "_long": _long,
@@ -202,11 +206,11 @@ def _write(src: _Source, schema: Any, value: str, ind: int) -> None:
         src.emit(ind, f"a(_zigzag(len({raw})))")
         src.emit(ind, f"a({raw})")
     elif kind == "enum":
-        index = src.constant({s: _zigzag(i) for i, s in enumerate(node["symbols"])})
+        index = src.constant({s: zigzag(i) for i, s in enumerate(node["symbols"])})
         src.emit(ind, f"a({index}[{value}])")  # KeyError (unknown symbol): fastavro's error
     elif kind == "union":
         null_at, other = _nullable(node)
-        null_byte, other_byte = _zigzag(null_at), _zigzag(1 - null_at)
+        null_byte, other_byte = zigzag(null_at), zigzag(1 - null_at)
         src.emit(ind, f"if {value} is None: a({null_byte!r})")
         src.emit(ind, "else:")
         src.emit(ind + 1, f"a({other_byte!r})")

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from libs.common import avro
+from libs.common.avrocodec import zigzag
 from libs.common.errors import InvalidMessage
 
 #: the send.requests schema version these bytes follow (schemas/avro/send.requests.avsc).
@@ -24,28 +25,9 @@ HEADERS = [(avro.VERSION_HEADER, str(VERSION).encode())]
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
-def _varint(n: int) -> bytes:
-    """An Avro int or long: zig-zag, then 7 bits a byte, low first."""
-    z = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while z > 0x7F:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-    return bytes(out)
-
-
-#: the encodings of 0 … 16383 (string lengths, attempts, small ids), made once.
-_SMALL = [_varint(n) for n in range(1 << 14)]
-
-
-def _long(n: int) -> bytes:
-    return _SMALL[n] if 0 <= n < 16384 else _varint(n)
-
-
 def _string(text: str) -> bytes:
     data = text.encode()
-    return _long(len(data)) + data
+    return zigzag(len(data)) + data
 
 
 def _optional_string(text: str | None) -> bytes:
@@ -84,7 +66,7 @@ def _content(content: Mapping[str, Any]) -> bytes:
 def _merge_values(values: Mapping[str, str]) -> bytes:
     if not values:
         return b"\x00"
-    parts = [_long(len(values))]
+    parts = [zigzag(len(values))]
     for key, value in values.items():
         parts.append(_string(key))
         parts.append(_string(value))
@@ -122,7 +104,7 @@ def encode_chunk(
     after_id = _string(campaign_id) + b"\x00"  # step_id: null
     include = _boolean(include_unsubscribed)
     body = _content(content)
-    tail = _long(_millis(released_at)) + b"\x00" + _optional_string(content_id)  # test: false
+    tail = zigzag(_millis(released_at)) + b"\x00" + _optional_string(content_id)  # test: false
     rows = recipients
     encoded = []
     try:
@@ -133,13 +115,13 @@ def encode_chunk(
                 (
                     b"H" + request_id.encode(),  # length 36 (zig-zag 72), ASCII
                     after_id,
-                    _long(contact_id),
+                    zigzag(contact_id),
                     _string(row["email"]),
-                    b"\x00" if group_id is None else b"\x02" + _long(group_id),
+                    b"\x00" if group_id is None else b"\x02" + zigzag(group_id),
                     include,
                     _merge_values(row["merge_values"] or {}),
                     body,
-                    _long(row["attempt"] + 1),
+                    zigzag(row["attempt"] + 1),
                     tail,
                 )
             )
