@@ -84,16 +84,27 @@ class ConsumerSpec:
     topics: list[Topic]
     handler: Handler
     max_records: int = 2000
-    #: use the short fetch wait (KAFKA_FAST_FETCH_MAX_WAIT_MS): changes users wait to see.
+    #: changes users wait to see: the short fetch wait (KAFKA_FAST_FETCH_MAX_WAIT_MS) while
+    #: records come, the normal one after a second without any (see :meth:`fetch_waits`).
     latency_critical: bool = False
-    #: use the long fetch wait (QUIET_FETCH_MAX_WAIT_MS): a quiet topic nobody waits on.
+    #: a quiet topic nobody waits on: always the long fetch wait (QUIET_FETCH_MAX_WAIT_MS).
     quiet: bool = False
-    # Neither quiet nor latency-critical: the normal wait (KAFKA_FETCH_MAX_WAIT_MS) while
-    # records come, and the long one after a second without any (a lull costs 4 polls a
-    # second, not 20).
     #: handle the partitions of a poll concurrently (libs/common/kafka.Consumer): for a
     #: handler that mostly waits, whose keys never span partitions.
     partitions_at_once: bool = False
+
+    def fetch_waits(self, settings: CommonSettings) -> tuple[int, int | None]:
+        """The fetch wait while records come, and the one after a poll found nothing for a
+        second (None: the same). Every poll costs CPU in the embedded broker and here, idle
+        or not (its fetch waits its full time), so a lull is polled more slowly: the first
+        record after one waits at most the idle wait. Neither quiet nor latency-critical:
+        20 polls a second while records come, 4 in a lull; latency-critical: 100 and 20,
+        so even a lone change is seen within the normal wait."""
+        if self.quiet:
+            return QUIET_FETCH_MAX_WAIT_MS, None
+        if self.latency_critical:
+            return settings.kafka_fast_fetch_max_wait_ms, settings.kafka_fetch_max_wait_ms
+        return settings.kafka_fetch_max_wait_ms, QUIET_FETCH_MAX_WAIT_MS
 
 
 @dataclass
@@ -132,24 +143,7 @@ class Runtime:
         self.publisher = Publisher(s, producer)
         self.outbox = OutboxRelay(self.pool, self.publisher, self.schema)
         self._spawn(self.outbox.run(), "outbox")
-        self._consumers = [
-            Consumer(
-                s,
-                self.publisher,
-                group=spec.group,
-                topics=spec.topics,
-                handler=spec.handler,
-                max_records=spec.max_records,
-                fetch_max_wait_ms=QUIET_FETCH_MAX_WAIT_MS
-                if spec.quiet
-                else (s.kafka_fast_fetch_max_wait_ms if spec.latency_critical else None),
-                idle_fetch_max_wait_ms=None
-                if spec.quiet or spec.latency_critical
-                else QUIET_FETCH_MAX_WAIT_MS,
-                partitions_at_once=spec.partitions_at_once,
-            )
-            for spec in self.consumers
-        ]
+        self._consumers = [self._consumer(spec) for spec in self.consumers]
         # Joining a group takes a while on some brokers: join all groups at once.
         await asyncio.gather(*(consumer.start() for consumer in self._consumers))
         for consumer in self._consumers:
@@ -176,6 +170,20 @@ class Runtime:
     @property
     def _loops(self) -> set[str]:
         return {"outbox", *(f"consumer:{c.group}" for c in self.consumers)}
+
+    def _consumer(self, spec: ConsumerSpec) -> Consumer:
+        busy_wait, idle_wait = spec.fetch_waits(self.settings)
+        return Consumer(
+            self.settings,
+            self.publisher,
+            group=spec.group,
+            topics=spec.topics,
+            handler=spec.handler,
+            max_records=spec.max_records,
+            fetch_max_wait_ms=busy_wait,
+            idle_fetch_max_wait_ms=idle_wait,
+            partitions_at_once=spec.partitions_at_once,
+        )
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
         task = asyncio.ensure_future(coro)

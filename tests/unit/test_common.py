@@ -12,6 +12,7 @@ from libs.common.errors import DlqLimitExceeded, InvalidMessage
 from libs.common.kafka import DlqLimit, Message, checked
 from libs.common.logging import mask_email
 from libs.common.retry import Backoff
+from libs.common.service import QUIET_FETCH_MAX_WAIT_MS, ConsumerSpec
 from libs.common.settings import CommonSettings, load
 from libs.common.tokens import BadToken, Signer
 from libs.common.topics import Topic, all_topic_names, topic_name
@@ -133,3 +134,20 @@ def test_topic_names_and_dlqs() -> None:
     names = all_topic_names("p.")
     assert "p.contacts.events.dlq" in names
     assert len(names) == 2 * len(Topic)
+
+
+def test_fetch_waits_follow_who_waits_on_the_topic() -> None:
+    settings = CommonSettings(kafka_fetch_max_wait_ms=50, kafka_fast_fetch_max_wait_ms=10)
+
+    def waits(**kind: bool) -> tuple[int, int | None]:
+        return ConsumerSpec("g", [Topic.DELIVERY_RESULTS], _no_handler, **kind).fetch_waits(
+            settings
+        )
+
+    assert waits(latency_critical=True) == (10, 50)  # a lone change is seen within 50 ms
+    assert waits() == (50, QUIET_FETCH_MAX_WAIT_MS)
+    assert waits(quiet=True) == (QUIET_FETCH_MAX_WAIT_MS, None)
+
+
+async def _no_handler(batch: list[Message]) -> None:
+    raise AssertionError("never called")
