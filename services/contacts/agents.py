@@ -164,20 +164,12 @@ async def _apply(conn: asyncpg.Connection, event: UpstreamEvent) -> str:
     return "joined" if joined is not None else "already_member"
 
 
-#: memberships a suppression.changes batch writes from which their contacts' flags are
-#: recomputed once per batch rather than by the row triggers (PostgreSQL per changed row,
-#: handler alone: 1 write 740 us with the triggers / 873 deferred, 4: 337 / 313, 16: 137 / 83)
-DEFER_FLAGS_FROM = 5
-
-
 async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None:
     """Keep the membership projection current (newer change wins; stale ones do nothing;
     "left" removes). The batch is reduced to one write per membership in Python
-    (:func:`membership_writes`) and applied in at most two statements. From
-    :data:`DEFER_FLAGS_FROM` writes on, the membership_flags row triggers are deferred for
-    the transaction (migration 0006) and the flags of the contacts those statements changed
-    are recomputed once, in one statement, after them; below, the recompute's round trip
-    costs more than the triggers' work it saves.
+    (:func:`membership_writes`) and applied in at most two statements; the membership_flags
+    row triggers are deferred for the transaction (migration 0006) and the flags of the
+    contacts those statements changed are recomputed once, in one statement, after them.
 
     The contacts are locked last, in id order, after every membership row: the order of
     the other writers' triggers (a membership row, then its contact), so a writer of one
@@ -200,12 +192,10 @@ async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None
         left, applied = membership_writes(changes)
         if not left and not applied:
             return
-        defer = len(left) + len(applied) >= DEFER_FLAGS_FROM
-        flags = "on" if defer else "off"
         changed: set[int] = set()  # whose memberships the statements wrote
         if left:
             rows = await conn.fetch(
-                QUERIES["leave-memberships"], [c for c, _ in left], [g for _, g in left], flags
+                QUERIES["leave-memberships"], [c for c, _ in left], [g for _, g in left]
             )
             changed.update(r["contact_id"] for r in rows)
         if applied:
@@ -216,10 +206,9 @@ async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None
                 [c["state"] for c in applied],
                 [c["method"] or "system" for c in applied],
                 [c["changed_at"] for c in applied],
-                flags,
             )
             changed.update(r["contact_id"] for r in rows)
-        if defer and changed:
+        if changed:
             await conn.execute(QUERIES["refresh-membership-flags"], sorted(changed))
 
 

@@ -64,12 +64,11 @@ DELETE FROM membership WHERE contact_id = $1 AND group_id = $2 RETURNING contact
 
 -- name: leave-memberships
 -- Projection of suppression.changes: the memberships a batch's "left" changes remove.
--- With $3 = 'on', "deferred" turns the membership_flags row triggers off for the rest of
--- the transaction (migration 0006) before the first row is written (every row comes joined
--- to it), and the caller recomputes the flags of the contacts returned
--- (refresh-membership-flags); with 'off' the triggers do it row by row.
+-- "deferred" turns the membership_flags row triggers off for the rest of the transaction
+-- (migration 0006) before the first row is written (every row comes joined to it); the
+-- caller recomputes the flags of the contacts returned (refresh-membership-flags).
 WITH deferred AS MATERIALIZED (
-    SELECT set_config('tayori.defer_membership_flags', $3::text, true)
+    SELECT set_config('tayori.defer_membership_flags', 'on', true)
 )
 DELETE FROM membership m
 USING deferred, unnest($1::bigint[], $2::bigint[]) AS u(contact_id, group_id)
@@ -79,10 +78,10 @@ RETURNING m.contact_id;
 -- name: apply-membership-changes
 -- Projection of suppression.changes, one row per membership (the batch reduced by
 -- processor.membership_writes): newer changes win, stale redeliveries do nothing, a change
--- for an unknown contact or group is ignored. $6 defers the membership_flags triggers as
--- in leave-memberships.
+-- for an unknown contact or group is ignored. The membership_flags triggers are deferred
+-- as in leave-memberships; the caller recomputes the flags of the contacts returned.
 WITH deferred AS MATERIALIZED (
-    SELECT set_config('tayori.defer_membership_flags', $6::text, true)
+    SELECT set_config('tayori.defer_membership_flags', 'on', true)
 )
 INSERT INTO membership (contact_id, group_id, state, method, changed_at)
 SELECT u.contact_id, u.group_id, u.state, u.method, u.changed_at

@@ -1,8 +1,7 @@
 """contacts' suppression.changes projection recomputes contact.membership_flags once per
-batch (migration 0006) from DEFER_FLAGS_FROM writes on: its statements defer the membership
-row triggers for their transaction, then the handler recomputes the contacts they wrote,
-locked in id order. The flags stay equal to a recompute from the memberships after any
-batches, small (the triggers) or large (deferred); every other writer
+batch (migration 0006): its statements defer the membership row triggers for their
+transaction, then the handler recomputes the contacts they wrote, locked in id order. The
+flags stay equal to a recompute from the memberships after any batches; every other writer
 keeps the triggers (also on a connection the projection used before); and a projection and
 a trigger-path writer of the same contacts wait for each other in the right order, without
 deadlocking."""
@@ -15,12 +14,10 @@ import random
 from typing import Any
 
 import asyncpg
-import pytest
 
 from libs.common import db
 from libs.common.kafka import Message
 from libs.common.topics import Topic
-from services.contacts import agents
 from services.contacts.agents import handle_suppression_changes
 from services.contacts.app import SCHEMA
 from services.contacts.context import Context
@@ -30,12 +27,6 @@ from tests.integration.test_contacts_membership_flags import BANNED, MEMBER, UNS
 from tests.integration.test_contacts_projections import membership_change
 
 STATES = ("deliverable", "unsubscribed", "banned", "left")
-
-
-@pytest.fixture
-def always_deferred(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every batch takes the deferred path, however few writes it has."""
-    monkeypatch.setattr(agents, "DEFER_FLAGS_FROM", 1)
 
 
 async def setup(contacts: Any, n: int = 6) -> tuple[Context, list[int], list[int]]:
@@ -77,23 +68,18 @@ async def test_flags_equal_a_recompute_after_any_batches(contacts):
     rng = random.Random(20261126)
     base = dt.datetime.now(dt.UTC).replace(microsecond=0)
     seen_states: set[int] = set()
-    sizes = []
     for round_ in range(60):
         changes = random_changes(
             rng, ids, groups, base + dt.timedelta(seconds=round_), 1 + round_ % 12
         )
         batch = as_batch(changes)
-        left, applied = agents.membership_writes(changes)
-        sizes.append(len(left) + len(applied))
         await handle_suppression_changes(ctx, batch)
         seen_states.update((await flags(ctx.pool)).values())  # asserts flags == recompute
         if round_ % 7 == 0:  # redelivered: claimed already, nothing changes
             before = await flags(ctx.pool)
             await handle_suppression_changes(ctx, batch)
             assert await flags(ctx.pool) == before
-    # both paths were taken, and every combination the flags can hold was reached
-    assert any(n < agents.DEFER_FLAGS_FROM for n in sizes)
-    assert any(n >= agents.DEFER_FLAGS_FROM for n in sizes)
+    # the batches went through every combination the flags can hold
     assert {0, MEMBER, MEMBER | UNSUBSCRIBED, MEMBER | BANNED} <= seen_states
     assert MEMBER | UNSUBSCRIBED | BANNED in seen_states
 
@@ -111,9 +97,8 @@ async def test_statements_defer_the_triggers_for_their_transaction_only(contacts
                 ["unsubscribed", "banned"],
                 ["form", "admin"],
                 [at, at],
-                "on",
             )
-            await conn.fetch(QUERIES["leave-memberships"], [ids[2]], [groups[1]], "on")
+            await conn.fetch(QUERIES["leave-memberships"], [ids[2]], [groups[1]])
             # not recomputed yet: the row triggers queued nothing
             held = dict(await conn.fetch("SELECT id, membership_flags FROM contact"))
             assert held[ids[0]] == held[ids[1]] == held[ids[2]] == MEMBER
@@ -144,9 +129,7 @@ async def _waiting_for_a_lock(observer: asyncpg.Connection, pid: int) -> bool:
     )
 
 
-async def test_projection_waits_for_a_trigger_writer_then_sees_its_rows(
-    contacts, database, always_deferred
-):
+async def test_projection_waits_for_a_trigger_writer_then_sees_its_rows(contacts, database):
     ctx, ids, groups = await setup(contacts)
     at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
     writer = await db.connect(database, SCHEMA)
@@ -219,7 +202,6 @@ async def test_trigger_writer_waits_for_the_projection_then_sees_its_rows(contac
             ["unsubscribed"],
             ["form"],
             [at],
-            "on",
         )
         await projection.execute(QUERIES["refresh-membership-flags"], [ids[0]])
         writing = asyncio.ensure_future(
@@ -240,9 +222,7 @@ async def test_trigger_writer_waits_for_the_projection_then_sees_its_rows(contac
     assert (await flags(ctx.pool))[ids[0]] == MEMBER | UNSUBSCRIBED | BANNED
 
 
-async def test_projection_and_trigger_writers_on_the_same_contacts(
-    contacts, database, always_deferred
-):
+async def test_projection_and_trigger_writers_on_the_same_contacts(contacts, database):
     """Batches of the projection while other writers (one membership per transaction,
     through the triggers: joins, leaves, state changes) write the same contacts' and even
     the same memberships: no deadlock (PostgreSQL would abort one of them), right flags."""
