@@ -167,17 +167,8 @@ async def _apply(conn: asyncpg.Connection, event: UpstreamEvent) -> str:
 async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None:
     """Keep the membership projection current (newer change wins; stale ones do nothing;
     "left" removes). The batch is reduced to one write per membership in Python
-    (:func:`membership_writes`) and applied in at most two statements; the membership_flags
-    row triggers are deferred for the transaction (migration 0006) and the flags of the
-    contacts those statements changed are recomputed once, in one statement, after them.
-
-    The contacts are locked last, in id order, after every membership row: the order of
-    the other writers' triggers (a membership row, then its contact), so a writer of one
-    membership per transaction never holds a row this handler needs while waiting for a
-    contact it holds: no deadlock. Writers of several contacts in another order can
-    deadlock with it as they could with the triggers; PostgreSQL aborts one, and the
-    consumer retries (a TransientError).
-    """
+    (:func:`membership_writes`) and applied in at most two statements, each of which fires
+    the membership_flags trigger once per row it changes."""
     changes = []
     async with ctx.pool.acquire() as conn, conn.transaction():
         for message in await claim_once(conn, batch, lambda m: m.value["change_id"]):
@@ -190,16 +181,12 @@ async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None
                 raise reject(message, f"unknown membership state {change['state']!r}", "state")
             changes.append(change)
         left, applied = membership_writes(changes)
-        if not left and not applied:
-            return
-        changed: set[int] = set()  # whose memberships the statements wrote
         if left:
-            rows = await conn.fetch(
+            await conn.execute(
                 QUERIES["leave-memberships"], [c for c, _ in left], [g for _, g in left]
             )
-            changed.update(r["contact_id"] for r in rows)
         if applied:
-            rows = await conn.fetch(
+            await conn.execute(
                 QUERIES["apply-membership-changes"],
                 [c["contact_id"] for c in applied],
                 [c["group_id"] for c in applied],
@@ -207,9 +194,6 @@ async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None
                 [c["method"] or "system" for c in applied],
                 [c["changed_at"] for c in applied],
             )
-            changed.update(r["contact_id"] for r in rows)
-        if changed:
-            await conn.execute(QUERIES["refresh-membership-flags"], sorted(changed))
 
 
 _OUTCOME_KIND = {

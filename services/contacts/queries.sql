@@ -64,40 +64,23 @@ DELETE FROM membership WHERE contact_id = $1 AND group_id = $2 RETURNING contact
 
 -- name: leave-memberships
 -- Projection of suppression.changes: the memberships a batch's "left" changes remove.
--- "deferred" turns the membership_flags row triggers off for the rest of the transaction
--- (migration 0006) before the first row is written (every row comes joined to it); the
--- caller recomputes the flags of the contacts returned (refresh-membership-flags).
-WITH deferred AS MATERIALIZED (
-    SELECT set_config('tayori.defer_membership_flags', 'on', true)
-)
 DELETE FROM membership m
-USING deferred, unnest($1::bigint[], $2::bigint[]) AS u(contact_id, group_id)
-WHERE m.contact_id = u.contact_id AND m.group_id = u.group_id
-RETURNING m.contact_id;
+USING unnest($1::bigint[], $2::bigint[]) AS u(contact_id, group_id)
+WHERE m.contact_id = u.contact_id AND m.group_id = u.group_id;
 
 -- name: apply-membership-changes
 -- Projection of suppression.changes, one row per membership (the batch reduced by
 -- processor.membership_writes): newer changes win, stale redeliveries do nothing, a change
--- for an unknown contact or group is ignored. The membership_flags triggers are deferred
--- as in leave-memberships; the caller recomputes the flags of the contacts returned.
-WITH deferred AS MATERIALIZED (
-    SELECT set_config('tayori.defer_membership_flags', 'on', true)
-)
+-- for an unknown contact or group is ignored.
 INSERT INTO membership (contact_id, group_id, state, method, changed_at)
 SELECT u.contact_id, u.group_id, u.state, u.method, u.changed_at
-FROM deferred, unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::timestamptz[])
+FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::timestamptz[])
     AS u(contact_id, group_id, state, method, changed_at)
 WHERE EXISTS (SELECT 1 FROM contact WHERE id = u.contact_id)
   AND EXISTS (SELECT 1 FROM contact_group WHERE id = u.group_id)
 ON CONFLICT (contact_id, group_id) DO UPDATE
 SET state = EXCLUDED.state, method = EXCLUDED.method, changed_at = EXCLUDED.changed_at
-WHERE membership.changed_at <= EXCLUDED.changed_at
-RETURNING contact_id;
-
--- name: refresh-membership-flags
--- The flags of these contacts recomputed from their memberships, after locking them in id
--- order (refresh_membership_flags, migration 0003): for a writer that deferred the triggers.
-SELECT refresh_membership_flags($1::bigint[]);
+WHERE membership.changed_at <= EXCLUDED.changed_at;
 
 -- name: record-history-once
 -- Projection of delivery.results for history filters (F-05, F-28), claimed by result id in
