@@ -122,6 +122,34 @@ def _loadavg() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
 
+async def _projection_batches(port: int) -> dict[str, Any]:
+    """contacts' suppression.changes batches from its /metrics: how many, how many
+    records each, how long the handler took on average."""
+    sums: dict[str, float] = {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        text = await response.text()
+    for line in text.splitlines():
+        if 'topic="suppression.changes"' not in line or line.startswith("#"):
+            continue
+        name, value = line.split("{", 1)[0], float(line.rsplit(" ", 1)[1])
+        if name == "tayori_messages_consumed_total" and 'outcome="ok"' not in line:
+            continue
+        sums[name] = sums.get(name, 0.0) + value
+    batches = sums.get("tayori_consumer_batch_seconds_count", 0.0)
+    return {
+        "batches": batches,
+        "records_per_batch": round(sums.get("tayori_messages_consumed_total", 0.0) / batches, 1)
+        if batches
+        else 0.0,
+        "handler_mean_ms": ms(sums.get("tayori_consumer_batch_seconds_sum", 0.0) / batches)
+        if batches
+        else 0.0,
+    }
+
+
 async def run(root: Path) -> list[Result]:
     count = RATE * SECONDS
     postgres = EmbeddedPostgres(root / "unsub-pg")
@@ -230,6 +258,7 @@ async def run(root: Path) -> list[Result]:
         with contextlib.suppress(TimeoutError):  # a shortfall is reported, not hidden
             await asyncio.wait_for(all_seen.wait(), 60)
         cpu_after, machine_after = meter.sample(), _machine_busy()
+        projection_batches = await _projection_batches(ports["contacts"])
         await consumer.stop()
         await listener.close()
 
@@ -243,6 +272,7 @@ async def run(root: Path) -> list[Result]:
     topic_lat = [on_topic[c] - sent[c] for c in on_topic if c in sent]
     contacts_lat = [in_contacts[c] - sent[c] for c in in_contacts if c in sent]
     relay_lat = [on_topic[c] - answered_at[c] for c in on_topic if c in answered_at]
+    projection_lat = [in_contacts[c] - on_topic[c] for c in in_contacts if c in on_topic]
     data: dict[str, Any] = {
         "requests": count,
         "achieved_rate": round(achieved, 1),
@@ -259,6 +289,11 @@ async def run(root: Path) -> list[Result]:
         # CPU went from the first POST until contacts showed the last change.
         "relay_p50_ms": ms(percentile(relay_lat, 50)),
         "relay_p99_ms": ms(percentile(relay_lat, 99)),
+        # on the topic (as this process's consumer saw it) → visible in contacts, and
+        # contacts' suppression.changes batches (its /metrics)
+        "projection_p50_ms": ms(percentile(projection_lat, 50)),
+        "projection_p99_ms": ms(percentile(projection_lat, 99)),
+        "projection_batches": projection_batches,
         "cpu_us_per_request": {
             name: round((cpu_after[1][name] - cpu_before[1][name]) / count * 1e6) for name in pids
         },
