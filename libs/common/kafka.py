@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
@@ -266,6 +266,7 @@ class Consumer:
         fetch_max_wait_ms: int | None = None,
         idle_fetch_max_wait_ms: int | None = None,
         partitions_at_once: bool = False,
+        partitions_together: bool = False,
     ) -> None:
         self.settings = settings
         self.publisher = publisher
@@ -278,6 +279,8 @@ class Consumer:
         self.idle_fetch_max_wait_ms = idle_fetch_max_wait_ms
         #: handle the partitions of one poll concurrently (each still in offset order).
         self.partitions_at_once = partitions_at_once
+        #: hand the handler a topic's records of one poll, every partition's, in one batch.
+        self.partitions_together = partitions_together
         self.dlq_limit = dlq_limit or DlqLimit(settings.dlq_limit_ratio, settings.dlq_limit_min)
         self._by_name = {topic_name(t, settings.topic_prefix): t for t in self.topics}
         self._consumer: AIOKafkaConsumer | None = None
@@ -325,13 +328,21 @@ class Consumer:
             # A handler that mostly waits (the sender on SMTP replies) may opt in: the next
             # partition's work then fills the previous one's tail. Offsets are committed once
             # every partition's handler is done, either way.
-            if self.partitions_at_once and len(batches) > 1:
+            # A handler whose transaction costs more than its records (a few latency-critical
+            # changes a partition) may take every partition's records of a poll together.
+            if self.partitions_together:
+                by_topic: dict[str, list[ConsumerRecord]] = {}
+                for tp, records in batches.items():
+                    by_topic.setdefault(tp.topic, []).extend(records)
+                for name, records in by_topic.items():
+                    await self._records(name, records)
+            elif self.partitions_at_once and len(batches) > 1:
                 async with asyncio.TaskGroup() as handling:
                     for tp, records in batches.items():
-                        handling.create_task(self._partition(tp, records))
+                        handling.create_task(self._records(tp.topic, records))
             else:
                 for tp, records in batches.items():
-                    await self._partition(tp, records)
+                    await self._records(tp.topic, records)
             await consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
 
     def _pace(self, consumer: AIOKafkaConsumer, *, busy: bool) -> None:
@@ -344,9 +355,10 @@ class Consumer:
             # aiokafka reads it for every fetch request it builds (Fetcher, 0.14).
             consumer._fetcher._fetch_max_wait_ms = wait
 
-    async def _partition(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
+    async def _records(self, name: str, records: list[ConsumerRecord]) -> None:
+        """One batch of one topic's records (a partition's, or a poll's: see run)."""
         started = time.perf_counter()
-        topic = self._by_name[tp.topic]
+        topic = self._by_name[name]
         token = _HANDLING.set(self)
         try:
             await self._process(topic, records)
@@ -368,11 +380,14 @@ class Consumer:
             messages.append(
                 Message(topic, key, value, record.partition, record.offset, record.timestamp)
             )
-        by_offset = {r.offset: r for r in records}
-        await self._handle(topic, messages, by_offset)
+        by_position = {(r.partition, r.offset): r for r in records}
+        await self._handle(topic, messages, by_position)
 
     async def _handle(
-        self, topic: Topic, messages: list[Message], by_offset: dict[int, ConsumerRecord]
+        self,
+        topic: Topic,
+        messages: list[Message],
+        by_position: dict[tuple[int, int], ConsumerRecord],
     ) -> None:
         """Run the handler on ``messages``; a rejected message is dead-lettered and the
         messages before and after it are handled on their own, in order."""
@@ -390,9 +405,10 @@ class Consumer:
             if not isinstance(bad, Message) or bad not in messages:
                 raise
             at = messages.index(bad)
-            await self._handle(topic, messages[:at], by_offset)
-            await self._dead_letter(topic, by_offset[bad.offset], "process", exc.reason)
-            await self._handle(topic, messages[at + 1 :], by_offset)
+            await self._handle(topic, messages[:at], by_position)
+            record = by_position[bad.partition, bad.offset]
+            await self._dead_letter(topic, record, "process", exc.reason)
+            await self._handle(topic, messages[at + 1 :], by_position)
             return
         for _ in messages:
             self.dlq_limit.record(False)

@@ -92,6 +92,10 @@ class ConsumerSpec:
     #: handle the partitions of a poll concurrently (libs/common/kafka.Consumer): for a
     #: handler that mostly waits, whose keys never span partitions.
     partitions_at_once: bool = False
+    #: hand the handler every partition's records of a poll in one batch (per topic): for a
+    #: handler whose transaction costs more than its few records and whose keys never span
+    #: partitions (the records of one key stay in offset order).
+    partitions_together: bool = False
 
     def fetch_waits(self, settings: CommonSettings) -> tuple[int, int | None]:
         """The fetch wait while records come, and the one after a poll found nothing for a
@@ -183,6 +187,7 @@ class Runtime:
             fetch_max_wait_ms=busy_wait,
             idle_fetch_max_wait_ms=idle_wait,
             partitions_at_once=spec.partitions_at_once,
+            partitions_together=spec.partitions_together,
         )
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:

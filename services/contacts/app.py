@@ -40,6 +40,9 @@ def build(settings: ContactsSettings) -> Runtime:
             [Topic.SUPPRESSION_CHANGES],
             bind(agents.handle_suppression_changes),
             latency_critical=True,  # an unsubscribe should show at once
+            # Keyed by contact: a poll's partitions (2-3 changes each at 500/s) in one
+            # transaction instead of one each, whose fixed cost was most of the handler's.
+            partitions_together=True,
         ),
         ConsumerSpec(
             "contacts.projections",

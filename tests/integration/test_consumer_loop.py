@@ -1,6 +1,6 @@
 """libs/common/kafka.Consumer through the real broker: its fetch wait follows its topic (the
 normal wait while records come, the idle wait after a second without any), and a consumer
-that opts in handles the partitions of a poll at once."""
+that opts in handles the partitions of a poll at once, or together in one batch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
-from libs.common.kafka import Consumer, Message
+from libs.common import avro
+from libs.common.kafka import Consumer, Message, reject
 from libs.common.settings import CommonSettings
 from libs.common.topics import Topic
 from tests.conftest import Kafka, Stack, eventually
@@ -158,3 +159,68 @@ async def test_partitions_of_a_poll_are_handled_at_once_when_asked(
         await consumer.stop()
     assert len(started) == 2  # the test's topics have two partitions
     assert len(set(overlapped)) == 2, "the two partitions' handlers did not run at once"
+
+
+async def test_partitions_of_a_poll_are_handled_together_when_asked(
+    stack: Stack, kafka: Kafka, prefix: str
+) -> None:
+    """One handler call for every partition's records of a poll, each partition's in offset
+    order; a refused record is dead-lettered by its own partition and offset, the rest of
+    the batch handled once."""
+    sent = {}
+    for contact_id in range(1, 40):
+        result_id = str(uuid.uuid4())
+        await kafka.send(Topic.DELIVERY_RESULTS, contact_id, _result(result_id))
+        sent[result_id] = contact_id
+    refused = next(r for r, c in sent.items() if c == 7)
+    settings = CommonSettings(
+        kafka_bootstrap=stack.broker.bootstrap,
+        topic_prefix=prefix,
+        service="test",
+        kafka_session_timeout_ms=1000,
+        kafka_fetch_max_wait_ms=BUSY_MS,
+    )
+    calls: list[list[Message]] = []
+    handled: list[str] = []
+
+    async def handler(batch: list[Message]) -> None:
+        calls.append(batch)
+        for message in batch:
+            if message.value["result_id"] == refused:
+                raise reject(message, "contact 7 is refused")
+        handled.extend(m.value["result_id"] for m in batch)
+
+    consumer = Consumer(
+        settings,
+        kafka.publisher,
+        group=f"together-{uuid.uuid4().hex[:6]}",
+        topics=[Topic.DELIVERY_RESULTS],
+        handler=handler,
+        partitions_together=True,
+    )
+    await consumer.start()
+    task = asyncio.ensure_future(consumer.run())
+    try:
+
+        async def all_handled() -> bool:
+            return set(handled) >= set(sent) - {refused}
+
+        await eventually(all_handled)
+        dead = await kafka.read(Topic.DELIVERY_RESULTS.dlq, until=lambda rs: len(rs) >= 1)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
+    assert sorted(handled) == sorted(set(sent) - {refused})  # each once
+    assert any(len({m.partition for m in batch}) == 2 for batch in calls)
+    for batch in calls:
+        for partition in {m.partition for m in batch}:
+            offsets = [m.offset for m in batch if m.partition == partition]
+            assert offsets == sorted(offsets)
+    bad = next(m for batch in calls for m in batch if m.value["result_id"] == refused)
+    headers = dict(dead[0].headers)
+    assert (headers["dlq-partition"], headers["dlq-offset"]) == (
+        str(bad.partition).encode(),
+        str(bad.offset).encode(),
+    )
+    assert avro.decode(Topic.DELIVERY_RESULTS, dead[0].value, dead[0].headers) == bad.value
