@@ -8,9 +8,10 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from libs.common import avro
-from libs.common.kafka import Consumer, Message, reject
+from libs.common.kafka import Consumer, Handler, Message, reject
 from libs.common.settings import CommonSettings
 from libs.common.topics import Topic
 from tests.conftest import Kafka, Stack, eventually
@@ -20,9 +21,10 @@ IDLE_MS = 250
 
 
 @contextlib.asynccontextmanager
-async def consuming(
-    stack: Stack, kafka: Kafka, prefix: str, seen: list[tuple[str, int]]
+async def running(
+    stack: Stack, kafka: Kafka, prefix: str, handler: Handler, **options: Any
 ) -> AsyncIterator[Consumer]:
+    """A Consumer of delivery.results with ``options``, running until the block ends."""
     settings = CommonSettings(
         kafka_bootstrap=stack.broker.bootstrap,
         topic_prefix=prefix,
@@ -30,20 +32,13 @@ async def consuming(
         kafka_session_timeout_ms=1000,
         kafka_fetch_max_wait_ms=BUSY_MS,
     )
-    consumer: Consumer
-
-    async def handler(batch: list[Message]) -> None:
-        # The wait the consumer fetches with while it handles what came.
-        wait = consumer._consumer._fetcher._fetch_max_wait_ms  # type: ignore[union-attr]
-        seen.extend((m.value["result_id"], wait) for m in batch)
-
     consumer = Consumer(
         settings,
         kafka.publisher,
-        group=f"pace-{uuid.uuid4().hex[:6]}",
+        group=f"loop-{uuid.uuid4().hex[:6]}",
         topics=[Topic.DELIVERY_RESULTS],
         handler=handler,
-        idle_fetch_max_wait_ms=IDLE_MS,
+        **options,
     )
     await consumer.start()
     task = asyncio.ensure_future(consumer.run())
@@ -53,6 +48,22 @@ async def consuming(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await consumer.stop()
+
+
+@contextlib.asynccontextmanager
+async def consuming(
+    stack: Stack, kafka: Kafka, prefix: str, seen: list[tuple[str, int]]
+) -> AsyncIterator[Consumer]:
+    consumer: Consumer
+
+    async def handler(batch: list[Message]) -> None:
+        # The wait the consumer fetches with while it handles what came.
+        wait = consumer._consumer._fetcher._fetch_max_wait_ms  # type: ignore[union-attr]
+        seen.extend((m.value["result_id"], wait) for m in batch)
+
+    async with running(stack, kafka, prefix, handler, idle_fetch_max_wait_ms=IDLE_MS) as c:
+        consumer = c
+        yield consumer
 
 
 def _result(result_id: str) -> dict[str, object]:
@@ -113,13 +124,6 @@ async def test_partitions_of_a_poll_are_handled_at_once_when_asked(
         result_id = str(uuid.uuid4())
         await kafka.send(Topic.DELIVERY_RESULTS, contact_id, _result(result_id))
         sent[result_id] = contact_id
-    settings = CommonSettings(
-        kafka_bootstrap=stack.broker.bootstrap,
-        topic_prefix=prefix,
-        service="test",
-        kafka_session_timeout_ms=1000,
-        kafka_fetch_max_wait_ms=BUSY_MS,
-    )
     started: dict[int, asyncio.Event] = {}
     overlapped: list[int] = []
     handled: list[str] = []
@@ -137,26 +141,11 @@ async def test_partitions_of_a_poll_are_handled_at_once_when_asked(
                 overlapped.append(mine)
         handled.extend(m.value["result_id"] for m in batch)
 
-    consumer = Consumer(
-        settings,
-        kafka.publisher,
-        group=f"at-once-{uuid.uuid4().hex[:6]}",
-        topics=[Topic.DELIVERY_RESULTS],
-        handler=handler,
-        partitions_at_once=True,
-    )
-    await consumer.start()
-    task = asyncio.ensure_future(consumer.run())
-    try:
+    async def all_handled() -> bool:
+        return set(handled) >= set(sent)
 
-        async def all_handled() -> bool:
-            return set(handled) >= set(sent)
-
+    async with running(stack, kafka, prefix, handler, partitions_at_once=True):
         await eventually(all_handled)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await consumer.stop()
     assert len(started) == 2  # the test's topics have two partitions
     assert len(set(overlapped)) == 2, "the two partitions' handlers did not run at once"
 
@@ -173,13 +162,6 @@ async def test_partitions_of_a_poll_are_handled_together_when_asked(
         await kafka.send(Topic.DELIVERY_RESULTS, contact_id, _result(result_id))
         sent[result_id] = contact_id
     refused = next(r for r, c in sent.items() if c == 7)
-    settings = CommonSettings(
-        kafka_bootstrap=stack.broker.bootstrap,
-        topic_prefix=prefix,
-        service="test",
-        kafka_session_timeout_ms=1000,
-        kafka_fetch_max_wait_ms=BUSY_MS,
-    )
     calls: list[list[Message]] = []
     handled: list[str] = []
 
@@ -190,27 +172,12 @@ async def test_partitions_of_a_poll_are_handled_together_when_asked(
                 raise reject(message, "contact 7 is refused")
         handled.extend(m.value["result_id"] for m in batch)
 
-    consumer = Consumer(
-        settings,
-        kafka.publisher,
-        group=f"together-{uuid.uuid4().hex[:6]}",
-        topics=[Topic.DELIVERY_RESULTS],
-        handler=handler,
-        partitions_together=True,
-    )
-    await consumer.start()
-    task = asyncio.ensure_future(consumer.run())
-    try:
+    async def all_handled() -> bool:
+        return set(handled) >= set(sent) - {refused}
 
-        async def all_handled() -> bool:
-            return set(handled) >= set(sent) - {refused}
-
+    async with running(stack, kafka, prefix, handler, partitions_together=True):
         await eventually(all_handled)
         dead = await kafka.read(Topic.DELIVERY_RESULTS.dlq, until=lambda rs: len(rs) >= 1)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await consumer.stop()
     assert sorted(handled) == sorted(set(sent) - {refused})  # each once
     assert any(len({m.partition for m in batch}) == 2 for batch in calls)
     for batch in calls:
