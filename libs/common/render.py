@@ -234,6 +234,22 @@ def text_template_from_html(template: mergetags.Template) -> mergetags.Template:
     return links.from_sentinels(html_to_text(links.with_sentinels(template)), template)
 
 
+class _Body:
+    """A body part: its template with links, and its base64 (constant text encoded once)."""
+
+    __slots__ = ("_base64", "_linked")
+
+    def __init__(self, linked: links.LinkedTemplate) -> None:
+        self._linked = linked
+        self._base64 = Base64Part(linked.constants)
+
+    def encode(
+        self, values: Mapping[str, str], click: Callable[[str], str], pixel: str = ""
+    ) -> str:
+        """The part for one recipient, base64 in CRLF lines."""
+        return self._base64.encode(self._linked.render_parts(values, click, pixel))
+
+
 class CampaignMessage:
     """One campaign's mail: built once, then :meth:`render` per recipient.
 
@@ -289,15 +305,11 @@ class CampaignMessage:
         clicks = tracking is not None and track_clicks
         self._pixel = tracking is not None and track_opens and self.html is not None
         tracks = tracking.tracks if tracking is not None else trackable
-        self._text_linked = links.linked_text(self.text, tracks, clicks=clicks)
-        self._html_linked = (
+        self._text_body = _Body(links.linked_text(self.text, tracks, clicks=clicks))
+        self._html_body = (
             None
             if self.html is None
-            else links.linked_html(self.html, tracks, clicks=clicks, pixel=self._pixel)
-        )
-        self._text_base64 = Base64Part(self._text_linked.constants)
-        self._html_base64 = (
-            None if self._html_linked is None else Base64Part(self._html_linked.constants)
+            else _Body(links.linked_html(self.html, tracks, clicks=clicks, pixel=self._pixel))
         )
 
         static: list[str] = [
@@ -411,17 +423,15 @@ class CampaignMessage:
             click = recipient.click
             if self._pixel:
                 pixel = recipient.pixel()
-        text_body = self._text_base64.encode(self._text_linked.render_parts(values, click))
-        if self._html_linked is None or self._html_base64 is None:
+        text_body = self._text_body.encode(values, click)
+        if self._html_body is None:
             lines.append(text_body)
             lines.append(CRLF)
         else:
             lines.append(self._before_text)
             lines.append(text_body)
             lines.append(self._before_html)
-            lines.append(
-                self._html_base64.encode(self._html_linked.render_parts(values, click, pixel))
-            )
+            lines.append(self._html_body.encode(values, click, pixel))
             lines.append(self._closing)
         return "".join(lines).encode("utf-8")
 
