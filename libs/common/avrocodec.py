@@ -74,7 +74,9 @@ def _read_long(data: bytes, pos: int) -> tuple[int, int]:
     return (z >> 1) ^ -(z & 1), pos
 
 
-def _timestamp_millis(value: Any) -> int:
+def timestamp_millis(value: Any) -> int:
+    """timestamp-millis as fastavro writes it: an int as it is, an aware datetime in whole
+    milliseconds since the epoch; anything else raises :class:`Fallback`."""
     if type(value) is int:
         return value
     if isinstance(value, dt.datetime) and value.tzinfo is not None:
@@ -98,7 +100,7 @@ def _int(value: Any) -> int:
 _HELPERS: dict[str, Any] = {
     "_zigzag": zigzag,
     "_read_long": _read_long,
-    "_timestamp_millis": _timestamp_millis,
+    "_timestamp_millis": timestamp_millis,
     "_long": _long,
     "_int": _int,
     "_Fallback": Fallback,

@@ -16,13 +16,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from libs.common import avro
-from libs.common.avrocodec import zigzag
+from libs.common.avrocodec import timestamp_millis, zigzag
 from libs.common.errors import InvalidMessage
 
 #: the send.requests schema version these bytes follow (schemas/avro/send.requests.avsc).
 VERSION = 4
 HEADERS = [(avro.VERSION_HEADER, str(VERSION).encode())]
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def _string(text: str) -> bytes:
@@ -39,11 +38,9 @@ def _boolean(value: bool) -> bytes:
 
 
 def _millis(moment: dt.datetime) -> int:
-    """timestamp-millis as fastavro computes it for an aware datetime."""
     if moment.tzinfo is None:
         raise InvalidMessage("released_at must be an aware datetime")
-    delta = moment - _EPOCH
-    return (delta.days * 86400 + delta.seconds) * 1000 + int(delta.microseconds / 1000)
+    return timestamp_millis(moment)
 
 
 def _content(content: Mapping[str, Any]) -> bytes:

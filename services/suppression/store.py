@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from libs.common import avro, outbox
+from libs.common import avro, avrocodec, outbox
 from libs.common.db import Queries
 from libs.common.errors import Forbidden, NotFound
 from libs.common.metrics import SUPPRESSION_CHANGES
@@ -133,9 +133,6 @@ async def change_state(
     return transition, row
 
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
 @functools.cache
 def _tail_checked() -> None:
     """reader-unsubscribe appends changed_at and version to a record encoded without them:
@@ -156,7 +153,7 @@ def record_head(change: dict[str, Any]) -> tuple[bytes, int]:
     version): with both 0 the record ends in one zero byte each."""
     _tail_checked()
     _, _, payload, version = outbox.row(
-        Topic.SUPPRESSION_CHANGES, None, {**change, "changed_at": _EPOCH, "version": 0}
+        Topic.SUPPRESSION_CHANGES, None, {**change, "changed_at": avrocodec.EPOCH, "version": 0}
     )
     assert payload.endswith(b"\0\0"), payload
     return payload[:-2], version
