@@ -29,6 +29,7 @@ from pathlib import Path
 import uvloop
 
 from bench import bounce, campaign, export, ingest, search, snapshot, unsubscribe
+from bench.cpu import loadavg
 from bench.load import load
 from bench.report import Result, json_line, progress, table
 from bench.stack import database
@@ -173,11 +174,6 @@ async def main(args: argparse.Namespace, root: Path) -> list[Result]:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return results
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg", encoding="utf-8") as f:
-        return " ".join(f.read().split()[:3])
 
 
 def run(argv: list[str]) -> int:

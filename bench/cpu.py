@@ -77,3 +77,8 @@ def idle_percent(idle: tuple[Sample, Sample]) -> dict[str, float]:
         name: round((idle_b[name] - idle_a[name]) / (idle_to - idle_from) * 100, 1)
         for name in idle_b
     }
+
+
+def loadavg() -> str:
+    """The machine's 1, 5 and 15-minute load averages."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])

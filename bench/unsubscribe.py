@@ -23,7 +23,7 @@ import aiohttp
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from bench.cpu import CpuMeter
+from bench.cpu import CpuMeter, loadavg
 from bench.processes import ready, start, stop
 from bench.report import Result, ms, percentile, progress
 from libs.common import avro, db
@@ -119,7 +119,7 @@ def _machine_busy() -> tuple[float, float]:
 
 
 def _loadavg() -> str:
-    return Path("/proc/loadavg").read_text().split()[0]
+    return loadavg().split()[0]
 
 
 async def _projection_batches(port: int) -> dict[str, Any]:
