@@ -151,6 +151,14 @@ class MaildirHandler:
         for sub in ("tmp", "new", "cur"):  # an existing empty folder is completed too
             (maildir / sub).mkdir(exist_ok=True)
 
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        """Offer PIPELINING, as Postfix and most relays do (aiosmtpd reads commands line by
+        line, so pipelined ones just work)."""
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         content = envelope.original_content or envelope.content
         if isinstance(content, str):
