@@ -104,6 +104,13 @@ SENDER_SMTP_SECONDS = Histogram(
     ["relay"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+#: SMTP transactions whose MAIL, RCPT and DATA went out behind the previous message's end
+#: of data on the same connection (PIPELINING: one round trip a message), by relay.
+SENDER_AHEAD = Counter(
+    "tayori_sender_transactions_ahead_total",
+    "SMTP transactions pipelined behind the previous message",
+    ["relay"],
+)
 #: SMTP connections open, by relay.
 SENDER_CONNECTIONS = Gauge("tayori_sender_smtp_connections", "SMTP connections open", ["relay"])
 #: relay problems (connect failed, 421, connection lost), by relay and kind.
@@ -113,7 +120,7 @@ SENDER_RELAY_ERRORS = Counter(
 #: 4xx replies that put a message back for a later try, by relay.
 SENDER_RETRIES = Counter("tayori_sender_retries_total", "Messages retried after 4xx", ["relay"])
 #: ledger rows found unfinished or finished when a request came again, by what was done:
-#: resent (claimed), assumed_sent (handed), republished (done).
+#: resent (not done: sent again, same Message-ID), republished (done: result again).
 SENDER_LEDGER_RECOVERIES = Counter(
     "tayori_sender_ledger_recoveries_total", "Ledger recoveries", ["kind"]
 )
@@ -122,10 +129,10 @@ SENDER_LEDGER_RECOVERIES = Counter(
 SENDER_DROPPED = Counter(
     "tayori_sender_requests_dropped_total", "Send requests dropped by campaign control", ["state"]
 )
-#: messages handed (end of data written) per group commit.
+#: outcomes recorded per ledger group commit.
 SENDER_GROUP_COMMIT_SIZE = Histogram(
     "tayori_sender_group_commit_size",
-    "Messages handed per ledger commit",
+    "Outcomes recorded per ledger commit",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 

@@ -106,15 +106,14 @@ async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
                     again.append(c.result)
                 continue
             if not c.fresh:
-                # 'handed': the relay may have kept the first copy; the resend carries the
-                # same Message-ID (ledger.py: nothing lost, a duplicate is recognisable).
-                SENDER_LEDGER_RECOVERIES.labels(f"resent_{c.status}").inc()
-                if c.status == "handed":
-                    log.warning(
-                        "resending_after_end_of_data",
-                        campaign_id=c.key.campaign_id,
-                        contact_id=c.key.contact_id,
-                    )
+                # Its relay may have kept a first copy; the resend carries the same
+                # Message-ID (ledger.py: nothing lost, a duplicate is recognisable).
+                SENDER_LEDGER_RECOVERIES.labels("resent").inc()
+                log.info(
+                    "resending_unfinished",
+                    campaign_id=c.key.campaign_id,
+                    contact_id=c.key.contact_id,
+                )
             decision = verdicts[c.key]
             if not decision:
                 log.info(
@@ -255,7 +254,7 @@ async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:
             if c.status == "done" and not c.fresh:
                 continue
             if not c.fresh:
-                SENDER_LEDGER_RECOVERIES.labels(f"resent_{c.status}").inc()
+                SENDER_LEDGER_RECOVERIES.labels("resent").inc()
             compose = functools.partial(ctx.composer.system_mail, mail, to)
             deliveries.append(Delivery(c.key, "system", to, compose))
         await ledger.finish(conn, finished)

@@ -1,7 +1,7 @@
 """The send ledger: every (campaign, step, contact) is delivered once, across crashes.
 
 One row per ``(campaign_id, step_id or '', contact_id)``; ``mail.system`` uses
-``('mail:<mail_id>', '', <recipient index>)``. A row moves ``claimed → handed → done``.
+``('mail:<mail_id>', '', <recipient index>)``. A row moves ``claimed → done``.
 
 Across ``kill -9``
 ------------------
@@ -11,51 +11,40 @@ discard the partial message. So the only moment that matters is the terminator w
 
 1. **claim**: one transaction per consumed batch inserts the batch's keys as ``claimed``
    (``ON CONFLICT DO NOTHING``; what was there already says what to do instead).
-2. each pooled connection sends MAIL, RCPT and DATA and, once the relay said 354, hands
-   the message to the :class:`Ledger`'s group committer, holding its content and
-   terminator.
-3. the committer marks every message ready at that moment ``handed`` in **one**
-   transaction; right after the commit returns it writes every held content with its
-   terminator (one write each), with no ``await`` in between (nothing else can run, and
-   cancellation cannot land, between the commit and the writes). The content could go
-   before the commit as well (the relay keeps nothing without the terminator); sent with
-   the terminator it costs one write and one TCP segment less per message, at both ends.
-4. each connection reads its reply; outcomes (``done``, with the DeliveryResult stored in
-   the row) are written by the next committer cycle, batched, and the cycle's results go
-   to ``delivery.results`` right after its commit. The consumed batch's offsets are
-   committed only once every result of the batch is acknowledged by the broker, so the
-   ledger itself is the record of what must be (re)published: no outbox table.
-5. on restart or redelivery, a ``claimed`` row is sent again (its relay never got a
-   terminator, so nothing was delivered), a ``done`` row re-publishes its stored result
-   with the **same result_id** (consumers count a result id or a recipient once, and the
-   scheduler needs an answer for every recipient it released), and a ``handed`` row is
-   sent again too.
+2. each pooled connection sends MAIL, RCPT and DATA and, once the relay said 354, the
+   content with its terminator (smtp.py), then reads the reply.
+3. outcomes (``done``, with the DeliveryResult stored in the row) are written by the
+   :class:`Ledger`'s group committer, batched, and each cycle's results go to
+   ``delivery.results`` right after its commit. The consumed batch's offsets are committed
+   only once every result of the batch is acknowledged by the broker, so the ledger itself
+   is the record of what must be (re)published: no outbox table.
+4. on restart or redelivery, a row not ``done`` is sent again and a ``done`` row
+   re-publishes its stored result with the **same result_id** (consumers count a result id
+   or a recipient once, and the scheduler needs an answer for every recipient it released).
 
-That last case is the window SMTP leaves open whatever the order (RFC 5321 §4.1.1.4,
-RFC 1047): between the terminator reaching the relay and its reply being recorded, only
-the relay knows whether it kept the message. Writing the ledger first and the terminator
-right after it (no ``await`` in between) makes the window as small as it can be, and we
-resolve what is left towards **nothing lost**: a ``handed`` row is resent, with the same
-Message-ID (compose.py makes it from the ledger key), so a copy that did get through is
-the same message, recognisable and dropped by Message-ID by mailbox providers and by
-``tests/integration/test_sender_crash.py``, which counts mail per (recipient,
-Message-ID). The alternative, reporting ``handed`` rows as sent, loses the mail whose
-terminator never left: on a loaded 2-core machine a kill landed there in 2 runs of 16.
-A connection lost after the end of data is the same case and is resent the same way; a
-terminator write that fails, or a 421/4xx at end of data, puts the row back to
-``claimed``.
+The window SMTP leaves open whatever the order (RFC 5321 §4.1.1.4, RFC 1047) is between
+the terminator reaching the relay and its reply being recorded: only the relay knows
+whether it kept the message. We resolve it towards **nothing lost**: such a row is still
+``claimed`` and is resent, with the same Message-ID (compose.py makes it from the ledger
+key), so a copy that did get through is the same message, recognisable and dropped by
+Message-ID by mailbox providers and by ``tests/integration/test_sender_crash.py``, which
+counts mail per (recipient, Message-ID). The alternative, reporting such rows as sent,
+loses the mail whose terminator never left: on a loaded 2-core machine a kill landed there
+in 2 runs of 16.
+
+How many messages a crash can send twice is bounded: a connection writes a terminator only
+while at most one earlier message of its own waits for its outcome's commit
+(``smtp.UNRECORDED_PER_CONNECTION``), so at most two per connection. (Earlier versions
+also committed a ``handed`` status before each terminator: it told resends apart in a
+metric but changed no outcome, and cost every message a wait for a commit. A ``handed`` row
+an older sender left is treated as ``claimed``.)
 
 Cycles commit without waiting for the WAL flush (``synchronous_commit`` off for that
 transaction): on this kind of machine the flush is most of PostgreSQL's work per message.
 A crash of the sender loses nothing PostgreSQL committed; before the offsets of a batch
 are committed, :meth:`Ledger.flush` makes every earlier cycle durable with one flushing
-commit. Only a crash of PostgreSQL itself can lose the last cycles, and what they recorded is then
-resent and re-reported under the rule above.
-
-Results go to ``delivery.results`` once the cycle (or the claim) that recorded them
-committed, and a batch's offsets are committed only after all of them are acknowledged:
-the ledger is the record of what must be (re)published, with no outbox row per message
-(results.py).
+commit. Only a crash of PostgreSQL itself can lose the last cycles, and what they recorded
+is then resent and re-reported under the rule above.
 
 Two senders, one partition: a rebalance can give a partition to a new member while the old
 one still sends its batch. Every row records its ``owner``, a random key whose session-level
@@ -77,7 +66,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from aiosmtplib import SMTPException
 
 from libs.common.db import Queries, connect
 from libs.common.kafka import Publisher
@@ -91,7 +79,8 @@ log = get_logger(__name__)
 QUERIES = Queries(Path(__file__).with_name("queries.sql"))
 
 
-#: statuses of a row whose sending is not over: its owner may still be at it.
+#: statuses of a row whose sending is not over: its owner may still be at it ('handed':
+#: written by older senders, the same as 'claimed' now).
 UNFINISHED = ("claimed", "handed")
 
 
@@ -100,10 +89,6 @@ class LedgerKey:
     campaign_id: str
     step_id: str
     contact_id: int
-
-
-class TerminatorNotWritten(Exception):
-    """The end of data could not be written (connection gone): the relay discarded it."""
 
 
 @dataclass
@@ -285,13 +270,12 @@ class OwnerLock:
         return living
 
 
-async def finish(
-    conn: asyncpg.Connection, done: Sequence[tuple[LedgerKey, str, Outcome, dict[str, Any] | None]]
-) -> list[dict[str, Any]]:
-    """Record outcomes (key, kind, outcome, result) in the caller's transaction; returns the
-    campaign rows' results, for :func:`publish` once the transaction committed."""
-    if not done:
-        return []
+Done = tuple[LedgerKey, str, Outcome, dict[str, Any] | None]
+
+
+async def record(conn: asyncpg.Connection | ReplannedConnection, done: Sequence[Done]) -> None:
+    """Record outcomes (key, kind, outcome, result) in one statement (queries.sql
+    "finish"); in the caller's transaction when ``conn`` is in one."""
     keys = [d[0] for d in done]
     await conn.execute(
         QUERIES["finish"],
@@ -301,31 +285,30 @@ async def finish(
         [d[2].message_id for d in done],
         [None if d[3] is None else json.dumps(d[3]) for d in done],
     )
+
+
+async def finish(conn: asyncpg.Connection, done: Sequence[Done]) -> list[dict[str, Any]]:
+    """Record outcomes decided without SMTP (suppressed) in the caller's transaction;
+    returns the campaign rows' results, for :func:`publish` once it committed."""
+    if not done:
+        return []
+    await record(conn, done)
     for _, kind, outcome, _ in done:
         SENDER_SENDS.labels(kind, outcome.outcome, outcome.relay or "").inc()
     return [d[3] for d in done if d[3] is not None]
 
 
-@dataclass
-class _Hand:
-    delivery: Delivery
-    message_id: str
-    write_terminator: Callable[[], None]
-    written: asyncio.Future[None]
-
-
-#: group commits running at once. One: what gets ready while a cycle commits waits for the
+#: group commits running at once. One: what finishes while a cycle commits waits for the
 #: next, so cycles are big and PostgreSQL's cost per message small. The campaign benchmark
 #: measured 1,088 msgs/s with one, 844 with two and ~750 with three (32 connections).
 MAX_CYCLES_IN_FLIGHT = 1
 
 
 class Ledger:
-    """The group committer: hands ready messages and records outcomes in batched cycles.
+    """The group committer: records outcomes in batched cycles, one transaction each.
 
-    Workers call :meth:`hand` (returns once the row is 'handed' and the terminator written),
-    :meth:`unhand` (the row goes back to 'claimed') and :meth:`finish` (the outcome; the
-    delivery's ``done`` resolves once it is committed). One cycle = one transaction.
+    Workers call :meth:`finish` with an outcome; the delivery's ``done`` resolves once it
+    is committed, and its result goes to ``delivery.results`` after that commit.
     """
 
     def __init__(
@@ -339,8 +322,6 @@ class Ledger:
         self.service = service
         #: where cycles run: planned at each execution (replan.py says why).
         self.cycles = cycles
-        self._hands: list[_Hand] = []
-        self._unhands: list[tuple[Delivery, asyncio.Future[None]]] = []
         self._finished: list[tuple[Delivery, Outcome]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -353,46 +334,26 @@ class Ledger:
         self._task.set_name("sender:ledger")
 
     async def stop(self) -> None:
-        """After the relay workers stopped: let the cycle in progress finish (terminators
-        after a commit are always written), then record the outcomes still pending. Pending
-        hands are dropped, not committed: their workers closed the connection without a
-        terminator, so those rows stay 'claimed' and are sent again after the restart."""
+        """After the relay workers stopped: let the cycle in progress finish, then record
+        the outcomes still pending (not published: their batch is not committed, and its
+        next consumer republishes them from the ledger)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         await asyncio.gather(*self._cycles, return_exceptions=True)
         await self.results.stop()
-        for hand in self._hands:
-            hand.written.cancel()
-        self._hands = []
-        unhands, self._unhands = self._unhands, []
         finished, self._finished = self._finished, []
-        if unhands or finished:
+        if finished:
             try:
-                # Not published: the batch is not committed, its next consumer republishes.
-                await self._commit([], unhands, finished, announce=False)
+                await self._commit(finished, announce=False)
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("ledger_final_flush_failed", error=repr(exc))
         await self.cycles.close()
 
-    async def hand(
-        self, delivery: Delivery, message_id: str, write_terminator: Callable[[], None]
-    ) -> None:
-        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._hands.append(_Hand(delivery, message_id, write_terminator, written))
-        self._wake.set()
-        await written
-
-    async def unhand(self, delivery: Delivery) -> None:
-        committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._unhands.append((delivery, committed))
-        self._wake.set()
-        await committed
-
     async def flush(self) -> None:
         """Make every cycle committed so far durable (cycles commit asynchronously; see
-        queries.sql "cycle"): called before a batch's offsets are committed."""
+        queries.sql "finish"): called before a batch's offsets are committed."""
 
         async def transaction() -> None:
             async with self.pool.acquire() as conn, conn.transaction():
@@ -410,24 +371,15 @@ class Ledger:
             self._wake.clear()
             while len(self._cycles) >= MAX_CYCLES_IN_FLIGHT:
                 await asyncio.wait(self._cycles, return_when=asyncio.FIRST_COMPLETED)
-            if not (self._hands or self._unhands or self._finished):
+            if not self._finished:
                 continue
-            hands, self._hands = self._hands, []
-            unhands, self._unhands = self._unhands, []
             finished, self._finished = self._finished, []
-            # A task of its own: once a cycle started, its commit is followed by its
-            # terminator writes even if the service is stopping (stop() waits for it).
-            cycle = asyncio.ensure_future(self._commit(hands, unhands, finished))
+            cycle = asyncio.ensure_future(self._commit(finished))
             self._cycles.add(cycle)
             cycle.add_done_callback(self._cycles.discard)
 
     async def _commit(
-        self,
-        hands: list[_Hand],
-        unhands: list[tuple[Delivery, asyncio.Future[None]]],
-        finished: list[tuple[Delivery, Outcome]],
-        *,
-        announce: bool = True,
+        self, finished: list[tuple[Delivery, Outcome]], *, announce: bool = True
     ) -> None:
         done = [
             (
@@ -439,48 +391,16 @@ class Ledger:
             for d, o in finished
         ]
 
-        hand_keys = [h.delivery.key for h in hands]
-        unhand_keys = [d.key for d, _ in unhands]
-        done_keys = [d[0] for d in done]
-        arguments = [
-            *_columns(hand_keys),
-            [h.delivery.relay for h in hands],
-            [h.message_id for h in hands],
-            *_columns(unhand_keys),
-            *_columns(done_keys),
-            [d[2].outcome for d in done],
-            [d[2].relay for d in done],
-            [d[2].message_id for d in done],
-            [None if d[3] is None else json.dumps(d[3]) for d in done],
-        ]
-
         async def transaction() -> None:
-            # One statement, one round trip, one commit: see queries.sql "cycle".
-            await self.cycles.execute(QUERIES["cycle"], *arguments)
+            await record(self.cycles, done)
 
         try:
             await retry(transaction, name="sender:ledger", service=self.service, strategy=FOREVER)
         except BaseException as exc:
-            for h in hands:
-                _fail(h.written, exc)
-            for _, committed in unhands:
-                _fail(committed, exc)
             for d, _ in finished:
                 _fail(d.done, exc)
             raise
-        # Committed: write every held terminator now, before anything else can run.
-        for h in hands:
-            try:
-                h.write_terminator()
-            except (OSError, SMTPException, RuntimeError) as exc:  # the connection is gone
-                _fail(h.written, TerminatorNotWritten(repr(exc)))
-            else:
-                if not h.written.done():
-                    h.written.set_result(None)
-        SENDER_GROUP_COMMIT_SIZE.observe(len(hands))
-        for _, committed in unhands:
-            if not committed.done():
-                committed.set_result(None)
+        SENDER_GROUP_COMMIT_SIZE.observe(len(finished))
         results = [r for _, _, _, r in done if r is not None]
         if announce and results:
             sent = self.results.announce(results)

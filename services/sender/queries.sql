@@ -34,12 +34,28 @@ JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS u(campaign_id, step_id, con
     USING (campaign_id, step_id, contact_id);
 
 -- name: finish
-UPDATE send_ledger l
-SET status = 'done', outcome = u.outcome, relay = u.relay, message_id = u.message_id,
-    result = u.result::jsonb, updated_at = now()
-FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
-    AS u(campaign_id, step_id, contact_id, outcome, relay, message_id, result)
-WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id AND l.contact_id = u.contact_id;
+-- Record outcomes with their delivery.results (published after the commit: ledger.py) in
+-- one statement: the Ledger's group-commit cycle (its own transaction, one round trip) and
+-- the suppressed outcomes of a batch's claim transaction.
+-- The commit does not wait for the WAL flush (synchronous_commit off for this transaction
+-- only): a crash of the *sender* loses nothing committed, and before a batch's offsets are
+-- committed the handler makes everything durable with one flushing commit (Ledger.flush).
+-- Only a PostgreSQL crash can lose the last cycles, and what they recorded is then resent
+-- (same Message-ID) and re-reported: the ledger's rule, ledger.py.
+WITH settings AS (
+    SELECT set_config('synchronous_commit', 'off', true)
+), finished AS (
+    UPDATE send_ledger l
+    SET status = 'done', outcome = u.outcome, relay = u.relay, message_id = u.message_id,
+        result = u.result::jsonb, updated_at = now()
+    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                $7::text[])
+        AS u(campaign_id, step_id, contact_id, outcome, relay, message_id, result)
+    WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id
+      AND l.contact_id = u.contact_id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM settings) AS asynchronous, (SELECT count(*) FROM finished) AS rows;
 
 -- name: control-states
 -- Campaigns of a batch that must not send now (paused, halted, cancelled).
@@ -104,48 +120,6 @@ SELECT email, state FROM address_copy WHERE email = ANY($1::text[]) AND state <>
 
 -- name: blacklist-rules
 SELECT value, state FROM blacklist_copy WHERE value = ANY($1::text[]) AND state <> 'cleared';
-
--- name: cycle
--- One group-commit cycle of the Ledger in ONE statement (its own transaction, one round
--- trip): hand the ready messages, put refused ends of data back to 'claimed', record
--- outcomes with their delivery.results (published after the commit: ledger.py).
--- (Data-modifying CTEs always run to completion; no key appears in two of them.)
--- Its commit does not wait for the WAL flush (synchronous_commit off for this transaction
--- only): a crash of the *sender* loses nothing committed, and before a batch's offsets are
--- committed the handler makes everything durable with one flushing commit (Ledger.flush).
--- Only a PostgreSQL crash can lose the last cycles, and what they recorded is then resent
--- (same Message-ID) and re-reported: the ledger's at-least-once rule, ledger.py.
-WITH settings AS (
-    SELECT set_config('synchronous_commit', 'off', true)
-), handed AS (
-    UPDATE send_ledger l
-    SET status = 'handed', relay = u.relay, message_id = u.message_id, updated_at = now()
-    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[])
-        AS u(campaign_id, step_id, contact_id, relay, message_id)
-    WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id
-      AND l.contact_id = u.contact_id
-    RETURNING 1
-), unhanded AS (
-    UPDATE send_ledger l
-    SET status = 'claimed', updated_at = now()
-    FROM unnest($6::text[], $7::text[], $8::bigint[]) AS u(campaign_id, step_id, contact_id)
-    WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id
-      AND l.contact_id = u.contact_id
-    RETURNING 1
-), finished AS (
-    UPDATE send_ledger l
-    SET status = 'done', outcome = u.outcome, relay = u.relay, message_id = u.message_id,
-        result = u.result::jsonb, updated_at = now()
-    FROM unnest($9::text[], $10::text[], $11::bigint[], $12::text[], $13::text[], $14::text[],
-                $15::text[])
-        AS u(campaign_id, step_id, contact_id, outcome, relay, message_id, result)
-    WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id
-      AND l.contact_id = u.contact_id
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM settings) AS asynchronous,
-       (SELECT count(*) FROM handed) + (SELECT count(*) FROM unhanded)
-       + (SELECT count(*) FROM finished) AS rows;
 
 -- name: ledger-summary
 SELECT status, outcome, count(*) AS n FROM send_ledger WHERE campaign_id = $1

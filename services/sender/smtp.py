@@ -24,6 +24,7 @@ import random
 import re
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 
 from aiosmtplib import SMTP, SMTPException, SMTPHeloError
@@ -32,6 +33,7 @@ from aiosmtplib.protocol import normalize_message_line_endings
 from libs.common.errors import InvalidMessage
 from libs.common.logging import get_logger, mask_email
 from libs.common.metrics import (
+    SENDER_AHEAD,
     SENDER_CONNECTIONS,
     SENDER_RELAY_ERRORS,
     SENDER_RETRIES,
@@ -39,12 +41,7 @@ from libs.common.metrics import (
 )
 from libs.common.smtp_reply import Reply, classify, outcome_of
 from services.sender.exchange import Exchange, take_over
-from services.sender.ledger import (
-    Delivery,
-    Ledger,
-    Outcome,
-    TerminatorNotWritten,
-)
+from services.sender.ledger import Delivery, Ledger, Outcome
 from services.sender.settings import SenderSettings
 
 log = get_logger(__name__)
@@ -53,6 +50,11 @@ TERMINATOR = b"\r\n.\r\n"
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 _DOT_AFTER_LF = re.compile(rb"\n\.")
 _MAX_RELAY_BACKOFF = 30.0
+#: messages per connection whose end of data went out while their outcome is not recorded
+#: yet: what a crash may have the relay receive twice (ledger.py). With one, each message
+#: waited for a ledger commit between its DATA reply and its end of data; with two, the
+#: commit of one overlaps the next one's exchange.
+UNRECORDED_PER_CONNECTION = 2
 #: errors that mean the connection (not the message) failed.
 CONNECTION_ERRORS = (OSError, SMTPException, TimeoutError)
 
@@ -88,12 +90,27 @@ def smtp_path(address: str) -> bytes:
 _NOT_IN_PATH = re.compile(r"[<>\s\x00-\x1f\x7f]")
 
 
+def _commands(reverse_path: bytes, forward_path: bytes) -> bytes:
+    """MAIL, RCPT and DATA, pipelined."""
+    return b"MAIL FROM:" + reverse_path + b"\r\nRCPT TO:" + forward_path + b"\r\nDATA\r\n"
+
+
 class RateLimit:
     """At most ``rate`` messages per second (0 = unlimited), spaced evenly."""
 
     def __init__(self, rate: float) -> None:
         self.interval = 1.0 / rate if rate > 0 else 0.0
         self._next = 0.0
+
+    def take_now(self) -> bool:
+        """Take the next slot if it is due now, without waiting."""
+        if not self.interval:
+            return True
+        now = time.monotonic()
+        if self._next > now:
+            return False
+        self._next = now + self.interval
+        return True
 
     async def wait(self) -> None:
         if not self.interval:
@@ -114,6 +131,7 @@ class Relay:
         self.name = f"{host}:{port}"
         self.limit = RateLimit(settings.smtp_rate_limit)
         self.smtp_seconds = SENDER_SMTP_SECONDS.labels(self.name)
+        self.ahead = SENDER_AHEAD.labels(self.name)
         self.base_backoff = settings.smtp_relay_backoff
         self.down_until = 0.0
         self.open_connections = 0
@@ -219,29 +237,49 @@ class _Worker:
         self.exchange: Exchange | None = None
         self.pipelining = False  # what the relay's EHLO offered
         self.timeout = pool.settings.smtp_timeout
+        #: the next delivery, whose MAIL, RCPT and DATA went out behind the last message's
+        #: end of data (RFC 2920 §3.1), and when.
+        self.ahead: Delivery | None = None
+        self.ahead_started = 0.0
+        #: outcomes of messages whose end of data went out on this connection, until the
+        #: ledger has committed them (their ``done``), oldest first.
+        self.recording: deque[asyncio.Future[None]] = deque()
 
     async def run(self) -> None:
         try:
             while True:
-                wait = self.relay.down_until - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                delivery = await self.pool.queue.get()
-                if delivery.done.done():  # abandoned meanwhile (the handler was cancelled)
-                    continue
-                if not self.pool.still_wanted(delivery):
-                    log.info("delivery_abandoned", campaign_id=delivery.campaign_id)
-                    delivery.done.set_result(None)
-                    continue
+                delivery, self.ahead = self.ahead, None
+                written = delivery is not None
+                if delivery is None:
+                    wait = self.relay.down_until - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    delivery = await self.pool.queue.get()
+                    if not self._wanted(delivery):
+                        continue
                 try:
-                    await self._deliver(delivery)
+                    await self._deliver(delivery, written=written)
                 except _RelayProblem as problem:
                     self._close()
                     if problem.kind != "stale":
                         self.relay.failed(problem.kind)
                     self.pool.submit(delivery)
+                    if self.ahead is not None:  # its commands went on a connection now closed
+                        self.pool.submit(self.ahead)
+                        self.ahead = None
         finally:
             self._close()
+
+    def _wanted(self, delivery: Delivery) -> bool:
+        """False for a delivery abandoned while it queued: its handler was cancelled, or its
+        campaign stopped (then it is done, with no outcome)."""
+        if delivery.done.done():
+            return False
+        if not self.pool.still_wanted(delivery):
+            log.info("delivery_abandoned", campaign_id=delivery.campaign_id)
+            delivery.done.set_result(None)
+            return False
+        return True
 
     async def _connect(self) -> Exchange:
         if self.client is not None and self.client.is_connected and self.exchange is not None:
@@ -287,60 +325,91 @@ class _Worker:
             raise _RelayProblem(f"reply_{reply.code}")
         return reply
 
-    async def _deliver(self, d: Delivery) -> None:
-        if d.composed is None:
-            try:
-                content, message_id, mail_from = d.compose()
-                # compose.py writes CRLF line ends only (CampaignMessage, EmailMessage with
-                # the SMTP policy, DKIM with linesep CRLF).
-                d.composed = (data_payload(content, crlf=True), message_id, mail_from)
-                d.paths = (smtp_path(mail_from), smtp_path(d.email))
-            except InvalidMessage as exc:  # e.g. a recipient address no relay would take
-                self._finish(d, Outcome("permanent_error", diagnostic=f"not sent: {exc.reason}"))
-                return
-        payload, message_id, _ = d.composed
-        reverse_path, forward_path = d.paths
-        reused = self.client is not None and self.client.is_connected
-        exchange = await self._connect()
-        await self.relay.limit.wait()
-        d.relay = self.relay.name
-        started = time.perf_counter()
-        if exchange.discard_unasked():
-            log.warning("smtp_reply_out_of_turn", relay=self.relay.name)
-        if self.pipelining:
-            replies = await self._pipelined(exchange, reverse_path, forward_path, reused)
+    def _composed(self, d: Delivery) -> bool:
+        """Make the delivery's content and paths once; False (its outcome recorded) when
+        no mail can be made of it, e.g. a recipient address no relay would take."""
+        if d.composed is not None:
+            return True
+        try:
+            content, message_id, mail_from = d.compose()
+            # compose.py writes CRLF line ends only (CampaignMessage, EmailMessage with the
+            # SMTP policy, DKIM with linesep CRLF).
+            d.composed = (data_payload(content, crlf=True), message_id, mail_from)
+            d.paths = (smtp_path(mail_from), smtp_path(d.email))
+        except InvalidMessage as exc:
+            self._finish(d, Outcome("permanent_error", diagnostic=f"not sent: {exc.reason}"))
+            return False
+        return True
+
+    async def _deliver(self, d: Delivery, *, written: bool = False) -> None:
+        """One transaction: MAIL, RCPT and DATA (``written``: they went out already, behind
+        the last message's end of data), then the content and end of data after the
+        ledger's commit, then its reply."""
+        if written and self.exchange is not None:
+            exchange, started = self.exchange, self.ahead_started
+            replies = await self._pipelined_replies(exchange, reused=True)
         else:
-            replies = await self._one_by_one(exchange, reverse_path, forward_path, reused)
+            if not self._composed(d):
+                return
+            reused = self.client is not None and self.client.is_connected
+            exchange = await self._connect()
+            await self.relay.limit.wait()
+            d.relay = self.relay.name
+            started = time.perf_counter()
+            if exchange.discard_unasked():
+                log.warning("smtp_reply_out_of_turn", relay=self.relay.name)
+            if self.pipelining:
+                replies = await self._pipelined(exchange, *d.paths, reused)
+            else:
+                replies = await self._one_by_one(exchange, *d.paths, reused)
+        assert d.composed is not None
+        payload, message_id, _ = d.composed
         refused = next((reply for reply in replies if reply.verdict != "ok"), None)
         if refused is not None:
             await self._reset(exchange)
             self._refused(d, refused, message_id)
             return
-        end = payload + TERMINATOR  # written after the ledger's commit (ledger.py)
+        # The content and its end of data go with the next delivery's MAIL, RCPT and DATA
+        # in one write: one round trip a message, not two. Once the end of data is out,
+        # only the relay knows whether it kept the message until its outcome is recorded
+        # (ledger.py); at most UNRECORDED_PER_CONNECTION such messages per connection.
+        await self._recorded(UNRECORDED_PER_CONNECTION - 1)
         try:
-            await self.pool.ledger.hand(d, message_id, lambda: exchange.write(end))
-        except TerminatorNotWritten:
-            await self.pool.ledger.unhand(d)
+            exchange.write(payload + TERMINATOR + self._look_ahead())
+        except CONNECTION_ERRORS:
             raise _RelayProblem("connection_lost") from None
+        self.ahead_started = time.perf_counter()
+        if self.ahead is not None:
+            self.relay.ahead.inc()
         try:
             ((code, text),) = await exchange.replies(1, self.timeout)
         except CONNECTION_ERRORS as exc:
             # The relay got the whole message; whether it kept it is unknown. Send it again,
             # with the same Message-ID (RFC 5321 §4.1.1.4; ledger.py): nothing lost.
             log.warning("smtp_lost_after_end", relay=self.relay.name, error=repr(exc))
-            await self.pool.ledger.unhand(d)
             raise _RelayProblem("lost_after_end") from None
         self.relay.smtp_seconds.observe(time.perf_counter() - started)
         reply = classify(code, text)
         if reply.verdict == "relay_problem":  # 421 after the end of data: not accepted
-            await self.pool.ledger.unhand(d)
             raise _RelayProblem(f"reply_{reply.code}")
         if reply.verdict == "ok":
             self._finish(d, self._outcome(reply, message_id))
-            return
-        if reply.verdict == "retry":
-            await self.pool.ledger.unhand(d)
-        self._refused(d, reply, message_id)
+        else:
+            self._refused(d, reply, message_id)
+        if reply.verdict != "retry":
+            self.recording.append(d.done)
+
+    async def _recorded(self, allowed: int) -> None:
+        """Wait until at most ``allowed`` messages this connection ended are still waiting
+        for the ledger to record their outcome."""
+        recording = self.recording
+        while recording:
+            if recording[0].done():
+                recording.popleft()
+            elif len(recording) > allowed:
+                await asyncio.wait({recording[0]})  # its failure is its handler's to report
+            else:
+                return
 
     async def _one_by_one(
         self, exchange: Exchange, reverse_path: bytes, forward_path: bytes, reused: bool
@@ -365,16 +434,19 @@ class _Worker:
     async def _pipelined(
         self, exchange: Exchange, reverse_path: bytes, forward_path: bytes, reused: bool
     ) -> list[Reply]:
-        """MAIL, RCPT and DATA in one write (RFC 2920 PIPELINING), then their three replies.
+        """MAIL, RCPT and DATA in one write (RFC 2920 PIPELINING), then their three replies."""
+        try:
+            exchange.write(_commands(reverse_path, forward_path))
+        except CONNECTION_ERRORS:
+            raise _RelayProblem("stale" if reused else "connection_lost") from None
+        return await self._pipelined_replies(exchange, reused)
 
-        A DATA accepted after a refused MAIL or RCPT gets an empty message's terminator (the
-        relay has no recipient for it) so the connection stays usable.
-        """
+    async def _pipelined_replies(self, exchange: Exchange, reused: bool) -> list[Reply]:
+        """The replies to a pipelined MAIL, RCPT and DATA. A DATA accepted after a refused
+        MAIL or RCPT gets an empty message's terminator (the relay has no recipient for it)
+        so the connection stays usable."""
         replies: list[Reply] = []
         try:
-            exchange.write(
-                b"MAIL FROM:" + reverse_path + b"\r\nRCPT TO:" + forward_path + b"\r\nDATA\r\n"
-            )
             replies = [
                 classify(code, text) for code, text in await exchange.replies(3, self.timeout)
             ]
@@ -388,6 +460,20 @@ class _Worker:
         if problem is not None:
             raise _RelayProblem(f"reply_{problem.code}")
         return replies
+
+    def _look_ahead(self) -> bytes:
+        """With PIPELINING, take the next queued delivery now (when the relay's rate
+        allows) and return its MAIL, RCPT and DATA, to go out behind this message's end of
+        data (RFC 2920 §3.1: content may open a group). Its replies come after this
+        message's; if the connection fails first, it goes back to the queue (run)."""
+        queue = self.pool.queue
+        while self.pipelining and not queue.empty() and self.relay.limit.take_now():
+            d = queue.get_nowait()
+            if self._wanted(d) and self._composed(d):
+                d.relay = self.relay.name
+                self.ahead = d
+                return _commands(*d.paths)
+        return b""
 
     async def _reset(self, exchange: Exchange) -> None:
         """RSET after a refused MAIL/RCPT/DATA, so the connection can be reused."""

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 from aiosmtpd.controller import Controller
+from prometheus_client import REGISTRY
 
 from libs.common.topics import Topic
 from libs.common.unsubscribe import UnsubscribeLinks
@@ -210,19 +211,21 @@ async def test_last_moment_suppression(sender: Service, kafka: Kafka, smtp_sink:
 
 class RefusingHandler(MaildirHandler):
     """Refuses recipients by their local part: perm → 550 5.1.1, policy → 550 5.7.1,
-    temp → 451 4.3.0, dataperm → accepted but 554 5.6.0 after the end of data."""
+    temp → 451 4.3.0, dataperm → accepted but 554 5.6.0 after the end of data, closing →
+    accepted but 421 after its first end of data (the relay shuts the connection)."""
 
     def __init__(self, maildir: Path, pipelining: bool) -> None:
         super().__init__(maildir)
         self.rcpt_attempts: Counter[str] = Counter()
+        self.data_attempts: Counter[str] = Counter()
         self.pipelining = pipelining
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:
+        if self.pipelining:
+            return await super().handle_EHLO(server, session, envelope, hostname, responses)
         session.host_name = hostname
-        if self.pipelining:  # aiosmtpd reads commands line by line: pipelining just works
-            return [*responses[:-1], "250-PIPELINING", responses[-1]]
         return responses
 
     async def handle_RCPT(
@@ -240,8 +243,12 @@ class RefusingHandler(MaildirHandler):
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        if envelope.rcpt_tos[0].startswith("dataperm@"):
+        to = envelope.rcpt_tos[0]
+        self.data_attempts[to] += 1
+        if to.startswith("dataperm@"):
             return "554 5.6.0 Message content rejected"
+        if to.startswith("closing@") and self.data_attempts[to] == 1:
+            return "421 4.3.2 Service shutting down"
         return await super().handle_DATA(server, session, envelope)
 
 
@@ -254,44 +261,99 @@ def refusing_relay(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
     controller.stop()
 
 
+def kept(handler: MaildirHandler) -> list[Message]:
+    """The mail a relay of this module kept."""
+    return list(handler.maildir)
+
+
+def ahead_count(relay: str) -> float:
+    """Transactions the sender pipelined behind a previous message, on ``relay``, so far."""
+    return (
+        REGISTRY.get_sample_value("tayori_sender_transactions_ahead_total", {"relay": relay}) or 0
+    )
+
+
 async def test_relay_replies_become_outcomes(
     stack: Stack, database: str, prefix: str, kafka: Kafka, refusing_relay: Controller
 ) -> None:
+    """One connection, so with PIPELINING each transaction after the first goes out behind
+    the previous message's end of data: refusals, whichever transaction they end, leave
+    the next one intact."""
     relay = f"127.0.0.1:{refusing_relay.port}"
+    # One contact, a campaign each: one partition, published before the sender starts, so
+    # its first batch queues them all for its one connection.
+    addresses = ["ok0", "perm", "policy", "temp", "dataperm", "ok", "ok6"]
+    await publish_all(
+        kafka, [send_request(str(uuid.uuid4()), 30, f"{a}@example.com") for a in addresses]
+    )
     async with running(
         "sender",
         stack,
         database,
         prefix,
         smtp_relays=relay,
+        smtp_connections=1,
         smtp_retry_backoff=0.02,
         smtp_temp_retries=2,
     ):
-        campaign = str(uuid.uuid4())
-        await publish_all(
-            kafka,
-            [
-                send_request(campaign, 31, "perm@example.com"),
-                send_request(campaign, 32, "policy@example.com"),
-                send_request(campaign, 33, "temp@example.com"),
-                send_request(campaign, 34, "dataperm@example.com"),
-                send_request(campaign, 35, "ok@example.com"),
-            ],
-        )
-        got = {r["contact_id"]: r for r in await results(kafka, 5)}
+        got = {r["email"].partition("@")[0]: r for r in await results(kafka, len(addresses))}
     summary = {
         k: (r["outcome"], r["smtp_code"], r["enhanced_code"], r["relay"]) for k, r in got.items()
     }
     assert summary == {
-        31: ("permanent_error", 550, "5.1.1", relay),
-        32: ("policy_error", 550, "5.7.1", relay),
-        33: ("temporary_error", 451, "4.3.0", relay),
-        34: ("permanent_error", 554, "5.6.0", relay),
-        35: ("sent", 250, None, relay),
+        "ok0": ("sent", 250, None, relay),
+        "perm": ("permanent_error", 550, "5.1.1", relay),
+        "policy": ("policy_error", 550, "5.7.1", relay),
+        "temp": ("temporary_error", 451, "4.3.0", relay),
+        "dataperm": ("permanent_error", 554, "5.6.0", relay),
+        "ok": ("sent", 250, None, relay),
+        "ok6": ("sent", 250, None, relay),
     }
-    assert "User unknown" in got[31]["diagnostic"]
+    assert "User unknown" in got["perm"]["diagnostic"]
     assert refusing_relay.handler.rcpt_attempts["temp@example.com"] == 3  # 1 + 2 retries
     assert refusing_relay.handler.rcpt_attempts["ok@example.com"] == 1
+    assert recipients(kept(refusing_relay.handler)) == {
+        "ok0@example.com": 1,
+        "ok@example.com": 1,
+        "ok6@example.com": 1,
+    }
+    if refusing_relay.handler.pipelining:
+        assert ahead_count(relay) > 0
+    else:
+        assert ahead_count(relay) == 0
+
+
+async def test_a_relay_closing_after_an_end_of_data_loses_nothing_pipelined_behind_it(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, tmp_path: Path
+) -> None:
+    """421 after an end of data while the next transaction's MAIL, RCPT and DATA are on
+    the wire behind it: both messages go again on a new connection, each arrives once."""
+    handler = RefusingHandler(tmp_path / "closing", pipelining=True)
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    relay = f"127.0.0.1:{controller.port}"
+    addresses = ["a@example.com", "closing@example.com", "b@example.com", "c@example.com"]
+    # One contact, four campaigns: one partition, published before the sender starts, so
+    # its first batch queues all four for its one connection.
+    await publish_all(kafka, [send_request(str(uuid.uuid4()), 80, a) for a in addresses])
+    before = ahead_count(relay)
+    try:
+        async with running(
+            "sender",
+            stack,
+            database,
+            prefix,
+            smtp_relays=relay,
+            smtp_connections=1,
+            smtp_relay_backoff=0.05,
+        ):
+            got = await results(kafka, len(addresses))
+        assert {r["email"]: r["outcome"] for r in got} == dict.fromkeys(addresses, "sent")
+        assert recipients(kept(handler)) == dict.fromkeys(addresses, 1)
+        assert handler.data_attempts["closing@example.com"] == 2
+        assert ahead_count(relay) > before
+    finally:
+        controller.stop()
 
 
 async def barrier(kafka: Kafka, contact_id: int, seen: int) -> list[dict[str, Any]]:
@@ -452,10 +514,14 @@ async def test_test_send_is_delivered_without_result(
     assert [(r["campaign_id"], r["outcome"]) for r in got] != [(campaign, "sent")]
     assert [r["suppressed_reason"] for r in got] == ["unsubscribed"]  # the barrier itself
     assert recipients(await mail_to(smtp_sink, 1)) == {"operator@example.com": 1}
-    status = await sender.runtime.pool.fetchval(
-        "SELECT status FROM send_ledger WHERE step_id = 'test:t1:1'"
-    )
-    assert status == "done"
+
+    async def recorded() -> bool:  # the barrier may have shared the test sends' batch
+        status = await sender.runtime.pool.fetchval(
+            "SELECT status FROM send_ledger WHERE step_id = 'test:t1:1'"
+        )
+        return status == "done"
+
+    await eventually(recorded)
 
 
 async def test_content_no_mail_can_be_made_of_goes_to_the_dlq(
