@@ -55,6 +55,8 @@ _MAX_RELAY_BACKOFF = 30.0
 #: waited for a ledger commit between its DATA reply and its end of data; with two, the
 #: commit of one overlaps the next one's exchange.
 UNRECORDED_PER_CONNECTION = 2
+#: on stop, how long a connection whose end of data is out may wait for its reply.
+STOP_GRACE_SECONDS = 5.0
 #: errors that mean the connection (not the message) failed.
 CONNECTION_ERRORS = (OSError, SMTPException, TimeoutError)
 
@@ -169,24 +171,37 @@ class RelayPool:
         self.still_wanted = still_wanted
         self.relays = [Relay(host, port, settings) for host, port in settings.relays()]
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue()
-        self._workers: list[asyncio.Task[None]] = []
+        self._workers: dict[asyncio.Task[None], _Worker] = {}
         self._timers: set[asyncio.TimerHandle] = set()
         self._helo = settings.smtp_helo_name or socket.gethostname() or "localhost"
+        #: stopping: workers take no more deliveries.
+        self.closing = False
 
     def start(self) -> None:
         for relay in self.relays:
             for n in range(max(1, self.settings.smtp_connections)):
-                task = asyncio.ensure_future(_Worker(self, relay).run())
+                worker = _Worker(self, relay)
+                task = asyncio.ensure_future(worker.run())
                 task.set_name(f"smtp:{relay.name}:{n}")
-                self._workers.append(task)
+                self._workers[task] = worker
 
     async def stop(self) -> None:
+        """Take no more deliveries. A connection whose end of data is out reads its reply
+        first (for at most STOP_GRACE_SECONDS), so that the message is not sent again after
+        the restart (ledger.py); every other one stops at once, before its end of data."""
+        self.closing = True
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
-        for task in self._workers:
+        tasks = set(self._workers)
+        for task, worker in self._workers.items():
+            if not worker.ended:
+                task.cancel()
+        _, late = await asyncio.wait(tasks, timeout=STOP_GRACE_SECONDS)
+        for task in late:
+            log.warning("smtp_reply_not_awaited_at_stop", relay=self._workers[task].relay.name)
             task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._workers.clear()
 
     def submit(self, delivery: Delivery) -> None:
@@ -194,6 +209,8 @@ class RelayPool:
 
     def later(self, delay: float, delivery: Delivery) -> None:
         """Put ``delivery`` back on the queue after ``delay`` seconds (4xx backoff)."""
+        if self.closing:
+            return  # still claimed: sent after the restart
         loop = asyncio.get_running_loop()
         timer: asyncio.TimerHandle
 
@@ -244,10 +261,12 @@ class _Worker:
         #: outcomes of messages whose end of data went out on this connection, until the
         #: ledger has committed them (their ``done``), oldest first.
         self.recording: deque[asyncio.Future[None]] = deque()
+        #: an end of data is out and its reply not read yet.
+        self.ended = False
 
     async def run(self) -> None:
         try:
-            while True:
+            while not self.pool.closing:  # stopping: the one ahead stays claimed, sent later
                 delivery, self.ahead = self.ahead, None
                 written = delivery is not None
                 if delivery is None:
@@ -381,6 +400,7 @@ class _Worker:
         self.ahead_started = time.perf_counter()
         if self.ahead is not None:
             self.relay.ahead.inc()
+        self.ended = True
         try:
             ((code, text),) = await exchange.replies(1, self.timeout)
         except CONNECTION_ERRORS as exc:
@@ -388,6 +408,8 @@ class _Worker:
             # with the same Message-ID (RFC 5321 §4.1.1.4; ledger.py): nothing lost.
             log.warning("smtp_lost_after_end", relay=self.relay.name, error=repr(exc))
             raise _RelayProblem("lost_after_end") from None
+        finally:
+            self.ended = False
         self.relay.smtp_seconds.observe(time.perf_counter() - started)
         reply = classify(code, text)
         if reply.verdict == "relay_problem":  # 421 after the end of data: not accepted
@@ -467,7 +489,12 @@ class _Worker:
         data (RFC 2920 §3.1: content may open a group). Its replies come after this
         message's; if the connection fails first, it goes back to the queue (run)."""
         queue = self.pool.queue
-        while self.pipelining and not queue.empty() and self.relay.limit.take_now():
+        while (
+            self.pipelining
+            and not self.pool.closing
+            and not queue.empty()
+            and self.relay.limit.take_now()
+        ):
             d = queue.get_nowait()
             if self._wanted(d) and self._composed(d):
                 d.relay = self.relay.name

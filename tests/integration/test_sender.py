@@ -468,6 +468,30 @@ async def test_failover_to_the_next_relay(
     assert len(recipients(smtp_sink.messages())) == 5
 
 
+async def test_a_stop_mid_campaign_sends_nothing_twice(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, smtp_sink: SmtpSink
+) -> None:
+    """A sender stopped (SIGTERM, a rolling update, a scale-down) while it sends: the
+    connections whose end of data is out read their replies before closing, the others
+    stop before theirs, so after the restart every recipient has exactly one mail."""
+    count = 400
+    campaign = str(uuid.uuid4())
+    await publish_all(kafka, [send_request(campaign, n) for n in range(1, count + 1)])
+    relay = f"127.0.0.1:{smtp_sink.port}"
+    async with running("sender", stack, database, prefix, smtp_relays=relay):
+        await mail_to(smtp_sink, count // 4)
+    stopped_at = len(smtp_sink.messages())
+    async with running("sender", stack, database, prefix, smtp_relays=relay):
+
+        async def answered() -> bool:
+            results = await kafka.read_to_end(Topic.DELIVERY_RESULTS)
+            return len({r["contact_id"] for r in results}) == count
+
+        await eventually(answered)
+    assert stopped_at < count, "the stop came too late to test anything"
+    assert recipients(smtp_sink.messages()) == {f"c{n}@example.com": 1 for n in range(1, count + 1)}
+
+
 def system_mail(mail_id: str, to: list[str]) -> dict[str, Any]:
     return {
         "mail_id": mail_id,
