@@ -10,9 +10,12 @@ meanwhile, so nothing is lost, and the ledger makes sure nothing goes twice.
 
 aiosmtplib opens each connection (connect, EHLO, STARTTLS, AUTH); the transactions on it
 go through :mod:`services.sender.exchange`, a reply reader of our own: MAIL, RCPT and DATA
-(pipelined when the relay offers PIPELINING); the dot-stuffed content and its final
-``CRLF.CRLF`` are written by the :class:`~services.sender.ledger.Ledger` right after its
-group commit (see ledger.py), and the reply read here. Replies are classified by
+(pipelined when the relay offers PIPELINING), then the dot-stuffed content with its final
+``CRLF.CRLF`` — with PIPELINING in one write with the next delivery's MAIL, RCPT and DATA,
+so a message costs one round trip — then its reply. A connection has at most
+:data:`UNRECORDED_PER_CONNECTION` messages whose end of data is out and whose outcome the
+:class:`~services.sender.ledger.Ledger` has not committed yet: what a crash can send twice
+(ledger.py); a stop lets the replies it waits for arrive first. Replies are classified by
 :mod:`libs.common.smtp_reply`: 4xx → tried again after a backoff, a bounded number of times;
 5xx → permanent or policy error; 421 → a relay problem, not a message outcome.
 """
@@ -362,8 +365,8 @@ class _Worker:
 
     async def _deliver(self, d: Delivery, *, written: bool = False) -> None:
         """One transaction: MAIL, RCPT and DATA (``written``: they went out already, behind
-        the last message's end of data), then the content and end of data after the
-        ledger's commit, then its reply."""
+        the last message's end of data), then the content and end of data, then its
+        reply; the outcome goes to the ledger."""
         if written and self.exchange is not None:
             exchange, started = self.exchange, self.ahead_started
             replies = await self._pipelined_replies(exchange, reused=True)
