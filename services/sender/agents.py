@@ -27,6 +27,7 @@ from services.sender.ledger import (
     QUERIES,
     Claimed,
     Delivery,
+    Done,
     LedgerKey,
     Outcome,
     delivery_result,
@@ -95,7 +96,7 @@ async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
         undecided = [c for c in claimed if c.fresh or c.status != "done"]
         decisions = await copy.decide(conn, [requests[c.key][0] for c in undecided])
         verdicts = dict(zip([c.key for c in undecided], decisions, strict=True))
-        finished: list[tuple[LedgerKey, str, Outcome, dict[str, Any] | None]] = []
+        finished: list[Done] = []
         again: list[dict[str, Any]] = []
         for c in claimed:
             request, built = requests[c.key]
@@ -174,7 +175,7 @@ def _kind(request: dict[str, Any]) -> str:
 
 def _done(
     c: Claimed, kind: str, request: dict[str, Any], outcome: Outcome
-) -> tuple[LedgerKey, str, Outcome, dict[str, Any] | None]:
+) -> Done:
     result = delivery_result(c.key, request["email"], outcome) if kind == "campaign" else None
     return c.key, kind, outcome, result
 
@@ -247,7 +248,7 @@ async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:
     deliveries: list[Delivery] = []
     async with ctx.pool.acquire() as conn, conn.transaction():
         rows = [(key, "system", to, mail["mail_id"]) for key, (mail, to) in mails.items()]
-        finished: list[tuple[LedgerKey, str, Outcome, dict[str, Any] | None]] = []
+        finished: list[Done] = []
         claimed, busy = await ledger.claim(conn, rows, ctx.owner)
         for c in claimed:
             mail, to = mails[c.key]

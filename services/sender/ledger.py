@@ -270,6 +270,7 @@ class OwnerLock:
         return living
 
 
+#: an outcome to record: (key, kind, outcome, its DeliveryResult for a campaign row).
 Done = tuple[LedgerKey, str, Outcome, dict[str, Any] | None]
 
 
