@@ -151,3 +151,22 @@ def test_fetch_waits_follow_who_waits_on_the_topic() -> None:
 
 async def _no_handler(batch: list[Message]) -> None:
     raise AssertionError("never called")
+
+
+def test_services_collect_less_often_and_skip_what_start_up_made() -> None:
+    import gc
+
+    from libs.common.runner import GC_YOUNG_THRESHOLD, quiet_collector
+
+    before = gc.get_threshold()
+    try:
+        quiet_collector()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
+        assert gc.get_freeze_count() > 0  # modules, codecs… are no collection's work
+        cycle: list[object] = []
+        cycle.append(cycle)
+        del cycle
+        assert gc.collect() >= 1  # cycles made afterwards are still collected
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
