@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from email.message import Message
 from pathlib import Path
@@ -266,6 +267,21 @@ def kept(handler: MaildirHandler) -> list[Message]:
     return list(handler.maildir)
 
 
+async def queue_for_one_connection(kafka: Kafka, contact_id: int, addresses: list[str]) -> None:
+    """A request to each address for one contact, a campaign each: one partition, published
+    before the sender starts, so its first batch queues them all for its one connection."""
+    await publish_all(kafka, [send_request(str(uuid.uuid4()), contact_id, a) for a in addresses])
+
+
+def one_connection(
+    stack: Stack, database: str, prefix: str, relay: str, **overrides: Any
+) -> AbstractAsyncContextManager[Service]:
+    """The sender with one SMTP connection to ``relay``."""
+    return running(
+        "sender", stack, database, prefix, smtp_relays=relay, smtp_connections=1, **overrides
+    )
+
+
 def ahead_count(relay: str) -> float:
     """Transactions the sender pipelined behind a previous message, on ``relay``, so far."""
     return (
@@ -280,21 +296,10 @@ async def test_relay_replies_become_outcomes(
     the previous message's end of data: refusals, whichever transaction they end, leave
     the next one intact."""
     relay = f"127.0.0.1:{refusing_relay.port}"
-    # One contact, a campaign each: one partition, published before the sender starts, so
-    # its first batch queues them all for its one connection.
     addresses = ["ok0", "perm", "policy", "temp", "dataperm", "ok", "ok6"]
-    await publish_all(
-        kafka, [send_request(str(uuid.uuid4()), 30, f"{a}@example.com") for a in addresses]
-    )
-    async with running(
-        "sender",
-        stack,
-        database,
-        prefix,
-        smtp_relays=relay,
-        smtp_connections=1,
-        smtp_retry_backoff=0.02,
-        smtp_temp_retries=2,
+    await queue_for_one_connection(kafka, 30, [f"{a}@example.com" for a in addresses])
+    async with one_connection(
+        stack, database, prefix, relay, smtp_retry_backoff=0.02, smtp_temp_retries=2
     ):
         got = {r["email"].partition("@")[0]: r for r in await results(kafka, len(addresses))}
     summary = {
@@ -333,20 +338,10 @@ async def test_a_relay_closing_after_an_end_of_data_loses_nothing_pipelined_behi
     controller.start()
     relay = f"127.0.0.1:{controller.port}"
     addresses = ["a@example.com", "closing@example.com", "b@example.com", "c@example.com"]
-    # One contact, four campaigns: one partition, published before the sender starts, so
-    # its first batch queues all four for its one connection.
-    await publish_all(kafka, [send_request(str(uuid.uuid4()), 80, a) for a in addresses])
+    await queue_for_one_connection(kafka, 80, addresses)
     before = ahead_count(relay)
     try:
-        async with running(
-            "sender",
-            stack,
-            database,
-            prefix,
-            smtp_relays=relay,
-            smtp_connections=1,
-            smtp_relay_backoff=0.05,
-        ):
+        async with one_connection(stack, database, prefix, relay, smtp_relay_backoff=0.05):
             got = await results(kafka, len(addresses))
         assert {r["email"]: r["outcome"] for r in got} == dict.fromkeys(addresses, "sent")
         assert recipients(kept(handler)) == dict.fromkeys(addresses, 1)
