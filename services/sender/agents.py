@@ -173,9 +173,7 @@ def _kind(request: dict[str, Any]) -> str:
     return "test" if request.get("test") else "campaign"
 
 
-def _done(
-    c: Claimed, kind: str, request: dict[str, Any], outcome: Outcome
-) -> Done:
+def _done(c: Claimed, kind: str, request: dict[str, Any], outcome: Outcome) -> Done:
     result = delivery_result(c.key, request["email"], outcome) if kind == "campaign" else None
     return c.key, kind, outcome, result
 
