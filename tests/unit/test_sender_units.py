@@ -240,6 +240,15 @@ async def test_rate_limit_spaces_messages() -> None:
     assert RateLimit(0).interval == 0
 
 
+def test_rate_limit_take_now_refuses_a_slot_not_due_without_waiting() -> None:
+    """A connection looks ahead only when the relay's rate allows it at once."""
+    limit = RateLimit(0.5)  # a slot every 2 s
+    assert limit.take_now()
+    assert not limit.take_now()  # the next slot is not due yet: refused, not waited for
+    unlimited = RateLimit(0)
+    assert all(unlimited.take_now() for _ in range(100))
+
+
 def settings(**overrides: Any) -> SenderSettings:
     values: dict[str, Any] = dict(
         signing_keys=KEYS,
