@@ -246,7 +246,6 @@ async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:
     deliveries: list[Delivery] = []
     async with ctx.pool.acquire() as conn, conn.transaction():
         rows = [(key, "system", to, mail["mail_id"]) for key, (mail, to) in mails.items()]
-        finished: list[Done] = []
         claimed, busy = await ledger.claim(conn, rows, ctx.owner)
         for c in claimed:
             mail, to = mails[c.key]
@@ -256,7 +255,6 @@ async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:
                 SENDER_LEDGER_RECOVERIES.labels("resent").inc()
             compose = functools.partial(ctx.composer.system_mail, mail, to)
             deliveries.append(Delivery(c.key, "system", to, compose))
-        await ledger.finish(conn, finished)
     await _deliver(ctx, deliveries)
     await ctx.ledger.flush()
     await _wait_for_other_senders(ctx, busy)
