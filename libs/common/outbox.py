@@ -23,6 +23,7 @@ from typing import Any
 import asyncpg
 
 from libs.common import avro
+from libs.common.aio import woken
 from libs.common.kafka import Publisher
 from libs.common.logging import get_logger
 from libs.common.metrics import OUTBOX_BACKLOG
@@ -150,10 +151,7 @@ class OutboxRelay:
             await self._leave(conn, published)
 
     async def _idle(self) -> None:
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout=POLL_SECONDS)
-        except TimeoutError:
-            pass
+        await woken(self._wake, POLL_SECONDS)
 
     async def _leave(self, conn: asyncpg.Connection, published: list[int]) -> None:
         """Delete what was published, give up the lead and the channel; a connection left

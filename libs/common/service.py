@@ -255,7 +255,8 @@ class Runtime:
         try:
             # Everything that used the pool has stopped; a connection still held now is
             # stuck (e.g. a COPY writing to a client that stopped reading): do not hang.
-            await asyncio.wait_for(self.pool.close(), POOL_CLOSE_SECONDS)
+            async with asyncio.timeout(POOL_CLOSE_SECONDS):
+                await self.pool.close()
         except TimeoutError:
             log.warning("pool_close_timed_out", seconds=POOL_CLOSE_SECONDS)
             self.pool.terminate()

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import asyncpg
 from structlog.contextvars import bound_contextvars
 
+from libs.common.aio import woken
 from libs.common.db import claim_once
 from libs.common.kafka import Message
 from libs.common.logging import get_logger, mask_email
@@ -182,7 +183,4 @@ async def inbound_loop(ctx: Context, beat: Callable[[], None]) -> None:
             strategy=FOREVER,
         )
         if taken < ctx.settings.batch:
-            try:
-                await asyncio.wait_for(ctx.mail_arrived.wait(), timeout=POLL_SECONDS)
-            except TimeoutError:
-                pass
+            await woken(ctx.mail_arrived, POLL_SECONDS)

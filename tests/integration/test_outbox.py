@@ -99,5 +99,37 @@ async def test_relay_wakes_on_commit(database: str, kafka) -> None:
         await pool.close()
 
 
+async def test_a_relay_woken_as_it_is_cancelled_stops(database: str, kafka, monkeypatch) -> None:
+    """A service's stop cancels its idle relay; a commit's NOTIFY (or a wake) landing in the
+    same loop step must not keep it going (the stop then waited for it forever)."""
+    import asyncio
+
+    monkeypatch.setattr(outbox, "POLL_SECONDS", 60.0)  # idle from its first round on
+    pool = await db.create_pool(database, "contacts", size=2)
+    relay = OutboxRelay(pool, kafka.publisher, "contacts")
+    task = asyncio.ensure_future(relay.run())
+    try:
+        await eventually(lambda: _leading(pool, relay))
+        await asyncio.sleep(0.2)  # its first round (nothing to publish) is over: it idles
+        relay.wake()
+        task.cancel()
+        await asyncio.wait({task}, timeout=10)
+        assert task.cancelled()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pool.close()
+
+
+async def _leading(pool, relay: OutboxRelay) -> bool:
+    return (
+        await pool.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1::bigint::oid",
+            relay._lock_key,
+        )
+        == 1
+    )
+
+
 async def _empty(pool) -> bool:
     return await pool.fetchval("SELECT count(*) FROM outbox") == 0

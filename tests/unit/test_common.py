@@ -170,3 +170,37 @@ def test_services_collect_less_often_and_skip_what_start_up_made() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+async def test_a_wait_cancelled_as_its_event_is_set_is_cancelled() -> None:
+    """The stop of a service cancels its idle loops; one whose event is set in the same loop
+    step must still stop (``asyncio.wait_for`` returned True there on 3.11: the loop went on
+    and the stop waited for it forever)."""
+    import asyncio
+
+    from libs.common.aio import woken
+
+    event = asyncio.Event()
+    waiting = asyncio.ensure_future(woken(event, 60))
+    await asyncio.sleep(0)
+    event.set()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    event.clear()
+    assert await woken(event, 0.01) is False
+    event.set()
+    assert await woken(event, 60) is True
+
+
+def test_no_asyncio_wait_for_in_the_code() -> None:
+    """``asyncio.wait_for`` can swallow a cancel on 3.11 (libs/common/aio.py); the code uses
+    ``asyncio.timeout`` or ``aio.woken``."""
+    root = Path(__file__).resolve().parents[2]
+    users = [
+        str(path.relative_to(root))
+        for folder in ("libs", "services", "tayori")
+        for path in (root / folder).rglob("*.py")
+        if "asyncio.wait_for(" in path.read_text(encoding="utf-8")
+    ]
+    assert users == []
