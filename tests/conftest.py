@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib
+import io
 import shutil
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -148,13 +150,42 @@ async def running(
         if a.endswith("Settings") and a != "CommonSettings"
     )
     runtime = app.build(settings_for(settings_cls, stack, database, prefix, **overrides))
-    await runtime.start()
+    await within(HANG_SECONDS, f"{name}'s start", runtime.start())
     try:
         await runtime.wait_for_consumers()
         async with aiohttp.ClientSession() as session:
             yield Service(runtime, Api(session, f"http://127.0.0.1:{runtime.port}"))
     finally:
-        await runtime.stop()
+        await within(HANG_SECONDS, f"{name}'s stop", runtime.stop())
+
+
+#: a service's start or stop still under way after this long is stuck: its test fails then,
+#: with every task's stack, instead of hanging until pytest-timeout, whose failure would leave
+#: the stuck service running under the later tests (they share the session's event loop).
+HANG_SECONDS = 60.0
+
+#: a test still running after this long has every task's stack printed (before pytest-timeout
+#: ends it, which shows threads only).
+HUNG_TEST_SECONDS = 240.0
+
+
+def task_stacks(tasks: Any) -> str:
+    out = io.StringIO()
+    for task in tasks:
+        task.print_stack(limit=12, file=out)
+    return out.getvalue()
+
+
+async def within(seconds: float, what: str, step: Awaitable[T]) -> T:
+    """``await step``; a step that hangs fails after ``seconds`` with every task's stack."""
+    task = asyncio.ensure_future(step)
+    await asyncio.wait({task}, timeout=seconds)
+    if task.done():
+        return task.result()
+    stacks = task_stacks(t for t in asyncio.all_tasks() if t is not asyncio.current_task())
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise AssertionError(f"{what} did not end in {seconds:.0f} s; tasks:\n{stacks}")
 
 
 @pytest.fixture
@@ -355,9 +386,12 @@ async def eventually(
 
 @pytest.fixture(autouse=True)
 async def no_leaked_tasks() -> AsyncIterator[None]:
-    """Fail a test that leaves asyncio tasks running behind it."""
+    """Fail a test that leaves asyncio tasks running behind it, and cancel them, so that the
+    tests after it do not run beside them. A test that hangs has its tasks' stacks printed."""
     before = set(asyncio.all_tasks())
+    hung = asyncio.get_running_loop().call_later(HUNG_TEST_SECONDS, _print_hung_tasks)
     yield
+    hung.cancel()
     await asyncio.sleep(0)
     leaked = [
         t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()
@@ -365,4 +399,16 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     if leaked:
         await asyncio.sleep(0.5)
         leaked = [t for t in leaked if not t.done()]
-    assert not leaked, f"tasks leaked: {[t.get_name() + ' ' + repr(t.get_coro()) for t in leaked]}"
+    if leaked:
+        stacks = task_stacks(leaked)
+        for task in leaked:
+            task.cancel()
+        await asyncio.wait(leaked, timeout=5)
+        raise AssertionError(f"tasks leaked (now cancelled):\n{stacks}")
+
+
+def _print_hung_tasks() -> None:
+    print(
+        f"\n--- asyncio tasks of a test running for {HUNG_TEST_SECONDS:.0f} s ---", file=sys.stderr
+    )
+    print(task_stacks(asyncio.all_tasks()), file=sys.stderr, flush=True)
