@@ -396,8 +396,8 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     leaked = [
         t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()
     ]
-    if leaked:
-        await asyncio.sleep(0.5)
+    if leaked:  # a connection closing, say: give it a moment on a slow machine
+        await asyncio.wait(leaked, timeout=5)
         leaked = [t for t in leaked if not t.done()]
     if leaked:
         stacks = task_stacks(leaked)

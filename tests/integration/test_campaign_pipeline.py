@@ -182,10 +182,21 @@ async def test_error_rate_halts_for_good_and_the_rest_is_never_sent(
 
             halted = await status_of(scheduler, campaign["id"], "halted")
             await control_state(sender, campaign["id"], "halted")
-            # Whatever was in flight when the halt came is answered; then nothing moves.
-            await ticks(scheduler, 10)
-            after = await scheduler.api.ok("GET", f"/v1/campaigns/{campaign['id']}")
-            mails = sum(delivered(relay.handler).values())
+
+            # Whatever was in flight when the halt came is answered and counted: every mail
+            # the relay kept is a success, every outcome the sender recorded is counted.
+            async def settled() -> tuple[dict[str, Any], int] | None:
+                body = await scheduler.api.ok("GET", f"/v1/campaigns/{campaign['id']}")
+                mails = sum(delivered(relay.handler).values())
+                recorded = await sender.runtime.pool.fetchval(
+                    "SELECT count(*) FROM send_ledger WHERE campaign_id = $1 AND status = 'done'",
+                    campaign["id"],
+                )
+                success, error = counters(body)["success"], counters(body)["error"]
+                return (body, mails) if success == mails and success + error == recorded else None
+
+            after, mails = await eventually(settled)
+            # Then nothing moves.
             await ticks(scheduler, 10)
             later = await scheduler.api.ok("GET", f"/v1/campaigns/{campaign['id']}")
             assert later["status"] == "halted"

@@ -12,7 +12,6 @@ import signal
 import smtplib
 import subprocess
 import sys
-import time
 import urllib.request
 from email.message import EmailMessage
 from pathlib import Path
@@ -104,8 +103,8 @@ def test_dev_runs_everything_keeps_state_and_stops_cleanly(tmp_path: Path) -> No
     finally:
         children = _stop(proc)
     assert children, "tayori dev started no child processes"
-    time.sleep(0.5)
-    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not [c for c in alive if c.status() != psutil.STATUS_ZOMBIE]
 
     proc = _start(home, ports)  # the same home: PostgreSQL data survives the restart
     try:

@@ -298,6 +298,7 @@ async def test_relay_replies_become_outcomes(
     relay = f"127.0.0.1:{refusing_relay.port}"
     addresses = ["ok0", "perm", "policy", "temp", "dataperm", "ok", "ok6"]
     await queue_for_one_connection(kafka, 30, [f"{a}@example.com" for a in addresses])
+    before = ahead_count(relay)  # the session's: an earlier test's relay had this port maybe
     async with one_connection(
         stack, database, prefix, relay, smtp_retry_backoff=0.02, smtp_temp_retries=2
     ):
@@ -323,9 +324,9 @@ async def test_relay_replies_become_outcomes(
         "ok6@example.com": 1,
     }
     if refusing_relay.handler.pipelining:
-        assert ahead_count(relay) > 0
+        assert ahead_count(relay) > before
     else:
-        assert ahead_count(relay) == 0
+        assert ahead_count(relay) == before
 
 
 async def test_a_relay_closing_after_an_end_of_data_loses_nothing_pipelined_behind_it(
@@ -436,14 +437,14 @@ async def test_a_sender_waiting_for_its_relays_stays_healthy(
     from libs.common import service
     from services.sender import agents
 
-    monkeypatch.setattr(service, "STALL_SECONDS", 1.5)
+    monkeypatch.setattr(service, "STALL_SECONDS", 2.5)
     monkeypatch.setattr(agents, "KEEPALIVE_SECONDS", 0.2)
     port = free_port()
     async with running(
         "sender", stack, database, prefix, smtp_relays=f"127.0.0.1:{port}"
     ) as sender:
         await publish_all(kafka, [send_request(str(uuid.uuid4()), 63)])
-        for _ in range(8):  # 4 s: well past STALL_SECONDS
+        for _ in range(10):  # 5 s: well past STALL_SECONDS
             await asyncio.sleep(0.5)
             _, body = await sender.api.call("GET", "/healthz", token=None)
             assert "sender.requests" not in body["stalled"], body
