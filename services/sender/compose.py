@@ -80,6 +80,10 @@ class DkimSigner:
         self.selector = selector.encode()
         self.domain = domain.encode()
         self.key = private_key.encode()
+        try:  # at start-up, not at the first mail: a key that cannot sign stops the sender
+            self.sign(b"From: check@example.invalid\r\n\r\n")
+        except dkim.DKIMException as exc:
+            raise ValueError(f"DKIM_PRIVATE_KEY cannot sign: {exc}") from None
 
     def sign(self, message: bytes) -> bytes:
         signature: bytes = dkim.sign(

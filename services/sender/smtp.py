@@ -286,11 +286,21 @@ class _Worker:
                     if problem.kind != "stale":
                         self.relay.failed(problem.kind)
                     self.pool.submit(delivery)
-                    if self.ahead is not None:  # its commands went on a connection now closed
-                        self.pool.submit(self.ahead)
-                        self.ahead = None
+                    self._put_back_ahead()
+                except Exception as exc:  # a bug: its batch's handler fails with it, loudly
+                    log.error("smtp_delivery_failed", relay=self.relay.name, exc_info=exc)
+                    self._close()
+                    _fail(delivery, exc)
+                    self._put_back_ahead()
         finally:
             self._close()
+
+    def _put_back_ahead(self) -> None:
+        """The delivery whose commands went on a connection now closed goes back to the
+        queue."""
+        if self.ahead is not None:
+            self.pool.submit(self.ahead)
+            self.ahead = None
 
     def _wanted(self, delivery: Delivery) -> bool:
         """False for a delivery abandoned while it queued: its handler was cancelled, or its
@@ -320,6 +330,9 @@ class _Worker:
             client.close()
             log.warning("smtp_connect_failed", relay=self.relay.name, error=repr(exc))
             raise _RelayProblem("connect") from None
+        except BaseException:  # cancelled (a stop) mid-greeting: no socket left open behind
+            client.close()
+            raise
         self.client = client
         self.exchange = exchange
         self.pipelining = client.supports_extension("pipelining")
@@ -360,6 +373,10 @@ class _Worker:
             d.paths = (smtp_path(mail_from), smtp_path(d.email))
         except InvalidMessage as exc:
             self._finish(d, Outcome("permanent_error", diagnostic=f"not sent: {exc.reason}"))
+            return False
+        except Exception as exc:  # a bug: its batch's handler fails with it, loudly
+            log.error("mail_not_composed", campaign_id=d.campaign_id, exc_info=exc)
+            _fail(d, exc)
             return False
         return True
 
@@ -554,3 +571,10 @@ class _Worker:
     def _finish(self, d: Delivery, outcome: Outcome) -> None:
         outcome.relay = outcome.relay or self.relay.name
         self.pool.ledger.finish(d, outcome)
+
+
+def _fail(delivery: Delivery, exc: Exception) -> None:
+    """The delivery's handler raises ``exc`` (the service stops, failed: a restart sends
+    the batch's unfinished rows again); the row stays claimed, nothing is recorded."""
+    if not delivery.done.done():
+        delivery.done.set_exception(exc)

@@ -429,6 +429,55 @@ async def test_relay_down_then_up_delivers_once(
             sink.stop()
 
 
+@pytest.mark.parametrize("where", ["building the mail", "after the relay's reply"])
+async def test_a_bug_while_sending_fails_the_sender_loudly(
+    stack: Stack,
+    database: str,
+    prefix: str,
+    kafka: Kafka,
+    smtp_sink: SmtpSink,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    """A bug while sending one mail (not a refusable request: those are permanent_error)
+    fails its batch's handler, so /healthz goes red and a restart sends the batch again; the
+    relay worker goes on. (Its worker used to die silently, the batch waiting for ever with
+    /healthz green.)"""
+    from services.sender import agents, smtp
+    from services.sender.compose import Composer
+
+    monkeypatch.setattr(agents, "KEEPALIVE_SECONDS", 0.2)
+    if where == "building the mail":
+        built = Composer.campaign_mail
+
+        def campaign_mail(self: Composer, mail: Any, request: dict[str, Any]) -> Any:
+            if request["email"].startswith("boom"):
+                raise RuntimeError("a bug in building this mail")
+            return built(self, mail, request)
+
+        monkeypatch.setattr(Composer, "campaign_mail", campaign_mail)
+    else:
+
+        def outcome(*_: Any) -> Any:
+            raise RuntimeError("a bug in reading the reply")
+
+        monkeypatch.setattr(smtp._Worker, "_outcome", outcome)
+    relays = f"127.0.0.1:{smtp_sink.port}"
+    async with running("sender", stack, database, prefix, smtp_relays=relays) as sender:
+        await publish_all(kafka, [send_request(str(uuid.uuid4()), 64, "boom@example.com")])
+
+        async def failing() -> dict[str, Any] | None:
+            status, body = await sender.api.call("GET", "/healthz", token=None)
+            return body if status == 503 else None
+
+        body = await eventually(failing)
+        assert "consumer:sender.requests" in body["stopped_tasks"]
+        workers = sender.runtime.app[CONTEXT].relays._workers
+        assert workers and not [t for t in workers if t.done()]  # the workers go on
+        assert await kafka.read_to_end(Topic.DELIVERY_RESULTS) == []  # nothing recorded
+    assert len(smtp_sink.messages()) == (0 if where == "building the mail" else 1)
+
+
 async def test_a_sender_waiting_for_its_relays_stays_healthy(
     stack: Stack, database: str, prefix: str, kafka: Kafka, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -377,6 +377,17 @@ def test_dkim_signature_verifies_and_covers_list_unsubscribe() -> None:
     assert not dkim.verify(forged, dnsfunc=_dns)
 
 
+def test_a_dkim_key_that_cannot_sign_stops_the_sender_at_start() -> None:
+    for key in (
+        "not a key",
+        "-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----",
+    ):
+        with pytest.raises(ValueError, match="DKIM_PRIVATE_KEY cannot sign"):
+            Composer(
+                settings(dkim_selector="sel", dkim_domain="shop.example", dkim_private_key=key)
+            )
+
+
 def test_dkim_is_off_unless_configured() -> None:
     assert Composer(settings(dkim_selector="sel")).dkim is None
     assert isinstance(
