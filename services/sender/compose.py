@@ -31,6 +31,7 @@ from typing import Any
 import dkim
 
 from libs.common import content as content_fields
+from libs.common.errors import InvalidMessage
 from libs.common.mergetags import COUPON_URL, UNSUBSCRIBE_URL
 from libs.common.render import CampaignMessage
 from libs.common.tokens import Signer
@@ -205,8 +206,11 @@ class Composer:
         """(content, Message-ID, MAIL FROM) of an operator notification to ``to``."""
         message = EmailMessage(policy=SMTP)
         message["From"] = self.settings.system_from
-        message["To"] = to
-        message["Subject"] = mail["subject"]
+        for header, value, field in (("To", to, "to"), ("Subject", mail["subject"], "subject")):
+            try:
+                message[header] = value
+            except ValueError as exc:  # CR or LF: another header smuggled in
+                raise InvalidMessage(f"not a {header} header: {exc}", field=field) from None
         message["Date"] = formatdate(localtime=False)
         domain = self.settings.system_from.rpartition("@")[2] or "localhost"
         message_id = stable_message_id(f"mail:{mail['mail_id']}", None, 0, domain)

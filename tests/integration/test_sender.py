@@ -566,6 +566,27 @@ async def test_system_mail_is_delivered_once(
     assert await kafka.read_to_end(Topic.DELIVERY_RESULTS) == []
 
 
+async def test_a_system_mail_smuggling_a_header_is_refused_and_the_next_goes(
+    sender: Service, kafka: Kafka, smtp_sink: SmtpSink
+) -> None:
+    bad = system_mail(str(uuid.uuid4()), ["ops@example.com"])
+    bad["subject"] = "Ready\r\nBcc: victim@example.com"
+    await kafka.send(Topic.MAIL_SYSTEM, "job-1", bad)
+    await kafka.send(Topic.MAIL_SYSTEM, "job-1", system_mail(str(uuid.uuid4()), ["x@example.com"]))
+    assert recipients(await mail_to(smtp_sink, 1)) == {"x@example.com": 1}
+
+    async def refused() -> bool:
+        row = await sender.runtime.pool.fetchrow(
+            "SELECT status, outcome FROM send_ledger WHERE campaign_id = $1",
+            f"mail:{bad['mail_id']}",
+        )
+        return row is not None and (row["status"], row["outcome"]) == ("done", "permanent_error")
+
+    await eventually(refused)
+    assert (await sender.api.call("GET", "/healthz", token=None))[0] == 200
+    assert recipients(smtp_sink.messages()) == {"x@example.com": 1}
+
+
 async def test_test_send_is_delivered_without_result(
     sender: Service, kafka: Kafka, smtp_sink: SmtpSink
 ) -> None:
