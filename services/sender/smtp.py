@@ -387,6 +387,12 @@ class _Worker:
         if written and self.exchange is not None:
             exchange, started = self.exchange, self.ahead_started
             replies = await self._pipelined_replies(exchange, reused=True)
+            if not self._wanted(d):  # its campaign stopped while its commands were out
+                if all(r.verdict == "ok" for r in replies):
+                    self._close()  # DATA is open: ending it, even empty, would deliver a mail
+                else:
+                    await self._reset(exchange)
+                return
         else:
             if not self._composed(d):
                 return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections import Counter
 from contextlib import AbstractAsyncContextManager
@@ -369,6 +370,63 @@ async def control_state(sender: Service, campaign: str, state: str) -> None:
         )
 
     await eventually(is_state)
+
+
+class HoldingHandler(MaildirHandler):
+    """Holds its answer to the first end of data until ``release`` is set (by another
+    thread: aiosmtpd runs in its own); ``held`` is the recipient it holds."""
+
+    def __init__(self, maildir: Path) -> None:
+        super().__init__(maildir)
+        self.release = threading.Event()
+        self.held: list[str] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if not self.held:
+            self.held.extend(envelope.rcpt_tos)
+            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 60)
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def test_a_halt_stops_the_transaction_already_pipelined_behind_a_message(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, tmp_path: Path
+) -> None:
+    """The halt of a campaign comes while its mail's MAIL, RCPT and DATA are on the wire
+    behind another message's end of data: its content never follows."""
+    handler = HoldingHandler(tmp_path / "holding")
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    addresses = ["a@example.com", "b@example.com", "c@example.com"]
+    campaigns = dict(zip(addresses, (str(uuid.uuid4()) for _ in addresses), strict=True))
+    await publish_all(kafka, [send_request(campaigns[a], 90, a) for a in addresses])
+    relay = f"127.0.0.1:{controller.port}"
+    before = ahead_count(relay)
+    try:
+        async with one_connection(stack, database, prefix, relay) as sender:
+            ctx = sender.runtime.app[CONTEXT]
+
+            async def holding() -> list[str]:
+                return handler.held
+
+            (first,) = await eventually(holding)  # the next one's commands went behind it
+            others = [a for a in addresses if a != first]
+            for address in others:
+                await kafka.send(
+                    Topic.CAMPAIGN_CONTROL, campaigns[address], control(campaigns[address], "halt")
+                )
+
+            async def halted() -> bool:
+                return all(ctx.stopped.get(campaigns[a]) == "halted" for a in others)
+
+            await eventually(halted)
+            handler.release.set()
+            got = await barrier(kafka, 90, 1)  # handled after the three
+        assert sorted(r["email"] for r in got) == sorted([first, "c90@example.com"])
+        assert recipients(kept(handler)) == {first: 1, "c90@example.com": 1}
+        assert ahead_count(relay) > before  # the halted one's commands did go ahead
+    finally:
+        handler.release.set()
+        controller.stop()
 
 
 async def test_halt_stops_a_campaign_for_good(
