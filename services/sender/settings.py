@@ -30,6 +30,9 @@ class SenderSettings(CommonSettings):
     smtp_helo_name: str = env("SMTP_HELO_NAME", "")
     #: seconds to wait for a relay's reply (or to connect).
     smtp_timeout: float = env("SMTP_TIMEOUT", 60.0)
+    #: seconds to wait for the reply to a message's end of data (RFC 5321 §4.5.3.2.6: ten
+    #: minutes; the relay may be filtering the message). Giving up sends it again.
+    smtp_data_timeout: float = env("SMTP_DATA_TIMEOUT", 600.0)
     #: a message refused with 4xx is tried again this many times, then temporary_error.
     smtp_temp_retries: int = env("SMTP_TEMP_RETRIES", 3)
     #: first delay (seconds) before retrying a 4xx; doubles each time.

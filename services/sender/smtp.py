@@ -197,6 +197,8 @@ class RelayPool:
             timer.cancel()
         self._timers.clear()
         tasks = set(self._workers)
+        if not tasks:  # stopped already
+            return
         for task, worker in self._workers.items():
             if not worker.ended:
                 task.cancel()
@@ -257,6 +259,7 @@ class _Worker:
         self.exchange: Exchange | None = None
         self.pipelining = False  # what the relay's EHLO offered
         self.timeout = pool.settings.smtp_timeout
+        self.data_timeout = pool.settings.smtp_data_timeout
         #: the next delivery, whose MAIL, RCPT and DATA went out behind the last message's
         #: end of data (RFC 2920 §3.1), and when.
         self.ahead: Delivery | None = None
@@ -428,7 +431,7 @@ class _Worker:
             self.relay.ahead.inc()
         self.ended = True
         try:
-            ((code, text),) = await exchange.replies(1, self.timeout)
+            ((code, text),) = await exchange.replies(1, self.data_timeout)
         except CONNECTION_ERRORS as exc:
             # The relay got the whole message; whether it kept it is unknown. Send it again,
             # with the same Message-ID (RFC 5321 §4.1.1.4; ledger.py): nothing lost.

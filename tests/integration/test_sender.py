@@ -429,6 +429,39 @@ async def test_a_halt_stops_the_transaction_already_pipelined_behind_a_message(
         controller.stop()
 
 
+class SlowHandler(MaildirHandler):
+    """Keeps each message, then takes ``delay`` seconds to say so (a filtering relay)."""
+
+    def __init__(self, maildir: Path, delay: float) -> None:
+        super().__init__(maildir)
+        self.delay = delay
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        reply = await super().handle_DATA(server, session, envelope)
+        await asyncio.sleep(self.delay)
+        return reply
+
+
+async def test_a_relay_slow_to_answer_an_end_of_data_gets_the_message_once(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, tmp_path: Path
+) -> None:
+    """SMTP_TIMEOUT bounds every reply but the one to an end of data, which may take
+    minutes (SMTP_DATA_TIMEOUT): giving up there would send the message again."""
+    handler = SlowHandler(tmp_path / "slow", delay=1.5)
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    addresses = ["a@example.com", "b@example.com"]
+    await queue_for_one_connection(kafka, 91, addresses)
+    try:
+        relay = f"127.0.0.1:{controller.port}"
+        async with one_connection(stack, database, prefix, relay, smtp_timeout=0.5):
+            got = await results(kafka, len(addresses))
+        assert {r["email"]: r["outcome"] for r in got} == dict.fromkeys(addresses, "sent")
+        assert recipients(kept(handler)) == dict.fromkeys(addresses, 1)
+    finally:
+        controller.stop()
+
+
 async def test_halt_stops_a_campaign_for_good(
     sender: Service, kafka: Kafka, smtp_sink: SmtpSink
 ) -> None:

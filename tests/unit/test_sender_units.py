@@ -402,3 +402,17 @@ def test_relays_setting() -> None:
     assert settings(smtp_relays="a:25, [::1]:2525").relays() == [("a", 25), ("::1", 2525)]
     with pytest.raises(ValueError):
         settings(smtp_relays="nohost").relays()
+
+
+async def test_a_relay_pool_stops_twice_quietly() -> None:
+    """A second stop (a stop hook run again) finds nothing to stop."""
+    from typing import cast
+
+    from services.sender.ledger import Ledger
+    from services.sender.smtp import RelayPool
+
+    pool = RelayPool(settings(smtp_relays="127.0.0.1:9"), cast(Ledger, None))
+    pool.start()
+    await pool.stop()
+    await pool.stop()
+    assert pool.closing and not pool._workers
