@@ -28,7 +28,7 @@ class SenderSettings(CommonSettings):
     smtp_password: str = env("SMTP_PASSWORD", "", secret=True)
     #: the name we give in EHLO; empty = this host's name.
     smtp_helo_name: str = env("SMTP_HELO_NAME", "")
-    #: seconds to wait for a relay's reply (or to connect).
+    #: seconds to wait for a relay's reply (or to connect), but the end of data's (below).
     smtp_timeout: float = env("SMTP_TIMEOUT", 60.0)
     #: seconds to wait for the reply to a message's end of data (RFC 5321 §4.5.3.2.6: ten
     #: minutes; the relay may be filtering the message). Giving up sends it again.
