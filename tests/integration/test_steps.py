@@ -10,16 +10,22 @@ clock is a FakeClock moved from one step's moment to the next.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import mailbox
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 from libs.common.topics import Topic
-from tests.conftest import eventually, running
+from services.scheduler.clock import FakeClock, SystemClock
+from services.scheduler.context import context_of
+from tests.conftest import Service, eventually, running
 from tests.integration.test_contacts_projections import feedback, publish_together
-from tests.integration.test_scheduler import category, fake_clock, people, ticks
+from tests.integration.test_scheduler import category, people, ticks
 from tests.integration.test_scheduler_sender import subject
 from tests.integration.test_sender import copy_holds
 
@@ -85,8 +91,22 @@ async def mails_become(sink: Any, scheduler: Any, wanted: Counter[tuple[str, str
     assert received(sink) == wanted
 
 
+@contextlib.asynccontextmanager
+async def scheduler_at(
+    at: dt.datetime, monkeypatch: pytest.MonkeyPatch, *args: Any, **overrides: Any
+) -> AsyncIterator[tuple[Service, FakeClock]]:
+    """The scheduler on a FakeClock from its very start: the wall clock may be days past
+    the test's steps, and a restarted scheduler's first tick must not see it."""
+    clock = FakeClock(at)
+    with monkeypatch.context() as patched:
+        patched.setattr(SystemClock, "now", lambda self: clock.now())
+        async with running("scheduler", *args, **overrides) as scheduler:
+            context_of(scheduler.runtime).clock = clock
+            yield scheduler, clock
+
+
 async def test_three_step_plan(
-    stack, database, prefix, contacts, suppression, sender, smtp_sink, kafka
+    stack, database, prefix, contacts, suppression, sender, smtp_sink, kafka, monkeypatch
 ):
     # a joins before the day-0 time, b after it, c unsubscribes after step 1, d is blacklisted.
     a, b, c, d = await people(contacts, 4)  # p0..p3@example.jp, named 顧客 0..3
@@ -95,10 +115,9 @@ async def test_three_step_plan(
         "POST", "/v1/blacklist", {"title": "競合", "match": "exact", "value": "p3@example.jp"}
     )
     joins = {a: jst(26, 9, 0), b: jst(26, 11, 0), c: jst(26, 9, 30), d: jst(26, 9, 0)}
-    async with running(
-        "scheduler", stack, database, prefix, contacts_url=contacts.api.base
-    ) as scheduler:
-        clock = fake_clock(scheduler, jst(26, 8, 0))
+    async with scheduler_at(
+        jst(26, 8, 0), monkeypatch, stack, database, prefix, contacts_url=contacts.api.base
+    ) as (scheduler, clock):
         cat = await category(scheduler)  # 08:00-21:00 Asia/Tokyo
         body = {"category_id": cat, "from_address": "news@shop.example.jp", "steps": STEPS}
         created = await scheduler.api.ok("PUT", f"/v1/plans/{plan}", body)
@@ -146,10 +165,9 @@ async def test_three_step_plan(
         await contacts.api.ok("PATCH", f"/v1/contacts/{b}", {"name": "新しい名前"})
 
     # The scheduler restarts between steps: nothing is repeated, nothing skipped.
-    async with running(
-        "scheduler", stack, database, prefix, contacts_url=contacts.api.base
-    ) as scheduler:
-        clock = fake_clock(scheduler, jst(26, 11, 5))
+    async with scheduler_at(
+        jst(26, 11, 5), monkeypatch, stack, database, prefix, contacts_url=contacts.api.base
+    ) as (scheduler, clock):
         await mails_become(smtp_sink, scheduler, want)
         clock.set(jst(27, 10, 0))
         want[("p0@example.jp", "顧客 0様 2通目")] = 1
