@@ -399,7 +399,7 @@ class Ledger:
             await retry(transaction, name="sender:ledger", service=self.service, strategy=FOREVER)
         except BaseException as exc:
             for d, _ in finished:
-                _fail(d.done, exc)
+                fail(d.done, exc)
             raise
         SENDER_GROUP_COMMIT_SIZE.observe(len(finished))
         results = [r for _, _, _, r in done if r is not None]
@@ -413,7 +413,9 @@ class Ledger:
                 d.done.set_result(None)
 
 
-def _fail(future: asyncio.Future[None], exc: BaseException) -> None:
+def fail(future: asyncio.Future[None], exc: BaseException) -> None:
+    """A delivery's ``done`` raises ``exc`` in its handler (cancelled for a cancel); the row
+    stays as it is, so a restart sends it again."""
     if not future.done():
         if isinstance(exc, asyncio.CancelledError):
             future.cancel()

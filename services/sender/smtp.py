@@ -44,7 +44,7 @@ from libs.common.metrics import (
 )
 from libs.common.smtp_reply import Reply, classify, outcome_of
 from services.sender.exchange import Exchange, take_over
-from services.sender.ledger import Delivery, Ledger, Outcome
+from services.sender.ledger import Delivery, Ledger, Outcome, fail
 from services.sender.settings import SenderSettings
 
 log = get_logger(__name__)
@@ -293,7 +293,7 @@ class _Worker:
                 except Exception as exc:  # a bug: its batch's handler fails with it, loudly
                     log.error("smtp_delivery_failed", relay=self.relay.name, exc_info=exc)
                     self._close()
-                    _fail(delivery, exc)
+                    fail(delivery.done, exc)  # the service stops, failed; rows stay claimed
                     self._put_back_ahead()
         finally:
             self._close()
@@ -379,7 +379,7 @@ class _Worker:
             return False
         except Exception as exc:  # a bug: its batch's handler fails with it, loudly
             log.error("mail_not_composed", campaign_id=d.campaign_id, exc_info=exc)
-            _fail(d, exc)
+            fail(d.done, exc)
             return False
         return True
 
@@ -580,10 +580,3 @@ class _Worker:
     def _finish(self, d: Delivery, outcome: Outcome) -> None:
         outcome.relay = outcome.relay or self.relay.name
         self.pool.ledger.finish(d, outcome)
-
-
-def _fail(delivery: Delivery, exc: Exception) -> None:
-    """The delivery's handler raises ``exc`` (the service stops, failed: a restart sends
-    the batch's unfinished rows again); the row stays claimed, nothing is recorded."""
-    if not delivery.done.done():
-        delivery.done.set_exception(exc)
