@@ -22,10 +22,9 @@ import pytest
 
 from libs.common.topics import Topic
 from services.scheduler.clock import FakeClock, SystemClock
-from services.scheduler.context import context_of
 from tests.conftest import Service, eventually, running
 from tests.integration.test_contacts_projections import feedback, publish_together
-from tests.integration.test_scheduler import category, people, ticks
+from tests.integration.test_scheduler import category, fake_clock, people, ticks
 from tests.integration.test_scheduler_sender import subject
 from tests.integration.test_sender import copy_holds
 
@@ -97,12 +96,10 @@ async def scheduler_at(
 ) -> AsyncIterator[tuple[Service, FakeClock]]:
     """The scheduler on a FakeClock from its very start: the wall clock may be days past
     the test's steps, and a restarted scheduler's first tick must not see it."""
-    clock = FakeClock(at)
     with monkeypatch.context() as patched:
-        patched.setattr(SystemClock, "now", lambda self: clock.now())
+        patched.setattr(SystemClock, "now", lambda self: at)
         async with running("scheduler", *args, **overrides) as scheduler:
-            context_of(scheduler.runtime).clock = clock
-            yield scheduler, clock
+            yield scheduler, fake_clock(scheduler, at)
 
 
 async def test_three_step_plan(
