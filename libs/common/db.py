@@ -71,12 +71,19 @@ async def _keep_session(_: asyncpg.Connection) -> None:
     """
 
 
-async def create_pool(dsn: str, schema: str, *, size: int = 10) -> asyncpg.Pool:
-    """A pool whose connections see ``schema`` first and decode json/jsonb to Python."""
+async def create_pool(
+    dsn: str, schema: str, *, size: int = 10, connect_timeout: float = 10.0
+) -> asyncpg.Pool:
+    """A pool whose connections see ``schema`` first and decode json/jsonb to Python.
+
+    ``connect_timeout`` bounds each new connection (asyncpg's default is 60 s): during a
+    failover a request should learn quickly that the database is away (503) and a loop
+    should back off and try again, not hang."""
     pool = await asyncpg.create_pool(
         dsn,
         min_size=1,
         max_size=size,
+        timeout=connect_timeout,
         init=_init_connection,
         reset=_keep_session,
         server_settings={"search_path": f"{schema},public", "application_name": f"tayori-{schema}"},

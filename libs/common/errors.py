@@ -5,9 +5,17 @@
 - :class:`TransientError`: the world is briefly unavailable (database failover, broker
   leader election, SMTP 4xx). Retried with a declared backoff strategy.
 - anything else is a bug: the process crashes and is restarted by its supervisor.
+
+:func:`classify` sorts any exception — ours, PostgreSQL's, Kafka's, the network's — into
+those three kinds (:class:`Fault`); every loop and the HTTP layer go by it.
 """
 
 from __future__ import annotations
+
+import enum
+
+import asyncpg
+from aiokafka import errors as kafka_errors
 
 
 class TayoriError(Exception):
@@ -45,3 +53,83 @@ class Forbidden(TayoriError):
 
 class DlqLimitExceeded(TayoriError):
     """A consumer dead-lettered more than its limit allows: stop instead of discarding a deploy."""
+
+
+# What a failure means: the one classification every loop and every HTTP view goes by -------
+
+
+class Fault(enum.Enum):
+    """What to do about an exception (:func:`classify`)."""
+
+    #: a dependency is briefly away (restart, failover, rebalance): back off, reconnect,
+    #: redo what was not committed.
+    TRANSIENT = "transient"
+    #: this input can never be processed as it is: dead-letter it (a record) or answer 4xx.
+    DATA = "data"
+    #: anything else: a bug, which stops the process (or answers 500).
+    BUG = "bug"
+
+
+#: PostgreSQL errors that say the server, not the statement, is the problem: connection
+#: lost (08), shutting down or not yet accepting connections (57P01–57P03, 57P05), out of
+#: resources (53), a failover's read-only standby (25006), and the conflicts that a retry
+#: resolves (40001 serialization failure, 40P01 deadlock, 55P03 lock not available).
+_PG_TRANSIENT = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.IdleSessionTimeoutError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.TransactionRollbackError,
+    asyncpg.LockNotAvailableError,
+)
+#: PostgreSQL errors that say the values are the problem: class 22 (NUL in text, a number
+#: out of range, invalid encoding, a string too long) and class 54 (a value too large for
+#: an index row).
+_PG_DATA = (asyncpg.DataError, asyncpg.ProgramLimitExceededError)
+#: Kafka errors a client rides out by retrying or rejoining, besides those aiokafka marks
+#: ``retriable``: a commit refused because the group rebalanced, a produce request the
+#: broker failed without saying why (Tansu answers UnknownError while it restarts), a
+#: request that timed out client-side.
+_KAFKA_TRANSIENT = (
+    kafka_errors.CommitFailedError,
+    kafka_errors.RebalanceInProgressError,
+    kafka_errors.IllegalGenerationError,
+    kafka_errors.UnknownMemberIdError,
+    kafka_errors.UnknownError,
+    kafka_errors.KafkaTimeoutError,
+    kafka_errors.KafkaUnavailableError,
+)
+#: a record too large for the producer or the broker.
+_KAFKA_DATA = (kafka_errors.MessageSizeTooLargeError, kafka_errors.RecordTooLargeError)
+
+
+def classify(exc: BaseException) -> Fault:
+    """Whether ``exc`` is weather (transient), a bad input (data) or a bug.
+
+    The one place that decides it: the consumer loop, the retry policy, the supervised
+    background loops and the HTTP error middleware all ask here (docs/ARCHITECTURE.md,
+    "Failure")."""
+    if isinstance(exc, InvalidMessage | NotFound | Conflict | Forbidden):
+        return Fault.DATA
+    if isinstance(exc, TransientError):
+        return Fault.TRANSIENT
+    if isinstance(exc, (*_PG_DATA, *_KAFKA_DATA)):
+        return Fault.DATA
+    if isinstance(exc, (*_PG_TRANSIENT, *_KAFKA_TRANSIENT)):
+        return Fault.TRANSIENT
+    if isinstance(exc, kafka_errors.KafkaError) and exc.retriable:
+        return Fault.TRANSIENT
+    if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
+        # "connection is closed", "connection was closed in the middle of operation",
+        # "pool is closed" (a connection lost under a query, or a stop under way)
+        return Fault.TRANSIENT
+    if isinstance(exc, OSError | TimeoutError):  # refused, reset, unreachable, timed out
+        return Fault.TRANSIENT
+    return Fault.BUG
+
+
+def is_transient(exc: BaseException) -> bool:
+    return classify(exc) is Fault.TRANSIENT

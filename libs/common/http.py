@@ -18,13 +18,23 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from libs.common.errors import Conflict, Forbidden, InvalidMessage, NotFound, TransientError
+from libs.common.errors import (
+    Conflict,
+    Fault,
+    Forbidden,
+    InvalidMessage,
+    NotFound,
+    TransientError,
+    classify,
+)
 from libs.common.logging import get_logger
 from libs.common.metrics import HTTP_REQUESTS, HTTP_SECONDS
 
 log = get_logger(__name__)
 
 ROLES = {"viewer": 1, "operator": 2, "admin": 3}
+#: what a 503 tells the client to wait before trying again (seconds).
+RETRY_AFTER_SECONDS = 5
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ROLE_KEY = web.AppKey("tokens", dict)
 SERVICE_KEY = web.AppKey("service", str)
@@ -121,9 +131,25 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(409, str(exc))
     except Forbidden as exc:
         return error(403, str(exc))
-    except TransientError as exc:
-        log.warning("http_transient_error", path=request.path, error=str(exc))
-        return error(503, "temporarily unavailable, retry later")
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        fault = classify(exc)
+        if fault is Fault.TRANSIENT:
+            # A dependency is away (PostgreSQL restarting, the broker electing a leader):
+            # nothing was committed, the client may simply send the request again.
+            log.warning(
+                "http_dependency_unavailable",
+                route=_route_label(request),
+                error=repr(exc) if not isinstance(exc, TransientError) else str(exc),
+            )
+            response = error(503, "temporarily unavailable, retry later")
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+            return response
+        if fault is Fault.DATA:  # a value the database refuses (NUL, out of range, too long)
+            log.info("http_value_refused", route=_route_label(request), error=repr(exc))
+            return error(400, f"a value cannot be stored: {exc}")
+        raise
 
 
 @web.middleware

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -28,7 +29,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 
 from libs.common import avro
-from libs.common.errors import DlqLimitExceeded, InvalidMessage
+from libs.common.errors import DlqLimitExceeded, Fault, InvalidMessage, classify, is_transient
 from libs.common.logging import get_logger
 from libs.common.metrics import (
     BATCH_SECONDS,
@@ -36,13 +37,21 @@ from libs.common.metrics import (
     MESSAGES_CONSUMED,
     MESSAGES_DEAD_LETTERED,
     MESSAGES_PUBLISHED,
+    TRANSIENT_RETRIES,
 )
-from libs.common.retry import FOREVER, retry
+from libs.common.retry import FOREVER, RECONNECT, retry
 from libs.common.settings import CommonSettings
 from libs.common.topics import DEFAULT_PARTITIONS, Topic, all_topic_names, topic_name
 
 log = get_logger(__name__)
 T = TypeVar("T")
+
+#: a dead letter's value is published whole up to this size (Apache Kafka's default
+#: message.max.bytes is 1 MiB, headers and batch overhead included) ...
+DLQ_WHOLE_BYTES = 900 * 1024
+#: ... and beyond it as an excerpt of this many bytes, with the whole value's size and
+#: SHA-256 in headers (``dlq-truncated``, ``dlq-size``, ``dlq-sha256``).
+DLQ_EXCERPT_BYTES = 64 * 1024
 
 
 def make_producer(settings: CommonSettings, **overrides: Any) -> AIOKafkaProducer:
@@ -313,37 +322,81 @@ class Consumer:
             self._consumer = None
 
     async def run(self) -> None:
-        """Consume until cancelled. Offsets are committed only after the handler succeeded."""
+        """Consume until cancelled. Offsets are committed only after the handler succeeded.
+
+        A transient failure anywhere in a round (a broker restarting, a commit refused after
+        a rebalance, a dead letter that could not be published) is weather: the loop backs
+        off, rewinds to the committed offsets and goes on, so what was not committed is
+        handled again (handlers are idempotent). Only a bug leaves the loop."""
         assert self._consumer is not None, "start() first"
         consumer = self._consumer
+        delays: Iterator[float] | None = None
+        rewind = False
         while True:
-            batches = await consumer.getmany(timeout_ms=1000, max_records=self.max_records)
-            self.last_progress = time.monotonic()
-            CONSUMER_LAST_PROGRESS.labels(self.settings.service, self.group).set(time.time())
-            self._pace(consumer, busy=bool(batches))
-            if not batches:
-                continue
-            # One partition after another: handling them concurrently was measured slower
-            # (ingest −10 to −15%: the work is CPU-bound and the transactions grew longer).
-            # A handler that mostly waits (the sender on SMTP replies) may opt in: the next
-            # partition's work then fills the previous one's tail. Offsets are committed once
-            # every partition's handler is done, either way.
-            # A handler whose transaction costs more than its records (a few latency-critical
-            # changes a partition) may take every partition's records of a poll together.
-            if self.partitions_together:
-                by_topic: dict[str, list[ConsumerRecord]] = {}
+            try:
+                if rewind:
+                    await self._rewind(consumer)
+                    rewind = False
+                await self._round(consumer)
+                delays = None
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                delays = delays or RECONNECT.delays()
+                delay = next(delays)
+                TRANSIENT_RETRIES.labels(self.settings.service, f"consumer:{self.group}").inc()
+                log.warning(
+                    "consumer_round_failed", group=self.group, error=repr(exc), delay=delay
+                )
+                self.alive()
+                await asyncio.sleep(delay)
+                rewind = True
+
+    async def _round(self, consumer: AIOKafkaConsumer) -> None:
+        """One poll: fetch, handle every partition's records, commit."""
+        batches = await consumer.getmany(timeout_ms=1000, max_records=self.max_records)
+        self.alive()
+        CONSUMER_LAST_PROGRESS.labels(self.settings.service, self.group).set(time.time())
+        self._pace(consumer, busy=bool(batches))
+        if not batches:
+            return
+        # One partition after another: handling them concurrently was measured slower
+        # (ingest −10 to −15%: the work is CPU-bound and the transactions grew longer).
+        # A handler that mostly waits (the sender on SMTP replies) may opt in: the next
+        # partition's work then fills the previous one's tail. Offsets are committed once
+        # every partition's handler is done, either way.
+        # A handler whose transaction costs more than its records (a few latency-critical
+        # changes a partition) may take every partition's records of a poll together.
+        if self.partitions_together:
+            by_topic: dict[str, list[ConsumerRecord]] = {}
+            for tp, records in batches.items():
+                by_topic.setdefault(tp.topic, []).extend(records)
+            for name, records in by_topic.items():
+                await self._records(name, records)
+        elif self.partitions_at_once and len(batches) > 1:
+            async with asyncio.TaskGroup() as handling:
                 for tp, records in batches.items():
-                    by_topic.setdefault(tp.topic, []).extend(records)
-                for name, records in by_topic.items():
-                    await self._records(name, records)
-            elif self.partitions_at_once and len(batches) > 1:
-                async with asyncio.TaskGroup() as handling:
-                    for tp, records in batches.items():
-                        handling.create_task(self._records(tp.topic, records))
+                    handling.create_task(self._records(tp.topic, records))
+        else:
+            for tp, records in batches.items():
+                await self._records(tp.topic, records)
+        await consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+
+    async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
+        """Back to the committed offset of every partition this member holds (the start
+        of the partition where nothing was committed), after a round that failed half-way:
+        the consumer's position is past records that were fetched but not committed."""
+        for tp in consumer.assignment():
+            committed = await consumer.committed(tp)
+            if committed is None:
+                await consumer.seek_to_beginning(tp)
             else:
-                for tp, records in batches.items():
-                    await self._records(tp.topic, records)
-            await consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+                consumer.seek(tp, committed)
+
+    def alive(self) -> None:
+        """This member is making progress, or waiting on purpose (see :func:`still_working`):
+        /healthz stays green."""
+        self.last_progress = time.monotonic()
 
     def _pace(self, consumer: AIOKafkaConsumer, *, busy: bool) -> None:
         """The wait of the next fetches: the normal one while records come, the idle one
@@ -376,6 +429,9 @@ class Consumer:
             except InvalidMessage as exc:
                 await self._dead_letter(topic, record, "decode", exc.reason)
                 continue
+            except Exception as exc:  # decoding is pure: whatever fails, the bytes are at fault
+                await self._dead_letter(topic, record, "decode", f"unreadable record: {exc!r}")
+                continue
             key = record.key.decode(errors="replace") if record.key is not None else None
             messages.append(
                 Message(topic, key, value, record.partition, record.offset, record.timestamp)
@@ -389,8 +445,11 @@ class Consumer:
         messages: list[Message],
         by_position: dict[tuple[int, int], ConsumerRecord],
     ) -> None:
-        """Run the handler on ``messages``; a rejected message is dead-lettered and the
-        messages before and after it are handled on their own, in order."""
+        """Run the handler on ``messages``, retrying transient failures for as long as it
+        takes. A message the handler rejects (:func:`reject`) is dead-lettered and the
+        messages before and after it are handled on their own, in order. A failure on the
+        data that names no message (PostgreSQL refusing a value: class 22, 54) splits the
+        batch in halves until the record at fault is alone, and dead-letters it."""
         if not messages:
             return
         try:
@@ -399,16 +458,26 @@ class Consumer:
                 name=f"handle:{topic.value}",
                 service=self.settings.service,
                 strategy=FOREVER,
+                waiting=self.alive,
             )
-        except InvalidMessage as exc:
-            bad = getattr(exc, "message", None)
-            if not isinstance(bad, Message) or bad not in messages:
+        except Exception as exc:
+            if classify(exc) is not Fault.DATA:
                 raise
-            at = messages.index(bad)
-            await self._handle(topic, messages[:at], by_position)
+            bad = getattr(exc, "message", None)
+            if isinstance(bad, Message) and bad in messages:
+                at = messages.index(bad)
+                before, after = messages[:at], messages[at + 1 :]
+            elif len(messages) == 1:
+                bad, before, after = messages[0], [], []
+            else:
+                half = len(messages) // 2
+                await self._handle(topic, messages[:half], by_position)
+                await self._handle(topic, messages[half:], by_position)
+                return
+            await self._handle(topic, before, by_position)
             record = by_position[bad.partition, bad.offset]
-            await self._dead_letter(topic, record, "process", exc.reason)
-            await self._handle(topic, messages[at + 1 :], by_position)
+            await self._dead_letter(topic, record, "process", _reason(exc))
+            await self._handle(topic, after, by_position)
             return
         for _ in messages:
             self.dlq_limit.record(False)
@@ -417,6 +486,9 @@ class Consumer:
     async def _dead_letter(
         self, topic: Topic, record: ConsumerRecord, stage: str, reason: str
     ) -> None:
+        """Publish ``record`` to ``<topic>.dlq`` with why and where it came from. A value
+        too large to publish whole (over DLQ_WHOLE_BYTES, or refused by the producer or the
+        broker) goes as its first DLQ_EXCERPT_BYTES with its size and SHA-256."""
         headers = [
             *(record.headers or ()),
             ("dlq-stage", stage.encode()),
@@ -427,8 +499,18 @@ class Consumer:
             ("dlq-consumer-group", self.group.encode()),
         ]
         key = record.key.decode(errors="replace") if record.key is not None else None
-        future = await self.publisher.send_raw(topic.dlq, key, record.value, headers)
-        await future
+        value = record.value
+        truncated = value is not None and len(value) > DLQ_WHOLE_BYTES
+        try:
+            if truncated:
+                await self._publish_excerpt(topic, key, value or b"", headers)
+            else:
+                await (await self.publisher.send_raw(topic.dlq, key, value, headers))
+        except Exception as exc:
+            if truncated or classify(exc) is not Fault.DATA:
+                raise
+            truncated = True
+            await self._publish_excerpt(topic, key, value or b"", headers)
         MESSAGES_DEAD_LETTERED.labels(self.settings.service, topic.value, stage).inc()
         MESSAGES_CONSUMED.labels(self.settings.service, topic.value, "dead_lettered").inc()
         log.warning(
@@ -438,8 +520,29 @@ class Consumer:
             offset=record.offset,
             stage=stage,
             reason=reason[:500],
+            truncated=truncated,
         )
         self.dlq_limit.record(True)
+
+    async def _publish_excerpt(
+        self, topic: Topic, key: str | None, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> None:
+        # The original headers may be what is too large: keep only ours.
+        ours = [(k, v) for k, v in headers if k.startswith("dlq-")]
+        ours += [
+            ("dlq-truncated", b"1"),
+            ("dlq-size", str(len(value)).encode()),
+            ("dlq-sha256", hashlib.sha256(value).hexdigest().encode()),
+        ]
+        excerpt = value[:DLQ_EXCERPT_BYTES]
+        await (await self.publisher.send_raw(topic.dlq, (key or "")[:256], excerpt, ours))
+
+
+def _reason(exc: BaseException) -> str:
+    """What an operator reads in ``dlq-reason``: ours as written, anything else typed."""
+    if isinstance(exc, InvalidMessage):
+        return exc.reason if exc.field is None else f"{exc.field}: {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def reject(message: Message, reason: str, field: str | None = None) -> InvalidMessage:

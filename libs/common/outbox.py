@@ -16,6 +16,7 @@ statement on the unsubscribe link's hot path) wakes its own process's relay inst
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import zlib
 from collections.abc import Iterable
 from typing import Any
@@ -155,7 +156,8 @@ class OutboxRelay:
 
     async def _leave(self, conn: asyncpg.Connection, published: list[int]) -> None:
         """Delete what was published, give up the lead and the channel; a connection left
-        mid-statement (cancelled) is closed instead, which does both server-side."""
+        mid-statement (cancelled) or lost (the database restarted) is closed instead, which
+        does both server-side (what was published and not deleted goes out again)."""
         try:
             async with asyncio.timeout(5):
                 if published:
@@ -164,8 +166,12 @@ class OutboxRelay:
                 # The pool does not reset sessions: no lock or LISTEN may stay behind.
                 await conn.execute("UNLISTEN *; SELECT pg_advisory_unlock_all()")
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            conn.terminate()
-        await self.pool.release(conn)
+            with contextlib.suppress(asyncpg.InterfaceError):  # released already
+                conn.terminate()
+        try:
+            await self.pool.release(conn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("outbox_connection_not_released", error=repr(exc))
 
     def _notified(self, *_: Any) -> None:
         self._wake.set()

@@ -1,17 +1,15 @@
-"""Retry strategies for :class:`~libs.common.errors.TransientError` and connection errors."""
+"""Retrying what is transient (:func:`libs.common.errors.classify`): one call, or a whole loop."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-import asyncpg
-from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
-
-from libs.common.errors import TransientError
+from libs.common.errors import is_transient
 from libs.common.logging import get_logger
 from libs.common.metrics import TRANSIENT_RETRIES
 
@@ -41,22 +39,8 @@ class Backoff:
 FOREVER = Backoff(initial=0.2, maximum=30.0, attempts=None)
 #: for a request-scoped call: give up after a few seconds and answer 503.
 BRIEF = Backoff(initial=0.05, maximum=1.0, attempts=5)
-
-RETRYABLE: tuple[type[BaseException], ...] = (
-    TransientError,
-    ConnectionError,
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.SerializationError,
-    asyncpg.DeadlockDetectedError,
-    KafkaConnectionError,
-    KafkaTimeoutError,
-)
-
+#: for a loop that lost its dependency: try again soon, then every few seconds.
+RECONNECT = Backoff(initial=0.5, maximum=15.0, attempts=None)
 
 async def retry(
     operation: Callable[[], Awaitable[T]],
@@ -64,19 +48,58 @@ async def retry(
     name: str,
     service: str,
     strategy: Backoff = FOREVER,
-    retry_on: tuple[type[BaseException], ...] = RETRYABLE,
+    waiting: Callable[[], None] | None = None,
 ) -> T:
-    """Run ``operation``, retrying on ``retry_on`` per ``strategy``; the last error propagates."""
+    """Run ``operation``, retrying what :func:`~libs.common.errors.classify` calls transient
+    per ``strategy``; anything else, and the last transient error, propagates. ``waiting``
+    is called before each wait (a consumer stays healthy while it waits on purpose)."""
     delays = strategy.delays()
     while True:
         try:
             return await operation()
-        except retry_on as exc:
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
             delay = next(delays, None)
             if delay is None:
                 raise
             TRANSIENT_RETRIES.labels(service, name).inc()
             log.warning("transient_error_retry", operation=name, error=repr(exc), delay=delay)
+            if waiting is not None:
+                waiting()
+            await asyncio.sleep(delay)
+
+
+#: a supervised loop that ran this long before failing starts over from the first delay.
+SETTLED_SECONDS = 60.0
+
+
+async def supervise(
+    loop: Callable[[], Awaitable[None]],
+    *,
+    name: str,
+    service: str,
+    strategy: Backoff = RECONNECT,
+) -> None:
+    """Run a long-lived ``loop`` (a relay, a lock holder, a job runner) and start it again
+    after a transient error, with backoff, for as long as it takes: a dependency's restart
+    is weather. A loop that returns is done; a bug (anything else) propagates and stops the
+    service. The loop must resume from committed state: what it had not committed is
+    simply redone."""
+    delays = strategy.delays()
+    while True:
+        started = time.monotonic()
+        try:
+            await loop()
+            return
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if time.monotonic() - started > SETTLED_SECONDS:
+                delays = strategy.delays()
+            delay = next(delays)
+            TRANSIENT_RETRIES.labels(service, name).inc()
+            log.warning("loop_restarting", loop=name, error=repr(exc), delay=round(delay, 2))
             await asyncio.sleep(delay)
 
 

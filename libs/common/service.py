@@ -23,11 +23,14 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 from aiohttp import web
+from aiokafka import AIOKafkaProducer
 
 from libs.common import db, http
+from libs.common.errors import is_transient
 from libs.common.kafka import Consumer, Handler, Message, Publisher, make_producer
 from libs.common.logging import get_logger
 from libs.common.outbox import OutboxRelay
+from libs.common.retry import retry, supervise
 from libs.common.settings import CommonSettings
 from libs.common.topics import Topic
 
@@ -50,6 +53,16 @@ QUIET_FETCH_MAX_WAIT_MS = 250
 
 
 C = TypeVar("C")
+T = TypeVar("T")
+
+
+async def _started(producer: AIOKafkaProducer) -> AIOKafkaProducer:
+    try:
+        await producer.start()
+    except BaseException:
+        await producer.stop()  # a failed start leaves its client's connections open
+        raise
+    return producer
 
 
 class LazyContext(Generic[C]):
@@ -138,22 +151,35 @@ class Runtime:
     port: int = field(default=0, init=False)
 
     async def start(self, *, migrate: bool = True) -> None:
+        """Start every part; a dependency that is not there yet is waited for (a service
+        started during an outage comes up when it ends, instead of crash-looping)."""
         s = self.settings
         if migrate:
-            await db.migrate(s.database_url, self.schema, self.migrations)
-        self.pool = await db.create_pool(s.database_url, self.schema, size=s.db_pool_size)
-        producer = make_producer(s)
-        await producer.start()
+            await self._when_up(
+                "database", lambda: db.migrate(s.database_url, self.schema, self.migrations)
+            )
+        self.pool = await self._when_up(
+            "database",
+            lambda: db.create_pool(
+                s.database_url,
+                self.schema,
+                size=s.db_pool_size,
+                connect_timeout=s.db_connect_timeout_seconds,
+            ),
+        )
+        producer = await self._when_up("kafka", lambda: _started(make_producer(s)))
         self.publisher = Publisher(s, producer)
         self.outbox = OutboxRelay(self.pool, self.publisher, self.schema)
-        self._spawn(self.outbox.run(), "outbox")
+        self._spawn(self.outbox.run, "outbox")
         self._consumers = [self._consumer(spec) for spec in self.consumers]
         # Joining a group takes a while on some brokers: join all groups at once.
-        await asyncio.gather(*(consumer.start() for consumer in self._consumers))
+        await asyncio.gather(
+            *(self._when_up("kafka", consumer.start) for consumer in self._consumers)
+        )
         for consumer in self._consumers:
-            self._spawn(consumer.run(), f"consumer:{consumer.group}")
+            self._spawn(consumer.run, f"consumer:{consumer.group}")
         for job in self.background:
-            self._spawn(job(), job.__name__)
+            self._spawn(job, job.__name__)
         app = http.create_app(
             s.service, s.bearer_tokens(), health=self.health, ready=self.ready, title=self.title
         )
@@ -190,8 +216,15 @@ class Runtime:
             partitions_together=spec.partitions_together,
         )
 
-    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
-        task = asyncio.ensure_future(coro)
+    async def _when_up(self, dependency: str, connect: Callable[[], Awaitable[T]]) -> T:
+        return await retry(
+            connect, name=f"connect:{dependency}", service=self.settings.service
+        )
+
+    def _spawn(self, loop: Callable[[], Awaitable[Any]], name: str) -> None:
+        """Run ``loop`` as a task of this service, started again after a transient failure
+        (:func:`~libs.common.retry.supervise`); a bug fails the service."""
+        task = asyncio.ensure_future(supervise(loop, name=name, service=self.settings.service))
         task.set_name(name)
         task.add_done_callback(self._task_done)
         self._tasks.append(task)
@@ -231,10 +264,24 @@ class Runtime:
             checks["database"] = "ok"
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             checks["database"] = f"unreachable: {type(exc).__name__}"
-        client = self.publisher.producer.client
-        checks["kafka"] = "ok" if client.cluster.brokers() else "no brokers known"
+        checks["kafka"] = await self._kafka_check()
         ok = all(v == "ok" for v in checks.values()) and (await self.health())[0]
         return ok, checks
+
+    async def _kafka_check(self) -> str:
+        """"ok" when a connection to at least one broker of the cluster is up or can be made."""
+        client = self.publisher.producer.client
+        brokers = client.cluster.brokers()
+        if not brokers:
+            return "unreachable: no brokers known"
+        try:
+            async with asyncio.timeout(2):
+                for broker in brokers:
+                    if await client.ready(broker.nodeId):
+                        return "ok"
+        except (OSError, TimeoutError):
+            pass
+        return "unreachable: no broker answers"
 
     async def stop(self) -> None:
         log.info("service_stopping")
@@ -248,8 +295,12 @@ class Runtime:
         for consumer in self._consumers:
             await consumer.stop()
         try:
-            await self.outbox.drain()
-        except (OSError, asyncpg.PostgresError) as exc:
+            async with asyncio.timeout(POOL_CLOSE_SECONDS):
+                await self.outbox.drain()
+        except Exception as exc:
+            if not (isinstance(exc, TimeoutError) or is_transient(exc)):
+                raise
+            # Left in the outbox: the next relay of this schema publishes it.
             log.warning("outbox_drain_failed", error=repr(exc))
         await self.publisher.producer.stop()
         try:

@@ -110,6 +110,9 @@ class CommonSettings:
     # Where the public tracking endpoints (/t/o, /t/c: bounce_processor) are reached.
     tracking_base_url: str = env("TAYORI_TRACKING_URL", "http://127.0.0.1:8085")
     db_pool_size: int = env("DB_POOL_SIZE", 10)
+    # How long opening one database connection may take before it counts as a failure
+    # (retried by loops, 503 for a request).
+    db_connect_timeout_seconds: float = env("DB_CONNECT_TIMEOUT_SECONDS", 10.0)
     dlq_limit_ratio: float = env("DLQ_LIMIT_RATIO", 0.5)
     dlq_limit_min: int = env("DLQ_LIMIT_MIN", 100)
     log_level: str = env("LOG_LEVEL", "info")

@@ -15,8 +15,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-from libs.common.errors import TransientError
-from libs.common.retry import BRIEF, RETRYABLE, retry
+from libs.common.errors import TransientError, is_transient
+from libs.common.retry import BRIEF, retry
 
 T = TypeVar("T")
 
@@ -67,12 +67,11 @@ class GroupWriter(Generic[T]):
                 service=self._service,
                 strategy=BRIEF,
             )
-        except RETRYABLE as exc:
+        except BaseException as exc:  # the callers must not hang, whatever happened
             self._fail(batch, TransientError(f"{self.name}: {exc!r}"))
-            return
-        except BaseException as exc:  # a bug or cancellation: the callers must not hang
-            self._fail(batch, TransientError(f"{self.name}: {exc!r}"))
-            raise
+            if isinstance(exc, Exception) and is_transient(exc):
+                return
+            raise  # a bug or cancellation
         for _, done in batch:
             if not done.done():
                 done.set_result(None)

@@ -30,9 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
-from aiokafka.errors import KafkaError
 
 from libs.common.content import BY_REFERENCE
+from libs.common.errors import is_transient
 from libs.common.logging import get_logger
 from libs.common.metrics import (
     SCHEDULER_CAMPAIGNS,
@@ -75,12 +75,9 @@ async def run(ctx: Context, beat: Callable[[], None]) -> None:
         started = time.monotonic()
         try:
             await tick(ctx)
-        except (
-            OSError,
-            asyncpg.PostgresConnectionError,
-            asyncpg.InterfaceError,
-            KafkaError,
-        ) as exc:
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
             log.warning("release_tick_failed", error=repr(exc))
         ctx.ticks += 1
         await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))

@@ -243,8 +243,12 @@ class OwnerLock:
         self.held = asyncio.Event()
 
     async def hold(self) -> None:
-        """Take the lock and keep it; raises (stopping the service) if its connection is
-        lost, since other senders would then take this one's rows over."""
+        """Take the lock and keep it. If its connection is lost (the database restarted or
+        failed over) the lock is gone with it: new batches wait (``held`` is cleared) and
+        this raises a transient error, after which the runtime calls ``hold`` again to take
+        the same key back once the database answers. Rows this process left unfinished in
+        the meantime are adopted by another sender only if their requests are redelivered
+        to it (a rebalance) while the key is free."""
         conn = await connect(self.dsn, self.schema)
         try:
             await conn.execute("SELECT pg_advisory_lock($1)", self.key)
@@ -254,7 +258,11 @@ class OwnerLock:
                 await conn.fetchval("SELECT 1")
         finally:
             self.held.clear()
-            await conn.close()
+            try:
+                async with asyncio.timeout(2):
+                    await conn.close()
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                conn.terminate()
 
     async def alive(self, conn: asyncpg.Connection, owners: set[int]) -> set[int]:
         """The owners among ``owners`` whose process still runs (holds its lock)."""

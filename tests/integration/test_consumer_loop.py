@@ -1,19 +1,24 @@
 """libs/common/kafka.Consumer through the real broker: its fetch wait follows its topic (the
-normal wait while records come, the idle wait after a second without any), and a consumer
-that opts in handles the partitions of a poll at once, or together in one batch."""
+normal wait while records come, the idle wait after a second without any), a consumer
+that opts in handles the partitions of a poll at once, or together in one batch, and no
+record stops it: a value PostgreSQL refuses and a record too large to dead-letter whole
+both end in the DLQ while the rest is applied."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
+
 from libs.common import avro
-from libs.common.kafka import Consumer, Handler, Message, reject
+from libs.common.kafka import DLQ_EXCERPT_BYTES, Consumer, Handler, Message, make_producer, reject
 from libs.common.settings import CommonSettings
-from libs.common.topics import Topic
+from libs.common.topics import Topic, topic_name
 from tests.conftest import Kafka, Stack, eventually
 
 BUSY_MS = 20
@@ -191,3 +196,94 @@ async def test_partitions_of_a_poll_are_handled_together_when_asked(
         str(bad.offset).encode(),
     )
     assert avro.decode(Topic.DELIVERY_RESULTS, dead[0].value, dead[0].headers) == bad.value
+
+
+async def test_a_value_the_database_refuses_is_dead_lettered_and_the_rest_applied(
+    stack: Stack, kafka: Kafka, prefix: str, database: str
+) -> None:
+    """A NUL in one record's text makes PostgreSQL refuse the whole batch's statement
+    (class 22, naming no record): the loop splits the batch until that record is alone,
+    dead-letters it with the database's reason, and every other record is written once."""
+    conn = await asyncpg.connect(database)
+    await conn.execute("CREATE TABLE seen (result_id text PRIMARY KEY, relay text)")
+    sent = []
+    for contact_id in range(1, 30):
+        result = _result(str(uuid.uuid4()))
+        if contact_id == 11:
+            result["relay"] = "bad\x00relay"
+        sent.append(result)
+        await kafka.send(Topic.DELIVERY_RESULTS, 1, result)  # one partition, one batch
+    poisoned = sent[10]["result_id"]
+
+    async def handler(batch: list[Message]) -> None:
+        await conn.execute(
+            "INSERT INTO seen SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
+            [m.value["result_id"] for m in batch],
+            [m.value["relay"] for m in batch],
+        )
+
+    try:
+        async with running(stack, kafka, prefix, handler):
+            dead = await kafka.read(Topic.DELIVERY_RESULTS.dlq, until=lambda rs: len(rs) >= 1)
+
+            async def all_written() -> bool:
+                return await conn.fetchval("SELECT count(*) FROM seen") == len(sent) - 1
+
+            await eventually(all_written)
+        stored = {r["result_id"] for r in await conn.fetch("SELECT result_id FROM seen")}
+    finally:
+        await conn.close()
+    assert stored == {r["result_id"] for r in sent} - {poisoned}
+    assert len(dead) == 1
+    headers = dict(dead[0].headers)
+    assert headers["dlq-stage"] == b"process"
+    assert b"0x00" in headers["dlq-reason"]  # the database says what it refused
+    assert avro.decode(Topic.DELIVERY_RESULTS, dead[0].value, dead[0].headers)["result_id"] == (
+        poisoned
+    )
+
+
+async def test_a_record_too_large_to_dead_letter_whole_goes_as_an_excerpt(
+    stack: Stack, kafka: Kafka, prefix: str
+) -> None:
+    """A 1.5 MB record that the handler refuses is larger than a dead letter may be: its
+    first DLQ_EXCERPT_BYTES go, with its size and SHA-256, and the next record is handled."""
+    huge = _result(str(uuid.uuid4()))
+    huge["diagnostic"] = "x" * 1_500_000
+    after = _result(str(uuid.uuid4()))
+    data, _ = avro.encode(Topic.DELIVERY_RESULTS, huge)
+    producer = make_producer(
+        CommonSettings(kafka_bootstrap=stack.broker.bootstrap), max_request_size=4 << 20
+    )
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            topic_name(Topic.DELIVERY_RESULTS, prefix),
+            data,
+            key=b"1",
+            headers=[(avro.VERSION_HEADER, b"1")],
+        )
+    finally:
+        await producer.stop()
+    await kafka.send(Topic.DELIVERY_RESULTS, 1, after)
+    handled: list[str] = []
+
+    async def handler(batch: list[Message]) -> None:
+        for message in batch:
+            if message.value["diagnostic"] and len(message.value["diagnostic"]) > 10_000:
+                raise reject(message, "diagnostic too long")
+        handled.extend(m.value["result_id"] for m in batch)
+
+    async with running(stack, kafka, prefix, handler):
+
+        async def next_handled() -> bool:
+            return after["result_id"] in handled
+
+        await eventually(next_handled)
+        dead = await kafka.read(Topic.DELIVERY_RESULTS.dlq, until=lambda rs: len(rs) >= 1)
+    headers = dict(dead[0].headers)
+    assert headers["dlq-truncated"] == b"1"
+    assert headers["dlq-size"] == str(len(data)).encode()
+    assert headers["dlq-sha256"] == hashlib.sha256(data).hexdigest().encode()
+    assert headers["dlq-reason"] == b"diagnostic too long"
+    assert dead[0].value == data[:DLQ_EXCERPT_BYTES]
