@@ -13,6 +13,7 @@ from collections import Counter
 import asyncpg
 from structlog.contextvars import bound_contextvars
 
+from libs.common import checks
 from libs.common.db import claim_once
 from libs.common.errors import InvalidMessage, NotFound, TransientError
 from libs.common.kafka import Message, reject
@@ -48,11 +49,12 @@ async def handle_contact_events(ctx: Context, batch: list[Message]) -> None:
 
 
 def _event_ids(batch: list[Message]) -> list[str]:
-    """The ids a batch may claim; an event without a usable id is rejected by validation."""
+    """The ids a batch may claim; an event without a usable id is rejected by validation
+    (one with a NUL would fail the claim, and with it the batch, naming no event)."""
     ids = []
     for message in batch:
         event_id = message.value.get("event_id") if isinstance(message.value, dict) else None
-        if isinstance(event_id, str) and event_id.strip():
+        if isinstance(event_id, str) and event_id.strip() and checks.is_plain(event_id):
             ids.append(event_id)
     return ids
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from libs.common import addresses
+from libs.common import addresses, checks
 from libs.common.errors import InvalidMessage
 from libs.common.mergetags import CONTACT_FIELDS
 from services.contacts.models import (
@@ -130,7 +130,7 @@ def parse_tags(raw: Any, field_name: str = "tags") -> list[str]:
     for tag in raw:
         if not isinstance(tag, str):
             raise InvalidMessage("tags must be a list of strings", field=field_name)
-        tag = tag.strip()
+        tag = checks.identifier(tag, field_name).strip()
         if tag and tag not in tags:
             if len(tag) > 100:
                 raise InvalidMessage(
@@ -261,12 +261,12 @@ def upstream_event(
     value: Mapping[str, Any], fields: Mapping[str, FieldDefinition]
 ) -> UpstreamEvent:
     """Validate an event; raises InvalidMessage naming the field at fault."""
-    event_id = value.get("event_id") or ""
+    event_id = checks.identifier(value.get("event_id") or "", "event_id")
     if not event_id.strip():
         raise InvalidMessage("event_id is required", field="event_id")
     kind = value.get("type")
     email = addresses.normalise(value["email"]) if value.get("email") else None
-    external_id = (value.get("external_id") or "").strip() or None
+    external_id = checks.identifier(value.get("external_id") or "", "external_id").strip() or None
     if not email and not external_id:
         raise InvalidMessage(
             "an event needs external_id or email to find its contact", field="email"

@@ -11,9 +11,10 @@ from typing import Any
 import asyncpg
 from structlog.contextvars import bound_contextvars
 
+from libs.common import checks
 from libs.common.db import claim_once
 from libs.common.errors import Forbidden, InvalidMessage, NotFound
-from libs.common.kafka import Message, reject
+from libs.common.kafka import Message, checked, reject
 from libs.common.logging import get_logger
 from services.suppression import store
 from services.suppression.context import Context
@@ -25,6 +26,7 @@ log = get_logger(__name__)
 
 async def handle_commands(ctx: Context, batch: list[Message]) -> None:
     """``suppression.commands``: joins from contacts, state changes from upstream systems."""
+    checked(batch, _check_values)  # before the ids are claimed: a NUL would fail the claim
     async with ctx.pool.acquire() as conn, conn.transaction():
         for message in await claim_once(conn, batch, lambda m: m.value["command_id"]):
             command = message.value
@@ -55,18 +57,21 @@ def _group(command: dict[str, Any]) -> int:
     return int(command["group_id"])
 
 
-def _check_values(command: dict[str, Any]) -> None:
+def _check_values(command: dict[str, Any]) -> dict[str, Any]:
     """Free-text fields the schema cannot constrain: refuse them here (→ DLQ) rather than
-    let the table's CHECK constraints fail the whole batch."""
+    let the table's CHECK constraints or PostgreSQL's text type fail the whole batch."""
+    checks.identifier(command["command_id"], "command_id")
+    if command.get("email") is not None:
+        checks.identifier(command["email"], "email")
     if command.get("state") is not None and command["state"] not in STATES:
         raise InvalidMessage(f"state must be one of {', '.join(STATES)}", field="state")
     if command.get("method") is not None and command["method"] not in METHODS:
         raise InvalidMessage(f"method must be one of {', '.join(METHODS)}", field="method")
+    return command
 
 
 async def _apply(conn: asyncpg.Connection, command: dict[str, Any]) -> None:
     kind = command["type"]
-    _check_values(command)
     if kind == "ClearBounce":
         if not command.get("email"):
             raise InvalidMessage("ClearBounce needs email", field="email")
