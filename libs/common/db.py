@@ -93,12 +93,16 @@ async def create_pool(
 
 
 async def connect(
-    dsn: str, schema: str, *, settings: Mapping[str, str] | None = None
+    dsn: str,
+    schema: str,
+    *,
+    settings: Mapping[str, str] | None = None,
+    connect_timeout: float = 10.0,
 ) -> asyncpg.Connection:
     """One connection like a pool's (``schema`` first, json decoded), with extra server
     ``settings`` of its own."""
     server_settings = {"search_path": f"{schema},public", **(settings or {})}
-    conn = await asyncpg.connect(dsn, server_settings=server_settings)
+    conn = await asyncpg.connect(dsn, server_settings=server_settings, timeout=connect_timeout)
     await _init_connection(conn)
     return conn
 

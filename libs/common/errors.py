@@ -126,6 +126,10 @@ def classify(exc: BaseException) -> Fault:
         # "connection is closed", "connection was closed in the middle of operation",
         # "pool is closed" (a connection lost under a query, or a stop under way)
         return Fault.TRANSIENT
+    if isinstance(exc, asyncpg.InternalClientError) and "cannot switch to state" in str(exc):
+        # A pooled connection that the server's FATAL "terminating connection" reached
+        # just before its socket closed: the next statement on it finds it mid-error.
+        return Fault.TRANSIENT
     if isinstance(exc, OSError | TimeoutError):  # refused, reset, unreachable, timed out
         return Fault.TRANSIENT
     return Fault.BUG

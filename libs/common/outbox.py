@@ -7,7 +7,7 @@ A crash between publish and delete publishes a row twice — consumers are idemp
 never loses one, and never publishes a change that was rolled back.
 
 One relay per schema publishes at a time, so rows for one key keep their order across
-replicas: the leader holds a session advisory lock on its own connection while it runs
+replicas: the leader holds a session advisory lock on a connection of its own while it runs
 (:meth:`OutboxRelay.publish_once`, for shutdown and tests, takes it for one transaction).
 ``NOTIFY`` wakes the relays at commit; a writer that queues rows without one (a single
 statement on the unsubscribe link's hot path) wakes its own process's relay instead.
@@ -16,14 +16,13 @@ statement on the unsubscribe link's hot path) wakes its own process's relay inst
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import zlib
 from collections.abc import Iterable
 from typing import Any
 
 import asyncpg
 
-from libs.common import avro
+from libs.common import avro, db
 from libs.common.aio import woken
 from libs.common.kafka import Publisher
 from libs.common.logging import get_logger
@@ -112,9 +111,16 @@ class OutboxRelay:
     """
 
     def __init__(
-        self, pool: asyncpg.Pool, publisher: Publisher, schema: str, *, batch: int = 5000
+        self,
+        pool: asyncpg.Pool,
+        publisher: Publisher,
+        schema: str,
+        *,
+        dsn: str,
+        batch: int = 5000,
     ) -> None:
         self.pool = pool
+        self.dsn = dsn
         self.publisher = publisher
         self.schema = schema
         self.batch = batch
@@ -124,7 +130,11 @@ class OutboxRelay:
         self._channel = f"{schema}_outbox"
 
     async def run(self) -> None:
-        conn = await self.pool.acquire()
+        """Lead or wait to lead, on a connection of its own (not the pool's: a lost pool
+        connection is handed back to the pool under its holder). A lost connection ends
+        the run with a transient error; the runtime starts it again, and what was
+        published but not deleted goes out a second time."""
+        conn = await db.connect(self.dsn, self.schema)
         await conn.add_listener(self._channel, self._notified)
         published: list[int] = []
         try:
@@ -155,23 +165,16 @@ class OutboxRelay:
         await woken(self._wake, POLL_SECONDS)
 
     async def _leave(self, conn: asyncpg.Connection, published: list[int]) -> None:
-        """Delete what was published, give up the lead and the channel; a connection left
-        mid-statement (cancelled) or lost (the database restarted) is closed instead, which
-        does both server-side (what was published and not deleted goes out again)."""
+        """Delete what was published and close the connection, which gives up the lead
+        and the channel server-side; a connection left mid-statement (cancelled) or lost
+        is terminated instead (what was published and not deleted goes out again)."""
         try:
             async with asyncio.timeout(5):
                 if published:
                     await conn.execute(_DELETE, published)
-                await conn.remove_listener(self._channel, self._notified)
-                # The pool does not reset sessions: no lock or LISTEN may stay behind.
-                await conn.execute("UNLISTEN *; SELECT pg_advisory_unlock_all()")
+                await conn.close()
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            with contextlib.suppress(asyncpg.InterfaceError):  # released already
-                conn.terminate()
-        try:
-            await self.pool.release(conn)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("outbox_connection_not_released", error=repr(exc))
+            conn.terminate()
 
     def _notified(self, *_: Any) -> None:
         self._wake.set()

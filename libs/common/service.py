@@ -169,7 +169,7 @@ class Runtime:
         )
         producer = await self._when_up("kafka", lambda: _started(make_producer(s)))
         self.publisher = Publisher(s, producer)
-        self.outbox = OutboxRelay(self.pool, self.publisher, self.schema)
+        self.outbox = OutboxRelay(self.pool, self.publisher, self.schema, dsn=s.database_url)
         self._spawn(self.outbox.run, "outbox")
         self._consumers = [self._consumer(spec) for spec in self.consumers]
         # Joining a group takes a while on some brokers: join all groups at once.

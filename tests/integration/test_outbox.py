@@ -36,7 +36,10 @@ async def test_outbox_publishes_committed_rows_in_order_and_never_rolled_back_on
 ) -> None:
     pool = await db.create_pool(database, "contacts", size=2)
     relay = OutboxRelay(
-        pool, Publisher(kafka.publisher.settings, kafka.publisher.producer), "contacts"
+        pool,
+        Publisher(kafka.publisher.settings, kafka.publisher.producer),
+        "contacts",
+        dsn=database,
     )
     try:
         async with pool.acquire() as conn:
@@ -84,7 +87,7 @@ async def test_relay_wakes_on_commit(database: str, kafka) -> None:
     import asyncio
 
     pool = await db.create_pool(database, "contacts", size=3)
-    relay = OutboxRelay(pool, kafka.publisher, "contacts")
+    relay = OutboxRelay(pool, kafka.publisher, "contacts", dsn=database)
     task = asyncio.ensure_future(relay.run())
     try:
         await asyncio.sleep(0.2)
@@ -106,7 +109,7 @@ async def test_a_relay_woken_as_it_is_cancelled_stops(database: str, kafka, monk
 
     monkeypatch.setattr(outbox, "POLL_SECONDS", 60.0)  # idle from its first round on
     pool = await db.create_pool(database, "contacts", size=2)
-    relay = OutboxRelay(pool, kafka.publisher, "contacts")
+    relay = OutboxRelay(pool, kafka.publisher, "contacts", dsn=database)
     task = asyncio.ensure_future(relay.run())
     try:
         await eventually(lambda: _leading(pool, relay))

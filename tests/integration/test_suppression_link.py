@@ -180,8 +180,8 @@ async def test_a_relay_that_does_not_lead_passes_its_wake_up_on(
     # No poll to fall back on: only wake-ups can get the change published.
     monkeypatch.setattr(outbox, "POLL_SECONDS", 3600.0)
     pool = await _pool(database)
-    leader = OutboxRelay(pool, kafka.publisher, "suppression")
-    other = OutboxRelay(pool, kafka.publisher, "suppression")  # another replica's
+    leader = OutboxRelay(pool, kafka.publisher, "suppression", dsn=database)
+    other = OutboxRelay(pool, kafka.publisher, "suppression", dsn=database)  # another replica's
     tasks = [asyncio.ensure_future(leader.run())]
     try:
         await eventually(lambda: _lead_taken(pool))

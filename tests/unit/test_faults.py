@@ -38,6 +38,9 @@ QUICK = Backoff(initial=0.001, maximum=0.001, attempts=None)
         asyncpg.SerializationError("could not serialize access"),
         asyncpg.DeadlockDetectedError("deadlock detected"),
         asyncpg.InterfaceError("connection is closed"),
+        asyncpg.InternalClientError(
+            "cannot switch to state 12; another operation (2) is in progress"
+        ),
         kafka_errors.KafkaConnectionError(),
         kafka_errors.CommitFailedError(),
         kafka_errors.RebalanceInProgressError(),
