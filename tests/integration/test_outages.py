@@ -155,7 +155,14 @@ async def test_postgresql_stopped_for_20_seconds_under_load(
         try:
             await asyncio.sleep(2)
             await asyncio.to_thread(stack.postgres.stop_server)
-            await asyncio.sleep(OUTAGE_SECONDS)
+            await asyncio.sleep(OUTAGE_SECONDS / 2)
+            # Not ready (naming the database), but alive: nothing to restart.
+            for service in services:
+                status, body = await service.api.call("GET", "/readyz", token=None)
+                assert status == 503 and body["database"].startswith("unreachable"), body
+                status, body = await service.api.call("GET", "/healthz", token=None)
+                assert status == 200, (service.runtime.settings.service, body)
+            await asyncio.sleep(OUTAGE_SECONDS / 2)
             await asyncio.to_thread(stack.postgres.start_server)
             await asyncio.gather(*load)
         finally:
