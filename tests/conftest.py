@@ -91,6 +91,7 @@ def settings_for(cls: type[T], stack: Stack, database: str, prefix: str, **overr
         kafka_bootstrap=stack.broker.bootstrap,
         topic_prefix=prefix,
         kafka_session_timeout_ms=1000,
+        kafka_profile="embedded",
         kafka_fetch_max_wait_ms=20,
         http_host="127.0.0.1",
         http_port=0,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import enum
 import hashlib
 import time
 from collections import deque
@@ -200,6 +201,60 @@ async def ensure_topics(
         await admin.close()
 
 
+class Latency(enum.Enum):
+    """Who waits on a consumer's records (:class:`Pacing` turns it into fetch waits)."""
+
+    #: a person waits to see the change (an unsubscribe showing in search).
+    CRITICAL = "critical"
+    NORMAL = "normal"
+    #: nobody waits on it to the millisecond (counters, history, copies read later).
+    QUIET = "quiet"
+
+
+class Concurrency(enum.Enum):
+    """How a consumer hands a poll's records to its handler."""
+
+    #: one partition's records after another: the default (CPU-bound handlers were measured
+    #: slower handled concurrently).
+    SEQUENTIAL = "one partition at a time"
+    #: every partition's records at once, each still in offset order: for a handler that
+    #: mostly waits (the sender on SMTP replies), whose keys never span partitions.
+    AT_ONCE = "partitions at once"
+    #: one handler call with every partition's records of a poll (each partition's in
+    #: offset order): for a handler whose transaction costs more than its few records.
+    TOGETHER = "partitions together"
+
+
+#: the quiet fetch wait on a broker that waits out every fetch (ms).
+QUIET_FETCH_MAX_WAIT_MS = 250
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """How long a consumer's fetches may wait: ``busy`` while records come, ``idle`` after
+    a second without any (None: always ``busy``).
+
+    On Apache Kafka (``KAFKA_PROFILE=kafka``, the default) a fetch is answered as soon as
+    records arrive: its wait is only a ceiling, an idle consumer costs the broker next to
+    nothing, and every latency class fetches with ``KAFKA_FETCH_MAX_WAIT_MS``. The embedded
+    broker of the dev profile (``KAFKA_PROFILE=embedded``) waits out every fetch and spends
+    CPU on each, idle or not: there the wait is the latency floor, so paths a person waits
+    on poll fast while records come, and a lull is polled slowly."""
+
+    busy: int
+    idle: int | None = None
+
+    @classmethod
+    def of(cls, latency: Latency, settings: CommonSettings) -> Pacing:
+        if settings.kafka_profile != "embedded":
+            return cls(settings.kafka_fetch_max_wait_ms)
+        if latency is Latency.CRITICAL:
+            return cls(settings.kafka_fast_fetch_max_wait_ms, settings.kafka_fetch_max_wait_ms)
+        if latency is Latency.QUIET:
+            return cls(QUIET_FETCH_MAX_WAIT_MS)
+        return cls(settings.kafka_fetch_max_wait_ms, QUIET_FETCH_MAX_WAIT_MS)
+
+
 @dataclass
 class Message:
     """One consumed record: its decoded value and where it came from."""
@@ -272,10 +327,8 @@ class Consumer:
         handler: Handler,
         max_records: int = 2000,
         dlq_limit: DlqLimit | None = None,
-        fetch_max_wait_ms: int | None = None,
-        idle_fetch_max_wait_ms: int | None = None,
-        partitions_at_once: bool = False,
-        partitions_together: bool = False,
+        latency: Latency = Latency.NORMAL,
+        concurrency: Concurrency = Concurrency.SEQUENTIAL,
     ) -> None:
         self.settings = settings
         self.publisher = publisher
@@ -283,13 +336,8 @@ class Consumer:
         self.topics = list(topics)
         self.handler = handler
         self.max_records = max_records
-        self.fetch_max_wait_ms = fetch_max_wait_ms or settings.kafka_fetch_max_wait_ms
-        #: the fetch wait once a poll found nothing for a second (None: always the one above).
-        self.idle_fetch_max_wait_ms = idle_fetch_max_wait_ms
-        #: handle the partitions of one poll concurrently (each still in offset order).
-        self.partitions_at_once = partitions_at_once
-        #: hand the handler a topic's records of one poll, every partition's, in one batch.
-        self.partitions_together = partitions_together
+        self.pacing = Pacing.of(latency, settings)
+        self.concurrency = concurrency
         self.dlq_limit = dlq_limit or DlqLimit(settings.dlq_limit_ratio, settings.dlq_limit_min)
         self._by_name = {topic_name(t, settings.topic_prefix): t for t in self.topics}
         self._consumer: AIOKafkaConsumer | None = None
@@ -311,7 +359,7 @@ class Consumer:
             auto_offset_reset="earliest",
             session_timeout_ms=s.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(100, s.kafka_session_timeout_ms // 5),
-            fetch_max_wait_ms=self.fetch_max_wait_ms,
+            fetch_max_wait_ms=self.pacing.busy,
             max_poll_records=self.max_records,
         )
         await self._consumer.start()
@@ -358,20 +406,14 @@ class Consumer:
         self._pace(consumer, busy=bool(batches))
         if not batches:
             return
-        # One partition after another: handling them concurrently was measured slower
-        # (ingest −10 to −15%: the work is CPU-bound and the transactions grew longer).
-        # A handler that mostly waits (the sender on SMTP replies) may opt in: the next
-        # partition's work then fills the previous one's tail. Offsets are committed once
-        # every partition's handler is done, either way.
-        # A handler whose transaction costs more than its records (a few latency-critical
-        # changes a partition) may take every partition's records of a poll together.
-        if self.partitions_together:
+        # Offsets are committed once every partition's handler is done, whatever the mode.
+        if self.concurrency is Concurrency.TOGETHER:
             by_topic: dict[str, list[ConsumerRecord]] = {}
             for tp, records in batches.items():
                 by_topic.setdefault(tp.topic, []).extend(records)
             for name, records in by_topic.items():
                 await self._records(name, records)
-        elif self.partitions_at_once and len(batches) > 1:
+        elif self.concurrency is Concurrency.AT_ONCE and len(batches) > 1:
             async with asyncio.TaskGroup() as handling:
                 for tp, records in batches.items():
                     handling.create_task(self._records(tp.topic, records))
@@ -397,13 +439,12 @@ class Consumer:
         self.last_progress = time.monotonic()
 
     def _pace(self, consumer: AIOKafkaConsumer, *, busy: bool) -> None:
-        """The wait of the next fetches: the normal one while records come, the idle one
-        after a second without any. On the embedded broker every fetch costs CPU there and
-        here whether or not anything arrived; an idle consumer need not poll 20 times a
-        second, and the first record after a lull waits at most the idle wait."""
-        if self.idle_fetch_max_wait_ms is not None:
-            wait = self.fetch_max_wait_ms if busy else self.idle_fetch_max_wait_ms
-            # aiokafka reads it for every fetch request it builds (Fetcher, 0.14).
+        """The wait of the next fetches (:class:`Pacing`): the busy one while records come,
+        the idle one after a poll found nothing. aiokafka has no public setter: it reads
+        ``Fetcher._fetch_max_wait_ms`` for every fetch request it builds, which
+        tests/unit/test_faults.py pins to the installed aiokafka version."""
+        if self.pacing.idle is not None:
+            wait = self.pacing.busy if busy else self.pacing.idle
             consumer._fetcher._fetch_max_wait_ms = wait
 
     async def _records(self, name: str, records: list[ConsumerRecord]) -> None:

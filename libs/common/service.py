@@ -27,7 +27,15 @@ from aiokafka import AIOKafkaProducer
 
 from libs.common import db, http
 from libs.common.errors import is_transient
-from libs.common.kafka import Consumer, Handler, Message, Publisher, make_producer
+from libs.common.kafka import (
+    Concurrency,
+    Consumer,
+    Handler,
+    Latency,
+    Message,
+    Publisher,
+    make_producer,
+)
 from libs.common.logging import get_logger
 from libs.common.outbox import OutboxRelay
 from libs.common.retry import retry, supervise
@@ -46,10 +54,6 @@ POOL_CLOSE_SECONDS = 10.0
 #: plain request ends in milliseconds; a stream (an export's rows) is cut either way, and
 #: the pod's terminationGracePeriodSeconds (30) must cover this, the consumers and the pool.
 HTTP_SHUTDOWN_SECONDS = 5.0
-#: fetch wait (ms) of quiet consumers (``ConsumerSpec.quiet``): on the embedded broker every
-#: fetch waits its full time and each poll costs CPU here and in the broker, idle or not, so
-#: topics nobody waits on to the millisecond are polled 4 times a second instead of 20.
-QUIET_FETCH_MAX_WAIT_MS = 250
 
 
 C = TypeVar("C")
@@ -93,35 +97,17 @@ class LazyContext(Generic[C]):
 
 @dataclass
 class ConsumerSpec:
+    """A consumer of the service: its group and topics, its handler, who waits on its
+    records (``latency``: the fetch pacing follows, see :class:`~libs.common.kafka.Pacing`)
+    and how a poll's partitions reach the handler (``concurrency``). ``max_records`` is the
+    most records one handler call takes."""
+
     group: str
     topics: list[Topic]
     handler: Handler
+    latency: Latency = Latency.NORMAL
+    concurrency: Concurrency = Concurrency.SEQUENTIAL
     max_records: int = 2000
-    #: changes users wait to see: the short fetch wait (KAFKA_FAST_FETCH_MAX_WAIT_MS) while
-    #: records come, the normal one after a second without any (see :meth:`fetch_waits`).
-    latency_critical: bool = False
-    #: a quiet topic nobody waits on: always the long fetch wait (QUIET_FETCH_MAX_WAIT_MS).
-    quiet: bool = False
-    #: handle the partitions of a poll concurrently (libs/common/kafka.Consumer): for a
-    #: handler that mostly waits, whose keys never span partitions.
-    partitions_at_once: bool = False
-    #: hand the handler every partition's records of a poll in one batch (per topic): for a
-    #: handler whose transaction costs more than its few records and whose keys never span
-    #: partitions (the records of one key stay in offset order).
-    partitions_together: bool = False
-
-    def fetch_waits(self, settings: CommonSettings) -> tuple[int, int | None]:
-        """The fetch wait while records come, and the one after a poll found nothing for a
-        second (None: the same). Every poll costs CPU in the embedded broker and here, idle
-        or not (its fetch waits its full time), so a lull is polled more slowly: the first
-        record after one waits at most the idle wait. Neither quiet nor latency-critical:
-        20 polls a second while records come, 4 in a lull; latency-critical: 100 and 20,
-        so even a lone change is seen within the normal wait."""
-        if self.quiet:
-            return QUIET_FETCH_MAX_WAIT_MS, None
-        if self.latency_critical:
-            return settings.kafka_fast_fetch_max_wait_ms, settings.kafka_fetch_max_wait_ms
-        return settings.kafka_fetch_max_wait_ms, QUIET_FETCH_MAX_WAIT_MS
 
 
 @dataclass
@@ -202,7 +188,6 @@ class Runtime:
         return {"outbox", *(f"consumer:{c.group}" for c in self.consumers)}
 
     def _consumer(self, spec: ConsumerSpec) -> Consumer:
-        busy_wait, idle_wait = spec.fetch_waits(self.settings)
         return Consumer(
             self.settings,
             self.publisher,
@@ -210,10 +195,8 @@ class Runtime:
             topics=spec.topics,
             handler=spec.handler,
             max_records=spec.max_records,
-            fetch_max_wait_ms=busy_wait,
-            idle_fetch_max_wait_ms=idle_wait,
-            partitions_at_once=spec.partitions_at_once,
-            partitions_together=spec.partitions_together,
+            latency=spec.latency,
+            concurrency=spec.concurrency,
         )
 
     async def _when_up(self, dependency: str, connect: Callable[[], Awaitable[T]]) -> T:

@@ -94,10 +94,14 @@ class CommonSettings:
     # Apache Kafka refuses session timeouts under group.min.session.timeout.ms (6 s);
     # the embedded broker makes a joining member wait half of it, so `tayori dev` lowers it.
     kafka_session_timeout_ms: int = env("KAFKA_SESSION_TIMEOUT_MS", 10_000)
-    kafka_fetch_max_wait_ms: int = env("KAFKA_FETCH_MAX_WAIT_MS", 50)
-    # For consumers on a latency-critical path (suppression state reaching other services).
-    # Apache Kafka answers a waiting fetch as soon as data arrives, so there both waits are
-    # ceilings; the embedded broker always waits them out, and each short wait costs it CPU.
+    # The broker the consumers pace their fetches for (libs/common/kafka.Pacing): "kafka"
+    # (Apache Kafka and its kind, which answer a fetch as soon as records arrive) or
+    # "embedded" (the dev profile's broker, which waits out every fetch).
+    kafka_profile: str = env("KAFKA_PROFILE", "kafka")
+    # The fetch wait: a ceiling on Apache Kafka (its default, 500 ms); on the embedded broker
+    # the latency floor of most consumers while records come (the dev profile sets 50).
+    kafka_fetch_max_wait_ms: int = env("KAFKA_FETCH_MAX_WAIT_MS", 500)
+    # Embedded profile only: the fetch wait of paths a person waits on while records come.
     kafka_fast_fetch_max_wait_ms: int = env("KAFKA_FAST_FETCH_MAX_WAIT_MS", 10)
     http_host: str = env("HTTP_HOST", "0.0.0.0")
     http_port: int = env("HTTP_PORT", 8080)
@@ -119,6 +123,12 @@ class CommonSettings:
 
     def __repr__(self) -> str:
         return masked_repr(self)
+
+    def __post_init__(self) -> None:
+        if self.kafka_profile not in ("kafka", "embedded"):
+            raise ValueError(
+                f"KAFKA_PROFILE: expected kafka or embedded, got {self.kafka_profile!r}"
+            )
 
     def bearer_tokens(self) -> dict[str, str]:
         """token → role for every configured API token."""

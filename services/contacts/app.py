@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from libs.common.kafka import Message
+from libs.common.kafka import Concurrency, Latency, Message
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
 from services.contacts import agents, api, imports
@@ -39,10 +39,10 @@ def build(settings: ContactsSettings) -> Runtime:
             "contacts.suppression",
             [Topic.SUPPRESSION_CHANGES],
             bind(agents.handle_suppression_changes),
-            latency_critical=True,  # an unsubscribe should show at once
+            latency=Latency.CRITICAL,  # an unsubscribe should show at once
             # Keyed by contact: a poll's partitions (2-3 changes each at 500/s) in one
             # transaction instead of one each, whose fixed cost was most of the handler's.
-            partitions_together=True,
+            concurrency=Concurrency.TOGETHER,
         ),
         ConsumerSpec(
             "contacts.projections",
@@ -55,7 +55,7 @@ def build(settings: ContactsSettings) -> Runtime:
             # Delivery history, opens, clicks and bounces for search: nobody waits on them to
             # the millisecond; fewer polls, bigger batches (one statement each).
             max_records=5000,
-            quiet=True,
+            latency=Latency.QUIET,
         ),
         ConsumerSpec(
             "contacts.snapshots",

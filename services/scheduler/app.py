@@ -14,6 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from libs.common.kafka import Latency
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
 from services.scheduler import agents, api, plans_api, release
@@ -43,7 +44,7 @@ def build(settings: SchedulerSettings) -> Runtime:
             # Counters, the sent status and F-26's halt: nobody waits on them to the
             # millisecond (a halt a quarter of a second later stops the same campaign), and
             # 4 polls a second instead of 20 give each transaction 5 times the results.
-            quiet=True,
+            latency=Latency.QUIET,
         ),
         # Statistics and step-mail enrolments: nobody waits on them to the millisecond, and
         # on the embedded broker every fetch waits its full time (each poll costs CPU here
@@ -53,14 +54,14 @@ def build(settings: SchedulerSettings) -> Runtime:
             [Topic.FEEDBACK_EVENTS],
             bind(agents.handle_feedback),
             max_records=5000,
-            quiet=True,
+            latency=Latency.QUIET,
         ),
         ConsumerSpec(
             "scheduler.memberships",
             [Topic.SUPPRESSION_CHANGES],
             bind(agents.handle_memberships),
             max_records=5000,
-            quiet=True,
+            latency=Latency.QUIET,
         ),
     ]
 

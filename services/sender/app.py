@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from libs.common.kafka import Concurrency, Latency
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
 from services.sender import agents, api, maintenance
@@ -41,7 +42,7 @@ def build(settings: SenderSettings) -> Runtime:
             # publication, with the SMTP connections idle; the next partition's batch fills
             # that tail. Safe: every producer keys send.requests by contact, so a ledger key
             # is in one partition and never in two batches at once.
-            partitions_at_once=True,
+            concurrency=Concurrency.AT_ONCE,
         ),
         # Quiet topics nobody waits on to the millisecond: a long fetch wait (on the
         # embedded broker every fetch waits its full time, and each poll costs CPU here
@@ -50,19 +51,19 @@ def build(settings: SenderSettings) -> Runtime:
             "sender.control",
             [Topic.CAMPAIGN_CONTROL],
             bind(agents.handle_control),
-            quiet=True,
+            latency=Latency.QUIET,
         ),
         ConsumerSpec(
             "sender.contents",
             [Topic.CAMPAIGN_CONTENT],
             bind(agents.handle_contents),
-            quiet=True,
+            latency=Latency.QUIET,
         ),
         ConsumerSpec(
             "sender.system",
             [Topic.MAIL_SYSTEM],
             bind(agents.handle_system_mail),
-            quiet=True,
+            latency=Latency.QUIET,
         ),
         # The last-mile copy is read at the last moment before SMTP: a change applied a
         # quarter of a second later changes nothing that matters. (It was latency-critical,
@@ -72,7 +73,7 @@ def build(settings: SenderSettings) -> Runtime:
             [Topic.SUPPRESSION_CHANGES],
             bind(agents.handle_suppression_changes),
             max_records=5000,
-            quiet=True,
+            latency=Latency.QUIET,
         ),
     ]
 

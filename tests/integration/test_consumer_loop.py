@@ -16,13 +16,22 @@ from typing import Any
 import asyncpg
 
 from libs.common import avro
-from libs.common.kafka import DLQ_EXCERPT_BYTES, Consumer, Handler, Message, make_producer, reject
+from libs.common.kafka import (
+    DLQ_EXCERPT_BYTES,
+    QUIET_FETCH_MAX_WAIT_MS,
+    Concurrency,
+    Consumer,
+    Handler,
+    Message,
+    make_producer,
+    reject,
+)
 from libs.common.settings import CommonSettings
 from libs.common.topics import Topic, topic_name
 from tests.conftest import Kafka, Stack, eventually
 
 BUSY_MS = 20
-IDLE_MS = 250
+IDLE_MS = QUIET_FETCH_MAX_WAIT_MS  # a normal consumer's idle wait on the embedded broker
 
 
 @contextlib.asynccontextmanager
@@ -35,6 +44,7 @@ async def running(
         topic_prefix=prefix,
         service="test",
         kafka_session_timeout_ms=1000,
+        kafka_profile="embedded",
         kafka_fetch_max_wait_ms=BUSY_MS,
     )
     consumer = Consumer(
@@ -66,7 +76,7 @@ async def consuming(
         wait = consumer._consumer._fetcher._fetch_max_wait_ms  # type: ignore[union-attr]
         seen.extend((m.value["result_id"], wait) for m in batch)
 
-    async with running(stack, kafka, prefix, handler, idle_fetch_max_wait_ms=IDLE_MS) as c:
+    async with running(stack, kafka, prefix, handler) as c:
         consumer = c
         yield consumer
 
@@ -149,7 +159,7 @@ async def test_partitions_of_a_poll_are_handled_at_once_when_asked(
     async def all_handled() -> bool:
         return set(handled) >= set(sent)
 
-    async with running(stack, kafka, prefix, handler, partitions_at_once=True):
+    async with running(stack, kafka, prefix, handler, concurrency=Concurrency.AT_ONCE):
         await eventually(all_handled)
     assert len(started) == 2  # the test's topics have two partitions
     assert len(set(overlapped)) == 2, "the two partitions' handlers did not run at once"
@@ -180,7 +190,7 @@ async def test_partitions_of_a_poll_are_handled_together_when_asked(
     async def all_handled() -> bool:
         return set(handled) >= set(sent) - {refused}
 
-    async with running(stack, kafka, prefix, handler, partitions_together=True):
+    async with running(stack, kafka, prefix, handler, concurrency=Concurrency.TOGETHER):
         await eventually(all_handled)
         dead = await kafka.read(Topic.DELIVERY_RESULTS.dlq, until=lambda rs: len(rs) >= 1)
     assert sorted(handled) == sorted(set(sent) - {refused})  # each once

@@ -42,6 +42,7 @@ def start_sender(
         KAFKA_BOOTSTRAP=stack.broker.bootstrap,
         KAFKA_TOPIC_PREFIX=prefix,
         KAFKA_SESSION_TIMEOUT_MS="1000",
+        KAFKA_PROFILE="embedded",
         KAFKA_FETCH_MAX_WAIT_MS="20",
         SMTP_RELAYS=f"127.0.0.1:{sink.port}",
         SMTP_CONNECTIONS=str(SMTP_CONNECTIONS),

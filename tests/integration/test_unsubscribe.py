@@ -271,6 +271,7 @@ def start_service(
         TAYORI_ADMIN_TOKEN=ADMIN_TOKEN,
         TAYORI_SIGNING_KEYS=keys,
         KAFKA_SESSION_TIMEOUT_MS="1000",
+        KAFKA_PROFILE="embedded",
     )
     with log.open("ab") as out:
         proc = subprocess.Popen(

@@ -9,10 +9,9 @@ import pytest
 
 from libs.common.db import Queries, migration_files
 from libs.common.errors import DlqLimitExceeded, InvalidMessage
-from libs.common.kafka import DlqLimit, Message, checked
+from libs.common.kafka import QUIET_FETCH_MAX_WAIT_MS, DlqLimit, Latency, Message, Pacing, checked
 from libs.common.logging import mask_email
 from libs.common.retry import Backoff
-from libs.common.service import QUIET_FETCH_MAX_WAIT_MS, ConsumerSpec
 from libs.common.settings import CommonSettings, load
 from libs.common.tokens import BadToken, Signer
 from libs.common.topics import Topic, all_topic_names, topic_name
@@ -136,21 +135,27 @@ def test_topic_names_and_dlqs() -> None:
     assert len(names) == 2 * len(Topic)
 
 
-def test_fetch_waits_follow_who_waits_on_the_topic() -> None:
-    settings = CommonSettings(kafka_fetch_max_wait_ms=50, kafka_fast_fetch_max_wait_ms=10)
-
-    def waits(**kind: bool) -> tuple[int, int | None]:
-        return ConsumerSpec("g", [Topic.DELIVERY_RESULTS], _no_handler, **kind).fetch_waits(
-            settings
-        )
-
-    assert waits(latency_critical=True) == (10, 50)  # a lone change is seen within 50 ms
-    assert waits() == (50, QUIET_FETCH_MAX_WAIT_MS)
-    assert waits(quiet=True) == (QUIET_FETCH_MAX_WAIT_MS, None)
+def test_fetch_pacing_follows_who_waits_on_the_topic_on_the_embedded_broker() -> None:
+    settings = CommonSettings(
+        kafka_profile="embedded", kafka_fetch_max_wait_ms=50, kafka_fast_fetch_max_wait_ms=10
+    )
+    assert Pacing.of(Latency.CRITICAL, settings) == Pacing(10, 50)  # a lone change: ≤ 50 ms
+    assert Pacing.of(Latency.NORMAL, settings) == Pacing(50, QUIET_FETCH_MAX_WAIT_MS)
+    assert Pacing.of(Latency.QUIET, settings) == Pacing(QUIET_FETCH_MAX_WAIT_MS)
 
 
-async def _no_handler(batch: list[Message]) -> None:
-    raise AssertionError("never called")
+def test_on_apache_kafka_every_consumer_fetches_with_the_one_wait() -> None:
+    """A Kafka broker answers a fetch when records arrive: the wait is only a ceiling, so no
+    class needs a short one and an idle consumer is not re-paced."""
+    settings = CommonSettings()
+    assert settings.kafka_profile == "kafka"
+    for latency in Latency:
+        assert Pacing.of(latency, settings) == Pacing(500)
+
+
+def test_an_unknown_kafka_profile_is_refused() -> None:
+    with pytest.raises(ValueError, match="KAFKA_PROFILE"):
+        CommonSettings(kafka_profile="tansu")
 
 
 def test_services_collect_less_often_and_skip_what_start_up_made() -> None:

@@ -147,3 +147,18 @@ async def test_supervise_returns_when_the_loop_is_done_and_keeps_a_cancel() -> N
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_the_private_fetch_wait_the_consumer_paces_is_there_in_this_aiokafka() -> None:
+    """libs/common/kafka.Consumer._pace writes ``Fetcher._fetch_max_wait_ms`` (aiokafka has no
+    public setter) on the embedded broker. This fails when aiokafka moves, so that the write
+    is checked again against the new version instead of silently doing nothing."""
+    import inspect
+
+    import aiokafka
+    from aiokafka.consumer import fetcher
+
+    assert aiokafka.__version__ == "0.14.0"
+    source = inspect.getsource(fetcher.Fetcher)
+    assert "self._fetch_max_wait_ms = fetch_max_wait_ms" in source
+    assert "self._fetch_max_wait_ms," in source  # read for every fetch request built
