@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -92,8 +93,8 @@ class Backoff:
         self.started_at, self.next_start = now, None
 
     def died(self, now: float) -> float:
-        """Schedule the next start; returns the delay."""
-        if now - self.started_at >= HEALTHY_RUN:
+        """Schedule the next start (after a death, or a start that failed); returns the delay."""
+        if self.next_start is None and now - self.started_at >= HEALTHY_RUN:
             self.streak = 0
         delay = min(FIRST_DELAY * 2**self.streak, MAX_DELAY)
         self.streak += 1
@@ -213,6 +214,7 @@ class Dev:
         #: the embedded dependencies dev restarts, in the order they are looked after
         self.parts: list[Supervised] = []
         self.stopping = False
+        self.clock: Callable[[], float] = time.monotonic
 
     def start(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -263,7 +265,7 @@ class Dev:
                 dict(env, HTTP_PORT=str(port(name)), HTTP_HOST="127.0.0.1"),
                 self.home / "logs" / f"{name}.log",
             )
-            child.start(time.monotonic())
+            child.start(self.clock())
         deadline = time.monotonic() + 90
         for name in IMPLEMENTED:
             while not _healthy(f"http://127.0.0.1:{port(name)}/readyz"):
@@ -308,13 +310,13 @@ class Dev:
     def wait(self) -> int:
         """Supervise until Ctrl-C or SIGTERM: the dependencies first, then the services."""
         while not self.stopping:
-            now = time.monotonic()
             for unit in [*self.parts, *self.children.values()]:
-                self._tend(unit, now)
+                self._tend(unit)
             time.sleep(0.2)
         return 0
 
-    def _tend(self, unit: Supervised, now: float) -> None:
+    def _tend(self, unit: Supervised) -> None:
+        now = self.clock()
         if unit.backoff.next_start is None:
             death = unit.death()
             if death:
@@ -326,10 +328,10 @@ class Dev:
         try:
             done = unit.restart(now)
         except (OSError, RuntimeError, KafkaError) as error:
-            delay = unit.backoff.died(time.monotonic())
+            delay = unit.backoff.died(self.clock())
             say(f"could not restart {unit.name} ({error}); trying again in {delay:.1f} s")
             return
-        unit.backoff.started(time.monotonic())
+        unit.backoff.started(self.clock())
         if done:
             say(done)
 
