@@ -72,6 +72,14 @@ def say(line: str) -> None:
     print(f"tayori dev: {line}", file=sys.stderr, flush=True)
 
 
+def shown(path: Path) -> Path:
+    """``path`` relative to the working directory when it is under it (``.tayori/logs/…``)."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 def exit_status(code: int) -> str:
     """``1``, or ``-9 (SIGKILL)`` for a process a signal ended."""
     if code < 0:
@@ -321,7 +329,8 @@ class Dev:
             death = unit.death()
             if death:
                 delay = unit.backoff.died(now)
-                say(f"{unit.name} {death}; restarting in {delay:.1f} s (log: {unit.log_path})")
+                log = shown(unit.log_path)
+                say(f"{unit.name} {death}; restarting in {delay:.1f} s (log: {log})")
             return
         if not unit.backoff.due(now) or self.stopping:
             return
