@@ -5,11 +5,16 @@ Kafka-protocol broker (memory only), and an SMTP sink storing into
 ``$TAYORI_HOME/maildir``; creates the topics, applies migrations, runs every implemented
 service as its own process, prints where everything is, and on Ctrl-C stops it all.
 ``DATABASE_URL``, ``KAFKA_BOOTSTRAP`` and ``SMTP_HOST``/``SMTP_PORT`` replace the parts.
+
+Then it supervises: a service that exits, however it ends, is started again after a backoff
+(:class:`Backoff`), and so are the embedded broker — empty, so the topics are created again —
+and the embedded PostgreSQL, on its kept data. Each restart is one line on stderr.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -17,7 +22,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+from aiokafka.errors import KafkaError
 
 from libs.common import logging as tlog
 from libs.common.db import migrate
@@ -53,6 +63,145 @@ def _secret(home: Path, env_name: str, file_name: str, make: str) -> str:
     return path.read_text().strip()
 
 
+#: Restart delays: 1 s, doubling up to 30 s; a run of 60 s counts as healthy and the next
+#: death starts from 1 s again.
+FIRST_DELAY, MAX_DELAY, HEALTHY_RUN = 1.0, 30.0, 60.0
+
+
+def say(line: str) -> None:
+    print(f"tayori dev: {line}", file=sys.stderr, flush=True)
+
+
+def shown(path: Path) -> Path:
+    """``path`` relative to the working directory when it is under it (``.tayori/logs/…``)."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def exit_status(code: int) -> str:
+    """``1``, or ``-9 (SIGKILL)`` for a process a signal ended."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"{code} ({signal.Signals(-code).name})"
+    return str(code)
+
+
+@dataclass
+class Backoff:
+    """When to start again something that died: FIRST_DELAY after its death, doubling with
+    each death in a row up to MAX_DELAY; a run of HEALTHY_RUN seconds ends the row."""
+
+    streak: int = 0  # deaths since the last healthy run
+    started_at: float = 0.0
+    next_start: float | None = None  # set while waiting to start again
+
+    def started(self, now: float) -> None:
+        self.started_at, self.next_start = now, None
+
+    def died(self, now: float) -> float:
+        """Schedule the next start (after a death, or a start that failed); returns the delay."""
+        if self.next_start is None and now - self.started_at >= HEALTHY_RUN:
+            self.streak = 0
+        delay = min(FIRST_DELAY * 2**self.streak, MAX_DELAY)
+        self.streak += 1
+        self.next_start = now + delay
+        return delay
+
+    def due(self, now: float) -> bool:
+        return self.next_start is not None and now >= self.next_start
+
+
+class Supervised(Protocol):
+    """Something ``tayori dev`` starts again when it dies."""
+
+    name: str
+    log_path: Path
+    backoff: Backoff
+
+    def death(self) -> str | None:
+        """How it ended (``exited with 1``), or None while it runs."""
+
+    def restart(self, now: float) -> str | None:
+        """Start it again (raising if it cannot); returns a line to print, if any."""
+
+
+@dataclass
+class Child:
+    """One service process: how to start it, and when to start it again."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    backoff: Backoff = field(default_factory=Backoff)
+
+    def start(self, now: float) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                preexec_fn=die_with_parent,
+                start_new_session=True,
+            )
+        self.backoff.started(now)
+
+    def death(self) -> str | None:
+        code = self.process.poll() if self.process else None
+        return None if code is None else f"exited with {exit_status(code)}"
+
+    def restart(self, now: float) -> str | None:
+        self.restarts += 1
+        self.start(now)
+        return None
+
+
+class BrokerPart:
+    """The embedded broker. It keeps nothing, so a new one gets the topics created again."""
+
+    name = "the embedded Kafka broker"
+
+    def __init__(self, broker: EmbeddedBroker, topic_prefix: str) -> None:
+        self.broker, self.topic_prefix = broker, topic_prefix
+        self.log_path = broker.log_path or Path(os.devnull)
+        self.backoff = Backoff()
+
+    def death(self) -> str | None:
+        code = self.broker.process.poll()
+        return None if code is None else f"exited with {exit_status(code)}"
+
+    def restart(self, now: float) -> str | None:
+        self.broker.restart()
+        asyncio.run(ensure_topics(self.broker.bootstrap, self.topic_prefix))
+        return (
+            f"restarted the embedded Kafka broker on {self.broker.bootstrap} and created the "
+            "topics again; its Kafka state (topics, offsets, in-flight records) was lost; "
+            "the services were left running"
+        )
+
+
+class PostgresPart:
+    """The embedded PostgreSQL, started again on its kept data directory."""
+
+    name = "the embedded PostgreSQL"
+
+    def __init__(self, postgres: EmbeddedPostgres) -> None:
+        self.postgres, self.log_path = postgres, postgres.log_path
+        self.backoff = Backoff()
+
+    def death(self) -> str | None:
+        return None if self.postgres.running() else "stopped (its postmaster is gone)"
+
+    def restart(self, now: float) -> str | None:
+        self.postgres.start_server()
+        return "restarted the embedded PostgreSQL on its data directory; committed data is kept"
+
+
 def _healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
@@ -69,8 +218,11 @@ class Dev:
         self.postgres: EmbeddedPostgres | None = None
         self.broker: EmbeddedBroker | None = None
         self.sink: SmtpSink | None = None
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.children: dict[str, Child] = {}
+        #: the embedded dependencies dev restarts, in the order they are looked after
+        self.parts: list[Supervised] = []
         self.stopping = False
+        self.clock: Callable[[], float] = time.monotonic
 
     def start(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -110,25 +262,25 @@ class Dev:
         for name in IMPLEMENTED:
             app, _ = _service_parts(name)
             asyncio.run(migrate(env["DATABASE_URL"], app.SCHEMA, Path(app.MIGRATIONS)))
+        if self.postgres:
+            self.parts.append(PostgresPart(self.postgres))
+        if self.broker:
+            self.parts.append(BrokerPart(self.broker, env.get("KAFKA_TOPIC_PREFIX", "")))
         for name in IMPLEMENTED:
-            child_env = dict(env, HTTP_PORT=str(port(name)), HTTP_HOST="127.0.0.1")
-            log = open(self.home / "logs" / f"{name}.log", "ab")
-            self.children[name] = subprocess.Popen(
+            self.children[name] = child = Child(
+                name,
                 [sys.executable, "-m", "tayori", name],
-                env=child_env,
-                stdout=log,
-                stderr=log,
-                preexec_fn=die_with_parent,
-                start_new_session=True,
+                dict(env, HTTP_PORT=str(port(name)), HTTP_HOST="127.0.0.1"),
+                self.home / "logs" / f"{name}.log",
             )
-            log.close()
+            child.start(self.clock())
         deadline = time.monotonic() + 90
         for name in IMPLEMENTED:
             while not _healthy(f"http://127.0.0.1:{port(name)}/readyz"):
                 if self.stopping:
                     return env
-                if self.children[name].poll() is not None:
-                    raise RuntimeError(f"{name} exited; see {self.home / 'logs' / (name + '.log')}")
+                if self.children[name].death():
+                    raise RuntimeError(f"{name} exited; see {self.children[name].log_path}")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not become ready; see its log")
                 time.sleep(0.2)
@@ -138,12 +290,6 @@ class Dev:
         lines = ["", "Tayori is running (Ctrl-C stops everything).", ""]
         for name in IMPLEMENTED:
             lines.append(f"  {name:<17} http://127.0.0.1:{port(name)}  (/openapi.json, /metrics)")
-        pending = [
-            n
-            for n in PORTS
-            if n not in IMPLEMENTED and n not in ("bounce_smtp", "smtp_sink", "kafka")
-        ]
-        lines.append(f"  not yet built:    {', '.join(pending)}")
         if "bounce_processor" in IMPLEMENTED:
             lines.append(
                 f"  bounce smtp       127.0.0.1:{env['BOUNCE_SMTP_PORT']}"
@@ -170,28 +316,46 @@ class Dev:
         return "\n".join(lines) + "\n"
 
     def wait(self) -> int:
+        """Supervise until Ctrl-C or SIGTERM: the dependencies first, then the services."""
         while not self.stopping:
-            for name, child in self.children.items():
-                if child.poll() is not None:
-                    print(
-                        f"tayori dev: {name} exited with {child.returncode}; stopping",
-                        file=sys.stderr,
-                    )
-                    return 1
-            time.sleep(0.3)
+            for unit in [*self.parts, *self.children.values()]:
+                self._tend(unit)
+            time.sleep(0.2)
         return 0
 
+    def _tend(self, unit: Supervised) -> None:
+        now = self.clock()
+        if unit.backoff.next_start is None:
+            death = unit.death()
+            if death:
+                delay = unit.backoff.died(now)
+                log = shown(unit.log_path)
+                say(f"{unit.name} {death}; restarting in {delay:.1f} s (log: {log})")
+            return
+        if not unit.backoff.due(now) or self.stopping:
+            return
+        try:
+            done = unit.restart(now)
+        except (OSError, RuntimeError, KafkaError) as error:
+            delay = unit.backoff.died(self.clock())
+            say(f"could not restart {unit.name} ({error}); trying again in {delay:.1f} s")
+            return
+        unit.backoff.started(self.clock())
+        if done:
+            say(done)
+
     def stop(self) -> None:
-        for child in self.children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+        processes = [c.process for c in self.children.values() if c.process]
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 20
-        for child in self.children.values():
+        for process in processes:
             try:
-                child.wait(max(0.1, deadline - time.monotonic()))
+                process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+                process.kill()
+                process.wait()
         if self.sink:
             self.sink.stop()
         if self.broker:
