@@ -136,7 +136,7 @@ async def run(root: Path) -> list[Result]:
         env = {
             **os.environ,
             "DATABASE_URL": dsn,
-            "KAFKA_BOOTSTRAP": broker.bootstrap,
+            **broker.profile(),
             "KAFKA_TOPIC_PREFIX": prefix,
             "KAFKA_SESSION_TIMEOUT_MS": "1000",
             "TAYORI_SIGNING_KEYS": KEYS,

@@ -288,7 +288,7 @@ async def _stack(root: Path, name: str, schemas: dict[str, Path]) -> AsyncIterat
         env = {
             **os.environ,
             "DATABASE_URL": dsn,
-            "KAFKA_BOOTSTRAP": broker.bootstrap,
+            **broker.profile(),
             "KAFKA_TOPIC_PREFIX": prefix,
             "KAFKA_SESSION_TIMEOUT_MS": "1000",
             "TAYORI_ADMIN_TOKEN": ADMIN,

@@ -105,7 +105,7 @@ async def run(root: Path, database: Database, loaded: dict[str, Any]) -> list[Re
         env = {
             **os.environ,
             "DATABASE_URL": dsn,
-            "KAFKA_BOOTSTRAP": st.broker.bootstrap,
+            **st.broker.profile(),
             "KAFKA_TOPIC_PREFIX": st.prefix,
             "KAFKA_SESSION_TIMEOUT_MS": "1000",
             "TAYORI_ADMIN_TOKEN": ADMIN,

@@ -219,7 +219,7 @@ async def run_replicas(root: Path, count: int, replicas: int) -> list[Result]:
         env = {
             **os.environ,
             "DATABASE_URL": st.dsn,
-            "KAFKA_BOOTSTRAP": st.broker.bootstrap,
+            **st.broker.profile(),
             "KAFKA_TOPIC_PREFIX": st.prefix,
             "KAFKA_SESSION_TIMEOUT_MS": "1000",
             "KAFKA_FETCH_MAX_WAIT_MS": "20",

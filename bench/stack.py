@@ -43,6 +43,7 @@ class Stack:
             kafka_bootstrap=self.broker.bootstrap,
             topic_prefix=self.prefix,
             kafka_session_timeout_ms=1000,
+            kafka_profile="embedded",
             kafka_fetch_max_wait_ms=20,
             http_host="127.0.0.1",
             http_port=0,

@@ -167,7 +167,7 @@ async def run(root: Path) -> list[Result]:
         env = {
             **os.environ,
             "DATABASE_URL": dsn,
-            "KAFKA_BOOTSTRAP": broker.bootstrap,
+            **broker.profile(),
             "KAFKA_TOPIC_PREFIX": prefix,
             "KAFKA_SESSION_TIMEOUT_MS": "1000",
             "KAFKA_FAST_FETCH_MAX_WAIT_MS": str(FETCH_WAIT_MS),

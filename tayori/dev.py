@@ -237,7 +237,7 @@ class Dev:
             env["DATABASE_URL"] = asyncio.run(self.postgres.create_database("tayori"))
         if not env.get("KAFKA_BOOTSTRAP"):
             self.broker = EmbeddedBroker(port("kafka"), log_path=self.home / "logs" / "broker.log")
-            env["KAFKA_BOOTSTRAP"] = self.broker.bootstrap
+            env.update(self.broker.profile())
             # The embedded broker makes a joining member wait half the session timeout.
             env.setdefault("KAFKA_SESSION_TIMEOUT_MS", "2000")
         if not env.get("SMTP_HOST"):

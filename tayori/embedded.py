@@ -242,6 +242,15 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self.process.poll() is None
 
+    def profile(self) -> dict[str, str]:
+        """The environment that points a service at this broker, with the dev profile's
+        fetch pacing: it waits out every fetch (libs/common/kafka.Pacing)."""
+        return {
+            "KAFKA_BOOTSTRAP": self.bootstrap,
+            "KAFKA_PROFILE": "embedded",
+            "KAFKA_FETCH_MAX_WAIT_MS": "50",
+        }
+
     def restart(self, timeout: float = 30.0) -> None:
         """Stop the broker if it runs, start a new one on the same port and return once it
         listens. The new broker is empty. A port still held for a moment by the old one is
