@@ -10,31 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import sys
 from pathlib import Path
-from types import ModuleType
 
-from libs.common.settings import CommonSettings
-
-SERVICES = ("contacts", "suppression", "scheduler", "sender", "bounce_processor", "exporter")
-#: services that exist as code today; `tayori dev` starts these.
-IMPLEMENTED = ("contacts", "suppression", "scheduler", "sender", "bounce_processor", "exporter")
-
-
-def _service_parts(name: str) -> tuple[ModuleType, type[CommonSettings]]:
-    if name not in IMPLEMENTED:
-        raise SystemExit(
-            f"tayori: service {name!r} is not implemented yet (have: {', '.join(IMPLEMENTED)})"
-        )
-    app = importlib.import_module(f"services.{name}.app")
-    settings = importlib.import_module(f"services.{name}.settings")
-    settings_cls = next(
-        getattr(settings, attr)
-        for attr in dir(settings)
-        if attr.endswith("Settings") and attr != "CommonSettings"
-    )
-    return app, settings_cls
+from tayori.services import SERVICES, service_parts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "migrate":
         from libs.common.runner import migrate_service
 
-        app, settings_cls = _service_parts(args.service)
+        app, settings_cls = service_parts(args.service)
         applied = migrate_service(settings_cls, app.SCHEMA, Path(app.MIGRATIONS))
         print(f"{args.service}: {len(applied)} migration(s) applied")
         return
@@ -70,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from libs.common.runner import run_service
 
-    app, settings_cls = _service_parts(args.command)
+    app, settings_cls = service_parts(args.command)
     run_service(settings_cls, app.build)
 
 

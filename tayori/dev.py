@@ -32,8 +32,8 @@ from aiokafka.errors import KafkaError
 from libs.common import logging as tlog
 from libs.common.db import migrate
 from libs.common.kafka import ensure_topics
-from tayori.cli import IMPLEMENTED, _service_parts
 from tayori.embedded import EmbeddedBroker, EmbeddedPostgres, SmtpSink, die_with_parent
+from tayori.services import SERVICES, service_parts
 
 #: SPEC §10 dev ports; each can be changed with TAYORI_<NAME>_PORT.
 PORTS = {
@@ -259,14 +259,14 @@ class Dev:
         env.setdefault("BOUNCE_SMTP_HOST", "127.0.0.1")
         env.setdefault("BOUNCE_SMTP_PORT", str(port("bounce_smtp")))
         asyncio.run(ensure_topics(env["KAFKA_BOOTSTRAP"], env.get("KAFKA_TOPIC_PREFIX", "")))
-        for name in IMPLEMENTED:
-            app, _ = _service_parts(name)
+        for name in SERVICES:
+            app, _ = service_parts(name)
             asyncio.run(migrate(env["DATABASE_URL"], app.SCHEMA, Path(app.MIGRATIONS)))
         if self.postgres:
             self.parts.append(PostgresPart(self.postgres))
         if self.broker:
             self.parts.append(BrokerPart(self.broker, env.get("KAFKA_TOPIC_PREFIX", "")))
-        for name in IMPLEMENTED:
+        for name in SERVICES:
             self.children[name] = child = Child(
                 name,
                 [sys.executable, "-m", "tayori", name],
@@ -275,7 +275,7 @@ class Dev:
             )
             child.start(self.clock())
         deadline = time.monotonic() + 90
-        for name in IMPLEMENTED:
+        for name in SERVICES:
             while not _healthy(f"http://127.0.0.1:{port(name)}/readyz"):
                 if self.stopping:
                     return env
@@ -288,13 +288,12 @@ class Dev:
 
     def banner(self, env: dict[str, str]) -> str:
         lines = ["", "Tayori is running (Ctrl-C stops everything).", ""]
-        for name in IMPLEMENTED:
+        for name in SERVICES:
             lines.append(f"  {name:<17} http://127.0.0.1:{port(name)}  (/openapi.json, /metrics)")
-        if "bounce_processor" in IMPLEMENTED:
-            lines.append(
-                f"  bounce smtp       127.0.0.1:{env['BOUNCE_SMTP_PORT']}"
-                f"  (VERP return path, domain {env.get('BOUNCE_DOMAIN', 'bounces.localhost')})"
-            )
+        lines.append(
+            f"  bounce smtp       127.0.0.1:{env['BOUNCE_SMTP_PORT']}"
+            f"  (VERP return path, domain {env.get('BOUNCE_DOMAIN', 'bounces.localhost')})"
+        )
         lines.append(
             f"  kafka             {env['KAFKA_BOOTSTRAP']}{' (embedded)' if self.broker else ''}"
         )

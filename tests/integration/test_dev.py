@@ -29,9 +29,9 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from libs.common.topics import all_topic_names
-from tayori.cli import IMPLEMENTED
 from tayori.dev import PORTS
 from tayori.embedded import free_port
+from tayori.services import SERVICES
 
 T = TypeVar("T")
 
@@ -257,7 +257,7 @@ async def test_dev_restarts_a_killed_broker_and_creates_the_topics_again(dev: De
     assert set(all_topic_names()) <= await _topics(f"127.0.0.1:{dev.ports['kafka']}")
     assert dev.proc.poll() is None
     # The services ride it out or are restarted by dev: either way each one runs.
-    for name in IMPLEMENTED:
+    for name in SERVICES:
         _eventually(functools.partial(dev.service, name), f"a {name} process")
 
 
