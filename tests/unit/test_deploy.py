@@ -3,7 +3,7 @@
 Covers ``deploy/k8s/base`` (kustomize base), ``docker-compose.yml``, ``Dockerfile`` and
 ``.dockerignore``. Core Kubernetes kinds are validated (strictly: unknown fields fail) with
 ``kubernetes_validate``; CRD kinds it has no schema for (ServiceMonitor, PrometheusRule,
-KafkaTopic) are checked by hand. Every service in :data:`tayori.cli.IMPLEMENTED` must be
+KafkaTopic) are checked by hand. Every service in :data:`tayori.services.SERVICES` must be
 deployed (Deployment, Service, PodDisruptionBudget, migration initContainer, compose service
 and migration one-shot); the Ingress must expose exactly the public routes (handlers marked
 with :func:`libs.common.http.public`) and nothing else. Topic lists are compared with
@@ -30,7 +30,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from libs.common import metrics as tayori_metrics
 from libs.common.settings import CommonSettings
 from libs.common.topics import DEFAULT_PARTITIONS, Topic, all_topic_names
-from tayori.cli import IMPLEMENTED
+from tayori.services import SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "k8s" / "base"
@@ -194,7 +194,7 @@ def test_base_holds_every_kind_the_spec_names() -> None:
         "KafkaTopic",
     }
     assert expected <= kinds, f"missing kinds: {sorted(expected - kinds)}"
-    for service in IMPLEMENTED:
+    for service in SERVICES:
         assert _one("Deployment", _name(service))
 
 
@@ -348,12 +348,12 @@ def test_sender_scales_with_an_hpa_on_cpu() -> None:
 
 def test_deployments_run_exactly_the_implemented_services() -> None:
     components = sorted(_component(d) for d in DEPLOYMENTS)
-    assert components == sorted(IMPLEMENTED), (
-        f"Deployments run {components}; tayori.cli.IMPLEMENTED is {sorted(IMPLEMENTED)}"
+    assert components == sorted(SERVICES), (
+        f"Deployments run {components}; tayori.services.SERVICES is {sorted(SERVICES)}"
     )
 
 
-@pytest.mark.parametrize("service", IMPLEMENTED)
+@pytest.mark.parametrize("service", SERVICES)
 def test_every_implemented_service_is_deployed(service: str) -> None:
     deployment = _one("Deployment", _name(service))
     assert _component(deployment) == service
@@ -515,7 +515,7 @@ def test_ingress_serves_the_public_url_over_tls() -> None:
     assert public_url.path in ("", "/"), "a path prefix would move /u/ off the Ingress path"
 
 
-@pytest.mark.parametrize("service", IMPLEMENTED)
+@pytest.mark.parametrize("service", SERVICES)
 def test_ingress_routes_exactly_the_public_routes(service: str) -> None:
     to_service = [
         path for _, path in _ingress_paths() if path["backend"]["service"]["name"] == _name(service)
@@ -652,7 +652,7 @@ def test_alerts_cover_what_operators_need() -> None:
 
 
 def test_alerts_watch_the_public_endpoint() -> None:
-    public = {route for s in IMPLEMENTED for _, route, is_public in _routes(s) if is_public}
+    public = {route for s in SERVICES for _, route, is_public in _routes(s) if is_public}
     assert public, "no public route found"
     five_xx = [
         matchers
@@ -665,14 +665,14 @@ def test_alerts_watch_the_public_endpoint() -> None:
 
 
 def test_alert_label_values_exist_in_the_code() -> None:
-    routes = {route for s in IMPLEMENTED for _, route, _ in _routes(s)}
+    routes = {route for s in SERVICES for _, route, _ in _routes(s)}
     sources = "\n".join(p.read_text() for p in sorted((ROOT / "services").rglob("*.py")))
     for expr in _alert_exprs():
         for _, matchers in _selectors(expr):
             for route in re.findall(r'\broute="([^"]*)"', matchers):
                 assert route in routes, f"no service serves route {route!r}"
             for service in re.findall(r'\bservice="([^"]*)"', matchers):
-                assert service in IMPLEMENTED, f"no service {service!r}"
+                assert service in SERVICES, f"no service {service!r}"
             for outcome in re.findall(r'\boutcome="([^"]*)"', matchers):
                 assert f'"{outcome}"' in sources, f"no code counts outcome {outcome!r}"
 
@@ -888,13 +888,13 @@ def test_compose_runs_exactly_the_implemented_services() -> None:
     services = _compose()["services"]
     image = services["contacts"]["image"]
     tayori = {name for name, service in services.items() if service.get("image") == image}
-    expected = set(IMPLEMENTED) | {f"{name}-migrate" for name in IMPLEMENTED}
+    expected = set(SERVICES) | {f"{name}-migrate" for name in SERVICES}
     assert tayori == expected, (
         f"missing: {sorted(expected - tayori)}; not implemented: {sorted(tayori - expected)}"
     )
 
 
-@pytest.mark.parametrize("name", IMPLEMENTED)
+@pytest.mark.parametrize("name", SERVICES)
 def test_compose_service_and_its_migration(name: str) -> None:
     services = _compose()["services"]
     assert name in services and f"{name}-migrate" in services, f"{name}: not in compose"
