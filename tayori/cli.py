@@ -4,6 +4,9 @@ tayori dev                  the whole system on embedded defaults (SPEC §8, §1
 tayori contacts             one service (likewise suppression, scheduler, ...)
 tayori migrate contacts     apply a service's migrations and exit
 tayori topics               create every topic on KAFKA_BOOTSTRAP and exit
+tayori dlq list|show|replay dead letters: count, inspect, send back (tayori/dlq.py)
+tayori offsets show|skip    consumer group offsets and lag; move a stopped group past a
+                            record that crashes it (tayori/offsets.py)
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from tayori import operate
 from tayori.services import SERVICES, service_parts
 
 
@@ -27,7 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     migrate = sub.add_parser("migrate", help="apply a service's database migrations")
     migrate.add_argument("service", choices=SERVICES)
     sub.add_parser("topics", help="create every Tayori topic on KAFKA_BOOTSTRAP")
+    operate.add_commands(sub)
     args = parser.parse_args(argv)
+
+    if args.command in operate.COMMANDS:
+        sys.exit(operate.command(args))
 
     if args.command == "dev":
         from tayori.dev import main as dev_main
