@@ -29,7 +29,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 
-from libs.common import avro
+from libs.common import avro, deadletters
 from libs.common.errors import DlqLimitExceeded, Fault, InvalidMessage, classify, is_transient
 from libs.common.logging import get_logger
 from libs.common.metrics import (
@@ -500,7 +500,18 @@ class Consumer:
                 waiting=self.alive,
             )
         except Exception as exc:
-            if classify(exc) is not Fault.DATA:
+            fault = classify(exc)
+            if fault is Fault.BUG:
+                # The consumer stops here; where, for `tayori offsets skip` if the record
+                # turns out to be the cause (the batch is uncommitted from its first offset).
+                log.error(
+                    "consumer_handler_failed",
+                    group=self.group,
+                    topic=topic.value,
+                    records=_positions(messages),
+                    error=repr(exc),
+                )
+            if fault is not Fault.DATA:
                 raise
             bad = getattr(exc, "message", None)
             if isinstance(bad, Message) and bad in messages:
@@ -528,15 +539,15 @@ class Consumer:
         """Publish ``record`` to ``<topic>.dlq`` with why and where it came from. A value
         too large to publish whole (over DLQ_WHOLE_BYTES, or refused by the producer or the
         broker) goes as its first DLQ_EXCERPT_BYTES with its size and SHA-256."""
-        headers = [
-            *(record.headers or ()),
-            ("dlq-stage", stage.encode()),
-            ("dlq-reason", reason[:2000].encode()),
-            ("dlq-topic", record.topic.encode()),
-            ("dlq-partition", str(record.partition).encode()),
-            ("dlq-offset", str(record.offset).encode()),
-            ("dlq-consumer-group", self.group.encode()),
-        ]
+        headers = deadletters.dead_letter_headers(
+            record.headers or (),
+            stage=stage,
+            reason=reason,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            group=self.group,
+        )
         key = record.key.decode(errors="replace") if record.key is not None else None
         value = record.value
         truncated = value is not None and len(value) > DLQ_WHOLE_BYTES
@@ -567,14 +578,23 @@ class Consumer:
         self, topic: Topic, key: str | None, value: bytes, headers: list[tuple[str, bytes]]
     ) -> None:
         # The original headers may be what is too large: keep only ours.
-        ours = [(k, v) for k, v in headers if k.startswith("dlq-")]
+        ours = [(k, v) for k, v in headers if k.startswith(deadletters.HEADER_PREFIX)]
         ours += [
-            ("dlq-truncated", b"1"),
-            ("dlq-size", str(len(value)).encode()),
-            ("dlq-sha256", hashlib.sha256(value).hexdigest().encode()),
+            (deadletters.TRUNCATED, b"1"),
+            (deadletters.SIZE, str(len(value)).encode()),
+            (deadletters.SHA256, hashlib.sha256(value).hexdigest().encode()),
         ]
         excerpt = value[:DLQ_EXCERPT_BYTES]
         await (await self.publisher.send_raw(topic.dlq, (key or "")[:256], excerpt, ours))
+
+
+def _positions(messages: Sequence[Message]) -> dict[int, str]:
+    """partition → "first-last" offsets of ``messages``."""
+    spans: dict[int, list[int]] = {}
+    for message in messages:
+        span = spans.setdefault(message.partition, [message.offset, message.offset])
+        span[1] = message.offset
+    return {p: f"{first}-{last}" for p, (first, last) in spans.items()}
 
 
 def _reason(exc: BaseException) -> str:
