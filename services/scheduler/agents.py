@@ -157,7 +157,7 @@ async def handle_results(ctx: Context, batch: list[Message]) -> None:
                     await store.publish_control(conn, campaign_id, "halt", reason, now)
                     SCHEDULER_HALTS.inc()
                     log.warning("campaign_halted", campaign_id=str(campaign_id), reason=reason)
-            elif counters.unsent == 0:
+            elif counters.outstanding == 0:
                 await store.transition(
                     conn, campaign_id, "sent", now, "every recipient has a result"
                 )

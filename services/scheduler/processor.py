@@ -14,6 +14,7 @@ from typing import Any
 from libs.common import mergetags
 from libs.common.addresses import normalise as normalise_address
 from libs.common.errors import InvalidMessage
+from services.scheduler.status import SENDING_OVER
 
 #: contact fields a merge tag may name: what contacts puts in a snapshot's merge values.
 BASE_FIELDS: tuple[str, ...] = mergetags.CONTACT_FIELDS
@@ -265,9 +266,25 @@ class Counters:
     suppressed: int
 
     @property
-    def unsent(self) -> int:
-        """未配信数: recipients without a result yet (0 when the campaign is done)."""
-        return max(0, self.planned - (self.success + self.error + self.suppressed))
+    def results(self) -> int:
+        """Recipients with a result (the first one decides)."""
+        return self.success + self.error + self.suppressed
+
+    @property
+    def outstanding(self) -> int:
+        """Recipients without a result yet (0: every one has one, the campaign is sent)."""
+        return max(0, self.planned - self.results)
+
+    def pending(self, status: str) -> int:
+        """Recipients still waiting for their result while the campaign may send (released
+        or not yet); 0 once it sends no more."""
+        return 0 if status in SENDING_OVER else self.outstanding
+
+    def unsent(self, status: str) -> int:
+        """未配信数 (F-25): recipients given up — without a result once the campaign sends no
+        more (given up after its releases, halted, cancelled); 0 while it may still send, and
+        0 when every recipient has a result. A late result still counts and lowers it."""
+        return self.outstanding if status in SENDING_OVER else 0
 
     @property
     def attempts(self) -> int:

@@ -146,7 +146,8 @@ UPDATE recipient SET released_at = $2, attempt = attempt + 1
 WHERE campaign_id = $1 AND seq = ANY($3::bigint[]);
 
 -- name: add-released
-UPDATE campaign SET released = released + $2 WHERE id = $1;
+-- A chunk acknowledged: its first releases ($2) and re-releases ($3).
+UPDATE campaign SET released = released + $2, re_released = re_released + $3 WHERE id = $1;
 
 -- name: finished-sending
 SELECT id FROM campaign WHERE status = 'sent';
