@@ -132,13 +132,16 @@ async def reserved(scheduler: Any, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def send_requests(kafka: Any, campaign_id: str, n: int, **match: Any) -> list[dict[str, Any]]:
-    """The first ``n`` send.requests of a campaign (matching ``match``), waiting for them."""
+    """The first ``n`` send.requests of a campaign (matching ``match``), waiting for them;
+    release checkpoints are left out."""
 
     def mine(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [
             r
             for r in records
-            if r["campaign_id"] == campaign_id and all(r[k] == v for k, v in match.items())
+            if r["campaign_id"] == campaign_id
+            and not r["checkpoint"]
+            and all(r[k] == v for k, v in match.items())
         ]
 
     records = await kafka.read(Topic.SEND_REQUESTS, until=lambda rs: len(mine(rs)) >= n)
@@ -146,9 +149,11 @@ async def send_requests(kafka: Any, campaign_id: str, n: int, **match: Any) -> l
 
 
 async def released(kafka: Any, campaign_id: str) -> list[dict[str, Any]]:
-    """Every send.request of a campaign on the topic now."""
+    """Every send.request of a campaign on the topic now, release checkpoints left out."""
     return [
-        r for r in await kafka.read_to_end(Topic.SEND_REQUESTS) if r["campaign_id"] == campaign_id
+        r
+        for r in await kafka.read_to_end(Topic.SEND_REQUESTS)
+        if r["campaign_id"] == campaign_id and not r["checkpoint"]
     ]
 
 
