@@ -34,6 +34,7 @@ I/O in the releasing tick's transaction, under the campaign row's lock.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 import uuid
 from collections.abc import Mapping
@@ -55,7 +56,7 @@ log = get_logger(__name__)
 
 
 async def tend(
-    ctx: Context, conn: asyncpg.Connection, campaign: Mapping[str, Any], now: Any
+    ctx: Context, conn: asyncpg.Connection, campaign: Mapping[str, Any], now: dt.datetime
 ) -> None:
     """One tick of a sending campaign's checkpoints, in the releasing transaction: apply the
     newest one confirmed (its rows without a result go out again in this tick's chunk), take
@@ -112,7 +113,7 @@ async def confirm(
 
 
 async def issue(
-    ctx: Context, conn: asyncpg.Connection, campaign: Mapping[str, Any], now: Any
+    ctx: Context, conn: asyncpg.Connection, campaign: Mapping[str, Any], now: dt.datetime
 ) -> None:
     """Publish a checkpoint into every partition of send.requests (acknowledged), after the
     rows released so far, and record it."""
