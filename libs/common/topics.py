@@ -17,6 +17,7 @@ class Topic(StrEnum):
     SNAPSHOT_REQUESTS = "snapshot.requests"
     CAMPAIGN_RECIPIENTS = "campaign.recipients"
     SEND_REQUESTS = "send.requests"
+    SEND_PROGRESS = "send.progress"
     CAMPAIGN_CONTROL = "campaign.control"
     CAMPAIGN_CONTENT = "campaign.content"
     DELIVERY_RESULTS = "delivery.results"

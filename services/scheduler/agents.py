@@ -6,6 +6,7 @@
 - ``delivery.results``: the first result of a recipient decides its ledger row and is
   counted (a repeated result, same id or not, changes nothing); counters move the status
   (sent) or halt the campaign (F-26).
+- ``send.progress``: the partitions in which a sender reached a release checkpoint.
 - ``feedback.events``: opens and clicks of a campaign's recipients, each event id counted
   once in the totals, the first of each kind per recipient in the unique counts (F-34).
 - ``suppression.changes``: memberships, whose changes start and end step-mail enrolments
@@ -157,10 +158,29 @@ async def handle_results(ctx: Context, batch: list[Message]) -> None:
                     await store.publish_control(conn, campaign_id, "halt", reason, now)
                     SCHEDULER_HALTS.inc()
                     log.warning("campaign_halted", campaign_id=str(campaign_id), reason=reason)
-            elif counters.unsent == 0:
+            elif counters.outstanding == 0:
                 await store.transition(
                     conn, campaign_id, "sent", now, "every recipient has a result"
                 )
+
+
+async def handle_progress(ctx: Context, batch: list[Message]) -> None:
+    """``send.progress``: a sender reached a checkpoint in a partition of send.requests
+    (idempotent: one row per checkpoint and partition)."""
+    reached = [
+        (checkpoint_id, m.value["partition"], m.value["reached_at"])
+        for m in batch
+        if (checkpoint_id := _uuid(m.value["checkpoint_id"])) is not None
+    ]
+    if not reached:
+        return
+    async with ctx.pool.acquire() as conn:
+        await conn.execute(
+            QUERIES["record-reached"],
+            [r[0] for r in reached],
+            [r[1] for r in reached],
+            [r[2] for r in reached],
+        )
 
 
 async def handle_feedback(ctx: Context, batch: list[Message]) -> None:

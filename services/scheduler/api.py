@@ -202,8 +202,9 @@ async def list_campaigns(request: web.Request) -> web.Response:
 
 @routes.get("/v1/campaigns/{id}")
 async def get_campaign(request: web.Request) -> web.Response:
-    """One campaign with its status, counters (planned, success, error, suppressed, unsent),
-    statistics (opens, clicks, unique_opens, unique_clicks) and status history."""
+    """One campaign with its status, counters (planned, success, error, suppressed, pending,
+    unsent, released, re_released), statistics (opens, clicks, unique_opens, unique_clicks)
+    and status history."""
     async with _ctx(request).pool.acquire() as conn:
         row = await store.get_campaign(conn, request.match_info["id"])
         history = await conn.fetch(QUERIES["history"], row["id"])

@@ -1,10 +1,11 @@
 """The scheduler service: its topics, consumers, routes and release loop in one place.
 
-Inputs: HTTP API, campaign.recipients (snapshot answers), delivery.results, feedback.events
-(campaign and step statistics), suppression.changes (step-mail enrolments), the clock.
-Outputs: snapshot.requests and campaign.control through the outbox; send.requests
-published directly by the release loop (acknowledged before rows are marked released)
-and, for test sends, through the outbox.
+Inputs: HTTP API, campaign.recipients (snapshot answers), delivery.results, send.progress
+(senders' answers to release checkpoints), feedback.events (campaign and step statistics),
+suppression.changes (step-mail enrolments), the clock.
+Outputs: snapshot.requests and campaign.control through the outbox; send.requests (and
+their checkpoints) published directly by the release loop (acknowledged before rows are
+marked released) and, for test sends, through the outbox.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from aiohttp import web
 from libs.common.kafka import Latency
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
-from services.scheduler import agents, api, plans_api, release
+from services.scheduler import agents, api, fence, plans_api, release
 from services.scheduler.context import CONTEXT, Context
 from services.scheduler.settings import SchedulerSettings
 
@@ -37,7 +38,7 @@ def build(settings: SchedulerSettings) -> Runtime:
             "scheduler.recipients", [Topic.CAMPAIGN_RECIPIENTS], bind(agents.handle_recipients)
         ),
         ConsumerSpec(
-            "scheduler.results",
+            fence.RESULTS_GROUP,
             [Topic.DELIVERY_RESULTS],
             bind(agents.handle_results),
             max_records=5000,
@@ -45,6 +46,13 @@ def build(settings: SchedulerSettings) -> Runtime:
             # millisecond (a halt a quarter of a second later stops the same campaign), and
             # 4 polls a second instead of 20 give each transaction 5 times the results.
             latency=Latency.QUIET,
+        ),
+        # A few answers a minute per sending campaign: nobody waits on them.
+        ConsumerSpec(
+            "scheduler.progress",
+            [Topic.SEND_PROGRESS],
+            bind(agents.handle_progress),
+            quiet=True,
         ),
         # Statistics and step-mail enrolments: nobody waits on them to the millisecond, and
         # on the embedded broker every fetch waits its full time (each poll costs CPU here
@@ -70,6 +78,7 @@ def build(settings: SchedulerSettings) -> Runtime:
 
     async def close_clients() -> None:
         await ctx().contacts.close()
+        await ctx().results.close()
 
     runtime.background = [release_loop]
     runtime.on_stop = [close_clients]

@@ -11,12 +11,13 @@ from services.scheduler import processor
 from services.scheduler.context import Context
 
 
-async def publish_content(ctx: Context, campaign: Mapping[str, Any]) -> str:
+async def publish_content(ctx: Context, campaign: Mapping[str, Any], *, again: bool = False) -> str:
     """The campaign's content on ``campaign.content``, acknowledged, before any request naming
-    it goes out (once per process and content: compaction keeps one copy); its id."""
+    it goes out (once per process and content: compaction keeps one copy; ``again``: once
+    more, for a broker that may have lost it — services/scheduler/checkpoints.py); its id."""
     content = processor.content_of(campaign)
     content_id = content_hash(str(campaign["id"]), content)
-    if content_id not in ctx.published_contents:
+    if again or content_id not in ctx.published_contents:
         value = {
             "content_id": content_id,
             "campaign_id": str(campaign["id"]),

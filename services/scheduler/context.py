@@ -12,6 +12,7 @@ from aiohttp import web
 from libs.common.kafka import Publisher
 from services.scheduler.clock import Clock, SystemClock
 from services.scheduler.contacts_client import ContactsClient
+from services.scheduler.fence import ResultsProgress
 from services.scheduler.settings import SchedulerSettings
 
 
@@ -29,6 +30,10 @@ class Context:
     buckets: dict[str, Any] = field(default_factory=dict)
     #: per campaign, when (context clock) its overdue rows were last looked for.
     overdue_checked: dict[str, dt.datetime] = field(default_factory=dict)
+    #: per campaign, when (time.monotonic) this process last published a checkpoint.
+    checkpoint_issued: dict[str, float] = field(default_factory=dict)
+    #: how far delivery.results goes and how far it was counted (checkpoint fences).
+    results: ResultsProgress = field(init=False)
     #: content ids this process has published on campaign.content (acknowledged).
     published_contents: set[str] = field(default_factory=set)
     #: releases per second and campaign; starts as SCHEDULER_RELEASE_RATE (tests lower it).
@@ -38,6 +43,7 @@ class Context:
         s = self.settings
         self.release_rate = s.release_rate
         self.contacts = ContactsClient(s.contacts_url, s.admin_token, s.contacts_timeout_seconds)
+        self.results = ResultsProgress(s)
 
 
 CONTEXT = web.AppKey("scheduler", Context)

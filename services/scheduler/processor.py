@@ -14,6 +14,7 @@ from typing import Any
 from libs.common import mergetags
 from libs.common.addresses import normalise as normalise_address
 from libs.common.errors import InvalidMessage
+from services.scheduler.status import SENDING_OVER
 
 #: contact fields a merge tag may name: what contacts puts in a snapshot's merge values.
 BASE_FIELDS: tuple[str, ...] = mergetags.CONTACT_FIELDS
@@ -265,9 +266,25 @@ class Counters:
     suppressed: int
 
     @property
-    def unsent(self) -> int:
-        """未配信数: recipients without a result yet (0 when the campaign is done)."""
-        return max(0, self.planned - (self.success + self.error + self.suppressed))
+    def results(self) -> int:
+        """Recipients with a result (the first one decides)."""
+        return self.success + self.error + self.suppressed
+
+    @property
+    def outstanding(self) -> int:
+        """Recipients without a result yet (0: every one has one, the campaign is sent)."""
+        return max(0, self.planned - self.results)
+
+    def pending(self, status: str) -> int:
+        """Recipients still waiting for their result while the campaign may send (released
+        or not yet); 0 once it sends no more."""
+        return 0 if status in SENDING_OVER else self.outstanding
+
+    def unsent(self, status: str) -> int:
+        """未配信数 (F-25): recipients given up — without a result once the campaign sends no
+        more (given up after its releases, halted, cancelled); 0 while it may still send, and
+        0 when every recipient has a result. A late result still counts and lowers it."""
+        return self.outstanding if status in SENDING_OVER else 0
 
     @property
     def attempts(self) -> int:
@@ -287,6 +304,115 @@ def halt_reason(counters: Counters, threshold: float) -> str:
         f"error rate {rate:.1%} > {threshold:.0%} after {counters.attempts} attempts"
         f" ({counters.error} errors)"
     )
+
+
+# Checkpoints: lost requests and results ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint of a campaign's release (services/scheduler/checkpoints.py)."""
+
+    id: uuid.UUID
+    #: the campaign's release mark when it was published: every row released with a mark up
+    #: to this one was acknowledged before it, so it follows them in each partition.
+    mark: int
+    #: send.requests partitions it went into, and in how many a sender has reached it.
+    partitions: int
+    reached: int
+    #: delivery.results end offsets (index: partition) once every partition had reached it.
+    fence: tuple[int, ...] | None = None
+
+    @property
+    def reached_everywhere(self) -> bool:
+        return self.reached >= self.partitions
+
+
+@dataclass(frozen=True)
+class CheckpointStep:
+    """What one tick does about a sending campaign's checkpoints."""
+
+    #: re-release this checkpoint's rows that still have no result, and forget it and older.
+    confirm: Checkpoint | None = None
+    #: checkpoints every partition reached, whose results fence is to be taken now.
+    fence: tuple[uuid.UUID, ...] = ()
+    #: publish a new checkpoint.
+    issue: bool = False
+
+
+def fence_passed(fence: Sequence[int], results_counted: Mapping[int, int]) -> bool:
+    """Whether the results consumer has counted delivery.results up to ``fence`` (end
+    offsets by partition) in every partition (``results_counted``: its group's committed
+    offsets)."""
+    return all(results_counted.get(p, 0) >= end for p, end in enumerate(fence) if end > 0)
+
+
+def checkpoint_step(
+    checkpoints: Sequence[Checkpoint],
+    *,
+    release_mark: int,
+    confirmed_mark: int,
+    awaiting_results: int,
+    results_counted: Mapping[int, int],
+    since_issued: float | None,
+    interval: float,
+) -> CheckpointStep:
+    """The decision that keeps a campaign from waiting for requests or results a broker lost.
+
+    A row released up to a checkpoint's mark went out before the checkpoint, in its
+    partition; a sender answers a checkpoint per partition only once it has decided every
+    request before it there (its result published and acknowledged). So when every partition
+    answered, a row up to the mark without a result either never reached a sender (its
+    request was lost) or its result has not been counted. Once the results consumer has read
+    delivery.results up to where it ended after the last answer (the fence), an uncounted
+    result is a lost one too: those rows go out again, and the sender's ledger answers those
+    it decided with their recorded result without sending. A backlog never triggers it: a
+    checkpoint waits behind the requests before it, however slow the sender, and covers none
+    released after it.
+
+    - ``confirm``: the newest checkpoint newer than ``confirmed_mark`` that every partition
+      reached and whose fence the results consumer passed (``results_counted``: its group's
+      committed offsets by partition);
+    - ``fence``: the checkpoints newer than that which every partition reached, without a
+      fence yet;
+    - ``issue``: some released row awaits its result (``awaiting_results``), something was
+      released since the last confirmed checkpoint, and ``interval`` seconds passed since
+      the last one was issued (``since_issued``; None: none yet). A checkpoint that was
+      itself lost is made good by the next one.
+    """
+    candidates = [c for c in checkpoints if c.mark > confirmed_mark and c.reached_everywhere]
+    passed = [
+        c for c in candidates if c.fence is not None and fence_passed(c.fence, results_counted)
+    ]
+    confirm = max(passed, key=lambda c: c.mark, default=None)
+    floor = confirm.mark if confirm is not None else confirmed_mark
+    fence = tuple(c.id for c in candidates if c.fence is None and c.mark > floor)
+    issue = (
+        awaiting_results > 0
+        and release_mark > confirmed_mark
+        and (since_issued is None or since_issued >= interval)
+    )
+    return CheckpointStep(confirm=confirm, fence=fence, issue=issue)
+
+
+def checkpoint_request(campaign_id: str, checkpoint_id: str, now: dt.datetime) -> dict[str, Any]:
+    """The send.requests record of a checkpoint: no recipient, no content (schema v5)."""
+    return {
+        "request_id": checkpoint_id,
+        "campaign_id": campaign_id,
+        "step_id": None,
+        "contact_id": 0,
+        "email": "",
+        "group_id": None,
+        "include_unsubscribed": False,
+        "merge_values": {},
+        "content": {"from_address": "", "subject": "", "format": "", "body": ""},
+        "attempt": 0,
+        "released_at": now,
+        "test": False,
+        "content_id": None,
+        "checkpoint": True,
+    }
 
 
 # Feedback (F-34) ------------------------------------------------------------------------------

@@ -129,10 +129,12 @@ WITH again AS (
 SELECT count(*) FROM again;
 
 -- name: unanswered
--- Rows without a result, and those of them still worth waiting for (not released yet,
--- released after $2, or with releases left).
+-- Rows without a result, and those of them still worth waiting for: not released yet, with
+-- releases left, or released after $2 and not covered by the campaign's confirmed
+-- checkpoint $4 (a sender passed those without a result coming).
 SELECT count(*) AS unanswered,
-       count(*) FILTER (WHERE released_at IS NULL OR released_at >= $2 OR attempt < $3)
+       count(*) FILTER (WHERE released_at IS NULL OR attempt < $3
+                          OR (released_at >= $2 AND (release_mark IS NULL OR release_mark > $4)))
            AS waiting
 FROM recipient WHERE campaign_id = $1 AND outcome IS NULL;
 
@@ -142,11 +144,60 @@ FROM recipient WHERE campaign_id = $1 AND released_at IS NULL
 ORDER BY seq LIMIT $2;
 
 -- name: mark-released
-UPDATE recipient SET released_at = $2, attempt = attempt + 1
+-- The rows of an acknowledged chunk, with its release mark ($4).
+UPDATE recipient SET released_at = $2, attempt = attempt + 1, release_mark = $4
 WHERE campaign_id = $1 AND seq = ANY($3::bigint[]);
 
 -- name: add-released
-UPDATE campaign SET released = released + $2 WHERE id = $1;
+-- A chunk acknowledged: its first releases ($2) and re-releases ($3), and its release mark.
+UPDATE campaign SET released = released + $2, re_released = re_released + $3,
+    release_mark = release_mark + 1
+WHERE id = $1
+RETURNING release_mark;
+
+-- Checkpoints: lost requests and results (services/scheduler/checkpoints.py) ---------------
+
+-- name: checkpoints
+-- A campaign's checkpoints newer than its confirmed mark $2, with the partitions that
+-- reached them.
+SELECT c.id, c.mark, c.partitions, c.fence,
+       (SELECT count(*) FROM checkpoint_reached r WHERE r.checkpoint_id = c.id) AS reached
+FROM checkpoint c
+WHERE c.campaign_id = $1 AND c.mark > $2
+ORDER BY c.mark, c.issued_at;
+
+-- name: insert-checkpoint
+INSERT INTO checkpoint (id, campaign_id, mark, partitions, issued_at) VALUES ($1, $2, $3, $4, $5);
+
+-- name: record-reached
+-- Answers from send.progress; answers to checkpoints this scheduler does not know (forgotten
+-- after a newer one was applied, or never committed) change nothing.
+INSERT INTO checkpoint_reached (checkpoint_id, partition, reached_at)
+SELECT x.checkpoint_id, x.partition, x.reached_at
+FROM unnest($1::uuid[], $2::int[], $3::timestamptz[]) AS x (checkpoint_id, partition, reached_at)
+JOIN checkpoint c ON c.id = x.checkpoint_id
+ON CONFLICT DO NOTHING;
+
+-- name: set-fence
+UPDATE checkpoint SET fence = $2 WHERE id = ANY($1::uuid[]) AND fence IS NULL;
+
+-- name: unrelease-unseen
+-- Rows released up to checkpoint mark $2 still without a result, with releases left: a
+-- sender passed them (their request or their result was lost): they go out again.
+WITH again AS (
+    UPDATE recipient SET released_at = NULL
+    WHERE campaign_id = $1 AND outcome IS NULL AND released_at IS NOT NULL
+      AND release_mark <= $2 AND attempt < $3
+    RETURNING 1
+)
+SELECT count(*) FROM again;
+
+-- name: confirm-checkpoint
+-- The checkpoint of mark $2 applied: it and older ones are forgotten.
+WITH forgotten AS (
+    DELETE FROM checkpoint WHERE campaign_id = $1 AND mark <= $2
+)
+UPDATE campaign SET confirmed_mark = $2 WHERE id = $1;
 
 -- name: finished-sending
 SELECT id FROM campaign WHERE status = 'sent';

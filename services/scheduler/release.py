@@ -8,13 +8,15 @@ Each tick, with the context's clock:
    two replicas never release the same campaign and a halt waits for the chunk in hand):
    outside the window it pauses (``campaign.control`` pause, once); when the window opens
    again it resumes (``resume``) and rows released without a result go out again with
-   attempt + 1, as do rows without a result for ``SCHEDULER_RESULT_TIMEOUT_SECONDS`` (up to
-   ``SCHEDULER_MAX_RELEASES`` releases, then the campaign is sent without them); inside the
-   window it releases the next rows of its ledger at the paced
-   rate — published directly in per-partition batches, marked released only after the
-   broker acknowledged them (at least once: the sender's ledger absorbs duplicates). The
-   requests name the campaign's content by id; the content itself goes out once, on
-   ``campaign.content``, acknowledged before the first request naming it;
+   attempt + 1, as do rows a sender passed without a result (a request or result a broker
+   lost: services/scheduler/checkpoints.py) and rows without a result for
+   ``SCHEDULER_RESULT_TIMEOUT_SECONDS`` (up to ``SCHEDULER_MAX_RELEASES`` releases, then the
+   campaign is sent without them); inside the window it releases the next rows of its
+   ledger at the paced rate — published directly in per-partition batches, marked released
+   (with the chunk's release mark) only after the broker acknowledged them (at least once:
+   the sender's ledger absorbs duplicates). The requests name the campaign's content by id;
+   the content itself goes out once, on ``campaign.content``, acknowledged before the first
+   request naming it;
 3. ``sent`` becomes ``aggregating``, and ``aggregating`` becomes ``aggregated`` once the
    aggregation period has passed;
 4. due steps of step-mail plans go out (services/scheduler/stepmail.py).
@@ -40,7 +42,7 @@ from libs.common.metrics import (
     SCHEDULER_WINDOW_PAUSED,
 )
 from libs.common.topics import Topic
-from services.scheduler import requests, status, stepmail, store
+from services.scheduler import checkpoints, requests, status, stepmail, store
 from services.scheduler.contents import publish_content
 from services.scheduler.context import Context
 from services.scheduler.store import QUERIES
@@ -94,6 +96,8 @@ async def tick(ctx: Context) -> None:
         del ctx.buckets[gone]
     for gone in set(ctx.overdue_checked) - {str(c) for c in sending}:
         del ctx.overdue_checked[gone]
+    for gone in set(ctx.checkpoint_issued) - {str(c) for c in sending}:
+        del ctx.checkpoint_issued[gone]
     await finish(ctx, now)
     await stepmail.release_due_steps(ctx, now)
     if ctx.ticks % GAUGE_TICKS == 0:
@@ -134,8 +138,10 @@ async def release_campaign(ctx: Context, campaign_id: uuid.UUID, now: dt.datetim
             )
             again = await conn.execute(QUERIES["unrelease-pending"], campaign_id)
             log.info("campaign_resumed", campaign_id=key, released_again=again)
-        elif await overdue(ctx, conn, campaign_id, now):
+        elif await overdue(ctx, conn, campaign, now):
             return 0
+        else:
+            await checkpoints.tend(ctx, conn, campaign, now)
         bucket = ctx.buckets.get(key)
         clock = time.monotonic()
         if bucket is None:
@@ -157,24 +163,29 @@ async def release_campaign(ctx: Context, campaign_id: uuid.UUID, now: dt.datetim
             recipients=rows,
         )
         await asyncio.gather(*await ctx.publisher.send_encoded(Topic.SEND_REQUESTS, records))
-        await conn.execute(QUERIES["mark-released"], campaign_id, now, [r["seq"] for r in rows])
-        await conn.execute(QUERIES["add-released"], campaign_id, len(rows))
-        bucket.tokens -= len(rows)
         first = sum(1 for r in rows if r["attempt"] == 0)
+        mark = await conn.fetchval(QUERIES["add-released"], campaign_id, first, len(rows) - first)
+        await conn.execute(
+            QUERIES["mark-released"], campaign_id, now, [r["seq"] for r in rows], mark
+        )
+        bucket.tokens -= len(rows)
         SCHEDULER_RELEASED.labels("first").inc(first)
         SCHEDULER_RELEASED.labels("again").inc(len(rows) - first)
         return len(rows)
 
 
 async def overdue(
-    ctx: Context, conn: asyncpg.Connection, campaign_id: uuid.UUID, now: dt.datetime
+    ctx: Context, conn: asyncpg.Connection, campaign: asyncpg.Record, now: dt.datetime
 ) -> bool:
     """Rows released ``SCHEDULER_RESULT_TIMEOUT_SECONDS`` ago without a result (a request
-    dead-lettered or lost) go out again, up to ``SCHEDULER_MAX_RELEASES`` releases; once no
-    row is worth waiting for, the campaign is ``sent`` with those rows unsent (a late result
-    still counts). True when it was. Looked for at most every minute (it reads every row of
-    the campaign without a result), with the context's clock."""
+    dead-lettered or lost, with no checkpoint answered to tell sooner) go out again, up to
+    ``SCHEDULER_MAX_RELEASES`` releases; once no row is worth waiting for — each at its last
+    release, and that release timed out or a confirmed checkpoint covers it — the campaign is
+    ``sent`` with those rows unsent (a late result still counts). True when it was. Looked
+    for at most every minute (it reads every row of the campaign without a result), with the
+    context's clock."""
     s = ctx.settings
+    campaign_id = campaign["id"]
     key = str(campaign_id)
     timeout = dt.timedelta(seconds=s.result_timeout_seconds)
     checked = ctx.overdue_checked.get(key)
@@ -186,7 +197,9 @@ async def overdue(
     if again:
         log.warning("results_overdue_released_again", campaign_id=key, rows=again)
         return False
-    row = await conn.fetchrow(QUERIES["unanswered"], campaign_id, cutoff, s.max_releases)
+    row = await conn.fetchrow(
+        QUERIES["unanswered"], campaign_id, cutoff, s.max_releases, campaign["confirmed_mark"]
+    )
     if row["unanswered"] == 0 or row["waiting"] > 0:
         return False
     reason = f"{row['unanswered']} recipient(s) without a result after {s.max_releases} releases"

@@ -1,4 +1,4 @@
-"""The release's ``send.requests``, Avro-encoded (schema v4) without building a dict each.
+"""The release's ``send.requests``, Avro-encoded (schema v5) without building a dict each.
 
 A chunk's requests share everything but the recipient: campaign, content, release time.
 Those parts are encoded once per chunk; per request only its id, contact, address, group,
@@ -20,7 +20,7 @@ from libs.common.avrocodec import timestamp_millis, zigzag
 from libs.common.errors import InvalidMessage
 
 #: the send.requests schema version these bytes follow (schemas/avro/send.requests.avsc).
-VERSION = 4
+VERSION = 5
 HEADERS = [(avro.VERSION_HEADER, str(VERSION).encode())]
 
 
@@ -101,7 +101,8 @@ def encode_chunk(
     after_id = _string(campaign_id) + b"\x00"  # step_id: null
     include = _boolean(include_unsubscribed)
     body = _content(content)
-    tail = zigzag(_millis(released_at)) + b"\x00" + _optional_string(content_id)  # test: false
+    # released_at, test: false, content_id, checkpoint: false (a recipient, not a checkpoint)
+    tail = zigzag(_millis(released_at)) + b"\x00" + _optional_string(content_id) + b"\x00"
     rows = recipients
     encoded = []
     try:

@@ -27,6 +27,13 @@ class SchedulerSettings(CommonSettings):
     #: are given up: the campaign becomes sent with them counted unsent (a late result still
     #: counts).
     max_releases: int = env("SCHEDULER_MAX_RELEASES", 3)
+    #: how often (seconds) a sending campaign whose released requests await results
+    #: publishes a checkpoint into every partition of send.requests; a sender answers it
+    #: once it has decided everything before it, and rows a sender passed without a result
+    #: (request or result lost, e.g. by a broker that lost data) go out again. Lost mail is
+    #: noticed within about this long after the sender caught up with it; a backlog never
+    #: triggers it (services/scheduler/checkpoints.py).
+    checkpoint_seconds: float = env("SCHEDULER_CHECKPOINT_SECONDS", 60.0)
     #: seconds a campaign stays aggregating (集計中) after it was sent, before aggregated.
     aggregation_seconds: float = env("SCHEDULER_AGGREGATION_SECONDS", 3600.0)
     #: F-26: the error rate is judged only after this many attempts (sent + errors).

@@ -45,6 +45,11 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 #: statuses from which nothing more will ever happen.
 FINAL: frozenset[str] = frozenset(s for s, nexts in TRANSITIONS.items() if not nexts)
+#: statuses in which nothing more is released: a recipient still without a result is given
+#: up (未配信, F-25) — a late result still counts.
+SENDING_OVER: frozenset[str] = frozenset(
+    {"sent", "aggregating", "aggregated", "failed", "halted", "cancelled"}
+)
 #: statuses in which the frozen recipient list is complete.
 LEDGER_COMPLETE: frozenset[str] = frozenset(
     {"scheduled", "sending", "sent", "aggregating", "aggregated", "halted"}

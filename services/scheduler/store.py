@@ -112,14 +112,20 @@ def campaign_json(row: Mapping[str, Any], history: list[Any] | None = None) -> d
         "status_label": status.LABELS[row["status"]],
         "status_reason": row["status_reason"],
         "paused": row["paused"],
-        # Counters (F-25): 配信数, 成功数, エラー数, suppressed at the last moment, 未配信数;
-        # released = send requests published (re-releases after a pause included).
+        # Counters (F-25): 配信数, 成功数, エラー数, suppressed at the last moment, 未配信数
+        # (given up: recipients without a result once the campaign sends no more; 0 before),
+        # pending (recipients still awaiting a result while it may send; 0 after).
+        # released = recipients released at least once (never more than planned);
+        # re_released = releases of a recipient after its first (after a pause, a timeout, a
+        # request or result a broker lost).
         "planned": c.planned,
         "success": c.success,
         "error": c.error,
         "suppressed": c.suppressed,
-        "unsent": c.unsent,
+        "unsent": c.unsent(row["status"]),
+        "pending": c.pending(row["status"]),
         "released": row["released"],
+        "re_released": row["re_released"],
         # Statistics (F-34): every open and click, and recipients who opened / clicked.
         "opens": row["opens"],
         "clicks": row["clicks"],

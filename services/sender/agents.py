@@ -3,7 +3,9 @@
 ``send.requests`` and ``mail.system`` batches are claimed in the send ledger in one
 transaction, delivered through the relay pool, and the handler returns only when every
 outcome of the batch is committed — so the consumer never commits an offset whose work is
-not finished (see ledger.py for why nothing goes twice).
+not finished (see ledger.py for why nothing goes twice). The release checkpoints among
+``send.requests`` are answered on ``send.progress`` once everything before them is
+(progress.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from libs.common.errors import InvalidMessage, TransientError
 from libs.common.kafka import Message, checked, reject, still_working
 from libs.common.logging import get_logger, mask_email
 from libs.common.metrics import SENDER_DROPPED, SENDER_LEDGER_RECOVERIES
-from services.sender import contents, copy, ledger
+from services.sender import contents, copy, ledger, progress
 from services.sender.compose import CampaignMail
 from services.sender.context import Context
 from services.sender.ledger import (
@@ -46,7 +48,16 @@ def request_key(request: dict[str, Any]) -> LedgerKey:
 
 
 async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
-    """``send.requests``: last-moment can-send, ledger claim, SMTP, ``delivery.results``."""
+    """``send.requests``: last-moment can-send, ledger claim, SMTP, ``delivery.results``;
+    then the batch's checkpoints are answered: every request before them is decided."""
+    checkpoints = [m for m in batch if progress.is_checkpoint(m)]
+    requests = [m for m in batch if not progress.is_checkpoint(m)] if checkpoints else batch
+    if requests:
+        await _send(ctx, requests)
+    await progress.answer(ctx.publisher, checkpoints)
+
+
+async def _send(ctx: Context, batch: list[Message]) -> None:
     await ctx.owner.held.wait()
     campaigns = sorted({m.value["campaign_id"] for m in batch if not m.value.get("test")})
     async with ctx.pool.acquire() as conn:

@@ -2,8 +2,9 @@
 
 Inputs: send.requests (big batches), campaign.content (each campaign's content, once),
 campaign.control, mail.system, suppression.changes (its own last-mile
-copy). Outputs: SMTP to the relays, and delivery.results (published once
-the ledger committed them; ledger.py). HTTP: /v1/relays and /v1/ledger/{campaign_id}
+copy). Outputs: SMTP to the relays, delivery.results (published once
+the ledger committed them; ledger.py) and send.progress (answers to the release checkpoints
+among send.requests; progress.py). HTTP: /v1/relays and /v1/ledger/{campaign_id}
 (api.py), and /healthz, /readyz, /metrics from the runtime.
 """
 

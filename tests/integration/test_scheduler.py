@@ -132,17 +132,29 @@ async def reserved(scheduler: Any, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def send_requests(kafka: Any, campaign_id: str, n: int, **match: Any) -> list[dict[str, Any]]:
-    """The first ``n`` send.requests of a campaign (matching ``match``), waiting for them."""
+    """The first ``n`` send.requests of a campaign (matching ``match``), waiting for them;
+    release checkpoints are left out."""
 
     def mine(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [
             r
             for r in records
-            if r["campaign_id"] == campaign_id and all(r[k] == v for k, v in match.items())
+            if r["campaign_id"] == campaign_id
+            and not r["checkpoint"]
+            and all(r[k] == v for k, v in match.items())
         ]
 
     records = await kafka.read(Topic.SEND_REQUESTS, until=lambda rs: len(mine(rs)) >= n)
     return mine(records)
+
+
+async def released(kafka: Any, campaign_id: str) -> list[dict[str, Any]]:
+    """Every send.request of a campaign on the topic now, release checkpoints left out."""
+    return [
+        r
+        for r in await kafka.read_to_end(Topic.SEND_REQUESTS)
+        if r["campaign_id"] == campaign_id and not r["checkpoint"]
+    ]
 
 
 def result(
@@ -334,8 +346,10 @@ async def test_reserve_release_count_and_finish(scheduler, contacts, kafka):
         "success": 0,
         "error": 0,
         "suppressed": 0,
-        "unsent": 5,
+        "unsent": 0,
     }
+    # Not given up: waiting to be sent.
+    assert (campaign["pending"], campaign["released"], campaign["re_released"]) == (5, 0, 0)
     [snapshot] = [
         r
         for r in await published(scheduler, kafka, Topic.SNAPSHOT_REQUESTS)
@@ -428,8 +442,8 @@ async def test_reserve_release_count_and_finish(scheduler, contacts, kafka):
             "success": 2,
             "error": 1,
             "suppressed": 1,
-            "unsent": 1,
-        }
+            "unsent": 0,
+        } and (body["pending"], body["released"]) == (1, 5)
 
     await eventually(counted)
     assert sending["started_at"] is not None
@@ -448,8 +462,7 @@ async def test_reserve_release_count_and_finish(scheduler, contacts, kafka):
         "aggregated",
     ]
     # Nothing was released twice.
-    again = await kafka.read_to_end(Topic.SEND_REQUESTS)
-    assert len([r for r in again if r["campaign_id"] == cid]) == 5
+    assert len(await released(kafka, cid)) == 5
 
 
 async def test_empty_target_fails_and_cancel(scheduler, contacts, kafka):
@@ -503,9 +516,7 @@ async def test_window_pauses_and_resumes(scheduler, contacts, kafka):
     clock.advance(minutes=10)
     await ticks(scheduler)
     assert (await api.ok("GET", f"/v1/campaigns/{cid}"))["status"] == "scheduled"
-    assert [
-        r for r in await kafka.read_to_end(Topic.SEND_REQUESTS) if r["campaign_id"] == cid
-    ] == []
+    assert await released(kafka, cid) == []
 
     # 08:00 the next morning: sending starts.
     clock.set(dt.datetime(2026, 11, 26, 23, 0, tzinfo=dt.UTC))
@@ -534,10 +545,7 @@ async def test_window_pauses_and_resumes(scheduler, contacts, kafka):
     controls = await published(scheduler, kafka, Topic.CAMPAIGN_CONTROL)
     assert [c["action"] for c in controls] == ["pause"]
     assert "08:00-21:00 Asia/Tokyo" in controls[0]["reason"]
-    assert (
-        len([r for r in await kafka.read_to_end(Topic.SEND_REQUESTS) if r["campaign_id"] == cid])
-        == 4
-    )
+    assert len(await released(kafka, cid)) == 4
 
     # The next morning: resume, and the two rows without a result are released again.
     clock.set(dt.datetime(2026, 11, 27, 23, 30, tzinfo=dt.UTC))
@@ -554,6 +562,8 @@ async def test_window_pauses_and_resumes(scheduler, contacts, kafka):
     sent = await status_of(scheduler, cid, "aggregating")
     assert counters(sent) == {"planned": 4, "success": 4, "error": 0, "suppressed": 0, "unsent": 0}
     assert not sent["paused"]
+    # Released once each, never more than planned; the two without a result went again.
+    assert (sent["released"], sent["re_released"], sent["pending"]) == (4, 2, 0)
 
 
 async def test_rows_without_a_result_go_out_again_then_are_given_up(scheduler, contacts, kafka):
@@ -580,8 +590,7 @@ async def test_rows_without_a_result_go_out_again_then_are_given_up(scheduler, c
         await ticks(scheduler)
         clock.advance(minutes=29)  # not yet overdue: nothing goes out again
         await ticks(scheduler)
-        records = await kafka.read_to_end(Topic.SEND_REQUESTS)
-        assert [r for r in records if r["campaign_id"] == cid and r["attempt"] == attempt] == []
+        assert [r for r in await released(kafka, cid) if r["attempt"] == attempt] == []
         clock.advance(minutes=2)
         again = await send_requests(kafka, cid, 2, attempt=attempt)
         assert sorted(r["contact_id"] for r in again) == sorted(ids[1:])
@@ -590,10 +599,10 @@ async def test_rows_without_a_result_go_out_again_then_are_given_up(scheduler, c
     clock.advance(minutes=31)  # the third release's timeout: nothing is worth waiting for
     sent = await status_of(scheduler, cid, "aggregating")
     assert counters(sent) == {"planned": 3, "success": 1, "error": 0, "suppressed": 0, "unsent": 2}
+    assert (sent["released"], sent["re_released"], sent["pending"]) == (3, 4, 0)
     given_up = [h for h in sent["history"] if h["status"] == "sent"]
     assert "2 recipient(s) without a result after 3 releases" in given_up[0]["reason"]
-    records = await kafka.read_to_end(Topic.SEND_REQUESTS)
-    assert len([r for r in records if r["campaign_id"] == cid]) == 7  # 3 + 2 + 2, no fourth
+    assert len(await released(kafka, cid)) == 7  # 3 + 2 + 2, no fourth
 
     await play_sender(kafka, [result(first[ids[1]])])  # a late answer still counts
 
@@ -631,14 +640,14 @@ async def test_error_rate_halts_the_campaign(scheduler, contacts, kafka):
     assert "15.0% > 10%" in halted["status_reason"]
     controls = await published(scheduler, kafka, Topic.CAMPAIGN_CONTROL)
     assert [(c["campaign_id"], c["action"]) for c in controls] == [(cid, "halt")]
-    released = halted["released"]
-    assert released < 300
+    first_releases = halted["released"]
+    assert first_releases < 300 and halted["re_released"] == 0
     clock.advance(hours=2)
     await ticks(scheduler, 5)
     after = await api.ok("GET", f"/v1/campaigns/{cid}")
-    assert (after["status"], after["released"]) == ("halted", released)
-    sent = [r for r in await kafka.read_to_end(Topic.SEND_REQUESTS) if r["campaign_id"] == cid]
-    assert len(sent) == released
+    assert (after["status"], after["released"]) == ("halted", first_releases)
+    sent = await released(kafka, cid)
+    assert len(sent) == first_releases
     assert (await api.call("POST", f"/v1/campaigns/{cid}/cancel"))[0] == 409
 
 
@@ -729,11 +738,7 @@ async def test_two_replicas_never_release_the_same_recipient(
         # Both took turns: each made a release bucket, which happens under the lock.
         for replica in (scheduler, second):
             assert campaign["id"] in context_of(replica.runtime).buckets
-    again = [
-        r
-        for r in await kafka.read_to_end(Topic.SEND_REQUESTS)
-        if r["campaign_id"] == campaign["id"]
-    ]
+    again = await released(kafka, campaign["id"])
     assert len(again) == len({r["contact_id"] for r in requests}) == 120
     assert {r["attempt"] for r in again} == {1}
 

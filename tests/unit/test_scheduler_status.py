@@ -57,13 +57,33 @@ def test_every_status_has_a_label_and_known_edges() -> None:
         status.sources("lost")
 
 
-def test_unsent_and_the_error_rate_halt() -> None:
+def test_outstanding_and_the_error_rate_halt() -> None:
     c = Counters(planned=300, success=170, error=30, suppressed=10)
-    assert (c.unsent, c.attempts) == (90, 200)
+    assert (c.outstanding, c.attempts) == (90, 200)
     assert should_halt(c, min_attempts=200, threshold=0.10)
     assert "15.0% > 10% after 200 attempts" in halt_reason(c, 0.10)
     # Too few attempts yet, however bad; suppressed results are not attempts.
     assert not should_halt(Counters(300, 100, 99, 50), min_attempts=200, threshold=0.10)
     # Exactly at the threshold is not over it.
     assert not should_halt(Counters(300, 180, 20, 0), min_attempts=200, threshold=0.10)
-    assert Counters(5, 3, 2, 1).unsent == 0
+    assert Counters(5, 3, 2, 1).outstanding == 0
+
+
+@pytest.mark.parametrize("current", ["draft", "reserving", "scheduled", "sending"])
+def test_pending_while_the_campaign_may_still_send(current: str) -> None:
+    c = Counters(planned=10, success=6, error=1, suppressed=1)
+    assert (c.pending(current), c.unsent(current)) == (2, 0)
+
+
+@pytest.mark.parametrize(
+    "current", ["sent", "aggregating", "aggregated", "halted", "cancelled", "failed"]
+)
+def test_unsent_is_what_was_given_up_once_nothing_more_is_sent(current: str) -> None:
+    c = Counters(planned=10, success=6, error=1, suppressed=1)
+    assert (c.pending(current), c.unsent(current)) == (0, 2)
+    # Every recipient with a result: nothing given up (F-25: 未配信数 reaches 0).
+    assert Counters(10, 8, 1, 1).unsent(current) == 0
+
+
+def test_sending_over_covers_every_status_after_sending() -> None:
+    assert status.SENDING_OVER == status.FINAL | {"sent", "aggregating"}
