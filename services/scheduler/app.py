@@ -52,7 +52,7 @@ def build(settings: SchedulerSettings) -> Runtime:
             "scheduler.progress",
             [Topic.SEND_PROGRESS],
             bind(agents.handle_progress),
-            quiet=True,
+            latency=Latency.QUIET,
         ),
         # Statistics and step-mail enrolments: nobody waits on them to the millisecond, and
         # on the embedded broker every fetch waits its full time (each poll costs CPU here
