@@ -4,8 +4,9 @@ A consumer that cannot process a record (``libs/common/kafka.Consumer``) publish
 its topic's DLQ as it was — key, value bytes, headers (the Avro schema version among
 them) — plus headers saying where it came from and why: ``dlq-stage`` (decode, process;
 skip for a record an operator skipped), ``dlq-reason``, ``dlq-topic`` (the broker-side
-name, prefix included), ``dlq-partition``, ``dlq-offset`` and ``dlq-consumer-group`` (the
-group as the service declares it, without the prefix). A record too large to keep whole is
+name, prefix included), ``dlq-partition``, ``dlq-offset``, ``dlq-consumer-group`` (the
+group as the service declares it, without the prefix) and, when the refusal names one,
+``dlq-field``. A record too large to keep whole is
 kept as an excerpt with ``dlq-size`` (its length in bytes), ``dlq-sha256`` (hex) and
 ``dlq-truncated: 1``: it can be inspected, not replayed.
 
@@ -29,6 +30,8 @@ TOPIC = "dlq-topic"
 PARTITION = "dlq-partition"
 OFFSET = "dlq-offset"
 GROUP = "dlq-consumer-group"
+#: the field of the record at fault, when the refusal names one.
+FIELD = "dlq-field"
 SIZE = "dlq-size"
 SHA256 = "dlq-sha256"
 TRUNCATED = "dlq-truncated"
@@ -133,9 +136,10 @@ def dead_letter_headers(
     partition: int,
     offset: int,
     group: str,
+    field: str | None = None,
 ) -> list[tuple[str, bytes]]:
     """A record's headers followed by the ones a consumer adds when it dead-letters it."""
-    return [
+    added = [
         *headers,
         (STAGE, stage.encode()),
         (REASON, reason[:REASON_LIMIT].encode()),
@@ -144,6 +148,9 @@ def dead_letter_headers(
         (OFFSET, str(offset).encode()),
         (GROUP, group.encode()),
     ]
+    if field:
+        added.append((FIELD, field.encode()))
+    return added
 
 
 async def read_range(

@@ -526,7 +526,8 @@ class Consumer:
                 return
             await self._handle(topic, before, by_position)
             record = by_position[bad.partition, bad.offset]
-            await self._dead_letter(topic, record, "process", _reason(exc))
+            field = exc.field if isinstance(exc, InvalidMessage) else None
+            await self._dead_letter(topic, record, "process", _reason(exc), field)
             await self._handle(topic, after, by_position)
             return
         for _ in messages:
@@ -534,7 +535,12 @@ class Consumer:
         MESSAGES_CONSUMED.labels(self.settings.service, topic.value, "ok").inc(len(messages))
 
     async def _dead_letter(
-        self, topic: Topic, record: ConsumerRecord, stage: str, reason: str
+        self,
+        topic: Topic,
+        record: ConsumerRecord,
+        stage: str,
+        reason: str,
+        field: str | None = None,
     ) -> None:
         """Publish ``record`` to ``<topic>.dlq`` with why and where it came from. A value
         too large to publish whole (over DLQ_WHOLE_BYTES, or refused by the producer or the
@@ -547,6 +553,7 @@ class Consumer:
             partition=record.partition,
             offset=record.offset,
             group=self.group,
+            field=field,
         )
         key = record.key.decode(errors="replace") if record.key is not None else None
         value = record.value
@@ -598,9 +605,10 @@ def _positions(messages: Sequence[Message]) -> dict[int, str]:
 
 
 def _reason(exc: BaseException) -> str:
-    """What an operator reads in ``dlq-reason``: ours as written, anything else typed."""
+    """What an operator reads in ``dlq-reason``: ours as written (its field goes in
+    ``dlq-field``), anything else typed."""
     if isinstance(exc, InvalidMessage):
-        return exc.reason if exc.field is None else f"{exc.field}: {exc.reason}"
+        return exc.reason
     return f"{type(exc).__name__}: {exc}"
 
 
