@@ -122,6 +122,8 @@ def classify(exc: BaseException) -> Fault:
         return Fault.TRANSIENT
     if isinstance(exc, kafka_errors.KafkaError) and exc.retriable:
         return Fault.TRANSIENT
+    if _closed_for_now(exc):
+        return Fault.TRANSIENT
     if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
         # "connection is closed", "connection was closed in the middle of operation",
         # "pool is closed" (a connection lost under a query, or a stop under way)
@@ -129,6 +131,17 @@ def classify(exc: BaseException) -> Fault:
     if isinstance(exc, OSError | TimeoutError):  # refused, reset, unreachable, timed out
         return Fault.TRANSIENT
     return Fault.BUG
+
+
+def _closed_for_now(exc: BaseException) -> bool:
+    """A new connection refused because the database does not take connections for now
+    (``ALTER DATABASE … ALLOW_CONNECTIONS false``, what an operator sets during
+    maintenance): 55000 raised by PostgreSQL's connection set-up (CheckMyDatabase, a
+    name that is not translated). The same SQLSTATE raised by a statement is a bug."""
+    return (
+        type(exc) is asyncpg.ObjectNotInPrerequisiteStateError
+        and getattr(exc, "server_source_function", None) == "CheckMyDatabase"
+    )
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -56,6 +56,35 @@ def test_dependency_errors_are_transient(exc: BaseException) -> None:
     assert classify(exc) is Fault.TRANSIENT
 
 
+def _postgres(cls: type[asyncpg.PostgresError], **fields: str) -> asyncpg.PostgresError:
+    """An error as asyncpg builds it from the server's fields (S, C, M, R: severity,
+    SQLSTATE, message, the server routine that raised it)."""
+    error = cls.new(fields)
+    assert type(error) is cls
+    return error
+
+
+def test_a_database_closed_to_connections_for_now_is_transient_not_a_bug() -> None:
+    """``ALLOW_CONNECTIONS false`` (maintenance; the integration tests' outage) refuses new
+    connections with 55000 from CheckMyDatabase: weather. 55000 from a statement is not."""
+    closed = _postgres(
+        asyncpg.ObjectNotInPrerequisiteStateError,
+        S="FATAL",
+        C="55000",
+        M='database "tayori" is not currently accepting connections',
+        R="CheckMyDatabase",
+    )
+    assert classify(closed) is Fault.TRANSIENT
+    statement = _postgres(
+        asyncpg.ObjectNotInPrerequisiteStateError,
+        S="ERROR",
+        C="55000",
+        M='currval of sequence "s" is not yet defined in this session',
+        R="currval_oid",
+    )
+    assert classify(statement) is Fault.BUG
+
+
 @pytest.mark.parametrize(
     "exc",
     [
