@@ -13,6 +13,7 @@ those three kinds (:class:`Fault`); every loop and the HTTP layer go by it.
 from __future__ import annotations
 
 import enum
+import re
 
 import asyncpg
 from aiokafka import errors as kafka_errors
@@ -102,6 +103,13 @@ _KAFKA_TRANSIENT = (
     kafka_errors.KafkaTimeoutError,
     kafka_errors.KafkaUnavailableError,
 )
+#: asyncpg's words for a connection that is gone: "connection is closed", "connection was
+#: closed in the middle of operation", "pool is closed" (a connection lost under a query, or
+#: a stop under way), and "connection has been released back to the pool": asyncpg hands a
+#: pooled connection the server dropped back to its pool at once, so the holder's next
+#: statement says that (an outbox relay idling on its connection, a handler between two
+#: statements of its transaction, when PostgreSQL restarts).
+_CONNECTION_GONE = re.compile(r"closed|released back to the pool")
 #: a record too large for the producer or the broker.
 _KAFKA_DATA = (kafka_errors.MessageSizeTooLargeError, kafka_errors.RecordTooLargeError)
 
@@ -124,9 +132,7 @@ def classify(exc: BaseException) -> Fault:
         return Fault.TRANSIENT
     if _closed_for_now(exc):
         return Fault.TRANSIENT
-    if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
-        # "connection is closed", "connection was closed in the middle of operation",
-        # "pool is closed" (a connection lost under a query, or a stop under way)
+    if isinstance(exc, asyncpg.InterfaceError) and _CONNECTION_GONE.search(str(exc)):
         return Fault.TRANSIENT
     if isinstance(exc, OSError | TimeoutError):  # refused, reset, unreachable, timed out
         return Fault.TRANSIENT

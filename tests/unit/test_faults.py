@@ -38,6 +38,12 @@ QUICK = Backoff(initial=0.001, maximum=0.001, attempts=None)
         asyncpg.SerializationError("could not serialize access"),
         asyncpg.DeadlockDetectedError("deadlock detected"),
         asyncpg.InterfaceError("connection is closed"),
+        asyncpg.InterfaceError(
+            "cannot call Connection.fetch(): connection has been released back to the pool"
+        ),
+        asyncpg.InterfaceError(
+            "cannot call Transaction.__aexit__(): the underlying connection is closed"
+        ),
         kafka_errors.KafkaConnectionError(),
         kafka_errors.CommitFailedError(),
         kafka_errors.RebalanceInProgressError(),
