@@ -1,18 +1,24 @@
 """Outages for one test, without stopping the servers the session's tests share.
 
-:func:`database_away`: this test's database refuses new connections (``ALLOW_CONNECTIONS
-false``: asyncpg raises ObjectNotInPrerequisiteStateError, which errors.classify calls
-transient) and every connection it had is terminated, as when PostgreSQL restarts or fails
-over; the other tests' databases on the same server are not touched.
+- :func:`database_away`: this test's database refuses new connections (``ALLOW_CONNECTIONS
+  false``: asyncpg raises ObjectNotInPrerequisiteStateError, which errors.classify calls
+  transient) and every connection it had is terminated, as when PostgreSQL restarts or
+  fails over; the other tests' databases on the same server are not touched.
+- :class:`OwnBroker`: a broker of this test's own, which it may restart: like the
+  embedded one in dev, it comes back empty, and its topics are created again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 
+from libs.common.kafka import ensure_topics
+from tayori.embedded import EmbeddedBroker, free_port
 from tests.conftest import Stack
 
 
@@ -57,3 +63,27 @@ async def database_away(stack: Stack, dsn: str) -> AsyncIterator[DatabaseOutage]
         yield outage
     finally:
         await outage.end()
+
+
+class OwnBroker:
+    """A broker for one test (``stack`` is the session's stack with it in place)."""
+
+    def __init__(self, stack: Stack, log_path: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.broker = EmbeddedBroker(self.port, log_path=log_path)
+        self.stack = dataclasses.replace(stack, broker=self.broker)
+
+    @property
+    def bootstrap(self) -> str:
+        return self.broker.bootstrap
+
+    def stop(self) -> None:
+        """The broker is gone (connections refused), with everything it held."""
+        self.broker.stop()
+
+    async def start_again(self, prefix: str) -> None:
+        """Back on the same port, empty; the operator creates the topics again."""
+        self.broker = EmbeddedBroker(self.port, log_path=self.log_path)
+        self.stack.broker = self.broker
+        await ensure_topics(self.bootstrap, prefix, partitions=2)

@@ -14,10 +14,12 @@ import pytest
 from aiosmtpd.controller import Controller
 from prometheus_client import REGISTRY
 
+from libs.common.kafka import Publisher, ensure_topics, make_producer
+from libs.common.settings import CommonSettings
 from libs.common.topics import Topic
 from tayori.embedded import MaildirHandler, free_port
 from tests.conftest import Kafka, Stack, eventually, running, within
-from tests.integration.outage import database_away
+from tests.integration.outage import OwnBroker, database_away
 from tests.integration.test_sender import kept, publish_all, send_request
 
 pytestmark = pytest.mark.integration
@@ -106,3 +108,78 @@ async def test_a_stop_while_the_database_is_away_ends_in_time_and_the_restart_re
     assert all(len(ids) == 1 for ids in copies.values()), copies  # a resend is the same mail
     twice = sum(n - 1 for n in per_recipient.values())
     assert twice <= 2 * connections, per_recipient
+
+
+async def test_results_whose_publication_fails_in_a_broker_restart_are_published_again(
+    stack: Stack, database: str, prefix: str, tmp_path: Path
+) -> None:
+    """The broker restarts (and comes back empty, its topics created again) while a batch's
+    mails are out and their results are to be published: the sender rides it out, publishes
+    them on the new broker, goes on with the next requests, and sends no mail twice.
+
+    (Tansu after a restart: the first produce to a partition is acknowledged but only
+    fetchable once a later record follows it, and that later record's first produce
+    fails with UnknownError, which the sender retries. The second campaign's results
+    are those later records.)"""
+    own = OwnBroker(stack, tmp_path / "broker.log")
+    await ensure_topics(own.bootstrap, prefix, partitions=2)
+    settings = CommonSettings(kafka_bootstrap=own.bootstrap, topic_prefix=prefix, service="test")
+    producer = make_producer(settings, linger_ms=0)
+    await producer.start()
+    kafka = Kafka(own.stack, prefix, Publisher(settings, producer))
+    handler = HoldingAll(tmp_path / "relay")
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    relay = f"127.0.0.1:{controller.port}"
+    count = 6
+    campaign = str(uuid.uuid4())
+    await publish_all(kafka, [send_request(campaign, n) for n in range(1, count + 1)])
+    await producer.stop()
+    try:
+        async with running(
+            "sender",
+            own.stack,
+            database,
+            prefix,
+            kafka_bootstrap=own.bootstrap,
+            smtp_relays=relay,
+        ) as sender:
+
+            async def holding() -> bool:
+                return bool(handler.held)
+
+            await eventually(holding)
+            own.stop()
+            handler.release.set()  # outcomes are recorded; their results cannot go out
+
+            async def recorded() -> bool:
+                done = await sender.runtime.pool.fetchval(
+                    "SELECT count(*) FROM send_ledger WHERE status = 'done'"
+                )
+                return bool(done == count)
+
+            await eventually(recorded)
+            await own.start_again(prefix)
+            producer = make_producer(settings, linger_ms=0)
+            await producer.start()
+            kafka.publisher = Publisher(settings, producer)
+            later = str(uuid.uuid4())
+            await publish_all(kafka, [send_request(later, n) for n in range(101, 101 + count)])
+            wanted = {*range(1, count + 1), *range(101, 101 + count)}
+
+            async def answered() -> bool:
+                results = await kafka.read_to_end(Topic.DELIVERY_RESULTS)
+                return {r["contact_id"] for r in results} == wanted
+
+            await eventually(answered)
+            healthy, detail = await sender.runtime.health()
+            assert healthy, detail
+    finally:
+        await producer.stop()
+        handler.release.set()
+        controller.stop()
+        own.stop()
+    per_recipient: dict[str, int] = defaultdict(int)
+    for mail in kept(handler):
+        per_recipient[str(mail["X-Tayori-Envelope-To"])] += 1
+    assert per_recipient == {f"c{n}@example.com": 1 for n in wanted}
