@@ -120,6 +120,12 @@ def classify(exc: BaseException) -> Fault:
     The one place that decides it: the consumer loop, the retry policy, the supervised
     background loops and the HTTP error middleware all ask here (docs/ARCHITECTURE.md,
     "Failure")."""
+    if isinstance(exc, BaseExceptionGroup):
+        # Work done at once failed together (a consumer taking its partitions at once, in a
+        # TaskGroup): a bug among them is a bug; else what a retry resolves is retried (the
+        # data at fault is met again, alone); else it is the data.
+        faults = {classify(inner) for inner in exc.exceptions}
+        return next(f for f in (Fault.BUG, Fault.TRANSIENT, Fault.DATA) if f in faults)
     if isinstance(exc, InvalidMessage | NotFound | Conflict | Forbidden):
         return Fault.DATA
     if isinstance(exc, TransientError):

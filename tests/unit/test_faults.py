@@ -127,6 +127,20 @@ def test_everything_else_is_a_bug(exc: BaseException) -> None:
     assert classify(exc) is Fault.BUG
 
 
+def test_failures_of_work_done_at_once_are_as_bad_as_the_worst_of_them() -> None:
+    """A TaskGroup (the sender's partitions of one poll) raises its failures together: a
+    dead letter the broker could not take in one partition is weather, not a bug."""
+    away = kafka_errors.KafkaTimeoutError()
+    assert classify(ExceptionGroup("partitions", [away])) is Fault.TRANSIENT
+    assert classify(ExceptionGroup("partitions", [away, InvalidMessage("bad")])) is (
+        Fault.TRANSIENT
+    )
+    assert classify(ExceptionGroup("partitions", [InvalidMessage("bad")])) is Fault.DATA
+    assert classify(ExceptionGroup("partitions", [away, KeyError("x")])) is Fault.BUG
+    nested = ExceptionGroup("outer", [ExceptionGroup("inner", [away])])
+    assert classify(nested) is Fault.TRANSIENT
+
+
 async def test_retry_redoes_transient_failures_and_lets_data_and_bugs_through() -> None:
     calls = []
 
