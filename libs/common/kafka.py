@@ -345,9 +345,7 @@ class Consumer:
                 delays = delays or RECONNECT.delays()
                 delay = next(delays)
                 TRANSIENT_RETRIES.labels(self.settings.service, f"consumer:{self.group}").inc()
-                log.warning(
-                    "consumer_round_failed", group=self.group, error=repr(exc), delay=delay
-                )
+                log.warning("consumer_round_failed", group=self.group, error=repr(exc), delay=delay)
                 self.alive()
                 await asyncio.sleep(delay)
                 rewind = True

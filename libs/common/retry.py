@@ -42,6 +42,7 @@ BRIEF = Backoff(initial=0.05, maximum=1.0, attempts=5)
 #: for a loop that lost its dependency: try again soon, then every few seconds.
 RECONNECT = Backoff(initial=0.5, maximum=15.0, attempts=None)
 
+
 async def retry(
     operation: Callable[[], Awaitable[T]],
     *,

@@ -217,9 +217,7 @@ class Runtime:
         )
 
     async def _when_up(self, dependency: str, connect: Callable[[], Awaitable[T]]) -> T:
-        return await retry(
-            connect, name=f"connect:{dependency}", service=self.settings.service
-        )
+        return await retry(connect, name=f"connect:{dependency}", service=self.settings.service)
 
     def _spawn(self, loop: Callable[[], Awaitable[Any]], name: str) -> None:
         """Run ``loop`` as a task of this service, started again after a transient failure
@@ -269,7 +267,8 @@ class Runtime:
         return ok, checks
 
     async def _kafka_check(self) -> str:
-        """"ok" when a connection to at least one broker of the cluster is up or can be made."""
+        """The Kafka check: "ok" when a connection to a broker of the cluster is up or can be
+        made."""
         client = self.publisher.producer.client
         brokers = client.cluster.brokers()
         if not brokers:
