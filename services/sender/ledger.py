@@ -67,8 +67,9 @@ from typing import Any
 
 import asyncpg
 
+from libs.common.aio import woken
 from libs.common.db import Queries, connect
-from libs.common.kafka import Publisher
+from libs.common.kafka import Publisher, still_working
 from libs.common.logging import get_logger
 from libs.common.metrics import SENDER_GROUP_COMMIT_SIZE, SENDER_SENDS
 from libs.common.retry import FOREVER, retry
@@ -260,6 +261,15 @@ class OwnerLock:
             self.held.clear()
             await close_or_drop(conn)
 
+    async def wait_held(self, keepalive: float) -> None:
+        """Until the lock is held. While it is not (its connection lost with the database,
+        not taken back yet) a batch waits here and tells its consumer every ``keepalive``
+        seconds that it still works: an outage is no reason for /healthz to have the
+        sender restarted."""
+        while not self.held.is_set():
+            still_working()
+            await woken(self.held, keepalive)
+
     async def alive(self, conn: asyncpg.Connection, owners: set[int]) -> set[int]:
         """The owners among ``owners`` whose process still runs (holds its lock)."""
         living = set()
@@ -377,7 +387,13 @@ class Ledger:
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.fetchval(QUERIES["flush"])
 
-        await retry(transaction, name="sender:flush", service=self.service, strategy=FOREVER)
+        await retry(
+            transaction,
+            name="sender:flush",
+            service=self.service,
+            strategy=FOREVER,
+            waiting=still_working,  # the batch waits for the database: its consumer is alive
+        )
 
     def finish(self, delivery: Delivery, outcome: Outcome) -> None:
         self._finished.append((delivery, outcome))
