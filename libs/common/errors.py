@@ -13,6 +13,7 @@ those three kinds (:class:`Fault`); every loop and the HTTP layer go by it.
 from __future__ import annotations
 
 import enum
+import re
 
 import asyncpg
 from aiokafka import errors as kafka_errors
@@ -102,6 +103,13 @@ _KAFKA_TRANSIENT = (
     kafka_errors.KafkaTimeoutError,
     kafka_errors.KafkaUnavailableError,
 )
+#: asyncpg's words for a connection that is gone: "connection is closed", "connection was
+#: closed in the middle of operation", "pool is closed" (a connection lost under a query, or
+#: a stop under way), and "connection has been released back to the pool": asyncpg hands a
+#: pooled connection the server dropped back to its pool at once, so the holder's next
+#: statement says that (an outbox relay idling on its connection, a handler between two
+#: statements of its transaction, when PostgreSQL restarts).
+_CONNECTION_GONE = re.compile(r"closed|released back to the pool")
 #: a record too large for the producer or the broker.
 _KAFKA_DATA = (kafka_errors.MessageSizeTooLargeError, kafka_errors.RecordTooLargeError)
 
@@ -112,6 +120,12 @@ def classify(exc: BaseException) -> Fault:
     The one place that decides it: the consumer loop, the retry policy, the supervised
     background loops and the HTTP error middleware all ask here (docs/ARCHITECTURE.md,
     "Failure")."""
+    if isinstance(exc, BaseExceptionGroup):
+        # Work done at once failed together (a consumer taking its partitions at once, in a
+        # TaskGroup): a bug among them is a bug; else what a retry resolves is retried (the
+        # data at fault is met again, alone); else it is the data.
+        faults = {classify(inner) for inner in exc.exceptions}
+        return next(f for f in (Fault.BUG, Fault.TRANSIENT, Fault.DATA) if f in faults)
     if isinstance(exc, InvalidMessage | NotFound | Conflict | Forbidden):
         return Fault.DATA
     if isinstance(exc, TransientError):
@@ -122,9 +136,9 @@ def classify(exc: BaseException) -> Fault:
         return Fault.TRANSIENT
     if isinstance(exc, kafka_errors.KafkaError) and exc.retriable:
         return Fault.TRANSIENT
-    if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
-        # "connection is closed", "connection was closed in the middle of operation",
-        # "pool is closed" (a connection lost under a query, or a stop under way)
+    if _closed_for_now(exc):
+        return Fault.TRANSIENT
+    if isinstance(exc, asyncpg.InterfaceError) and _CONNECTION_GONE.search(str(exc)):
         return Fault.TRANSIENT
     if isinstance(exc, asyncpg.InternalClientError) and "cannot switch to state" in str(exc):
         # A pooled connection that the server's FATAL "terminating connection" reached
@@ -133,6 +147,17 @@ def classify(exc: BaseException) -> Fault:
     if isinstance(exc, OSError | TimeoutError):  # refused, reset, unreachable, timed out
         return Fault.TRANSIENT
     return Fault.BUG
+
+
+def _closed_for_now(exc: BaseException) -> bool:
+    """A new connection refused because the database does not take connections for now
+    (``ALTER DATABASE … ALLOW_CONNECTIONS false``, what an operator sets during
+    maintenance): 55000 raised by PostgreSQL's connection set-up (CheckMyDatabase, a
+    name that is not translated). The same SQLSTATE raised by a statement is a bug."""
+    return (
+        type(exc) is asyncpg.ObjectNotInPrerequisiteStateError
+        and getattr(exc, "server_source_function", None) == "CheckMyDatabase"
+    )
 
 
 def is_transient(exc: BaseException) -> bool:

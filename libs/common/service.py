@@ -250,7 +250,8 @@ class Runtime:
         return ok, checks
 
     async def _kafka_check(self) -> str:
-        """ "ok" when a connection to at least one broker of the cluster is up or can be made."""
+        """The Kafka check: "ok" when a connection to a broker of the cluster is up or can be
+        made."""
         client = self.publisher.producer.client
         brokers = client.cluster.brokers()
         if not brokers:

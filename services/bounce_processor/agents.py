@@ -172,7 +172,9 @@ def _decide(
 
 async def inbound_loop(ctx: Context, beat: Callable[[], None]) -> None:
     """Read stored mail until cancelled: woken by the listener, polling for other replicas;
-    ``beat`` once a round (a loop stuck on a hung call fails /healthz)."""
+    ``beat`` once a round (a loop stuck on a hung call fails /healthz), and before each wait
+    while the database is away (waiting out an outage is what it should do then; /readyz
+    says the database is missing)."""
     while True:
         beat()
         ctx.mail_arrived.clear()
@@ -181,6 +183,7 @@ async def inbound_loop(ctx: Context, beat: Callable[[], None]) -> None:
             name="process_inbound",
             service=ctx.settings.service,
             strategy=FOREVER,
+            waiting=beat,
         )
         if taken < ctx.settings.batch:
             await woken(ctx.mail_arrived, POLL_SECONDS)

@@ -38,7 +38,7 @@ from libs.common.http import error, json_response
 from libs.common.jobs import job_event
 from libs.common.logging import get_logger
 from libs.common.metrics import IMPORT_ROWS
-from libs.common.retry import Backoff, retry
+from libs.common.retry import Backoff, retry, supervise
 from libs.common.topics import Topic
 from services.contacts import store
 from services.contacts.context import CONTEXT, Context
@@ -501,20 +501,28 @@ async def _publish(ctx: Context, conn: asyncpg.Connection, job: Mapping[str, Any
 
 
 async def _run_job(ctx: Context, job_id: str) -> None:
+    """Run the job to its end. A transient failure (the database away) pauses it: it is run
+    again from its committed checkpoint once the database answers, for as long as that
+    takes. Anything else fails the job, recorded (once the database answers)."""
+    service = ctx.settings.service
     with bound_contextvars(job_id=job_id):
         async with _slot():
             try:
-                await _Runner(ctx, job_id).run()
+                await supervise(lambda: _Runner(ctx, job_id).run(), name="import", service=service)
             except asyncio.CancelledError:
                 log.info("import_interrupted")
                 raise
             except Exception as exc:  # the job's boundary: record the failure, keep the service
                 log.error("import_failed", error=repr(exc), exc_info=exc)
                 reason = exc.reason if isinstance(exc, InvalidMessage) else repr(exc)
-                try:
+
+                async def record() -> None:
                     await _Runner(ctx, job_id).finish("failed", reason[:2000], checked=False)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as again:
-                    log.error("import_fail_record_failed", error=repr(again))
+
+                try:
+                    await retry(record, name="import_fail", service=service)
+                except Exception as again:  # a bug there too: the job stays for a restart
+                    log.error("import_fail_record_failed", error=repr(again), exc_info=again)
 
 
 class _Runner:
@@ -564,13 +572,18 @@ class _Runner:
     async def commit(self, chunk: list[tuple[int, list[str]]], next_line: int) -> bool:
         """Apply one chunk and advance the checkpoint in one transaction; False: not ours."""
 
+        attempts = 0
+
         async def attempt() -> Counter[str] | None:
+            nonlocal attempts
+            attempts += 1
+            again = attempts > 1
             try:
-                return await self._transaction(chunk, next_line, careful=False)
+                return await self._transaction(chunk, next_line, careful=False, again=again)
             except _DB_REFUSALS:
                 # A row the checks let through hit the database (a concurrent writer took
                 # its email): redo the chunk with a savepoint per row so only that row fails.
-                return await self._transaction(chunk, next_line, careful=True)
+                return await self._transaction(chunk, next_line, careful=True, again=again)
 
         result = await retry(
             attempt, name="import_chunk", service=self.ctx.settings.service, strategy=_CHUNK_RETRY
@@ -584,13 +597,30 @@ class _Runner:
         return True
 
     async def _transaction(
-        self, chunk: list[tuple[int, list[str]]], next_line: int, *, careful: bool
+        self,
+        chunk: list[tuple[int, list[str]]],
+        next_line: int,
+        *,
+        careful: bool,
+        again: bool = False,
     ) -> Counter[str] | None:
+        """One chunk in one transaction; None when the job is no longer this runner's.
+        ``again``: an earlier attempt failed, maybe after its commit went through (the
+        connection lost before the answer): a checkpoint at this chunk's end is that commit,
+        and the runner goes on from there (an empty tally)."""
         tally: Counter[str] = Counter()
         errors: list[tuple[int, str | None, str]] = []
         key, mode = self.key, self.mode
         async with self.ctx.pool.acquire() as conn, conn.transaction():
             current = await conn.fetchrow(SQL_LOCK_JOB, self.job_id)
+            if (
+                again
+                and current is not None
+                and current["status"] in ACTIVE
+                and current["next_line"] == next_line
+            ):
+                log.info("import_chunk_committed_before", next_line=next_line)
+                return tally
             if (
                 current is None
                 or current["status"] not in ACTIVE

@@ -21,11 +21,12 @@ Memory stays flat: text is encoded and written every :data:`FLUSH_CHARS` charact
 from __future__ import annotations
 
 import codecs
+import contextlib
 import contextvars
 import csv
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from libs.common.safecsv import FORMULA_STARTS, safe_cell
@@ -57,8 +58,24 @@ def _line_break_in_quotes(text: str) -> bool:
     return any(line.count('"') & 1 for line in text.split("\n"))
 
 
+class CannotWrite(Exception):
+    """The export file cannot be written (disk full, no permission): the job fails with it.
+
+    Not an OSError: :func:`libs.common.errors.classify` calls an OSError transient (a
+    dependency's socket), and a full disk is not something to wait for."""
+
+
+@contextlib.contextmanager
+def _writing() -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise CannotWrite(str(exc)) from exc
+
+
 class ExportFile:
-    """One export file being written; use as a context manager that discards on error."""
+    """One export file being written; use as a context manager that discards on error.
+    A failed write raises :class:`CannotWrite`."""
 
     def __init__(self, path: Path, encoding: str, *, safe: bool = True) -> None:
         if encoding not in ENCODINGS:
@@ -71,8 +88,9 @@ class ExportFile:
         self._encoder = codecs.getincrementalencoder(encoding)(errors=_ERRORS)
         self._text = io.StringIO()
         self._csv = csv.writer(self._text, lineterminator="\r\n")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.part, "wb")  # closed by commit() or discard()
+        with _writing():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.part, "wb")  # closed by commit() or discard()
 
     @property
     def replaced(self) -> int:
@@ -130,18 +148,20 @@ class ExportFile:
             data = self._encoder.encode(self._text.getvalue(), final)
         finally:
             _REPLACED.reset(token)
-        self._file.write(data)
+        with _writing():
+            self._file.write(data)
         self._text.seek(0)
         self._text.truncate()
 
     def commit(self) -> int:
         """Finish the file under its final name; returns its size in bytes."""
         self._flush(final=True)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.part, self.path)
-        return self.path.stat().st_size
+        with _writing():
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.part, self.path)
+            return self.path.stat().st_size
 
     def discard(self) -> None:
         """Drop what was written (a failed export leaves no file behind)."""

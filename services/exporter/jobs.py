@@ -8,6 +8,14 @@ and — at the end — ``export.completed`` and the requester's mail on ``mail.s
 process that dies mid-export leaves the job ``running`` with a stale heartbeat; the next
 start (or another replica after ``EXPORT_STALE_SECONDS``) runs it again from the start.
 
+An outage pauses a job, it does not fail it. When the database goes away (a heartbeat, a
+progress record or the final commit fails transiently) the run backs off and, once the
+database answers, takes its job up again (``runner``: its own id in the row) and runs it
+from the start: an export is one consistent read, so its checkpoint is its beginning.
+A row source that is away (unreachable, 503, its stream broken off) is asked again the
+same way for ``EXPORT_SOURCE_PATIENCE_SECONDS``; then, or when the source refuses the
+request, or the file cannot be written, the job fails with the reason.
+
 Download links are signed (purpose ``download``) with the job id, the requester's role
 and the expiry; the sweeper deletes files whose link expired.
 """
@@ -17,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +33,20 @@ import asyncpg
 from structlog.contextvars import bound_contextvars
 
 from libs.common import outbox
+from libs.common.errors import is_transient
 from libs.common.logging import get_logger
 from libs.common.metrics import (
     EXPORT_FAILURES,
     EXPORT_FILES_DELETED,
     EXPORT_JOB_SECONDS,
     EXPORT_ROWS,
+    TRANSIENT_RETRIES,
 )
-from libs.common.retry import retry
+from libs.common.retry import RECONNECT, retry
 from libs.common.topics import Topic
 from services.exporter import processor
 from services.exporter.context import Context
-from services.exporter.csvfile import ExportFile
+from services.exporter.csvfile import CannotWrite, ExportFile
 from services.exporter.sources import SourceError, parse
 from services.exporter.store import QUERIES
 
@@ -108,25 +119,48 @@ async def stop(ctx: Context) -> None:
 
 
 async def run(ctx: Context, job_id: str) -> None:
+    """Run a job to its end, through outages (module docstring); a bug propagates."""
+    runner = uuid.uuid4()
+    delays = RECONNECT.delays()
+    source_away_since: float | None = None
     async with ctx.slots:
         with bound_contextvars(job_id=job_id):
-            job = await _claim(ctx, job_id)
-            if job is None:
-                return
-            started = time.monotonic()
-            try:
-                await _export(ctx, job)
-            except SourceError as exc:
-                await _fail(ctx, job, str(exc), "source", started)
-            except OSError as exc:
-                await _fail(ctx, job, f"cannot write the file: {exc}", "file", started)
+            while True:
+                job = await _claim(ctx, job_id, runner)
+                if job is None:
+                    return
+                started = time.monotonic()
+                try:
+                    await _export(ctx, job)
+                    return
+                except SourceError as exc:
+                    now = time.monotonic()
+                    source_away_since = source_away_since or now
+                    waited = now - source_away_since
+                    if not exc.transient or waited >= ctx.settings.source_patience_seconds:
+                        await _fail(ctx, job, str(exc), "source", started)
+                        return
+                    reason = str(exc)
+                except CannotWrite as exc:
+                    await _fail(ctx, job, f"cannot write the file: {exc}", "file", started)
+                    return
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    reason = repr(exc)
+                delay = next(delays)
+                TRANSIENT_RETRIES.labels("exporter", "export").inc()
+                log.warning("export_paused", reason=reason[:500], delay=round(delay, 2))
+                await asyncio.sleep(delay)
 
 
-async def _claim(ctx: Context, job_id: str) -> asyncpg.Record | None:
+async def _claim(ctx: Context, job_id: str, runner: uuid.UUID) -> asyncpg.Record | None:
+    """The job, claimed for ``runner`` (None: finished, or running elsewhere)."""
+
     async def claim() -> asyncpg.Record | None:
         async with ctx.pool.acquire() as conn, conn.transaction():
             job = await conn.fetchrow(
-                QUERIES["claim-job"], job_id, ctx.settings.stale_seconds, ctx.clock()
+                QUERIES["claim-job"], job_id, ctx.settings.stale_seconds, ctx.clock(), runner
             )
             if job is not None:
                 await outbox.add(
@@ -190,12 +224,18 @@ async def _finish(
 
 
 async def _fail(ctx: Context, job: asyncpg.Record, reason: str, kind: str, started: float) -> None:
+    """The job failed (recorded once the database answers)."""
     now = ctx.clock()
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        failed = await conn.fetchrow(QUERIES["finish-failed"], job["id"], 0, reason, now)
-        if failed is None:
-            return
-        await _announce(ctx, conn, failed, None, now)
+
+    async def record() -> asyncpg.Record | None:
+        async with ctx.pool.acquire() as conn, conn.transaction():
+            failed = await conn.fetchrow(QUERIES["finish-failed"], job["id"], 0, reason, now)
+            if failed is not None:
+                await _announce(ctx, conn, failed, None, now)
+            return failed
+
+    if await retry(record, name="export_fail", service="exporter") is None:
+        return
     EXPORT_FAILURES.labels(kind).inc()
     EXPORT_JOB_SECONDS.labels("failed").observe(time.monotonic() - started)
     log.warning("export_failed", reason=reason)

@@ -13,13 +13,15 @@ RETURNING *;
 SELECT * FROM export_job WHERE id = $1;
 
 -- name: claim-job
--- queued → running, or take over a running job whose process stopped beating ($2 seconds).
+-- queued → running for run $4, or take a running job up again: run $4's own (it lost the
+-- database mid-export), or one whose process stopped beating ($2 seconds).
 UPDATE export_job
 SET status = 'running', started_at = $3, heartbeat_at = now(), updated_at = now(),
-    rows_written = 0, replaced_chars = 0, error = NULL
+    rows_written = 0, replaced_chars = 0, error = NULL, runner = $4
 WHERE id = $1
   AND (status = 'queued'
-       OR (status = 'running' AND heartbeat_at < now() - make_interval(secs => $2)))
+       OR (status = 'running'
+           AND (runner = $4 OR heartbeat_at < now() - make_interval(secs => $2))))
 RETURNING *;
 
 -- name: progress

@@ -39,5 +39,8 @@ class ExporterSettings(CommonSettings):
     stale_seconds: float = env("EXPORT_STALE_SECONDS", 120.0)
     #: seconds to wait for a row source (contacts, scheduler) to send more data.
     read_timeout_seconds: float = env("EXPORT_READ_TIMEOUT_SECONDS", 60.0)
+    #: a row source away (unreachable, 503, its stream broken off) is asked again from the
+    #: start of the export, with backoff, for this long; then the export fails.
+    source_patience_seconds: float = env("EXPORT_SOURCE_PATIENCE_SECONDS", 300.0)
     #: where completion mails go when a request names no address.
     operator_email: str = env("TAYORI_OPERATOR_EMAIL", "operator@localhost")

@@ -6,8 +6,11 @@
 
 Both answer CSV; :func:`record_chunks` turns the byte stream into text chunks of complete
 records, a chunk at a time, so memory does not grow with the row count.
-A stream that ends without its closing chunk (the service went away), a timeout or an
-error answer raises :class:`SourceError`: the export fails with that reason.
+A source that cannot be reached, answers 502–504 (its database is away: 503), stops
+sending for the read timeout or ends its stream without the closing chunk (it went away)
+raises a :class:`SourceError` that is ``transient``: the job runs again from the start
+(jobs.py). Any other error answer, or text that is not the CSV expected, is not: the
+export fails with that reason.
 """
 
 from __future__ import annotations
@@ -31,8 +34,17 @@ from services.exporter.settings import ExporterSettings
 CHUNK_BYTES = 256 * 1024
 
 
+#: answers that say the source is away for now (a gateway, or its database: 503).
+UNAVAILABLE = (502, 503, 504)
+
+
 class SourceError(Exception):
-    """A row source failed; ``str(error)`` is the reason shown to the requester."""
+    """A row source failed; ``str(error)`` is the reason shown to the requester.
+    ``transient``: the source is away or broke off; asking again later may work."""
+
+    def __init__(self, reason: str, *, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.transient = transient
 
 
 @dataclass
@@ -146,14 +158,22 @@ class Sources:
     async def open(self, request: dict[str, Any]) -> AsyncIterator[Rows]:
         """The rows of ``request``'s selection; SourceError when the source fails."""
         what = "scheduler" if request["source"] == "campaign" else "contacts"
+        # Network errors and timeouts are the source's while it opens and while its chunks
+        # are read (_broken_off), not when they come from the caller's own work in between
+        # (its database's: a connection that timed out is not the source's stream).
+        opened = False
         try:
-            if request["source"] == "campaign":
-                async with self._open_campaign(request) as rows:
-                    yield rows
-            else:
-                async with self._open_contacts(request) as rows:
-                    yield rows
-        except (aiohttp.ClientError, TimeoutError, csv.Error, UnicodeDecodeError) as exc:
+            campaign = request["source"] == "campaign"
+            opening = self._open_campaign if campaign else self._open_contacts
+            async with opening(request) as rows:
+                opened = True
+                yield Rows(rows.estimated_total, rows.shape, _broken_off(what, rows.chunks))
+        except (aiohttp.ClientError, TimeoutError, TransientError) as exc:
+            if opened:
+                raise
+            reason = str(exc) if isinstance(exc, TransientError) else _describe(exc)
+            raise SourceError(f"the {what} stream broke: {reason}", transient=True) from exc
+        except (csv.Error, UnicodeDecodeError) as exc:
             raise SourceError(f"the {what} stream broke: {_describe(exc)}") from exc
         except InvalidMessage as exc:
             raise SourceError(exc.reason) from exc
@@ -165,7 +185,10 @@ class Sources:
         body = self._contacts_body(request, plan.stream_columns)
         async with self._client().post(url, json=body) as response:
             if response.status != 200:
-                raise SourceError(f"contacts refused the export: {await _error_text(response)}")
+                raise SourceError(
+                    f"contacts refused the export: {await _error_text(response)}",
+                    transient=response.status in UNAVAILABLE,
+                )
             total = response.headers.get("X-Estimated-Total")
             chunks = record_chunks(response.content.iter_chunked(CHUNK_BYTES))
             yield Rows(int(total) if total else None, plan.shape, chunks)
@@ -178,7 +201,8 @@ class Sources:
         async with self._client().get(url) as response:
             if response.status != 200:
                 raise SourceError(
-                    f"the scheduler refused the export: {await _error_text(response)}"
+                    f"the scheduler refused the export: {await _error_text(response)}",
+                    transient=response.status in UNAVAILABLE,
                 )
             chunks = record_chunks(response.content.iter_chunked(CHUNK_BYTES))
             first = await anext(chunks, "")
@@ -188,6 +212,15 @@ class Sources:
             header = next(parse(first[:cut]))
             shape = processor.campaign_plan(header, request["columns"])
             yield Rows(campaign.get("planned"), shape, _chain(first[cut:], chunks))
+
+
+async def _broken_off(what: str, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """``chunks``; a stream that breaks off or stops sending is a transient SourceError."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise SourceError(f"the {what} stream broke: {_describe(exc)}", transient=True) from exc
 
 
 async def _chain(head: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -58,7 +58,7 @@ async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
 
 
 async def _send(ctx: Context, batch: list[Message]) -> None:
-    await ctx.owner.held.wait()
+    await ctx.owner.wait_held(KEEPALIVE_SECONDS)
     campaigns = sorted({m.value["campaign_id"] for m in batch if not m.value.get("test")})
     async with ctx.pool.acquire() as conn:
         stopped = {
@@ -246,7 +246,7 @@ async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None
 
 async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:
     """``mail.system``: operator notifications, once per (mail_id, recipient); no results."""
-    await ctx.owner.held.wait()
+    await ctx.owner.wait_held(KEEPALIVE_SECONDS)
     mails: dict[LedgerKey, tuple[dict[str, Any], str]] = {}
     for message in batch:
         mail = message.value

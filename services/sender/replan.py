@@ -56,5 +56,19 @@ class ReplannedConnection:
     async def close(self) -> None:
         async with self._lock:
             if self._conn is not None:
-                await self._conn.close()
+                await close_or_drop(self._conn)
                 self._conn = None
+
+
+#: how long a connection may take to close politely before it is dropped.
+CLOSE_SECONDS = 2.0
+
+
+async def close_or_drop(conn: asyncpg.Connection) -> None:
+    """Close ``conn``, or drop its socket when that fails or takes more than CLOSE_SECONDS
+    (the server is away: a stop must not wait for it)."""
+    try:
+        async with asyncio.timeout(CLOSE_SECONDS):
+            await conn.close()
+    except Exception:  # whatever went wrong, the connection is of no more use
+        conn.terminate()

@@ -429,6 +429,7 @@ async def test_contacts_down_mid_stream_fails_the_export_and_leaves_no_file(
             prefix,
             contacts_url=f"http://127.0.0.1:{port}",
             export_dir=export_dir,
+            source_patience_seconds=1.0,
         ) as exporter:
             body = {
                 "source": "filter",
@@ -438,7 +439,8 @@ async def test_contacts_down_mid_stream_fails_the_export_and_leaves_no_file(
             status, queued = await exporter.api.call("POST", "/v1/exports", body)
             assert status == 202, queued
             await asyncio.wait_for(relay.cut.wait(), 60)
-            await doomed.runtime.stop()  # contacts is gone for good: no retry could finish it
+            # contacts is gone for good: asked again for EXPORT_SOURCE_PATIENCE_SECONDS, then failed
+            await doomed.runtime.stop()
             doomed.runtime.stop = _noop  # (already stopped when the context exits)
             job = await finished(exporter, queued["id"])
             assert job["status"] == "failed", job

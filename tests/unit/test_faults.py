@@ -41,6 +41,12 @@ QUICK = Backoff(initial=0.001, maximum=0.001, attempts=None)
         asyncpg.InternalClientError(
             "cannot switch to state 12; another operation (2) is in progress"
         ),
+        asyncpg.InterfaceError(
+            "cannot call Connection.fetch(): connection has been released back to the pool"
+        ),
+        asyncpg.InterfaceError(
+            "cannot call Transaction.__aexit__(): the underlying connection is closed"
+        ),
         kafka_errors.KafkaConnectionError(),
         kafka_errors.CommitFailedError(),
         kafka_errors.RebalanceInProgressError(),
@@ -57,6 +63,35 @@ QUICK = Backoff(initial=0.001, maximum=0.001, attempts=None)
 )
 def test_dependency_errors_are_transient(exc: BaseException) -> None:
     assert classify(exc) is Fault.TRANSIENT
+
+
+def _postgres(cls: type[asyncpg.PostgresError], **fields: str) -> asyncpg.PostgresError:
+    """An error as asyncpg builds it from the server's fields (S, C, M, R: severity,
+    SQLSTATE, message, the server routine that raised it)."""
+    error = cls.new(fields)
+    assert type(error) is cls
+    return error
+
+
+def test_a_database_closed_to_connections_for_now_is_transient_not_a_bug() -> None:
+    """``ALLOW_CONNECTIONS false`` (maintenance; the integration tests' outage) refuses new
+    connections with 55000 from CheckMyDatabase: weather. 55000 from a statement is not."""
+    closed = _postgres(
+        asyncpg.ObjectNotInPrerequisiteStateError,
+        S="FATAL",
+        C="55000",
+        M='database "tayori" is not currently accepting connections',
+        R="CheckMyDatabase",
+    )
+    assert classify(closed) is Fault.TRANSIENT
+    statement = _postgres(
+        asyncpg.ObjectNotInPrerequisiteStateError,
+        S="ERROR",
+        C="55000",
+        M='currval of sequence "s" is not yet defined in this session',
+        R="currval_oid",
+    )
+    assert classify(statement) is Fault.BUG
 
 
 @pytest.mark.parametrize(
@@ -93,6 +128,20 @@ def test_refused_values_are_data(exc: BaseException) -> None:
 )
 def test_everything_else_is_a_bug(exc: BaseException) -> None:
     assert classify(exc) is Fault.BUG
+
+
+def test_failures_of_work_done_at_once_are_as_bad_as_the_worst_of_them() -> None:
+    """A TaskGroup (the sender's partitions of one poll) raises its failures together: a
+    dead letter the broker could not take in one partition is weather, not a bug."""
+    away = kafka_errors.KafkaTimeoutError()
+    assert classify(ExceptionGroup("partitions", [away])) is Fault.TRANSIENT
+    assert classify(ExceptionGroup("partitions", [away, InvalidMessage("bad")])) is (
+        Fault.TRANSIENT
+    )
+    assert classify(ExceptionGroup("partitions", [InvalidMessage("bad")])) is Fault.DATA
+    assert classify(ExceptionGroup("partitions", [away, KeyError("x")])) is Fault.BUG
+    nested = ExceptionGroup("outer", [ExceptionGroup("inner", [away])])
+    assert classify(nested) is Fault.TRANSIENT
 
 
 async def test_retry_redoes_transient_failures_and_lets_data_and_bugs_through() -> None:

@@ -1,0 +1,185 @@
+"""The sender through PostgreSQL and broker outages: it waits, comes back by itself, loses
+nothing, and sends nothing twice beyond the crash bound (two per connection, ledger.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from prometheus_client import REGISTRY
+
+from libs.common.kafka import Publisher, ensure_topics, make_producer
+from libs.common.settings import CommonSettings
+from libs.common.topics import Topic
+from tayori.embedded import MaildirHandler, free_port
+from tests.conftest import Kafka, Stack, eventually, running, within
+from tests.integration.outage import OwnBroker, database_away
+from tests.integration.test_sender import kept, publish_all, send_request
+
+pytestmark = pytest.mark.integration
+
+
+class HoldingAll(MaildirHandler):
+    """Keeps every message, then holds its answer until ``release`` is set (by another
+    thread: aiosmtpd runs in its own); ``held`` are the recipients kept so far."""
+
+    def __init__(self, maildir: Path) -> None:
+        super().__init__(maildir)
+        self.release = threading.Event()
+        self.held: list[str] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        reply = await super().handle_DATA(server, session, envelope)
+        self.held.extend(envelope.rcpt_tos)
+        await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 60)
+        return reply
+
+
+def retries(operation: str) -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "tayori_transient_retries_total", {"service": "sender", "operation": operation}
+        )
+        or 0
+    )
+
+
+async def _noop() -> None:
+    return None
+
+
+async def test_a_stop_while_the_database_is_away_ends_in_time_and_the_restart_resends(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, tmp_path: Path
+) -> None:
+    """SIGTERM while PostgreSQL is away and outcomes wait to be recorded: the stop gives up
+    on them after a few seconds instead of retrying for ever (the pod's grace period is
+    30 s), leaving their rows claimed; the next sender sends those again, with the same
+    Message-ID, and every recipient gets a result."""
+    handler = HoldingAll(tmp_path / "relay")
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    relay = f"127.0.0.1:{controller.port}"
+    connections = 2
+    count = 8
+    campaign = str(uuid.uuid4())
+    await publish_all(kafka, [send_request(campaign, n) for n in range(1, count + 1)])
+    try:
+        async with running(
+            "sender", stack, database, prefix, smtp_relays=relay, smtp_connections=connections
+        ) as sender:
+
+            async def holding() -> bool:
+                return bool(handler.held)
+
+            await eventually(holding)
+            async with database_away(stack, database):
+                before = retries("sender:ledger")
+                handler.release.set()  # the relay answers; the ledger cannot record it
+
+                async def recording_fails() -> bool:
+                    return retries("sender:ledger") > before
+
+                await eventually(recording_fails)
+                await within(20, "the sender's stop", sender.runtime.stop())
+                sender.runtime.stop = _noop  # stopped already
+        async with running("sender", stack, database, prefix, smtp_relays=relay):
+
+            async def answered() -> bool:
+                results = await kafka.read_to_end(Topic.DELIVERY_RESULTS)
+                return len({r["contact_id"] for r in results}) == count
+
+            await eventually(answered)
+    finally:
+        handler.release.set()
+        controller.stop()
+    copies: dict[str, set[str]] = defaultdict(set)
+    per_recipient: dict[str, int] = defaultdict(int)
+    for mail in kept(handler):
+        recipient = str(mail["X-Tayori-Envelope-To"])
+        per_recipient[recipient] += 1
+        copies[recipient].add(str(mail["Message-ID"]))
+    assert set(per_recipient) == {f"c{n}@example.com" for n in range(1, count + 1)}
+    assert all(len(ids) == 1 for ids in copies.values()), copies  # a resend is the same mail
+    twice = sum(n - 1 for n in per_recipient.values())
+    assert twice <= 2 * connections, per_recipient
+
+
+async def test_results_whose_publication_fails_in_a_broker_restart_are_published_again(
+    stack: Stack, database: str, prefix: str, tmp_path: Path
+) -> None:
+    """The broker restarts (and comes back empty, its topics created again) while a batch's
+    mails are out and their results are to be published: the sender rides it out, publishes
+    them on the new broker, goes on with the next requests, and sends no mail twice.
+
+    (Tansu after a restart: the first produce to a partition is acknowledged but only
+    fetchable once a later record follows it, and that later record's first produce
+    fails with UnknownError, which the sender retries. The second campaign's results
+    are those later records.)"""
+    own = OwnBroker(stack, tmp_path / "broker.log")
+    await ensure_topics(own.bootstrap, prefix, partitions=2)
+    settings = CommonSettings(kafka_bootstrap=own.bootstrap, topic_prefix=prefix, service="test")
+    producer = make_producer(settings, linger_ms=0)
+    await producer.start()
+    kafka = Kafka(own.stack, prefix, Publisher(settings, producer))
+    handler = HoldingAll(tmp_path / "relay")
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    relay = f"127.0.0.1:{controller.port}"
+    count = 6
+    campaign = str(uuid.uuid4())
+    await publish_all(kafka, [send_request(campaign, n) for n in range(1, count + 1)])
+    await producer.stop()
+    try:
+        async with running(
+            "sender",
+            own.stack,
+            database,
+            prefix,
+            kafka_bootstrap=own.bootstrap,
+            smtp_relays=relay,
+        ) as sender:
+
+            async def holding() -> bool:
+                return bool(handler.held)
+
+            await eventually(holding)
+            own.stop()
+            handler.release.set()  # outcomes are recorded; their results cannot go out
+
+            async def recorded() -> bool:
+                done = await sender.runtime.pool.fetchval(
+                    "SELECT count(*) FROM send_ledger WHERE status = 'done'"
+                )
+                return bool(done == count)
+
+            await eventually(recorded)
+            await own.start_again(prefix)
+            producer = make_producer(settings, linger_ms=0)
+            await producer.start()
+            kafka.publisher = Publisher(settings, producer)
+            later = str(uuid.uuid4())
+            await publish_all(kafka, [send_request(later, n) for n in range(101, 101 + count)])
+            wanted = {*range(1, count + 1), *range(101, 101 + count)}
+
+            async def answered() -> bool:
+                results = await kafka.read_to_end(Topic.DELIVERY_RESULTS)
+                return {r["contact_id"] for r in results} == wanted
+
+            await eventually(answered)
+            healthy, detail = await sender.runtime.health()
+            assert healthy, detail
+    finally:
+        await producer.stop()
+        handler.release.set()
+        controller.stop()
+        own.stop()
+    per_recipient: dict[str, int] = defaultdict(int)
+    for mail in kept(handler):
+        per_recipient[str(mail["X-Tayori-Envelope-To"])] += 1
+    assert per_recipient == {f"c{n}@example.com": 1 for n in wanted}
