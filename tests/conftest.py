@@ -14,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib
 import io
 import shutil
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +31,7 @@ from libs.common.kafka import Publisher, ensure_topics, make_producer
 from libs.common.settings import CommonSettings
 from libs.common.topics import Topic, topic_name
 from tayori.embedded import EmbeddedBroker, EmbeddedPostgres, SmtpSink, free_port, temp_home
+from tayori.services import service_parts
 
 T = TypeVar("T")
 ADMIN_TOKEN = "test-admin-token"
@@ -50,17 +50,26 @@ class Stack:
     home: Path
 
 
-@pytest.fixture(scope="session")
-def stack() -> Stack:
-    home = temp_home()
+@contextlib.contextmanager
+def own_stack(prefix: str = "tayori-") -> Iterator[Stack]:
+    """An embedded PostgreSQL and broker in a temporary home, removed afterwards."""
+    home = temp_home(prefix)
     postgres = EmbeddedPostgres(home / "pg", fast_unsafe=True)
     broker = EmbeddedBroker(free_port(), log_path=home / "broker.log")
-    yield Stack(postgres, broker, home)
-    broker.stop()
-    postgres.stop()
-    # Every test's database lives here: ~1.5 GB a run, which filled the disk after a few
-    # hundred runs when it was left behind.
-    shutil.rmtree(home, ignore_errors=True)
+    try:
+        yield Stack(postgres, broker, home)
+    finally:
+        broker.stop()
+        postgres.stop()
+        # Every test's database lives here: ~1.5 GB a run, which filled the disk after a
+        # few hundred runs when it was left behind.
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    with own_stack() as shared:
+        yield shared
 
 
 @pytest.fixture(scope="session")
@@ -143,13 +152,7 @@ async def running(
     name: str, stack: Stack, database: str, prefix: str, **overrides: Any
 ) -> AsyncIterator[Service]:
     """Service ``name`` running in this process against this test's database and topics."""
-    app = importlib.import_module(f"services.{name}.app")
-    settings_module = importlib.import_module(f"services.{name}.settings")
-    settings_cls = next(
-        getattr(settings_module, a)
-        for a in dir(settings_module)
-        if a.endswith("Settings") and a != "CommonSettings"
-    )
+    app, settings_cls = service_parts(name)
     runtime = app.build(settings_for(settings_cls, stack, database, prefix, **overrides))
     await within(HANG_SECONDS, f"{name}'s start", runtime.start())
     try:

@@ -10,7 +10,6 @@ session's shared ones.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -20,8 +19,7 @@ import pytest
 
 from libs.common.kafka import ensure_topics
 from libs.common.topics import Topic
-from tayori.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, temp_home
-from tests.conftest import Kafka, Service, Stack, eventually, running
+from tests.conftest import Kafka, Service, Stack, eventually, own_stack, running
 from tests.integration.test_campaign_pipeline import delivered
 from tests.integration.test_contacts_ingest import upserted
 from tests.integration.test_scheduler import (
@@ -43,13 +41,8 @@ OUTAGE_SECONDS = 20.0
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     """This module's own PostgreSQL and broker, which its tests stop and start."""
-    home = temp_home("tayori-outage-")
-    postgres = EmbeddedPostgres(home / "pg", fast_unsafe=True)
-    broker = EmbeddedBroker(free_port(), log_path=home / "broker.log")
-    yield Stack(postgres, broker, home)
-    broker.stop()
-    postgres.stop()
-    shutil.rmtree(home, ignore_errors=True)
+    with own_stack("tayori-outage-") as mine:
+        yield mine
 
 
 @pytest.fixture
