@@ -19,6 +19,7 @@ from libs.common.errors import InvalidMessage, NotFound, TransientError
 from libs.common.kafka import Message, reject
 from libs.common.logging import get_logger
 from libs.common.metrics import CONTACT_EVENTS
+from libs.common.states import MEMBERSHIP_CHANGE_STATES
 from services.contacts import store, targets
 from services.contacts.context import Context
 from services.contacts.models import FieldDefinition
@@ -179,7 +180,7 @@ async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None
                 continue
             if change["contact_id"] is None or change["group_id"] is None:
                 raise reject(message, "a membership change needs contact_id and group_id")
-            if change["state"] not in ("deliverable", "unsubscribed", "banned", "left"):
+            if change["state"] not in MEMBERSHIP_CHANGE_STATES:
                 raise reject(message, f"unknown membership state {change['state']!r}", "state")
             changes.append(change)
         left, applied = membership_writes(changes)

@@ -34,6 +34,7 @@ from libs.common.content import BY_REFERENCE
 from libs.common.errors import TransientError
 from libs.common.logging import get_logger
 from libs.common.metrics import PLAN_ENROLMENTS, STEP_RESULTS, STEPS_RELEASED
+from libs.common.states import MembershipState
 from libs.common.topics import Topic
 from services.scheduler import plans, processor, steps
 from services.scheduler.contents import publish_content
@@ -63,8 +64,8 @@ async def apply_memberships(
         [c.changed_at for c in changes],
         [c.version for c in changes],
     )
-    starts = [r for r in applied if r["state"] == "deliverable"]
-    ends = [r for r in applied if r["state"] != "deliverable"]
+    starts = [r for r in applied if r["state"] == MembershipState.DELIVERABLE]
+    ends = [r for r in applied if r["state"] != MembershipState.DELIVERABLE]
     if starts:
         started = await conn.fetch(
             QUERIES["start-enrolments"],

@@ -20,9 +20,10 @@ import asyncpg
 
 from libs.common.can_send import Decision, blacklisted, can_send, suffix_candidates
 from libs.common.errors import InvalidMessage
+from libs.common.states import MEMBERSHIP_CHANGE_STATES
 from services.sender.ledger import QUERIES
 
-MEMBERSHIP_STATES = frozenset({"deliverable", "unsubscribed", "banned", "left"})
+MEMBERSHIP_STATES = frozenset(MEMBERSHIP_CHANGE_STATES)
 ADDRESS_STATES = frozenset({"bounced", "complained", "invalid", "cleared"})
 RULE_STATES = frozenset({"exact", "suffix", "cleared"})
 
