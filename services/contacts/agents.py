@@ -14,7 +14,7 @@ import asyncpg
 from structlog.contextvars import bound_contextvars
 
 from libs.common import checks
-from libs.common.db import claim_once
+from libs.common.db import claim_once, columns
 from libs.common.errors import InvalidMessage, NotFound, TransientError
 from libs.common.kafka import Message, reject
 from libs.common.logging import get_logger
@@ -191,9 +191,7 @@ async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None
         if applied:
             await conn.execute(
                 QUERIES["apply-membership-changes"],
-                [c["contact_id"] for c in applied],
-                [c["group_id"] for c in applied],
-                [c["state"] for c in applied],
+                *columns(applied, "contact_id", "group_id", "state"),
                 [c["method"] or "system" for c in applied],
                 [c["changed_at"] for c in applied],
             )
@@ -216,11 +214,9 @@ async def handle_delivery_results(ctx: Context, batch: list[Message]) -> None:
     async with ctx.pool.acquire() as conn:
         await conn.execute(
             QUERIES["record-history-once"],
-            [r["contact_id"] for r in rows],
-            [r["campaign_id"] for r in rows],
+            *columns(rows, "contact_id", "campaign_id"),
             [_OUTCOME_KIND[r["outcome"]] for r in rows],
-            [r["occurred_at"] for r in rows],
-            [r["result_id"] for r in rows],
+            *columns(rows, "occurred_at", "result_id"),
         )
 
 
@@ -233,10 +229,7 @@ async def handle_feedback(ctx: Context, batch: list[Message]) -> None:
     async with ctx.pool.acquire() as conn, conn.transaction():
         scored = await conn.fetch(
             QUERIES["record-feedback"],
-            [e["event_id"] for e in events],
-            [e["contact_id"] for e in events],
-            [e["campaign_id"] for e in events],
-            [e["type"] for e in events],
+            *columns(events, "event_id", "contact_id", "campaign_id", "type"),
             [history_kind[e["type"]] for e in events],
             [points[e["type"]] for e in events],
             [e["occurred_at"] for e in events],
