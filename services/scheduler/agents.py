@@ -190,7 +190,9 @@ async def handle_feedback(ctx: Context, batch: list[Message]) -> None:
             return
         # Campaign rows first, in id order, as the results handler locks them.
         await conn.fetch(QUERIES["lock-campaigns"], sorted({t.campaign_id for t in tallies}))
-        await conn.execute(QUERIES["record-feedback"], *processor.feedback_columns(tallies))
+        await conn.execute(
+            QUERIES["record-feedback"], *processor.feedback_columns(tallies), "campaign"
+        )
         await stepmail.record_feedback(conn, tallies)
 
 

@@ -450,7 +450,7 @@ def feedback_tallies(events: Iterable[Mapping[str, Any]]) -> list[FeedbackTally]
 
 
 def feedback_columns(tallies: Sequence[FeedbackTally]) -> list[list[Any]]:
-    """The tallies as the feedback queries' unnest arrays: ids, contacts, kinds, counts,
+    """The tallies as record-feedback's unnest arrays: ids, contacts, kinds, counts,
     first times."""
     return columns(tallies, "campaign_id", "contact_id", "kind", "count", "first_at")
 

@@ -218,4 +218,4 @@ async def record_feedback(
 ) -> None:
     """Opens and clicks of step sends (their campaign id is the step's id)."""
     await conn.fetch(QUERIES["lock-steps"], sorted({t.campaign_id for t in tallies}))
-    await conn.execute(QUERIES["record-step-feedback"], *processor.feedback_columns(tallies))
+    await conn.execute(QUERIES["record-feedback"], *processor.feedback_columns(tallies), "step")
