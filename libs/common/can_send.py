@@ -21,7 +21,11 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-STOPPING_DELIVERY_STATUSES = frozenset({"invalid_address", "error", "spam"})
+from libs.common.states import LEFT, DeliveryStatus, MembershipState
+
+STOPPING_DELIVERY_STATUSES = frozenset(
+    {DeliveryStatus.INVALID_ADDRESS, DeliveryStatus.ERROR, DeliveryStatus.SPAM}
+)
 SUPPRESSION_REASONS = frozenset({"bounced", "complained", "invalid"})
 
 
@@ -87,10 +91,10 @@ def can_send(
         return Decision(False, f"address_{suppression}")
     if delivery_status in STOPPING_DELIVERY_STATUSES:
         return Decision(False, f"delivery_status_{delivery_status}")
-    if membership_state == "banned":
+    if membership_state == MembershipState.BANNED:
         return Decision(False, "banned")
-    if membership_state == "unsubscribed" and not include_unsubscribed:
+    if membership_state == MembershipState.UNSUBSCRIBED and not include_unsubscribed:
         return Decision(False, "unsubscribed")
-    if membership_state == "left":
+    if membership_state == LEFT:
         return Decision(False, "not_a_member")
     return ALLOWED

@@ -184,5 +184,15 @@ async def claim_once(
     return kept
 
 
+def columns(rows: Sequence[Any], *names: str) -> list[list[Any]]:
+    """The per-column lists of ``rows`` that a bulk statement takes as ``unnest`` arrays:
+    ``columns(rows, "a", "b")`` is ``[[r["a"] for r in rows], [r["b"] for r in rows]]``.
+    Rows are mappings or records (read by key) or objects such as dataclasses (read by
+    attribute)."""
+    if rows and hasattr(rows[0], "keys"):
+        return [[row[name] for row in rows] for name in names]
+    return [[getattr(row, name) for row in rows] for name in names]
+
+
 def as_dict(record: asyncpg.Record | None) -> dict[str, Any] | None:
     return dict(record) if record is not None else None

@@ -65,6 +65,15 @@ def _default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def int_param(raw: str | None, name: str) -> int:
+    """A path or query parameter as an integer; a missing or malformed one is a 400
+    naming ``name``."""
+    try:
+        return int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidMessage(f"{name} must be an integer", field=name) from None
+
+
 def dumps(data: Any) -> str:
     return json.dumps(data, default=_default, ensure_ascii=False)
 

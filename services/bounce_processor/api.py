@@ -26,6 +26,7 @@ from libs.common.errors import NotFound, TransientError
 from libs.common.http import json_response, public, requires
 from libs.common.logging import get_logger
 from libs.common.metrics import TRACKING_HITS
+from libs.common.states import DeliveryStatus
 from libs.common.tokens import BadToken
 from libs.common.tracking import PIXEL_GIF, TrackingTarget
 from services.bounce_processor.context import CONTEXT, Context
@@ -129,7 +130,9 @@ async def contact_delivery(request: web.Request) -> web.Response:
     return json_response(
         {
             "contact_id": contact_id,
-            "delivery_status": state["delivery_status"] if state else "unconfirmed",
+            "delivery_status": state["delivery_status"]
+            if state
+            else DeliveryStatus.UNCONFIRMED.value,
             "soft_streak": state["soft_streak"] if state else 0,
             "updated_at": state["updated_at"] if state else None,
             "bounces": [dict(b) for b in bounces],

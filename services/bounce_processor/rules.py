@@ -34,10 +34,10 @@ from typing import Literal
 
 from libs.common.bounce_class import is_hard, is_soft
 from libs.common.can_send import STOPPING_DELIVERY_STATUSES
+from libs.common.states import DeliveryStatus
 
-DELIVERY_STATUSES = ("unconfirmed", "ok", "invalid_address", "error", "temporary_error", "spam")
 #: statuses an open, click or delivery may turn into ``ok``.
-LIFTABLE = frozenset({"unconfirmed", "temporary_error"})
+LIFTABLE = frozenset({DeliveryStatus.UNCONFIRMED, DeliveryStatus.TEMPORARY_ERROR})
 #: bounce.events actions (a plain string in the schema; see its doc).
 Action = Literal["counted", "bounced", "complained", "reset", "status"]
 #: the classification of events that carry no failure (reset, status).
@@ -49,7 +49,7 @@ class ContactState:
     contact_id: int
     email: str | None = None
     soft_streak: int = 0
-    delivery_status: str = "unconfirmed"
+    delivery_status: str = DeliveryStatus.UNCONFIRMED.value
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,9 @@ class Cleared:
 Event = Bounce | Engaged | Delivered | Cleared
 #: statuses an operator's clearing lifts back to ``unconfirmed`` (a complaint stays: only
 #: bounced addresses can be cleared).
-CLEARABLE = frozenset({"invalid_address", "error", "temporary_error"})
+CLEARABLE = frozenset(
+    {DeliveryStatus.INVALID_ADDRESS, DeliveryStatus.ERROR, DeliveryStatus.TEMPORARY_ERROR}
+)
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,13 @@ def _status(state: ContactState, wanted: str) -> str:
     """The status after an event that suggests ``wanted``: a complaint stays; another
     stopping status gives way only to a complaint or a newer hard bounce."""
     current = state.delivery_status
-    if current == "spam":
+    if current == DeliveryStatus.SPAM:
         return current
-    if current in STOPPING_DELIVERY_STATUSES and wanted != "spam" and not is_hard(wanted):
+    if (
+        current in STOPPING_DELIVERY_STATUSES
+        and wanted != DeliveryStatus.SPAM
+        and not is_hard(wanted)
+    ):
         return current
     return wanted
 
@@ -118,7 +124,7 @@ def _bounce(state: ContactState, classification: str, soft_threshold: int) -> Ef
     if classification == "policy":
         return Effect(state, "counted", classification, False, None)
     if classification == "spam":
-        after = replace(state, delivery_status=_status(state, "spam"))
+        after = replace(state, delivery_status=_status(state, DeliveryStatus.SPAM.value))
         return _effect(state, after, "complained", "spam")
     if is_hard(classification):
         after = replace(state, delivery_status=_status(state, classification))
@@ -130,7 +136,7 @@ def _bounce(state: ContactState, classification: str, soft_threshold: int) -> Ef
             state,
             # counting starts again once the address is stopped (an operator may clear it)
             soft_streak=0 if stops else streak,
-            delivery_status=_status(state, "temporary_error"),
+            delivery_status=_status(state, DeliveryStatus.TEMPORARY_ERROR.value),
         )
         return _effect(state, after, "bounced" if stops else "counted", classification)
     raise ValueError(f"unknown classification {classification!r}")
@@ -141,10 +147,14 @@ def apply(state: ContactState, event: Event, *, soft_threshold: int) -> Effect:
     if isinstance(event, Bounce):
         return _bounce(state, event.classification, soft_threshold)
     if isinstance(event, Cleared):
-        status = "unconfirmed" if state.delivery_status in CLEARABLE else state.delivery_status
+        status = (
+            DeliveryStatus.UNCONFIRMED.value
+            if state.delivery_status in CLEARABLE
+            else state.delivery_status
+        )
         after = replace(state, soft_streak=0, delivery_status=status)
         return _effect(state, after, None, NO_CLASSIFICATION)
-    status = "ok" if state.delivery_status in LIFTABLE else state.delivery_status
+    status = DeliveryStatus.OK.value if state.delivery_status in LIFTABLE else state.delivery_status
     if isinstance(event, Engaged):
         after = replace(state, soft_streak=0, delivery_status=status)
         if state.soft_streak > 0:

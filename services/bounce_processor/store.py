@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 
 from libs.common import outbox
-from libs.common.db import Queries
+from libs.common.db import Queries, columns
 from libs.common.metrics import BOUNCE_RULE_ACTIONS, BOUNCES
 from libs.common.topics import Topic
 from services.bounce_processor import rules
@@ -110,9 +110,7 @@ async def apply_events(
     if changed:
         await conn.execute(
             QUERIES["save-states"],
-            [s.contact_id for s in changed],
-            [s.soft_streak for s in changed],
-            [s.delivery_status for s in changed],
+            *columns(changed, "contact_id", "soft_streak", "delivery_status"),
         )
     await outbox.add_many(conn, messages)
     return effects
@@ -127,13 +125,16 @@ async def record_failures(
         return []
     rows = await conn.fetch(
         QUERIES["record-bounces"],
-        [f.campaign_id for f in failures],
-        [f.contact_id for f in failures],
-        [f.classification for f in failures],
-        [f.source for f in failures],
-        [f.diagnostic for f in failures],
-        [f.message_id for f in failures],
-        [f.occurred_at for f in failures],
+        *columns(
+            failures,
+            "campaign_id",
+            "contact_id",
+            "classification",
+            "source",
+            "diagnostic",
+            "message_id",
+            "occurred_at",
+        ),
     )
     fresh_keys = {(r["campaign_id"], r["contact_id"], r["classification"]) for r in rows}
     fresh = []

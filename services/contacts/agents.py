@@ -14,11 +14,12 @@ import asyncpg
 from structlog.contextvars import bound_contextvars
 
 from libs.common import checks
-from libs.common.db import claim_once
+from libs.common.db import claim_once, columns
 from libs.common.errors import InvalidMessage, NotFound, TransientError
 from libs.common.kafka import Message, reject
 from libs.common.logging import get_logger
 from libs.common.metrics import CONTACT_EVENTS
+from libs.common.states import MEMBERSHIP_CHANGE_STATES
 from services.contacts import store, targets
 from services.contacts.context import Context
 from services.contacts.models import FieldDefinition
@@ -179,7 +180,7 @@ async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None
                 continue
             if change["contact_id"] is None or change["group_id"] is None:
                 raise reject(message, "a membership change needs contact_id and group_id")
-            if change["state"] not in ("deliverable", "unsubscribed", "banned", "left"):
+            if change["state"] not in MEMBERSHIP_CHANGE_STATES:
                 raise reject(message, f"unknown membership state {change['state']!r}", "state")
             changes.append(change)
         left, applied = membership_writes(changes)
@@ -190,9 +191,7 @@ async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None
         if applied:
             await conn.execute(
                 QUERIES["apply-membership-changes"],
-                [c["contact_id"] for c in applied],
-                [c["group_id"] for c in applied],
-                [c["state"] for c in applied],
+                *columns(applied, "contact_id", "group_id", "state"),
                 [c["method"] or "system" for c in applied],
                 [c["changed_at"] for c in applied],
             )
@@ -215,11 +214,9 @@ async def handle_delivery_results(ctx: Context, batch: list[Message]) -> None:
     async with ctx.pool.acquire() as conn:
         await conn.execute(
             QUERIES["record-history-once"],
-            [r["contact_id"] for r in rows],
-            [r["campaign_id"] for r in rows],
+            *columns(rows, "contact_id", "campaign_id"),
             [_OUTCOME_KIND[r["outcome"]] for r in rows],
-            [r["occurred_at"] for r in rows],
-            [r["result_id"] for r in rows],
+            *columns(rows, "occurred_at", "result_id"),
         )
 
 
@@ -232,10 +229,7 @@ async def handle_feedback(ctx: Context, batch: list[Message]) -> None:
     async with ctx.pool.acquire() as conn, conn.transaction():
         scored = await conn.fetch(
             QUERIES["record-feedback"],
-            [e["event_id"] for e in events],
-            [e["contact_id"] for e in events],
-            [e["campaign_id"] for e in events],
-            [e["type"] for e in events],
+            *columns(events, "event_id", "contact_id", "campaign_id", "type"),
             [history_kind[e["type"]] for e in events],
             [points[e["type"]] for e in events],
             [e["occurred_at"] for e in events],

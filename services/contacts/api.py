@@ -9,7 +9,7 @@ import asyncpg
 from aiohttp import web
 
 from libs.common.errors import Conflict, InvalidMessage, NotFound
-from libs.common.http import ROLE, json_response, read_json, requires
+from libs.common.http import ROLE, int_param, json_response, read_json, requires
 from libs.common.metrics import SEARCH_SECONDS
 from services.contacts import store
 from services.contacts.context import CONTEXT, Context
@@ -27,13 +27,6 @@ routes.post("/v1/contacts/stream")(stream_contacts)
 
 def _ctx(request: web.Request) -> Context:
     return request.app[CONTEXT]
-
-
-def _int(raw: str, name: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidMessage(f"{name} must be an integer, got {raw!r}", field=name) from None
 
 
 # Contacts ------------------------------------------------------------------------------
@@ -65,7 +58,7 @@ async def create_contact(request: web.Request) -> web.Response:
 async def get_contact(request: web.Request) -> web.Response:
     """One contact with its memberships."""
     ctx = _ctx(request)
-    contact_id = _int(request.match_info["id"], "id")
+    contact_id = int_param(request.match_info["id"], "id")
     async with ctx.pool.acquire() as conn:
         row = await conn.fetchrow(QUERIES["contact-by-id"], contact_id)
         if row is None:
@@ -80,7 +73,7 @@ async def get_contact(request: web.Request) -> web.Response:
 async def patch_contact(request: web.Request) -> web.Response:
     """Change some fields; absent fields stay, "" clears, custom_fields merge."""
     ctx = _ctx(request)
-    contact_id = _int(request.match_info["id"], "id")
+    contact_id = int_param(request.match_info["id"], "id")
     body = await read_json(request)
     async with ctx.pool.acquire() as conn, conn.transaction():
         patch = contact_patch(body, await ctx.fields.get(conn))
@@ -103,7 +96,7 @@ async def patch_contact(request: web.Request) -> web.Response:
 async def delete_contact(request: web.Request) -> web.Response:
     """Delete a contact and its memberships; published as a deletion on the changelog."""
     ctx = _ctx(request)
-    contact_id = _int(request.match_info["id"], "id")
+    contact_id = int_param(request.match_info["id"], "id")
     async with ctx.pool.acquire() as conn, conn.transaction():
         if not await store.delete(conn, [contact_id]):
             raise NotFound(f"contact {contact_id} does not exist")
@@ -282,7 +275,7 @@ def _group_views(kind: str) -> None:
         return json_response(dict(row), status=201)
 
     async def get_group(request: web.Request) -> web.Response:
-        group_id = _int(request.match_info["id"], "id")
+        group_id = int_param(request.match_info["id"], "id")
         async with _ctx(request).pool.acquire() as conn:
             row = await conn.fetchrow(QUERIES["group-with-members"], group_id, kind)
         if row is None:
@@ -309,7 +302,7 @@ _group_views("plan")
 async def add_members(request: web.Request) -> web.Response:
     """Join contacts to a group or plan: {contact_ids, auto_stop}. Joins are idempotent."""
     ctx = _ctx(request)
-    group_id = _int(request.match_info["id"], "id")
+    group_id = int_param(request.match_info["id"], "id")
     body = await read_json(request)
     ids = body.get("contact_ids")
     if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
@@ -338,8 +331,8 @@ async def add_members(request: web.Request) -> web.Response:
 async def remove_member(request: web.Request) -> web.Response:
     """Remove a contact from a group or plan (a plan's remaining steps stop)."""
     ctx = _ctx(request)
-    group_id = _int(request.match_info["id"], "id")
-    contact_id = _int(request.match_info["contact_id"], "contact_id")
+    group_id = int_param(request.match_info["id"], "id")
+    contact_id = int_param(request.match_info["contact_id"], "contact_id")
     async with ctx.pool.acquire() as conn, conn.transaction():
         if not await store.leave(conn, contact_id, group_id):
             raise NotFound(f"contact {contact_id} is not a member of group or plan {group_id}")
@@ -360,7 +353,7 @@ async def list_filters(request: web.Request) -> web.Response:
     group = request.query.get("group_id")
     async with ctx.pool.acquire() as conn:
         rows = await conn.fetch(
-            QUERIES["saved-filters"], _int(group, "group_id") if group else None
+            QUERIES["saved-filters"], int_param(group, "group_id") if group else None
         )
     if not group:
         rows = [r for r in rows if r["group_id"] is None]
@@ -393,7 +386,7 @@ async def create_filter(request: web.Request) -> web.Response:
 async def get_filter(request: web.Request) -> web.Response:
     """One saved filter."""
     ctx = _ctx(request)
-    filter_id = _int(request.match_info["id"], "id")
+    filter_id = int_param(request.match_info["id"], "id")
     async with ctx.pool.acquire() as conn:
         rows = await conn.fetch(QUERIES["saved-filters-by-id"], [filter_id])
     if not rows:
@@ -405,7 +398,7 @@ async def get_filter(request: web.Request) -> web.Response:
 async def delete_filter(request: web.Request) -> web.Response:
     """Delete a saved filter."""
     ctx = _ctx(request)
-    filter_id = _int(request.match_info["id"], "id")
+    filter_id = int_param(request.match_info["id"], "id")
     async with ctx.pool.acquire() as conn:
         if await conn.fetchval(QUERIES["delete-saved-filter"], filter_id) is None:
             raise NotFound(f"saved filter {filter_id} does not exist")

@@ -7,6 +7,7 @@ from typing import Any
 
 # The free-text columns of the contact table are one list with the merge-tag fields.
 from libs.common.mergetags import TEXT_FIELDS
+from libs.common.states import DeliveryStatus, MembershipState
 
 #: 営業ステータス: code → the seed products' label.
 SALES_STATUSES = {
@@ -19,17 +20,10 @@ SALES_STATUSES = {
 }
 #: エンゲージメント
 ENGAGEMENTS = {"hot": "ホット", "active": "アクティブ", "inactive": "非アクティブ"}
-#: 配信ステータス (SATORI), kept current by the bounce processor.
-DELIVERY_STATUSES = {
-    "unconfirmed": "未確認",
-    "ok": "正常",
-    "invalid_address": "アドレス不正",
-    "error": "エラー",
-    "temporary_error": "一時エラー",
-    "spam": "スパム",
-}
-#: 配信状態 of a membership (F-10).
-MEMBERSHIP_STATES = {"deliverable": "配信可能", "unsubscribed": "配信停止", "banned": "配信禁止"}
+#: 配信ステータス (SATORI), kept current by the bounce processor: code → label.
+DELIVERY_STATUSES = DeliveryStatus.labels()
+#: 配信状態 of a membership (F-10): code → label.
+MEMBERSHIP_STATES = MembershipState.labels()
 
 #: Every standard field and its kind, as search, import and export see them.
 FIELD_KINDS: dict[str, str] = {

@@ -16,6 +16,7 @@ from typing import Any
 from libs.common import addresses, checks
 from libs.common.errors import InvalidMessage
 from libs.common.mergetags import CONTACT_FIELDS
+from libs.common.states import LEFT
 from services.contacts.models import (
     ENGAGEMENTS,
     SALES_STATUSES,
@@ -408,7 +409,7 @@ def membership_writes(
     newest: dict[MembershipKey, dict[str, Any]] = {}
     for change in changes:
         key = (change["contact_id"], change["group_id"])
-        if change["state"] == "left":
+        if change["state"] == LEFT:
             left.add(key)
             newest.pop(key, None)
         elif key not in newest or newest[key]["changed_at"] <= change["changed_at"]:

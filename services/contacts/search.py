@@ -56,6 +56,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from libs.common.errors import InvalidMessage
+from libs.common.states import MembershipState
 from services.contacts.models import CHOICES, FIELD_KINDS, MEMBERSHIP_STATES, FieldDefinition
 
 #: Run in a search's transaction before its page and count: plan them with their values at
@@ -124,13 +125,16 @@ _NODE_KEYS = (
     "saved_filter",
 )
 MEMBERSHIP_FILTER_STATES = (*MEMBERSHIP_STATES, "member", "not_member")
-#: across all memberships: 全てで配信可能 / いずれかで配信停止 / いずれかで配信禁止, read from
-#: the aggregate the membership triggers keep on the contact row (0003_membership_flags.sql:
-#: bit 1 a member somewhere, 2 some membership unsubscribed, 4 some banned)
+#: the bits of the aggregate the membership triggers keep on the contact row
+#: (0003_membership_flags.sql; a unit test holds the two together): a member somewhere, and
+#: one bit per state that stops mail.
+MEMBER_FLAG = 1
+STATE_FLAGS = {MembershipState.UNSUBSCRIBED: 2, MembershipState.BANNED: 4}
+#: across all memberships: 全てで配信可能 / いずれかで配信停止 / いずれかで配信禁止
 DELIVERY_STATES = {
-    "all_deliverable": "c.membership_flags = 1",
-    "any_unsubscribed": "(c.membership_flags & 2) <> 0",
-    "any_banned": "(c.membership_flags & 4) <> 0",
+    "all_deliverable": f"c.membership_flags = {MEMBER_FLAG}",
+    "any_unsubscribed": f"(c.membership_flags & {STATE_FLAGS[MembershipState.UNSUBSCRIBED]}) <> 0",
+    "any_banned": f"(c.membership_flags & {STATE_FLAGS[MembershipState.BANNED]}) <> 0",
 }
 HISTORY_EVENTS = ("received", "opened", "clicked", "errored")
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")

@@ -20,6 +20,7 @@ import asyncpg
 from libs.common import outbox
 from libs.common.db import Queries
 from libs.common.errors import InvalidMessage, NotFound
+from libs.common.states import MembershipState
 from libs.common.topics import Topic
 from services.contacts.models import WRITABLE, FieldDefinition
 from services.contacts.processor import ContactPatch, changelog_value
@@ -222,7 +223,7 @@ async def join(
     group = await conn.fetchrow(QUERIES["group-by-id"], group_id)
     if group is None:
         raise NotFound(f"group or plan {group_id} does not exist")
-    state = "unsubscribed" if auto_stop else "deliverable"
+    state = (MembershipState.UNSUBSCRIBED if auto_stop else MembershipState.DELIVERABLE).value
     method = "auto_stop" if auto_stop else method
     row = await conn.fetchrow(QUERIES["join-membership"], contact_id, group_id, state, method)
     if row is not None:

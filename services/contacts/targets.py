@@ -15,9 +15,11 @@ from typing import Any
 
 import asyncpg
 
+from libs.common.can_send import STOPPING_DELIVERY_STATUSES
 from libs.common.errors import InvalidMessage, NotFound
 from libs.common.logging import get_logger
 from libs.common.metrics import SNAPSHOT_RECIPIENTS
+from libs.common.states import MembershipState
 from libs.common.topics import Topic
 from services.contacts.context import Context
 from services.contacts.models import FieldDefinition
@@ -28,7 +30,7 @@ from services.contacts.store import QUERIES
 log = get_logger(__name__)
 
 #: delivery statuses that stop every send (F-32); the sender checks again at send time.
-STOPPED_STATUSES = ["invalid_address", "error", "spam"]
+STOPPED_STATUSES = sorted(status.value for status in STOPPING_DELIVERY_STATUSES)
 CHUNK = 2000
 
 
@@ -81,7 +83,9 @@ async def target_query(
     if group_id is not None:
         params.append(group_id)
         join = f"JOIN membership m ON m.contact_id = c.id AND m.group_id = ${len(params)}"
-        states = ["deliverable", "unsubscribed"] if include_unsubscribed else ["deliverable"]
+        states = [MembershipState.DELIVERABLE.value]
+        if include_unsubscribed:
+            states.append(MembershipState.UNSUBSCRIBED.value)
         params.append(states)
         where.append(f"m.state = ANY(${len(params)}::text[])")
         select = "c.*, m.group_id AS target_group_id, m.state AS membership_state"
@@ -92,7 +96,7 @@ async def target_query(
         select = "c.*, NULL::bigint AS target_group_id, NULL::text AS membership_state"
         where.append(
             "NOT EXISTS (SELECT 1 FROM membership b"
-            " WHERE b.contact_id = c.id AND b.state = 'banned')"
+            f" WHERE b.contact_id = c.id AND b.state = '{MembershipState.BANNED.value}')"
         )
     sql = f"SELECT {select} FROM contact c {join} WHERE {' AND '.join(where)}"
     if dedupe == "by_email":

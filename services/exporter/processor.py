@@ -28,10 +28,11 @@ from typing import Any
 from libs.common import addresses
 from libs.common.errors import InvalidMessage
 from libs.common.jobs import job_event
+from libs.common.states import MembershipState
 from services.exporter.csvfile import ENCODINGS
 
 SOURCES = ("filter", "saved_filter", "contact_ids", "group", "campaign")
-MEMBERSHIP_STATES = ("deliverable", "unsubscribed", "banned")
+MEMBERSHIP_STATES = MembershipState.values()
 MAX_COLUMNS = 200
 MAX_CONTACT_IDS = 100_000
 CUSTOM_PREFIX = "custom_fields."
@@ -221,7 +222,7 @@ def contacts_plan(columns: Sequence[Mapping[str, Any]]) -> ContactsPlan:
 
 def unsubscribed_cell(state: str, changed_at: str, method: str) -> str:
     """配信停止日時(配信停止方法): ``2026-11-20 10:15 (form)``; empty unless unsubscribed."""
-    if state != "unsubscribed":
+    if state != MembershipState.UNSUBSCRIBED:
         return ""
     return f"{changed_at[:16]} ({method})"
 

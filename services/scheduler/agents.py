@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from libs.common.db import claim_once
+from libs.common.db import claim_once, columns
 from libs.common.kafka import Message
 from libs.common.logging import get_logger
 from libs.common.metrics import SCHEDULER_HALTS, SCHEDULER_RESULTS
@@ -69,11 +69,9 @@ async def _apply_answer(
         await conn.execute(
             QUERIES["insert-recipients"],
             campaign_id,
-            [r["seq"] for r in recipients],
-            [r["contact_id"] for r in recipients],
+            *columns(recipients, "seq", "contact_id"),
             [r["email"] or "" for r in recipients],
-            [r["group_id"] for r in recipients],
-            [r["membership_state"] for r in recipients],
+            *columns(recipients, "group_id", "membership_state"),
             [json.dumps(r["merge_values"] or {}, ensure_ascii=False) for r in recipients],
         )
     end = next((r for r in records if r["kind"] == "end"), None)
@@ -192,7 +190,9 @@ async def handle_feedback(ctx: Context, batch: list[Message]) -> None:
             return
         # Campaign rows first, in id order, as the results handler locks them.
         await conn.fetch(QUERIES["lock-campaigns"], sorted({t.campaign_id for t in tallies}))
-        await conn.execute(QUERIES["record-feedback"], *processor.feedback_columns(tallies))
+        await conn.execute(
+            QUERIES["record-feedback"], *processor.feedback_columns(tallies), "campaign"
+        )
         await stepmail.record_feedback(conn, tallies)
 
 

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from libs.common import mergetags, outbox
 from libs.common.errors import Conflict, InvalidMessage, NotFound
-from libs.common.http import ROLE, json_response, read_json, requires
+from libs.common.http import ROLE, int_param, json_response, read_json, requires
 from libs.common.metrics import RESENDS_CREATED, SCHEDULER_RELEASED
 from libs.common.render import CampaignMessage
 from libs.common.safecsv import safe_cell
@@ -33,13 +33,6 @@ routes = web.RouteTableDef()
 
 def _ctx(request: web.Request) -> Context:
     return request.app[CONTEXT]
-
-
-def _int(raw: str | None, name: str) -> int:
-    try:
-        return int(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InvalidMessage(f"{name} must be an integer", field=name) from None
 
 
 # Categories ---------------------------------------------------------------------------------
@@ -73,7 +66,7 @@ async def create_category(request: web.Request) -> web.Response:
 @routes.get("/v1/categories/{id}")
 async def get_category(request: web.Request) -> web.Response:
     """One category."""
-    category_id = _int(request.match_info["id"], "id")
+    category_id = int_param(request.match_info["id"], "id")
     row = await _ctx(request).pool.fetchrow(QUERIES["category"], category_id)
     if row is None:
         raise NotFound(f"category {category_id} does not exist")
@@ -84,7 +77,7 @@ async def get_category(request: web.Request) -> web.Response:
 @requires("admin")
 async def put_category(request: web.Request) -> web.Response:
     """Replace a category's name and window; sending campaigns follow it from the next tick."""
-    category_id = _int(request.match_info["id"], "id")
+    category_id = int_param(request.match_info["id"], "id")
     values = _category_values(await read_json(request))
     row = await _ctx(request).pool.fetchrow(QUERIES["update-category"], category_id, *values)
     if row is None:
@@ -96,7 +89,7 @@ async def put_category(request: web.Request) -> web.Response:
 @requires("admin")
 async def delete_category(request: web.Request) -> web.Response:
     """Delete a category no campaign uses (409 otherwise)."""
-    category_id = _int(request.match_info["id"], "id")
+    category_id = int_param(request.match_info["id"], "id")
     async with _ctx(request).pool.acquire() as conn, conn.transaction():
         if await conn.fetchval(QUERIES["category-in-use"], category_id):
             raise Conflict(f"category {category_id} is used by campaigns or step-mail plans")
@@ -181,7 +174,7 @@ async def _check_history(ctx: Context, search_filter: dict[str, Any], now: dt.da
 @routes.get("/v1/campaigns")
 async def list_campaigns(request: web.Request) -> web.Response:
     """Campaigns, newest first: ?limit (1-200, default 50), ?cursor, ?status."""
-    limit = _int(request.query.get("limit", "50"), "limit")
+    limit = int_param(request.query.get("limit", "50"), "limit")
     if not 1 <= limit <= 200:
         raise InvalidMessage("limit must be between 1 and 200", field="limit")
     wanted = request.query.get("status")
@@ -190,7 +183,7 @@ async def list_campaigns(request: web.Request) -> web.Response:
     after: int | None = None
     cursor = request.query.get("cursor")
     if cursor:
-        after = _int(cursor, "cursor")
+        after = int_param(cursor, "cursor")
     rows = await _ctx(request).pool.fetch(QUERIES["campaigns-page"], after, wanted, limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
@@ -317,7 +310,7 @@ def _contact_param(raw: Any) -> int | None:
     if raw is None or raw == "":
         return None
     if isinstance(raw, str):
-        return _int(raw, "contact_id")
+        return int_param(raw, "contact_id")
     if isinstance(raw, bool) or not isinstance(raw, int):
         raise InvalidMessage("contact_id must be an integer", field="contact_id")
     return raw

@@ -25,6 +25,7 @@ from typing import Any
 
 from libs.common import mergetags
 from libs.common.errors import InvalidMessage
+from libs.common.states import MembershipState
 from services.scheduler import processor
 from services.scheduler.window import parse_hhmm
 
@@ -179,7 +180,7 @@ class MembershipChange:
     @property
     def enrols(self) -> bool:
         """Deliverable starts an enrolment (if none is running); any other state ends it."""
-        return self.state == "deliverable"
+        return self.state == MembershipState.DELIVERABLE
 
 
 def membership_changes(values: Iterable[Mapping[str, Any]]) -> list[MembershipChange]:

@@ -22,9 +22,9 @@ from typing import Any
 from aiohttp import web
 
 from libs.common.errors import InvalidMessage, NotFound
-from libs.common.http import json_response, read_json, requires
+from libs.common.http import int_param, json_response, read_json, requires
 from services.scheduler import plans, store
-from services.scheduler.api import _ctx, _int
+from services.scheduler.api import _ctx
 from services.scheduler.store import QUERIES
 
 routes = web.RouteTableDef()
@@ -80,7 +80,7 @@ def plan_json(
 async def put_plan(request: web.Request) -> web.Response:
     """Set a plan's schedule: its category (window and time zone), sender and steps."""
     ctx = _ctx(request)
-    plan_id = _int(request.match_info["id"], "id")
+    plan_id = int_param(request.match_info["id"], "id")
     body = await read_json(request)
     keys = await ctx.contacts.custom_field_keys()
     values, wanted = plans.validate_plan(body, custom_field_keys=keys)
@@ -141,7 +141,7 @@ async def list_plans(request: web.Request) -> web.Response:
 @routes.get("/v1/plans/{id}")
 async def get_plan(request: web.Request) -> web.Response:
     """One plan schedule: steps with statistics, and enrolments running and ended."""
-    plan_id = _int(request.match_info["id"], "id")
+    plan_id = int_param(request.match_info["id"], "id")
     async with _ctx(request).pool.acquire() as conn:
         row = await conn.fetchrow(QUERIES["plan"], plan_id)
         if row is None:
@@ -154,11 +154,11 @@ async def get_plan(request: web.Request) -> web.Response:
 @routes.get("/v1/plans/{id}/enrolments")
 async def list_enrolments(request: web.Request) -> web.Response:
     """Enrolments of a plan, newest first (?contact_id=, ?limit 1-1000, ?cursor)."""
-    plan_id = _int(request.match_info["id"], "id")
+    plan_id = int_param(request.match_info["id"], "id")
     q = request.query
-    contact_id = _int(q["contact_id"], "contact_id") if q.get("contact_id") else None
-    cursor = _int(q["cursor"], "cursor") if q.get("cursor") else None
-    limit = _int(q.get("limit", "100"), "limit")
+    contact_id = int_param(q["contact_id"], "contact_id") if q.get("contact_id") else None
+    cursor = int_param(q["cursor"], "cursor") if q.get("cursor") else None
+    limit = int_param(q.get("limit", "100"), "limit")
     if not 1 <= limit <= 1000:
         raise InvalidMessage("limit must be between 1 and 1000", field="limit")
     rows = await _ctx(request).pool.fetch(

@@ -13,6 +13,7 @@ from typing import Any
 
 from libs.common import mergetags
 from libs.common.addresses import normalise as normalise_address
+from libs.common.db import columns
 from libs.common.errors import InvalidMessage
 from services.scheduler.status import SENDING_OVER
 
@@ -448,16 +449,10 @@ def feedback_tallies(events: Iterable[Mapping[str, Any]]) -> list[FeedbackTally]
     ]
 
 
-def feedback_columns(tallies: Sequence[FeedbackTally]) -> tuple[list[Any], ...]:
-    """The tallies as the feedback queries' unnest arrays: ids, contacts, kinds, counts,
+def feedback_columns(tallies: Sequence[FeedbackTally]) -> list[list[Any]]:
+    """The tallies as record-feedback's unnest arrays: ids, contacts, kinds, counts,
     first times."""
-    return (
-        [t.campaign_id for t in tallies],
-        [t.contact_id for t in tallies],
-        [t.kind for t in tallies],
-        [t.count for t in tallies],
-        [t.first_at for t in tallies],
-    )
+    return columns(tallies, "campaign_id", "contact_id", "kind", "count", "first_at")
 
 
 # Published records ----------------------------------------------------------------------------

@@ -247,36 +247,55 @@ FROM recipient WHERE campaign_id = $1 ORDER BY seq;
 
 -- name: record-feedback
 -- One batch of opens and clicks, already deduplicated by event id and grouped per
--- (campaign, contact, kind) with their count and first time. Only recipients of a campaign's
--- frozen list count; the first event of a kind per recipient is unique. Returns the
--- campaigns whose counters moved.
+-- (target, contact, kind) with their count and first time. $6 says what the targets are:
+-- 'campaign' (only recipients of a campaign's frozen list count) or 'step' (a step mail's
+-- step: only contacts it was released to count). The first event of a kind per recipient is
+-- unique. Returns the targets whose counters moved.
 WITH x AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bigint[], $5::timestamptz[])
-        AS x (campaign_id, contact_id, kind, n, first_at)
+        AS x (target_id, contact_id, kind, n, first_at)
 ), mine AS (
-    SELECT x.* FROM x
-    JOIN recipient r ON r.campaign_id = x.campaign_id AND r.contact_id = x.contact_id
-), firsts AS (
+    SELECT x.* FROM x WHERE CASE $6::text
+        WHEN 'campaign' THEN EXISTS (SELECT 1 FROM recipient r
+            WHERE r.campaign_id = x.target_id AND r.contact_id = x.contact_id)
+        WHEN 'step' THEN EXISTS (SELECT 1 FROM step_delivery d
+            WHERE d.step_id = x.target_id AND d.contact_id = x.contact_id)
+    END
+), campaign_firsts AS (
     INSERT INTO recipient_feedback (campaign_id, contact_id, kind, first_at)
-    SELECT campaign_id, contact_id, kind, first_at FROM mine
+    SELECT target_id, contact_id, kind, first_at FROM mine WHERE $6 = 'campaign'
     ON CONFLICT DO NOTHING
-    RETURNING campaign_id, kind
+    RETURNING campaign_id AS target_id, kind
+), step_firsts AS (
+    INSERT INTO step_feedback (step_id, contact_id, kind, first_at)
+    SELECT target_id, contact_id, kind, first_at FROM mine WHERE $6 = 'step'
+    ON CONFLICT DO NOTHING
+    RETURNING step_id AS target_id, kind
+), firsts AS (
+    SELECT * FROM campaign_firsts UNION ALL SELECT * FROM step_firsts
 ), added AS (
-    SELECT m.campaign_id,
-        sum(m.n) FILTER (WHERE m.kind = 'open') AS opens,
-        sum(m.n) FILTER (WHERE m.kind = 'click') AS clicks,
-        (SELECT count(*) FROM firsts f WHERE f.campaign_id = m.campaign_id AND f.kind = 'open')
+    SELECT m.target_id,
+        COALESCE(sum(m.n) FILTER (WHERE m.kind = 'open'), 0) AS opens,
+        COALESCE(sum(m.n) FILTER (WHERE m.kind = 'click'), 0) AS clicks,
+        (SELECT count(*) FROM firsts f WHERE f.target_id = m.target_id AND f.kind = 'open')
             AS unique_opens,
-        (SELECT count(*) FROM firsts f WHERE f.campaign_id = m.campaign_id AND f.kind = 'click')
+        (SELECT count(*) FROM firsts f WHERE f.target_id = m.target_id AND f.kind = 'click')
             AS unique_clicks
-    FROM mine m GROUP BY m.campaign_id
+    FROM mine m GROUP BY m.target_id
+), campaigns AS (
+    UPDATE campaign c SET opens = c.opens + a.opens, clicks = c.clicks + a.clicks,
+        unique_opens = c.unique_opens + a.unique_opens,
+        unique_clicks = c.unique_clicks + a.unique_clicks
+    FROM added a WHERE $6 = 'campaign' AND c.id = a.target_id
+    RETURNING c.id
+), steps AS (
+    UPDATE plan_step s SET opens = s.opens + a.opens, clicks = s.clicks + a.clicks,
+        unique_opens = s.unique_opens + a.unique_opens,
+        unique_clicks = s.unique_clicks + a.unique_clicks
+    FROM added a WHERE $6 = 'step' AND s.id = a.target_id
+    RETURNING s.id
 )
-UPDATE campaign c SET opens = c.opens + COALESCE(a.opens, 0),
-    clicks = c.clicks + COALESCE(a.clicks, 0),
-    unique_opens = c.unique_opens + a.unique_opens,
-    unique_clicks = c.unique_clicks + a.unique_clicks
-FROM added a WHERE c.id = a.campaign_id
-RETURNING c.id;
+SELECT id FROM campaigns UNION ALL SELECT id FROM steps;
 
 -- Step mail (F-29): memberships and enrolments -----------------------------------------------
 
@@ -420,36 +439,6 @@ RETURNING d.step_id, d.outcome;
 -- name: add-step-counts
 UPDATE plan_step SET success = success + $2, error = error + $3, suppressed = suppressed + $4
 WHERE id = $1;
-
--- name: record-step-feedback
--- As record-feedback, for steps: only contacts a step was released to count.
-WITH x AS (
-    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bigint[], $5::timestamptz[])
-        AS x (step_id, contact_id, kind, n, first_at)
-), mine AS (
-    SELECT x.* FROM x WHERE EXISTS (
-        SELECT 1 FROM step_delivery d WHERE d.step_id = x.step_id AND d.contact_id = x.contact_id)
-), firsts AS (
-    INSERT INTO step_feedback (step_id, contact_id, kind, first_at)
-    SELECT step_id, contact_id, kind, first_at FROM mine
-    ON CONFLICT DO NOTHING
-    RETURNING step_id, kind
-), added AS (
-    SELECT m.step_id,
-        sum(m.n) FILTER (WHERE m.kind = 'open') AS opens,
-        sum(m.n) FILTER (WHERE m.kind = 'click') AS clicks,
-        (SELECT count(*) FROM firsts f WHERE f.step_id = m.step_id AND f.kind = 'open')
-            AS unique_opens,
-        (SELECT count(*) FROM firsts f WHERE f.step_id = m.step_id AND f.kind = 'click')
-            AS unique_clicks
-    FROM mine m GROUP BY m.step_id
-)
-UPDATE plan_step s SET opens = s.opens + COALESCE(a.opens, 0),
-    clicks = s.clicks + COALESCE(a.clicks, 0),
-    unique_opens = s.unique_opens + a.unique_opens,
-    unique_clicks = s.unique_clicks + a.unique_clicks
-FROM added a WHERE s.id = a.step_id
-RETURNING s.id;
 
 -- Re-send (F-28) ---------------------------------------------------------------------------------
 

@@ -31,9 +31,11 @@ from typing import Any
 import asyncpg
 
 from libs.common.content import BY_REFERENCE
+from libs.common.db import columns
 from libs.common.errors import TransientError
 from libs.common.logging import get_logger
 from libs.common.metrics import PLAN_ENROLMENTS, STEP_RESULTS, STEPS_RELEASED
+from libs.common.states import MembershipState
 from libs.common.topics import Topic
 from services.scheduler import plans, processor, steps
 from services.scheduler.contents import publish_content
@@ -57,29 +59,20 @@ async def apply_memberships(
         return
     applied = await conn.fetch(
         QUERIES["apply-memberships"],
-        [c.group_id for c in changes],
-        [c.contact_id for c in changes],
-        [c.state for c in changes],
-        [c.changed_at for c in changes],
-        [c.version for c in changes],
+        *columns(changes, "group_id", "contact_id", "state", "changed_at", "version"),
     )
-    starts = [r for r in applied if r["state"] == "deliverable"]
-    ends = [r for r in applied if r["state"] != "deliverable"]
+    starts = [r for r in applied if r["state"] == MembershipState.DELIVERABLE]
+    ends = [r for r in applied if r["state"] != MembershipState.DELIVERABLE]
     if starts:
         started = await conn.fetch(
             QUERIES["start-enrolments"],
-            [r["group_id"] for r in starts],
-            [r["contact_id"] for r in starts],
-            [r["changed_at"] for r in starts],
+            *columns(starts, "group_id", "contact_id", "changed_at"),
         )
         PLAN_ENROLMENTS.labels("started").inc(len(started))
     if ends:
         ended = await conn.fetch(
             QUERIES["end-enrolments"],
-            [r["group_id"] for r in ends],
-            [r["contact_id"] for r in ends],
-            [r["changed_at"] for r in ends],
-            [r["state"] for r in ends],
+            *columns(ends, "group_id", "contact_id", "changed_at", "state"),
         )
         PLAN_ENROLMENTS.labels("ended").inc(len(ended))
 
@@ -133,8 +126,7 @@ async def release_step(ctx: Context, step: asyncpg.Record, window: Window, now: 
             QUERIES["claim-step-deliveries"],
             step["id"],
             now,
-            [r["id"] for r in due],
-            [r["contact_id"] for r in due],
+            *columns(due, "id", "contact_id"),
             [None if r["contact_id"] in people else "contact deleted" for r in due],
         )
         ids = {r["enrolment_id"] for r in claimed}
@@ -226,4 +218,4 @@ async def record_feedback(
 ) -> None:
     """Opens and clicks of step sends (their campaign id is the step's id)."""
     await conn.fetch(QUERIES["lock-steps"], sorted({t.campaign_id for t in tallies}))
-    await conn.execute(QUERIES["record-step-feedback"], *processor.feedback_columns(tallies))
+    await conn.execute(QUERIES["record-feedback"], *processor.feedback_columns(tallies), "step")

@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 
 from libs.common.content import content_id
+from libs.common.db import columns
 from libs.common.errors import InvalidMessage, TransientError
 from services.sender.ledger import QUERIES
 
@@ -41,8 +42,7 @@ def check(record: dict[str, Any]) -> dict[str, Any]:
 async def store(conn: asyncpg.Connection, records: Sequence[dict[str, Any]]) -> None:
     await conn.execute(
         QUERIES["store-contents"],
-        [r["content_id"] for r in records],
-        [r["campaign_id"] for r in records],
+        *columns(records, "content_id", "campaign_id"),
         [json.dumps(r["content"], ensure_ascii=False) for r in records],
     )
 

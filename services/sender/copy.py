@@ -19,10 +19,12 @@ from typing import Any
 import asyncpg
 
 from libs.common.can_send import Decision, blacklisted, can_send, suffix_candidates
+from libs.common.db import columns
 from libs.common.errors import InvalidMessage
+from libs.common.states import MEMBERSHIP_CHANGE_STATES
 from services.sender.ledger import QUERIES
 
-MEMBERSHIP_STATES = frozenset({"deliverable", "unsubscribed", "banned", "left"})
+MEMBERSHIP_STATES = frozenset(MEMBERSHIP_CHANGE_STATES)
 ADDRESS_STATES = frozenset({"bounced", "complained", "invalid", "cleared"})
 RULE_STATES = frozenset({"exact", "suffix", "cleared"})
 
@@ -65,10 +67,7 @@ async def apply(conn: asyncpg.Connection, changes: Sequence[dict[str, Any]]) -> 
     if memberships:
         await conn.execute(
             QUERIES["copy-memberships"],
-            [c["contact_id"] for c in memberships],
-            [c["group_id"] for c in memberships],
-            [c["state"] for c in memberships],
-            [c["version"] for c in memberships],
+            *columns(memberships, "contact_id", "group_id", "state", "version"),
         )
     blacks = _latest(by_kind.get("contact_black", []), lambda c: c["contact_id"])
     if blacks:
@@ -83,16 +82,14 @@ async def apply(conn: asyncpg.Connection, changes: Sequence[dict[str, Any]]) -> 
         await conn.execute(
             QUERIES["copy-addresses"],
             [c["email"].strip().lower() for c in addresses],
-            [c["state"] for c in addresses],
-            [c["version"] for c in addresses],
+            *columns(addresses, "state", "version"),
         )
     rules = _latest(by_kind.get("blacklist_rule", []), lambda c: _rule_value(c["email"]))
     if rules:
         await conn.execute(
             QUERIES["copy-blacklist"],
             [_rule_value(c["email"]) for c in rules],
-            [c["state"] for c in rules],
-            [c["version"] for c in rules],
+            *columns(rules, "state", "version"),
         )
 
 

@@ -16,6 +16,7 @@ from libs.common.db import claim_once
 from libs.common.errors import Forbidden, InvalidMessage, NotFound
 from libs.common.kafka import Message, checked, reject
 from libs.common.logging import get_logger
+from libs.common.states import MembershipState
 from services.suppression import store
 from services.suppression.context import Context
 from services.suppression.processor import METHODS, STATES
@@ -83,7 +84,7 @@ async def _apply(conn: asyncpg.Connection, command: dict[str, Any]) -> None:
                 conn,
                 contact_id,
                 _group(command),
-                state=command.get("state") or "deliverable",
+                state=command.get("state") or MembershipState.DELIVERABLE.value,
                 auto_stop=command.get("method") == "auto_stop",
                 email=command.get("email"),
                 joined_at=command["issued_at"],

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from libs.common.can_send import Decision, can_send, normalise_rule, suffix_candidates
 from libs.common.errors import Conflict, InvalidMessage, NotFound
-from libs.common.http import ROLE, json_response, read_json, requires
+from libs.common.http import ROLE, int_param, json_response, read_json, requires
 from libs.common.metrics import CAN_SEND_SECONDS
 from libs.common.unsubscribe import UnsubscribeTarget
 from services.suppression import store, sync
@@ -22,13 +22,6 @@ routes = web.RouteTableDef()
 
 def _ctx(request: web.Request) -> Context:
     return request.app[CONTEXT]
-
-
-def _int(raw: str | None, name: str) -> int:
-    try:
-        return int(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InvalidMessage(f"{name} must be an integer", field=name) from None
 
 
 def _membership_json(row: Any) -> dict[str, Any]:
@@ -53,7 +46,7 @@ def _membership_json(row: Any) -> dict[str, Any]:
 @routes.get("/v1/memberships/{contact_id}")
 async def list_memberships(request: web.Request) -> web.Response:
     """Every membership of one contact with its state, method and time of change."""
-    contact_id = _int(request.match_info["contact_id"], "contact_id")
+    contact_id = int_param(request.match_info["contact_id"], "contact_id")
     rows = await _ctx(request).pool.fetch(QUERIES["memberships-of"], contact_id)
     return json_response({"items": [_membership_json(r) for r in rows]})
 
@@ -61,8 +54,8 @@ async def list_memberships(request: web.Request) -> web.Response:
 @routes.get("/v1/memberships/{contact_id}/{group_id}")
 async def get_membership(request: web.Request) -> web.Response:
     """One membership's delivery state (配信状態)."""
-    contact_id = _int(request.match_info["contact_id"], "contact_id")
-    group_id = _int(request.match_info["group_id"], "group_id")
+    contact_id = int_param(request.match_info["contact_id"], "contact_id")
+    group_id = int_param(request.match_info["group_id"], "group_id")
     row = await _ctx(request).pool.fetchrow(QUERIES["membership"], contact_id, group_id)
     if row is None:
         raise NotFound(f"contact {contact_id} is not a member of group or plan {group_id}")
@@ -72,8 +65,8 @@ async def get_membership(request: web.Request) -> web.Response:
 @routes.put("/v1/memberships/{contact_id}/{group_id}")
 async def put_membership(request: web.Request) -> web.Response:
     """Set a membership's state as an operator: {state}; propagates per the sync policy."""
-    contact_id = _int(request.match_info["contact_id"], "contact_id")
-    group_id = _int(request.match_info["group_id"], "group_id")
+    contact_id = int_param(request.match_info["contact_id"], "contact_id")
+    group_id = int_param(request.match_info["group_id"], "group_id")
     body = await read_json(request)
     state = body.get("state")
     if state not in STATES:
@@ -179,7 +172,7 @@ async def add_blacklist_rule(request: web.Request) -> web.Response:
 @routes.delete("/v1/blacklist/{id}")
 async def delete_blacklist_rule(request: web.Request) -> web.Response:
     """Remove a rule."""
-    rule_id = _int(request.match_info["id"], "id")
+    rule_id = int_param(request.match_info["id"], "id")
     async with _ctx(request).pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(QUERIES["delete-blacklist-rule"], rule_id)
         if row is None:
@@ -191,7 +184,7 @@ async def delete_blacklist_rule(request: web.Request) -> web.Response:
 @routes.put("/v1/contacts/{id}/black")
 async def put_black_flag(request: web.Request) -> web.Response:
     """Set or clear a contact's black flag: {black: true|false}."""
-    contact_id = _int(request.match_info["id"], "id")
+    contact_id = int_param(request.match_info["id"], "id")
     body = await read_json(request)
     if not isinstance(body.get("black"), bool):
         raise InvalidMessage("black must be true or false", field="black")
@@ -230,8 +223,8 @@ async def get_can_send(request: web.Request) -> web.Response:
     """May (contact, group) be sent to now? ?contact_id=&group_id=&include_unsubscribed="""
     started = time.perf_counter()
     query = request.query
-    contact_id = _int(query.get("contact_id"), "contact_id")
-    group_id = _int(query["group_id"], "group_id") if query.get("group_id") else None
+    contact_id = int_param(query.get("contact_id"), "contact_id")
+    group_id = int_param(query["group_id"], "group_id") if query.get("group_id") else None
     include = query.get("include_unsubscribed", "false").lower() in ("1", "true", "yes")
     decision, facts = await decide_can_send(_ctx(request), contact_id, group_id, include)
     CAN_SEND_SECONDS.observe(time.perf_counter() - started)
@@ -275,8 +268,8 @@ async def decide_can_send(
 async def unsubscribe_link(request: web.Request) -> web.Response:
     """The signed unsubscribe URL and RFC 8058 headers for ?contact_id=&group_id=&campaign_id="""
     target = UnsubscribeTarget(
-        _int(request.query.get("contact_id"), "contact_id"),
-        _int(request.query.get("group_id"), "group_id"),
+        int_param(request.query.get("contact_id"), "contact_id"),
+        int_param(request.query.get("group_id"), "group_id"),
         request.query.get("campaign_id") or None,
     )
     links = _ctx(request).links

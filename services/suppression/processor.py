@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STATES = ("deliverable", "unsubscribed", "banned")
+from libs.common.states import MembershipState
+
+STATES = MembershipState.values()
 METHODS = ("form", "system", "auto_sync", "auto_stop", "upstream")
 ACTORS = ("reader", "operator", "upstream", "system")
-RANK = {"deliverable": 0, "unsubscribed": 1, "banned": 2}
+#: how much mail a state stops (an automatic change only ever moves up).
+RANK = {state: rank for rank, state in enumerate(STATES)}
 #: the method a change gets when its command names none.
 DEFAULT_METHOD = {
     "reader": "form",
@@ -41,14 +44,14 @@ def decide(current: str, wanted: str, actor: str) -> Transition:
         return Transition(True, changes=False)
     if actor == "operator":
         return Transition(True, changes=True)
-    if current == "banned":
+    if current == MembershipState.BANNED:
         return Transition(
             False, rule="a banned (配信禁止) membership is changed by an operator only"
         )
     if actor == "reader":
-        if wanted == "unsubscribed":
+        if wanted == MembershipState.UNSUBSCRIBED:
             return Transition(True, changes=True)
-        if wanted == "deliverable":
+        if wanted == MembershipState.DELIVERABLE:
             return Transition(False, rule="a reader can unsubscribe but not re-subscribe here")
         return Transition(False, rule="only an operator can ban (配信禁止)")
     if actor == "system" and RANK[wanted] < RANK[current]:
@@ -58,9 +61,9 @@ def decide(current: str, wanted: str, actor: str) -> Transition:
 
 def reader_unsubscribe(current: str) -> Transition:
     """What the public unsubscribe form does: stop mail; already stopped is fine."""
-    if current in ("unsubscribed", "banned"):
+    if current in (MembershipState.UNSUBSCRIBED, MembershipState.BANNED):
         return Transition(True, changes=False)
-    return decide(current, "unsubscribed", "reader")
+    return decide(current, MembershipState.UNSUBSCRIBED.value, "reader")
 
 
 #: the states a reader's unsubscribe changes (the others it leaves as they are).
@@ -69,10 +72,10 @@ READER_STOPS = tuple(state for state in STATES if reader_unsubscribe(state).chan
 
 def propagation(new_state: str, *, sync_unsubscribe: bool, sync_ban: bool) -> str | None:
     """F-12: the state every other membership of the contact moves to, if any."""
-    if new_state == "unsubscribed" and sync_unsubscribe:
-        return "unsubscribed"
-    if new_state == "banned" and sync_ban:
-        return "banned"
+    if new_state == MembershipState.UNSUBSCRIBED and sync_unsubscribe:
+        return MembershipState.UNSUBSCRIBED.value
+    if new_state == MembershipState.BANNED and sync_ban:
+        return MembershipState.BANNED.value
     return None
 
 
@@ -86,7 +89,7 @@ def join_state(
     elsewhere does not stop a new, explicit join.
     """
     if banned_elsewhere and sync_ban:
-        return "banned", "auto_sync"
+        return MembershipState.BANNED.value, "auto_sync"
     if auto_stop:
-        return "unsubscribed", "auto_stop"
+        return MembershipState.UNSUBSCRIBED.value, "auto_stop"
     return requested, "system"

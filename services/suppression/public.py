@@ -19,6 +19,7 @@ from libs.common.errors import NotFound
 from libs.common.http import public
 from libs.common.logging import get_logger
 from libs.common.metrics import UNSUBSCRIBE_REQUESTS
+from libs.common.states import MembershipState
 from libs.common.tokens import BadToken
 from libs.common.unsubscribe import UnsubscribeTarget
 from services.suppression import store
@@ -142,7 +143,7 @@ async def _unsubscribe(ctx: Context, target: UnsubscribeTarget) -> bool:
                 conn,
                 target.contact_id,
                 target.group_id,
-                "unsubscribed",
+                MembershipState.UNSUBSCRIBED.value,
                 actor="reader",
                 method="form",
                 campaign_id=target.campaign_id,

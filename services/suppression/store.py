@@ -20,6 +20,7 @@ from libs.common import avro, avrocodec, outbox
 from libs.common.db import Queries
 from libs.common.errors import Forbidden, NotFound
 from libs.common.metrics import SUPPRESSION_CHANGES
+from libs.common.states import LEFT, MembershipState
 from libs.common.topics import Topic
 from services.suppression.processor import (
     DEFAULT_METHOD,
@@ -107,7 +108,7 @@ async def change_state(
     current = memberships.get(group_id)
     if current is None:
         raise NotFound(f"contact {contact_id} is not a member of group or plan {group_id}")
-    if actor == "reader" and wanted == "unsubscribed":
+    if actor == "reader" and wanted == MembershipState.UNSUBSCRIBED:
         transition = reader_unsubscribe(current["state"])
     else:
         transition = decide(current["state"], wanted, actor)
@@ -173,7 +174,7 @@ async def unsubscribe_by_link(
     head, schema_version = record_head(
         change_record(
             "membership",
-            state="unsubscribed",
+            state=MembershipState.UNSUBSCRIBED.value,
             version=0,
             contact_id=contact_id,
             group_id=group_id,
@@ -194,7 +195,7 @@ async def unsubscribe_by_link(
     if row["was"] is None:
         raise NotFound(f"contact {contact_id} is not a member of group or plan {group_id}")
     if row["queued"]:
-        SUPPRESSION_CHANGES.labels("membership", "unsubscribed", method).inc()
+        SUPPRESSION_CHANGES.labels("membership", MembershipState.UNSUBSCRIBED.value, method).inc()
         return True
     return None if row["was"] in READER_STOPS else False
 
@@ -204,7 +205,7 @@ async def join(
     contact_id: int,
     group_id: int,
     *,
-    state: str = "deliverable",
+    state: str = MembershipState.DELIVERABLE.value,
     auto_stop: bool = False,
     email: str | None = None,
     joined_at: dt.datetime | None = None,
@@ -216,7 +217,7 @@ async def join(
         state,
         auto_stop=auto_stop,
         sync_ban=policy["ban"],
-        banned_elsewhere=any(m["state"] == "banned" for m in memberships),
+        banned_elsewhere=any(m["state"] == MembershipState.BANNED for m in memberships),
     )
     row = await conn.fetchrow(
         QUERIES["join"], contact_id, group_id, state, method, joined_at or dt.datetime.now(dt.UTC)
@@ -236,7 +237,7 @@ def left_change(row: Mapping[str, Any]) -> dict[str, Any]:
     """The change that says a membership no longer exists."""
     return change_record(
         "membership",
-        state="left",
+        state=LEFT,
         version=row["version"],
         contact_id=row["contact_id"],
         group_id=row["group_id"],

@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from libs.common.topics import Topic
+from services.suppression.store import change_record
 from tests.conftest import eventually
 from tests.integration.test_contacts_api import by_contact, published
 
@@ -49,17 +50,16 @@ def membership_change(
     method: str | None = "system",
     email: str | None = None,
 ) -> dict[str, Any]:
-    return {
-        "change_id": str(uuid.uuid4()),
-        "kind": kind,
-        "contact_id": contact_id,
-        "email": email,
-        "group_id": group_id,
-        "state": state,
-        "method": method,
-        "changed_at": changed_at,
-        "version": version,
-    }
+    return change_record(
+        kind,
+        state=state,
+        version=version,
+        contact_id=contact_id,
+        group_id=group_id,
+        email=email,
+        method=method,
+        changed_at=changed_at,
+    )
 
 
 def delivery_result(

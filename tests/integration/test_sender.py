@@ -22,6 +22,7 @@ from libs.common.unsubscribe import UnsubscribeLinks
 from libs.common.verp import VerpAddresses
 from services.sender import maintenance
 from services.sender.context import CONTEXT
+from services.suppression.store import change_record
 from tayori.embedded import MaildirHandler, SmtpSink, free_port
 from tests.conftest import Kafka, Service, Stack, eventually, running
 
@@ -74,19 +75,10 @@ _versions = iter(range(1, 1_000_000))
 
 
 def change(kind: str, state: str, **fields: Any) -> dict[str, Any]:
-    value: dict[str, Any] = {
-        "change_id": str(uuid.uuid4()),
-        "kind": kind,
-        "contact_id": None,
-        "email": None,
-        "group_id": None,
-        "state": state,
-        "method": "system",
-        "changed_at": datetime.now(UTC),
-        "version": next(_versions),
-    }
-    value.update(fields)
-    return value
+    """A ``suppression.changes`` record, a newer version each time unless given."""
+    fields.setdefault("version", next(_versions))
+    fields.setdefault("method", "system")
+    return change_record(kind, state=state, **fields)
 
 
 def recipients(messages: list[Message]) -> Counter[str]:

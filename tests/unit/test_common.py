@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import pytest
 
-from libs.common.db import Queries, migration_files
+from libs.common.db import Queries, columns, migration_files
 from libs.common.errors import DlqLimitExceeded, InvalidMessage
+from libs.common.http import int_param
 from libs.common.kafka import QUIET_FETCH_MAX_WAIT_MS, DlqLimit, Latency, Message, Pacing, checked
 from libs.common.logging import mask_email
 from libs.common.retry import Backoff
@@ -209,3 +211,28 @@ def test_no_asyncio_wait_for_in_the_code() -> None:
         if "asyncio.wait_for(" in path.read_text(encoding="utf-8")
     ]
     assert users == []
+
+
+def test_columns_turn_rows_into_unnest_arrays() -> None:
+    @dataclasses.dataclass
+    class Row:
+        a: int
+        b: str
+
+    assert columns([{"a": 1, "b": "x"}, {"a": 2, "b": "y"}], "b", "a") == [["x", "y"], [1, 2]]
+    assert columns([Row(1, "x"), Row(2, "y")], "a", "b") == [[1, 2], ["x", "y"]]
+    assert columns([], "a", "b") == [[], []]
+
+
+@pytest.mark.parametrize("raw", ["x", "", "1.5", None])
+def test_int_param_names_the_parameter(raw: str | None) -> None:
+    with pytest.raises(InvalidMessage) as refused:
+        int_param(raw, "group_id")
+    assert (refused.value.reason, refused.value.field) == (
+        "group_id must be an integer",
+        "group_id",
+    )
+
+
+def test_int_param() -> None:
+    assert int_param("42", "id") == 42
