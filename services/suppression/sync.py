@@ -22,6 +22,7 @@ from libs.common import outbox
 from libs.common.jobs import job_event
 from libs.common.logging import get_logger
 from libs.common.retry import retry
+from libs.common.states import MembershipState
 from libs.common.topics import Topic
 from services.suppression import store
 from services.suppression.context import Context
@@ -29,7 +30,10 @@ from services.suppression.store import QUERIES
 
 log = get_logger(__name__)
 
-TRIGGER_STATE = {"unsubscribe": "unsubscribed", "ban": "banned"}
+TRIGGER_STATE = {
+    "unsubscribe": MembershipState.UNSUBSCRIBED.value,
+    "ban": MembershipState.BANNED.value,
+}
 TITLES = {"unsubscribe": "配信停止の同期 (unsubscribe sync)", "ban": "配信禁止の同期 (ban sync)"}
 
 
