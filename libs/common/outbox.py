@@ -135,9 +135,9 @@ class OutboxRelay:
         the run with a transient error; the runtime starts it again, and what was
         published but not deleted goes out a second time."""
         conn = await db.connect(self.dsn, self.schema)
-        await conn.add_listener(self._channel, self._notified)
         published: list[int] = []
         try:
+            await conn.add_listener(self._channel, self._notified)
             leading = False
             while True:
                 # Cleared before reading: a commit notified meanwhile is not lost.

@@ -21,6 +21,7 @@ the bounce processor's reading of DSNs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +33,7 @@ Verdict = Literal[
 ]
 
 DIAGNOSTIC_LIMIT = 500
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,10 @@ class Reply:
 
     @property
     def diagnostic(self) -> str:
-        """``"550 5.1.1 user unknown"`` on one line, bounded (it travels in results)."""
-        one_line = " ".join(self.text.split())
+        """``"550 5.1.1 user unknown"`` on one line, bounded (it travels in results), with
+        no control character: a relay's NUL would make PostgreSQL refuse the whole group
+        commit of outcomes it is recorded with."""
+        one_line = " ".join(_CONTROL.sub(" ", self.text).split())
         return f"{self.code} {one_line}"[:DIAGNOSTIC_LIMIT]
 
 
