@@ -1,10 +1,12 @@
 """Kafka handlers of the sender: decode → decide → claim → deliver → record → (loop commits).
 
-``send.requests`` and ``mail.system`` batches are claimed in the send ledger in one
-transaction, delivered through the relay pool, and the handler returns only when every
-outcome of the batch is committed — so the consumer never commits an offset whose work is
-not finished (see ledger.py for why nothing goes twice). The release checkpoints among
-``send.requests`` are answered on ``send.progress`` once everything before them is
+``send.requests`` and ``mail.system`` take one path (:func:`_claim_deliver_record`): the
+batch's mails are claimed in the send ledger in one transaction, what to do with each is
+decided by processor.py (duplicate, suppressed, deliverable), the deliverable ones go
+through the relay pool, and the handler returns only when every outcome of the batch is
+committed and its results acknowledged — so the consumer never commits an offset whose
+work is not finished (see ledger.py for why nothing goes twice). The release checkpoints
+among ``send.requests`` are answered on ``send.progress`` once everything before them is
 (progress.py).
 """
 
@@ -12,28 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 from structlog.contextvars import bound_contextvars
 
+from libs.common.can_send import Decision
 from libs.common.db import claim_once
 from libs.common.errors import InvalidMessage, TransientError
 from libs.common.kafka import Message, checked, reject, still_working
 from libs.common.logging import get_logger, mask_email
 from libs.common.metrics import SENDER_DROPPED, SENDER_LEDGER_RECOVERIES
-from services.sender import contents, copy, ledger, progress
+from services.sender import contents, copy, ledger, processor, progress
 from services.sender.compose import CampaignMail
 from services.sender.context import Context
-from services.sender.ledger import (
-    QUERIES,
-    Claimed,
-    Delivery,
-    Done,
-    LedgerKey,
-    Outcome,
-    delivery_result,
-)
+from services.sender.ledger import QUERIES, Delivery
+from services.sender.models import Claimed, Done, LedgerKey
+from services.sender.processor import Duplicate, Suppressed
 from services.sender.results import publish
 
 log = get_logger(__name__)
@@ -43,8 +43,17 @@ KEEPALIVE_SECONDS = 10.0
 CONTROL_STATES = {"halt": "halted", "cancel": "cancelled", "pause": "paused", "resume": "active"}
 
 
-def request_key(request: dict[str, Any]) -> LedgerKey:
-    return LedgerKey(request["campaign_id"], request.get("step_id") or "", request["contact_id"])
+@dataclass
+class _Mail:
+    """One mail to claim, decide and deliver: its ledger row, how to compose it, and the
+    request the suppression copy is asked about (None: not checked, ``mail.system``)."""
+
+    key: LedgerKey
+    kind: str
+    email: str
+    request_id: str | None
+    compose: Callable[[], tuple[bytes, str, str]]
+    request: dict[str, Any] | None
 
 
 async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
@@ -53,12 +62,27 @@ async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
     checkpoints = [m for m in batch if progress.is_checkpoint(m)]
     requests = [m for m in batch if not progress.is_checkpoint(m)] if checkpoints else batch
     if requests:
-        await _send(ctx, requests)
+        await _claim_deliver_record(ctx, await _campaign_mails(ctx, requests))
     await progress.answer(ctx.publisher, checkpoints)
 
 
-async def _send(ctx: Context, batch: list[Message]) -> None:
-    await ctx.owner.wait_held(KEEPALIVE_SECONDS)
+async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:
+    """``mail.system``: operator notifications, once per (mail_id, recipient); no results."""
+    mails: dict[LedgerKey, _Mail] = {}
+    for message in batch:
+        mail = message.value
+        for index, to in enumerate(mail["to"]):
+            key = processor.system_key(mail["mail_id"], index)
+            if key not in mails:
+                compose = functools.partial(ctx.composer.system_mail, mail, to)
+                mails[key] = _Mail(key, processor.SYSTEM, to, mail["mail_id"], compose, None)
+    await _claim_deliver_record(ctx, mails)
+
+
+async def _campaign_mails(ctx: Context, batch: list[Message]) -> dict[LedgerKey, _Mail]:
+    """Decode: the batch's requests whose campaign may send, each with its built content,
+    once per ledger key. A stopped campaign's request is dropped with no result (paused:
+    the scheduler re-releases it after resume; halted and cancelled: final)."""
     campaigns = sorted({m.value["campaign_id"] for m in batch if not m.value.get("test")})
     async with ctx.pool.acquire() as conn:
         stopped = {
@@ -68,13 +92,11 @@ async def _send(ctx: Context, batch: list[Message]) -> None:
     named = {m.value["content_id"] for m in batch if m.value.get("content_id")}
     missing = [i for i in named if not ctx.composer.cached(i)]
     received = await contents.load(ctx.pool, missing) if missing else {}
-    requests: dict[LedgerKey, tuple[dict[str, Any], CampaignMail]] = {}
+    mails: dict[LedgerKey, _Mail] = {}
     for message in batch:
         request = message.value
-        state = None if request.get("test") else stopped.get(request["campaign_id"])
+        state = processor.campaign_stop(request, stopped)
         if state is not None:
-            # Paused: the scheduler re-releases it (attempt + 1) after resume. Halted and
-            # cancelled: final. Either way no result: nothing happened to the recipient.
             SENDER_DROPPED.labels(state).inc()
             log.info(
                 "send_request_dropped",
@@ -83,69 +105,50 @@ async def _send(ctx: Context, batch: list[Message]) -> None:
                 state=state,
             )
             continue
-        content_id = request.get("content_id")
-        # A content named by id is built with its own campaign (a cached one already is).
-        owner, content = received.get(
-            content_id or "", (request["campaign_id"], request["content"])
-        )
-        try:
-            built = ctx.composer.campaign_message(
-                owner, content, test=bool(request.get("test")), content_id=content_id
-            )
-        except InvalidMessage as exc:
-            raise reject(message, exc.reason, exc.field) from None
-        if built.campaign_id != request["campaign_id"]:
-            raise reject(message, "content_id names another campaign's content", "content_id")
-        requests.setdefault(request_key(request), (request, built))
-    if not requests:
-        return
+        built = _built(ctx, message, received)
+        key = processor.request_key(request)
+        if key not in mails:
+            compose = functools.partial(ctx.composer.campaign_mail, built, request)
+            kind = processor.kind_of(request)
+            mails[key] = _Mail(key, kind, request["email"], request["request_id"], compose, request)
+    return mails
 
-    deliveries: list[Delivery] = []
+
+def _built(
+    ctx: Context, message: Message, received: Mapping[str, tuple[str, dict[str, Any]]]
+) -> CampaignMail:
+    """The request's campaign mail, built once per content; a content that cannot be
+    built, or names another campaign's content, sends the record to the dead letters."""
+    request = message.value
+    content_id = request.get("content_id")
+    # A content named by id is built with its own campaign (a cached one already is).
+    owner, content = received.get(content_id or "", (request["campaign_id"], request["content"]))
+    try:
+        built = ctx.composer.campaign_message(
+            owner, content, test=bool(request.get("test")), content_id=content_id
+        )
+    except InvalidMessage as exc:
+        raise reject(message, exc.reason, exc.field) from None
+    if built.campaign_id != request["campaign_id"]:
+        raise reject(message, "content_id names another campaign's content", "content_id")
+    return built
+
+
+async def _claim_deliver_record(ctx: Context, mails: Mapping[LedgerKey, _Mail]) -> None:
+    """Claim → decide → deliver → record, for campaign and system mail alike.
+
+    One transaction claims the mails in the ledger and records the outcomes decided
+    without SMTP (suppressed); after it the known results (those, and the ones the ledger
+    held) are published while the deliverable mails go to the relays. Returns once every
+    outcome is committed and durable and every result acknowledged by the broker."""
+    if not mails:
+        return
+    await ctx.owner.wait_held(KEEPALIVE_SECONDS)
     async with ctx.pool.acquire() as conn, conn.transaction():
-        rows = [(key, _kind(r), r["email"], r["request_id"]) for key, (r, _) in requests.items()]
+        rows = [(m.key, m.kind, m.email, m.request_id) for m in mails.values()]
         claimed, busy = await ledger.claim(conn, rows, ctx.owner)
-        undecided = [c for c in claimed if c.fresh or c.status != "done"]
-        decisions = await copy.decide(conn, [requests[c.key][0] for c in undecided])
-        verdicts = dict(zip([c.key for c in undecided], decisions, strict=True))
-        finished: list[Done] = []
-        again: list[dict[str, Any]] = []
-        for c in claimed:
-            request, built = requests[c.key]
-            kind = _kind(request)
-            if not c.fresh and c.status == "done":
-                SENDER_LEDGER_RECOVERIES.labels("republished").inc()
-                if c.result is not None:
-                    again.append(c.result)
-                continue
-            if not c.fresh:
-                # Its relay may have kept a first copy; the resend carries the same
-                # Message-ID (ledger.py: nothing lost, a duplicate is recognisable).
-                SENDER_LEDGER_RECOVERIES.labels("resent").inc()
-                log.info(
-                    "resending_unfinished",
-                    campaign_id=c.key.campaign_id,
-                    contact_id=c.key.contact_id,
-                )
-            decision = verdicts[c.key]
-            if not decision:
-                log.info(
-                    "send_suppressed",
-                    campaign_id=c.key.campaign_id,
-                    contact_id=c.key.contact_id,
-                    email=mask_email(request["email"]),
-                    reason=decision.reason,
-                )
-                outcome = Outcome("suppressed", suppressed_reason=decision.reason)
-                finished.append(_done(c, kind, request, outcome))
-                continue
-            deliveries.append(
-                Delivery(
-                    c.key,
-                    kind,
-                    request["email"],
-                    functools.partial(ctx.composer.campaign_mail, built, request),
-                )
-            )
+        verdicts = await _verdicts(conn, mails, claimed)
+        finished, again, deliveries = _act(claimed, mails, verdicts)
         results = await ledger.finish(conn, finished) + again
     # Committed: the batch's known results go now, the others as their cycles commit.
     early = asyncio.ensure_future(publish(ctx.publisher, results))
@@ -157,6 +160,61 @@ async def _send(ctx: Context, batch: list[Message]) -> None:
     early.result()
     await _published(deliveries)
     await _wait_for_other_senders(ctx, busy)
+
+
+def _act(
+    claimed: Sequence[Claimed],
+    mails: Mapping[LedgerKey, _Mail],
+    verdicts: Mapping[LedgerKey, Decision],
+) -> tuple[list[Done], list[dict[str, Any]], list[Delivery]]:
+    """What processor.after_claim decided for each claimed mail, as (outcomes to record
+    now, stored results to publish again, deliveries for the relays)."""
+    now = datetime.now(UTC)
+    finished: list[Done] = []
+    again: list[dict[str, Any]] = []
+    deliveries: list[Delivery] = []
+    for c in claimed:
+        mail = mails[c.key]
+        action = processor.after_claim(c, verdicts.get(c.key))
+        if isinstance(action, Duplicate):
+            SENDER_LEDGER_RECOVERIES.labels("republished").inc()
+            if action.result is not None:
+                again.append(action.result)
+            continue
+        if action.resend:
+            # Its relay may have kept a first copy; the resend carries the same
+            # Message-ID (ledger.py: nothing lost, a duplicate is recognisable).
+            SENDER_LEDGER_RECOVERIES.labels("resent").inc()
+            log.info(
+                "resending_unfinished", campaign_id=c.key.campaign_id, contact_id=c.key.contact_id
+            )
+        if isinstance(action, Suppressed):
+            log.info(
+                "send_suppressed",
+                campaign_id=c.key.campaign_id,
+                contact_id=c.key.contact_id,
+                email=mask_email(mail.email),
+                reason=action.reason,
+            )
+            outcome = processor.suppressed(action.reason)
+            finished.append(processor.ledger_row(c.key, mail.kind, mail.email, outcome, now))
+        else:
+            deliveries.append(Delivery(c.key, mail.kind, mail.email, mail.compose))
+    return finished, again, deliveries
+
+
+async def _verdicts(
+    conn: asyncpg.Connection, mails: Mapping[LedgerKey, _Mail], claimed: Sequence[Claimed]
+) -> dict[LedgerKey, Decision]:
+    """The suppression copy's can-send verdict of each claimed request not yet decided
+    (none for ``mail.system``, which is not checked)."""
+    asked = [
+        (c.key, request)
+        for c in claimed
+        if processor.needs_check(c) and (request := mails[c.key].request) is not None
+    ]
+    decisions = await copy.decide(conn, [request for _, request in asked])
+    return {key: decision for (key, _), decision in zip(asked, decisions, strict=True)}
 
 
 async def _published(deliveries: Sequence[Delivery]) -> None:
@@ -178,15 +236,6 @@ async def _wait_for_other_senders(ctx: Context, busy: Sequence[Claimed]) -> None
     log.warning("ledger_rows_owned_elsewhere", rows=len(busy))
     if not await ledger.wait_for_owners(ctx.pool, ctx.owner, busy):
         raise TransientError("a sender that owned rows of this batch is gone: handle it again")
-
-
-def _kind(request: dict[str, Any]) -> str:
-    return "test" if request.get("test") else "campaign"
-
-
-def _done(c: Claimed, kind: str, request: dict[str, Any], outcome: Outcome) -> Done:
-    result = delivery_result(c.key, request["email"], outcome) if kind == "campaign" else None
-    return c.key, kind, outcome, result
 
 
 async def _deliver(ctx: Context, deliveries: Sequence[Delivery]) -> None:
@@ -242,33 +291,6 @@ async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None
     changes = checked(batch, copy.check)
     async with ctx.pool.acquire() as conn, conn.transaction():
         await copy.apply(conn, changes)
-
-
-async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:
-    """``mail.system``: operator notifications, once per (mail_id, recipient); no results."""
-    await ctx.owner.wait_held(KEEPALIVE_SECONDS)
-    mails: dict[LedgerKey, tuple[dict[str, Any], str]] = {}
-    for message in batch:
-        mail = message.value
-        for index, to in enumerate(mail["to"]):
-            mails.setdefault(LedgerKey(f"mail:{mail['mail_id']}", "", index), (mail, to))
-    if not mails:
-        return
-    deliveries: list[Delivery] = []
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        rows = [(key, "system", to, mail["mail_id"]) for key, (mail, to) in mails.items()]
-        claimed, busy = await ledger.claim(conn, rows, ctx.owner)
-        for c in claimed:
-            mail, to = mails[c.key]
-            if c.status == "done" and not c.fresh:
-                continue
-            if not c.fresh:
-                SENDER_LEDGER_RECOVERIES.labels("resent").inc()
-            compose = functools.partial(ctx.composer.system_mail, mail, to)
-            deliveries.append(Delivery(c.key, "system", to, compose))
-    await _deliver(ctx, deliveries)
-    await ctx.ledger.flush()
-    await _wait_for_other_senders(ctx, busy)
 
 
 async def load_stopped(ctx: Context) -> None:

@@ -73,6 +73,8 @@ from libs.common.kafka import Publisher, still_working
 from libs.common.logging import get_logger
 from libs.common.metrics import SENDER_GROUP_COMMIT_SIZE, SENDER_SENDS
 from libs.common.retry import FOREVER, retry
+from services.sender.models import Claimed, Done, LedgerKey, Outcome
+from services.sender.processor import ledger_row
 from services.sender.replan import ReplannedConnection, close_or_drop, replan_transaction
 from services.sender.results import ResultsOut
 
@@ -83,26 +85,6 @@ QUERIES = Queries(Path(__file__).with_name("queries.sql"))
 #: statuses of a row whose sending is not over: its owner may still be at it ('handed':
 #: written by older senders, the same as 'claimed' now).
 UNFINISHED = ("claimed", "handed")
-
-
-@dataclass(frozen=True)
-class LedgerKey:
-    campaign_id: str
-    step_id: str
-    contact_id: int
-
-
-@dataclass
-class Outcome:
-    """What happened to one delivery (a DeliveryResult's fields without ids and time)."""
-
-    outcome: str
-    smtp_code: int | None = None
-    enhanced_code: str | None = None
-    diagnostic: str | None = None
-    relay: str | None = None
-    message_id: str | None = None
-    suppressed_reason: str | None = None
 
 
 @dataclass(eq=False)
@@ -131,46 +113,12 @@ class Delivery:
         return self.key.campaign_id
 
 
-def _ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
-
-
-def delivery_result(key: LedgerKey, email: str, outcome: Outcome) -> dict[str, Any]:
-    """A new DeliveryResult (fresh result_id) as stored in the ledger (times in ms)."""
-    return {
-        "result_id": str(uuid.uuid4()),
-        "campaign_id": key.campaign_id,
-        "contact_id": key.contact_id,
-        "email": email,
-        "outcome": outcome.outcome,
-        "smtp_code": outcome.smtp_code,
-        "enhanced_code": outcome.enhanced_code,
-        "diagnostic": outcome.diagnostic,
-        "relay": outcome.relay,
-        "message_id": outcome.message_id,
-        "step_id": key.step_id or None,
-        "suppressed_reason": outcome.suppressed_reason,
-        "occurred_at": _ms(datetime.now(UTC)),
-    }
-
-
 def _columns(keys: Sequence[LedgerKey]) -> list[list[Any]]:
     return [
         [k.campaign_id for k in keys],
         [k.step_id for k in keys],
         [k.contact_id for k in keys],
     ]
-
-
-@dataclass
-class Claimed:
-    """One claimed key and what the ledger held for it before."""
-
-    key: LedgerKey
-    fresh: bool
-    status: str | None
-    result: dict[str, Any] | None
-    owner: int | None = None
 
 
 async def claim(
@@ -282,10 +230,6 @@ class OwnerLock:
             else:
                 living.add(key)
         return living
-
-
-#: an outcome to record: (key, kind, outcome, its DeliveryResult for a campaign row).
-Done = tuple[LedgerKey, str, Outcome, dict[str, Any] | None]
 
 
 async def record(conn: asyncpg.Connection | ReplannedConnection, done: Sequence[Done]) -> None:
@@ -415,15 +359,8 @@ class Ledger:
     async def _commit(
         self, finished: list[tuple[Delivery, Outcome]], *, announce: bool = True
     ) -> None:
-        done = [
-            (
-                d.key,
-                d.kind,
-                o,
-                delivery_result(d.key, d.email, o) if d.kind == "campaign" else None,
-            )
-            for d, o in finished
-        ]
+        now = datetime.now(UTC)
+        done = [ledger_row(d.key, d.kind, d.email, o, now) for d, o in finished]
 
         async def transaction() -> None:
             await record(self.cycles, done)

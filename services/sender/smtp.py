@@ -44,7 +44,8 @@ from libs.common.metrics import (
 )
 from libs.common.smtp_reply import Reply, classify, outcome_of
 from services.sender.exchange import Exchange, take_over
-from services.sender.ledger import Delivery, Ledger, Outcome, fail
+from services.sender.ledger import Delivery, Ledger, fail
+from services.sender.models import Outcome
 from services.sender.settings import SenderSettings
 
 log = get_logger(__name__)

@@ -1,0 +1,136 @@
+"""The sender's domain decisions, pure: no I/O, testable with no broker and no database.
+
+What to do with a send request, in two steps around the ledger claim:
+
+* before the claim, :func:`campaign_stop`: a request of a halted, cancelled or paused
+  campaign is dropped with no result (nothing happened to the recipient; after a pause the
+  scheduler releases it again);
+* after it, :func:`after_claim` over what the ledger held for its key and what the
+  sender's suppression copy answered (``copy.decide``, which applies
+  ``libs/common/can_send.py``): :class:`Duplicate` (the ledger decided it already: its
+  recorded result is published again, same result_id), :class:`Suppressed` (and why) or
+  :class:`Deliverable` (``resend`` when an earlier claim never finished: same Message-ID).
+
+And what an outcome turns into: :func:`delivery_result` (the ``delivery.results`` record
+stored in the ledger row) and :func:`ledger_row` (what the ledger records for it).
+``mail.system`` takes the same path with no suppression check and no result.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from libs.common.can_send import Decision
+from services.sender.models import Claimed, Done, LedgerKey, Outcome
+
+#: what a request is in the ledger: a campaign's recipient, a test send, an operator mail.
+CAMPAIGN, TEST, SYSTEM = "campaign", "test", "system"
+
+
+def request_key(request: Mapping[str, Any]) -> LedgerKey:
+    """The ledger key of a send request: one mail per (campaign, step, contact)."""
+    return LedgerKey(request["campaign_id"], request.get("step_id") or "", request["contact_id"])
+
+
+def system_key(mail_id: str, index: int) -> LedgerKey:
+    """The ledger key of a ``mail.system`` mail's ``index``-th recipient."""
+    return LedgerKey(f"mail:{mail_id}", "", index)
+
+
+def kind_of(request: Mapping[str, Any]) -> str:
+    return TEST if request.get("test") else CAMPAIGN
+
+
+def campaign_stop(request: Mapping[str, Any], stopped: Mapping[str, str]) -> str | None:
+    """The state (halted, cancelled, paused) that stops this request's campaign, if any.
+    ``stopped`` holds the campaigns that are not active. A test send is never stopped."""
+    if request.get("test"):
+        return None
+    return stopped.get(request["campaign_id"])
+
+
+def needs_check(claimed: Claimed) -> bool:
+    """Whether the suppression copy must be asked about a claimed key: not for a row the
+    ledger already finished (its outcome stands)."""
+    return not already_done(claimed)
+
+
+def already_done(claimed: Claimed) -> bool:
+    return not claimed.fresh and claimed.status == "done"
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """Decided before (a redelivery or a re-release): publish its recorded result again
+    (None: a row with no result, a test send or a system mail)."""
+
+    result: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Suppressed:
+    """Refused at the last moment by the can-send rule; ``resend``: claimed before."""
+
+    reason: str | None
+    resend: bool
+
+
+@dataclass(frozen=True)
+class Deliverable:
+    """To be sent; ``resend``: an earlier claim of it never finished (a crash, a sender
+    that is gone), so its relay may have kept a first copy: same Message-ID."""
+
+    resend: bool
+
+
+Action = Duplicate | Suppressed | Deliverable
+
+
+def after_claim(claimed: Claimed, verdict: Decision | None) -> Action:
+    """What to do with a claimed key, given the suppression copy's verdict (None: not
+    checked, as for ``mail.system``)."""
+    if already_done(claimed):
+        return Duplicate(claimed.result)
+    resend = not claimed.fresh
+    if verdict is not None and not verdict:
+        return Suppressed(verdict.reason, resend)
+    return Deliverable(resend)
+
+
+def suppressed(reason: str | None) -> Outcome:
+    return Outcome("suppressed", suppressed_reason=reason)
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def delivery_result(key: LedgerKey, email: str, outcome: Outcome, at: datetime) -> dict[str, Any]:
+    """A new DeliveryResult (fresh result_id) as stored in the ledger (times in ms)."""
+    return {
+        "result_id": str(uuid.uuid4()),
+        "campaign_id": key.campaign_id,
+        "contact_id": key.contact_id,
+        "email": email,
+        "outcome": outcome.outcome,
+        "smtp_code": outcome.smtp_code,
+        "enhanced_code": outcome.enhanced_code,
+        "diagnostic": outcome.diagnostic,
+        "relay": outcome.relay,
+        "message_id": outcome.message_id,
+        "step_id": key.step_id or None,
+        "suppressed_reason": outcome.suppressed_reason,
+        "occurred_at": _ms(at),
+    }
+
+
+def ledger_row(key: LedgerKey, kind: str, email: str, outcome: Outcome, at: datetime) -> Done:
+    """What the ledger records for an outcome: a campaign row stores its DeliveryResult
+    (published after the commit, and again from the row if its batch comes back); a test
+    send or a system mail has none."""
+    result = delivery_result(key, email, outcome, at) if kind == CAMPAIGN else None
+    return key, kind, outcome, result
