@@ -39,8 +39,8 @@ from bench.processes import ready, start, stop
 from bench.report import Result, n, progress, rate
 from libs.common import db
 from libs.common.kafka import ensure_topics
-from libs.common.tracking import PIXEL_GIF, TrackingLinks
-from libs.common.verp import VerpAddresses
+from libs.common.mail.tracking import PIXEL_GIF, TrackingLinks
+from libs.common.mail.verp import VerpAddresses
 from services.bounce_processor.app import MIGRATIONS
 from tayori.embedded import EmbeddedBroker, EmbeddedPostgres, free_port, wait_for_port
 

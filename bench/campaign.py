@@ -45,9 +45,9 @@ from bench.cpu import CpuMeter, Sample, cpu_per_message, cpu_seconds, idle_perce
 from bench.processes import ready, start, stop
 from bench.report import Result, n, progress, rate
 from libs.common import avro, db
-from libs.common.content import BY_REFERENCE, content_id
 from libs.common.kafka import ensure_topics
-from libs.common.render import CampaignMessage
+from libs.common.mail.content import BY_REFERENCE, content_id
+from libs.common.mail.render import CampaignMessage
 from libs.common.topics import Topic, topic_name
 from services.contacts.app import MIGRATIONS as CONTACTS_MIGRATIONS
 from services.scheduler.app import MIGRATIONS as SCHEDULER_MIGRATIONS

@@ -28,8 +28,8 @@ from bench.processes import ready, start, stop
 from bench.report import Result, ms, percentile, progress
 from libs.common import avro, db
 from libs.common.kafka import ensure_topics
+from libs.common.mail.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
 from libs.common.topics import Topic, topic_name
-from libs.common.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
 from services.contacts.app import MIGRATIONS as CONTACTS_MIGRATIONS
 from services.suppression.app import MIGRATIONS as SUPPRESSION_MIGRATIONS
 from tayori.embedded import EmbeddedBroker, EmbeddedPostgres, free_port

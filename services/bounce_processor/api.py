@@ -25,10 +25,10 @@ from aiohttp import web
 from libs.common.errors import NotFound, TransientError
 from libs.common.http import json_response, public, requires
 from libs.common.logging import get_logger
+from libs.common.mail.states import DeliveryStatus
+from libs.common.mail.tokens import BadToken
+from libs.common.mail.tracking import PIXEL_GIF, TrackingTarget
 from libs.common.metrics import TRACKING_HITS
-from libs.common.states import DeliveryStatus
-from libs.common.tokens import BadToken
-from libs.common.tracking import PIXEL_GIF, TrackingTarget
 from services.bounce_processor.context import CONTEXT, Context
 from services.bounce_processor.store import QUERIES, Hit
 

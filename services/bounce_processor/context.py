@@ -9,8 +9,8 @@ import asyncpg
 from aiohttp import web
 
 from libs.common.kafka import Publisher
-from libs.common.tracking import TrackingLinks
-from libs.common.verp import VerpAddresses
+from libs.common.mail.tracking import TrackingLinks
+from libs.common.mail.verp import VerpAddresses
 from services.bounce_processor.batcher import GroupWriter
 from services.bounce_processor.inbound import InboundMail, Listener
 from services.bounce_processor.settings import BounceSettings

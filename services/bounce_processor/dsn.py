@@ -4,7 +4,7 @@ Pure: bytes in, a :class:`BounceReport` out (or :class:`Unreadable` with the rea
 
 - A **DSN** (``multipart/report; report-type=delivery-status``): every per-recipient block
   is read — Final-Recipient, Original-Recipient, Action, Status, Diagnostic-Code — and each
-  failed block is classified by :mod:`libs.common.bounce_class` (Status first, then the
+  failed block is classified by :mod:`libs.common.mail.bounce_class` (Status first, then the
   codes and wording of Diagnostic-Code). ``delayed``, ``delivered``, ``relayed`` and
   ``expanded`` blocks are no failure.
 - An **ARF report** (``report-type=feedback-report``): ``Feedback-Type: abuse`` is a spam
@@ -33,7 +33,7 @@ from typing import Literal
 
 from flufl.bounce import all_failures
 
-from libs.common.bounce_class import Classification, classify
+from libs.common.mail.bounce_class import Classification, classify
 
 Kind = Literal["dsn", "arf", "heuristic"]
 

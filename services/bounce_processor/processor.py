@@ -7,7 +7,7 @@
   as unattributed and never becomes a bounce (no guessing from the recipient address).
 - :func:`failure_of`: what the report means for that contact (see :func:`.dsn.failure_for`).
 - :func:`result_failure`: the classification of a synchronous SMTP outcome from
-  ``delivery.results`` — the same rule (:mod:`libs.common.bounce_class`) as for DSNs.
+  ``delivery.results`` — the same rule (:mod:`libs.common.mail.bounce_class`) as for DSNs.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from libs.common.bounce_class import classify
-from libs.common.tokens import BadToken
-from libs.common.verp import VerpAddresses, VerpTarget
+from libs.common.mail.bounce_class import classify
+from libs.common.mail.tokens import BadToken
+from libs.common.mail.verp import VerpAddresses, VerpTarget
 from services.bounce_processor.dsn import BounceReport, Unreadable, failure_for, read_report
 from services.bounce_processor.store import Failure
 

@@ -32,9 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from libs.common.bounce_class import is_hard, is_soft
-from libs.common.can_send import STOPPING_DELIVERY_STATUSES
-from libs.common.states import DeliveryStatus
+from libs.common.mail.bounce_class import is_hard, is_soft
+from libs.common.mail.can_send import STOPPING_DELIVERY_STATUSES
+from libs.common.mail.states import DeliveryStatus
 
 #: statuses an open, click or delivery may turn into ``ok``.
 LIFTABLE = frozenset({DeliveryStatus.UNCONFIRMED, DeliveryStatus.TEMPORARY_ERROR})

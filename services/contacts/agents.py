@@ -18,8 +18,8 @@ from libs.common.db import claim_once, columns
 from libs.common.errors import InvalidMessage, NotFound, TransientError
 from libs.common.kafka import Message, reject
 from libs.common.logging import get_logger
+from libs.common.mail.states import MEMBERSHIP_CHANGE_STATES
 from libs.common.metrics import CONTACT_EVENTS
-from libs.common.states import MEMBERSHIP_CHANGE_STATES
 from services.contacts import store, targets
 from services.contacts.context import Context
 from services.contacts.models import FieldDefinition

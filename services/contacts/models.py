@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # The free-text columns of the contact table are one list with the merge-tag fields.
-from libs.common.mergetags import TEXT_FIELDS
-from libs.common.states import DeliveryStatus, MembershipState
+from libs.common.mail.mergetags import TEXT_FIELDS
+from libs.common.mail.states import DeliveryStatus, MembershipState
 
 #: 営業ステータス: code → the seed products' label.
 SALES_STATUSES = {

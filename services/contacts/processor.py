@@ -13,10 +13,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from libs.common import addresses, checks
+from libs.common import checks
 from libs.common.errors import InvalidMessage
-from libs.common.mergetags import CONTACT_FIELDS
-from libs.common.states import LEFT
+from libs.common.mail import addresses
+from libs.common.mail.mergetags import CONTACT_FIELDS
+from libs.common.mail.states import LEFT
 from services.contacts.models import (
     ENGAGEMENTS,
     SALES_STATUSES,

@@ -56,7 +56,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from libs.common.errors import InvalidMessage
-from libs.common.states import MembershipState
+from libs.common.mail.states import MembershipState
 from services.contacts.models import CHOICES, FIELD_KINDS, MEMBERSHIP_STATES, FieldDefinition
 
 #: Run in a search's transaction before its page and count: plan them with their values at

@@ -20,7 +20,7 @@ import asyncpg
 from libs.common import outbox
 from libs.common.db import Queries
 from libs.common.errors import InvalidMessage, NotFound
-from libs.common.states import MembershipState
+from libs.common.mail.states import MembershipState
 from libs.common.topics import Topic
 from services.contacts.models import WRITABLE, FieldDefinition
 from services.contacts.processor import ContactPatch, changelog_value

@@ -15,11 +15,11 @@ from typing import Any
 
 import asyncpg
 
-from libs.common.can_send import STOPPING_DELIVERY_STATUSES
 from libs.common.errors import InvalidMessage, NotFound
 from libs.common.logging import get_logger
+from libs.common.mail.can_send import STOPPING_DELIVERY_STATUSES
+from libs.common.mail.states import MembershipState
 from libs.common.metrics import SNAPSHOT_RECIPIENTS
-from libs.common.states import MembershipState
 from libs.common.topics import Topic
 from services.contacts.context import Context
 from services.contacts.models import FieldDefinition

@@ -12,7 +12,7 @@ from aiohttp import web
 from libs.common import outbox
 from libs.common.errors import Conflict, Forbidden, InvalidMessage
 from libs.common.http import ROLE, ROLES, error, json_response, read_json, requires
-from libs.common.tokens import BadToken
+from libs.common.mail.tokens import BadToken
 from libs.common.topics import Topic
 from services.exporter import jobs, processor, store
 from services.exporter.context import CONTEXT, Context

@@ -13,7 +13,7 @@ import asyncpg
 from aiohttp import web
 
 from libs.common.kafka import Publisher
-from libs.common.tokens import Signer
+from libs.common.mail.tokens import Signer
 from services.exporter.settings import ExporterSettings
 from services.exporter.sources import Sources
 

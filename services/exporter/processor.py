@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from libs.common import addresses
 from libs.common.errors import InvalidMessage
 from libs.common.jobs import job_event
-from libs.common.states import MembershipState
+from libs.common.mail import addresses
+from libs.common.mail.states import MembershipState
 from services.exporter.csvfile import ENCODINGS
 
 SOURCES = ("filter", "saved_filter", "contact_ids", "group", "campaign")

@@ -16,11 +16,12 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from libs.common import mergetags, outbox
+from libs.common import outbox
 from libs.common.errors import Conflict, InvalidMessage, NotFound
 from libs.common.http import ROLE, int_param, json_response, read_json, requires
+from libs.common.mail import mergetags
+from libs.common.mail.render import CampaignMessage
 from libs.common.metrics import RESENDS_CREATED, SCHEDULER_RELEASED
-from libs.common.render import CampaignMessage
 from libs.common.safecsv import safe_cell
 from libs.common.topics import Topic
 from services.scheduler import processor, resend, status, store

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from libs.common.content import content_id as content_hash
+from libs.common.mail.content import content_id as content_hash
 from libs.common.topics import Topic
 from services.scheduler import processor
 from services.scheduler.context import Context

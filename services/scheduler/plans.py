@@ -23,9 +23,9 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from libs.common import mergetags
 from libs.common.errors import InvalidMessage
-from libs.common.states import MembershipState
+from libs.common.mail import mergetags
+from libs.common.mail.states import MembershipState
 from services.scheduler import processor
 from services.scheduler.window import parse_hhmm
 

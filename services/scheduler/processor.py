@@ -11,10 +11,10 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from libs.common import mergetags
-from libs.common.addresses import normalise as normalise_address
 from libs.common.db import columns
 from libs.common.errors import InvalidMessage
+from libs.common.mail import mergetags
+from libs.common.mail.addresses import normalise as normalise_address
 from services.scheduler.status import SENDING_OVER
 
 #: contact fields a merge tag may name: what contacts puts in a snapshot's merge values.

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from libs.common.content import BY_REFERENCE
 from libs.common.errors import is_transient
 from libs.common.logging import get_logger
+from libs.common.mail.content import BY_REFERENCE
 from libs.common.metrics import (
     SCHEDULER_CAMPAIGNS,
     SCHEDULER_RELEASED,

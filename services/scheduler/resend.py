@@ -23,8 +23,8 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from libs.common import content
 from libs.common.errors import InvalidMessage
+from libs.common.mail import content
 
 #: engagement → the history conditions on the source campaign (received = delivered).
 ENGAGEMENTS: dict[str, list[tuple[str, bool]]] = {

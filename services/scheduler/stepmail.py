@@ -30,12 +30,12 @@ from typing import Any
 
 import asyncpg
 
-from libs.common.content import BY_REFERENCE
 from libs.common.db import columns
 from libs.common.errors import TransientError
 from libs.common.logging import get_logger
+from libs.common.mail.content import BY_REFERENCE
+from libs.common.mail.states import MembershipState
 from libs.common.metrics import PLAN_ENROLMENTS, STEP_RESULTS, STEPS_RELEASED
-from libs.common.states import MembershipState
 from libs.common.topics import Topic
 from services.scheduler import plans, processor, steps
 from services.scheduler.contents import publish_content

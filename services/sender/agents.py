@@ -22,11 +22,11 @@ from typing import Any
 import asyncpg
 from structlog.contextvars import bound_contextvars
 
-from libs.common.can_send import Decision
 from libs.common.db import claim_once
 from libs.common.errors import InvalidMessage, TransientError
 from libs.common.kafka import Message, checked, reject, still_working
 from libs.common.logging import get_logger, mask_email
+from libs.common.mail.can_send import Decision
 from libs.common.metrics import SENDER_DROPPED, SENDER_LEDGER_RECOVERIES
 from services.sender import contents, copy, ledger, processor, progress
 from services.sender.compose import CampaignMail

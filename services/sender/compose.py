@@ -1,6 +1,6 @@
 """Building each recipient's bytes: campaign mail, test sends and operator notifications.
 
-A campaign's MIME is built once (:class:`~libs.common.render.CampaignMessage`) and kept in a
+A campaign's MIME is built once (:class:`~libs.common.mail.render.CampaignMessage`) and kept in a
 small LRU keyed by the content's id (send.requests v4: the content arrives once, on
 ``campaign.content``; see contents.py) or, for a request carrying its content inline, by
 the content itself;
@@ -30,14 +30,14 @@ from typing import Any
 
 import dkim
 
-from libs.common import content as content_fields
 from libs.common.errors import InvalidMessage
-from libs.common.mergetags import COUPON_URL, UNSUBSCRIBE_URL
-from libs.common.render import CampaignMessage
-from libs.common.tokens import Signer
-from libs.common.tracking import TrackingLinks
-from libs.common.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
-from libs.common.verp import VerpAddresses
+from libs.common.mail import content as content_fields
+from libs.common.mail.mergetags import COUPON_URL, UNSUBSCRIBE_URL
+from libs.common.mail.render import CampaignMessage
+from libs.common.mail.tokens import Signer
+from libs.common.mail.tracking import TrackingLinks
+from libs.common.mail.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
+from libs.common.mail.verp import VerpAddresses
 from services.sender.settings import SenderSettings
 
 #: the namespace of stable Message-IDs (uuid5 of the ledger key).

@@ -8,7 +8,7 @@ and, if it is still missing, raises :class:`TransientError`: the batch is handle
 uncommitted — nothing is lost and nothing is sent without its own content. The table is
 shared by every replica (whichever stores a content, all can use it) and survives restarts.
 
-An id is the hash of its campaign and content (:mod:`libs.common.content`); :func:`check`
+An id is the hash of its campaign and content (:mod:`libs.common.mail.content`); :func:`check`
 refuses a record whose id does not match, so an id only ever names the content it was made of.
 """
 
@@ -21,9 +21,9 @@ from typing import Any
 
 import asyncpg
 
-from libs.common.content import content_id
 from libs.common.db import columns
 from libs.common.errors import InvalidMessage, TransientError
+from libs.common.mail.content import content_id
 from services.sender.ledger import QUERIES
 
 #: how long one batch waits for a content that has not arrived yet, before retrying.

@@ -6,7 +6,7 @@ address suppressions, rule value for blacklist rules — the change with the hig
 kept (state ``cleared`` / ``left``) so that an older change cannot bring them back.
 
 :func:`decide` gathers the facts of a whole batch of requests in four indexed lookups and
-applies :func:`libs.common.can_send.can_send` to each, at the last moment before SMTP.
+applies :func:`libs.common.mail.can_send.can_send` to each, at the last moment before SMTP.
 ``suppression.changes`` carries no delivery status (F-32) today, so that input of the rule
 is always None here; a change kind for it would be one more table like the others.
 """
@@ -18,10 +18,10 @@ from typing import Any
 
 import asyncpg
 
-from libs.common.can_send import Decision, blacklisted, can_send, suffix_candidates
 from libs.common.db import columns
 from libs.common.errors import InvalidMessage
-from libs.common.states import MEMBERSHIP_CHANGE_STATES
+from libs.common.mail.can_send import Decision, blacklisted, can_send, suffix_candidates
+from libs.common.mail.states import MEMBERSHIP_CHANGE_STATES
 from services.sender.ledger import QUERIES
 
 MEMBERSHIP_STATES = frozenset(MEMBERSHIP_CHANGE_STATES)

@@ -17,7 +17,7 @@ end of data and RSET go through it. Why a protocol of our own:
 
 Replies are parsed as aiosmtplib does (``code`` from the first three characters of each
 line, continuation lines ``NNN-``, the text of each line stripped and joined with LF), so
-:mod:`libs.common.smtp_reply` classifies the same strings. The connection's end is still
+:mod:`libs.common.mail.smtp_reply` classifies the same strings. The connection's end is still
 aiosmtplib's business: ``connection_lost`` and ``eof_received`` reach its protocol too, so
 ``SMTP.is_connected`` and ``SMTP.close`` keep working.
 """

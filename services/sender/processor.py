@@ -7,7 +7,7 @@ What to do with a send request, in two steps around the ledger claim:
   scheduler releases it again);
 * after it, :func:`after_claim` over what the ledger held for its key and what the
   sender's suppression copy answered (``copy.decide``, which applies
-  ``libs/common/can_send.py``): :class:`Duplicate` (the ledger decided it already: its
+  ``libs/common/mail/can_send.py``): :class:`Duplicate` (the ledger decided it already: its
   recorded result is published again, same result_id), :class:`Suppressed` (and why) or
   :class:`Deliverable` (``resend`` when an earlier claim never finished: same Message-ID).
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from libs.common.can_send import Decision
+from libs.common.mail.can_send import Decision
 from services.sender.models import Claimed, Done, LedgerKey, Outcome
 
 #: what a request is in the ledger: a campaign's recipient, a test send, an operator mail.

@@ -16,7 +16,7 @@ so a message costs one round trip — then its reply. A connection has at most
 :data:`UNRECORDED_PER_CONNECTION` messages whose end of data is out and whose outcome the
 :class:`~services.sender.ledger.Ledger` has not committed yet: what a crash can send twice
 (ledger.py); a stop lets the replies it waits for arrive first. Replies are classified by
-:mod:`libs.common.smtp_reply`: 4xx → tried again after a backoff, a bounded number of times;
+:mod:`libs.common.mail.smtp_reply`: 4xx → tried again after a backoff, a bounded number of times;
 5xx → permanent or policy error; 421 → a relay problem, not a message outcome.
 """
 
@@ -35,6 +35,7 @@ from aiosmtplib.protocol import normalize_message_line_endings
 
 from libs.common.errors import InvalidMessage
 from libs.common.logging import get_logger, mask_email
+from libs.common.mail.smtp_reply import Reply, classify, outcome_of
 from libs.common.metrics import (
     SENDER_AHEAD,
     SENDER_CONNECTIONS,
@@ -42,7 +43,6 @@ from libs.common.metrics import (
     SENDER_RETRIES,
     SENDER_SMTP_SECONDS,
 )
-from libs.common.smtp_reply import Reply, classify, outcome_of
 from services.sender.exchange import Exchange, take_over
 from services.sender.ledger import Delivery, Ledger, fail
 from services.sender.models import Outcome

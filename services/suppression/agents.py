@@ -16,7 +16,7 @@ from libs.common.db import claim_once
 from libs.common.errors import Forbidden, InvalidMessage, NotFound
 from libs.common.kafka import Message, checked, reject
 from libs.common.logging import get_logger
-from libs.common.states import MembershipState
+from libs.common.mail.states import MembershipState
 from services.suppression import store
 from services.suppression.context import Context
 from services.suppression.processor import METHODS, STATES

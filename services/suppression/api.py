@@ -7,11 +7,11 @@ from typing import Any
 
 from aiohttp import web
 
-from libs.common.can_send import Decision, can_send, normalise_rule, suffix_candidates
 from libs.common.errors import Conflict, InvalidMessage, NotFound
 from libs.common.http import ROLE, int_param, json_response, read_json, requires
+from libs.common.mail.can_send import Decision, can_send, normalise_rule, suffix_candidates
+from libs.common.mail.unsubscribe import UnsubscribeTarget
 from libs.common.metrics import CAN_SEND_SECONDS
-from libs.common.unsubscribe import UnsubscribeTarget
 from services.suppression import store, sync
 from services.suppression.context import CONTEXT, Context
 from services.suppression.processor import STATES

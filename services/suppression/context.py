@@ -9,8 +9,8 @@ import asyncpg
 from aiohttp import web
 
 from libs.common.kafka import Publisher
+from libs.common.mail.unsubscribe import UnsubscribeLinks
 from libs.common.outbox import OutboxRelay
-from libs.common.unsubscribe import UnsubscribeLinks
 from services.suppression.settings import SuppressionSettings
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from libs.common.states import MembershipState
+from libs.common.mail.states import MembershipState
 
 STATES = MembershipState.values()
 METHODS = ("form", "system", "auto_sync", "auto_stop", "upstream")

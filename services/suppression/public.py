@@ -18,10 +18,10 @@ from structlog.contextvars import bound_contextvars
 from libs.common.errors import NotFound
 from libs.common.http import public
 from libs.common.logging import get_logger
+from libs.common.mail.states import MembershipState
+from libs.common.mail.tokens import BadToken
+from libs.common.mail.unsubscribe import UnsubscribeTarget
 from libs.common.metrics import UNSUBSCRIBE_REQUESTS
-from libs.common.states import MembershipState
-from libs.common.tokens import BadToken
-from libs.common.unsubscribe import UnsubscribeTarget
 from services.suppression import store
 from services.suppression.context import CONTEXT, Context
 from services.suppression.store import QUERIES

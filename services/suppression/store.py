@@ -19,8 +19,8 @@ import asyncpg
 from libs.common import avro, avrocodec, outbox
 from libs.common.db import Queries
 from libs.common.errors import Forbidden, NotFound
+from libs.common.mail.states import LEFT, MembershipState
 from libs.common.metrics import SUPPRESSION_CHANGES
-from libs.common.states import LEFT, MembershipState
 from libs.common.topics import Topic
 from services.suppression.processor import (
     DEFAULT_METHOD,

@@ -21,8 +21,8 @@ from structlog.contextvars import bound_contextvars
 from libs.common import outbox
 from libs.common.jobs import job_event
 from libs.common.logging import get_logger
+from libs.common.mail.states import MembershipState
 from libs.common.retry import retry
-from libs.common.states import MembershipState
 from libs.common.topics import Topic
 from services.suppression import store
 from services.suppression.context import Context

@@ -13,9 +13,9 @@ import aiohttp
 import aiosmtplib
 import pytest
 
+from libs.common.mail.tracking import PIXEL_GIF, TrackingLinks
+from libs.common.mail.verp import VerpAddresses
 from libs.common.topics import Topic
-from libs.common.tracking import PIXEL_GIF, TrackingLinks
-from libs.common.verp import VerpAddresses
 from services.bounce_processor import maintenance
 from services.bounce_processor.context import CONTEXT
 from tests.conftest import eventually

@@ -17,9 +17,9 @@ import pytest
 from aiosmtpd.controller import Controller
 from prometheus_client import REGISTRY
 
+from libs.common.mail.unsubscribe import UnsubscribeLinks
+from libs.common.mail.verp import VerpAddresses
 from libs.common.topics import Topic
-from libs.common.unsubscribe import UnsubscribeLinks
-from libs.common.verp import VerpAddresses
 from services.sender import maintenance
 from services.sender.context import CONTEXT
 from services.suppression.store import change_record

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from libs.common.content import BY_REFERENCE, content_id
+from libs.common.mail.content import BY_REFERENCE, content_id
 from libs.common.topics import Topic
 from tayori.embedded import SmtpSink
 from tests.conftest import Kafka, Service

@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from email.message import Message
 
+from libs.common.mail.tracking import TrackingLinks
+from libs.common.mail.unsubscribe import UnsubscribeLinks
 from libs.common.settings import CommonSettings
-from libs.common.tracking import TrackingLinks
-from libs.common.unsubscribe import UnsubscribeLinks
 from tests.conftest import eventually
 from tests.integration.test_contacts_api import ids_of
 from tests.integration.test_scheduler import (

@@ -20,9 +20,9 @@ from typing import Any
 import aiohttp
 from prometheus_client import REGISTRY
 
-from libs.common.tokens import Signer
+from libs.common.mail.tokens import Signer
+from libs.common.mail.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
 from libs.common.topics import Topic
-from libs.common.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
 from tayori.embedded import free_port
 from tests.conftest import ADMIN_TOKEN, OPERATOR_TOKEN, eventually, running
 from tests.integration.test_contacts_api import published

@@ -1,12 +1,12 @@
-"""One rule for a mail address (libs/common/addresses.py): contacts' emails, a campaign's
+"""One rule for a mail address (libs/common/mail/addresses.py): contacts' emails, a campaign's
 from / reply-to / test addresses, an export's notify address."""
 
 from __future__ import annotations
 
 import pytest
 
-from libs.common.addresses import normalise
 from libs.common.errors import InvalidMessage
+from libs.common.mail.addresses import normalise
 
 
 @pytest.mark.parametrize(

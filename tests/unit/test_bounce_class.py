@@ -1,10 +1,10 @@
-"""F-30: the one classification of failures (libs/common/bounce_class.py)."""
+"""F-30: the one classification of failures (libs/common/mail/bounce_class.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from libs.common.bounce_class import (
+from libs.common.mail.bounce_class import (
     classify,
     find_enhanced_code,
     find_reply_code,

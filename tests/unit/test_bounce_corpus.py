@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.common.verp import VerpAddresses
+from libs.common.mail.verp import VerpAddresses
 from services.bounce_processor.dsn import Unreadable, failure_for, read_report
 from services.bounce_processor.processor import failure_of, read_mail, result_failure
 

@@ -13,9 +13,9 @@ from libs.common.errors import DlqLimitExceeded, InvalidMessage
 from libs.common.http import int_param
 from libs.common.kafka import QUIET_FETCH_MAX_WAIT_MS, DlqLimit, Latency, Message, Pacing, checked
 from libs.common.logging import mask_email
+from libs.common.mail.tokens import BadToken, Signer
 from libs.common.retry import Backoff
 from libs.common.settings import CommonSettings, load
-from libs.common.tokens import BadToken, Signer
 from libs.common.topics import Topic, all_topic_names, topic_name
 
 
@@ -236,3 +236,12 @@ def test_int_param_names_the_parameter(raw: str | None) -> None:
 
 def test_int_param() -> None:
     assert int_param("42", "id") == 42
+
+
+def test_the_runtime_floor_never_imports_the_mail_floor() -> None:
+    """libs/common has two floors: runtime plumbing below, the mail package above it."""
+    runtime = Path(__file__).resolve().parents[2] / "libs" / "common"
+    for module in runtime.glob("*.py"):
+        text = module.read_text(encoding="utf-8")
+        assert "libs.common.mail" not in text, f"{module.name} imports the mail floor"
+        assert "from libs.common import mail" not in text, module.name

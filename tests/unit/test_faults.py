@@ -214,7 +214,7 @@ def test_the_private_fetch_wait_the_consumer_paces_is_there_in_this_aiokafka() -
 
 
 def test_a_relay_reply_with_control_characters_gives_a_storable_diagnostic() -> None:
-    from libs.common.smtp_reply import classify as classify_reply
+    from libs.common.mail.smtp_reply import classify as classify_reply
 
     reply = classify_reply(550, "5.1.1 user\x00 unknown\r\n\x1b[31m")
     assert reply.diagnostic == "550 5.1.1 user unknown [31m"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from libs.common import mergetags
 from libs.common.errors import InvalidMessage
-from libs.common.mergetags import Tag, parse, render, validate
+from libs.common.mail import mergetags
+from libs.common.mail.mergetags import Tag, parse, render, validate
 
 KNOWN = {"name", "company", "email", "plan"}
 

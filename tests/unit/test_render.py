@@ -12,8 +12,8 @@ from email.message import EmailMessage
 import pytest
 
 from libs.common.errors import InvalidMessage
-from libs.common.render import CampaignMessage, fold_unstructured, html_to_text
-from libs.common.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
+from libs.common.mail.render import CampaignMessage, fold_unstructured, html_to_text
+from libs.common.mail.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
 
 NOW = 1_790_000_000.0  # fixed clock: deterministic Date
 LINKS = UnsubscribeLinks("k1:" + "s" * 32, "https://mail.example.jp")

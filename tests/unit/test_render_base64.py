@@ -12,10 +12,10 @@ from typing import cast
 
 import pytest
 
-from libs.common import render
-from libs.common.base64body import Base64Part
-from libs.common.render import CampaignMessage
-from libs.common.tracking import TrackingLinks
+from libs.common.mail import render
+from libs.common.mail.base64body import Base64Part
+from libs.common.mail.render import CampaignMessage
+from libs.common.mail.tracking import TrackingLinks
 
 TRACKING = TrackingLinks("k1:secret-one", "https://track.example")
 # 1-, 2-, 3- and 4-byte UTF-8 characters and line ends: every 3-byte alignment is met.

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from libs.common import avro
-from libs.common.content import BY_REFERENCE
 from libs.common.errors import InvalidMessage
+from libs.common.mail.content import BY_REFERENCE
 from libs.common.topics import Topic
 from services.scheduler import requests
 

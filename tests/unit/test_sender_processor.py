@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-from libs.common.can_send import ALLOWED, Decision
+from libs.common.mail.can_send import ALLOWED, Decision
 from services.sender import processor
 from services.sender.models import Claimed, LedgerKey, Outcome
 from services.sender.processor import Deliverable, Duplicate, Suppressed

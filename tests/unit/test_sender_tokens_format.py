@@ -11,11 +11,11 @@ import uuid
 
 import pytest
 
-from libs.common import verp
-from libs.common.tokens import BadToken, Signer
-from libs.common.tracking import TrackingLinks
-from libs.common.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
-from libs.common.verp import VerpAddresses
+from libs.common.mail import verp
+from libs.common.mail.tokens import BadToken, Signer
+from libs.common.mail.tracking import TrackingLinks
+from libs.common.mail.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
+from libs.common.mail.verp import VerpAddresses
 
 KEYS = "k1:secret-one,k2:secret-two"
 CAMPAIGN = "6f3a1c52-8d4e-4b7a-9c2f-1e5d7b9a0c34"

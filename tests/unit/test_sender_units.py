@@ -14,10 +14,10 @@ import pytest
 from aiosmtplib import SMTPResponseException, SMTPServerDisconnected
 from aiosmtplib.protocol import SMTPProtocol
 
-from libs.common.smtp_reply import classify, enhanced_code, outcome_of
-from libs.common.tokens import BadToken, Signer
-from libs.common.tracking import TrackingLinks
-from libs.common.verp import VerpAddresses
+from libs.common.mail.smtp_reply import classify, enhanced_code, outcome_of
+from libs.common.mail.tokens import BadToken, Signer
+from libs.common.mail.tracking import TrackingLinks
+from libs.common.mail.verp import VerpAddresses
 from services.sender.compose import MESSAGE_ID_NAMESPACE, Composer, DkimSigner, stable_message_id
 from services.sender.exchange import Exchange
 from services.sender.settings import SenderSettings

@@ -1,4 +1,4 @@
-"""The state vocabularies are declared once (``libs/common/states.py``); SQL cannot import
+"""The state vocabularies are declared once (``libs/common/mail/states.py``); SQL cannot import
 them, so these tests read every CHECK constraint and literal list in the migrations and
 queries that spell them and check they say the same, so the two cannot drift."""
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from libs.common.can_send import STOPPING_DELIVERY_STATUSES
-from libs.common.states import LEFT, MEMBERSHIP_CHANGE_STATES, DeliveryStatus, MembershipState
+from libs.common.mail.can_send import STOPPING_DELIVERY_STATUSES
+from libs.common.mail.states import LEFT, MEMBERSHIP_CHANGE_STATES, DeliveryStatus, MembershipState
 from services.contacts.search import MEMBER_FLAG, STATE_FLAGS
 from services.suppression.processor import RANK
 

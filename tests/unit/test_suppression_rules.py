@@ -9,15 +9,15 @@ import json
 
 import pytest
 
-from libs.common.can_send import (
+from libs.common.mail.can_send import (
     Decision,
     blacklisted,
     can_send,
     normalise_rule,
     suffix_candidates,
 )
-from libs.common.tokens import BadToken, Signer
-from libs.common.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
+from libs.common.mail.tokens import BadToken, Signer
+from libs.common.mail.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
 from services.suppression.processor import (
     ACTORS,
     STATES,

@@ -11,11 +11,11 @@ from email.message import EmailMessage
 
 import pytest
 
-from libs.common import mergetags
-from libs.common.links import PIXEL, linked_html, linked_text
-from libs.common.render import CampaignMessage
-from libs.common.tokens import BadToken, Signer
-from libs.common.tracking import TrackingLinks, trackable
+from libs.common.mail import mergetags
+from libs.common.mail.links import PIXEL, linked_html, linked_text
+from libs.common.mail.render import CampaignMessage
+from libs.common.mail.tokens import BadToken, Signer
+from libs.common.mail.tracking import TrackingLinks, trackable
 from services.scheduler.processor import feedback_tallies
 
 KEYS = "k1:" + "s" * 32

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from libs.common.states import LEFT, DeliveryStatus, MembershipState
+from libs.common.mail.states import LEFT, DeliveryStatus, MembershipState
 
 STOPPING_DELIVERY_STATUSES = frozenset(
     {DeliveryStatus.INVALID_ADDRESS, DeliveryStatus.ERROR, DeliveryStatus.SPAM}

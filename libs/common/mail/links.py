@@ -29,8 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
-from libs.common import mergetags
-from libs.common.mergetags import Escape, Template
+from libs.common.mail import mergetags
+from libs.common.mail.mergetags import Escape, Template
 
 _OPEN, _CLOSE = "\ue000", "\ue001"
 _SENTINEL = re.compile(f"{_OPEN}([0-9]+){_CLOSE}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from libs.common.tokens import BadToken, Signer
+from libs.common.mail.tokens import BadToken, Signer
 
 PURPOSE = "unsubscribe"
 

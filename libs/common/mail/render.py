@@ -6,16 +6,16 @@ the subject and body templates, derives the text part of an HTML campaign, picks
 folds the static headers (From, Reply-To, extra headers, MIME-Version, Content-Type). Per
 recipient :meth:`CampaignMessage.render` only joins strings: Date, Message-ID, To, Subject
 (RFC 2047 when non-ASCII), the per-recipient headers (``List-Unsubscribe`` and
-``List-Unsubscribe-Post`` from :meth:`libs.common.unsubscribe.UnsubscribeLinks.headers`) and
+``List-Unsubscribe-Post`` from :meth:`libs.common.mail.unsubscribe.UnsubscribeLinks.headers`) and
 each body part as UTF-8 base64 in 76-character lines. Lines end in CRLF.
 
 The boundary is random per campaign and chosen so it does not occur in any static header. Every
 body part is base64, whose alphabet (``A-Z a-z 0-9 + / =``) has no ``-``: a body line can never
 start with ``--``, so it can never be read as a delimiter line, whatever a recipient's values are.
 
-Open and click tracking (F-34), when a :class:`~libs.common.tracking.TrackingLinks` is given,
+Open and click tracking (F-34), when a :class:`~libs.common.mail.tracking.TrackingLinks` is given,
 keeps that shape: the links of each body part and the place of the open pixel are found once,
-when the campaign is built (:mod:`libs.common.links`); per recipient only each destination is
+when the campaign is built (:mod:`libs.common.mail.links`); per recipient only each destination is
 signed (once, though it is in both parts) and joined in.
 
 The envelope (MAIL FROM, VERP return path) is the SMTP client's business; no Return-Path header
@@ -35,10 +35,10 @@ from email.utils import formataddr, formatdate
 from html.parser import HTMLParser
 from typing import Literal
 
-from libs.common import links, mergetags
-from libs.common.base64body import CRLF, Base64Part
 from libs.common.errors import InvalidMessage
-from libs.common.tracking import RecipientLinks, TrackingLinks, trackable
+from libs.common.mail import links, mergetags
+from libs.common.mail.base64body import CRLF, Base64Part
+from libs.common.mail.tracking import RecipientLinks, TrackingLinks, trackable
 
 Format = Literal["text", "html"]
 
@@ -253,7 +253,7 @@ class _Body:
 class CampaignMessage:
     """One campaign's mail: built once, then :meth:`render` per recipient.
 
-    ``body`` and ``subject`` are merge-tag templates (:mod:`libs.common.mergetags`),
+    ``body`` and ``subject`` are merge-tag templates (:mod:`libs.common.mail.mergetags`),
     validated by the scheduler when the campaign was created. ``headers`` are static extra
     headers added to every mail. ``now`` is injectable so tests get a fixed Date.
 

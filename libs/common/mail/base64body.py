@@ -1,7 +1,7 @@
 """A mail body part as UTF-8 base64 in 76-character CRLF lines (RFC 2045), per recipient:
 :class:`Base64Part` gives the bytes of the whole part encoded at once for a text made of a
 campaign's constant pieces and a recipient's own values, encoding the constant pieces once
-(used by :mod:`libs.common.render`)."""
+(used by :mod:`libs.common.mail.render`)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class Base64Part:
 
     def encode(self, parts: list[str]) -> str:
         """``"".join(parts)`` encoded as a whole; ``parts`` as
-        :meth:`libs.common.links.LinkedTemplate.render_parts` returns them."""
+        :meth:`libs.common.mail.links.LinkedTemplate.render_parts` returns them."""
         out: list[str] = []
         carry = b""  # the last 0–2 bytes, not yet encoded
         column = 0

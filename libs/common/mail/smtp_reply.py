@@ -8,14 +8,14 @@ before the content, ``end`` for the reply to the end of data):
   channel), not the message: reconnect or fail over and send the message again.
 - other 4xx: a temporary refusal of this message: retry it later, a bounded number of times,
   then report ``temporary_error``.
-- 5xx that :mod:`libs.common.bounce_class` classifies as ``policy`` (an enhanced code in
+- 5xx that :mod:`libs.common.mail.bounce_class` classifies as ``policy`` (an enhanced code in
   class 5.7, security or policy, RFC 3463; or policy wording without a code):
   ``policy_error``.
 - other 5xx: ``permanent_error``.
 
 The enhanced status code (RFC 3463 ``class.subject.detail``) is read from the start of the
 reply text when present (``550 5.1.1 <a@b>: user unknown``). What a failure means for the
-recipient (hard, soft, policy) is :mod:`libs.common.bounce_class`'s decision, shared with
+recipient (hard, soft, policy) is :mod:`libs.common.mail.bounce_class`'s decision, shared with
 the bounce processor's reading of DSNs.
 """
 
@@ -25,8 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from libs.common import bounce_class
-from libs.common.bounce_class import leading_enhanced_code
+from libs.common.mail import bounce_class
+from libs.common.mail.bounce_class import leading_enhanced_code
 
 Verdict = Literal[
     "ok", "relay_problem", "retry", "temporary_error", "permanent_error", "policy_error"

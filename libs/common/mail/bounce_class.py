@@ -1,6 +1,6 @@
 """What a delivery failure says about the recipient (F-30): one rule for SMTP replies and DSNs.
 
-The sender reads SMTP replies through :mod:`libs.common.smtp_reply`, the bounce processor
+The sender reads SMTP replies through :mod:`libs.common.mail.smtp_reply`, the bounce processor
 reads DSNs and delivery results; both ask :func:`classify`, so a ``550 5.1.1`` means the
 same thing whether it came back synchronously or in a bounce a day later.
 

@@ -6,7 +6,7 @@ token carries the destination URL *under the signature*: a redirect only ever go
 that was in the mail we sent, so ``/t/c/`` is never an open redirect, and no lookup of the
 campaign's content is needed to answer a click.
 
-Tokens are :class:`~libs.common.tokens.Signer` tokens (keys from ``TAYORI_SIGNING_KEYS``, with
+Tokens are :class:`~libs.common.mail.tokens.Signer` tokens (keys from ``TAYORI_SIGNING_KEYS``, with
 a key id so keys rotate), one purpose each, so an open token is never accepted as a click.
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from libs.common.tokens import BadToken, Signer
+from libs.common.mail.tokens import BadToken, Signer
 
 OPEN = "open"
 CLICK = "click"

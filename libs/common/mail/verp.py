@@ -5,12 +5,12 @@ processor reads the campaign and contact from it without a lookup. The token is 
 campaign (a UUID, 16 bytes) and the contact id (8 bytes) followed by an 80-bit HMAC-SHA256
 over them, the purpose ``verp`` and the key id (keys from ``TAYORI_SIGNING_KEYS``, so they
 rotate like every other token): a forged or tampered address is refused
-(:class:`~libs.common.tokens.BadToken`) instead of blaming an innocent contact.
+(:class:`~libs.common.mail.tokens.BadToken`) instead of blaming an innocent contact.
 
 The token is base32 without padding, so the local part is letters and digits only and
 survives relays that change its case; with a short key id it stays within RFC 5321's 64
 octets (``b-k1-`` + 55 characters). A campaign id that is not a UUID (none is today) falls
-back to the longer signed-claims form of :class:`~libs.common.tokens.Signer`.
+back to the longer signed-claims form of :class:`~libs.common.mail.tokens.Signer`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from libs.common.tokens import BadToken, Signer, parse_keys
+from libs.common.mail.tokens import BadToken, Signer, parse_keys
 
 PURPOSE = "verp"
 PREFIX = "b-"
