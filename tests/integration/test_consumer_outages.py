@@ -10,7 +10,7 @@ import pytest
 from aiokafka import errors as kafka_errors
 
 from libs.common import avro
-from libs.common.kafka import Message, Publisher, reject
+from libs.common.kafka import Concurrency, Message, Publisher, reject
 from libs.common.topics import Topic
 from tests.conftest import Kafka, Stack, eventually
 from tests.integration.test_consumer_loop import _result, running
@@ -57,7 +57,7 @@ async def test_a_dead_letter_the_broker_fails_with_partitions_at_once_is_weather
     flaky = FlakyDeadLetters(kafka.publisher)
     publisher, kafka.publisher = kafka.publisher, flaky
     try:
-        async with running(stack, kafka, prefix, handler, partitions_at_once=True):
+        async with running(stack, kafka, prefix, handler, concurrency=Concurrency.AT_ONCE):
 
             async def all_handled() -> bool:
                 return handled >= set(sent) - refused
