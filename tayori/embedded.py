@@ -61,6 +61,31 @@ def wait_for_port(
 # PostgreSQL ---------------------------------------------------------------------------
 
 
+def _started_server(data_dir: Path) -> Any:
+    """pgserver's handle on a running server in ``data_dir``. pgserver gives ``pg_ctl
+    start`` 10 s, which a loaded machine can pass while initdb's new server is still
+    starting: then wait for that server to be ready and take pgserver's handle on it."""
+    import pgserver
+
+    try:
+        return pgserver.get_server(data_dir, cleanup_mode="stop")
+    except subprocess.TimeoutExpired:
+        server = pgserver.get_server(data_dir, cleanup_mode="stop")  # the half-made handle
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with server._lock:
+                server.ensure_postgres_running()  # finds the server once it is ready
+            break
+        except (AssertionError, subprocess.SubprocessError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    # What the constructor did not get to: this process holds a handle (stop() stops it).
+    server.global_process_id_list.get_and_add(os.getpid())
+    return server
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server in ``data_dir`` (kept across restarts); ``dsn(db)`` to connect.
 
@@ -79,15 +104,15 @@ class EmbeddedPostgres:
         os.chmod(runtime, 0o700)
         # pgserver reads XDG_RUNTIME_DIR when it is imported (its lock file lives there).
         os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
-        import pgserver
-
-        self.server = pgserver.get_server(data_dir, cleanup_mode="stop")
+        self.server = _started_server(data_dir)
         self._base = self.server.get_uri()
         info = self.server.get_postmaster_info()
         # pgserver listens on a Unix socket only; starting again on the same socket directory
         # and port is what keeps the dsn the same.
         self._socket_dir = str(info.socket_dir)
         self._port = int(info.port or 5432)
+        import pgserver  # imported late: it reads XDG_RUNTIME_DIR, set above
+
         self._bin = Path(pgserver.__file__).parent / "pginstall" / "bin"
         self.log_path: Path = self.server.log
         if fast_unsafe:
