@@ -1,4 +1,4 @@
-"""Avro binary codecs compiled from a schema into Python source, for the hot topics.
+"""Avro binary codecs compiled from a schema into Python source, for every topic.
 
 fastavro's compiled reader and writer interpret the schema for every value: ~1.5 µs per
 ``["null", "string"]`` field, ~30–40 µs per ``contacts.events`` or ``contacts.changelog``
@@ -7,8 +7,9 @@ do the same work with the schema unrolled into straight-line code (one function 
 schema, no dispatch per field).
 
 They cover the types our schemas use — records, ``null``, ``boolean``, ``int``, ``long``,
-``string``, enums, arrays, maps, two-branch unions with ``null`` and ``timestamp-millis`` —
-and only the usual values: anything else (another type in the schema, a value of an
+``string``, enums, arrays, maps, two-branch unions with ``null`` and ``timestamp-millis``,
+field defaults of any of those (a map's ``{}``, an array's ``[]``), so every topic's schema
+compiles — and only the usual values: anything else (another type in the schema, a value of an
 unexpected Python type, a malformed input) makes :func:`compile_writer` /
 :func:`compile_reader` return None or the compiled function raise, and the caller
 (:mod:`libs.common.avro`) uses fastavro, so every unusual case behaves exactly as fastavro
@@ -256,15 +257,24 @@ def _write(src: _Source, schema: Any, value: str, ind: int) -> None:
             field_value = src.var("f")
             name = fld["name"]
             if "default" in fld or (isinstance(fld["type"], list) and "null" in fld["type"]):
-                default = fld.get("default")
-                if not isinstance(default, (type(None), bool, int, str)):
-                    raise Unsupported(f"default {default!r}")
-                src.emit(ind, f"{field_value} = {record}.get({name!r}, {default!r})")
+                src.emit(ind, f"{field_value} = {record}.get({name!r}, {_default(src, fld)})")
             else:
                 src.emit(ind, f"{field_value} = {record}[{name!r}]")
             _write(src, fld["type"], field_value, ind)
     else:  # pragma: no cover - _kind returns only the kinds above
         raise Unsupported(kind)
+
+
+def _default(src: _Source, fld: dict[str, Any]) -> str:
+    """The expression for a missing field's value: its default, as fastavro writes it (the
+    default as the value, checked by the field's own writer like any other value)."""
+    default = fld.get("default")
+    if isinstance(default, (type(None), bool, int, str)):
+        return repr(default)
+    if isinstance(default, (list, dict)):
+        # one shared object (a map's {}, an array's []): the writer only reads it
+        return src.constant(default)
+    raise Unsupported(f"default {default!r}")
 
 
 # Reader ------------------------------------------------------------------------------------
