@@ -191,3 +191,12 @@ def test_unsupported_schemas_are_left_to_fastavro() -> None:
         parsed = fastavro.parse_schema(schema)
         assert avrocodec.compile_writer(parsed) is None
         assert avrocodec.compile_reader(parsed) is None
+
+
+def test_encode_all_gives_what_encode_gives_one_by_one() -> None:
+    topic = "send.requests"
+    values = examples(topic) * 2
+    encoded, headers = avro.encode_all(topic, values)
+    assert [(data, headers) for data in encoded] == [avro.encode(topic, v) for v in values]
+    with pytest.raises(InvalidMessage):  # fastavro's verdict on what the codec steps aside for
+        avro.encode_all(topic, [{**values[0], "merge_values": {"n": 3}}])
