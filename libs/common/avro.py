@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,26 @@ def encode(topic: Topic | str, value: dict[str, Any]) -> tuple[bytes, list[tuple
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
         raise InvalidMessage(f"does not match schema {_base(topic)} v{version}: {exc}") from exc
     return buffer.getvalue(), [(VERSION_HEADER, str(version).encode())]
+
+
+def encode_all(
+    topic: Topic | str, values: Iterable[dict[str, Any]]
+) -> tuple[list[bytes], list[tuple[str, bytes]]]:
+    """:func:`encode` for many values of one topic (a chunk released together): the writer
+    and the version header are looked up once; the header list is shared by every value."""
+    base = _base(topic)
+    version = current_schema(base)[0]
+    headers = [(VERSION_HEADER, str(version).encode())]
+    write = _compiled_writer(base)
+    if write is None:
+        return [encode(base, value)[0] for value in values], headers
+    encoded = []
+    for value in values:
+        try:
+            encoded.append(write(value))
+        except _COMPILED_ERRORS:
+            encoded.append(encode(base, value)[0])  # fastavro writes it or raises InvalidMessage
+    return encoded, headers
 
 
 def decode(topic: Topic | str, data: bytes | None, headers: Any = ()) -> dict[str, Any]:

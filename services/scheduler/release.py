@@ -154,7 +154,7 @@ async def release_campaign(ctx: Context, campaign_id: uuid.UUID, now: dt.datetim
         if not rows:
             return 0
         content_id = await publish_content(ctx, campaign)
-        records = requests.encode_chunk(
+        records = requests.chunk_records(
             campaign_id=key,
             include_unsubscribed=campaign["include_unsubscribed"],
             content=BY_REFERENCE,

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import io
+import random
 from typing import Any
 
 import fastavro
 import pytest
 
-from libs.common import avro, db, outbox
+from libs.common import avro, avrocodec, db, outbox
 from libs.common.errors import NotFound
 from libs.common.outbox import OutboxRelay
 from libs.common.topics import Topic
@@ -76,6 +77,55 @@ async def test_avro_long_in_sql_is_fastavros(database: str) -> None:
             buffer = io.BytesIO()
             fastavro.schemaless_writer(buffer, millis, at)
             assert await pool.fetchval("SELECT avro_timestamp_millis($1)", at) == buffer.getvalue()
+    finally:
+        await pool.close()
+
+
+async def test_avro_tail_in_sql_is_the_compiled_codecs(database: str) -> None:
+    """avro_long and avro_timestamp_millis (migration 0002) write what libs/common/avrocodec
+    writes for the same long or moment, so the Avro encoder in SQL cannot drift from the one
+    every topic uses."""
+    write_long = avrocodec.compile_writer("long")
+    write_millis = avrocodec.compile_writer({"type": "long", "logicalType": "timestamp-millis"})
+    assert write_long is not None and write_millis is not None
+    rng = random.Random(2)
+    longs = [0, 1, -1, 63, 64, -64, -65, 8191, 8192, 16383, 16384, 2**63 - 1, -(2**63)]
+    longs += [rng.randrange(-(2**bits), 2**bits) for bits in range(1, 64) for _ in range(8)]
+    moments = [
+        dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+        + dt.timedelta(microseconds=rng.randrange(-(2**51), 2**53))
+        for _ in range(300)
+    ]
+    moments += [dt.datetime.now(dt.UTC), dt.datetime(2026, 12, 4, 18, 0, 0, 999_999, tzinfo=dt.UTC)]
+    pool = await _pool(database)
+    try:
+        in_sql = await pool.fetch("SELECT avro_long(n) AS n FROM unnest($1::bigint[]) n", longs)
+        assert [r["n"] for r in in_sql] == [write_long(n) for n in longs]
+        in_sql = await pool.fetch(
+            "SELECT avro_timestamp_millis(at) AS at FROM unnest($1::timestamptz[]) at", moments
+        )
+        assert [r["at"] for r in in_sql] == [write_millis(at) for at in moments]
+    finally:
+        await pool.close()
+
+
+async def test_the_links_record_is_the_compiled_codecs(database: str) -> None:
+    """The record the link's statement queues (Python's head, SQL's tail) is byte for byte
+    what the compiled codec writes for the record it decodes to."""
+    write = avrocodec.compile_writer(avro.current_schema(Topic.SUPPRESSION_CHANGES.value)[1])
+    assert write is not None
+    pool = await _pool(database)
+    try:
+        for contact_id in (9, 300, 2**40):
+            await _member(pool, contact_id, 1)
+            async with pool.acquire() as conn:
+                assert await store.unsubscribe_by_link(conn, contact_id, 1, campaign_id="c") is True
+        payloads = [
+            r["payload"] for r in await pool.fetch("SELECT payload FROM outbox ORDER BY id")
+        ]
+        assert len(payloads) == 3
+        for payload in payloads:
+            assert write(avro.decode(Topic.SUPPRESSION_CHANGES, payload)) == payload
     finally:
         await pool.close()
 

@@ -1,13 +1,16 @@
-"""The release's send.requests encoder gives fastavro's bytes, byte for byte."""
+"""The release's send.requests: each row of a chunk becomes the request it should, in the
+bytes fastavro writes for it."""
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import random
 import re
 import uuid
 from typing import Any
 
+import fastavro
 import pytest
 
 from libs.common import avro
@@ -17,10 +20,17 @@ from libs.common.topics import Topic
 from services.scheduler import requests
 
 CONTACT_IDS = [0, 1, 63, 64, 127, 128, 8191, 8192, 16383, 16384, 2**31, 2**62, -1, -(2**40)]
+MAIL_CONTENT_DEFAULTS = {
+    "from_name": None,
+    "reply_to": None,
+    "coupon_url": None,
+    "track_opens": True,
+    "track_clicks": True,
+}
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
-def _reference(
+def _expected(
     row: dict[str, Any],
     request_id: str,
     *,
@@ -29,28 +39,31 @@ def _reference(
     content: dict[str, Any],
     content_id: str | None,
     released_at: dt.datetime,
-) -> bytes:
-    """What the release loop encoded before: the request as a dict, through fastavro."""
-    data, headers = avro.encode(
-        Topic.SEND_REQUESTS,
-        {
-            "request_id": request_id,
-            "campaign_id": campaign_id,
-            "step_id": None,
-            "contact_id": row["contact_id"],
-            "email": row["email"],
-            "group_id": row["group_id"],
-            "include_unsubscribed": include,
-            "merge_values": row["merge_values"],
-            "content": content,
-            "content_id": content_id,
-            "attempt": row["attempt"] + 1,
-            "released_at": released_at,
-            "test": False,
-        },
-    )
-    assert headers == requests.HEADERS
-    return data
+) -> dict[str, Any]:
+    """The request a release row should become: every field of send.requests, defaults spelt
+    out (no step, not a test send, not a checkpoint)."""
+    return {
+        "request_id": request_id,
+        "campaign_id": campaign_id,
+        "step_id": None,
+        "contact_id": row["contact_id"],
+        "email": row["email"],
+        "group_id": row["group_id"],
+        "include_unsubscribed": include,
+        "merge_values": row["merge_values"] or {},
+        "content": {**MAIL_CONTENT_DEFAULTS, **content},
+        "attempt": row["attempt"] + 1,
+        "released_at": released_at,
+        "test": False,
+        "content_id": content_id,
+        "checkpoint": False,
+    }
+
+
+def _fastavro(value: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, avro.current_schema(Topic.SEND_REQUESTS.value)[1], value)
+    return buffer.getvalue()
 
 
 def _text(rng: random.Random) -> str:
@@ -69,12 +82,21 @@ def _row(rng: random.Random) -> dict[str, Any]:
     }
 
 
-def test_schema_version_is_the_encoders() -> None:
-    assert avro.current_schema(Topic.SEND_REQUESTS.value)[0] == requests.VERSION
+def test_requests_carry_the_current_schema_version() -> None:
+    (_, _, headers) = requests.chunk_records(
+        campaign_id="c",
+        include_unsubscribed=False,
+        content=BY_REFERENCE,
+        content_id=None,
+        released_at=dt.datetime.now(dt.UTC),
+        recipients=[{**_row(random.Random(0)), "merge_values": {}}],
+    )[0]
+    version = avro.current_schema(Topic.SEND_REQUESTS.value)[0]
+    assert headers == [(avro.VERSION_HEADER, str(version).encode())]
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_chunk_bytes_are_fastavros(seed: int) -> None:
+def test_chunk_requests_decode_as_the_rows_released(seed: int) -> None:
     rng = random.Random(seed)
     content = (
         BY_REFERENCE
@@ -100,7 +122,7 @@ def test_chunk_bytes_are_fastavros(seed: int) -> None:
         + dt.timedelta(days=rng.randrange(-30000, 30000)),
     }
     rows = [_row(rng) for _ in range(30)]
-    encoded = requests.encode_chunk(
+    encoded = requests.chunk_records(
         campaign_id=chunk["campaign_id"],
         include_unsubscribed=chunk["include"],
         content=content,
@@ -108,12 +130,17 @@ def test_chunk_bytes_are_fastavros(seed: int) -> None:
         released_at=chunk["released_at"],
         recipients=rows,
     )
+    ids = set()
     for row, (key, data, headers) in zip(rows, encoded, strict=True):
         assert key == row["contact_id"]
-        assert headers == requests.HEADERS
         decoded = avro.decode(Topic.SEND_REQUESTS, data, headers)
-        row = {**row, "merge_values": row["merge_values"] or {}}
-        assert data == _reference(row, decoded["request_id"], **chunk)
+        assert UUID4.match(decoded["request_id"])
+        ids.add(decoded["request_id"])
+        expected = _expected(row, decoded["request_id"], **chunk)
+        millis = dt.timedelta(microseconds=chunk["released_at"].microsecond % 1000)
+        assert decoded == {**expected, "released_at": chunk["released_at"] - millis}
+        assert data == _fastavro(expected)  # and the bytes are fastavro's
+    assert len(ids) == len(rows)
 
 
 def test_request_ids_are_uuid4_text() -> None:
@@ -133,7 +160,7 @@ def test_a_merge_value_that_is_not_text_is_refused() -> None:
         "attempt": 0,
     }
     with pytest.raises(InvalidMessage):
-        requests.encode_chunk(
+        requests.chunk_records(
             campaign_id="c",
             include_unsubscribed=False,
             content=BY_REFERENCE,
