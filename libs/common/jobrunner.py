@@ -53,7 +53,7 @@ MAX_REASON = 2000
 class JobSteps(Protocol[J]):
     """What a service supplies for one job (module docstring: the contract)."""
 
-    #: the job's kind in logs and metrics: "sync", "export", "import".
+    #: the job's kind in logs, and in metrics as ``<kind>_job``: "sync", "export", "import".
     kind: str
     service: str
     job_id: str
@@ -94,7 +94,7 @@ async def run_job(pool: asyncpg.Pool, steps: JobSteps[Any], *, pause: Backoff = 
         try:
             await supervise(
                 lambda: _run_once(pool, steps),
-                name=steps.kind,
+                name=f"{steps.kind}_job",  # the transient_retries label
                 service=steps.service,
                 strategy=pause,
             )
