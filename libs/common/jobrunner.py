@@ -8,13 +8,15 @@ and :func:`run_job` does the rest, the same way for every job:
    holds it with a fresh heartbeat). A runner that died leaves a stale heartbeat; the
    service's claim query takes such a job over (``runner IS NULL OR heartbeat_at < now() -
    stale``), or simply locks the row when the job has no runner column.
-2. **steps** — ``step(conn, job)`` runs one step from the job's committed checkpoint, in a
-   transaction the runner opens: the work, the new checkpoint and the ``jobs.events``
-   progress record (through the outbox) commit together. It returns the job as it now is
-   (the next step starts from it), or None when the job is over: done, cancelled (the step
-   sees a status that is no longer running) or no longer this runner's.
-3. **heartbeat** — while a step runs, ``heartbeat(conn, job)`` is called every
-   ``heartbeat_seconds`` (None: the job has no heartbeat and is never taken over).
+2. **steps** — ``prepare(job)`` does the part of a step that needs no transaction (an
+   export streams its file; most jobs do nothing there), then ``step(conn, job)`` runs the
+   step from the job's committed checkpoint in a transaction the runner opens: the work,
+   the new checkpoint and the ``jobs.events`` progress record (through the outbox) commit
+   together. It returns the job as it now is (the next step starts from it), or None when
+   the job is over: done, cancelled (the step sees a status that is no longer running) or
+   no longer this runner's.
+3. **heartbeat** — while a step (with its ``prepare``) runs, ``heartbeat(conn, job)`` is
+   called every ``heartbeat_seconds`` (None: no heartbeat, the job is never taken over).
 4. **transient failure** (:func:`libs.common.errors.classify`: the database or a source
    away) — the run pauses with backoff under :func:`libs.common.retry.supervise` and starts
    again at 1, from the committed checkpoint, for as long as the outage lasts.
@@ -53,7 +55,7 @@ MAX_REASON = 2000
 class JobSteps(Protocol[J]):
     """What a service supplies for one job (module docstring: the contract)."""
 
-    #: the job's kind in logs, and in metrics as ``<kind>_job``: "sync", "export", "import".
+    #: the job in logs and its transient_retries label: "sync_job", "export", "import".
     kind: str
     service: str
     job_id: str
@@ -61,6 +63,8 @@ class JobSteps(Protocol[J]):
     heartbeat_seconds: float | None
 
     async def claim(self, conn: asyncpg.Connection) -> J | None: ...
+
+    async def prepare(self, job: J) -> None: ...
 
     async def step(self, conn: asyncpg.Connection, job: J) -> J | None: ...
 
@@ -94,7 +98,7 @@ async def run_job(pool: asyncpg.Pool, steps: JobSteps[Any], *, pause: Backoff = 
         try:
             await supervise(
                 lambda: _run_once(pool, steps),
-                name=f"{steps.kind}_job",  # the transient_retries label
+                name=steps.kind,
                 service=steps.service,
                 strategy=pause,
             )
@@ -123,6 +127,7 @@ async def _run_once(pool: asyncpg.Pool, steps: JobSteps[Any]) -> None:
         job = await steps.claim(conn)
     while job is not None:
         async with _heartbeat(pool, steps, job):
+            await steps.prepare(job)
             async with pool.acquire() as conn, conn.transaction():
                 job = await steps.step(conn, job)
 

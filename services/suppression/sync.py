@@ -90,7 +90,7 @@ class SyncSteps:
     the checkpoint ``after_contact``. No heartbeat: each step locks the job's row, so two
     runners of one job (a redelivered launch) take turns and neither repeats a chunk."""
 
-    kind = "sync"
+    kind = "sync_job"  # the transient_retries label it always had
     service = "suppression"
     heartbeat_seconds: float | None = None
 
@@ -101,6 +101,9 @@ class SyncSteps:
     async def claim(self, conn: asyncpg.Connection) -> asyncpg.Record | None:
         job = await conn.fetchrow(QUERIES["sync-job"], self.job_id)
         return job if job is not None and job["status"] in ACTIVE else None
+
+    async def prepare(self, job: asyncpg.Record) -> None:
+        """Nothing: a step is all in its transaction."""
 
     async def step(self, conn: asyncpg.Connection, job: asyncpg.Record) -> asyncpg.Record | None:
         """One chunk; None when the job is finished."""

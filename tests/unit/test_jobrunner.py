@@ -55,6 +55,9 @@ class Counting:
         self.claims += 1
         return self.done if self.status == "running" else None
 
+    async def prepare(self, job: int) -> None:
+        pass
+
     async def step(self, conn: Any, job: int) -> int | None:
         assert job == self.done, "a step starts from the committed checkpoint"
         if self.on_step is not None:
