@@ -133,11 +133,11 @@ class _Failed:
 
 class ExportSteps:
     """An export for :func:`libs.common.jobrunner.run_job`. Its checkpoint is its start (one
-    consistent read), so it has one step: :meth:`step` streams the whole file (its progress
-    records commit on their own, as the file grows) and then commits the end — done, or
-    failed when the source refused or the file could not be written — in the runner's
-    transaction. A source that is away is a transient failure (the run pauses and starts
-    again) for ``EXPORT_SOURCE_PATIENCE_SECONDS``, then the job fails."""
+    consistent read), so it has one step: :meth:`prepare` streams the whole file (its
+    progress records commit on their own, as the file grows) and :meth:`step` commits the
+    end — done, or failed when the source refused or the file could not be written — in
+    the runner's transaction. A source that is away is a transient failure (the run
+    pauses and starts again) for ``EXPORT_SOURCE_PATIENCE_SECONDS``, then the job fails."""
 
     kind = "export"
     service = "exporter"
@@ -149,6 +149,7 @@ class ExportSteps:
         self.heartbeat_seconds: float | None = ctx.settings.stale_seconds / 4
         self.started = time.monotonic()
         self.source_away_since: float | None = None
+        self.outcome: _Done | _Failed | None = None
 
     async def claim(self, conn: asyncpg.Connection) -> asyncpg.Record | None:
         """The job, claimed for this run (None: finished, or running elsewhere)."""
@@ -165,7 +166,7 @@ class ExportSteps:
 
     async def prepare(self, job: asyncpg.Record) -> None:
         """Stream the file (no transaction open meanwhile); :meth:`step` commits the end."""
-        self.outcome: _Done | _Failed
+        self.outcome = None
         try:
             out, size = await _export(self.ctx, job)
         except SourceError as exc:
@@ -182,11 +183,11 @@ class ExportSteps:
 
     async def step(self, conn: asyncpg.Connection, job: asyncpg.Record) -> None:
         """The end of the export, in the runner's transaction; the job is over."""
-        if isinstance(self.outcome, _Done):
-            await _finish(self.ctx, conn, job, self.outcome.out, self.outcome.size, self.started)
-        else:
-            reason, cause = self.outcome.reason, self.outcome.cause
-            await _fail(self.ctx, conn, job, reason, cause, self.started)
+        outcome = self.outcome
+        if isinstance(outcome, _Done):
+            await _finish(self.ctx, conn, job, outcome.out, outcome.size, self.started)
+        elif isinstance(outcome, _Failed):
+            await _fail(self.ctx, conn, job, outcome.reason, outcome.cause, self.started)
         return None
 
     async def heartbeat(self, conn: asyncpg.Connection, job: asyncpg.Record) -> None:
