@@ -183,7 +183,8 @@ EXPORT_JOB_SECONDS = Histogram(
     ["status"],
     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
 )
-#: export jobs that failed, by cause (source = contacts or scheduler stream, file = disk).
+#: export jobs that failed, by cause (source = contacts or scheduler stream, file = disk,
+#: bug = an unexpected error, see libs/common/jobrunner.py).
 EXPORT_FAILURES = Counter("tayori_export_failures_total", "Export jobs failed", ["cause"])
 #: export files deleted by the sweeper because their download link expired.
 EXPORT_FILES_DELETED = Counter("tayori_export_files_deleted_total", "Expired export files deleted")

@@ -35,6 +35,7 @@ from structlog.contextvars import bound_contextvars
 from libs.common import outbox
 from libs.common.errors import InvalidMessage, NotFound
 from libs.common.http import error, json_response
+from libs.common.jobrunner import failure_reason
 from libs.common.jobs import job_event
 from libs.common.logging import get_logger
 from libs.common.metrics import IMPORT_ROWS
@@ -513,11 +514,12 @@ async def _run_job(ctx: Context, job_id: str) -> None:
                 log.info("import_interrupted")
                 raise
             except Exception as exc:  # the job's boundary: record the failure, keep the service
-                log.error("import_failed", error=repr(exc), exc_info=exc)
-                reason = exc.reason if isinstance(exc, InvalidMessage) else repr(exc)
+                # the one way of libs.common.jobrunner, which this loop does not use yet
+                log.error("job_crashed", kind="import", error=repr(exc), exc_info=exc)
+                reason = failure_reason(exc)
 
                 async def record() -> None:
-                    await _Runner(ctx, job_id).finish("failed", reason[:2000], checked=False)
+                    await _Runner(ctx, job_id).finish("failed", reason, checked=False)
 
                 try:
                     await retry(record, name="import_fail", service=service)

@@ -8,13 +8,15 @@ and — at the end — ``export.completed`` and the requester's mail on ``mail.s
 process that dies mid-export leaves the job ``running`` with a stale heartbeat; the next
 start (or another replica after ``EXPORT_STALE_SECONDS``) runs it again from the start.
 
-An outage pauses a job, it does not fail it. When the database goes away (a heartbeat, a
-progress record or the final commit fails transiently) the run backs off and, once the
-database answers, takes its job up again (``runner``: its own id in the row) and runs it
-from the start: an export is one consistent read, so its checkpoint is its beginning.
-A row source that is away (unreachable, 503, its stream broken off) is asked again the
-same way for ``EXPORT_SOURCE_PATIENCE_SECONDS``; then, or when the source refuses the
-request, or the file cannot be written, the job fails with the reason.
+Jobs run on :mod:`libs.common.jobrunner` (:class:`ExportSteps`). An outage pauses a job,
+it does not fail it: when the database goes away (a progress record or the final commit
+fails transiently) the run backs off and, once the database answers, takes its job up
+again (``runner``: its own id in the row) and runs it from the start: an export is one
+consistent read, so its checkpoint is its beginning. A row source that is away
+(unreachable, 503, its stream broken off) is asked again the same way for
+``EXPORT_SOURCE_PATIENCE_SECONDS``; then, or when the source refuses the request, or the
+file cannot be written, the job fails with the reason. A bug fails the job with the error
+(``job_crashed`` in the log).
 
 Download links are signed (purpose ``download``) with the job id, the requester's role
 and the expiry; the sweeper deletes files whose link expired.
@@ -26,23 +28,23 @@ import asyncio
 import datetime as dt
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-from structlog.contextvars import bound_contextvars
 
 from libs.common import outbox
-from libs.common.errors import is_transient
+from libs.common.errors import TransientError
+from libs.common.jobrunner import run_job
 from libs.common.logging import get_logger
 from libs.common.metrics import (
     EXPORT_FAILURES,
     EXPORT_FILES_DELETED,
     EXPORT_JOB_SECONDS,
     EXPORT_ROWS,
-    TRANSIENT_RETRIES,
 )
-from libs.common.retry import RECONNECT, retry
+from libs.common.retry import retry
 from libs.common.topics import Topic
 from services.exporter import processor
 from services.exporter.context import Context
@@ -94,14 +96,6 @@ def launch(ctx: Context, job_id: Any) -> None:
     task.set_name(f"export:{job_id}")
     ctx.jobs.add(task)
     task.add_done_callback(ctx.jobs.discard)
-    task.add_done_callback(_report_bug)
-
-
-def _report_bug(task: asyncio.Task[None]) -> None:
-    """A job that ended with an unexpected error stays 'running' and is taken over when
-    its heartbeat is stale; the error is a bug, so it is logged loudly."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("export_crashed", task=task.get_name(), exc_info=task.exception())
 
 
 async def resume(ctx: Context) -> None:
@@ -119,64 +113,96 @@ async def stop(ctx: Context) -> None:
 
 
 async def run(ctx: Context, job_id: str) -> None:
-    """Run a job to its end, through outages (module docstring); a bug propagates."""
-    runner = uuid.uuid4()
-    delays = RECONNECT.delays()
-    source_away_since: float | None = None
+    """Run a job to its end on :mod:`libs.common.jobrunner`, through outages (module
+    docstring); a bug fails the job."""
     async with ctx.slots:
-        with bound_contextvars(job_id=job_id):
-            while True:
-                job = await _claim(ctx, job_id, runner)
-                if job is None:
-                    return
-                started = time.monotonic()
-                try:
-                    await _export(ctx, job)
-                    return
-                except SourceError as exc:
-                    now = time.monotonic()
-                    source_away_since = source_away_since or now
-                    waited = now - source_away_since
-                    if not exc.transient or waited >= ctx.settings.source_patience_seconds:
-                        await _fail(ctx, job, str(exc), "source", started)
-                        return
-                    reason = str(exc)
-                except CannotWrite as exc:
-                    await _fail(ctx, job, f"cannot write the file: {exc}", "file", started)
-                    return
-                except Exception as exc:
-                    if not is_transient(exc):
-                        raise
-                    reason = repr(exc)
-                delay = next(delays)
-                TRANSIENT_RETRIES.labels("exporter", "export").inc()
-                log.warning("export_paused", reason=reason[:500], delay=round(delay, 2))
-                await asyncio.sleep(delay)
+        await run_job(ctx.pool, ExportSteps(ctx, job_id))
 
 
-async def _claim(ctx: Context, job_id: str, runner: uuid.UUID) -> asyncpg.Record | None:
-    """The job, claimed for ``runner`` (None: finished, or running elsewhere)."""
-
-    async def claim() -> asyncpg.Record | None:
-        async with ctx.pool.acquire() as conn, conn.transaction():
-            job = await conn.fetchrow(
-                QUERIES["claim-job"], job_id, ctx.settings.stale_seconds, ctx.clock(), runner
-            )
-            if job is not None:
-                await outbox.add(
-                    conn, Topic.JOBS_EVENTS, job_id, processor.export_event(job, "running")
-                )
-            return job
-
-    job = await retry(claim, name="export_claim", service="exporter")
-    if job is not None:
-        log.info("export_started", source=job["request"]["source"])
-    return job
+@dataclass(frozen=True)
+class _Done:
+    out: ExportFile
+    size: int
 
 
-async def _export(ctx: Context, job: asyncpg.Record) -> None:
+@dataclass(frozen=True)
+class _Failed:
+    reason: str
+    cause: str  # the export_failures label: source, file
+
+
+class ExportSteps:
+    """An export for :func:`libs.common.jobrunner.run_job`. Its checkpoint is its start (one
+    consistent read), so it has one step: :meth:`prepare` streams the whole file (its
+    progress records commit on their own, as the file grows) and :meth:`step` commits the
+    end — done, or failed when the source refused or the file could not be written — in
+    the runner's transaction. A source that is away is a transient failure (the run
+    pauses and starts again) for ``EXPORT_SOURCE_PATIENCE_SECONDS``, then the job fails."""
+
+    kind = "export"
+    service = "exporter"
+
+    def __init__(self, ctx: Context, job_id: str) -> None:
+        self.ctx = ctx
+        self.job_id = job_id
+        self.runner = uuid.uuid4()
+        self.heartbeat_seconds: float | None = ctx.settings.stale_seconds / 4
+        self.started = time.monotonic()
+        self.source_away_since: float | None = None
+        self.outcome: _Done | _Failed | None = None
+
+    async def claim(self, conn: asyncpg.Connection) -> asyncpg.Record | None:
+        """The job, claimed for this run (None: finished, or running elsewhere)."""
+        ctx = self.ctx
+        job = await conn.fetchrow(
+            QUERIES["claim-job"], self.job_id, ctx.settings.stale_seconds, ctx.clock(), self.runner
+        )
+        if job is not None:
+            event = processor.export_event(job, "running")
+            await outbox.add(conn, Topic.JOBS_EVENTS, self.job_id, event)
+            log.info("export_started", source=job["request"]["source"])
+            self.started = time.monotonic()
+        return job
+
+    async def prepare(self, job: asyncpg.Record) -> None:
+        """Stream the file (no transaction open meanwhile); :meth:`step` commits the end."""
+        self.outcome = None
+        try:
+            out, size = await _export(self.ctx, job)
+        except SourceError as exc:
+            now = time.monotonic()
+            self.source_away_since = self.source_away_since or now
+            waited = now - self.source_away_since
+            if exc.transient and waited < self.ctx.settings.source_patience_seconds:
+                raise TransientError(f"export source away: {exc}") from exc
+            self.outcome = _Failed(str(exc), "source")
+        except CannotWrite as exc:
+            self.outcome = _Failed(f"cannot write the file: {exc}", "file")
+        else:
+            self.outcome = _Done(out, size)
+
+    async def step(self, conn: asyncpg.Connection, job: asyncpg.Record) -> None:
+        """The end of the export, in the runner's transaction; the job is over."""
+        outcome = self.outcome
+        if isinstance(outcome, _Done):
+            await _finish(self.ctx, conn, job, outcome.out, outcome.size, self.started)
+        elif isinstance(outcome, _Failed):
+            await _fail(self.ctx, conn, job, outcome.reason, outcome.cause, self.started)
+        return None
+
+    async def heartbeat(self, conn: asyncpg.Connection, job: asyncpg.Record) -> None:
+        await conn.execute(QUERIES["heartbeat"], self.job_id, self.runner)
+
+    async def fail(self, conn: asyncpg.Connection, job_id: str, reason: str) -> None:
+        """A bug ended the export: failed with the error (module docstring)."""
+        job = await conn.fetchrow(QUERIES["job"], job_id)
+        if job is not None:
+            await _fail(self.ctx, conn, job, reason, "bug", self.started)
+
+
+async def _export(ctx: Context, job: asyncpg.Record) -> tuple[ExportFile, int]:
+    """Stream the job's rows into its file; the file and its size once it is in place."""
     request = job["request"]
-    started = time.monotonic()
     path = file_path(ctx, job["id"])
     with ExportFile(path, request["encoding"], safe=request.get("safe_csv", True)) as out:
         if request["header"]:
@@ -195,7 +221,7 @@ async def _export(ctx: Context, job: asyncpg.Record) -> None:
                     beat = time.monotonic()
                     await _progress(ctx, job, out.rows, None)
         size = out.commit()
-    await _finish(ctx, job, out, size, started)
+    return out, size
 
 
 async def _progress(ctx: Context, job: asyncpg.Record, rows: int, total: int | None) -> None:
@@ -207,36 +233,41 @@ async def _progress(ctx: Context, job: asyncpg.Record, rows: int, total: int | N
 
 
 async def _finish(
-    ctx: Context, job: asyncpg.Record, out: ExportFile, size: int, started: float
+    ctx: Context,
+    conn: asyncpg.Connection,
+    job: asyncpg.Record,
+    out: ExportFile,
+    size: int,
+    started: float,
 ) -> None:
     now = ctx.clock()
     expires = now + dt.timedelta(seconds=ctx.settings.link_ttl_seconds)
     name = f"export-{now.astimezone(ctx.time_zone):%Y%m%d-%H%M}-{str(job['id'])[:8]}.csv"
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        done = await conn.fetchrow(
-            QUERIES["finish-done"], job["id"], out.rows, out.replaced, name, size, now, expires
-        )
-        if done is None:  # taken over meanwhile: the other run reports
-            return
-        await _announce(ctx, conn, done, download_url(ctx, done), now)
+    done = await conn.fetchrow(
+        QUERIES["finish-done"], job["id"], out.rows, out.replaced, name, size, now, expires
+    )
+    if done is None:  # taken over meanwhile: the other run reports
+        return
+    await _announce(ctx, conn, done, download_url(ctx, done), now)
     EXPORT_JOB_SECONDS.labels("done").observe(time.monotonic() - started)
     log.info("export_done", rows=out.rows, size_bytes=size, replaced=out.replaced)
 
 
-async def _fail(ctx: Context, job: asyncpg.Record, reason: str, kind: str, started: float) -> None:
-    """The job failed (recorded once the database answers)."""
+async def _fail(
+    ctx: Context,
+    conn: asyncpg.Connection,
+    job: asyncpg.Record,
+    reason: str,
+    cause: str,
+    started: float,
+) -> None:
+    """The job failed, in the caller's transaction."""
     now = ctx.clock()
-
-    async def record() -> asyncpg.Record | None:
-        async with ctx.pool.acquire() as conn, conn.transaction():
-            failed = await conn.fetchrow(QUERIES["finish-failed"], job["id"], 0, reason, now)
-            if failed is not None:
-                await _announce(ctx, conn, failed, None, now)
-            return failed
-
-    if await retry(record, name="export_fail", service="exporter") is None:
+    failed = await conn.fetchrow(QUERIES["finish-failed"], job["id"], 0, reason, now)
+    if failed is None:
         return
-    EXPORT_FAILURES.labels(kind).inc()
+    await _announce(ctx, conn, failed, None, now)
+    EXPORT_FAILURES.labels(cause).inc()
     EXPORT_JOB_SECONDS.labels("failed").observe(time.monotonic() - started)
     log.warning("export_failed", reason=reason)
 

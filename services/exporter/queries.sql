@@ -31,6 +31,11 @@ SET rows_written = $2, estimated_total = COALESCE($3, estimated_total),
 WHERE id = $1 AND status = 'running'
 RETURNING *;
 
+-- name: heartbeat
+-- Run $2 still works on its job (libs.common.jobrunner beats while the export streams).
+UPDATE export_job SET heartbeat_at = now()
+WHERE id = $1 AND runner = $2 AND status = 'running';
+
 -- name: finish-done
 UPDATE export_job
 SET status = 'done', rows_written = $2, replaced_chars = $3, file_name = $4, size_bytes = $5,

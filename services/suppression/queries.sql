@@ -114,6 +114,12 @@ SET status = $2, after_contact = $3, contacts = contacts + $4, changed = changed
 WHERE id = $1
 RETURNING *;
 
+-- name: fail-sync-job
+-- A bug ended the job (libs.common.jobrunner): failed with the error, unless it finished.
+UPDATE sync_job SET status = 'failed', detail = $2, updated_at = now()
+WHERE id = $1 AND status IN ('queued', 'running')
+RETURNING *;
+
 -- name: contact
 SELECT * FROM contact WHERE id = $1;
 

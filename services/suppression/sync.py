@@ -5,7 +5,8 @@ unsubscribe switch, 配信禁止 for the ban switch) in id order, one chunk per 
 their weaker memberships move to that state with method ``auto_sync``, the changes go
 out on ``suppression.changes``, and the checkpoint, counts and a ``jobs.events`` progress
 record commit with them — so a restarted service resumes exactly where it stopped. At
-the end a completion mail goes to the operator address through ``mail.system``.
+the end a completion mail goes to the operator address through ``mail.system``. The job
+runs on :mod:`libs.common.jobrunner`: an outage pauses it, a bug fails it.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ import uuid
 from typing import Any
 
 import asyncpg
-from structlog.contextvars import bound_contextvars
 
 from libs.common import outbox
+from libs.common.jobrunner import run_job
 from libs.common.jobs import job_event
 from libs.common.logging import get_logger
 from libs.common.mail.states import MembershipState
-from libs.common.retry import retry
 from libs.common.topics import Topic
 from services.suppression import store
 from services.suppression.context import Context
@@ -34,6 +34,7 @@ TRIGGER_STATE = {
     "unsubscribe": MembershipState.UNSUBSCRIBED.value,
     "ban": MembershipState.BANNED.value,
 }
+ACTIVE = ("queued", "running")
 TITLES = {"unsubscribe": "配信停止の同期 (unsubscribe sync)", "ban": "配信禁止の同期 (ban sync)"}
 
 
@@ -80,17 +81,35 @@ async def stop(ctx: Context) -> None:
 
 
 async def run(ctx: Context, job_id: str) -> None:
-    with bound_contextvars(job_id=job_id):
-        while not await retry(lambda: _step(ctx, job_id), name="sync_job", service="suppression"):
-            pass
+    """Run the job on the shared job runner (:mod:`libs.common.jobrunner`)."""
+    await run_job(ctx.pool, SyncSteps(ctx, job_id))
 
 
-async def _step(ctx: Context, job_id: str) -> bool:
-    """One chunk; True when the job is finished."""
-    async with ctx.pool.acquire() as conn, conn.transaction():
-        job = await conn.fetchrow(QUERIES["sync-job-for-update"], job_id)
-        if job is None or job["status"] in ("done", "failed"):
-            return True
+class SyncSteps:
+    """A sync job for :func:`libs.common.jobrunner.run_job`: one chunk of contacts a step,
+    the checkpoint ``after_contact``. No heartbeat: each step locks the job's row, so two
+    runners of one job (a redelivered launch) take turns and neither repeats a chunk."""
+
+    kind = "sync_job"  # the transient_retries label it always had
+    service = "suppression"
+    heartbeat_seconds: float | None = None
+
+    def __init__(self, ctx: Context, job_id: str) -> None:
+        self.ctx = ctx
+        self.job_id = job_id
+
+    async def claim(self, conn: asyncpg.Connection) -> asyncpg.Record | None:
+        job = await conn.fetchrow(QUERIES["sync-job"], self.job_id)
+        return job if job is not None and job["status"] in ACTIVE else None
+
+    async def prepare(self, job: asyncpg.Record) -> None:
+        """Nothing: a step is all in its transaction."""
+
+    async def step(self, conn: asyncpg.Connection, job: asyncpg.Record) -> asyncpg.Record | None:
+        """One chunk; None when the job is finished."""
+        job = await conn.fetchrow(QUERIES["sync-job-for-update"], self.job_id)
+        if job is None or job["status"] not in ACTIVE:
+            return None
         state = TRIGGER_STATE[job["kind"]]
         contacts = [
             r["contact_id"]
@@ -98,30 +117,38 @@ async def _step(ctx: Context, job_id: str) -> bool:
                 QUERIES["sync-candidates"],
                 state,
                 job["after_contact"],
-                ctx.settings.sync_chunk_contacts,
+                self.ctx.settings.sync_chunk_contacts,
             )
         ]
         if not contacts:
             done = await conn.fetchrow(
-                QUERIES["update-sync-job"], job_id, "done", job["after_contact"], 0, 0, None
+                QUERIES["update-sync-job"], self.job_id, "done", job["after_contact"], 0, 0, None
             )
-            await outbox.add(conn, Topic.JOBS_EVENTS, job_id, _event(done, "done"))
-            await outbox.add(conn, Topic.MAIL_SYSTEM, job_id, completion_mail(ctx, done))
+            await outbox.add(conn, Topic.JOBS_EVENTS, self.job_id, _event(done, "done"))
+            await outbox.add(conn, Topic.MAIL_SYSTEM, self.job_id, completion_mail(self.ctx, done))
             log.info("sync_job_done", contacts=done["contacts"], changed=done["changed"])
-            return True
+            return None
         changed = await conn.fetch(QUERIES["sync-apply"], contacts, state)
         await store.publish(conn, [store.membership_change(r) for r in changed])
         progress = await conn.fetchrow(
             QUERIES["update-sync-job"],
-            job_id,
+            self.job_id,
             "running",
             contacts[-1],
             len(contacts),
             len(changed),
             None,
         )
-        await outbox.add(conn, Topic.JOBS_EVENTS, job_id, _event(progress, "running"))
-        return False
+        await outbox.add(conn, Topic.JOBS_EVENTS, self.job_id, _event(progress, "running"))
+        return progress
+
+    async def heartbeat(self, conn: asyncpg.Connection, job: asyncpg.Record) -> None:
+        """Never called (``heartbeat_seconds`` is None)."""
+
+    async def fail(self, conn: asyncpg.Connection, job_id: str, reason: str) -> None:
+        failed = await conn.fetchrow(QUERIES["fail-sync-job"], job_id, reason)
+        if failed is not None:
+            await outbox.add(conn, Topic.JOBS_EVENTS, job_id, _event(failed, "failed", reason))
 
 
 def completion_mail(ctx: Context, job: asyncpg.Record) -> dict[str, Any]:

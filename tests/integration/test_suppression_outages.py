@@ -3,11 +3,14 @@ sync job (F-12) goes on from its checkpoint."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
 from libs.common.topics import Topic
+from services.suppression import sync
 from tests.conftest import Kafka, Stack, eventually, running
 from tests.integration.outage import database_away
 from tests.integration.test_suppression import wait_job_done
@@ -71,3 +74,30 @@ async def test_a_sync_job_pauses_through_a_database_outage_and_goes_on_from_its_
             return synced == set(range(1, count + 1))
 
         await eventually(published)
+
+
+async def test_a_sync_job_that_meets_a_bug_is_failed_with_the_error(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in a step (here: a trigger state that is missing) is not an outage: the job is
+    recorded failed with the error, on jobs.events too, and the service stays up (the task
+    used to die and leave the job running)."""
+    monkeypatch.setattr(sync, "TRIGGER_STATE", {})
+    async with running("suppression", stack, database, prefix) as suppression:
+        api = suppression.api
+        (job,) = (await api.ok("PUT", "/v1/sync-policy", {"unsubscribe": True}))["jobs"]
+
+        async def failed() -> dict[str, Any] | None:
+            row = await api.ok("GET", f"/v1/sync-jobs/{job['id']}")
+            return row if row["status"] == "failed" else None
+
+        row = await eventually(failed)
+        assert row["detail"] == "KeyError('unsubscribe')"
+        healthy, detail = await suppression.runtime.health()
+        assert healthy, detail
+
+        async def announced() -> bool:
+            events = await kafka.read_to_end(Topic.JOBS_EVENTS)
+            return any(e["job_id"] == job["id"] and e["status"] == "failed" for e in events)
+
+        await eventually(announced)

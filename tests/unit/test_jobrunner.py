@@ -1,0 +1,187 @@
+"""The shared job runner's decisions (libs/common/jobrunner.py), with a fake pool: a job runs
+its steps to the end, pauses on a transient failure and resumes from its checkpoint, is
+failed once on a bug, stops when a step finds it cancelled, and beats while a step runs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import pytest
+
+from libs.common.errors import InvalidMessage, TransientError
+from libs.common.jobrunner import Fault, failure_reason, fault, run_job
+from libs.common.retry import Backoff
+
+QUICK = Backoff(initial=0.001, maximum=0.001, attempts=None)
+
+
+class FakeConn:
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        yield
+
+
+class FakePool:
+    def __init__(self) -> None:
+        self.conn = FakeConn()
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[FakeConn]:
+        yield self.conn
+
+
+class Counting:
+    """A job of ``total`` steps; its committed checkpoint is ``self.done``."""
+
+    kind = "test"
+    service = "tests"
+    job_id = "job-1"
+    heartbeat_seconds: float | None = None
+
+    def __init__(self, total: int, *, status: str = "running") -> None:
+        self.total = total
+        self.status = status
+        self.done = 0
+        self.claims = 0
+        self.beats = 0
+        self.failed: list[str] = []
+        self.on_step: Any = None
+
+    async def claim(self, conn: Any) -> int | None:
+        self.claims += 1
+        return self.done if self.status == "running" else None
+
+    async def prepare(self, job: int) -> None:
+        pass
+
+    async def step(self, conn: Any, job: int) -> int | None:
+        assert job == self.done, "a step starts from the committed checkpoint"
+        if self.on_step is not None:
+            await self.on_step(job)
+        if self.status != "running" or self.done >= self.total:
+            return None
+        self.done += 1
+        return self.done
+
+    async def heartbeat(self, conn: Any, job: int) -> None:
+        self.beats += 1
+
+    async def fail(self, conn: Any, job_id: str, reason: str) -> None:
+        self.failed.append(reason)
+        self.status = "failed"
+
+
+async def test_runs_steps_to_the_end() -> None:
+    job = Counting(5)
+    await run_job(FakePool(), job, pause=QUICK)  # type: ignore[arg-type]
+    assert (job.done, job.claims, job.failed) == (5, 1, [])
+
+
+async def test_nothing_to_claim_runs_nothing() -> None:
+    job = Counting(5, status="done")
+    await run_job(FakePool(), job, pause=QUICK)  # type: ignore[arg-type]
+    assert (job.done, job.claims) == (0, 1)
+
+
+async def test_transient_failure_pauses_and_resumes_from_the_checkpoint() -> None:
+    job = Counting(5)
+    outages = [2, 2, 4]  # the database goes away twice at step 2, once at step 4
+
+    async def away(at: int) -> None:
+        if outages and at == outages[0]:
+            outages.pop(0)
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed")
+
+    job.on_step = away
+    await run_job(FakePool(), job, pause=QUICK)  # type: ignore[arg-type]
+    assert job.done == 5
+    assert job.claims == 4  # the first claim and one after each outage
+    assert job.failed == []
+
+
+async def test_a_bug_fails_the_job_once() -> None:
+    job = Counting(5)
+
+    async def bug(at: int) -> None:
+        if at == 3:
+            raise KeyError("column")
+
+    job.on_step = bug
+    await run_job(FakePool(), job, pause=QUICK)  # type: ignore[arg-type]
+    assert job.done == 3
+    assert job.failed == ["KeyError('column')"]
+
+
+async def test_a_failure_that_cannot_be_recorded_yet_is_recorded_later() -> None:
+    job = Counting(1)
+    attempts = 0
+    fail = job.fail
+
+    async def flaky_fail(conn: Any, job_id: str, reason: str) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise TransientError("database away")
+        await fail(conn, job_id, reason)
+
+    async def bug(at: int) -> None:
+        raise ValueError("bad")
+
+    job.on_step, job.fail = bug, flaky_fail  # type: ignore[method-assign]
+    await run_job(FakePool(), job, pause=QUICK)  # type: ignore[arg-type]
+    assert (attempts, job.failed) == (2, ["ValueError('bad')"])
+
+
+async def test_cancelled_job_stops_at_the_next_step() -> None:
+    job = Counting(100)
+
+    async def cancel_at_3(at: int) -> None:
+        if at == 3:
+            job.status = "cancelled"
+
+    job.on_step = cancel_at_3
+    await run_job(FakePool(), job, pause=QUICK)  # type: ignore[arg-type]
+    assert (job.done, job.failed) == (3, [])
+
+
+async def test_heartbeat_while_a_step_runs() -> None:
+    job = Counting(1)
+    job.heartbeat_seconds = 0.01
+
+    async def slow(at: int) -> None:
+        await asyncio.sleep(0.1)
+
+    job.on_step = slow
+    await run_job(FakePool(), job, pause=QUICK)  # type: ignore[arg-type]
+    assert job.beats >= 2
+
+
+async def test_stopping_the_task_leaves_the_job_as_committed() -> None:
+    job = Counting(100)
+    started = asyncio.Event()
+
+    async def forever(at: int) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    job.on_step = forever
+    task = asyncio.create_task(run_job(FakePool(), job, pause=QUICK))  # type: ignore[arg-type]
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (job.done, job.failed, job.status) == (0, [], "running")
+
+
+def test_decisions() -> None:
+    assert fault(asyncpg.CannotConnectNowError("starting up")) is Fault.PAUSE
+    assert fault(TransientError("away")) is Fault.PAUSE
+    assert fault(KeyError("x")) is Fault.CRASH
+    assert fault(InvalidMessage("bad file", field="x")) is Fault.CRASH
+    assert failure_reason(InvalidMessage("bad file")) == "bad file"
+    assert failure_reason(RuntimeError("x" * 5000)).startswith("RuntimeError('xxx")
+    assert len(failure_reason(RuntimeError("x" * 5000))) == 2000
