@@ -393,11 +393,15 @@ async def test_reserve_release_count_and_finish(scheduler, contacts, kafka):
     # The content goes out once, on campaign.content; each request names it (v4).
     assert {r["content_id"] for r in requests} == {first["content_id"]}
     assert first["content"]["body"] == "" and first["content_id"].startswith("c1-")
-    [content] = [
+    # Once, or again beside a release checkpoint (due at once: the clock moved 6 minutes),
+    # always the same record under the same key of the compacted topic.
+    contents = [
         c
         for c in await kafka.read_to_end(Topic.CAMPAIGN_CONTENT)
         if c["content_id"] == first["content_id"]
     ]
+    content = contents[0]
+    assert all(c["content"] == content["content"] for c in contents)
     assert content["campaign_id"] == cid
     assert content["content"] == {
         "from_address": "news@shop.example.jp",
