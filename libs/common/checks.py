@@ -11,18 +11,19 @@ import re
 
 from libs.common.errors import InvalidMessage
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: a control character: C0 and DEL.
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def is_plain(value: str) -> bool:
     """Whether ``value`` carries no control character."""
-    return _CONTROL.search(value) is None
+    return CONTROL.search(value) is None
 
 
 def identifier(value: str, field: str) -> str:
     """``value`` unchanged, or :class:`InvalidMessage` naming ``field`` if it carries a
     control character (NUL, a line break, a tab …)."""
-    found = _CONTROL.search(value)
+    found = CONTROL.search(value)
     if found is not None:
         raise InvalidMessage(
             f"contains the control character U+{ord(found.group()):04X}, which an identifier"

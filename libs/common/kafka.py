@@ -20,7 +20,7 @@ import enum
 import hashlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -30,7 +30,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 
 from libs.common import avro, deadletters
-from libs.common.errors import DlqLimitExceeded, Fault, InvalidMessage, classify, is_transient
+from libs.common.errors import DlqLimitExceeded, Fault, InvalidMessage, classify
 from libs.common.logging import get_logger
 from libs.common.metrics import (
     BATCH_SECONDS,
@@ -38,9 +38,8 @@ from libs.common.metrics import (
     MESSAGES_CONSUMED,
     MESSAGES_DEAD_LETTERED,
     MESSAGES_PUBLISHED,
-    TRANSIENT_RETRIES,
 )
-from libs.common.retry import FOREVER, RECONNECT, retry
+from libs.common.retry import FOREVER, retry, supervise
 from libs.common.settings import CommonSettings
 from libs.common.topics import DEFAULT_PARTITIONS, Topic, all_topic_names, topic_name
 
@@ -373,30 +372,23 @@ class Consumer:
         """Consume until cancelled. Offsets are committed only after the handler succeeded.
 
         A transient failure anywhere in a round (a broker restarting, a commit refused after
-        a rebalance, a dead letter that could not be published) is weather: the loop backs
-        off, rewinds to the committed offsets and goes on, so what was not committed is
-        handled again (handlers are idempotent). Only a bug leaves the loop."""
+        a rebalance, a dead letter that could not be published) is weather: the rounds are
+        started again with backoff (:func:`~libs.common.retry.supervise`), from the committed
+        offsets, so what was not committed is handled again (handlers are idempotent). Only
+        a bug leaves the loop."""
         assert self._consumer is not None, "start() first"
         consumer = self._consumer
-        delays: Iterator[float] | None = None
-        rewind = False
-        while True:
-            try:
-                if rewind:
-                    await self._rewind(consumer)
-                    rewind = False
+        started = False
+
+        async def rounds() -> None:
+            nonlocal started
+            if started:  # again, after a failed round: its records were fetched, not committed
+                await self._rewind(consumer)
+            started = True
+            while True:
                 await self._round(consumer)
-                delays = None
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                delays = delays or RECONNECT.delays()
-                delay = next(delays)
-                TRANSIENT_RETRIES.labels(self.settings.service, f"consumer:{self.group}").inc()
-                log.warning("consumer_round_failed", group=self.group, error=repr(exc), delay=delay)
-                self.alive()
-                await asyncio.sleep(delay)
-                rewind = True
+
+        await supervise(rounds, name=f"consumer:{self.group}", service=self.settings.service)
 
     async def _round(self, consumer: AIOKafkaConsumer) -> None:
         """One poll: fetch, handle every partition's records, commit."""

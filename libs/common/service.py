@@ -280,7 +280,7 @@ class Runtime:
             async with asyncio.timeout(POOL_CLOSE_SECONDS):
                 await self.outbox.drain()
         except Exception as exc:
-            if not (isinstance(exc, TimeoutError) or is_transient(exc)):
+            if not is_transient(exc):  # a time-out is transient too
                 raise
             # Left in the outbox: the next relay of this schema publishes it.
             log.warning("outbox_drain_failed", error=repr(exc))

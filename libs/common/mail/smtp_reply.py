@@ -21,10 +21,10 @@ the bounce processor's reading of DSNs.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
+from libs.common import checks
 from libs.common.mail import bounce_class
 from libs.common.mail.bounce_class import leading_enhanced_code
 
@@ -33,7 +33,6 @@ Verdict = Literal[
 ]
 
 DIAGNOSTIC_LIMIT = 500
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class Reply:
         """``"550 5.1.1 user unknown"`` on one line, bounded (it travels in results), with
         no control character: a relay's NUL would make PostgreSQL refuse the whole group
         commit of outcomes it is recorded with."""
-        one_line = " ".join(_CONTROL.sub(" ", self.text).split())
+        one_line = " ".join(checks.CONTROL.sub(" ", self.text).split())
         return f"{self.code} {one_line}"[:DIAGNOSTIC_LIMIT]
 
 
