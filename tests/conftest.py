@@ -128,10 +128,11 @@ class Api:
         **kwargs: Any,
     ) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers.update(kwargs.pop("headers", {}))
         async with self.session.request(
             method, self.base + path, json=json, headers=headers, **kwargs
         ) as response:
-            if response.content_type == "application/json":
+            if response.content_type in ("application/json", "application/problem+json"):
                 return response.status, await response.json()
             return response.status, await response.text()
 

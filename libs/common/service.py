@@ -54,6 +54,9 @@ POOL_CLOSE_SECONDS = 10.0
 #: plain request ends in milliseconds; a stream (an export's rows) is cut either way, and
 #: the pod's terminationGracePeriodSeconds (30) must cover this, the consumers and the pool.
 HTTP_SHUTDOWN_SECONDS = 5.0
+#: a new connection sends its request line and headers within this time, an idle kept-alive
+#: one is closed after it (slowloris: a client trickling bytes cannot hold a connection).
+HTTP_HEADER_SECONDS = 15.0
 
 
 C = TypeVar("C")
@@ -173,7 +176,13 @@ class Runtime:
             self.setup_routes(app)
         self.app = app
         self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_SECONDS
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=HTTP_SHUTDOWN_SECONDS,
+            # Also the time a new connection has to send its request line and headers:
+            # aiohttp closes a connection that has not sent a whole request by then.
+            keepalive_timeout=HTTP_HEADER_SECONDS,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.http_host, s.http_port, reuse_address=True)

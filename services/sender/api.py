@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 
 from aiohttp import web
+from pydantic import Field
 
 from libs.common.http import json_response, requires
+from libs.common.http.contract import Answer, Model, Token, contract
 from services.sender.context import CONTEXT, Context
 from services.sender.ledger import QUERIES
 
@@ -17,8 +19,32 @@ def _ctx(request: web.Request) -> Context:
     return request.app[CONTEXT]
 
 
+class Relay(Answer):
+    relay: str = Field(examples=["smtp://127.0.0.1:2525"])
+    state: str = Field(description="up or backing_off", examples=["up"])
+    retry_in_seconds: float = Field(ge=0)
+    connections_open: int = Field(ge=0)
+
+
+class Relays(Answer):
+    relays: list[Relay]
+    queued_deliveries: int = Field(ge=0)
+
+
+class CampaignPath(Model):
+    campaign_id: Token = Field(description="the campaign's id", examples=["42"])
+
+
+class Ledger(Answer):
+    campaign_id: str
+    control: str = Field(description="active, paused or cancelled", examples=["active"])
+    by_status: dict[str, int]
+    by_outcome: dict[str, int]
+
+
 @routes.get("/v1/relays")
 @requires("viewer")
+@contract(response=Relays)
 async def list_relays(request: web.Request) -> web.Response:
     """Every SMTP relay in failover order: up or backing off, connections open, queue."""
     ctx = _ctx(request)
@@ -37,13 +63,13 @@ async def list_relays(request: web.Request) -> web.Response:
 
 @routes.get("/v1/ledger/{campaign_id}")
 @requires("viewer")
-async def campaign_ledger(request: web.Request) -> web.Response:
+@contract(path=CampaignPath, response=Ledger)
+async def campaign_ledger(request: web.Request, path: CampaignPath) -> web.Response:
     """One campaign's send ledger: rows by status and by outcome, and its control state."""
     ctx = _ctx(request)
-    campaign_id = request.match_info["campaign_id"]
     async with ctx.pool.acquire() as conn:
-        rows = await conn.fetch(QUERIES["ledger-summary"], campaign_id)
-        control = await conn.fetchval(QUERIES["control-state"], campaign_id)
+        rows = await conn.fetch(QUERIES["ledger-summary"], path.campaign_id)
+        control = await conn.fetchval(QUERIES["control-state"], path.campaign_id)
     by_status: dict[str, int] = {}
     by_outcome: dict[str, int] = {}
     for row in rows:
@@ -52,7 +78,7 @@ async def campaign_ledger(request: web.Request) -> web.Response:
             by_outcome[row["outcome"]] = by_outcome.get(row["outcome"], 0) + row["n"]
     return json_response(
         {
-            "campaign_id": campaign_id,
+            "campaign_id": path.campaign_id,
             "control": control or "active",
             "by_status": by_status,
             "by_outcome": by_outcome,

@@ -1,9 +1,13 @@
-"""HTTP for every service: JSON errors, bearer-token roles, metrics, health and OpenAPI.
+"""HTTP for every service: contracts, problem answers, bearer-token roles, metrics, health,
+OpenAPI and its reference page.
 
-Views are plain aiohttp handlers. ``@requires("operator")`` sets the least role a view
-needs (default: ``viewer`` for GET/HEAD, ``operator`` for anything else); ``@public``
-opens it to everyone (unsubscribe, tracking). Errors from :mod:`libs.common.errors` become
-JSON answers: ``{"error": "...", "field": "..."}`` with 400/403/404/409.
+Views are plain aiohttp handlers; ``@contract`` (:mod:`libs.common.http.contract`) declares
+and validates their inputs and answers. ``@requires("operator")`` sets the least role a
+view needs (default: ``viewer`` for GET/HEAD, ``operator`` for anything else); ``@public``
+opens it to everyone (unsubscribe, tracking). Every error is an RFC 9457 problem
+(:mod:`libs.common.http.problems`): errors from :mod:`libs.common.errors` become 400, 403,
+404 and 409; a dependency away becomes 503 with ``Retry-After``; aiohttp's own (404 for an
+unknown path, 405, 413) get the same shape.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
 
 from libs.common.errors import (
     Conflict,
@@ -27,6 +32,14 @@ from libs.common.errors import (
     TransientError,
     classify,
 )
+from libs.common.http import docs, openapi
+from libs.common.http.contract import (
+    JSON_BODY_BYTES,
+    InvalidRequest,
+    contract,
+    read_body,
+)
+from libs.common.http.problems import MEDIA_TYPE, problem_body
 from libs.common.logging import get_logger
 from libs.common.metrics import HTTP_REQUESTS, HTTP_SECONDS
 
@@ -82,22 +95,34 @@ def json_response(data: Any, status: int = 200, **kwargs: Any) -> web.Response:
     return web.json_response(data, status=status, dumps=dumps, **kwargs)
 
 
-def error(status: int, message: str, field: str | None = None) -> web.Response:
-    body: dict[str, Any] = {"error": message}
-    if field:
-        body["field"] = field
-    return json_response(body, status=status)
+def error(
+    status: int,
+    message: str,
+    field: str | None = None,
+    *,
+    request: web.Request | None = None,
+    issues: Any = (),
+) -> web.Response:
+    """A problem answer (RFC 9457) with ``message`` as its detail."""
+    body = problem_body(
+        status,
+        message,
+        field=field,
+        issues=issues,
+        instance=request.path if request is not None else None,
+    )
+    return web.Response(text=dumps(body), status=status, content_type=MEDIA_TYPE)
 
 
-async def read_json(request: web.Request, *, max_bytes: int = 1 << 20) -> dict[str, Any]:
+async def read_json(request: web.Request, *, max_bytes: int = JSON_BODY_BYTES) -> dict[str, Any]:
     """The request body as a JSON object, or InvalidMessage with a readable reason."""
-    if request.content_length and request.content_length > max_bytes:
-        raise InvalidMessage(f"request body larger than {max_bytes} bytes")
-    raw = await request.read()
+    raw = await read_body(request, max_bytes=max_bytes)
     if not raw:
         raise InvalidMessage("request body is empty; expected a JSON object")
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise InvalidMessage("request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidMessage(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -132,16 +157,20 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except InvalidRequest as exc:
+        return error(400, exc.reason, request=request, issues=exc.issues)
     except InvalidMessage as exc:
-        return error(400, exc.reason, exc.field)
+        return error(400, exc.reason, exc.field, request=request)
     except NotFound as exc:
-        return error(404, str(exc))
+        return error(404, str(exc), request=request)
     except Conflict as exc:
-        return error(409, str(exc))
+        return error(409, str(exc), request=request)
     except Forbidden as exc:
-        return error(403, str(exc))
-    except web.HTTPException:
-        raise
+        return error(403, str(exc), request=request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _problem_of(request, exc)
     except Exception as exc:
         fault = classify(exc)
         if fault is Fault.TRANSIENT:
@@ -152,13 +181,29 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                 route=_route_label(request),
                 error=repr(exc) if not isinstance(exc, TransientError) else str(exc),
             )
-            response = error(503, "temporarily unavailable, retry later")
+            response = error(503, "temporarily unavailable, retry later", request=request)
             response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
             return response
         if fault is Fault.DATA:  # a value the database refuses (NUL, out of range, too long)
             log.info("http_value_refused", route=_route_label(request), error=repr(exc))
-            return error(400, f"a value cannot be stored: {exc}")
+            return error(400, f"a value cannot be stored: {exc}", request=request)
         raise
+
+
+def _problem_of(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own errors (unknown path, wrong method, body too large) as problems."""
+    detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else None
+    if exc.status == 404 and detail is None:
+        detail = f"there is nothing at {request.path}"
+    elif exc.status == 405 and detail is None:
+        detail = f"{request.method} is not answered here; use {exc.headers.get('Allow', '')}"
+    elif exc.status == 413 and detail is None:
+        detail = "the request body is larger than this operation accepts"
+    response = error(exc.status, detail or exc.reason, request=request)
+    for name in ("Allow", "Retry-After"):
+        if name in exc.headers:
+            response.headers[name] = exc.headers[name]
+    return response
 
 
 @web.middleware
@@ -173,11 +218,30 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     scheme, _, token = header.partition(" ")
     role = request.app[ROLE_KEY].get(token.strip()) if scheme.lower() == "bearer" else None
     if role is None:
-        return error(401, "missing or unknown bearer token")
+        response = error(401, "missing or unknown bearer token", request=request)
+        response.headers["WWW-Authenticate"] = 'Bearer realm="tayori"'
+        return response
     if ROLES.get(role, 0) < ROLES[needed]:
-        return error(403, f"role {role!r} may not do this; {needed!r} or higher is required")
+        return error(
+            403,
+            f"role {role!r} may not do this; {needed!r} or higher is required",
+            request=request,
+        )
     request[ROLE] = role
     return await handler(request)
+
+
+class Health(BaseModel):
+    """A probe's answer: ``status`` and one entry per check."""
+
+    model_config = ConfigDict(extra="allow")
+    status: str = Field(examples=["ok"])
+
+
+class Document(BaseModel):
+    """A JSON document (the OpenAPI description)."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 def create_app(
@@ -187,82 +251,49 @@ def create_app(
     health: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
     ready: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
     title: str,
+    client_max_size: int = JSON_BODY_BYTES,
 ) -> web.Application:
-    """An application with the standard endpoints; add the service's routes to it."""
-    app = web.Application(middlewares=[observe, errors, auth], client_max_size=64 << 20)
+    """An application with the standard endpoints; add the service's routes to it.
+
+    ``client_max_size`` bounds what aiohttp itself reads into memory for a view that does
+    not stream its body; contracts set their own limit per route."""
+    app = web.Application(middlewares=[observe, errors, auth], client_max_size=client_max_size)
     app[ROLE_KEY] = tokens
     app[SERVICE_KEY] = service
 
     @public
+    @contract(response=Health, also={503: Health})
     async def healthz(_: web.Request) -> web.Response:
+        """Liveness: 200 while the process works (dependencies may be away and retried)."""
         ok, detail = await health()
         return json_response({"status": "ok" if ok else "failing", **detail}, 200 if ok else 503)
 
     @public
+    @contract(response=Health, also={503: Health})
     async def readyz(_: web.Request) -> web.Response:
+        """Readiness: 200 when every dependency answers; 503 names the missing one."""
         ok, detail = await ready()
         return json_response(
             {"status": "ready" if ok else "not_ready", **detail}, 200 if ok else 503
         )
 
     @public
+    @contract(media={"text/plain": "Prometheus text exposition"})
     async def metrics(_: web.Request) -> web.Response:
+        """Prometheus metrics of this process."""
         response = web.Response(body=generate_latest())
         response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return response
 
     @public
-    async def openapi(request: web.Request) -> web.Response:
-        return json_response(openapi_document(request.app, title))
+    @contract(response=Document)
+    async def openapi_json(request: web.Request) -> web.Response:
+        """This service's OpenAPI 3.1 description."""
+        return json_response(openapi.document(request.app, title))
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/openapi.json", openapi_json)
+    docs.add_routes(app, title)
     return app
-
-
-def openapi_document(app: web.Application, title: str) -> dict[str, Any]:
-    """OpenAPI 3.1 built from the route table and each view's docstring."""
-    paths: dict[str, dict[str, Any]] = {}
-    for route in app.router.routes():
-        if route.method == "HEAD" or route.resource is None:
-            continue
-        path = route.resource.canonical
-        doc = (route.handler.__doc__ or "").strip()
-        summary, _, description = doc.partition("\n")
-        role = getattr(route.handler, "tayori_role", "default")
-        operation: dict[str, Any] = {
-            "summary": summary or route.handler.__name__,
-            "responses": {"200": {"description": "OK"}},
-        }
-        if description.strip():
-            operation["description"] = description.strip()
-        params = [
-            {"name": part[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
-            for part in path.split("/")
-            if part.startswith("{")
-        ]
-        if params:
-            operation["parameters"] = params
-        if role is not None:
-            needed = (
-                role if role != "default" else ("viewer" if route.method == "GET" else "operator")
-            )
-            operation["security"] = [{"bearer": []}]
-            operation["x-tayori-role"] = needed
-            operation["responses"].update(
-                {
-                    "401": {"description": "no or unknown token"},
-                    "403": {"description": "role too low"},
-                }
-            )
-        if route.method in ("POST", "PUT", "PATCH"):
-            operation["responses"]["400"] = {"description": "invalid input: {error, field}"}
-        paths.setdefault(path, {})[route.method.lower()] = operation
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": title, "version": "1"},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "paths": paths,
-    }
