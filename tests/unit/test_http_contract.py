@@ -70,7 +70,11 @@ def _app(*, body_seconds: float = 30.0) -> web.Application:
         """One thing."""
         return json_response({"id": path.id, "name": ",".join(query.tag), "limit": query.limit})
 
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("a bug")
+
     app.router.add_post("/things", create_thing)
+    app.router.add_get("/broken", broken)
     app.router.add_get("/things/{id}", get_thing)
     return app
 
@@ -173,6 +177,14 @@ async def test_domain_errors_and_aiohttps_own_are_problems(server: TestServer) -
     assert (status, media) == (405, "application/problem+json")
     status, _, body = await _call(server, "POST", "/things", headers={"Authorization": ""})
     assert status == 401 and body["status"] == 401
+
+
+async def test_a_bug_is_logged_and_answered_as_a_problem_without_its_traceback(
+    server: TestServer,
+) -> None:
+    status, media, body = await _call(server, "GET", "/broken")
+    assert (status, media) == (500, "application/problem+json")
+    assert "http_handler_failed" in body["detail"] and "a bug" not in json.dumps(body)
 
 
 async def test_a_chunked_body_is_cut_at_the_limit() -> None:

@@ -187,7 +187,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if fault is Fault.DATA:  # a value the database refuses (NUL, out of range, too long)
             log.info("http_value_refused", route=_route_label(request), error=repr(exc))
             return error(400, f"a value cannot be stored: {exc}", request=request)
-        raise
+        # A bug: the traceback goes to the log, the client gets the problem shape without it.
+        log.exception("http_handler_failed", route=_route_label(request), method=request.method)
+        return error(
+            500, "internal error; the service logged it as http_handler_failed", request=request
+        )
 
 
 def _problem_of(request: web.Request, exc: web.HTTPException) -> web.Response:
