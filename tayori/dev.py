@@ -289,7 +289,8 @@ class Dev:
     def banner(self, env: dict[str, str]) -> str:
         lines = ["", "Tayori is running (Ctrl-C stops everything).", ""]
         for name in SERVICES:
-            lines.append(f"  {name:<17} http://127.0.0.1:{port(name)}  (/docs, /openapi.json, /metrics)")
+            base = f"http://127.0.0.1:{port(name)}"
+            lines.append(f"  {name:<17} {base}  (API reference: {base}/docs; /metrics)")
         lines.append(
             f"  bounce smtp       127.0.0.1:{env['BOUNCE_SMTP_PORT']}"
             f"  (VERP return path, domain {env.get('BOUNCE_DOMAIN', 'bounces.localhost')})"
