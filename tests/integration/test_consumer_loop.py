@@ -236,10 +236,16 @@ async def test_a_value_the_database_refuses_is_dead_lettered_and_the_rest_applie
         async with running(stack, kafka, prefix, handler):
             dead = await kafka.read(Topic.DELIVERY_RESULTS.dlq, until=lambda rs: len(rs) >= 1)
 
-            async def all_written() -> bool:
-                return await conn.fetchval("SELECT count(*) FROM seen") == len(sent) - 1
+            # The handler keeps using ``conn``: count on a connection of our own.
+            reader = await asyncpg.connect(database)
 
-            await eventually(all_written)
+            async def all_written() -> bool:
+                return await reader.fetchval("SELECT count(*) FROM seen") == len(sent) - 1
+
+            try:
+                await eventually(all_written)
+            finally:
+                await reader.close()
         stored = {r["result_id"] for r in await conn.fetch("SELECT result_id FROM seen")}
     finally:
         await conn.close()
