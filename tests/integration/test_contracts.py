@@ -23,7 +23,8 @@ from tayori.embedded import SmtpSink, free_port
 from tayori.services import SERVICES
 from tests.conftest import ADMIN_TOKEN, Service, Stack, running
 
-pytestmark = pytest.mark.integration
+#: one worker runs this module: its six services start once for all its tests.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("contracts")]
 
 #: examples per operation and phase: enough to reach the edges, few enough for minutes.
 MAX_EXAMPLES = int(os.environ.get("TAYORI_FUZZ_EXAMPLES", "12"))

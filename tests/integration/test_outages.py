@@ -36,6 +36,8 @@ from tests.integration.test_suppression import path_of
 
 #: how long the database stays down (the issue's experiment).
 OUTAGE_SECONDS = 20.0
+#: one worker runs this module: it starts its own PostgreSQL and broker once.
+pytestmark = pytest.mark.xdist_group("outages")
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ from services.contacts.search import (
     referenced_saved_filters,
 )
 
-pytestmark = pytest.mark.integration
+#: one worker runs this module: its data set is loaded once for all its tests.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("search_sql")]
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "contacts" / "migrations"
 JST = ZoneInfo("Asia/Tokyo")
