@@ -130,6 +130,9 @@ async def fuzz(base: str, report: Path) -> tuple[int, str]:
         str(report),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        # schemathesis keeps a cache of past failures in its working directory: a run
+        # starts from nothing, as it does on a fresh checkout.
+        cwd=report.parent,
         env={**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"},
     )
     out, _ = await process.communicate()
