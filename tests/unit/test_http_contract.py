@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -73,7 +74,13 @@ def _app(*, body_seconds: float = 30.0) -> web.Application:
     async def broken(request: web.Request) -> web.Response:
         raise RuntimeError("a bug")
 
+    @contract(path=ThingPath, media={"text/html": "a page"}, pages={404: "text/html"})
+    async def thing_page(request: web.Request, path: ThingPath) -> web.Response:
+        """A page for people."""
+        return web.Response(text="<p>gone</p>", status=404, content_type="text/html")
+
     app.router.add_post("/things", create_thing)
+    app.router.add_get("/pages/{id}", thing_page)
     app.router.add_get("/broken", broken)
     app.router.add_get("/things/{id}", get_thing)
     return app
@@ -111,6 +118,9 @@ async def test_valid_input_reaches_the_view_typed(server: TestServer) -> None:
         ("/things/99999999999999999999", "/id"),
         ("/things/0", "/id"),
         ("/things/x", "/id"),
+        ("/things/+5", "/id"),
+        ("/things/5_0", "/id"),
+        ("/things/%205", "/id"),
         ("/things/1?limit=0", "/limit"),
         ("/things/1?unknown=1", "/unknown"),
         ("/things/1?tag=a&tag=b&tag=c&tag=d", "/tag"),
@@ -122,7 +132,7 @@ async def test_a_bad_path_or_query_is_a_problem_naming_it(
     status, media, body = await _call(server, "GET", path)
     assert (status, media) == (400, "application/problem+json")
     assert body["status"] == 400 and body["title"] == "Bad Request"
-    assert body["instance"] == path.split("?")[0]
+    assert body["instance"] == urllib.parse.unquote(path.split("?")[0])
     assert body["errors"][0]["pointer"] == pointer
     assert body["error"] == body["detail"] and body["field"] == pointer[1:]
 
@@ -239,6 +249,11 @@ async def test_openapi_declares_inputs_answers_and_errors(server: TestServer) ->
     assert name["maxLength"] == 200 and name["title"] == "名前"
     assert "Problem" in doc["components"]["schemas"]
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    page = doc["paths"]["/pages/{id}"]["get"]["responses"]
+    assert set(page["200"]["content"]) == {"text/html"}
+    assert set(page["404"]["content"]) == {"text/html", "application/problem+json"}
+    name = doc["components"]["schemas"]["NewThing"]["properties"]["name"]
+    assert name["pattern"] == "^[^\\x00-\\x1f\\x7f]*$"
     status, media, page = await _call(server, "GET", "/docs")
     assert (status, media) == (200, "text/html") and "/docs/redoc.standalone.js" in page
     status, media, script = await _call(server, "GET", "/docs/redoc.standalone.js")

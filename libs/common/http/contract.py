@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import re
 import zoneinfo
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -131,18 +133,38 @@ def _depth(limit: int) -> Callable[[Any], Any]:
     return check
 
 
+#: the schema's words for "no control character" (the validators say it to a person).
+PLAIN = Field(json_schema_extra={"pattern": r"^[^\x00-\x1f\x7f]*$"})
+STORABLE = Field(json_schema_extra={"pattern": r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"})
+
+
+def _digits(value: Any) -> Any:
+    """A path or query value is text: only plain decimal digits make an integer (pydantic
+    alone would take "+5", " 5" or "5_0")."""
+    if isinstance(value, str) and not _INTEGER.fullmatch(value):
+        raise ValueError("must be an integer written in decimal digits")
+    return value
+
+
+_INTEGER = re.compile(r"-?[0-9]+")
 #: a database id: a positive 64-bit integer.
-Id = Annotated[int, Field(ge=1, le=INT64_MAX)]
+Id = Annotated[int, Field(ge=1, le=INT64_MAX), BeforeValidator(_digits)]
 #: a count or offset that PostgreSQL's bigint holds.
-Int64 = Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)]
+Int64 = Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX), BeforeValidator(_digits)]
 #: a name shown in lists (groups, plans, filters, categories, campaigns): one line.
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_plain)]
+Name = Annotated[
+    str, StringConstraints(min_length=1, max_length=200), AfterValidator(_plain), PLAIN
+]
 #: a short identifier-like value (a key, a tag, a token): one line.
-Token = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_plain)]
+Token = Annotated[
+    str, StringConstraints(min_length=1, max_length=255), AfterValidator(_plain), PLAIN
+]
 #: free text of a few paragraphs (a description, a note).
-Text = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_storable)]
+Text = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_storable), STORABLE]
 #: a mail body or template: long, multi-line.
-Content = Annotated[str, StringConstraints(max_length=1_000_000), AfterValidator(_storable)]
+Content = Annotated[
+    str, StringConstraints(max_length=1_000_000), AfterValidator(_storable), STORABLE
+]
 #: an IANA time-zone name.
 TimeZoneName = Annotated[
     str,
@@ -281,6 +303,9 @@ class Contract:
     also: Mapping[int, type[BaseModel] | None] = field(default_factory=dict)
     #: error statuses the view itself answers (validation, auth, 503 are added).
     errors: tuple[int, ...] = ()
+    #: error statuses answered in another media than the problem shape (a page for people):
+    #: status → media type.
+    pages: Mapping[int, str] = field(default_factory=dict)
     #: a body the view reads itself (multipart, CSV): media type → JSON schema.
     raw_body: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     max_bytes: int = JSON_BODY_BYTES
@@ -304,6 +329,7 @@ def contract(
     media: Mapping[str, str] | None = None,
     also: Mapping[int, type[BaseModel] | None] | None = None,
     errors: tuple[int, ...] = (),
+    pages: Mapping[int, str] | None = None,
     raw_body: Mapping[str, dict[str, Any]] | None = None,
     max_bytes: int = JSON_BODY_BYTES,
     seconds: float = BODY_SECONDS,
@@ -320,6 +346,7 @@ def contract(
         media=media or {},
         also=also or {},
         errors=errors,
+        pages=pages or {},
         raw_body=raw_body or {},
         max_bytes=max_bytes,
         seconds=seconds,

@@ -170,7 +170,14 @@ def _operation(
         errors.add(404)
     if content:
         errors |= {408, 413}
-    for status in sorted(errors):
+    for status in sorted(errors | set(spec.pages)):
+        if status in spec.pages:  # a page for people, or the problem shape
+            problem = _problems()[f"Problem{status}"]
+            responses[str(status)] = {
+                "description": problem["description"],
+                "content": {spec.pages[status]: {"schema": {"type": "string"}}}
+                | problem["content"],
+            }
         responses.setdefault(str(status), _problem(status))
     operation["responses"] = responses
     return operation
