@@ -11,11 +11,13 @@ Pages are plain HTML in Japanese and English with no external assets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import json
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from structlog.contextvars import bound_contextvars
 
 from libs.common.errors import NotFound
@@ -197,10 +199,12 @@ async def _kind(request: web.Request) -> str:
         async with asyncio.timeout(BODY_SECONDS):
             try:
                 form = await request.post()
-            except (ValueError, LookupError):
+            except (ValueError, LookupError, HttpProcessingError):
                 # a body that is not the form it claims (no boundary, not UTF-8, an
-                # unknown charset): still an unsubscribe, by the form
-                await request.read()
+                # unknown charset, a part's header that does not parse): still an
+                # unsubscribe, by the form
+                with contextlib.suppress(HttpProcessingError):
+                    await request.read()
                 return "form"
     except TimeoutError:
         raise web.HTTPRequestTimeout(
