@@ -89,6 +89,8 @@ def worded(
 
 # Shapes ---------------------------------------------------------------------------------
 
+#: what Token and Name enforce, said in the schema too (no control characters).
+ONE_LINE = "^[^\\u0000-\\u001f\\u007f]*$"
 CONTACT_ID = Field(title="顧客ID", description="the contact's id", examples=[1])
 GROUP_ID = Field(title="グループID", description="the group's or step plan's id", examples=[1])
 
@@ -159,7 +161,11 @@ class NewPolicy(Model):
 
 
 class SyncJobPath(Model):
-    id: Token = Field(description="the job's id", examples=["0b6f6c1e-2c1d-4a8e-9f55-1c2b3d4e5f60"])
+    id: Token = Field(
+        description="the job's id",
+        examples=["0b6f6c1e-2c1d-4a8e-9f55-1c2b3d4e5f60"],
+        json_schema_extra={"pattern": ONE_LINE},
+    )
 
 
 class BlacklistRule(Answer):
@@ -208,7 +214,10 @@ class BlackFlag(Answer):
 
 class EmailPath(Model):
     email: Token = Field(
-        title="メールアドレス", description="the address", examples=["taro@example.jp"]
+        title="メールアドレス",
+        description="the address",
+        examples=["taro@example.jp"],
+        json_schema_extra={"pattern": ONE_LINE},
     )
 
 
@@ -321,7 +330,11 @@ async def get_sync_policy(request: web.Request) -> web.Response:
 @routes.put("/v1/sync-policy")
 @requires("admin")
 @worded(unknown="unknown switch {name!r}; use unsubscribe and ban")
-@contract(body=NewPolicy, response=PolicyChange)
+@contract(
+    body=NewPolicy,
+    response=PolicyChange,
+    links={"get_sync_job": {"id": "$response.body#/jobs/0/id"}},
+)
 async def put_sync_policy(request: web.Request, body: NewPolicy) -> web.Response:
     """Set {unsubscribe, ban}; turning a switch on starts a job over existing data."""
     ctx = _ctx(request)
