@@ -50,7 +50,6 @@ _HEADERS = {
 }
 
 
-PAGE = "a page for people (Japanese and English)"
 #: what a mail client (RFC 8058 one-click) or the confirmation page's form posts.
 FORM: dict[str, Any] = {
     "type": "object",
