@@ -10,13 +10,20 @@ Pages are plain HTML in Japanese and English with no external assets.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import html
+import json
+from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from structlog.contextvars import bound_contextvars
 
 from libs.common.errors import NotFound
-from libs.common.http import public
+from libs.common.http import Handler, json_response, public
+from libs.common.http.contract import BODY_SECONDS, contract
+from libs.common.http.problems import MEDIA_TYPE
 from libs.common.logging import get_logger
 from libs.common.mail.states import MembershipState
 from libs.common.mail.tokens import BadToken
@@ -41,6 +48,33 @@ _HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
 }
+
+
+#: what a mail client (RFC 8058 one-click) or the confirmation page's form posts.
+FORM: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "List-Unsubscribe": {
+            "type": "string",
+            "enum": ["One-Click"],
+            "description": "RFC 8058 one-click: exactly List-Unsubscribe=One-Click",
+        },
+        "confirm": {"type": "string", "description": "the confirmation page's button"},
+    },
+    "description": "the body is read only to tell one-click from the form; an unreadable "
+    "one still unsubscribes",
+    "examples": [{"List-Unsubscribe": "One-Click"}],
+}
+#: how the pages answer a token they cannot honour: the same HTML page (404).
+NOT_VALID = {
+    "description": "this link is not valid (forged, tampered, unknown): one page for every "
+    "case; a path that is not a token at all gets the problem",
+    "content": {
+        "text/html": {"schema": {"type": "string"}},
+        MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}},
+    },
+}
+_PAGES = ("/u/{token}",)
 
 
 def _page(title: str, body: str, status: int = 200) -> web.Response:
@@ -83,6 +117,7 @@ async def _target(ctx: Context, token: str) -> UnsubscribeTarget | None:
 
 @routes.get("/u/{token}")
 @public
+@contract(media={"text/html": "the confirmation page (changes nothing)"})
 async def confirm(request: web.Request) -> web.Response:
     """Public: the unsubscribe confirmation page (changes nothing)."""
     ctx = request.app[CONTEXT]
@@ -100,6 +135,10 @@ async def confirm(request: web.Request) -> web.Response:
 
 @routes.post("/u/{token}")
 @public
+@contract(
+    media={"text/html": "the page saying it is done (after the change is committed)"},
+    raw_body={"application/x-www-form-urlencoded": FORM, "multipart/form-data": FORM},
+)
 async def unsubscribe(request: web.Request) -> web.Response:
     """Public: unsubscribe (form submit or RFC 8058 one-click), durable before the answer."""
     ctx = request.app[CONTEXT]
@@ -153,17 +192,39 @@ async def _unsubscribe(ctx: Context, target: UnsubscribeTarget) -> bool:
 
 async def _kind(request: web.Request) -> str:
     """one_click for an RFC 8058 body (either encoding), form otherwise; the body is read
-    whole either way so the connection stays usable."""
-    values: dict[str, str] = {}
+    whole either way (bounded by the app's body limit and BODY_SECONDS) so the connection
+    stays usable."""
     try:
-        if request.content_type.startswith("multipart/"):
-            reader = await request.multipart()
-            async for part in reader:
-                if isinstance(part, BodyPartReader) and part.name:
-                    values[part.name] = (await part.text())[:200]
-        else:
-            values = {k: str(v)[:200] for k, v in (await request.post()).items()}
-    except ValueError:  # a body that is not the form it claims (no boundary, not UTF-8)
-        await request.read()
-        return "form"
+        async with asyncio.timeout(BODY_SECONDS):
+            try:
+                form = await request.post()
+            except (ValueError, LookupError, HttpProcessingError):
+                # a body that is not the form it claims (no boundary, not UTF-8, an
+                # unknown charset, a part's header that does not parse): still an
+                # unsubscribe, by the form
+                with contextlib.suppress(HttpProcessingError):
+                    await request.read()
+                return "form"
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(
+            text=f"the request body did not arrive within {BODY_SECONDS:g} seconds"
+        ) from None
+    values = {k: str(v)[:200] for k, v in form.items()}
     return "one_click" if values.get("List-Unsubscribe") == "One-Click" else "form"
+
+
+@web.middleware
+async def html_pages_in_reference(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Declare in ``/openapi.json`` that the pages answer an invalid token with their HTML
+    page (404), not a problem: a contract declares a non-JSON media for its success only.
+    (To go once the foundation declares media per status.)"""
+    response = await handler(request)
+    if request.path != "/openapi.json" or not isinstance(response, web.Response):
+        return response
+    if response.status != 200 or response.text is None:
+        return response
+    document = json.loads(response.text)
+    for path in _PAGES:
+        for operation in document.get("paths", {}).get(path, {}).values():
+            operation.get("responses", {})["404"] = NOT_VALID
+    return json_response(document)

@@ -171,6 +171,14 @@ async def dead_letters(kafka: Any, topic: Topic, n: int) -> list[tuple[str, str]
     ]
 
 
+def legacy(answer: tuple[int, Any]) -> tuple[int, Any]:
+    """A problem answer as the first API's clients read it: its status, error and field."""
+    status, body = answer
+    if isinstance(body, dict) and "type" in body and "error" in body:
+        return status, {k: body[k] for k in ("error", "field") if k in body}
+    return answer
+
+
 def path_of(url: str) -> str:
     return "/" + url.split("://", 1)[1].split("/", 1)[1]
 
@@ -233,7 +241,10 @@ async def test_commands_join_leave_duplicates_and_dead_letters(suppression, kafk
     assert await states(api, 3) == {32: ("deliverable", "system")}
     assert await membership(api, 1, 13) is None
     status, body = await api.call("GET", "/v1/memberships/1/14")
-    assert (status, body) == (404, {"error": "contact 1 is not a member of group or plan 14"})
+    assert legacy((status, body)) == (
+        404,
+        {"error": "contact 1 is not a member of group or plan 14"},
+    )
 
     changes = await published(suppression, kafka, Topic.SUPPRESSION_CHANGES)
     assert of_contact(changes, 1) == [
@@ -288,7 +299,7 @@ async def test_operator_api_for_memberships(suppression, kafka):
         ("PUT", "/v1/memberships/5/1", {"state": "deliverable"}, VIEWER_TOKEN),
         ("PUT", "/v1/memberships/5/1", {"state": "deliverable"}, None),
     ]
-    answers = [await api.call(m, p, body, token=t) for m, p, body, t in refusals]
+    answers = [legacy(await api.call(m, p, body, token=t)) for m, p, body, t in refusals]
     assert answers == [
         (404, {"error": "contact 5 is not a member of group or plan 99"}),
         (404, {"error": "contact 7 is not a member of group or plan 1"}),
@@ -366,14 +377,14 @@ async def test_unsubscribe_sync_off_then_on_with_backfill_job(stack, database, p
         }
 
         # the switch needs admin, and exact values
-        assert await api.call(
-            "PUT", "/v1/sync-policy", {"unsubscribe": True}, token=OPERATOR_TOKEN
+        assert legacy(
+            await api.call("PUT", "/v1/sync-policy", {"unsubscribe": True}, token=OPERATOR_TOKEN)
         ) == (403, {"error": "role 'operator' may not do this; 'admin' or higher is required"})
-        assert await api.call("PUT", "/v1/sync-policy", {"unsubscribe": "yes"}) == (
+        assert legacy(await api.call("PUT", "/v1/sync-policy", {"unsubscribe": "yes"})) == (
             400,
             {"error": "unsubscribe must be true or false", "field": "unsubscribe"},
         )
-        assert await api.call("PUT", "/v1/sync-policy", {"all": True}) == (
+        assert legacy(await api.call("PUT", "/v1/sync-policy", {"all": True})) == (
             400,
             {"error": "unknown switch 'all'; use unsubscribe and ban", "field": "all"},
         )
@@ -609,7 +620,7 @@ async def test_blacklist_suppressions_and_can_send(suppression, kafka):
         ("suffix", ".example.com.", "example.com"),
     ):
         body = {"title": "again", "match": match, "value": value}
-        assert await api.call("POST", "/v1/blacklist", body) == (
+        assert legacy(await api.call("POST", "/v1/blacklist", body)) == (
             409,
             {"error": f"a {match} rule for '{stored}' already exists"},
         )
@@ -624,7 +635,7 @@ async def test_blacklist_suppressions_and_can_send(suppression, kafka):
         "POST", "/v1/blacklist", {"title": "一時", "match": "suffix", "value": "tmp.example.jp"}
     )
     assert await api.call("DELETE", f"/v1/blacklist/{temporary['id']}") == (204, "")
-    assert await api.call("DELETE", f"/v1/blacklist/{temporary['id']}") == (
+    assert legacy(await api.call("DELETE", f"/v1/blacklist/{temporary['id']}")) == (
         404,
         {"error": f"blacklist rule {temporary['id']} does not exist"},
     )
@@ -658,7 +669,9 @@ async def test_blacklist_suppressions_and_can_send(suppression, kafka):
     await eventually(addresses_known)
 
     await api.ok("PUT", "/v1/memberships/312/1", {"state": "banned"})
-    assert await api.call("PUT", "/v1/contacts/309/black", {"black": True}, token=VIEWER_TOKEN) == (
+    assert legacy(
+        await api.call("PUT", "/v1/contacts/309/black", {"black": True}, token=VIEWER_TOKEN)
+    ) == (
         403,
         {"error": "role 'viewer' may not do this; 'operator' or higher is required"},
     )
@@ -714,7 +727,7 @@ async def test_blacklist_suppressions_and_can_send(suppression, kafka):
     assert without == {cid: (False, reason or "unsubscribed") for cid, reason in expected.items()}
     assert await can_send(api, 304, False, group_id=None) == (True, None)
     assert await can_send(api, 301, True, group_id=None) == (False, "blacklisted")
-    assert await api.call("GET", "/v1/can-send?contact_id=304&group_id=2") == (
+    assert legacy(await api.call("GET", "/v1/can-send?contact_id=304&group_id=2")) == (
         404,
         {"error": "contact 304 is not a member of group or plan 2"},
     )
@@ -723,11 +736,11 @@ async def test_blacklist_suppressions_and_can_send(suppression, kafka):
     # clearing: a bounce (not a complaint), a rule, the black flag -------------------------
     assert await api.call("DELETE", "/v1/suppressions/Bounced@Example.JP") == (204, "")
     assert await can_send(api, 310, True) == (True, None)
-    assert await api.call("DELETE", "/v1/suppressions/bounced@example.jp") == (
+    assert legacy(await api.call("DELETE", "/v1/suppressions/bounced@example.jp")) == (
         404,
         {"error": "this address is not suppressed"},
     )
-    assert await api.call("DELETE", "/v1/suppressions/complained@example.jp") == (
+    assert legacy(await api.call("DELETE", "/v1/suppressions/complained@example.jp")) == (
         403,
         {"error": "only a bounced address can be cleared; this one is complained"},
     )
@@ -801,3 +814,64 @@ async def test_deleted_contact_ends_memberships_and_clearing_a_bounce_resets_its
     status, _ = await api.call("DELETE", "/v1/suppressions/back@example.jp")
     assert status == 204
     assert await can_send(api, 42, False) == (True, None)  # not still invalid_address
+
+
+# Contracts (issue 17): inputs that once answered 500 ------------------------------------------
+
+TOO_BIG = "99999999999999999999"  # beyond 64 bits
+
+
+def problem_at(answer: tuple[int, Any], location: str, pointer: str) -> dict[str, Any]:
+    status, body = answer
+    assert status == 400, answer
+    assert (body["status"], body["title"], body["type"]) == (400, "Bad Request", "about:blank")
+    first = body["errors"][0]
+    assert (first["location"], first["pointer"]) == (location, pointer), body
+    return body
+
+
+async def test_inputs_that_once_answered_500_are_problems(suppression):
+    api = suppression.api
+    nested = {"data": "[" * 5000 + "]" * 5000, "headers": {"Content-Type": "application/json"}}
+    for method, path in (
+        ("PUT", "/v1/memberships/1/1"),
+        ("PUT", "/v1/sync-policy"),
+        ("POST", "/v1/blacklist"),
+        ("PUT", "/v1/contacts/1/black"),
+    ):
+        status, body = await api.call(method, path, **nested)
+        assert (status, body["status"], body["title"]) == (400, 400, "Bad Request"), path
+
+    # NUL from a path and from a JSON string
+    for method in ("GET", "DELETE"):
+        body = problem_at(await api.call(method, "/v1/suppressions/a%00b"), "path", "/email")
+        assert "U+0000" in body["errors"][0]["detail"]
+    rule = {"title": "a\u0000b", "match": "suffix", "value": "example.com"}
+    body = problem_at(await api.call("POST", "/v1/blacklist", rule), "body", "/title")
+    assert body["errors"][0]["label"] == "タイトル"
+    rule = {"title": "t", "match": "exact", "value": "a\u0000b@example.jp"}
+    problem_at(await api.call("POST", "/v1/blacklist", rule), "body", "/value")
+    assert (await api.ok("GET", "/v1/blacklist"))["items"] == []
+
+    # integers beyond 64 bits in path ids and query parameters
+    for method, path, where, pointer in (
+        ("GET", f"/v1/memberships/{TOO_BIG}", "path", "/contact_id"),
+        ("GET", f"/v1/memberships/1/{TOO_BIG}", "path", "/group_id"),
+        ("DELETE", f"/v1/blacklist/{TOO_BIG}", "path", "/id"),
+        ("GET", f"/v1/can-send?contact_id={TOO_BIG}", "query", "/contact_id"),
+        ("GET", f"/v1/can-send?contact_id=1&group_id={TOO_BIG}", "query", "/group_id"),
+        ("GET", f"/v1/unsubscribe-link?contact_id=1&group_id={TOO_BIG}", "query", "/group_id"),
+    ):
+        problem_at(await api.call(method, path), where, pointer)
+    for path, body, pointer in (
+        (f"/v1/memberships/{TOO_BIG}/1", {"state": "banned"}, "/contact_id"),
+        (f"/v1/contacts/{TOO_BIG}/black", {"black": True}, "/id"),
+    ):
+        problem_at(await api.call("PUT", path, body), "path", pointer)
+
+    # unknown keys are refused, naming the key
+    rule = {"title": "t", "match": "suffix", "value": "a.jp", "note": 1}
+    body = problem_at(await api.call("POST", "/v1/blacklist", rule), "body", "/note")
+    assert body["field"] == "note"
+    problem_at(await api.call("GET", "/v1/can-send?contact_id=1&groupid=1"), "query", "/groupid")
+    problem_at(await api.call("PUT", "/v1/contacts/1/black", {"black": True, "x": 1}), "body", "/x")

@@ -73,6 +73,14 @@ def broken_multipart() -> dict[str, Any]:
     return {"data": ONE_CLICK, "headers": {"Content-Type": "multipart/form-data"}}
 
 
+def bad_part_header() -> dict[str, Any]:
+    """Multipart whose part header does not parse (a control character in the name)."""
+    return {
+        "data": b'--xx\r\nContent-Disposition: form-data; name="a\x1a"\r\n\r\nv\r\n--xx--\r\n',
+        "headers": {"Content-Type": "multipart/form-data; boundary=xx"},
+    }
+
+
 def requests_counted(outcome: str, kind: str) -> float:
     value = REGISTRY.get_sample_value(
         "tayori_unsubscribe_requests_total", {"outcome": outcome, "kind": kind}
@@ -226,6 +234,7 @@ async def test_confirm_page_one_click_and_refused_tokens(stack, database, prefix
                 ("POST", "urlencoded", one_click_urlencoded()),
                 ("POST", "multipart", one_click_multipart()),
                 ("POST", "broken", broken_multipart()),
+                ("POST", "bad part header", bad_part_header()),
             ):
                 status, content_type, body, headers = await fetch(api, method, bad, **request)
                 answers[(name, method, encoding)] = (
