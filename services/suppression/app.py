@@ -51,7 +51,6 @@ def build(settings: SuppressionSettings) -> Runtime:
         app[CONTEXT] = ctx()
         app.router.add_routes(api.routes)
         app.router.add_routes(public.routes)
-        app.middlewares.append(public.html_pages_in_reference)
 
     runtime.setup_routes = setup_routes
     return runtime

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
-import json
 from typing import Any
 
 from aiohttp import web
@@ -21,9 +20,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from structlog.contextvars import bound_contextvars
 
 from libs.common.errors import NotFound
-from libs.common.http import Handler, json_response, public
+from libs.common.http import public
 from libs.common.http.contract import BODY_SECONDS, contract
-from libs.common.http.problems import MEDIA_TYPE
 from libs.common.logging import get_logger
 from libs.common.mail.states import MembershipState
 from libs.common.mail.tokens import BadToken
@@ -65,16 +63,6 @@ FORM: dict[str, Any] = {
     "one still unsubscribes",
     "examples": [{"List-Unsubscribe": "One-Click"}],
 }
-#: how the pages answer a token they cannot honour: the same HTML page (404).
-NOT_VALID = {
-    "description": "this link is not valid (forged, tampered, unknown): one page for every "
-    "case; a path that is not a token at all gets the problem",
-    "content": {
-        "text/html": {"schema": {"type": "string"}},
-        MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}},
-    },
-}
-_PAGES = ("/u/{token}",)
 
 
 def _page(title: str, body: str, status: int = 200) -> web.Response:
@@ -117,7 +105,7 @@ async def _target(ctx: Context, token: str) -> UnsubscribeTarget | None:
 
 @routes.get("/u/{token}")
 @public
-@contract(media={"text/html": "the confirmation page (changes nothing)"})
+@contract(media={"text/html": "the confirmation page (changes nothing)"}, pages={404: "text/html"})
 async def confirm(request: web.Request) -> web.Response:
     """Public: the unsubscribe confirmation page (changes nothing)."""
     ctx = request.app[CONTEXT]
@@ -137,6 +125,7 @@ async def confirm(request: web.Request) -> web.Response:
 @public
 @contract(
     media={"text/html": "the page saying it is done (after the change is committed)"},
+    pages={404: "text/html"},
     raw_body={"application/x-www-form-urlencoded": FORM, "multipart/form-data": FORM},
 )
 async def unsubscribe(request: web.Request) -> web.Response:
@@ -211,20 +200,3 @@ async def _kind(request: web.Request) -> str:
         ) from None
     values = {k: str(v)[:200] for k, v in form.items()}
     return "one_click" if values.get("List-Unsubscribe") == "One-Click" else "form"
-
-
-@web.middleware
-async def html_pages_in_reference(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Declare in ``/openapi.json`` that the pages answer an invalid token with their HTML
-    page (404), not a problem: a contract declares a non-JSON media for its success only.
-    (To go once the foundation declares media per status.)"""
-    response = await handler(request)
-    if request.path != "/openapi.json" or not isinstance(response, web.Response):
-        return response
-    if response.status != 200 or response.text is None:
-        return response
-    document = json.loads(response.text)
-    for path in _PAGES:
-        for operation in document.get("paths", {}).get(path, {}).values():
-            operation.get("responses", {})["404"] = NOT_VALID
-    return json_response(document)
