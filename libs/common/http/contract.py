@@ -43,6 +43,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
 )
+from pydantic_core import PydanticCustomError
 
 from libs.common.checks import CONTROL
 from libs.common.errors import InvalidMessage
@@ -142,7 +143,9 @@ def _digits(value: Any) -> Any:
     """A path or query value is text: only plain decimal digits make an integer (pydantic
     alone would take "+5", " 5" or "5_0")."""
     if isinstance(value, str) and not _INTEGER.fullmatch(value):
-        raise ValueError("must be an integer written in decimal digits")
+        raise PydanticCustomError(  # the error pydantic gives for "x": one wording for both
+            "int_parsing", "Input should be a valid integer, unable to parse string as an integer"
+        )
     return value
 
 
