@@ -14,7 +14,7 @@ import pytest
 from libs.common.topics import Topic
 from services.contacts import imports
 from services.contacts.context import CONTEXT, Context
-from tests.conftest import OPERATOR_TOKEN, VIEWER_TOKEN, eventually
+from tests.conftest import OPERATOR_TOKEN, VIEWER_TOKEN, eventually, running
 
 PLAN_FIELD = {"key": "plan", "label": "契約プラン", "type": "choice", "choices": ["free", "pro"]}
 
@@ -341,17 +341,17 @@ async def _insert_job(
     return job_id
 
 
-async def test_resume_processes_only_the_rows_after_the_checkpoint(contacts, kafka):
+async def test_resume_processes_only_the_rows_after_the_checkpoint(
+    stack, database, prefix, contacts, kafka
+):
     # Lines 2–4 (r1, and r2 whose memo spans lines 3–4) were committed before a restart.
     job_id = await _insert_job(contacts, status="running", next_line=5, inserted=2)
-    runtime = contacts.runtime
-    await imports.resume_jobs(Context(runtime.settings, runtime.pool, runtime.publisher))
-
-    job = await _finished(contacts, job_id)
+    async with running("contacts", stack, database, prefix):  # the restarted service
+        job = await _finished(contacts, job_id)
     assert (job["total"], job["inserted"], job["failed"], job["next_line"]) == (5, 4, 1, 8)
     assert [(e["line"], e["field"]) for e in job["errors"]] == [(6, "email")]
-    emails = {r["email"] for r in await runtime.pool.fetch("SELECT email FROM contact")}
-    assert emails == {"r3@example.jp", "r4@example.jp"}
+    rows = await contacts.runtime.pool.fetch("SELECT email FROM contact")
+    assert {r["email"] for r in rows} == {"r3@example.jp", "r4@example.jp"}
     events = await kafka.read(
         Topic.JOBS_EVENTS,
         until=lambda rs: any(r["job_id"] == job_id and r["status"] == "done" for r in rs),
@@ -359,18 +359,26 @@ async def test_resume_processes_only_the_rows_after_the_checkpoint(contacts, kaf
     assert [e["status"] for e in events if e["job_id"] == job_id] == ["running", "done"]
 
 
-async def test_two_runners_of_one_job_apply_it_once(contacts):
-    # Two replicas starting together both resume the job; the checkpoint, checked under the
-    # job's row lock in every chunk, lets one of them apply it and the other step aside.
+async def test_two_runners_of_one_job_apply_it_once(contacts, kafka):
+    # Two replicas starting together both run the job; the checkpoint, checked under the
+    # job's row lock in every chunk, lets one of them apply each chunk and the other step
+    # aside.
     job_id = await _insert_job(contacts, status="queued", next_line=0)
     runtime = contacts.runtime
-    ctx = Context(
-        dataclasses.replace(runtime.settings, import_chunk_rows=2), runtime.pool, runtime.publisher
-    )
-    await asyncio.gather(imports._Runner(ctx, job_id).run(), imports._Runner(ctx, job_id).run())
+    settings = dataclasses.replace(runtime.settings, import_chunk_rows=2)
+    replicas = [Context(settings, runtime.pool, runtime.publisher) for _ in range(2)]
+    await asyncio.gather(*(imports.run(ctx, job_id) for ctx in replicas))
     job = await _finished(contacts, job_id)
     assert (job["inserted"], job["updated"], job["failed"]) == (4, 0, 1)
     assert [e["line"] for e in job["errors"]] == [6]
+    emails = await runtime.pool.fetch("SELECT email FROM contact ORDER BY id")
+    assert [r["email"] for r in emails] == [f"r{n}@example.jp" for n in range(1, 5)]
 
-    await imports._Runner(ctx, job_id).run()  # a finished job is not run again
+    await imports.run(replicas[0], job_id)  # a finished job is not run again
     assert (await _finished(contacts, job_id))["inserted"] == 4
+    events = await kafka.read(
+        Topic.JOBS_EVENTS,
+        until=lambda rs: any(r["job_id"] == job_id and r["status"] == "done" for r in rs),
+    )
+    # three chunks of two records (r1 r2, r3 bad, r4), each committed once, then the end
+    assert [e["status"] for e in events if e["job_id"] == job_id] == [*["running"] * 3, "done"]
