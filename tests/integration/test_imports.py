@@ -209,6 +209,53 @@ async def test_external_id_key(contacts):
     assert (await _find(contacts, "k3@example.jp"))["company"] == "更新"
 
 
+async def test_rows_apply_as_if_one_by_one_in_file_order(contacts):
+    # One chunk, applied in batches (store.upsert_run), with the outcome of row by row: a
+    # row may take the address an earlier row freed, a refusal costs no other row, and the
+    # same key twice updates the contact its first row created.
+    await contacts.api.ok("POST", "/v1/contacts", {"email": "f1@example.jp", "external_id": "F-1"})
+    await contacts.api.ok("POST", "/v1/contacts", {"email": "f2@example.jp", "external_id": "F-2"})
+    rows = [
+        "顧客ID,メールアドレス,氏名",
+        "F-1,f1-new@example.jp,移動",  # 2: F-1 leaves f1@
+        "F-3,f1@example.jp,後任",  # 3: takes the address line 2 freed: a new contact
+        "F-4,f2@example.jp,重複",  # 4: f2@ is F-2's: refused
+        "F-5,f5@example.jp,五",  # 5
+        "F-3,,後任（更新）",  # 6: updates the contact of line 3, its address unchanged
+    ]
+    job = await _import(contacts, _csv(rows).encode(), key="external_id")
+    assert (job["inserted"], job["updated"], job["failed"]) == (2, 2, 1)
+    assert [(e["line"], e["field"]) for e in job["errors"]] == [(4, "email")]
+    successor = await _find(contacts, "f1@example.jp")
+    assert (successor["external_id"], successor["name"]) == ("F-3", "後任（更新）")
+    assert (await _find(contacts, "f1-new@example.jp"))["external_id"] == "F-1"
+    assert (await _find(contacts, "f2@example.jp"))["external_id"] == "F-2"
+    assert (await _find(contacts, "f5@example.jp"))["name"] == "五"
+
+
+async def test_a_row_the_database_refuses_costs_no_other_row(contacts):
+    # As if a concurrent writer took the address after the chunk's checks: the database
+    # refuses that row's insert; the rows around it are still applied.
+    await contacts.runtime.pool.execute(
+        """
+        CREATE FUNCTION taken() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.email = 'taken@example.jp' THEN
+                RAISE unique_violation USING CONSTRAINT = 'contact_email_key';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER taken BEFORE INSERT ON contact FOR EACH ROW EXECUTE FUNCTION taken();
+        """
+    )
+    rows = ["email,name", "d1@example.jp,一", "taken@example.jp,二", "d3@example.jp,三"]
+    job = await _import(contacts, _csv(rows).encode())
+    assert (job["inserted"], job["failed"]) == (2, 1)
+    assert [(e["line"], e["field"]) for e in job["errors"]] == [(3, "email")]
+    assert job["errors"][0]["message"].startswith("refused by the database")
+    assert await _find(contacts, "d1@example.jp") and await _find(contacts, "d3@example.jp")
+
+
 async def test_custom_fields_are_typed_and_mapping_and_raw_body(contacts):
     for field in (
         {"key": "seats", "label": "席数", "type": "number"},
