@@ -467,7 +467,8 @@ async def _apply_run(
             settled = i
             break
     if len(accepted) < len(outcomes):  # upsert_run wrote nothing: write the accepted alone
-        again = await store.upsert_run(conn, [run[i][1] for i in accepted], keys=key, mode=mode)
+        patches = [run[i][1] for i in accepted]
+        again = await store.upsert_run(conn, patches, keys=key, mode=mode) if patches else []
         for i, outcome in zip(accepted, again, strict=True):
             if isinstance(outcome, InvalidMessage):  # decided against the same locked rows
                 raise RuntimeError(f"line {run[i][0]} accepted, then refused: {outcome.reason}")
