@@ -71,8 +71,11 @@ def build(settings: ContactsSettings) -> Runtime:
     async def maintenance() -> None:
         await maintenance_loop(ctx())
 
+    async def stop_imports() -> None:
+        await imports.stop_jobs(ctx())
+
     runtime.background = [resume_imports, maintenance]
-    runtime.on_stop = [imports.stop_jobs]
+    runtime.on_stop = [stop_imports]
 
     def setup_routes(app: web.Application) -> None:
         app[CONTEXT] = ctx()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -11,6 +12,9 @@ from libs.common.kafka import Publisher
 from services.contacts.settings import ContactsSettings
 from services.contacts.store import FieldCache
 
+#: import jobs running at once per process.
+MAX_PARALLEL_IMPORTS = 2
+
 
 @dataclass
 class Context:
@@ -18,6 +22,12 @@ class Context:
     pool: asyncpg.Pool
     publisher: Publisher
     fields: FieldCache = field(default_factory=FieldCache)
+    #: running import jobs by id, kept so they are not garbage-collected and stop with us.
+    import_jobs: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    #: at most MAX_PARALLEL_IMPORTS jobs run at once here; the others wait (queued).
+    import_slots: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(MAX_PARALLEL_IMPORTS)
+    )
 
 
 CONTEXT = web.AppKey("contacts", Context)

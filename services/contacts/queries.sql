@@ -258,3 +258,56 @@ UPDATE contact c SET
 FROM unnest($1::bigint[], $2::jsonb[]) AS u(id, p)
 WHERE c.id = u.id
 RETURNING c.*;
+
+-- name: import-insert-job
+-- Import jobs (F-04, imports.py): every answer carries the job's columns but the payload,
+-- which only a run reads (import-job-to-run).
+INSERT INTO import_job (id, status, mode, key_field, encoding, filename, requested_by, mapping,
+                        payload, total)
+VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9)
+RETURNING id, status, mode, key_field, encoding, filename, requested_by, mapping, next_line,
+          total, inserted, updated, skipped, failed, detail, created_at, updated_at;
+
+-- name: import-job
+SELECT id, status, mode, key_field, encoding, filename, requested_by, mapping, next_line,
+       total, inserted, updated, skipped, failed, detail, created_at, updated_at
+FROM import_job WHERE id = $1;
+
+-- name: import-job-to-run
+-- A job to run (claim): queued or running, with its file.
+SELECT id, status, mode, key_field, encoding, mapping, next_line, total, payload
+FROM import_job WHERE id = $1 AND status IN ('queued', 'running');
+
+-- name: import-jobs
+SELECT id, status, mode, key_field, encoding, filename, requested_by, mapping, next_line,
+       total, inserted, updated, skipped, failed, detail, created_at, updated_at
+FROM import_job WHERE ($1::text IS NULL OR status = $1)
+ORDER BY created_at DESC, id LIMIT $2;
+
+-- name: import-unfinished-jobs
+SELECT id FROM import_job WHERE status IN ('queued', 'running') ORDER BY created_at;
+
+-- name: import-lock-job
+-- A step's check that the job is still this run's: running or queued, checkpoint unmoved.
+SELECT status, next_line FROM import_job WHERE id = $1 FOR UPDATE;
+
+-- name: import-advance-job
+UPDATE import_job SET status = 'running', next_line = $2, inserted = inserted + $3,
+                      updated = updated + $4, skipped = skipped + $5, failed = failed + $6,
+                      updated_at = now()
+WHERE id = $1
+RETURNING id, status, mode, key_field, encoding, filename, requested_by, mapping, next_line,
+          total, inserted, updated, skipped, failed, detail, created_at, updated_at;
+
+-- name: import-finish-job
+UPDATE import_job SET status = $2, detail = $3, updated_at = now()
+WHERE id = $1 AND status IN ('queued', 'running')
+RETURNING id, status, mode, key_field, encoding, filename, requested_by, mapping, next_line,
+          total, inserted, updated, skipped, failed, detail, created_at, updated_at;
+
+-- name: import-insert-errors
+INSERT INTO import_error (job_id, line, field, message)
+SELECT $1, * FROM unnest($2::int[], $3::text[], $4::text[]);
+
+-- name: import-errors
+SELECT line, field, message FROM import_error WHERE job_id = $1 ORDER BY line LIMIT $2;

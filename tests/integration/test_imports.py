@@ -14,7 +14,7 @@ import pytest
 from libs.common.topics import Topic
 from services.contacts import imports
 from services.contacts.context import CONTEXT, Context
-from tests.conftest import OPERATOR_TOKEN, VIEWER_TOKEN, eventually
+from tests.conftest import OPERATOR_TOKEN, VIEWER_TOKEN, eventually, running
 
 PLAN_FIELD = {"key": "plan", "label": "契約プラン", "type": "choice", "choices": ["free", "pro"]}
 
@@ -209,6 +209,53 @@ async def test_external_id_key(contacts):
     assert (await _find(contacts, "k3@example.jp"))["company"] == "更新"
 
 
+async def test_rows_apply_as_if_one_by_one_in_file_order(contacts):
+    # One chunk, applied in batches (store.upsert_run), with the outcome of row by row: a
+    # row may take the address an earlier row freed, a refusal costs no other row, and the
+    # same key twice updates the contact its first row created.
+    await contacts.api.ok("POST", "/v1/contacts", {"email": "f1@example.jp", "external_id": "F-1"})
+    await contacts.api.ok("POST", "/v1/contacts", {"email": "f2@example.jp", "external_id": "F-2"})
+    rows = [
+        "顧客ID,メールアドレス,氏名",
+        "F-1,f1-new@example.jp,移動",  # 2: F-1 leaves f1@
+        "F-3,f1@example.jp,後任",  # 3: takes the address line 2 freed: a new contact
+        "F-4,f2@example.jp,重複",  # 4: f2@ is F-2's: refused
+        "F-5,f5@example.jp,五",  # 5
+        "F-3,,後任（更新）",  # 6: updates the contact of line 3, its address unchanged
+    ]
+    job = await _import(contacts, _csv(rows).encode(), key="external_id")
+    assert (job["inserted"], job["updated"], job["failed"]) == (2, 2, 1)
+    assert [(e["line"], e["field"]) for e in job["errors"]] == [(4, "email")]
+    successor = await _find(contacts, "f1@example.jp")
+    assert (successor["external_id"], successor["name"]) == ("F-3", "後任（更新）")
+    assert (await _find(contacts, "f1-new@example.jp"))["external_id"] == "F-1"
+    assert (await _find(contacts, "f2@example.jp"))["external_id"] == "F-2"
+    assert (await _find(contacts, "f5@example.jp"))["name"] == "五"
+
+
+async def test_a_row_the_database_refuses_costs_no_other_row(contacts):
+    # As if a concurrent writer took the address after the chunk's checks: the database
+    # refuses that row's insert; the rows around it are still applied.
+    await contacts.runtime.pool.execute(
+        """
+        CREATE FUNCTION taken() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.email = 'taken@example.jp' THEN
+                RAISE unique_violation USING CONSTRAINT = 'contact_email_key';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER taken BEFORE INSERT ON contact FOR EACH ROW EXECUTE FUNCTION taken();
+        """
+    )
+    rows = ["email,name", "d1@example.jp,一", "taken@example.jp,二", "d3@example.jp,三"]
+    job = await _import(contacts, _csv(rows).encode())
+    assert (job["inserted"], job["failed"]) == (2, 1)
+    assert [(e["line"], e["field"]) for e in job["errors"]] == [(3, "email")]
+    assert job["errors"][0]["message"].startswith("refused by the database")
+    assert await _find(contacts, "d1@example.jp") and await _find(contacts, "d3@example.jp")
+
+
 async def test_custom_fields_are_typed_and_mapping_and_raw_body(contacts):
     for field in (
         {"key": "seats", "label": "席数", "type": "number"},
@@ -341,17 +388,17 @@ async def _insert_job(
     return job_id
 
 
-async def test_resume_processes_only_the_rows_after_the_checkpoint(contacts, kafka):
+async def test_resume_processes_only_the_rows_after_the_checkpoint(
+    stack, database, prefix, contacts, kafka
+):
     # Lines 2–4 (r1, and r2 whose memo spans lines 3–4) were committed before a restart.
     job_id = await _insert_job(contacts, status="running", next_line=5, inserted=2)
-    runtime = contacts.runtime
-    await imports.resume_jobs(Context(runtime.settings, runtime.pool, runtime.publisher))
-
-    job = await _finished(contacts, job_id)
+    async with running("contacts", stack, database, prefix):  # the restarted service
+        job = await _finished(contacts, job_id)
     assert (job["total"], job["inserted"], job["failed"], job["next_line"]) == (5, 4, 1, 8)
     assert [(e["line"], e["field"]) for e in job["errors"]] == [(6, "email")]
-    emails = {r["email"] for r in await runtime.pool.fetch("SELECT email FROM contact")}
-    assert emails == {"r3@example.jp", "r4@example.jp"}
+    rows = await contacts.runtime.pool.fetch("SELECT email FROM contact")
+    assert {r["email"] for r in rows} == {"r3@example.jp", "r4@example.jp"}
     events = await kafka.read(
         Topic.JOBS_EVENTS,
         until=lambda rs: any(r["job_id"] == job_id and r["status"] == "done" for r in rs),
@@ -359,18 +406,26 @@ async def test_resume_processes_only_the_rows_after_the_checkpoint(contacts, kaf
     assert [e["status"] for e in events if e["job_id"] == job_id] == ["running", "done"]
 
 
-async def test_two_runners_of_one_job_apply_it_once(contacts):
-    # Two replicas starting together both resume the job; the checkpoint, checked under the
-    # job's row lock in every chunk, lets one of them apply it and the other step aside.
+async def test_two_runners_of_one_job_apply_it_once(contacts, kafka):
+    # Two replicas starting together both run the job; the checkpoint, checked under the
+    # job's row lock in every chunk, lets one of them apply each chunk and the other step
+    # aside.
     job_id = await _insert_job(contacts, status="queued", next_line=0)
     runtime = contacts.runtime
-    ctx = Context(
-        dataclasses.replace(runtime.settings, import_chunk_rows=2), runtime.pool, runtime.publisher
-    )
-    await asyncio.gather(imports._Runner(ctx, job_id).run(), imports._Runner(ctx, job_id).run())
+    settings = dataclasses.replace(runtime.settings, import_chunk_rows=2)
+    replicas = [Context(settings, runtime.pool, runtime.publisher) for _ in range(2)]
+    await asyncio.gather(*(imports.run(ctx, job_id) for ctx in replicas))
     job = await _finished(contacts, job_id)
     assert (job["inserted"], job["updated"], job["failed"]) == (4, 0, 1)
     assert [e["line"] for e in job["errors"]] == [6]
+    emails = await runtime.pool.fetch("SELECT email FROM contact ORDER BY id")
+    assert [r["email"] for r in emails] == [f"r{n}@example.jp" for n in range(1, 5)]
 
-    await imports._Runner(ctx, job_id).run()  # a finished job is not run again
+    await imports.run(replicas[0], job_id)  # a finished job is not run again
     assert (await _finished(contacts, job_id))["inserted"] == 4
+    events = await kafka.read(
+        Topic.JOBS_EVENTS,
+        until=lambda rs: any(r["job_id"] == job_id and r["status"] == "done" for r in rs),
+    )
+    # three chunks of two records (r1 r2, r3 bad, r4), each committed once, then the end
+    assert [e["status"] for e in events if e["job_id"] == job_id] == [*["running"] * 3, "done"]

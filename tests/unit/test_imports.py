@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from libs.common.errors import InvalidMessage
-from services.contacts.imports import (
+from services.contacts.importfile import (
     decode,
     match_header,
     plan_import,
