@@ -5,10 +5,11 @@ already stopped) and one event in, the new state and what to tell other services
 
 - a **hard** bounce (``invalid_address``, ``error``) stops the address at once: action
   ``bounced`` (suppression sets the address ``bounced``), status = the classification;
-- a **soft** bounce (``temporary_error``) is counted; the ``soft_threshold``-th in a row
-  stops the address (``bounced``) and the count starts again (if an operator clears the
-  address, it gets the whole count again); the status becomes ``temporary_error``, which
-  does not stop sends by itself;
+- a **soft** bounce (``temporary_error``) is counted and the status becomes
+  ``temporary_error``, which does not stop sends by itself; the ``soft_threshold``-th in a
+  row stops the address (``bounced``), its status becomes ``bounced`` (バウンス: stopped, as
+  a hard bounce is, so search and the next frozen list see it) and the count starts again
+  (if an operator clears the address, it gets the whole count again);
 - a **policy** failure (5.7.x) is a campaign error, not the recipient's: counted on
   bounce.events for the record, no state change;
 - **spam** (an ARF complaint): ``complained``, status ``spam``;
@@ -18,7 +19,7 @@ already stopped) and one event in, the new state and what to tell other services
   does **not** reset the soft count (the seed's rule: acceptance is not reading; a mailbox
   that accepts and then bounces asynchronously is exactly the soft case).
 
-A stopping status (``invalid_address``, ``error``, ``spam``) is never lifted by a mail
+A stopping status (``invalid_address``, ``error``, ``bounced``, ``spam``) is never lifted by a mail
 event: only an operator does that (**cleared**: the soft count goes back to 0 and a bounce
 status back to ``unconfirmed``; a complaint stays), so a late "delivered" cannot re-open an
 address the rules closed. A complaint outranks a later hard bounce in the status. ``bounced`` and
@@ -81,7 +82,12 @@ Event = Bounce | Engaged | Delivered | Cleared
 #: statuses an operator's clearing lifts back to ``unconfirmed`` (a complaint stays: only
 #: bounced addresses can be cleared).
 CLEARABLE = frozenset(
-    {DeliveryStatus.INVALID_ADDRESS, DeliveryStatus.ERROR, DeliveryStatus.TEMPORARY_ERROR}
+    {
+        DeliveryStatus.INVALID_ADDRESS,
+        DeliveryStatus.ERROR,
+        DeliveryStatus.BOUNCED,
+        DeliveryStatus.TEMPORARY_ERROR,
+    }
 )
 
 
@@ -136,7 +142,10 @@ def _bounce(state: ContactState, classification: str, soft_threshold: int) -> Ef
             state,
             # counting starts again once the address is stopped (an operator may clear it)
             soft_streak=0 if stops else streak,
-            delivery_status=_status(state, DeliveryStatus.TEMPORARY_ERROR.value),
+            delivery_status=_status(
+                state,
+                DeliveryStatus.BOUNCED.value if stops else DeliveryStatus.TEMPORARY_ERROR.value,
+            ),
         )
         return _effect(state, after, "bounced" if stops else "counted", classification)
     raise ValueError(f"unknown classification {classification!r}")

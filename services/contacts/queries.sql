@@ -108,6 +108,9 @@ SET last_at = greatest(delivery_history.last_at, EXCLUDED.last_at),
 -- name: record-feedback
 -- Opens and clicks claimed by event id, their history and their engagement points, in one
 -- statement; returns the contacts whose points changed (their score is refreshed next).
+-- A click implies an open (images blocked, mail read): it records 'opened' too, with a count
+-- of 0, so the opened / not-opened conditions see the reader while count stays the number
+-- of pixel loads.
 WITH e AS (
     SELECT DISTINCT ON (event_id) event_id, contact_id, campaign_id, kind, history_kind, points, at
     FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::int[],
@@ -121,8 +124,10 @@ WITH e AS (
     SELECT e.* FROM e JOIN claimed USING (event_id)
 ), history AS (
     INSERT INTO delivery_history (contact_id, campaign_id, kind, first_at, last_at, count)
-    SELECT contact_id, campaign_id, history_kind, min(at), max(at), count(*)
-    FROM fresh
+    SELECT contact_id, campaign_id, history_kind, min(at), max(at), sum(n)
+    FROM (SELECT contact_id, campaign_id, history_kind, at, 1 AS n FROM fresh
+          UNION ALL
+          SELECT contact_id, campaign_id, 'opened', at, 0 FROM fresh WHERE kind = 'click') f
     GROUP BY contact_id, campaign_id, history_kind
     ON CONFLICT (contact_id, kind, campaign_id) DO UPDATE
     SET last_at = greatest(delivery_history.last_at, EXCLUDED.last_at),

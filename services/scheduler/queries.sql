@@ -250,7 +250,10 @@ FROM recipient WHERE campaign_id = $1 ORDER BY seq;
 -- (target, contact, kind) with their count and first time. $6 says what the targets are:
 -- 'campaign' (only recipients of a campaign's frozen list count) or 'step' (a step mail's
 -- step: only contacts it was released to count). The first event of a kind per recipient is
--- unique. Returns the targets whose counters moved.
+-- unique. A click implies an open (the images were blocked, the mail was read): a recipient's
+-- first click also makes its first open when it has none, so unique opens count the people
+-- who read the mail; opens stays the raw count of pixel loads. Returns the targets whose
+-- counters moved.
 WITH x AS (
     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bigint[], $5::timestamptz[])
         AS x (target_id, contact_id, kind, n, first_at)
@@ -261,14 +264,20 @@ WITH x AS (
         WHEN 'step' THEN EXISTS (SELECT 1 FROM step_delivery d
             WHERE d.step_id = x.target_id AND d.contact_id = x.contact_id)
     END
+), seen AS (
+    SELECT DISTINCT ON (target_id, contact_id, kind) target_id, contact_id, kind, first_at
+    FROM (SELECT target_id, contact_id, kind, first_at FROM mine
+          UNION ALL
+          SELECT target_id, contact_id, 'open', first_at FROM mine WHERE kind = 'click') s
+    ORDER BY target_id, contact_id, kind, first_at
 ), campaign_firsts AS (
     INSERT INTO recipient_feedback (campaign_id, contact_id, kind, first_at)
-    SELECT target_id, contact_id, kind, first_at FROM mine WHERE $6 = 'campaign'
+    SELECT target_id, contact_id, kind, first_at FROM seen WHERE $6 = 'campaign'
     ON CONFLICT DO NOTHING
     RETURNING campaign_id AS target_id, kind
 ), step_firsts AS (
     INSERT INTO step_feedback (step_id, contact_id, kind, first_at)
-    SELECT target_id, contact_id, kind, first_at FROM mine WHERE $6 = 'step'
+    SELECT target_id, contact_id, kind, first_at FROM seen WHERE $6 = 'step'
     ON CONFLICT DO NOTHING
     RETURNING step_id AS target_id, kind
 ), firsts AS (

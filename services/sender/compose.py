@@ -176,7 +176,9 @@ class Composer:
         values = dict(request.get("merge_values") or {})
         headers: dict[str, str] | None = None
         if request.get("group_id") is not None:
-            target = UnsubscribeTarget(contact_id, int(request["group_id"]), campaign_id)
+            target = UnsubscribeTarget(
+                contact_id, int(request["group_id"]), campaign_id, test=bool(request.get("test"))
+            )
             headers = self.links.headers(target)
             values[UNSUBSCRIBE_URL] = headers["List-Unsubscribe"][1:-1]  # one signature
         else:

@@ -173,6 +173,9 @@ async def test_soft_bounces_an_open_resets_and_five_in_a_row_stop(bounce_process
     )
     assert bounced["email"] == "hanako@example.org"  # no delivery result: the DSN's recipient
     assert actions(events).count("counted") == 8
+    # stopped: the status says so (バウンス), not 一時エラー with a count of 0
+    assert bounced["delivery_status"] == "bounced"
+    assert (await bounces.state(contact))["delivery_status"] == "bounced"
 
 
 async def test_policy_blocks_are_not_held_against_the_recipient(bounce_processor, kafka):

@@ -288,7 +288,8 @@ async def test_history_score_and_delivery_status(contacts, kafka):
         (history("opened", campaign_id=a), {h[0], h[4]}),
         (history("opened"), {h[0], h[2], h[4]}),
         (history("opened", within_days=30), {h[0], h[4]}),
-        (history("opened", campaign_id=b, within_days=90), set()),
+        # h[2] clicked campaign b 40 days ago: a click implies an open
+        (history("opened", campaign_id=b, within_days=90), {h[2]}),
         (history("opened", within_days=30, negate=True), {h[1], h[2], h[3]}),
         (history("clicked"), {h[0], h[2]}),
         (history("clicked", within_days=7), {h[0]}),
@@ -350,6 +351,45 @@ async def test_history_score_and_delivery_status(contacts, kafka):
         ), contact_id
     assert [c["version"] for c in changes[h[4]]] == list(range(1, len(changes[h[4]]) + 1))
     assert {"temporary_error", "ok"} <= {c["contact"]["delivery_status"] for c in changes[h[4]]}
+
+
+async def test_a_click_counts_as_an_open_for_the_opened_conditions(contacts, kafka):
+    """Images blocked, link clicked: the reader opened the mail. Opened / not-opened see the
+    click (a not_opened re-send must not go to people who clicked), while the history keeps
+    the raw number of pixel loads."""
+    api = contacts.api
+    reader, pixel, nobody = [
+        (await api.ok("POST", "/v1/contacts", {"email": f"c{i}@example.jp"}))["id"]
+        for i in range(3)
+    ]
+    campaign = str(uuid.uuid4())
+    now = dt.datetime.now(dt.UTC)
+    results = [delivery_result(c, campaign, "sent", now) for c in (reader, pixel, nobody)]
+    await publish_together(kafka, Topic.DELIVERY_RESULTS, [(r["contact_id"], r) for r in results])
+    events = [
+        feedback(reader, campaign, "click", now),
+        feedback(pixel, campaign, "open", now),
+    ]
+    await publish_together(kafka, Topic.FEEDBACK_EVENTS, [(e["contact_id"], e) for e in events])
+    await consumed(contacts, [r["result_id"] for r in results] + [e["event_id"] for e in events])
+    opened = {"history": {"event": "opened", "campaign_id": campaign}}
+    assert await search_ids(api, opened) == {reader, pixel}
+    not_opened = {"history": {"event": "opened", "campaign_id": campaign, "negate": True}}
+    received = {"history": {"event": "received", "campaign_id": campaign}}
+    assert await search_ids(api, {"all": [received, not_opened]}) == {nobody}
+
+    later = feedback(reader, campaign, "open", now)  # the images loaded after all
+    await publish_together(kafka, Topic.FEEDBACK_EVENTS, [(reader, later)])
+    await consumed(contacts, [later["event_id"]])
+    counts = {
+        (r["contact_id"], r["kind"]): r["count"]
+        for r in await contacts.runtime.pool.fetch(
+            "SELECT contact_id, kind, count FROM delivery_history WHERE campaign_id = $1",
+            campaign,
+        )
+    }
+    assert counts[(reader, "opened")] == 1 and counts[(reader, "clicked")] == 1
+    assert counts[(pixel, "opened")] == 1 and (nobody, "opened") not in counts
 
 
 async def test_delivery_results_count_each_result_once_across_batches(contacts, kafka):

@@ -90,6 +90,34 @@ async def test_opens_and_clicks_are_counted_once_each(scheduler, contacts, kafka
     )
 
 
+async def test_a_click_without_a_pixel_counts_as_a_unique_open(scheduler, contacts, kafka):
+    """Images blocked, link clicked: the recipient read the mail. Unique opens count them;
+    opens stays the number of pixel loads."""
+    clock = fake_clock(scheduler)
+    members = await group(contacts)
+    p = await people(contacts, 3, members)
+    cat = await category(scheduler)
+    campaign = await reserved(scheduler, campaign_body(cat, clock, target={"group_id": members}))
+    cid = campaign["id"]
+    await publish_together(
+        kafka,
+        Topic.FEEDBACK_EVENTS,
+        [
+            (p[0], feedback("click", cid, p[0])),  # no pixel: images blocked
+            (p[1], feedback("open", cid, p[1])),
+            (p[1], feedback("click", cid, p[1])),  # both: one unique open
+        ],
+    )
+    await statistics(
+        scheduler, cid, {"opens": 1, "clicks": 2, "unique_opens": 2, "unique_clicks": 2}
+    )
+    # p[0]'s images load later: a pixel load, not a new reader
+    await publish_together(kafka, Topic.FEEDBACK_EVENTS, [(p[0], feedback("open", cid, p[0]))])
+    await statistics(
+        scheduler, cid, {"opens": 2, "clicks": 2, "unique_opens": 2, "unique_clicks": 2}
+    )
+
+
 async def test_tracking_switches_reach_the_send_requests(scheduler, contacts, kafka):
     clock = fake_clock(scheduler)
     members = await group(contacts)

@@ -3,7 +3,8 @@
 The acceptance criterion: the recipient snapshot of a target equals the search result for
 the same filter. A group target is the search for its deliverable members (and its
 unsubscribed ones with include_unsubscribed); addresses whose delivery_status stops every
-send (invalid_address, error, spam) are left out of a snapshot, never out of a search.
+send (invalid_address, error, bounced, spam) are left out of a snapshot, never out of a
+search.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tests.integration.test_contacts_projections import (
     publish_together,
 )
 
-STOPPED = ["invalid_address", "error", "spam"]
+STOPPED = ["invalid_address", "error", "bounced", "spam"]
 
 
 def snapshot_request(**target: Any) -> dict[str, Any]:
@@ -299,6 +300,36 @@ async def test_snapshot_of_each_target_equals_the_search(contacts, kafka):
         "custom.seats": "11",
     }
     assert first[c[0]]["name"] == "相川 一郎"  # the earlier snapshot kept its values
+
+
+async def test_an_address_stopped_by_soft_bounces_is_shown_searchable_and_left_out(contacts, kafka):
+    """Five soft bounces in a row stop an address: the bounce processor says so with the
+    status バウンス ("bounced"). The contact shows it, search finds it by its label, and a
+    campaign's frozen list leaves it out up front — as it does a hard bounce or a
+    complaint — while an address with one soft bounce (一時エラー) is still sent to."""
+    api = contacts.api
+    group = (await api.ok("POST", "/v1/groups", {"name": "会員"}))["id"]
+    ok, stopped, soft, hard = [
+        (await api.ok("POST", "/v1/contacts", {"email": f"s{i}@example.jp"}))["id"]
+        for i in range(4)
+    ]
+    await api.ok("POST", f"/v1/groups/{group}/members", {"contact_ids": [ok, stopped, soft, hard]})
+    now = dt.datetime.now(dt.UTC)
+    events = [
+        bounce(stopped, "temporary_error", now, action="counted"),
+        bounce(stopped, "bounced", now),  # the fifth soft bounce in a row
+        bounce(soft, "temporary_error", now, action="counted"),
+        bounce(hard, "invalid_address", now),
+    ]
+    await publish_together(kafka, Topic.BOUNCE_EVENTS, [(e["contact_id"], e) for e in events])
+    await consumed(contacts, [e["event_id"] for e in events])
+
+    assert (await api.ok("GET", f"/v1/contacts/{stopped}"))["delivery_status"] == "bounced"
+    label = {"field": "delivery_status", "op": "eq", "value": "バウンス"}
+    assert await ids_of(api, label) == [stopped]
+    request = snapshot_request(group_id=group)
+    answers = await snapshots(kafka, [request])
+    assert complete_list(answers[request["request_id"]]) == [ok, soft]
 
 
 async def test_snapshot_of_a_bad_target_ends_with_the_error(contacts, kafka):

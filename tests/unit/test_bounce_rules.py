@@ -49,6 +49,14 @@ def test_five_soft_bounces_in_a_row_stop_it_and_counting_starts_again() -> None:
     assert effects[0].delivery_status == "temporary_error"
     assert effects[1].delivery_status is None  # unchanged: not published again
     assert not effects[4].hard
+    # stopped: バウンス, a stopping status of its own; a later soft bounce keeps it, a
+    # delivery or an open does not lift it (only an operator's clearing does)
+    assert effects[4].delivery_status == "bounced"
+    assert effects[5].delivery_status is None and effects[5].state.delivery_status == "bounced"
+    later = run([Delivered(), Engaged("open")], effects[5].state)
+    assert [e.state.delivery_status for e in later] == ["bounced", "bounced"]
+    [cleared] = run([Cleared()], effects[5].state)
+    assert cleared.state.delivery_status == "unconfirmed" and cleared.state.soft_streak == 0
 
 
 def test_an_open_or_click_resets_the_count_a_delivery_does_not() -> None:

@@ -57,6 +57,10 @@ CHECKED = {
     "services/contacts/migrations/0003_membership_flags.sql": "test_membership_flag_bits",
     "services/suppression/migrations/0001_suppression.sql": "test_check_constraints",
     "services/bounce_processor/migrations/0001_bounce_processor.sql": "test_check_constraints",
+    "services/contacts/migrations/0006_delivery_status_bounced.sql": "test_check_constraints",
+    "services/bounce_processor/migrations/0003_delivery_status_bounced.sql": (
+        "test_check_constraints"
+    ),
     "services/suppression/queries.sql": "test_query_literals",
     "services/scheduler/queries.sql": "test_query_literals",
 }
@@ -71,6 +75,7 @@ def test_the_enums_are_the_wire_strings() -> None:
         "error",
         "temporary_error",
         "spam",
+        "bounced",
     )
     assert MembershipState.labels() == {
         "deliverable": "配信可能",
@@ -97,16 +102,41 @@ def test_every_sql_file_spelling_the_values_is_checked() -> None:
     [
         ("services/contacts/migrations/0001_contacts.sql", "state", MEMBERSHIP),
         ("services/suppression/migrations/0001_suppression.sql", "state", MEMBERSHIP),
-        ("services/contacts/migrations/0001_contacts.sql", "delivery_status", DELIVERY),
         (
-            "services/bounce_processor/migrations/0001_bounce_processor.sql",
+            "services/contacts/migrations/0006_delivery_status_bounced.sql",
+            "delivery_status",
+            DELIVERY,
+        ),
+        (
+            "services/bounce_processor/migrations/0003_delivery_status_bounced.sql",
             "delivery_status",
             DELIVERY,
         ),
     ],
 )
 def test_check_constraints(path: str, column: str, values: set[str]) -> None:
+    """The newest CHECK of each column holds exactly the enum's values."""
     assert _check_in(path, column) == [values]
+
+
+@pytest.mark.parametrize(
+    ("path", "newer"),
+    [
+        (
+            "services/contacts/migrations/0001_contacts.sql",
+            "services/contacts/migrations/0006_delivery_status_bounced.sql",
+        ),
+        (
+            "services/bounce_processor/migrations/0001_bounce_processor.sql",
+            "services/bounce_processor/migrations/0003_delivery_status_bounced.sql",
+        ),
+    ],
+)
+def test_replaced_delivery_status_checks_are_replaced_by_name(path: str, newer: str) -> None:
+    """An older CHECK of delivery_status is dropped by the newer migration, by its name."""
+    assert _check_in(path, "delivery_status")
+    table = "contact_state" if "bounce_processor" in path else "contact"
+    assert f"DROP CONSTRAINT IF EXISTS {table}_delivery_status_check" in _sql(newer)
 
 
 def test_stopped_memberships_index() -> None:

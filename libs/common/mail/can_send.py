@@ -23,8 +23,15 @@ from dataclasses import dataclass
 
 from libs.common.mail.states import LEFT, DeliveryStatus, MembershipState
 
+#: the statuses of an address that was stopped, however it was: a hard bounce, soft bounces
+#: up to the threshold, a complaint. Left out of a campaign's frozen list up front.
 STOPPING_DELIVERY_STATUSES = frozenset(
-    {DeliveryStatus.INVALID_ADDRESS, DeliveryStatus.ERROR, DeliveryStatus.SPAM}
+    {
+        DeliveryStatus.INVALID_ADDRESS,
+        DeliveryStatus.ERROR,
+        DeliveryStatus.BOUNCED,
+        DeliveryStatus.SPAM,
+    }
 )
 SUPPRESSION_REASONS = frozenset({"bounced", "complained", "invalid"})
 

@@ -59,3 +59,6 @@ class DeliveryStatus(_Labelled):
     ERROR = "error", "エラー"
     TEMPORARY_ERROR = "temporary_error", "一時エラー"
     SPAM = "spam", "スパム"
+    #: stopped after ``BOUNCE_SOFT_THRESHOLD`` soft bounces in a row (the address is
+    #: suppressed as bounced, like a hard bounce, until an operator clears it).
+    BOUNCED = "bounced", "バウンス"

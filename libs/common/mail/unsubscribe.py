@@ -4,6 +4,9 @@ Every campaign mail carries a per-recipient, per-group URL ``{public}/u/{token}`
 token is HMAC-signed (purpose ``unsubscribe``, with a key id for rotation), and the
 headers ``List-Unsubscribe`` (the https URL, optionally a mailto) and
 ``List-Unsubscribe-Post: List-Unsubscribe=One-Click``.
+
+A test send's link (F-23) names the contact it was rendered for, or none, and says it is a
+test (claim ``t``): the page it opens is a preview that changes nothing, and says so.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ class UnsubscribeTarget:
     contact_id: int
     group_id: int
     campaign_id: str | None = None
+    #: the link of a test mail: it opens a preview and never changes a membership.
+    test: bool = False
 
 
 class UnsubscribeLinks:
@@ -31,6 +36,8 @@ class UnsubscribeLinks:
         claims: dict[str, object] = {"c": target.contact_id, "g": target.group_id}
         if target.campaign_id:
             claims["m"] = target.campaign_id
+        if target.test:
+            claims["t"] = 1
         return self._signer.sign(claims)
 
     def url(self, target: UnsubscribeTarget) -> str:
@@ -54,4 +61,6 @@ class UnsubscribeLinks:
         except (KeyError, TypeError, ValueError):
             raise BadToken() from None
         campaign = claims.get("m")
-        return UnsubscribeTarget(contact_id, group_id, str(campaign) if campaign else None)
+        return UnsubscribeTarget(
+            contact_id, group_id, str(campaign) if campaign else None, test=claims.get("t") == 1
+        )
