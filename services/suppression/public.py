@@ -94,11 +94,31 @@ def _signed(ctx: Context, token: str) -> UnsubscribeTarget | None:
         return None
 
 
+def _test_page(done: bool) -> web.Response:
+    """What a test mail's link opens (F-23): the page an operator checks, saying plainly that
+    this was a test and nothing changed."""
+    what = (
+        "<p>これはテスト送信のメールのリンクです。配信停止は行われていません。"
+        "実際のメールでは、ここで配信が停止されます。</p>"
+        '<p class="en">This link came in a test mail: nothing was changed. In a real mail, '
+        "this is where the reader is unsubscribed.</p>"
+        if done
+        else "<p>これはテスト送信のメールのリンクです。実際のメールでは、このページで配信停止を"
+        "確認します。ボタンを押しても配信停止は行われません。</p>"
+        '<p class="en">This link came in a test mail. In a real mail the reader confirms here; '
+        "pressing the button changes nothing.</p>"
+        '<form method="post"><input type="hidden" name="confirm" value="1">'
+        '<button type="submit">配信を停止する（テスト） / Unsubscribe (test)</button></form>'
+    )
+    return _page("テスト送信 / Test mail", f"<h1>テスト送信のリンク</h1>{what}")
+
+
 async def _target(ctx: Context, token: str) -> UnsubscribeTarget | None:
-    """The membership a token names, if we issued the token and the membership exists."""
+    """The membership a token names, if we issued the token and the membership exists (a
+    test mail's token names none that must exist)."""
     target = _signed(ctx, token)
-    if target is None:
-        return None
+    if target is None or target.test:
+        return target
     row = await ctx.pool.fetchrow(QUERIES["membership"], target.contact_id, target.group_id)
     return target if row is not None else None
 
@@ -109,9 +129,12 @@ async def _target(ctx: Context, token: str) -> UnsubscribeTarget | None:
 async def confirm(request: web.Request) -> web.Response:
     """Public: the unsubscribe confirmation page (changes nothing)."""
     ctx = request.app[CONTEXT]
-    if await _target(ctx, request.match_info["token"]) is None:
+    target = await _target(ctx, request.match_info["token"])
+    if target is None:
         UNSUBSCRIBE_REQUESTS.labels("bad_token", "view").inc()
         return _not_valid()
+    if target.test:
+        return _test_page(done=False)
     return _page(
         "配信停止の確認 / Unsubscribe",
         "<h1>配信停止の確認</h1><p>このメールの配信を停止します。よろしければボタンを押してください。</p>"
@@ -136,6 +159,9 @@ async def unsubscribe(request: web.Request) -> web.Response:
     if target is None:
         UNSUBSCRIBE_REQUESTS.labels("bad_token", kind).inc()
         return _not_valid()
+    if target.test:
+        UNSUBSCRIBE_REQUESTS.labels("test", kind).inc()
+        return _test_page(done=True)
     with bound_contextvars(
         contact_id=target.contact_id, group_id=target.group_id, campaign_id=target.campaign_id
     ):

@@ -11,6 +11,8 @@ from email.header import decode_header, make_header
 from email.message import Message
 from typing import Any
 
+import aiohttp
+
 from services.scheduler.clock import FakeClock
 from tests.conftest import eventually
 from tests.integration.test_scheduler import (
@@ -65,3 +67,35 @@ async def test_campaign_and_test_send_through_the_sender(scheduler, contacts, se
     assert len(by_to) == 31
     assert subject(by_to["p7@example.jp"]) == "顧客 7様へ 11月のお知らせ"
     assert by_to["p7@example.jp"]["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
+async def test_a_test_mails_unsubscribe_link_opens_a_preview_that_changes_nothing(
+    scheduler, contacts, sender, suppression, smtp_sink
+):
+    """An operator checking a test mail clicks its unsubscribe link: a page says this was a
+    test and that nothing changed (it used to say the link was invalid), and pressing its
+    button — or a mail client's one-click POST — stops no membership."""
+    clock: FakeClock = fake_clock(scheduler)
+    members = await group(contacts)
+    first, *_ = await people(contacts, 2, members)
+    cat = await category(scheduler)
+    campaign = await reserved(scheduler, campaign_body(cat, clock, target={"group_id": members}))
+    await scheduler.api.ok(
+        "POST",
+        f"/v1/campaigns/{campaign['id']}/test-send",
+        {"addresses": "qa@example.jp", "contact_id": first},
+    )
+    [test_mail] = await mails(smtp_sink, 1)
+    url = str(test_mail["List-Unsubscribe"]).strip("<>").split(">")[0]
+    token = url.rsplit("/u/", 1)[1]
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{suppression.api.base}/u/{token}") as page:
+            assert page.status == 200
+            assert "テスト送信" in await page.text()
+        for body in ({"confirm": "1"}, {"List-Unsubscribe": "One-Click"}):
+            async with http.post(f"{suppression.api.base}/u/{token}", data=body) as done:
+                assert done.status == 200
+                text = await done.text()
+                assert "配信停止は行われていません" in text and "nothing was changed" in text
+    membership = await suppression.api.ok("GET", f"/v1/memberships/{first}/{members}")
+    assert membership["state"] == "deliverable"
