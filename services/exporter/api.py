@@ -15,7 +15,15 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import ConfigDict, Field, StrictBool, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    WithJsonSchema,
+    model_validator,
+)
 
 from libs.common import outbox
 from libs.common.checks import CONTROL
@@ -102,8 +110,24 @@ class Column(Strict):
 Source = Literal["filter", "saved_filter", "contact_ids", "group", "campaign"]
 Encoding = Literal["utf-8", "utf-8-sig", "cp932"]
 assert set(Encoding.__args__) == set(ENCODINGS)  # type: ignore[attr-defined]
-State = Literal["deliverable", "unsubscribed", "banned"]
-assert set(State.__args__) == set(MembershipState.values())  # type: ignore[attr-defined]
+_STATES = MembershipState.values()
+
+
+def _states(value: list[str]) -> list[str]:
+    if any(state not in _STATES for state in value):
+        raise ValueError(f"must be a list of {', '.join(_STATES)}")
+    return value
+
+
+#: membership states; a wrong one names the list (as it always has), not its item.
+States = Annotated[
+    list[str],
+    Field(max_length=16),
+    AfterValidator(_states),
+    WithJsonSchema(
+        {"type": "array", "items": {"enum": list(_STATES), "type": "string"}, "maxItems": 16}
+    ),
+]
 
 
 class NewExport(Strict):
@@ -151,11 +175,10 @@ class NewExport(Strict):
         max_length=processor.MAX_CONTACT_IDS,
     )
     group_id: Id | None = Field(None, title="グループ", description="source group")
-    membership_states: list[State] | None = Field(
+    membership_states: States | None = Field(
         None,
         title="配信状態",
         description="source group: only memberships in these states (all when absent)",
-        max_length=16,
     )
     campaign_id: uuid.UUID | None = Field(None, title="配信", description="source campaign")
     columns: list[Column] = Field(
