@@ -130,6 +130,55 @@ States = Annotated[
 ]
 
 
+_EXAMPLES: list[dict[str, Any]] = [
+    {"source": "filter", "filter": {}, "columns": ["email", "name"]},
+    {
+        "source": "group",
+        "group_id": 1,
+        "membership_states": ["unsubscribed"],
+        "columns": ["email", {"key": "unsubscribed_at:1", "label": "配信停止日時"}],
+    },
+]
+
+#: what each source requires beside ``source`` and ``columns``.
+_REQUIRED_BY_SOURCE = {
+    "filter": ["filter"],
+    "saved_filter": ["saved_filter_id"],
+    "contact_ids": ["contact_ids"],
+    "group": ["group_id"],
+    "campaign": ["campaign_id"],
+}
+
+
+def _by_source(schema: dict[str, Any], _: type) -> None:
+    """The body as one shape per source (what the view enforces: a source's own keys and
+    the common ones, nothing else), so a client generator sees the real choices."""
+    properties = schema.pop("properties")
+    common = {k: v for k, v in properties.items() if k not in processor.SOURCE_KEYS_ALL}
+    variants = []
+    for source, keys in processor.SOURCE_KEYS.items():
+        own = {}
+        for key in keys:
+            prop = dict(properties[key])
+            if key in _REQUIRED_BY_SOURCE[source]:  # required: its value, not null
+                prop.update(next(a for a in prop.pop("anyOf") if a.get("type") != "null"))
+                prop.pop("default", None)
+            own[key] = prop
+        variants.append(
+            {
+                "type": "object",
+                "title": f"NewExport_{source}",
+                "properties": {**common, "source": {"const": source}, **own},
+                "required": ["source", *_REQUIRED_BY_SOURCE[source], "columns"],
+                "additionalProperties": False,
+            }
+        )
+    for key in ("required", "additionalProperties", "type"):
+        schema.pop(key, None)
+    schema["oneOf"] = variants
+    schema["examples"] = _EXAMPLES
+
+
 class NewExport(Strict):
     """CSV出力: which rows (by ``source``, with that source's keys only) and which columns.
 
@@ -145,17 +194,7 @@ class NewExport(Strict):
         extra="forbid",
         populate_by_name=True,
         strict=True,
-        json_schema_extra={
-            "examples": [
-                {"source": "filter", "filter": {}, "columns": ["email", "name"]},
-                {
-                    "source": "group",
-                    "group_id": 1,
-                    "membership_states": ["unsubscribed"],
-                    "columns": ["email", {"key": "unsubscribed_at:1", "label": "配信停止日時"}],
-                },
-            ]
-        },
+        json_schema_extra=_by_source,
     )
 
     source: Source = Field(title="出力対象", examples=["filter"])

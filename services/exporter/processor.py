@@ -63,7 +63,7 @@ SOURCE_KEYS = {
     "group": ("group_id", "membership_states"),
     "campaign": ("campaign_id",),
 }
-_SELECTION_KEYS = frozenset(k for keys in SOURCE_KEYS.values() for k in keys)
+SOURCE_KEYS_ALL = frozenset(k for keys in SOURCE_KEYS.values() for k in keys)
 #: columns of the scheduler's recipients.csv that are not merge values.
 CAMPAIGN_BASE = {
     "id": "contact_id",
@@ -109,7 +109,7 @@ def _column(item: Any, at: str) -> dict[str, Any]:
 def unused_keys(source: str, keys: Iterable[str]) -> list[str]:
     """The keys of a request that choose rows for another source than ``source``: a group
     export has no use for ``filter``, a filter export none for ``group_id``."""
-    return sorted((set(keys) & _SELECTION_KEYS) - set(SOURCE_KEYS.get(source, ())))
+    return sorted((set(keys) & SOURCE_KEYS_ALL) - set(SOURCE_KEYS.get(source, ())))
 
 
 def parse_request(
