@@ -8,7 +8,7 @@ Public:
   good tokens from bad ones.
 - ``GET /t/c/{token}``: 302 to the destination signed inside the token
   (:meth:`TrackingLinks.read_click`) — only ever a URL that was in the mail we sent; any
-  other token is 404 (a problem), never a redirect.
+  other token is 404 (a plain "Not found"), never a redirect.
 
 A valid hit is committed (a group commit with the hits of concurrent requests) before the
 answer, and published on ``feedback.events`` through the outbox. If the database cannot
@@ -19,12 +19,13 @@ place to report our outage (the hit is lost, and logged).
 from __future__ import annotations
 
 import datetime as dt
+from typing import Annotated
 
 from aiohttp import web
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from libs.common.errors import TransientError
-from libs.common.http import error, json_response, public, requires
+from libs.common.http import json_response, public, requires
 from libs.common.http.contract import Answer, Id, Model, Token, contract
 from libs.common.logging import get_logger
 from libs.common.mail.states import DeliveryStatus
@@ -88,8 +89,18 @@ class Delivery(Answer):
     bounces: list[Bounce]
 
 
+def _decimal(value: object) -> object:
+    """A query integer in plain decimal digits (as the contract's Id and Int64 take it;
+    they cannot carry a narrower range into the schema)."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be an integer written in decimal digits")
+    return value
+
+
 class RejectedQuery(Model):
-    limit: int = Field(100, ge=1, le=1000, title="件数")
+    limit: Annotated[int, Field(ge=1, le=1000), BeforeValidator(_decimal)] = Field(
+        100, title="件数"
+    )
 
 
 class RejectedMail(Answer):
@@ -141,7 +152,7 @@ async def open_pixel(request: web.Request, path: TrackingPath) -> web.Response:
 
 @routes.get("/t/c/{token}")
 @public
-@contract(path=TrackingPath, status=302)
+@contract(path=TrackingPath, status=302, pages={404: "text/plain"})
 async def click(request: web.Request, path: TrackingPath) -> web.Response:
     """Click redirect (public): 302 to the signed destination (Location); 404 for any other
     token."""
@@ -149,9 +160,7 @@ async def click(request: web.Request, path: TrackingPath) -> web.Response:
         target = _ctx(request).links.read_click(path.token)
     except BadToken:
         TRACKING_HITS.labels("click", "bad_token").inc()
-        response = error(404, "this link is not one we sent", request=request)
-        response.headers.update(NO_CACHE)
-        return response
+        return web.Response(status=404, text="Not found\n", headers=NO_CACHE)
     await _record(request, "click", target)
     assert target.url is not None  # read_click refuses a token without one
     return web.Response(status=302, headers={"Location": target.url, **NO_CACHE})

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -65,7 +66,12 @@ class Strict(Model):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
 
-_COLUMN_KEY = {"type": "string", "minLength": 1, "maxLength": 255}
+_COLUMN_KEY = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 255,
+    "pattern": r"^[^\x00-\x1f\x7f]*$",
+}
 _COLUMN_SCHEMA = {
     "anyOf": [
         {**_COLUMN_KEY, "description": "a column key", "examples": ["email"]},
@@ -74,7 +80,16 @@ _COLUMN_SCHEMA = {
             "description": "a column key with the heading to print for it",
             "properties": {
                 "key": _COLUMN_KEY,
-                "label": {"anyOf": [{"type": "string", "maxLength": 2000}, {"type": "null"}]},
+                "label": {
+                    "anyOf": [
+                        {
+                            "type": "string",
+                            "maxLength": 2000,
+                            "pattern": r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$",
+                        },
+                        {"type": "null"},
+                    ]
+                },
             },
             "required": ["key"],
             "additionalProperties": False,
@@ -278,10 +293,20 @@ class DownloadQuery(Model):
     ) = Field(None, description="the signature of the link (GET /v1/exports/{id} gives the link)")
 
 
+def _decimal(value: object) -> object:
+    """A query integer in plain decimal digits (as the contract's Id and Int64 take it;
+    they cannot carry a narrower range into the schema)."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be an integer written in decimal digits")
+    return value
+
+
 class JobsQuery(Model):
     kind: Token | None = Field(None, description="import, sync or export", examples=["export"])
     status: Token | None = Field(None, description="a job status", examples=["done"])
-    limit: int = Field(50, ge=1, le=MAX_JOBS_PAGE, title="件数")
+    limit: Annotated[int, Field(ge=1, le=MAX_JOBS_PAGE), BeforeValidator(_decimal)] = Field(
+        50, title="件数"
+    )
     cursor: Token | None = Field(None, description="next_cursor of the page before")
 
 
