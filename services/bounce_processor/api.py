@@ -8,7 +8,7 @@ Public:
   good tokens from bad ones.
 - ``GET /t/c/{token}``: 302 to the destination signed inside the token
   (:meth:`TrackingLinks.read_click`) — only ever a URL that was in the mail we sent; any
-  other token is 404, never a redirect.
+  other token is 404 (a plain "Not found"), never a redirect.
 
 A valid hit is committed (a group commit with the hits of concurrent requests) before the
 answer, and published on ``feedback.events`` through the outbox. If the database cannot
@@ -19,11 +19,14 @@ place to report our outage (the hit is lost, and logged).
 from __future__ import annotations
 
 import datetime as dt
+from typing import Annotated
 
 from aiohttp import web
+from pydantic import BeforeValidator, Field
 
-from libs.common.errors import NotFound, TransientError
+from libs.common.errors import TransientError
 from libs.common.http import json_response, public, requires
+from libs.common.http.contract import Answer, Id, Model, Token, contract
 from libs.common.logging import get_logger
 from libs.common.mail.states import DeliveryStatus
 from libs.common.mail.tokens import BadToken
@@ -48,6 +51,72 @@ def _ctx(request: web.Request) -> Context:
     return request.app[CONTEXT]
 
 
+class TrackingPath(Model):
+    # Any text: a token we did not issue keeps the answer of a bad token (the pixel, or
+    # 404), never a 400 that would tell a scanner something.
+    token: str = Field(description="the signed token of the link", examples=["x"])
+
+
+class CampaignPath(Model):
+    campaign_id: Token = Field(description="the campaign's id", examples=["42"])
+
+
+class Engagement(Answer):
+    campaign_id: str
+    opens: int = Field(ge=0)
+    clicks: int = Field(ge=0)
+    unique_opens: int = Field(ge=0)
+    unique_clicks: int = Field(ge=0)
+
+
+class ContactPath(Model):
+    contact_id: Id = Field(title="顧客ID", examples=[1])
+
+
+class Bounce(Answer):
+    campaign_id: str
+    classification: str = Field(examples=["invalid_address"])
+    source: str = Field(description="dsn, arf, heuristic or smtp", examples=["dsn"])
+    diagnostic: str | None
+    occurred_at: dt.datetime
+
+
+class Delivery(Answer):
+    contact_id: int
+    delivery_status: str = Field(title="配信ステータス", examples=["ok"])
+    soft_streak: int = Field(ge=0)
+    updated_at: dt.datetime | None
+    bounces: list[Bounce]
+
+
+def _decimal(value: object) -> object:
+    """A query integer in plain decimal digits (as the contract's Id and Int64 take it;
+    they cannot carry a narrower range into the schema)."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be an integer written in decimal digits")
+    return value
+
+
+class RejectedQuery(Model):
+    limit: Annotated[int, Field(ge=1, le=1000), BeforeValidator(_decimal)] = Field(
+        100, title="件数"
+    )
+
+
+class RejectedMail(Answer):
+    id: int
+    received_at: dt.datetime
+    mail_from: str | None
+    rcpt_to: str
+    size: int
+    reason: str | None
+    processed_at: dt.datetime | None
+
+
+class RejectedList(Answer):
+    items: list[RejectedMail]
+
+
 async def _record(request: web.Request, kind: str, target: TrackingTarget) -> None:
     agent = request.headers.get("User-Agent")
     hit = Hit(
@@ -69,10 +138,11 @@ async def _record(request: web.Request, kind: str, target: TrackingTarget) -> No
 
 @routes.get("/t/o/{token}")
 @public
-async def open_pixel(request: web.Request) -> web.Response:
+@contract(path=TrackingPath, media={"image/gif": "a 1×1 transparent GIF, for any token"})
+async def open_pixel(request: web.Request, path: TrackingPath) -> web.Response:
     """Open pixel (public): a 1×1 GIF, always; records an open for a valid token."""
     try:
-        target = _ctx(request).links.read_open(request.match_info["token"])
+        target = _ctx(request).links.read_open(path.token)
     except BadToken:
         TRACKING_HITS.labels("open", "bad_token").inc()
     else:
@@ -82,10 +152,12 @@ async def open_pixel(request: web.Request) -> web.Response:
 
 @routes.get("/t/c/{token}")
 @public
-async def click(request: web.Request) -> web.Response:
-    """Click redirect (public): 302 to the signed destination; 404 for any other token."""
+@contract(path=TrackingPath, status=302, pages={404: "text/plain"})
+async def click(request: web.Request, path: TrackingPath) -> web.Response:
+    """Click redirect (public): 302 to the signed destination (Location); 404 for any other
+    token."""
     try:
-        target = _ctx(request).links.read_click(request.match_info["token"])
+        target = _ctx(request).links.read_click(path.token)
     except BadToken:
         TRACKING_HITS.labels("click", "bad_token").inc()
         return web.Response(status=404, text="Not found\n", headers=NO_CACHE)
@@ -96,9 +168,10 @@ async def click(request: web.Request) -> web.Response:
 
 @routes.get("/v1/campaigns/{campaign_id}/engagement")
 @requires("viewer")
-async def campaign_engagement(request: web.Request) -> web.Response:
+@contract(path=CampaignPath, response=Engagement)
+async def campaign_engagement(request: web.Request, path: CampaignPath) -> web.Response:
     """Opens, clicks, unique opens and unique clicks of one campaign (F-34)."""
-    campaign_id = request.match_info["campaign_id"]
+    campaign_id = path.campaign_id
     rows = await _ctx(request).pool.fetch(QUERIES["campaign-engagement"], campaign_id)
     by_kind = {r["kind"]: r for r in rows}
 
@@ -118,12 +191,11 @@ async def campaign_engagement(request: web.Request) -> web.Response:
 
 @routes.get("/v1/contacts/{contact_id}/delivery")
 @requires("viewer")
-async def contact_delivery(request: web.Request) -> web.Response:
-    """A contact's delivery status, consecutive soft bounces and latest bounces (F-31, F-32)."""
-    try:
-        contact_id = int(request.match_info["contact_id"])
-    except ValueError:
-        raise NotFound("no such contact") from None
+@contract(path=ContactPath, response=Delivery)
+async def contact_delivery(request: web.Request, path: ContactPath) -> web.Response:
+    """A contact's delivery status, consecutive soft bounces and latest bounces (F-31, F-32);
+    a contact never sent to is ``unconfirmed``."""
+    contact_id = path.contact_id
     async with _ctx(request).pool.acquire() as conn:
         state = await conn.fetchrow(QUERIES["contact-state"], contact_id)
         bounces = await conn.fetch(QUERIES["contact-bounces"], contact_id)
@@ -142,11 +214,9 @@ async def contact_delivery(request: web.Request) -> web.Response:
 
 @routes.get("/v1/inbound/rejected")
 @requires("operator")
-async def rejected_mail(request: web.Request) -> web.Response:
-    """Inbound mail kept because it could not be attributed or read, newest first (?limit=)."""
-    try:
-        limit = max(1, min(int(request.query.get("limit", "100")), 1000))
-    except ValueError:
-        limit = 100
-    rows = await _ctx(request).pool.fetch(QUERIES["rejected-inbound"], limit)
+@contract(query=RejectedQuery, response=RejectedList)
+async def rejected_mail(request: web.Request, query: RejectedQuery) -> web.Response:
+    """Inbound mail kept because it could not be attributed or read, newest first (?limit=,
+    1 to 1000)."""
+    rows = await _ctx(request).pool.fetch(QUERIES["rejected-inbound"], query.limit)
     return json_response({"items": [dict(r) for r in rows]})

@@ -54,6 +54,16 @@ _REQUEST_KEYS = frozenset(
         "notify_email",
     }
 )
+#: the keys of a request that choose its rows, by source: a key of another source is not
+#: used by the request, and the API refuses it rather than ignore it (issue 18).
+SOURCE_KEYS = {
+    "filter": ("filter",),
+    "saved_filter": ("saved_filter_id",),
+    "contact_ids": ("contact_ids",),
+    "group": ("group_id", "membership_states"),
+    "campaign": ("campaign_id",),
+}
+SOURCE_KEYS_ALL = frozenset(k for keys in SOURCE_KEYS.values() for k in keys)
 #: columns of the scheduler's recipients.csv that are not merge values.
 CAMPAIGN_BASE = {
     "id": "contact_id",
@@ -94,6 +104,12 @@ def _column(item: Any, at: str) -> dict[str, Any]:
     if label is not None and not isinstance(label, str):
         raise _fail("a column label is text", at)
     return {"key": key, "label": label}
+
+
+def unused_keys(source: str, keys: Iterable[str]) -> list[str]:
+    """The keys of a request that choose rows for another source than ``source``: a group
+    export has no use for ``filter``, a filter export none for ``group_id``."""
+    return sorted((set(keys) & SOURCE_KEYS_ALL) - set(SOURCE_KEYS.get(source, ())))
 
 
 def parse_request(

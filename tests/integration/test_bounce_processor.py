@@ -340,3 +340,31 @@ async def test_tracking_feeds_history_score_and_statistics(bounce_processor, con
         return body["score"] == 2 * 1 + 3  # two opens, one click (SCORE_*_POINTS defaults)
 
     await eventually(scored)
+
+
+async def test_inputs_that_once_answered_500_are_400_problems(bounce_processor):
+    """Issue 17: ids beyond 64 bits and NUL in a path are problems naming the value; the
+    public tracking links keep their answers for any token (pixel always, 404 for a click)."""
+    api = bounce_processor.api
+    for path, pointer, location in [
+        ("/v1/contacts/99999999999999999999/delivery", "/contact_id", "path"),
+        ("/v1/contacts/0/delivery", "/contact_id", "path"),
+        ("/v1/campaigns/a%00b/engagement", "/campaign_id", "path"),
+        ("/v1/inbound/rejected?limit=99999999999999999999", "/limit", "query"),
+        ("/v1/inbound/rejected?limit=0", "/limit", "query"),
+        ("/v1/inbound/rejected?lmit=5", "/lmit", "query"),
+    ]:
+        status, body = await api.call("GET", path)
+        assert status == 400, (path, body)
+        assert body["status"] == 400, body
+        assert (body["errors"][0]["location"], body["errors"][0]["pointer"]) == (
+            location,
+            pointer,
+        ), body
+    for token in ("nope", "a%00b", "x" * 3000):
+        async with api.session.get(f"{api.base}/t/o/{token}") as response:
+            assert (response.status, await response.read()) == (200, PIXEL_GIF)
+        async with api.session.get(f"{api.base}/t/c/{token}", allow_redirects=False) as response:
+            assert response.status == 404
+            assert "Location" not in response.headers
+            assert (response.content_type, await response.text()) == ("text/plain", "Not found\n")

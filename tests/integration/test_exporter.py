@@ -8,6 +8,7 @@ with the contacts API's view of the same rows. Time for link expiry is a FakeClo
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import csv
 import datetime as dt
@@ -571,6 +572,91 @@ async def test_bad_requests_are_refused_at_once(contacts, exporter):
         assert (status, answer.get("field")) == (400, field), (body, answer)
     assert (await api.call("GET", f"/v1/exports/{uuid.uuid4()}"))[0] == 404
     assert (await api.call("GET", "/v1/exports/nope"))[0] == 404
+
+
+def _problem(status: int, answer: Any, pointer: str, location: str = "body") -> None:
+    assert status == 400, answer
+    assert (answer["status"], answer["title"]) == (400, "Bad Request"), answer
+    assert (answer["errors"][0]["location"], answer["errors"][0]["pointer"]) == (
+        location,
+        pointer,
+    ), answer
+
+
+async def test_inputs_that_once_answered_500_are_400_problems(contacts, exporter):
+    """Issue 17: a deeply nested body, a NUL in a query, integers beyond 64 bits and forged
+    cursors are refused as problems naming the value, never a 500."""
+    api = exporter.api
+    status, answer = await api.call(
+        "POST",
+        "/v1/exports",
+        data="[" * 5000 + "]" * 5000,
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 400 and answer["status"] == 400, answer
+    status, answer = await api.call("GET", "/v1/jobs?kind=%00")
+    _problem(status, answer, "/kind", "query")
+    status, answer = await api.call("GET", "/v1/jobs?limit=99999999999999999999")
+    _problem(status, answer, "/limit", "query")
+    huge = 99999999999999999999
+    for body, pointer in [
+        ({"source": "group", "group_id": huge, "columns": ["email"]}, "/group_id"),
+        (
+            {"source": "saved_filter", "saved_filter_id": huge, "columns": ["email"]},
+            "/saved_filter_id",
+        ),
+        (
+            {"source": "contact_ids", "contact_ids": [1, huge], "columns": ["email"]},
+            "/contact_ids/1",
+        ),
+        ({"source": "filter", "filter": {}, "columns": ["email"], "header": "no"}, "/header"),
+        ({"source": "filter", "filter": {}, "columns": ["a\u0000b"]}, "/columns/0/key"),
+        ({"source": "filter", "filter": {}, "columns": ["email"], "colums": []}, "/colums"),
+    ]:
+        status, answer = await api.call("POST", "/v1/exports", body)
+        _problem(status, answer, pointer)
+    nested: Any = {"field": "email", "op": "eq", "value": "x"}
+    for _ in range(40):
+        nested = {"and": [nested]}
+    status, answer = await api.call(
+        "POST", "/v1/exports", {"source": "filter", "filter": nested, "columns": ["email"]}
+    )
+    _problem(status, answer, "/filter")
+    for raw in (
+        "0001-01-01T00:00:00+14:00|x",
+        "2026-12-01T00:00:00|x",
+        "2026-12-01T00:00:00+00:00|a\x00b",
+        "not a cursor",
+    ):
+        cursor = base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+        status, answer = await api.call("GET", f"/v1/jobs?cursor={cursor}")
+        assert (status, answer["field"]) == (400, "cursor"), (raw, answer)
+
+
+async def test_keys_another_source_would_use_are_refused_not_ignored(contacts, exporter):
+    """Issue 18: a key the request's source does not use is a 400 naming it (a group export
+    does not take a filter today; sending one must not look as if it did)."""
+    columns = {"columns": ["email"]}
+    for body, key in [
+        ({"source": "group", "group_id": 1, "filter": {"field": "email"}, **columns}, "filter"),
+        ({"source": "group", "group_id": 1, "saved_filter_id": 3, **columns}, "saved_filter_id"),
+        ({"source": "filter", "filter": {}, "group_id": 1, **columns}, "group_id"),
+        (
+            {"source": "filter", "filter": {}, "membership_states": [], **columns},
+            "membership_states",
+        ),
+        (
+            {"source": "contact_ids", "contact_ids": [1], "campaign_id": None, **columns},
+            "campaign_id",
+        ),
+        (
+            {"source": "saved_filter", "saved_filter_id": 1, "contact_ids": [1], **columns},
+            "contact_ids",
+        ),
+    ]:
+        status, answer = await exporter.api.call("POST", "/v1/exports", body)
+        _problem(status, answer, f"/{key}")
+        assert answer["field"] == key and "is not used by" in answer["detail"], answer
 
 
 async def test_a_bad_record_on_export_requests_is_dead_lettered_and_the_next_one_runs(
