@@ -17,11 +17,14 @@ from services.contacts.models import JAPANESE_ALIASES, WRITABLE, FieldDefinition
 from services.contacts.processor import ContactPatch, contact_patch
 
 ENCODINGS = ("auto", "utf-8", "utf-8-sig", "cp932", "shift_jis")
+#: what Japanese users call Shift_JIS is CP932 (Excel's, with ㈱ ① 髙 and the other NEC and
+#: IBM extensions JIS X 0208's Shift_JIS lacks): every name of it decodes as CP932.
 _ENCODING_ALIASES = {
     "utf8": "utf-8",
     "utf-8-bom": "utf-8-sig",
-    "sjis": "shift_jis",
-    "shift-jis": "shift_jis",
+    "shift_jis": "cp932",
+    "sjis": "cp932",
+    "shift-jis": "cp932",
     "windows-31j": "cp932",
     "ms932": "cp932",
 }

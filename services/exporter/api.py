@@ -46,7 +46,7 @@ from libs.common.mail.tokens import BadToken
 from libs.common.topics import Topic
 from services.exporter import jobs, processor, store
 from services.exporter.context import CONTEXT, Context
-from services.exporter.csvfile import ENCODINGS
+from services.exporter.csvfile import ALIASES, ENCODINGS
 from services.exporter.store import QUERIES
 
 routes = web.RouteTableDef()
@@ -123,8 +123,8 @@ class Column(Strict):
 
 
 Source = Literal["filter", "saved_filter", "contact_ids", "group", "campaign"]
-Encoding = Literal["utf-8", "utf-8-sig", "cp932"]
-assert set(Encoding.__args__) == set(ENCODINGS)  # type: ignore[attr-defined]
+Encoding = Literal["utf-8", "utf-8-sig", "cp932", "shift_jis", "sjis", "shift-jis", "windows-31j"]
+assert set(Encoding.__args__) == set(ENCODINGS) | set(ALIASES)  # type: ignore[attr-defined]
 _STATES = MembershipState.values()
 
 
@@ -239,7 +239,11 @@ class NewExport(Strict):
         title="出力項目", min_length=1, max_length=processor.MAX_COLUMNS, examples=[["email"]]
     )
     header: StrictBool = Field(True, title="見出し行")
-    encoding: Encoding = Field("utf-8", title="文字コード")
+    encoding: Encoding = Field(
+        "utf-8",
+        title="文字コード",
+        description="cp932 for Excel in Japan (shift_jis, sjis and windows-31j mean it too)",
+    )
     safe_csv: StrictBool = Field(True, title="CSVインジェクション対策")
     notify_email: Annotated[str, StringConstraints(max_length=320)] | None = Field(
         None,

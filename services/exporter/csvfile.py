@@ -8,7 +8,9 @@
   the OWASP advice: spreadsheets show the text as it was, the apostrophe hidden or plain.
   Machine consumers that want the exact bytes ask with ``"safe_csv": false``.
 - **Encodings**: ``utf-8``, ``utf-8-sig`` (UTF-8 with a BOM, so Excel detects it) and
-  ``cp932`` (Shift_JIS as Windows/Excel in Japan reads it). A character the encoding cannot
+  ``cp932`` (Shift_JIS as Windows/Excel in Japan reads it, with ㈱ ① 髙: what Japanese
+  users call Shift_JIS is CP932, so ``shift_jis``, ``sjis`` and ``windows-31j`` name it
+  too, :data:`ALIASES`). A character the encoding cannot
   hold (an emoji, 𠮷 in CP932) is written as ``?`` and counted (:attr:`ExportFile.replaced`):
   the job reports how many, it never fails for it.
 - **Atomic**: rows go to ``<name>.part``; :meth:`ExportFile.commit` flushes, fsyncs and
@@ -32,6 +34,9 @@ from pathlib import Path
 from libs.common.safecsv import FORMULA_STARTS, safe_cell
 
 ENCODINGS = ("utf-8", "utf-8-sig", "cp932")
+#: other names of an encoding that a request may use (JIS X 0208's Shift_JIS lacks the NEC
+#: and IBM extensions every Windows file carries: the name means CP932 in practice).
+ALIASES = {"shift_jis": "cp932", "sjis": "cp932", "shift-jis": "cp932", "windows-31j": "cp932"}
 FLUSH_CHARS = 256 * 1024
 _ERRORS = "tayori-export-replace"
 #: the replacement counter of the file being flushed (set around each encode call).

@@ -29,7 +29,7 @@ from libs.common.errors import InvalidMessage
 from libs.common.jobs import job_event
 from libs.common.mail import addresses
 from libs.common.mail.states import MembershipState
-from services.exporter.csvfile import ENCODINGS
+from services.exporter.csvfile import ALIASES, ENCODINGS
 
 SOURCES = ("filter", "saved_filter", "contact_ids", "group", "campaign")
 MEMBERSHIP_STATES = MembershipState.values()
@@ -168,6 +168,7 @@ def parse_request(
     if source == "campaign":
         campaign_plan_check(request["columns"])
     encoding = body.get("encoding", "utf-8")
+    encoding = ALIASES.get(encoding, encoding) if isinstance(encoding, str) else encoding
     if encoding not in ENCODINGS:
         raise _fail(f"encoding must be one of {', '.join(ENCODINGS)}", "encoding")
     for flag in ("header", "safe_csv"):

@@ -39,7 +39,10 @@ def test_bom_is_dropped_whatever_the_encoding_chosen():
 
 def test_encoding_aliases_and_unknown_encoding():
     assert decode("名前".encode("cp932"), "Windows-31J")[1] == "cp932"
-    assert decode("名前".encode("shift_jis"), "SJIS")[1] == "shift_jis"
+    # What Japanese users call Shift_JIS is CP932: Excel's ㈱ ① 髙 decode under every name
+    excel = "㈱髙橋 ①".encode("cp932")
+    for name in ("shift_jis", "SJIS", "Shift-JIS", "MS932"):
+        assert decode(excel, name) == ("㈱髙橋 ①", "cp932")
     with pytest.raises(InvalidMessage) as caught:
         decode(b"a", "latin-1")
     assert caught.value.field == "encoding"
