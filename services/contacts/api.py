@@ -48,6 +48,9 @@ routes = web.RouteTableDef()
 #: bulk reads for other services (exports): CSV rows straight from COPY.
 routes.post("/v1/contacts/stream")(stream_contacts)
 TAGS = ("contacts",)
+#: /v1/contacts/{id}: any segment but the fixed ones beside it, so that PATCH /v1/contacts/bulk
+#: is a 405 (that path answers POST only), not a contact id that is not a number
+CONTACT = "/v1/contacts/{id:(?!(?:search|bulk|stream)$)[^/]+}"
 
 
 def _ctx(request: web.Request) -> Context:
@@ -91,7 +94,7 @@ async def create_contact(request: web.Request, body: Model) -> web.Response:
     return json_response(contact_json(row), status=201)
 
 
-@routes.get("/v1/contacts/{id}")
+@routes.get(CONTACT)
 @contract(path=ContactPath, response=Contact, tags=TAGS)
 async def get_contact(request: web.Request, path: ContactPath) -> web.Response:
     """One contact with its memberships."""
@@ -107,7 +110,7 @@ async def get_contact(request: web.Request, path: ContactPath) -> web.Response:
     return json_response(contact_json(row, memberships))
 
 
-@routes.patch("/v1/contacts/{id}")
+@routes.patch(CONTACT)
 @contract(path=ContactPath, body=ContactBody, response=Contact, errors=(409,), tags=TAGS)
 async def patch_contact(request: web.Request, path: ContactPath, body: Model) -> web.Response:
     """Change some fields; absent fields stay, "" clears, custom_fields merge."""
@@ -131,7 +134,7 @@ async def patch_contact(request: web.Request, path: ContactPath, body: Model) ->
     return json_response(contact_json(row))
 
 
-@routes.delete("/v1/contacts/{id}")
+@routes.delete(CONTACT)
 @contract(path=ContactPath, status=204, tags=TAGS)
 async def delete_contact(request: web.Request, path: ContactPath) -> web.Response:
     """Delete a contact and its memberships; published as a deletion on the changelog."""

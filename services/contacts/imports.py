@@ -56,6 +56,7 @@ from services.contacts.schemas import (
     ImportOptions,
     ImportPath,
     ImportQuery,
+    ImportQueryOptions,
 )
 
 log = get_logger(__name__)
@@ -379,7 +380,7 @@ def job_json(row: Mapping[str, Any]) -> dict[str, Any]:
 
 @routes.post("/v1/imports")
 @contract(
-    query=ImportOptions,
+    query=ImportQueryOptions,
     raw_body={
         "multipart/form-data": IMPORT_FORM,
         "text/csv": {"type": "string", "description": "the CSV file itself"},
@@ -390,7 +391,7 @@ def job_json(row: Mapping[str, Any]) -> dict[str, Any]:
     tags=("imports",),
     links={"get_import": {"id": "$response.body#/id"}},
 )
-async def create_import(request: web.Request, query: ImportOptions) -> web.Response:
+async def create_import(request: web.Request, query: ImportQueryOptions) -> web.Response:
     """Start a CSV import (F-04); 202 with the job, 400 naming what is wrong, 413 if too big.
 
     multipart/form-data with part ``file`` and fields mode, key, encoding, mapping (JSON

@@ -538,6 +538,18 @@ class ImportOptions(Model):
     filename: FileName | None = Field(None, title="ファイル名")
 
 
+class ImportQueryOptions(ImportOptions):
+    """The options as query parameters (a text/csv body): a request line holds 8 kB, so a
+    long mapping goes in a multipart form instead."""
+
+    mapping: Annotated[str, StringConstraints(max_length=1000), AfterValidator(_mapping)] | None = (
+        Field(None, title="項目の対応", examples=['{"氏名": "name", "備考": ""}'])
+    )
+    filename: Annotated[FileName, StringConstraints(max_length=200)] | None = Field(
+        None, title="ファイル名", examples=["contacts.csv"]
+    )
+
+
 IMPORT_FORM: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -546,6 +558,7 @@ IMPORT_FORM: dict[str, Any] = {
         "key": {"type": "string", "enum": list(ImportKey.__args__)},  # type: ignore[attr-defined]
         "encoding": {"type": "string", "maxLength": 40},
         "mapping": {"type": "string", "description": "JSON object: column → field"},
+        "filename": {"type": "string", "maxLength": 255, "description": "instead of the file's"},
     },
     "required": ["file"],
     "additionalProperties": False,
