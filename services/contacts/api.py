@@ -179,9 +179,6 @@ async def search_contacts(request: web.Request, body: SearchBody) -> web.Respons
     )
 
 
-BULK_ACTIONS = ("add_tag", "remove_tag", "star", "unstar", "delete")
-
-
 @routes.post("/v1/contacts/bulk")
 @contract(body=BulkBody, response=BulkResult, tags=TAGS)
 async def bulk_action(request: web.Request, body: BulkBody) -> web.Response:

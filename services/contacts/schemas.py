@@ -354,7 +354,9 @@ class SearchPage(Answer):
 class BulkBody(Model):
     """F-07: an action on ids or on a filter's matches."""
 
-    action: Literal["add_tag", "remove_tag", "star", "unstar", "delete"]
+    action: Literal["add_tag", "remove_tag", "star", "unstar", "delete"] = Field(
+        title="一括操作", examples=["add_tag"]
+    )
     ids: _ids(MAX_BULK_IDS) | None = None  # type: ignore[valid-type]
     filter: Filter | None = None
     tag: Annotated[str, StringConstraints(max_length=100)] | None = Field(None, title="タグ")
