@@ -9,13 +9,37 @@ import asyncpg
 from aiohttp import web
 
 from libs.common.errors import Conflict, InvalidMessage, NotFound
-from libs.common.http import ROLE, int_param, json_response, read_json, requires
+from libs.common.http import ROLE, error, json_response, requires
+from libs.common.http.contract import Model, contract
 from libs.common.metrics import SEARCH_SECONDS
 from services.contacts import store
 from services.contacts.context import CONTEXT, Context
-from services.contacts.models import CUSTOM_TYPES
 from services.contacts.processor import contact_json, contact_patch
-from services.contacts.search import CUSTOM_PLANS, MAX_LIMIT, compile_filter, compile_search
+from services.contacts.schemas import (
+    BulkBody,
+    BulkResult,
+    Contact,
+    ContactBody,
+    ContactPath,
+    FieldDefinition,
+    FieldList,
+    FilterPath,
+    FilterQuery,
+    Group,
+    GroupList,
+    GroupPath,
+    Joined,
+    MemberPath,
+    NewField,
+    NewFilter,
+    NewGroup,
+    NewMembers,
+    SavedFilter,
+    SavedFilterList,
+    SearchBody,
+    SearchPage,
+)
+from services.contacts.search import CUSTOM_PLANS, compile_filter, compile_search
 from services.contacts.store import QUERIES
 from services.contacts.stream import stream_contacts
 from services.contacts.targets import load_saved_filters
@@ -23,6 +47,10 @@ from services.contacts.targets import load_saved_filters
 routes = web.RouteTableDef()
 #: bulk reads for other services (exports): CSV rows straight from COPY.
 routes.post("/v1/contacts/stream")(stream_contacts)
+TAGS = ("contacts",)
+#: /v1/contacts/{id}: any segment but the fixed ones beside it, so that PATCH /v1/contacts/bulk
+#: is a 405 (that path answers POST only), not a contact id that is not a number
+CONTACT = "/v1/contacts/{id:(?!(?:search|bulk|stream)$)[^/]+}"
 
 
 def _ctx(request: web.Request) -> Context:
@@ -32,14 +60,26 @@ def _ctx(request: web.Request) -> Context:
 # Contacts ------------------------------------------------------------------------------
 
 
+def _given(body: Model) -> dict[str, Any]:
+    """The keys a client sent (absent keys leave a field as it is)."""
+    return body.model_dump(exclude_unset=True)
+
+
 @routes.post("/v1/contacts")
-async def create_contact(request: web.Request) -> web.Response:
+@contract(
+    body=ContactBody,
+    response=Contact,
+    status=201,
+    errors=(409,),
+    tags=TAGS,
+    links={"get_contact": {"id": "$response.body#/id"}},
+)
+async def create_contact(request: web.Request, body: Model) -> web.Response:
     """Create a contact (F-01). 409 when the email or external_id is taken."""
     ctx = _ctx(request)
-    body = await read_json(request)
     async with ctx.pool.acquire() as conn, conn.transaction():
         fields = await ctx.fields.get(conn)
-        patch = contact_patch(body, fields)
+        patch = contact_patch(_given(body), fields)
         if not patch.email:
             raise InvalidMessage("email is required", field="email")
         for column in ("email", "external_id"):
@@ -54,11 +94,12 @@ async def create_contact(request: web.Request) -> web.Response:
     return json_response(contact_json(row), status=201)
 
 
-@routes.get("/v1/contacts/{id}")
-async def get_contact(request: web.Request) -> web.Response:
+@routes.get(CONTACT)
+@contract(path=ContactPath, response=Contact, tags=TAGS)
+async def get_contact(request: web.Request, path: ContactPath) -> web.Response:
     """One contact with its memberships."""
     ctx = _ctx(request)
-    contact_id = int_param(request.match_info["id"], "id")
+    contact_id = path.id
     async with ctx.pool.acquire() as conn:
         row = await conn.fetchrow(QUERIES["contact-by-id"], contact_id)
         if row is None:
@@ -69,15 +110,16 @@ async def get_contact(request: web.Request) -> web.Response:
     return json_response(contact_json(row, memberships))
 
 
-@routes.patch("/v1/contacts/{id}")
-async def patch_contact(request: web.Request) -> web.Response:
+@routes.patch(CONTACT)
+@contract(path=ContactPath, body=ContactBody, response=Contact, errors=(409,), tags=TAGS)
+async def patch_contact(request: web.Request, path: ContactPath, body: Model) -> web.Response:
     """Change some fields; absent fields stay, "" clears, custom_fields merge."""
     ctx = _ctx(request)
-    contact_id = int_param(request.match_info["id"], "id")
-    body = await read_json(request)
+    contact_id = path.id
+    given = _given(body)
     async with ctx.pool.acquire() as conn, conn.transaction():
-        patch = contact_patch(body, await ctx.fields.get(conn))
-        if "email" in body and not patch.email:
+        patch = contact_patch(given, await ctx.fields.get(conn))
+        if "email" in given and not patch.email:
             raise InvalidMessage("email cannot be cleared", field="email")
         for column in ("email", "external_id"):
             value = patch.columns.get(column)
@@ -92,11 +134,12 @@ async def patch_contact(request: web.Request) -> web.Response:
     return json_response(contact_json(row))
 
 
-@routes.delete("/v1/contacts/{id}")
-async def delete_contact(request: web.Request) -> web.Response:
+@routes.delete(CONTACT)
+@contract(path=ContactPath, status=204, tags=TAGS)
+async def delete_contact(request: web.Request, path: ContactPath) -> web.Response:
     """Delete a contact and its memberships; published as a deletion on the changelog."""
     ctx = _ctx(request)
-    contact_id = int_param(request.match_info["id"], "id")
+    contact_id = path.id
     async with ctx.pool.acquire() as conn, conn.transaction():
         if not await store.delete(conn, [contact_id]):
             raise NotFound(f"contact {contact_id} does not exist")
@@ -105,16 +148,11 @@ async def delete_contact(request: web.Request) -> web.Response:
 
 @routes.post("/v1/contacts/search")
 @requires("viewer")
-async def search_contacts(request: web.Request) -> web.Response:
+@contract(body=SearchBody, response=SearchPage, tags=TAGS)
+async def search_contacts(request: web.Request, body: SearchBody) -> web.Response:
     """F-05 search: {filter, sort, limit, cursor, group_id} → {items, next_cursor, total}."""
     ctx = _ctx(request)
-    body = await read_json(request)
-    unknown = set(body) - {"filter", "sort", "limit", "cursor", "group_id"}
-    if unknown:
-        raise InvalidMessage(f"unknown keys {sorted(unknown)}", field=sorted(unknown)[0])
-    limit = body.get("limit", 50)
-    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT:
-        raise InvalidMessage(f"limit must be an integer from 1 to {MAX_LIMIT}", field="limit")
+    limit = body.limit
     started = time.perf_counter()
     async with (
         ctx.pool.acquire() as conn,
@@ -122,15 +160,15 @@ async def search_contacts(request: web.Request) -> web.Response:
     ):
         await conn.execute(CUSTOM_PLANS)
         fields = await ctx.fields.get(conn)
-        saved = await load_saved_filters(conn, body.get("filter"))
+        saved = await load_saved_filters(conn, body.filter)
         page, next_cursor = compile_search(
-            body.get("filter"),
+            body.filter,
             fields,
-            sort=body.get("sort"),
+            sort=body.sort,
             limit=limit,
-            cursor=body.get("cursor"),
+            cursor=body.cursor,
             saved_filters=saved,
-            group_scope=body.get("group_id"),
+            group_scope=body.group_id,
         )
         rows = await conn.fetch(page.sql_page, *page.page_params)
         total = await conn.fetchval(page.sql_count, *page.count_params)
@@ -141,20 +179,15 @@ async def search_contacts(request: web.Request) -> web.Response:
     )
 
 
-BULK_ACTIONS = ("add_tag", "remove_tag", "star", "unstar", "delete")
-
-
 @routes.post("/v1/contacts/bulk")
-async def bulk_action(request: web.Request) -> web.Response:
+@contract(body=BulkBody, response=BulkResult, tags=TAGS)
+async def bulk_action(request: web.Request, body: BulkBody) -> web.Response:
     """F-07: {action, ids | filter, tag} — add_tag, remove_tag, star, unstar, delete."""
     ctx = _ctx(request)
-    body = await read_json(request)
-    action = body.get("action")
-    if action not in BULK_ACTIONS:
-        raise InvalidMessage(f"action must be one of {', '.join(BULK_ACTIONS)}", field="action")
+    action = body.action
     if action == "delete" and request[ROLE] != "admin":
-        return json_response({"error": "bulk delete needs the admin role"}, status=403)
-    tag = body.get("tag")
+        return error(403, "bulk delete needs the admin role", request=request)
+    tag = body.tag
     if action in ("add_tag", "remove_tag") and (not isinstance(tag, str) or not tag.strip()):
         raise InvalidMessage("tag is required for add_tag and remove_tag", field="tag")
     async with ctx.pool.acquire() as conn, conn.transaction():
@@ -174,23 +207,17 @@ async def bulk_action(request: web.Request) -> web.Response:
     return json_response({"action": action, "selected": len(ids), "affected": affected})
 
 
-async def _selected_ids(conn: Any, ctx: Context, body: dict[str, Any]) -> list[int]:
-    if ("ids" in body) == ("filter" in body):
+async def _selected_ids(conn: Any, ctx: Context, body: BulkBody) -> list[int]:
+    given = body.model_fields_set
+    if ("ids" in given) == ("filter" in given):
         raise InvalidMessage("give either ids or filter", field="ids")
-    if "ids" in body:
-        ids = body["ids"]
-        if not isinstance(ids, list) or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in ids
-        ):
+    if "ids" in given:
+        if body.ids is None:
             raise InvalidMessage("ids must be a list of integers", field="ids")
-        if len(ids) > 100_000:
-            raise InvalidMessage("at most 100000 ids; use a filter for more", field="ids")
-        return ids
+        return list(body.ids)
     fields = await ctx.fields.get(conn)
-    saved = await load_saved_filters(conn, body["filter"])
-    compiled = compile_filter(
-        body["filter"], fields, saved_filters=saved, group_scope=body.get("group_id")
-    )
+    saved = await load_saved_filters(conn, body.filter)
+    compiled = compile_filter(body.filter, fields, saved_filters=saved, group_scope=body.group_id)
     rows = await conn.fetch(f"SELECT c.id FROM contact c WHERE {compiled.where}", *compiled.params)
     return [r["id"] for r in rows]
 
@@ -199,6 +226,7 @@ async def _selected_ids(conn: Any, ctx: Context, body: dict[str, Any]) -> list[i
 
 
 @routes.get("/v1/fields")
+@contract(response=FieldList, tags=TAGS)
 async def list_fields(request: web.Request) -> web.Response:
     """Custom field definitions (F-02)."""
     ctx = _ctx(request)
@@ -209,32 +237,15 @@ async def list_fields(request: web.Request) -> web.Response:
 
 @routes.post("/v1/fields")
 @requires("admin")
-async def create_field(request: web.Request) -> web.Response:
+@contract(body=NewField, response=FieldDefinition, status=201, errors=(409,), tags=TAGS)
+async def create_field(request: web.Request, body: NewField) -> web.Response:
     """Define a custom field: {key, label, type, choices}."""
     ctx = _ctx(request)
-    body = await read_json(request)
-    key, label, kind = body.get("key"), body.get("label"), body.get("type")
-    choices = body.get("choices") or []
-    if (
-        not isinstance(key, str)
-        or not key
-        or not key.isidentifier()
-        or not key.islower()
-        or len(key) > 63
-        or not key.isascii()
-    ):
-        raise InvalidMessage(
-            "key must be lower-case ASCII letters, digits and _ (max 63)", field="key"
-        )
-    if not isinstance(label, str) or not label.strip():
+    key, label, kind = body.key, body.label, body.type
+    choices = body.choices or []
+    if not label.strip():
         raise InvalidMessage("label is required", field="label")
-    if kind not in CUSTOM_TYPES:
-        raise InvalidMessage(f"type must be one of {', '.join(CUSTOM_TYPES)}", field="type")
-    if kind == "choice" and (
-        not isinstance(choices, list)
-        or not choices
-        or not all(isinstance(c, str) and c for c in choices)
-    ):
+    if kind == "choice" and not choices:
         raise InvalidMessage("a choice field needs a non-empty list of choices", field="choices")
     async with ctx.pool.acquire() as conn:
         row = await conn.fetchrow(
@@ -254,44 +265,61 @@ async def create_field(request: web.Request) -> web.Response:
 
 
 def _group_views(kind: str) -> None:
-    path = "/v1/groups" if kind == "group" else "/v1/plans"
+    """The list, create and read views of groups or of plans (one table, two kinds).
 
-    async def list_groups(request: web.Request) -> web.Response:
+    Each view gets its own function name (list_groups / list_plans …): the name is the
+    operation's id in /openapi.json."""
+    path = "/v1/groups" if kind == "group" else "/v1/plans"
+    plural = f"{kind}s"
+
+    async def list_view(request: web.Request) -> web.Response:
         async with _ctx(request).pool.acquire() as conn:
             rows = await conn.fetch(QUERIES["groups"], kind)
         return json_response({"items": [dict(r) for r in rows]})
 
-    async def create_group(request: web.Request) -> web.Response:
-        body = await read_json(request)
-        name = body.get("name")
-        if not isinstance(name, str) or not name.strip():
+    async def create_view(request: web.Request, body: NewGroup) -> web.Response:
+        name = body.name.strip()
+        if not name:
             raise InvalidMessage("name is required", field="name")
         async with _ctx(request).pool.acquire() as conn:
-            row = await conn.fetchrow(
-                QUERIES["insert-group"], kind, name.strip(), body.get("description")
-            )
+            row = await conn.fetchrow(QUERIES["insert-group"], kind, name, body.description)
         if row is None:
-            raise Conflict(f"a {kind} named {name.strip()!r} already exists")
+            raise Conflict(f"a {kind} named {name!r} already exists")
         return json_response(dict(row), status=201)
 
-    async def get_group(request: web.Request) -> web.Response:
-        group_id = int_param(request.match_info["id"], "id")
+    async def get_view(request: web.Request, path: GroupPath) -> web.Response:
         async with _ctx(request).pool.acquire() as conn:
-            row = await conn.fetchrow(QUERIES["group-with-members"], group_id, kind)
+            row = await conn.fetchrow(QUERIES["group-with-members"], path.id, kind)
         if row is None:
-            raise NotFound(f"{kind} {group_id} does not exist")
+            raise NotFound(f"{kind} {path.id} does not exist")
         return json_response(dict(row))
 
-    list_groups.__doc__ = f"List {kind}s with member counts."
-    create_group.__doc__ = f"Create a {kind}: {{name, description}}."
-    get_group.__doc__ = f"One {kind} with its member count" + (
+    for view, name in (
+        (list_view, f"list_{plural}"),
+        (create_view, f"create_{kind}"),
+        (get_view, f"get_{kind}"),
+    ):
+        view.__name__ = view.__qualname__ = name
+    list_view.__doc__ = f"List {kind}s with member counts."
+    create_view.__doc__ = f"Create a {kind}: {{name, description}}."
+    get_view.__doc__ = f"One {kind} with its member count" + (
         " (its steps and schedule are the scheduler's: PUT|GET /v1/plans/{id} there)."
         if kind == "plan"
         else "."
     )
-    routes.get(path)(list_groups)
-    routes.post(path)(create_group)
-    routes.get(path + "/{id}")(get_group)
+    tags = (plural,)
+    routes.get(path)(contract(response=GroupList, tags=tags)(list_view))
+    routes.post(path)(
+        contract(
+            body=NewGroup,
+            response=Group,
+            status=201,
+            errors=(409,),
+            tags=tags,
+            links={f"get_{kind}": {"id": "$response.body#/id"}},
+        )(create_view)
+    )
+    routes.get(path + "/{id}")(contract(path=GroupPath, response=Group, tags=tags)(get_view))
 
 
 _group_views("group")
@@ -299,17 +327,13 @@ _group_views("plan")
 
 
 @routes.post("/v1/groups/{id}/members")
-async def add_members(request: web.Request) -> web.Response:
+@contract(path=GroupPath, body=NewMembers, response=Joined, tags=("groups",))
+async def add_members(request: web.Request, path: GroupPath, body: NewMembers) -> web.Response:
     """Join contacts to a group or plan: {contact_ids, auto_stop}. Joins are idempotent."""
     ctx = _ctx(request)
-    group_id = int_param(request.match_info["id"], "id")
-    body = await read_json(request)
-    ids = body.get("contact_ids")
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
-        raise InvalidMessage(
-            "contact_ids must be a non-empty list of integers", field="contact_ids"
-        )
-    auto_stop = bool(body.get("auto_stop", False))
+    group_id = path.id
+    ids = body.contact_ids
+    auto_stop = body.auto_stop
     joined = 0
     async with ctx.pool.acquire() as conn, conn.transaction():
         known = {
@@ -328,11 +352,11 @@ async def add_members(request: web.Request) -> web.Response:
 
 
 @routes.delete("/v1/groups/{id}/members/{contact_id}")
-async def remove_member(request: web.Request) -> web.Response:
+@contract(path=MemberPath, status=204, tags=("groups",))
+async def remove_member(request: web.Request, path: MemberPath) -> web.Response:
     """Remove a contact from a group or plan (a plan's remaining steps stop)."""
     ctx = _ctx(request)
-    group_id = int_param(request.match_info["id"], "id")
-    contact_id = int_param(request.match_info["contact_id"], "contact_id")
+    group_id, contact_id = path.id, path.contact_id
     async with ctx.pool.acquire() as conn, conn.transaction():
         if not await store.leave(conn, contact_id, group_id):
             raise NotFound(f"contact {contact_id} is not a member of group or plan {group_id}")
@@ -347,29 +371,33 @@ def _filter_json(row: Any) -> dict[str, Any]:
 
 
 @routes.get("/v1/filters")
-async def list_filters(request: web.Request) -> web.Response:
+@contract(query=FilterQuery, response=SavedFilterList, tags=("filters",))
+async def list_filters(request: web.Request, query: FilterQuery) -> web.Response:
     """Saved filters (F-06): global ones, plus those of ?group_id= when given."""
     ctx = _ctx(request)
-    group = request.query.get("group_id")
+    group = query.group_id
     async with ctx.pool.acquire() as conn:
-        rows = await conn.fetch(
-            QUERIES["saved-filters"], int_param(group, "group_id") if group else None
-        )
-    if not group:
+        rows = await conn.fetch(QUERIES["saved-filters"], group)
+    if group is None:
         rows = [r for r in rows if r["group_id"] is None]
     return json_response({"items": [_filter_json(r) for r in rows]})
 
 
 @routes.post("/v1/filters")
-async def create_filter(request: web.Request) -> web.Response:
+@contract(
+    body=NewFilter,
+    response=SavedFilter,
+    status=201,
+    errors=(404, 409),
+    tags=("filters",),
+    links={"get_filter": {"id": "$response.body#/id"}},
+)
+async def create_filter(request: web.Request, body: NewFilter) -> web.Response:
     """Save a filter: {name, filter, group_id (optional: scoped to that group)}."""
     ctx = _ctx(request)
-    body = await read_json(request)
-    name, group_id, node = body.get("name"), body.get("group_id"), body.get("filter")
-    if not isinstance(name, str) or not name.strip():
+    name, group_id, node = body.name, body.group_id, body.filter
+    if not name.strip():
         raise InvalidMessage("name is required", field="name")
-    if not isinstance(node, dict):
-        raise InvalidMessage("filter must be an object", field="filter")
     async with ctx.pool.acquire() as conn, conn.transaction():
         if group_id is not None and await conn.fetchrow(QUERIES["group-by-id"], group_id) is None:
             raise NotFound(f"group {group_id} does not exist")
@@ -383,10 +411,11 @@ async def create_filter(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/filters/{id}")
-async def get_filter(request: web.Request) -> web.Response:
+@contract(path=FilterPath, response=SavedFilter, tags=("filters",))
+async def get_filter(request: web.Request, path: FilterPath) -> web.Response:
     """One saved filter."""
     ctx = _ctx(request)
-    filter_id = int_param(request.match_info["id"], "id")
+    filter_id = path.id
     async with ctx.pool.acquire() as conn:
         rows = await conn.fetch(QUERIES["saved-filters-by-id"], [filter_id])
     if not rows:
@@ -395,10 +424,11 @@ async def get_filter(request: web.Request) -> web.Response:
 
 
 @routes.delete("/v1/filters/{id}")
-async def delete_filter(request: web.Request) -> web.Response:
+@contract(path=FilterPath, status=204, tags=("filters",))
+async def delete_filter(request: web.Request, path: FilterPath) -> web.Response:
     """Delete a saved filter."""
     ctx = _ctx(request)
-    filter_id = int_param(request.match_info["id"], "id")
+    filter_id = path.id
     async with ctx.pool.acquire() as conn:
         if await conn.fetchval(QUERIES["delete-saved-filter"], filter_id) is None:
             raise NotFound(f"saved filter {filter_id} does not exist")

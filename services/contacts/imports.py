@@ -36,10 +36,13 @@ from typing import Any
 
 import asyncpg
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+from pydantic import ValidationError
 
 from libs.common import outbox
 from libs.common.errors import InvalidMessage, NotFound
 from libs.common.http import error, json_response
+from libs.common.http.contract import InvalidRequest, contract, issues_of
 from libs.common.jobrunner import run_job
 from libs.common.jobs import job_event
 from libs.common.logging import get_logger
@@ -57,6 +60,16 @@ from services.contacts.importfile import (
 )
 from services.contacts.models import FieldDefinition
 from services.contacts.processor import ContactPatch
+from services.contacts.schemas import (
+    IMPORT_FORM,
+    ImportJob,
+    ImportJobList,
+    ImportJobWithErrors,
+    ImportOptions,
+    ImportPath,
+    ImportQuery,
+    ImportQueryOptions,
+)
 from services.contacts.store import QUERIES
 
 log = get_logger(__name__)
@@ -146,7 +159,19 @@ def job_json(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @routes.post("/v1/imports")
-async def create_import(request: web.Request) -> web.Response:
+@contract(
+    query=ImportQueryOptions,
+    raw_body={
+        "multipart/form-data": IMPORT_FORM,
+        "text/csv": {"type": "string", "description": "the CSV file itself"},
+    },
+    response=ImportJob,
+    status=202,
+    errors=(413,),
+    tags=("imports",),
+    links={"get_import": {"id": "$response.body#/id"}},
+)
+async def create_import(request: web.Request, query: ImportQueryOptions) -> web.Response:
     """Start a CSV import (F-04); 202 with the job, 400 naming what is wrong, 413 if too big.
 
     multipart/form-data with part ``file`` and fields mode, key, encoding, mapping (JSON
@@ -157,10 +182,28 @@ async def create_import(request: web.Request) -> web.Response:
     too_large = error(413, f"the file is larger than {limit} bytes", "file")
     if request.content_length and request.content_length > limit + (1 << 20):
         return too_large
+    multipart = request.content_type == "multipart/form-data"
+    if multipart and request.query:
+        raise InvalidMessage(
+            "with multipart/form-data the options are form fields, not query parameters",
+            field=next(iter(request.query)),
+        )
+    if multipart and "boundary" not in request.headers.get("Content-Type", ""):
+        raise InvalidMessage("multipart/form-data needs its boundary parameter", field="file")
     try:
         payload, raw = await _upload(request, limit)
     except _TooLarge:
         return too_large
+    except (ValueError, AssertionError, HttpProcessingError) as exc:  # a malformed form
+        reason = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+        raise InvalidMessage(f"the form cannot be read: {reason}", field="file") from None
+    if multipart:  # what _options leaves unchecked: the mapping's shape, the filename
+        try:
+            ImportOptions.model_validate(
+                {name: raw[name] for name in ("mapping", "filename") if name in raw}
+            )
+        except ValidationError as exc:
+            raise InvalidRequest(issues_of(exc, "body", ImportOptions)) from None
     mode, key, encoding, mapping = _options(raw)
     text, encoding = await asyncio.to_thread(decode, payload, encoding)
     async with ctx.pool.acquire() as conn:
@@ -189,23 +232,22 @@ async def create_import(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/imports")
-async def list_imports(request: web.Request) -> web.Response:
+@contract(query=ImportQuery, response=ImportJobList, tags=("imports",))
+async def list_imports(request: web.Request, query: ImportQuery) -> web.Response:
     """Recent import jobs, newest first: ?limit= (≤ 500), ?status=."""
     ctx: Context = request.app[CONTEXT]
-    try:
-        limit = min(max(int(request.query.get("limit", "50")), 1), 500)
-    except ValueError:
-        raise InvalidMessage("limit must be an integer", field="limit") from None
+    limit = min(max(query.limit, 1), 500)
     async with ctx.pool.acquire() as conn:
-        rows = await conn.fetch(QUERIES["import-jobs"], request.query.get("status"), limit)
+        rows = await conn.fetch(QUERIES["import-jobs"], query.status, limit)
     return json_response({"items": [job_json(r) for r in rows]})
 
 
 @routes.get("/v1/imports/{id}")
-async def get_import(request: web.Request) -> web.Response:
+@contract(path=ImportPath, response=ImportJobWithErrors, tags=("imports",))
+async def get_import(request: web.Request, path: ImportPath) -> web.Response:
     """One import job: status, counts, timestamps and its first 1000 row errors."""
     ctx: Context = request.app[CONTEXT]
-    job_id = request.match_info["id"]
+    job_id = path.id
     async with ctx.pool.acquire() as conn:
         row = await conn.fetchrow(QUERIES["import-job"], job_id)
         if row is None:

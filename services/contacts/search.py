@@ -55,6 +55,8 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+
 from libs.common.errors import InvalidMessage
 from libs.common.mail.states import MembershipState
 from services.contacts.models import CHOICES, FIELD_KINDS, MEMBERSHIP_STATES, FieldDefinition
@@ -503,8 +505,24 @@ def _datetime(value: Any, path: str) -> dt.datetime:
         except ValueError:
             pass
         else:
-            return moment if moment.tzinfo else moment.replace(tzinfo=ZoneInfo(LOCAL_TIME_ZONE))
+            moment = moment if moment.tzinfo else moment.replace(tzinfo=ZoneInfo(LOCAL_TIME_ZONE))
+            if not _in_range(moment):
+                raise _fail(f"{value!r} is out of range: years 1900 to 9999", path)
+            return moment
     raise _fail(f"expected an ISO 8601 date-time or a date YYYY-MM-DD, got {value!r}", path)
+
+
+_EARLIEST = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
+_LATEST = dt.datetime(9999, 12, 30, tzinfo=dt.UTC)
+
+
+def _in_range(moment: dt.datetime) -> bool:
+    """Whether an aware instant is one PostgreSQL and Python both hold once in UTC (an
+    offset near year 1 or 9999 would overflow on the way)."""
+    try:
+        return _EARLIEST <= moment.astimezone(dt.UTC) <= _LATEST
+    except OverflowError:
+        return False
 
 
 def _converter(target: _Target) -> Callable[[Any, str], Any]:
@@ -605,7 +623,7 @@ def referenced_saved_filters(filter: Any) -> set[int]:
         item = stack.pop()
         if isinstance(item, dict):
             ref = item.get("saved_filter")
-            if isinstance(ref, int) and not isinstance(ref, bool):
+            if type(ref) is int and 1 <= ref < 2**63:  # others fail in the compiler
                 found.add(ref)
             stack.extend(item.values())
         elif isinstance(item, list):
@@ -727,14 +745,22 @@ def _cursor_value(value: Any) -> Any:
     return value.isoformat() if isinstance(value, (dt.date, dt.datetime)) else value
 
 
+class _CursorBody(BaseModel):
+    """What a cursor decodes to: the filter's fingerprint and the last row's sort values."""
+
+    model_config = ConfigDict(extra="forbid")
+    f: StrictStr
+    v: list[StrictStr | StrictInt | StrictFloat | StrictBool | None]
+
+
 def _decode_cursor(cursor: str, keys: list[tuple[str, str]], fingerprint: str) -> list[Any]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        # the shape first (a flat list of scalars): nested JSON never reaches json.loads
+        _CursorBody.model_validate_json(raw)
         body = json.loads(raw)
-    except (binascii.Error, ValueError, TypeError) as exc:
+    except (binascii.Error, ValueError, TypeError) as exc:  # ValidationError is a ValueError
         raise InvalidMessage("malformed cursor", field="cursor") from exc
-    if not isinstance(body, dict) or not isinstance(body.get("v"), list):
-        raise InvalidMessage("malformed cursor", field="cursor")
     if body.get("f") != fingerprint or len(body["v"]) != len(keys):
         raise InvalidMessage(
             "cursor belongs to a different filter or sort; start again without a cursor",
@@ -756,6 +782,8 @@ def _cursor_field(name: str, value: Any) -> Any:
         parsed = parse(value) if parse and isinstance(value, str) else None
     except ValueError:
         parsed = None
-    if parsed is None or (kind == "timestamp" and getattr(parsed, "tzinfo", None) is None):
+    if parsed is None or (
+        isinstance(parsed, dt.datetime) and (parsed.tzinfo is None or not _in_range(parsed))
+    ):
         raise InvalidMessage(f"malformed cursor value for {name}", field="cursor")
     return parsed

@@ -40,10 +40,12 @@ import asyncpg
 from aiohttp import web
 
 from libs.common.errors import InvalidMessage
-from libs.common.http import json_response, read_json, requires
+from libs.common.http import json_response, requires
+from libs.common.http.contract import contract
 from libs.common.safecsv import FORMULA_STARTS
 from services.contacts.context import CONTEXT
 from services.contacts.models import FIELD_KINDS, MEMBERSHIP_STATES, FieldDefinition
+from services.contacts.schemas import StreamBody, StreamEstimate
 from services.contacts.search import compile_filter
 from services.contacts.targets import load_saved_filters
 
@@ -223,19 +225,27 @@ async def _estimate(conn: asyncpg.Connection, query: StreamQuery) -> int:
 
 
 @requires("viewer")
-async def stream_contacts(request: web.Request) -> web.StreamResponse:
+@contract(
+    body=StreamBody,
+    response=StreamEstimate,
+    media={"text/csv": "the selected contacts' columns, one CSV record per contact"},
+    tags=("contacts",),
+)
+async def stream_contacts(request: web.Request, body: StreamBody) -> web.StreamResponse:
     """Bulk read (SPEC §9): the selected contacts' columns as CSV rows from COPY, in id
-    order (see services/contacts/stream.py); ``dry_run`` → {estimated_total}."""
+    order (see services/contacts/stream.py); ``dry_run`` → {estimated_total} as JSON.
+
+    An internal read for the exporter (and other bulk readers)."""
     ctx = request.app[CONTEXT]
-    body = await read_json(request)
+    given = body.model_dump(exclude_unset=True)
     async with (
         ctx.pool.acquire() as conn,
         conn.transaction(isolation="repeatable_read", readonly=True),
     ):
-        query = await compile_stream(conn, await ctx.fields.get(conn), body)
+        query = await compile_stream(conn, await ctx.fields.get(conn), given)
         await conn.execute("SELECT set_config('TimeZone', $1, true)", query.time_zone)
         total = await _estimate(conn, query)
-        if body.get("dry_run"):
+        if body.dry_run:
             return json_response({"estimated_total": total})
         response = web.StreamResponse(
             headers={

@@ -6,8 +6,12 @@ actions (F-07), roles, the operational endpoints, and search over HTTP (F-05).
 
 from __future__ import annotations
 
+import base64
+import json
 from collections import defaultdict
 from typing import Any
+
+import aiohttp
 
 from libs.common.topics import Topic
 from tests.conftest import ADMIN_TOKEN, OPERATOR_TOKEN, VIEWER_TOKEN, eventually
@@ -772,3 +776,267 @@ async def test_leaving_a_group_asks_suppression_to_end_the_membership(contacts, 
     ]
     got = await api.ok("GET", f"/v1/contacts/{contact['id']}")
     assert got["memberships"] == []
+
+
+# Inputs that once answered 500 (issue 17): each is a 400 problem naming the value --------
+
+BIG = "99999999999999999999"  # beyond 64 bits
+
+
+def _problem(status: int, body: Any, pointer: str | None = None) -> None:
+    """``body`` is an RFC 9457 problem with ``status`` (and its first failing value at
+    ``pointer``)."""
+    assert isinstance(body, dict) and body["status"] == status, body
+    assert body["title"] and body["detail"] and body["error"], body
+    if pointer is not None:
+        assert body["errors"][0]["pointer"] == pointer, body
+
+
+_LEAF = '{"field": "star", "op": "eq", "value": true}'
+
+
+def _nested_not(levels: int) -> str:
+    """A filter of ``levels`` nested nots, as JSON text (json.dumps would recurse)."""
+    return '{"not":' * levels + _LEAF + "}" * levels
+
+
+def _deep_all(levels: int) -> str:
+    return '{"all":[' * levels + _LEAF + "]}" * levels
+
+
+async def test_a_body_nested_5000_levels_is_a_400_on_every_json_route(contacts):
+    api = contacts.api
+    deep = "[" * 5000 + "]" * 5000
+    nested_object = '{"a":' * 5000 + "1" + "}" * 5000
+    for method, path in (
+        ("POST", "/v1/contacts"),
+        ("PATCH", "/v1/contacts/1"),
+        ("POST", "/v1/contacts/search"),
+        ("POST", "/v1/contacts/bulk"),
+        ("POST", "/v1/contacts/stream"),
+        ("POST", "/v1/fields"),
+        ("POST", "/v1/groups"),
+        ("POST", "/v1/plans"),
+        ("POST", "/v1/groups/1/members"),
+        ("POST", "/v1/filters"),
+    ):
+        for data in (deep, nested_object):
+            status, body = await api.call(
+                method, path, data=data, headers={"Content-Type": "application/json"}
+            )
+            assert status == 400, (method, path, body)
+            _problem(400, body)
+
+
+async def test_deep_filters_cursors_and_mappings_are_refused(contacts):
+    api = contacts.api
+    for filter in (_nested_not(499), _nested_not(1000), _deep_all(17)):
+        for path, body in (
+            ("/v1/contacts/search", '{"filter": FILTER}'),
+            ("/v1/contacts/bulk", '{"action": "star", "filter": FILTER}'),
+            ("/v1/filters", '{"name": "deep", "filter": FILTER}'),
+            ("/v1/contacts/stream", '{"columns": ["id"], "filter": FILTER}'),
+        ):
+            data = body.replace("FILTER", filter)
+            status, answer = await api.call("POST", path, data=data, headers=_JSON)
+            assert status == 400, (path, answer)
+            # past the parser's nesting limit the body as a whole is refused
+            _problem(400, answer, "/filter" if len(filter) < 2000 else "")
+    # 16 levels of all/any/not are a filter still
+    status, answer = await api.call(
+        "POST", "/v1/contacts/search", data=f'{{"filter": {_deep_all(15)}}}', headers=_JSON
+    )
+    assert status == 200, answer
+
+    # a cursor whose JSON is nested deeply (or is no cursor at all)
+    nested_cursor = b'{"f":"x","v":' + b"[" * 3000 + b"]" * 3000 + b"}"
+    for raw in (nested_cursor, b"[" * 3000 + b"]" * 3000, b'{"f":"x","v":[{"a":1}]}'):
+        cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        status, answer = await api.call("POST", "/v1/contacts/search", {"cursor": cursor})
+        assert (status, answer["field"]) == (400, "cursor"), answer
+
+    # an import mapping nested deeply: multipart field and text/csv query parameter
+    mapping = '{"email":' * 3000 + '"email"' + "}" * 3000
+    form = aiohttp.FormData()
+    form.add_field("mapping", mapping)
+    form.add_field("file", b"email\na@example.jp\n", filename="a.csv", content_type="text/csv")
+    status, answer = await api.call("POST", "/v1/imports", data=form)
+    _problem(400, answer, "/mapping")
+    mapping = '{"email":' * 200 + '"email"' + "}" * 200  # a query line is at most 8 kB
+    status, answer = await api.call(
+        "POST",
+        "/v1/imports",
+        data=b"email\na@example.jp\n",
+        params={"mapping": mapping},
+        headers={"Content-Type": "text/csv"},
+    )
+    assert status == 400
+    _problem(400, answer, "/mapping")
+
+
+async def test_integers_beyond_64_bits_are_a_400(contacts):
+    api = contacts.api
+    for method, path in (
+        ("GET", f"/v1/contacts/{BIG}"),
+        ("DELETE", f"/v1/contacts/{BIG}"),
+        ("GET", f"/v1/groups/{BIG}"),
+        ("GET", f"/v1/plans/{BIG}"),
+        ("GET", f"/v1/filters/{BIG}"),
+        ("DELETE", f"/v1/filters/{BIG}"),
+        ("DELETE", f"/v1/groups/{BIG}/members/1"),
+        ("DELETE", f"/v1/groups/1/members/{BIG}"),
+        ("GET", f"/v1/filters?group_id={BIG}"),
+        ("GET", f"/v1/imports?limit={BIG}"),
+    ):
+        status, body = await api.call(method, path)
+        assert status == 400, (method, path, body)
+        _problem(400, body)
+        assert body["errors"][0]["location"] in ("path", "query"), body
+    status, body = await api.call("PATCH", f"/v1/contacts/{BIG}", {"name": "x"})
+    _problem(400, body, "/id")
+    status, body = await api.call("POST", f"/v1/groups/{BIG}/members", {"contact_ids": [1]})
+    _problem(400, body, "/id")
+    big = int(BIG)
+    for path, body in (
+        ("/v1/groups/1/members", {"contact_ids": [big]}),
+        ("/v1/contacts/bulk", {"action": "star", "ids": [big]}),
+        ("/v1/contacts/search", {"group_id": big}),
+        ("/v1/filters", {"name": "x", "filter": {}, "group_id": big}),
+        ("/v1/contacts/stream", {"columns": ["id"], "saved_filter_id": big}),
+        ("/v1/contacts/stream", {"columns": ["id"], "ids": [big]}),
+    ):
+        status, answer = await api.call("POST", path, body)
+        assert status == 400, (path, answer)
+        _problem(400, answer)
+    for filter in (
+        {"saved_filter": big},
+        {"membership": {"group_id": big}},
+        {"field": "id", "op": "eq", "value": big},
+    ):
+        status, answer = await api.call("POST", "/v1/contacts/search", {"filter": filter})
+        assert status in (200, 400), (filter, answer)
+        if status == 400:
+            _problem(400, answer)
+    cursor = base64.urlsafe_b64encode(f'{{"f":"x","v":[{BIG}]}}'.encode()).decode()
+    status, answer = await api.call("POST", "/v1/contacts/search", {"cursor": cursor})
+    assert (status, answer["field"]) == (400, "cursor"), answer
+
+
+async def test_nul_long_names_and_odd_values_are_a_400(contacts):
+    api = contacts.api
+    for path in ("/v1/groups", "/v1/plans"):
+        for body, pointer in (
+            ({"name": "a\u0000b"}, "/name"),
+            ({"name": "n" * 20_000}, "/name"),
+            ({"name": "ok", "description": 5}, "/description"),
+            ({"name": "ok", "description": {"a": 1}}, "/description"),
+            ({"name": "ok", "description": "a\u0000b"}, "/description"),
+        ):
+            status, answer = await api.call("POST", path, body)
+            assert status == 400, (path, body, answer)
+            _problem(400, answer, pointer)
+            assert answer["errors"][0]["location"] == "body"
+    status, answer = await api.call("POST", "/v1/groups", {"name": "a\u0000b"})
+    assert answer["errors"][0]["label"] == "グループ名", answer
+    for body in ({"name": "a\u0000b", "filter": {}}, {"name": "n" * 20_000, "filter": {}}):
+        status, answer = await api.call("POST", "/v1/filters", body)
+        _problem(400, answer, "/name")
+    for body, pointer in (
+        ({"key": "k", "label": "a\u0000b", "type": "text"}, "/label"),
+        ({"key": "k\u0000", "label": "l", "type": "text"}, "/key"),
+        ({"key": "k", "label": "l", "type": "choice", "choices": ["a\u0000"]}, "/choices/0"),
+    ):
+        status, answer = await api.call("POST", "/v1/fields", body)
+        _problem(400, answer, pointer)
+    # unknown keys are named, never ignored
+    status, answer = await api.call("POST", "/v1/groups", {"name": "g", "colour": "red"})
+    _problem(400, answer, "/colour")
+    status, answer = await api.call("GET", "/v1/imports?colour=red")
+    _problem(400, answer, "/colour")
+    assert await contacts.runtime.pool.fetchval("SELECT count(*) FROM contact_group") == 0
+
+    # an out-of-range date in a search, as a value and inside a cursor
+    for value in ("0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"):
+        status, answer = await api.call(
+            "POST",
+            "/v1/contacts/search",
+            {"filter": {"field": "created_at", "op": "gt", "value": value}},
+        )
+        assert (status, answer["field"]) == (400, "filter.value"), answer
+    search = {"sort": ["created_at"], "limit": 1}
+    first = await api.ok("POST", "/v1/contacts", {"email": "d@example.jp"})
+    await api.ok("POST", "/v1/contacts", {"email": "e@example.jp"})
+    page = await api.ok("POST", "/v1/contacts/search", search)
+    assert page["items"][0]["id"] == first["id"] and page["next_cursor"]
+    fingerprint = json.loads(_unb64(page["next_cursor"]))["f"]
+    forged = json.dumps({"f": fingerprint, "v": ["0001-01-01T00:00:00+14:00", 1]})
+    cursor = base64.urlsafe_b64encode(forged.encode()).decode()
+    status, answer = await api.call("POST", "/v1/contacts/search", {**search, "cursor": cursor})
+    assert (status, answer["field"]) == (400, "cursor"), answer
+
+
+async def test_import_filename_nul_and_a_multipart_without_boundary_are_a_400(contacts):
+    api = contacts.api
+    status, answer = await api.call(
+        "POST",
+        "/v1/imports",
+        data=b"email\na@example.jp\n",
+        params={"filename": "a\u0000b.csv"},
+        headers={"Content-Type": "text/csv"},
+    )
+    _problem(400, answer, "/filename")
+    for control in (b"\x00", b"\x01"):
+        form = (
+            b"--zz\r\n"
+            b'Content-Disposition: form-data; name="file"; filename="a' + control + b'b.csv"\r\n'
+            b"Content-Type: text/csv\r\n\r\n"
+            b"email\na@example.jp\n\r\n"
+            b"--zz--\r\n"
+        )
+        status, answer = await api.call(
+            "POST",
+            "/v1/imports",
+            data=form,
+            headers={"Content-Type": "multipart/form-data; boundary=zz"},
+        )
+        # a control character in a part header: the form cannot be read
+        assert (status, answer["field"]) == (400, "file"), answer
+    status, answer = await api.call(
+        "POST",
+        "/v1/imports",
+        data=b"--x\r\n\r\n",
+        headers={"Content-Type": "multipart/form-data"},
+    )
+    assert (status, answer["field"]) == (400, "file"), answer
+    status, answer = await api.call(
+        "POST",
+        "/v1/imports",
+        data=b"garbage without parts",
+        headers={"Content-Type": "multipart/form-data; boundary=zz"},
+    )
+    assert status == 400, answer
+    _problem(400, answer)
+    assert await contacts.runtime.pool.fetchval("SELECT count(*) FROM import_job") == 0
+
+
+async def test_a_chunked_search_body_past_the_limit_is_a_413(contacts):
+    api = contacts.api
+
+    async def chunks() -> Any:
+        yield b'{"filter": {"field": "name", "op": "in", "value": ['
+        for _ in range(3 * 1024):  # 3 MB, sent chunked (no Content-Length)
+            yield b'"' + b"x" * 1020 + b'",'
+        yield b'"x"]}}'
+
+    status, answer = await api.call(
+        "POST", "/v1/contacts/search", data=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert status == 413, answer
+    _problem(413, answer)
+
+
+_JSON = {"Content-Type": "application/json"}
+
+
+def _unb64(cursor: str) -> bytes:
+    return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))

@@ -538,3 +538,37 @@ def test_bad_sort_and_limit(sort: object, limit: object, field: str) -> None:
     with pytest.raises(InvalidMessage) as info:
         compile_search(None, FIELDS, sort=sort, limit=limit, cursor=None)  # type: ignore[arg-type]
     assert info.value.field == field
+
+
+# Inputs that once answered 500 (issue 17) --------------------------------------------------
+
+
+def _cursor(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"f":"x","v":' + b"[" * 3000 + b"]" * 3000 + b"}",
+        b"[" * 3000 + b"]" * 3000,
+        b'{"f":"x","v":[{"a":1}]}',
+        b'{"f":"x","v":[1],"extra":1}',
+        b'{"f":"x","v":[99999999999999999999]}',
+    ],
+)
+def test_a_cursor_of_the_wrong_shape_is_malformed(raw: bytes) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        compile_search(None, FIELDS, sort=None, limit=10, cursor=_cursor(raw))
+    assert caught.value.field == "cursor"
+
+
+@pytest.mark.parametrize("value", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"])
+def test_an_instant_out_of_range_is_refused(value: str) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        compile_filter({"field": "created_at", "op": "gt", "value": value}, FIELDS)
+    assert caught.value.field == "filter.value" and "out of range" in caught.value.reason
+
+
+def test_saved_filter_ids_beyond_64_bits_are_not_loaded() -> None:
+    assert referenced_saved_filters({"any": [{"saved_filter": 2**70}, {"saved_filter": 3}]}) == {3}

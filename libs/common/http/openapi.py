@@ -143,12 +143,13 @@ def _operation(
     responses: dict[str, Any] = {}
     for status, model in {spec.status: spec.response, **spec.also}.items():
         answer: dict[str, Any] = {"description": _success(status)}
-        if model is not None:
-            answer["content"] = {"application/json": {"schema": _ref(refs, model)}}
-        elif spec.media and status == spec.status:
+        if spec.media and status == spec.status:
+            # a non-JSON success; with a model beside it, the same status may also be JSON
             answer["content"] = {m: {"schema": {"type": "string"}} for m in spec.media}
             answer["description"] = "; ".join(spec.media.values())
-        elif status != 204 and not 300 <= status < 400:
+        if model is not None:
+            answer.setdefault("content", {})["application/json"] = {"schema": _ref(refs, model)}
+        elif "content" not in answer and status != 204 and not 300 <= status < 400:
             answer["content"] = {"application/json": {"schema": {"type": "object"}}}
         if spec.links and status == spec.status:
             answer["links"] = {
