@@ -60,6 +60,7 @@ def test_readme_using_it_blocks_run_as_written(
         script = ["set -euo pipefail"]
         for number, code in enumerate(blocks, 1):
             script += [f"echo '{_MARK.format(number)}'", localize(code, ports)]
+            assert not re.search(r":(80[0-9][0-9]|2525)\b", script[-1]), script[-1]
         run = subprocess.run(
             ["bash", "-c", "\n".join(script)],
             cwd=tmp_path,
@@ -78,6 +79,7 @@ def test_readme_using_it_blocks_run_as_written(
     # the import: done, both rows in, their tags split on 、 and ,.
     assert '"status": "done"' in out[2] and '"errors": []' in out[2]
     assert '"inserted": 2' in out[2]
+    assert "hanako@example.jp" in out[2] and "jiro@example.jp" in out[2]
     # suppression: Taro is a member, can be sent to, and the link is a public /u/ page.
     assert f"127.0.0.1:{ports['suppression']}/u/" in out[3]
     assert '"allowed": true' in out[3]
