@@ -50,7 +50,7 @@ def test_readme_using_it_blocks_run_as_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     blocks = using_it_blocks((ROOT / "README.md").read_text())
-    assert len(blocks) == 7, "a block was added or removed: check the assertions below"
+    assert len(blocks) == 8, "a block was added or removed: check the assertions below"
     ports = _free_ports()
     (tmp_path / ".venv").symlink_to(ROOT / ".venv")
     monkeypatch.setenv("SCHEDULER_MIN_LEAD_SECONDS", "5")
@@ -90,6 +90,10 @@ def test_readme_using_it_blocks_run_as_written(
     # bounces: the VERP address, the soft bounce counted, the unreadable mail kept.
     assert re.search(r"^b-\S+@bounces\.localhost$", out[5], re.M), out[5]
     assert '"soft_streak": 1' in out[5] and '"items": [{' in out[5]
-    # step mail and export.
+    # step mail, the one-click unsubscribe, the export.
     assert '"day_offset": 3' in out[6]
-    assert (tmp_path / "export.csv").read_bytes().startswith(b"email,")
+    assert '"state": "unsubscribed"' in out[7]
+    exported = (tmp_path / "export.csv").read_bytes().decode("cp932")
+    assert exported.startswith("email,name,配信停止日時(配信停止方法)")
+    assert "\ntaro@example.jp,山田 太郎," in exported.replace("\r\n", "\n")
+    assert '"kind": "export", "status": "done"' in out[8]
