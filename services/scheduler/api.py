@@ -137,9 +137,16 @@ async def delete_category(request: web.Request, path: CategoryPath) -> web.Respo
 
 
 _CAMPAIGN_LINKS = {
-    "get_campaign": {"id": "$response.body#/id"},
-    "preview": {"id": "$response.body#/id"},
-    "cancel": {"id": "$response.body#/id"},
+    name: {"id": "$response.body#/id"}
+    for name in (
+        "get_campaign",
+        "preview",
+        "test_send",
+        "reserve",
+        "recipients_csv",
+        "resend_campaign",
+        "cancel",
+    )
 }
 
 

@@ -101,7 +101,7 @@ Moment = Annotated[
     StringConstraints(max_length=64),
     AfterValidator(_moment),
     Field(
-        examples=["2026-12-01T10:00:00+09:00"],
+        examples=["2099-12-01T10:00:00+09:00"],
         json_schema_extra={"format": "date-time"},
     ),
 ]
@@ -297,8 +297,11 @@ class TestSendBody(Body):
 
 
 class CampaignPath(Model):
+    # Any text is taken (one that is not a UUID names no campaign: 404, as before).
     id: Token = Field(
-        description="the campaign's id (a UUID)", examples=["0b7c6f8e-3f5d-4c43-9a57-3c9d1f0a2b11"]
+        description="the campaign's id (a UUID)",
+        examples=["0b7c6f8e-3f5d-4c43-9a57-3c9d1f0a2b11"],
+        json_schema_extra={"format": "uuid"},
     )
 
 
