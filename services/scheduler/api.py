@@ -83,8 +83,8 @@ async def list_categories(request: web.Request, query: NoQuery) -> web.Response:
 
 
 @routes.post("/v1/categories")
-@contract(body=CategoryBody, response=Category, status=201, links=_CATEGORY_LINKS)
-async def create_category(request: web.Request, body: CategoryBody) -> web.Response:
+@contract(query=NoQuery, body=CategoryBody, response=Category, status=201, links=_CATEGORY_LINKS)
+async def create_category(request: web.Request, query: NoQuery, body: CategoryBody) -> web.Response:
     """Create a category: {name, window_start "HH:MM", window_end "HH:MM", time_zone}.
 
     A window whose start is after its end crosses midnight; start == end is all day."""
@@ -106,9 +106,9 @@ async def get_category(request: web.Request, path: CategoryPath, query: NoQuery)
 
 @routes.put("/v1/categories/{id}")
 @requires("admin")
-@contract(path=CategoryPath, body=CategoryBody, response=Category)
+@contract(path=CategoryPath, query=NoQuery, body=CategoryBody, response=Category)
 async def put_category(
-    request: web.Request, path: CategoryPath, body: CategoryBody
+    request: web.Request, path: CategoryPath, query: NoQuery, body: CategoryBody
 ) -> web.Response:
     """Replace a category's name and window; sending campaigns follow it from the next tick."""
     category_id = path.id
@@ -121,8 +121,8 @@ async def put_category(
 
 @routes.delete("/v1/categories/{id}")
 @requires("admin")
-@contract(path=CategoryPath, status=204, errors=(409,))
-async def delete_category(request: web.Request, path: CategoryPath) -> web.Response:
+@contract(path=CategoryPath, query=NoQuery, status=204, errors=(409,))
+async def delete_category(request: web.Request, path: CategoryPath, query: NoQuery) -> web.Response:
     """Delete a category no campaign uses (409 otherwise)."""
     category_id = path.id
     async with _ctx(request).pool.acquire() as conn, conn.transaction():
@@ -151,8 +151,14 @@ _CAMPAIGN_LINKS = {
 
 
 @routes.post("/v1/campaigns")
-@contract(body=CampaignBody, response=CampaignAnswer, status=201, links=_CAMPAIGN_LINKS)
-async def create_campaign(request: web.Request, body: CampaignBody) -> web.Response:
+@contract(
+    query=NoQuery,
+    body=CampaignBody,
+    response=CampaignAnswer,
+    status=201,
+    links=_CAMPAIGN_LINKS,
+)
+async def create_campaign(request: web.Request, query: NoQuery, body: CampaignBody) -> web.Response:
     """Create a draft campaign (F-20..F-22); every field is checked here, not at send time.
 
     Body: {name, category_id, target: {group_id?, filter?, saved_filter_id?}, from_address,
@@ -296,9 +302,9 @@ async def cancel(request: web.Request, path: CampaignPath, query: NoQuery) -> we
 
 
 @routes.post("/v1/campaigns/{id}/resend")
-@contract(path=CampaignPath, body=ResendBody, response=CampaignAnswer, status=201)
+@contract(path=CampaignPath, query=NoQuery, body=ResendBody, response=CampaignAnswer, status=201)
 async def resend_campaign(
-    request: web.Request, path: CampaignPath, body: ResendBody
+    request: web.Request, path: CampaignPath, query: NoQuery, body: ResendBody
 ) -> web.Response:
     """再配信 (F-28): a new draft campaign with this one's body, from, reply_to, category,
     format and settings; the target is chosen anew. Body: {scheduled_at, target?,
@@ -360,8 +366,10 @@ def _with_links(ctx: Context, campaign: Any, values: dict[str, str]) -> dict[str
 
 
 @routes.post("/v1/campaigns/{id}/test-send")
-@contract(path=CampaignPath, body=TestSendBody, response=TestSend, status=202)
-async def test_send(request: web.Request, path: CampaignPath, body: TestSendBody) -> web.Response:
+@contract(path=CampaignPath, query=NoQuery, body=TestSendBody, response=TestSend, status=202)
+async def test_send(
+    request: web.Request, path: CampaignPath, query: NoQuery, body: TestSendBody
+) -> web.Response:
     """テスト送信 (F-23): {addresses: "a@x, b@y" (≤ 20), contact_id?}. One send request per
     address, test=true, subject prefixed [TEST]; never counted."""
     ctx = _ctx(request)

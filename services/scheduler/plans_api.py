@@ -89,12 +89,15 @@ def plan_json(
 @requires("operator")
 @contract(
     path=PlanPath,
+    query=NoQuery,
     body=PlanBody,
     response=Plan,
     also={201: Plan},
     links={"get_plan": {"id": "$request.path.id"}, "list_enrolments": {"id": "$request.path.id"}},
 )
-async def put_plan(request: web.Request, path: PlanPath, body: PlanBody) -> web.Response:
+async def put_plan(
+    request: web.Request, path: PlanPath, query: NoQuery, body: PlanBody
+) -> web.Response:
     """Set a plan's schedule: its category (window and time zone), sender and steps.
 
     201 when the plan had no schedule before, 200 when it replaces one."""

@@ -850,6 +850,9 @@ async def test_inputs_that_once_answered_500_are_problems(scheduler, contacts):
     # Unknown query keys are refused, not ignored.
     status, body = await api.call("GET", "/v1/categories?colour=red")
     problem(status, body, "/colour")
+    status, body = await api.call("POST", "/v1/categories?dry_run=1", base)
+    problem(status, body, "/dry_run")
+    assert body["errors"][0]["location"] == "query"
 
     # What clients sent before still works: a contact id as digits, an empty one.
     campaign = await api.ok("POST", "/v1/campaigns", campaign_body(cat, clock, target=everyone))
