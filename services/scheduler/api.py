@@ -1,8 +1,10 @@
 """Operator HTTP API of the scheduler (SPEC §10): categories, campaigns, reservation,
 cancel, test send, preview and the frozen recipient list. JSON, bearer tokens with roles.
 
-Invalid input answers 400 with ``{"error", "field"}`` (libs/common/http's errors
-middleware, as in every service); a request the campaign's status does not allow answers 409.
+Each route's contract (its path, query, body and answers) is in
+:mod:`services.scheduler.contracts`; invalid input answers a 400 problem naming every failing
+value (libs/common/http, as in every service); a request the campaign's status does not
+allow answers 409.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from aiohttp import web
 
 from libs.common import outbox
 from libs.common.errors import Conflict, InvalidMessage, NotFound
-from libs.common.http import ROLE, int_param, json_response, read_json, requires
+from libs.common.http import ROLE, json_response, requires
+from libs.common.http.contract import contract
 from libs.common.mail import mergetags
 from libs.common.mail.render import CampaignMessage
 from libs.common.metrics import RESENDS_CREATED, SCHEDULER_RELEASED
@@ -26,6 +29,23 @@ from libs.common.safecsv import safe_cell
 from libs.common.topics import Topic
 from services.scheduler import processor, resend, status, store
 from services.scheduler.context import CONTEXT, Context
+from services.scheduler.contracts import Campaign as CampaignAnswer
+from services.scheduler.contracts import (
+    CampaignBody,
+    CampaignPath,
+    Campaigns,
+    CampaignsQuery,
+    Categories,
+    Category,
+    CategoryBody,
+    CategoryPath,
+    NoQuery,
+    Preview,
+    PreviewQuery,
+    ResendBody,
+    TestSend,
+    TestSendBody,
+)
 from services.scheduler.store import QUERIES
 from services.scheduler.window import Window
 
@@ -39,35 +59,45 @@ def _ctx(request: web.Request) -> Context:
 # Categories ---------------------------------------------------------------------------------
 
 
-def _category_values(body: dict[str, Any]) -> tuple[str, str, str, str]:
-    name = body.get("name")
-    if not isinstance(name, str) or not name.strip():
+def _category_values(body: CategoryBody) -> tuple[str, str, str, str]:
+    name = body.name.strip()
+    if not name:
         raise InvalidMessage("name must not be empty", field="name")
-    window = Window.of(body.get("window_start"), body.get("window_end"), body.get("time_zone"))  # type: ignore[arg-type]
-    return name.strip(), f"{window.start:%H:%M}", f"{window.end:%H:%M}", window.zone.key
+    window = Window.of(body.window_start, body.window_end, body.time_zone)
+    return name, f"{window.start:%H:%M}", f"{window.end:%H:%M}", window.zone.key
+
+
+_CATEGORY_LINKS = {
+    "get_category": {"id": "$response.body#/id"},
+    "put_category": {"id": "$response.body#/id"},
+    "delete_category": {"id": "$response.body#/id"},
+}
 
 
 @routes.get("/v1/categories")
-async def list_categories(request: web.Request) -> web.Response:
+@contract(query=NoQuery, response=Categories, errors=(400,))
+async def list_categories(request: web.Request, query: NoQuery) -> web.Response:
     """Every category with its sending window (配信可能時間帯)."""
     rows = await _ctx(request).pool.fetch(QUERIES["categories"])
     return json_response({"items": [store.category_json(r) for r in rows]})
 
 
 @routes.post("/v1/categories")
-async def create_category(request: web.Request) -> web.Response:
+@contract(query=NoQuery, body=CategoryBody, response=Category, status=201, links=_CATEGORY_LINKS)
+async def create_category(request: web.Request, query: NoQuery, body: CategoryBody) -> web.Response:
     """Create a category: {name, window_start "HH:MM", window_end "HH:MM", time_zone}.
 
     A window whose start is after its end crosses midnight; start == end is all day."""
-    values = _category_values(await read_json(request))
+    values = _category_values(body)
     row = await _ctx(request).pool.fetchrow(QUERIES["insert-category"], *values)
     return json_response(store.category_json(row), status=201)
 
 
 @routes.get("/v1/categories/{id}")
-async def get_category(request: web.Request) -> web.Response:
+@contract(path=CategoryPath, query=NoQuery, response=Category)
+async def get_category(request: web.Request, path: CategoryPath, query: NoQuery) -> web.Response:
     """One category."""
-    category_id = int_param(request.match_info["id"], "id")
+    category_id = path.id
     row = await _ctx(request).pool.fetchrow(QUERIES["category"], category_id)
     if row is None:
         raise NotFound(f"category {category_id} does not exist")
@@ -76,10 +106,13 @@ async def get_category(request: web.Request) -> web.Response:
 
 @routes.put("/v1/categories/{id}")
 @requires("admin")
-async def put_category(request: web.Request) -> web.Response:
+@contract(path=CategoryPath, query=NoQuery, body=CategoryBody, response=Category)
+async def put_category(
+    request: web.Request, path: CategoryPath, query: NoQuery, body: CategoryBody
+) -> web.Response:
     """Replace a category's name and window; sending campaigns follow it from the next tick."""
-    category_id = int_param(request.match_info["id"], "id")
-    values = _category_values(await read_json(request))
+    category_id = path.id
+    values = _category_values(body)
     row = await _ctx(request).pool.fetchrow(QUERIES["update-category"], category_id, *values)
     if row is None:
         raise NotFound(f"category {category_id} does not exist")
@@ -88,9 +121,10 @@ async def put_category(request: web.Request) -> web.Response:
 
 @routes.delete("/v1/categories/{id}")
 @requires("admin")
-async def delete_category(request: web.Request) -> web.Response:
+@contract(path=CategoryPath, query=NoQuery, status=204, errors=(409,))
+async def delete_category(request: web.Request, path: CategoryPath, query: NoQuery) -> web.Response:
     """Delete a category no campaign uses (409 otherwise)."""
-    category_id = int_param(request.match_info["id"], "id")
+    category_id = path.id
     async with _ctx(request).pool.acquire() as conn, conn.transaction():
         if await conn.fetchval(QUERIES["category-in-use"], category_id):
             raise Conflict(f"category {category_id} is used by campaigns or step-mail plans")
@@ -102,15 +136,37 @@ async def delete_category(request: web.Request) -> web.Response:
 # Campaigns ------------------------------------------------------------------------------------
 
 
+_CAMPAIGN_LINKS = {
+    name: {"id": "$response.body#/id"}
+    for name in (
+        "get_campaign",
+        "preview",
+        "test_send",
+        "reserve",
+        "recipients_csv",
+        "resend_campaign",
+        "cancel",
+    )
+}
+
+
 @routes.post("/v1/campaigns")
-async def create_campaign(request: web.Request) -> web.Response:
+@contract(
+    query=NoQuery,
+    body=CampaignBody,
+    response=CampaignAnswer,
+    status=201,
+    links=_CAMPAIGN_LINKS,
+)
+async def create_campaign(request: web.Request, query: NoQuery, body: CampaignBody) -> web.Response:
     """Create a draft campaign (F-20..F-22); every field is checked here, not at send time.
 
     Body: {name, category_id, target: {group_id?, filter?, saved_filter_id?}, from_address,
     from_name?, reply_to?, subject, format: text|html, body, coupon_url?, dedupe: none|by_email,
     include_unsubscribed?, track_opens? and track_clicks? (F-34, default true), scheduled_at
     (ISO 8601 with offset, ≥ now + 3 min)}."""
-    row = await _create(_ctx(request), await read_json(request), request.get(ROLE))
+    values = body.model_dump(exclude_unset=True)
+    row = await _create(_ctx(request), values, request.get(ROLE))
     return json_response(store.campaign_json(row), status=201)
 
 
@@ -173,18 +229,14 @@ async def _check_history(ctx: Context, search_filter: dict[str, Any], now: dt.da
 
 
 @routes.get("/v1/campaigns")
-async def list_campaigns(request: web.Request) -> web.Response:
+@contract(query=CampaignsQuery, response=Campaigns)
+async def list_campaigns(request: web.Request, query: CampaignsQuery) -> web.Response:
     """Campaigns, newest first: ?limit (1-200, default 50), ?cursor, ?status."""
-    limit = int_param(request.query.get("limit", "50"), "limit")
-    if not 1 <= limit <= 200:
-        raise InvalidMessage("limit must be between 1 and 200", field="limit")
-    wanted = request.query.get("status")
+    limit = query.limit
+    wanted = query.status
     if wanted is not None and wanted not in status.STATUSES:
         raise InvalidMessage(f"status must be one of {', '.join(status.STATUSES)}", field="status")
-    after: int | None = None
-    cursor = request.query.get("cursor")
-    if cursor:
-        after = int_param(cursor, "cursor")
+    after = query.cursor
     rows = await _ctx(request).pool.fetch(QUERIES["campaigns-page"], after, wanted, limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
@@ -195,18 +247,20 @@ async def list_campaigns(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/campaigns/{id}")
-async def get_campaign(request: web.Request) -> web.Response:
+@contract(path=CampaignPath, query=NoQuery, response=CampaignAnswer)
+async def get_campaign(request: web.Request, path: CampaignPath, query: NoQuery) -> web.Response:
     """One campaign with its status, counters (planned, success, error, suppressed, pending,
     unsent, released, re_released), statistics (opens, clicks, unique_opens, unique_clicks)
     and status history."""
     async with _ctx(request).pool.acquire() as conn:
-        row = await store.get_campaign(conn, request.match_info["id"])
+        row = await store.get_campaign(conn, path.id)
         history = await conn.fetch(QUERIES["history"], row["id"])
     return json_response(store.campaign_json(row, history))
 
 
 @routes.post("/v1/campaigns/{id}/reserve")
-async def reserve(request: web.Request) -> web.Response:
+@contract(path=CampaignPath, query=NoQuery, response=CampaignAnswer, status=202, errors=(409,))
+async def reserve(request: web.Request, path: CampaignPath, query: NoQuery) -> web.Response:
     """予約 (F-22): freeze the recipient list. draft → reserving; the list arrives from
     contacts and the campaign becomes scheduled (or failed when nobody is selected).
 
@@ -215,7 +269,7 @@ async def reserve(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
-        campaign = await store.get_campaign(conn, request.match_info["id"], lock=True)
+        campaign = await store.get_campaign(conn, path.id, lock=True)
         status.check(campaign["status"], "reserving")
         request_id = uuid.uuid4()
         await conn.execute(QUERIES["set-request"], campaign["id"], request_id)
@@ -231,12 +285,13 @@ async def reserve(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/campaigns/{id}/cancel")
-async def cancel(request: web.Request) -> web.Response:
+@contract(path=CampaignPath, query=NoQuery, response=CampaignAnswer, errors=(409,))
+async def cancel(request: web.Request, path: CampaignPath, query: NoQuery) -> web.Response:
     """キャンセル: only before sending starts (draft, reserving, scheduled); 409 after."""
     ctx = _ctx(request)
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
-        campaign = await store.get_campaign(conn, request.match_info["id"], lock=True)
+        campaign = await store.get_campaign(conn, path.id, lock=True)
         status.check(campaign["status"], "cancelled")
         row = await store.transition(
             conn, campaign["id"], "cancelled", now, f"by {request.get(ROLE)}"
@@ -247,7 +302,10 @@ async def cancel(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/campaigns/{id}/resend")
-async def resend_campaign(request: web.Request) -> web.Response:
+@contract(path=CampaignPath, query=NoQuery, body=ResendBody, response=CampaignAnswer, status=201)
+async def resend_campaign(
+    request: web.Request, path: CampaignPath, query: NoQuery, body: ResendBody
+) -> web.Response:
     """再配信 (F-28): a new draft campaign with this one's body, from, reply_to, category,
     format and settings; the target is chosen anew. Body: {scheduled_at, target?,
     recipients?: all|opened|not_opened|clicked|not_clicked|errored|not_errored (recipients
@@ -256,9 +314,9 @@ async def resend_campaign(request: web.Request) -> web.Response:
     cannot be targeted by its recipients (400)."""
     ctx = _ctx(request)
     async with ctx.pool.acquire() as conn:
-        source = await store.get_campaign(conn, request.match_info["id"])
-    body = resend.resend_body(source, await read_json(request))
-    row = await _create(ctx, body, request.get(ROLE), resent_from=source["id"])
+        source = await store.get_campaign(conn, path.id)
+    values = resend.resend_body(source, body.model_dump(exclude_unset=True))
+    row = await _create(ctx, values, request.get(ROLE), resent_from=source["id"])
     RESENDS_CREATED.inc()
     return json_response(store.campaign_json(row), status=201)
 
@@ -307,28 +365,20 @@ def _with_links(ctx: Context, campaign: Any, values: dict[str, str]) -> dict[str
     return out
 
 
-def _contact_param(raw: Any) -> int | None:
-    if raw is None or raw == "":
-        return None
-    if isinstance(raw, str):
-        return int_param(raw, "contact_id")
-    if isinstance(raw, bool) or not isinstance(raw, int):
-        raise InvalidMessage("contact_id must be an integer", field="contact_id")
-    return raw
-
-
 @routes.post("/v1/campaigns/{id}/test-send")
-async def test_send(request: web.Request) -> web.Response:
+@contract(path=CampaignPath, query=NoQuery, body=TestSendBody, response=TestSend, status=202)
+async def test_send(
+    request: web.Request, path: CampaignPath, query: NoQuery, body: TestSendBody
+) -> web.Response:
     """テスト送信 (F-23): {addresses: "a@x, b@y" (≤ 20), contact_id?}. One send request per
     address, test=true, subject prefixed [TEST]; never counted."""
     ctx = _ctx(request)
-    body = await read_json(request)
-    addresses = processor.parse_test_addresses(body.get("addresses"))
-    contact_id = _contact_param(body.get("contact_id"))
+    addresses = processor.parse_test_addresses(body.addresses)
+    contact_id = body.contact_id
     now = ctx.clock.now()
     test_id = uuid.uuid4().hex[:12]
     async with ctx.pool.acquire() as conn, conn.transaction():
-        campaign = await store.get_campaign(conn, request.match_info["id"])
+        campaign = await store.get_campaign(conn, path.id)
         values, _, group_id, chosen = await _recipient_values(
             ctx, conn, campaign, contact_id, from_ledger=False
         )
@@ -368,13 +418,14 @@ async def test_send(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/campaigns/{id}/preview")
-async def preview(request: web.Request) -> web.Response:
+@contract(path=CampaignPath, query=PreviewQuery, response=Preview)
+async def preview(request: web.Request, path: CampaignPath, query: PreviewQuery) -> web.Response:
     """確認 (F-24): the mail as rendered for one recipient (?contact_id=; default the first
     of the frozen list, or sample values before reservation): subject, from, text, html."""
     ctx = _ctx(request)
-    contact_id = _contact_param(request.query.get("contact_id"))
+    contact_id = query.contact_id
     async with ctx.pool.acquire() as conn:
-        campaign = await store.get_campaign(conn, request.match_info["id"])
+        campaign = await store.get_campaign(conn, path.id)
         values, address, _, chosen = await _recipient_values(
             ctx, conn, campaign, contact_id, from_ledger=True
         )
@@ -405,12 +456,20 @@ async def preview(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/campaigns/{id}/recipients.csv")
-async def recipients_csv(request: web.Request) -> web.StreamResponse:
+@contract(
+    path=CampaignPath,
+    query=NoQuery,
+    media={"text/csv": "the frozen recipient list, UTF-8 CSV"},
+    errors=(409,),
+)
+async def recipients_csv(
+    request: web.Request, path: CampaignPath, query: NoQuery
+) -> web.StreamResponse:
     """配信対象リスト (F-24): the frozen list as UTF-8 CSV (seq, contact_id, email, group_id,
     membership_state, then one column per merge value); 409 before it is complete."""
     ctx = _ctx(request)
     async with ctx.pool.acquire() as conn:
-        campaign = await store.get_campaign(conn, request.match_info["id"])
+        campaign = await store.get_campaign(conn, path.id)
         if campaign["status"] not in status.LEDGER_COMPLETE:
             raise Conflict(f"the recipient list is not frozen yet (status {campaign['status']})")
         keys = [r["key"] for r in await conn.fetch(QUERIES["merge-keys"], campaign["id"])]

@@ -31,7 +31,7 @@ class ContactsClient:
     async def _call(self, method: str, path: str, json: Any = None) -> tuple[int, Any]:
         try:
             async with self._client().request(method, self.base + path, json=json) as response:
-                if response.content_type == "application/json":
+                if response.content_type in ("application/json", "application/problem+json"):
                     return response.status, await response.json()
                 return response.status, {"error": await response.text()}
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -21,10 +21,20 @@ from typing import Any
 
 from aiohttp import web
 
-from libs.common.errors import InvalidMessage, NotFound
-from libs.common.http import int_param, json_response, read_json, requires
+from libs.common.errors import NotFound
+from libs.common.http import json_response, requires
+from libs.common.http.contract import contract
 from services.scheduler import plans, store
 from services.scheduler.api import _ctx
+from services.scheduler.contracts import (
+    Enrolments,
+    EnrolmentsQuery,
+    NoQuery,
+    Plan,
+    PlanBody,
+    PlanPath,
+    Plans,
+)
 from services.scheduler.store import QUERIES
 
 routes = web.RouteTableDef()
@@ -77,13 +87,26 @@ def plan_json(
 
 @routes.put("/v1/plans/{id}")
 @requires("operator")
-async def put_plan(request: web.Request) -> web.Response:
-    """Set a plan's schedule: its category (window and time zone), sender and steps."""
+@contract(
+    path=PlanPath,
+    query=NoQuery,
+    body=PlanBody,
+    response=Plan,
+    also={201: Plan},
+    links={"get_plan": {"id": "$request.path.id"}, "list_enrolments": {"id": "$request.path.id"}},
+)
+async def put_plan(
+    request: web.Request, path: PlanPath, query: NoQuery, body: PlanBody
+) -> web.Response:
+    """Set a plan's schedule: its category (window and time zone), sender and steps.
+
+    201 when the plan had no schedule before, 200 when it replaces one."""
     ctx = _ctx(request)
-    plan_id = int_param(request.match_info["id"], "id")
-    body = await read_json(request)
+    plan_id = path.id
     keys = await ctx.contacts.custom_field_keys()
-    values, wanted = plans.validate_plan(body, custom_field_keys=keys)
+    values, wanted = plans.validate_plan(
+        body.model_dump(exclude_unset=True), custom_field_keys=keys
+    )
     plan = await ctx.contacts.plan(plan_id)
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn, conn.transaction():
@@ -130,7 +153,8 @@ async def put_plan(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/plans")
-async def list_plans(request: web.Request) -> web.Response:
+@contract(query=NoQuery, response=Plans, errors=(400,))
+async def list_plans(request: web.Request, query: NoQuery) -> web.Response:
     """Every plan schedule with its steps and their statistics."""
     async with _ctx(request).pool.acquire() as conn:
         rows = await conn.fetch(QUERIES["plans"])
@@ -139,9 +163,10 @@ async def list_plans(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/plans/{id}")
-async def get_plan(request: web.Request) -> web.Response:
+@contract(path=PlanPath, query=NoQuery, response=Plan)
+async def get_plan(request: web.Request, path: PlanPath, query: NoQuery) -> web.Response:
     """One plan schedule: steps with statistics, and enrolments running and ended."""
-    plan_id = int_param(request.match_info["id"], "id")
+    plan_id = path.id
     async with _ctx(request).pool.acquire() as conn:
         row = await conn.fetchrow(QUERIES["plan"], plan_id)
         if row is None:
@@ -152,15 +177,15 @@ async def get_plan(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/plans/{id}/enrolments")
-async def list_enrolments(request: web.Request) -> web.Response:
+@contract(path=PlanPath, query=EnrolmentsQuery, response=Enrolments)
+async def list_enrolments(
+    request: web.Request, path: PlanPath, query: EnrolmentsQuery
+) -> web.Response:
     """Enrolments of a plan, newest first (?contact_id=, ?limit 1-1000, ?cursor)."""
-    plan_id = int_param(request.match_info["id"], "id")
-    q = request.query
-    contact_id = int_param(q["contact_id"], "contact_id") if q.get("contact_id") else None
-    cursor = int_param(q["cursor"], "cursor") if q.get("cursor") else None
-    limit = int_param(q.get("limit", "100"), "limit")
-    if not 1 <= limit <= 1000:
-        raise InvalidMessage("limit must be between 1 and 1000", field="limit")
+    plan_id = path.id
+    contact_id = query.contact_id
+    cursor = query.cursor
+    limit = query.limit
     rows = await _ctx(request).pool.fetch(
         QUERIES["enrolments-of"], plan_id, contact_id, cursor, limit + 1
     )

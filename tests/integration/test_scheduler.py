@@ -767,3 +767,106 @@ async def test_a_release_loop_stuck_on_a_hung_call_fails_healthz(scheduler, monk
         return status == 503 and "release" in body["stalled"]  # (idle consumers may be too)
 
     await eventually(failing)
+
+
+# Contracts (issue 17): inputs that once answered 500 are 400 problems naming the value ---------
+
+
+def problem(status: int, body: Any, pointer: str | None = None) -> None:
+    """A 400 problem (RFC 9457) whose first failing value is at ``pointer``."""
+    assert status == 400, body
+    assert body["status"] == 400 and body["title"] == "Bad Request", body
+    if pointer is not None:
+        assert body["errors"][0]["pointer"] == pointer, body
+
+
+async def test_inputs_that_once_answered_500_are_problems(scheduler, contacts):
+    api = scheduler.api
+    clock = fake_clock(scheduler)
+    cat = await category(scheduler)
+    base = {"name": "x", "window_start": "08:00", "window_end": "21:00", "time_zone": "UTC"}
+    deep = "[" * 5000 + "]" * 5000
+    json_header = {"Content-Type": "application/json"}
+    for method, path in (
+        ("POST", "/v1/categories"),
+        ("PUT", f"/v1/categories/{cat}"),
+        ("POST", "/v1/campaigns"),
+        ("PUT", "/v1/plans/1"),
+    ):
+        status, body = await api.call(method, path, data=deep, headers=json_header)
+        problem(status, body)
+
+    # Ids beyond 64 bits, in a path, a query and a cursor; a malformed cursor.
+    status, body = await api.call("GET", "/v1/categories/99999999999999999999")
+    problem(status, body, "/id")
+    assert body["errors"][0]["location"] == "path"
+    for query in ("cursor=99999999999999999999", "cursor=abc", "limit=0", "status=lost"):
+        status, body = await api.call("GET", f"/v1/campaigns?{query}")
+        problem(status, body)
+    status, body = await api.call("GET", "/v1/plans/99999999999999999999/enrolments")
+    problem(status, body, "/id")
+    status, body = await api.call("GET", "/v1/plans/1/enrolments?contact_id=99999999999999999999")
+    problem(status, body, "/contact_id")
+
+    # NUL in a JSON string; a time zone that is a directory; names without limit.
+    status, body = await api.call("POST", "/v1/categories", {**base, "name": "a\u0000b"})
+    problem(status, body, "/name")
+    status, body = await api.call("POST", "/v1/categories", {**base, "time_zone": "Asia"})
+    problem(status, body, "/time_zone")
+    assert body["field"] == "time_zone" and body["errors"][0]["label"] == "タイムゾーン"
+    status, body = await api.call("POST", "/v1/categories", {**base, "name": "x" * 20_000})
+    problem(status, body, "/name")
+    status, body = await api.call("POST", "/v1/categories", {**base, "description": 5})
+    problem(status, body, "/description")
+    everyone = {"filter": {"field": "name", "op": "not_empty"}}
+    for change, pointer in (
+        ({"name": "a\u0000b"}, "/name"),
+        ({"name": "x" * 20_000}, "/name"),
+        ({"subject": "a\u0000b"}, "/subject"),
+        ({"body": "a\u0000b"}, "/body"),
+        ({"description": 5}, "/description"),
+        ({"category_id": 99999999999999999999}, "/category_id"),
+        ({"category_id": "1"}, "/category_id"),
+        ({"target": {"group_id": 99999999999999999999}}, "/target/group_id"),
+        ({"scheduled_at": "0001-01-01T00:00:00+14:00"}, "/scheduled_at"),
+    ):
+        payload = campaign_body(cat, clock, **{"target": everyone, **change})
+        status, body = await api.call("POST", "/v1/campaigns", payload)
+        problem(status, body, pointer)
+
+    # A plan's schedule takes no name (the plan's name is contacts'), nor a huge step list.
+    plan = (await contacts.api.ok("POST", "/v1/plans", {"name": "フォロー"}))["id"]
+    step = {"day_offset": 0, "send_time": "09:00", "subject": "s", "body": "b"}
+    schedule = {"category_id": cat, "from_address": "news@example.jp", "steps": [step]}
+    status, body = await api.call("PUT", f"/v1/plans/{plan}", {**schedule, "name": "x" * 20_000})
+    problem(status, body, "/name")
+    status, body = await api.call("PUT", f"/v1/plans/{plan}", {**schedule, "steps": [step] * 101})
+    problem(status, body, "/steps")
+    status, body = await api.call(
+        "PUT", f"/v1/plans/{plan}", {**schedule, "steps": [{**step, "description": 5}]}
+    )
+    problem(status, body, "/steps/0/description")
+
+    # Unknown query keys are refused, not ignored.
+    status, body = await api.call("GET", "/v1/categories?colour=red")
+    problem(status, body, "/colour")
+    status, body = await api.call("POST", "/v1/categories?dry_run=1", base)
+    problem(status, body, "/dry_run")
+    assert body["errors"][0]["location"] == "query"
+
+    # What clients sent before still works: a contact id as digits, an empty one.
+    campaign = await api.ok("POST", "/v1/campaigns", campaign_body(cat, clock, target=everyone))
+    sent = await api.ok(
+        "POST",
+        f"/v1/campaigns/{campaign['id']}/test-send",
+        {"addresses": ["qa@example.jp"], "contact_id": ""},
+    )
+    assert sent["contact_id"] == 0
+    preview = await api.ok("GET", f"/v1/campaigns/{campaign['id']}/preview?contact_id=")
+    assert preview["contact_id"] == 0
+    status, body = await api.call(
+        "POST",
+        f"/v1/campaigns/{campaign['id']}/test-send",
+        {"addresses": "qa@example.jp", "contact_id": "99999999999999999999"},
+    )
+    problem(status, body)
