@@ -42,6 +42,7 @@ class ThingQuery(Model):
 
 class NewThing(Model):
     name: Name = Field(title="名前")
+    count: Id | list[Id] | None = None
     zone: TimeZoneName | None = None
     at: Timestamp | None = None
     extra: JsonObject | None = None
@@ -150,6 +151,7 @@ async def test_a_bad_path_or_query_is_a_problem_naming_it(
         ({"name": "a", "at": "2026-01-01T00:00:00"}, "/at", "timezone"),
         ({"name": "a", "colour": "red"}, "/colour", "not a known key"),
         ({"name": "a", "extra": {"k": "a\u0000"}}, "/extra", "U+0000"),
+        ({"name": "a", "count": 0}, "/count", "greater than or equal to 1"),
     ],
 )
 async def test_a_bad_body_is_a_problem_naming_the_value(

@@ -210,7 +210,7 @@ async def read_body(
 def issues_of(error: ValidationError, location: str, model: type[BaseModel]) -> list[Issue]:
     found = []
     for item in error.errors(include_url=False)[:MAX_ISSUES]:
-        path = tuple(item["loc"])
+        path = tuple(part for part in item["loc"] if not _member_name(part))
         kind = item["type"]
         if kind == "json_invalid":
             detail = f"is not valid JSON: {item['ctx'].get('error', item['msg'])}"
@@ -225,6 +225,16 @@ def issues_of(error: ValidationError, location: str, model: type[BaseModel]) -> 
                 detail = detail[0].lower() + detail[1:]
         found.append(Issue(location, path, detail, _label(model, path)))
     return found
+
+
+#: the names pydantic gives the members of a union in an error's location.
+_TYPE_NAMES = frozenset({"int", "str", "float", "bool", "list", "dict", "none", "set", "tuple"})
+
+
+def _member_name(part: str | int) -> bool:
+    """Whether a location part names a union member (``constrained-int``, ``str``,
+    ``function-after[...]``) rather than a key or an index: a pointer names only those."""
+    return isinstance(part, str) and ("[" in part or "-" in part or part in _TYPE_NAMES)
 
 
 def _label(model: type[BaseModel], path: tuple[Any, ...]) -> str | None:
