@@ -115,8 +115,10 @@ async def fuzz(base: str, report: Path) -> tuple[int, str]:
         str(MAX_EXAMPLES),
         "--seed",
         str(SEED),
+        # One worker: with two threads schemathesis trips a CPython 3.11 bug now and then
+        # ("SystemError: AST constructor recursion depth mismatch", an error of the tool).
         "--workers",
-        "2",
+        "1",
         "--no-shrink",
         "--suppress-health-check",
         "all",
