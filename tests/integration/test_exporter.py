@@ -258,8 +258,8 @@ async def test_group_export_of_unsubscribed_with_their_time_and_method(contacts,
     rows = rows_of((await download(exporter, job))[1], "utf-8")
     assert rows == [
         ["email", "name", "配信停止日時(配信停止方法)"],
-        [made[1]["email"], made[1]["name"], "2099-11-20 10:15 (form)"],
-        [made[3]["email"], made[3]["name"], "2099-11-21 10:45 (system)"],
+        [made[1]["email"], made[1]["name"], "2099-11-20 10:15 (フォーム)"],
+        [made[3]["email"], made[3]["name"], "2099-11-21 10:45 (システム)"],
     ]
     # the whole list: the column is empty unless the membership is unsubscribed
     job = await export(
@@ -269,12 +269,28 @@ async def test_group_export_of_unsubscribed_with_their_time_and_method(contacts,
     rows = rows_of((await download(exporter, job))[1], "utf-8")
     assert [(int(r[0]), r[3]) for r in rows] == [
         (ids[0], ""),
-        (ids[1], "2099-11-20 10:15 (form)"),
+        (ids[1], "2099-11-20 10:15 (フォーム)"),
         (ids[2], ""),
-        (ids[3], "2099-11-21 10:45 (system)"),
+        (ids[3], "2099-11-21 10:45 (システム)"),
         (ids[4], ""),
         (ids[5], ""),
         (ids[6], ""),
+    ]
+    # an integration asks for the machine codes (配信停止方法 as form, system)
+    job = await export(
+        exporter,
+        {
+            "source": "group",
+            "group_id": group,
+            "membership_states": ["unsubscribed"],
+            "columns": ["id", f"unsubscribed_at:{group}:code"],
+            "header": False,
+        },
+    )
+    rows = rows_of((await download(exporter, job))[1], "utf-8")
+    assert [(int(r[0]), r[1]) for r in rows] == [
+        (ids[1], "2099-11-20 10:15 (form)"),
+        (ids[3], "2099-11-21 10:45 (system)"),
     ]
 
 
