@@ -547,6 +547,12 @@ async def test_jobs_list_shows_imports_sync_runs_and_exports(contacts, suppressi
     assert by_kind["sync"]["service"] == "suppression"
     assert by_kind["export"]["service"] == "exporter"
     assert by_kind["export"]["processed"] == 1
+    # a finished job's total is its real count, not the planner's estimate; every job
+    # records who asked
+    assert by_kind["export"]["total"] == 1 and by_kind["import"]["total"] == 1
+    assert {i["requested_by"] for i in by_kind.values()} == {"admin"}
+    shown = await exporter.api.ok("GET", f"/v1/exports/{job['id']}")
+    assert (shown["rows"], shown["estimated_total"]) == (1, 1)
     assert by_kind["export"]["title"] == "CSV出力 / export: 検索条件 / filter"
     created = [i["created_at"] for i in items]
     assert created == sorted(created, reverse=True)  # newest first
