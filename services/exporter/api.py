@@ -104,8 +104,10 @@ def _column_schema(schema: dict[str, Any], _: type) -> None:
 
 
 class Column(Strict):
-    """A column: its key (``email``, ``custom_fields.<key>``, ``unsubscribed_at:<group>``)
-    and the heading printed for it (the key when none); a bare key is a column too."""
+    """A column: its key (``email``, ``custom_fields.<key>``, ``unsubscribed_at:<group>`` —
+    配信停止日時(配信停止方法) with the method in Japanese, ``unsubscribed_at:<group>:code``
+    with its machine code) and the heading printed for it (the key when none); a bare key
+    is a column too."""
 
     model_config = ConfigDict(
         extra="forbid",

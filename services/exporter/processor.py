@@ -8,8 +8,11 @@ Column keys (F-40) of a request:
   (``contact_id`` is the same as ``id``);
 - ``custom_fields.<key>``: a custom field;
 - ``unsubscribed_at:<group_id>``: 配信停止日時(配信停止方法) of that group, e.g.
-  ``2026-11-20 10:15 (form)`` in ``EXPORT_TIME_ZONE``; empty unless the membership is
-  unsubscribed (配信停止).
+  ``2026-11-20 10:15 (フォーム)`` in ``EXPORT_TIME_ZONE``; empty unless the membership is
+  unsubscribed (配信停止). The method is in Japanese, as the seed products show it
+  (フォーム, システム, 自動停止, 自動同期, 外部連携); ``unsubscribed_at:<group_id>:code``
+  gives an integration the machine code instead (``form``, ``system``, ``auto_stop``,
+  ``auto_sync``, ``upstream``).
 
 Campaign exports (the frozen recipient list) hold what the list froze: ``id``, ``email``,
 ``group_id``, ``membership_state`` and the merge values (contact fields and custom fields).
@@ -28,7 +31,7 @@ from typing import Any
 from libs.common.errors import InvalidMessage
 from libs.common.jobs import job_event
 from libs.common.mail import addresses
-from libs.common.mail.states import MembershipState
+from libs.common.mail.states import ChangeMethod, MembershipState
 from services.exporter.csvfile import ALIASES, ENCODINGS
 
 SOURCES = ("filter", "saved_filter", "contact_ids", "group", "campaign")
@@ -37,6 +40,8 @@ MAX_COLUMNS = 200
 MAX_CONTACT_IDS = 100_000
 CUSTOM_PREFIX = "custom_fields."
 UNSUBSCRIBED_PREFIX = "unsubscribed_at:"
+#: an unsubscribed_at column with the method's machine code instead of its Japanese label.
+CODE_SUFFIX = ":code"
 _KEY = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _REQUEST_KEYS = frozenset(
     {
@@ -98,9 +103,9 @@ def _column(item: Any, at: str) -> dict[str, Any]:
     if key.startswith(CUSTOM_PREFIX) and not _KEY.match(key[len(CUSTOM_PREFIX) :]):
         raise _fail(f"bad custom field key in {key!r}", at)
     if key.startswith(UNSUBSCRIBED_PREFIX):
-        group = key[len(UNSUBSCRIBED_PREFIX) :]
+        group = key[len(UNSUBSCRIBED_PREFIX) :].removesuffix(CODE_SUFFIX)
         if not group.isascii() or not group.isdigit() or int(group) <= 0:
-            raise _fail(f"{key!r}: unsubscribed_at:<group_id>", at)
+            raise _fail(f"{key!r}: unsubscribed_at:<group_id> or unsubscribed_at:<id>:code", at)
     if label is not None and not isinstance(label, str):
         raise _fail("a column label is text", at)
     return {"key": key, "label": label}
@@ -216,16 +221,17 @@ def contacts_plan(columns: Sequence[Mapping[str, Any]]) -> ContactsPlan:
             wanted.append(name)
         return index[name]
 
-    parts: list[int | tuple[int, int, int]] = []
+    parts: list[int | tuple[int, int, int, bool]] = []
     for column in columns:
         key = column["key"]
         if key.startswith(UNSUBSCRIBED_PREFIX):
-            group = key[len(UNSUBSCRIBED_PREFIX) :]
+            group = key[len(UNSUBSCRIBED_PREFIX) :].removesuffix(CODE_SUFFIX)
             parts.append(
                 (
                     ask(f"membership.{group}.state"),
                     ask(f"membership.{group}.changed_at"),
                     ask(f"membership.{group}.method"),
+                    key.endswith(CODE_SUFFIX),
                 )
             )
         elif key.startswith(CUSTOM_PREFIX):
@@ -237,17 +243,24 @@ def contacts_plan(columns: Sequence[Mapping[str, Any]]) -> ContactsPlan:
     return ContactsPlan(wanted, _shaper(parts))
 
 
-def unsubscribed_cell(state: str, changed_at: str, method: str) -> str:
-    """配信停止日時(配信停止方法): ``2026-11-20 10:15 (form)``; empty unless unsubscribed."""
+_METHOD_LABELS = ChangeMethod.labels()
+
+
+def unsubscribed_cell(state: str, changed_at: str, method: str, code: bool = False) -> str:
+    """配信停止日時(配信停止方法): ``2026-11-20 10:15 (フォーム)``, or with ``code``
+    ``2026-11-20 10:15 (form)``; empty unless unsubscribed."""
     if state != MembershipState.UNSUBSCRIBED:
         return ""
-    return f"{changed_at[:16]} ({method})"
+    shown = method if code else _METHOD_LABELS.get(method, method)
+    return f"{changed_at[:16]} ({shown})"
 
 
-def _shaper(parts: list[int | tuple[int, int, int]]) -> Shape:
+def _shaper(parts: list[int | tuple[int, int, int, bool]]) -> Shape:
     def shape(row: Row) -> Row:
         return [
-            row[p] if isinstance(p, int) else unsubscribed_cell(row[p[0]], row[p[1]], row[p[2]])
+            row[p]
+            if isinstance(p, int)
+            else unsubscribed_cell(row[p[0]], row[p[1]], row[p[2]], p[3])
             for p in parts
         ]
 

@@ -37,8 +37,10 @@ UPDATE export_job SET heartbeat_at = now()
 WHERE id = $1 AND runner = $2 AND status = 'running';
 
 -- name: finish-done
+-- A finished job's total is what it wrote, no longer the planner's estimate.
 UPDATE export_job
-SET status = 'done', rows_written = $2, replaced_chars = $3, file_name = $4, size_bytes = $5,
+SET status = 'done', rows_written = $2, estimated_total = $2, replaced_chars = $3,
+    file_name = $4, size_bytes = $5,
     finished_at = $6, expires_at = $7, updated_at = now()
 WHERE id = $1 AND status = 'running'
 RETURNING *;

@@ -258,8 +258,8 @@ async def test_group_export_of_unsubscribed_with_their_time_and_method(contacts,
     rows = rows_of((await download(exporter, job))[1], "utf-8")
     assert rows == [
         ["email", "name", "配信停止日時(配信停止方法)"],
-        [made[1]["email"], made[1]["name"], "2099-11-20 10:15 (form)"],
-        [made[3]["email"], made[3]["name"], "2099-11-21 10:45 (system)"],
+        [made[1]["email"], made[1]["name"], "2099-11-20 10:15 (フォーム)"],
+        [made[3]["email"], made[3]["name"], "2099-11-21 10:45 (システム)"],
     ]
     # the whole list: the column is empty unless the membership is unsubscribed
     job = await export(
@@ -269,12 +269,28 @@ async def test_group_export_of_unsubscribed_with_their_time_and_method(contacts,
     rows = rows_of((await download(exporter, job))[1], "utf-8")
     assert [(int(r[0]), r[3]) for r in rows] == [
         (ids[0], ""),
-        (ids[1], "2099-11-20 10:15 (form)"),
+        (ids[1], "2099-11-20 10:15 (フォーム)"),
         (ids[2], ""),
-        (ids[3], "2099-11-21 10:45 (system)"),
+        (ids[3], "2099-11-21 10:45 (システム)"),
         (ids[4], ""),
         (ids[5], ""),
         (ids[6], ""),
+    ]
+    # an integration asks for the machine codes (配信停止方法 as form, system)
+    job = await export(
+        exporter,
+        {
+            "source": "group",
+            "group_id": group,
+            "membership_states": ["unsubscribed"],
+            "columns": ["id", f"unsubscribed_at:{group}:code"],
+            "header": False,
+        },
+    )
+    rows = rows_of((await download(exporter, job))[1], "utf-8")
+    assert [(int(r[0]), r[1]) for r in rows] == [
+        (ids[1], "2099-11-20 10:15 (form)"),
+        (ids[3], "2099-11-21 10:45 (system)"),
     ]
 
 
@@ -531,6 +547,12 @@ async def test_jobs_list_shows_imports_sync_runs_and_exports(contacts, suppressi
     assert by_kind["sync"]["service"] == "suppression"
     assert by_kind["export"]["service"] == "exporter"
     assert by_kind["export"]["processed"] == 1
+    # a finished job's total is its real count, not the planner's estimate; every job
+    # records who asked
+    assert by_kind["export"]["total"] == 1 and by_kind["import"]["total"] == 1
+    assert {i["requested_by"] for i in by_kind.values()} == {"admin"}
+    shown = await exporter.api.ok("GET", f"/v1/exports/{job['id']}")
+    assert (shown["rows"], shown["estimated_total"]) == (1, 1)
     assert by_kind["export"]["title"] == "CSV出力 / export: 検索条件 / filter"
     created = [i["created_at"] for i in items]
     assert created == sorted(created, reverse=True)  # newest first

@@ -107,14 +107,29 @@ def test_records_are_cut_only_outside_quotes() -> None:
 def test_unsubscribed_cell_and_plans() -> None:
     assert (
         unsubscribed_cell("unsubscribed", "2026-11-20 10:15:42", "form")
-        == "2026-11-20 10:15 (form)"
+        == "2026-11-20 10:15 (フォーム)"
+    )
+    labels = {
+        method: unsubscribed_cell("unsubscribed", "2026-11-20 10:15", method)[-6:]
+        for method in ("system", "auto_stop", "auto_sync")
+    }
+    assert labels == {"system": "(システム)", "auto_stop": "(自動停止)", "auto_sync": "(自動同期)"}
+    assert (
+        unsubscribed_cell("unsubscribed", "2026-11-20 10:15:42", "auto_stop", code=True)
+        == "2026-11-20 10:15 (auto_stop)"
     )
     assert unsubscribed_cell("banned", "2026-11-20 10:15:42", "system") == ""
     assert unsubscribed_cell("", "", "") == ""
     plain = contacts_plan([{"key": "id"}, {"key": "custom_fields.plan"}])
     assert (plain.stream_columns, plain.shape) == (["id", "custom.plan"], None)
     plan = contacts_plan(
-        [{"key": "email"}, {"key": "unsubscribed_at:12"}, {"key": "contact_id"}, {"key": "email"}]
+        [
+            {"key": "email"},
+            {"key": "unsubscribed_at:12"},
+            {"key": "contact_id"},
+            {"key": "email"},
+            {"key": "unsubscribed_at:12:code"},
+        ]
     )
     assert plan.stream_columns == [
         "email",
@@ -125,7 +140,13 @@ def test_unsubscribed_cell_and_plans() -> None:
     ]
     assert plan.shape is not None
     row = ["a@x.jp", "unsubscribed", "2026-11-20 10:15:00", "form", "7"]
-    assert plan.shape(row) == ["a@x.jp", "2026-11-20 10:15 (form)", "7", "a@x.jp"]
+    assert plan.shape(row) == [
+        "a@x.jp",
+        "2026-11-20 10:15 (フォーム)",
+        "7",
+        "a@x.jp",
+        "2026-11-20 10:15 (form)",
+    ]
 
 
 @pytest.mark.parametrize("safe", [True, False])

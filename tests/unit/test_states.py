@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from libs.common.mail.can_send import STOPPING_DELIVERY_STATUSES
-from libs.common.mail.states import LEFT, MEMBERSHIP_CHANGE_STATES, DeliveryStatus, MembershipState
+from libs.common.mail.states import (
+    LEFT,
+    MEMBERSHIP_CHANGE_STATES,
+    ChangeMethod,
+    DeliveryStatus,
+    MembershipState,
+)
 from services.contacts.search import MEMBER_FLAG, STATE_FLAGS
 from services.suppression.processor import RANK
 
@@ -85,6 +91,13 @@ def test_the_enums_are_the_wire_strings() -> None:
     assert MEMBERSHIP_CHANGE_STATES == (*MembershipState.values(), LEFT)
     assert STOPPING_DELIVERY_STATUSES <= DELIVERY
     assert all(type(v) is str for v in MembershipState.values() + DeliveryStatus.values())
+
+
+def test_change_methods_are_suppressions_methods() -> None:
+    """配信停止方法 labels cover exactly the methods suppression stores."""
+    [methods] = _check_in("services/suppression/migrations/0001_suppression.sql", "method")
+    assert set(ChangeMethod.values()) == methods
+    assert ChangeMethod.labels()["auto_stop"] == "自動停止"
 
 
 def test_every_sql_file_spelling_the_values_is_checked() -> None:

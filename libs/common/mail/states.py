@@ -42,6 +42,16 @@ class MembershipState(_Labelled):
     BANNED = "banned", "配信禁止"
 
 
+class ChangeMethod(_Labelled):
+    """配信停止方法: how a membership's state was last changed (suppression's ``method``)."""
+
+    FORM = "form", "フォーム"
+    SYSTEM = "system", "システム"
+    AUTO_SYNC = "auto_sync", "自動同期"
+    AUTO_STOP = "auto_stop", "自動停止"
+    UPSTREAM = "upstream", "外部連携"
+
+
 #: Not a state a membership is in: a ``suppression.changes`` membership record with this
 #: state says the membership was removed (the contact left the group). Copies of the
 #: changes (contacts, the sender) keep it so an older change cannot come back.
