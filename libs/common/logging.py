@@ -26,6 +26,19 @@ def mask_email(address: str | None) -> str:
 _configured = False
 
 
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it could not even parse (a NUL in a header, a request line
+    over its limit) as an error with a traceback, after answering it 400 itself: a client's
+    mistake, nothing an operator can act on. Such records are dropped; every other error of
+    aiohttp's server is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, HttpProcessingError)
+
+
 def configure(service: str, level: str = "info") -> None:
     global _configured
     numeric = logging.getLevelName(level.upper())
@@ -34,6 +47,9 @@ def configure(service: str, level: str = "info") -> None:
     logging.basicConfig(
         stream=sys.stderr, level=max(numeric, logging.WARNING), format="%(message)s"
     )
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _MalformedRequests) for f in server.filters):
+        server.addFilter(_MalformedRequests())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -245,3 +245,30 @@ def test_the_runtime_floor_never_imports_the_mail_floor() -> None:
         text = module.read_text(encoding="utf-8")
         assert "libs.common.mail" not in text, f"{module.name} imports the mail floor"
         assert "from libs.common import mail" not in text, module.name
+
+
+def test_malformed_requests_are_not_logged_as_server_errors() -> None:
+    """aiohttp answers a request it cannot parse 400 itself; its traceback is not an
+    operator's problem. Other errors of its server are still logged."""
+    import logging
+
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from libs.common.logging import configure
+
+    configure("test")
+    server = logging.getLogger("aiohttp.server")
+
+    def record(error: BaseException) -> logging.LogRecord:
+        return server.makeRecord(
+            "aiohttp.server",
+            logging.ERROR,
+            __file__,
+            1,
+            "Error handling request",
+            (),
+            (type(error), error, None),
+        )
+
+    assert not server.filter(record(BadHttpMessage("Invalid header value char")))
+    assert server.filter(record(RuntimeError("a bug")))
