@@ -66,6 +66,17 @@ def own_stack(prefix: str = "tayori-") -> Iterator[Stack]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+@pytest.fixture
+def pg_home() -> Iterator[Path]:
+    """A directory of its own for a test that starts an embedded PostgreSQL (or a whole
+    ``tayori dev``). Not under ``tmp_path``: pgserver runs PostgreSQL as another user, who
+    must traverse every parent directory, and any pytest starting on this machine sets
+    pytest's shared temporary root back to 0700 — under a server that is running there."""
+    home = temp_home()
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     with own_stack() as shared:

@@ -155,8 +155,8 @@ def _assert_all_gone(children: list[psutil.Process]) -> None:
 
 
 @pytest.fixture
-def dev(tmp_path: Path) -> Iterator[DevRun]:
-    run = DevRun(tmp_path / "home", _free_ports())
+def dev(pg_home: Path) -> Iterator[DevRun]:
+    run = DevRun(pg_home / "home", _free_ports())
     try:
         run.wait_banner()
         yield run
@@ -178,8 +178,8 @@ def _request(method: str, url: str, body: dict | None = None) -> dict:
         return json.loads(response.read())
 
 
-def test_dev_runs_everything_keeps_state_and_stops_cleanly(tmp_path: Path) -> None:
-    home = tmp_path / "home"
+def test_dev_runs_everything_keeps_state_and_stops_cleanly(pg_home: Path) -> None:
+    home = pg_home / "home"
     ports = _free_ports()
     base = f"http://127.0.0.1:{ports['contacts']}"
 
@@ -261,10 +261,10 @@ async def test_dev_restarts_a_killed_broker_and_creates_the_topics_again(dev: De
         _eventually(functools.partial(dev.service, name), f"a {name} process")
 
 
-def test_dev_restarts_a_killed_postgresql_with_its_data(dev: DevRun, tmp_path: Path) -> None:
+def test_dev_restarts_a_killed_postgresql_with_its_data(dev: DevRun, pg_home: Path) -> None:
     base = f"http://127.0.0.1:{dev.ports['contacts']}"
     created = _request("POST", f"{base}/v1/contacts", {"email": "kept@example.jp"})
-    pid_file = tmp_path / "home" / "pg" / "postmaster.pid"
+    pid_file = pg_home / "home" / "pg" / "postmaster.pid"
     postmaster = int(pid_file.read_text().split()[0])
     os.kill(postmaster, signal.SIGKILL)
 

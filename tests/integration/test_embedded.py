@@ -23,9 +23,9 @@ from tayori.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 
 
 @pytest.fixture
-def postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+def postgres(pg_home: Path) -> Iterator[EmbeddedPostgres]:
     # Durable (not fast_unsafe): with synchronous_commit off a kill -9 loses the last commits.
-    server = EmbeddedPostgres(tmp_path / "pg")
+    server = EmbeddedPostgres(pg_home / "pg")
     yield server
     server.stop()
 

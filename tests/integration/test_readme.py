@@ -47,8 +47,9 @@ def localize(code: str, ports: dict[str, int]) -> str:
 
 
 def test_readme_using_it_blocks_run_as_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pg_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    tmp_path = pg_home  # tayori dev's PostgreSQL lives in .tayori: see the fixture
     blocks = using_it_blocks((ROOT / "README.md").read_text())
     assert len(blocks) == 8, "a block was added or removed: check the assertions below"
     ports = _free_ports()
