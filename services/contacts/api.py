@@ -21,6 +21,7 @@ from services.contacts.schemas import (
     Contact,
     ContactBody,
     ContactPath,
+    EmailCollisionList,
     FieldDefinition,
     FieldList,
     FilterPath,
@@ -50,7 +51,7 @@ routes.post("/v1/contacts/stream")(stream_contacts)
 TAGS = ("contacts",)
 #: /v1/contacts/{id}: any segment but the fixed ones beside it, so that PATCH /v1/contacts/bulk
 #: is a 405 (that path answers POST only), not a contact id that is not a number
-CONTACT = "/v1/contacts/{id:(?!(?:search|bulk|stream)$)[^/]+}"
+CONTACT = "/v1/contacts/{id:(?!(?:search|bulk|stream|email-collisions)$)[^/]+}"
 
 
 def _ctx(request: web.Request) -> Context:
@@ -92,6 +93,20 @@ async def create_contact(request: web.Request, body: Model) -> web.Response:
                 raise Conflict(f"a contact with this {column} already exists")
         row = await store.insert(conn, patch)
     return json_response(contact_json(row), status=201)
+
+
+@routes.get("/v1/contacts/email-collisions")
+@contract(response=EmailCollisionList, tags=TAGS)
+async def email_collisions(request: web.Request) -> web.Response:
+    """Contacts whose addresses differ only by case, found when the address became
+    case-insensitive (issue 18 #8) and kept, neither merged nor deleted. Resolve each pair
+    by editing or deleting one of them; the next maintenance pass then makes the address key
+    case-insensitive for every row and the list empties."""
+    ctx = _ctx(request)
+    async with ctx.pool.acquire() as conn:
+        rows = await conn.fetch(QUERIES["email-collisions"], 1000)
+    items = [{k: r[k] for k in ("email_key", "contact_id", "email", "found_at")} for r in rows]
+    return json_response({"items": items, "total": rows[0]["total"] if rows else 0})
 
 
 @routes.get(CONTACT)

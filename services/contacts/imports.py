@@ -81,7 +81,11 @@ ACTIVE = ("queued", "running")
 MAX_ERRORS_SHOWN = 1000
 _OUTCOMES = {"inserted": "imported", "updated": "updated", "skipped": "skipped", "failed": "error"}
 _DB_REFUSALS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
-_UNIQUE_FIELDS = {"contact_email_key": "email", "contact_external_id_key": "external_id"}
+_UNIQUE_FIELDS = {
+    "contact_email_key": "email",
+    "contact_email_identity_key": "email",
+    "contact_external_id_key": "external_id",
+}
 #: a row's error: its line, the field at fault (None: the row) and the message.
 RowError = tuple[int, str | None, str]
 

@@ -1,5 +1,6 @@
 """Periodic upkeep of the contacts schema: scores lose points older than 90 days (F-08),
-and idempotency ids past their retention are forgotten."""
+idempotency ids past their retention are forgotten, and addresses that collided by case
+(migration 0007) are re-checked until an operator has resolved them."""
 
 from __future__ import annotations
 
@@ -22,7 +23,22 @@ async def run_once(ctx: Context) -> int:
             QUERIES["forget-processed-events"], ctx.settings.processed_event_retention_days
         )
     log.info("maintenance_done", scores_refreshed=len(rows), event_ids_forgotten=forgotten)
+    await check_email_identity(ctx)
     return len(rows)
+
+
+async def check_email_identity(ctx: Context) -> int:
+    """Re-check the case-insensitive address key (a catalog read once it is complete);
+    returns how many contacts still collide, warned about until resolved."""
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        colliding: int = await conn.fetchval(QUERIES["email-identity"])
+    if colliding:
+        log.warning(
+            "contact_email_collisions",
+            contacts=colliding,
+            hint="GET /v1/contacts/email-collisions; edit or delete one contact of each pair",
+        )
+    return colliding
 
 
 async def run_forever(ctx: Context) -> None:

@@ -459,6 +459,20 @@ class SavedFilterList(Answer):
     items: list[SavedFilter]
 
 
+class EmailCollision(Answer):
+    """A contact whose address differs from another's only by case (migration 0007)."""
+
+    email_key: str = Field(description="the address lower-cased: what the colliding rows share")
+    contact_id: int
+    email: str = Field(description="this contact's address as typed")
+    found_at: dt.datetime
+
+
+class EmailCollisionList(Answer):
+    items: list[EmailCollision] = Field(description="at most 1000, by email_key")
+    total: int = Field(description="how many contacts collide")
+
+
 class FilterQuery(Model):
     group_id: Id | None = Field(None, description="also list the filters of this group")
 

@@ -7,6 +7,7 @@ Every change that others must see is queued in the outbox in the same transactio
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import time
@@ -289,8 +290,29 @@ def _patch_json(patch: ContactPatch) -> dict[str, Any]:
     return body
 
 
+def email_key(address: str) -> str:
+    """An address's identity: its case does not matter (the SQL's lower(email); addresses
+    are ASCII, see libs.common.mail.addresses)."""
+    return address.lower()
+
+
 def _identities(patch: ContactPatch) -> set[tuple[str, str]]:
-    return {(c, patch.columns[c]) for c in ("email", "external_id") if patch.columns.get(c)}
+    found = {(c, patch.columns[c]) for c in ("email", "external_id") if patch.columns.get(c)}
+    return {(c, email_key(v) if c == "email" else v) for c, v in found}
+
+
+class _ByAddress:
+    """Locked contacts by address, case-insensitively; the exact spelling first (rows that
+    collide by case may exist until an operator resolves them, see migration 0007)."""
+
+    def __init__(self, rows: list[asyncpg.Record]) -> None:
+        self._exact = {r["email"]: r for r in rows}
+        self._key: dict[str, asyncpg.Record] = {}
+        for r in rows:  # in id order: the oldest of a collision
+            self._key.setdefault(email_key(r["email"]), r)
+
+    def get(self, address: str) -> asyncpg.Record | None:
+        return self._exact.get(address) or self._key.get(email_key(address))
 
 
 def batch_runs(patches: list[ContactPatch]) -> list[list[int]]:
@@ -321,14 +343,14 @@ async def upsert_run(
     one INSERT and one UPDATE. Returns per patch (effect, row) or the InvalidMessage that
     refuses it; when any patch is refused nothing is written, so the caller can decide.
     """
-    emails = [p.columns["email"] for p in patches if p.columns.get("email")]
+    emails = [email_key(p.columns["email"]) for p in patches if p.columns.get("email")]
     external_ids = [p.columns["external_id"] for p in patches if p.columns.get("external_id")]
     locking = await started(conn.fetch(QUERIES["lock-identities"], emails, external_ids))
     try:
         inserted_rows = [_insert_row(p) for p in patches]  # meanwhile, for those it inserts
     finally:
         locked = await locking
-    by_email = {r["email"]: r for r in locked}
+    by_email = _ByAddress(locked)
     by_external = {r["external_id"]: r for r in locked if r["external_id"] is not None}
 
     outcomes: list[tuple[str, asyncpg.Record | None] | InvalidMessage] = []
@@ -355,7 +377,7 @@ async def upsert_run(
             outcomes.append(("skipped", target))
         else:
             outcomes.append(("updated", None))
-            updates.append((i, target["id"], patch))
+            updates.append((i, target["id"], _found_by(patch, key)))
     if any(isinstance(o, InvalidMessage) for o in outcomes):
         return outcomes
     changelog: list[tuple[str, str | None, bytes, int]] = []
@@ -389,8 +411,17 @@ async def upsert_run(
     return outcomes
 
 
+def _found_by(patch: ContactPatch, key: str) -> ContactPatch:
+    """The update of a contact found by ``key``: an address that found it by identity leaves
+    its spelling as it was typed (NORM@ in an event or a file does not respell Norm@)."""
+    if key != "email":
+        return patch
+    columns = {c: v for c, v in patch.columns.items() if c != "email"}
+    return dataclasses.replace(patch, columns=columns)
+
+
 def _target(
-    patch: ContactPatch, key: str, by_email: dict[str, Any], by_external: dict[str, Any]
+    patch: ContactPatch, key: str, by_email: _ByAddress, by_external: dict[str, Any]
 ) -> Any:
     """The existing contact a patch applies to (None: a new one), or InvalidMessage."""
     key_value = patch.columns.get(key)
