@@ -344,7 +344,13 @@ _group_views("plan")
 @routes.post("/v1/groups/{id}/members")
 @contract(path=GroupPath, body=NewMembers, response=Joined, tags=("groups",))
 async def add_members(request: web.Request, path: GroupPath, body: NewMembers) -> web.Response:
-    """Join contacts to a group or plan: {contact_ids, auto_stop}. Joins are idempotent."""
+    """Join contacts to a group or plan: {contact_ids, auto_stop}. Joins are idempotent.
+
+    ``joined`` counts memberships recorded here, at once. Their delivery state is owned by
+    the suppression service, which applies each join a moment later (``suppression.commands``):
+    until then its ``/v1/memberships/{contact_id}/{group_id}`` answers 404 saying the join may
+    still be being applied (retry), and an unsubscribe link used meanwhile is kept and applied
+    when the join arrives."""
     ctx = _ctx(request)
     group_id = path.id
     ids = body.contact_ids

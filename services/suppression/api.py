@@ -291,12 +291,15 @@ async def list_memberships(request: web.Request, path: ContactPath) -> web.Respo
 @worded()
 @contract(path=MembershipPath, response=Membership)
 async def get_membership(request: web.Request, path: MembershipPath) -> web.Response:
-    """One membership's delivery state (配信状態)."""
+    """One membership's delivery state (配信状態).
+
+    404 when it is not recorded here. A join made in contacts (``POST /v1/groups/{id}/members``,
+    an import, an upstream event) is applied here a moment later (through
+    ``suppression.commands``); until then this answers 404 saying the join may still be
+    being applied: retry in a moment."""
     row = await _ctx(request).pool.fetchrow(QUERIES["membership"], path.contact_id, path.group_id)
     if row is None:
-        raise NotFound(
-            f"contact {path.contact_id} is not a member of group or plan {path.group_id}"
-        )
+        raise store.no_membership(path.contact_id, path.group_id)
     return json_response(_membership_json(row))
 
 
@@ -308,7 +311,8 @@ async def put_membership(
 ) -> web.Response:
     """Set a membership's state as an operator: {state}; propagates per the sync policy.
 
-    403 when the rules of F-11 refuse the change."""
+    403 when the rules of F-11 refuse the change; 404 when the membership is not recorded
+    here, which for a join made a moment ago means it is still being applied (retry)."""
     async with _ctx(request).pool.acquire() as conn, conn.transaction():
         _, row = await store.change_state(
             conn, path.contact_id, path.group_id, body.state, actor="operator"
@@ -476,7 +480,8 @@ async def clear_suppression(request: web.Request, path: EmailPath) -> web.Respon
 async def get_can_send(request: web.Request, query: CanSendQuery) -> web.Response:
     """May (contact, group) be sent to now? ?contact_id=&group_id=&include_unsubscribed=
 
-    404 when the contact is not a member of the group."""
+    404 when no membership of the contact in the group is recorded here (not a member, or a
+    join made a moment ago that is still being applied: retry)."""
     started = time.perf_counter()
     decision, facts = await decide_can_send(
         _ctx(request), query.contact_id, query.group_id, query.include_unsubscribed
@@ -496,7 +501,7 @@ async def decide_can_send(
             else None
         )
         if group_id is not None and membership is None:
-            raise NotFound(f"contact {contact_id} is not a member of group or plan {group_id}")
+            raise store.no_membership(contact_id, group_id)
         email = contact["email"] if contact is not None else None
         rule = suppression = None
         if email:

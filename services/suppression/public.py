@@ -4,7 +4,9 @@
 - POST unsubscribes — a form submit or an RFC 8058 one-click body
   (``List-Unsubscribe=One-Click``, urlencoded or multipart) — and answers 200 with a page,
   never a redirect, only after the change is committed.
-- A forged, tampered, expired-key or unknown token gets exactly the same answer.
+- A forged, tampered, expired-key or unknown token gets exactly the same answer. A token we
+  signed for a membership not applied here yet (a join contacts recorded a moment ago) is
+  honoured: the unsubscribe is kept and applied when the join arrives.
 Pages are plain HTML in Japanese and English with no external assets.
 """
 
@@ -29,7 +31,6 @@ from libs.common.mail.unsubscribe import UnsubscribeTarget
 from libs.common.metrics import UNSUBSCRIBE_REQUESTS
 from services.suppression import store
 from services.suppression.context import CONTEXT, Context
-from services.suppression.store import QUERIES
 
 log = get_logger(__name__)
 routes = web.RouteTableDef()
@@ -113,23 +114,16 @@ def _test_page(done: bool) -> web.Response:
     return _page("テスト送信 / Test mail", f"<h1>テスト送信のリンク</h1>{what}")
 
 
-async def _target(ctx: Context, token: str) -> UnsubscribeTarget | None:
-    """The membership a token names, if we issued the token and the membership exists (a
-    test mail's token names none that must exist)."""
-    target = _signed(ctx, token)
-    if target is None or target.test:
-        return target
-    row = await ctx.pool.fetchrow(QUERIES["membership"], target.contact_id, target.group_id)
-    return target if row is not None else None
-
-
 @routes.get("/u/{token}")
 @public
 @contract(media={"text/html": "the confirmation page (changes nothing)"}, pages={404: "text/html"})
 async def confirm(request: web.Request) -> web.Response:
-    """Public: the unsubscribe confirmation page (changes nothing)."""
+    """Public: the unsubscribe confirmation page (changes nothing).
+
+    Any token we signed gets it, also while its membership is still being applied here (a
+    join made in contacts a moment ago): the POST then keeps the unsubscribe for it."""
     ctx = request.app[CONTEXT]
-    target = await _target(ctx, request.match_info["token"])
+    target = _signed(ctx, request.match_info["token"])
     if target is None:
         UNSUBSCRIBE_REQUESTS.labels("bad_token", "view").inc()
         return _not_valid()
@@ -152,7 +146,11 @@ async def confirm(request: web.Request) -> web.Response:
     raw_body={"application/x-www-form-urlencoded": FORM, "multipart/form-data": FORM},
 )
 async def unsubscribe(request: web.Request) -> web.Response:
-    """Public: unsubscribe (form submit or RFC 8058 one-click), durable before the answer."""
+    """Public: unsubscribe (form submit or RFC 8058 one-click), durable before the answer.
+
+    A membership not applied here yet (contacts records a join at once; suppression applies
+    it a moment later) is unsubscribed too: the click is kept and applied when the join
+    arrives, so a reader who clicks is never shown an invalid link for a real membership."""
     ctx = request.app[CONTEXT]
     kind = await _kind(request)
     target = _signed(ctx, request.match_info["token"])  # the membership is checked below
@@ -165,11 +163,7 @@ async def unsubscribe(request: web.Request) -> web.Response:
     with bound_contextvars(
         contact_id=target.contact_id, group_id=target.group_id, campaign_id=target.campaign_id
     ):
-        try:
-            stopped = await _unsubscribe(ctx, target)
-        except NotFound:
-            UNSUBSCRIBE_REQUESTS.labels("bad_token", kind).inc()
-            return _not_valid()
+        stopped = await _unsubscribe(ctx, target)
         outcome = "unsubscribed" if stopped else "already_stopped"
         UNSUBSCRIBE_REQUESTS.labels(outcome, kind).inc()
         log.info("unsubscribe_request", outcome=outcome, kind=kind)
@@ -185,24 +179,31 @@ async def _unsubscribe(ctx: Context, target: UnsubscribeTarget) -> bool:
     in the common case, whose change this process's relay publishes at once; the full
     transaction (lock, decide, propagate) otherwise."""
     async with ctx.pool.acquire() as conn:
-        stopped = await store.unsubscribe_by_link(
-            conn, target.contact_id, target.group_id, campaign_id=target.campaign_id
-        )
-        if stopped is not None:
-            if stopped:
-                ctx.outbox.wake()
-            return stopped
-        async with conn.transaction():
-            transition, _ = await store.change_state(
-                conn,
-                target.contact_id,
-                target.group_id,
-                MembershipState.UNSUBSCRIBED.value,
-                actor="reader",
-                method="form",
-                campaign_id=target.campaign_id,
+        try:
+            stopped = await store.unsubscribe_by_link(
+                conn, target.contact_id, target.group_id, campaign_id=target.campaign_id
             )
-        return transition.changes
+            if stopped is not None:
+                if stopped:
+                    ctx.outbox.wake()
+                return stopped
+            async with conn.transaction():
+                transition, _ = await store.change_state(
+                    conn,
+                    target.contact_id,
+                    target.group_id,
+                    MembershipState.UNSUBSCRIBED.value,
+                    actor="reader",
+                    method="form",
+                    campaign_id=target.campaign_id,
+                )
+            return transition.changes
+        except NotFound:
+            # not applied here yet: kept, and applied when the join arrives
+            async with conn.transaction():
+                return await store.unsubscribe_early(
+                    conn, target.contact_id, target.group_id, campaign_id=target.campaign_id
+                )
 
 
 async def _kind(request: web.Request) -> str:

@@ -186,3 +186,22 @@ SELECT email, nextval('change_version') AS version FROM cleared;
 
 -- name: contacts-with-address
 SELECT id FROM contact WHERE lower(email) = lower($1);
+
+-- name: lock-joins-of-contact
+-- Serialises a contact's joins with early unsubscribes (store.join, store.unsubscribe_early):
+-- without it a click and the join it names could each miss the other's uncommitted row.
+SELECT pg_advisory_xact_lock(hashtextextended('suppression.join:' || $1::bigint::text, 0));
+
+-- name: record-early-unsubscribe
+-- A link used before its membership was applied here: kept (the latest click) until the join
+-- arrives; clicks whose join never came are forgotten after 30 days.
+WITH stale AS (
+    DELETE FROM early_unsubscribe WHERE clicked_at < now() - interval '30 days'
+)
+INSERT INTO early_unsubscribe (contact_id, group_id, campaign_id) VALUES ($1, $2, $3)
+ON CONFLICT (contact_id, group_id)
+DO UPDATE SET campaign_id = EXCLUDED.campaign_id, clicked_at = EXCLUDED.clicked_at;
+
+-- name: take-early-unsubscribe
+DELETE FROM early_unsubscribe WHERE contact_id = $1 AND group_id = $2
+RETURNING campaign_id, clicked_at;

@@ -72,6 +72,15 @@ def membership_change(row: Mapping[str, Any], state: str | None = None) -> dict[
     )
 
 
+def no_membership(contact_id: int, group_id: int) -> NotFound:
+    """What this service can say of a membership it has not recorded: contacts records a join
+    at once and its Join command is applied here a moment later, so it may be a member."""
+    return NotFound(
+        f"contact {contact_id} has no membership in group or plan {group_id} here: not a "
+        "member, or a join made a moment ago that is still being applied (retry in a moment)"
+    )
+
+
 async def publish(conn: asyncpg.Connection, changes: Iterable[dict[str, Any]]) -> None:
     messages = []
     for change in changes:
@@ -107,7 +116,7 @@ async def change_state(
     }
     current = memberships.get(group_id)
     if current is None:
-        raise NotFound(f"contact {contact_id} is not a member of group or plan {group_id}")
+        raise no_membership(contact_id, group_id)
     if actor == "reader" and wanted == MembershipState.UNSUBSCRIBED:
         transition = reader_unsubscribe(current["state"])
     else:
@@ -193,7 +202,7 @@ async def unsubscribe_by_link(
         schema_version,
     )
     if row["was"] is None:
-        raise NotFound(f"contact {contact_id} is not a member of group or plan {group_id}")
+        raise no_membership(contact_id, group_id)
     if row["queued"]:
         SUPPRESSION_CHANGES.labels("membership", MembershipState.UNSUBSCRIBED.value, method).inc()
         return True
@@ -210,7 +219,11 @@ async def join(
     email: str | None = None,
     joined_at: dt.datetime | None = None,
 ) -> asyncpg.Record | None:
-    """A new membership (idempotent: an existing one is left as it is)."""
+    """A new membership (idempotent: an existing one is left as it is).
+
+    A reader's unsubscribe that arrived first (:func:`unsubscribe_early`) is applied to it
+    when the membership was joined before the click: nothing the reader asked is lost."""
+    await conn.execute(QUERIES["lock-joins-of-contact"], contact_id)
     memberships = await conn.fetch(QUERIES["lock-memberships"], contact_id)
     policy = await _policy(conn)
     state, method = join_state(
@@ -228,9 +241,43 @@ async def join(
             contact_id,
             email,
         )
+    early = await conn.fetchrow(QUERIES["take-early-unsubscribe"], contact_id, group_id)
     if row is not None:
         await publish(conn, [membership_change(row)])
+        if early is not None and early["clicked_at"] >= row["joined_at"]:
+            _, row = await change_state(
+                conn,
+                contact_id,
+                group_id,
+                MembershipState.UNSUBSCRIBED.value,
+                actor="reader",
+                method=DEFAULT_METHOD["reader"],
+                campaign_id=early["campaign_id"],
+            )
     return row
+
+
+async def unsubscribe_early(
+    conn: asyncpg.Connection, contact_id: int, group_id: int, *, campaign_id: str | None
+) -> bool:
+    """The link's unsubscribe of a membership not recorded here (yet), in the caller's
+    transaction: contacts records a join at once and its Join command arrives a moment later.
+    If the membership arrived meanwhile, it is stopped as usual (whether it changed);
+    otherwise the click is kept and :func:`join` applies it (True: it will be stopped)."""
+    await conn.execute(QUERIES["lock-joins-of-contact"], contact_id)
+    if await conn.fetchrow(QUERIES["membership"], contact_id, group_id) is not None:
+        transition, _ = await change_state(
+            conn,
+            contact_id,
+            group_id,
+            MembershipState.UNSUBSCRIBED.value,
+            actor="reader",
+            method=DEFAULT_METHOD["reader"],
+            campaign_id=campaign_id,
+        )
+        return transition.changes
+    await conn.execute(QUERIES["record-early-unsubscribe"], contact_id, group_id, campaign_id)
+    return True
 
 
 def left_change(row: Mapping[str, Any]) -> dict[str, Any]:

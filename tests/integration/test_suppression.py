@@ -179,6 +179,15 @@ def legacy(answer: tuple[int, Any]) -> tuple[int, Any]:
     return answer
 
 
+def no_membership(contact_id: int, group_id: int) -> str:
+    """The 404 for a membership not recorded here: never "not a member" (issue 18 item 4), as
+    it may be a join contacts made a moment ago."""
+    return (
+        f"contact {contact_id} has no membership in group or plan {group_id} here: not a "
+        "member, or a join made a moment ago that is still being applied (retry in a moment)"
+    )
+
+
 def path_of(url: str) -> str:
     return "/" + url.split("://", 1)[1].split("/", 1)[1]
 
@@ -227,7 +236,7 @@ async def test_commands_join_leave_duplicates_and_dead_letters(suppression, kafk
     dead = await dead_letters(kafka, Topic.SUPPRESSION_COMMANDS, 3)
     assert sorted(dead) == [
         ("2", "a banned (配信禁止) membership is changed by an operator only"),
-        ("3", "contact 3 is not a member of group or plan 30"),
+        ("3", no_membership(3, 30)),
         ("3", "method must be one of form, system, auto_sync, auto_stop, upstream"),
     ]
 
@@ -243,7 +252,7 @@ async def test_commands_join_leave_duplicates_and_dead_letters(suppression, kafk
     status, body = await api.call("GET", "/v1/memberships/1/14")
     assert legacy((status, body)) == (
         404,
-        {"error": "contact 1 is not a member of group or plan 14"},
+        {"error": no_membership(1, 14)},
     )
 
     changes = await published(suppression, kafka, Topic.SUPPRESSION_CHANGES)
@@ -301,8 +310,8 @@ async def test_operator_api_for_memberships(suppression, kafka):
     ]
     answers = [legacy(await api.call(m, p, body, token=t)) for m, p, body, t in refusals]
     assert answers == [
-        (404, {"error": "contact 5 is not a member of group or plan 99"}),
-        (404, {"error": "contact 7 is not a member of group or plan 1"}),
+        (404, {"error": no_membership(5, 99)}),
+        (404, {"error": no_membership(7, 1)}),
         (
             400,
             {"error": "state must be one of deliverable, unsubscribed, banned", "field": "state"},
@@ -729,7 +738,7 @@ async def test_blacklist_suppressions_and_can_send(suppression, kafka):
     assert await can_send(api, 301, True, group_id=None) == (False, "blacklisted")
     assert legacy(await api.call("GET", "/v1/can-send?contact_id=304&group_id=2")) == (
         404,
-        {"error": "contact 304 is not a member of group or plan 2"},
+        {"error": no_membership(304, 2)},
     )
     assert (await api.call("GET", "/v1/can-send?contact_id=abc"))[0] == 400
 

@@ -217,8 +217,6 @@ async def test_confirm_page_one_click_and_refused_tokens(stack, database, prefix
                 UnsubscribeTarget(5, 1)
             ),
             "other purpose": Signer(ROTATED_KEYS, "click").sign({"c": 5, "g": 1}),
-            "no such contact": token(999),
-            "no such group": token(5, group_id=99),
             "garbage": "garbage",
             "three dots": "k2..",
             "long": "k2." + "A" * 600 + ".B",
@@ -248,6 +246,20 @@ async def test_confirm_page_one_click_and_refused_tokens(stack, database, prefix
         }
         assert (await membership(api, 5, 1))["state"] == "deliverable"
         assert (await membership(api, 1, 2))["state"] == "deliverable"
+        assert change_ids(await published(suppression, kafka, Topic.SUPPRESSION_CHANGES)) == (
+            change_ids(after)
+        )
+
+        # a token we signed for a membership not recorded here (a join contacts made a moment
+        # ago, still being applied): confirmed and kept for when the join arrives, never an
+        # invalid link; nothing changes or is published meanwhile
+        for pending in (token(999), token(5, group_id=99)):
+            status, _, body, _ = await fetch(api, "GET", pending)
+            assert status == 200 and "配信停止の確認" in body.decode()
+            status, _, body, _ = await fetch(api, "POST", pending, **one_click_urlencoded())
+            assert (status, body) == (200, done[0])
+        assert await membership(api, 999, 1) is None
+        assert await membership(api, 5, 99) is None
         assert change_ids(await published(suppression, kafka, Topic.SUPPRESSION_CHANGES)) == (
             change_ids(after)
         )
@@ -427,3 +439,79 @@ async def test_unsubscribe_reaches_contacts_search(stack, database, prefix):
             "blacklist_rule": None,
             "address_known": True,
         }
+
+
+async def test_a_link_used_before_its_join_is_applied_still_unsubscribes(
+    stack, database, prefix, monkeypatch
+):
+    """Issue 18 item 4: contacts answers {"joined": n} at once; suppression applies the joins
+    a moment later. Held in that moment (suppression's command consumer paused), its
+    membership routes must not say "not a member", and a reader's link must unsubscribe."""
+    from services.suppression import agents
+
+    gate = asyncio.Event()
+    applied = agents.handle_commands
+
+    async def paused(ctx: Any, batch: Any) -> None:
+        await gate.wait()
+        await applied(ctx, batch)
+
+    monkeypatch.setattr(agents, "handle_commands", paused)
+    async with (
+        running("contacts", stack, database, prefix) as contacts,
+        running("suppression", stack, database, prefix) as suppression,
+    ):
+        capi, sapi = contacts.api, suppression.api
+        news = (await capi.ok("POST", "/v1/groups", {"name": "ニュースレター"}))["id"]
+        reader, other, later = [
+            (await capi.ok("POST", "/v1/contacts", {"email": f"{name}@example.jp"}))["id"]
+            for name in ("hayai", "matsu", "ato")
+        ]
+        answer = await capi.ok(
+            "POST", f"/v1/groups/{news}/members", {"contact_ids": [reader, other]}
+        )
+        assert (answer["joined"], answer["already_members"]) == (2, 0)
+
+        # the joins are committed in contacts, not applied in suppression yet
+        for method, body in (("GET", None), ("PUT", {"state": "banned"})):
+            status, problem = await sapi.call(method, f"/v1/memberships/{other}/{news}", body)
+            assert status == 404, problem
+            assert "is not a member" not in problem["detail"]
+            assert "still being applied" in problem["detail"] and "retry" in problem["detail"]
+        status, problem = await sapi.call("GET", f"/v1/can-send?contact_id={other}&group_id={news}")
+        assert status == 404 and "still being applied" in problem["detail"]
+
+        # the reader's link: the confirmation page, then unsubscribed — never "invalid link"
+        link = await sapi.ok(
+            "GET", f"/v1/unsubscribe-link?contact_id={reader}&group_id={news}&campaign_id=c-early"
+        )
+        token = link["url"].rsplit("/", 1)[1]
+        status, _, page, _ = await fetch(sapi, "GET", token)
+        assert status == 200 and "配信停止の確認" in page.decode(), page.decode()
+        status, _, page, _ = await fetch(sapi, "POST", token, **one_click_urlencoded())
+        assert status == 200 and "配信を停止しました" in page.decode(), page.decode()
+        assert "このリンクは無効です" not in page.decode()
+
+        # a click for someone not (yet) a member, who joins only after it: that later join is
+        # a new subscription and stands
+        late = await sapi.ok("GET", f"/v1/unsubscribe-link?contact_id={later}&group_id={news}")
+        status, _, _, _ = await fetch(
+            sapi, "POST", late["url"].rsplit("/", 1)[1], **one_click_urlencoded()
+        )
+        assert status == 200
+        await capi.ok("POST", f"/v1/groups/{news}/members", {"contact_ids": [later]})
+
+        gate.set()  # suppression applies the joins: the click was kept, not lost
+        got = await wait_member(sapi, reader, news, "unsubscribed")
+        assert (got["method"], got["campaign_id"]) == ("form", "c-early")
+        assert (await wait_member(sapi, other, news))["state"] == "deliverable"
+        assert (await wait_member(sapi, later, news))["state"] == "deliverable"
+
+        async def contacts_sees_it() -> bool:
+            found = await search_ids(
+                capi, {"membership": {"group_id": news, "state": "unsubscribed"}}
+            )
+            assert found == {reader}
+            return True
+
+        await eventually(contacts_sees_it)
