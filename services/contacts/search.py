@@ -430,7 +430,8 @@ class _Compiler:
         if saved.group_id is not None and saved.group_id != self.group_scope:
             raise _fail(
                 f"saved filter {filter_id} is scoped to group {saved.group_id} and can "
-                "only be used there; use a global saved filter",
+                f"only be used within group {saved.group_id} (its searches, targets and "
+                "exports); elsewhere use a global saved filter",
                 path,
             )
         if filter_id in self.expanding:

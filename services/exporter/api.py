@@ -155,6 +155,13 @@ _EXAMPLES: list[dict[str, Any]] = [
         "membership_states": ["unsubscribed"],
         "columns": ["email", {"key": "unsubscribed_at:1", "label": "配信停止日時"}],
     },
+    {
+        "source": "group",
+        "group_id": 1,
+        "membership_states": ["deliverable"],
+        "filter": {"field": "tags", "op": "include_any", "value": ["展示会"]},
+        "columns": ["email", "name"],
+    },
 ]
 
 #: what each source requires beside ``source`` and ``columns``.
@@ -202,7 +209,9 @@ class NewExport(Strict):
     - ``filter``: ``filter`` (a contacts search filter, F-05);
     - ``saved_filter``: ``saved_filter_id``;
     - ``contact_ids``: ``contact_ids``;
-    - ``group``: ``group_id`` and optionally ``membership_states``;
+    - ``group``: ``group_id``, optionally ``membership_states``, and optionally ``filter``
+      and/or ``saved_filter_id`` (global, or a filter scoped to that group: its 絞込条件) to
+      export only the members that match;
     - ``campaign``: ``campaign_id`` (its frozen recipient list).
 
     A key of another source is refused (400 naming it), never ignored."""
@@ -218,10 +227,14 @@ class NewExport(Strict):
     filter: JsonObject | None = Field(
         None,
         title="検索条件",
-        description="source filter: a contacts search filter (F-05)",
+        description="source filter: a contacts search filter (F-05); source group: only "
+        "the members that match it",
     )
     saved_filter_id: Id | None = Field(
-        None, title="保存した絞込", description="source saved_filter"
+        None,
+        title="保存した絞込",
+        description="source saved_filter; source group: only the members that match it "
+        "(a global saved filter or one scoped to that group)",
     )
     contact_ids: list[Id] | None = Field(
         None,
@@ -377,8 +390,10 @@ def _refuse_unused(body: NewExport) -> None:
 )
 async def create_export(request: web.Request, body: NewExport) -> web.Response:
     """CSV出力 (F-40): {source, filter | saved_filter_id | contact_ids | group_id +
-    membership_states | campaign_id, columns, header, encoding, safe_csv, notify_email}.
-    202 with the queued job; the link comes by mail and in GET /v1/exports/{id}."""
+    membership_states (+ filter, saved_filter_id) | campaign_id, columns, header,
+    encoding, safe_csv, notify_email}. 202 with the queued job; the link comes by mail and
+    in GET /v1/exports/{id}. A saved filter scoped to another group than the export's is a
+    400."""
     ctx = _ctx(request)
     _refuse_unused(body)
     raw = body.model_dump(mode="json", exclude_unset=True)

@@ -60,12 +60,14 @@ _REQUEST_KEYS = frozenset(
     }
 )
 #: the keys of a request that choose its rows, by source: a key of another source is not
-#: used by the request, and the API refuses it rather than ignore it (issue 18).
+#: used by the request, and the API refuses it rather than ignore it (issue 18). A group
+#: export narrows its members with a filter and/or a saved filter (global, or that group's
+#: own 絞込条件): 配信リスト → 絞込条件 → CSV出力.
 SOURCE_KEYS = {
     "filter": ("filter",),
     "saved_filter": ("saved_filter_id",),
     "contact_ids": ("contact_ids",),
-    "group": ("group_id", "membership_states"),
+    "group": ("group_id", "membership_states", "filter", "saved_filter_id"),
     "campaign": ("campaign_id",),
 }
 SOURCE_KEYS_ALL = frozenset(k for keys in SOURCE_KEYS.values() for k in keys)
@@ -161,6 +163,14 @@ def parse_request(
                 "membership_states",
             )
         request["membership_states"] = list(dict.fromkeys(states))
+        # 絞込条件 within the group: only the members that match (both, when both given)
+        if body.get("filter") is not None:
+            if not isinstance(body["filter"], dict):
+                raise _fail("filter must be an F-05 filter object", "filter")
+            if body["filter"]:  # {} narrows nothing
+                request["filter_json"] = json.dumps(body["filter"], ensure_ascii=False)
+        if body.get("saved_filter_id") is not None:
+            request["saved_filter_id"] = _int(body["saved_filter_id"], "saved_filter_id")
     else:
         try:
             request["campaign_id"] = str(uuid.UUID(str(body.get("campaign_id"))))
@@ -310,7 +320,13 @@ def title(request: Mapping[str, Any]) -> str:
         "filter": "検索条件 / filter",
         "saved_filter": f"保存した絞込 / saved filter {request.get('saved_filter_id')}",
         "contact_ids": f"選択した顧客 / {len(request.get('contact_ids') or [])} contacts",
-        "group": f"グループ / group {request.get('group_id')}",
+        "group": f"グループ / group {request.get('group_id')}"
+        + (" 検索条件 / filter" if request.get("filter_json") else "")
+        + (
+            f" 保存した絞込 / saved filter {request['saved_filter_id']}"
+            if request.get("saved_filter_id")
+            else ""
+        ),
         "campaign": f"配信対象 / campaign {request.get('campaign_id')}",
     }[source]
     states = request.get("membership_states") or []

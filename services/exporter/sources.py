@@ -125,6 +125,12 @@ class Sources:
         elif source == "group":
             body["group_id"] = request["group_id"]
             body["membership_states"] = request["membership_states"]
+            # the group's members that match: contacts runs the search in the group's
+            # scope, so the group's own saved filters apply and another group's are refused
+            if request.get("filter_json"):
+                body["filter"] = json.loads(request["filter_json"])
+            if request.get("saved_filter_id") is not None:
+                body["saved_filter_id"] = request["saved_filter_id"]
         return body
 
     async def check(self, request: dict[str, Any]) -> None:
@@ -139,7 +145,8 @@ class Sources:
             url = f"{self.settings.contacts_url.rstrip('/')}/v1/contacts/stream"
             async with self._client().post(url, json=body) as response:
                 if response.status in (400, 404):
-                    raise InvalidMessage(await _error_text(response), field=request["source"])
+                    reason, field = await _refusal(response)
+                    raise InvalidMessage(reason, field=_request_field(request, field))
                 if response.status != 200:
                     raise TransientError(f"contacts answered {response.status}")
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -230,11 +237,50 @@ async def _chain(head: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
         yield chunk
 
 
+_JSON = ("application/json", "application/problem+json")
+
+
+async def _refusal(response: aiohttp.ClientResponse) -> tuple[str, str | None]:
+    """The reason of an error answer (a problem's detail) and the field it names."""
+    if response.content_type in _JSON:
+        body = await response.json(content_type=None)
+        if isinstance(body, dict):
+            field = body.get("field")
+            return str(body.get("detail", body.get("error", body))), (
+                field if isinstance(field, str) else None
+            )
+        return str(body), None
+    return f"HTTP {response.status}: {(await response.text())[:200]}", None
+
+
 async def _error_text(response: aiohttp.ClientResponse) -> str:
-    if response.content_type == "application/json":
-        body = await response.json()
-        return str(body.get("error", body)) if isinstance(body, dict) else str(body)
-    return f"HTTP {response.status}: {(await response.text())[:200]}"
+    return (await _refusal(response))[0]
+
+
+def _request_field(request: dict[str, Any], field: str | None) -> str:
+    """The key of the export request that a contacts refusal is about. A group export's
+    selection reaches contacts as ``{"all": [filter?, {"saved_filter": id}?, membership]}``
+    (stream.py), so a refusal at ``filter.all[i]…`` is about the i-th of those; anything
+    else is about the source as a whole (its columns, its group)."""
+    source = request["source"]
+    if source != "group" or not field:
+        return str(source)
+    given = [
+        key
+        for key, present in (
+            ("filter", bool(request.get("filter_json"))),
+            ("saved_filter_id", request.get("saved_filter_id") is not None),
+        )
+        if present
+    ]
+    if field in given:  # refused before compiling (contacts' body model)
+        return field
+    for i, key in enumerate(given):
+        if field.startswith(f"filter.all[{i}]"):
+            return key
+    if field == "saved_filter":  # a saved filter that does not exist
+        return "saved_filter_id" if "saved_filter_id" in given else "filter"
+    return "group"
 
 
 def _describe(exc: BaseException) -> str:

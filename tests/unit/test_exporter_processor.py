@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 
 from libs.common import avro
 from libs.common.errors import InvalidMessage
 from libs.common.topics import Topic
-from services.exporter.processor import check_record, latest_per_job, parse_request
+from services.exporter.processor import check_record, latest_per_job, parse_request, title
+from services.exporter.sources import _request_field
 
 NOW = dt.datetime(2026, 11, 26, 3, 0, tzinfo=dt.UTC)
 
@@ -89,3 +91,57 @@ def test_bad_requests_name_the_field(change: dict[str, object], field: str) -> N
     with pytest.raises(InvalidMessage) as refused:
         parse_request(body, requested_by="admin", notify_email="ops@x.jp", now=NOW)
     assert refused.value.field == field
+
+
+def test_a_group_export_narrowed_by_a_filter_and_a_saved_filter_round_trips() -> None:
+    """Issue 18: 配信リスト → 絞込条件 → CSV出力; the record carries both, and reads back."""
+    search = {"field": "tags", "op": "include_any", "value": ["展示会"]}
+    body = {
+        "source": "group",
+        "group_id": 12,
+        "filter": search,
+        "saved_filter_id": 7,
+        "columns": ["email"],
+    }
+    request = parse_request(body, requested_by="operator", notify_email="ops@x.jp", now=NOW)
+    assert (request["group_id"], request["saved_filter_id"]) == (12, 7)
+    assert json.loads(request["filter_json"]) == search
+    assert "group 12" in title(request) and "saved filter 7" in title(request)
+    data, headers = avro.encode(Topic.EXPORT_REQUESTS, request)
+    decoded = avro.decode(Topic.EXPORT_REQUESTS, data, headers)
+    assert check_record(decoded, notify_email="ops@x.jp") == request
+    whole = {**body, "filter": {}}
+    assert (
+        parse_request(whole, requested_by="a", notify_email="o@x.jp", now=NOW)["filter_json"]
+        is None
+    )
+    for change, field in [({"filter": []}, "filter"), ({"saved_filter_id": 0}, "saved_filter_id")]:
+        with pytest.raises(InvalidMessage) as refused:
+            parse_request(
+                {**body, **change}, requested_by="admin", notify_email="ops@x.jp", now=NOW
+            )
+        assert refused.value.field == field
+
+
+FILTER = '{"all": []}'
+
+
+@pytest.mark.parametrize(
+    ("request_keys", "field", "named"),
+    [
+        ({"filter_json": FILTER, "saved_filter_id": 7}, "filter.all[0].field", "filter"),
+        ({"filter_json": FILTER, "saved_filter_id": 7}, "filter.all[1]", "saved_filter_id"),
+        ({"saved_filter_id": 7}, "filter.all[0].saved_filter", "saved_filter_id"),
+        ({"saved_filter_id": 7}, "saved_filter", "saved_filter_id"),
+        ({"filter_json": FILTER}, "saved_filter", "filter"),
+        ({"filter_json": FILTER}, "columns", "group"),
+        ({"filter_json": FILTER}, "filter", "filter"),
+        ({}, None, "group"),
+    ],
+)
+def test_a_contacts_refusal_names_the_group_exports_key(
+    request_keys: dict[str, object], field: str | None, named: str
+) -> None:
+    request = {"source": "group", "group_id": 12, **request_keys}
+    assert _request_field(request, field) == named
+    assert _request_field({"source": "filter"}, field) == "filter"
