@@ -535,5 +535,6 @@ async def unsubscribe_link(request: web.Request, query: LinkQuery) -> web.Respon
             f"contact {query.contact_id} is not a member of group or plan {query.group_id}"
         )
     target = UnsubscribeTarget(query.contact_id, query.group_id, query.campaign_id or None)
-    links = ctx.links
-    return json_response({"url": links.url(target), "headers": links.headers(target)})
+    headers = ctx.links.headers(target)
+    # one token for both: each call seals a new one
+    return json_response({"url": headers["List-Unsubscribe"][1:-1], "headers": headers})

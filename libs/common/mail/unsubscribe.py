@@ -118,7 +118,9 @@ class UnsubscribeLinks:
         return f"{self._base}/u/{self.token(target)}"
 
     def headers(self, target: UnsubscribeTarget, mailto: str | None = None) -> dict[str, str]:
-        """``List-Unsubscribe`` and ``List-Unsubscribe-Post`` for one recipient (RFC 8058)."""
+        """``List-Unsubscribe`` and ``List-Unsubscribe-Post`` for one recipient (RFC 8058).
+
+        Every token is new, so a caller that needs the URL too takes it from the header."""
         links = [f"<{self.url(target)}>"]
         if mailto:
             links.append(f"<mailto:{mailto}?subject=unsubscribe>")
