@@ -105,7 +105,7 @@ class Signer:
 
 #: the nonce of a sealed token: random, 96 bits. AES-GCM-SIV rather than AES-GCM because a
 #: repeated nonce then only shows that two tokens hold the same payload (GCM would lose its
-#: authentication key), and at 3,000 mails/s for years a key seals ~2^39 tokens.
+#: authentication key), and at 3,000 mails/s for five years a key seals ~2^39 tokens.
 NONCE_BYTES = 12
 #: a box as :meth:`Sealer.seal` writes it: base64url without padding, at most 512 characters
 #: (a sealed payload is a few dozen bytes); anything else is refused before decoding.
