@@ -255,7 +255,9 @@ class LinkQuery(Model):
 
 
 class UnsubscribeLink(Answer):
-    url: str = Field(examples=["https://mail.example.jp/u/k1.eyJjIjoxLCJnIjoxfQ.AbCd"])
+    url: str = Field(
+        examples=["https://mail.example.jp/u/k1.2VJzS0SAn6ZGb1oehhLauGspTFGSsTEuDK20ZY9_1C8"]
+    )
     headers: dict[str, str] = Field(description="List-Unsubscribe and List-Unsubscribe-Post")
 
 
@@ -525,9 +527,19 @@ async def decide_can_send(
 
 @routes.get("/v1/unsubscribe-link")
 @worded()
-@contract(query=LinkQuery, response=UnsubscribeLink)
+@contract(query=LinkQuery, response=UnsubscribeLink, errors=(404,))
 async def unsubscribe_link(request: web.Request, query: LinkQuery) -> web.Response:
-    """The signed unsubscribe URL and RFC 8058 headers for ?contact_id=&group_id=&campaign_id="""
+    """The unsubscribe URL and RFC 8058 headers for ?contact_id=&group_id=&campaign_id=.
+
+    Only for a membership that exists (in any state): 404 otherwise. The URL's token is
+    opaque (it shows no id) and new on every call; each one keeps working."""
+    ctx = _ctx(request)
+    row = await ctx.pool.fetchrow(QUERIES["membership"], query.contact_id, query.group_id)
+    if row is None:
+        raise NotFound(
+            f"contact {query.contact_id} is not a member of group or plan {query.group_id}"
+        )
     target = UnsubscribeTarget(query.contact_id, query.group_id, query.campaign_id or None)
-    links = _ctx(request).links
-    return json_response({"url": links.url(target), "headers": links.headers(target)})
+    headers = ctx.links.headers(target)
+    # one token for both: each call seals a new one
+    return json_response({"url": headers["List-Unsubscribe"][1:-1], "headers": headers})

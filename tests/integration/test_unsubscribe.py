@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 from prometheus_client import REGISTRY
 
-from libs.common.mail.tokens import Signer
-from libs.common.mail.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
+from libs.common.mail.tokens import Sealer, Signer
+from libs.common.mail.unsubscribe import UnsubscribeLinks, UnsubscribeTarget, pack
 from libs.common.topics import Topic
 from tayori.embedded import free_port
 from tests.conftest import ADMIN_TOKEN, OPERATOR_TOKEN, eventually, running
@@ -201,11 +201,23 @@ async def test_confirm_page_one_click_and_refused_tokens(stack, database, prefix
         )
 
         # every token we cannot honour: one answer, byte for byte, for GET and POST
-        kid, payload, mac = token(5).split(".")
-        _, other_payload, _ = token(6).split(".")
+        kid, box = token(5).split(".")
+        _, other_box = token(6).split(".")
+        # the signed form of mails sent before sealed tokens: still read, so forged too
+        signed = Signer(ROTATED_KEYS, "unsubscribe").sign({"c": 5, "g": 1})
+        _, payload, mac = signed.split(".")
+        _, other_payload, _ = Signer(ROTATED_KEYS, "unsubscribe").sign({"c": 6, "g": 1}).split(".")
         # a membership that exists, under the MAC of another token
         tampered = _b64(json.dumps({"c": 1, "g": 2}, separators=(",", ":")).encode())
+        flipped = box[:20] + ("A" if box[20] != "A" else "B") + box[21:]
         refused = {
+            "sealed, tampered": f"{kid}.{flipped}",
+            "sealed, boxes spliced": f"{kid}.{box[:20]}{other_box[20:]}",
+            "sealed, old kid": f"k1.{box}",
+            "sealed, other purpose": Sealer(ROTATED_KEYS, "click").seal(
+                pack(UnsubscribeTarget(5, 1))
+            ),
+            "sealed, long": "k2." + "A" * 600,
             "forged mac": f"{kid}.{payload}.{mac[:-2]}{'AA' if mac[-2:] != 'AA' else 'BB'}",
             "tampered payload": f"{kid}.{tampered}.{mac}",
             "payload swapped": f"{kid}.{other_payload}.{mac}",
@@ -273,6 +285,60 @@ async def test_confirm_page_one_click_and_refused_tokens(stack, database, prefix
             "form",
             "camp-6",
         )
+
+
+async def test_links_only_for_memberships_opaque_and_every_mailed_link_works(
+    stack, database, prefix, kafka
+):
+    """Issue 18 #9 (F-13): GET /v1/unsubscribe-link answers 404 for a contact and group that
+    are no membership; a link it issues shows no id; links mailed before tokens were sealed
+    (signed JSON, by a key since rotated out of first place) still unsubscribe."""
+    async with running(
+        "suppression", stack, database, prefix, signing_keys=ROTATED_KEYS
+    ) as suppression:
+        api = suppression.api
+        joins = [(c, join(c, 1)) for c in (11, 12)]
+        await send_all(kafka, Topic.SUPPRESSION_COMMANDS, joins)
+        for key, cmd in joins:
+            await wait_member(api, key, cmd["group_id"])
+
+        for contact_id, group_id in ((987_654_321, 1), (11, 2), (987_654_321, 987_654_321)):
+            status, body = await api.call(
+                "GET", f"/v1/unsubscribe-link?contact_id={contact_id}&group_id={group_id}"
+            )
+            assert status == 404, body
+            assert body["status"] == 404 and body["type"], body
+            assert f"contact {contact_id} is not a member" in body["detail"]
+
+        campaign = "6f3a1c52-8d4e-4b7a-9c2f-1e5d7b9a0c34"
+        link = await api.ok(
+            "GET", f"/v1/unsubscribe-link?contact_id=11&group_id=1&campaign_id={campaign}"
+        )
+        token = link["url"].rpartition("/")[2]
+        assert link["url"].endswith(f"/u/{token}")
+        assert link["headers"]["List-Unsubscribe"] == f"<{link['url']}>"
+        kid, _, box = token.partition(".")
+        assert kid == "k2" and re.fullmatch(r"[A-Za-z0-9_-]+", box), token
+        raw = base64.urlsafe_b64decode(box + "=" * (-len(box) % 4))
+        assert b'"c"' not in raw and b"11" not in raw and campaign.encode() not in raw
+        assert bytes.fromhex(campaign.replace("-", "")) not in raw
+        status, _, _, _ = await fetch(api, "POST", token, **one_click_urlencoded())
+        assert status == 200
+        got = await membership(api, 11, 1)
+        assert (got["state"], got["method"], got["campaign_id"]) == (
+            "unsubscribed",
+            "form",
+            campaign,
+        )
+
+        # a link as mailed before: signed JSON under the old key
+        mailed = Signer("k1:old-secret", "unsubscribe").sign({"c": 12, "g": 1, "m": "camp-old"})
+        status, _, page, _ = await fetch(api, "GET", mailed)
+        assert status == 200 and "配信停止の確認" in page.decode()
+        status, _, _, _ = await fetch(api, "POST", mailed, **one_click_multipart())
+        assert status == 200
+        got = await membership(api, 12, 1)
+        assert (got["state"], got["campaign_id"]) == ("unsubscribed", "camp-old")
 
 
 # Durability: kill right after the 200 -----------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from libs.common.errors import DlqLimitExceeded, InvalidMessage
 from libs.common.http import int_param
 from libs.common.kafka import QUIET_FETCH_MAX_WAIT_MS, DlqLimit, Latency, Message, Pacing, checked
 from libs.common.logging import mask_email
-from libs.common.mail.tokens import BadToken, Signer
+from libs.common.mail.tokens import BadToken, Sealer, Signer
 from libs.common.retry import Backoff
 from libs.common.settings import CommonSettings, load
 from libs.common.topics import Topic, all_topic_names, topic_name
@@ -65,6 +66,29 @@ def test_tokens_verify_rotate_and_refuse_forgeries_alike() -> None:
         with pytest.raises(BadToken) as caught:
             rotated.verify(forged)
         assert str(caught.value) == ""  # the same, uninformative answer for every failure
+
+
+def test_sealed_tokens_open_rotate_and_refuse_forgeries_alike() -> None:
+    old = Sealer("k1:first-secret", "unsubscribe")
+    token = old.seal(b"\x00claims 42")
+    assert b"claims" not in base64.urlsafe_b64decode(token[3:] + "==")
+    rotated = Sealer("k2:second-secret,k1:first-secret", "unsubscribe")
+    assert rotated.open(token) == b"\x00claims 42"
+    assert rotated.seal(b"x").startswith("k2.") and rotated.seal(b"x") != rotated.seal(b"x")
+    kid, box = token.split(".")
+    forgeries = [
+        f"{kid}.{box[:8]}{'A' if box[8] != 'A' else 'B'}{box[9:]}",  # tampered
+        f"k2.{box}",  # another key id
+        f"k9.{box}",  # unknown key
+        "not-a-token",
+        f"{kid}.{box}.{box}",
+        Sealer("k1:other-secret", "unsubscribe").seal(b"x"),  # other key, same kid
+        Sealer("k1:first-secret", "click").seal(b"x"),  # other purpose
+    ]
+    for forged in forgeries:
+        with pytest.raises(BadToken) as caught:
+            rotated.open(forged)
+        assert str(caught.value) == ""
 
 
 def test_tokens_expire() -> None:

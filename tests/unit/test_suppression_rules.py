@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import pytest
 
@@ -16,8 +17,8 @@ from libs.common.mail.can_send import (
     normalise_rule,
     suffix_candidates,
 )
-from libs.common.mail.tokens import BadToken, Signer
-from libs.common.mail.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
+from libs.common.mail.tokens import BadToken, Sealer, Signer
+from libs.common.mail.unsubscribe import UnsubscribeLinks, UnsubscribeTarget, pack, unpack
 from services.suppression.processor import (
     ACTORS,
     STATES,
@@ -333,44 +334,114 @@ def test_normalise_rule(match, value, stored):
 KEYS = "k2:new-secret,k1:old-secret"
 
 
+TARGETS = (
+    UnsubscribeTarget(42, 7, "camp-1"),
+    UnsubscribeTarget(42, 7, None),
+    UnsubscribeTarget(42, 7, "6f3a1c52-8d4e-4b7a-9c2f-1e5d7b9a0c34"),
+    UnsubscribeTarget(0, 7, "6f3a1c52-8d4e-4b7a-9c2f-1e5d7b9a0c34", test=True),
+    UnsubscribeTarget(2**63 - 1, 2**31, "キャンペーン"),
+    UnsubscribeTarget(987_654_321, 1, "6F3A1C52-8D4E-4B7A-9C2F-1E5D7B9A0C34"),  # not canonical
+)
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
 def test_unsubscribe_token_round_trip():
     links = UnsubscribeLinks(KEYS, "https://mail.example.jp/")
-    for target in (UnsubscribeTarget(42, 7, "camp-1"), UnsubscribeTarget(42, 7, None)):
+    for target in TARGETS:
         token = links.token(target)
-        assert token.startswith("k2.")
-        assert "42" not in token.split(".")[2]
+        assert token.startswith("k2.") and token.count(".") == 1
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", token[3:])  # URL-safe, no padding
+        assert len(token) <= 100
         assert links.read(token) == target
-        assert links.url(target) == f"https://mail.example.jp/u/{token}"
+        url = links.url(target)
+        assert url.startswith("https://mail.example.jp/u/k2.")
+        assert links.read(url.rpartition("/")[2]) == target
+
+
+def test_unsubscribe_tokens_reveal_no_ids():
+    """F-13: the token's bytes are encrypted: no id, no claim name, no campaign, and a new
+    token every time (the same target twice gives two tokens, both valid)."""
+    links = UnsubscribeLinks(KEYS, "https://mail.example.jp")
+    target = UnsubscribeTarget(987_654_321, 7, "camp-1")
+    tokens = {links.token(target) for _ in range(50)}
+    assert len(tokens) == 50
+    for token in tokens:
+        box = _unb64(token.partition(".")[2])
+        for shown in (b"987654321", (987_654_321).to_bytes(4, "big"), b"camp-1", b'"c"'):
+            assert shown not in box
+        assert "987654321" not in token and "camp" not in token
+        with pytest.raises(ValueError):
+            json.loads(box)
+        assert links.read(token) == target
+    # the same length for every contact id of the same width: nothing to compare but length
+    assert len(links.token(UnsubscribeTarget(987_654_322, 7))) == len(
+        links.token(UnsubscribeTarget(987_654_321, 7))
+    )
 
 
 def test_unsubscribe_headers_follow_rfc_8058():
     links = UnsubscribeLinks(KEYS, "https://mail.example.jp/")
     target = UnsubscribeTarget(42, 7, "camp-1")
-    url = links.url(target)
+    headers = links.headers(target)
+    url = headers["List-Unsubscribe"][1:-1]
     assert url.startswith("https://mail.example.jp/u/k2.")
-    assert links.headers(target) == {
+    assert links.read(url.rpartition("/")[2]) == target
+    assert headers == {
         "List-Unsubscribe": f"<{url}>",
         "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
     }
-    assert links.headers(target, mailto="unsubscribe@mail.example.jp") == {
-        "List-Unsubscribe": f"<{url}>, <mailto:unsubscribe@mail.example.jp?subject=unsubscribe>",
-        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
-    }
+    with_mailto = links.headers(target, mailto="unsubscribe@mail.example.jp")
+    first, second = with_mailto["List-Unsubscribe"].split(", ")
+    assert links.read(first[1:-1].rpartition("/")[2]) == target
+    assert second == "<mailto:unsubscribe@mail.example.jp?subject=unsubscribe>"
+    assert with_mailto["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
 
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+def _flip(text: str, at: int) -> str:
+    return text[:at] + ("A" if text[at] != "A" else "B") + text[at + 1 :]
+
+
 def test_tokens_we_did_not_issue_are_all_bad_tokens():
     links = UnsubscribeLinks(KEYS, "https://mail.example.jp")
-    good = links.token(UnsubscribeTarget(42, 7, "camp-1"))
-    kid, payload, mac = good.split(".")
+    sealed = links.token(UnsubscribeTarget(42, 7, "camp-1"))
+    kid, box = sealed.split(".")
+    raw = _unb64(box)
+    # a signed link as mailed before tokens were sealed: still read, so tamper with it too
+    signed = Signer(KEYS, "unsubscribe").sign({"c": 42, "g": 7, "m": "camp-1"})
+    _, payload, mac = signed.split(".")
     tampered = _b64(json.dumps({"c": 43, "g": 7, "m": "camp-1"}).encode())
-    flipped_mac = mac[:-1] + ("A" if mac[-1] != "A" else "B")
     bad = [
+        # sealed
+        *(f"{kid}.{_flip(box, at)}" for at in (0, 5, 16, 20, len(box) // 2, len(box) - 2)),
+        f"{kid}.{_b64(raw[:-1])}",  # tag cut short
+        f"{kid}.{_b64(raw[:12])}",  # nonce alone
+        f"{kid}.{_b64(raw[:5])}",  # not even a nonce
+        f"{kid}.",
+        f"k1.{box}",  # another key id
+        f"k9.{box}",  # unknown key id
+        f"{kid}.{box}=",
+        f"{kid}.{box[:10]}é{box[11:]}",
+        f"{kid}.{'A' * 600}",
+        UnsubscribeLinks("k2:wrong-secret", "https://x").token(UnsubscribeTarget(42, 7)),
+        UnsubscribeLinks("k9:other", "https://x").token(UnsubscribeTarget(42, 7)),
+        Sealer(KEYS, "click").seal(pack(UnsubscribeTarget(42, 7))),  # another purpose
+        Sealer(KEYS, "unsubscribe").seal(b""),  # well sealed, no claims
+        Sealer(KEYS, "unsubscribe").seal(b"\x80\x11\x01\x02"),  # unknown flag
+        Sealer(KEYS, "unsubscribe").seal(b"\x00\x91\x01\x02"),  # an id of 9 bytes
+        Sealer(KEYS, "unsubscribe").seal(b"\x00\x21\x01\x02"),  # shorter than its lengths
+        Sealer(KEYS, "unsubscribe").seal(b"\x02\x11\x01\x02abc"),  # a UUID of 3 bytes
+        Sealer(KEYS, "unsubscribe").seal(b"\x04\x11\x01\x02\xff"),  # campaign not UTF-8
+        Sealer(KEYS, "unsubscribe").seal(b"\x00\x11\x01\x02x"),  # bytes after the claims
+        # signed (the old form)
         f"{kid}.{tampered}.{mac}",  # payload changed, MAC kept
-        f"{kid}.{payload}.{flipped_mac}",  # forged MAC
+        f"{kid}.{payload}.{_flip(mac, len(mac) - 1)}",  # forged MAC
         f"k1.{payload}.{mac}",  # another key id with the same MAC
         Signer("k9:other", "unsubscribe").sign({"c": 42, "g": 7}),  # unknown key
         Signer("k2:wrong-secret", "unsubscribe").sign({"c": 42, "g": 7}),  # known kid, wrong key
@@ -379,15 +450,29 @@ def test_tokens_we_did_not_issue_are_all_bad_tokens():
         Signer(KEYS, "unsubscribe").sign({"g": 7}),
         "",
         "garbage",
+        "a.b",
         "a.b.c",
         "..",
+        ".",
         f"{kid}.{payload}.{mac}.extra",
         f"{kid}.{payload}.é",  # non-ASCII MAC
         "é.é.é",
+        "é.é",
     ]
     for token in bad:
-        with pytest.raises(BadToken):
+        with pytest.raises(BadToken) as caught:
             links.read(token)
+        assert str(caught.value) == "", token  # one uninformative answer for every failure
+
+
+def test_links_mailed_before_tokens_were_sealed_still_read():
+    """Signed JSON links (``kid.payload.mac``) are in mailboxes for years: still honoured."""
+    links = UnsubscribeLinks(KEYS, "https://mail.example.jp")
+    old = Signer("k1:old-secret", "unsubscribe")
+    assert links.read(old.sign({"c": 42, "g": 7, "m": "camp-1"})) == TARGETS[0]
+    assert links.read(old.sign({"c": 42, "g": 7})) == TARGETS[1]
+    test_mail = old.sign({"c": 0, "g": 7, "m": TARGETS[3].campaign_id, "t": 1})
+    assert links.read(test_mail) == TARGETS[3]
 
 
 def test_key_rotation_old_key_still_verifies():
@@ -398,3 +483,14 @@ def test_key_rotation_old_key_still_verifies():
     assert rotated.token(target).startswith("k2.")
     with pytest.raises(BadToken):
         old.read(rotated.token(target))
+    # the same secret under another kid is another key: a kid cannot be swapped
+    renamed = UnsubscribeLinks("k3:old-secret", "https://mail.example.jp")
+    with pytest.raises(BadToken):
+        rotated.read("k1." + renamed.token(target).partition(".")[2])
+
+
+def test_pack_refuses_ids_out_of_range():
+    for target in (UnsubscribeTarget(-1, 7), UnsubscribeTarget(1, -7), UnsubscribeTarget(2**64, 1)):
+        with pytest.raises(ValueError):
+            pack(target)
+    assert unpack(pack(UnsubscribeTarget(2**64 - 1, 0))) == UnsubscribeTarget(2**64 - 1, 0)
