@@ -22,11 +22,11 @@ import datetime as dt
 from typing import Annotated
 
 from aiohttp import web
-from pydantic import BeforeValidator, Field
+from pydantic import Field
 
 from libs.common.errors import TransientError
 from libs.common.http import json_response, public, requires
-from libs.common.http.contract import Answer, Id, Model, Token, contract
+from libs.common.http.contract import DIGITS, Answer, Id, Model, Token, contract
 from libs.common.logging import get_logger
 from libs.common.mail.states import DeliveryStatus
 from libs.common.mail.tokens import BadToken
@@ -89,18 +89,8 @@ class Delivery(Answer):
     bounces: list[Bounce]
 
 
-def _decimal(value: object) -> object:
-    """A query integer in plain decimal digits (as the contract's Id and Int64 take it;
-    they cannot carry a narrower range into the schema)."""
-    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
-        raise ValueError("must be an integer written in decimal digits")
-    return value
-
-
 class RejectedQuery(Model):
-    limit: Annotated[int, Field(ge=1, le=1000), BeforeValidator(_decimal)] = Field(
-        100, title="件数"
-    )
+    limit: Annotated[int, Field(ge=1, le=1000), DIGITS] = Field(100, title="件数")
 
 
 class RejectedMail(Answer):

@@ -17,7 +17,6 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import (
     AfterValidator,
-    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -31,6 +30,7 @@ from libs.common.checks import CONTROL
 from libs.common.errors import Conflict, Forbidden, InvalidMessage
 from libs.common.http import ROLE, ROLES, error, json_response, requires
 from libs.common.http.contract import (
+    DIGITS,
     Answer,
     Id,
     InvalidRequest,
@@ -312,20 +312,10 @@ class DownloadQuery(Model):
     ) = Field(None, description="the signature of the link (GET /v1/exports/{id} gives the link)")
 
 
-def _decimal(value: object) -> object:
-    """A query integer in plain decimal digits (as the contract's Id and Int64 take it;
-    they cannot carry a narrower range into the schema)."""
-    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
-        raise ValueError("must be an integer written in decimal digits")
-    return value
-
-
 class JobsQuery(Model):
     kind: Token | None = Field(None, description="import, sync or export", examples=["export"])
     status: Token | None = Field(None, description="a job status", examples=["done"])
-    limit: Annotated[int, Field(ge=1, le=MAX_JOBS_PAGE), BeforeValidator(_decimal)] = Field(
-        50, title="件数"
-    )
+    limit: Annotated[int, Field(ge=1, le=MAX_JOBS_PAGE), DIGITS] = Field(50, title="件数")
     cursor: Token | None = Field(None, description="next_cursor of the page before")
 
 

@@ -152,6 +152,11 @@ def _digits(value: Any) -> Any:
 _INTEGER = re.compile(r"-?[0-9]+")
 #: a database id: a positive 64-bit integer.
 Id = Annotated[int, Field(ge=1, le=INT64_MAX), BeforeValidator(_digits)]
+
+
+#: for a narrower integer of a path or query: ``Annotated[int, Field(ge=1, le=200), DIGITS]``
+#: takes plain decimal digits only, as :data:`Id` does.
+DIGITS = BeforeValidator(_digits)
 #: a count or offset that PostgreSQL's bigint holds.
 Int64 = Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX), BeforeValidator(_digits)]
 #: a name shown in lists (groups, plans, filters, categories, campaigns): one line.
