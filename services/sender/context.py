@@ -33,7 +33,11 @@ class Context:
 
     def __post_init__(self) -> None:
         self.composer = Composer(self.settings)
-        self.owner = OwnerLock(self.settings.database_url, SCHEMA)
+        self.owner = OwnerLock(
+            self.settings.database_url,
+            SCHEMA,
+            connect_timeout=self.settings.db_connect_timeout_seconds,
+        )
         cycles = ReplannedConnection(self.settings.database_url, SCHEMA)
         self.ledger = Ledger(self.pool, self.settings.service, cycles, self.publisher)
         self.relays = RelayPool(self.settings, self.ledger, still_wanted=self.still_wanted)

@@ -185,9 +185,10 @@ class OwnerLock:
     lock a dedicated connection holds for as long as the process runs. Another sender can
     tell a live owner (the lock is taken) from a dead one (PostgreSQL freed it)."""
 
-    def __init__(self, dsn: str, schema: str) -> None:
+    def __init__(self, dsn: str, schema: str, *, connect_timeout: float = 10.0) -> None:
         self.dsn = dsn
         self.schema = schema
+        self.connect_timeout = connect_timeout  # DB_CONNECT_TIMEOUT_SECONDS
         self.key = int.from_bytes(uuid.uuid4().bytes[:8], "big", signed=True)
         self.held = asyncio.Event()
 
@@ -198,7 +199,7 @@ class OwnerLock:
         the same key back once the database answers. Rows this process left unfinished in
         the meantime are adopted by another sender only if their requests are redelivered
         to it (a rebalance) while the key is free."""
-        conn = await connect(self.dsn, self.schema)
+        conn = await connect(self.dsn, self.schema, connect_timeout=self.connect_timeout)
         try:
             await conn.execute("SELECT pg_advisory_lock($1)", self.key)
             self.held.set()
