@@ -11,7 +11,6 @@ import pytest
 
 from libs.common.db import Queries, columns, migration_files
 from libs.common.errors import DlqLimitExceeded, InvalidMessage
-from libs.common.http import int_param
 from libs.common.kafka import QUIET_FETCH_MAX_WAIT_MS, DlqLimit, Latency, Message, Pacing, checked
 from libs.common.logging import mask_email
 from libs.common.mail.tokens import BadToken, Sealer, Signer
@@ -246,20 +245,6 @@ def test_columns_turn_rows_into_unnest_arrays() -> None:
     assert columns([{"a": 1, "b": "x"}, {"a": 2, "b": "y"}], "b", "a") == [["x", "y"], [1, 2]]
     assert columns([Row(1, "x"), Row(2, "y")], "a", "b") == [[1, 2], ["x", "y"]]
     assert columns([], "a", "b") == [[], []]
-
-
-@pytest.mark.parametrize("raw", ["x", "", "1.5", None])
-def test_int_param_names_the_parameter(raw: str | None) -> None:
-    with pytest.raises(InvalidMessage) as refused:
-        int_param(raw, "group_id")
-    assert (refused.value.reason, refused.value.field) == (
-        "group_id must be an integer",
-        "group_id",
-    )
-
-
-def test_int_param() -> None:
-    assert int_param("42", "id") == 42
 
 
 def test_the_runtime_floor_never_imports_the_mail_floor() -> None:

@@ -37,7 +37,6 @@ from libs.common.http.contract import (
     JSON_BODY_BYTES,
     InvalidRequest,
     contract,
-    read_body,
 )
 from libs.common.http.problems import MEDIA_TYPE, problem_body
 from libs.common.logging import get_logger
@@ -78,15 +77,6 @@ def _default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def int_param(raw: str | None, name: str) -> int:
-    """A path or query parameter as an integer; a missing or malformed one is a 400
-    naming ``name``."""
-    try:
-        return int(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InvalidMessage(f"{name} must be an integer", field=name) from None
-
-
 def dumps(data: Any) -> str:
     return json.dumps(data, default=_default, ensure_ascii=False)
 
@@ -112,22 +102,6 @@ def error(
         instance=request.path if request is not None else None,
     )
     return web.Response(text=dumps(body), status=status, content_type=MEDIA_TYPE)
-
-
-async def read_json(request: web.Request, *, max_bytes: int = JSON_BODY_BYTES) -> dict[str, Any]:
-    """The request body as a JSON object, or InvalidMessage with a readable reason."""
-    raw = await read_body(request, max_bytes=max_bytes)
-    if not raw:
-        raise InvalidMessage("request body is empty; expected a JSON object")
-    try:
-        body = json.loads(raw)
-    except RecursionError:
-        raise InvalidMessage("request body is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidMessage(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidMessage("request body must be a JSON object")
-    return body
 
 
 def _route_label(request: web.Request) -> str:

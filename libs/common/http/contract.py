@@ -82,12 +82,16 @@ def _plain(value: str) -> str:
     return value
 
 
+#: a control character multi-line text may not carry: C0 but tab, LF and CR; and DEL.
+_UNSTORABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def _storable(value: str) -> str:
     """Text that may span lines (tabs and line breaks allowed) but carries no NUL or other
     control character PostgreSQL or a mail header cannot hold."""
-    for char in value:
-        if (char < " " and char not in "\t\n\r") or char == "\x7f":
-            raise ValueError(f"must not contain the control character U+{ord(char):04X}")
+    found = _UNSTORABLE.search(value)
+    if found is not None:
+        raise ValueError(f"must not contain the control character U+{ord(found.group()):04X}")
     return value
 
 
@@ -135,8 +139,8 @@ def _depth(limit: int) -> Callable[[Any], Any]:
 
 
 #: the schema's words for "no control character" (the validators say it to a person).
-PLAIN = Field(json_schema_extra={"pattern": r"^[^\x00-\x1f\x7f]*$"})
-STORABLE = Field(json_schema_extra={"pattern": r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"})
+PLAIN = Field(json_schema_extra={"pattern": f"^[^{CONTROL.pattern[1:-1]}]*$"})
+STORABLE = Field(json_schema_extra={"pattern": f"^[^{_UNSTORABLE.pattern[1:-1]}]*$"})
 
 
 def _digits(value: Any) -> Any:
