@@ -47,7 +47,7 @@ K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 CRD_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
-    ("kafka.strimzi.io/v1beta2", "KafkaTopic"),
+    ("kafka.strimzi.io/v1", "KafkaTopic"),
 }
 CONFIG_MAP = "tayori-config"
 SECRET = "tayori-secrets"
@@ -75,11 +75,60 @@ def _load_all(path: Path) -> list[dict[str, Any]]:
 
 
 def _manifest_files() -> list[Path]:
-    return sorted(p for p in BASE.iterdir() if p.is_file() and p != KUSTOMIZATION)
+    sources = set(_generator_sources())
+    return sorted(
+        p for p in BASE.iterdir() if p.is_file() and p != KUSTOMIZATION and p not in sources
+    )
+
+
+def _generators() -> list[tuple[str, dict[str, Any]]]:
+    """(kind, entry) of every configMapGenerator and secretGenerator entry of the base."""
+    kustomization = _load_all(KUSTOMIZATION)[0]
+    return [
+        (kind, entry)
+        for key, kind in (("configMapGenerator", "ConfigMap"), ("secretGenerator", "Secret"))
+        for entry in kustomization.get(key, [])
+    ]
+
+
+def _generator_sources() -> list[Path]:
+    return [BASE / name for _, entry in _generators() for name in entry.get("envs", [])] + [
+        BASE / name for _, entry in _generators() for name in entry.get("files", [])
+    ]
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=value lines of a kustomize env file (comments and blank lines skipped)."""
+    pairs = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep and key.strip() == key and key not in pairs, f"{path.name}: {line!r}"
+            pairs[key] = value
+    return pairs
+
+
+def _generated() -> list[tuple[str, dict[str, Any]]]:
+    """The ConfigMaps and Secrets the base generates from env files, under their plain names
+    (kustomize adds the content hash; tests/unit/test_deploy_render.py checks the rendering)."""
+    found = []
+    for kind, entry in _generators():
+        if not entry.get("envs"):
+            continue
+        data: dict[str, str] = {}
+        for name in entry["envs"]:
+            data.update(read_env_file(BASE / name))
+        metadata = {"name": entry["name"], "labels": entry.get("options", {}).get("labels", {})}
+        doc = {"apiVersion": "v1", "kind": kind, "metadata": metadata}
+        doc.update(
+            {"stringData": data, "type": entry["type"]} if kind == "Secret" else {"data": data}
+        )
+        found.append((entry["envs"][0], doc))
+    return found
 
 
 def _resources() -> list[tuple[str, dict[str, Any]]]:
-    found = []
+    found = _generated()
     for path in _manifest_files():
         assert path.suffix in (".yaml", ".yml"), f"unexpected non-YAML file {path.name}"
         for doc in _load_all(path):
@@ -254,10 +303,11 @@ def test_kustomization_lists_every_file_and_only_existing_ones() -> None:
     assert "namespace" not in kustomization, "the base must stay namespace-less"
 
 
-def test_kustomization_maps_the_image_every_container_uses() -> None:
+def test_every_container_names_the_plain_image_for_overlays_to_map() -> None:
+    # An overlay's `images: - name: tayori` matches the name the containers carry; a base
+    # that already renamed it (newName) would make every overlay's override a no-op.
     images = {entry["name"]: entry for entry in _kustomization().get("images", [])}
-    assert IMAGE_NAME in images, "kustomization.yaml has no images: entry for the tayori image"
-    assert images[IMAGE_NAME].get("newTag"), "the tayori image entry sets no newTag"
+    assert "newName" not in images.get(IMAGE_NAME, {}), "the base must keep the plain name"
     for deployment in DEPLOYMENTS:
         for container in _all_containers(deployment):
             assert container["image"] == IMAGE_NAME, (
@@ -751,9 +801,9 @@ def test_secret_is_a_template_holding_every_secret_setting() -> None:
     assert _secret_env_names() <= set(values), sorted(_secret_env_names() - set(values))
     for key, value in values.items():
         assert "REPLACE_ME" in value, f"{key} is not a placeholder"
-    text = (BASE / "secret.yaml").read_text()
-    assert re.search(r"replace", text.split("apiVersion:")[0], re.IGNORECASE), (
-        "secret.yaml must start with a comment telling the operator to replace the values"
+    text = (BASE / "secrets.env").read_text()
+    assert re.search(r"replace", text.split("\n\n")[0], re.IGNORECASE), (
+        "secrets.env must start with a comment telling the operator to replace the values"
     )
 
 
