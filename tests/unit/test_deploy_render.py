@@ -486,3 +486,23 @@ def test_only_inbound_bounce_mail_comes_from_outside(tree: str) -> None:
         smtp_in = _allowed(tree, "Ingress", pod, OUTSIDE, ("TCP", 2525, "smtp"))
         assert smtp_in == (service == "bounce_processor"), f"{tree}: {service}"
         assert not _allowed(tree, "Ingress", pod, OUTSIDE, HTTP), f"{tree}: {service} http"
+
+
+# -- deploy/k8s/README.md stays true to the files ---------------------------------------
+
+
+def test_readme_lists_every_file_and_rolls_out_every_deployment() -> None:
+    readme = (kustomize.DEPLOY / "README.md").read_text()
+    table = set(re.findall(r"^\| `([^`]+)` \|", readme, re.MULTILINE))
+    files = {
+        str(path.relative_to(kustomize.DEPLOY))
+        for tree in ("base", "overlays")
+        for path in (kustomize.DEPLOY / tree).rglob("*")
+        # overlays/*/secrets.env: an operator's own, git-ignored
+        if path.is_file() and not (path.name == "secrets.env" and tree == "overlays")
+    }
+    assert files <= table, f"not in the README's file table: {sorted(files - table)}"
+    assert table <= files, f"in the table but not on disk: {sorted(table - files)}"
+    rolled = set(re.findall(r"rollout status deployment/([\w-]+)", readme))
+    deployments = {d["metadata"]["name"] for d in _of_kind("base", "Deployment")}
+    assert rolled == deployments, f"rollout steps: {sorted(rolled ^ deployments)}"
