@@ -1,9 +1,12 @@
 """The deployment artefacts agree with Kubernetes' API schemas and with the code.
 
-Covers ``deploy/k8s/base`` (kustomize base), ``docker-compose.yml``, ``Dockerfile`` and
-``.dockerignore``. Core Kubernetes kinds are validated (strictly: unknown fields fail) with
-``kubernetes_validate``; CRD kinds it has no schema for (ServiceMonitor, PrometheusRule,
-KafkaTopic) are checked by hand. Every service in :data:`tayori.services.SERVICES` must be
+Covers the files of ``deploy/k8s/base`` (kustomize base; the ConfigMap and Secret it
+generates from ``config.env`` and ``secrets.env`` are read here under their plain names),
+``docker-compose.yml``, ``Dockerfile`` and ``.dockerignore``. Core Kubernetes kinds are
+validated (strictly: unknown fields fail) with ``kubernetes_validate``; CRD kinds it has no
+schema for (ServiceMonitor, PrometheusRule, KafkaTopic) are checked by hand here and
+against their CRD schemas in ``test_deploy_render.py``, which renders the base and the
+overlays with kustomize. Every service in :data:`tayori.services.SERVICES` must be
 deployed (Deployment, Service, PodDisruptionBudget, migration initContainer, compose service
 and migration one-shot); the Ingress must expose exactly the public routes (handlers marked
 with :func:`libs.common.http.public`) and nothing else. Topic lists are compared with

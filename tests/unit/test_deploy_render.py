@@ -78,7 +78,6 @@ def _containers(deployment: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 RENDERED = _rendered()
-CORE = [item for item in RENDERED if "/" not in item[1]["apiVersion"].removesuffix("/v1")]
 
 
 # -- schemas ---------------------------------------------------------------------------
