@@ -254,9 +254,10 @@ def _decode_confluent(
     try:
         record = fastavro.schemaless_reader(buffer, writer.parsed, reader)
     except SchemaResolutionError as exc:
+        name = reader.get("name") if isinstance(reader, dict) else reader
         raise InvalidMessage(
             f"schema id {schema_id} ({writer.name}) cannot be read as {base} v{reader_version}"
-            f" ({reader['name']}): {str(exc)[:300]}"
+            f" ({name}): {str(exc)[:300]}"
         ) from None
     except _DECODE_ERRORS as exc:
         raise InvalidMessage(
