@@ -288,3 +288,10 @@ def test_what_a_service_declares_it_produces_is_what_its_code_names(name: str) -
     produces = set(app.PRODUCES)
     assert named - consumed <= produces, f"{name} names {named - consumed - produces}"
     assert produces <= named, f"{name} declares {produces - named} but never names them"
+
+
+def test_the_readme_gives_every_topics_key_as_topics_py_does() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Producing to Tayori's upstream topics", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `([a-z.]+)` \| (.+?) \|$", section, re.M))
+    assert rows == {topic.value: topic.key for topic in Topic}
