@@ -12,15 +12,35 @@ a test can take it away (connections refused) and bring it back.
 
 from __future__ import annotations
 
+import copy
+import io
 import json
+import struct
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import fastavro
 from aiohttp import web
 
 from tayori.embedded import free_port
 
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
+SCHEMAS = Path(__file__).resolve().parents[1] / "schemas" / "avro"
+
+
+def schema_of(topic: str, version: int | None = None) -> dict[str, Any]:
+    """``topic``'s schema file as JSON: the current one, or ``version`` from history/."""
+    name = f"{topic}.avsc" if version is None else f"history/{topic}.v{version}.avsc"
+    return json.loads((SCHEMAS / name).read_text(encoding="utf-8"))
+
+
+def confluent(schema_id: int, schema: dict[str, Any], value: dict[str, Any]) -> bytes:
+    """``value`` as Confluent's Avro serializers write it: byte 0, the schema id in 4 bytes
+    big-endian, the Avro body."""
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(copy.deepcopy(schema)), value)
+    return struct.pack(">bI", 0, schema_id) + body.getvalue()
 
 
 class TestRegistry:

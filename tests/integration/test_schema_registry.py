@@ -6,15 +6,10 @@ expected; a registry away holds the records until it is back."""
 
 from __future__ import annotations
 
-import copy
-import io
 import json
-import struct
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import fastavro
 import pytest
 
 from libs.common.metrics import TRANSIENT_RETRIES
@@ -22,21 +17,7 @@ from libs.common.topics import Topic
 from tests.conftest import Kafka, Service, Stack, eventually, running
 from tests.integration.test_contacts_ingest import upserted
 from tests.integration.test_suppression import command
-from tests.schema_registry import TestRegistry
-
-SCHEMAS = Path(__file__).resolve().parents[2] / "schemas" / "avro"
-
-
-def schema_of(topic: str, version: int | None = None) -> dict[str, Any]:
-    name = f"{topic}.avsc" if version is None else f"history/{topic}.v{version}.avsc"
-    return json.loads((SCHEMAS / name).read_text(encoding="utf-8"))
-
-
-def confluent(schema_id: int, schema: dict[str, Any], value: dict[str, Any]) -> bytes:
-    """``value`` as Confluent's KafkaAvroSerializer writes it."""
-    body = io.BytesIO()
-    fastavro.schemaless_writer(body, fastavro.parse_schema(copy.deepcopy(schema)), value)
-    return struct.pack(">bI", 0, schema_id) + body.getvalue()
+from tests.schema_registry import TestRegistry, confluent, schema_of
 
 
 async def send(kafka: Kafka, topic: Topic, key: str, data: bytes) -> None:

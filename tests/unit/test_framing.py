@@ -5,24 +5,17 @@ what neither reads — with a reason naming the framings expected."""
 
 from __future__ import annotations
 
-import copy
-import io
 import json
-import struct
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
-import fastavro
 import pytest
 
 from libs.common import avro
 from libs.common.errors import InvalidMessage, TransientError
 from libs.common.registry import SchemaRegistry, confluent_schema_id, shown_url
 from libs.common.topics import Topic
-from tests.schema_registry import TestRegistry
+from tests.schema_registry import TestRegistry, confluent, schema_of
 
-SCHEMAS = Path(__file__).resolve().parents[2] / "schemas" / "avro"
 EVENT = {
     "event_id": "5f1b7c1e-0000-4000-8000-000000000001",
     "type": "ContactUpserted",
@@ -33,22 +26,6 @@ EVENT = {
     "contact": {"name": "山田 太郎"},
     "membership": None,
 }
-
-
-def schema_of(topic: str, version: int | None = None) -> dict[str, Any]:
-    path = (
-        SCHEMAS / f"{topic}.avsc"
-        if version is None
-        else SCHEMAS / "history" / f"{topic}.v{version}.avsc"
-    )
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def confluent(schema_id: int, schema: dict[str, Any], value: dict[str, Any]) -> bytes:
-    """``value`` as a Confluent serializer writes it: magic byte, schema id, Avro body."""
-    body = io.BytesIO()
-    fastavro.schemaless_writer(body, fastavro.parse_schema(copy.deepcopy(schema)), value)
-    return struct.pack(">bI", 0, schema_id) + body.getvalue()
 
 
 @pytest.fixture

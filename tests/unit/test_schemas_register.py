@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 from libs.common.topics import Topic
-from tests.schema_registry import TestRegistry
+from tests.schema_registry import TestRegistry, schema_of
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMAS = ROOT / "schemas" / "avro"
 PREFIX = "t1."
 
 
@@ -62,10 +61,6 @@ def stored(registry: TestRegistry, subject: str) -> list[dict]:
     return [json.loads(registry.schemas[i - 1]) for i in registry.versions[subject]]
 
 
-def schema_file(name: str) -> dict:
-    return json.loads((SCHEMAS / name).read_text(encoding="utf-8"))
-
-
 async def test_every_topic_is_registered_with_its_rule_and_again_nothing_changes(
     registry: TestRegistry, tmp_path: Path
 ) -> None:
@@ -83,8 +78,8 @@ async def test_every_topic_is_registered_with_its_rule_and_again_nothing_changes
         for topic in Topic
     }
     assert stored(registry, f"{PREFIX}contacts.events-value") == [
-        schema_file("history/contacts.events.v1.avsc"),
-        schema_file("contacts.events.avsc"),
+        schema_of("contacts.events", 1),
+        schema_of("contacts.events"),
     ]
     assert [s["tayori_version"] for s in stored(registry, f"{PREFIX}send.requests-value")] == [
         1,
@@ -114,12 +109,12 @@ async def test_a_subject_an_upstream_team_started_keeps_its_order(
     registry: TestRegistry, tmp_path: Path
 ) -> None:
     subject = f"{PREFIX}contacts.events-value"
-    registry.add(schema_file("contacts.events.avsc"), subject)  # v2, by their serializer
+    registry.add(schema_of("contacts.events"), subject)  # v2, by their serializer
     registry.config[subject] = "FORWARD"
 
     status, lines, err = await register(registry, tmp_path)
     assert status == 0, err
-    assert stored(registry, subject) == [schema_file("contacts.events.avsc")]  # no v1 after v2
+    assert stored(registry, subject) == [schema_of("contacts.events")]  # no v1 after v2
     assert registry.config[subject] == "BACKWARD"
     assert f"{subject}: compatibility BACKWARD (was FORWARD)" in lines
     assert f"{subject}: v2 registered already (id 1, version 1)" in lines
