@@ -63,13 +63,13 @@ def command(
         return _asyncapi(args.output, args.check, out, err)
     try:
         settings = load(CommonSettings, os.environ if environ is None else environ)
+        if not settings.schema_registry_url:
+            raise ValueError("SCHEMA_REGISTRY_URL is not set")
+        registry = from_settings(settings)
     except ValueError as exc:
         print(f"tayori: {exc}", file=err)
         return EXIT_FAILED
-    if not settings.schema_registry_url:
-        print("tayori: SCHEMA_REGISTRY_URL is not set", file=err)
-        return EXIT_FAILED
-    return asyncio.run(register_all(from_settings(settings), settings.topic_prefix, out, err))
+    return asyncio.run(register_all(registry, settings.topic_prefix, out, err))
 
 
 def _asyncapi(path: Path, check: bool, out: TextIO, err: TextIO) -> int:

@@ -120,6 +120,8 @@ class SchemaRegistry:
         service: str = "tayori",
         timeout: float = TIMEOUT_SECONDS,
     ) -> None:
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise ValueError(f"SCHEMA_REGISTRY_URL: expected an http(s) URL, got {url!r}")
         self.url = url.rstrip("/")
         self.shown = shown_url(url)
         self.service = service
@@ -195,7 +197,15 @@ class SchemaRegistry:
             raise InvalidMessage(
                 f"schema id {schema_id} is not in the Schema Registry at {self.shown}"
             )
-        self._check(status, body, f"schema id {schema_id}")
+        try:
+            self._check(status, body, f"schema id {schema_id}")
+        except RegistryError as exc:  # the registry refuses this id for good
+            raise InvalidMessage(str(exc)) from None
+        if not isinstance(body, dict):
+            raise TransientError(
+                f"{self.shown} answered {status} for schema id {schema_id} with no schema:"
+                " is SCHEMA_REGISTRY_URL a Schema Registry?"
+            )
         kind = body.get("schemaType") or "AVRO"
         if kind != "AVRO":
             raise InvalidMessage(

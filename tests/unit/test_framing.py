@@ -194,6 +194,11 @@ async def test_basic_auth_and_refused_credentials() -> None:
         await served.stop()
 
 
+def test_a_registry_url_that_is_not_http_is_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="SCHEMA_REGISTRY_URL: expected an http"):
+        SchemaRegistry("registry:8081")
+
+
 def test_credentials_in_the_url_are_not_shown() -> None:
     assert shown_url("https://user:pw@registry.example:8081/") == "https://registry.example:8081"
     assert shown_url("http://registry:8081") == "http://registry:8081"
