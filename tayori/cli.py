@@ -7,6 +7,8 @@ tayori topics               create every topic on KAFKA_BOOTSTRAP and exit
 tayori dlq list|show|replay dead letters: count, inspect, send back (tayori/dlq.py)
 tayori offsets show|skip    consumer group offsets and lag; move a stopped group past a
                             record that crashes it (tayori/offsets.py)
+tayori schemas register     register every topic's schemas in SCHEMA_REGISTRY_URL
+tayori schemas asyncapi     write docs/asyncapi.json (tayori/schemas.py)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from tayori import operate
+from tayori import operate, schemas
 from tayori.services import SERVICES, service_parts
 
 
@@ -32,10 +34,13 @@ def main(argv: list[str] | None = None) -> None:
     migrate.add_argument("service", choices=SERVICES)
     sub.add_parser("topics", help="create every Tayori topic on KAFKA_BOOTSTRAP")
     operate.add_commands(sub)
+    schemas.add_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command in operate.COMMANDS:
         sys.exit(operate.command(args))
+    if args.command == "schemas":
+        sys.exit(schemas.command(args))
 
     if args.command == "dev":
         from tayori.dev import main as dev_main

@@ -29,7 +29,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 
-from libs.common import avro, deadletters
+from libs.common import avro, deadletters, registry
 from libs.common.errors import DlqLimitExceeded, Fault, InvalidMessage, classify
 from libs.common.logging import get_logger
 from libs.common.metrics import (
@@ -341,6 +341,8 @@ class Consumer:
         self._by_name = {topic_name(t, settings.topic_prefix): t for t in self.topics}
         self._consumer: AIOKafkaConsumer | None = None
         self.last_progress = time.monotonic()
+        #: writer schemas of Confluent-framed records on upstream topics (None: not read)
+        self.registry = registry.registry_for(settings, self.topics)
 
     @property
     def assigned(self) -> bool:
@@ -367,6 +369,8 @@ class Consumer:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
+        if self.registry is not None:
+            await self.registry.close()
 
     async def run(self) -> None:
         """Consume until cancelled. Offsets are committed only after the handler succeeded.
@@ -453,10 +457,14 @@ class Consumer:
         )
 
     async def _process(self, topic: Topic, records: list[ConsumerRecord]) -> None:
+        schemas = self.registry if topic.upstream else None
+        if schemas is not None:  # Confluent-framed records: their schema ids, looked up once
+            pairs = ((r.value, r.headers) for r in records)
+            await schemas.prefetch(pairs, unframed=avro.unversioned, waiting=self.alive)
         messages: list[Message] = []
         for record in records:
             try:
-                value = avro.decode(topic, record.value, record.headers)
+                value = avro.decode(topic, record.value, record.headers, schemas)
             except InvalidMessage as exc:
                 await self._dead_letter(topic, record, "decode", exc.reason)
                 continue

@@ -117,6 +117,12 @@ class CommonSettings:
     # How long opening one database connection may take before it counts as a failure
     # (retried by loops, 503 for a request).
     db_connect_timeout_seconds: float = env("DB_CONNECT_TIMEOUT_SECONDS", 10.0)
+    # Schema Registry (Confluent REST API): where consumers of the upstream topics find the
+    # writer schema of a record in the Confluent wire format (libs/common/registry.py), and
+    # where `tayori schemas register` registers every topic's schemas. Empty: not used.
+    schema_registry_url: str = env("SCHEMA_REGISTRY_URL", "")
+    schema_registry_username: str = env("SCHEMA_REGISTRY_USERNAME", "")
+    schema_registry_password: str = env("SCHEMA_REGISTRY_PASSWORD", "", secret=True)
     dlq_limit_ratio: float = env("DLQ_LIMIT_RATIO", 0.5)
     dlq_limit_min: int = env("DLQ_LIMIT_MIN", 100)
     log_level: str = env("LOG_LEVEL", "info")

@@ -26,6 +26,11 @@ from services.bounce_processor.settings import BounceSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA = "bounce_processor"
+#: the topics it publishes to (its consumers' topics are in build): for docs/asyncapi.json
+PRODUCES = (
+    Topic.BOUNCE_EVENTS,
+    Topic.FEEDBACK_EVENTS,
+)
 
 
 def build(settings: BounceSettings) -> Runtime:

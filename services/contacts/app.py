@@ -22,6 +22,13 @@ from services.contacts.settings import ContactsSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA = "contacts"
+#: the topics it publishes to (its consumers' topics are in build): for docs/asyncapi.json
+PRODUCES = (
+    Topic.CONTACTS_CHANGELOG,
+    Topic.SUPPRESSION_COMMANDS,
+    Topic.JOBS_EVENTS,
+    Topic.CAMPAIGN_RECIPIENTS,
+)
 
 
 def build(settings: ContactsSettings) -> Runtime:

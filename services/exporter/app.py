@@ -21,6 +21,13 @@ from services.exporter.settings import ExporterSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA = "exporter"
+#: the topics it publishes to (its consumers' topics are in build): for docs/asyncapi.json
+PRODUCES = (
+    Topic.EXPORT_REQUESTS,
+    Topic.EXPORT_COMPLETED,
+    Topic.JOBS_EVENTS,
+    Topic.MAIL_SYSTEM,
+)
 
 
 def build(settings: ExporterSettings) -> Runtime:

@@ -24,6 +24,13 @@ from services.scheduler.settings import SchedulerSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA = "scheduler"
+#: the topics it publishes to (its consumers' topics are in build): for docs/asyncapi.json
+PRODUCES = (
+    Topic.SNAPSHOT_REQUESTS,
+    Topic.SEND_REQUESTS,
+    Topic.CAMPAIGN_CONTROL,
+    Topic.CAMPAIGN_CONTENT,
+)
 
 
 def build(settings: SchedulerSettings) -> Runtime:

@@ -22,7 +22,12 @@ from services.sender.context import CONTEXT, SCHEMA, Context
 from services.sender.settings import SenderSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-__all__ = ["MIGRATIONS", "SCHEMA", "build"]
+#: the topics it publishes to (its consumers' topics are in build): for docs/asyncapi.json
+PRODUCES = (
+    Topic.DELIVERY_RESULTS,
+    Topic.SEND_PROGRESS,
+)
+__all__ = ["MIGRATIONS", "PRODUCES", "SCHEMA", "build"]
 
 
 def build(settings: SenderSettings) -> Runtime:

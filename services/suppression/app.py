@@ -19,6 +19,12 @@ from services.suppression.settings import SuppressionSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA = "suppression"
+#: the topics it publishes to (its consumers' topics are in build): for docs/asyncapi.json
+PRODUCES = (
+    Topic.SUPPRESSION_CHANGES,
+    Topic.JOBS_EVENTS,
+    Topic.MAIL_SYSTEM,
+)
 
 
 def build(settings: SuppressionSettings) -> Runtime:
