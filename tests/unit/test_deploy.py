@@ -748,10 +748,15 @@ def test_secret_is_a_template_holding_every_secret_setting() -> None:
     secret = _one("Secret", SECRET)
     assert "data" not in secret, "use stringData placeholders, never encoded values"
     values = secret["stringData"]
-    assert _secret_env_names() <= set(values), sorted(_secret_env_names() - set(values))
+    # Needed only with a secured Kafka: commented entries, uncommented with a real value.
+    optional = {name for name in _secret_env_names() if name.startswith("KAFKA_")}
+    needed = _secret_env_names() - optional
+    assert needed <= set(values), sorted(needed - set(values))
     for key, value in values.items():
         assert "REPLACE_ME" in value, f"{key} is not a placeholder"
     text = (BASE / "secret.yaml").read_text()
+    for name in optional:
+        assert re.search(rf"^\s*#\s*{name}: \"REPLACE_ME\"$", text, re.M), f"{name}: no entry"
     assert re.search(r"replace", text.split("apiVersion:")[0], re.IGNORECASE), (
         "secret.yaml must start with a comment telling the operator to replace the values"
     )
