@@ -17,6 +17,7 @@ A broker that does not answer at all is weather (an ``OSError``, retried by the 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ssl
 from typing import Any
@@ -99,49 +100,102 @@ def bootstrap_servers(bootstrap: str) -> list[tuple[str, int]]:
 
 
 async def check_connection(settings: CommonSettings, client_id: str = "tayori-check") -> None:
-    """Connect to the bootstrap servers as the clients will (TLS and SASL included) and
-    return at the first that accepts. A refusal that no retry can mend (TLS verification,
-    a client certificate, SASL) is a :class:`ConfigError` naming the server and why; a
-    server that does not answer is an ``OSError`` (weather: the caller retries)."""
+    """Connect to the bootstrap servers as the clients will and return at the first that
+    accepts: first the transport (TLS handshake and a request), then, with SASL, a login.
+
+    A refusal that no retry can mend (a certificate the CA does not verify, a host name
+    it does not name, a TLS alert, a SASL mechanism or credentials the broker refuses) is a
+    :class:`ConfigError` naming the server and why. A server that does not answer, or
+    closes the connection without saying why, is a ``KafkaConnectionError`` (weather: the
+    caller retries) that names the likely cause."""
     options = connection_options(settings)
     options.pop("bootstrap_servers")
+    protocol = options["security_protocol"]
+    transport = {k: v for k, v in options.items() if not k.startswith("sasl_")}
+    transport["security_protocol"] = {"SASL_SSL": "SSL", "SASL_PLAINTEXT": "PLAINTEXT"}.get(
+        protocol, protocol
+    )
+    mechanism = options.get("sasl_mechanism")
     refusals: list[str] = []
     unreachable: list[str] = []
     for host, port in bootstrap_servers(settings.kafka_bootstrap):
         where = f"{host}:{port}"
+        stage = "transport"
         try:
-            conn = await create_conn(
-                host, port, client_id=client_id, request_timeout_ms=CHECK_TIMEOUT_MS, **options
-            )
+            await _connect(host, port, client_id, transport)
+            if mechanism:
+                stage = "sasl"
+                await _connect(host, port, client_id, options)
+            return
         except ssl.SSLCertVerificationError as exc:
-            refusals.append(f"{where}: TLS: {exc.verify_message} ({_tls_hint(exc)})")
+            refusals.append(
+                f"{where}: TLS certificate verify failed: {exc.verify_message} ({_tls_hint(exc)})"
+            )
         except ssl.SSLError as exc:
             refusals.append(f"{where}: TLS: {_tls_reason(exc)}")
         except _SASL_REFUSALS as exc:
-            refusals.append(f"{where}: SASL {options.get('sasl_mechanism')}: {_said(exc)}")
+            refusals.append(f"{where}: SASL {mechanism}: {_said(exc)}")
         except (KeyError, ValueError) as exc:
             # aiokafka's SCRAM client meeting a server-final message that is an error
             # ("e=unknown-user", "e=invalid-proof") or a server signature that does not
             # match: the credentials are wrong.
-            if "sasl_mechanism" not in options:
+            if stage != "sasl":
                 raise
             refusals.append(
-                f"{where}: SASL {options['sasl_mechanism']}: the broker refused the "
-                f"credentials of KAFKA_SASL_USERNAME ({type(exc).__name__}: {exc})"
+                f"{where}: SASL {mechanism}: the broker refused the credentials of "
+                f"KAFKA_SASL_USERNAME ({type(exc).__name__}: {exc})"
             )
         except (OSError, TimeoutError, kafka_errors.KafkaError) as exc:
-            unreachable.append(f"{where}: {_said(exc)}")
-        else:
-            conn.close()
-            return
+            cause = _ssl_cause(exc)
+            if cause is not None:
+                refusals.append(f"{where}: TLS: {_tls_reason(cause)}")
+            else:
+                unreachable.append(f"{where}: {_said(exc)}{_closed_hint(exc, stage, settings)}")
     if refusals:
-        raise ConfigError(
-            f"Kafka ({settings.kafka_security_protocol.upper()}) refused the connection: "
-            + "; ".join(refusals)
-        )
+        raise ConfigError(f"Kafka ({protocol}) refused the connection: " + "; ".join(refusals))
     raise kafka_errors.KafkaConnectionError(
         "no Kafka bootstrap server answered: " + "; ".join(unreachable)
     )
+
+
+async def _connect(host: str, port: int, client_id: str, options: dict[str, Any]) -> None:
+    """One connection as aiokafka makes it (TLS, ApiVersions, SASL), closed again."""
+    conn = await create_conn(
+        host, port, client_id=client_id, request_timeout_ms=CHECK_TIMEOUT_MS, **options
+    )
+    conn.close()
+
+
+def _closed_hint(exc: BaseException, stage: str, settings: CommonSettings) -> str:
+    """Why a broker may have closed a connection it had accepted, without a word."""
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, asyncio.IncompleteReadError):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return ""
+    if stage == "sasl":
+        return (
+            " (closed during the SASL exchange: does the broker offer KAFKA_SASL_MECHANISM="
+            f"{settings.kafka_sasl_mechanism.upper()}, and know KAFKA_SASL_USERNAME?)"
+        )
+    if settings.kafka_security_protocol.upper() in ("SSL", "SASL_SSL"):
+        if not settings.kafka_ssl_cert_file:
+            return (
+                " (closed after the TLS handshake: a broker that wants a client certificate "
+                "does that: KAFKA_SSL_CERT_FILE, KAFKA_SSL_KEY_FILE)"
+            )
+        return " (closed after the TLS handshake: does the broker trust the client certificate?)"
+    return " (closed at once: a TLS or SASL listener? KAFKA_SECURITY_PROTOCOL)"
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error under a connection aiokafka reports as closed, if that is what it is."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _tls_hint(exc: ssl.SSLCertVerificationError) -> str:
