@@ -91,8 +91,9 @@ def load(cls: type[T], environ: Mapping[str, str] | None = None, **overrides: An
     return cls(**values)
 
 
-#: the password of a URL: ``scheme://user:PASSWORD@`` (DATABASE_URL and any other URL).
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^@\s]*(?=@)")
+#: the password of a URL: ``scheme://user:PASSWORD@`` (DATABASE_URL and any other URL),
+#: up to the last ``@`` before the host (an unencoded ``@`` in it stays hidden).
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^\s/]*(?=@)")
 
 
 def mask_urls(text: str) -> str:
