@@ -14,13 +14,22 @@ import contextlib
 import datetime as dt
 import ipaddress
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from libs.common.settings import CommonSettings
+from tayori.embedded import EmbeddedBroker, free_port
+
+#: the password of the test client's encrypted key (KAFKA_SSL_KEY_PASSWORD).
+KEY_PASSWORD = "client-key-S3cret-0f1e"
 
 
 @dataclass
@@ -163,3 +172,66 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         with contextlib.suppress(OSError, RuntimeError):
             if writer.can_write_eof():
                 writer.write_eof()
+
+
+@dataclass
+class Secured:
+    """A broker reached only through a TLS front that requires a client certificate."""
+
+    broker: EmbeddedBroker
+    front: TlsFront
+    ca: Authority
+    other_ca: Authority
+    client: Issued
+    folder: Path
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.front.port}"
+
+    def environ(self, prefix: str, **overrides: str) -> dict[str, str]:
+        """The variables that point a service or a command at the front."""
+        return {
+            "KAFKA_BOOTSTRAP": self.bootstrap,
+            "KAFKA_TOPIC_PREFIX": prefix,
+            "KAFKA_SESSION_TIMEOUT_MS": "1000",
+            "KAFKA_SECURITY_PROTOCOL": "SSL",
+            "KAFKA_SSL_CA_FILE": str(self.ca.cert),
+            "KAFKA_SSL_CERT_FILE": str(self.client.cert),
+            "KAFKA_SSL_KEY_FILE": str(self.client.key),
+            "KAFKA_SSL_KEY_PASSWORD": KEY_PASSWORD,
+            **overrides,
+        }
+
+    def settings(self, prefix: str = "", **overrides: Any) -> CommonSettings:
+        values: dict[str, Any] = dict(
+            kafka_bootstrap=self.bootstrap,
+            topic_prefix=prefix,
+            service="test",
+            kafka_session_timeout_ms=1000,
+            kafka_fetch_max_wait_ms=20,
+            kafka_security_protocol="SSL",
+            kafka_ssl_ca_file=str(self.ca.cert),
+            kafka_ssl_cert_file=str(self.client.cert),
+            kafka_ssl_key_file=str(self.client.key),
+            kafka_ssl_key_password=KEY_PASSWORD,
+        )
+        values.update(overrides)
+        return CommonSettings(**values)
+
+
+@pytest.fixture(scope="module")
+async def secured(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Secured]:
+    folder = tmp_path_factory.mktemp("tls")
+    ca, other = Authority(folder, "tayori"), Authority(folder, "other")
+    server = ca.issue("kafka", dns=("localhost",), ips=("127.0.0.1",))
+    client = ca.issue("tayori-client", client=True, password=KEY_PASSWORD)
+    front_port = free_port()
+    broker = EmbeddedBroker(free_port(), log_path=folder / "broker.log", advertised_port=front_port)
+    front = TlsFront(front_port, broker.port, server, client_ca=ca.cert)
+    try:
+        await front.start()
+        yield Secured(broker, front, ca, other, client, folder)
+    finally:
+        await front.stop()
+        broker.stop()
