@@ -27,10 +27,7 @@ def run_service(settings_cls: type[S], build: Callable[[S], Any]) -> None:
     settings = _settings(settings_cls)
     log = tlog.get_logger(__name__)
     log.info("service_configuring", settings=repr(settings))
-    problems = refusals(settings)
-    if problems:
-        log.error("service_start_refused", problems=problems)
-        raise SystemExit(EXIT_REFUSED)
+    _refuse(settings)
     uvloop.install()
     quiet_collector()
     try:
@@ -38,6 +35,15 @@ def run_service(settings_cls: type[S], build: Callable[[S], Any]) -> None:
     except ConfigError as exc:
         log.error("service_start_refused", problems=[str(exc)])
         raise SystemExit(EXIT_REFUSED) from None
+
+
+def _refuse(settings: CommonSettings) -> None:
+    """Exit with one log line if the settings hold what no service may start with (the
+    migrations too: a Kubernetes initContainer stops there, before the service would)."""
+    problems = refusals(settings)
+    if problems:
+        tlog.get_logger(__name__).error("service_start_refused", problems=problems)
+        raise SystemExit(EXIT_REFUSED)
 
 
 def _settings(settings_cls: type[S]) -> S:
@@ -76,6 +82,6 @@ def quiet_collector() -> None:
 def migrate_service(settings_cls: type[S], schema: str, migrations: Any) -> list[str]:
     from libs.common.db import migrate
 
-    settings = load(settings_cls)
-    tlog.configure(settings.service, settings.log_level)
+    settings = _settings(settings_cls)
+    _refuse(settings)
     return asyncio.run(migrate(settings.database_url, schema, migrations))

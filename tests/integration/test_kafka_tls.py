@@ -19,7 +19,6 @@ Kafka"; tests/unit/test_kafkasecurity.py checks what aiokafka is given).
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import io
 import json
 import os
@@ -40,6 +39,7 @@ from libs.common.topics import Topic
 from tayori import operate
 from tayori.embedded import EmbeddedBroker, free_port
 from tests.conftest import ADMIN_TOKEN, Stack, eventually
+from tests.integration.test_dlq_cli import event
 from tests.integration.tlsfront import Secured, TlsFront
 from tests.integration.tlsfront import secured as secured  # the fixture
 
@@ -54,19 +54,6 @@ async def tls_prefix(secured: Secured) -> str:
     prefix = f"s{uuid.uuid4().hex[:10]}."
     await ensure_topics(secured.settings(), prefix, partitions=2)
     return prefix
-
-
-def _record(email: str) -> dict[str, Any]:
-    return {
-        "event_id": str(uuid.uuid4()),
-        "type": "ContactUpserted",
-        "occurred_at": dt.datetime(2026, 12, 4, 9, 0, tzinfo=dt.UTC),
-        "source": "test",
-        "external_id": None,
-        "email": email,
-        "contact": None,
-        "membership": None,
-    }
 
 
 async def test_records_round_trip_through_tls_with_a_client_certificate(
@@ -86,7 +73,7 @@ async def test_records_round_trip_through_tls_with_a_client_certificate(
     await consumer.start()
     task = asyncio.ensure_future(consumer.run())
     try:
-        await publisher.send_and_wait(EVENTS, "k1", _record("tls@example.jp"))
+        await publisher.send_and_wait(EVENTS, "k1", event("tls@example.jp"))
         # A record no codec reads: the loop dead-letters it (over TLS too).
         await (await publisher.send_raw(EVENTS, "k2", b"\x00not avro"))
         await eventually(lambda: _async(len(received) == 1))

@@ -97,12 +97,12 @@ def test_an_unknown_profile_is_refused() -> None:
         load(CommonSettings, {**GOOD, "TAYORI_PROFILE": "prod"})
 
 
-def _tayori(service: str, environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """``tayori <service>`` with only ``environ`` (and PATH): it must stop before it
-    connects to anything, so nothing else is needed."""
+def _tayori(*argv: str, environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``tayori <argv>`` with only ``environ`` (and PATH): it must stop before it connects
+    to anything, so nothing else is needed."""
     env = {"PATH": os.environ.get("PATH", ""), "DATABASE_URL": "postgresql://u@127.0.0.1:1/x"}
     return subprocess.run(
-        [sys.executable, "-m", "tayori", service],
+        [sys.executable, "-m", "tayori", *argv],
         env={**env, **environ},
         cwd=ROOT,
         capture_output=True,
@@ -114,7 +114,7 @@ def _tayori(service: str, environ: dict[str, str]) -> subprocess.CompletedProces
 def test_a_service_refuses_to_start_with_one_json_line_naming_the_variables() -> None:
     done = _tayori(
         "suppression",
-        {
+        environ={
             "DATABASE_URL": "postgresql://tayori:Db-S3cret-9@127.0.0.1:1/tayori",
             "TAYORI_ADMIN_TOKEN": "REPLACE_ME",
             "TAYORI_API_TOKENS": "operator:op-S3cret-7",
@@ -131,8 +131,26 @@ def test_a_service_refuses_to_start_with_one_json_line_naming_the_variables() ->
 
 
 def test_a_setting_that_cannot_be_read_is_one_json_line_too() -> None:
-    done = _tayori("contacts", {**GOOD, "KAFKA_SECURITY_PROTOCOL": "SASL_SSL"})
+    done = _tayori("contacts", environ={**GOOD, "KAFKA_SECURITY_PROTOCOL": "SASL_SSL"})
     assert done.returncode == 2, done.stderr
     (line,) = [json.loads(line) for line in (done.stdout + done.stderr).splitlines()]
     assert line["event"] == "service_start_refused" and line["service"] == "contacts"
     assert line["problems"][0].startswith("KAFKA_SASL_MECHANISM: expected one of")
+
+
+def test_migrations_refuse_too_and_topics_names_a_kafka_setting() -> None:
+    """``tayori migrate`` (the Kubernetes initContainer) stops where its service would;
+    ``tayori topics`` says what is wrong with the Kafka settings in one line."""
+    migrate = _tayori("migrate", "contacts", environ={**GOOD, "TAYORI_SIGNING_KEYS": "k1:TODO"})
+    assert migrate.returncode == 2, migrate.stderr
+    (line,) = [json.loads(line) for line in migrate.stderr.splitlines()]
+    assert line["problems"] == [
+        "TAYORI_SIGNING_KEYS holds the placeholder 'TODO' where a secret belongs: "
+        "set the real value"
+    ]
+    topics = _tayori(
+        "topics",
+        environ={"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CA_FILE": "/nowhere/ca.pem"},
+    )
+    assert topics.returncode == 1
+    assert topics.stderr == "tayori: KAFKA_SSL_CA_FILE: /nowhere/ca.pem does not exist\n"
