@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 T = TypeVar("T")
 
@@ -96,9 +96,14 @@ def load(cls: type[T], environ: Mapping[str, str] | None = None, **overrides: An
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^\s/]*(?=@)")
 
 
+#: a password in a URL's query (libpq and asyncpg take ``?password=``).
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:ssl)?password=)[^&#\s'\"]*", re.IGNORECASE)
+
+
 def mask_urls(text: str) -> str:
-    """``postgresql://tayori:S3cret@db/tayori`` → ``postgresql://tayori:***@db/tayori``."""
-    return _URL_PASSWORD.sub(r"\g<head>***", text)
+    """``postgresql://tayori:S3cret@db/tayori`` → ``postgresql://tayori:***@db/tayori``
+    (and ``?password=S3cret`` → ``?password=***``)."""
+    return _QUERY_PASSWORD.sub(r"\g<head>***", _URL_PASSWORD.sub(r"\g<head>***", text))
 
 
 def masked_repr(obj: Any) -> str:
@@ -161,12 +166,16 @@ def refusals(settings: Any) -> list[str]:
 
 
 def _url_password(value: str) -> str | None:
+    """The password a URL holds, in its user part or its query."""
     if "://" not in value:
         return None
     try:
-        return urlsplit(value.strip()).password
+        parts = urlsplit(value.strip())
     except ValueError:
         return None
+    query = parse_qs(parts.query)
+    found = [parts.password or "", *query.get("password", []), *query.get("sslpassword", [])]
+    return ",".join(p for p in found if p) or None
 
 
 @dataclass(frozen=True, repr=False)

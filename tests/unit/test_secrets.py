@@ -34,6 +34,10 @@ def test_a_url_password_is_masked_wherever_settings_are_shown() -> None:
     # Without a password nothing changes; a password with an @ in it goes whole.
     assert mask_urls("postgresql://tayori@db/tayori") == "postgresql://tayori@db/tayori"
     assert mask_urls("redis://:p@ss@host:6379") == "redis://:***@host:6379"
+    assert (
+        mask_urls("postgresql:///tayori?host=/run&password=S3cret&sslmode=require")
+        == "postgresql:///tayori?host=/run&password=***&sslmode=require"
+    )
 
 
 def test_secret_fields_are_masked_and_empty_ones_are_shown_empty() -> None:
@@ -54,6 +58,7 @@ def test_real_secrets_are_accepted() -> None:
         ("TAYORI_API_TOKENS", "operator:good-token,viewer:CHANGE-ME"),
         ("TAYORI_SIGNING_KEYS", "k1:REPLACE_ME"),
         ("DATABASE_URL", "postgresql://tayori:REPLACE_ME@postgres:5432/tayori"),
+        ("DATABASE_URL", "postgresql://tayori@postgres/tayori?password=REPLACE_ME"),
     ],
 )
 def test_a_placeholder_where_a_secret_belongs_is_refused_naming_the_variable(
