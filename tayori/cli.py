@@ -55,10 +55,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "topics":
         from libs.common.kafka import ensure_topics
-        from libs.common.settings import CommonSettings, load
+        from libs.common.kafkasecurity import check_connection
+        from libs.common.settings import CommonSettings, ConfigError, load
 
-        settings = load(CommonSettings)
-        asyncio.run(ensure_topics(settings.kafka_bootstrap, settings.topic_prefix))
+        async def create() -> None:
+            if settings.kafka_security_protocol.upper() != "PLAINTEXT":
+                await check_connection(settings, "tayori-admin")
+            await ensure_topics(settings, settings.topic_prefix)
+
+        try:
+            settings = load(CommonSettings)
+            asyncio.run(create())
+        except ConfigError as exc:
+            sys.exit(f"tayori: {exc}")
         return
     from libs.common.runner import run_service
 

@@ -32,6 +32,7 @@ from aiokafka.errors import KafkaError
 from libs.common import logging as tlog
 from libs.common.db import migrate
 from libs.common.kafka import ensure_topics
+from libs.common.settings import CommonSettings, load
 from tayori.embedded import (
     EmbeddedBroker,
     EmbeddedPartMissing,
@@ -238,6 +239,9 @@ class Dev:
         env["TAYORI_SIGNING_KEYS"] = _secret(
             self.home, "TAYORI_SIGNING_KEYS", "signing_keys", f"k1:{secrets.token_urlsafe(32)}"
         )
+        # The dev profile: the published development signing key is accepted here (the
+        # keys above are generated, but TAYORI_SIGNING_KEYS may name it).
+        env.setdefault("TAYORI_PROFILE", "dev")
         if not env.get("DATABASE_URL"):
             self.postgres = EmbeddedPostgres(self.home / "pg")
             env["DATABASE_URL"] = asyncio.run(self.postgres.create_database("tayori"))
@@ -264,7 +268,9 @@ class Dev:
         # here on one machine: send DSNs to it by hand to try it.
         env.setdefault("BOUNCE_SMTP_HOST", "127.0.0.1")
         env.setdefault("BOUNCE_SMTP_PORT", str(port("bounce_smtp")))
-        asyncio.run(ensure_topics(env["KAFKA_BOOTSTRAP"], env.get("KAFKA_TOPIC_PREFIX", "")))
+        # With the Kafka security variables, when KAFKA_BOOTSTRAP names a secured cluster.
+        settings = load(CommonSettings, env)
+        asyncio.run(ensure_topics(settings, settings.topic_prefix))
         for name in SERVICES:
             app, _ = service_parts(name)
             asyncio.run(migrate(env["DATABASE_URL"], app.SCHEMA, Path(app.MIGRATIONS)))

@@ -258,10 +258,22 @@ class EmbeddedBroker:
     (SIGKILL) is for tests.
     """
 
-    def __init__(self, port: int, *, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        *,
+        log_path: Path | None = None,
+        advertised_port: int | None = None,
+        authentication: bool = False,
+    ) -> None:
         self.port = port
         self.bootstrap = f"127.0.0.1:{port}"
         self.log_path = log_path
+        #: where clients are told to connect (metadata): another port when something sits
+        #: in front of the broker (the tests' TLS endpoint).
+        self.advertised_port = advertised_port or port
+        #: SASL required of every client (Tansu ``--authentication``: SCRAM users only).
+        self.authentication = authentication
         self.process = self._spawn()
         wait_for_port("127.0.0.1", port, proc=self.process)
 
@@ -271,6 +283,7 @@ class EmbeddedBroker:
         )
 
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             return subprocess.Popen(
@@ -280,7 +293,8 @@ class EmbeddedBroker:
                     "--listener-url",
                     url,
                     "--advertised-listener-url",
-                    url,
+                    advertised,
+                    *(["--authentication"] if self.authentication else []),
                 ],
                 stdout=out,
                 stderr=out,

@@ -31,6 +31,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from libs.common import avro, deadletters, registry
 from libs.common.errors import DlqLimitExceeded, Fault, InvalidMessage, classify
+from libs.common.kafkasecurity import connection_options
 from libs.common.logging import get_logger
 from libs.common.metrics import (
     BATCH_SECONDS,
@@ -61,7 +62,7 @@ def make_producer(settings: CommonSettings, **overrides: Any) -> AIOKafkaProduce
     anyway, so nothing depends on it.
     """
     options: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap,
+        **connection_options(settings),
         "client_id": f"tayori-{settings.service}",
         "acks": "all",
         "enable_idempotence": False,
@@ -174,10 +175,16 @@ def topic_label(topic: Topic | str) -> str:
 
 
 async def ensure_topics(
-    bootstrap: str, prefix: str = "", partitions: int = DEFAULT_PARTITIONS
+    where: str | CommonSettings, prefix: str = "", partitions: int = DEFAULT_PARTITIONS
 ) -> None:
-    """Create every Tayori topic and DLQ that does not exist yet."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="tayori-admin")
+    """Create every Tayori topic and DLQ that does not exist yet, on ``where``: a bootstrap
+    address (the embedded broker) or the cluster the settings name, with their security."""
+    options = (
+        connection_options(where)
+        if isinstance(where, CommonSettings)
+        else {"bootstrap_servers": where}
+    )
+    admin = AIOKafkaAdminClient(**options, client_id="tayori-admin")
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -353,7 +360,7 @@ class Consumer:
         s = self.settings
         self._consumer = AIOKafkaConsumer(
             *self._by_name,
-            bootstrap_servers=s.kafka_bootstrap,
+            **connection_options(s),
             group_id=f"{s.topic_prefix}{self.group}",
             client_id=f"tayori-{s.service}",
             enable_auto_commit=False,

@@ -36,6 +36,7 @@ from libs.common.kafka import (
     Publisher,
     make_producer,
 )
+from libs.common.kafkasecurity import check_connection
 from libs.common.logging import get_logger
 from libs.common.outbox import OutboxRelay
 from libs.common.retry import retry, supervise
@@ -63,7 +64,12 @@ C = TypeVar("C")
 T = TypeVar("T")
 
 
-async def _started(producer: AIOKafkaProducer) -> AIOKafkaProducer:
+async def _started(settings: CommonSettings) -> AIOKafkaProducer:
+    if settings.kafka_security_protocol.upper() != "PLAINTEXT":
+        # A TLS or SASL refusal is a ConfigError naming the server and why, which stops
+        # the start; a broker that does not answer yet is retried like any outage.
+        await check_connection(settings, f"tayori-{settings.service}")
+    producer = make_producer(settings)
     try:
         await producer.start()
     except BaseException:
@@ -156,7 +162,7 @@ class Runtime:
                 connect_timeout=s.db_connect_timeout_seconds,
             ),
         )
-        producer = await self._when_up("kafka", lambda: _started(make_producer(s)))
+        producer = await self._when_up("kafka", lambda: _started(s))
         self.publisher = Publisher(s, producer)
         self.outbox = OutboxRelay(self.pool, self.publisher, self.schema, dsn=s.database_url)
         self._spawn(self.outbox.run, "outbox")
