@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from structlog.contextvars import bound_contextvars
 
+from libs.common import trace
 from libs.common.errors import (
     Conflict,
     Fault,
@@ -40,7 +41,6 @@ from libs.common.errors import (
     TransientError,
     classify,
 )
-from libs.common import trace
 from libs.common.http import docs, openapi
 from libs.common.http.contract import (
     JSON_BODY_BYTES,
