@@ -16,12 +16,25 @@ S = TypeVar("S", bound=CommonSettings)
 
 
 def run_service(settings_cls: type[S], build: Callable[[S], Any]) -> None:
+    """Load the settings, configure logging, serve until stopped. Whatever ends the service
+    with an error is one JSON line (``service_failed``, its traceback inside) and exit 1; a
+    dependency away at start is waited for (one line per attempt), not an error."""
     settings = load(settings_cls)
     tlog.configure(settings.service, settings.log_level)
-    tlog.get_logger(__name__).info("service_configuring", settings=repr(settings))
+    log = tlog.get_logger(__name__)
+    log.info("service_configuring", settings=repr(settings))
     uvloop.install()
     quiet_collector()
-    asyncio.run(build(settings).serve_forever())
+    try:
+        asyncio.run(build(settings).serve_forever())
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            raise
+        log.error("service_failed", error=str(exc.code))
+        raise SystemExit(1) from None
+    except Exception as exc:
+        log.error("service_failed", error=repr(exc), exc_info=exc)
+        raise SystemExit(1) from None
 
 
 #: objects allocated (net) between two young-generation collections; CPython's default is
