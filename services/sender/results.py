@@ -15,6 +15,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from libs.common import avro, trace
 from libs.common.kafka import Publisher
 from libs.common.topics import Topic
 
@@ -24,13 +25,28 @@ from libs.common.topics import Topic
 RESULTS_LINGER_SECONDS = 0.05
 
 
-async def publish(publisher: Publisher, results: Sequence[dict[str, Any]]) -> None:
+async def publish(
+    publisher: Publisher,
+    results: Sequence[dict[str, Any]],
+    traces: Sequence[str | None] | None = None,
+) -> None:
     """Publish results on ``delivery.results`` (key: the contact) and wait for the broker's
     acknowledgements. Only results whose ledger rows are committed 'done': a repeat (same
-    result_id) is harmless, a result of a row that could still be sent would not be."""
-    if results:
+    result_id) is harmless, a result of a row that could still be sent would not be.
+    ``traces``: each result's trace (the request's; default: the current one)."""
+    if not results:
+        return
+    if traces is None:
         records = [(r["contact_id"], r) for r in results]
         await asyncio.gather(*await publisher.send_keyed(Topic.DELIVERY_RESULTS, records))
+        return
+    encoded = []
+    for result, traceparent in zip(results, traces, strict=True):
+        data, headers = avro.encode(Topic.DELIVERY_RESULTS, result)
+        if traceparent is not None:
+            headers.append((trace.HEADER, traceparent.encode()))
+        encoded.append((result["contact_id"], data, headers))
+    await asyncio.gather(*await publisher.send_encoded(Topic.DELIVERY_RESULTS, encoded))
 
 
 class ResultsOut:
@@ -40,13 +56,17 @@ class ResultsOut:
     def __init__(self, publisher: Publisher) -> None:
         self.publisher = publisher
         self._waiting: list[dict[str, Any]] = []
+        self._traces: list[str | None] = []
         self._next: asyncio.Future[None] | None = None
         self._running: set[asyncio.Future[None]] = set()
 
-    def announce(self, results: list[dict[str, Any]]) -> asyncio.Future[None]:
-        """Queue committed results; returns the publication they will be part of (done once
-        the broker acknowledged it)."""
+    def announce(
+        self, results: list[dict[str, Any]], traces: list[str | None]
+    ) -> asyncio.Future[None]:
+        """Queue committed results, each with its trace; returns the publication they will
+        be part of (done once the broker acknowledged it)."""
         self._waiting.extend(results)
+        self._traces.extend(traces)
         if self._next is None:
             self._next = asyncio.ensure_future(self._publish_later())
             self._running.add(self._next)
@@ -60,7 +80,8 @@ class ResultsOut:
     async def _publish_later(self) -> None:
         await asyncio.sleep(RESULTS_LINGER_SECONDS)
         results, self._waiting, self._next = self._waiting, [], None
-        await publish(self.publisher, results)
+        traces, self._traces = self._traces, []
+        await publish(self.publisher, results, traces)
 
     def _settled(self, publication: asyncio.Future[None]) -> None:
         """Forget a finished publication and mark its error retrieved: the handlers waiting

@@ -299,3 +299,54 @@ def _trace_id(record: Any) -> str | None:
 
 async def _at_least(lines: Any, count: int) -> bool:
     return len(await lines()) >= count
+
+
+CAMPAIGN_TRACE = "0af7651916cd43dd8448eb211c80319c"
+
+
+async def test_a_campaign_is_followed_from_its_reserve_request_to_the_results(
+    scheduler: Any, contacts: Any, sender: Any, smtp_sink: Any, kafka: Any
+) -> None:
+    """The reserve request's trace rides on every record the campaign causes: the snapshot
+    request, contacts' recipients, the released send requests and their content, the
+    senders' results and progress answers."""
+    from tests.integration.test_scheduler import (
+        campaign_body,
+        category,
+        fake_clock,
+        group,
+        people,
+        status_of,
+    )
+
+    clock = fake_clock(scheduler)
+    members = await group(contacts)
+    await people(contacts, 12, members)
+    body = campaign_body(await category(scheduler), clock, target={"group_id": members})
+    campaign = await scheduler.api.ok("POST", "/v1/campaigns", body)
+    await scheduler.api.ok(
+        "POST",
+        f"/v1/campaigns/{campaign['id']}/reserve",
+        headers={"traceparent": f"00-{CAMPAIGN_TRACE}-00f067aa0ba902b7-01"},
+    )
+    await status_of(scheduler, campaign["id"], "scheduled")
+    clock.advance(minutes=10)
+    await status_of(scheduler, campaign["id"], "aggregating")
+    assert len(smtp_sink.messages()) == 12
+
+    for topic, at_least in (
+        (Topic.SNAPSHOT_REQUESTS, 1),
+        (Topic.CAMPAIGN_RECIPIENTS, 1),
+        (Topic.CAMPAIGN_CONTENT, 1),
+        (Topic.SEND_REQUESTS, 12),
+        (Topic.SEND_PROGRESS, 0),
+        (Topic.DELIVERY_RESULTS, 12),
+    ):
+        records = await kafka.read_to_end(topic.value)
+        ours = [
+            r
+            for r in records
+            if avro.decode(topic, r.value, r.headers).get("campaign_id") == campaign["id"]
+        ]
+        assert len(ours) >= at_least, topic
+        assert all(_trace_id(r) == CAMPAIGN_TRACE for r in ours), topic
