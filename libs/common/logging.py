@@ -66,8 +66,23 @@ def _stdlib_handler() -> logging.Handler:
             ],
         )
     )
+    handler.addFilter(_BootstrapRefused())
     handler._tayori = True  # type: ignore[attr-defined]
     return handler
+
+
+class _BootstrapRefused(logging.Filter):
+    """aiokafka logs an error for each bootstrap server it could not reach before it raises
+    KafkaConnectionError; the retry that catches it logs the attempt (``transient_error_retry``),
+    so a broker away at start is one line per attempt, not two. Its errors about a known
+    broker (``Unable connect to node with id …``) are kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.name.startswith("aiokafka")
+            and isinstance(record.msg, str)
+            and record.msg.startswith('Unable connect to "')
+        )
 
 
 def configure(service: str, level: str = "info") -> None:
