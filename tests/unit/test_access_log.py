@@ -47,7 +47,7 @@ async def base() -> AsyncIterator[str]:
 
 async def _call(
     base: str, method: str, path: str, headers: dict[str, str] | None = None
-) -> tuple[int, Any, str, list[dict[str, Any]]]:
+) -> tuple[int, Any, str, list[Any]]:
     with structlog.testing.capture_logs(
         processors=[structlog.contextvars.merge_contextvars]
     ) as lines:

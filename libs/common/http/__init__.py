@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
-from structlog.contextvars import bound_contextvars
+from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from libs.common import trace
 from libs.common.errors import (
@@ -152,7 +152,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
     traceparent, request_id = request[TRACE] = request_trace(request)
     status = 500
-    with trace.bound(traceparent), bound_contextvars(request_id=request_id):
+    with trace.bound(traceparent):
+        named = bind_contextvars(request_id=request_id)
         try:
             response = await handler(request)
             status = response.status
@@ -172,6 +173,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 status=status,
                 duration_ms=round(seconds * 1000, 1),
             )
+            reset_contextvars(**named)
 
 
 async def _trace_headers(request: web.Request, response: web.StreamResponse) -> None:
