@@ -12,10 +12,11 @@ flushed — without an outbox row written, read and deleted per message.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from libs.common import avro, trace
+from libs.common import trace
 from libs.common.kafka import Publisher
 from libs.common.topics import Topic
 
@@ -37,16 +38,17 @@ async def publish(
     if not results:
         return
     if traces is None:
-        records = [(r["contact_id"], r) for r in results]
-        await asyncio.gather(*await publisher.send_keyed(Topic.DELIVERY_RESULTS, records))
-        return
-    encoded = []
-    for result, traceparent in zip(results, traces, strict=True):
-        data, headers = avro.encode(Topic.DELIVERY_RESULTS, result)
-        if traceparent is not None:
-            headers.append((trace.HEADER, traceparent.encode()))
-        encoded.append((result["contact_id"], data, headers))
-    await asyncio.gather(*await publisher.send_encoded(Topic.DELIVERY_RESULTS, encoded))
+        traces = [trace.current()] * len(results)
+    # In runs of one trace (mostly one run: a campaign's), in order: a key's results keep
+    # their order across runs, as every run is queued before the next.
+    futures = []
+    for traceparent, run in itertools.groupby(
+        zip(results, traces, strict=True), key=lambda pair: pair[1]
+    ):
+        records = [(r["contact_id"], r) for r, _ in run]
+        with trace.bound(traceparent):
+            futures += await publisher.send_keyed(Topic.DELIVERY_RESULTS, records)
+    await asyncio.gather(*futures)
 
 
 class ResultsOut:
