@@ -336,7 +336,11 @@ class Runtime:
             await asyncio.gather(starting, return_exceptions=True)
             await self._abandon_start()
             return
-        starting.result()
+        try:
+            starting.result()
+        except BaseException:
+            stopped.cancel()
+            raise
         failed = asyncio.ensure_future(self._failed.wait())
         await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
