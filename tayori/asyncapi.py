@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from libs.common import avro, deadletters
+from libs.common import avro, deadletters, trace
 from libs.common.topics import DOWNSTREAM, Topic
 from tayori.services import SERVICES, service_parts
 
@@ -256,6 +256,16 @@ def _summary(doc: str) -> str:
     return doc.split(". ")[0].rstrip(".") + "."
 
 
+#: the W3C trace context a record is published in (libs/common/trace.py), on every topic.
+TRACE_HEADER = {
+    "type": "string",
+    "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+    "description": "The W3C traceparent of the request or record this one follows from"
+    " (README, Logs): consumers log with its trace id and pass it on. Optional.",
+    "examples": ["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"],
+}
+
+
 def _message(topic: Topic, schema: dict[str, Any], version: int) -> dict[str, Any]:
     return {
         "name": schema["name"],
@@ -273,7 +283,8 @@ def _message(topic: Topic, schema: dict[str, Any], version: int) -> dict[str, An
                     " text): the current one or one in schemas/avro/history/. A record"
                     " without it is read as the current version.",
                     "examples": [str(version)],
-                }
+                },
+                trace.HEADER: TRACE_HEADER,
             },
         },
         "payload": {"schemaFormat": AVRO, "schema": schema},

@@ -18,6 +18,7 @@ import asyncio
 import contextvars
 import enum
 import hashlib
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -29,7 +30,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 
-from libs.common import avro, deadletters, registry
+from libs.common import avro, deadletters, registry, trace
 from libs.common.errors import DlqLimitExceeded, Fault, InvalidMessage, classify
 from libs.common.kafkasecurity import connection_options
 from libs.common.logging import get_logger
@@ -88,9 +89,10 @@ class Publisher:
     async def send(
         self, topic: Topic, key: str | int | None, value: dict[str, Any]
     ) -> asyncio.Future[Any]:
-        """Queue one record; await the returned future for its acknowledgement."""
+        """Queue one record, in the current trace; await the returned future for its
+        acknowledgement."""
         data, headers = avro.encode(topic, value)
-        return await self.send_raw(topic, key, data, headers)
+        return await self.send_raw(topic, key, data, headers + trace.headers())
 
     async def send_raw(
         self,
@@ -107,16 +109,18 @@ class Publisher:
     async def send_keyed(
         self, topic: Topic, records: Iterable[tuple[str | int, dict[str, Any]]]
     ) -> list[asyncio.Future[Any]]:
-        """Queue many (key, value) records through the batch API; await the futures.
+        """Queue many (key, value) records through the batch API, in the current trace;
+        await the futures.
 
         Each key goes to the partition the default partitioner would choose, and the
         records of one key stay in order; building batches directly skips aiokafka's
         per-record work, which is most of the cost of streaming a large list.
         """
         encoded = []
+        traced = trace.headers()
         for key, value in records:
             data, headers = avro.encode(topic, value)
-            encoded.append((key, data, headers))
+            encoded.append((key, data, headers + traced if traced else headers))
         return await self.send_encoded(topic, encoded)
 
     async def send_encoded(
@@ -124,7 +128,8 @@ class Publisher:
         topic: Topic | str,
         records: Iterable[tuple[str | int | None, bytes, list[tuple[str, bytes]]]],
     ) -> list[asyncio.Future[Any]]:
-        """:meth:`send_keyed` for records encoded already: (key, data, headers).
+        """:meth:`send_keyed` for records encoded already: (key, data, headers), sent with
+        the headers given (a trace among them is the caller's to add).
 
         Each batch is closed when handed over, so it goes out without waiting
         ``linger_ms`` for records that will not come (the caller awaits its futures).
@@ -271,6 +276,8 @@ class Message:
     partition: int
     offset: int
     timestamp_ms: int
+    #: the traceparent its headers carry (libs/common/trace), if any.
+    trace: str | None = None
 
 
 @dataclass
@@ -469,6 +476,8 @@ class Consumer:
             pairs = ((r.value, r.headers) for r in records)
             await schemas.prefetch(pairs, unframed=avro.unversioned, waiting=self.alive)
         messages: list[Message] = []
+        # The records of a batch mostly share one trace (a campaign's): parse it once.
+        seen: tuple[bytes | None, str | None] = (None, None)
         for record in records:
             try:
                 value = avro.decode(topic, record.value, record.headers, schemas)
@@ -479,8 +488,13 @@ class Consumer:
                 await self._dead_letter(topic, record, "decode", f"unreadable record: {exc!r}")
                 continue
             key = record.key.decode(errors="replace") if record.key is not None else None
+            raw = _trace_header(record.headers)
+            if raw is not seen[0] and raw != seen[0]:
+                seen = (raw, trace.parse(raw))
             messages.append(
-                Message(topic, key, value, record.partition, record.offset, record.timestamp)
+                Message(
+                    topic, key, value, record.partition, record.offset, record.timestamp, seen[1]
+                )
             )
         by_position = {(r.partition, r.offset): r for r in records}
         await self._handle(topic, messages, by_position)
@@ -495,9 +509,32 @@ class Consumer:
         takes. A message the handler rejects (:func:`reject`) is dead-lettered and the
         messages before and after it are handled on their own, in order. A failure on the
         data that names no message (PostgreSQL refusing a value: class 22, 54) splits the
-        batch in halves until the record at fault is alone, and dead-letters it."""
+        batch in halves until the record at fault is alone, and dead-letters it.
+
+        The handler runs in the trace of the batch's first traced record: its log lines
+        carry that ``trace_id`` and what it publishes carries that trace (a batch of one
+        request's records, the common case, keeps its own). A debug line per batch names
+        every trace of the batch."""
         if not messages:
             return
+        first = next((m.trace for m in messages if m.trace is not None), None)
+        with trace.bound(first):
+            await self._handle_traced(topic, messages, by_position)
+
+    async def _handle_traced(
+        self,
+        topic: Topic,
+        messages: list[Message],
+        by_position: dict[tuple[int, int], ConsumerRecord],
+    ) -> None:
+        if log.is_enabled_for(logging.DEBUG):
+            log.debug(
+                "records_handling",
+                group=self.group,
+                topic=topic.value,
+                records=_positions(messages),
+                trace_ids=sorted({trace.trace_id(m.trace) for m in messages if m.trace})[:50],
+            )
         try:
             await retry(
                 lambda: self.handler(messages),
@@ -577,8 +614,10 @@ class Consumer:
             await self._publish_excerpt(topic, key, value or b"", headers)
         MESSAGES_DEAD_LETTERED.labels(self.settings.service, topic.value, stage).inc()
         MESSAGES_CONSUMED.labels(self.settings.service, topic.value, "dead_lettered").inc()
+        traceparent = trace.of_headers(record.headers)
         log.warning(
             "message_dead_lettered",
+            **{trace.LOG_FIELD: trace.trace_id(traceparent)} if traceparent else {},
             topic=topic.value,
             partition=record.partition,
             offset=record.offset,
@@ -600,6 +639,13 @@ class Consumer:
         ]
         excerpt = value[:DLQ_EXCERPT_BYTES]
         await (await self.publisher.send_raw(topic.dlq, (key or "")[:256], excerpt, ours))
+
+
+def _trace_header(headers: Sequence[tuple[str, bytes]] | None) -> bytes | None:
+    for name, value in headers or ():
+        if name == trace.HEADER:
+            return value
+    return None
 
 
 def _positions(messages: Sequence[Message]) -> dict[int, str]:

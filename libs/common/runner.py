@@ -23,7 +23,9 @@ EXIT_REFUSED = 2
 def run_service(settings_cls: type[S], build: Callable[[S], Any]) -> None:
     """Run one service. Settings it cannot work with — unreadable, a placeholder secret,
     a TLS or SASL refusal by Kafka (:class:`ConfigError`) — are one JSON log line
-    (``service_start_refused``) and exit status 2, not a traceback."""
+    (``service_start_refused``) and exit status 2, not a traceback; whatever else ends the
+    service with an error is one JSON line (``service_failed``, its traceback inside) and
+    exit 1; a dependency away at start is waited for (one line per attempt), not an error."""
     settings = _settings(settings_cls)
     log = tlog.get_logger(__name__)
     log.info("service_configuring", settings=repr(settings))
@@ -35,6 +37,14 @@ def run_service(settings_cls: type[S], build: Callable[[S], Any]) -> None:
     except ConfigError as exc:
         log.error("service_start_refused", problems=[str(exc)])
         raise SystemExit(EXIT_REFUSED) from None
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            raise
+        log.error("service_failed", error=str(exc.code))
+        raise SystemExit(1) from None
+    except Exception as exc:
+        log.error("service_failed", error=repr(exc), exc_info=exc)
+        raise SystemExit(1) from None
 
 
 def _refuse(settings: CommonSettings) -> None:

@@ -310,6 +310,16 @@ class Runtime:
             self.pool.terminate()
         log.info("service_stopped")
 
+    async def _abandon_start(self) -> None:
+        """Close what a start cut short had opened (it waited for a dependency)."""
+        for consumer in self._consumers:
+            await consumer.stop()
+        if hasattr(self, "publisher"):
+            await self.publisher.producer.stop()
+        if hasattr(self, "pool"):
+            self.pool.terminate()
+        log.info("service_stopped", during="start")
+
     async def wait_for_consumers(self, timeout: float = 60.0) -> None:
         """Until every consumer has partitions assigned (tests, `tayori dev` readiness)."""
         deadline = time.monotonic() + timeout
@@ -324,8 +334,19 @@ class Runtime:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
         stopped = asyncio.ensure_future(stop.wait())
+        starting = asyncio.ensure_future(self.start())
+        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # stopped while waiting for a dependency: leave at once
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await self._abandon_start()
+            return
+        try:
+            starting.result()
+        except BaseException:
+            stopped.cancel()
+            raise
         failed = asyncio.ensure_future(self._failed.wait())
         await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()

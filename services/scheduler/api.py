@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from libs.common import outbox
+from libs.common import outbox, trace
 from libs.common.errors import Conflict, InvalidMessage, NotFound
 from libs.common.http import ROLE, json_response, requires
 from libs.common.http.contract import contract
@@ -272,7 +272,7 @@ async def reserve(request: web.Request, path: CampaignPath, query: NoQuery) -> w
         campaign = await store.get_campaign(conn, path.id, lock=True)
         status.check(campaign["status"], "reserving")
         request_id = uuid.uuid4()
-        await conn.execute(QUERIES["set-request"], campaign["id"], request_id)
+        await conn.execute(QUERIES["set-request"], campaign["id"], request_id, trace.current())
         row = await store.transition(conn, campaign["id"], "reserving", now, "reserved")
         assert row is not None  # locked and checked above
         await outbox.add(

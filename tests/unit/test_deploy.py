@@ -808,9 +808,7 @@ def test_secret_is_a_template_holding_every_secret_setting() -> None:
     # Needed only with a secured Kafka or a Schema Registry: commented entries, uncommented
     # with a real value (a placeholder left in place is refused at start).
     optional = {
-        name
-        for name in _secret_env_names()
-        if name.startswith(("KAFKA_", "SCHEMA_REGISTRY_"))
+        name for name in _secret_env_names() if name.startswith(("KAFKA_", "SCHEMA_REGISTRY_"))
     }
     needed = _secret_env_names() - optional
     assert needed <= set(values), sorted(needed - set(values))
