@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from libs.common.logging import get_logger
+from libs.common.metrics import DB_POOL_CONNECTIONS
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -90,6 +91,16 @@ async def create_pool(
     )
     assert pool is not None
     return pool
+
+
+def observe_pool(pool: asyncpg.Pool, service: str) -> None:
+    """Export ``pool``'s connections by state (``tayori_db_pool_connections``), read from
+    asyncpg's public counters at each scrape: in_use, idle and max."""
+    DB_POOL_CONNECTIONS.labels(service, "max").set_function(pool.get_max_size)
+    DB_POOL_CONNECTIONS.labels(service, "idle").set_function(pool.get_idle_size)
+    DB_POOL_CONNECTIONS.labels(service, "in_use").set_function(
+        lambda: pool.get_size() - pool.get_idle_size()
+    )
 
 
 async def connect(

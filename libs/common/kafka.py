@@ -24,9 +24,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import IllegalStateError, TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 
 from libs.common import avro, deadletters
@@ -34,10 +34,13 @@ from libs.common.errors import DlqLimitExceeded, Fault, InvalidMessage, classify
 from libs.common.logging import get_logger
 from libs.common.metrics import (
     BATCH_SECONDS,
+    CONSUMER_LAG,
     CONSUMER_LAST_PROGRESS,
+    CONSUMER_SECONDS_SINCE_COMMIT,
     MESSAGES_CONSUMED,
     MESSAGES_DEAD_LETTERED,
     MESSAGES_PUBLISHED,
+    PRODUCER_PENDING,
 )
 from libs.common.retry import FOREVER, retry, supervise
 from libs.common.settings import CommonSettings
@@ -74,12 +77,23 @@ def make_producer(settings: CommonSettings, **overrides: Any) -> AIOKafkaProduce
 
 
 class Publisher:
-    """Sends Avro-encoded records to Tayori topics under the configured prefix."""
+    """Sends Avro-encoded records to Tayori topics under the configured prefix.
+
+    Counts the records it handed to the producer and the broker has not acknowledged yet
+    (``tayori_producer_pending_records``): the producer's queue, from our side of its
+    public API."""
 
     def __init__(self, settings: CommonSettings, producer: AIOKafkaProducer) -> None:
         self.settings = settings
         self.producer = producer
         self._partitioner = DefaultPartitioner()
+        self._pending = PRODUCER_PENDING.labels(settings.service)
+
+    def _queued(self, future: asyncio.Future[Any], records: int) -> None:
+        """``records`` wait in the producer until ``future`` (their acknowledgement) is
+        done, acknowledged or failed."""
+        self._pending.inc(records)
+        future.add_done_callback(lambda _: self._pending.dec(records))
 
     def name(self, topic: Topic | str) -> str:
         return topic_name(topic, self.settings.topic_prefix)
@@ -100,6 +114,7 @@ class Publisher:
     ) -> asyncio.Future[Any]:
         raw_key = None if key is None else str(key).encode()
         future = await self.producer.send(self.name(topic), data, key=raw_key, headers=headers)
+        self._queued(future, 1)
         MESSAGES_PUBLISHED.labels(self.settings.service, topic_label(topic)).inc()
         return future
 
@@ -146,16 +161,21 @@ class Publisher:
             batch = self.producer.create_batch()
             for raw_key, data, headers in items:
                 if batch.append(key=raw_key, value=data, timestamp=None, headers=headers) is None:
-                    batch.close()
-                    futures.append(await self.producer.send_batch(batch, name, partition=partition))
+                    futures.append(await self._send_batch(batch, name, partition))
                     batch = self.producer.create_batch()
                     batch.append(key=raw_key, value=data, timestamp=None, headers=headers)
             if batch.record_count():
-                batch.close()
-                futures.append(await self.producer.send_batch(batch, name, partition=partition))
+                futures.append(await self._send_batch(batch, name, partition))
             count += len(items)
         MESSAGES_PUBLISHED.labels(self.settings.service, topic_label(topic)).inc(count)
         return futures
+
+    async def _send_batch(self, batch: Any, name: str, partition: int) -> asyncio.Future[Any]:
+        records = batch.record_count()
+        batch.close()
+        future = await self.producer.send_batch(batch, name, partition=partition)
+        self._queued(future, records)
+        return future
 
     async def send_same_key(
         self, topic: Topic, key: str | int, values: Iterable[dict[str, Any]]
@@ -226,6 +246,11 @@ class Concurrency(enum.Enum):
 
 #: the quiet fetch wait on a broker that waits out every fetch (ms).
 QUIET_FETCH_MAX_WAIT_MS = 250
+#: a consumer's lag gauges are refreshed at most this often (seconds), from what its own
+#: fetches and commits already know: no request to the broker of their own.
+LAG_REFRESH_SECONDS = 1.0
+#: the stages a dead letter is counted under (``tayori_messages_dead_lettered_total``).
+DEAD_LETTER_STAGES = ("decode", "process")
 
 
 @dataclass(frozen=True)
@@ -341,6 +366,10 @@ class Consumer:
         self._by_name = {topic_name(t, settings.topic_prefix): t for t in self.topics}
         self._consumer: AIOKafkaConsumer | None = None
         self.last_progress = time.monotonic()
+        #: when this member last committed (its start, before the first commit).
+        self.last_commit = time.monotonic()
+        self._lag_at = 0.0
+        self._lag_series: set[tuple[str, str, str]] = set()
 
     @property
     def assigned(self) -> bool:
@@ -362,11 +391,30 @@ class Consumer:
             max_poll_records=self.max_records,
         )
         await self._consumer.start()
+        self._observe()
+
+    def _observe(self) -> None:
+        """Series that must exist from the start, at zero, so that an alert sees the first
+        dead letter after a restart (``rate()`` of a series born at 1 is 0), and the seconds
+        since the last commit, read at scrape."""
+        self.last_commit = time.monotonic()
+        for topic in self.topics:
+            for stage in DEAD_LETTER_STAGES:
+                MESSAGES_DEAD_LETTERED.labels(self.settings.service, topic.value, stage)
+            for outcome in ("ok", "dead_lettered"):
+                MESSAGES_CONSUMED.labels(self.settings.service, topic.value, outcome)
+        CONSUMER_SECONDS_SINCE_COMMIT.labels(self.group).set_function(
+            lambda: time.monotonic() - self.last_commit
+        )
 
     async def stop(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
+        for series in self._lag_series:
+            CONSUMER_LAG.remove(*series)
+        self._lag_series.clear()
+        CONSUMER_SECONDS_SINCE_COMMIT.remove(self.group)
 
     async def run(self) -> None:
         """Consume until cancelled. Offsets are committed only after the handler succeeded.
@@ -397,6 +445,7 @@ class Consumer:
         CONSUMER_LAST_PROGRESS.labels(self.settings.service, self.group).set(time.time())
         self._pace(consumer, busy=bool(batches))
         if not batches:
+            await self._observe_lag(consumer)
             return
         # Offsets are committed once every partition's handler is done, whatever the mode.
         if self.concurrency is Concurrency.TOGETHER:
@@ -413,6 +462,43 @@ class Consumer:
             for tp, records in batches.items():
                 await self._records(tp.topic, records)
         await consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+        self.last_commit = time.monotonic()
+        await self._observe_lag(consumer)
+
+    async def _observe_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """``tayori_consumer_lag_records`` of every partition this member holds: the high
+        watermark of its last fetch minus its position. The position is the committed
+        offset (every round commits all it was given, and a failed round rewinds to the
+        committed offsets; before any commit it is where the group starts, the beginning).
+        A partition not fetched yet has no high watermark and no series yet; one that left
+        this member loses its series."""
+        now = time.monotonic()
+        if now - self._lag_at < LAG_REFRESH_SECONDS:
+            return
+        self._lag_at = now
+        seen: set[tuple[str, str, str]] = set()
+        for tp in sorted(consumer.assignment()):
+            topic = self._by_name.get(tp.topic)
+            end = consumer.highwater(tp)
+            if topic is None or end is None:
+                continue
+            try:
+                position = await self._position(consumer, tp)
+            except (IllegalStateError, TimeoutError):  # revoked, or reset while we looked
+                continue
+            series = (self.group, topic.value, str(tp.partition))
+            CONSUMER_LAG.labels(*series).set(max(0, end - position))
+            seen.add(series)
+        for gone in self._lag_series - seen:
+            CONSUMER_LAG.remove(*gone)
+        self._lag_series = seen
+
+    @staticmethod
+    async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
+        # Known without a request once the partition has been fetched (it has a highwater);
+        # bounded anyway: a lag reading must never hold up the loop.
+        async with asyncio.timeout(LAG_REFRESH_SECONDS):
+            return int(await consumer.position(tp))
 
     async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
         """Back to the committed offset of every partition this member holds (the start
