@@ -246,8 +246,8 @@ class Concurrency(enum.Enum):
 
 #: the quiet fetch wait on a broker that waits out every fetch (ms).
 QUIET_FETCH_MAX_WAIT_MS = 250
-#: a consumer's lag gauges are refreshed at most this often (seconds), from what its own
-#: fetches and commits already know: no request to the broker of their own.
+#: a consumer's lag gauges are refreshed this often (seconds), from what its own fetches
+#: and commits already know: no request to the broker of their own.
 LAG_REFRESH_SECONDS = 1.0
 #: the stages a dead letter is counted under (``tayori_messages_dead_lettered_total``).
 DEAD_LETTER_STAGES = ("decode", "process")
@@ -368,7 +368,9 @@ class Consumer:
         self.last_progress = time.monotonic()
         #: when this member last committed (its start, before the first commit).
         self.last_commit = time.monotonic()
-        self._lag_at = 0.0
+        #: the group's committed offset of each partition this member holds, as far as this
+        #: member knows it: what it committed, or where it started reading the partition.
+        self._committed: dict[TopicPartition, int] = {}
         self._lag_series: set[tuple[str, str, str]] = set()
 
     @property
@@ -436,7 +438,14 @@ class Consumer:
             while True:
                 await self._round(consumer)
 
-        await supervise(rounds, name=f"consumer:{self.group}", service=self.settings.service)
+        # Lag is published by a loop of its own: a member stuck in a batch must still show
+        # the records it is not committing.
+        watch = asyncio.ensure_future(self._watch_lag(consumer))
+        try:
+            await supervise(rounds, name=f"consumer:{self.group}", service=self.settings.service)
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
 
     async def _round(self, consumer: AIOKafkaConsumer) -> None:
         """One poll: fetch, handle every partition's records, commit."""
@@ -445,8 +454,12 @@ class Consumer:
         CONSUMER_LAST_PROGRESS.labels(self.settings.service, self.group).set(time.time())
         self._pace(consumer, busy=bool(batches))
         if not batches:
-            await self._observe_lag(consumer)
+            await self._note_starts(consumer)
             return
+        for tp, records in batches.items():
+            # Every round commits all it was given, and a failed one rewinds to the
+            # committed offsets: a batch starts at the committed offset.
+            self._committed.setdefault(tp, records[0].offset)
         # Offsets are committed once every partition's handler is done, whatever the mode.
         if self.concurrency is Concurrency.TOGETHER:
             by_topic: dict[str, list[ConsumerRecord]] = {}
@@ -461,44 +474,51 @@ class Consumer:
         else:
             for tp, records in batches.items():
                 await self._records(tp.topic, records)
-        await consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+        committed = {tp: records[-1].offset + 1 for tp, records in batches.items()}
+        await consumer.commit(committed)
+        self._committed.update(committed)
         self.last_commit = time.monotonic()
-        await self._observe_lag(consumer)
 
-    async def _observe_lag(self, consumer: AIOKafkaConsumer) -> None:
-        """``tayori_consumer_lag_records`` of every partition this member holds: the high
-        watermark of its last fetch minus its position. The position is the committed
-        offset (every round commits all it was given, and a failed round rewinds to the
-        committed offsets; before any commit it is where the group starts, the beginning).
-        A partition not fetched yet has no high watermark and no series yet; one that left
-        this member loses its series."""
-        now = time.monotonic()
-        if now - self._lag_at < LAG_REFRESH_SECONDS:
-            return
-        self._lag_at = now
-        seen: set[tuple[str, str, str]] = set()
-        for tp in sorted(consumer.assignment()):
-            topic = self._by_name.get(tp.topic)
-            end = consumer.highwater(tp)
-            if topic is None or end is None:
+    async def _note_starts(self, consumer: AIOKafkaConsumer) -> None:
+        """Where this member starts on each partition it holds and has not read from yet
+        (its position: the group's committed offset, or the beginning): known without a
+        request once a fetch answered for the partition (it has a high watermark)."""
+        for tp in consumer.assignment() - self._committed.keys():
+            # Held still (an earlier position may have waited through a rebalance)?
+            if tp not in consumer.assignment() or consumer.highwater(tp) is None:
                 continue
             try:
-                position = await self._position(consumer, tp)
-            except (IllegalStateError, TimeoutError):  # revoked, or reset while we looked
+                async with asyncio.timeout(LAG_REFRESH_SECONDS):
+                    self._committed[tp] = int(await consumer.position(tp))
+            except (IllegalStateError, TimeoutError):  # revoked, or reset, while we looked
+                continue
+
+    async def _watch_lag(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            self._publish_lag(consumer)
+            await asyncio.sleep(LAG_REFRESH_SECONDS)
+
+    def _publish_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """``tayori_consumer_lag_records`` of every partition this member holds: the high
+        watermark of its last fetch minus the committed offset. A partition not fetched yet
+        has no series yet; one that left this member loses its series (and what this
+        member knew of its committed offset: another member may commit it meanwhile)."""
+        held = consumer.assignment()
+        for tp in self._committed.keys() - held:
+            del self._committed[tp]
+        seen: set[tuple[str, str, str]] = set()
+        for tp in sorted(held):
+            topic = self._by_name.get(tp.topic)
+            end = consumer.highwater(tp)
+            committed = self._committed.get(tp)
+            if topic is None or end is None or committed is None:
                 continue
             series = (self.group, topic.value, str(tp.partition))
-            CONSUMER_LAG.labels(*series).set(max(0, end - position))
+            CONSUMER_LAG.labels(*series).set(max(0, end - committed))
             seen.add(series)
         for gone in self._lag_series - seen:
             CONSUMER_LAG.remove(*gone)
         self._lag_series = seen
-
-    @staticmethod
-    async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
-        # Known without a request once the partition has been fetched (it has a highwater);
-        # bounded anyway: a lag reading must never hold up the loop.
-        async with asyncio.timeout(LAG_REFRESH_SECONDS):
-            return int(await consumer.position(tp))
 
     async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
         """Back to the committed offset of every partition this member holds (the start

@@ -1,0 +1,250 @@
+"""What the services export on /metrics, on the real stack.
+
+- Each of the six, running side by side in one process, serves the common families and its
+  own (``Runtime(metrics=...)``), and none of another service's.
+- Series alerts rely on exist from the start, at zero: dead letters per topic and stage, the
+  sender's sent count per relay; the database pool's connections are there by state.
+- A consumer exports its lag per partition (end offset minus committed offset) and the
+  seconds since its last commit, and both move: lag while a batch is stuck (the loop does
+  not publish it, a watcher of its own does), back to zero once committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from libs.common import metrics
+from libs.common.kafka import Consumer, Message
+from libs.common.settings import CommonSettings
+from libs.common.topics import Topic
+from tayori.embedded import SmtpSink, free_port
+from tayori.services import SERVICES
+from tests.conftest import Kafka, Service, Stack, eventually, running
+
+pytestmark = pytest.mark.integration
+
+
+def _names(families: Iterable[Collector]) -> set[str]:
+    return {described.name for family in families for described in family.describe()}
+
+
+def _exported(text: str) -> dict[str, list[Any]]:
+    """Family name → its samples, from a /metrics answer (without the ``<family>_created``
+    timestamps, which the text format shows as families of their own)."""
+    families = {f.name: f.samples for f in text_string_to_metric_families(text)}
+    return {
+        name: samples
+        for name, samples in families.items()
+        if not (name.endswith("_created") and name.removesuffix("_created") in families)
+    }
+
+
+def _value(exported: dict[str, list[Any]], family: str, **labels: str) -> float | None:
+    for sample in exported.get(family, []):
+        if sample.name == family or sample.name == f"{family}_total":
+            if all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
+
+
+@contextlib.asynccontextmanager
+async def six_services(
+    stack: Stack, database: str, prefix: str, home: Path
+) -> AsyncIterator[dict[str, Service]]:
+    sink = SmtpSink(home / "maildir", free_port())
+    services: dict[str, Service] = {}
+    try:
+        async with contextlib.AsyncExitStack() as started:
+            services["contacts"] = await started.enter_async_context(
+                running("contacts", stack, database, prefix)
+            )
+            contacts_url = services["contacts"].api.base
+            services["suppression"] = await started.enter_async_context(
+                running("suppression", stack, database, prefix)
+            )
+            services["scheduler"] = await started.enter_async_context(
+                running("scheduler", stack, database, prefix, contacts_url=contacts_url)
+            )
+            services["exporter"] = await started.enter_async_context(
+                running(
+                    "exporter",
+                    stack,
+                    database,
+                    prefix,
+                    contacts_url=contacts_url,
+                    scheduler_url=services["scheduler"].api.base,
+                    export_dir=home / "exports",
+                )
+            )
+            services["sender"] = await started.enter_async_context(
+                running("sender", stack, database, prefix, smtp_relays=f"127.0.0.1:{sink.port}")
+            )
+            services["bounce_processor"] = await started.enter_async_context(
+                running(
+                    "bounce_processor",
+                    stack,
+                    database,
+                    prefix,
+                    smtp_host="127.0.0.1",
+                    smtp_port=free_port(),
+                )
+            )
+            yield services
+    finally:
+        sink.stop()
+
+
+async def test_each_service_exports_the_common_families_and_only_its_own(
+    stack: Stack, database: str, prefix: str, tmp_path: Path
+) -> None:
+    common = _names(metrics.COMMON)
+    assert {"tayori_consumer_lag_records", "tayori_db_pool_connections"} <= common
+    async with six_services(stack, database, prefix, tmp_path) as services:
+        assert set(services) == set(SERVICES)
+        for name, service in services.items():
+            text = await service.api.ok("GET", "/metrics", token=None)
+            exported = _exported(text)
+            tayori = {family for family in exported if family.startswith("tayori_")}
+            own = _names(metrics.OWNED[name])
+            others = set().union(*(_names(f) for s, f in metrics.OWNED.items() if s != name))
+            assert own, name
+            assert common <= tayori, f"{name} lacks {sorted(common - tayori)}"
+            assert own <= tayori, f"{name} lacks its own {sorted(own - tayori)}"
+            assert not tayori & others, f"{name} exports {sorted(tayori & others)}"
+            assert tayori == common | own, sorted(tayori - common - own)
+            # The process's own collectors stay (memory, CPU).
+            assert "process_resident_memory_bytes" in exported, name
+
+            size = float(service.runtime.settings.db_pool_size)
+            pool = "tayori_db_pool_connections"
+            assert _value(exported, pool, service=name, state="max") == size
+            in_use = _value(exported, pool, service=name, state="in_use")
+            idle = _value(exported, pool, service=name, state="idle")
+            assert in_use is not None and idle is not None and in_use + idle <= size, name
+            assert _value(exported, "tayori_producer_pending_records", service=name) is not None
+            for spec in service.runtime.consumers:
+                assert (
+                    _value(exported, "tayori_consumer_seconds_since_commit", group=spec.group)
+                    is not None
+                ), spec.group
+                for topic in spec.topics:
+                    for stage in ("decode", "process"):
+                        dead = _value(
+                            exported,
+                            "tayori_messages_dead_lettered",
+                            service=name,
+                            topic=topic.value,
+                            stage=stage,
+                        )
+                        assert dead == 0, (name, topic, stage, dead)
+
+        sender = _exported(await services["sender"].api.ok("GET", "/metrics", token=None))
+        relay = services["sender"].runtime.settings.smtp_relays
+        sent = _value(sender, "tayori_sender_sends", kind="campaign", outcome="sent", relay=relay)
+        assert sent == 0
+
+
+def _result() -> dict[str, object]:
+    return {
+        "result_id": str(uuid.uuid4()),
+        "campaign_id": str(uuid.uuid4()),
+        "contact_id": 1,
+        "email": "a@example.jp",
+        "outcome": "sent",
+        "smtp_code": 250,
+        "enhanced_code": None,
+        "diagnostic": None,
+        "relay": "r",
+        "message_id": None,
+        "step_id": None,
+        "suppressed_reason": None,
+        "occurred_at": 0,
+    }
+
+
+async def test_consumer_lag_and_seconds_since_commit(
+    stack: Stack, kafka: Kafka, prefix: str
+) -> None:
+    group = f"lag-{uuid.uuid4().hex[:6]}"
+    release = asyncio.Event()
+    handled: list[Message] = []
+
+    async def handler(batch: list[Message]) -> None:
+        await release.wait()  # the first batch is stuck until the test lets it go
+        handled.extend(batch)
+
+    settings = CommonSettings(
+        kafka_bootstrap=stack.broker.bootstrap,
+        topic_prefix=prefix,
+        service="test",
+        kafka_session_timeout_ms=1000,
+        kafka_profile="embedded",
+        kafka_fetch_max_wait_ms=20,
+    )
+    for _ in range(3):  # one key: one partition
+        await kafka.send(Topic.DELIVERY_RESULTS, 7, _result())
+    consumer = Consumer(
+        settings, kafka.publisher, group=group, topics=[Topic.DELIVERY_RESULTS], handler=handler
+    )
+    await consumer.start()
+    task = asyncio.ensure_future(consumer.run())
+
+    def lag() -> float | None:
+        values = [
+            metrics.sample_value(
+                "tayori_consumer_lag_records",
+                {"group": group, "topic": Topic.DELIVERY_RESULTS.value, "partition": str(p)},
+            )
+            for p in (0, 1)
+        ]
+        known = [v for v in values if v is not None]
+        return sum(known) if known else None
+
+    def since_commit() -> float:
+        value = metrics.sample_value("tayori_consumer_seconds_since_commit", {"group": group})
+        assert value is not None
+        return value
+
+    try:
+        # Stuck in its first batch: what came meanwhile adds to the lag it shows.
+        for _ in range(2):
+            await kafka.send(Topic.DELIVERY_RESULTS, 7, _result())
+
+        async def five_behind() -> bool:
+            return lag() == 5
+
+        await eventually(five_behind)
+        stuck = since_commit()
+
+        async def growing() -> bool:
+            return since_commit() > stuck
+
+        await eventually(growing)  # counted from the start while nothing was committed
+
+        release.set()
+
+        async def caught_up() -> bool:
+            return lag() == 0 and len(handled) == 5
+
+        await eventually(caught_up)
+
+        async def committed() -> bool:
+            return since_commit() < stuck
+
+        await eventually(committed)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
+    # A stopped consumer's series go: its partitions are someone else's now.
+    assert lag() is None
+    assert metrics.sample_value("tayori_consumer_seconds_since_commit", {"group": group}) is None
