@@ -74,6 +74,11 @@ TRANSIENT_RETRIES = Counter(
 DB_POOL_CONNECTIONS = Gauge(
     "tayori_db_pool_connections", "Database pool connections by state", ["service", "state"]
 )
+#: callers waiting for a connection of the service's pool (above zero for long: saturated,
+#: work queues for the database). Read at scrape.
+DB_POOL_WAITING = Gauge(
+    "tayori_db_pool_waiting", "Callers waiting for a database pool connection", ["service"]
+)
 
 # Producers and the outbox ---------------------------------------------------------
 #: messages published to Kafka, by topic.
@@ -273,6 +278,7 @@ COMMON: tuple[MetricWrapperBase, ...] = (
     CONSUMER_SECONDS_SINCE_COMMIT,
     TRANSIENT_RETRIES,
     DB_POOL_CONNECTIONS,
+    DB_POOL_WAITING,
     MESSAGES_PUBLISHED,
     PRODUCER_PENDING,
     OUTBOX_BACKLOG,

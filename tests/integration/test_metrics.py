@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from libs.common import metrics
+from libs.common import db, metrics
 from libs.common.kafka import Consumer, Message
 from libs.common.settings import CommonSettings
 from libs.common.topics import Topic
@@ -248,3 +248,35 @@ async def test_consumer_lag_and_seconds_since_commit(
     # A stopped consumer's series go: its partitions are someone else's now.
     assert lag() is None
     assert metrics.sample_value("tayori_consumer_seconds_since_commit", {"group": group}) is None
+
+
+async def test_database_pool_connections_and_waiting_callers(database: str) -> None:
+    service = f"pool-{uuid.uuid4().hex[:6]}"
+    pool = await db.create_pool(database, "contacts", size=1)
+    db.observe_pool(pool, service)
+
+    def value(family: str, **labels: str) -> float | None:
+        return metrics.sample_value(family, {"service": service, **labels})
+
+    try:
+        assert value("tayori_db_pool_connections", state="max") == 1
+        assert value("tayori_db_pool_waiting") == 0
+        async with pool.acquire() as held:
+            assert value("tayori_db_pool_connections", state="in_use") == 1
+            assert value("tayori_db_pool_connections", state="idle") == 0
+            # Two more callers queue for the one connection: asyncpg's own fetchval and an
+            # awaited acquire.
+            queued = asyncio.ensure_future(pool.fetchval("SELECT 1"))
+            taken = asyncio.ensure_future(pool.acquire())
+
+            async def two_waiting() -> bool:
+                return value("tayori_db_pool_waiting") == 2
+
+            await eventually(two_waiting)
+            assert await held.fetchval("SELECT 2") == 2
+        assert await queued == 1
+        await pool.release(await taken)
+        assert value("tayori_db_pool_waiting") == 0
+        assert value("tayori_db_pool_connections", state="in_use") == 0
+    finally:
+        await pool.close()
