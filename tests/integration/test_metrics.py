@@ -12,9 +12,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +25,9 @@ from libs.common import db, metrics
 from libs.common.kafka import Consumer, Message
 from libs.common.settings import CommonSettings
 from libs.common.topics import Topic
-from tayori.embedded import SmtpSink, free_port
 from tayori.services import SERVICES
-from tests.conftest import Kafka, Service, Stack, eventually, running
+from tests.conftest import Kafka, Stack, eventually, running_all
+from tests.integration.test_consumer_loop import _result
 
 pytestmark = pytest.mark.integration
 
@@ -56,59 +55,12 @@ def _value(exported: dict[str, list[Any]], family: str, **labels: str) -> float 
     return None
 
 
-@contextlib.asynccontextmanager
-async def six_services(
-    stack: Stack, database: str, prefix: str, home: Path
-) -> AsyncIterator[dict[str, Service]]:
-    sink = SmtpSink(home / "maildir", free_port())
-    services: dict[str, Service] = {}
-    try:
-        async with contextlib.AsyncExitStack() as started:
-            services["contacts"] = await started.enter_async_context(
-                running("contacts", stack, database, prefix)
-            )
-            contacts_url = services["contacts"].api.base
-            services["suppression"] = await started.enter_async_context(
-                running("suppression", stack, database, prefix)
-            )
-            services["scheduler"] = await started.enter_async_context(
-                running("scheduler", stack, database, prefix, contacts_url=contacts_url)
-            )
-            services["exporter"] = await started.enter_async_context(
-                running(
-                    "exporter",
-                    stack,
-                    database,
-                    prefix,
-                    contacts_url=contacts_url,
-                    scheduler_url=services["scheduler"].api.base,
-                    export_dir=home / "exports",
-                )
-            )
-            services["sender"] = await started.enter_async_context(
-                running("sender", stack, database, prefix, smtp_relays=f"127.0.0.1:{sink.port}")
-            )
-            services["bounce_processor"] = await started.enter_async_context(
-                running(
-                    "bounce_processor",
-                    stack,
-                    database,
-                    prefix,
-                    smtp_host="127.0.0.1",
-                    smtp_port=free_port(),
-                )
-            )
-            yield services
-    finally:
-        sink.stop()
-
-
 async def test_each_service_exports_the_common_families_and_only_its_own(
     stack: Stack, database: str, prefix: str, tmp_path: Path
 ) -> None:
     common = _names(metrics.COMMON)
     assert {"tayori_consumer_lag_records", "tayori_db_pool_connections"} <= common
-    async with six_services(stack, database, prefix, tmp_path) as services:
+    async with running_all(stack, database, prefix, tmp_path) as services:
         assert set(services) == set(SERVICES)
         for name, service in services.items():
             text = await service.api.ok("GET", "/metrics", token=None)
@@ -153,24 +105,6 @@ async def test_each_service_exports_the_common_families_and_only_its_own(
         assert sent == 0
 
 
-def _result() -> dict[str, object]:
-    return {
-        "result_id": str(uuid.uuid4()),
-        "campaign_id": str(uuid.uuid4()),
-        "contact_id": 1,
-        "email": "a@example.jp",
-        "outcome": "sent",
-        "smtp_code": 250,
-        "enhanced_code": None,
-        "diagnostic": None,
-        "relay": "r",
-        "message_id": None,
-        "step_id": None,
-        "suppressed_reason": None,
-        "occurred_at": 0,
-    }
-
-
 async def test_consumer_lag_and_seconds_since_commit(
     stack: Stack, kafka: Kafka, prefix: str
 ) -> None:
@@ -191,7 +125,7 @@ async def test_consumer_lag_and_seconds_since_commit(
         kafka_fetch_max_wait_ms=20,
     )
     for _ in range(3):  # one key: one partition
-        await kafka.send(Topic.DELIVERY_RESULTS, 7, _result())
+        await kafka.send(Topic.DELIVERY_RESULTS, 7, _result(str(uuid.uuid4())))
     consumer = Consumer(
         settings, kafka.publisher, group=group, topics=[Topic.DELIVERY_RESULTS], handler=handler
     )
@@ -217,7 +151,7 @@ async def test_consumer_lag_and_seconds_since_commit(
     try:
         # Stuck in its first batch: what came meanwhile adds to the lag it shows.
         for _ in range(2):
-            await kafka.send(Topic.DELIVERY_RESULTS, 7, _result())
+            await kafka.send(Topic.DELIVERY_RESULTS, 7, _result(str(uuid.uuid4())))
 
         async def five_behind() -> bool:
             return lag() == 5
