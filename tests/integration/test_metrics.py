@@ -22,12 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from libs.common import db, metrics
-from libs.common.kafka import Consumer, Message
-from libs.common.settings import CommonSettings
+from libs.common.kafka import Message
 from libs.common.topics import Topic
 from tayori.services import SERVICES
 from tests.conftest import Kafka, Stack, eventually, running_all
 from tests.integration.test_consumer_loop import _result
+from tests.integration.test_consumer_loop import running as consuming
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +108,6 @@ async def test_each_service_exports_the_common_families_and_only_its_own(
 async def test_consumer_lag_and_seconds_since_commit(
     stack: Stack, kafka: Kafka, prefix: str
 ) -> None:
-    group = f"lag-{uuid.uuid4().hex[:6]}"
     release = asyncio.Event()
     handled: list[Message] = []
 
@@ -116,23 +115,7 @@ async def test_consumer_lag_and_seconds_since_commit(
         await release.wait()  # the first batch is stuck until the test lets it go
         handled.extend(batch)
 
-    settings = CommonSettings(
-        kafka_bootstrap=stack.broker.bootstrap,
-        topic_prefix=prefix,
-        service="test",
-        kafka_session_timeout_ms=1000,
-        kafka_profile="embedded",
-        kafka_fetch_max_wait_ms=20,
-    )
-    for _ in range(3):  # one key: one partition
-        await kafka.send(Topic.DELIVERY_RESULTS, 7, _result(str(uuid.uuid4())))
-    consumer = Consumer(
-        settings, kafka.publisher, group=group, topics=[Topic.DELIVERY_RESULTS], handler=handler
-    )
-    await consumer.start()
-    task = asyncio.ensure_future(consumer.run())
-
-    def lag() -> float | None:
+    def lag(group: str) -> float | None:
         values = [
             metrics.sample_value(
                 "tayori_consumer_lag_records",
@@ -143,45 +126,43 @@ async def test_consumer_lag_and_seconds_since_commit(
         known = [v for v in values if v is not None]
         return sum(known) if known else None
 
-    def since_commit() -> float:
-        value = metrics.sample_value("tayori_consumer_seconds_since_commit", {"group": group})
-        assert value is not None
-        return value
+    def since_commit(group: str) -> float | None:
+        return metrics.sample_value("tayori_consumer_seconds_since_commit", {"group": group})
 
-    try:
+    for _ in range(3):  # one key: one partition
+        await kafka.send(Topic.DELIVERY_RESULTS, 7, _result(str(uuid.uuid4())))
+    async with consuming(stack, kafka, prefix, handler) as consumer:
+        group = consumer.group
         # Stuck in its first batch: what came meanwhile adds to the lag it shows.
         for _ in range(2):
             await kafka.send(Topic.DELIVERY_RESULTS, 7, _result(str(uuid.uuid4())))
 
         async def five_behind() -> bool:
-            return lag() == 5
+            return lag(group) == 5
 
         await eventually(five_behind)
-        stuck = since_commit()
+        stuck = since_commit(group)
+        assert stuck is not None
 
         async def growing() -> bool:
-            return since_commit() > stuck
+            return (since_commit(group) or 0) > stuck
 
         await eventually(growing)  # counted from the start while nothing was committed
 
         release.set()
 
         async def caught_up() -> bool:
-            return lag() == 0 and len(handled) == 5
+            return lag(group) == 0 and len(handled) == 5
 
         await eventually(caught_up)
 
         async def committed() -> bool:
-            return since_commit() < stuck
+            return (since_commit(group) or stuck) < stuck
 
         await eventually(committed)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await consumer.stop()
     # A stopped consumer's series go: its partitions are someone else's now.
-    assert lag() is None
-    assert metrics.sample_value("tayori_consumer_seconds_since_commit", {"group": group}) is None
+    assert lag(group) is None
+    assert since_commit(group) is None
 
 
 async def test_database_pool_connections_and_waiting_callers(database: str) -> None:
