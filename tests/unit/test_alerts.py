@@ -140,3 +140,15 @@ def test_every_alert_links_its_runbook_section() -> None:
         for part in ("What it means", "What to check", "What to do"):
             assert f"**{part}**" in body, f"RUNBOOK.md {name}: no '{part}'"
     assert set(sections) == {n.lower() for n in _alerts()}, "RUNBOOK.md has sections of no alert"
+
+
+def test_alerts_watch_lag_commits_and_saturation() -> None:
+    exprs = "\n".join(rule["expr"] for rule in _alerts().values())
+    for metric in (
+        "tayori_consumer_lag_records",
+        "tayori_consumer_seconds_since_commit",
+        "tayori_db_pool_connections",
+    ):
+        assert metric in exprs, f"no alert on {metric}"
+    lag = _alerts()["TayoriConsumerLagGrowing"]["expr"]
+    assert re.search(r"by \([^)]*\bgroup\b", lag), "the lag alert is not one per consumer group"
