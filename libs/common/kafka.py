@@ -478,11 +478,13 @@ class Consumer:
         await consumer.commit(committed)
         self._committed.update(committed)
         self.last_commit = time.monotonic()
+        await self._note_starts(consumer)  # the partitions that had nothing this round
 
     async def _note_starts(self, consumer: AIOKafkaConsumer) -> None:
         """Where this member starts on each partition it holds and has not read from yet
         (its position: the group's committed offset, or the beginning): known without a
-        request once a fetch answered for the partition (it has a high watermark)."""
+        request once a fetch answered for the partition (it has a high watermark). Called
+        between rounds only, when every position is a committed offset."""
         for tp in consumer.assignment() - self._committed.keys():
             # Held still (an earlier position may have waited through a rebalance)?
             if tp not in consumer.assignment() or consumer.highwater(tp) is None:

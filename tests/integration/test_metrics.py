@@ -25,7 +25,7 @@ from libs.common import db, metrics
 from libs.common.kafka import Message
 from libs.common.topics import Topic
 from tayori.services import SERVICES
-from tests.conftest import Kafka, Stack, eventually, running_all
+from tests.conftest import Kafka, Service, Stack, eventually, running_all
 from tests.integration.test_consumer_loop import _result
 from tests.integration.test_consumer_loop import running as consuming
 
@@ -98,6 +98,28 @@ async def test_each_service_exports_the_common_families_and_only_its_own(
                             stage=stage,
                         )
                         assert dead == 0, (name, topic, stage, dead)
+
+        # Every partition of every consumer's topics shows its lag once fetched (nothing
+        # was published: 0), each on the member holding it, here the only one.
+        for service in services.values():
+
+            async def lag_of_every_partition(service: Service = service) -> bool:
+                exported = _exported(await service.api.ok("GET", "/metrics", token=None))
+                return all(
+                    _value(
+                        exported,
+                        "tayori_consumer_lag_records",
+                        group=spec.group,
+                        topic=topic.value,
+                        partition=str(partition),
+                    )
+                    == 0
+                    for spec in service.runtime.consumers
+                    for topic in spec.topics
+                    for partition in (0, 1)
+                )
+
+            await eventually(lag_of_every_partition)
 
         sender = _exported(await services["sender"].api.ok("GET", "/metrics", token=None))
         relay = services["sender"].runtime.settings.smtp_relays
