@@ -441,6 +441,7 @@ class Consumer:
         # Lag is published by a loop of its own: a member stuck in a batch must still show
         # the records it is not committing.
         watch = asyncio.ensure_future(self._watch_lag(consumer))
+        watch.add_done_callback(self._lag_watch_ended)
         try:
             await supervise(rounds, name=f"consumer:{self.group}", service=self.settings.service)
         finally:
@@ -499,6 +500,11 @@ class Consumer:
         while True:
             self._publish_lag(consumer)
             await asyncio.sleep(LAG_REFRESH_SECONDS)
+
+    def _lag_watch_ended(self, watch: asyncio.Future[None]) -> None:
+        # A bug here must not stop the consumer, nor go unseen: the lag series then stand still.
+        if not watch.cancelled() and watch.exception() is not None:
+            log.error("consumer_lag_watch_failed", group=self.group, error=repr(watch.exception()))
 
     def _publish_lag(self, consumer: AIOKafkaConsumer) -> None:
         """``tayori_consumer_lag_records`` of every partition this member holds: the high
