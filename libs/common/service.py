@@ -24,8 +24,9 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
+from prometheus_client.registry import Collector, CollectorRegistry
 
-from libs.common import db, http
+from libs.common import db, http, metrics
 from libs.common.errors import is_transient
 from libs.common.kafka import (
     Concurrency,
@@ -132,6 +133,9 @@ class Runtime:
     background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     #: called on stop after HTTP closed and before the pool closes (in-flight jobs).
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    #: the service's own metric families (``libs.common.metrics.OWNED[service]``): its
+    #: ``/metrics`` serves these and the common ones, nothing of the other services.
+    metrics: tuple[Collector, ...] = ()
 
     pool: asyncpg.Pool = field(init=False)
     publisher: Publisher = field(init=False)
@@ -162,6 +166,7 @@ class Runtime:
                 connect_timeout=s.db_connect_timeout_seconds,
             ),
         )
+        db.observe_pool(self.pool, s.service)
         producer = await self._when_up("kafka", lambda: _started(s))
         self.publisher = Publisher(s, producer)
         self.outbox = OutboxRelay(self.pool, self.publisher, self.schema, dsn=s.database_url)
@@ -176,7 +181,12 @@ class Runtime:
         for job in self.background:
             self._spawn(job, job.__name__)
         app = http.create_app(
-            s.service, s.bearer_tokens(), health=self.health, ready=self.ready, title=self.title
+            s.service,
+            s.bearer_tokens(),
+            health=self.health,
+            ready=self.ready,
+            title=self.title,
+            registry=self.registry,
         )
         if self.setup_routes:
             self.setup_routes(app)
@@ -197,6 +207,11 @@ class Runtime:
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else s.http_port
         log.info("service_started", http_port=self.port, schema=self.schema)
+
+    @functools.cached_property
+    def registry(self) -> CollectorRegistry:
+        """What this service's ``/metrics`` serves (:func:`libs.common.metrics.registry`)."""
+        return metrics.registry(self.metrics)
 
     @property
     def _loops(self) -> set[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from libs.common import metrics
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
 from services.bounce_processor import agents, api, maintenance
@@ -35,7 +36,11 @@ PRODUCES = (
 
 def build(settings: BounceSettings) -> Runtime:
     runtime = Runtime(
-        settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori bounce processor"
+        settings=settings,
+        schema=SCHEMA,
+        migrations=MIGRATIONS,
+        title="Tayori bounce processor",
+        metrics=metrics.BOUNCE_PROCESSOR,
     )
 
     def make() -> Context:

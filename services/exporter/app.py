@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from libs.common import metrics
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
 from services.exporter import agents, api, jobs
@@ -32,7 +33,11 @@ PRODUCES = (
 
 def build(settings: ExporterSettings) -> Runtime:
     runtime = Runtime(
-        settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori exporter"
+        settings=settings,
+        schema=SCHEMA,
+        migrations=MIGRATIONS,
+        title="Tayori exporter",
+        metrics=metrics.EXPORTER,
     )
     ctx = LazyContext(lambda: Context(settings, runtime.pool, runtime.publisher))
     bind = ctx.bind

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from libs.common import metrics
 from libs.common.kafka import Latency
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
@@ -35,7 +36,11 @@ PRODUCES = (
 
 def build(settings: SchedulerSettings) -> Runtime:
     runtime = Runtime(
-        settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori scheduler"
+        settings=settings,
+        schema=SCHEMA,
+        migrations=MIGRATIONS,
+        title="Tayori scheduler",
+        metrics=metrics.SCHEDULER,
     )
     ctx = LazyContext(lambda: Context(settings, runtime.pool, runtime.publisher))
     bind = ctx.bind

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from libs.common import metrics
 from libs.common.kafka import Concurrency, Latency
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
@@ -31,9 +32,17 @@ __all__ = ["MIGRATIONS", "PRODUCES", "SCHEMA", "build"]
 
 
 def build(settings: SenderSettings) -> Runtime:
-    settings.relays()  # a malformed SMTP_RELAYS stops the start, not the first send
+    # A malformed SMTP_RELAYS stops the start, not the first send. Each relay's sent count
+    # exists from the start, at zero: an alert on a flat count (TayoriSendingStalled) then
+    # sees a sender that never sent since it started.
+    for host, port in settings.relays():
+        metrics.SENDER_SENDS.labels("campaign", "sent", f"{host}:{port}")
     runtime = Runtime(
-        settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori sender"
+        settings=settings,
+        schema=SCHEMA,
+        migrations=MIGRATIONS,
+        title="Tayori sender",
+        metrics=metrics.SENDER,
     )
     ctx = LazyContext(lambda: Context(settings, runtime.pool, runtime.publisher))
     bind = ctx.bind

@@ -10,8 +10,8 @@ import io
 from pathlib import Path
 
 import pytest
-from prometheus_client import REGISTRY
 
+from libs.common.metrics import sample_value
 from tests.conftest import Service, Stack, eventually, running
 from tests.integration.outage import database_away
 from tests.integration.test_exporter import download, finished, seed
@@ -70,7 +70,7 @@ class HoldingRelay:
 
 def pauses() -> float:
     labels = {"service": "exporter", "operation": "export"}
-    return REGISTRY.get_sample_value("tayori_transient_retries_total", labels) or 0
+    return sample_value("tayori_transient_retries_total", labels) or 0
 
 
 async def test_an_export_caught_by_a_database_outage_pauses_and_ends_done(

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
-from prometheus_client import REGISTRY
 
 from libs.common.kafka import Publisher, ensure_topics, make_producer
+from libs.common.metrics import sample_value
 from libs.common.settings import CommonSettings
 from libs.common.topics import Topic
 from tayori.embedded import MaildirHandler, free_port
@@ -43,7 +43,7 @@ class HoldingAll(MaildirHandler):
 
 def retries(operation: str) -> float:
     return (
-        REGISTRY.get_sample_value(
+        sample_value(
             "tayori_transient_retries_total", {"service": "sender", "operation": operation}
         )
         or 0

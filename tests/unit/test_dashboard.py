@@ -22,16 +22,6 @@ from tests.unit.test_deploy import TARGET_LABELS, _exported_series
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "base" / "dashboards"
 DASHBOARD_FILE = DASHBOARD / "tayori.json"
 
-#: Metrics landing from the consumer-lag branch (issue 19 item 3 and 4), with their labels:
-#: agreed names, not yet in libs/common/metrics.py on this branch. The lead removes this
-#: list when merging that branch (each name then comes from metrics.py like the others).
-METRICS_LANDING_FROM_THE_LAG_BRANCH: dict[str, set[str]] = {
-    "tayori_consumer_lag_records": {"group", "topic", "partition"},
-    "tayori_consumer_seconds_since_commit": {"group"},
-    "tayori_db_pool_connections": {"service", "state"},
-    "tayori_producer_pending_records": {"service"},
-}
-
 #: PromQL words that are not metric names: functions, aggregations, keywords.
 PROMQL_WORDS = {
     "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk", "quantile",
@@ -46,11 +36,7 @@ PROMQL_WORDS = {
 
 
 def _series() -> dict[str, set[str]]:
-    series = _exported_series()
-    for name in METRICS_LANDING_FROM_THE_LAG_BRANCH:
-        # Once a name is in metrics.py, its entry above is stale: remove it.
-        assert name not in series, f"{name} is in metrics.py now: drop it from the list"
-    return {**series, **METRICS_LANDING_FROM_THE_LAG_BRANCH}
+    return _exported_series()
 
 
 def _dashboard() -> dict[str, Any]:

@@ -28,9 +28,11 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
+from libs.common import metrics as tayori_metrics
 from libs.common import trace
 from libs.common.errors import (
     Conflict,
@@ -285,16 +287,20 @@ def create_app(
     health: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
     ready: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
     title: str,
+    registry: CollectorRegistry | None = None,
     client_max_size: int = JSON_BODY_BYTES,
 ) -> web.Application:
     """An application with the standard endpoints; add the service's routes to it.
 
-    ``client_max_size`` bounds what aiohttp itself reads into memory for a view that does
-    not stream its body; contracts set their own limit per route."""
+    ``/metrics`` serves ``registry`` (the service's: common and own families; without one,
+    the common families alone). ``client_max_size`` bounds what aiohttp itself reads into
+    memory for a view that does not stream its body; contracts set their own limit per
+    route."""
     app = web.Application(middlewares=[observe, errors, auth], client_max_size=client_max_size)
     app[ROLE_KEY] = tokens
     app[SERVICE_KEY] = service
     app.on_response_prepare.append(_trace_headers)
+    served = registry if registry is not None else tayori_metrics.registry(())
 
     @public
     @contract(response=Health, also={503: Health})
@@ -316,7 +322,7 @@ def create_app(
     @contract(media={"text/plain": "Prometheus text exposition"})
     async def metrics(_: web.Request) -> web.Response:
         """Prometheus metrics of this process."""
-        response = web.Response(body=generate_latest())
+        response = web.Response(body=generate_latest(served))
         response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return response
 
