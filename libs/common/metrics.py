@@ -212,3 +212,7 @@ BOUNCE_RULE_ACTIONS = Counter(
 )
 #: tracking requests (F-34), by kind (open, click) and outcome (recorded, bad_token).
 TRACKING_HITS = Counter("tayori_tracking_hits_total", "Tracking hits", ["kind", "outcome"])
+#: ESP event webhooks (issue 21), by esp (ses, sendgrid, mailgun, postmark) and outcome:
+#: accepted, confirmed (an SNS subscription), unconfigured, unsigned, forged, replayed,
+#: bad_payload, unattributed (signed, but no valid X-Tayori-Ref in it).
+ESP_WEBHOOKS = Counter("tayori_esp_webhooks_total", "ESP webhook requests", ["esp", "outcome"])
