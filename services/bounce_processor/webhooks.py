@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from libs.common.errors import TransientError
 from libs.common.http import error, json_response, public
 from libs.common.http.contract import contract, read_body
 from libs.common.logging import get_logger
@@ -62,16 +63,20 @@ SNS_BODIES = {"text/plain": JSON_BODY, "application/json": JSON_BODY}
 
 
 async def _get(url: str) -> bytes:
-    """GET ``url`` (an SNS certificate or SubscribeURL, host checked by the caller)."""
+    """GET ``url`` (an SNS certificate or SubscribeURL, host checked by the caller); AWS
+    out of reach is weather (503: SNS retries), a wrong answer a refusal."""
     timeout = aiohttp.ClientTimeout(total=FETCH_SECONDS)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        async with session.get(url, allow_redirects=False) as response:
-            if response.status != 200:
-                raise Refused(403, "forged", f"{url} answered {response.status}")
-            body = await response.content.read(CERT_BYTES + 1)
-            if len(body) > CERT_BYTES:
-                raise Refused(403, "forged", f"{url} is too large")
-            return body
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.get(url, allow_redirects=False) as response:
+                if response.status != 200:
+                    raise Refused(403, "forged", f"{url} answered {response.status}")
+                body = await response.content.read(CERT_BYTES + 1)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise TransientError(f"SNS unreachable: {exc}") from exc
+    if len(body) > CERT_BYTES:
+        raise Refused(403, "forged", f"{url} is too large")
+    return body
 
 
 @dataclass
@@ -119,6 +124,13 @@ def _json(raw: bytes) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadPayload("the body is not JSON") from None
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    body = _json(raw)
+    if not isinstance(body, dict):
+        raise BadPayload(f"the {what} is not a JSON object")
+    return body
 
 
 async def apply(ctx: Context, esp: str, events: list[EspEvent]) -> dict[str, int]:
@@ -210,9 +222,7 @@ async def ses_webhook(request: web.Request) -> web.Response:
         return _unconfigured(request, "ses", "ESP_SES_TOPIC_ARNS")
     raw = await read_body(request, max_bytes=MAX_BYTES)
     try:
-        message = _json(raw)
-        if not isinstance(message, dict):
-            raise BadPayload("the SNS message is not a JSON object")
+        message = _json_object(raw, "SNS message")
         if message.get("TopicArn") not in topics:
             raise Refused(403, "forged", "the SNS topic is not in ESP_SES_TOPIC_ARNS")
         await esp_auth.verify_sns(message, hooks.certificates)
@@ -246,9 +256,6 @@ async def _confirm(request: web.Request, hooks: Webhooks, message: dict[str, Any
         return json_response({"confirmed": False})
     try:
         await hooks.confirm(url)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        log.warning("esp_ses_confirmation_failed", error=str(exc))
-        return error(503, "the SNS subscription could not be confirmed", request=request)
     except Refused as exc:
         return _refuse(request, "ses", exc)
     ESP_WEBHOOKS.labels("ses", "confirmed").inc()
@@ -291,9 +298,7 @@ async def mailgun_webhook(request: web.Request) -> web.Response:
         return _unconfigured(request, "mailgun", "ESP_MAILGUN_SIGNING_KEY")
     raw = await read_body(request, max_bytes=MAX_BYTES)
     try:
-        payload = _json(raw)
-        if not isinstance(payload, dict):
-            raise BadPayload("the Mailgun payload is not a JSON object")
+        payload = _json_object(raw, "Mailgun payload")
     except BadPayload as exc:
         return _bad(request, "mailgun", str(exc))
     try:
@@ -323,10 +328,6 @@ async def postmark_webhook(request: web.Request) -> web.Response:
     raw = await read_body(request, max_bytes=MAX_BYTES)
     now = dt.datetime.now(dt.UTC)
 
-    def read() -> list[EspEvent]:
-        payload = _json(raw)
-        if not isinstance(payload, dict):
-            raise BadPayload("the Postmark payload is not a JSON object")
-        return postmark_events(payload, now)
-
-    return await _finish(request, "postmark", read)
+    return await _finish(
+        request, "postmark", lambda: postmark_events(_json_object(raw, "Postmark payload"), now)
+    )

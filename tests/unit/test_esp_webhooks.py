@@ -19,10 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from libs.common.errors import TransientError
 from libs.common.mail import esp_ref
 from libs.common.mail.tokens import BadToken
 from libs.common.mail.verp import VerpAddresses
-from services.bounce_processor import esp, esp_auth
+from services.bounce_processor import esp, esp_auth, webhooks
 from services.bounce_processor.esp_auth import Refused, SnsCertificates
 from services.sender.compose import Composer
 from tests.unit.test_sender_units import compose, request, settings
@@ -337,3 +338,8 @@ def test_postmark_events(verp) -> None:
     assert kinds(read("postmark_delivery.json")) == [("delivered", None)]
     transient = {**payload("postmark_bounce.json", ref), "Type": "Transient", "Details": "x"}
     assert kinds(esp.postmark_events(transient, NOW)) == [("ignored", None)]
+
+
+async def test_sns_out_of_reach_is_transient_not_a_refusal() -> None:
+    with pytest.raises(TransientError):  # 503 with Retry-After: SNS delivers again
+        await webhooks._get("https://127.0.0.1:1/cert.pem")
