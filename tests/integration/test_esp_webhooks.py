@@ -25,6 +25,7 @@ from services.bounce_processor.context import CONTEXT
 from services.bounce_processor.esp_auth import SnsCertificates
 from services.bounce_processor.webhooks import WEBHOOKS
 from tests.conftest import Service, running
+from tests.integration.test_sender import mail_to, send_request
 from tests.unit.test_esp_webhooks import (
     CERT_URL,
     TOPIC,
@@ -235,3 +236,26 @@ async def test_an_unconfigured_esp_answers_404(bounce_processor):
     for esp in ("ses", "sendgrid", "mailgun", "postmark"):
         status, problem = await post(bounce_processor, f"/esp/{esp}", b"{}")
         assert status == 404 and "not configured" in problem["detail"], (esp, problem)
+
+
+async def test_a_mail_the_sender_sent_is_attributed_by_its_header(
+    sender, esp_bounces, kafka, smtp_sink
+):
+    """The whole path: the sender's real mail carries X-Tayori-Ref; the ESP echoes it (here
+    as Mailgun's user variable) and the bounce lands on that campaign and contact."""
+    campaign, contact = str(uuid.uuid4()), 920001
+    await kafka.send(Topic.SEND_REQUESTS, contact, send_request(campaign, contact))
+    [mail] = await mail_to(smtp_sink, 1)
+    ref = str(mail["X-Tayori-Ref"])
+    assert f"{ref}@" in str(mail["X-Tayori-Envelope-From"])  # the VERP token itself
+    [ok] = await events_of(kafka, contact, has("status"))  # the sent result: status ok
+    assert ok["delivery_status"] == "ok"
+
+    failed = payload("mailgun_failed_smtp.json", ref)
+    failed["signature"] = mailgun_signature(MAILGUN_KEY, str(int(time.time())), "0a1b2c")
+    status, summary = await post(esp_bounces, "/esp/mailgun", json.dumps(failed).encode())
+    assert status == 200 and summary["failures"] == 1, summary
+    events = await events_of(kafka, contact, has("bounced"))
+    bounced = events[-1]
+    assert (bounced["campaign_id"], bounced["classification"]) == (campaign, "invalid_address")
+    assert bounced["delivery_status"] == "invalid_address"
