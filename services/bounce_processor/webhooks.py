@@ -136,7 +136,6 @@ def _json_object(raw: bytes, what: str) -> dict[str, Any]:
 async def apply(ctx: Context, esp: str, events: list[EspEvent]) -> dict[str, int]:
     """Claim the events' ids and apply the new, attributed ones, in one transaction.
     Refused (409) when every id was seen before (a replay)."""
-    now = dt.datetime.now(dt.UTC)
     async with ctx.pool.acquire() as conn, conn.transaction():
         ids = list(dict.fromkeys(e.event_id for e in events))
         fresh_ids = {r["event_id"] for r in await conn.fetch(QUERIES["claim-esp-events"], esp, ids)}
@@ -159,7 +158,7 @@ async def apply(ctx: Context, esp: str, events: list[EspEvent]) -> dict[str, int
                     ContactEvent(
                         target.contact_id,
                         rules.Delivered(),
-                        event.occurred_at or now,
+                        event.occurred_at,
                         event.email,
                         target.campaign_id,
                     )
