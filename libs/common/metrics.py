@@ -265,6 +265,10 @@ BOUNCE_RULE_ACTIONS = Counter(
 )
 #: tracking requests (F-34), by kind (open, click) and outcome (recorded, bad_token).
 TRACKING_HITS = Counter("tayori_tracking_hits_total", "Tracking hits", ["kind", "outcome"])
+#: ESP event webhooks (issue 21), by esp (ses, sendgrid, mailgun, postmark) and outcome:
+#: accepted, confirmed (an SNS subscription), unconfigured, unsigned, forged, replayed,
+#: bad_payload, unattributed (signed, but no valid X-Tayori-Ref in it).
+ESP_WEBHOOKS = Counter("tayori_esp_webhooks_total", "ESP webhook requests", ["esp", "outcome"])
 
 
 # Owners ----------------------------------------------------------------------------------
@@ -316,6 +320,7 @@ BOUNCE_PROCESSOR = (
     BOUNCE_INBOUND_BACKLOG,
     BOUNCE_RULE_ACTIONS,
     TRACKING_HITS,
+    ESP_WEBHOOKS,
 )
 #: each service's own families (its app.py passes them to its Runtime).
 OWNED: dict[str, tuple[MetricWrapperBase, ...]] = {

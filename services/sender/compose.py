@@ -32,6 +32,7 @@ import dkim
 
 from libs.common.errors import InvalidMessage
 from libs.common.mail import content as content_fields
+from libs.common.mail import esp_ref
 from libs.common.mail.mergetags import COUPON_URL, UNSUBSCRIBE_URL
 from libs.common.mail.render import CampaignMessage
 from libs.common.mail.tokens import Signer
@@ -116,6 +117,7 @@ class Composer:
         self.links = UnsubscribeLinks(settings.signing_keys, settings.public_base_url)
         self.coupons = Signer(settings.signing_keys, "coupon")
         self.verp = VerpAddresses(settings.signing_keys, settings.bounce_domain)
+        self.esps = esp_ref.parse_esps(settings.esp_ref_headers)
         unsubscribe = settings.public_base_url.rstrip("/") + "/u/"
         self.tracking = TrackingLinks(
             settings.signing_keys, settings.tracking_base_url, untracked=(unsubscribe,)
@@ -174,12 +176,15 @@ class Composer:
         campaign_id: str = request["campaign_id"]
         contact_id: int = request["contact_id"]
         values = dict(request.get("merge_values") or {})
-        headers: dict[str, str] | None = None
+        # The VERP return path, and its token as X-Tayori-Ref: an ESP that rewrites the
+        # return path echoes the header (or its metadata twin) in its webhooks (issue 21).
+        return_path = self.verp.address(campaign_id, contact_id)
+        headers = esp_ref.esp_headers(return_path.rpartition("@")[0], self.esps)
         if request.get("group_id") is not None:
             target = UnsubscribeTarget(
                 contact_id, int(request["group_id"]), campaign_id, test=bool(request.get("test"))
             )
-            headers = self.links.headers(target)
+            headers.update(self.links.headers(target))
             values[UNSUBSCRIBE_URL] = headers["List-Unsubscribe"][1:-1]  # one signature
         else:
             # No group, no membership to leave (a filter-only target): no unsubscribe URL to
@@ -202,7 +207,7 @@ class Composer:
         )
         if self.dkim is not None:
             data = self.dkim.sign(data)
-        return data, message_id, self.verp.address(campaign_id, contact_id)
+        return data, message_id, return_path
 
     def system_mail(self, mail: dict[str, Any], to: str) -> tuple[bytes, str, str]:
         """(content, Message-ID, MAIL FROM) of an operator notification to ``to``."""

@@ -539,7 +539,7 @@ def _ingress_matches(path: dict[str, Any], request_path: str) -> bool:
     return elements[: len(prefix)] == prefix
 
 
-def test_ingress_exposes_only_the_unsubscribe_and_tracking_pages() -> None:
+def test_ingress_exposes_only_the_unsubscribe_tracking_and_esp_pages() -> None:
     ingresses = _of_kind("Ingress")
     assert len(ingresses) == 1, f"expected one Ingress, found {len(ingresses)}"
     spec = ingresses[0]["spec"]
@@ -548,6 +548,7 @@ def test_ingress_exposes_only_the_unsubscribe_and_tracking_pages() -> None:
     assert [(p["path"], p["pathType"], p["backend"]["service"]["name"]) for _, p in paths] == [
         ("/u/", "Prefix", "tayori-suppression"),
         ("/t/", "Prefix", "tayori-bounce-processor"),
+        ("/esp/", "Prefix", "tayori-bounce-processor"),
     ]
     for host, path in paths:
         assert host and "*" not in host, f"{path['path']}: give the rule one explicit host"
