@@ -8,8 +8,6 @@ message); services compose through :mod:`libs.common.mail.compose`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from libs.common.mail.compose import personalise
 from libs.common.mail.mime import fold_unstructured
 from libs.common.mail.template import CampaignTemplate, Format
@@ -17,29 +15,11 @@ from libs.common.mail.textpart import html_to_text, text_template_from_html
 
 
 class CampaignMessage(CampaignTemplate):
-    """A :class:`CampaignTemplate` that renders itself."""
+    """A :class:`CampaignTemplate` that renders itself: ``render(values, *, to, message_id,
+    headers, contact_id, step_id)`` is :func:`~libs.common.mail.compose.personalise` — the
+    complete RFC 5322 message for one recipient, CRLF line endings."""
 
-    def render(
-        self,
-        values: Mapping[str, str],
-        *,
-        to: str,
-        message_id: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        contact_id: str | int | None = None,
-        step_id: str | None = None,
-    ) -> bytes:
-        """The complete RFC 5322 message for one recipient, CRLF line endings
-        (:func:`~libs.common.mail.compose.personalise`)."""
-        return personalise(
-            self,
-            values,
-            to=to,
-            message_id=message_id,
-            headers=headers,
-            contact_id=contact_id,
-            step_id=step_id,
-        )
+    render = personalise
 
 
 __all__ = [
