@@ -23,7 +23,8 @@ from libs.common.errors import Conflict, InvalidMessage, NotFound
 from libs.common.http import ROLE, json_response, requires
 from libs.common.http.contract import contract
 from libs.common.mail import mergetags
-from libs.common.mail.render import CampaignMessage
+from libs.common.mail.compose import personalise
+from libs.common.mail.template import CampaignTemplate
 from libs.common.metrics import RESENDS_CREATED, SCHEDULER_RELEASED
 from libs.common.safecsv import safe_cell
 from libs.common.topics import Topic
@@ -430,7 +431,7 @@ async def preview(request: web.Request, path: CampaignPath, query: PreviewQuery)
             ctx, conn, campaign, contact_id, from_ledger=True
         )
     values = _with_links(ctx, campaign, values)
-    message = CampaignMessage(
+    message = CampaignTemplate(
         campaign_id=str(campaign["id"]),
         from_address=campaign["from_address"],
         from_name=campaign["from_name"],
@@ -439,7 +440,7 @@ async def preview(request: web.Request, path: CampaignPath, query: PreviewQuery)
         format=campaign["format"],
         body=campaign["body"],
     )
-    mime = message.render(values, to=address, contact_id=chosen)
+    mime = personalise(message, values, to=address, contact_id=chosen)
     return json_response(
         {
             "contact_id": chosen,
