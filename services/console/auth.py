@@ -107,7 +107,7 @@ async def login(
         if _HASHER.check_needs_rehash(row["password_hash"]):
             await pool.execute(QUERIES["rehash-user"], row["id"], hash_password(password))
         return User(row["id"], row["username"], row["email"], row["role"], row["lang"])
-    failures = await pool.fetchval(QUERIES["login-failed"], key, max_failures, float(lock_seconds))
+    failures = await pool.fetchval(QUERIES["login-failed"], key, float(lock_seconds))
     if failures >= max_failures:
         await pool.execute(QUERIES["lock-login"], key, float(lock_seconds))
         raise LockedOut(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=lock_seconds))

@@ -47,7 +47,7 @@ SELECT locked_until FROM login_failure WHERE key = $1 AND locked_until > now();
 INSERT INTO login_failure AS f (key, failures, last_at)
 VALUES ($1, 1, now())
 ON CONFLICT (key) DO UPDATE
-SET failures = CASE WHEN f.last_at < now() - make_interval(secs => $3) THEN 1
+SET failures = CASE WHEN f.last_at < now() - make_interval(secs => $2) THEN 1
                     ELSE f.failures + 1 END,
     last_at = now()
 RETURNING failures;

@@ -19,6 +19,7 @@ import asyncpg
 import jinja2
 from aiohttp import web
 
+from libs.common.errors import Fault, classify
 from libs.common.http import SERVICE_KEY, observe
 from libs.common.logging import get_logger
 from services.console import auth
@@ -204,12 +205,12 @@ async def pages(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status in (401, 403):
             return error_page(request, 403, "この操作は許可されていません", exc.detail)
         return error_page(request, exc.status, "エラーが発生しました", exc.detail)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-        log.warning("console_database_unavailable", error=type(exc).__name__)
-        response = error_page(request, 503, "サービスに接続できません", "console database")
-        response.headers["Retry-After"] = "5"
-        return response
-    except Exception:
+    except Exception as exc:
+        if classify(exc) is Fault.TRANSIENT:  # the console's own database is away
+            log.warning("console_database_unavailable", error=type(exc).__name__)
+            response = error_page(request, 503, "サービスに接続できません", "console database")
+            response.headers["Retry-After"] = "5"
+            return response
         log.exception("console_page_failed", path=request.path, method=request.method)
         return error_page(request, 500, "エラーが発生しました")
 
