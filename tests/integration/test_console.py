@@ -44,18 +44,25 @@ async def test_a_page_needs_a_login_and_comes_back_after_it(client: Browserless)
     _, login_page, _ = await client.get("/login?next=%2Fcontacts%3Fq%3Dx")
     status, html, response = await client.post(
         "/login",
-        {"csrf": client.csrf(login_page), "login": "viewer", "password": PASSWORD,
-         "next": "/contacts?q=x"},
+        {
+            "csrf": client.csrf(login_page),
+            "login": "viewer",
+            "password": PASSWORD,
+            "next": "/contacts?q=x",
+        },
     )
     assert status == 200
     assert response.url.path == "/contacts" and response.url.query_string == "q=x"
     assert "顧客検索" in html
 
 
-async def test_session_cookie_is_httponly_and_samesite(client: Browserless, site: ConsoleStack) -> None:
+async def test_session_cookie_is_httponly_and_samesite(
+    client: Browserless, site: ConsoleStack
+) -> None:
     _, html, _ = await client.get("/login")
     status, _, response = await client.post(
-        "/login", {"csrf": client.csrf(html), "login": "admin", "password": PASSWORD},
+        "/login",
+        {"csrf": client.csrf(html), "login": "admin", "password": PASSWORD},
         follow=False,
     )
     assert status == 303

@@ -110,8 +110,16 @@ async def create_export(request: web.Request) -> web.Response:
     states = [str(s) for s in posted.getall("state", [])]
     form["columns_list"] = ",".join(columns)
     client = api(request)
+    headings = {key: label for key, (label, _) in STANDARD.items()}
     body: dict[str, Any] = {
-        "columns": [{"key": c} for c in columns],
+        "columns": [
+            {"key": c, "label": "配信停止日時(配信停止方法)"}
+            if c.startswith("unsubscribed_at:")
+            else {"key": c, "label": headings[c]}
+            if c in headings
+            else {"key": c}
+            for c in columns
+        ],
         "header": posted.get("header") == "1",
         "encoding": str(posted.get("encoding", "utf-8")),
     }
