@@ -8,6 +8,7 @@ Without /usr/bin/chromium the module is skipped with a loud reason; `.ci/run` in
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import shutil
@@ -96,6 +97,12 @@ async def context(browser: Browser) -> AsyncIterator[BrowserContext]:
 async def shot(page: Page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+async def downloaded(info: Any) -> bytes:
+    """The bytes of a download the browser finished."""
+    path = await (await info.value).path()
+    return await asyncio.to_thread(Path(path).read_bytes)
 
 
 async def login(page: Page, site: ConsoleStack, username: str, password: str = PASSWORD) -> None:
@@ -303,8 +310,7 @@ async def test_import_a_cp932_file_with_bad_rows_and_read_its_errors(
     await shot(page, "import-job")
     async with page.expect_download() as info:
         await page.click("#errors-csv")
-    download = await info.value
-    text = Path(await download.path()).read_text(encoding="utf-8-sig")
+    text = (await downloaded(info)).decode("utf-8-sig")
     lines = list(csv.reader(io.StringIO(text)))
     assert [line[0] for line in lines[1:]] == ["3", "5"]
     found = await site.api("contacts").ok(
@@ -348,7 +354,7 @@ async def test_export_a_groups_unsubscribed_members_and_follow_the_mail_link(
     await shot(page, "jobs")
     async with page.expect_download() as info:
         await page.click(f"#job-{job_id} a.download")
-    data = Path(await (await info.value).path()).read_bytes().decode("cp932")
+    data = (await downloaded(info)).decode("cp932")
     assert "gone@example.jp" in data and "stays@example.jp" not in data
     assert "配信停止日時" in data
     # The mail's link (the exporter builds it on EXPORTER_PUBLIC_URL = the console) opens
@@ -366,7 +372,7 @@ async def test_export_a_groups_unsubscribed_members_and_follow_the_mail_link(
         await fresh.fill("#password", PASSWORD)
         async with fresh.expect_download() as info:
             await fresh.click("button[type=submit]")
-        again = Path(await (await info.value).path()).read_bytes().decode("cp932")
+        again = (await downloaded(info)).decode("cp932")
         assert again == data
     finally:
         await stranger.close()
