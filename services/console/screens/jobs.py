@@ -20,7 +20,16 @@ from services.console import auth
 from services.console.clients import ApiProblem, RoleApi
 from services.console.fields import MEMBERSHIP_STATES, STANDARD
 from services.console.screens import search_form
-from services.console.web import POOL, USER, api, error_page, page, render
+from services.console.web import (
+    API,
+    POOL,
+    USER,
+    api,
+    error_page,
+    login_redirect,
+    page,
+    render,
+)
 
 routes = web.RouteTableDef()
 ENCODINGS = {"utf-8": "UTF-8", "utf-8-sig": "UTF-8 (BOM)", "cp932": "Shift_JIS (CP932)"}
@@ -180,13 +189,39 @@ async def _stream(request: web.Request, job_id: str, token: str) -> web.StreamRe
 
 
 @routes.get("/v1/exports/{id}/download")
-@page("viewer")
+@page(None)
 async def mail_link(request: web.Request) -> web.StreamResponse:
-    """The export mail's link: login first if needed, then the file."""
+    """The export mail's link: login first if needed, then the file. An API client that
+    sends its bearer token is passed through to the exporter as it is (the link works for
+    curl as it did when it pointed at the exporter)."""
     job_id = request.match_info["id"]
     if not _JOB_ID.match(job_id):
         raise web.HTTPNotFound()
+    if request.get(USER) is None:
+        if request.headers.get("Authorization", "").lower().startswith("bearer "):
+            return await _pass_through(request, job_id)
+        raise login_redirect(request)
     return await _download(request, job_id, request.query.get("token", ""))
+
+
+async def _pass_through(request: web.Request, job_id: str) -> web.StreamResponse:
+    """The exporter's own answer to a bearer-token client, status and body as they are."""
+    client = request.app[API]
+    assert client.session is not None
+    url = client.urls["exporter"] + f"/v1/exports/{job_id}/download"
+    headers = {"Authorization": request.headers["Authorization"]}
+    async with client.session.get(
+        url, params={"token": request.query.get("token", "")}, headers=headers
+    ) as upstream:
+        response = web.StreamResponse(status=upstream.status)
+        for name in ("Content-Type", "Content-Disposition", "Retry-After"):
+            if name in upstream.headers:
+                response.headers[name] = upstream.headers[name]
+        await response.prepare(request)
+        async for chunk in upstream.content.iter_chunked(64 * 1024):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
 
 
 async def _download(request: web.Request, job_id: str, token: str) -> web.StreamResponse:
