@@ -40,10 +40,11 @@ from tayori.embedded import (
     SmtpSink,
     die_with_parent,
 )
-from tayori.services import SERVICES, service_parts
+from tayori.services import CONSOLE, SERVICES, service_parts
 
 #: SPEC §10 dev ports; each can be changed with TAYORI_<NAME>_PORT.
 PORTS = {
+    "console": 8080,
     "contacts": 8081,
     "suppression": 8082,
     "scheduler": 8083,
@@ -242,6 +243,14 @@ class Dev:
         # The dev profile: the published development signing key is accepted here (the
         # keys above are generated, but TAYORI_SIGNING_KEYS may name it).
         env.setdefault("TAYORI_PROFILE", "dev")
+        # The console calls the services with a token per role: dev makes one for the
+        # operator and one for the viewer beside the admin token (all services accept them).
+        env["TAYORI_API_TOKENS"] = _secret(
+            self.home,
+            "TAYORI_API_TOKENS",
+            "api_tokens",
+            f"operator:{secrets.token_urlsafe(24)},viewer:{secrets.token_urlsafe(24)}",
+        )
         if not env.get("DATABASE_URL"):
             self.postgres = EmbeddedPostgres(self.home / "pg")
             env["DATABASE_URL"] = asyncio.run(self.postgres.create_database("tayori"))
@@ -260,7 +269,11 @@ class Dev:
         # under $TAYORI_HOME/exports and puts its own address in the download links.
         env.setdefault("SCHEDULER_URL", f"http://127.0.0.1:{port('scheduler')}")
         env.setdefault("EXPORT_DIR", str(self.home / "exports"))
-        env.setdefault("EXPORTER_PUBLIC_URL", f"http://127.0.0.1:{port('exporter')}")
+        # The export mail's link opens the console, which asks for a login and downloads.
+        env.setdefault("EXPORTER_PUBLIC_URL", f"http://127.0.0.1:{port(CONSOLE)}")
+        env.setdefault("CONSOLE_PUBLIC_URL", f"http://127.0.0.1:{port(CONSOLE)}")
+        for name in SERVICES:
+            env.setdefault(f"CONSOLE_{name.upper()}_URL", f"http://127.0.0.1:{port(name)}")
         env.setdefault("TAYORI_PUBLIC_URL", f"http://127.0.0.1:{port('suppression')}")
         # Open pixel and click links in mail point at the bounce processor's public pages.
         env.setdefault("TAYORI_TRACKING_URL", f"http://127.0.0.1:{port('bounce_processor')}")
@@ -274,11 +287,20 @@ class Dev:
         for name in SERVICES:
             app, _ = service_parts(name)
             asyncio.run(migrate(env["DATABASE_URL"], app.SCHEMA, Path(app.MIGRATIONS)))
+        # The dev login: `admin` with the admin token as its password (SPEC §10).
+        from services.console.users import ensure_user
+
+        try:
+            asyncio.run(
+                ensure_user(env["DATABASE_URL"], "admin", env["TAYORI_ADMIN_TOKEN"], "admin")
+            )
+        except ValueError as exc:  # an admin token too short to be a password
+            say(f"no console login made for admin: {exc}")
         if self.postgres:
             self.parts.append(PostgresPart(self.postgres))
         if self.broker:
             self.parts.append(BrokerPart(self.broker, env.get("KAFKA_TOPIC_PREFIX", "")))
-        for name in SERVICES:
+        for name in (CONSOLE, *SERVICES):
             self.children[name] = child = Child(
                 name,
                 [sys.executable, "-m", "tayori", name],
@@ -287,7 +309,7 @@ class Dev:
             )
             child.start(self.clock())
         deadline = time.monotonic() + 90
-        for name in SERVICES:
+        for name in (*SERVICES, CONSOLE):
             while not _healthy(f"http://127.0.0.1:{port(name)}/readyz"):
                 if self.stopping:
                     return env
@@ -300,6 +322,8 @@ class Dev:
 
     def banner(self, env: dict[str, str]) -> str:
         lines = ["", "Tayori is running (Ctrl-C stops everything).", ""]
+        console = f"http://127.0.0.1:{port(CONSOLE)}"
+        lines.append(f"  console           {console}  (log in as admin / the admin token below)")
         for name in SERVICES:
             base = f"http://127.0.0.1:{port(name)}"
             lines.append(f"  {name:<17} {base}  (API reference: {base}/docs; /metrics)")
