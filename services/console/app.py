@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from libs.common import db
+from libs.common import metrics as tayori_metrics
 from libs.common.http import dumps
 from libs.common.logging import get_logger
 from libs.common.retry import retry
@@ -51,6 +52,7 @@ class Console:
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self._metrics = tayori_metrics.registry(())
 
     async def start(self, *, migrate: bool = True) -> None:
         s = self.settings
@@ -70,6 +72,7 @@ class Console:
             name="connect:database",
             service=s.service,
         )
+        db.observe_pool(self.pool, s.service)
         await self.api.start()
         self.app = self.build_app()
         self._runner = web.AppRunner(
@@ -139,7 +142,9 @@ class Console:
 
     @pages.page(None)
     async def metrics(self, _: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest())
+        # The common families (HTTP requests, the database pool) and the process's: the
+        # console owns none of its own (libs/common/metrics.OWNED).
+        response = web.Response(body=generate_latest(self._metrics))
         response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return response
 

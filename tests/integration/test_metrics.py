@@ -97,7 +97,9 @@ async def test_each_service_exports_the_common_families_and_only_its_own(
                             topic=topic.value,
                             stage=stage,
                         )
-                        assert dead == 0, (name, topic, stage, dead)
+                        # present from the start (other tests of this process may have
+                        # dead-lettered on the same topic: the counters are the process's)
+                        assert dead is not None and dead >= 0, (name, topic, stage)
 
         # Every partition of every consumer's topics shows its lag once fetched (nothing
         # was published: 0), each on the member holding it, here the only one.
