@@ -1,7 +1,9 @@
 """The console's journeys in a real Chromium (Debian's ``chromium`` driven by Playwright for
 Python, never a downloaded browser) against real services. One browser and one stack for
 the module; each test has its own browser context (cookies). Every screen is saved as a
-screenshot into docs/console/ (shown in the README).
+screenshot: into docs/console/ (shown in the README) with ``TAYORI_SCREENSHOTS=docs``
+(refresh them when a screen changes), else into the test's temporary directory, so an
+ordinary run leaves the checkout as it was.
 
 Without /usr/bin/chromium the module is skipped with a loud reason; `.ci/run` installs it.
 """
@@ -10,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import functools
 import io
+import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -95,8 +100,14 @@ async def context(browser: Browser) -> AsyncIterator[BrowserContext]:
 
 
 async def shot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    where = SHOTS if os.environ.get("TAYORI_SCREENSHOTS") == "docs" else _scratch()
+    where.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(where / f"{name}.png"), full_page=True)
+
+
+@functools.cache
+def _scratch() -> Path:
+    return Path(tempfile.mkdtemp(prefix="tayori-console-shots-"))
 
 
 async def downloaded(info: Any) -> bytes:
