@@ -6,12 +6,13 @@ generates from ``config.env`` and ``secrets.env`` are read here under their plai
 validated (strictly: unknown fields fail) with ``kubernetes_validate``; CRD kinds it has no
 schema for (ServiceMonitor, PrometheusRule, KafkaTopic) are checked by hand here and
 against their CRD schemas in ``test_deploy_render.py``, which renders the base and the
-overlays with kustomize. Every service in :data:`tayori.services.SERVICES` must be
-deployed (Deployment, Service, PodDisruptionBudget, migration initContainer, compose service
-and migration one-shot); the Ingress must expose exactly the public routes (handlers marked
-with :func:`libs.common.http.public`) and nothing else. Topic lists are compared with
-:func:`libs.common.topics.all_topic_names` and alert expressions with the metrics declared in
-:mod:`libs.common.metrics`.
+overlays with kustomize. Every service in :data:`tayori.services.SERVICES` and the console
+(:data:`tayori.services.CONSOLE`) must be deployed (Deployment, Service, PodDisruptionBudget,
+migration initContainer, compose service and migration one-shot); the public Ingress must
+expose exactly the public routes (handlers marked with :func:`libs.common.http.public`) and
+nothing else, the console's Ingress (a host of its own) exactly the console's screens. Topic
+lists are compared with :func:`libs.common.topics.all_topic_names` and alert expressions with
+the metrics declared in :mod:`libs.common.metrics`.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ IMAGE_NAME = "tayori"
 TARGET_LABELS = {"namespace", "pod", "job", "instance", "service", "container", "endpoint"}
 #: Routes every service's HTTP server adds itself (libs.common.http); all cluster-internal.
 STANDARD_ROUTES = ("/healthz", "/readyz", "/metrics", "/openapi.json")
+#: What runs in its own Deployment: the six services and the console.
+COMPONENTS = (*SERVICES, CONSOLE)
+PUBLIC_INGRESS, CONSOLE_INGRESS = "tayori-public", "tayori-console"
 #: Port every Tayori container listens on (HTTP_PORT in containers).
 CONTAINER_PORT = 8080
 #: the inbound SMTP port of the bounce processor (BOUNCE_SMTP_PORT in containers).
@@ -233,6 +237,19 @@ def _routes(service: str) -> list[tuple[str, str, bool]]:
     return found
 
 
+def _console_routes() -> list[tuple[str, str]]:
+    """(method, path) of every screen of the console (its static files under /static/)."""
+    from services.console.screens import SCREENS
+
+    found = [("GET", "/static/console.css"), ("GET", "/static/console.js")]
+    for screen in SCREENS:
+        for route in screen.routes:
+            if isinstance(route, web.RouteDef):
+                found.append((route.method, route.path))
+    assert len(found) > 10, "found no console screens"
+    return found
+
+
 # -- the base as a whole ---------------------------------------------------------------
 
 
@@ -250,7 +267,7 @@ def test_base_holds_every_kind_the_spec_names() -> None:
         "KafkaTopic",
     }
     assert expected <= kinds, f"missing kinds: {sorted(expected - kinds)}"
-    for service in SERVICES:
+    for service in COMPONENTS:
         assert _one("Deployment", _name(service))
 
 
@@ -405,12 +422,13 @@ def test_sender_scales_with_an_hpa_on_cpu() -> None:
 
 def test_deployments_run_exactly_the_implemented_services() -> None:
     components = sorted(_component(d) for d in DEPLOYMENTS)
-    assert components == sorted(SERVICES), (
-        f"Deployments run {components}; tayori.services.SERVICES is {sorted(SERVICES)}"
+    assert components == sorted(COMPONENTS), (
+        f"Deployments run {components}; tayori.services.SERVICES and CONSOLE are "
+        f"{sorted(COMPONENTS)}"
     )
 
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", COMPONENTS)
 def test_every_implemented_service_is_deployed(service: str) -> None:
     deployment = _one("Deployment", _name(service))
     assert _component(deployment) == service
@@ -518,11 +536,12 @@ def test_service_monitor_scrapes_every_service() -> None:
 # -- Ingress: the public routes and nothing else ---------------------------------------
 
 
-def _ingress_paths() -> list[tuple[str, dict[str, Any]]]:
-    """(host, path entry) of every HTTP path of every Ingress."""
+def _ingress_paths(name: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(host, path entry) of every HTTP path of every Ingress (or of the one named)."""
     return [
         (rule.get("host", ""), path)
         for ingress in _of_kind("Ingress")
+        if name is None or ingress["metadata"]["name"] == name
         for rule in ingress["spec"].get("rules", [])
         for path in rule.get("http", {}).get("paths", [])
     ]
@@ -540,11 +559,11 @@ def _ingress_matches(path: dict[str, Any], request_path: str) -> bool:
 
 
 def test_ingress_exposes_only_the_unsubscribe_tracking_and_esp_pages() -> None:
-    ingresses = _of_kind("Ingress")
-    assert len(ingresses) == 1, f"expected one Ingress, found {len(ingresses)}"
-    spec = ingresses[0]["spec"]
-    assert "defaultBackend" not in spec, "a default backend exposes every other path"
-    paths = _ingress_paths()
+    ingresses = sorted(i["metadata"]["name"] for i in _of_kind("Ingress"))
+    assert ingresses == sorted([PUBLIC_INGRESS, CONSOLE_INGRESS]), ingresses
+    for ingress in _of_kind("Ingress"):
+        assert "defaultBackend" not in ingress["spec"], "a default backend exposes every path"
+    paths = _ingress_paths(PUBLIC_INGRESS)
     assert [(p["path"], p["pathType"], p["backend"]["service"]["name"]) for _, p in paths] == [
         ("/u/", "Prefix", "tayori-suppression"),
         ("/t/", "Prefix", "tayori-bounce-processor"),
@@ -560,17 +579,55 @@ def test_ingress_exposes_only_the_unsubscribe_tracking_and_esp_pages() -> None:
 
 
 def test_ingress_serves_the_public_url_over_tls() -> None:
-    (ingress,) = _of_kind("Ingress")
+    for each in _of_kind("Ingress"):
+        hosts = {rule["host"] for rule in each["spec"]["rules"]}
+        tls = each["spec"].get("tls", [])
+        assert tls and all(entry.get("secretName") for entry in tls), "no TLS certificate Secret"
+        tls_hosts = {host for entry in tls for host in entry.get("hosts", [])}
+        assert hosts <= tls_hosts, f"served without TLS: {sorted(hosts - tls_hosts)}"
+    ingress = _one("Ingress", PUBLIC_INGRESS)
     hosts = {rule["host"] for rule in ingress["spec"]["rules"]}
-    tls = ingress["spec"].get("tls", [])
-    assert tls and all(entry.get("secretName") for entry in tls), "no TLS certificate Secret"
-    tls_hosts = {host for entry in tls for host in entry.get("hosts", [])}
-    assert hosts <= tls_hosts, f"served without TLS: {sorted(hosts - tls_hosts)}"
     # Links in sent mail are built on TAYORI_PUBLIC_URL: it must be this Ingress, in https.
     public_url = urlsplit(_one("ConfigMap", CONFIG_MAP)["data"]["TAYORI_PUBLIC_URL"])
     assert public_url.scheme == "https"
     assert public_url.hostname in hosts and public_url.port is None
     assert public_url.path in ("", "/"), "a path prefix would move /u/ off the Ingress path"
+
+
+def _console_env() -> dict[str, str]:
+    (container,) = _pod_spec(_one("Deployment", _name(CONSOLE)))["containers"]
+    return {entry["name"]: entry["value"] for entry in container.get("env", [])}
+
+
+def test_console_ingress_serves_its_screens_and_nothing_else_on_a_host_of_its_own() -> None:
+    paths = _ingress_paths(CONSOLE_INGRESS)
+    hosts = {host for host, _ in paths}
+    public_hosts = {host for host, _ in _ingress_paths(PUBLIC_INGRESS)}
+    assert len(hosts) == 1 and not hosts & public_hosts, "the console needs a host of its own"
+    assert {p["backend"]["service"]["name"] for _, p in paths} == {_name(CONSOLE)}
+    # The public mail host routes nothing to the console.
+    assert all(
+        p["backend"]["service"]["name"] != _name(CONSOLE) for _, p in _ingress_paths(PUBLIC_INGRESS)
+    )
+    for method, route in _console_routes():
+        assert any(_ingress_matches(p, route) for _, p in paths), f"{method} {route} not routed"
+    for route in STANDARD_ROUTES:
+        assert not any(_ingress_matches(p, route) for _, p in paths), f"{route} is internal"
+    # CONSOLE_PUBLIC_URL is that host in https (Secure cookies).
+    url = urlsplit(_console_env()["CONSOLE_PUBLIC_URL"])
+    assert url.scheme == "https" and url.hostname in hosts and url.port is None
+
+
+def test_console_reaches_every_service_by_its_kubernetes_name() -> None:
+    from services.console.settings import ConsoleSettings
+
+    env = _console_env()
+    for service in SERVICES:
+        field = next(f for f in dataclasses.fields(ConsoleSettings) if f.name == f"{service}_url")
+        url = urlsplit(env[field.metadata["env"]])
+        assert (url.hostname, url.port) == (_name(service), CONTAINER_PORT), service
+    labels = _pod_labels(_one("Deployment", _name(CONSOLE)))
+    assert labels.get("tayori-api-client") == "true", "networkpolicy.yaml: the API client label"
 
 
 @pytest.mark.parametrize("service", SERVICES)

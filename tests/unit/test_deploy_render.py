@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tayori.services import SERVICES
+from tayori.services import CONSOLE, SERVICES
 from tests.unit import kustomize
 from tests.unit.test_deploy import K8S_VERSIONS, _routes
 
@@ -35,6 +35,8 @@ CONFIG_MAP, SECRET, DASHBOARDS = "tayori-config", "tayori-secrets", "tayori-dash
 #: (tree, expected namespace); the base sets none.
 NAMESPACES = {"base": None, "dev": "tayori-dev", "prod": "tayori"}
 HTTP_PORT = 8080
+#: What runs in its own Deployment: the six services and the console.
+COMPONENTS = (*SERVICES, CONSOLE)
 
 
 def _name(service: str) -> str:
@@ -123,7 +125,7 @@ def test_every_tree_renders_the_services() -> None:
     assert set(kustomize.TREES) == set(NAMESPACES), "a new overlay: add it to NAMESPACES"
     for tree in kustomize.TREES:
         deployments = {d["metadata"]["name"] for d in _of_kind(tree, "Deployment")}
-        assert deployments == {_name(s) for s in SERVICES}, tree
+        assert deployments == {_name(s) for s in COMPONENTS}, tree
     kinds = {doc["kind"] for _, doc in RENDERED if not _is_builtin(doc)}
     assert kinds == {kind for _, kind in CRD_SCHEMAS}, "a vendored CRD schema is unused"
 
@@ -176,8 +178,8 @@ def test_the_image_override_reaches_every_container(tree: str) -> None:
         for d in _of_kind(tree, "Deployment")
         for c in _containers(d)
     ]
-    # A service container and a migration initContainer per service.
-    assert len(images) == 2 * len(SERVICES)
+    # A service container and a migration initContainer per service and for the console: 14.
+    assert len(images) == 2 * len(COMPONENTS) == 14
     wrong = [entry for entry in images if entry[2] != expected]
     assert not wrong, f"{tree}: containers not on {expected}: {wrong}"
 
@@ -234,14 +236,20 @@ def test_overlay_config_keeps_every_key_and_points_links_at_its_ingress(tree: st
     base = _generated("base", "ConfigMap", CONFIG_MAP)["data"]
     data = _generated(tree, "ConfigMap", CONFIG_MAP)["data"]
     assert set(data) == set(base), sorted(set(data) ^ set(base))
-    (ingress,) = _of_kind(tree, "Ingress")
-    hosts = {rule["host"] for rule in ingress["spec"]["rules"]}
-    tls_hosts = {h for entry in ingress["spec"]["tls"] for h in entry["hosts"]}
-    base_hosts = {rule["host"] for rule in _of_kind("base", "Ingress")[0]["spec"]["rules"]}
-    assert hosts and hosts <= tls_hosts and not hosts & base_hosts, f"{tree}: ingress host"
+    hosts = {}
+    for name in ("tayori-public", "tayori-console"):
+        ingress = _one(tree, "Ingress", name)
+        hosts[name] = {rule["host"] for rule in ingress["spec"]["rules"]}
+        tls_hosts = {h for entry in ingress["spec"]["tls"] for h in entry["hosts"]}
+        base_hosts = {rule["host"] for rule in _one("base", "Ingress", name)["spec"]["rules"]}
+        assert hosts[name] and hosts[name] <= tls_hosts, f"{tree}: {name} host"
+        assert not hosts[name] & base_hosts, f"{tree}: {name} keeps the placeholder host"
+    assert not hosts["tayori-public"] & hosts["tayori-console"], f"{tree}: one host for both"
     for key in ("TAYORI_PUBLIC_URL", "TAYORI_TRACKING_URL"):
         url = urlsplit(data[key])
-        assert url.scheme == "https" and url.hostname in hosts, f"{tree}: {key}={data[key]}"
+        assert url.scheme == "https" and url.hostname in hosts["tayori-public"], f"{tree}: {key}"
+    console_url = urlsplit(_env(tree, CONSOLE)["CONSOLE_PUBLIC_URL"])
+    assert console_url.scheme == "https" and console_url.hostname in hosts["tayori-console"]
 
 
 def test_dashboard_config_map_is_for_the_grafana_sidecar() -> None:
@@ -404,14 +412,26 @@ def _pods(tree: str) -> dict[str, dict[str, str]]:
 HTTP = ("TCP", HTTP_PORT, "http")
 
 
+def _env(tree: str, component: str) -> dict[str, str]:
+    """The environment a component's container gets in a tree: the generated ConfigMap with
+    the container's own ``env`` over it (the console's CONSOLE_*_URL)."""
+    env = dict(_generated(tree, "ConfigMap", CONFIG_MAP)["data"])
+    (container,) = _one(tree, "Deployment", _name(component))["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env.update({entry["name"]: entry["value"] for entry in container.get("env", [])})
+    return env
+
+
 def _http_calls() -> set[tuple[str, str]]:
-    """(caller, callee) of every service setting whose value in config.env is the URL of
-    another service (CONTACTS_URL, SCHEDULER_URL): the calls SPEC's flows make over HTTP."""
-    config = _generated("base", "ConfigMap", CONFIG_MAP)["data"]
-    hosts = {_name(service): service for service in SERVICES}
+    """(caller, callee) of every setting whose value in the caller's environment (config.env,
+    the Deployment's env) is the URL of another service (CONTACTS_URL, SCHEDULER_URL, the
+    console's CONSOLE_*_URL): the calls SPEC's flows make over HTTP."""
+    hosts = {_name(service): service for service in COMPONENTS}
     root = Path(__file__).resolve().parents[2] / "services"
     calls = set()
-    for caller in SERVICES:
+    for caller in COMPONENTS:
+        config = _env("base", caller)
         sources = "\n".join(p.read_text() for p in sorted((root / caller).glob("*.py")))
         for env_name in re.findall(r'\benv\(\s*"([A-Z_]+_URL)"', sources):
             callee = hosts.get(urlsplit(config.get(env_name, "")).hostname or "")
@@ -436,6 +456,7 @@ def test_network_policies_close_every_pod_by_default(tree: str) -> None:
 def test_services_reach_each_other_only_where_they_call_over_http(tree: str) -> None:
     calls = _http_calls()
     assert ("scheduler", "contacts") in calls and ("exporter", "scheduler") in calls  # works
+    assert {callee for caller, callee in calls if caller == CONSOLE} == set(SERVICES)
     pods = _pods(tree)
     for caller, caller_pod in pods.items():
         for callee, callee_pod in pods.items():
@@ -453,7 +474,8 @@ def test_services_reach_each_other_only_where_they_call_over_http(tree: str) -> 
 @pytest.mark.parametrize("tree", kustomize.TREES)
 def test_the_ingress_controller_reaches_only_the_services_with_public_routes(tree: str) -> None:
     for service, pod in _pods(tree).items():
-        public = any(is_public for _, _, is_public in _routes(service))
+        # The console's screens are served on a host of their own (Ingress tayori-console).
+        public = service == CONSOLE or any(is_public for _, _, is_public in _routes(service))
         reachable = _allowed(tree, "Ingress", pod, INGRESS_CONTROLLER, HTTP)
         assert reachable == public, f"{tree}: ingress controller → {service}: {reachable}"
 
