@@ -232,7 +232,7 @@ def test_a_config_edit_rolls_every_deployment(tree: str) -> None:
 
 
 @pytest.mark.parametrize("tree", OVERLAYS)
-def test_overlay_config_keeps_every_key_and_points_links_at_its_ingress(tree: str) -> None:
+def test_overlay_config_keeps_every_key_and_points_links_at_its_ingresses(tree: str) -> None:
     base = _generated("base", "ConfigMap", CONFIG_MAP)["data"]
     data = _generated(tree, "ConfigMap", CONFIG_MAP)["data"]
     assert set(data) == set(base), sorted(set(data) ^ set(base))
@@ -250,6 +250,8 @@ def test_overlay_config_keeps_every_key_and_points_links_at_its_ingress(tree: st
         assert url.scheme == "https" and url.hostname in hosts["tayori-public"], f"{tree}: {key}"
     console_url = urlsplit(_env(tree, CONSOLE)["CONSOLE_PUBLIC_URL"])
     assert console_url.scheme == "https" and console_url.hostname in hosts["tayori-console"]
+    # The export mails' download links open the console (which logs in, then downloads).
+    assert urlsplit(data["EXPORTER_PUBLIC_URL"]).hostname == console_url.hostname, tree
 
 
 def test_dashboard_config_map_is_for_the_grafana_sidecar() -> None:
