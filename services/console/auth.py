@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,46 @@ _HASHER = PasswordHasher()
 #: wrong password costs (no user enumeration by timing).
 _DUMMY_HASH = _HASHER.hash(secrets.token_urlsafe(16))
 MIN_PASSWORD = 8
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_networks(cidrs: Sequence[str]) -> tuple[Network, ...]:
+    """The proxies whose ``X-Forwarded-For`` is believed (CONSOLE_TRUSTED_PROXIES)."""
+    return tuple(ipaddress.ip_network(cidr.strip(), strict=False) for cidr in cidrs)
+
+
+def client_address(
+    remote: str | None, forwarded_for: str | None, trusted: Sequence[Network]
+) -> str:
+    """The address a login is counted against: the peer, unless the peer is a trusted
+    proxy (the ingress controller); then ``X-Forwarded-For`` read from the right, each
+    trusted proxy skipped, and the first address that is not one is the client. What a
+    client writes itself (the left of the header) is never believed past an untrusted hop,
+    so no one picks the address their failures count against."""
+    peer = remote or "unknown"
+    if not trusted or not _within(peer, trusted):
+        return peer
+    client = peer
+    for hop in reversed((forwarded_for or "").split(",")):
+        hop = hop.strip()
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            break  # a malformed hop: believe nothing further left
+        client = hop
+        if not _within(hop, trusted):
+            break
+    return client
+
+
+def _within(address: str, trusted: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ and never to a stronger one.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from libs.common.settings import CommonSettings, env
@@ -32,8 +33,20 @@ class ConsoleSettings(CommonSettings):
     login_max_failures: int = env("CONSOLE_LOGIN_MAX_FAILURES", 5)
     #: ... lock that pair out for this many seconds.
     login_lock_seconds: int = env("CONSOLE_LOGIN_LOCK_SECONDS", 300)
+    #: proxies (CIDRs, comma-separated) whose X-Forwarded-For names the client, e.g. the
+    #: ingress controller's pod network: login throttling then counts per account and the
+    #: client's address instead of the proxy's. Empty: the peer address is the client.
+    trusted_proxies: tuple[str, ...] = env("CONSOLE_TRUSTED_PROXIES", ())
     #: how long one call to a service may take before its page says the service is away.
     api_timeout_seconds: float = env("CONSOLE_API_TIMEOUT_SECONDS", 10.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for cidr in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"CONSOLE_TRUSTED_PROXIES: not a network: {cidr!r}") from None
 
     def service_urls(self) -> dict[str, str]:
         return {

@@ -48,7 +48,11 @@ async def login(request: web.Request) -> web.Response:
     password = str(form.get("password", ""))[:1024]
     go = safe_next(form.get("next"))
     settings = request.app[SETTINGS]
-    client = request.remote or "unknown"
+    client = auth.client_address(
+        request.remote,
+        request.headers.get("X-Forwarded-For"),
+        auth.trusted_networks(settings.trusted_proxies),
+    )
     try:
         user = await auth.login(
             request.app[POOL],
