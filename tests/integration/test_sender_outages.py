@@ -118,25 +118,16 @@ MARKER = ("tayori-test-marker", b"1")
 
 
 async def results_behind_markers(
-    kafka: Kafka, producer: Any, *, until: set[int], partitions: int = 2, rounds: int = 12
+    kafka: Kafka, producer: Any, *, until: set[int], partitions: int = 2
 ) -> list[dict[str, Any]]:
     """``delivery.results`` from the beginning (markers left out) once a result of every
     contact in ``until`` is among them.
 
-    Two Tansu quirks stand between a reader and records the broker acknowledged:
-
-    - after a restart it can acknowledge a partition's records and report them in its end
-      offset, yet serve them only once another record follows them; nothing follows the
-      last results of a test, so a reader waiting for them could wait for ever (1 run in 6).
-      While this reads, a marker record is appended to every partition every half second:
-      whatever the sender's results are, a later record follows them.
-    - a produce raises the partition's high watermark first and stores its record batch
-      after (tansu-storage dynostore ``produce``); a fetch in between, once a later batch
-      (a marker's) is stored, is served that later batch, and the reader's position moves
-      past the earlier one, which it never reads (1 run in 9). A reader of Apache Kafka
-      would never skip it. So each round is a new reader from the beginning (up to 5 s),
-      until one round has them all: a result the sender never published (again) is in no
-      round, and the test still fails."""
+    Tansu after a restart can acknowledge a partition's records and report them in its end
+    offset, yet serve them only once another record follows them; nothing follows the last
+    results of a test, so a reader waiting for them (or for that end offset) could wait for
+    ever (1 run in 6). While this reads, a marker record is appended to every partition every
+    half second: whatever the sender's results are, a later record follows them."""
     name = kafka.publisher.name(Topic.DELIVERY_RESULTS)
 
     async def mark() -> None:
@@ -162,25 +153,38 @@ async def results_behind_markers(
 
     marker = asyncio.create_task(mark())
     try:
-        for _ in range(rounds):
-            with contextlib.suppress(AssertionError):  # this reader did not see them all
-                records = await kafka.read(
-                    Topic.DELIVERY_RESULTS, until=complete, raw=True, timeout=5
-                )
-                return results(records)
+        records = await kafka.read(Topic.DELIVERY_RESULTS, until=complete, raw=True)
+    except AssertionError:
+        # What was read, per partition: (offset, contact or "marker").
+        read: dict[int, list[tuple[int, Any]]] = defaultdict(list)
+        for r in last:
+            marked = MARKER in (r.headers or ())
+            contact = "marker" if marked else results([r])[0]["contact_id"]
+            read[r.partition].append((r.offset, contact))
+        seen = {c for rows in read.values() for _, c in rows if c != "marker"}
+        # Whether a new reader from the beginning finds them.
+        again: list[Any] = []
+
+        def missing_found(records: list[Any]) -> bool:
+            again[:] = records
+            return until - seen <= {r["contact_id"] for r in results(records)}
+
+        with contextlib.suppress(AssertionError):
+            await kafka.read(Topic.DELIVERY_RESULTS, until=missing_found, raw=True, timeout=10)
+        found = [
+            (r.partition, r.offset, c)
+            for r in again
+            if MARKER not in (r.headers or ())
+            and (c := results([r])[0]["contact_id"]) in until - seen
+        ]
+        raise AssertionError(
+            f"results of {sorted(until - seen)} never read; read {dict(read)};"
+            f" a new reader found {found}"
+        ) from None
     finally:
         marker.cancel()
         await asyncio.gather(marker, return_exceptions=True)
-    # What the last round read, per partition: (offset, contact or "marker").
-    read: dict[int, list[tuple[int, Any]]] = defaultdict(list)
-    for r in last:
-        marked = MARKER in (r.headers or ())
-        read[r.partition].append((r.offset, "marker" if marked else results([r])[0]["contact_id"]))
-    seen = {c for rows in read.values() for _, c in rows if c != "marker"}
-    raise AssertionError(
-        f"{name}: no result of {sorted(until - seen)} in {rounds} rounds;"
-        f" the last round read {dict(read)}"
-    )
+    return results(records)
 
 
 async def test_results_whose_publication_fails_in_a_broker_restart_are_published_again(
