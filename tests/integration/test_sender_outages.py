@@ -145,12 +145,42 @@ async def results_behind_markers(
             if MARKER not in (r.headers or ())
         ]
 
+    last: list[Any] = []
+
     def complete(records: list[Any]) -> bool:
+        last[:] = records
         return until <= {r["contact_id"] for r in results(records)}
 
     marker = asyncio.create_task(mark())
     try:
         records = await kafka.read(Topic.DELIVERY_RESULTS, until=complete, raw=True)
+    except AssertionError:
+        # What was read, per partition: (offset, contact or "marker").
+        read: dict[int, list[tuple[int, Any]]] = defaultdict(list)
+        for r in last:
+            marked = MARKER in (r.headers or ())
+            contact = "marker" if marked else results([r])[0]["contact_id"]
+            read[r.partition].append((r.offset, contact))
+        seen = {c for rows in read.values() for _, c in rows if c != "marker"}
+        # Whether a new reader from the beginning finds them.
+        again: list[Any] = []
+
+        def missing_found(records: list[Any]) -> bool:
+            again[:] = records
+            return until - seen <= {r["contact_id"] for r in results(records)}
+
+        with contextlib.suppress(AssertionError):
+            await kafka.read(Topic.DELIVERY_RESULTS, until=missing_found, raw=True, timeout=10)
+        found = [
+            (r.partition, r.offset, c)
+            for r in again
+            if MARKER not in (r.headers or ())
+            and (c := results([r])[0]["contact_id"]) in until - seen
+        ]
+        raise AssertionError(
+            f"results of {sorted(until - seen)} never read; read {dict(read)};"
+            f" a new reader found {found}"
+        ) from None
     finally:
         marker.cancel()
         await asyncio.gather(marker, return_exceptions=True)
