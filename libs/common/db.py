@@ -12,6 +12,7 @@ do not race; ``<schema>.schema_migrations`` records what ran.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -150,6 +151,17 @@ async def create_pool(
     )
     await pool  # connects min_size connections, as create_pool's pool does when awaited
     return pool
+
+
+async def reachable(pool: asyncpg.Pool) -> str:
+    """The database check of ``/readyz``: "ok" when ``pool`` answers a query within 2 s,
+    else what stopped it."""
+    try:
+        async with asyncio.timeout(2):
+            await pool.fetchval("SELECT 1")
+        return "ok"
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        return f"unreachable: {type(exc).__name__}"
 
 
 def observe_pool(pool: CountedPool, service: str) -> None:

@@ -268,13 +268,7 @@ class Runtime:
         return ok, {"stalled": stalled, "stopped_tasks": dead}
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
-        checks: dict[str, Any] = {}
-        try:
-            async with asyncio.timeout(2):
-                await self.pool.fetchval("SELECT 1")
-            checks["database"] = "ok"
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            checks["database"] = f"unreachable: {type(exc).__name__}"
+        checks: dict[str, Any] = {"database": await db.reachable(self.pool)}
         checks["kafka"] = await self._kafka_check()
         ok = all(v == "ok" for v in checks.values()) and (await self.health())[0]
         return ok, checks

@@ -112,13 +112,7 @@ class Console:
         """Readiness: the console's database answers; the services' health is reported
         beside it (a service away makes its pages say so, not the console unready)."""
         assert self.pool is not None
-        checks: dict[str, str] = {}
-        try:
-            async with asyncio.timeout(2):
-                await self.pool.fetchval("SELECT 1")
-            checks["database"] = "ok"
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            checks["database"] = f"unreachable: {type(exc).__name__}"
+        checks = {"database": await db.reachable(self.pool)}
         services = await self._services()
         ok = checks["database"] == "ok"
         return _json(
