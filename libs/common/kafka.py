@@ -25,7 +25,13 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import IllegalStateError, TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
@@ -337,6 +343,19 @@ _HANDLING: contextvars.ContextVar[Consumer | None] = contextvars.ContextVar(
 )
 
 
+class _Assignments(ConsumerRebalanceListener):
+    """Counts the assignments the group gives ``consumer`` (aiokafka calls it on each)."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self.consumer.assignments += 1
+
+
 def still_working() -> None:
     """Called by a handler that waits by design — the sender's batch while every SMTP relay
     is down, uncommitted so nothing is lost: its consumer counts as making progress, so
@@ -388,6 +407,9 @@ class Consumer:
         #: member knows it: what it committed, or where it started reading the partition.
         self._committed: dict[TopicPartition, int] = {}
         self._lag_series: set[tuple[str, str, str]] = set()
+        #: how many assignments the group gave this member: a round whose records came
+        #: under an earlier one does not commit them (see _round).
+        self.assignments = 0
 
     @property
     def assigned(self) -> bool:
@@ -397,7 +419,6 @@ class Consumer:
     async def start(self) -> None:
         s = self.settings
         self._consumer = AIOKafkaConsumer(
-            *self._by_name,
             **connection_options(s),
             group_id=f"{s.topic_prefix}{self.group}",
             client_id=f"tayori-{s.service}",
@@ -408,6 +429,7 @@ class Consumer:
             fetch_max_wait_ms=self.pacing.busy,
             max_poll_records=self.max_records,
         )
+        self._consumer.subscribe(list(self._by_name), listener=_Assignments(self))
         await self._consumer.start()
         self._observe()
 
@@ -469,10 +491,12 @@ class Consumer:
     async def _round(self, consumer: AIOKafkaConsumer) -> None:
         """One poll: fetch, handle every partition's records, commit."""
         batches = await consumer.getmany(timeout_ms=1000, max_records=self.max_records)
+        assignment = self.assignments  # the records are of this one
         self.alive()
         CONSUMER_LAST_PROGRESS.labels(self.settings.service, self.group).set(time.time())
         self._pace(consumer, busy=bool(batches))
         if not batches:
+            await self._restart_lost_partitions(consumer)
             await self._note_starts(consumer)
             return
         for tp, records in batches.items():
@@ -493,6 +517,18 @@ class Consumer:
         else:
             for tp, records in batches.items():
                 await self._records(tp.topic, records)
+        if self.assignments != assignment:
+            # The group was rebalanced while they were handled: their partitions start
+            # again from the group's offsets, here or at another member. Their offsets are
+            # not committed: Kafka refuses such a commit by its generation, but a broker
+            # that restarted empty counts generations from zero again and would take
+            # offsets of a log it no longer has.
+            log.info(
+                "consumer_round_not_committed",
+                group=self.group,
+                reason="the group was rebalanced while the records were handled",
+            )
+            return
         committed = {tp: records[-1].offset + 1 for tp, records in batches.items()}
         await consumer.commit(committed)
         self._committed.update(committed)
@@ -513,6 +549,51 @@ class Consumer:
                     self._committed[tp] = int(await consumer.position(tp))
             except (IllegalStateError, TimeoutError):  # revoked, or reset, while we looked
                 continue
+
+    async def _restart_lost_partitions(self, consumer: AIOKafkaConsumer) -> None:
+        """Partitions whose position is past their end: the broker lost their log (an
+        in-memory broker restarted empty, an unclean leader election) yet fetches there
+        answer "nothing yet" instead of OFFSET_OUT_OF_RANGE, as Tansu's do. Without this the
+        member would wait there for ever while new records pile up below it. Kafka's answer
+        to an out-of-range offset is done here: the partition starts again from its beginning
+        (``auto_offset_reset="earliest"``) and that start is committed, so the group's offset
+        is inside the log again. What comes again is handled again (handlers are idempotent).
+
+        A healthy log never trips this: a position only moves through fetched records, all
+        below the high watermark of the fetch that brought them. Called between rounds only."""
+        lost: dict[TopicPartition, tuple[int, int]] = {}
+        for tp in consumer.assignment():
+            end = consumer.highwater(tp)
+            if end is None:
+                continue
+            try:
+                async with asyncio.timeout(LAG_REFRESH_SECONDS):
+                    position = int(await consumer.position(tp))
+            except (IllegalStateError, TimeoutError):  # revoked, or reset, while we looked
+                continue
+            if position > end:
+                lost[tp] = (position, end)
+        if not lost:
+            return
+        for tp, (position, end) in lost.items():
+            log.warning(
+                "consumer_position_past_log_end",
+                group=self.group,
+                topic=self._by_name[tp.topic].value,
+                partition=tp.partition,
+                position=position,
+                end=end,
+                action="reading the partition again from its beginning",
+            )
+            await consumer.seek_to_beginning(tp)
+        try:
+            async with asyncio.timeout(LAG_REFRESH_SECONDS):
+                starts = {tp: int(await consumer.position(tp)) for tp in lost}
+        except (IllegalStateError, TimeoutError):
+            return  # the fetcher resets them by itself; the next commit records where
+        await consumer.commit(starts)
+        self._committed.update(starts)
+        self.last_commit = time.monotonic()
 
     async def _watch_lag(self, consumer: AIOKafkaConsumer) -> None:
         while True:

@@ -1,17 +1,22 @@
-"""libs/common/kafka.Consumer handling the partitions of a poll at once (the sender's
-send.requests) through a broker that fails a dead letter: the round is weather, redone."""
+"""libs/common/kafka.Consumer through a broker that fails: a dead letter the broker fails while
+the partitions of a poll are handled at once (the sender's send.requests) is weather, the
+round redone; a group offset past the end of a log the broker lost is read again from the
+beginning instead of waited at for ever."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka import errors as kafka_errors
 
 from libs.common import avro
-from libs.common.kafka import Concurrency, Message, Publisher, reject
-from libs.common.topics import Topic
+from libs.common.kafka import Concurrency, Consumer, Message, Publisher, reject
+from libs.common.settings import CommonSettings
+from libs.common.topics import Topic, topic_name
 from tests.conftest import Kafka, Stack, eventually
 from tests.integration.test_consumer_loop import _result, running
 
@@ -74,3 +79,73 @@ async def test_a_dead_letter_the_broker_fails_with_partitions_at_once_is_weather
 def dead_lettered(records: list[Any]) -> set[str]:
     """The result ids of dead letters (at least once each: a redone round may repeat one)."""
     return {avro.decode(Topic.DELIVERY_RESULTS, r.value, r.headers)["result_id"] for r in records}
+
+
+async def test_a_group_offset_past_the_end_of_a_lost_log_is_read_again_from_the_start(
+    stack: Stack, kafka: Kafka, prefix: str
+) -> None:
+    """An in-memory broker that restarted empty keeps (or is given, by a member that held a
+    batch through the restart) the group's old offsets, past the end of its new logs, and
+    answers fetches there with "nothing yet" rather than OFFSET_OUT_OF_RANGE. The member
+    reads those partitions again from their beginning, as Kafka's auto_offset_reset would,
+    and commits that start: the records written since are handled, none waited for ever."""
+    name = topic_name(Topic.DELIVERY_RESULTS, prefix)
+    group = f"lost-{uuid.uuid4().hex[:6]}"
+    first = str(uuid.uuid4())
+    await kafka.send(Topic.DELIVERY_RESULTS, 7, _result(first))
+    # The group's offsets as the lost log left them: five past each partition's end.
+    past = AIOKafkaConsumer(
+        bootstrap_servers=stack.broker.bootstrap,
+        group_id=f"{prefix}{group}",
+        enable_auto_commit=False,
+    )
+    await past.start()
+    try:
+        tps = [TopicPartition(name, p) for p in sorted(past.partitions_for_topic(name) or ())]
+        assert tps
+        past.assign(tps)
+        ends = await past.end_offsets(tps)
+        await past.commit({tp: ends[tp] + 5 for tp in tps})
+    finally:
+        await past.stop()
+
+    handled: list[str] = []
+
+    async def handler(batch: list[Message]) -> None:
+        handled.extend(m.value["result_id"] for m in batch)
+
+    settings = CommonSettings(
+        kafka_bootstrap=stack.broker.bootstrap,
+        topic_prefix=prefix,
+        service="test",
+        kafka_session_timeout_ms=1000,
+        kafka_profile="embedded",
+    )
+    consumer = Consumer(
+        settings, kafka.publisher, group=group, topics=[Topic.DELIVERY_RESULTS], handler=handler
+    )
+    await consumer.start()
+    task = asyncio.ensure_future(consumer.run())
+    try:
+        later = [str(uuid.uuid4()) for _ in range(3)]
+        for result_id in later:
+            await kafka.send(Topic.DELIVERY_RESULTS, 7, _result(result_id))
+
+        async def all_read() -> bool:
+            return set(handled) >= {first, *later}
+
+        await eventually(all_read)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
+    # The group's offsets are inside the logs again.
+    check = AIOKafkaConsumer(bootstrap_servers=stack.broker.bootstrap, group_id=f"{prefix}{group}")
+    await check.start()
+    try:
+        ends = await check.end_offsets(tps)
+        for tp in tps:
+            committed = await check.committed(tp)
+            assert committed is not None and committed <= ends[tp], (tp, committed, ends[tp])
+    finally:
+        await check.stop()

@@ -8,6 +8,7 @@ import contextlib
 import threading
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from libs.common.metrics import sample_value
 from libs.common.settings import CommonSettings
 from libs.common.topics import Topic
 from tayori.embedded import MaildirHandler, free_port
+from tayori.ops import Failure
+from tayori.ops import Kafka as OpsKafka
 from tests.conftest import Kafka, Stack, eventually, running, within
 from tests.integration.outage import OwnBroker, database_away
 from tests.integration.test_sender import kept, publish_all, send_request
@@ -117,8 +120,26 @@ async def test_a_stop_while_the_database_is_away_ends_in_time_and_the_restart_re
 MARKER = ("tayori-test-marker", b"1")
 
 
+async def all_requests_committed(settings: CommonSettings) -> bool:
+    """Whether the sender committed every send request there is: it published their results
+    and the broker acknowledged them (a batch is committed only after that)."""
+    try:
+        async with OpsKafka(settings) as ops:
+            name = ops.name(Topic.SEND_REQUESTS)
+            tps = await ops.partitions(name)
+            bounds = await ops.bounds(tps)
+            committed = await ops.committed(ops.group_id("sender.requests"), tps)
+    except (KafkaError, Failure):
+        return False
+    return all(committed[tp] == end for tp, (_, end) in bounds.items())
+
+
 async def results_behind_markers(
-    kafka: Kafka, producer: Any, *, until: set[int], partitions: int = 2
+    kafka: Kafka,
+    producer: Any,
+    *,
+    until: set[int],
+    published: Callable[[], Awaitable[bool]],
 ) -> list[dict[str, Any]]:
     """``delivery.results`` from the beginning (markers left out) once a result of every
     contact in ``until`` is among them.
@@ -126,15 +147,20 @@ async def results_behind_markers(
     Tansu after a restart can acknowledge a partition's records and report them in its end
     offset, yet serve them only once another record follows them; nothing follows the last
     results of a test, so a reader waiting for them (or for that end offset) could wait for
-    ever (1 run in 6). While this reads, a marker record is appended to every partition every
-    half second: whatever the sender's results are, a later record follows them."""
+    ever (1 run in 6). Once the sender has ``published`` all it will, a marker record is
+    appended to every partition every half second: whatever the sender's results are, a later
+    record follows them. Not before: Tansu can give two records produced at once to one
+    partition the same offset, serving one to a reader and the other to the next."""
     name = kafka.publisher.name(Topic.DELIVERY_RESULTS)
 
     async def mark() -> None:
+        await eventually(published, interval=0.5)
         while True:
-            for partition in range(partitions):
-                # A first produce after the restart may be refused (UnknownError): next round.
-                with contextlib.suppress(KafkaError):
+            # Every partition the topic has (a client may have had it created, with the
+            # broker's default count, before the test created it again).
+            # A first produce after the restart may be refused (UnknownError): next round.
+            with contextlib.suppress(KafkaError):
+                for partition in sorted(await producer.partitions_for(name)):
                     await producer.send_and_wait(name, b"", partition=partition, headers=[MARKER])
             await asyncio.sleep(0.5)
 
@@ -243,7 +269,9 @@ async def test_results_whose_publication_fails_in_a_broker_restart_are_published
             later = str(uuid.uuid4())
             await publish_all(kafka, [send_request(later, n) for n in range(101, 101 + count)])
             wanted = {*range(1, count + 1), *range(101, 101 + count)}
-            results = await results_behind_markers(kafka, producer, until=wanted)
+            results = await results_behind_markers(
+                kafka, producer, until=wanted, published=lambda: all_requests_committed(settings)
+            )
             assert {r["contact_id"] for r in results} == wanted
             healthy, detail = await sender.runtime.health()
             assert healthy, detail
