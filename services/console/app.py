@@ -62,7 +62,7 @@ class Console:
                 name="connect:database",
                 service=s.service,
             )
-        self.pool = await retry(
+        pool = await retry(
             lambda: db.create_pool(
                 s.database_url,
                 SCHEMA,
@@ -72,7 +72,8 @@ class Console:
             name="connect:database",
             service=s.service,
         )
-        db.observe_pool(self.pool, s.service)
+        db.observe_pool(pool, s.service)
+        self.pool = pool
         await self.api.start()
         self.app = self.build_app()
         self._runner = web.AppRunner(

@@ -7,6 +7,8 @@ labels in the table).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 LANGS = ("ja", "en")
 
 EN: dict[str, str] = {
@@ -185,7 +187,7 @@ EN: dict[str, str] = {
 }
 
 
-def translator(lang: str):  # type: ignore[no-untyped-def]
+def translator(lang: str) -> Callable[[str], str]:
     """``t(label)``: the label in ``lang``."""
     if lang == "en":
         return lambda text: EN.get(text, text)

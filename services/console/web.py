@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import asyncpg
@@ -31,6 +31,8 @@ from services.console.settings import ConsoleSettings
 log = get_logger(__name__)
 HERE = Path(__file__).parent
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: a view: a handler, or a method that is one once bound (the console's /healthz).
+View = TypeVar("View", bound=Callable[..., Awaitable[web.StreamResponse]])
 
 SESSION_COOKIE = "tayori_session"
 CSRF_COOKIE = "tayori_csrf"
@@ -66,10 +68,10 @@ NAV = (
 )
 
 
-def page(role: str | None = "viewer") -> Callable[[Handler], Handler]:
+def page(role: str | None = "viewer") -> Callable[[View], View]:
     """Mark a view: ``None`` opens it to everyone, else the least console role."""
 
-    def mark(handler: Handler) -> Handler:
+    def mark(handler: View) -> View:
         handler.console_role = role  # type: ignore[attr-defined]
         return handler
 
