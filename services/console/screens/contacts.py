@@ -10,13 +10,13 @@ from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
 
+from libs.common.vocabulary import SALES_STATUSES
 from services.console import auth
 from services.console.clients import ApiProblem, RoleApi
 from services.console.fields import (
     DELIVERY_STATUSES,
     HISTORY_EVENTS,
     MEMBERSHIP_STATES,
-    SALES_STATUSES,
     SORTS,
     STANDARD,
 )
