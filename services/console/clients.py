@@ -21,9 +21,23 @@ from libs.common.logging import get_logger
 log = get_logger(__name__)
 
 
+#: what a downstream call can raise on its own: the connection (refused, reset, closed by
+#: a service that stops), the time-out, or a body that is not what it says (bad encoding,
+#: a truncated payload). Anything else is a bug of the console.
+DOWNSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, UnicodeDecodeError)
+
+
 class ServiceUnavailable(Exception):
+    """A service cannot be reached, timed out, failed (5xx) or answered what is not JSON.
+
+    Its text is what the user reads, Japanese first with English beside it, naming the
+    service and the reason (never a stack trace)."""
+
     def __init__(self, service: str, reason: str) -> None:
-        super().__init__(f"{service}: {reason}")
+        super().__init__(
+            f"{service} サービスに接続できません / the {service} service cannot be reached"
+            f" ({reason})"
+        )
         self.service = service
         self.reason = reason
 
@@ -126,7 +140,7 @@ class RoleApi:
             ) as response:
                 text = await response.text()
                 status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except DOWNSTREAM_ERRORS as exc:
             log.warning("console_service_unreachable", service=service, error=type(exc).__name__)
             raise ServiceUnavailable(service, type(exc).__name__) from None
         body: Any = None
@@ -134,6 +148,9 @@ class RoleApi:
             try:
                 body = json.loads(text)
             except ValueError:
+                if status < 400:  # a 2xx the screens cannot read: not the API answering
+                    log.warning("console_service_not_json", service=service, path=path)
+                    raise ServiceUnavailable(service, "the answer is not JSON") from None
                 body = text
         if status >= 500:
             log.warning("console_service_failed", service=service, status=status, path=path)
@@ -171,5 +188,5 @@ class RoleApi:
                         body = text
                     raise ApiProblem.of(response.status, body)
                 yield response
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except DOWNSTREAM_ERRORS as exc:
             raise ServiceUnavailable(service, type(exc).__name__) from None

@@ -188,9 +188,7 @@ async def pages(request: web.Request, handler: Handler) -> web.StreamResponse:
             return error_page(request, 404, "ページが見つかりません")
         return error_page(request, exc.status, exc.reason)
     except ServiceUnavailable as exc:
-        response = error_page(
-            request, 503, "サービスに接続できません", f"{exc.service} ({exc.reason})"
-        )
+        response = error_page(request, 503, "サービスに接続できません", str(exc))
         response.headers["Retry-After"] = "5"
         return response
     except NoToken as exc:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from tests.conftest import Stack, eventually
+from tests.conftest import Stack, eventually, running
 from tests.integration.console_stack import (
     PASSWORD,
     Browserless,
@@ -148,6 +148,41 @@ async def test_a_service_that_is_away_shows_a_page_not_a_trace(client: Browserle
     assert status == 503 and "サービスに接続できません" in html and "exporter" in html
     assert "Traceback" not in html
     assert response.headers["Retry-After"]
+
+
+async def test_a_service_that_stops_while_the_console_runs_is_named_on_the_page(
+    client: Browserless, site: ConsoleStack, stack: Stack
+) -> None:
+    """The exporter runs, the jobs page shows; the exporter stops: the same page is a 503
+    naming it in Japanese and English (no 500, no trace), readiness reports it and the
+    console stays ready; the other screens keep working."""
+    assert (await client.login("admin"))[0] == 200
+    urls = site.console.api.urls
+    away = urls["exporter"]
+    try:
+        async with running(
+            "exporter",
+            stack,
+            site.dsn,
+            site.prefix,
+            contacts_url=site.api("contacts").base,
+            export_dir=stack.home / f"exports-{site.prefix}stopped",
+            public_url="http://x",
+        ) as exporter:
+            urls["exporter"] = exporter.api.base
+            status, html, _ = await client.get("/jobs")
+            assert status == 200 and "サービスに接続できません" not in html
+        status, html, response = await client.get("/jobs")
+        assert status == 503 and response.headers["Retry-After"]
+        assert "exporter サービスに接続できません" in html
+        assert "the exporter service cannot be reached" in html
+        assert "Traceback" not in html and "ClientConnectorError" in html
+        status, body, _ = await client.get("/readyz")
+        assert status == 200 and '"exporter": "unreachable: ClientConnectorError"' in body
+        status, html, _ = await client.get("/contacts")
+        assert status == 200
+    finally:
+        urls["exporter"] = away
 
 
 async def test_an_api_refusal_is_shown_beside_its_field(client: Browserless) -> None:
