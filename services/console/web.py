@@ -111,8 +111,9 @@ def user_of(request: web.Request) -> User:
 
 
 def api(request: web.Request) -> RoleApi:
-    """The services as the signed-in user's role sees them."""
-    return request.app[API].for_role(request[USER].role)
+    """The services as the signed-in user's role sees them, acting for that user."""
+    user = request[USER]
+    return request.app[API].for_role(user.role, user.requester)
 
 
 def render(
