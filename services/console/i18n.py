@@ -185,8 +185,8 @@ EN: dict[str, str] = {
     "グループのメンバーだけが変更されます。メンバーでない顧客はそのままです。": (
         "Only members of the group change; other contacts are left as they are."
     ),
-    "配信停止・配信禁止はオペレーターの変更（方法: システム）として記録されます。": (
-        "The change is recorded as an operator's (method: system)."
+    "オペレーターの変更（方法: システム）として、実行したユーザーとともに記録されます。": (
+        "The change is recorded as an operator's (method: system), with the user who made it."
     ),
     "配信禁止は配信停止より強い停止です。解除できるのはオペレーターだけです。": (
         "A ban is stronger than an unsubscribe: only an operator can lift it."
