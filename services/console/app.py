@@ -23,7 +23,7 @@ from libs.common.http import dumps
 from libs.common.logging import get_logger
 from libs.common.retry import retry
 from services.console import web as pages
-from services.console.clients import Api
+from services.console.clients import DOWNSTREAM_ERRORS, Api
 from services.console.screens import SCREENS
 from services.console.settings import ConsoleSettings
 from services.console.users import MIGRATIONS, SCHEMA
@@ -62,7 +62,7 @@ class Console:
                 name="connect:database",
                 service=s.service,
             )
-        self.pool = await retry(
+        pool = await retry(
             lambda: db.create_pool(
                 s.database_url,
                 SCHEMA,
@@ -72,7 +72,8 @@ class Console:
             name="connect:database",
             service=s.service,
         )
-        db.observe_pool(self.pool, s.service)
+        db.observe_pool(pool, s.service)
+        self.pool = pool
         await self.api.start()
         self.app = self.build_app()
         self._runner = web.AppRunner(
@@ -121,6 +122,7 @@ class Console:
         )
 
     async def _services(self) -> dict[str, str]:
+        """Each service's ``/healthz``: "ok", its status, or why it cannot be reached."""
         session = self.api.session
         assert session is not None
 
@@ -128,7 +130,7 @@ class Console:
             try:
                 async with asyncio.timeout(2), session.get(f"{url}/healthz") as response:
                     return name, "ok" if response.status == 200 else f"HTTP {response.status}"
-            except (OSError, TimeoutError, Exception) as exc:
+            except DOWNSTREAM_ERRORS as exc:
                 return name, f"unreachable: {type(exc).__name__}"
 
         found = await asyncio.gather(*(one(n, u) for n, u in self.api.urls.items()))

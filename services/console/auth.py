@@ -87,6 +87,12 @@ class User:
         """Whether this user has ``role`` or a higher one."""
         return RANK[self.role] >= RANK[role]
 
+    @property
+    def requester(self) -> str:
+        """Who the services record for this user's writes (``X-Tayori-Requested-By``):
+        the email, else the username."""
+        return self.email or self.username
+
 
 def hash_password(password: str) -> str:
     return _HASHER.hash(password)
@@ -193,7 +199,15 @@ async def audit(
     status: int,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    """Record a write the console made for ``user`` (the services see only the role)."""
+    """Record a write the console made for ``user``, with the name the services recorded
+    it under (:attr:`User.requester`)."""
     await pool.execute(
-        QUERIES["audit"], user.id, user.username, action, target, detail or {}, status
+        QUERIES["audit"],
+        user.id,
+        user.username,
+        action,
+        target,
+        detail or {},
+        status,
+        user.requester,
     )

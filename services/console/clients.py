@@ -1,9 +1,11 @@
 """The console's only way to the data: the six services' public HTTP APIs.
 
-Each call carries the bearer token of the signed-in user's role. A service that cannot be
-reached, times out or answers 5xx raises :class:`ServiceUnavailable` (the page says which
-service is away); a 4xx problem raises :class:`ApiProblem` with its ``errors[]``, which a
-screen shows next to the fields they name.
+Each call carries the bearer token of the signed-in user's role and names the user in
+``X-Tayori-Requested-By`` (the services record it where they keep who asked). A service
+that cannot be reached, times out, answers 5xx or what is not JSON raises
+:class:`ServiceUnavailable` (the page says which service is away); a 4xx problem raises
+:class:`ApiProblem` with its ``errors[]``, which a screen shows next to the fields they
+name.
 """
 
 from __future__ import annotations
@@ -13,17 +15,33 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
+from libs.common.http import REQUESTED_BY_HEADER
 from libs.common.logging import get_logger
 
 log = get_logger(__name__)
 
 
+#: what a downstream call can raise on its own: the connection (refused, reset, closed by
+#: a service that stops), the time-out, or a body that is not what it says (bad encoding,
+#: a truncated payload). Anything else is a bug of the console.
+DOWNSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, UnicodeDecodeError)
+
+
 class ServiceUnavailable(Exception):
+    """A service cannot be reached, timed out, failed (5xx) or answered what is not JSON.
+
+    Its text is what the user reads, Japanese first with English beside it, naming the
+    service and the reason (never a stack trace)."""
+
     def __init__(self, service: str, reason: str) -> None:
-        super().__init__(f"{service}: {reason}")
+        super().__init__(
+            f"{service} サービスに接続できません / the {service} service cannot be reached"
+            f" ({reason})"
+        )
         self.service = service
         self.reason = reason
 
@@ -82,22 +100,26 @@ class Api:
         if self.session is not None:
             await self.session.close()
 
-    def for_role(self, role: str) -> RoleApi:
-        return RoleApi(self, role)
+    def for_role(self, role: str, requested_by: str | None = None) -> RoleApi:
+        return RoleApi(self, role, requested_by)
 
 
 class RoleApi:
-    """The services as one role sees them."""
+    """The services as one role sees them, acting for ``requested_by`` (a user)."""
 
-    def __init__(self, api: Api, role: str) -> None:
+    def __init__(self, api: Api, role: str, requested_by: str | None = None) -> None:
         self.api = api
         self.role = role
+        self.requested_by = requested_by
 
     def _headers(self) -> dict[str, str]:
         token = self.api.tokens.get(self.role)
         if not token:
             raise NoToken(self.role)
-        return {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        if self.requested_by:
+            headers[REQUESTED_BY_HEADER] = quote(self.requested_by, safe="@.+-_")
+        return headers
 
     def url(self, service: str, path: str) -> str:
         return self.api.urls[service] + path
@@ -126,7 +148,7 @@ class RoleApi:
             ) as response:
                 text = await response.text()
                 status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except DOWNSTREAM_ERRORS as exc:
             log.warning("console_service_unreachable", service=service, error=type(exc).__name__)
             raise ServiceUnavailable(service, type(exc).__name__) from None
         body: Any = None
@@ -134,6 +156,9 @@ class RoleApi:
             try:
                 body = json.loads(text)
             except ValueError:
+                if status < 400:  # a 2xx the screens cannot read: not the API answering
+                    log.warning("console_service_not_json", service=service, path=path)
+                    raise ServiceUnavailable(service, "the answer is not JSON") from None
                 body = text
         if status >= 500:
             log.warning("console_service_failed", service=service, status=status, path=path)
@@ -171,5 +196,5 @@ class RoleApi:
                         body = text
                     raise ApiProblem.of(response.status, body)
                 yield response
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except DOWNSTREAM_ERRORS as exc:
             raise ServiceUnavailable(service, type(exc).__name__) from None

@@ -68,14 +68,6 @@ OPS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 OPS["date"] = OPS["timestamp"] = OPS["number"]
 SORTS = ("id", "email", "name", "company", "score", "created_at", "updated_at")
-SALES_STATUSES = {
-    "open": "未対応",
-    "replied": "返信済",
-    "called": "電話済",
-    "visited": "訪問済",
-    "contracted": "契約済",
-    "lost": "失注",
-}
 DELIVERY_STATUSES = DeliveryStatus.labels()
 MEMBERSHIP_STATES = MembershipState.labels()
 METHODS = ChangeMethod.labels()

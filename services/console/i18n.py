@@ -7,6 +7,8 @@ labels in the table).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 LANGS = ("ja", "en")
 
 EN: dict[str, str] = {
@@ -172,6 +174,33 @@ EN: dict[str, str] = {
     "出力する": "include",
     "出力": "Export",
     "ジョブはありません。": "No jobs.",
+    # bulk delivery state (顧客検索)
+    "配信停止にする": "Unsubscribe in a group",
+    "配信禁止にする": "Ban in a group",
+    "配信可能にする": "Make deliverable in a group",
+    "グループのメンバー": "Members of the group",
+    "変更される件数": "Memberships that change",
+    "すでにこの配信状態": "already in this state",
+    "配信状態の変更について": "About changing the delivery state",
+    "グループのメンバーだけが変更されます。メンバーでない顧客はそのままです。": (
+        "Only members of the group change; other contacts are left as they are."
+    ),
+    "オペレーターの変更（方法: システム）として、実行したユーザーとともに記録されます。": (
+        "The change is recorded as an operator's (method: system), with the user who made it."
+    ),
+    "配信禁止は配信停止より強い停止です。解除できるのはオペレーターだけです。": (
+        "A ban is stronger than an unsubscribe: only an operator can lift it."
+    ),
+    "配信可能に戻すと、停止・禁止だった顧客にも再び配信されます。同意を確認してください。": (
+        "Making memberships deliverable mails unsubscribed and banned contacts again:"
+        " check that they agreed."
+    ),
+    "配信状態の同期設定がオンなら、配信停止・配信禁止は他のグループにも反映されます。": (
+        "With the sync policy on, an unsubscribe or ban also applies to the contact's other groups."
+    ),
+    "変更は配信停止サービスが数秒以内に反映します。": (
+        "The suppression service applies the change within seconds."
+    ),
     # errors
     "ページが見つかりません": "Page not found",
     "サービスに接続できません": "A service cannot be reached",
@@ -185,7 +214,7 @@ EN: dict[str, str] = {
 }
 
 
-def translator(lang: str):  # type: ignore[no-untyped-def]
+def translator(lang: str) -> Callable[[str], str]:
     """``t(label)``: the label in ``lang``."""
     if lang == "en":
         return lambda text: EN.get(text, text)

@@ -60,8 +60,8 @@ WHERE key = $1;
 DELETE FROM login_failure WHERE key = $1;
 
 -- name: audit
-INSERT INTO audit_log (user_id, username, action, target, detail, status)
-VALUES ($1, $2, $3, $4, $5, $6);
+INSERT INTO audit_log (user_id, username, action, target, detail, status, requested_by)
+VALUES ($1, $2, $3, $4, $5, $6, $7);
 
 -- name: recent-audit
 SELECT username, action, target, status, at FROM audit_log ORDER BY id DESC LIMIT $1;

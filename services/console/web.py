@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import asyncpg
@@ -31,6 +31,8 @@ from services.console.settings import ConsoleSettings
 log = get_logger(__name__)
 HERE = Path(__file__).parent
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: a view: a handler, or a method that is one once bound (the console's /healthz).
+View = TypeVar("View", bound=Callable[..., Awaitable[web.StreamResponse]])
 
 SESSION_COOKIE = "tayori_session"
 CSRF_COOKIE = "tayori_csrf"
@@ -66,10 +68,10 @@ NAV = (
 )
 
 
-def page(role: str | None = "viewer") -> Callable[[Handler], Handler]:
+def page(role: str | None = "viewer") -> Callable[[View], View]:
     """Mark a view: ``None`` opens it to everyone, else the least console role."""
 
-    def mark(handler: Handler) -> Handler:
+    def mark(handler: View) -> View:
         handler.console_role = role  # type: ignore[attr-defined]
         return handler
 
@@ -109,8 +111,9 @@ def user_of(request: web.Request) -> User:
 
 
 def api(request: web.Request) -> RoleApi:
-    """The services as the signed-in user's role sees them."""
-    return request.app[API].for_role(request[USER].role)
+    """The services as the signed-in user's role sees them, acting for that user."""
+    user = request[USER]
+    return request.app[API].for_role(user.role, user.requester)
 
 
 def render(
@@ -186,9 +189,7 @@ async def pages(request: web.Request, handler: Handler) -> web.StreamResponse:
             return error_page(request, 404, "ページが見つかりません")
         return error_page(request, exc.status, exc.reason)
     except ServiceUnavailable as exc:
-        response = error_page(
-            request, 503, "サービスに接続できません", f"{exc.service} ({exc.reason})"
-        )
+        response = error_page(request, 503, "サービスに接続できません", str(exc))
         response.headers["Retry-After"] = "5"
         return response
     except NoToken as exc:

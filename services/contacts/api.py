@@ -9,7 +9,7 @@ import asyncpg
 from aiohttp import web
 
 from libs.common.errors import Conflict, InvalidMessage, NotFound
-from libs.common.http import ROLE, error, json_response, requires
+from libs.common.http import REQUESTED_BY, ROLE, error, json_response, requires
 from libs.common.http.contract import Model, contract
 from libs.common.metrics import SEARCH_SECONDS
 from services.contacts import store
@@ -195,9 +195,15 @@ async def search_contacts(request: web.Request, body: SearchBody) -> web.Respons
 
 
 @routes.post("/v1/contacts/bulk")
-@contract(body=BulkBody, response=BulkResult, tags=TAGS)
+@contract(body=BulkBody, response=BulkResult, errors=(404,), tags=TAGS)
 async def bulk_action(request: web.Request, body: BulkBody) -> web.Response:
-    """F-07: {action, ids | filter, tag} — add_tag, remove_tag, star, unstar, delete."""
+    """F-07: {action, ids | filter, tag} — add_tag, remove_tag, star, unstar, delete; and
+    set_state {state, target_group_id}: the selected contacts' memberships in that group or
+    plan move to 配信可能 / 配信停止 / 配信禁止 as an operator's change (F-10, F-11).
+
+    For set_state, ``affected`` counts the members asked for (contacts that are not members
+    are skipped); the suppression service owns the state and applies each change a moment
+    later (``suppression.commands``), propagating it per the sync policy (F-12)."""
     ctx = _ctx(request)
     action = body.action
     if action == "delete" and request[ROLE] != "admin":
@@ -205,10 +211,29 @@ async def bulk_action(request: web.Request, body: BulkBody) -> web.Response:
     tag = body.tag
     if action in ("add_tag", "remove_tag") and (not isinstance(tag, str) or not tag.strip()):
         raise InvalidMessage("tag is required for add_tag and remove_tag", field="tag")
+    if action == "set_state":
+        if body.state is None:
+            raise InvalidMessage("state is required for set_state", field="state")
+        if body.target_group_id is None:
+            raise InvalidMessage(
+                "target_group_id is required for set_state", field="target_group_id"
+            )
     async with ctx.pool.acquire() as conn, conn.transaction():
         ids = await _selected_ids(conn, ctx, body)
         if action == "delete":
             affected = len(await store.delete(conn, ids))
+        elif action == "set_state":
+            assert body.state is not None and body.target_group_id is not None
+            if await conn.fetchrow(QUERIES["group-by-id"], body.target_group_id) is None:
+                raise NotFound(f"group or plan {body.target_group_id} does not exist")
+            members = await store.set_states(
+                conn,
+                ids,
+                body.target_group_id,
+                body.state,
+                requested_by=request[REQUESTED_BY],
+            )
+            affected = len(members)
         else:
             query, arg = {
                 "add_tag": ("bulk-add-tag", (tag or "").strip()),
@@ -365,7 +390,14 @@ async def add_members(request: web.Request, path: GroupPath, body: NewMembers) -
         if missing:
             raise NotFound(f"contacts do not exist: {missing[:10]}")
         for contact_id in ids:
-            if await store.join(conn, contact_id, group_id, auto_stop=auto_stop) is not None:
+            joined_row = await store.join(
+                conn,
+                contact_id,
+                group_id,
+                auto_stop=auto_stop,
+                requested_by=request[REQUESTED_BY],
+            )
+            if joined_row is not None:
                 joined += 1
     return json_response(
         {"group_id": group_id, "joined": joined, "already_members": len(ids) - joined}
@@ -379,7 +411,7 @@ async def remove_member(request: web.Request, path: MemberPath) -> web.Response:
     ctx = _ctx(request)
     group_id, contact_id = path.id, path.contact_id
     async with ctx.pool.acquire() as conn, conn.transaction():
-        if not await store.leave(conn, contact_id, group_id):
+        if not await store.leave(conn, contact_id, group_id, requested_by=request[REQUESTED_BY]):
             raise NotFound(f"contact {contact_id} is not a member of group or plan {group_id}")
     return web.Response(status=204)
 

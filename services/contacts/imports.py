@@ -41,7 +41,7 @@ from pydantic import ValidationError
 
 from libs.common import outbox
 from libs.common.errors import InvalidMessage, NotFound
-from libs.common.http import ROLE, error, json_response
+from libs.common.http import REQUESTED_BY, error, json_response
 from libs.common.http.contract import InvalidRequest, contract, issues_of
 from libs.common.jobrunner import after_commit, run_job
 from libs.common.jobs import job_event
@@ -224,7 +224,7 @@ async def create_import(request: web.Request, query: ImportQueryOptions) -> web.
             key,
             encoding,
             raw.get("filename") or None,
-            request[ROLE],  # who asked: the token's role
+            request[REQUESTED_BY],  # who asked: the person the client named, or its role
             resolved,
             payload,
             total,

@@ -8,18 +8,8 @@ from typing import Any
 # The free-text columns of the contact table are one list with the merge-tag fields.
 from libs.common.mail.mergetags import TEXT_FIELDS
 from libs.common.mail.states import DeliveryStatus, MembershipState
+from libs.common.vocabulary import ENGAGEMENTS, SALES_STATUSES
 
-#: 営業ステータス: code → the seed products' label.
-SALES_STATUSES = {
-    "open": "未対応",
-    "replied": "返信済",
-    "called": "電話済",
-    "visited": "訪問済",
-    "contracted": "契約済",
-    "lost": "失注",
-}
-#: エンゲージメント
-ENGAGEMENTS = {"hot": "ホット", "active": "アクティブ", "inactive": "非アクティブ"}
 #: 配信ステータス (SATORI), kept current by the bounce processor: code → label.
 DELIVERY_STATUSES = DeliveryStatus.labels()
 #: 配信状態 of a membership (F-10): code → label.

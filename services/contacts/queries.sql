@@ -63,6 +63,11 @@ VALUES ($1, $2, $3, $4)
 ON CONFLICT (contact_id, group_id) DO NOTHING
 RETURNING contact_id, group_id, state, method, joined_at, changed_at;
 
+-- name: members-among
+-- The contacts of $2 that are members of group or plan $1 (store.set_states).
+SELECT contact_id FROM membership WHERE group_id = $1 AND contact_id = ANY($2::bigint[])
+ORDER BY contact_id;
+
 -- name: leave-membership
 DELETE FROM membership WHERE contact_id = $1 AND group_id = $2 RETURNING contact_id;
 

@@ -354,13 +354,24 @@ class SearchPage(Answer):
 class BulkBody(Model):
     """F-07: an action on ids or on a filter's matches."""
 
-    action: Literal["add_tag", "remove_tag", "star", "unstar", "delete"] = Field(
+    action: Literal["add_tag", "remove_tag", "star", "unstar", "delete", "set_state"] = Field(
         title="一括操作", examples=["add_tag"]
     )
     ids: _ids(MAX_BULK_IDS) | None = None  # type: ignore[valid-type]
     filter: Filter | None = None
     tag: Annotated[str, StringConstraints(max_length=100)] | None = Field(None, title="タグ")
     group_id: BodyId | None = Field(None, description="the group the filter runs in")
+    state: Literal["deliverable", "unsubscribed", "banned"] | None = Field(
+        None,
+        title="配信状態",
+        description="set_state: the state the memberships move to (配信可能 / 配信停止 / 配信禁止)",
+        examples=["unsubscribed"],
+    )
+    target_group_id: BodyId | None = Field(
+        None,
+        title="対象グループ",
+        description="set_state: the group or step plan whose memberships change",
+    )
 
 
 class BulkResult(Answer):

@@ -186,7 +186,9 @@ async def find_id(
     return await _owner(conn, "email", email) if email else None
 
 
-async def leave(conn: asyncpg.Connection, contact_id: int, group_id: int) -> bool:
+async def leave(
+    conn: asyncpg.Connection, contact_id: int, group_id: int, *, requested_by: str | None = None
+) -> bool:
     """Remove a membership here and ask suppression to end it. Idempotent."""
     removed = await conn.fetchval(QUERIES["leave-membership"], contact_id, group_id)
     if removed is None:
@@ -206,6 +208,7 @@ async def leave(conn: asyncpg.Connection, contact_id: int, group_id: int) -> boo
             "actor": "operator",
             "campaign_id": None,
             "issued_at": dt.datetime.now(dt.UTC),
+            "requested_by": requested_by,
         },
     )
     return True
@@ -219,8 +222,11 @@ async def join(
     auto_stop: bool = False,
     method: str = "system",
     actor: str = "operator",
+    requested_by: str | None = None,
 ) -> asyncpg.Record | None:
-    """Add a membership (F-10) and ask suppression to own its state. Idempotent."""
+    """Add a membership (F-10) and ask suppression to own its state. Idempotent.
+
+    ``requested_by`` (who asked, for the record) travels with the Join command."""
     group = await conn.fetchrow(QUERIES["group-by-id"], group_id)
     if group is None:
         raise NotFound(f"group or plan {group_id} does not exist")
@@ -244,9 +250,53 @@ async def join(
                 "actor": actor,
                 "campaign_id": None,
                 "issued_at": row["joined_at"],
+                "requested_by": requested_by,
             },
         )
     return row
+
+
+async def set_states(
+    conn: asyncpg.Connection,
+    contact_ids: list[int],
+    group_id: int,
+    state: str,
+    *,
+    requested_by: str | None,
+) -> list[int]:
+    """Ask suppression to move the memberships of ``contact_ids`` in ``group_id`` to
+    ``state`` as an operator (F-10, F-11; method ``system``): one SetState command each, in
+    the caller's transaction. Only the contacts that are members here are asked for (the
+    others are returned without); suppression applies each a moment later, propagating it
+    per the sync policy (F-12)."""
+    members = [
+        r["contact_id"] for r in await conn.fetch(QUERIES["members-among"], group_id, contact_ids)
+    ]
+    issued_at = dt.datetime.now(dt.UTC)
+    await outbox.add_many(
+        conn,
+        [
+            (
+                Topic.SUPPRESSION_COMMANDS,
+                contact_id,
+                {
+                    "command_id": str(uuid.uuid4()),
+                    "type": "SetState",
+                    "contact_id": contact_id,
+                    "email": None,
+                    "group_id": group_id,
+                    "state": state,
+                    "method": ChangeMethod.SYSTEM.value,
+                    "actor": "operator",
+                    "campaign_id": None,
+                    "issued_at": issued_at,
+                    "requested_by": requested_by,
+                },
+            )
+            for contact_id in members
+        ],
+    )
+    return members
 
 
 # Batches ---------------------------------------------------------------------------------

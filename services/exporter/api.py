@@ -28,7 +28,7 @@ from pydantic import (
 from libs.common import outbox
 from libs.common.checks import CONTROL
 from libs.common.errors import Conflict, Forbidden, InvalidMessage
-from libs.common.http import ROLE, ROLES, error, json_response, requires
+from libs.common.http import REQUESTED_BY, ROLE, ROLES, error, json_response, requires
 from libs.common.http.contract import (
     DIGITS,
     Answer,
@@ -283,7 +283,15 @@ class ExportJob(Answer):
     header: bool
     encoding: str
     safe_csv: bool
-    requested_by: str
+    requested_by: str = Field(
+        description="the role of the token that asked: downloading needs at least this role",
+        examples=["operator"],
+    )
+    requester: str | None = Field(
+        description="who asked: the person a client named (X-Tayori-Requested-By), else the"
+        " role; null for a request that came on export.requests",
+        examples=["tanaka@example.jp"],
+    )
     notify_email: str
     rows: int
     estimated_total: int | None
@@ -396,7 +404,7 @@ async def create_export(request: web.Request, body: NewExport) -> web.Response:
     )
     await ctx.sources.check(export)
     async with ctx.pool.acquire() as conn, conn.transaction():
-        job = await jobs.create(conn, export)
+        job = await jobs.create(conn, export, request[REQUESTED_BY])
         await outbox.add(conn, Topic.EXPORT_REQUESTS, export["job_id"], export)
     return json_response(store.export_json(job, None), status=202)
 

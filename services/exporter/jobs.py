@@ -72,9 +72,14 @@ def download_url(ctx: Context, job: asyncpg.Record) -> str:
     return f"{base}/v1/exports/{job['id']}/download?token={token}"
 
 
-async def create(conn: asyncpg.Connection, request: dict[str, Any]) -> asyncpg.Record:
+async def create(
+    conn: asyncpg.Connection, request: dict[str, Any], requester: str | None = None
+) -> asyncpg.Record:
     """Record a job from its request and queue the request and the 'queued' event, in the
-    caller's transaction. None when the job exists already (a redelivered request)."""
+    caller's transaction. None when the job exists already (a redelivered request).
+
+    ``requester`` is the person who asked (the API's REQUESTED_BY), None for a request that
+    came on export.requests; the request's ``requested_by`` is the role."""
     job = await conn.fetchrow(
         QUERIES["insert-job"],
         request["job_id"],
@@ -82,6 +87,7 @@ async def create(conn: asyncpg.Connection, request: dict[str, Any]) -> asyncpg.R
         request["requested_by"] or "viewer",
         request["notify_email"],
         request["requested_at"],
+        requester,
     )
     if job is not None:
         await outbox.add(

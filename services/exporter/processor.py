@@ -350,7 +350,8 @@ def export_event(job: Mapping[str, Any], status: str) -> dict[str, Any]:
         service="exporter",
         title=title(job["request"]),
         created_at=job["created_at"],
-        requested_by=job["requested_by"],
+        # who asked: the person when the API was told (requester), else the role
+        requested_by=job.get("requester") or job["requested_by"],
         total=job["estimated_total"],
         processed=job["rows_written"],
         succeeded=job["rows_written"],

@@ -4,8 +4,8 @@
 
 -- name: insert-job
 -- A job from its ExportRequest; a redelivered request of a known job changes nothing.
-INSERT INTO export_job (id, request, requested_by, notify_email, created_at)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO export_job (id, request, requested_by, notify_email, created_at, requester)
+VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (id) DO NOTHING
 RETURNING *;
 

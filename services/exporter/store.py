@@ -43,6 +43,7 @@ def export_json(row: Mapping[str, Any], download_url: str | None) -> dict[str, A
         "encoding": request["encoding"],
         "safe_csv": request.get("safe_csv", True),
         "requested_by": row["requested_by"],
+        "requester": row["requester"],
         "notify_email": row["notify_email"],
         "rows": row["rows_written"],
         "estimated_total": row["estimated_total"],

@@ -64,6 +64,8 @@ def _check_values(command: dict[str, Any]) -> dict[str, Any]:
     checks.identifier(command["command_id"], "command_id")
     if command.get("email") is not None:
         checks.identifier(command["email"], "email")
+    if command.get("requested_by") is not None:
+        checks.identifier(command["requested_by"], "requested_by")
     if command.get("state") is not None and command["state"] not in STATES:
         raise InvalidMessage(f"state must be one of {', '.join(STATES)}", field="state")
     if command.get("method") is not None and command["method"] not in METHODS:
@@ -88,6 +90,7 @@ async def _apply(conn: asyncpg.Connection, command: dict[str, Any]) -> None:
                 auto_stop=command.get("method") == ChangeMethod.AUTO_STOP,
                 email=command.get("email"),
                 joined_at=command["issued_at"],
+                requested_by=command.get("requested_by"),
             )
         elif kind == "Leave":
             await store.leave(conn, contact_id, _group(command))
@@ -103,6 +106,7 @@ async def _apply(conn: asyncpg.Connection, command: dict[str, Any]) -> None:
                 actor=command.get("actor") or "upstream",
                 method=command.get("method"),
                 campaign_id=command.get("campaign_id"),
+                requested_by=command.get("requested_by"),
             )
         elif kind in ("SetBlack", "ClearBlack"):
             await store.set_black(conn, contact_id, kind == "SetBlack")

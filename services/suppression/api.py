@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic import Field, StrictBool
 
 from libs.common.errors import Conflict, InvalidMessage, NotFound
-from libs.common.http import ROLE, Handler, json_response, requires
+from libs.common.http import REQUESTED_BY, Handler, json_response, requires
 from libs.common.http.contract import (
     Answer,
     Id,
@@ -107,6 +107,11 @@ class Membership(Answer):
     campaign_id: str | None = Field(description="the campaign whose link unsubscribed")
     joined_at: dt.datetime
     changed_at: dt.datetime
+    changed_by: str | None = Field(
+        description="who asked for the last change: the person a client named"
+        " (X-Tayori-Requested-By) or the token's role; null for a reader's own link",
+        examples=["tanaka@example.jp"],
+    )
     version: int
 
 
@@ -272,6 +277,7 @@ def _membership_json(row: Any) -> dict[str, Any]:
             "campaign_id",
             "joined_at",
             "changed_at",
+            "changed_by",
             "version",
         )
     }
@@ -317,7 +323,12 @@ async def put_membership(
     here, which for a join made a moment ago means it is still being applied (retry)."""
     async with _ctx(request).pool.acquire() as conn, conn.transaction():
         _, row = await store.change_state(
-            conn, path.contact_id, path.group_id, body.state, actor="operator"
+            conn,
+            path.contact_id,
+            path.group_id,
+            body.state,
+            actor="operator",
+            requested_by=request[REQUESTED_BY],
         )
     return json_response(_membership_json(row))
 
@@ -349,7 +360,7 @@ async def put_sync_policy(request: web.Request, body: NewPolicy) -> web.Response
         jobs = []
         for kind in ("unsubscribe", "ban"):
             if row[kind] and not row[f"was_{kind}"]:
-                jobs.append(await sync.create(conn, kind, request[ROLE]))
+                jobs.append(await sync.create(conn, kind, request[REQUESTED_BY]))
     for job in jobs:
         sync.launch(ctx, job["id"])
     return json_response(

@@ -11,8 +11,8 @@ SELECT * FROM membership WHERE contact_id = $1 AND group_id = $2;
 SELECT * FROM membership WHERE contact_id = $1 ORDER BY group_id;
 
 -- name: join
-INSERT INTO membership (contact_id, group_id, state, method, joined_at, changed_at)
-VALUES ($1, $2, $3, $4, $5, $5)
+INSERT INTO membership (contact_id, group_id, state, method, joined_at, changed_at, changed_by)
+VALUES ($1, $2, $3, $4, $5, $5, $6)
 ON CONFLICT (contact_id, group_id) DO NOTHING
 RETURNING *;
 
@@ -22,7 +22,7 @@ RETURNING contact_id, group_id, method, nextval('change_version') AS version;
 
 -- name: set-state
 UPDATE membership
-SET state = $3, method = $4, campaign_id = $5, changed_at = now(),
+SET state = $3, method = $4, campaign_id = $5, changed_at = now(), changed_by = $6,
     version = nextval('change_version')
 WHERE contact_id = $1 AND group_id = $2
 RETURNING *;
@@ -47,7 +47,7 @@ WITH policy AS (SELECT unsubscribe FROM sync_policy WHERE id = 1),
 changed AS (
     UPDATE membership
     SET state = 'unsubscribed', method = $4, campaign_id = $5, changed_at = now(),
-        version = nextval('change_version')
+        changed_by = NULL, version = nextval('change_version')
     WHERE contact_id = $1 AND group_id = $2 AND state = ANY($3::text[])
       AND NOT (SELECT unsubscribe FROM policy)
     RETURNING changed_at, version
@@ -63,9 +63,11 @@ SELECT (SELECT state FROM membership WHERE contact_id = $1 AND group_id = $2) AS
        EXISTS (SELECT 1 FROM queued) AS queued;
 
 -- name: propagate
--- F-12: the other memberships of a contact move to the stronger state, method auto_sync.
+-- F-12: the other memberships of a contact move to the stronger state, method auto_sync,
+-- for the one who asked for the change that propagates ($4).
 UPDATE membership
-SET state = $3, method = 'auto_sync', changed_at = now(), version = nextval('change_version')
+SET state = $3, method = 'auto_sync', changed_at = now(), changed_by = $4,
+    version = nextval('change_version')
 WHERE contact_id = $1 AND group_id <> $2 AND state_rank(state) < state_rank($3)
 RETURNING *;
 
@@ -103,9 +105,11 @@ WHERE state = $1 AND contact_id > $2
 ORDER BY contact_id LIMIT $3;
 
 -- name: sync-apply
--- Every weaker membership of these contacts moves to the trigger state.
+-- Every weaker membership of these contacts moves to the trigger state, for the one who
+-- turned the switch on ($3).
 UPDATE membership
-SET state = $2, method = 'auto_sync', changed_at = now(), version = nextval('change_version')
+SET state = $2, method = 'auto_sync', changed_at = now(), changed_by = $3,
+    version = nextval('change_version')
 WHERE contact_id = ANY($1::bigint[]) AND state_rank(state) < state_rank($2)
 RETURNING *;
 

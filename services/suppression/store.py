@@ -105,8 +105,12 @@ async def change_state(
     actor: str,
     method: str | None = None,
     campaign_id: str | None = None,
+    requested_by: str | None = None,
 ) -> tuple[Transition, asyncpg.Record]:
     """Move one membership to ``wanted`` if ``actor`` may (F-11), then propagate (F-12).
+
+    ``requested_by`` (who asked: a person or a role; None for a reader) is kept as the
+    membership's ``changed_by``, and as that of every membership the change propagates to.
 
     Raises NotFound for an unknown membership and Forbidden naming the rule when the
     actor may not; an allowed no-op changes and publishes nothing.
@@ -132,12 +136,16 @@ async def change_state(
         wanted,
         method or DEFAULT_METHOD[actor],
         campaign_id,
+        requested_by,
     )
     changes = [membership_change(row)]
     policy = await _policy(conn)
     target = propagation(wanted, sync_unsubscribe=policy["unsubscribe"], sync_ban=policy["ban"])
     if target is not None:
-        for other in await conn.fetch(QUERIES["propagate"], contact_id, group_id, target):
+        propagated = await conn.fetch(
+            QUERIES["propagate"], contact_id, group_id, target, requested_by
+        )
+        for other in propagated:
             changes.append(membership_change(other))
     await publish(conn, changes)
     return transition, row
@@ -219,8 +227,10 @@ async def join(
     auto_stop: bool = False,
     email: str | None = None,
     joined_at: dt.datetime | None = None,
+    requested_by: str | None = None,
 ) -> asyncpg.Record | None:
-    """A new membership (idempotent: an existing one is left as it is).
+    """A new membership (idempotent: an existing one is left as it is), ``changed_by``
+    ``requested_by``.
 
     A reader's unsubscribe that arrived first (:func:`unsubscribe_early`) is applied to it
     when the membership was joined before the click: nothing the reader asked is lost."""
@@ -234,7 +244,13 @@ async def join(
         banned_elsewhere=any(m["state"] == MembershipState.BANNED for m in memberships),
     )
     row = await conn.fetchrow(
-        QUERIES["join"], contact_id, group_id, state, method, joined_at or dt.datetime.now(dt.UTC)
+        QUERIES["join"],
+        contact_id,
+        group_id,
+        state,
+        method,
+        joined_at or dt.datetime.now(dt.UTC),
+        requested_by,
     )
     if email:
         await conn.execute(

@@ -128,7 +128,7 @@ class SyncSteps:
             await outbox.add(conn, Topic.MAIL_SYSTEM, self.job_id, completion_mail(self.ctx, done))
             log.info("sync_job_done", contacts=done["contacts"], changed=done["changed"])
             return None
-        changed = await conn.fetch(QUERIES["sync-apply"], contacts, state)
+        changed = await conn.fetch(QUERIES["sync-apply"], contacts, state, job["requested_by"])
         await store.publish(conn, [store.membership_change(r) for r in changed])
         progress = await conn.fetchrow(
             QUERIES["update-sync-job"],

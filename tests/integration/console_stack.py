@@ -40,6 +40,7 @@ class ConsoleStack:
     services: dict[str, Service]
     base: str
     dsn: str
+    prefix: str
 
     def api(self, name: str) -> Any:
         return self.services[name].api
@@ -93,7 +94,7 @@ async def console_stack(
                 await auth.save_user(conn, username, PASSWORD, role, f"{username}@example.jp")
         finally:
             await conn.close()
-        yield ConsoleStack(console, services, f"http://127.0.0.1:{console.port}", dsn)
+        yield ConsoleStack(console, services, f"http://127.0.0.1:{console.port}", dsn, prefix)
 
 
 class Browserless:

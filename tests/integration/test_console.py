@@ -9,7 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from tests.conftest import Stack, eventually
+from libs.common import db
+from services.console import auth
+from services.console.app import SCHEMA
+from tests.conftest import Stack, eventually, running
 from tests.integration.console_stack import (
     PASSWORD,
     Browserless,
@@ -150,6 +153,41 @@ async def test_a_service_that_is_away_shows_a_page_not_a_trace(client: Browserle
     assert response.headers["Retry-After"]
 
 
+async def test_a_service_that_stops_while_the_console_runs_is_named_on_the_page(
+    client: Browserless, site: ConsoleStack, stack: Stack
+) -> None:
+    """The exporter runs, the jobs page shows; the exporter stops: the same page is a 503
+    naming it in Japanese and English (no 500, no trace), readiness reports it and the
+    console stays ready; the other screens keep working."""
+    assert (await client.login("admin"))[0] == 200
+    urls = site.console.api.urls
+    away = urls["exporter"]
+    try:
+        async with running(
+            "exporter",
+            stack,
+            site.dsn,
+            site.prefix,
+            contacts_url=site.api("contacts").base,
+            export_dir=stack.home / f"exports-{site.prefix}stopped",
+            public_url="http://x",
+        ) as exporter:
+            urls["exporter"] = exporter.api.base
+            status, html, _ = await client.get("/jobs")
+            assert status == 200 and "サービスに接続できません" not in html
+        status, html, response = await client.get("/jobs")
+        assert status == 503 and response.headers["Retry-After"]
+        assert "exporter サービスに接続できません" in html
+        assert "the exporter service cannot be reached" in html
+        assert "Traceback" not in html and "ClientConnectorError" in html
+        status, body, _ = await client.get("/readyz")
+        assert status == 200 and '"exporter": "unreachable: ClientConnectorError"' in body
+        status, html, _ = await client.get("/contacts")
+        assert status == 200
+    finally:
+        urls["exporter"] = away
+
+
 async def test_an_api_refusal_is_shown_beside_its_field(client: Browserless) -> None:
     assert (await client.login("admin"))[0] == 200
     status, html, _ = await client.get("/contacts?score_min=abc")
@@ -180,3 +218,155 @@ async def test_health_readiness_and_metrics(client: Browserless) -> None:
         return 'service="console"' in text
 
     await eventually(counted)
+
+
+async def _members_applied(site: ConsoleStack, group_id: int, contact_ids: list[int]) -> None:
+    """Until suppression has applied the joins (contacts records them at once)."""
+    suppression = site.api("suppression")
+
+    async def applied() -> bool:
+        for contact_id in contact_ids:
+            status, _ = await suppression.call("GET", f"/v1/memberships/{contact_id}/{group_id}")
+            if status != 200:
+                return False
+        return True
+
+    await eventually(applied)
+
+
+async def test_bulk_delivery_state_is_confirmed_then_applied_for_the_user(
+    client: Browserless, site: ConsoleStack
+) -> None:
+    """配信停止 for a group over a search's matches: the confirmation counts the selection,
+    the members and those that change, and states the rules, changing nothing; confirmed,
+    suppression applies it to the members only, recording the console user as who asked —
+    and the console's audit names the same user."""
+    contacts, suppression = site.api("contacts"), site.api("suppression")
+    group = await contacts.ok("POST", "/v1/groups", {"name": "一括配信停止"})
+    ids = [
+        (
+            await contacts.ok(
+                "POST", "/v1/contacts", {"email": f"bulkstate{i}@example.jp", "tags": ["bs"]}
+            )
+        )["id"]
+        for i in range(3)
+    ]
+    members = ids[:2]
+    await contacts.ok("POST", f"/v1/groups/{group['id']}/members", {"contact_ids": members})
+    await _members_applied(site, group["id"], members)
+
+    # an operator of their own ("operator" is locked out by the throttling test)
+    conn = await db.connect(site.dsn, SCHEMA)
+    try:
+        await auth.save_user(conn, "tanaka", PASSWORD, "operator", "tanaka@example.jp")
+    finally:
+        await conn.close()
+    assert (await client.login("tanaka"))[0] == 200
+    status, html, _ = await client.get("/contacts?tags_in=bs")
+    assert status == 200 and 'value="state_unsubscribed"' in html
+    form = {
+        "csrf": client.csrf(html),
+        "query": "tags_in=bs",
+        "action": "state_unsubscribed",
+        "target_group": str(group["id"]),
+        "scope": "all",
+    }
+    status, html, _ = await client.post("/contacts/bulk", form)
+    assert status == 200 and 'id="bulk-confirm"' in html
+    assert '<strong id="bulk-count">3</strong>' in html
+    assert '<strong id="bulk-members">2</strong>' in html
+    assert '<strong id="bulk-changing">2</strong>' in html
+    assert 'id="bulk-rules"' in html and "配信禁止は配信停止より強い停止です" in html
+    for contact_id in members:  # the confirmation changed nothing
+        row = await suppression.ok("GET", f"/v1/memberships/{contact_id}/{group['id']}")
+        assert row["state"] == "deliverable"
+
+    status, html, response = await client.post("/contacts/bulk", {**form, "confirm": "1"})
+    assert status == 200 and response.url.query.get("done") == "2"
+
+    async def stopped() -> list[dict[str, object]]:
+        rows = [
+            await suppression.ok("GET", f"/v1/memberships/{contact_id}/{group['id']}")
+            for contact_id in members
+        ]
+        return rows if all(r["state"] == "unsubscribed" for r in rows) else []
+
+    for row in await eventually(stopped):
+        assert row["method"] == "system" and row["changed_by"] == "tanaka@example.jp"
+    status, _ = await suppression.call("GET", f"/v1/memberships/{ids[2]}/{group['id']}")
+    assert status == 404  # not a member: left alone
+
+    conn = await db.connect(site.dsn, SCHEMA)
+    try:
+        audit = await conn.fetchrow(
+            "SELECT username, requested_by, target, detail FROM audit_log"
+            " WHERE action = 'bulk_state_unsubscribed' ORDER BY id DESC LIMIT 1"
+        )
+    finally:
+        await conn.close()
+    assert audit["username"] == "tanaka" and audit["requested_by"] == "tanaka@example.jp"
+    assert audit["target"] == f"group:{group['id']}" and audit["detail"]["affected"] == 2
+
+
+async def test_a_bulk_delivery_state_needs_a_group(client: Browserless, site: ConsoleStack) -> None:
+    contact = await site.api("contacts").ok(
+        "POST", "/v1/contacts", {"email": "bulknogroup@example.jp"}
+    )
+    assert (await client.login("admin"))[0] == 200
+    _, html, _ = await client.get("/contacts")
+    status, html, _ = await client.post(
+        "/contacts/bulk",
+        {
+            "csrf": client.csrf(html),
+            "action": "state_banned",
+            "id": str(contact["id"]),
+            "confirm": "1",
+        },
+    )
+    assert status == 200 and "グループを選んでください" in html
+    assert 'id="bulk-confirm"' not in html
+
+
+async def test_the_contact_page_state_change_records_the_user(
+    client: Browserless, site: ConsoleStack
+) -> None:
+    contacts, suppression = site.api("contacts"), site.api("suppression")
+    group = await contacts.ok("POST", "/v1/groups", {"name": "詳細から配信禁止"})
+    contact = await contacts.ok("POST", "/v1/contacts", {"email": "detailban@example.jp"})
+    await contacts.ok("POST", f"/v1/groups/{group['id']}/members", {"contact_ids": [contact["id"]]})
+    await _members_applied(site, group["id"], [contact["id"]])
+    assert (await client.login("admin"))[0] == 200
+    _, html, _ = await client.get(f"/contacts/{contact['id']}")
+    status, _, _ = await client.post(
+        f"/contacts/{contact['id']}/memberships/{group['id']}",
+        {"csrf": client.csrf(html), "state": "banned"},
+    )
+    assert status == 200
+    row = await suppression.ok("GET", f"/v1/memberships/{contact['id']}/{group['id']}")
+    assert row["state"] == "banned" and row["changed_by"] == "admin@example.jp"
+
+
+async def test_set_state_in_the_contacts_api_is_validated(site: ConsoleStack) -> None:
+    contacts = site.api("contacts")
+    contact = await contacts.ok("POST", "/v1/contacts", {"email": "setstate@example.jp"})
+    base = {"action": "set_state", "ids": [contact["id"]]}
+    for body, field in (
+        ({**base, "target_group_id": 1}, "state"),
+        ({**base, "state": "banned"}, "target_group_id"),
+        ({**base, "state": "gone", "target_group_id": 1}, "state"),
+    ):
+        status, problem = await contacts.call("POST", "/v1/contacts/bulk", body)
+        assert status == 400, (body, problem)
+        assert problem["field"] == field, problem
+    status, problem = await contacts.call(
+        "POST", "/v1/contacts/bulk", {**base, "state": "banned", "target_group_id": 999999}
+    )
+    assert status == 404
+    # Who asked is a name, not anything: a control character is refused.
+    status, problem = await contacts.call(
+        "POST",
+        "/v1/contacts/bulk",
+        {**base, "state": "banned", "target_group_id": 999999},
+        headers={"X-Tayori-Requested-By": "a%0Ab"},
+    )
+    assert status == 400 and "X-Tayori-Requested-By" in problem["detail"]

@@ -243,6 +243,50 @@ async def test_open_a_contact_and_stop_its_delivery_in_one_group(
     await shot(page, "contact")
 
 
+async def test_bulk_stop_delivery_in_a_group_from_the_search_with_confirmation(
+    context: BrowserContext, site: ConsoleStack
+) -> None:
+    """Select two results of a search, choose 配信停止にする for a group: the confirmation
+    shows the count and the rules and changes nothing; confirmed, the members are stopped
+    in that group only, recorded for the operator who asked."""
+    people = [
+        await contact(site, email=f"bulkstop{i}@example.jp", name=f"一括 {i}", tags=["bulkstop"])
+        for i in range(3)
+    ]
+    letters = await group(site, "一括停止テスト")
+    other = await group(site, "一括停止の対象外")
+    await join(site, letters["id"], *(p["id"] for p in people))
+    await join(site, other["id"], people[0]["id"])
+    page = await context.new_page()
+    await login(page, site, "operator")
+    await page.goto(site.base + "/contacts?tags_in=bulkstop&sort=id")
+    assert await page.inner_text("#total") == "3"
+    for person in people[:2]:
+        await page.check(f"#bulk-form input[name=id][value='{person['id']}']")
+    await page.select_option("#bulk-action", "state_unsubscribed")
+    await page.select_option("#bulk-form select[name=target_group]", str(letters["id"]))
+    await page.click("#bulk-form button[type=submit]")
+    await page.wait_for_selector("#bulk-confirm")
+    assert await page.inner_text("#bulk-count") == "2"
+    assert await page.inner_text("#bulk-changing") == "2"
+    assert "配信禁止は配信停止より強い停止です" in await page.inner_text("#bulk-rules")
+    assert await state(site, people[0]["id"], letters["id"]) == "deliverable"
+    await shot(page, "contacts-bulk-state")
+    await page.click("#bulk-confirm")
+    await page.wait_for_url("**/contacts?*done=2*")
+
+    async def stopped() -> bool:
+        states = [await state(site, p["id"], letters["id"]) for p in people]
+        return states == ["unsubscribed", "unsubscribed", "deliverable"]
+
+    await eventually(stopped)
+    assert await state(site, people[0]["id"], other["id"]) == "deliverable"
+    row = await site.api("suppression").ok(
+        "GET", f"/v1/memberships/{people[0]['id']}/{letters['id']}"
+    )
+    assert row["changed_by"] == "operator@example.jp" and row["method"] == "system"
+
+
 async def test_a_viewer_cannot_change_anything(context: BrowserContext, site: ConsoleStack) -> None:
     person = await contact(site, email="viewer-sees@example.jp", name="閲覧 のみ")
     members = await group(site, "閲覧テスト")

@@ -624,9 +624,22 @@ async def test_jobs_list_shows_imports_sync_runs_and_exports(contacts, suppressi
     )
     status, imported = await contacts.api.call("POST", "/v1/imports", data=form)
     assert status == 202, imported
-    switched = await suppression.api.ok("PUT", "/v1/sync-policy", {"unsubscribe": True})
+    # The sync run and the export are asked for a person (as the console does); the import
+    # is not, and records the token's role.
+    person = {"X-Tayori-Requested-By": "tanaka%40example.jp"}
+    switched = await suppression.api.ok(
+        "PUT", "/v1/sync-policy", {"unsubscribe": True}, headers=person
+    )
     sync_id = switched["jobs"][0]["id"]
-    job = await export(exporter, {"source": "filter", "filter": {}, "columns": ["email"]})
+    status, queued = await exporter.api.call(
+        "POST",
+        "/v1/exports",
+        {"source": "filter", "filter": {}, "columns": ["email"]},
+        headers=person,
+    )
+    assert status == 202, queued
+    job = await finished(exporter, queued["id"])
+    assert (job["requested_by"], job["requester"]) == ("admin", "tanaka@example.jp")
 
     async def listed() -> list[dict[str, Any]] | None:
         items = (await exporter.api.ok("GET", "/v1/jobs", token=VIEWER_TOKEN))["items"]
@@ -644,7 +657,9 @@ async def test_jobs_list_shows_imports_sync_runs_and_exports(contacts, suppressi
     # a finished job's total is its real count, not the planner's estimate; every job
     # records who asked
     assert by_kind["export"]["total"] == 1 and by_kind["import"]["total"] == 1
-    assert {i["requested_by"] for i in by_kind.values()} == {"admin"}
+    assert by_kind["import"]["requested_by"] == "admin"
+    assert by_kind["sync"]["requested_by"] == "tanaka@example.jp"
+    assert by_kind["export"]["requested_by"] == "tanaka@example.jp"
     shown = await exporter.api.ok("GET", f"/v1/exports/{job['id']}")
     assert (shown["rows"], shown["estimated_total"]) == (1, 1)
     assert by_kind["export"]["title"] == "CSV出力 / export: 検索条件 / filter"

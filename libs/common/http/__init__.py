@@ -25,6 +25,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -34,6 +35,7 @@ from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from libs.common import metrics as tayori_metrics
 from libs.common import trace
+from libs.common.checks import is_plain
 from libs.common.errors import (
     Conflict,
     Fault,
@@ -63,6 +65,15 @@ ROLE_KEY = web.AppKey("tokens", dict)
 SERVICE_KEY = web.AppKey("service", str)
 #: the caller's role, set by the auth middleware on every authenticated request.
 ROLE = web.RequestKey("role", str)
+#: the person a client acts for (the console: its signed-in user), as it names them in
+#: REQUESTED_BY_HEADER; without the header, the token's role. Set with ROLE on every
+#: authenticated request; a service records it where it keeps who asked (jobs, state
+#: changes). It says who, not what is allowed: that is the role's.
+REQUESTED_BY = web.RequestKey("requested_by", str)
+#: the header naming that person: percent-encoded UTF-8 (an address, a user name).
+REQUESTED_BY_HEADER = "X-Tayori-Requested-By"
+#: the longest name kept (an address is at most 320 characters).
+MAX_REQUESTED_BY = 320
 #: the request's (traceparent, request id), set by the observe middleware.
 TRACE = web.RequestKey("trace", tuple)
 #: the header naming a request for the caller (and a proxy: nginx's $request_id).
@@ -264,7 +275,30 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             request=request,
         )
     request[ROLE] = role
+    requester = requested_by(request.headers.get(REQUESTED_BY_HEADER))
+    if requester is None:
+        return error(
+            400,
+            f"{REQUESTED_BY_HEADER} must be a percent-encoded name of at most"
+            f" {MAX_REQUESTED_BY} characters without control characters",
+            request=request,
+        )
+    request[REQUESTED_BY] = requester or role
     return await handler(request)
+
+
+def requested_by(header: str | None) -> str | None:
+    """The name a REQUESTED_BY_HEADER carries ("" when absent or blank), None when it is
+    not one (undecodable, too long, control characters)."""
+    if header is None or not header.strip():
+        return ""
+    try:
+        name = unquote(header.strip(), errors="strict")
+    except UnicodeDecodeError:
+        return None
+    if len(name) > MAX_REQUESTED_BY or not is_plain(name) or not name.strip():
+        return None
+    return name.strip()
 
 
 class Health(BaseModel):

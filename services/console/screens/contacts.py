@@ -1,6 +1,8 @@
 """顧客検索 (F-05): the search form, results with sorting, keyset paging and the exact total,
 saved searches (global or per group, /v1/filters), bulk actions with a confirmation
-(/v1/contacts/bulk, /v1/groups/{id}/members) and the way to CSV出力."""
+(/v1/contacts/bulk, /v1/groups/{id}/members) — the delivery state in one group among them
+(配信停止 / 配信禁止 / 配信可能: contacts' set_state, applied by suppression) — and the way to
+CSV出力."""
 
 from __future__ import annotations
 
@@ -10,13 +12,13 @@ from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
 
+from libs.common.vocabulary import SALES_STATUSES
 from services.console import auth
 from services.console.clients import ApiProblem, RoleApi
 from services.console.fields import (
     DELIVERY_STATUSES,
     HISTORY_EVENTS,
     MEMBERSHIP_STATES,
-    SALES_STATUSES,
     SORTS,
     STANDARD,
 )
@@ -31,8 +33,26 @@ BULK_ACTIONS = {
     "star": "スターを付ける",
     "unstar": "スターを外す",
     "join_group": "グループに追加",
+    "state_unsubscribed": "配信停止にする",
+    "state_banned": "配信禁止にする",
+    "state_deliverable": "配信可能にする",
     "delete": "削除",
 }
+#: the bulk actions that set the delivery state in one group (F-10), and the state each sets.
+STATE_ACTIONS = {
+    "state_unsubscribed": "unsubscribed",
+    "state_banned": "banned",
+    "state_deliverable": "deliverable",
+}
+#: what an operator's change of the delivery state does (F-10 to F-12), on its confirmation.
+STATE_RULES = (
+    "グループのメンバーだけが変更されます。メンバーでない顧客はそのままです。",
+    "オペレーターの変更（方法: システム）として、実行したユーザーとともに記録されます。",
+    "配信禁止は配信停止より強い停止です。解除できるのはオペレーターだけです。",
+    "配信可能に戻すと、停止・禁止だった顧客にも再び配信されます。同意を確認してください。",
+    "配信状態の同期設定がオンなら、配信停止・配信禁止は他のグループにも反映されます。",
+    "変更は配信停止サービスが数秒以内に反映します。",
+)
 
 
 async def lookups(client: RoleApi, group: str | None = None) -> dict[str, Any]:
@@ -153,6 +173,54 @@ async def save_filter(request: web.Request) -> web.Response:
     raise web.HTTPSeeOther("/contacts?" + urlencode({**form, "saved_as": saved["name"]}))
 
 
+def _selection(wanted: search_form.Search, ids: list[int], everything: bool) -> dict[str, Any]:
+    """The bulk body's selection: the search's matches, or the chosen ids."""
+    if not everything:
+        return {"ids": ids}
+    body: dict[str, Any] = {"filter": wanted.filter or {"all": []}}
+    if wanted.group_id is not None:
+        body["group_id"] = wanted.group_id
+    return body
+
+
+async def _state_counts(
+    client: RoleApi,
+    wanted: search_form.Search,
+    ids: list[int],
+    everything: bool,
+    group: int,
+    state: str,
+) -> dict[str, int]:
+    """Of the selection: how many are members of ``group`` and how many of those are in
+    ``state`` already (the confirmation shows both; the change skips non-members)."""
+    chosen: dict[str, Any] = (
+        wanted.filter or {"all": []} if everything else {"field": "id", "op": "in", "value": ids}
+    )
+
+    async def total(membership_state: str) -> int:
+        node = {"membership": {"group_id": group, "state": membership_state}}
+        body: dict[str, Any] = {"filter": {"all": [chosen, node]}, "limit": 1}
+        if everything and wanted.group_id is not None:
+            body["group_id"] = wanted.group_id
+        return int((await client.post("contacts", "/v1/contacts/search", body))["total"])
+
+    members, already = await asyncio.gather(total("member"), total(state))
+    return {"members": members, "already": already, "changing": members - already}
+
+
+def _problem(action: str, everything: bool, ids: list[int], tag: str, group: str) -> str:
+    """What the form lacks for ``action`` ("" when nothing)."""
+    if action == "join_group" and (everything or not group.isdigit()):
+        return "顧客とグループを選んでください / choose contacts and a group"
+    if action in STATE_ACTIONS and not group.isdigit():
+        return "グループを選んでください / choose a group"
+    if action in ("add_tag", "remove_tag") and not tag:
+        return "タグを入力してください / enter a tag"
+    if not everything and not ids:
+        return "顧客を選択してください / select contacts"
+    return ""
+
+
 @routes.post("/contacts/bulk")
 @page("operator")
 async def bulk(request: web.Request) -> web.Response:
@@ -171,22 +239,22 @@ async def bulk(request: web.Request) -> web.Response:
     form = dict(parse_qsl(query))
     fields = await client.get("contacts", "/v1/fields")
     wanted = search_form.build(form, {f["key"]: f["type"] for f in fields["items"]})
-    tag = str(posted.get("tag", "")).strip()
-    group = str(posted.get("target_group", ""))
+    # each action reads only its own inputs (the form has them all)
+    tag = str(posted.get("tag", "")).strip() if action in ("add_tag", "remove_tag") else ""
+    uses_group = action == "join_group" or action in STATE_ACTIONS
+    group = str(posted.get("target_group", "")) if uses_group else ""
     groups = (await client.get("contacts", "/v1/groups"))["items"]
     count = len(ids)
     if everything:
         count = (await client.post("contacts", "/v1/contacts/search", wanted.body(1, None)))[
             "total"
         ]
-    problem = ""
-    if action == "join_group" and (everything or not group.isdigit()):
-        problem = "顧客とグループを選んでください / choose contacts and a group"
-    elif action in ("add_tag", "remove_tag") and not tag:
-        problem = "タグを入力してください / enter a tag"
-    elif not everything and not ids:
-        problem = "顧客を選択してください / select contacts"
+    problem = _problem(action, everything, ids, tag, group)
+    state = STATE_ACTIONS.get(action)
     if problem or posted.get("confirm") != "1":
+        counts = None
+        if state is not None and not problem:
+            counts = await _state_counts(client, wanted, ids, everything, int(group), state)
         return render(
             request,
             "bulk_confirm.html",
@@ -200,6 +268,8 @@ async def bulk(request: web.Request) -> web.Response:
             groups=groups,
             query=query,
             problem=problem,
+            counts=counts,
+            rules=STATE_RULES if state is not None else (),
         )
     if action == "join_group":
         result = await client.post(
@@ -207,22 +277,22 @@ async def bulk(request: web.Request) -> web.Response:
         )
         affected = result["joined"]
     else:
-        body: dict[str, Any] = {"action": action}
-        if everything:
-            body["filter"] = wanted.filter or {"all": []}
-            if wanted.group_id is not None:
-                body["group_id"] = wanted.group_id
-        else:
-            body["ids"] = ids
+        body: dict[str, Any] = {
+            "action": "set_state" if state is not None else action,
+            **_selection(wanted, ids, everything),
+        }
         if tag:
             body["tag"] = tag
+        if state is not None:
+            body["state"] = state
+            body["target_group_id"] = int(group)
         affected = (await client.post("contacts", "/v1/contacts/bulk", body))["affected"]
     await auth.audit(
         request.app[POOL],
         request[USER],
         f"bulk_{action}",
-        None,
+        f"group:{group}" if state is not None else None,
         200,
-        {"selected": count, "affected": affected, "tag": tag or None},
+        {"selected": count, "affected": affected, "tag": tag or None, "state": state},
     )
     raise web.HTTPSeeOther(back + ("&" if query else "") + urlencode({"done": affected}))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.console.web import page, render
+from services.console.web import Handler, page, render
 
 routes = web.RouteTableDef()
 SOON = {"/campaigns": "キャンペーン", "/steps": "ステップメール", "/bounces": "バウンス"}
 
 
-def _view(label: str):  # type: ignore[no-untyped-def]
+def _view(label: str) -> Handler:
     @page("viewer")
     async def view(request: web.Request) -> web.Response:
         return render(request, "soon.html", title=label)
