@@ -153,7 +153,8 @@ async def test_domain_override_api(sender: Service) -> None:
         "daily_cap": 100,
     }
     again = await api.ok("GET", "/v1/domains/docomo.ne.jp/override")
-    assert again["override"]["warmup"] == {"start": body["warmup"]["start"], "daily_caps": [100, 200]}
+    warmup = again["override"]["warmup"]
+    assert warmup == {"start": body["warmup"]["start"], "daily_caps": [100, 200]}
     listed = await api.ok("GET", "/v1/domain-overrides", token=VIEWER_TOKEN)
     assert [o["domain"] for o in listed["overrides"]] == ["docomo.ne.jp"]
 
