@@ -128,7 +128,7 @@ async def test_domain_override_api(sender: Service) -> None:
     assert empty["policy"]["state"] == "normal"
     assert empty["policy"]["rate"] > 0  # the built-in carrier default
 
-    body = {
+    body: dict[str, Any] = {
         "rate": 2.5,
         "connections": 2,
         "state": "throttled",
