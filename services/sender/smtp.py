@@ -409,7 +409,7 @@ class _Worker:
             raise _RelayProblem("connection_lost") from None
         reply = classify(code, text)
         if reply.verdict == "relay_problem":
-            if rcpt and reply.code == 421:
+            if rcpt and reply.code == 421 and self.pool.pacing.enabled:
                 raise _DomainDeferral(reply)
             raise _RelayProblem(f"reply_{reply.code}")
         return reply
@@ -558,16 +558,26 @@ class _Worker:
                 await exchange.replies(1, self.timeout)
         except CONNECTION_ERRORS:
             early = [classify(code, text) for code, text in exchange.received()[:2]]
-            if len(early) == 2 and early[0].verdict == "ok" and early[1].code == 421:
+            if self._domain_421(early):
                 raise _DomainDeferral(early[1]) from None  # 421 to RCPT, then it closed
             kind = "stale" if not replies and reused else "connection_lost"
             raise _RelayProblem(kind) from None
         problem = next((r for r in replies if r.verdict == "relay_problem"), None)
         if problem is not None:
-            if replies[0].verdict == "ok" and replies[1].code == 421:
+            if self._domain_421(replies):
                 raise _DomainDeferral(replies[1])
             raise _RelayProblem(f"reply_{problem.code}")
         return replies
+
+    def _domain_421(self, replies: list[Reply]) -> bool:
+        """MAIL accepted, then 421 to RCPT: the recipient domain's rate limit (with pacing
+        off, a relay problem as any 421)."""
+        return (
+            self.pool.pacing.enabled
+            and len(replies) >= 2
+            and replies[0].verdict == "ok"
+            and replies[1].code == 421
+        )
 
     def _look_ahead(self) -> bytes:
         """With PIPELINING, take the next queued delivery now (when the relay's rate
