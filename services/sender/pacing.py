@@ -181,7 +181,7 @@ class DomainPacing:
         if state is None:
             state = self._state(domain, now)
         elif state.policy.expires and now >= state.policy.expires:
-            self._refresh(state)
+            self._refresh(state, wake=True)
         if now >= self._next_rank:
             self._rank(now)
         policy = state.policy
@@ -234,12 +234,16 @@ class DomainPacing:
 
     def _park(self, d: Delivery, state: DomainState, wait: float, reason: str, now: float) -> None:
         """Hold ``d`` with its domain until it may go: woken after ``wait`` seconds (-1:
-        when one of the domain's transactions ends). Given up when the whole wait would
-        pass the bound."""
+        when one of the domain's transactions ends; infinite: a pause with no end, until
+        an operator lifts it or the bound is reached). Given up when a known wait would
+        pass the bound, or when the bound is reached."""
         if d.waiting_since is None:
             d.waiting_since = now
         label = self.label(state.domain)
-        if now - d.waiting_since + max(0.0, wait) > self.max_wait:
+        waited = now - d.waiting_since
+        if wait == float("inf") and waited < self.max_wait:
+            wait = self.max_wait - waited  # held, in case the pause is lifted meanwhile
+        if waited + max(0.0, wait) > self.max_wait or (wait < 0 and waited > self.max_wait):
             SENDER_DOMAIN_GAVE_UP.labels(label, reason).inc()
             log.warning(
                 "domain_wait_too_long",
@@ -293,7 +297,7 @@ class DomainPacing:
         state.learned = domains.deferred(
             state.learned, rate_now=state.rate_now(), rate_limit=rate_limit, at=now, aimd=self.aimd
         )
-        self._refresh(state)
+        self._refresh(state, wake=False)
         label = self.label(domain)
         SENDER_DOMAIN_THROTTLES.labels(label, "decrease").inc()
         if state.policy.state == PAUSED and before.state != PAUSED:
@@ -313,7 +317,7 @@ class DomainPacing:
         if state is None or state.learned is None:
             return
         state.learned = domains.delivered(state.learned, at=time.monotonic(), aimd=self.aimd)
-        self._refresh(state)
+        self._refresh(state, wake=False)
         if state.learned is None:
             log.info("domain_recovered", domain=state.domain)
 
@@ -323,7 +327,7 @@ class DomainPacing:
         """The operator overrides in force now (loaded from the database)."""
         self.overrides = dict(overrides)
         for state in self.states.values():
-            self._refresh(state)
+            self._refresh(state, wake=True)
 
     def set_published(self, domain: str, record: Published | None) -> None:
         """A ``domain.policy`` record (None: its tombstone). For the deliverability service's
@@ -333,7 +337,7 @@ class DomainPacing:
         else:
             self.published[domain] = record
         if (state := self.states.get(domain)) is not None:
-            self._refresh(state)
+            self._refresh(state, wake=True)
 
     def policy_of(self, domain: str) -> Policy:
         """The policy in force for ``domain`` now (for the API)."""
@@ -355,11 +359,14 @@ class DomainPacing:
         self.states[domain] = state
         return state
 
-    def _refresh(self, state: DomainState) -> None:
+    def _refresh(self, state: DomainState, *, wake: bool) -> None:
+        """Recompute the domain's policy. ``wake``: an input changed that may let its
+        parked deliveries go sooner (an override, a record, a timed input ending): they are
+        tried again now rather than at the wake-up the old policy set."""
         state.policy = self._policy(state.domain, state.learned)
         if state.bucket.rate != state.policy.rate:
             state.bucket.set_rate(state.policy.rate)
-        if state.parked and state.timer is None and not self.closing:
+        if state.parked and (wake or state.timer is None):
             self._wake_at(state, time.monotonic())
 
     # Metrics --------------------------------------------------------------------------------

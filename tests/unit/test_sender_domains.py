@@ -218,11 +218,41 @@ async def test_a_throttled_domain_waits_while_others_go() -> None:
 
 async def test_a_wait_past_the_bound_is_given_up() -> None:
     pool = Pool()
-    pacing = pool.pacing()
-    pacing.set_overrides({"slow.example": Override(state=PAUSED, reason="test")})
+    pacing = pool.pacing()  # the bound: 60 s
+    until = datetime.now(UTC) + timedelta(hours=2)
+    pacing.set_overrides({"slow.example": Override(state=PAUSED, until=until)})
     d = delivery("a@slow.example")
     assert not pacing.admit(d)
     assert [(x, "paused" in why) for x, why in pool.given_up] == [(d, True)]
+    pacing.stop()
+
+
+async def test_an_open_ended_pause_holds_until_lifted() -> None:
+    pool = Pool()
+    pacing = pool.pacing()
+    pacing.set_overrides({"slow.example": Override(state=PAUSED, reason="test")})
+    d = delivery("a@slow.example")
+    assert pacing.policy_of("slow.example").state == PAUSED
+    assert not pacing.admit(d)
+    assert pool.given_up == []  # held: the operator may lift the pause within the bound
+    pacing.set_overrides({})
+    await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+    assert pool.queued == [d]  # lifted: tried again at once
+    assert pacing.admit(d)
+    pacing.stop()
+
+
+async def test_an_open_ended_pause_gives_up_at_the_bound() -> None:
+    pool = Pool()
+    pacing = pool.pacing(domain_max_wait_seconds=0.1)
+    pacing.set_overrides({"slow.example": Override(state=PAUSED)})
+    d = delivery("a@slow.example")
+    assert not pacing.admit(d)
+    await asyncio.sleep(0.2)
+    assert pool.queued == [d]
+    assert not pacing.admit(d)
+    assert [x for x, _ in pool.given_up] == [d]
     pacing.stop()
 
 
