@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,14 +14,16 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from libs.common.metrics import sample_value
-from tayori.embedded import MaildirHandler, free_port
+from tayori.embedded import MaildirHandler, SmtpSink, free_port
 from tests.conftest import OPERATOR_TOKEN, VIEWER_TOKEN, Kafka, Service, Stack
 from tests.integration.test_sender import (
     kept,
     one_connection,
+    publish_all,
     queue_for_one_connection,
     recipients,
     results,
+    send_request,
 )
 
 pytestmark = pytest.mark.integration
@@ -195,3 +198,38 @@ async def test_domain_override_api(sender: Service) -> None:
     gone = await api.ok("GET", path)
     assert gone["override"] is None
     assert gone["policy"]["state"] == "normal"
+
+
+async def test_a_warm_up_cap_leaves_the_rest_for_later_and_sends_nothing_twice(
+    sender: Service, kafka: Kafka, smtp_sink: SmtpSink
+) -> None:
+    """Today's warm-up cap of a domain: that many go, the rest are recorded as not sent
+    (temporary_error, the wait would pass the bound) and other domains are untouched; a
+    redelivered batch republishes the same results and sends nothing again."""
+    domain = "warming.example"
+    today = datetime.now(UTC).date().isoformat()
+    await sender.api.ok(
+        "PUT",
+        f"/v1/domains/{domain}/override",
+        {"warmup": {"start": today, "daily_caps": [3, 100]}, "reason": "new IP"},
+        token=OPERATOR_TOKEN,
+    )
+    campaign = str(uuid.uuid4())
+    requests = [send_request(campaign, 500 + i, f"w{i}@{domain}") for i in range(5)]
+    requests += [send_request(campaign, 600 + i, f"o{i}@other.example") for i in range(5)]
+    await publish_all(kafka, requests)
+    got = await results(kafka, len(requests))
+    outcomes = Counter((r["email"].partition("@")[2], r["outcome"]) for r in got)
+    assert outcomes == {
+        (domain, "sent"): 3,
+        (domain, "temporary_error"): 2,
+        ("other.example", "sent"): 5,
+    }
+    refused = [r for r in got if r["outcome"] == "temporary_error"]
+    assert all("daily_cap" in r["diagnostic"] for r in refused)
+    sent = recipients(smtp_sink.messages())
+    assert sum(sent.values()) == 8 and set(sent.values()) == {1}
+    await publish_all(kafka, requests)  # redelivered: the ledger decided them already
+    again = await results(kafka, 2 * len(requests))
+    assert {r["result_id"] for r in again} == {r["result_id"] for r in got}
+    assert recipients(smtp_sink.messages()) == sent
