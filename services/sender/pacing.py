@@ -28,6 +28,7 @@ input changes or a timed one ends.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -397,7 +398,7 @@ class DomainPacing:
             and now - s.last_used > IDLE_SECONDS
         ]:
             del states[domain]
-        ranked = sorted(states.values(), key=lambda s: s.sent, reverse=True)[: self.top_n]
+        ranked = heapq.nlargest(self.top_n, states.values(), key=lambda s: s.sent)
         self._top = frozenset(s.domain for s in ranked if s.sent)
 
     def stop(self) -> None:
