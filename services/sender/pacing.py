@@ -384,8 +384,8 @@ class DomainPacing:
         return OTHER
 
     def _rank(self, now: float) -> None:
-        """Every RANK_SECONDS: the top N domains by volume since the last ranking, and
-        idle domains forgotten (nothing learned, parked or in flight)."""
+        """Every RANK_SECONDS: idle domains forgotten (nothing learned, parked or in
+        flight), then the top N of the others by volume since they were first seen."""
         self._next_rank = now + RANK_SECONDS
         states = self.states
         for domain in [
