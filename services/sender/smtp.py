@@ -409,7 +409,7 @@ class _Worker:
             raise _RelayProblem("connection_lost") from None
         reply = classify(code, text)
         if reply.verdict == "relay_problem":
-            if rcpt and reply.code == 421 and self.pool.pacing.enabled:
+            if rcpt and self._domain_421_reply(reply):
                 raise _DomainDeferral(reply)
             raise _RelayProblem(f"reply_{reply.code}")
         return reply
@@ -570,13 +570,19 @@ class _Worker:
         return replies
 
     def _domain_421(self, replies: list[Reply]) -> bool:
-        """MAIL accepted, then 421 to RCPT: the recipient domain's rate limit (with pacing
-        off, a relay problem as any 421)."""
+        """MAIL accepted, then a domain's 421 to RCPT (:meth:`_domain_421_reply`)."""
+        return (
+            len(replies) >= 2 and replies[0].verdict == "ok" and self._domain_421_reply(replies[1])
+        )
+
+    def _domain_421_reply(self, reply: Reply) -> bool:
+        """A 421 to RCPT is the recipient domain's rate limit unless its enhanced code says
+        the relay's own system is the matter (4.3.x: shutting down, resources). With pacing
+        off, every 421 is a relay problem, as before."""
         return (
             self.pool.pacing.enabled
-            and len(replies) >= 2
-            and replies[0].verdict == "ok"
-            and replies[1].code == 421
+            and reply.code == 421
+            and not (reply.enhanced_code or "").startswith("4.3.")
         )
 
     def _look_ahead(self) -> bytes:
