@@ -36,10 +36,19 @@ class RateLimitingHandler(MaildirHandler):
     on a sender that goes too fast), then accepts; every other domain at once. Records
     (monotonic time, event, address) of each RCPT answer and each accepted message."""
 
-    def __init__(self, maildir: Path, refusals: int) -> None:
+    def __init__(self, maildir: Path, refusals: int, pipelining: bool) -> None:
         super().__init__(maildir)
         self.refusals = refusals
+        self.pipelining = pipelining
         self.events: list[tuple[float, str, str]] = []
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        if self.pipelining:
+            return await super().handle_EHLO(server, session, envelope, hostname, responses)
+        session.host_name = hostname
+        return responses
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any
@@ -62,14 +71,15 @@ def metric(name: str, domain: str, **labels: str) -> float:
     return sample_value(name, {"domain": domain, **labels}) or 0.0
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one_by_one", "pipelining"])
 async def test_a_rate_limiting_domain_is_paused_while_another_goes_at_full_speed(
-    stack: Stack, database: str, prefix: str, kafka: Kafka, tmp_path: Path
+    stack: Stack, database: str, prefix: str, kafka: Kafka, tmp_path: Path, pipelining: bool
 ) -> None:
     """Three 421 4.7.0 answers pause LIMITED for PAUSE seconds: no RCPT to it meanwhile,
     while FAST's mail goes on without ever waiting; afterwards every recipient has exactly
     one mail and every result is ``sent``."""
     pause = 3.0
-    handler = RateLimitingHandler(tmp_path / "relay", refusals=3)
+    handler = RateLimitingHandler(tmp_path / "relay", refusals=3, pipelining=pipelining)
     controller = Controller(handler, hostname="127.0.0.1", port=free_port())
     controller.start()
     limited = [f"l{i}@{LIMITED}" for i in range(8)]
