@@ -39,6 +39,9 @@ class Relay(Answer):
 class Relays(Answer):
     relays: list[Relay]
     queued_deliveries: int = Field(ge=0)
+    waiting_for_domains: int = Field(
+        ge=0, description="deliveries parked until their recipient domain lets them go"
+    )
 
 
 class CampaignPath(Model):
@@ -68,7 +71,13 @@ async def list_relays(request: web.Request) -> web.Response:
         }
         for relay in ctx.relays.relays
     ]
-    return json_response({"relays": relays, "queued_deliveries": ctx.relays.queue.qsize()})
+    return json_response(
+        {
+            "relays": relays,
+            "queued_deliveries": ctx.relays.queue.qsize(),
+            "waiting_for_domains": ctx.relays.pacing.waiting(),
+        }
+    )
 
 
 @routes.get("/v1/ledger/{campaign_id}")
@@ -179,6 +188,8 @@ class DomainOverride(Answer):
     domain: str
     override: dict[str, Any] | None = Field(description="null: no override")
     policy: Policy = Field(description="in force on this sender replica now")
+    in_flight: int = Field(ge=0, description="its transactions in progress on this replica")
+    waiting: int = Field(ge=0, description="its deliveries parked on this replica")
 
 
 class DomainOverrides(Answer):
@@ -220,11 +231,15 @@ def _policy_json(policy: domains.Policy) -> dict[str, Any]:
 
 
 async def _answer(ctx: Context, domain: str, row: Mapping[str, Any] | None) -> web.Response:
+    pacing = ctx.relays.pacing
+    state = pacing.states.get(domain)
     return json_response(
         {
             "domain": domain,
             "override": _override_json(row),
-            "policy": _policy_json(ctx.relays.pacing.policy_of(domain)),
+            "policy": _policy_json(pacing.policy_of(domain)),
+            "in_flight": state.in_flight if state is not None else 0,
+            "waiting": len(state.parked) if state is not None else 0,
         }
     )
 

@@ -340,6 +340,10 @@ class DomainPacing:
         if (state := self.states.get(domain)) is not None:
             self._refresh(state, wake=True)
 
+    def waiting(self) -> int:
+        """Deliveries parked for their domain now."""
+        return sum(len(state.parked) for state in self.states.values())
+
     def policy_of(self, domain: str) -> Policy:
         """The policy in force for ``domain`` now (for the API)."""
         state = self.states.get(domain)

@@ -108,6 +108,7 @@ async def test_a_rate_limiting_domain_is_paused_while_another_goes_at_full_speed
         assert recipients(kept(handler)) == dict.fromkeys(addresses, 1)  # once each
         # The relay was never blamed: a domain's 421 to RCPT is not a relay problem.
         assert relays["relays"][0]["state"] == "up"
+        assert relays["waiting_for_domains"] == 0  # every delivery has its outcome
         assert metric("tayori_sender_domain_throttles_total", LIMITED, kind="pause") == pauses + 1
         assert metric("tayori_sender_domain_waits_total", FAST, reason="rate") == waits_fast
         events = handler.events
@@ -140,6 +141,7 @@ async def test_domain_override_api(sender: Service) -> None:
     assert empty["override"] is None
     assert empty["policy"]["state"] == "normal"
     assert empty["policy"]["rate"] > 0  # the built-in carrier default
+    assert (empty["in_flight"], empty["waiting"]) == (0, 0)
 
     body: dict[str, Any] = {
         "rate": 2.5,
