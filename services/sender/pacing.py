@@ -177,14 +177,14 @@ class DomainPacing:
         if not self.enabled:
             return True
         domain = d.domain or self._domain_of(d)
-        state = self.states.get(domain)
         now = time.monotonic()
+        if now >= self._next_rank:
+            self._rank(now)  # before the lookup: it may forget an idle domain
+        state = self.states.get(domain)
         if state is None:
             state = self._state(domain, now)
         elif state.policy.expires and now >= state.policy.expires:
             self._refresh(state, wake=True)
-        if now >= self._next_rank:
-            self._rank(now)
         policy = state.policy
         wait = 0.0
         reason = ""

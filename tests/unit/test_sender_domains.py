@@ -287,3 +287,17 @@ async def test_pacing_off_admits_everything() -> None:
     pacing = Pool().pacing(domain_pacing=False)
     pacing.set_overrides({"slow.example": Override(state=PAUSED)})
     assert all(pacing.admit(delivery("a@slow.example", i)) for i in range(10))
+
+
+async def test_idle_domains_are_forgotten_busy_ones_kept() -> None:
+    pacing = Pool().pacing()
+    busy, idle = delivery("a@busy.example"), delivery("b@idle.example", 2)
+    assert pacing.admit(busy) and pacing.admit(idle)
+    pacing.release(idle)
+    pacing.states["idle.example"].last_used -= 3600
+    pacing.states["busy.example"].last_used -= 3600  # idle long, but one in flight
+    pacing._next_rank = 0.0
+    assert pacing.admit(delivery("c@third.example", 3))
+    assert set(pacing.states) == {"busy.example", "third.example"}
+    pacing.release(busy)
+    assert pacing.states["busy.example"].in_flight == 0
