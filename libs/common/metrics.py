@@ -188,6 +188,24 @@ SENDER_GROUP_COMMIT_SIZE = Histogram(
     "Outcomes recorded per ledger commit",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+#: deliveries parked to wait for their recipient domain, by domain (the top
+#: SENDER_DOMAIN_METRICS_TOP by volume, else "other") and reason (rate, connections,
+#: paused, daily_cap).
+SENDER_DOMAIN_WAITS = Counter(
+    "tayori_sender_domain_waits_total", "Deliveries waiting for their domain", ["domain", "reason"]
+)
+#: a domain's rate lowered after a 4xx (decrease) or the domain paused after repeated
+#: rate-limit answers (pause), by domain (top N, else "other").
+SENDER_DOMAIN_THROTTLES = Counter(
+    "tayori_sender_domain_throttles_total", "Domains slowed or paused", ["domain", "kind"]
+)
+#: deliveries recorded as temporary_error because their domain's wait would pass
+#: SENDER_DOMAIN_MAX_WAIT_SECONDS, by domain (top N, else "other") and reason.
+SENDER_DOMAIN_GAVE_UP = Counter(
+    "tayori_sender_domain_gave_up_total",
+    "Deliveries not sent: their domain's wait was too long",
+    ["domain", "reason"],
+)
 
 # Scheduler --------------------------------------------------------------------------
 #: campaigns by status (draft, reserving, scheduled, sending, sent, aggregating, aggregated,
@@ -301,6 +319,9 @@ SENDER = (
     SENDER_LEDGER_RECOVERIES,
     SENDER_DROPPED,
     SENDER_GROUP_COMMIT_SIZE,
+    SENDER_DOMAIN_WAITS,
+    SENDER_DOMAIN_THROTTLES,
+    SENDER_DOMAIN_GAVE_UP,
 )
 SCHEDULER = (
     SCHEDULER_CAMPAIGNS,

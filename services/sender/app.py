@@ -4,8 +4,9 @@ Inputs: send.requests (big batches), campaign.content (each campaign's content, 
 campaign.control, mail.system, suppression.changes (its own last-mile
 copy). Outputs: SMTP to the relays, delivery.results (published once
 the ledger committed them; ledger.py) and send.progress (answers to the release checkpoints
-among send.requests; progress.py). HTTP: /v1/relays and /v1/ledger/{campaign_id}
-(api.py), and /healthz, /readyz, /metrics from the runtime.
+among send.requests; progress.py). HTTP: /v1/relays, /v1/ledger/{campaign_id}, the
+per-domain overrides /v1/domains/{domain}/override and /v1/domain-overrides (api.py), and
+/healthz, /readyz, /metrics from the runtime.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from libs.common import metrics
 from libs.common.kafka import Concurrency, Latency
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
-from services.sender import agents, api, maintenance
+from services.sender import agents, api, maintenance, overrides
 from services.sender.context import CONTEXT, SCHEMA, Context
 from services.sender.settings import SenderSettings
 
@@ -109,7 +110,10 @@ def build(settings: SenderSettings) -> Runtime:
     async def upkeep() -> None:
         await maintenance.run_forever(ctx())
 
-    runtime.background = [start_delivery, hold_owner_lock, upkeep]
+    async def domain_overrides() -> None:
+        await overrides.refresh_forever(ctx())
+
+    runtime.background = [start_delivery, hold_owner_lock, upkeep, domain_overrides]
     runtime.setup_routes = setup_routes
     runtime.on_stop = [stop_delivery]
     return runtime

@@ -83,6 +83,10 @@ class Exchange(asyncio.Protocol):
                 self._waiter = None
         return [self._replies.popleft() for _ in range(count)]
 
+    def received(self) -> list[tuple[int, str]]:
+        """The replies read and not yet taken (what came before the connection ended)."""
+        return list(self._replies)
+
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data

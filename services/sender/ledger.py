@@ -63,7 +63,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -78,6 +78,9 @@ from services.sender.models import Claimed, Done, LedgerKey, Outcome
 from services.sender.processor import ledger_row
 from services.sender.replan import ReplannedConnection, close_or_drop, replan_transaction
 from services.sender.results import ResultsOut
+
+if TYPE_CHECKING:
+    from services.sender.pacing import DomainState
 
 log = get_logger(__name__)
 QUERIES = Queries(Path(__file__).with_name("queries.sql"))
@@ -110,6 +113,12 @@ class Delivery:
     published: asyncio.Future[None] | None = None
     #: the trace it was claimed in (its handler's), which its result carries.
     trace: str | None = field(default_factory=trace.current)
+    #: its recipient domain, lower-cased (set by pacing.py on first use).
+    domain: str = ""
+    #: the domain pacing state whose in-flight place it holds (pacing.py), if any.
+    paced: DomainState | None = None
+    #: when it first had to wait for its domain (monotonic; bounds its total wait).
+    waiting_since: float | None = None
 
     @property
     def campaign_id(self) -> str:

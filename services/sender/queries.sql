@@ -171,3 +171,24 @@ WITH gone AS (
     RETURNING 1
 )
 SELECT count(*) FROM gone;
+
+-- name: domain-overrides
+-- Every operator override of a domain's sending policy (pacing.py loads them).
+SELECT * FROM domain_override ORDER BY domain;
+
+-- name: domain-override
+SELECT * FROM domain_override WHERE domain = $1;
+
+-- name: put-domain-override
+-- Replace a domain's override (every field: a PUT).
+INSERT INTO domain_override
+    (domain, rate, connections, state, until, reason, warmup_start, warmup_caps, updated_by)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT (domain) DO UPDATE SET
+    rate = EXCLUDED.rate, connections = EXCLUDED.connections, state = EXCLUDED.state,
+    until = EXCLUDED.until, reason = EXCLUDED.reason, warmup_start = EXCLUDED.warmup_start,
+    warmup_caps = EXCLUDED.warmup_caps, updated_by = EXCLUDED.updated_by, updated_at = now()
+RETURNING *;
+
+-- name: delete-domain-override
+DELETE FROM domain_override WHERE domain = $1 RETURNING domain;

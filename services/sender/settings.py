@@ -61,6 +61,30 @@ class SenderSettings(CommonSettings):
     #: campaigns whose built MIME is kept (LRU).
     render_cache: int = env("SENDER_RENDER_CACHE", 64)
 
+    #: per-recipient-domain pacing (pacing.py): off = every domain unlimited, no AIMD.
+    domain_pacing: bool = env("SENDER_DOMAIN_PACING", True)
+    #: messages per second and transactions in flight for a domain with no built-in
+    #: default (domains.DEFAULTS) and no override; 0 = unlimited.
+    domain_rate: float = env("SENDER_DOMAIN_RATE", 0.0)
+    domain_connections: int = env("SENDER_DOMAIN_CONNECTIONS", 0)
+    #: a delivery that would wait longer than this for its domain (paused, capped) is
+    #: recorded as temporary_error (not sent) instead of holding its batch.
+    domain_max_wait_seconds: float = env("SENDER_DOMAIN_MAX_WAIT_SECONDS", 900.0)
+    #: AIMD: a 4xx multiplies the domain's rate by DECREASE (not below FLOOR msgs/s); each
+    #: delivery adds INCREASE msgs/s back.
+    domain_aimd_decrease: float = env("SENDER_DOMAIN_AIMD_DECREASE", 0.5)
+    domain_aimd_increase: float = env("SENDER_DOMAIN_AIMD_INCREASE", 0.1)
+    domain_aimd_floor: float = env("SENDER_DOMAIN_AIMD_FLOOR", 0.2)
+    #: PAUSE_AFTER rate-limit answers (421, 4.7.x) within WINDOW seconds pause the domain
+    #: for PAUSE seconds.
+    domain_pause_after: int = env("SENDER_DOMAIN_PAUSE_AFTER", 3)
+    domain_pause_window_seconds: float = env("SENDER_DOMAIN_PAUSE_WINDOW_SECONDS", 60.0)
+    domain_pause_seconds: float = env("SENDER_DOMAIN_PAUSE_SECONDS", 300.0)
+    #: per-domain metrics name this many domains (by volume); the rest are "other".
+    domain_metrics_top: int = env("SENDER_DOMAIN_METRICS_TOP", 20)
+    #: seconds between two loads of the operator overrides (another replica's writes).
+    domain_overrides_refresh_seconds: float = env("SENDER_DOMAIN_OVERRIDES_REFRESH_SECONDS", 30.0)
+
     def relays(self) -> list[tuple[str, int]]:
         """(host, port) of every relay, in failover order."""
         spec = self.smtp_relays.strip()

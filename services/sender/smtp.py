@@ -17,7 +17,13 @@ so a message costs one round trip — then its reply. A connection has at most
 :class:`~services.sender.ledger.Ledger` has not committed yet: what a crash can send twice
 (ledger.py); a stop lets the replies it waits for arrive first. Replies are classified by
 :mod:`libs.common.mail.smtp_reply`: 4xx → tried again after a backoff, a bounded number of times;
-5xx → permanent or policy error; 421 → a relay problem, not a message outcome.
+5xx → permanent or policy error; 421 → a relay problem, not a message outcome — but a 421
+in answer to RCPT TO (its MAIL accepted) is the recipient domain's rate limit: the domain
+is slowed or paused, not the relay.
+
+Before a worker sends a delivery, its recipient domain admits it (:mod:`services.sender.pacing`:
+token bucket, in-flight cap, pause, warm-up cap); one that must wait is parked with its
+domain while the worker takes the next, so a throttled domain never holds up the others.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from libs.common.metrics import (
 from services.sender.exchange import Exchange, take_over
 from services.sender.ledger import Delivery, Ledger, fail
 from services.sender.models import Outcome
+from services.sender.pacing import DomainPacing
 from services.sender.settings import SenderSettings
 
 log = get_logger(__name__)
@@ -178,6 +185,8 @@ class RelayPool:
         self._workers: dict[asyncio.Task[None], _Worker] = {}
         self._timers: set[asyncio.TimerHandle] = set()
         self._helo = settings.smtp_helo_name or socket.gethostname() or "localhost"
+        #: per-recipient-domain admission (pacing.py).
+        self.pacing = DomainPacing(settings, requeue=self.submit, give_up=self._give_up)
         #: stopping: workers take no more deliveries.
         self.closing = False
 
@@ -194,6 +203,7 @@ class RelayPool:
         first (for at most STOP_GRACE_SECONDS), so that the message is not sent again after
         the restart (ledger.py); every other one stops at once, before its end of data."""
         self.closing = True
+        self.pacing.stop()
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
@@ -212,6 +222,11 @@ class RelayPool:
 
     def submit(self, delivery: Delivery) -> None:
         self.queue.put_nowait(delivery)
+
+    def _give_up(self, delivery: Delivery, why: str) -> None:
+        """Its domain would keep it waiting too long: recorded as not sent (temporary), as
+        a 4xx whose retries are spent, so its batch ends; a resend tries it again."""
+        self.ledger.finish(delivery, Outcome("temporary_error", diagnostic=f"not sent: {why}"))
 
     def later(self, delay: float, delivery: Delivery) -> None:
         """Put ``delivery`` back on the queue after ``delay`` seconds (4xx backoff)."""
@@ -250,6 +265,15 @@ class _RelayProblem(Exception):
         self.kind = kind
 
 
+class _DomainDeferral(_RelayProblem):
+    """421 in answer to RCPT TO: the recipient's domain (through the relay) limits our rate;
+    the connection closes, the relay is not to blame, the delivery waits for its domain."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__("domain_421")
+        self.reply = reply
+
+
 class _Worker:
     """One persistent connection to one relay."""
 
@@ -281,10 +305,14 @@ class _Worker:
                     if wait > 0:
                         await asyncio.sleep(wait)
                     delivery = await self.pool.queue.get()
-                    if not self._wanted(delivery):
+                    if not self._wanted(delivery) or not self.pool.pacing.admit(delivery):
                         continue
                 try:
                     await self._deliver(delivery, written=written)
+                except _DomainDeferral as deferral:
+                    self._close()
+                    self._domain_deferred(delivery, deferral.reply)
+                    self._put_back_ahead()
                 except _RelayProblem as problem:
                     self._close()
                     if problem.kind != "stale":
@@ -296,13 +324,33 @@ class _Worker:
                     self._close()
                     fail(delivery.done, exc)  # the service stops, failed; rows stay claimed
                     self._put_back_ahead()
+                finally:
+                    self.pool.pacing.release(delivery)
         finally:
             self._close()
+
+    def _domain_deferred(self, d: Delivery, reply: Reply) -> None:
+        """The domain answered 421 to RCPT: it slows down (or pauses) and ``d`` goes back
+        to wait for it, within its domain's wait bound (pacing.py), not counted as one of
+        its 4xx retries."""
+        SENDER_RETRIES.labels(self.relay.name).inc()
+        log.info(
+            "smtp_domain_deferred",
+            campaign_id=d.campaign_id,
+            contact_id=d.key.contact_id,
+            reply=reply.diagnostic,
+        )
+        self.pool.pacing.release(d)
+        self.pool.pacing.deferred(d, reply.code, reply.enhanced_code)
+        if d.waiting_since is None:
+            d.waiting_since = time.monotonic()
+        self.pool.submit(d)
 
     def _put_back_ahead(self) -> None:
         """The delivery whose commands went on a connection now closed goes back to the
         queue."""
         if self.ahead is not None:
+            self.pool.pacing.release(self.ahead)
             self.pool.submit(self.ahead)
             self.ahead = None
 
@@ -353,7 +401,7 @@ class _Worker:
             self.relay.open_connections -= 1
             SENDER_CONNECTIONS.labels(self.relay.name).dec()
 
-    async def _command(self, exchange: Exchange, command: bytes) -> Reply:
+    async def _command(self, exchange: Exchange, command: bytes, *, rcpt: bool = False) -> Reply:
         try:
             exchange.write(command)
             ((code, text),) = await exchange.replies(1, self.timeout)
@@ -361,6 +409,8 @@ class _Worker:
             raise _RelayProblem("connection_lost") from None
         reply = classify(code, text)
         if reply.verdict == "relay_problem":
+            if rcpt and self._domain_421_reply(reply):
+                raise _DomainDeferral(reply)
             raise _RelayProblem(f"reply_{reply.code}")
         return reply
 
@@ -445,6 +495,7 @@ class _Worker:
         if reply.verdict == "relay_problem":  # 421 after the end of data: not accepted
             raise _RelayProblem(f"reply_{reply.code}")
         if reply.verdict == "ok":
+            self.pool.pacing.delivered(d)
             self._finish(d, self._outcome(reply, message_id))
         else:
             self._refused(d, reply, message_id)
@@ -468,12 +519,12 @@ class _Worker:
     ) -> list[Reply]:
         """MAIL, RCPT, DATA one round trip each, stopping at the first refusal."""
         replies: list[Reply] = []
-        for command in (
-            b"MAIL FROM:" + reverse_path + b"\r\n",
-            b"RCPT TO:" + forward_path + b"\r\n",
+        for rcpt, command in (
+            (False, b"MAIL FROM:" + reverse_path + b"\r\n"),
+            (True, b"RCPT TO:" + forward_path + b"\r\n"),
         ):
             try:
-                replies.append(await self._command(exchange, command))
+                replies.append(await self._command(exchange, command, rcpt=rcpt))
             except _RelayProblem as problem:
                 if not replies and reused and problem.kind == "connection_lost":
                     raise _RelayProblem("stale") from None  # the relay closed an idle one
@@ -506,12 +557,33 @@ class _Worker:
                 exchange.write(b".\r\n")
                 await exchange.replies(1, self.timeout)
         except CONNECTION_ERRORS:
+            early = [classify(code, text) for code, text in exchange.received()[:2]]
+            if self._domain_421(early):
+                raise _DomainDeferral(early[1]) from None  # 421 to RCPT, then it closed
             kind = "stale" if not replies and reused else "connection_lost"
             raise _RelayProblem(kind) from None
         problem = next((r for r in replies if r.verdict == "relay_problem"), None)
         if problem is not None:
+            if self._domain_421(replies):
+                raise _DomainDeferral(replies[1])
             raise _RelayProblem(f"reply_{problem.code}")
         return replies
+
+    def _domain_421(self, replies: list[Reply]) -> bool:
+        """MAIL accepted, then a domain's 421 to RCPT (:meth:`_domain_421_reply`)."""
+        return (
+            len(replies) >= 2 and replies[0].verdict == "ok" and self._domain_421_reply(replies[1])
+        )
+
+    def _domain_421_reply(self, reply: Reply) -> bool:
+        """A 421 to RCPT is the recipient domain's rate limit unless its enhanced code says
+        the relay's own system is the matter (4.3.x: shutting down, resources). With pacing
+        off, every 421 is a relay problem, as before."""
+        return (
+            self.pool.pacing.enabled
+            and reply.code == 421
+            and not (reply.enhanced_code or "").startswith("4.3.")
+        )
 
     def _look_ahead(self) -> bytes:
         """With PIPELINING, take the next queued delivery now (when the relay's rate
@@ -526,7 +598,7 @@ class _Worker:
             and self.relay.limit.take_now()
         ):
             d = queue.get_nowait()
-            if self._wanted(d) and self._composed(d):
+            if self._wanted(d) and self._composed(d) and self.pool.pacing.admit(d):
                 d.relay = self.relay.name
                 self.ahead = d
                 return _commands(*d.paths)
@@ -555,6 +627,7 @@ class _Worker:
 
     def _refused(self, d: Delivery, reply: Reply, message_id: str) -> None:
         if reply.verdict == "retry":
+            self.pool.pacing.deferred(d, reply.code, reply.enhanced_code)
             d.temp_failures += 1
             if d.temp_failures <= self.pool.settings.smtp_temp_retries:
                 SENDER_RETRIES.labels(self.relay.name).inc()

@@ -1,0 +1,247 @@
+"""Per-recipient-domain pacing through the real broker, PostgreSQL and an SMTP relay
+(aiosmtpd) that rate-limits one domain; and the operator override API."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from libs.common.metrics import sample_value
+from tayori.embedded import MaildirHandler, SmtpSink, free_port
+from tests.conftest import OPERATOR_TOKEN, VIEWER_TOKEN, Kafka, Service, Stack
+from tests.integration.test_sender import (
+    kept,
+    one_connection,
+    publish_all,
+    queue_for_one_connection,
+    recipients,
+    results,
+    send_request,
+)
+
+pytestmark = pytest.mark.integration
+
+LIMITED, FAST = "limited.example", "fast.example"
+
+
+class RateLimitingHandler(MaildirHandler):
+    """Answers ``421 4.7.0`` to the first ``refusals`` RCPTs for LIMITED (the relay closing
+    on a sender that goes too fast), then accepts; every other domain at once. Records
+    (monotonic time, event, address) of each RCPT answer and each accepted message."""
+
+    def __init__(self, maildir: Path, refusals: int, pipelining: bool) -> None:
+        super().__init__(maildir)
+        self.refusals = refusals
+        self.pipelining = pipelining
+        self.events: list[tuple[float, str, str]] = []
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        if self.pipelining:
+            return await super().handle_EHLO(server, session, envelope, hostname, responses)
+        session.host_name = hostname
+        return responses
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        if address.endswith("@" + LIMITED) and self.refusals > 0:
+            self.refusals -= 1
+            self.events.append((time.monotonic(), "421", address))
+            return "421 4.7.0 Try again later, closing connection (too many messages)"
+        self.events.append((time.monotonic(), "rcpt", address))
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        reply = await super().handle_DATA(server, session, envelope)
+        self.events.append((time.monotonic(), "kept", envelope.rcpt_tos[0]))
+        return reply
+
+
+def metric(name: str, domain: str, **labels: str) -> float:
+    return sample_value(name, {"domain": domain, **labels}) or 0.0
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one_by_one", "pipelining"])
+async def test_a_rate_limiting_domain_is_paused_while_another_goes_at_full_speed(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, tmp_path: Path, pipelining: bool
+) -> None:
+    """Three 421 4.7.0 answers pause LIMITED for PAUSE seconds: no RCPT to it meanwhile,
+    while FAST's mail goes on without ever waiting; afterwards every recipient has exactly
+    one mail and every result is ``sent``."""
+    pause = 3.0
+    handler = RateLimitingHandler(tmp_path / "relay", refusals=3, pipelining=pipelining)
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    limited = [f"l{i}@{LIMITED}" for i in range(8)]
+    fast = [f"f{i}@{FAST}" for i in range(120)]
+    # LIMITED first, so its first 421 comes before FAST's mail; one connection, so the
+    # relay's events are in the sender's order.
+    addresses = [limited[0], *fast[:60], *limited[1:], *fast[60:]]
+    await queue_for_one_connection(kafka, 44, addresses)
+    waits_fast = metric("tayori_sender_domain_waits_total", FAST, reason="rate")
+    pauses = metric("tayori_sender_domain_throttles_total", LIMITED, kind="pause")
+    try:
+        relay = f"127.0.0.1:{controller.port}"
+        async with one_connection(
+            stack,
+            database,
+            prefix,
+            relay,
+            domain_pause_after=3,
+            domain_pause_seconds=pause,
+            domain_aimd_floor=1.0,
+            domain_aimd_increase=1.0,
+        ) as sender:
+            got = await results(kafka, len(addresses))
+            relays = await sender.api.ok("GET", "/v1/relays")
+        assert {r["email"]: r["outcome"] for r in got} == dict.fromkeys(addresses, "sent")
+        assert recipients(kept(handler)) == dict.fromkeys(addresses, 1)  # once each
+        # The relay was never blamed: a domain's 421 to RCPT is not a relay problem.
+        assert relays["relays"][0]["state"] == "up"
+        assert relays["waiting_for_domains"] == 0  # every delivery has its outcome
+        assert metric("tayori_sender_domain_throttles_total", LIMITED, kind="pause") == pauses + 1
+        assert metric("tayori_sender_domain_waits_total", FAST, reason="rate") == waits_fast
+        events = handler.events
+        refused = [i for i, (_, kind, _) in enumerate(events) if kind == "421"]
+        assert len(refused) == 3
+        third = refused[-1]
+        paused_at = events[third][0]
+        after = events[third + 1 :]
+        next_limited = next(i for i, (_, kind, a) in enumerate(after) if a.endswith(LIMITED))
+        # The pause held: LIMITED's next RCPT came no sooner than the pause's end.
+        assert after[next_limited][0] - paused_at >= pause - 0.05
+        # FAST went on while LIMITED waited: FAST's mail arrived between LIMITED's first
+        # 421 and its first accepted message.
+        first_kept = next(
+            i for i, (_, kind, a) in enumerate(events) if kind == "kept" and a.endswith(LIMITED)
+        )
+        between = events[refused[0] : first_kept]
+        assert sum(kind == "kept" and a.endswith(FAST) for _, kind, a in between) > 0
+        by_domain = Counter(a.partition("@")[2] for _, kind, a in events if kind == "kept")
+        assert by_domain == {LIMITED: len(limited), FAST: len(fast)}
+    finally:
+        controller.stop()
+
+
+async def test_domain_override_api(sender: Service) -> None:
+    api = sender.api
+    path = "/v1/domains/Docomo.NE.jp/override"
+    empty = await api.ok("GET", path, token=VIEWER_TOKEN)
+    assert empty["domain"] == "docomo.ne.jp"
+    assert empty["override"] is None
+    assert empty["policy"]["state"] == "normal"
+    assert empty["policy"]["rate"] > 0  # the built-in carrier default
+    assert (empty["in_flight"], empty["waiting"]) == (0, 0)
+
+    body: dict[str, Any] = {
+        "rate": 2.5,
+        "connections": 2,
+        "state": "throttled",
+        "until": (datetime.now(UTC) + timedelta(hours=1)).isoformat(),
+        "reason": "キャリアからの遅延 (carrier deferrals)",
+        "warmup": {"start": datetime.now(UTC).date().isoformat(), "daily_caps": [100, 200]},
+    }
+    # Writes: operator or admin; a viewer may only read; nobody without a token.
+    status, _ = await api.call("PUT", path, body, token=None)
+    assert status == 401
+    status, _ = await api.call("PUT", path, body, token=VIEWER_TOKEN)
+    assert status == 403
+    put = await api.ok("PUT", path, body, token=OPERATOR_TOKEN)
+    assert put["override"]["state"] == "throttled"
+    assert put["override"]["updated_by"] == "operator"
+    assert put["policy"] == {
+        "rate": 2.5,
+        "connections": 2,
+        "state": "throttled",
+        "reason": body["reason"],
+        "paused_for_seconds": None,
+        "daily_cap": 100,
+    }
+    again = await api.ok("GET", "/v1/domains/docomo.ne.jp/override")
+    warmup = again["override"]["warmup"]
+    assert warmup == {"start": body["warmup"]["start"], "daily_caps": [100, 200]}
+    listed = await api.ok("GET", "/v1/domain-overrides", token=VIEWER_TOKEN)
+    assert [o["domain"] for o in listed["overrides"]] == ["docomo.ne.jp"]
+
+    paused = await api.ok("PUT", path, {"state": "paused"})
+    assert paused["policy"]["state"] == "paused"
+    assert paused["policy"]["rate"] > 0  # back to the default's ceiling
+
+    # Validation: 400 with a message, never a 500.
+    bad = [
+        ("/v1/domains/not_a_domain/override", {}),
+        ("/v1/domains/example/override", {}),
+        (path, {"rate": -1}),
+        (path, {"rate": "fast"}),
+        (path, {"connections": 1.5}),
+        (path, {"state": "stopped"}),
+        (path, {"until": "2020-01-01T00:00:00+00:00"}),
+        (path, {"until": "2099-01-01T00:00:00"}),  # no offset
+        (path, {"reason": "two\nlines"}),
+        (path, {"warmup": {"start": "2026-12-01", "daily_caps": []}}),
+        (path, {"warmup": {"start": "2026-12-01", "daily_caps": [0]}}),
+        (path, {"speed": 3}),
+    ]
+    for where, payload in bad:
+        status, problem = await api.call("PUT", where, payload)
+        assert status == 400, (where, payload, status, problem)
+        assert problem["detail"], problem
+    status, _ = await api.call(
+        "PUT", path, None, data=b"{", headers={"Content-Type": "application/json"}
+    )
+    assert status == 400
+
+    status, _ = await api.call("DELETE", path, token=VIEWER_TOKEN)
+    assert status == 403
+    status, _ = await api.call("DELETE", path, token=OPERATOR_TOKEN)
+    assert status == 204
+    status, _ = await api.call("DELETE", path)
+    assert status == 404
+    gone = await api.ok("GET", path)
+    assert gone["override"] is None
+    assert gone["policy"]["state"] == "normal"
+
+
+async def test_a_warm_up_cap_leaves_the_rest_for_later_and_sends_nothing_twice(
+    sender: Service, kafka: Kafka, smtp_sink: SmtpSink
+) -> None:
+    """Today's warm-up cap of a domain: that many go, the rest are recorded as not sent
+    (temporary_error, the wait would pass the bound) and other domains are untouched; a
+    redelivered batch republishes the same results and sends nothing again."""
+    domain = "warming.example"
+    today = datetime.now(UTC).date().isoformat()
+    await sender.api.ok(
+        "PUT",
+        f"/v1/domains/{domain}/override",
+        {"warmup": {"start": today, "daily_caps": [3, 100]}, "reason": "new IP"},
+        token=OPERATOR_TOKEN,
+    )
+    campaign = str(uuid.uuid4())
+    requests = [send_request(campaign, 500 + i, f"w{i}@{domain}") for i in range(5)]
+    requests += [send_request(campaign, 600 + i, f"o{i}@other.example") for i in range(5)]
+    await publish_all(kafka, requests)
+    got = await results(kafka, len(requests))
+    outcomes = Counter((r["email"].partition("@")[2], r["outcome"]) for r in got)
+    assert outcomes == {
+        (domain, "sent"): 3,
+        (domain, "temporary_error"): 2,
+        ("other.example", "sent"): 5,
+    }
+    refused = [r for r in got if r["outcome"] == "temporary_error"]
+    assert all("daily_cap" in r["diagnostic"] for r in refused)
+    sent = recipients(smtp_sink.messages())
+    assert sum(sent.values()) == 8 and set(sent.values()) == {1}
+    await publish_all(kafka, requests)  # redelivered: the ledger decided them already
+    again = await results(kafka, 2 * len(requests))
+    assert {r["result_id"] for r in again} == {r["result_id"] for r in got}
+    assert recipients(smtp_sink.messages()) == sent
