@@ -1,13 +1,15 @@
-"""Operator HTTP API of the sender: relay state and one campaign's send ledger (read-only)."""
+"""Operator HTTP API of the sender: relay state, one campaign's send ledger and the sends per
+day (read-only)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 
 from aiohttp import web
 from pydantic import Field
 
-from libs.common.http import json_response, requires
+from libs.common.http import daily, json_response, requires
 from libs.common.http.contract import Answer, Model, Token, contract
 from services.sender.context import CONTEXT, Context
 from services.sender.ledger import QUERIES
@@ -40,6 +42,22 @@ class Ledger(Answer):
     control: str = Field(description="active, paused or cancelled", examples=["active"])
     by_status: dict[str, int]
     by_outcome: dict[str, int]
+
+
+class SendDay(Answer):
+    date: dt.date = Field(description="a calendar day in the asked time zone")
+    sent: int = Field(ge=0, title="配信数")
+    errors: int = Field(ge=0, title="エラー", description="temporary, permanent and policy")
+    suppressed: int = Field(ge=0, description="stopped at the last moment (F-16)")
+
+
+class DailySends(Answer):
+    tz: str
+    days: list[SendDay] = Field(description="oldest first; the last is today")
+    totals: dict[str, int]
+
+
+DAILY_FIGURES = ("sent", "errors", "suppressed")
 
 
 @routes.get("/v1/relays")
@@ -84,3 +102,15 @@ async def campaign_ledger(request: web.Request, path: CampaignPath) -> web.Respo
             "by_outcome": by_outcome,
         }
     )
+
+
+@routes.get("/v1/stats/daily")
+@requires("viewer")
+@contract(query=daily.DailyQuery, response=DailySends)
+async def daily_stats(request: web.Request, query: daily.DailyQuery) -> web.Response:
+    """Campaign and step-mail deliveries per calendar day by outcome (?days=1-92, default 7;
+    ?tz, default Asia/Tokyo), oldest first, today last; test sends and system mail are not
+    counted. Days older than SENDER_LEDGER_RETENTION_DAYS have been forgotten (zeros)."""
+    start, dates = daily.window(query.days, query.tz, dt.datetime.now(dt.UTC))
+    rows = await _ctx(request).pool.fetch(QUERIES["daily-sends"], start, query.tz)
+    return json_response(daily.answer(rows, query.tz, dates, DAILY_FIGURES))
