@@ -58,6 +58,10 @@ class DailySends(Answer):
 
 
 DAILY_FIGURES = ("sent", "errors", "suppressed")
+#: the ledger's rows of a window are counted from its BRIN index, one heap read per row of
+#: the window (~0.4 s for 650,000 rows on this machine): the days that are over are kept
+#: once counted, so a window after the first reads today's rows only.
+PAST_DAYS = web.AppKey("sender_past_days", daily.PastDays)
 
 
 @routes.get("/v1/relays")
@@ -111,6 +115,10 @@ async def daily_stats(request: web.Request, query: daily.DailyQuery) -> web.Resp
     """Campaign and step-mail deliveries per calendar day by outcome (?days=1-92, default 7;
     ?tz, default Asia/Tokyo), oldest first, today last; test sends and system mail are not
     counted. Days older than SENDER_LEDGER_RETENTION_DAYS have been forgotten (zeros)."""
-    start, dates = daily.window(query.days, query.tz, dt.datetime.now(dt.UTC))
-    rows = await _ctx(request).pool.fetch(QUERIES["daily-sends"], start, query.tz)
+    now = dt.datetime.now(dt.UTC)
+    start, dates = daily.window(query.days, query.tz, now)
+    past = request.app[PAST_DAYS]
+    since = past.since(query.tz, dates, start)
+    counted = await _ctx(request).pool.fetch(QUERIES["daily-sends"], since, query.tz)
+    rows = past.rows(query.tz, dates, counted, DAILY_FIGURES, now)
     return json_response(daily.answer(rows, query.tz, dates, DAILY_FIGURES))

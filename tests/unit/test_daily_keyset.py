@@ -79,3 +79,35 @@ def test_cursor_refuses_what_it_did_not_make(cursor: str) -> None:
     with pytest.raises(InvalidMessage) as caught:
         keyset.decode(cursor)
     assert caught.value.field == "cursor"
+
+
+def test_past_days_are_counted_once_and_today_always() -> None:
+    past = daily.PastDays()
+    now = dt.datetime(2026, 12, 5, 3, 0, tzinfo=dt.UTC)  # 12:00 in Tokyo
+    start, dates = daily.window(3, "Asia/Tokyo", now)
+    assert past.since("Asia/Tokyo", dates, start) == start
+    counted = [
+        {"day": dt.date(2026, 12, 3), "sent": 7},
+        {"day": dt.date(2026, 12, 5), "sent": 2},
+    ]
+    rows = past.rows("Asia/Tokyo", dates, counted, ("sent",), now)
+    assert [r["sent"] for r in rows] == [7, 0, 2]
+    # the earlier days are kept: the next read counts from today's midnight in Tokyo
+    today = past.since("Asia/Tokyo", dates, start)
+    assert today == dt.datetime(2026, 12, 4, 15, 0, tzinfo=dt.UTC)
+    rows = past.rows("Asia/Tokyo", dates, [{"day": dates[-1], "sent": 3}], ("sent",), now)
+    assert [r["sent"] for r in rows] == [7, 0, 3]
+    # another zone's days are its own
+    utc_start, utc_dates = daily.window(3, "UTC", now)
+    assert past.since("UTC", utc_dates, utc_start) == utc_start
+
+
+def test_a_day_just_over_is_not_kept_yet() -> None:
+    past = daily.PastDays()
+    now = dt.datetime(2026, 12, 4, 15, 30, tzinfo=dt.UTC)  # 00:30 in Tokyo
+    start, dates = daily.window(2, "Asia/Tokyo", now)
+    past.rows("Asia/Tokyo", dates, [{"day": dates[0], "sent": 1}], ("sent",), now)
+    assert past.since("Asia/Tokyo", dates, start) == start  # yesterday may still change
+    later = now + daily.SETTLED_AFTER
+    past.rows("Asia/Tokyo", dates, [{"day": dates[0], "sent": 2}], ("sent",), later)
+    assert past.since("Asia/Tokyo", dates, start) > start

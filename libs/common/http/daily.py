@@ -24,6 +24,9 @@ from libs.common.http.contract import DIGITS, Model, TimeZoneName
 #: the longest window a caller may ask for (each day is a row of the answer).
 MAX_DAYS = 92
 DEFAULT_ZONE = "Asia/Tokyo"
+#: a day's figures are final this long after it ended (what was in flight at midnight has
+#: finished): only then does :class:`PastDays` keep them.
+SETTLED_AFTER = dt.timedelta(hours=1)
 
 
 class DailyQuery(Model):
@@ -68,3 +71,50 @@ def answer(
     days = series(rows, dates, figures)
     totals = {f: sum(day[f] for day in days) for f in figures}
     return {"tz": tz, "days": days, "totals": totals}
+
+
+class PastDays:
+    """Figures of days that are over, kept once counted (per process), so a window reads
+    only today's rows once its earlier days were counted.
+
+    Only for a time column set when the row is written and never later (the sender's
+    ``claimed_at``): a row cannot then join a day that is over. A day is kept once it ended
+    :data:`SETTLED_AFTER` ago; days older than :data:`MAX_DAYS` are let go."""
+
+    def __init__(self) -> None:
+        self._days: dict[tuple[str, dt.date], dict[str, Any]] = {}
+
+    def since(self, tz: str, dates: Sequence[dt.date], start: dt.datetime) -> dt.datetime:
+        """The instant to count from: the window's start, or today's midnight in ``tz``
+        when every earlier day of the window is kept."""
+        if all((tz, day) in self._days for day in dates[:-1]):
+            return dt.datetime.combine(dates[-1], dt.time(), tzinfo=ZoneInfo(tz))
+        return start
+
+    def rows(
+        self,
+        tz: str,
+        dates: Sequence[dt.date],
+        counted: Iterable[Mapping[str, Any]],
+        figures: Sequence[str],
+        now: dt.datetime,
+    ) -> list[dict[str, Any]]:
+        """The window's rows: those just counted, and the kept ones of the days they do not
+        cover; keeps the settled days just counted."""
+        fresh = {row["day"]: {f: row[f] for f in figures} for row in counted}
+        zone = ZoneInfo(tz)
+        out = []
+        for day in dates:
+            key = (tz, day)
+            if key in self._days and day not in fresh:
+                out.append({"day": day, **self._days[key]})
+                continue
+            values = fresh.get(day, dict.fromkeys(figures, 0))
+            out.append({"day": day, **values})
+            ended = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=zone)
+            if now >= ended + SETTLED_AFTER:
+                self._days[key] = values
+        oldest = dates[-1] - dt.timedelta(days=MAX_DAYS + 1)
+        for key in [k for k in self._days if k[1] < oldest]:
+            del self._days[key]
+        return out
