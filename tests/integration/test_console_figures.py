@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 import html as htmllib
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,6 +27,7 @@ from libs.common.topics import Topic
 from tayori.embedded import free_port
 from tests.conftest import Kafka, Stack, eventually
 from tests.integration.console_stack import (
+    PASSWORD,
     Browserless,
     ConsoleStack,
     console_stack,
@@ -36,6 +39,13 @@ from tests.integration.test_sender import RefusingHandler, send_request
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("console_figures")]
 no_leaked_tasks = no_leaked_tasks_but_keepalives
 TOKYO = dt.timezone(dt.timedelta(hours=9))
+#: as tests/integration/test_console_browser.py drives it (not imported: that module skips
+#: itself where Chromium is missing, and these HTTP tests must run there too)
+CHROMIUM = "/usr/bin/chromium"
+HAVE_CHROMIUM = Path(CHROMIUM).exists()
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+WAIT_MS = 60_000
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -423,3 +433,51 @@ async def test_contact_page_pages_through_its_history(site: ConsoleStack, world:
         assert not found  # the second page was the last
     finally:
         await client.close()
+
+
+async def test_the_figures_and_the_history_in_chromium(
+    site: ConsoleStack, world: World, tmp_path: Path
+) -> None:
+    """The same pages in a real Chromium (Debian's, as test_console_browser.py drives it):
+    the charts are drawn and 次へ is followed by the keyboard. Screenshots go to
+    docs/console/ with TAYORI_SCREENSHOTS=docs, else to the test's directory."""
+    if not HAVE_CHROMIUM:
+        pytest.skip("Chromium is not installed (apt-get install chromium): no browser check")
+    from playwright.async_api import async_playwright
+
+    shots = SHOTS if os.environ.get("TAYORI_SCREENSHOTS") == "docs" else tmp_path
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            context = await browser.new_context(
+                viewport={"width": 1280, "height": 860}, locale="ja-JP"
+            )
+            context.set_default_timeout(WAIT_MS)
+            page = await context.new_page()
+            await page.goto(site.base + "/login")
+            await page.fill("#login", "viewer")
+            await page.fill("#password", PASSWORD)
+            await page.click("button[type=submit]")
+            await page.wait_for_url(site.base + "/")
+            sent = page.locator("#figure-sent")
+            assert await sent.locator("strong.today").inner_text() == str(4 + MANY)
+            assert await sent.locator("svg rect").count() == 7
+            tallest = sent.locator("svg rect").last  # today's bar, the only one not flat
+            assert float(await tallest.get_attribute("height") or 0) == 40
+            assert await page.locator("#figure-complaints strong.week").inner_text() == "1"
+            await page.screenshot(path=str(shots / "home-figures.png"), full_page=True)
+
+            await page.goto(site.base + f"/contacts/{world.ids['alice']}")
+            named = page.locator(f'#activity-table tr[data-campaign="{world.named}"]')
+            assert "12月のお知らせ" in await named.inner_text()
+            await page.screenshot(path=str(shots / "contact-history.png"), full_page=True)
+
+            await page.goto(site.base + f"/contacts/{world.ids['many']}")
+            assert await page.locator("#activity-table tbody tr").count() == 20
+            await page.focus("#activity-next")
+            await page.keyboard.press("Enter")
+            await page.wait_for_url("**activity=**")
+            assert await page.locator("#activity-table tbody tr").count() == MANY - 20
+            assert await page.locator("#activity-next").count() == 0
+        finally:
+            await browser.close()
