@@ -109,6 +109,8 @@ class BounceDay(Answer):
     soft: int = Field(ge=0, description="temporary_error")
     policy: int = Field(ge=0, description="5.7.x blocks: campaign errors, not bounces")
     complaints: int = Field(ge=0, title="苦情", description="spam reports (ARF, ESP)")
+    opens: int = Field(ge=0, title="開封", description="readers opening a campaign first")
+    clicks: int = Field(ge=0, title="クリック", description="readers clicking a campaign first")
 
 
 class DailyBounces(Answer):
@@ -259,19 +261,31 @@ async def contact_bounces(
     )
 
 
-DAILY_FIGURES = ("bounces", "hard", "soft", "policy", "complaints")
+BOUNCE_FIGURES = ("bounces", "hard", "soft", "policy", "complaints")
+ENGAGEMENT_FIGURES = ("opens", "clicks")
 
 
 @routes.get("/v1/stats/daily")
 @requires("viewer")
 @contract(query=daily.DailyQuery, response=DailyBounces)
 async def daily_stats(request: web.Request, query: daily.DailyQuery) -> web.Response:
-    """Bounces and complaints per calendar day (?days=1-92, default 7; ?tz, default
-    Asia/Tokyo), oldest first, today last; a failure counts on the day it occurred, once per
-    campaign, contact and classification."""
+    """Bounces, complaints, opens and clicks per calendar day (?days=1-92, default 7; ?tz,
+    default Asia/Tokyo), oldest first, today last; a failure counts on the day it occurred,
+    once per campaign, contact and classification; an open or click on the day a reader
+    first opened or clicked that campaign (unique opens and clicks)."""
     start, dates = daily.window(query.days, query.tz, dt.datetime.now(dt.UTC))
-    rows = await _ctx(request).pool.fetch(QUERIES["daily-bounces"], start, query.tz)
-    return json_response(daily.answer(rows, query.tz, dates, DAILY_FIGURES))
+    async with _ctx(request).pool.acquire() as conn:
+        bounces = await conn.fetch(QUERIES["daily-bounces"], start, query.tz)
+        engagement = await conn.fetch(QUERIES["daily-engagement"], start, query.tz)
+    by_day: dict[dt.date, dict[str, int]] = {}
+    for row in bounces:
+        by_day.setdefault(row["day"], dict.fromkeys(BOUNCE_FIGURES + ENGAGEMENT_FIGURES, 0))
+        by_day[row["day"]].update({f: row[f] for f in BOUNCE_FIGURES})
+    for row in engagement:
+        by_day.setdefault(row["day"], dict.fromkeys(BOUNCE_FIGURES + ENGAGEMENT_FIGURES, 0))
+        by_day[row["day"]].update({f: row[f] for f in ENGAGEMENT_FIGURES})
+    rows = [{"day": day, **figures} for day, figures in by_day.items()]
+    return json_response(daily.answer(rows, query.tz, dates, BOUNCE_FIGURES + ENGAGEMENT_FIGURES))
 
 
 @routes.get("/v1/inbound/rejected")

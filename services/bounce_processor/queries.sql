@@ -127,6 +127,17 @@ FROM bounce
 WHERE occurred_at >= $1
 GROUP BY 1;
 
+-- name: daily-engagement
+-- Issue 20: readers who opened or clicked a campaign for the first time, per calendar day
+-- in the zone $2, from the instant $1 (F-34's unique opens and clicks, by day of the first):
+-- engagement_first_at_idx.
+SELECT (first_at AT TIME ZONE $2::text)::date AS day,
+       count(*) FILTER (WHERE kind = 'open') AS opens,
+       count(*) FILTER (WHERE kind = 'click') AS clicks
+FROM engagement
+WHERE first_at >= $1
+GROUP BY 1;
+
 -- name: contact-bounces-page
 -- Issue 20: a contact's bounce history, newest first, strictly after the cursor ($2 time,
 -- $3 classification, $4 campaign) when given; $5 rows: bounce_contact_idx read backwards.

@@ -182,7 +182,7 @@ async def test_login_wrong_password_throttling_and_home(
     for label in ("顧客検索", "配信リスト", "インポート", "ジョブ確認", "キャンペーン", "準備中"):
         assert label in nav
     # the figures per day, each from its owner (issue 20): today, the week, seven bars
-    for key in ("sent", "errors", "bounces", "complaints", "unsubscribes"):
+    for key in ("sent", "errors", "bounces", "complaints", "unsubscribes", "opens", "clicks"):
         card = page.locator(f"#figure-{key}")
         assert (await card.locator("strong.today").inner_text()).isdigit()
         assert await card.locator("svg rect").count() == 7

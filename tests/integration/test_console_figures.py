@@ -194,6 +194,7 @@ async def world(site: ConsoleStack, kafka: Kafka) -> World:
         history = await bounce.api.ok("GET", f"/v1/contacts/{w.ids['perm']}/bounces")
         return (
             (bounced["bounces"], bounced["complaints"], stopped["unsubscribes"]) == (2, 1, 1)
+            and (bounced["opens"], bounced["clicks"]) == (1, 1)
             and (alice["totals"]["received"], alice["totals"]["clicked"]) == (2, 1)
             and many["totals"]["received"] == MANY
             and perm["totals"]["errored"] == 1
@@ -239,6 +240,8 @@ async def test_figures_per_day_of_the_three_services(site: ConsoleStack, world: 
         "soft": 0,
         "policy": 0,
         "complaints": 1,
+        "opens": 1,  # alice, once however often she opened
+        "clicks": 1,
     }
     refusals = await daily(site, "suppression")
     assert today(refusals)["unsubscribes"] == 1
@@ -352,7 +355,9 @@ async def test_home_shows_the_figures_of_today_and_the_week(
     assert card(page, "bounces") == ("2", "2")
     assert card(page, "complaints") == ("1", "1")
     assert card(page, "unsubscribes") == ("1", "1")
-    for key in ("sent", "errors", "bounces", "complaints", "unsubscribes"):
+    assert card(page, "opens") == ("1", "1")
+    assert card(page, "clicks") == ("1", "1")
+    for key in ("sent", "errors", "bounces", "complaints", "unsubscribes", "opens", "clicks"):
         figure = page.split(f'id="figure-{key}"', 1)[1].split("</article>", 1)[0]
         assert "取得できません" not in figure
     # each chart: seven bars, today's the tallest of the sends

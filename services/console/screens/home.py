@@ -1,11 +1,11 @@
 """ホーム: today and the last 7 days (Japan time) as numbers and small bar charts.
 
 Each figure per day comes from the service that owns it, through its
-``GET /v1/stats/daily``: sends and errors from the sender's ledger, bounces and complaints
-from the bounce processor, unsubscribes (配信停止) from suppression. Opens and clicks are
-the scheduler's campaign statistics, each campaign counted on the day it started; running
-jobs come from the exporter's jobs list, campaigns sending from the scheduler. A service
-that is away blanks its own figures only, saying which service and why.
+``GET /v1/stats/daily``: sends and errors from the sender's ledger, bounces, complaints and
+(unique) opens and clicks from the bounce processor, unsubscribes (配信停止) from
+suppression. Running jobs come from the exporter's jobs list, campaigns sending and the
+latest campaigns from the scheduler. A service that is away blanks its own figures only,
+saying which service and why.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import asyncio
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
@@ -22,7 +21,6 @@ from services.console.clients import ApiProblem, NoToken, RoleApi, ServiceUnavai
 from services.console.web import api, page, render
 
 routes = web.RouteTableDef()
-TOKYO = ZoneInfo("Asia/Tokyo")
 DAYS = 7
 #: the figures per day, each from its owner's GET /v1/stats/daily: (service, figure, label).
 DAILY = (
@@ -31,9 +29,9 @@ DAILY = (
     ("bounce_processor", "bounces", "バウンス数"),
     ("bounce_processor", "complaints", "苦情"),
     ("suppression", "unsubscribes", "配信停止"),
+    ("bounce_processor", "opens", "開封"),
+    ("bounce_processor", "clicks", "クリック"),
 )
-#: the campaign statistics the page adds up per day of each campaign's start: (key, label).
-SERIES = (("opens", "開封"), ("clicks", "クリック"))
 
 
 @dataclass
@@ -72,28 +70,6 @@ class Chart:
                 }
             )
         return out
-
-
-def day_keys(now: dt.datetime) -> list[dt.date]:
-    today = now.astimezone(TOKYO).date()
-    return [today - dt.timedelta(days=DAYS - 1 - i) for i in range(DAYS)]
-
-
-def campaign_charts(campaigns: list[dict[str, Any]], now: dt.datetime) -> list[Chart]:
-    days = day_keys(now)
-    index = {d: i for i, d in enumerate(days)}
-    sums = {key: [0] * DAYS for key, _ in SERIES}
-    for campaign in campaigns:
-        at = campaign.get("started_at") or campaign.get("scheduled_at")
-        if not at:
-            continue
-        day = dt.datetime.fromisoformat(at).astimezone(TOKYO).date()
-        if day not in index:
-            continue
-        for key, _ in SERIES:
-            sums[key][index[day]] += int(campaign.get(key) or 0)
-    labels = [d.strftime("%m/%d") for d in days]
-    return [Chart(label, sums[key], labels, key=key) for key, label in SERIES]
 
 
 def daily_charts(answers: dict[str, tuple[Any, str | None]]) -> list[Chart]:
@@ -149,10 +125,7 @@ async def home(request: web.Request) -> web.Response:
         _try(client.get("exporter", "/v1/jobs", limit=5)),
         _daily(client),
     )
-    now = dt.datetime.now(dt.UTC)
     charts = daily_charts(daily)
-    if campaigns is not None:
-        charts += campaign_charts(campaigns, now)
     sending = [c for c in campaigns or [] if c.get("status") == "sending"]
     return render(
         request,
