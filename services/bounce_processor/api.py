@@ -1,4 +1,6 @@
-"""HTTP views of the bounce processor: public tracking (F-34) and operator reads.
+"""HTTP views of the bounce processor: public tracking (F-34) and operator reads (a
+campaign's engagement, a contact's delivery status and bounce history, bounces and
+complaints per day).
 
 Public:
 
@@ -25,7 +27,7 @@ from aiohttp import web
 from pydantic import Field
 
 from libs.common.errors import TransientError
-from libs.common.http import json_response, public, requires
+from libs.common.http import daily, json_response, keyset, public, requires
 from libs.common.http.contract import DIGITS, Answer, Id, Model, Token, contract
 from libs.common.logging import get_logger
 from libs.common.mail.states import DeliveryStatus
@@ -87,6 +89,34 @@ class Delivery(Answer):
     soft_streak: int = Field(ge=0)
     updated_at: dt.datetime | None
     bounces: list[Bounce]
+
+
+class BouncesQuery(Model):
+    limit: Annotated[int, Field(ge=1, le=200), DIGITS] = Field(50, title="件数")
+    cursor: keyset.Cursor | None = None
+
+
+class BouncePage(Answer):
+    contact_id: int
+    items: list[Bounce] = Field(description="newest first")
+    next_cursor: str | None
+
+
+class BounceDay(Answer):
+    date: dt.date = Field(description="a calendar day in the asked time zone")
+    bounces: int = Field(ge=0, title="バウンス数", description="hard + soft")
+    hard: int = Field(ge=0, description="invalid_address and error (F-30)")
+    soft: int = Field(ge=0, description="temporary_error")
+    policy: int = Field(ge=0, description="5.7.x blocks: campaign errors, not bounces")
+    complaints: int = Field(ge=0, title="苦情", description="spam reports (ARF, ESP)")
+    opens: int = Field(ge=0, title="開封", description="readers opening a campaign first")
+    clicks: int = Field(ge=0, title="クリック", description="readers clicking a campaign first")
+
+
+class DailyBounces(Answer):
+    tz: str
+    days: list[BounceDay] = Field(description="oldest first; the last is today")
+    totals: dict[str, int]
 
 
 class RejectedQuery(Model):
@@ -200,6 +230,62 @@ async def contact_delivery(request: web.Request, path: ContactPath) -> web.Respo
             "bounces": [dict(b) for b in bounces],
         }
     )
+
+
+@routes.get("/v1/contacts/{contact_id}/bounces")
+@requires("viewer")
+@contract(path=ContactPath, query=BouncesQuery, response=BouncePage)
+async def contact_bounces(
+    request: web.Request, path: ContactPath, query: BouncesQuery
+) -> web.Response:
+    """A contact's bounce history (バウンス履歴), newest first, every page of it (?limit 1-200,
+    default 50; ?cursor); a contact never bounced has none."""
+    after: tuple[dt.datetime | None, str | None, str | None] = (None, None, None)
+    if query.cursor:
+        at, key = keyset.decode(query.cursor)
+        classification, _, campaign_id = key.partition("|")
+        after = (at, classification, campaign_id)
+    rows = await _ctx(request).pool.fetch(
+        QUERIES["contact-bounces-page"], path.contact_id, *after, query.limit + 1
+    )
+    more = len(rows) > query.limit
+    rows = rows[: query.limit]
+    last = rows[-1] if more else None
+    cursor = (
+        keyset.encode(last["occurred_at"], f"{last['classification']}|{last['campaign_id']}")
+        if last
+        else None
+    )
+    return json_response(
+        {"contact_id": path.contact_id, "items": [dict(r) for r in rows], "next_cursor": cursor}
+    )
+
+
+BOUNCE_FIGURES = ("bounces", "hard", "soft", "policy", "complaints")
+ENGAGEMENT_FIGURES = ("opens", "clicks")
+
+
+@routes.get("/v1/stats/daily")
+@requires("viewer")
+@contract(query=daily.DailyQuery, response=DailyBounces)
+async def daily_stats(request: web.Request, query: daily.DailyQuery) -> web.Response:
+    """Bounces, complaints, opens and clicks per calendar day (?days=1-92, default 7; ?tz,
+    default Asia/Tokyo), oldest first, today last; a failure counts on the day it occurred,
+    once per campaign, contact and classification; an open or click on the day a reader
+    first opened or clicked that campaign (unique opens and clicks)."""
+    start, dates = daily.window(query.days, query.tz, dt.datetime.now(dt.UTC))
+    async with _ctx(request).pool.acquire() as conn:
+        bounces = await conn.fetch(QUERIES["daily-bounces"], start, query.tz)
+        engagement = await conn.fetch(QUERIES["daily-engagement"], start, query.tz)
+    by_day: dict[dt.date, dict[str, int]] = {}
+    for row in bounces:
+        by_day.setdefault(row["day"], dict.fromkeys(BOUNCE_FIGURES + ENGAGEMENT_FIGURES, 0))
+        by_day[row["day"]].update({f: row[f] for f in BOUNCE_FIGURES})
+    for row in engagement:
+        by_day.setdefault(row["day"], dict.fromkeys(BOUNCE_FIGURES + ENGAGEMENT_FIGURES, 0))
+        by_day[row["day"]].update({f: row[f] for f in ENGAGEMENT_FIGURES})
+    rows = [{"day": day, **figures} for day, figures in by_day.items()]
+    return json_response(daily.answer(rows, query.tz, dates, BOUNCE_FIGURES + ENGAGEMENT_FIGURES))
 
 
 @routes.get("/v1/inbound/rejected")

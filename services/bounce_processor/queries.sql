@@ -111,3 +111,39 @@ WITH gone AS (
     RETURNING 1
 )
 SELECT count(*) FROM gone;
+
+-- name: daily-bounces
+-- Issue 20: failures per calendar day in the zone $2, from the instant $1 (the window's
+-- first midnight): an index-only scan of bounce_occurred_idx. A failure counts once per
+-- (campaign, contact, classification), as the rules count it.
+SELECT (occurred_at AT TIME ZONE $2::text)::date AS day,
+       count(*) FILTER (WHERE classification <> 'spam' AND classification <> 'policy')
+           AS bounces,
+       count(*) FILTER (WHERE classification IN ('invalid_address', 'error')) AS hard,
+       count(*) FILTER (WHERE classification = 'temporary_error') AS soft,
+       count(*) FILTER (WHERE classification = 'policy') AS policy,
+       count(*) FILTER (WHERE classification = 'spam') AS complaints
+FROM bounce
+WHERE occurred_at >= $1
+GROUP BY 1;
+
+-- name: daily-engagement
+-- Issue 20: readers who opened or clicked a campaign for the first time, per calendar day
+-- in the zone $2, from the instant $1 (F-34's unique opens and clicks, by day of the first):
+-- engagement_first_at_idx.
+SELECT (first_at AT TIME ZONE $2::text)::date AS day,
+       count(*) FILTER (WHERE kind = 'open') AS opens,
+       count(*) FILTER (WHERE kind = 'click') AS clicks
+FROM engagement
+WHERE first_at >= $1
+GROUP BY 1;
+
+-- name: contact-bounces-page
+-- Issue 20: a contact's bounce history, newest first, strictly after the cursor ($2 time,
+-- $3 classification, $4 campaign) when given; $5 rows: bounce_contact_idx read backwards.
+SELECT campaign_id, classification, source, diagnostic, occurred_at FROM bounce
+WHERE contact_id = $1
+  AND ($2::timestamptz IS NULL
+       OR (occurred_at, classification, campaign_id) < ($2::timestamptz, $3::text, $4::text))
+ORDER BY occurred_at DESC, classification DESC, campaign_id DESC
+LIMIT $5;

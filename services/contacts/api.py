@@ -9,16 +9,18 @@ import asyncpg
 from aiohttp import web
 
 from libs.common.errors import Conflict, InvalidMessage, NotFound
-from libs.common.http import REQUESTED_BY, ROLE, error, json_response, requires
+from libs.common.http import REQUESTED_BY, ROLE, error, json_response, keyset, requires
 from libs.common.http.contract import Model, contract
 from libs.common.metrics import SEARCH_SECONDS
 from services.contacts import store
 from services.contacts.context import CONTEXT, Context
 from services.contacts.processor import contact_json, contact_patch
 from services.contacts.schemas import (
+    ActivityQuery,
     BulkBody,
     BulkResult,
     Contact,
+    ContactActivity,
     ContactBody,
     ContactPath,
     EmailCollisionList,
@@ -123,6 +125,35 @@ async def get_contact(request: web.Request, path: ContactPath) -> web.Response:
             dict(r) for r in await conn.fetch(QUERIES["contact-memberships"], contact_id)
         ]
     return json_response(contact_json(row, memberships))
+
+
+@routes.get("/v1/contacts/{id}/activity")
+@contract(path=ContactPath, query=ActivityQuery, response=ContactActivity, tags=TAGS)
+async def contact_activity(
+    request: web.Request, path: ContactPath, query: ActivityQuery
+) -> web.Response:
+    """One contact's campaigns: received, errored, first open and opens, first click and
+    clicks, one item per campaign, newest first (?limit 1-200, default 50; ?cursor); with
+    how many campaigns it received, errored, opened and clicked in all (issue 20)."""
+    after_at, after_campaign = keyset.decode(query.cursor) if query.cursor else (None, None)
+    async with _ctx(request).pool.acquire() as conn:
+        if await conn.fetchval(QUERIES["contact-exists"], path.id) is None:
+            raise NotFound(f"contact {path.id} does not exist")
+        rows = await conn.fetch(
+            QUERIES["contact-activity"], path.id, after_at, after_campaign, query.limit + 1
+        )
+        totals = await conn.fetchrow(QUERIES["contact-activity-totals"], path.id)
+    more = len(rows) > query.limit
+    rows = rows[: query.limit]
+    last = rows[-1] if more else None
+    return json_response(
+        {
+            "contact_id": path.id,
+            "items": [dict(r) for r in rows],
+            "next_cursor": keyset.encode(last["at"], last["campaign_id"]) if last else None,
+            "totals": dict(totals),
+        }
+    )
 
 
 @routes.patch(CONTACT)

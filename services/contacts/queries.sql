@@ -11,6 +11,9 @@ RETURNING key, label, type, choices;
 -- name: contact-by-id
 SELECT * FROM contact WHERE id = $1;
 
+-- name: contact-exists
+SELECT 1 FROM contact WHERE id = $1;
+
 -- name: contact-by-id-for-update
 SELECT * FROM contact WHERE id = $1 FOR UPDATE;
 
@@ -337,3 +340,34 @@ SELECT x.email_key, x.contact_id, x.email, x.found_at, count(*) OVER () AS total
 FROM contact_email_collision x
 ORDER BY x.email_key, x.contact_id
 LIMIT $1;
+
+-- name: contact-activity
+-- Issue 20: one contact's delivery history (F-05's received / errored / opened / clicked),
+-- one row per campaign, newest first by the first thing recorded of it, strictly after the
+-- cursor ($2 time, $3 campaign) when given; $4 rows. The primary key's prefix (contact_id)
+-- reads this contact's rows only (a few per campaign it was sent), so no index of its own
+-- adds to the writes of every delivery result and open.
+SELECT campaign_id,
+       min(first_at) AS at,
+       min(first_at) FILTER (WHERE kind = 'received') AS received_at,
+       min(first_at) FILTER (WHERE kind = 'errored') AS errored_at,
+       min(first_at) FILTER (WHERE kind = 'opened') AS opened_at,
+       coalesce(sum(count) FILTER (WHERE kind = 'opened'), 0)::bigint AS opens,
+       min(first_at) FILTER (WHERE kind = 'clicked') AS clicked_at,
+       coalesce(sum(count) FILTER (WHERE kind = 'clicked'), 0)::bigint AS clicks,
+       max(last_at) AS last_at
+FROM delivery_history
+WHERE contact_id = $1
+GROUP BY campaign_id
+HAVING $2::timestamptz IS NULL OR (min(first_at), campaign_id) < ($2::timestamptz, $3::text)
+ORDER BY at DESC, campaign_id DESC
+LIMIT $4;
+
+-- name: contact-activity-totals
+-- Issue 20: how many campaigns this contact received, errored, opened and clicked.
+SELECT count(*) FILTER (WHERE kind = 'received') AS received,
+       count(*) FILTER (WHERE kind = 'errored') AS errored,
+       count(*) FILTER (WHERE kind = 'opened') AS opened,
+       count(*) FILTER (WHERE kind = 'clicked') AS clicked
+FROM delivery_history
+WHERE contact_id = $1;

@@ -24,7 +24,9 @@ from pydantic import (
 )
 
 from libs.common.checks import CONTROL
+from libs.common.http import keyset
 from libs.common.http.contract import (
+    DIGITS,
     INT64_MAX,
     JSON_DEPTH,
     Answer,
@@ -634,3 +636,37 @@ class ImportJobWithErrors(ImportJob):
 
 class ImportJobList(Answer):
     items: list[ImportJob]
+
+
+# Delivery history of one contact (issue 20) ------------------------------------------------
+
+
+class ActivityQuery(Model):
+    limit: Annotated[int, Field(ge=1, le=200), DIGITS] = Field(50, title="件数")
+    cursor: keyset.Cursor | None = None
+
+
+class CampaignActivity(Answer):
+    campaign_id: str
+    at: dt.datetime = Field(description="the first thing recorded of this campaign (the sort)")
+    received_at: dt.datetime | None = Field(title="受信日時")
+    errored_at: dt.datetime | None = Field(title="エラー日時")
+    opened_at: dt.datetime | None = Field(title="開封日時", description="the first open")
+    opens: int = Field(ge=0, title="開封数", description="pixel loads (a click alone: 0)")
+    clicked_at: dt.datetime | None = Field(title="クリック日時", description="the first click")
+    clicks: int = Field(ge=0, title="クリック数")
+    last_at: dt.datetime
+
+
+class ActivityTotals(Answer):
+    received: int = Field(ge=0, description="campaigns received")
+    errored: int = Field(ge=0)
+    opened: int = Field(ge=0)
+    clicked: int = Field(ge=0)
+
+
+class ContactActivity(Answer):
+    contact_id: int
+    items: list[CampaignActivity] = Field(description="one per campaign, newest first")
+    next_cursor: str | None
+    totals: ActivityTotals

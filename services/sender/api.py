@@ -1,5 +1,6 @@
-"""Operator HTTP API of the sender: relay state and one campaign's send ledger (read-only),
-and the operator overrides of the per-recipient-domain sending policy (pacing.py)."""
+"""Operator HTTP API of the sender: relay state, one campaign's send ledger and the sends per
+day (read-only), and the operator overrides of the per-recipient-domain sending policy
+(pacing.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from aiohttp import web
 from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
 from libs.common.errors import NotFound
-from libs.common.http import ROLE, json_response, requires
+from libs.common.http import ROLE, daily, json_response, requires
 from libs.common.http.contract import Answer, Model, Timestamp, Token, contract
 from libs.common.logging import get_logger
 from services.sender import domains, overrides
@@ -53,6 +54,26 @@ class Ledger(Answer):
     control: str = Field(description="active, paused or cancelled", examples=["active"])
     by_status: dict[str, int]
     by_outcome: dict[str, int]
+
+
+class SendDay(Answer):
+    date: dt.date = Field(description="a calendar day in the asked time zone")
+    sent: int = Field(ge=0, title="配信数")
+    errors: int = Field(ge=0, title="エラー", description="temporary, permanent and policy")
+    suppressed: int = Field(ge=0, description="stopped at the last moment (F-16)")
+
+
+class DailySends(Answer):
+    tz: str
+    days: list[SendDay] = Field(description="oldest first; the last is today")
+    totals: dict[str, int]
+
+
+DAILY_FIGURES = ("sent", "errors", "suppressed")
+#: the ledger's rows of a window are counted from its BRIN index, one heap read per row of
+#: the window (~0.4 s for 650,000 rows on this machine): the days that are over are kept
+#: once counted, so a window after the first reads today's rows only.
+PAST_DAYS = web.AppKey("sender_past_days", daily.PastDays)
 
 
 @routes.get("/v1/relays")
@@ -314,3 +335,19 @@ async def delete_domain_override(
     log.info("domain_override_deleted", domain=path.domain)
     await overrides.refresh(ctx)
     return web.Response(status=204)
+
+
+@routes.get("/v1/stats/daily")
+@requires("viewer")
+@contract(query=daily.DailyQuery, response=DailySends)
+async def daily_stats(request: web.Request, query: daily.DailyQuery) -> web.Response:
+    """Campaign and step-mail deliveries per calendar day by outcome (?days=1-92, default 7;
+    ?tz, default Asia/Tokyo), oldest first, today last; test sends and system mail are not
+    counted. Days older than SENDER_LEDGER_RETENTION_DAYS have been forgotten (zeros)."""
+    now = dt.datetime.now(dt.UTC)
+    start, dates = daily.window(query.days, query.tz, now)
+    past = request.app[PAST_DAYS]
+    since = past.since(query.tz, dates, start)
+    counted = await _ctx(request).pool.fetch(QUERIES["daily-sends"], since, query.tz)
+    rows = past.rows(query.tz, dates, counted, DAILY_FIGURES, now)
+    return json_response(daily.answer(rows, query.tz, dates, DAILY_FIGURES))

@@ -16,6 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from libs.common import metrics
+from libs.common.http import daily
 from libs.common.kafka import Concurrency, Latency
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
@@ -105,6 +106,7 @@ def build(settings: SenderSettings) -> Runtime:
 
     def setup_routes(app: web.Application) -> None:
         app[CONTEXT] = ctx()
+        app[api.PAST_DAYS] = daily.PastDays()
         app.router.add_routes(api.routes)
 
     async def upkeep() -> None:

@@ -192,3 +192,17 @@ RETURNING *;
 
 -- name: delete-domain-override
 DELETE FROM domain_override WHERE domain = $1 RETURNING domain;
+
+-- name: daily-sends
+-- Issue 20: campaign and step-mail deliveries with an outcome, per calendar day of their
+-- claim in the zone $2, from the instant $1. send_ledger_claimed_at_brin bounds the read to
+-- the window's pages (no btree here: an index on a column the ledger updates would cost the
+-- hot path its HOT updates, migration 0003). The ledger keeps SENDER_LEDGER_RETENTION_DAYS.
+SELECT (claimed_at AT TIME ZONE $2::text)::date AS day,
+       count(*) FILTER (WHERE outcome = 'sent') AS sent,
+       count(*) FILTER (WHERE outcome IN ('temporary_error', 'permanent_error', 'policy_error'))
+           AS errors,
+       count(*) FILTER (WHERE outcome = 'suppressed') AS suppressed
+FROM send_ledger
+WHERE claimed_at >= $1 AND kind = 'campaign' AND status = 'done'
+GROUP BY 1;

@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic import Field, StrictBool
 
 from libs.common.errors import Conflict, InvalidMessage, NotFound
-from libs.common.http import REQUESTED_BY, Handler, json_response, requires
+from libs.common.http import REQUESTED_BY, Handler, daily, json_response, requires
 from libs.common.http.contract import (
     Answer,
     Id,
@@ -121,6 +121,23 @@ class Memberships(Answer):
 
 class ContactPath(Model):
     contact_id: Id = CONTACT_ID
+
+
+class RefusalDay(Answer):
+    date: dt.date = Field(description="a calendar day in the asked time zone")
+    unsubscribes: int = Field(ge=0, title="配信停止", description="memberships stopped that day")
+    unsubscribed_contacts: int = Field(ge=0, description="distinct contacts among them")
+    by_form: int = Field(ge=0, description="of which by the reader (解除フォーム, one-click)")
+    bans: int = Field(ge=0, title="配信禁止")
+
+
+class DailyRefusals(Answer):
+    tz: str
+    days: list[RefusalDay] = Field(description="oldest first; the last is today")
+    totals: dict[str, int]
+
+
+DAILY_FIGURES = ("unsubscribes", "unsubscribed_contacts", "by_form", "bans")
 
 
 class MembershipPath(Model):
@@ -334,6 +351,22 @@ async def put_membership(
 
 
 # Sync policy (F-12) ---------------------------------------------------------------------
+
+
+# Figures per day (issue 20) ----------------------------------------------------------------
+
+
+@routes.get("/v1/stats/daily")
+@contract(query=daily.DailyQuery, response=DailyRefusals)
+async def daily_stats(request: web.Request, query: daily.DailyQuery) -> web.Response:
+    """Unsubscribes (配信停止) and bans (配信禁止) per calendar day (?days=1-92, default 7;
+    ?tz, default Asia/Tokyo), oldest first, today last: the memberships in that state now,
+    on the day they entered it (a membership made deliverable again no longer counts;
+    ``unsubscribed_contacts`` counts a reader who left every group through the sync policy
+    once)."""
+    start, dates = daily.window(query.days, query.tz, dt.datetime.now(dt.UTC))
+    rows = await _ctx(request).pool.fetch(QUERIES["daily-refusals"], start, query.tz)
+    return json_response(daily.answer(rows, query.tz, dates, DAILY_FIGURES))
 
 
 @routes.get("/v1/sync-policy")

@@ -211,3 +211,16 @@ DO UPDATE SET campaign_id = EXCLUDED.campaign_id, clicked_at = EXCLUDED.clicked_
 -- name: take-early-unsubscribe
 DELETE FROM early_unsubscribe WHERE contact_id = $1 AND group_id = $2
 RETURNING campaign_id, clicked_at;
+
+-- name: daily-refusals
+-- Issue 20: memberships whose current state is unsubscribed or banned, per calendar day of
+-- that change in the zone $2, from the instant $1: an index-only scan of
+-- membership_refused_changed_idx. A membership re-subscribed since no longer counts.
+SELECT (changed_at AT TIME ZONE $2::text)::date AS day,
+       count(*) FILTER (WHERE state = 'unsubscribed') AS unsubscribes,
+       count(DISTINCT contact_id) FILTER (WHERE state = 'unsubscribed') AS unsubscribed_contacts,
+       count(*) FILTER (WHERE state = 'unsubscribed' AND method = 'form') AS by_form,
+       count(*) FILTER (WHERE state = 'banned') AS bans
+FROM membership
+WHERE state <> 'deliverable' AND changed_at >= $1
+GROUP BY 1;

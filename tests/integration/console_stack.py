@@ -40,6 +40,7 @@ class ConsoleStack:
     services: dict[str, Service]
     base: str
     dsn: str
+    #: the services' topic prefix (a test publishing records as a service would)
     prefix: str
 
     def api(self, name: str) -> Any:
@@ -48,10 +49,16 @@ class ConsoleStack:
 
 @contextlib.asynccontextmanager
 async def console_stack(
-    stack: Stack, template_db: str, names: tuple[str, ...], **console_overrides: Any
+    stack: Stack,
+    template_db: str,
+    names: tuple[str, ...],
+    *,
+    service_overrides: dict[str, dict[str, Any]] | None = None,
+    **console_overrides: Any,
 ) -> AsyncIterator[ConsoleStack]:
-    """The services ``names`` and a console reaching them (the others at a closed port), with
-    one user per role (username = role, password PASSWORD)."""
+    """The services ``names`` (each with its ``service_overrides``) and a console reaching
+    them (the others at a closed port), with one user per role (username = role, password
+    PASSWORD)."""
     dsn = await stack.postgres.create_database(f"c_{uuid.uuid4().hex[:12]}", template=template_db)
     prefix = f"c{uuid.uuid4().hex[:10]}."
     await ensure_topics(stack.broker.bootstrap, prefix, partitions=2)
@@ -67,6 +74,7 @@ async def console_stack(
                     sweep_seconds=0.2,
                     public_url=console_overrides.pop("exporter_public_url", "http://x"),
                 )
+            extra.update((service_overrides or {}).get(name, {}))
             services[name] = await exits.enter_async_context(
                 running(name, stack, dsn, prefix, **extra)
             )

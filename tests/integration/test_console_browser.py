@@ -71,7 +71,9 @@ async def site(stack: Stack, template_db: str) -> AsyncIterator[ConsoleStack]:
     async with console_stack(
         stack,
         template_db,
-        ("contacts", "suppression", "scheduler", "exporter", "bounce_processor"),
+        ("contacts", "suppression", "scheduler", "exporter", "bounce_processor", "sender"),
+        # the sender answers ホーム's figures; these journeys send no mail
+        service_overrides={"sender": {"smtp_relays": f"127.0.0.1:{free_port()}"}},
         http_port=port,
         public_url=f"http://127.0.0.1:{port}",
         # the export mail's link opens the console (as tayori dev sets it)
@@ -179,6 +181,12 @@ async def test_login_wrong_password_throttling_and_home(
     nav = await page.inner_text("nav")
     for label in ("顧客検索", "配信リスト", "インポート", "ジョブ確認", "キャンペーン", "準備中"):
         assert label in nav
+    # the figures per day, each from its owner (issue 20): today, the week, seven bars
+    for key in ("sent", "errors", "bounces", "complaints", "unsubscribes", "opens", "clicks"):
+        card = page.locator(f"#figure-{key}")
+        assert (await card.locator("strong.today").inner_text()).isdigit()
+        assert await card.locator("svg rect").count() == 7
+        assert "取得できません" not in await card.inner_text()
     await shot(page, "home")
 
 

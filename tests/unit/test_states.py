@@ -4,6 +4,7 @@ queries that spell them and check they say the same, so the two cannot drift."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -31,6 +32,12 @@ DISTINCTIVE = MEMBERSHIP | {"unconfirmed", "temporary_error"}
 def _sql(path: str) -> str:
     """The file without its ``--`` comments."""
     return re.sub(r"--[^\n]*", "", (ROOT / path).read_text())
+
+
+def _named(path: str, name: str) -> str:
+    """One named block of a queries.sql file, without its comments."""
+    block = (ROOT / path).read_text().split(f"-- name: {name}\n", 1)[1].split(";", 1)[0]
+    return re.sub(r"--[^\n]*", "", block)
 
 
 def _literals(text: str) -> list[str]:
@@ -69,6 +76,9 @@ CHECKED = {
     ),
     "services/suppression/queries.sql": "test_query_literals",
     "services/scheduler/queries.sql": "test_query_literals",
+    "services/suppression/migrations/0005_daily_stats.sql": "test_daily_stats_literals",
+    "services/bounce_processor/queries.sql": "test_daily_stats_literals",
+    "services/sender/queries.sql": "test_daily_stats_literals",
 }
 
 
@@ -176,9 +186,27 @@ def test_suppression_state_rank() -> None:
 @pytest.mark.parametrize(
     ("path", "expected"),
     [
-        ("services/suppression/queries.sql", {"unsubscribed"}),
+        ("services/suppression/queries.sql", MEMBERSHIP),
         ("services/scheduler/queries.sql", {"deliverable"}),
     ],
 )
 def test_query_literals(path: str, expected: set[str]) -> None:
     assert _with(DISTINCTIVE, path) == expected <= MEMBERSHIP
+
+
+def test_daily_stats_literals() -> None:
+    """The figures per day (issue 20) name states, classifications and outcomes that exist:
+    the refused-memberships index leaves out exactly the deliverable rows, the bounce
+    counts name the bounce table's classifications, the send counts delivery.results'
+    outcomes."""
+    index = "services/suppression/migrations/0005_daily_stats.sql"
+    assert _with(DISTINCTIVE, index) == {MembershipState.DELIVERABLE.value}
+    [classifications] = _check_in(
+        "services/bounce_processor/migrations/0001_bounce_processor.sql", "classification"
+    )
+    bounces = _named("services/bounce_processor/queries.sql", "daily-bounces")
+    assert set(_literals(bounces)) == classifications
+    schema = json.loads((ROOT / "schemas/avro/delivery.results.avsc").read_text())
+    [outcome] = [f for f in schema["fields"] if f["name"] == "outcome"]
+    sends = _named("services/sender/queries.sql", "daily-sends")
+    assert set(_literals(sends)) - {"campaign", "done"} == set(outcome["type"]["symbols"])

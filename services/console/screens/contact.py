@@ -1,6 +1,10 @@
 """顧客詳細: profile, tags, custom fields and star (contacts); the delivery state in every group
 and plan with 配信停止日時 and 方法, and the operator's change (suppression); delivery status
-and bounce history (bounce processor)."""
+and bounce history (bounce processor); campaigns received, opens and clicks (contacts'
+delivery history) with the campaigns' names (scheduler).
+
+The two histories page by the services' keyset cursors (``?activity=`` and ``?bounces=``,
+the ``next_cursor`` each answer gave), newest first."""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from services.console.web import POOL, USER, api, page, render
 
 routes = web.RouteTableDef()
 CONTACT = "/contacts/{id:[0-9]{1,18}}"
+#: rows of each history per page.
+HISTORY_PAGE = 20
 
 
 async def _optional(call: Any) -> tuple[Any, str | None]:
@@ -41,6 +47,23 @@ async def _memberships(
     return rows
 
 
+async def _campaign_names(client: RoleApi, ids: set[str]) -> dict[str, str]:
+    """The scheduler's names of these campaigns; one it does not know (or a service away)
+    leaves the id to show."""
+
+    async def name(campaign_id: str) -> tuple[str, str | None]:
+        body, _ = await _optional(client.get("scheduler", f"/v1/campaigns/{campaign_id}"))
+        return campaign_id, (body or {}).get("name")
+
+    found = await asyncio.gather(*(name(i) for i in sorted(ids)))
+    return {campaign_id: value for campaign_id, value in found if value}
+
+
+def _page_query(request: web.Request, name: str) -> str | None:
+    value = request.query.get(name, "")
+    return value[:600] or None
+
+
 async def view(
     request: web.Request,
     *,
@@ -51,16 +74,39 @@ async def view(
     contact_id = int(request.match_info["id"])
     client = api(request)
     contact = await client.get("contacts", f"/v1/contacts/{contact_id}")
+    activity_cursor = _page_query(request, "activity")
+    bounces_cursor = _page_query(request, "bounces")
     (
         (memberships, memberships_error),
         (delivery, delivery_error),
         (fields, _),
+        (activity, activity_error),
+        (bounces, bounces_error),
     ) = await asyncio.gather(
         _optional(_memberships(client, contact, contact_id)),
         _optional(client.get("bounce_processor", f"/v1/contacts/{contact_id}/delivery")),
         _optional(client.get("contacts", "/v1/fields")),
+        _optional(
+            client.get(
+                "contacts",
+                f"/v1/contacts/{contact_id}/activity",
+                limit=HISTORY_PAGE,
+                cursor=activity_cursor,
+            )
+        ),
+        _optional(
+            client.get(
+                "bounce_processor",
+                f"/v1/contacts/{contact_id}/bounces",
+                limit=HISTORY_PAGE,
+                cursor=bounces_cursor,
+            )
+        ),
     )
     labels = {f["key"]: f["label"] for f in (fields or {}).get("items", [])}
+    named = {i["campaign_id"] for i in (activity or {}).get("items", [])}
+    named |= {b["campaign_id"] for b in (bounces or {}).get("items", [])}
+    campaign_names = await _campaign_names(client, named)
     return render(
         request,
         "contact.html",
@@ -70,6 +116,13 @@ async def view(
         memberships_error=memberships_error,
         delivery=delivery,
         delivery_error=delivery_error,
+        activity=activity,
+        activity_error=activity_error,
+        activity_paged=activity_cursor is not None,
+        bounces=bounces,
+        bounces_error=bounces_error,
+        bounces_paged=bounces_cursor is not None,
+        campaign_names=campaign_names,
         custom_labels=labels,
         standard=STANDARD,
         delivery_statuses=DELIVERY_STATUSES,

@@ -1,9 +1,11 @@
-"""ホーム: today and the last 7 days, from the APIs that exist.
+"""ホーム: today and the last 7 days (Japan time) as numbers and small bar charts.
 
-Sends, errors, opens and clicks come from the scheduler's campaigns (each counted on the
-day it started, Japan time); running jobs from the exporter's jobs list. Bounces,
-complaints and unsubscribes per day have no API yet: the page says so. A service that is
-away blanks its numbers only.
+Each figure per day comes from the service that owns it, through its
+``GET /v1/stats/daily``: sends and errors from the sender's ledger, bounces, complaints and
+(unique) opens and clicks from the bounce processor, unsubscribes (配信停止) from
+suppression. Running jobs come from the exporter's jobs list, campaigns sending and the
+latest campaigns from the scheduler. A service that is away blanks its own figures only,
+saying which service and why.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import asyncio
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
@@ -20,10 +21,17 @@ from services.console.clients import ApiProblem, NoToken, RoleApi, ServiceUnavai
 from services.console.web import api, page, render
 
 routes = web.RouteTableDef()
-TOKYO = ZoneInfo("Asia/Tokyo")
 DAYS = 7
-#: the campaign counts the page adds up per day: (key in the API, label).
-SERIES = (("success", "配信数"), ("error", "エラー"), ("opens", "開封"), ("clicks", "クリック"))
+#: the figures per day, each from its owner's GET /v1/stats/daily: (service, figure, label).
+DAILY = (
+    ("sender", "sent", "配信数"),
+    ("sender", "errors", "エラー"),
+    ("bounce_processor", "bounces", "バウンス数"),
+    ("bounce_processor", "complaints", "苦情"),
+    ("suppression", "unsubscribes", "配信停止"),
+    ("bounce_processor", "opens", "開封"),
+    ("bounce_processor", "clicks", "クリック"),
+)
 
 
 @dataclass
@@ -33,17 +41,21 @@ class Chart:
     label: str
     values: list[int]
     days: list[str]
+    #: why there are no values (the service that is away, and its reason).
+    error: str | None = None
+    #: the figure's key (the card's id: figure-<key>).
+    key: str = ""
 
     @property
     def today(self) -> int:
-        return self.values[-1]
+        return self.values[-1] if self.values else 0
 
     @property
     def week(self) -> int:
         return sum(self.values)
 
     def bars(self, height: int = 40, width: int = 14, gap: int = 4) -> list[dict[str, Any]]:
-        top = max(self.values) or 1
+        top = max(self.values, default=0) or 1
         out = []
         for i, (value, day) in enumerate(zip(self.values, self.days, strict=True)):
             h = round(value / top * height) if value else 0
@@ -60,26 +72,35 @@ class Chart:
         return out
 
 
-def day_keys(now: dt.datetime) -> list[dt.date]:
-    today = now.astimezone(TOKYO).date()
-    return [today - dt.timedelta(days=DAYS - 1 - i) for i in range(DAYS)]
+def daily_charts(answers: dict[str, tuple[Any, str | None]]) -> list[Chart]:
+    """The charts of :data:`DAILY` from each service's answer (or its error)."""
+    charts = []
+    for service, key, label in DAILY:
+        body, error = answers[service]
+        if body is None:
+            charts.append(Chart(label, [], [], error=error or service, key=key))
+            continue
+        days = body["days"]
+        labels = [dt.date.fromisoformat(d["date"]).strftime("%m/%d") for d in days]
+        charts.append(Chart(label, [int(d[key]) for d in days], labels, key=key))
+    return charts
 
 
-def campaign_charts(campaigns: list[dict[str, Any]], now: dt.datetime) -> list[Chart]:
-    days = day_keys(now)
-    index = {d: i for i, d in enumerate(days)}
-    sums = {key: [0] * DAYS for key, _ in SERIES}
-    for campaign in campaigns:
-        at = campaign.get("started_at") or campaign.get("scheduled_at")
-        if not at:
-            continue
-        day = dt.datetime.fromisoformat(at).astimezone(TOKYO).date()
-        if day not in index:
-            continue
-        for key, _ in SERIES:
-            sums[key][index[day]] += int(campaign.get(key) or 0)
-    labels = [d.strftime("%m/%d") for d in days]
-    return [Chart(label, sums[key], labels) for key, label in SERIES]
+async def _daily(client: RoleApi) -> dict[str, tuple[Any, str | None]]:
+    services = sorted({service for service, _, _ in DAILY})
+    answers = await asyncio.gather(
+        *(
+            _try(client.get(service, "/v1/stats/daily", days=DAYS, tz="Asia/Tokyo"))
+            for service in services
+        )
+    )
+    return {
+        service: (
+            body,
+            None if error is None or error.startswith(service) else f"{service}: {error}",
+        )
+        for service, (body, error) in zip(services, answers, strict=True)
+    }
 
 
 async def _try(call: Any) -> tuple[Any, str | None]:
@@ -98,13 +119,13 @@ async def _campaigns(client: RoleApi) -> list[dict[str, Any]]:
 @page("viewer")
 async def home(request: web.Request) -> web.Response:
     client = api(request)
-    (campaigns, campaigns_error), (running, jobs_error), (recent, _) = await asyncio.gather(
+    (campaigns, campaigns_error), (running, jobs_error), (recent, _), daily = await asyncio.gather(
         _try(_campaigns(client)),
         _try(client.get("exporter", "/v1/jobs", status="running", limit=200)),
         _try(client.get("exporter", "/v1/jobs", limit=5)),
+        _daily(client),
     )
-    now = dt.datetime.now(dt.UTC)
-    charts = campaign_charts(campaigns or [], now) if campaigns is not None else []
+    charts = daily_charts(daily)
     sending = [c for c in campaigns or [] if c.get("status") == "sending"]
     return render(
         request,
