@@ -164,7 +164,7 @@ class NoQuery(Model):
 
 
 class WarmUpBody(Model):
-    start: dt.date = Field(title="開始日 (start, UTC)", examples=["2026-12-07"])
+    start: dt.date = Field(title="開始日 (start, UTC)", examples=["2026-12-07"], strict=True)
     daily_caps: list[Annotated[int, Field(ge=1, le=1_000_000_000)]] = Field(
         title="日ごとの上限 (daily caps)",
         description="messages to the domain on the first day, the second, …; none after",

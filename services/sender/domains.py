@@ -182,6 +182,17 @@ def is_rate_limit(code: int, enhanced: str | None) -> bool:
     return code == 421 or (enhanced is not None and enhanced.startswith("4.7."))
 
 
+def about_the_domain(code: int, enhanced: str | None) -> bool:
+    """Whether a 4xx speaks of the domain's intake rather than of one mailbox: a rate-limit
+    answer (:func:`is_rate_limit`), or its mail system congested or not accepting mail
+    (4.3.1, 4.3.2, 4.4.x). A mailbox's answer (4.2.x full or over its own rate, greylisting's
+    4.3.0 or a bare 450/451) is that recipient's, retried by itself: one greylisted reader
+    must not slow every other reader at gmail.com."""
+    if is_rate_limit(code, enhanced):
+        return True
+    return enhanced is not None and (enhanced in ("4.3.1", "4.3.2") or enhanced.startswith("4.4."))
+
+
 def deferred(
     learned: Learned | None,
     *,

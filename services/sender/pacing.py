@@ -287,8 +287,10 @@ class DomainPacing:
     # Feedback -------------------------------------------------------------------------------
 
     def deferred(self, d: Delivery, code: int, enhanced: str | None) -> None:
-        """A 4xx from ``d``'s domain: its rate goes down; rate-limit answers may pause it."""
-        if not self.enabled:
+        """A 4xx from ``d``'s domain about its intake (:func:`domains.about_the_domain`): its
+        rate goes down; rate-limit answers may pause it. A mailbox's own 4xx changes nothing
+        here (the delivery is retried by itself)."""
+        if not self.enabled or not domains.about_the_domain(code, enhanced):
             return
         domain = d.domain or self._domain_of(d)
         now = time.monotonic()

@@ -256,6 +256,35 @@ async def test_an_open_ended_pause_gives_up_at_the_bound() -> None:
     pacing.stop()
 
 
+@pytest.mark.parametrize(
+    ("code", "enhanced", "slows"),
+    [
+        (421, "4.7.0", True),
+        (450, "4.7.1", True),
+        (451, "4.4.5", True),
+        (452, "4.3.1", True),
+        (421, None, True),
+        (451, "4.3.0", False),  # a greylisting mailbox, or the relay's "try again later"
+        (452, "4.2.2", False),  # that mailbox is full
+        (450, "4.2.1", False),  # that reader receives too fast (Gmail's per-user rate)
+        (450, None, False),
+    ],
+)
+async def test_only_answers_about_the_domain_slow_it(
+    code: int, enhanced: str | None, slows: bool
+) -> None:
+    pool = Pool()
+    pacing = pool.pacing()
+    d = delivery("a@mixed.example")
+    assert pacing.admit(d)
+    before = pacing.policy_of("mixed.example")
+    pacing.deferred(d, code, enhanced)
+    after = pacing.policy_of("mixed.example")
+    assert (after != before) is slows
+    pacing.release(d)
+    pacing.stop()
+
+
 async def test_deferrals_then_a_pause_then_recovery() -> None:
     pool = Pool()
     pacing = pool.pacing(domain_pause_after=2, domain_pause_seconds=0.2)
