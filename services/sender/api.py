@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import AfterValidator, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, StringConstraints, model_validator
 
 from libs.common.errors import NotFound
 from libs.common.http import ROLE, daily, json_response, requires
@@ -163,8 +163,14 @@ class NoQuery(Model):
     """A route that reads no query parameter: any one given is refused (400 naming it)."""
 
 
-class WarmUpBody(Model):
-    start: dt.date = Field(title="開始日 (start, UTC)", examples=["2026-12-07"], strict=True)
+class StrictBody(Model):
+    """A body taken as written: no false for 0, no 0 for a date (JSON's types are the API's)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
+
+
+class WarmUpBody(StrictBody):
+    start: dt.date = Field(title="開始日 (start, UTC)", examples=["2026-12-07"])
     daily_caps: list[Annotated[int, Field(ge=1, le=1_000_000_000)]] = Field(
         title="日ごとの上限 (daily caps)",
         description="messages to the domain on the first day, the second, …; none after",
@@ -174,7 +180,7 @@ class WarmUpBody(Model):
     )
 
 
-class OverrideBody(Model):
+class OverrideBody(StrictBody):
     """A domain's override, replaced whole. rate/connections: null = the built-in
     default's, 0 = unlimited."""
 
