@@ -43,6 +43,7 @@ PORTS = {
     "sender": 8084,
     "bounce_processor": 8085,
     "exporter": 8086,
+    "deliverability": 8087,
     "bounce_smtp": 2525,
     "smtp_sink": 1025,
     "kafka": 9092,
@@ -261,6 +262,8 @@ class Dev:
         asyncio.run(ensure_topics(env["KAFKA_BOOTSTRAP"], env.get("KAFKA_TOPIC_PREFIX", "")))
         for name in SERVICES:
             app, _ = service_parts(name)
+            if getattr(app, "MIGRATIONS", None) is None:
+                continue  # no database (deliverability)
             asyncio.run(migrate(env["DATABASE_URL"], app.SCHEMA, Path(app.MIGRATIONS)))
         if self.postgres:
             self.parts.append(PostgresPart(self.postgres))
