@@ -33,9 +33,9 @@ from aiohttp import web
 from libs.common import http
 from libs.common.logging import get_logger
 from libs.common.topics import StreamTopic, Topic, topic_name
-from services.deliverability import agents
+from services.deliverability import agents, api
 from services.deliverability.api import TABLES, Tables
-from services.deliverability.api import routes as api_routes
+
 from services.deliverability.models import Counts, no_counts
 from services.deliverability.settings import DeliverabilitySettings
 
@@ -129,7 +129,7 @@ class Runtime:
             title="Tayori deliverability",
         )
         web_app[TABLES] = self.tables
-        web_app.router.add_routes(api_routes)
+        web_app.router.add_routes(api.routes)
         self._runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.http_host, s.http_port, reuse_address=True)
