@@ -35,7 +35,6 @@ from libs.common.logging import get_logger
 from libs.common.topics import StreamTopic, Topic, topic_name
 from services.deliverability import agents, api
 from services.deliverability.api import TABLES, Tables
-
 from services.deliverability.models import Counts, no_counts
 from services.deliverability.settings import DeliverabilitySettings
 
