@@ -2,28 +2,39 @@
 # One image for every Tayori service: `tayori <service>` runs one of them,
 # `tayori migrate <service>` applies that service's migrations and exits.
 #
-#   docker build -t tayori:dev .
+#   make image                      # docker or podman, whichever runs here
 #   docker run --rm -p 8081:8080 -e DATABASE_URL=... -e KAFKA_BOOTSTRAP=... tayori:dev contacts
+#
+# The base is pinned by digest, so a rebuild gets the same OS and Python: the digest of
+# python:3.11-slim-bookworm as Docker Hub served it on 2026-08-24. To move to a newer one:
+#   docker buildx imagetools inspect python:3.11-slim-bookworm   # the index digest
+# and replace it in both FROM lines.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91
 
-# --- build: install the project and its dependencies into a virtualenv ----------------
-FROM python:3.11-slim AS build
+# --- build: the dependencies, then the project, into a virtualenv ----------------------
+FROM ${PYTHON_IMAGE} AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
 RUN python -m venv /opt/venv
+# The dependencies in a layer of their own: it is rebuilt only when pyproject.toml changes,
+# not on every code change. Only [project] dependencies: not the `embedded` extra (the
+# PostgreSQL and Kafka broker of `tayori dev` and the tests) nor `dev`.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
+ && /opt/venv/bin/pip install -r requirements.txt
 # README.md* : pyproject.toml names README.md as the long description; the glob keeps
 # the build working whether or not it exists yet.
-COPY pyproject.toml README.md* ./
+COPY README.md* ./
 COPY libs ./libs
 COPY services ./services
 COPY tayori ./tayori
-RUN /opt/venv/bin/pip install --upgrade pip \
- && /opt/venv/bin/pip install .
+RUN /opt/venv/bin/pip install --no-deps .
 
 # --- runtime ------------------------------------------------------------------------
-FROM python:3.11-slim
+FROM ${PYTHON_IMAGE}
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

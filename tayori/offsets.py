@@ -33,6 +33,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError
 
 from libs.common.deadletters import dead_letter_headers, read_range
+from libs.common.kafkasecurity import connection_options
 from libs.common.topics import Topic
 from tayori.ops import (
     CLIENT_ID,
@@ -413,7 +414,7 @@ async def _commit_from_outside(
     kafka: Kafka, group_id: str, tp: TopicPartition, offset: int
 ) -> None:
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka.settings.kafka_bootstrap,
+        **connection_options(kafka.settings),
         client_id=CLIENT_ID,
         group_id=group_id,
         enable_auto_commit=False,
@@ -439,7 +440,7 @@ async def _commit_as_member(
     session_ms = kafka.settings.kafka_session_timeout_ms
     consumer = AIOKafkaConsumer(
         tp.topic,
-        bootstrap_servers=kafka.settings.kafka_bootstrap,
+        **connection_options(kafka.settings),
         client_id=CLIENT_ID,
         group_id=group_id,
         enable_auto_commit=False,

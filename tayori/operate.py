@@ -1,9 +1,10 @@
 """The operator commands' entry: ``tayori dlq ...`` and ``tayori offsets ...``.
 
 :func:`main` takes the arguments and the environment (KAFKA_BOOTSTRAP,
-KAFKA_TOPIC_PREFIX) and returns the exit status: 0 done, 1 done in part (what was refused
-is said on stderr), 2 refused or failed (one line on stderr, never a traceback). Output
-goes to the streams given, tables for people or JSON with ``--json``.
+KAFKA_TOPIC_PREFIX, KAFKA_SECURITY_PROTOCOL and its TLS and SASL variables) and returns
+the exit status: 0 done, 1 done in part (what was refused is said on stderr), 2 refused
+or failed (one line on stderr, never a traceback). Output goes to the streams given,
+tables for people or JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, TextIO
 
 from aiokafka.errors import KafkaError
 
-from libs.common.settings import CommonSettings, load
+from libs.common.settings import CommonSettings, ConfigError, load
 from tayori import dlq, offsets
 from tayori.ops import EXIT_FAILED, Failure, Kafka, Output
 
@@ -57,7 +58,7 @@ async def run(
         async with Kafka(settings) as kafka:
             command = dlq.run if args.command == "dlq" else offsets.run
             return await command(args, kafka, output)
-    except Failure as exc:
+    except (Failure, ConfigError) as exc:
         print(f"tayori: {exc}", file=err)
     except (KafkaError, OSError) as exc:
         print(f"tayori: Kafka at {settings.kafka_bootstrap}: {_said(exc)}", file=err)

@@ -22,6 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from libs.common.kafka import make_producer
+from libs.common.kafkasecurity import check_connection, connection_options
 from libs.common.settings import CommonSettings
 from libs.common.topics import Topic, topic_name
 
@@ -201,6 +202,10 @@ class Kafka:
         self._partitions: dict[str, list[int]] | None = None
 
     async def __aenter__(self) -> Kafka:
+        if self.settings.kafka_security_protocol.upper() != "PLAINTEXT":
+            # A TLS or SASL refusal said once, naming the server and why (ConfigError),
+            # instead of the clients' "Unable to bootstrap".
+            await check_connection(self.settings, CLIENT_ID)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -228,9 +233,7 @@ class Kafka:
 
     async def admin(self) -> AIOKafkaAdminClient:
         if self._admin is None:
-            admin = AIOKafkaAdminClient(
-                bootstrap_servers=self.settings.kafka_bootstrap, client_id=CLIENT_ID
-            )
+            admin = AIOKafkaAdminClient(**connection_options(self.settings), client_id=CLIENT_ID)
             try:
                 await admin.start()
             except BaseException:
@@ -242,7 +245,7 @@ class Kafka:
     async def reader(self) -> AIOKafkaConsumer:
         if self._reader is None:
             reader = AIOKafkaConsumer(
-                bootstrap_servers=self.settings.kafka_bootstrap,
+                **connection_options(self.settings),
                 client_id=CLIENT_ID,
                 group_id=None,
                 enable_auto_commit=False,

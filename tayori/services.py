@@ -20,12 +20,15 @@ SERVICES = (
     "exporter",
     "deliverability",
 )
+#: the console (issue 20): pages for people, a client of the services' APIs; it has a
+#: schema and migrations like them but no Kafka part and no API of its own.
+CONSOLE = "console"
 
 
 def service_parts(name: str) -> tuple[ModuleType, type[CommonSettings]]:
     """The app module (``build``, and ``SCHEMA`` and ``MIGRATIONS`` when it has a
     database; deliverability has none) and settings class of ``name``."""
-    if name not in SERVICES:
+    if name not in (*SERVICES, CONSOLE):
         raise SystemExit(f"tayori: no service {name!r} (have: {', '.join(SERVICES)})")
     app = importlib.import_module(f"services.{name}.app")
     settings = importlib.import_module(f"services.{name}.settings")

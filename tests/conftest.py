@@ -175,6 +175,55 @@ async def running(
         await within(HANG_SECONDS, f"{name}'s stop", runtime.stop())
 
 
+@contextlib.asynccontextmanager
+async def running_all(
+    stack: Stack, database: str, prefix: str, home: Path
+) -> AsyncIterator[dict[str, Service]]:
+    """The six services on one database and one set of topics, wired to each other as in
+    ``tayori dev`` (the sender to an SMTP sink of its own, exports under ``home``)."""
+    sink = SmtpSink(home / "maildir", free_port())
+    services: dict[str, Service] = {}
+    try:
+        async with contextlib.AsyncExitStack() as started:
+            services["contacts"] = await started.enter_async_context(
+                running("contacts", stack, database, prefix)
+            )
+            contacts_url = services["contacts"].api.base
+            services["suppression"] = await started.enter_async_context(
+                running("suppression", stack, database, prefix)
+            )
+            services["scheduler"] = await started.enter_async_context(
+                running("scheduler", stack, database, prefix, contacts_url=contacts_url)
+            )
+            services["exporter"] = await started.enter_async_context(
+                running(
+                    "exporter",
+                    stack,
+                    database,
+                    prefix,
+                    contacts_url=contacts_url,
+                    scheduler_url=services["scheduler"].api.base,
+                    export_dir=home / "exports",
+                )
+            )
+            services["sender"] = await started.enter_async_context(
+                running("sender", stack, database, prefix, smtp_relays=f"127.0.0.1:{sink.port}")
+            )
+            services["bounce_processor"] = await started.enter_async_context(
+                running(
+                    "bounce_processor",
+                    stack,
+                    database,
+                    prefix,
+                    smtp_host="127.0.0.1",
+                    smtp_port=free_port(),
+                )
+            )
+            yield services
+    finally:
+        sink.stop()
+
+
 #: a service's start or stop still under way after this long is stuck: its test fails then,
 #: with every task's stack, instead of hanging until pytest-timeout, whose failure would leave
 #: the stuck service running under the later tests (they share the session's event loop).

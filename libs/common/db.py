@@ -12,6 +12,7 @@ do not race; ``<schema>.schema_migrations`` records what ran.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from libs.common.logging import get_logger
+from libs.common.metrics import DB_POOL_CONNECTIONS, DB_POOL_WAITING
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -71,16 +73,75 @@ async def _keep_session(_: asyncpg.Connection) -> None:
     """
 
 
+class CountedPool(asyncpg.Pool):
+    """asyncpg's pool, counting the callers waiting for a connection (``waiting``): every
+    acquire, asyncpg's own ``fetch``/``execute``/``copy_*`` included, goes through the public
+    ``acquire``, overridden here. A caller counts from its acquire until it holds a
+    connection (a free one at once; otherwise when one comes back, or a new one connected).
+
+    asyncpg makes its pools only through ``create_pool``, which takes no pool class: this
+    one is made with the keywords ``create_pool`` passes (:func:`create_pool` below);
+    tests/unit/test_db_pool.py pins them to the installed asyncpg."""
+
+    __slots__ = ("waiting",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiting = 0
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return _CountedAcquire(super().acquire(timeout=timeout), self)
+
+
+class _CountedAcquire:
+    """``pool.acquire()``, as ``async with`` or ``await``, counted while it waits."""
+
+    __slots__ = ("_acquiring", "_pool")
+
+    def __init__(self, acquiring: Any, pool: CountedPool) -> None:
+        self._acquiring = acquiring
+        self._pool = pool
+
+    async def __aenter__(self) -> Any:
+        self._pool.waiting += 1
+        try:
+            return await self._acquiring.__aenter__()
+        finally:
+            self._pool.waiting -= 1
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._acquiring.__aexit__(*exc)
+
+    def __await__(self) -> Any:
+        return self._counted().__await__()
+
+    async def _counted(self) -> Any:
+        self._pool.waiting += 1
+        try:
+            return await self._acquiring
+        finally:
+            self._pool.waiting -= 1
+
+
 async def create_pool(
     dsn: str, schema: str, *, size: int = 10, connect_timeout: float = 10.0
-) -> asyncpg.Pool:
+) -> CountedPool:
     """A pool whose connections see ``schema`` first and decode json/jsonb to Python.
 
     ``connect_timeout`` bounds each new connection (asyncpg's default is 60 s): during a
     failover a request should learn quickly that the database is away (503) and a loop
     should back off and try again, not hang."""
-    pool = await asyncpg.create_pool(
+    pool = CountedPool(
         dsn,
+        # asyncpg.create_pool's defaults for what Tayori does not set.
+        max_queries=50000,
+        max_inactive_connection_lifetime=300.0,
+        connect=None,
+        setup=None,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
+        # Tayori's.
         min_size=1,
         max_size=size,
         timeout=connect_timeout,
@@ -88,8 +149,31 @@ async def create_pool(
         reset=_keep_session,
         server_settings={"search_path": f"{schema},public", "application_name": f"tayori-{schema}"},
     )
-    assert pool is not None
+    await pool  # connects min_size connections, as create_pool's pool does when awaited
     return pool
+
+
+async def reachable(pool: asyncpg.Pool) -> str:
+    """The database check of ``/readyz``: "ok" when ``pool`` answers a query within 2 s,
+    else what stopped it."""
+    try:
+        async with asyncio.timeout(2):
+            await pool.fetchval("SELECT 1")
+        return "ok"
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        return f"unreachable: {type(exc).__name__}"
+
+
+def observe_pool(pool: CountedPool, service: str) -> None:
+    """Export ``pool``'s connections by state (``tayori_db_pool_connections``: in_use, idle
+    and max, from asyncpg's public counters) and its waiting callers
+    (``tayori_db_pool_waiting``), read at each scrape."""
+    DB_POOL_CONNECTIONS.labels(service, "max").set_function(pool.get_max_size)
+    DB_POOL_CONNECTIONS.labels(service, "idle").set_function(pool.get_idle_size)
+    DB_POOL_CONNECTIONS.labels(service, "in_use").set_function(
+        lambda: pool.get_size() - pool.get_idle_size()
+    )
+    DB_POOL_WAITING.labels(service).set_function(lambda: pool.waiting)
 
 
 async def connect(

@@ -27,14 +27,20 @@ and :func:`run_job` does the rest, the same way for every job:
 
 Cancellation of the task (the service stopping) leaves the job as committed: the next
 start, or another replica, resumes it from its checkpoint.
+
+What a step counts (metrics: rows imported, exports done or failed) it hands to
+:func:`after_commit`, called in the runner's transaction: the count is made once that
+transaction has committed, and never for work whose commit failed — the run redoes that work
+from the checkpoint and counts it then, once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -80,6 +86,36 @@ class Fault(enum.Enum):
     CRASH = "crash"  # a bug: record the job failed
 
 
+#: the actions :func:`after_commit` queued in the runner's transaction under way.
+_after_commit: ContextVar[list[Callable[[], None]] | None] = ContextVar(
+    "jobrunner_after_commit", default=None
+)
+
+
+def after_commit(action: Callable[[], None]) -> None:
+    """Run ``action`` once the runner's transaction this is called in (a claim, a step, the
+    record of a failure) has committed; not at all if it does not commit."""
+    pending = _after_commit.get()
+    if pending is None:
+        raise RuntimeError("after_commit outside a job runner's transaction")
+    pending.append(action)
+
+
+@asynccontextmanager
+async def _transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A connection in a transaction; what :func:`after_commit` queued in it runs after the
+    commit."""
+    pending: list[Callable[[], None]] = []
+    token = _after_commit.set(pending)
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            yield conn
+    finally:
+        _after_commit.reset(token)
+    for action in pending:
+        action()
+
+
 def fault(exc: BaseException) -> Fault:
     """The runner's one decision about a failure."""
     return Fault.PAUSE if is_transient(exc) else Fault.CRASH
@@ -110,7 +146,7 @@ async def run_job(pool: asyncpg.Pool, steps: JobSteps[Any], *, pause: Backoff = 
             reason = failure_reason(exc)
 
             async def record() -> None:
-                async with pool.acquire() as conn, conn.transaction():
+                async with _transaction(pool) as conn:
                     await steps.fail(conn, steps.job_id, reason)
 
             try:
@@ -123,12 +159,12 @@ async def run_job(pool: asyncpg.Pool, steps: JobSteps[Any], *, pause: Backoff = 
 
 async def _run_once(pool: asyncpg.Pool, steps: JobSteps[Any]) -> None:
     """Claim, then steps until the job is over; an exception ends the pass."""
-    async with pool.acquire() as conn, conn.transaction():
+    async with _transaction(pool) as conn:
         job = await steps.claim(conn)
     while job is not None:
         async with _heartbeat(pool, steps, job):
             await steps.prepare(job)
-            async with pool.acquire() as conn, conn.transaction():
+            async with _transaction(pool) as conn:
                 job = await steps.step(conn, job)
 
 

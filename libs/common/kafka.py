@@ -18,26 +18,31 @@ import asyncio
 import contextvars
 import enum
 import hashlib
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import IllegalStateError, TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 
-from libs.common import avro, deadletters
+from libs.common import avro, deadletters, registry, trace
 from libs.common.errors import DlqLimitExceeded, Fault, InvalidMessage, classify
+from libs.common.kafkasecurity import connection_options
 from libs.common.logging import get_logger
 from libs.common.metrics import (
     BATCH_SECONDS,
+    CONSUMER_LAG,
     CONSUMER_LAST_PROGRESS,
+    CONSUMER_SECONDS_SINCE_COMMIT,
     MESSAGES_CONSUMED,
     MESSAGES_DEAD_LETTERED,
     MESSAGES_PUBLISHED,
+    PRODUCER_PENDING,
 )
 from libs.common.retry import FOREVER, retry, supervise
 from libs.common.settings import CommonSettings
@@ -61,7 +66,7 @@ def make_producer(settings: CommonSettings, **overrides: Any) -> AIOKafkaProduce
     anyway, so nothing depends on it.
     """
     options: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap,
+        **connection_options(settings),
         "client_id": f"tayori-{settings.service}",
         "acks": "all",
         "enable_idempotence": False,
@@ -74,12 +79,23 @@ def make_producer(settings: CommonSettings, **overrides: Any) -> AIOKafkaProduce
 
 
 class Publisher:
-    """Sends Avro-encoded records to Tayori topics under the configured prefix."""
+    """Sends Avro-encoded records to Tayori topics under the configured prefix.
+
+    Counts the records it handed to the producer and the broker has not acknowledged yet
+    (``tayori_producer_pending_records``): the producer's queue, from our side of its
+    public API."""
 
     def __init__(self, settings: CommonSettings, producer: AIOKafkaProducer) -> None:
         self.settings = settings
         self.producer = producer
         self._partitioner = DefaultPartitioner()
+        self._pending = PRODUCER_PENDING.labels(settings.service)
+
+    def _queued(self, future: asyncio.Future[Any], records: int) -> None:
+        """``records`` wait in the producer until ``future`` (their acknowledgement) is
+        done, acknowledged or failed."""
+        self._pending.inc(records)
+        future.add_done_callback(lambda _: self._pending.dec(records))
 
     def name(self, topic: Topic | str) -> str:
         return topic_name(topic, self.settings.topic_prefix)
@@ -87,9 +103,10 @@ class Publisher:
     async def send(
         self, topic: Topic, key: str | int | None, value: dict[str, Any]
     ) -> asyncio.Future[Any]:
-        """Queue one record; await the returned future for its acknowledgement."""
+        """Queue one record, in the current trace; await the returned future for its
+        acknowledgement."""
         data, headers = avro.encode(topic, value)
-        return await self.send_raw(topic, key, data, headers)
+        return await self.send_raw(topic, key, data, headers + trace.headers())
 
     async def send_raw(
         self,
@@ -100,22 +117,25 @@ class Publisher:
     ) -> asyncio.Future[Any]:
         raw_key = None if key is None else str(key).encode()
         future = await self.producer.send(self.name(topic), data, key=raw_key, headers=headers)
+        self._queued(future, 1)
         MESSAGES_PUBLISHED.labels(self.settings.service, topic_label(topic)).inc()
         return future
 
     async def send_keyed(
         self, topic: Topic, records: Iterable[tuple[str | int, dict[str, Any]]]
     ) -> list[asyncio.Future[Any]]:
-        """Queue many (key, value) records through the batch API; await the futures.
+        """Queue many (key, value) records through the batch API, in the current trace;
+        await the futures.
 
         Each key goes to the partition the default partitioner would choose, and the
         records of one key stay in order; building batches directly skips aiokafka's
         per-record work, which is most of the cost of streaming a large list.
         """
         encoded = []
+        traced = trace.headers()
         for key, value in records:
             data, headers = avro.encode(topic, value)
-            encoded.append((key, data, headers))
+            encoded.append((key, data, headers + traced if traced else headers))
         return await self.send_encoded(topic, encoded)
 
     async def send_encoded(
@@ -123,7 +143,8 @@ class Publisher:
         topic: Topic | str,
         records: Iterable[tuple[str | int | None, bytes, list[tuple[str, bytes]]]],
     ) -> list[asyncio.Future[Any]]:
-        """:meth:`send_keyed` for records encoded already: (key, data, headers).
+        """:meth:`send_keyed` for records encoded already: (key, data, headers), sent with
+        the headers given (a trace among them is the caller's to add).
 
         Each batch is closed when handed over, so it goes out without waiting
         ``linger_ms`` for records that will not come (the caller awaits its futures).
@@ -146,16 +167,21 @@ class Publisher:
             batch = self.producer.create_batch()
             for raw_key, data, headers in items:
                 if batch.append(key=raw_key, value=data, timestamp=None, headers=headers) is None:
-                    batch.close()
-                    futures.append(await self.producer.send_batch(batch, name, partition=partition))
+                    futures.append(await self._send_batch(batch, name, partition))
                     batch = self.producer.create_batch()
                     batch.append(key=raw_key, value=data, timestamp=None, headers=headers)
             if batch.record_count():
-                batch.close()
-                futures.append(await self.producer.send_batch(batch, name, partition=partition))
+                futures.append(await self._send_batch(batch, name, partition))
             count += len(items)
         MESSAGES_PUBLISHED.labels(self.settings.service, topic_label(topic)).inc(count)
         return futures
+
+    async def _send_batch(self, batch: Any, name: str, partition: int) -> asyncio.Future[Any]:
+        records = batch.record_count()
+        batch.close()
+        future = await self.producer.send_batch(batch, name, partition=partition)
+        self._queued(future, records)
+        return future
 
     async def send_same_key(
         self, topic: Topic, key: str | int, values: Iterable[dict[str, Any]]
@@ -174,10 +200,16 @@ def topic_label(topic: Topic | str) -> str:
 
 
 async def ensure_topics(
-    bootstrap: str, prefix: str = "", partitions: int = DEFAULT_PARTITIONS
+    where: str | CommonSettings, prefix: str = "", partitions: int = DEFAULT_PARTITIONS
 ) -> None:
-    """Create every Tayori topic and DLQ that does not exist yet."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="tayori-admin")
+    """Create every Tayori topic and DLQ that does not exist yet, on ``where``: a bootstrap
+    address (the embedded broker) or the cluster the settings name, with their security."""
+    options = (
+        connection_options(where)
+        if isinstance(where, CommonSettings)
+        else {"bootstrap_servers": where}
+    )
+    admin = AIOKafkaAdminClient(**options, client_id="tayori-admin")
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -226,6 +258,11 @@ class Concurrency(enum.Enum):
 
 #: the quiet fetch wait on a broker that waits out every fetch (ms).
 QUIET_FETCH_MAX_WAIT_MS = 250
+#: a consumer's lag gauges are refreshed this often (seconds), from what its own fetches
+#: and commits already know: no request to the broker of their own.
+LAG_REFRESH_SECONDS = 1.0
+#: the stages a dead letter is counted under (``tayori_messages_dead_lettered_total``).
+DEAD_LETTER_STAGES = ("decode", "process")
 
 
 @dataclass(frozen=True)
@@ -264,6 +301,8 @@ class Message:
     partition: int
     offset: int
     timestamp_ms: int
+    #: the traceparent its headers carry (libs/common/trace), if any.
+    trace: str | None = None
 
 
 @dataclass
@@ -341,6 +380,14 @@ class Consumer:
         self._by_name = {topic_name(t, settings.topic_prefix): t for t in self.topics}
         self._consumer: AIOKafkaConsumer | None = None
         self.last_progress = time.monotonic()
+        #: writer schemas of Confluent-framed records on upstream topics (None: not read)
+        self.registry = registry.registry_for(settings, self.topics)
+        #: when this member last committed (its start, before the first commit).
+        self.last_commit = time.monotonic()
+        #: the group's committed offset of each partition this member holds, as far as this
+        #: member knows it: what it committed, or where it started reading the partition.
+        self._committed: dict[TopicPartition, int] = {}
+        self._lag_series: set[tuple[str, str, str]] = set()
 
     @property
     def assigned(self) -> bool:
@@ -351,7 +398,7 @@ class Consumer:
         s = self.settings
         self._consumer = AIOKafkaConsumer(
             *self._by_name,
-            bootstrap_servers=s.kafka_bootstrap,
+            **connection_options(s),
             group_id=f"{s.topic_prefix}{self.group}",
             client_id=f"tayori-{s.service}",
             enable_auto_commit=False,
@@ -362,11 +409,32 @@ class Consumer:
             max_poll_records=self.max_records,
         )
         await self._consumer.start()
+        self._observe()
+
+    def _observe(self) -> None:
+        """Series that must exist from the start, at zero, so that an alert sees the first
+        dead letter after a restart (``rate()`` of a series born at 1 is 0), and the seconds
+        since the last commit, read at scrape."""
+        self.last_commit = time.monotonic()
+        for topic in self.topics:
+            for stage in DEAD_LETTER_STAGES:
+                MESSAGES_DEAD_LETTERED.labels(self.settings.service, topic.value, stage)
+            for outcome in ("ok", "dead_lettered"):
+                MESSAGES_CONSUMED.labels(self.settings.service, topic.value, outcome)
+        CONSUMER_SECONDS_SINCE_COMMIT.labels(self.group).set_function(
+            lambda: time.monotonic() - self.last_commit
+        )
 
     async def stop(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
+        if self.registry is not None:
+            await self.registry.close()
+        for series in self._lag_series:
+            CONSUMER_LAG.remove(*series)
+        self._lag_series.clear()
+        CONSUMER_SECONDS_SINCE_COMMIT.remove(self.group)
 
     async def run(self) -> None:
         """Consume until cancelled. Offsets are committed only after the handler succeeded.
@@ -388,7 +456,15 @@ class Consumer:
             while True:
                 await self._round(consumer)
 
-        await supervise(rounds, name=f"consumer:{self.group}", service=self.settings.service)
+        # Lag is published by a loop of its own: a member stuck in a batch must still show
+        # the records it is not committing.
+        watch = asyncio.ensure_future(self._watch_lag(consumer))
+        watch.add_done_callback(self._lag_watch_ended)
+        try:
+            await supervise(rounds, name=f"consumer:{self.group}", service=self.settings.service)
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
 
     async def _round(self, consumer: AIOKafkaConsumer) -> None:
         """One poll: fetch, handle every partition's records, commit."""
@@ -397,7 +473,12 @@ class Consumer:
         CONSUMER_LAST_PROGRESS.labels(self.settings.service, self.group).set(time.time())
         self._pace(consumer, busy=bool(batches))
         if not batches:
+            await self._note_starts(consumer)
             return
+        for tp, records in batches.items():
+            # Every round commits all it was given, and a failed one rewinds to the
+            # committed offsets: a batch starts at the committed offset.
+            self._committed.setdefault(tp, records[0].offset)
         # Offsets are committed once every partition's handler is done, whatever the mode.
         if self.concurrency is Concurrency.TOGETHER:
             by_topic: dict[str, list[ConsumerRecord]] = {}
@@ -412,7 +493,58 @@ class Consumer:
         else:
             for tp, records in batches.items():
                 await self._records(tp.topic, records)
-        await consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+        committed = {tp: records[-1].offset + 1 for tp, records in batches.items()}
+        await consumer.commit(committed)
+        self._committed.update(committed)
+        self.last_commit = time.monotonic()
+        await self._note_starts(consumer)  # the partitions that had nothing this round
+
+    async def _note_starts(self, consumer: AIOKafkaConsumer) -> None:
+        """Where this member starts on each partition it holds and has not read from yet
+        (its position: the group's committed offset, or the beginning): known without a
+        request once a fetch answered for the partition (it has a high watermark). Called
+        between rounds only, when every position is a committed offset."""
+        for tp in consumer.assignment() - self._committed.keys():
+            # Held still (an earlier position may have waited through a rebalance)?
+            if tp not in consumer.assignment() or consumer.highwater(tp) is None:
+                continue
+            try:
+                async with asyncio.timeout(LAG_REFRESH_SECONDS):
+                    self._committed[tp] = int(await consumer.position(tp))
+            except (IllegalStateError, TimeoutError):  # revoked, or reset, while we looked
+                continue
+
+    async def _watch_lag(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            self._publish_lag(consumer)
+            await asyncio.sleep(LAG_REFRESH_SECONDS)
+
+    def _lag_watch_ended(self, watch: asyncio.Future[None]) -> None:
+        # A bug here must not stop the consumer, nor go unseen: the lag series then stand still.
+        if not watch.cancelled() and watch.exception() is not None:
+            log.error("consumer_lag_watch_failed", group=self.group, error=repr(watch.exception()))
+
+    def _publish_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """``tayori_consumer_lag_records`` of every partition this member holds: the high
+        watermark of its last fetch minus the committed offset. A partition not fetched yet
+        has no series yet; one that left this member loses its series (and what this
+        member knew of its committed offset: another member may commit it meanwhile)."""
+        held = consumer.assignment()
+        for tp in self._committed.keys() - held:
+            del self._committed[tp]
+        seen: set[tuple[str, str, str]] = set()
+        for tp in sorted(held):
+            topic = self._by_name.get(tp.topic)
+            end = consumer.highwater(tp)
+            committed = self._committed.get(tp)
+            if topic is None or end is None or committed is None:
+                continue
+            series = (self.group, topic.value, str(tp.partition))
+            CONSUMER_LAG.labels(*series).set(max(0, end - committed))
+            seen.add(series)
+        for gone in self._lag_series - seen:
+            CONSUMER_LAG.remove(*gone)
+        self._lag_series = seen
 
     async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
         """Back to the committed offset of every partition this member holds (the start
@@ -453,10 +585,16 @@ class Consumer:
         )
 
     async def _process(self, topic: Topic, records: list[ConsumerRecord]) -> None:
+        schemas = self.registry if topic.upstream else None
+        if schemas is not None:  # Confluent-framed records: their schema ids, looked up once
+            pairs = ((r.value, r.headers) for r in records)
+            await schemas.prefetch(pairs, unframed=avro.unversioned, waiting=self.alive)
         messages: list[Message] = []
+        # The records of a batch mostly share one trace (a campaign's): parse it once.
+        seen: tuple[bytes | None, str | None] = (None, None)
         for record in records:
             try:
-                value = avro.decode(topic, record.value, record.headers)
+                value = avro.decode(topic, record.value, record.headers, schemas)
             except InvalidMessage as exc:
                 await self._dead_letter(topic, record, "decode", exc.reason)
                 continue
@@ -464,8 +602,13 @@ class Consumer:
                 await self._dead_letter(topic, record, "decode", f"unreadable record: {exc!r}")
                 continue
             key = record.key.decode(errors="replace") if record.key is not None else None
+            raw = _trace_header(record.headers)
+            if raw is not seen[0] and raw != seen[0]:
+                seen = (raw, trace.parse(raw))
             messages.append(
-                Message(topic, key, value, record.partition, record.offset, record.timestamp)
+                Message(
+                    topic, key, value, record.partition, record.offset, record.timestamp, seen[1]
+                )
             )
         by_position = {(r.partition, r.offset): r for r in records}
         await self._handle(topic, messages, by_position)
@@ -480,9 +623,32 @@ class Consumer:
         takes. A message the handler rejects (:func:`reject`) is dead-lettered and the
         messages before and after it are handled on their own, in order. A failure on the
         data that names no message (PostgreSQL refusing a value: class 22, 54) splits the
-        batch in halves until the record at fault is alone, and dead-letters it."""
+        batch in halves until the record at fault is alone, and dead-letters it.
+
+        The handler runs in the trace of the batch's first traced record: its log lines
+        carry that ``trace_id`` and what it publishes carries that trace (a batch of one
+        request's records, the common case, keeps its own). A debug line per batch names
+        every trace of the batch."""
         if not messages:
             return
+        first = next((m.trace for m in messages if m.trace is not None), None)
+        with trace.bound(first):
+            await self._handle_traced(topic, messages, by_position)
+
+    async def _handle_traced(
+        self,
+        topic: Topic,
+        messages: list[Message],
+        by_position: dict[tuple[int, int], ConsumerRecord],
+    ) -> None:
+        if log.is_enabled_for(logging.DEBUG):
+            log.debug(
+                "records_handling",
+                group=self.group,
+                topic=topic.value,
+                records=_positions(messages),
+                trace_ids=sorted({trace.trace_id(m.trace) for m in messages if m.trace})[:50],
+            )
         try:
             await retry(
                 lambda: self.handler(messages),
@@ -562,8 +728,10 @@ class Consumer:
             await self._publish_excerpt(topic, key, value or b"", headers)
         MESSAGES_DEAD_LETTERED.labels(self.settings.service, topic.value, stage).inc()
         MESSAGES_CONSUMED.labels(self.settings.service, topic.value, "dead_lettered").inc()
+        traceparent = trace.of_headers(record.headers)
         log.warning(
             "message_dead_lettered",
+            **{trace.LOG_FIELD: trace.trace_id(traceparent)} if traceparent else {},
             topic=topic.value,
             partition=record.partition,
             offset=record.offset,
@@ -585,6 +753,13 @@ class Consumer:
         ]
         excerpt = value[:DLQ_EXCERPT_BYTES]
         await (await self.publisher.send_raw(topic.dlq, (key or "")[:256], excerpt, ours))
+
+
+def _trace_header(headers: Sequence[tuple[str, bytes]] | None) -> bytes | None:
+    for name, value in headers or ():
+        if name == trace.HEADER:
+            return value
+    return None
 
 
 def _positions(messages: Sequence[Message]) -> dict[int, str]:

@@ -1,11 +1,28 @@
 """Every Prometheus metric Tayori exports, declared once with its kind and meaning.
 
 Labels are low-cardinality (service, topic, outcome); never an id or an address.
+
+Each family has one owner: :data:`COMMON` (the runtime's: consumers, producers, outbox, HTTP,
+retries, the database pool) or one service (:data:`OWNED`). Families are made unregistered;
+a service's ``/metrics`` serves :func:`registry` of the common families and the ones its
+``app.py`` declares as its own (``Runtime(metrics=...)``), so no process exports another
+service's families, and importing this module registers nothing anywhere.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import functools
+from collections.abc import Iterable
+
+import prometheus_client
+from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector, CollectorRegistry
+
+# Made unregistered (not in prometheus_client's default registry): see registry().
+Counter = functools.partial(prometheus_client.Counter, registry=None)
+Gauge = functools.partial(prometheus_client.Gauge, registry=None)
+Histogram = functools.partial(prometheus_client.Histogram, registry=None)
 
 # Kafka consumers -------------------------------------------------------------------
 #: messages a consumer finished (handled or dead-lettered), by topic and outcome.
@@ -29,15 +46,51 @@ CONSUMER_LAST_PROGRESS = Gauge(
     "Last consumer progress",
     ["service", "group"],
 )
+#: records a consumer group is behind on a partition it holds: the partition's end offset
+#: (high watermark of the last fetch) minus the group's committed offset (the start of the
+#: partition while nothing is committed). Refreshed every poll; a partition that leaves this
+#: member (rebalance, stop) loses its series.
+CONSUMER_LAG = Gauge(
+    "tayori_consumer_lag_records",
+    "Records behind the end of the partition (end offset minus committed offset)",
+    ["group", "topic", "partition"],
+)
+#: seconds since this consumer committed a record (since it started, while it has committed
+#: none): with lag above zero, a stuck consumer. An idle consumer has no lag and a growing
+#: value; a member holding no partition has no lag series at all.
+CONSUMER_SECONDS_SINCE_COMMIT = Gauge(
+    "tayori_consumer_seconds_since_commit",
+    "Seconds since this consumer last committed a record (since its start before the first)",
+    ["group"],
+)
 #: retries of transient failures, by operation.
 TRANSIENT_RETRIES = Counter(
     "tayori_transient_retries_total", "Retries after a transient error", ["service", "operation"]
+)
+
+# The database pool -------------------------------------------------------------------
+#: connections of the service's pool, by state: in_use (lent out), idle (open, free) and
+#: max (the pool's size, DB_POOL_SIZE); in_use at max is a saturated pool. Read at scrape.
+DB_POOL_CONNECTIONS = Gauge(
+    "tayori_db_pool_connections", "Database pool connections by state", ["service", "state"]
+)
+#: callers waiting for a connection of the service's pool (above zero for long: saturated,
+#: work queues for the database). Read at scrape.
+DB_POOL_WAITING = Gauge(
+    "tayori_db_pool_waiting", "Callers waiting for a database pool connection", ["service"]
 )
 
 # Producers and the outbox ---------------------------------------------------------
 #: messages published to Kafka, by topic.
 MESSAGES_PUBLISHED = Counter(
     "tayori_messages_published_total", "Messages published", ["service", "topic"]
+)
+#: records handed to the Kafka producer and not yet acknowledged by the broker (the
+#: producer's queue: it grows when Kafka is slow or away, and a full queue blocks sends).
+PRODUCER_PENDING = Gauge(
+    "tayori_producer_pending_records",
+    "Records queued in the producer, not yet acknowledged",
+    ["service"],
 )
 #: rows waiting in a service's outbox (published after their transaction commits).
 OUTBOX_BACKLOG = Gauge("tayori_outbox_backlog", "Outbox rows not yet published", ["service"])
@@ -212,3 +265,108 @@ BOUNCE_RULE_ACTIONS = Counter(
 )
 #: tracking requests (F-34), by kind (open, click) and outcome (recorded, bad_token).
 TRACKING_HITS = Counter("tayori_tracking_hits_total", "Tracking hits", ["kind", "outcome"])
+#: ESP event webhooks (issue 21), by esp (ses, sendgrid, mailgun, postmark) and outcome:
+#: accepted, confirmed (an SNS subscription), unconfigured, unsigned, forged, replayed,
+#: bad_payload, unattributed (signed, but no valid X-Tayori-Ref in it).
+ESP_WEBHOOKS = Counter("tayori_esp_webhooks_total", "ESP webhook requests", ["esp", "outcome"])
+
+# Deliverability -----------------------------------------------------------------------------
+#: per-domain tallies (one batch's counters of one receiving domain) added to the windowed
+#: tables; each moves the domain's minute window and every hour window it falls in.
+DELIVERABILITY_TALLIES = Counter(
+    "tayori_deliverability_tallies_total", "Per-domain tallies added to the windowed tables"
+)
+#: receiving domains with figures in the hour table of this worker (its partitions: all of
+#: them with the one replica). Refreshed every second.
+DELIVERABILITY_DOMAINS = Gauge(
+    "tayori_deliverability_domains", "Receiving domains with figures in the last hour"
+)
+
+
+# Owners ----------------------------------------------------------------------------------
+#: what every service exports: the runtime's families (libs/common).
+COMMON: tuple[MetricWrapperBase, ...] = (
+    MESSAGES_CONSUMED,
+    MESSAGES_DEAD_LETTERED,
+    BATCH_SECONDS,
+    CONSUMER_LAST_PROGRESS,
+    CONSUMER_LAG,
+    CONSUMER_SECONDS_SINCE_COMMIT,
+    TRANSIENT_RETRIES,
+    DB_POOL_CONNECTIONS,
+    DB_POOL_WAITING,
+    MESSAGES_PUBLISHED,
+    PRODUCER_PENDING,
+    OUTBOX_BACKLOG,
+    HTTP_REQUESTS,
+    HTTP_SECONDS,
+)
+CONTACTS = (CONTACT_EVENTS, IMPORT_ROWS, SEARCH_SECONDS, SNAPSHOT_RECIPIENTS)
+SUPPRESSION = (SUPPRESSION_CHANGES, CAN_SEND_SECONDS, UNSUBSCRIBE_REQUESTS)
+SENDER = (
+    SENDER_SENDS,
+    SENDER_SMTP_SECONDS,
+    SENDER_AHEAD,
+    SENDER_CONNECTIONS,
+    SENDER_RELAY_ERRORS,
+    SENDER_RETRIES,
+    SENDER_LEDGER_RECOVERIES,
+    SENDER_DROPPED,
+    SENDER_GROUP_COMMIT_SIZE,
+)
+SCHEDULER = (
+    SCHEDULER_CAMPAIGNS,
+    SCHEDULER_RELEASED,
+    SCHEDULER_RESULTS,
+    SCHEDULER_HALTS,
+    SCHEDULER_WINDOW_PAUSED,
+    PLAN_ENROLMENTS,
+    STEPS_RELEASED,
+    STEP_RESULTS,
+    RESENDS_CREATED,
+)
+EXPORTER = (EXPORT_ROWS, EXPORT_JOB_SECONDS, EXPORT_FAILURES, EXPORT_FILES_DELETED)
+BOUNCE_PROCESSOR = (
+    BOUNCES,
+    BOUNCE_INBOUND_MAIL,
+    BOUNCE_INBOUND_BACKLOG,
+    BOUNCE_RULE_ACTIONS,
+    TRACKING_HITS,
+    ESP_WEBHOOKS,
+)
+DELIVERABILITY = (DELIVERABILITY_TALLIES, DELIVERABILITY_DOMAINS)
+#: each service's own families (its app.py passes them to its Runtime).
+OWNED: dict[str, tuple[MetricWrapperBase, ...]] = {
+    "contacts": CONTACTS,
+    "suppression": SUPPRESSION,
+    "sender": SENDER,
+    "scheduler": SCHEDULER,
+    "exporter": EXPORTER,
+    "bounce_processor": BOUNCE_PROCESSOR,
+    "deliverability": DELIVERABILITY,
+}
+#: the process's own (CPU, memory, file descriptors, GC, Python version).
+PROCESS: tuple[Collector, ...] = (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR)
+
+
+def every() -> tuple[MetricWrapperBase, ...]:
+    """Every family declared here, common and owned."""
+    return COMMON + tuple(family for own in OWNED.values() for family in own)
+
+
+def registry(own: Iterable[Collector]) -> CollectorRegistry:
+    """What one service's ``/metrics`` serves: the process's collectors, the common
+    families and ``own``. A family may sit in several registries (the integration tests run
+    services side by side in one process); its values are the process's."""
+    served = CollectorRegistry(auto_describe=True)
+    for collector in (*PROCESS, *COMMON, *own):
+        served.register(collector)
+    return served
+
+
+def sample_value(name: str, labels: dict[str, str] | None = None) -> float | None:
+    """The value of one sample of any family in this process (None: no such series), as
+    ``CollectorRegistry.get_sample_value`` answers it."""
+    return registry(family for own in OWNED.values() for family in own).get_sample_value(
+        name, labels
+    )

@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-from libs.common import avro, db
+from libs.common import avro, db, trace
 from libs.common.aio import woken
 from libs.common.kafka import Publisher
 from libs.common.logging import get_logger
@@ -39,13 +39,16 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload bytea NOT NULL,
     schema_version int NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
-)
+);
+-- the trace the row was written in (libs/common/trace), its Kafka header when published
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS traceparent text
 """
 
 # One round trip: the rows, and the NOTIFY that wakes the relay when they commit.
 _INSERT = (
-    "WITH queued AS (INSERT INTO outbox (topic, key, payload, schema_version)"
-    " SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int[]) RETURNING 1)"
+    "WITH queued AS (INSERT INTO outbox (topic, key, payload, schema_version, traceparent)"
+    " SELECT *, $5::text FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int[])"
+    " RETURNING 1)"
     " SELECT pg_notify(current_schema() || '_outbox', '') WHERE EXISTS (SELECT 1 FROM queued)"
 )
 
@@ -72,11 +75,12 @@ async def add_many(
 async def add_rows(
     conn: asyncpg.Connection, rows: list[tuple[str, str | None, bytes, int]]
 ) -> None:
-    """Queue messages encoded already (:func:`row`) in the caller's transaction."""
+    """Queue messages encoded already (:func:`row`) in the caller's transaction, in the
+    current trace (their records carry it)."""
     if not rows:
         return
     topics, keys, payloads, versions = (list(col) for col in zip(*rows, strict=True))
-    await conn.execute(_INSERT, topics, keys, payloads, versions)
+    await conn.execute(_INSERT, topics, keys, payloads, versions, trace.current())
 
 
 #: how often an idle relay looks for rows nobody woke it for (a lost wake-up, a crash), and
@@ -86,7 +90,8 @@ POLL_SECONDS = 1.0
 # One round trip: the transaction's lock, and the rows if it got it.
 _LOCK_AND_READ = (
     "WITH lock AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($1) AS held)"
-    " SELECT lock.held, o.id, o.topic, o.key, o.payload, o.schema_version FROM lock"
+    " SELECT lock.held, o.id, o.topic, o.key, o.payload, o.schema_version, o.traceparent"
+    " FROM lock"
     " LEFT JOIN LATERAL (SELECT * FROM outbox WHERE lock.held ORDER BY id LIMIT $2) o ON true"
     " ORDER BY o.id"
 )
@@ -94,7 +99,7 @@ _LOCK_AND_READ = (
 # the statement's snapshot, from before the delete, hence the filter).
 _DELETE_AND_READ = (
     "WITH published AS (DELETE FROM outbox WHERE id = ANY($1::bigint[]))"
-    " SELECT id, topic, key, payload, schema_version FROM outbox"
+    " SELECT id, topic, key, payload, schema_version, traceparent FROM outbox"
     " WHERE id <> ALL($1::bigint[]) ORDER BY id LIMIT $2"
 )
 _DELETE = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
@@ -189,6 +194,8 @@ class OutboxRelay:
         by_topic: dict[str, list[tuple[str | None, bytes, list[tuple[str, bytes]]]]] = {}
         for row in rows:
             headers = [(avro.VERSION_HEADER, str(row["schema_version"]).encode())]
+            if row["traceparent"] is not None:
+                headers.append((trace.HEADER, row["traceparent"].encode()))
             by_topic.setdefault(row["topic"], []).append((row["key"], row["payload"], headers))
         futures = []
         for topic, records in by_topic.items():

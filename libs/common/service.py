@@ -24,8 +24,9 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
+from prometheus_client.registry import Collector, CollectorRegistry
 
-from libs.common import db, http
+from libs.common import db, http, metrics
 from libs.common.errors import is_transient
 from libs.common.kafka import (
     Concurrency,
@@ -36,6 +37,7 @@ from libs.common.kafka import (
     Publisher,
     make_producer,
 )
+from libs.common.kafkasecurity import check_connection
 from libs.common.logging import get_logger
 from libs.common.outbox import OutboxRelay
 from libs.common.retry import retry, supervise
@@ -63,7 +65,12 @@ C = TypeVar("C")
 T = TypeVar("T")
 
 
-async def _started(producer: AIOKafkaProducer) -> AIOKafkaProducer:
+async def _started(settings: CommonSettings) -> AIOKafkaProducer:
+    if settings.kafka_security_protocol.upper() != "PLAINTEXT":
+        # A TLS or SASL refusal is a ConfigError naming the server and why, which stops
+        # the start; a broker that does not answer yet is retried like any outage.
+        await check_connection(settings, f"tayori-{settings.service}")
+    producer = make_producer(settings)
     try:
         await producer.start()
     except BaseException:
@@ -126,6 +133,9 @@ class Runtime:
     background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     #: called on stop after HTTP closed and before the pool closes (in-flight jobs).
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    #: the service's own metric families (``libs.common.metrics.OWNED[service]``): its
+    #: ``/metrics`` serves these and the common ones, nothing of the other services.
+    metrics: tuple[Collector, ...] = ()
 
     pool: asyncpg.Pool = field(init=False)
     publisher: Publisher = field(init=False)
@@ -156,7 +166,8 @@ class Runtime:
                 connect_timeout=s.db_connect_timeout_seconds,
             ),
         )
-        producer = await self._when_up("kafka", lambda: _started(make_producer(s)))
+        db.observe_pool(self.pool, s.service)
+        producer = await self._when_up("kafka", lambda: _started(s))
         self.publisher = Publisher(s, producer)
         self.outbox = OutboxRelay(self.pool, self.publisher, self.schema, dsn=s.database_url)
         self._spawn(self.outbox.run, "outbox")
@@ -170,7 +181,12 @@ class Runtime:
         for job in self.background:
             self._spawn(job, job.__name__)
         app = http.create_app(
-            s.service, s.bearer_tokens(), health=self.health, ready=self.ready, title=self.title
+            s.service,
+            s.bearer_tokens(),
+            health=self.health,
+            ready=self.ready,
+            title=self.title,
+            registry=self.registry,
         )
         if self.setup_routes:
             self.setup_routes(app)
@@ -191,6 +207,11 @@ class Runtime:
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else s.http_port
         log.info("service_started", http_port=self.port, schema=self.schema)
+
+    @functools.cached_property
+    def registry(self) -> CollectorRegistry:
+        """What this service's ``/metrics`` serves (:func:`libs.common.metrics.registry`)."""
+        return metrics.registry(self.metrics)
 
     @property
     def _loops(self) -> set[str]:
@@ -247,13 +268,7 @@ class Runtime:
         return ok, {"stalled": stalled, "stopped_tasks": dead}
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
-        checks: dict[str, Any] = {}
-        try:
-            async with asyncio.timeout(2):
-                await self.pool.fetchval("SELECT 1")
-            checks["database"] = "ok"
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            checks["database"] = f"unreachable: {type(exc).__name__}"
+        checks: dict[str, Any] = {"database": await db.reachable(self.pool)}
         checks["kafka"] = await self._kafka_check()
         ok = all(v == "ok" for v in checks.values()) and (await self.health())[0]
         return ok, checks
@@ -304,6 +319,16 @@ class Runtime:
             self.pool.terminate()
         log.info("service_stopped")
 
+    async def _abandon_start(self) -> None:
+        """Close what a start cut short had opened (it waited for a dependency)."""
+        for consumer in self._consumers:
+            await consumer.stop()
+        if hasattr(self, "publisher"):
+            await self.publisher.producer.stop()
+        if hasattr(self, "pool"):
+            self.pool.terminate()
+        log.info("service_stopped", during="start")
+
     async def wait_for_consumers(self, timeout: float = 60.0) -> None:
         """Until every consumer has partitions assigned (tests, `tayori dev` readiness)."""
         deadline = time.monotonic() + timeout
@@ -318,8 +343,19 @@ class Runtime:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
         stopped = asyncio.ensure_future(stop.wait())
+        starting = asyncio.ensure_future(self.start())
+        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # stopped while waiting for a dependency: leave at once
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await self._abandon_start()
+            return
+        try:
+            starting.result()
+        except BaseException:
+            stopped.cancel()
+            raise
         failed = asyncio.ensure_future(self._failed.wait())
         await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()

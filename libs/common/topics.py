@@ -38,6 +38,51 @@ class Topic(StrEnum):
     def compacted(self) -> bool:
         return self in (Topic.CONTACTS_CHANGELOG, Topic.CAMPAIGN_CONTENT, Topic.DOMAIN_POLICY)
 
+    @property
+    def upstream(self) -> bool:
+        """Written by systems outside Tayori too: its consumer reads Tayori's framing and
+        the Confluent wire format (README, "Producing to Tayori's upstream topics")."""
+        return self in UPSTREAM
+
+    @property
+    def key(self) -> str:
+        """What its records are keyed by (the key is that value as UTF-8 text)."""
+        return KEYS[self]
+
+    @property
+    def compatibility(self) -> str:
+        """The Schema Registry compatibility rule of its value subject: a compacted topic
+        keeps a key's last record for ever, so a new schema must read every older one."""
+        return "BACKWARD_TRANSITIVE" if self.compacted else "BACKWARD"
+
+
+#: topics other systems produce to (Tayori consumes them) ...
+UPSTREAM = (Topic.CONTACTS_EVENTS, Topic.SUPPRESSION_COMMANDS)
+#: ... and topics Tayori produces for other systems (besides its own consumers).
+DOWNSTREAM = (Topic.CONTACTS_CHANGELOG,)
+
+#: each topic's record key: integer ids in decimal, UUIDs and names as they are.
+KEYS = {
+    Topic.CONTACTS_EVENTS: "external_id, else email (the same key for every event of one contact)",
+    Topic.CONTACTS_CHANGELOG: "contact_id",
+    Topic.SUPPRESSION_COMMANDS: "contact_id (upstream: email when it knows no contact_id)",
+    Topic.SUPPRESSION_CHANGES: "contact_id",
+    Topic.SNAPSHOT_REQUESTS: "campaign_id",
+    Topic.CAMPAIGN_RECIPIENTS: "campaign_id",
+    Topic.SEND_REQUESTS: "contact_id (a release checkpoint: campaign_id)",
+    Topic.SEND_PROGRESS: "campaign_id",
+    Topic.CAMPAIGN_CONTROL: "campaign_id",
+    Topic.CAMPAIGN_CONTENT: "content_id",
+    Topic.DELIVERY_RESULTS: "contact_id",
+    Topic.FEEDBACK_EVENTS: "contact_id",
+    Topic.BOUNCE_EVENTS: "contact_id",
+    Topic.EXPORT_REQUESTS: "job_id",
+    Topic.EXPORT_COMPLETED: "job_id",
+    Topic.MAIL_SYSTEM: "job_id",
+    Topic.JOBS_EVENTS: "job_id",
+    Topic.DOMAIN_POLICY: "domain (lower case, IDNs as A-labels)",
+}
+
 
 class StreamTopic(StrEnum):
     """The deliverability service's own faust topics: its per-domain tallies (the

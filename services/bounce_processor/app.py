@@ -3,7 +3,8 @@
 Inputs: ``delivery.results`` (synchronous SMTP outcomes), ``suppression.changes`` (an
 operator clearing a bounced address), DSN and ARF mail on its own SMTP
 listener (``BOUNCE_SMTP_PORT``, the MX of ``BOUNCE_DOMAIN``), the public tracking
-endpoints ``/t/o`` and ``/t/c``. Outputs through the outbox: ``bounce.events`` (suppression
+endpoints ``/t/o`` and ``/t/c``, the public ESP event webhooks ``/esp/<esp>``
+(:mod:`.webhooks`). Outputs through the outbox: ``bounce.events`` (suppression
 stops bounced and complained addresses; contacts shows the delivery status) and
 ``feedback.events`` (contacts' history and score, the scheduler's campaign statistics).
 """
@@ -16,9 +17,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from libs.common import metrics
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
-from services.bounce_processor import agents, api, maintenance
+from services.bounce_processor import agents, api, maintenance, webhooks
 from services.bounce_processor.batcher import GroupWriter
 from services.bounce_processor.context import CONTEXT, Context
 from services.bounce_processor.inbound import Listener, ReturnPathHandler
@@ -26,11 +28,20 @@ from services.bounce_processor.settings import BounceSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA = "bounce_processor"
+#: the topics it publishes to (its consumers' topics are in build): for docs/asyncapi.json
+PRODUCES = (
+    Topic.BOUNCE_EVENTS,
+    Topic.FEEDBACK_EVENTS,
+)
 
 
 def build(settings: BounceSettings) -> Runtime:
     runtime = Runtime(
-        settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori bounce processor"
+        settings=settings,
+        schema=SCHEMA,
+        migrations=MIGRATIONS,
+        title="Tayori bounce processor",
+        metrics=metrics.BOUNCE_PROCESSOR,
     )
 
     def make() -> Context:
@@ -96,7 +107,9 @@ def build(settings: BounceSettings) -> Runtime:
 
     def setup_routes(app: web.Application) -> None:
         app[CONTEXT] = ctx()
+        app[webhooks.WEBHOOKS] = webhooks.Webhooks(settings)
         app.router.add_routes(api.routes)
+        app.router.add_routes(webhooks.routes)
 
     runtime.setup_routes = setup_routes
     return runtime

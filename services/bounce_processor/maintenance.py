@@ -1,6 +1,7 @@
 """Periodic upkeep of the bounce processor's schema: consumed result ids past their
 retention, and inbound mail kept as unreadable or unattributable past
-``BOUNCE_REJECTED_RETENTION_DAYS``, are forgotten. Bounces, states and engagement stay:
+``BOUNCE_REJECTED_RETENTION_DAYS``, and ESP webhook event ids past
+``ESP_EVENT_RETENTION_DAYS`` are forgotten. Bounces, states and engagement stay:
 they are the record the rules and the statistics read."""
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ async def run_once(ctx: Context) -> tuple[int, int]:
             QUERIES["forget-processed-events"], s.processed_event_retention_days
         )
         mails = await conn.fetchval(QUERIES["forget-rejected-inbound"], s.rejected_retention_days)
-    log.info("maintenance_done", result_ids_forgotten=ids, rejected_mail_forgotten=mails)
+        esp = await conn.fetchval(QUERIES["forget-esp-events"], s.esp_event_retention_days)
+    log.info(
+        "maintenance_done",
+        result_ids_forgotten=ids,
+        rejected_mail_forgotten=mails,
+        esp_event_ids_forgotten=esp,
+    )
     return ids, mails
 
 

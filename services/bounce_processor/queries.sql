@@ -97,3 +97,17 @@ WITH gone AS (
     RETURNING 1
 )
 SELECT count(*) FROM gone;
+
+-- name: claim-esp-events
+-- Issue 21: the event ids of a webhook not seen before (a repeated one is a replay).
+INSERT INTO esp_event (esp, event_id)
+SELECT $1::text, id FROM unnest($2::text[]) AS t(id)
+ON CONFLICT DO NOTHING
+RETURNING event_id;
+
+-- name: forget-esp-events
+WITH gone AS (
+    DELETE FROM esp_event WHERE seen_at < now() - make_interval(days => $1)
+    RETURNING 1
+)
+SELECT count(*) FROM gone;

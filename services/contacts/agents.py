@@ -18,7 +18,7 @@ from libs.common.db import claim_once, columns
 from libs.common.errors import InvalidMessage, NotFound, TransientError
 from libs.common.kafka import Message, reject
 from libs.common.logging import get_logger
-from libs.common.mail.states import MEMBERSHIP_CHANGE_STATES
+from libs.common.mail.states import MEMBERSHIP_CHANGE_STATES, ChangeMethod
 from libs.common.metrics import CONTACT_EVENTS
 from services.contacts import store, targets
 from services.contacts.context import Context
@@ -192,8 +192,8 @@ async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None
             await conn.execute(
                 QUERIES["apply-membership-changes"],
                 *columns(applied, "contact_id", "group_id", "state"),
-                [c["method"] or "system" for c in applied],
-                [c["changed_at"] for c in applied],
+                [c["method"] or ChangeMethod.SYSTEM.value for c in applied],
+                *columns(applied, "changed_at"),
             )
 
 
@@ -232,7 +232,7 @@ async def handle_feedback(ctx: Context, batch: list[Message]) -> None:
             *columns(events, "event_id", "contact_id", "campaign_id", "type"),
             [history_kind[e["type"]] for e in events],
             [points[e["type"]] for e in events],
-            [e["occurred_at"] for e in events],
+            *columns(events, "occurred_at"),
         )
         contact_ids = sorted({r["contact_id"] for r in scored})
         if contact_ids:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from libs.common import metrics
 from libs.common.kafka import Concurrency, Latency, Message
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
@@ -22,11 +23,22 @@ from services.contacts.settings import ContactsSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA = "contacts"
+#: the topics it publishes to (its consumers' topics are in build): for docs/asyncapi.json
+PRODUCES = (
+    Topic.CONTACTS_CHANGELOG,
+    Topic.SUPPRESSION_COMMANDS,
+    Topic.JOBS_EVENTS,
+    Topic.CAMPAIGN_RECIPIENTS,
+)
 
 
 def build(settings: ContactsSettings) -> Runtime:
     runtime = Runtime(
-        settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori contacts"
+        settings=settings,
+        schema=SCHEMA,
+        migrations=MIGRATIONS,
+        title="Tayori contacts",
+        metrics=metrics.CONTACTS,
     )
     ctx = LazyContext(lambda: Context(settings, runtime.pool, runtime.publisher))
     bind = ctx.bind

@@ -43,7 +43,7 @@ from libs.common import outbox
 from libs.common.errors import InvalidMessage, NotFound
 from libs.common.http import ROLE, error, json_response
 from libs.common.http.contract import InvalidRequest, contract, issues_of
-from libs.common.jobrunner import run_job
+from libs.common.jobrunner import after_commit, run_job
 from libs.common.jobs import job_event
 from libs.common.logging import get_logger
 from libs.common.metrics import IMPORT_ROWS
@@ -357,12 +357,9 @@ class ImportSteps:
         self.ctx = ctx
         self.job_id = job_id
         self.service = ctx.settings.service
-        #: rows of the last step by outcome, counted in IMPORT_ROWS once it has committed.
-        self.uncounted: Counter[str] = Counter()
 
     async def claim(self, conn: asyncpg.Connection) -> ImportRun | None:
         """The job from its committed checkpoint (None: finished or gone)."""
-        self.uncounted = Counter()  # the last step's commit failed: redone from the checkpoint
         job = await conn.fetchrow(QUERIES["import-job-to-run"], self.job_id)
         if job is None:
             return None
@@ -372,7 +369,6 @@ class ImportSteps:
 
     async def prepare(self, run: ImportRun) -> None:
         """The next chunk, validated (the file decoded at a pass's first step)."""
-        self._count()
         if run.rows is None:
             job = run.job
             header, records_left = await asyncio.to_thread(
@@ -418,7 +414,7 @@ class ImportSteps:
             tally["failed"],
         )
         await _publish(self.ctx, conn, job)
-        self.uncounted = tally
+        after_commit(lambda: _count(tally))  # a chunk whose commit failed is redone, counted then
         run.checkpoint = run.chunk_end
         return run
 
@@ -430,7 +426,6 @@ class ImportSteps:
         await self._finish(conn, "failed", reason)
 
     async def _finish(self, conn: asyncpg.Connection, status: str, detail: str | None) -> None:
-        self._count()
         job = await conn.fetchrow(QUERIES["import-finish-job"], self.job_id, status, detail)
         if job is None:
             return
@@ -444,10 +439,11 @@ class ImportSteps:
             failed=job["failed"],
         )
 
-    def _count(self) -> None:
-        for effect, n in self.uncounted.items():
-            IMPORT_ROWS.labels(_OUTCOMES[effect]).inc(n)
-        self.uncounted = Counter()
+
+def _count(tally: Counter[str]) -> None:
+    """A committed chunk's rows in IMPORT_ROWS, by outcome."""
+    for effect, n in tally.items():
+        IMPORT_ROWS.labels(_OUTCOMES[effect]).inc(n)
 
 
 def _records_from(payload: bytes, encoding: str, checkpoint: int) -> tuple[list[str], Records]:

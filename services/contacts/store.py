@@ -21,7 +21,7 @@ import asyncpg
 from libs.common import outbox
 from libs.common.db import Queries
 from libs.common.errors import InvalidMessage, NotFound
-from libs.common.mail.states import MembershipState
+from libs.common.mail.states import ChangeMethod, MembershipState
 from libs.common.topics import Topic
 from services.contacts.models import WRITABLE, FieldDefinition
 from services.contacts.processor import ContactPatch, changelog_value
@@ -225,7 +225,7 @@ async def join(
     if group is None:
         raise NotFound(f"group or plan {group_id} does not exist")
     state = (MembershipState.UNSUBSCRIBED if auto_stop else MembershipState.DELIVERABLE).value
-    method = "auto_stop" if auto_stop else method
+    method = ChangeMethod.AUTO_STOP.value if auto_stop else method
     row = await conn.fetchrow(QUERIES["join-membership"], contact_id, group_id, state, method)
     if row is not None:
         email = await conn.fetchval("SELECT email FROM contact WHERE id = $1", contact_id)

@@ -34,7 +34,7 @@ class Tables:
     app: faust.App
 
     def recovered(self) -> bool:
-        manager = self.app.tables
+        manager: Any = self.app.tables  # faust's TableManager (the interface lacks recovery)
         return bool(
             manager.recovery.completed.is_set()
             and not manager.recovery.in_recovery
@@ -127,7 +127,7 @@ async def list_domains(request: web.Request) -> web.Response:
     tables = request.app[TABLES]
     now = time.time()
     minutes, hours = tables.windows(tables.minute), tables.windows(tables.hour)
-    items = []
+    items: list[dict[str, Any]] = []
     for domain in set(minutes) | set(hours):
         hour = _current(hours.get(domain, []), now)
         minute = _current(minutes.get(domain, []), now)

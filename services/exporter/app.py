@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from libs.common import metrics
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
 from services.exporter import agents, api, jobs
@@ -21,11 +22,22 @@ from services.exporter.settings import ExporterSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA = "exporter"
+#: the topics it publishes to (its consumers' topics are in build): for docs/asyncapi.json
+PRODUCES = (
+    Topic.EXPORT_REQUESTS,
+    Topic.EXPORT_COMPLETED,
+    Topic.JOBS_EVENTS,
+    Topic.MAIL_SYSTEM,
+)
 
 
 def build(settings: ExporterSettings) -> Runtime:
     runtime = Runtime(
-        settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori exporter"
+        settings=settings,
+        schema=SCHEMA,
+        migrations=MIGRATIONS,
+        title="Tayori exporter",
+        metrics=metrics.EXPORTER,
     )
     ctx = LazyContext(lambda: Context(settings, runtime.pool, runtime.publisher))
     bind = ctx.bind

@@ -36,7 +36,7 @@ import asyncpg
 
 from libs.common import outbox
 from libs.common.errors import TransientError
-from libs.common.jobrunner import run_job
+from libs.common.jobrunner import after_commit, run_job
 from libs.common.logging import get_logger
 from libs.common.metrics import (
     EXPORT_FAILURES,
@@ -249,8 +249,13 @@ async def _finish(
     if done is None:  # taken over meanwhile: the other run reports
         return
     await _announce(ctx, conn, done, download_url(ctx, done), now)
-    EXPORT_JOB_SECONDS.labels("done").observe(time.monotonic() - started)
-    log.info("export_done", rows=out.rows, size_bytes=size, replaced=out.replaced)
+    seconds = time.monotonic() - started
+
+    def counted() -> None:  # once the runner's transaction committed: a retried end counts once
+        EXPORT_JOB_SECONDS.labels("done").observe(seconds)
+        log.info("export_done", rows=out.rows, size_bytes=size, replaced=out.replaced)
+
+    after_commit(counted)
 
 
 async def _fail(
@@ -261,15 +266,20 @@ async def _fail(
     cause: str,
     started: float,
 ) -> None:
-    """The job failed, in the caller's transaction."""
+    """The job failed, in the runner's transaction (counted once it committed)."""
     now = ctx.clock()
     failed = await conn.fetchrow(QUERIES["finish-failed"], job["id"], 0, reason, now)
     if failed is None:
         return
     await _announce(ctx, conn, failed, None, now)
-    EXPORT_FAILURES.labels(cause).inc()
-    EXPORT_JOB_SECONDS.labels("failed").observe(time.monotonic() - started)
-    log.warning("export_failed", reason=reason)
+    seconds = time.monotonic() - started
+
+    def counted() -> None:  # once the runner's transaction committed: a retried end counts once
+        EXPORT_FAILURES.labels(cause).inc()
+        EXPORT_JOB_SECONDS.labels("failed").observe(seconds)
+        log.warning("export_failed", reason=reason)
+
+    after_commit(counted)
 
 
 async def _announce(

@@ -18,12 +18,13 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from libs.common import outbox
+from libs.common import outbox, trace
 from libs.common.errors import Conflict, InvalidMessage, NotFound
 from libs.common.http import ROLE, json_response, requires
 from libs.common.http.contract import contract
 from libs.common.mail import mergetags
-from libs.common.mail.render import CampaignMessage
+from libs.common.mail.compose import personalise
+from libs.common.mail.template import CampaignTemplate
 from libs.common.metrics import RESENDS_CREATED, SCHEDULER_RELEASED
 from libs.common.safecsv import safe_cell
 from libs.common.topics import Topic
@@ -272,7 +273,7 @@ async def reserve(request: web.Request, path: CampaignPath, query: NoQuery) -> w
         campaign = await store.get_campaign(conn, path.id, lock=True)
         status.check(campaign["status"], "reserving")
         request_id = uuid.uuid4()
-        await conn.execute(QUERIES["set-request"], campaign["id"], request_id)
+        await conn.execute(QUERIES["set-request"], campaign["id"], request_id, trace.current())
         row = await store.transition(conn, campaign["id"], "reserving", now, "reserved")
         assert row is not None  # locked and checked above
         await outbox.add(
@@ -430,7 +431,7 @@ async def preview(request: web.Request, path: CampaignPath, query: PreviewQuery)
             ctx, conn, campaign, contact_id, from_ledger=True
         )
     values = _with_links(ctx, campaign, values)
-    message = CampaignMessage(
+    message = CampaignTemplate(
         campaign_id=str(campaign["id"]),
         from_address=campaign["from_address"],
         from_name=campaign["from_name"],
@@ -439,7 +440,7 @@ async def preview(request: web.Request, path: CampaignPath, query: PreviewQuery)
         format=campaign["format"],
         body=campaign["body"],
     )
-    mime = message.render(values, to=address, contact_id=chosen)
+    mime = personalise(message, values, to=address, contact_id=chosen)
     return json_response(
         {
             "contact_id": chosen,

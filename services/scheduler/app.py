@@ -15,6 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from libs.common import metrics
 from libs.common.kafka import Latency
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
@@ -24,11 +25,22 @@ from services.scheduler.settings import SchedulerSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA = "scheduler"
+#: the topics it publishes to (its consumers' topics are in build): for docs/asyncapi.json
+PRODUCES = (
+    Topic.SNAPSHOT_REQUESTS,
+    Topic.SEND_REQUESTS,
+    Topic.CAMPAIGN_CONTROL,
+    Topic.CAMPAIGN_CONTENT,
+)
 
 
 def build(settings: SchedulerSettings) -> Runtime:
     runtime = Runtime(
-        settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori scheduler"
+        settings=settings,
+        schema=SCHEMA,
+        migrations=MIGRATIONS,
+        title="Tayori scheduler",
+        metrics=metrics.SCHEDULER,
     )
     ctx = LazyContext(lambda: Context(settings, runtime.pool, runtime.publisher))
     bind = ctx.bind

@@ -42,7 +42,7 @@ from typing import Any
 
 import asyncpg
 
-from libs.common import avro
+from libs.common import avro, trace
 from libs.common.logging import get_logger
 from libs.common.metrics import MESSAGES_PUBLISHED
 from libs.common.topics import Topic
@@ -121,6 +121,7 @@ async def issue(
     checkpoint_id = uuid.uuid4()
     value = processor.checkpoint_request(str(campaign["id"]), str(checkpoint_id), now)
     data, headers = avro.encode(Topic.SEND_REQUESTS, value)
+    headers += trace.headers()
     name = ctx.publisher.name(Topic.SEND_REQUESTS)
     producer = ctx.publisher.producer
     partitions = sorted(await producer.partitions_for(name))

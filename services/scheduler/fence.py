@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from libs.common.kafka import Publisher
+from libs.common.kafkasecurity import connection_options
 from libs.common.settings import CommonSettings
 from libs.common.topics import Topic
 
@@ -44,7 +45,7 @@ class ResultsProgress:
         """The end offset of every partition of delivery.results (index: partition)."""
         if self._consumer is None:
             self._consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.settings.kafka_bootstrap,
+                **connection_options(self.settings),
                 client_id=f"tayori-{self.settings.service}-fence",
                 enable_auto_commit=False,
                 fetch_max_wait_ms=FETCH_MS,
@@ -75,7 +76,7 @@ class ResultsProgress:
             return self._counted[1]
         if self._admin is None:
             self._admin = AIOKafkaAdminClient(
-                bootstrap_servers=self.settings.kafka_bootstrap,
+                **connection_options(self.settings),
                 client_id=f"tayori-{self.settings.service}-fence",
             )
             await self._start(self._admin)

@@ -70,7 +70,8 @@ WITH changed AS (
 SELECT * FROM changed;
 
 -- name: set-request
-UPDATE campaign SET request_id = $2 WHERE id = $1;
+-- The snapshot request a reservation waits for, and the reserving request's trace.
+UPDATE campaign SET request_id = $2, traceparent = $3 WHERE id = $1;
 
 -- Reservation: the recipient ledger ----------------------------------------------------------
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from libs.common import trace
 from libs.common.errors import is_transient
 from libs.common.logging import get_logger
 from libs.common.mail.content import BY_REFERENCE
@@ -116,62 +117,73 @@ async def start_due(ctx: Context, now: dt.datetime) -> None:
 
 
 async def release_campaign(ctx: Context, campaign_id: uuid.UUID, now: dt.datetime) -> int:
-    """One tick of one sending campaign; returns how many requests it released."""
+    """One tick of one sending campaign, in the trace of the request that reserved it;
+    returns how many requests it released."""
     async with ctx.pool.acquire() as conn, conn.transaction():
         campaign = await conn.fetchrow(QUERIES["lock-sending-campaign"], campaign_id)
         if campaign is None:
             return 0  # another replica holds it, or it stopped sending meanwhile
-        window = Window.of(campaign["window_start"], campaign["window_end"], campaign["time_zone"])
-        key = str(campaign_id)
-        if not window.contains(now):
-            if not campaign["paused"]:
-                reason = f"outside sending window {window.describe()}"
-                await conn.execute(QUERIES["set-paused"], campaign_id, True)
-                await store.publish_control(conn, campaign_id, "pause", reason, now)
-                log.info("campaign_paused", campaign_id=key, reason=reason)
-            ctx.buckets.pop(key, None)
-            return 0
-        if campaign["paused"]:
-            await conn.execute(QUERIES["set-paused"], campaign_id, False)
-            await store.publish_control(
-                conn, campaign_id, "resume", f"sending window {window.describe()} open", now
-            )
-            again = await conn.execute(QUERIES["unrelease-pending"], campaign_id)
-            log.info("campaign_resumed", campaign_id=key, released_again=again)
-        elif await overdue(ctx, conn, campaign, now):
-            return 0
-        else:
-            await checkpoints.tend(ctx, conn, campaign, now)
-        bucket = ctx.buckets.get(key)
-        clock = time.monotonic()
-        if bucket is None:
-            rate = ctx.release_rate
-            bucket = ctx.buckets[key] = Bucket(rate, rate * ctx.settings.tick_seconds, clock)
-        budget = min(bucket.refill(clock, ctx.release_rate), ctx.settings.release_chunk)
-        if budget <= 0:
-            return 0
-        rows = await conn.fetch(QUERIES["unreleased"], campaign_id, budget)
-        if not rows:
-            return 0
-        content_id = await publish_content(ctx, campaign)
-        records = requests.chunk_records(
-            campaign_id=key,
-            include_unsubscribed=campaign["include_unsubscribed"],
-            content=BY_REFERENCE,
-            content_id=content_id,
-            released_at=now,
-            recipients=rows,
+        with trace.bound(campaign["traceparent"]):
+            return await _release(ctx, conn, campaign, now)
+
+
+async def _release(
+    ctx: Context, conn: asyncpg.Connection, campaign: asyncpg.Record, now: dt.datetime
+) -> int:
+    campaign_id = campaign["id"]
+    window = Window.of(campaign["window_start"], campaign["window_end"], campaign["time_zone"])
+    key = str(campaign_id)
+    if not window.contains(now):
+        if not campaign["paused"]:
+            reason = f"outside sending window {window.describe()}"
+            await conn.execute(QUERIES["set-paused"], campaign_id, True)
+            await store.publish_control(conn, campaign_id, "pause", reason, now)
+            log.info("campaign_paused", campaign_id=key, reason=reason)
+        ctx.buckets.pop(key, None)
+        return 0
+    if campaign["paused"]:
+        await conn.execute(QUERIES["set-paused"], campaign_id, False)
+        await store.publish_control(
+            conn, campaign_id, "resume", f"sending window {window.describe()} open", now
         )
-        await asyncio.gather(*await ctx.publisher.send_encoded(Topic.SEND_REQUESTS, records))
-        first = sum(1 for r in rows if r["attempt"] == 0)
-        mark = await conn.fetchval(QUERIES["add-released"], campaign_id, first, len(rows) - first)
-        await conn.execute(
-            QUERIES["mark-released"], campaign_id, now, [r["seq"] for r in rows], mark
-        )
-        bucket.tokens -= len(rows)
-        SCHEDULER_RELEASED.labels("first").inc(first)
-        SCHEDULER_RELEASED.labels("again").inc(len(rows) - first)
-        return len(rows)
+        again = await conn.execute(QUERIES["unrelease-pending"], campaign_id)
+        log.info("campaign_resumed", campaign_id=key, released_again=again)
+    elif await overdue(ctx, conn, campaign, now):
+        return 0
+    else:
+        await checkpoints.tend(ctx, conn, campaign, now)
+    bucket = ctx.buckets.get(key)
+    clock = time.monotonic()
+    if bucket is None:
+        rate = ctx.release_rate
+        bucket = ctx.buckets[key] = Bucket(rate, rate * ctx.settings.tick_seconds, clock)
+    budget = min(bucket.refill(clock, ctx.release_rate), ctx.settings.release_chunk)
+    if budget <= 0:
+        return 0
+    rows = await conn.fetch(QUERIES["unreleased"], campaign_id, budget)
+    if not rows:
+        return 0
+    content_id = await publish_content(ctx, campaign)
+    records = requests.chunk_records(
+        campaign_id=key,
+        include_unsubscribed=campaign["include_unsubscribed"],
+        content=BY_REFERENCE,
+        content_id=content_id,
+        released_at=now,
+        recipients=rows,
+    )
+    traced = trace.headers()
+    if traced:  # the chunk's records share one header list
+        shared = records[0][2] + traced
+        records = [(contact, data, shared) for contact, data, _ in records]
+    await asyncio.gather(*await ctx.publisher.send_encoded(Topic.SEND_REQUESTS, records))
+    first = sum(1 for r in rows if r["attempt"] == 0)
+    mark = await conn.fetchval(QUERIES["add-released"], campaign_id, first, len(rows) - first)
+    await conn.execute(QUERIES["mark-released"], campaign_id, now, [r["seq"] for r in rows], mark)
+    bucket.tokens -= len(rows)
+    SCHEDULER_RELEASED.labels("first").inc(first)
+    SCHEDULER_RELEASED.labels("again").inc(len(rows) - first)
+    return len(rows)
 
 
 async def overdue(

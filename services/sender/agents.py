@@ -27,9 +27,9 @@ from libs.common.errors import InvalidMessage, TransientError
 from libs.common.kafka import Message, checked, reject, still_working
 from libs.common.logging import get_logger, mask_email
 from libs.common.mail.can_send import Decision
+from libs.common.mail.template import CampaignTemplate
 from libs.common.metrics import SENDER_DROPPED, SENDER_LEDGER_RECOVERIES
 from services.sender import contents, copy, ledger, processor, progress
-from services.sender.compose import CampaignMail
 from services.sender.context import Context
 from services.sender.ledger import QUERIES, Delivery
 from services.sender.models import Claimed, Done, LedgerKey
@@ -116,7 +116,7 @@ async def _campaign_mails(ctx: Context, batch: list[Message]) -> dict[LedgerKey,
 
 def _built(
     ctx: Context, message: Message, received: Mapping[str, tuple[str, dict[str, Any]]]
-) -> CampaignMail:
+) -> CampaignTemplate:
     """The request's campaign mail, built once per content; a content that cannot be
     built, or names another campaign's content, sends the record to the dead letters."""
     request = message.value

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from libs.common import metrics
 from libs.common.kafka import Concurrency, Latency
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
@@ -22,13 +23,26 @@ from services.sender.context import CONTEXT, SCHEMA, Context
 from services.sender.settings import SenderSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-__all__ = ["MIGRATIONS", "SCHEMA", "build"]
+#: the topics it publishes to (its consumers' topics are in build): for docs/asyncapi.json
+PRODUCES = (
+    Topic.DELIVERY_RESULTS,
+    Topic.SEND_PROGRESS,
+)
+__all__ = ["MIGRATIONS", "PRODUCES", "SCHEMA", "build"]
 
 
 def build(settings: SenderSettings) -> Runtime:
-    settings.relays()  # a malformed SMTP_RELAYS stops the start, not the first send
+    # A malformed SMTP_RELAYS stops the start, not the first send. Each relay's sent count
+    # exists from the start, at zero: an alert on a flat count (TayoriSendingStalled) then
+    # sees a sender that never sent since it started.
+    for host, port in settings.relays():
+        metrics.SENDER_SENDS.labels("campaign", "sent", f"{host}:{port}")
     runtime = Runtime(
-        settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori sender"
+        settings=settings,
+        schema=SCHEMA,
+        migrations=MIGRATIONS,
+        title="Tayori sender",
+        metrics=metrics.SENDER,
     )
     ctx = LazyContext(lambda: Context(settings, runtime.pool, runtime.publisher))
     bind = ctx.bind

@@ -1,12 +1,13 @@
 """Building each recipient's bytes: campaign mail, test sends and operator notifications.
 
-A campaign's MIME is built once (:class:`~libs.common.mail.render.CampaignMessage`) and kept in a
-small LRU keyed by the content's id (send.requests v4: the content arrives once, on
+A campaign's mail is prepared once (:class:`~libs.common.mail.template.CampaignTemplate`) and
+kept in a small LRU keyed by the content's id (send.requests v4: the content arrives once, on
 ``campaign.content``; see contents.py) or, for a request carrying its content inline, by
-the content itself;
-per recipient only the merge values, the unsubscribe link and headers, the coupon token,
-the tracking links (F-34), the Message-ID and the VERP return path are made, and the result
-optionally DKIM-signed.
+the content itself. Per recipient the mail package's pipeline
+(:func:`libs.common.mail.compose.compose`: unsubscribe headers, merge values with the
+unsubscribe and coupon links, header lines, tracking links (F-34), body parts, MIME) makes
+the bytes from the request; this module adds what only the sender knows: the stable
+Message-ID, the DKIM signature and the VERP return path.
 
 Tracking is on unless the content switches it off (``track_opens`` / ``track_clicks``), and
 never in a test send (F-23: a test mail must not count as an open or click of anybody); the
@@ -22,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import formatdate
@@ -32,11 +32,10 @@ import dkim
 
 from libs.common.errors import InvalidMessage
 from libs.common.mail import content as content_fields
-from libs.common.mail.mergetags import COUPON_URL, UNSUBSCRIBE_URL
-from libs.common.mail.render import CampaignMessage
-from libs.common.mail.tokens import Signer
+from libs.common.mail import esp_ref
+from libs.common.mail.compose import Recipient, Signers, compose
+from libs.common.mail.template import CampaignTemplate
 from libs.common.mail.tracking import TrackingLinks
-from libs.common.mail.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
 from libs.common.mail.verp import VerpAddresses
 from services.sender.settings import SenderSettings
 
@@ -99,29 +98,20 @@ def dkim_signer(settings: SenderSettings) -> DkimSigner | None:
     return None
 
 
-@dataclass(frozen=True)
-class CampaignMail:
-    """A content's built mail, with what rendering needs beside the templates."""
-
-    campaign_id: str
-    message: CampaignMessage
-    coupon_url: str | None
-
-
 class Composer:
     """Everything needed to turn a send request or a system mail into bytes."""
 
     def __init__(self, settings: SenderSettings) -> None:
         self.settings = settings
-        self.links = UnsubscribeLinks(settings.signing_keys, settings.public_base_url)
-        self.coupons = Signer(settings.signing_keys, "coupon")
+        self.signers = Signers.of(settings.signing_keys, settings.public_base_url)
         self.verp = VerpAddresses(settings.signing_keys, settings.bounce_domain)
+        self.esps = esp_ref.parse_esps(settings.esp_ref_headers)
         unsubscribe = settings.public_base_url.rstrip("/") + "/u/"
         self.tracking = TrackingLinks(
             settings.signing_keys, settings.tracking_base_url, untracked=(unsubscribe,)
         )
         self.dkim = dkim_signer(settings)
-        self._messages: OrderedDict[tuple[object, ...], CampaignMail] = OrderedDict()
+        self._messages: OrderedDict[tuple[object, ...], CampaignTemplate] = OrderedDict()
 
     def cached(self, content_id: str) -> bool:
         """Whether the mail of a content named by id (send.requests v4) is built already."""
@@ -134,8 +124,8 @@ class Composer:
         *,
         test: bool = False,
         content_id: str | None = None,
-    ) -> CampaignMail:
-        """The campaign's built mail; raises InvalidMessage for content no mail can be made of.
+    ) -> CampaignTemplate:
+        """The campaign's mail, prepared once; InvalidMessage for content no mail is made of.
 
         ``test``: a test send's mail, never tracked. ``content_id``: the content's id (a hash
         of campaign and content), the cache key; ``content`` is then only read to build."""
@@ -150,7 +140,7 @@ class Composer:
         if built is not None:
             self._messages.move_to_end(digest)
             return built
-        message = CampaignMessage(
+        built = CampaignTemplate(
             campaign_id=campaign_id,
             from_address=content["from_address"],
             from_name=content.get("from_name") or "",
@@ -161,48 +151,41 @@ class Composer:
             tracking=None if test else self.tracking,
             track_opens=content.get("track_opens", True),
             track_clicks=content.get("track_clicks", True),
+            coupon_url=content.get("coupon_url"),
         )
-        built = CampaignMail(campaign_id, message, content.get("coupon_url"))
         self._messages[digest] = built
         if len(self._messages) > self.settings.render_cache:
             self._messages.popitem(last=False)
         return built
 
-    def campaign_mail(self, built: CampaignMail, request: dict[str, Any]) -> tuple[bytes, str, str]:
-        """(content, Message-ID, MAIL FROM) of one recipient of a send request."""
-        message = built.message
+    def campaign_mail(
+        self, built: CampaignTemplate, request: dict[str, Any]
+    ) -> tuple[bytes, str, str]:
+        """(content, Message-ID, MAIL FROM) of one recipient of a send request: the mail
+        package's pipeline (:func:`libs.common.mail.compose.compose`), then DKIM and VERP."""
         campaign_id: str = request["campaign_id"]
         contact_id: int = request["contact_id"]
-        values = dict(request.get("merge_values") or {})
-        headers: dict[str, str] | None = None
-        if request.get("group_id") is not None:
-            target = UnsubscribeTarget(
-                contact_id, int(request["group_id"]), campaign_id, test=bool(request.get("test"))
-            )
-            headers = self.links.headers(target)
-            values[UNSUBSCRIBE_URL] = headers["List-Unsubscribe"][1:-1]  # one signature
-        else:
-            # No group, no membership to leave (a filter-only target): no unsubscribe URL to
-            # sign, so the List-Unsubscribe headers are left out and <#unsubscribe_url> is "".
-            values[UNSUBSCRIBE_URL] = ""
-        coupon = built.coupon_url
-        if coupon and message.uses(COUPON_URL):
-            token = self.coupons.sign({"m": campaign_id, "c": contact_id})
-            values[COUPON_URL] = f"{coupon}{'&' if '?' in coupon else '?'}t={token}"
+        group_id = request.get("group_id")
+        # The VERP return path, and its token as X-Tayori-Ref: an ESP that rewrites the
+        # return path echoes the header (or its metadata twin) in its webhooks (issue 21).
+        return_path = self.verp.address(campaign_id, contact_id)
         message_id = stable_message_id(
-            campaign_id, request.get("step_id"), contact_id, message.domain
+            campaign_id, request.get("step_id"), contact_id, built.domain
         )
-        data = message.render(
-            values,
-            to=request["email"],
-            message_id=message_id,
-            headers=headers,
+        recipient = Recipient(
             contact_id=contact_id,
+            email=request["email"],
+            values=request.get("merge_values") or {},
+            group_id=None if group_id is None else int(group_id),
             step_id=request.get("step_id"),
+            message_id=message_id,
+            test=bool(request.get("test")),
+            headers=esp_ref.esp_headers(return_path.rpartition("@")[0], self.esps),
         )
+        data = compose(built, recipient, self.signers)
         if self.dkim is not None:
             data = self.dkim.sign(data)
-        return data, message_id, self.verp.address(campaign_id, contact_id)
+        return data, message_id, return_path
 
     def system_mail(self, mail: dict[str, Any], to: str) -> tuple[bytes, str, str]:
         """(content, Message-ID, MAIL FROM) of an operator notification to ``to``."""

@@ -73,9 +73,9 @@ async def apply(conn: asyncpg.Connection, changes: Sequence[dict[str, Any]]) -> 
     if blacks:
         await conn.execute(
             QUERIES["copy-contact-black"],
-            [c["contact_id"] for c in blacks],
+            *columns(blacks, "contact_id"),
             [c["state"] == "black" for c in blacks],
-            [c["version"] for c in blacks],
+            *columns(blacks, "version"),
         )
     addresses = _latest(by_kind.get("address", []), lambda c: c["email"].strip().lower())
     if addresses:

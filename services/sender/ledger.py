@@ -67,6 +67,7 @@ from typing import Any
 
 import asyncpg
 
+from libs.common import trace
 from libs.common.aio import woken
 from libs.common.db import Queries, connect
 from libs.common.kafka import Publisher, still_working
@@ -107,6 +108,8 @@ class Delivery:
     relay: str | None = None
     #: its result's publication on delivery.results (set with ``done``; None: no result).
     published: asyncio.Future[None] | None = None
+    #: the trace it was claimed in (its handler's), which its result carries.
+    trace: str | None = field(default_factory=trace.current)
 
     @property
     def campaign_id(self) -> str:
@@ -375,7 +378,10 @@ class Ledger:
         SENDER_GROUP_COMMIT_SIZE.observe(len(finished))
         results = [r for _, _, _, r in done if r is not None]
         if announce and results:
-            sent = self.results.announce(results)
+            traces = [
+                d.trace for (d, _), row in zip(finished, done, strict=True) if row[3] is not None
+            ]
+            sent = self.results.announce(results, traces)
             for d, _ in finished:
                 d.published = sent
         for d, o in finished:

@@ -12,9 +12,11 @@ flushed — without an outbox row written, read and deleted per message.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
+from libs.common import trace
 from libs.common.kafka import Publisher
 from libs.common.topics import Topic
 
@@ -24,13 +26,29 @@ from libs.common.topics import Topic
 RESULTS_LINGER_SECONDS = 0.05
 
 
-async def publish(publisher: Publisher, results: Sequence[dict[str, Any]]) -> None:
+async def publish(
+    publisher: Publisher,
+    results: Sequence[dict[str, Any]],
+    traces: Sequence[str | None] | None = None,
+) -> None:
     """Publish results on ``delivery.results`` (key: the contact) and wait for the broker's
     acknowledgements. Only results whose ledger rows are committed 'done': a repeat (same
-    result_id) is harmless, a result of a row that could still be sent would not be."""
-    if results:
-        records = [(r["contact_id"], r) for r in results]
-        await asyncio.gather(*await publisher.send_keyed(Topic.DELIVERY_RESULTS, records))
+    result_id) is harmless, a result of a row that could still be sent would not be.
+    ``traces``: each result's trace (the request's; default: the current one)."""
+    if not results:
+        return
+    if traces is None:
+        traces = [trace.current()] * len(results)
+    # In runs of one trace (mostly one run: a campaign's), in order: a key's results keep
+    # their order across runs, as every run is queued before the next.
+    futures = []
+    for traceparent, run in itertools.groupby(
+        zip(results, traces, strict=True), key=lambda pair: pair[1]
+    ):
+        records = [(r["contact_id"], r) for r, _ in run]
+        with trace.bound(traceparent):
+            futures += await publisher.send_keyed(Topic.DELIVERY_RESULTS, records)
+    await asyncio.gather(*futures)
 
 
 class ResultsOut:
@@ -40,13 +58,17 @@ class ResultsOut:
     def __init__(self, publisher: Publisher) -> None:
         self.publisher = publisher
         self._waiting: list[dict[str, Any]] = []
+        self._traces: list[str | None] = []
         self._next: asyncio.Future[None] | None = None
         self._running: set[asyncio.Future[None]] = set()
 
-    def announce(self, results: list[dict[str, Any]]) -> asyncio.Future[None]:
-        """Queue committed results; returns the publication they will be part of (done once
-        the broker acknowledged it)."""
+    def announce(
+        self, results: list[dict[str, Any]], traces: list[str | None]
+    ) -> asyncio.Future[None]:
+        """Queue committed results, each with its trace; returns the publication they will
+        be part of (done once the broker acknowledged it)."""
         self._waiting.extend(results)
+        self._traces.extend(traces)
         if self._next is None:
             self._next = asyncio.ensure_future(self._publish_later())
             self._running.add(self._next)
@@ -60,7 +82,8 @@ class ResultsOut:
     async def _publish_later(self) -> None:
         await asyncio.sleep(RESULTS_LINGER_SECONDS)
         results, self._waiting, self._next = self._waiting, [], None
-        await publish(self.publisher, results)
+        traces, self._traces = self._traces, []
+        await publish(self.publisher, results, traces)
 
     def _settled(self, publication: asyncio.Future[None]) -> None:
         """Forget a finished publication and mark its error retrieved: the handlers waiting

@@ -48,6 +48,9 @@ class SenderSettings(CommonSettings):
     bounce_domain: str = env("BOUNCE_DOMAIN", "bounces.localhost")
     #: From (and return path) of operator notifications (mail.system).
     system_from: str = env("SYSTEM_MAIL_FROM", "tayori@localhost")
+    #: relaying through an ESP: besides X-Tayori-Ref, the header each named ESP echoes in
+    #: its webhooks (ses, sendgrid, mailgun, postmark; comma-separated). See README.
+    esp_ref_headers: str = env("ESP_REF_HEADERS", "")
     #: send.requests records per fetch (big batches: one claim transaction per batch).
     send_batch: int = env("SENDER_BATCH", 4000)
     #: days finished ledger rows (and campaign.control ids) are kept: longer than a send

@@ -16,7 +16,7 @@ from libs.common.db import claim_once
 from libs.common.errors import Forbidden, InvalidMessage, NotFound
 from libs.common.kafka import Message, checked, reject
 from libs.common.logging import get_logger
-from libs.common.mail.states import MembershipState
+from libs.common.mail.states import ChangeMethod, MembershipState
 from services.suppression import store
 from services.suppression.context import Context
 from services.suppression.processor import METHODS, STATES
@@ -85,7 +85,7 @@ async def _apply(conn: asyncpg.Connection, command: dict[str, Any]) -> None:
                 contact_id,
                 _group(command),
                 state=command.get("state") or MembershipState.DELIVERABLE.value,
-                auto_stop=command.get("method") == "auto_stop",
+                auto_stop=command.get("method") == ChangeMethod.AUTO_STOP,
                 email=command.get("email"),
                 joined_at=command["issued_at"],
             )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from libs.common import metrics
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
 from services.suppression import agents, api, public, sync
@@ -19,11 +20,21 @@ from services.suppression.settings import SuppressionSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA = "suppression"
+#: the topics it publishes to (its consumers' topics are in build): for docs/asyncapi.json
+PRODUCES = (
+    Topic.SUPPRESSION_CHANGES,
+    Topic.JOBS_EVENTS,
+    Topic.MAIL_SYSTEM,
+)
 
 
 def build(settings: SuppressionSettings) -> Runtime:
     runtime = Runtime(
-        settings=settings, schema=SCHEMA, migrations=MIGRATIONS, title="Tayori suppression"
+        settings=settings,
+        schema=SCHEMA,
+        migrations=MIGRATIONS,
+        title="Tayori suppression",
+        metrics=metrics.SUPPRESSION,
     )
     ctx = LazyContext(lambda: Context(settings, runtime.pool, runtime.publisher, runtime.outbox))
     bind = ctx.bind

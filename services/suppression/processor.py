@@ -5,19 +5,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from libs.common.mail.states import MembershipState
+from libs.common.mail.states import ChangeMethod, MembershipState
 
 STATES = MembershipState.values()
-METHODS = ("form", "system", "auto_sync", "auto_stop", "upstream")
+METHODS = ChangeMethod.values()
 ACTORS = ("reader", "operator", "upstream", "system")
 #: how much mail a state stops (an automatic change only ever moves up).
 RANK = {state: rank for rank, state in enumerate(STATES)}
 #: the method a change gets when its command names none.
 DEFAULT_METHOD = {
-    "reader": "form",
-    "operator": "system",
-    "upstream": "upstream",
-    "system": "auto_sync",
+    "reader": ChangeMethod.FORM.value,
+    "operator": ChangeMethod.SYSTEM.value,
+    "upstream": ChangeMethod.UPSTREAM.value,
+    "system": ChangeMethod.AUTO_SYNC.value,
 }
 
 
@@ -89,7 +89,7 @@ def join_state(
     elsewhere does not stop a new, explicit join.
     """
     if banned_elsewhere and sync_ban:
-        return MembershipState.BANNED.value, "auto_sync"
+        return MembershipState.BANNED.value, ChangeMethod.AUTO_SYNC.value
     if auto_stop:
-        return MembershipState.UNSUBSCRIBED.value, "auto_stop"
-    return requested, "system"
+        return MembershipState.UNSUBSCRIBED.value, ChangeMethod.AUTO_STOP.value
+    return requested, ChangeMethod.SYSTEM.value

@@ -32,7 +32,8 @@ RETURNING *;
 -- a reader's unsubscribe stops ($3, from processor.reader_unsubscribe) and the sync policy
 -- propagates nothing (processor.propagation: an unsubscribe propagates only with the
 -- unsubscribe switch on). The change is queued in the outbox in the same statement: $6 is its
--- Avro record but for the trailing changed_at and version, appended here once taken.
+-- Avro record but for the trailing changed_at and version, appended here once taken; $9 the
+-- request's traceparent.
 -- was: the state before (NULL: no such membership); queued: whether this stopped it. A
 -- membership still in state $3 and not stopped here (the policy propagates, or a concurrent
 -- change took the row first) goes through store.change_state, which locks and decides.
@@ -52,8 +53,9 @@ changed AS (
     RETURNING changed_at, version
 ),
 queued AS (
-    INSERT INTO outbox (topic, key, payload, schema_version)
-    SELECT $7, $1::bigint::text, $6 || avro_timestamp_millis(changed_at) || avro_long(version), $8
+    INSERT INTO outbox (topic, key, payload, schema_version, traceparent)
+    SELECT $7, $1::bigint::text, $6 || avro_timestamp_millis(changed_at) || avro_long(version), $8,
+           $9::text
     FROM changed
     RETURNING 1
 )

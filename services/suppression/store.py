@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from libs.common import avro, avrocodec, outbox
+from libs.common import avro, avrocodec, outbox, trace
 from libs.common.db import Queries
 from libs.common.errors import Forbidden, NotFound
 from libs.common.mail.states import LEFT, MembershipState
@@ -200,6 +200,7 @@ async def unsubscribe_by_link(
         head,
         Topic.SUPPRESSION_CHANGES.value,
         schema_version,
+        trace.current(),
     )
     if row["was"] is None:
         raise no_membership(contact_id, group_id)

@@ -8,7 +8,6 @@ answered 500."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sys
 import uuid
@@ -19,9 +18,8 @@ from typing import Any
 import pytest
 
 from libs.common.kafka import ensure_topics
-from tayori.embedded import SmtpSink, free_port
 from tayori.services import SERVICES
-from tests.conftest import ADMIN_TOKEN, Service, Stack, running
+from tests.conftest import ADMIN_TOKEN, Service, Stack, running_all
 
 #: one worker runs this module: its six services start once for all its tests.
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("contracts")]
@@ -60,46 +58,9 @@ async def system(
     prefix = f"t{uuid.uuid4().hex[:10]}."
     await ensure_topics(stack.broker.bootstrap, prefix, partitions=2)
     home = Path(tmp_path_factory.mktemp("fuzz"))
-    sink = SmtpSink(home / "maildir", free_port())
-    services: dict[str, Service] = {}
-    async with contextlib.AsyncExitStack() as stack_:
-        services["contacts"] = await stack_.enter_async_context(
-            running("contacts", stack, database, prefix)
-        )
-        contacts_url = services["contacts"].api.base
-        services["suppression"] = await stack_.enter_async_context(
-            running("suppression", stack, database, prefix)
-        )
-        services["scheduler"] = await stack_.enter_async_context(
-            running("scheduler", stack, database, prefix, contacts_url=contacts_url)
-        )
-        services["exporter"] = await stack_.enter_async_context(
-            running(
-                "exporter",
-                stack,
-                database,
-                prefix,
-                contacts_url=contacts_url,
-                scheduler_url=services["scheduler"].api.base,
-                export_dir=home / "exports",
-            )
-        )
-        services["sender"] = await stack_.enter_async_context(
-            running("sender", stack, database, prefix, smtp_relays=f"127.0.0.1:{sink.port}")
-        )
-        services["bounce_processor"] = await stack_.enter_async_context(
-            running(
-                "bounce_processor",
-                stack,
-                database,
-                prefix,
-                smtp_host="127.0.0.1",
-                smtp_port=free_port(),
-            )
-        )
+    async with running_all(stack, database, prefix, home) as services:
         assert set(services) == set(SERVICES)
         yield services
-    sink.stop()
 
 
 async def fuzz(base: str, report: Path) -> tuple[int, str]:

@@ -1,5 +1,6 @@
 """The exporter through a PostgreSQL outage: a running export pauses, takes its job up again
-once the database is back, and ends done with every row; it is never failed for it."""
+once the database is back, and ends done with every row; it is never failed for it. An end
+whose commit fails is run again and counted once."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import csv
 import io
 from pathlib import Path
 
+import asyncpg
 import pytest
-from prometheus_client import REGISTRY
 
+from libs.common.metrics import sample_value
 from tests.conftest import Service, Stack, eventually, running
 from tests.integration.outage import database_away
 from tests.integration.test_exporter import download, finished, seed
@@ -70,7 +72,7 @@ class HoldingRelay:
 
 def pauses() -> float:
     labels = {"service": "exporter", "operation": "export"}
-    return REGISTRY.get_sample_value("tayori_transient_retries_total", labels) or 0
+    return sample_value("tayori_transient_retries_total", labels) or 0
 
 
 async def test_an_export_caught_by_a_database_outage_pauses_and_ends_done(
@@ -115,3 +117,72 @@ async def test_an_export_caught_by_a_database_outage_pauses_and_ends_done(
             assert len({r[0] for r in rows[1:]}) == count
     finally:
         await relay.stop()
+
+
+def sample(name: str, labels: dict[str, str]) -> float:
+    return sample_value(name, labels) or 0
+
+
+async def fail_the_first_commit_of(database: str, status: str) -> None:
+    """The first transaction that moves an export job to ``status`` fails at its commit, as a
+    connection lost in the COMMIT does (a deferred trigger; the sequence is not rolled back
+    with the transaction, so only the first time)."""
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute(
+            f"""
+            CREATE SEQUENCE exporter.commit_fault;
+            CREATE FUNCTION exporter.fail_first_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.status = '{status}' AND nextval('exporter.commit_fault') = 1 THEN
+                    RAISE EXCEPTION 'the commit fails' USING ERRCODE = '40001';
+                END IF;
+                RETURN NULL;
+            END $$;
+            CREATE CONSTRAINT TRIGGER fail_first_commit AFTER UPDATE ON exporter.export_job
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+                EXECUTE FUNCTION exporter.fail_first_commit();
+            """
+        )
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("status", ["done", "failed"])
+async def test_an_export_whose_end_fails_to_commit_is_counted_once(
+    stack: Stack, database: str, prefix: str, contacts: Service, tmp_path: Path, status: str
+) -> None:
+    """The end of an export is counted (tayori_export_job_seconds, export_failures) after its
+    transaction committed: an end whose commit failed is run again and counted once, not
+    once per attempt."""
+    await seed(database, 20)
+    # A failed export: its file cannot be written (its directory would be under a file).
+    (tmp_path / "a-file").write_bytes(b"")
+    exports = tmp_path / ("exports" if status == "done" else "a-file/exports")
+    counted = {"status": status}
+    before = sample("tayori_export_job_seconds_count", counted)
+    failures_before = sample("tayori_export_failures_total", {"cause": "file"})
+    paused = pauses()
+    async with running(
+        "exporter",
+        stack,
+        database,
+        prefix,
+        contacts_url=contacts.api.base,
+        export_dir=exports,
+    ) as exporter:
+        await fail_the_first_commit_of(database, status)  # its schema is there now
+        body = {"source": "filter", "filter": {}, "columns": ["id", "email"]}
+        status_code, queued = await exporter.api.call("POST", "/v1/exports", body)
+        assert status_code == 202, queued
+        job = await finished(exporter, queued["id"])
+        assert job["status"] == status, job
+
+        async def counted_once() -> bool:
+            return sample("tayori_export_job_seconds_count", counted) > before
+
+        await eventually(counted_once)
+    assert pauses() > paused  # the first commit did fail: the run paused and ran again
+    assert sample("tayori_export_job_seconds_count", counted) == before + 1
+    failures = sample("tayori_export_failures_total", {"cause": "file"}) - failures_before
+    assert failures == (1 if status == "failed" else 0)

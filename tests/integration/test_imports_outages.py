@@ -10,8 +10,8 @@ from typing import Any
 
 import asyncpg
 import pytest
-from prometheus_client import REGISTRY
 
+from libs.common.metrics import sample_value
 from tests.conftest import Service, Stack, eventually
 from tests.integration.outage import database_away
 from tests.integration.test_imports import _csv, _ctx, _finished, _upload
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 def retries(operation: str) -> float:
     labels = {"service": "contacts", "operation": operation}
-    return REGISTRY.get_sample_value("tayori_transient_retries_total", labels) or 0
+    return sample_value("tayori_transient_retries_total", labels) or 0
 
 
 def _rows(count: int) -> bytes:

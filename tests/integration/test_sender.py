@@ -15,10 +15,10 @@ from typing import Any
 import asyncpg
 import pytest
 from aiosmtpd.controller import Controller
-from prometheus_client import REGISTRY
 
 from libs.common.mail.unsubscribe import UnsubscribeLinks
 from libs.common.mail.verp import VerpAddresses
+from libs.common.metrics import sample_value
 from libs.common.topics import Topic
 from services.sender import maintenance
 from services.sender.context import CONTEXT
@@ -277,9 +277,7 @@ def one_connection(
 
 def ahead_count(relay: str) -> float:
     """Transactions the sender pipelined behind a previous message, on ``relay``, so far."""
-    return (
-        REGISTRY.get_sample_value("tayori_sender_transactions_ahead_total", {"relay": relay}) or 0
-    )
+    return sample_value("tayori_sender_transactions_ahead_total", {"relay": relay}) or 0
 
 
 async def test_relay_replies_become_outcomes(

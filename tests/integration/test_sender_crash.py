@@ -50,6 +50,10 @@ def start_sender(
         HTTP_PORT=str(free_port()),
         LOG_LEVEL="warning",
         DB_POOL_SIZE="5",
+        # A service refuses to start without an admin token, and with the development
+        # signing key outside the dev profile.
+        TAYORI_ADMIN_TOKEN="test-admin-token",
+        TAYORI_PROFILE="dev",
     )
     with open(log, "ab") as out:
         return subprocess.Popen(

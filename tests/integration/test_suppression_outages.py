@@ -7,8 +7,8 @@ from typing import Any
 
 import asyncpg
 import pytest
-from prometheus_client import REGISTRY
 
+from libs.common.metrics import sample_value
 from libs.common.topics import Topic
 from services.suppression import sync
 from tests.conftest import Kafka, Stack, eventually, running
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 def retries(operation: str) -> float:
     return (
-        REGISTRY.get_sample_value(
+        sample_value(
             "tayori_transient_retries_total", {"service": "suppression", "operation": operation}
         )
         or 0

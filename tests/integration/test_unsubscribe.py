@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from prometheus_client import REGISTRY
 
 from libs.common.mail.tokens import Sealer, Signer
 from libs.common.mail.unsubscribe import UnsubscribeLinks, UnsubscribeTarget, pack
+from libs.common.metrics import sample_value
 from libs.common.topics import Topic
 from tayori.embedded import free_port
 from tests.conftest import ADMIN_TOKEN, OPERATOR_TOKEN, eventually, running
@@ -82,9 +82,7 @@ def bad_part_header() -> dict[str, Any]:
 
 
 def requests_counted(outcome: str, kind: str) -> float:
-    value = REGISTRY.get_sample_value(
-        "tayori_unsubscribe_requests_total", {"outcome": outcome, "kind": kind}
-    )
+    value = sample_value("tayori_unsubscribe_requests_total", {"outcome": outcome, "kind": kind})
     return value or 0.0
 
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
-from prometheus_client import REGISTRY
 
+from libs.common.metrics import sample_value
 from services.bounce_processor import agents
 
 
@@ -21,7 +21,7 @@ class AwayPool:
 
 def retries() -> float:
     labels = {"service": "bounce_processor", "operation": "process_inbound"}
-    return REGISTRY.get_sample_value("tayori_transient_retries_total", labels) or 0
+    return sample_value("tayori_transient_retries_total", labels) or 0
 
 
 async def test_the_mail_loop_beats_while_it_waits_for_the_database() -> None:

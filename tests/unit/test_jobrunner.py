@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from libs.common.errors import InvalidMessage, TransientError
-from libs.common.jobrunner import Fault, failure_reason, fault, run_job
+from libs.common.jobrunner import Fault, after_commit, failure_reason, fault, run_job
 from libs.common.retry import Backoff
 
 QUICK = Backoff(initial=0.001, maximum=0.001, attempts=None)
@@ -185,3 +185,86 @@ def test_decisions() -> None:
     assert failure_reason(InvalidMessage("bad file")) == "bad file"
     assert failure_reason(RuntimeError("x" * 5000)).startswith("RuntimeError('xxx")
     assert len(failure_reason(RuntimeError("x" * 5000))) == 2000
+
+
+class CommitFailingConn:
+    """A connection whose next ``failures`` commits fail as a dropped connection does."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        yield
+        if self.failures:
+            self.failures -= 1
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the commit")
+
+
+class CommitFailingPool(FakePool):
+    def __init__(self, failures: int) -> None:
+        self.conn = CommitFailingConn(failures)  # type: ignore[assignment]
+
+
+class CountingAfterCommit(Counting):
+    """Counts each step it makes through after_commit; its checkpoint moves only when the
+    step's transaction commits (as a database would have it)."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__(total)
+        self.counted: list[int] = []
+
+    async def step(self, conn: Any, job: int) -> int | None:
+        if job >= self.total:
+            return None
+        after_commit(lambda: self.counted.append(job + 1))
+        return job + 1
+
+    async def claim(self, conn: Any) -> int | None:
+        self.claims += 1
+        return len(self.counted)  # the committed checkpoint
+
+
+async def test_what_a_step_counts_is_counted_after_its_commit_once() -> None:
+    """A step whose commit fails is redone from the checkpoint: counted once, after the commit
+    that held (the exporter's done/failed and the import's rows used to count twice)."""
+    job = CountingAfterCommit(3)
+    await run_job(CommitFailingPool(0), job, pause=QUICK)  # type: ignore[arg-type]
+    assert job.counted == [1, 2, 3]
+    job = CountingAfterCommit(3)
+    pool = CommitFailingPool(2)  # the claim's commit and the first step's fail
+    await run_job(pool, job, pause=QUICK)  # type: ignore[arg-type]
+    assert job.counted == [1, 2, 3]
+    assert job.claims == 3
+
+
+async def test_a_failure_is_counted_once_its_record_committed() -> None:
+    counted: list[str] = []
+
+    class Crashing(Counting):
+        async def step(self, conn: Any, job: int) -> int | None:
+            raise KeyError("bug")
+
+        async def fail(self, conn: Any, job_id: str, reason: str) -> None:
+            after_commit(lambda: counted.append(reason))
+            await super().fail(conn, job_id, reason)
+
+    pool = CommitFailingPool(0)
+    job = Crashing(1)
+    await run_job(pool, job, pause=QUICK)  # type: ignore[arg-type]
+    assert counted == ["KeyError('bug')"]
+    counted.clear()
+
+    class CrashingBeforeAnOutage(Crashing):
+        async def step(self, conn: Any, job: int) -> int | None:
+            pool.conn.failures = 1  # type: ignore[attr-defined]  # the failure's first record
+            raise KeyError("bug")
+
+    await run_job(pool, CrashingBeforeAnOutage(1), pause=QUICK)  # type: ignore[arg-type]
+    assert counted == ["KeyError('bug')"]
+    assert pool.conn.failures == 0  # type: ignore[attr-defined]  # the record's commit did fail
+
+
+def test_after_commit_belongs_in_a_runner_transaction() -> None:
+    with pytest.raises(RuntimeError, match="outside a job runner's transaction"):
+        after_commit(lambda: None)

@@ -8,6 +8,12 @@ opens it to everyone (unsubscribe, tracking). Every error is an RFC 9457 problem
 (:mod:`libs.common.http.problems`): errors from :mod:`libs.common.errors` become 400, 403,
 404 and 409; a dependency away becomes 503 with ``Retry-After``; aiohttp's own (404 for an
 unknown path, 405, 413) get the same shape.
+
+Every request is logged once when it ends (``http_request``: method, route template — never
+the path, which carries tokens on the public routes — status, duration_ms, request_id; the
+probes and /metrics at debug) and is handled in its trace (:mod:`libs.common.trace`): the
+caller's ``traceparent``, else a new one; the answer carries ``traceparent`` and
+``X-Request-Id``.
 """
 
 from __future__ import annotations
@@ -15,14 +21,19 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
+from structlog.contextvars import bind_contextvars, reset_contextvars
 
+from libs.common import metrics as tayori_metrics
+from libs.common import trace
 from libs.common.errors import (
     Conflict,
     Fault,
@@ -52,6 +63,15 @@ ROLE_KEY = web.AppKey("tokens", dict)
 SERVICE_KEY = web.AppKey("service", str)
 #: the caller's role, set by the auth middleware on every authenticated request.
 ROLE = web.RequestKey("role", str)
+#: the request's (traceparent, request id), set by the observe middleware.
+TRACE = web.RequestKey("trace", tuple)
+#: the header naming a request for the caller (and a proxy: nginx's $request_id).
+REQUEST_ID_HEADER = "X-Request-Id"
+#: a caller's request id is kept if it is this tame (no spaces or control characters, so a
+#: log line and a grep stay simple); another one is replaced by the trace id.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+#: routes whose access lines are debug: probes and scrapes, every few seconds, all day.
+QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def requires(role: str) -> Callable[[Handler], Handler]:
@@ -109,22 +129,60 @@ def _route_label(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+def request_trace(request: web.Request) -> tuple[str, str]:
+    """(traceparent, request id) of a request: the caller's trace with a parent id of ours,
+    or a new trace — whose id is the caller's ``X-Request-Id`` when that is 32 hex digits or
+    a UUID (nginx's ``$request_id``), so the caller's id is the one to grep. The request id is
+    the caller's ``X-Request-Id`` if tame, else the trace id."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = given if _REQUEST_ID.match(given) else ""
+    incoming = trace.parse(request.headers.get(trace.HEADER))
+    if incoming is not None:
+        traceparent = trace.child(incoming)
+    else:
+        traceparent = trace.new()
+        as_hex = request_id.replace("-", "").lower()
+        if len(as_hex) == 32 and trace.parse(f"00-{as_hex}-{traceparent[36:52]}-01"):
+            traceparent = f"00-{as_hex}{traceparent[35:]}"
+    return traceparent, request_id or trace.trace_id(traceparent)
+
+
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Metrics per route, the access log line, and the request's trace around it all."""
     service = request.app[SERVICE_KEY]
     started = time.perf_counter()
+    traceparent, request_id = request[TRACE] = request_trace(request)
     status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        route = _route_label(request)
-        HTTP_REQUESTS.labels(service, route, request.method, str(status)).inc()
-        HTTP_SECONDS.labels(service, route).observe(time.perf_counter() - started)
+    with trace.bound(traceparent):
+        named = bind_contextvars(request_id=request_id)
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            route = _route_label(request)
+            HTTP_REQUESTS.labels(service, route, request.method, str(status)).inc()
+            HTTP_SECONDS.labels(service, route).observe(seconds)
+            (log.debug if route in QUIET_ROUTES else log.info)(
+                "http_request",
+                method=request.method,
+                route=route,
+                status=status,
+                duration_ms=round(seconds * 1000, 1),
+            )
+            reset_contextvars(**named)
+
+
+async def _trace_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer (streams, problems, aiohttp's own) names its trace and request id."""
+    found = request.get(TRACE)
+    if found is not None:
+        response.headers[trace.HEADER], response.headers[REQUEST_ID_HEADER] = found
 
 
 @web.middleware
@@ -229,15 +287,20 @@ def create_app(
     health: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
     ready: Callable[[], Awaitable[tuple[bool, dict[str, Any]]]],
     title: str,
+    registry: CollectorRegistry | None = None,
     client_max_size: int = JSON_BODY_BYTES,
 ) -> web.Application:
     """An application with the standard endpoints; add the service's routes to it.
 
-    ``client_max_size`` bounds what aiohttp itself reads into memory for a view that does
-    not stream its body; contracts set their own limit per route."""
+    ``/metrics`` serves ``registry`` (the service's: common and own families; without one,
+    the common families alone). ``client_max_size`` bounds what aiohttp itself reads into
+    memory for a view that does not stream its body; contracts set their own limit per
+    route."""
     app = web.Application(middlewares=[observe, errors, auth], client_max_size=client_max_size)
     app[ROLE_KEY] = tokens
     app[SERVICE_KEY] = service
+    app.on_response_prepare.append(_trace_headers)
+    served = registry if registry is not None else tayori_metrics.registry(())
 
     @public
     @contract(response=Health, also={503: Health})
@@ -259,7 +322,7 @@ def create_app(
     @contract(media={"text/plain": "Prometheus text exposition"})
     async def metrics(_: web.Request) -> web.Response:
         """Prometheus metrics of this process."""
-        response = web.Response(body=generate_latest())
+        response = web.Response(body=generate_latest(served))
         response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return response
 

@@ -99,9 +99,9 @@ def can_send(
     if delivery_status in STOPPING_DELIVERY_STATUSES:
         return Decision(False, f"delivery_status_{delivery_status}")
     if membership_state == MembershipState.BANNED:
-        return Decision(False, "banned")
+        return Decision(False, MembershipState.BANNED.value)
     if membership_state == MembershipState.UNSUBSCRIBED and not include_unsubscribed:
-        return Decision(False, "unsubscribed")
+        return Decision(False, MembershipState.UNSUBSCRIBED.value)
     if membership_state == LEFT:
         return Decision(False, "not_a_member")
     return ALLOWED

@@ -1,0 +1,5 @@
+"""One module per screen, its templates beside it; each has ``routes``."""
+
+from services.console.screens import contact, contacts, groups, home, imports, jobs, login, soon
+
+SCREENS = (login, home, contacts, contact, groups, imports, jobs, soon)
