@@ -44,6 +44,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from libs.common import http, metrics
 from libs.common.kafka import LAG_REFRESH_SECONDS, Publisher, make_producer
+from libs.common.kafkasecurity import check_connection, connection_options
 from libs.common.logging import get_logger
 from libs.common.topics import StreamTopic, Topic, topic_name
 from services.deliverability import agents, api
@@ -76,6 +77,23 @@ class StreamConsumer:
     topics: list[Topic]
 
 
+def faust_credentials(settings: DeliverabilitySettings) -> faust.auth.Credentials | None:
+    """faust's form of :func:`~libs.common.kafkasecurity.connection_options`: the same TLS
+    context and SASL credentials as every other Kafka client of Tayori."""
+    options = connection_options(settings)
+    context = options.get("ssl_context")
+    if options["security_protocol"] in ("SASL_PLAINTEXT", "SASL_SSL"):
+        return faust.SASLCredentials(
+            username=options["sasl_plain_username"],
+            password=options["sasl_plain_password"],
+            mechanism=options["sasl_mechanism"],
+            ssl_context=context,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
 def make_faust_app(
     settings: DeliverabilitySettings, publisher: Publisher
 ) -> tuple[faust.App, Tables]:
@@ -86,6 +104,7 @@ def make_faust_app(
     app = faust.App(
         topic_name(agents.GROUP, prefix),
         broker=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")],
+        broker_credentials=faust_credentials(settings),
         store="memory://",
         web_enabled=False,
         topic_partitions=settings.partitions,
@@ -150,6 +169,7 @@ async def drain(app: faust.App, seconds: float = DRAIN_SECONDS) -> None:
             break
         await producer.buffer.flush()
     await producer.flush()
+    log.info("changelog_drained")
 
 
 @dataclass
@@ -180,8 +200,16 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
+        if s.kafka_security_protocol.upper() != "PLAINTEXT":
+            # A TLS or SASL refusal is a ConfigError naming the server and why (one line,
+            # exit 2), as for every service; faust alone would retry it for ever.
+            await check_connection(s, f"tayori-{s.service}")
         producer = make_producer(s)
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()  # a failed start leaves its client's connections open
+            raise
         self.publisher = Publisher(s, producer)
         self.app, self.tables = make_faust_app(s, self.publisher)
         self.app.on_before_shutdown.connect(self._drain, sender=self.app)
@@ -289,6 +317,11 @@ class Runtime:
             if time.monotonic() > deadline:
                 raise TimeoutError("deliverability tables not recovered")
             await asyncio.sleep(0.05)
+
+    async def wait_for_consumers(self, timeout: float = 120.0) -> None:
+        """:meth:`wait_recovered`, under the name the other services' runtimes give it
+        (the tests' ``running``): its partitions are assigned once its tables are."""
+        await self.wait_recovered(timeout)
 
     async def stop(self) -> None:
         """HTTP closes; faust stops consuming, finishes its streams, commits, and (in its
