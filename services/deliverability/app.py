@@ -22,8 +22,11 @@ half the domains).
 Stopping: faust stops taking records and waits for its streams, then this service drains
 faust's producer buffer (the tables' last changelog writes) until the broker has them,
 before faust's producer stops: faust's own flush gives up after 0.1 s without an
-acknowledgement, which could leave a window's last change unsent while its input offset
-was committed (the figure missing after a restart).
+acknowledgement, which can leave a window's last change unsent while its input offset is
+committed. Known gap: even so, a window's last increment (an open or click counted just
+before a stop) is sometimes missing from the hour table after a restart while the minute
+table has it (tests/integration/test_deliverability.py, about one run in three; the
+drain ran in those runs): the cause is not found yet.
 """
 
 from __future__ import annotations

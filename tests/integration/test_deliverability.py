@@ -207,6 +207,11 @@ async def test_domains_count_per_domain_and_survive_a_restart(stack: Stack, kafk
     # Stopped and started again with every input consumed and committed: nothing is read
     # again, so the figures it has the moment its tables are recovered come from the
     # changelogs; and they are not counted twice.
+    # Known gap (see services/deliverability/app.py): the last open or click before the stop
+    # is sometimes missing from the hour window after the restart, for good (the original
+    # exact check at the first read failed 2 of 5 runs before the merge, 5 of 8 after it;
+    # this wait fails when the figure never comes back). Draining faust's producer at stop
+    # did not fix it.
     async with deliverability(stack, kafka.prefix) as (_, api):
         await _expected_in(api, EXPECTED)
         # and goes on counting: one more gmail.com delivery, and an open by a contact
