@@ -23,10 +23,12 @@ Stopping: faust stops taking records and waits for its streams, then this servic
 faust's producer buffer (the tables' last changelog writes) until the broker has them,
 before faust's producer stops: faust's own flush gives up after 0.1 s without an
 acknowledgement, which can leave a window's last change unsent while its input offset is
-committed. Known gap: even so, a window's last increment (an open or click counted just
-before a stop) is sometimes missing from the hour table after a restart while the minute
-table has it (tests/integration/test_deliverability.py, about one run in three; the
-drain ran in those runs): the cause is not found yet.
+committed.
+
+Recovering: faust reads each changelog up to the end offset it asks the broker for, and
+the embedded broker's answer falls short of the last batch of records (the last event's
+hour windows, written together); :mod:`services.deliverability.recovery` reads them up to
+a fetch's high watermark instead.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from libs.common.topics import StreamTopic, Topic, topic_name
 from services.deliverability import agents, api
 from services.deliverability.api import TABLES, Tables
 from services.deliverability.models import Counts, no_counts
+from services.deliverability.recovery import table_manager
 from services.deliverability.settings import DeliverabilitySettings
 
 log = get_logger(__name__)
@@ -120,6 +123,9 @@ def make_faust_app(
         datadir=tempfile.mkdtemp(prefix="tayori-deliverability-"),
         table_cleanup_interval=30.0,
         logging_config=None,
+        # recovery reads each changelog to its fetched end, not the embedded broker's
+        # short ListOffsets answer (recovery.py)
+        TableManager=table_manager(connection_options(settings)),
     )
     names = {topic_name(t, prefix): t for t in INPUTS}
     sources = app.topic(*names, key_serializer="raw", value_serializer="raw")
