@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         from libs.common.runner import migrate_service
 
         app, settings_cls = service_parts(args.service)
+        if getattr(app, "MIGRATIONS", None) is None:
+            print(f"{args.service}: no database")
+            return
         applied = migrate_service(settings_cls, app.SCHEMA, Path(app.MIGRATIONS))
         print(f"{args.service}: {len(applied)} migration(s) applied")
         return

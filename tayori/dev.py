@@ -51,6 +51,7 @@ PORTS = {
     "sender": 8084,
     "bounce_processor": 8085,
     "exporter": 8086,
+    "deliverability": 8087,
     "bounce_smtp": 2525,
     "smtp_sink": 1025,
     "kafka": 9092,
@@ -286,6 +287,8 @@ class Dev:
         asyncio.run(ensure_topics(settings, settings.topic_prefix))
         for name in SERVICES:
             app, _ = service_parts(name)
+            if getattr(app, "MIGRATIONS", None) is None:
+                continue  # no database (deliverability)
             asyncio.run(migrate(env["DATABASE_URL"], app.SCHEMA, Path(app.MIGRATIONS)))
         # The dev login: `admin` with the admin token as its password (SPEC §10).
         from services.console.users import ensure_user

@@ -179,7 +179,7 @@ async def running(
 async def running_all(
     stack: Stack, database: str, prefix: str, home: Path
 ) -> AsyncIterator[dict[str, Service]]:
-    """The six services on one database and one set of topics, wired to each other as in
+    """Every service on one database and one set of topics, wired to each other as in
     ``tayori dev`` (the sender to an SMTP sink of its own, exports under ``home``)."""
     sink = SmtpSink(home / "maildir", free_port())
     services: dict[str, Service] = {}
@@ -218,6 +218,10 @@ async def running_all(
                     smtp_host="127.0.0.1",
                     smtp_port=free_port(),
                 )
+            )
+            # its faust topics have the inputs' partition count (the test topics' two)
+            services["deliverability"] = await started.enter_async_context(
+                running("deliverability", stack, database, prefix, partitions=2)
             )
             yield services
     finally:

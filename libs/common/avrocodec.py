@@ -7,10 +7,10 @@ do the same work with the schema unrolled into straight-line code (one function 
 schema, no dispatch per field).
 
 They cover the types our schemas use — records, ``null``, ``boolean``, ``int``, ``long``,
-``string``, enums, arrays, maps, two-branch unions with ``null`` and ``timestamp-millis``,
-field defaults of any of those (a map's ``{}``, an array's ``[]``), so every topic's schema
-compiles — and only the usual values: anything else (another type in the schema, a value of an
-unexpected Python type, a malformed input) makes :func:`compile_writer` /
+``double``, ``string``, enums, arrays, maps, two-branch unions with ``null`` and
+``timestamp-millis``, field defaults of any of those (a map's ``{}``, an array's ``[]``), so
+every topic's schema compiles — and only the usual values: anything else (another type in the
+schema, a value of an unexpected Python type, a malformed input) makes :func:`compile_writer` /
 :func:`compile_reader` return None or the compiled function raise, and the caller
 (:mod:`libs.common.avro`) uses fastavro, so every unusual case behaves exactly as fastavro
 does. ``tests/unit/test_avrocodec.py`` checks both produce the same bytes and values.
@@ -19,13 +19,18 @@ does. ``tests/unit/test_avrocodec.py`` checks both produce the same bytes and va
 from __future__ import annotations
 
 import datetime as dt
+import struct
 from collections.abc import Callable
 from typing import Any
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
-_PRIMITIVE = {"null", "boolean", "int", "long", "string"}
+_PRIMITIVE = {"null", "boolean", "int", "long", "double", "string"}
+#: an Avro double: 8 bytes, IEEE 754, little-endian
+_DOUBLE = struct.Struct("<d")
+#: the ints a double holds exactly
+_EXACT = 2**53
 
 
 class Unsupported(Exception):
@@ -134,6 +139,16 @@ def _int(value: Any) -> int:
     return value
 
 
+def _double(value: Any) -> bytes:
+    """A double's bytes: a float as it is, an int within ±2**53 as that float (as fastavro
+    writes it); anything else (a bool, a Decimal, a larger int) raises :class:`Fallback`."""
+    if type(value) is float:
+        return _DOUBLE.pack(value)
+    if type(value) is int and -_EXACT <= value <= _EXACT:
+        return _DOUBLE.pack(float(value))
+    raise Fallback
+
+
 _HELPERS: dict[str, Any] = {
     "_zigzag": zigzag,
     "_SMALL": _SMALL,
@@ -142,6 +157,8 @@ _HELPERS: dict[str, Any] = {
     "_timestamp_bytes": timestamp_bytes,
     "_long": _long,
     "_int": _int,
+    "_double": _double,
+    "_unpack_double": _DOUBLE.unpack_from,
     "_Fallback": Fallback,
     "_EPOCH": EPOCH,
     "_timedelta": dt.timedelta,
@@ -240,6 +257,8 @@ def _write(src: _Source, schema: Any, value: str, ind: int) -> None:
         # the usual small non-negative long from the table, without a call
         src.emit(ind, f"if type({value}) is int and 0 <= {value} < 16384: a(_SMALL[{value}])")
         src.emit(ind, f"else: a(_zigzag(_long({value})))")
+    elif kind == "double":
+        src.emit(ind, f"a(_double({value}))")
     elif kind == "timestamp-millis":
         src.emit(ind, f"a(_timestamp_bytes({value}))")
     elif kind == "string":
@@ -311,7 +330,7 @@ def _default(src: _Source, fld: dict[str, Any]) -> str:
     """The expression for a missing field's value: its default, as fastavro writes it (the
     default as the value, checked by the field's own writer like any other value)."""
     default = fld.get("default")
-    if isinstance(default, (type(None), bool, int, str)):
+    if isinstance(default, (type(None), bool, int, float, str)):
         return repr(default)
     if isinstance(default, (list, dict)):
         # one shared object (a map's {}, an array's []): the writer only reads it
@@ -359,6 +378,11 @@ def _read(src: _Source, schema: Any, target: str, ind: int) -> None:
         src.emit(ind, f"{target} = {byte} == 1")
     elif kind in ("int", "long"):
         _read_varint(src, target, ind)
+    elif kind == "double":
+        # struct's own error for a short input is not one the caller expects
+        src.emit(ind, "if pos + 8 > len(data): raise ValueError('truncated double')")
+        src.emit(ind, f"{target} = _unpack_double(data, pos)[0]")
+        src.emit(ind, "pos += 8")
     elif kind == "timestamp-millis":
         millis = src.var("ms")
         _read_varint(src, millis, ind)

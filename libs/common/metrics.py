@@ -288,6 +288,18 @@ TRACKING_HITS = Counter("tayori_tracking_hits_total", "Tracking hits", ["kind", 
 #: bad_payload, unattributed (signed, but no valid X-Tayori-Ref in it).
 ESP_WEBHOOKS = Counter("tayori_esp_webhooks_total", "ESP webhook requests", ["esp", "outcome"])
 
+# Deliverability -----------------------------------------------------------------------------
+#: per-domain tallies (one batch's counters of one receiving domain) added to the windowed
+#: tables; each moves the domain's minute window and every hour window it falls in.
+DELIVERABILITY_TALLIES = Counter(
+    "tayori_deliverability_tallies_total", "Per-domain tallies added to the windowed tables"
+)
+#: receiving domains with figures in the hour table of this worker (its partitions: all of
+#: them with the one replica). Refreshed every second.
+DELIVERABILITY_DOMAINS = Gauge(
+    "tayori_deliverability_domains", "Receiving domains with figures in the last hour"
+)
+
 
 # Owners ----------------------------------------------------------------------------------
 #: what every service exports: the runtime's families (libs/common).
@@ -343,6 +355,7 @@ BOUNCE_PROCESSOR = (
     TRACKING_HITS,
     ESP_WEBHOOKS,
 )
+DELIVERABILITY = (DELIVERABILITY_TALLIES, DELIVERABILITY_DOMAINS)
 #: each service's own families (its app.py passes them to its Runtime).
 OWNED: dict[str, tuple[MetricWrapperBase, ...]] = {
     "contacts": CONTACTS,
@@ -351,6 +364,7 @@ OWNED: dict[str, tuple[MetricWrapperBase, ...]] = {
     "scheduler": SCHEDULER,
     "exporter": EXPORTER,
     "bounce_processor": BOUNCE_PROCESSOR,
+    "deliverability": DELIVERABILITY,
 }
 #: the process's own (CPU, memory, file descriptors, GC, Python version).
 PROCESS: tuple[Collector, ...] = (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR)

@@ -27,6 +27,8 @@ class Topic(StrEnum):
     EXPORT_COMPLETED = "export.completed"
     MAIL_SYSTEM = "mail.system"
     JOBS_EVENTS = "jobs.events"
+    #: per receiving domain, the sending policy in force (deliverability; key: the domain).
+    DOMAIN_POLICY = "domain.policy"
 
     @property
     def dlq(self) -> str:
@@ -34,7 +36,7 @@ class Topic(StrEnum):
 
     @property
     def compacted(self) -> bool:
-        return self in (Topic.CONTACTS_CHANGELOG, Topic.CAMPAIGN_CONTENT)
+        return self in (Topic.CONTACTS_CHANGELOG, Topic.CAMPAIGN_CONTENT, Topic.DOMAIN_POLICY)
 
     @property
     def upstream(self) -> bool:
@@ -78,16 +80,31 @@ KEYS = {
     Topic.EXPORT_COMPLETED: "job_id",
     Topic.MAIL_SYSTEM: "job_id",
     Topic.JOBS_EVENTS: "job_id",
+    Topic.DOMAIN_POLICY: "domain (lower case, IDNs as A-labels)",
 }
+
+
+class StreamTopic(StrEnum):
+    """The deliverability service's own faust topics: its per-domain tallies (the
+    repartition by recipient domain) and its tables' changelogs. faust declares them itself
+    with the source topics' partition count (changelogs compacted); no DLQ: only the
+    service writes them, records it made."""
+
+    TALLIES = "deliverability.tallies"
+    # faust names a table's changelog "<app id>-<table>-changelog"; the app id is
+    # "<prefix>deliverability", so these come out under the prefix like every other topic.
+    CONTACT_DOMAINS = "deliverability-contact-domains-changelog"
+    DOMAIN_MINUTE = "deliverability-domain-minute-changelog"
+    DOMAIN_HOUR = "deliverability-domain-hour-changelog"
 
 
 #: Partitions per topic when Tayori creates them (the embedded broker, tests).
 DEFAULT_PARTITIONS = 4
 
 
-def topic_name(topic: Topic | str, prefix: str = "") -> str:
+def topic_name(topic: Topic | StreamTopic | str, prefix: str = "") -> str:
     """The broker-side name of ``topic`` (a Topic or a DLQ name) under ``prefix``."""
-    name = topic.value if isinstance(topic, Topic) else topic
+    name = topic.value if isinstance(topic, Topic | StreamTopic) else topic
     return f"{prefix}{name}"
 
 

@@ -54,6 +54,9 @@ def random_value(schema: Any, rng: random.Random) -> Any:
         return rng.choice([0, -1, 63, 64, -64, -65, 2**31 - 1, -(2**31), rng.randrange(-999, 999)])
     if kind == "long":
         return rng.choice([0, -1, 64, -65, 2**63 - 1, -(2**63), rng.randrange(-(2**40), 2**40)])
+    if kind == "double":
+        # an int is written as that double, as fastavro writes it
+        return rng.choice([0.0, -0.0, 1.5, -2.25, 1e300, 5e-324, 3, 0, rng.random() * 100])
     if kind == "string":
         return rng.choice(STRINGS)
     if kind == "enum":
@@ -137,6 +140,7 @@ SCHEMA = fastavro.parse_schema(
             {"name": "tags", "type": {"type": "array", "items": "string"}},
             {"name": "s", "type": ["null", "string"], "default": None},
             {"name": "b", "type": "boolean", "default": False},
+            {"name": "d", "type": "double", "default": 0.5},
         ],
     }
 )
@@ -151,6 +155,10 @@ UNUSUAL = [
     {"n": 1, "at": 0, "tags": [], "s": 5},
     {"n": 1, "at": 0, "tags": [], "b": 1},
     {"at": 0, "tags": []},  # missing, no default
+    {"n": 1, "at": 0, "tags": [], "d": True},  # bool for double
+    {"n": 1, "at": 0, "tags": [], "d": "1.5"},
+    {"n": 1, "at": 0, "tags": [], "d": 2**1100},  # an int no double holds
+    {"n": 1, "at": 0, "tags": [], "d": float("nan")},
 ]
 
 
@@ -180,7 +188,7 @@ def test_malformed_input_is_refused_as_fastavro_refuses_it() -> None:
 
 def test_unsupported_schemas_are_left_to_fastavro() -> None:
     for schema in (
-        {"type": "record", "name": "D", "fields": [{"name": "d", "type": "double"}]},
+        {"type": "record", "name": "F", "fields": [{"name": "f", "type": "float"}]},
         {"type": "record", "name": "U", "fields": [{"name": "u", "type": ["string", "long"]}]},
         {
             "type": "record",

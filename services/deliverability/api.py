@@ -1,0 +1,162 @@
+"""HTTP API of the deliverability service (SPEC §10): the windows per receiving domain.
+
+``GET /v1/domains``: every domain seen in the last hour with its current minute and its
+last hour, busiest first. ``GET /v1/domains/{domain}``: one domain, with each of its
+minute windows of the last hour.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import faust
+from aiohttp import web
+from pydantic import Field, StringConstraints
+
+from libs.common.errors import NotFound
+from libs.common.http import json_response, requires
+from libs.common.http.contract import Answer, Model, contract
+from services.deliverability import processor
+
+routes = web.RouteTableDef()
+MAX_DOMAINS_PAGE = 1000
+
+
+@dataclass
+class Tables:
+    """The windowed tables the routes read (this process's partitions: all of them with
+    one replica)."""
+
+    minute: Any
+    hour: Any
+    app: faust.App
+
+    def recovered(self) -> bool:
+        manager: Any = self.app.tables  # faust's TableManager (the interface lacks recovery)
+        return bool(
+            manager.recovery.completed.is_set()
+            and not manager.recovery.in_recovery
+            and not self.app.rebalancing
+        )
+
+    def windows(self, table: Any) -> dict[str, list[tuple[float, float, dict[str, int]]]]:
+        """Every (start, end, counters) window per domain the table holds."""
+        out: dict[str, list[tuple[float, float, dict[str, int]]]] = {}
+        for (domain, (start, end)), counts in list(table.data.items()):
+            out.setdefault(domain, []).append((start, end, dict(counts.n)))
+        return out
+
+
+TABLES = web.AppKey("deliverability", Tables)
+
+
+def _current(windows: list[tuple[float, float, dict[str, int]]], now: float) -> Any:
+    """The earliest-starting window that holds ``now`` (for the hopping hour: the one
+    covering most of the last hour), as (start, end, counters), or None."""
+    holding = [w for w in windows if w[0] <= now <= w[1]]
+    return min(holding, key=lambda w: w[0]) if holding else None
+
+
+def _window(window: Any) -> dict[str, Any]:
+    if window is None:
+        return {"start": None, "end": None, **processor.figures(None)}
+    start, end, counts = window
+    return {"start": _iso(start), "end": _iso(end), **processor.figures(counts)}
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+# Contracts ------------------------------------------------------------------------------
+
+
+class Figures(Answer):
+    """One window's counters (SMTP answers at send time and the feedback after it)."""
+
+    start: str | None = Field(description="window start (UTC)")
+    end: str | None = Field(description="window end (UTC)")
+    attempts: int = Field(description="sends that reached the relay")
+    delivered: int = Field(description="accepted by the relay (2xx)")
+    deferred: int = Field(description="deferred (4xx)")
+    rejected: int = Field(description="refused at send time (5xx)")
+    hard_bounces: int
+    soft_bounces: int
+    complaints: int
+    opens: int
+    clicks: int
+    deferred_by_code: dict[str, int] = Field(
+        description="deferrals by enhanced status code (e.g. 4.7.0), else SMTP code"
+    )
+    deferral_rate: float = Field(description="deferred / attempts")
+    complaint_rate: float = Field(description="complaints / delivered")
+
+
+class DomainSummary(Answer):
+    domain: str
+    minute: Figures = Field(description="the current 1-minute window (tumbling)")
+    hour: Figures = Field(description="the last hour (hopping window)")
+
+
+class DomainList(Answer):
+    items: list[DomainSummary] = Field(description="busiest first (attempts in the hour)")
+
+
+class DomainDetail(DomainSummary):
+    minutes: list[Figures] = Field(description="each minute of the last hour, oldest first")
+
+
+class DomainPath(Model):
+    domain: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.-]+$", to_lower=True),
+    ] = Field(description="a receiving domain (IDNs as A-labels), e.g. docomo.ne.jp")
+
+
+# Views ----------------------------------------------------------------------------------
+
+
+@routes.get("/v1/domains")
+@requires("viewer")
+@contract(response=DomainList)
+async def list_domains(request: web.Request) -> web.Response:
+    """配信ドメイン一覧 (domains): every receiving domain seen in the last hour, with its
+    current minute and last hour, busiest first."""
+    tables = request.app[TABLES]
+    now = time.time()
+    minutes, hours = tables.windows(tables.minute), tables.windows(tables.hour)
+    items: list[dict[str, Any]] = []
+    for domain in set(minutes) | set(hours):
+        hour = _current(hours.get(domain, []), now)
+        minute = _current(minutes.get(domain, []), now)
+        if hour is None and minute is None:
+            continue
+        items.append({"domain": domain, "minute": _window(minute), "hour": _window(hour)})
+    items.sort(
+        key=lambda item: (-item["hour"]["attempts"], -item["minute"]["attempts"], item["domain"])
+    )
+    return json_response({"items": items[:MAX_DOMAINS_PAGE]})
+
+
+@routes.get("/v1/domains/{domain}")
+@requires("viewer")
+@contract(path=DomainPath, response=DomainDetail, errors=(404,))
+async def get_domain(request: web.Request, path: DomainPath) -> web.Response:
+    """配信ドメイン (domain): one domain's current minute, last hour, and each minute
+    window of the last hour."""
+    tables = request.app[TABLES]
+    now = time.time()
+    minutes = tables.windows(tables.minute).get(path.domain, [])
+    hours = tables.windows(tables.hour).get(path.domain, [])
+    if not minutes and not hours:
+        raise NotFound(f"no mail to {path.domain} in the last hour")
+    return json_response(
+        {
+            "domain": path.domain,
+            "minute": _window(_current(minutes, now)),
+            "hour": _window(_current(hours, now)),
+            "minutes": [_window(w) for w in sorted(minutes) if w[0] <= now],
+        }
+    )

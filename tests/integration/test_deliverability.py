@@ -1,0 +1,226 @@
+"""The deliverability service against the embedded broker: delivery results, bounces and
+feedback for several domains published to the real topics come out per domain in
+``GET /v1/domains``; a worker stopped and started again recovers the same figures from
+its tables' changelogs and goes on counting."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from libs.common.topics import StreamTopic, Topic, topic_name
+from services.deliverability.app import INPUTS, Runtime
+from services.deliverability.settings import DeliverabilitySettings
+from tests.conftest import VIEWER_TOKEN, Api, Kafka, Stack, eventually, settings_for
+
+CAMPAIGN = "0b9f6c2e-3d1a-4c57-9f0e-6a2d8b1c4e73"
+
+
+def _result(contact_id: int, email: str, outcome: str, **more: Any) -> dict[str, Any]:
+    return {
+        "result_id": str(uuid.uuid4()),
+        "campaign_id": CAMPAIGN,
+        "contact_id": contact_id,
+        "email": email,
+        "outcome": outcome,
+        "smtp_code": more.get("smtp_code"),
+        "enhanced_code": more.get("enhanced_code"),
+        "diagnostic": None,
+        "relay": None,
+        "message_id": None,
+        "step_id": None,
+        "suppressed_reason": None,
+        "occurred_at": int(time.time() * 1000),
+    }
+
+
+def _bounce(contact_id: int, email: str, classification: str, hard: bool) -> dict[str, Any]:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "contact_id": contact_id,
+        "email": email,
+        "campaign_id": CAMPAIGN,
+        "classification": classification,
+        "hard": hard,
+        "action": "complained" if classification == "spam" else "bounced",
+        "delivery_status": None,
+        "diagnostic": None,
+        "occurred_at": int(time.time() * 1000),
+    }
+
+
+def _feedback(contact_id: int, kind: str) -> dict[str, Any]:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "type": kind,
+        "campaign_id": CAMPAIGN,
+        "contact_id": contact_id,
+        "url": "https://example.com/" if kind == "click" else None,
+        "user_agent": None,
+        "occurred_at": int(time.time() * 1000),
+    }
+
+
+@asynccontextmanager
+async def deliverability(stack: Stack, prefix: str) -> AsyncIterator[tuple[Runtime, Api]]:
+    settings = settings_for(
+        DeliverabilitySettings, stack, "", prefix, partitions=2, batch_seconds=0.05
+    )
+    runtime = Runtime(settings)
+    await runtime.start()
+    try:
+        await runtime.wait_recovered()
+        async with aiohttp.ClientSession() as session:
+            yield runtime, Api(session, f"http://127.0.0.1:{runtime.port}")
+    finally:
+        await runtime.stop()
+
+
+async def _publish_campaign(kafka: Kafka) -> None:
+    # docomo.ne.jp: 3 attempts, 1 delivered, 2 deferred (4.7.0 and a bare 421), 1 open
+    await kafka.send(Topic.DELIVERY_RESULTS, 1, _result(1, "a@docomo.ne.jp", "sent"))
+    await kafka.send(
+        Topic.DELIVERY_RESULTS,
+        2,
+        _result(2, "b@Docomo.NE.jp", "temporary_error", smtp_code=421, enhanced_code="4.7.0"),
+    )
+    await kafka.send(
+        Topic.DELIVERY_RESULTS, 3, _result(3, "c@docomo.ne.jp", "temporary_error", smtp_code=421)
+    )
+    # gmail.com: 4 delivered, 1 rejected, a hard bounce, a complaint, a click
+    for contact in range(10, 14):
+        await kafka.send(
+            Topic.DELIVERY_RESULTS, contact, _result(contact, f"u{contact}@gmail.com", "sent")
+        )
+    await kafka.send(
+        Topic.DELIVERY_RESULTS, 14, _result(14, "x@gmail.com", "permanent_error", smtp_code=550)
+    )
+    await kafka.send(Topic.BOUNCE_EVENTS, 14, _bounce(14, "x@gmail.com", "invalid_address", True))
+    await kafka.send(Topic.BOUNCE_EVENTS, 10, _bounce(10, "u10@gmail.com", "spam", False))
+    # a suppressed send reaches no relay: au.com is not listed for it
+    await kafka.send(Topic.DELIVERY_RESULTS, 20, _result(20, "s@au.com", "suppressed"))
+
+
+SENT: dict[str, dict[str, Any]] = {
+    "docomo.ne.jp": {"attempts": 3, "delivered": 1, "deferred": 2},
+    "gmail.com": {"attempts": 5, "delivered": 4, "hard_bounces": 1, "complaints": 1},
+}
+EXPECTED: dict[str, dict[str, Any]] = {
+    "docomo.ne.jp": {
+        "attempts": 3,
+        "delivered": 1,
+        "deferred": 2,
+        "rejected": 0,
+        "opens": 1,
+        "deferred_by_code": {"4.7.0": 1, "421": 1},
+    },
+    "gmail.com": {
+        "attempts": 5,
+        "delivered": 4,
+        "rejected": 1,
+        "hard_bounces": 1,
+        "complaints": 1,
+        "clicks": 1,
+        "opens": 0,
+    },
+}
+
+
+async def _all_committed(kafka: Kafka) -> None:
+    """Until the worker's group has committed every record of its inputs and tallies."""
+    bootstrap = kafka.stack.broker.bootstrap
+    names = [topic_name(t, kafka.prefix) for t in INPUTS]
+    names.append(topic_name(StreamTopic.TALLIES, kafka.prefix))
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=f"{kafka.prefix}deliverability",
+        enable_auto_commit=False,
+    )
+    await reader.start()
+    try:
+        parts = [TopicPartition(name, p) for name in names for p in (0, 1)]
+
+        async def committed() -> bool:
+            ends = await reader.end_offsets(parts)
+            behind = {}
+            for tp in parts:
+                offset = await reader.committed(tp)
+                if (offset or 0) < ends[tp]:
+                    behind[tp] = (offset, ends[tp])
+            assert not behind, behind
+            return True
+
+        await eventually(committed, timeout=60)
+    finally:
+        await reader.stop()
+
+
+def _figures(body: dict[str, Any], window: str) -> dict[str, dict[str, Any]]:
+    return {item["domain"]: item[window] for item in body["items"]}
+
+
+async def _expected_now(api: Api, expected: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The domains' figures as they are now, asserted to be ``expected`` in the hour."""
+    body = await api.ok("GET", "/v1/domains", token=VIEWER_TOKEN)
+    hour, minute = _figures(body, "hour"), _figures(body, "minute")
+    for domain, counts in expected.items():
+        assert domain in hour, (domain, body)
+        for name, value in counts.items():
+            assert hour[domain][name] == value, (domain, name, hour[domain])
+            if name != "deferred_by_code":  # the current minute holds part of it
+                assert 0 <= minute[domain][name] <= value, (domain, name, minute[domain])
+    return body
+
+
+async def _expected_in(api: Api, expected: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return await eventually(lambda: _expected_now(api, expected), timeout=90)
+
+
+async def test_domains_count_per_domain_and_survive_a_restart(stack: Stack, kafka: Kafka) -> None:
+    await _publish_campaign(kafka)
+    async with deliverability(stack, kafka.prefix) as (_, api):
+        await _expected_in(api, SENT)
+        # Opens and clicks carry no address: they count under the domain learnt from the
+        # contact's delivery result (an open comes after its delivery).
+        await kafka.send(Topic.FEEDBACK_EVENTS, 1, _feedback(1, "open"))
+        await kafka.send(Topic.FEEDBACK_EVENTS, 11, _feedback(11, "click"))
+        await kafka.send(Topic.FEEDBACK_EVENTS, 999, _feedback(999, "open"))  # unknown
+        body = await _expected_in(api, EXPECTED)
+        await _all_committed(kafka)
+        assert [item["domain"] for item in body["items"]] == ["gmail.com", "docomo.ne.jp"]
+        assert "au.com" not in _figures(body, "hour")
+        detail = await api.ok("GET", "/v1/domains/DOCOMO.ne.jp", token=VIEWER_TOKEN)
+        assert detail["hour"]["deferral_rate"] == round(2 / 3, 6)
+        for name in ("attempts", "delivered", "deferred", "opens"):
+            assert sum(m[name] for m in detail["minutes"]) == detail["hour"][name], name
+        status, problem = await api.call("GET", "/v1/domains/example.org", token=VIEWER_TOKEN)
+        assert status == 404, problem
+        status, problem = await api.call("GET", "/v1/domains/bad_domain!", token=VIEWER_TOKEN)
+        assert status == 400, problem
+        status, _ = await api.call("GET", "/v1/domains", token=None)
+        assert status == 401
+
+    # Stopped and started again with every input consumed and committed: nothing is read
+    # again, so the figures it has the moment its tables are recovered come from the
+    # changelogs; and they are not counted twice. The last open's changes to its hour
+    # windows reach the changelog in one batch: recovery must read to the partition's real
+    # end, not to the embedded broker's ListOffsets answer, which stops short of that batch
+    # (services/deliverability/recovery.py; without it one run in three lacked the open or
+    # the click here).
+    async with deliverability(stack, kafka.prefix) as (_, api):
+        await _expected_now(api, EXPECTED)
+        # and goes on counting: one more gmail.com delivery, and an open by a contact
+        # whose domain it learnt before the restart.
+        await kafka.send(Topic.DELIVERY_RESULTS, 12, _result(12, "u12@gmail.com", "sent"))
+        await kafka.send(Topic.FEEDBACK_EVENTS, 2, _feedback(2, "open"))
+        more = {
+            "gmail.com": {**EXPECTED["gmail.com"], "attempts": 6, "delivered": 5},
+            "docomo.ne.jp": {**EXPECTED["docomo.ne.jp"], "opens": 2},
+        }
+        await _expected_in(api, more)

@@ -1,0 +1,101 @@
+"""The deliverability decisions with no broker: a record's receiving domain and counters."""
+
+from __future__ import annotations
+
+import pytest
+
+from libs.common.topics import Topic
+from services.deliverability import processor
+
+
+@pytest.mark.parametrize(
+    ("address", "domain"),
+    [
+        ("a@docomo.ne.jp", "docomo.ne.jp"),
+        ("A.B@EZweb.NE.JP", "ezweb.ne.jp"),
+        ("<x@i.softbank.jp>", "i.softbank.jp"),
+        ("x@gmail.com.", "gmail.com"),
+        ('"a@b"@outlook.jp', "outlook.jp"),
+        ("x@例え.jp", "xn--r8jz45g.jp"),
+        ("no-at-sign", None),
+        ("x@", None),
+        ("x@bad domain", None),
+        ("x@-bad.jp", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_domain_of(address: str | None, domain: str | None) -> None:
+    assert processor.domain_of(address) == domain
+
+
+def _result(outcome: str, smtp: int | None = None, enhanced: str | None = None) -> dict:
+    return {
+        "email": "u@docomo.ne.jp",
+        "outcome": outcome,
+        "smtp_code": smtp,
+        "enhanced_code": enhanced,
+    }
+
+
+def test_results_move_attempts_delivered_deferred_rejected() -> None:
+    assert processor.result_counts(_result("sent", 250)) == {"attempts": 1, "delivered": 1}
+    assert processor.result_counts(_result("temporary_error", 421, "4.7.0")) == {
+        "attempts": 1,
+        "deferred": 1,
+        "deferred:4.7.0": 1,
+    }
+    # no enhanced code: the SMTP code; an odd one is not kept as a key
+    assert processor.result_counts(_result("temporary_error", 451))["deferred:451"] == 1
+    assert "deferred:4xx" in processor.result_counts(_result("temporary_error", None, "junk!"))
+    for outcome in ("permanent_error", "policy_error"):
+        assert processor.result_counts(_result(outcome, 550)) == {"attempts": 1, "rejected": 1}
+    assert processor.result_counts(_result("suppressed")) == {}
+
+
+def test_bounces_move_hard_soft_and_complaints() -> None:
+    def bounce(classification: str, hard: bool, action: str = "bounced") -> dict:
+        return {"classification": classification, "hard": hard, "action": action}
+
+    assert processor.bounce_counts(bounce("invalid_address", True)) == {"hard_bounces": 1}
+    assert processor.bounce_counts(bounce("error", True)) == {"hard_bounces": 1}
+    assert processor.bounce_counts(bounce("temporary_error", False, "counted")) == {
+        "soft_bounces": 1
+    }
+    assert processor.bounce_counts(bounce("policy", False, "counted")) == {"soft_bounces": 1}
+    assert processor.bounce_counts(bounce("spam", False, "complained")) == {"complaints": 1}
+    assert processor.bounce_counts(bounce("none", False, "status")) == {}
+    assert processor.bounce_counts(bounce("none", False, "reset")) == {}
+
+
+def test_feedback_counts_under_the_known_domain() -> None:
+    open_ = {"type": "open", "contact_id": 1}
+    assert processor.classify(Topic.FEEDBACK_EVENTS, open_, "gmail.com") == (
+        "gmail.com",
+        {"opens": 1},
+    )
+    assert processor.classify(Topic.FEEDBACK_EVENTS, {"type": "click"}, None) == (
+        None,
+        {"clicks": 1},
+    )
+    with pytest.raises(ValueError, match="not a deliverability input"):
+        processor.classify(Topic.JOBS_EVENTS, {}, None)
+
+
+def test_tally_sums_a_batch_per_domain_and_figures_give_rates() -> None:
+    batch = [
+        ("a.jp", {"attempts": 1, "delivered": 1}),
+        ("a.jp", {"attempts": 1, "deferred": 1, "deferred:4.7.0": 1}),
+        (None, {"opens": 1}),
+        ("b.jp", {}),
+    ]
+    per_domain = processor.tally(batch)
+    assert per_domain == {
+        "a.jp": {"attempts": 2, "delivered": 1, "deferred": 1, "deferred:4.7.0": 1}
+    }
+    figures = processor.figures(per_domain["a.jp"])
+    assert figures["deferral_rate"] == 0.5
+    assert figures["complaint_rate"] == 0.0
+    assert figures["deferred_by_code"] == {"4.7.0": 1}
+    assert figures["clicks"] == 0
+    assert processor.figures(None)["attempts"] == 0
