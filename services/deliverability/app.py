@@ -125,7 +125,7 @@ def make_faust_app(
         logging_config=None,
         # recovery reads each changelog to its fetched end, not the embedded broker's
         # short ListOffsets answer (recovery.py)
-        TableManager=table_manager(connection_options(settings)),
+        TableManager=table_manager(settings),
     )
     names = {topic_name(t, prefix): t for t in INPUTS}
     sources = app.topic(*names, key_serializer="raw", value_serializer="raw")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -26,7 +26,9 @@ from faust.tables.recovery import Recovery
 from faust.types import TP
 from faust.types.transports import ConsumerT
 
+from libs.common.kafkasecurity import connection_options
 from libs.common.logging import get_logger
+from libs.common.settings import CommonSettings
 
 log = get_logger(__name__)
 
@@ -38,7 +40,7 @@ ENDS_TIMEOUT_SECONDS = 30.0
 
 
 async def fetched_ends(
-    options: Mapping[str, Any], partitions: Iterable[TP], client_id: str
+    settings: CommonSettings, partitions: Iterable[TP], client_id: str
 ) -> dict[TP, int]:
     """Each partition's end offset (the next one to be written) as a fetch's high
     watermark reports it, read by a consumer of its own that joins no group: positioned at
@@ -47,7 +49,10 @@ async def fetched_ends(
     if not tps:
         return {}
     consumer = AIOKafkaConsumer(
-        **options, client_id=client_id, enable_auto_commit=False, fetch_max_wait_ms=FETCH_MS
+        **connection_options(settings),
+        client_id=client_id,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=FETCH_MS,
     )
     try:
         async with asyncio.timeout(ENDS_TIMEOUT_SECONDS):
@@ -68,8 +73,8 @@ class FetchedEndRecovery(Recovery):
     """faust's recovery, reading every changelog partition up to its fetched high
     watermark (:func:`fetched_ends`) when the listed end offset falls short of it."""
 
-    def __init__(self, *args: Any, client_options: Mapping[str, Any], **kwargs: Any) -> None:
-        self.client_options = dict(client_options)
+    def __init__(self, *args: Any, settings: CommonSettings, **kwargs: Any) -> None:
+        self.settings = settings
         super().__init__(*args, **kwargs)
 
     async def _build_highwaters(
@@ -78,7 +83,7 @@ class FetchedEndRecovery(Recovery):
         await super()._build_highwaters(consumer, tps, destination, title)
         # faust keeps the last offset (end - 1) and reads until it has seen it.
         client_id = f"{self.app.conf.broker_client_id}-recovery-ends"
-        for tp, end in (await fetched_ends(self.client_options, tps, client_id)).items():
+        for tp, end in (await fetched_ends(self.settings, tps, client_id)).items():
             listed = destination.get(tp)
             if listed is None or end - 1 > listed:
                 log.info(
@@ -91,18 +96,17 @@ class FetchedEndRecovery(Recovery):
                 destination[tp] = end - 1
 
 
-def table_manager(client_options: Mapping[str, Any]) -> type[TableManager]:
+def table_manager(settings: CommonSettings) -> type[TableManager]:
     """faust's TableManager (``App(TableManager=...)``) with :class:`FetchedEndRecovery`,
-    whose consumer connects with ``client_options`` (:func:`connection_options
-    <libs.common.kafkasecurity.connection_options>`)."""
-    options = dict(client_options)
+    whose consumer connects as every client does (:func:`connection_options
+    <libs.common.kafkasecurity.connection_options>` of ``settings``)."""
 
     class Tables(TableManager):
         @property
         def recovery(self) -> Recovery:
             if self._recovery is None:
                 self._recovery = FetchedEndRecovery(
-                    self.app, self, client_options=options, beacon=self.beacon, loop=self.loop
+                    self.app, self, settings=settings, beacon=self.beacon, loop=self.loop
                 )
             return self._recovery
 
