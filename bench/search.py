@@ -176,5 +176,5 @@ async def run(
         _result("search (a) tag+custom+state", a, loaded, requests),
         _result("search (b) history", b, loaded, requests),
         _console_result("console /contacts (a) tag+custom+state", page_a, loaded, requests),
-        _console_result("console /contacts (b) opened, 30 days", page_b, loaded, requests),
+        _console_result("console /contacts (b) opened, 28 days", page_b, loaded, requests),
     ]

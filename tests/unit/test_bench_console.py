@@ -21,9 +21,9 @@ def test_form_a_is_the_api_filter_a() -> None:
     assert sorted(map(repr, built.filter["all"])) == sorted(map(repr, expected))
 
 
-def test_form_b_is_opened_within_30_days_of_any_campaign() -> None:
+def test_form_b_is_opened_within_28_days_of_any_campaign() -> None:
     built = search_form.build(console.form_b(random.Random(4)), KINDS)
-    assert built.filter == {"all": [{"history": {"event": "opened", "within_days": 30}}]}
+    assert built.filter == {"all": [{"history": {"event": "opened", "within_days": 28}}]}
 
 
 def test_a_page_shows_the_total_only_when_it_is_the_exact_one() -> None:
