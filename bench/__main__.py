@@ -1,6 +1,7 @@
-"""``make bench``: ingest, search and snapshot benchmarks of contacts, the unsubscribe
-latency of suppression, a campaign's send rate through scheduler and sender, and the bounce
-processor's DSN and open-pixel rates; a CSV export through the exporter.
+"""``make bench``: ingest, search (the API and the console's search page) and snapshot
+benchmarks of contacts, the unsubscribe latency of suppression, a campaign's send rate
+through scheduler and sender, and the bounce processor's DSN and open-pixel rates; a CSV
+export through the exporter.
 
     python -m bench [--only ingest|search|snapshot|export|unsubscribe|campaign|bounce]
                     [--contacts N]

@@ -30,6 +30,7 @@ from services.contacts.schemas import (
     FilterQuery,
     Group,
     GroupList,
+    GroupListQuery,
     GroupPath,
     Joined,
     MemberPath,
@@ -343,9 +344,10 @@ def _group_views(kind: str) -> None:
     path = "/v1/groups" if kind == "group" else "/v1/plans"
     plural = f"{kind}s"
 
-    async def list_view(request: web.Request) -> web.Response:
+    async def list_view(request: web.Request, query: GroupListQuery) -> web.Response:
+        sql = QUERIES["groups" if query.members else "groups-without-counts"]
         async with _ctx(request).pool.acquire() as conn:
-            rows = await conn.fetch(QUERIES["groups"], kind)
+            rows = await conn.fetch(sql, kind)
         return json_response({"items": [dict(r) for r in rows]})
 
     async def create_view(request: web.Request, body: NewGroup) -> web.Response:
@@ -371,7 +373,7 @@ def _group_views(kind: str) -> None:
         (get_view, f"get_{kind}"),
     ):
         view.__name__ = view.__qualname__ = name
-    list_view.__doc__ = f"List {kind}s with member counts."
+    list_view.__doc__ = f"List {kind}s with member counts (none with ?members=false)."
     create_view.__doc__ = f"Create a {kind}: {{name, description}}."
     get_view.__doc__ = f"One {kind} with its member count" + (
         " (its steps and schedule are the scheduler's: PUT|GET /v1/plans/{id} there)."
@@ -379,7 +381,7 @@ def _group_views(kind: str) -> None:
         else "."
     )
     tags = (plural,)
-    routes.get(path)(contract(response=GroupList, tags=tags)(list_view))
+    routes.get(path)(contract(query=GroupListQuery, response=GroupList, tags=tags)(list_view))
     routes.post(path)(
         contract(
             body=NewGroup,

@@ -46,6 +46,10 @@ SELECT g.id, g.kind, g.name, g.description, g.created_at,
        (SELECT count(*) FROM membership m WHERE m.group_id = g.id) AS members
 FROM contact_group g WHERE g.kind = $1 ORDER BY g.id;
 
+-- name: groups-without-counts
+SELECT g.id, g.kind, g.name, g.description, g.created_at, NULL::bigint AS members
+FROM contact_group g WHERE g.kind = $1 ORDER BY g.id;
+
 -- name: group-with-members
 SELECT g.id, g.kind, g.name, g.description, g.created_at,
        (SELECT count(*) FROM membership m WHERE m.group_id = g.id) AS members

@@ -428,6 +428,15 @@ class GroupList(Answer):
     items: list[Group]
 
 
+class GroupListQuery(Model):
+    members: bool = Field(
+        True,
+        description="count each one's members; false: members null and no count over the "
+        "memberships (a form's choice of groups: the count of a million members costs "
+        "hundreds of milliseconds)",
+    )
+
+
 class GroupPath(Model):
     id: Id = Field(title="グループID", examples=[1])
 

@@ -302,6 +302,10 @@ async def test_groups_plans_and_members(contacts, kafka):
     ]
     plans = await api.ok("GET", "/v1/plans")
     assert [(p["id"], p["members"]) for p in plans["items"]] == [(plan["id"], 1)]
+    names = await api.ok("GET", "/v1/groups?members=false", token=VIEWER_TOKEN)
+    assert [(g["id"], g["name"], g["members"]) for g in names["items"]] == [
+        (group["id"], "ニュース", None)
+    ]
     fetched = await api.ok("GET", f"/v1/contacts/{m2}")
     assert [
         (m["group_id"], m["kind"], m["state"], m["method"]) for m in fetched["memberships"]

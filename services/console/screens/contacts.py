@@ -56,10 +56,11 @@ STATE_RULES = (
 
 
 async def lookups(client: RoleApi, group: str | None = None) -> dict[str, Any]:
-    """Custom fields, groups and saved searches for the form."""
+    """Custom fields, groups and saved searches for the form (the groups' names only: their
+    member counts would cost a count over every membership per page)."""
     fields, groups, filters = await asyncio.gather(
         client.get("contacts", "/v1/fields"),
-        client.get("contacts", "/v1/groups"),
+        client.get("contacts", "/v1/groups", members="false"),
         client.get(
             "contacts", "/v1/filters", group_id=group if group and group.isdigit() else None
         ),
@@ -243,7 +244,7 @@ async def bulk(request: web.Request) -> web.Response:
     tag = str(posted.get("tag", "")).strip() if action in ("add_tag", "remove_tag") else ""
     uses_group = action == "join_group" or action in STATE_ACTIONS
     group = str(posted.get("target_group", "")) if uses_group else ""
-    groups = (await client.get("contacts", "/v1/groups"))["items"]
+    groups = (await client.get("contacts", "/v1/groups", members="false"))["items"]
     count = len(ids)
     if everything:
         count = (await client.post("contacts", "/v1/contacts/search", wanted.body(1, None)))[

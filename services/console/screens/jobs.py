@@ -83,7 +83,8 @@ async def _dialog(
 ) -> web.Response:
     client = api(request)
     fields, groups = await asyncio.gather(
-        client.get("contacts", "/v1/fields"), client.get("contacts", "/v1/groups")
+        client.get("contacts", "/v1/fields"),
+        client.get("contacts", "/v1/groups", members="false"),
     )
     chosen = form.get("columns_list", ",".join(DEFAULT_COLUMNS)).split(",")
     return render(
