@@ -2,8 +2,9 @@
 
 From ``schemas/avro/`` (each topic's current schema, its version and examples),
 ``libs/common/topics.py`` (names, keys, compaction, upstream and downstream topics) and the
-services' own declarations: the consumers each ``services/<name>/app.py`` builds and the
-topics it names in ``PRODUCES``. ``tayori schemas asyncapi`` writes it;
+services' own declarations: the consumers each ``services/<name>/app.py`` builds, the
+topics it names in ``PRODUCES`` and those its replicas each read whole, in no group
+(``FOLLOWS``). ``tayori schemas asyncapi`` writes it;
 ``tests/unit/test_asyncapi.py`` fails when the checked-in file is not what this makes.
 
 Per topic: a channel (address ``{prefix}<topic>``, the prefix being KAFKA_TOPIC_PREFIX),
@@ -79,9 +80,14 @@ def document() -> dict[str, Any]:
                 "send", cid, refs, service, f"{who} {topic.value}"
             )
         for service, group in consumers.get(topic, []):
-            if group is None:  # systems outside Tayori
+            if group is None:  # systems outside Tayori, or a service's replicas each whole
+                title = (
+                    f"{service} systems consume {topic.value}"
+                    if service == DOWNSTREAM_SYSTEMS
+                    else f"{service} reads all of {topic.value} in every replica (no group)"
+                )
                 operations[f"{service}_receive_{cid}"] = _operation(
-                    "receive", cid, refs, service, f"{service} systems consume {topic.value}"
+                    "receive", cid, refs, service, title
                 )
                 continue
             operations[f"{channel_id(group)}_receive_{cid}"] = _operation(
@@ -189,6 +195,8 @@ def _declared() -> tuple[dict[Topic, list[tuple[str, str | None]]], dict[Topic, 
                 consumers.setdefault(topic, []).append((name, spec.group))
         for topic in app.PRODUCES:
             producers.setdefault(topic, []).append(name)
+        for topic in getattr(app, "FOLLOWS", ()):  # read whole by every replica, no group
+            consumers.setdefault(topic, []).append((name, None))
     for topic in DOWNSTREAM:
         consumers.setdefault(topic, []).append((DOWNSTREAM_SYSTEMS, None))
     return consumers, producers

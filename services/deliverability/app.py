@@ -12,6 +12,10 @@ contact_id). Two faust stages:
    (hopping 3600 s, step DELIVERABILITY_HOUR_STEP_SECONDS) windowed tables, partitioned
    by domain. Every table recovers from its changelog topic on restart.
 
+Output: every DELIVERABILITY_POLICY_INTERVAL_SECONDS each domain's sending policy is
+decided from those windows and published, when it changed, on the compacted
+``domain.policy`` topic (:mod:`services.deliverability.announce`); the senders follow it.
+
 faust's own web server is off; ``/v1/domains`` and the standard endpoints are ours
 (aiohttp, HTTP_PORT), ``/metrics`` serving the common families and its own
 (``metrics.DELIVERABILITY``). An unreadable input record is dead-lettered through the
@@ -53,6 +57,7 @@ from libs.common.kafkasecurity import check_connection, connection_options
 from libs.common.logging import get_logger
 from libs.common.topics import StreamTopic, Topic, topic_name
 from services.deliverability import agents, api
+from services.deliverability.announce import Announcer
 from services.deliverability.api import TABLES, Tables
 from services.deliverability.models import Counts, no_counts
 from services.deliverability.recovery import table_manager
@@ -61,8 +66,9 @@ from services.deliverability.settings import DeliverabilitySettings
 log = get_logger(__name__)
 
 INPUTS = (Topic.DELIVERY_RESULTS, Topic.BOUNCE_EVENTS, Topic.FEEDBACK_EVENTS)
-#: the topics it publishes to besides dead letters (docs/asyncapi.json): none yet.
-PRODUCES: tuple[Topic, ...] = ()
+#: the topics it publishes to besides dead letters (docs/asyncapi.json): each domain's
+#: policy (announce.py).
+PRODUCES: tuple[Topic, ...] = (Topic.DOMAIN_POLICY,)
 #: windows older than this are dropped from the tables (and their changelogs).
 MINUTE_EXPIRES = timedelta(hours=1)
 HOUR_EXPIRES = timedelta(hours=2)
@@ -197,6 +203,9 @@ class Runtime:
     publisher: Publisher = field(init=False)
     _worker: asyncio.Task[Any] | None = field(default=None, init=False)
     _watch: asyncio.Task[None] | None = field(default=None, init=False)
+    #: decides and publishes the domains' policies (announce.py).
+    announcer: Announcer | None = field(default=None, init=False)
+    _announce: asyncio.Task[None] | None = field(default=None, init=False)
     _runner: web.AppRunner | None = field(default=None, init=False)
     _lag_series: set[tuple[str, str, str]] = field(default_factory=set, init=False)
     _committed: dict[Any, int | None] = field(default_factory=dict, init=False)
@@ -231,6 +240,8 @@ class Runtime:
             )
         self._worker = asyncio.ensure_future(self.app.start())
         self._watch = asyncio.ensure_future(self._watch_loop())
+        self.announcer = Announcer(s, self.publisher, self.tables)
+        self._announce = asyncio.ensure_future(self.announcer.run_forever())
         web_app = http.create_app(
             s.service,
             s.bearer_tokens(),
@@ -339,9 +350,10 @@ class Runtime:
         log.info("service_stopping")
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
+        for task in (self._watch, self._announce):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.app is not None:
             await self.app.stop()
             self.app.on_before_shutdown.disconnect(self._drain, sender=self.app)

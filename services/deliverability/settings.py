@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from libs.common.settings import CommonSettings, env
 from libs.common.topics import DEFAULT_PARTITIONS
+from services.deliverability.policy import Thresholds
 
 
 @dataclass(frozen=True, repr=False)
@@ -26,3 +27,37 @@ class DeliverabilitySettings(CommonSettings):
     batch_records: int = env("DELIVERABILITY_BATCH_RECORDS", 2000)
     #: how long a round waits for its batch to fill.
     batch_seconds: float = env("DELIVERABILITY_BATCH_SECONDS", 0.2)
+    #: how often each domain's policy is decided from its windows (domain.policy).
+    policy_interval_seconds: float = env("DELIVERABILITY_POLICY_INTERVAL_SECONDS", 5.0)
+    #: an unchanged throttle or pause is published again this often (its end moves on).
+    policy_republish_seconds: float = env("DELIVERABILITY_POLICY_REPUBLISH_SECONDS", 120.0)
+    #: the deferral and rate-limit rules look at this many recent minute windows.
+    policy_recent_minutes: int = env("DELIVERABILITY_POLICY_RECENT_MINUTES", 5)
+    #: deferred / attempts at or above this throttles the domain ...
+    deferral_ratio: float = env("DELIVERABILITY_DEFERRAL_RATIO", 0.3)
+    #: ... once this many sends were attempted in the recent minutes.
+    deferral_min_attempts: int = env("DELIVERABILITY_DEFERRAL_MIN_ATTEMPTS", 50)
+    #: this many 421 / 4.7.x deferrals in the recent minutes pause the domain (0: never).
+    rate_limit_deferrals: int = env("DELIVERABILITY_RATE_LIMIT_DEFERRALS", 20)
+    #: complaints / delivered over the last hour above this pauses the domain ...
+    complaint_rate: float = env("DELIVERABILITY_COMPLAINT_RATE", 0.003)
+    #: ... once this many were delivered in the hour.
+    complaint_min_delivered: int = env("DELIVERABILITY_COMPLAINT_MIN_DELIVERED", 1000)
+    #: a throttled domain is never set below this rate (msgs/s).
+    throttle_min_rate: float = env("DELIVERABILITY_THROTTLE_MIN_RATE", 1.0)
+    #: a throttle not renewed ends after this long.
+    throttle_seconds: float = env("DELIVERABILITY_THROTTLE_SECONDS", 300.0)
+    #: a pause not renewed ends after this long.
+    pause_seconds: float = env("DELIVERABILITY_PAUSE_SECONDS", 1800.0)
+
+    def thresholds(self) -> Thresholds:
+        return Thresholds(
+            deferral_ratio=self.deferral_ratio,
+            deferral_min_attempts=self.deferral_min_attempts,
+            rate_limit_deferrals=self.rate_limit_deferrals,
+            complaint_rate=self.complaint_rate,
+            complaint_min_delivered=self.complaint_min_delivered,
+            throttle_min_rate=self.throttle_min_rate,
+            throttle_seconds=self.throttle_seconds,
+            pause_seconds=self.pause_seconds,
+        )

@@ -6,7 +6,8 @@ copy). Outputs: SMTP to the relays, delivery.results (published once
 the ledger committed them; ledger.py) and send.progress (answers to the release checkpoints
 among send.requests; progress.py). HTTP: /v1/relays, /v1/ledger/{campaign_id}, the
 per-domain overrides /v1/domains/{domain}/override and /v1/domain-overrides (api.py), and
-/healthz, /readyz, /metrics from the runtime.
+/healthz, /readyz, /metrics from the runtime. Every replica also reads the whole of
+domain.policy, in no group, into its per-domain pacing (policyfeed.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
 from services.sender import agents, api, maintenance, overrides
 from services.sender.context import CONTEXT, SCHEMA, Context
+from services.sender.policyfeed import PolicyFeed
 from services.sender.settings import SenderSettings
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -30,7 +32,10 @@ PRODUCES = (
     Topic.DELIVERY_RESULTS,
     Topic.SEND_PROGRESS,
 )
-__all__ = ["MIGRATIONS", "PRODUCES", "SCHEMA", "build"]
+#: the topics every replica reads whole, in no consumer group (docs/asyncapi.json):
+#: each domain's published policy (policyfeed.py).
+FOLLOWS = (Topic.DOMAIN_POLICY,)
+__all__ = ["FOLLOWS", "MIGRATIONS", "PRODUCES", "SCHEMA", "build"]
 
 
 def build(settings: SenderSettings) -> Runtime:
@@ -115,7 +120,17 @@ def build(settings: SenderSettings) -> Runtime:
     async def domain_overrides() -> None:
         await overrides.refresh_forever(ctx())
 
-    runtime.background = [start_delivery, hold_owner_lock, upkeep, domain_overrides]
+    async def domain_policies() -> None:
+        context = ctx()
+        await PolicyFeed(settings, context.publisher, context.relays.pacing).run_forever()
+
+    runtime.background = [
+        start_delivery,
+        hold_owner_lock,
+        upkeep,
+        domain_overrides,
+        domain_policies,
+    ]
     runtime.setup_routes = setup_routes
     runtime.on_stop = [stop_delivery]
     return runtime

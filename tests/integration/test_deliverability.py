@@ -1,19 +1,24 @@
 """The deliverability service against the embedded broker: delivery results, bounces and
 feedback for several domains published to the real topics come out per domain in
 ``GET /v1/domains``; a worker stopped and started again recovers the same figures from
-its tables' changelogs and goes on counting."""
+its tables' changelogs and goes on counting; a domain past the deferral or complaint
+thresholds gets a throttled or paused ``domain.policy`` record, a healthy one none."""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from libs.common import avro
 from libs.common.topics import StreamTopic, Topic, topic_name
 from services.deliverability.app import INPUTS, Runtime
 from services.deliverability.settings import DeliverabilitySettings
@@ -68,9 +73,11 @@ def _feedback(contact_id: int, kind: str) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def deliverability(stack: Stack, prefix: str) -> AsyncIterator[tuple[Runtime, Api]]:
+async def deliverability(
+    stack: Stack, prefix: str, **overrides: Any
+) -> AsyncIterator[tuple[Runtime, Api]]:
     settings = settings_for(
-        DeliverabilitySettings, stack, "", prefix, partitions=2, batch_seconds=0.05
+        DeliverabilitySettings, stack, "", prefix, partitions=2, batch_seconds=0.05, **overrides
     )
     runtime = Runtime(settings)
     await runtime.start()
@@ -224,3 +231,88 @@ async def test_domains_count_per_domain_and_survive_a_restart(stack: Stack, kafk
             "docomo.ne.jp": {**EXPECTED["docomo.ne.jp"], "opens": 2},
         }
         await _expected_in(api, more)
+
+
+async def test_domains_past_the_thresholds_get_a_published_policy(
+    stack: Stack, kafka: Kafka
+) -> None:
+    # slow.example: half its sends deferred (4.7.0) → throttled; complain.example: one
+    # complaint in 20 deliveries → paused; fine.example: all delivered → no record.
+    for contact in range(100, 120):
+        deferred = contact % 2 == 0
+        outcome = "temporary_error" if deferred else "sent"
+        code = {"smtp_code": 421, "enhanced_code": "4.7.0"} if deferred else {}
+        email = f"u{contact}@slow.example"
+        await kafka.send(Topic.DELIVERY_RESULTS, contact, _result(contact, email, outcome, **code))
+    for contact in range(200, 220):
+        email = f"u{contact}@complain.example"
+        await kafka.send(Topic.DELIVERY_RESULTS, contact, _result(contact, email, "sent"))
+        email = f"u{contact}@fine.example"
+        await kafka.send(
+            Topic.DELIVERY_RESULTS, contact + 100, _result(contact + 100, email, "sent")
+        )
+    await kafka.send(Topic.BOUNCE_EVENTS, 200, _bounce(200, "u200@complain.example", "spam", False))
+    thresholds = {
+        "policy_interval_seconds": 0.2,
+        "deferral_min_attempts": 10,
+        "complaint_min_delivered": 10,
+        "rate_limit_deferrals": 0,  # the 4.7.0 answers throttle here, they do not pause
+        "policy_republish_seconds": 3600.0,  # no renewal within the test
+    }
+    async with deliverability(stack, kafka.prefix, **thresholds) as (runtime, api):
+        announcer = runtime.announcer
+        assert announcer is not None
+
+        def latest(records: list[Any]) -> dict[str, Any]:
+            """The topic as compaction leaves it: the last value per key (None: tombstone)."""
+            out: dict[str, Any] = {}
+            for r in records:
+                value = r.value and avro.decode(Topic.DOMAIN_POLICY, r.value, r.headers)
+                out[r.key.decode()] = value
+            return out
+
+        def both(records: list[Any]) -> bool:
+            return latest(records).keys() >= {"slow.example", "complain.example"}
+
+        policies = latest(await kafka.read(Topic.DOMAIN_POLICY, until=both, raw=True))
+        now = datetime.now(UTC)
+        slow, complain = policies["slow.example"], policies["complain.example"]
+        # The figures it decided from may be a first part of the results (counted batch
+        # by batch): the state and the form of the reason are certain, the numbers not.
+        assert slow["state"] == "throttled", slow
+        assert slow["domain"] == "slow.example"
+        assert slow["messages_per_second"] == 1.0  # ≤ 10 a minute accepted: the floor
+        assert re.fullmatch(r"deferral_ratio 0\.\d\d >= 0\.30 \(\d+/\d+ in [12]m\)", slow["reason"])
+        assert slow["until"] > now
+        assert complain["state"] == "paused", complain
+        assert re.fullmatch(
+            r"complaint_rate 0\.\d{4} > 0\.0030 \(1/\d+ delivered in 1h\)", complain["reason"]
+        )
+        assert complain["until"] > now
+
+        # Once everything is counted, rounds publish nothing more: the policies did not
+        # change, and a healthy domain gets no record.
+        counted = {
+            "slow.example": {"attempts": 20, "deferred": 10},
+            "complain.example": {"delivered": 20, "complaints": 1},
+            "fine.example": {"delivered": 20},
+        }
+        await _expected_in(api, counted)
+        await announcer.round()  # the figures as counted now
+        before = await kafka.read_to_end(Topic.DOMAIN_POLICY.value)
+        for _ in range(3):
+            assert await announcer.round() == 0
+        after = await kafka.read_to_end(Topic.DOMAIN_POLICY.value)
+        assert len(after) == len(before)
+        assert set(latest(after)) == {"slow.example", "complain.example"}
+
+        # The deferrals no longer count as many (a higher threshold): slow.example is
+        # normal again, published once as a tombstone.
+        announcer.limits = replace(announcer.limits, deferral_ratio=0.9)
+        await announcer.round()  # or the loop's round did it
+        assert await announcer.round() == 0
+        records = await kafka.read_to_end(Topic.DOMAIN_POLICY.value)
+        assert len(records) == len(after) + 1
+        final = latest(records)
+        assert final["slow.example"] is None
+        assert final["complain.example"]["state"] == "paused"

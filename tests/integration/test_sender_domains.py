@@ -1,5 +1,6 @@
 """Per-recipient-domain pacing through the real broker, PostgreSQL and an SMTP relay
-(aiosmtpd) that rate-limits one domain; and the operator override API."""
+(aiosmtpd) that rate-limits one domain; the operator override API; and the policies the
+deliverability service publishes on domain.policy."""
 
 from __future__ import annotations
 
@@ -14,8 +15,17 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from libs.common.metrics import sample_value
+from libs.common.topics import Topic
 from tayori.embedded import MaildirHandler, SmtpSink, free_port
-from tests.conftest import OPERATOR_TOKEN, VIEWER_TOKEN, Kafka, Service, Stack
+from tests.conftest import (
+    OPERATOR_TOKEN,
+    VIEWER_TOKEN,
+    Kafka,
+    Service,
+    Stack,
+    eventually,
+    running,
+)
 from tests.integration.test_sender import (
     kept,
     one_connection,
@@ -245,3 +255,54 @@ async def test_a_warm_up_cap_leaves_the_rest_for_later_and_sends_nothing_twice(
     again = await results(kafka, 2 * len(requests))
     assert {r["result_id"] for r in again} == {r["result_id"] for r in got}
     assert recipients(smtp_sink.messages()) == sent
+
+
+def _domain_policy(domain: str, state: str, rate: float | None, reason: str) -> dict[str, Any]:
+    now = int(time.time() * 1000)  # epoch milliseconds, as deliverability writes them
+    return {
+        "domain": domain,
+        "state": state,
+        "messages_per_second": rate,
+        "connections": None,
+        "reason": reason,
+        "until": now + 3_600_000,
+        "decided_at": now,
+    }
+
+
+async def test_the_sender_follows_the_published_domain_policies(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, smtp_sink: SmtpSink
+) -> None:
+    """domain.policy, read whole by the replica in no group: a record there before it
+    started and one published while it runs set the domain's policy (the override API's
+    ``policy`` shows it), a tombstone clears it, and a record it cannot read is skipped
+    without stopping the reader."""
+    early = "early.example"
+    await kafka.send(
+        Topic.DOMAIN_POLICY, early, _domain_policy(early, "throttled", 3.0, "deferral_ratio 0.5")
+    )
+    await kafka.send_raw(Topic.DOMAIN_POLICY, "broken.example", b"\x00not avro")
+    relays = f"127.0.0.1:{smtp_sink.port}"
+    async with running("sender", stack, database, prefix, smtp_relays=relays) as sender:
+        api = sender.api
+
+        async def policy_of(domain: str, state: str) -> dict[str, Any]:
+            body = await api.ok("GET", f"/v1/domains/{domain}/override", token=VIEWER_TOKEN)
+            assert body["policy"]["state"] == state, body
+            return dict(body["policy"])
+
+        policy = await eventually(lambda: policy_of(early, "throttled"))
+        assert (policy["rate"], policy["reason"]) == (3.0, "deferral_ratio 0.5")
+        assert (await policy_of("broken.example", "normal"))["reason"] is None
+
+        later = "later.example"
+        reason = "complaint_rate 0.0050 > 0.0030 (5/1000 delivered in 1h)"
+        await kafka.send(Topic.DOMAIN_POLICY, later, _domain_policy(later, "paused", None, reason))
+        policy = await eventually(lambda: policy_of(later, "paused"))
+        assert policy["reason"] == reason
+        assert 0 < policy["paused_for_seconds"] <= 3600
+
+        await kafka.send_raw(Topic.DOMAIN_POLICY, early, None)  # the tombstone
+        policy = await eventually(lambda: policy_of(early, "normal"))
+        assert policy["reason"] is None
+        assert (await policy_of(later, "paused"))["reason"] == reason

@@ -257,6 +257,8 @@ def test_every_topic_its_producers_and_each_consumer_group_are_there(
         app, settings_cls = service_parts(name)
         for topic in app.PRODUCES:
             assert (name, asyncapi.channel_id(topic.value)) in sends
+        for topic in getattr(app, "FOLLOWS", ()):
+            assert f"{name}_receive_{asyncapi.channel_id(topic.value)}" in operations
         for spec in app.build(load(settings_cls, {})).consumers:
             for topic in spec.topics:
                 assert (spec.group, asyncapi.channel_id(topic.value)) in groups
@@ -274,6 +276,7 @@ def test_what_a_service_declares_it_produces_is_what_its_code_names(name: str) -
     ones it produces or consumes, and each topic it declares is named in its code."""
     app, settings_cls = service_parts(name)
     consumed = {t for spec in app.build(load(settings_cls, {})).consumers for t in spec.topics}
+    consumed |= set(getattr(app, "FOLLOWS", ()))
     named: set[Topic] = set()
     for path in (ROOT / "services" / name).glob("*.py"):
         if path.name == "app.py":

@@ -1,0 +1,126 @@
+"""Publishing each domain's policy on ``domain.policy`` (compacted, keyed by domain): every
+``DELIVERABILITY_POLICY_INTERVAL_SECONDS`` the windows of every domain are decided
+(:func:`policy.decide <services.deliverability.policy.decide>`) and a decision is
+published when :func:`policy.should_publish` says so — on a change, a throttle or pause
+renewed now and then, a return to normal as a tombstone (the sender then applies its own
+defaults). Through the service's :class:`~libs.common.kafka.Publisher`.
+
+What was published lives in this process only: after a restart a throttle or pause still
+in force is published again at the first round, and one that ended while the service was
+down ends at the sender by its ``until``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from libs.common.kafka import Publisher
+from libs.common.logging import get_logger
+from libs.common.topics import Topic
+from services.deliverability import policy
+from services.deliverability.api import Tables
+from services.deliverability.policy import NORMAL, Decision, Thresholds
+from services.deliverability.settings import DeliverabilitySettings
+
+log = get_logger(__name__)
+
+
+def record(domain: str, decision: Decision, now: float) -> dict[str, Any]:
+    """The ``domain.policy`` value of a decision (times in epoch milliseconds)."""
+    return {
+        "domain": domain,
+        "state": decision.state,
+        "messages_per_second": decision.rate,
+        "connections": None,
+        "reason": decision.reason or "",
+        "until": None if decision.until is None else int(decision.until * 1000),
+        "decided_at": int(now * 1000),
+    }
+
+
+def _hour_now(windows: list[tuple[float, float, dict[str, int]]], now: float) -> dict[str, int]:
+    """The hopping hour window covering most of the last hour (the earliest-starting one
+    holding ``now``), as ``GET /v1/domains`` shows it."""
+    holding = [w for w in windows if w[0] <= now <= w[1]]
+    return min(holding, key=lambda w: w[0])[2] if holding else {}
+
+
+@dataclass
+class Announcer:
+    """Decides and publishes the policies of the domains in this process's tables."""
+
+    settings: DeliverabilitySettings
+    publisher: Publisher
+    tables: Tables
+    limits: Thresholds = field(init=False)
+    #: domain → (last decision published, when): what the topic says now, as far as we know.
+    published: dict[str, tuple[Decision, float]] = field(default_factory=dict, init=False)
+    #: one round at a time (a round called while the loop's runs would publish twice).
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        self.limits = self.settings.thresholds()
+
+    async def round(self, now: float | None = None) -> int:
+        """Decide every domain seen in the last hour (and every one last published as
+        restricted) and publish what changed; the number of records published."""
+        async with self._lock:
+            return await self._round(time.time() if now is None else now)
+
+    async def _round(self, now: float) -> int:
+        minutes = self.tables.windows(self.tables.minute)
+        hours = self.tables.windows(self.tables.hour)
+        sent = 0
+        for domain in sorted(set(minutes) | set(hours) | set(self.published)):
+            recent = policy.recent_windows(
+                minutes.get(domain, []), now, self.settings.policy_recent_minutes
+            )
+            hour = _hour_now(hours.get(domain, []), now)
+            decision = policy.decide(recent, hour, now=now, limits=self.limits)
+            last = self.published.get(domain)
+            if not policy.should_publish(
+                decision,
+                last[0] if last else None,
+                last[1] if last else None,
+                now=now,
+                republish_seconds=self.settings.policy_republish_seconds,
+            ):
+                continue
+            await self._publish(domain, decision, now)
+            sent += 1
+        return sent
+
+    async def _publish(self, domain: str, decision: Decision, now: float) -> None:
+        if decision.state == NORMAL:
+            await (await self.publisher.send_raw(Topic.DOMAIN_POLICY, domain, None))
+            self.published.pop(domain, None)
+        else:
+            await (
+                await self.publisher.send(
+                    Topic.DOMAIN_POLICY, domain, record(domain, decision, now)
+                )
+            )
+            self.published[domain] = (decision, now)
+        log.info(
+            "domain_policy_published",
+            domain=domain,
+            state=decision.state,
+            rate=decision.rate,
+            reason=decision.reason,
+        )
+
+    async def run_forever(self) -> None:
+        """A round every interval, once the tables are recovered (before, the figures
+        would be short). A round the broker
+        refuses is logged and tried again at the next one (the decisions are kept as they
+        were, so nothing is skipped)."""
+        while True:
+            try:
+                if self.tables.recovered():
+                    await self.round()
+            except Exception as exc:  # boundary: a broker hiccup must not end the loop
+                log.error("domain_policy_round_failed", error=repr(exc), exc_info=exc)
+            await asyncio.sleep(self.settings.policy_interval_seconds)
