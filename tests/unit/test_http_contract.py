@@ -218,7 +218,10 @@ async def test_a_chunked_body_is_cut_at_the_limit() -> None:
             headers={"Content-Type": "application/json"},
         )
     assert status == 413 and body["status"] == 413
-    assert sent < 8 << 20, f"the server read {sent} bytes before refusing"
+    # What the client got rid of, not what the server read: the kernel's socket buffers
+    # (up to net.ipv4.tcp_rmem's 32 MiB here, autotuned, more under load) take part of it.
+    # A server reading the whole body would have taken all 64 MiB.
+    assert sent < 48 << 20, f"the client sent {sent} bytes before the refusal"
 
 
 async def test_a_trickled_body_times_out() -> None:
