@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
-from collections.abc import Callable
+import signal
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import uvloop
@@ -45,6 +46,26 @@ def run_service(settings_cls: type[S], build: Callable[[S], Any]) -> None:
     except Exception as exc:
         log.error("service_failed", error=repr(exc), exc_info=exc)
         raise SystemExit(1) from None
+
+
+def stop_signal() -> asyncio.Event:
+    """An event SIGTERM (the pod's stop) or SIGINT (Ctrl-C) sets, in the running loop."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def serve_until_signalled(
+    start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]
+) -> None:
+    """``start``, then run until SIGTERM or SIGINT, then ``stop``: the whole life of a
+    process that owns no consumer loop of :class:`~libs.common.service.Runtime`'s."""
+    signalled = stop_signal()
+    await start()
+    await signalled.wait()
+    await stop()
 
 
 def _refuse(settings: CommonSettings) -> None:

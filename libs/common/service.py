@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from libs.common import db, http, metrics
+from libs.common import db, http, metrics, runner
 from libs.common.errors import is_transient
 from libs.common.kafka import (
     Concurrency,
@@ -339,11 +338,7 @@ class Runtime:
 
     async def serve_forever(self) -> None:
         """Run until SIGTERM/SIGINT or a failed task, then stop gracefully."""
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        stopped = asyncio.ensure_future(stop.wait())
+        stopped = asyncio.ensure_future(runner.stop_signal().wait())
         starting = asyncio.ensure_future(self.start())
         await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():  # stopped while waiting for a dependency: leave at once

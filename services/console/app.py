@@ -9,7 +9,6 @@ every service has.
 from __future__ import annotations
 
 import asyncio
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from libs.common import db
+from libs.common import db, runner
 from libs.common import metrics as tayori_metrics
 from libs.common.http import dumps
 from libs.common.logging import get_logger
@@ -154,13 +153,7 @@ class Console:
         log.info("service_stopped")
 
     async def serve_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        await stop.wait()
-        await self.stop()
+        await runner.serve_until_signalled(self.start, self.stop)
 
 
 def build(settings: ConsoleSettings) -> Console:

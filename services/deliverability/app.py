@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from aiohttp import web
 from faust.exceptions import ConsumerNotStarted
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from libs.common import http, metrics
+from libs.common import http, metrics, runner
 from libs.common.kafka import LAG_REFRESH_SECONDS, Publisher, make_producer
 from libs.common.kafkasecurity import check_connection, connection_options
 from libs.common.logging import get_logger
@@ -370,13 +369,7 @@ class Runtime:
         log.info("service_stopped")
 
     async def serve_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        await stop.wait()
-        await self.stop()
+        await runner.serve_until_signalled(self.start, self.stop)
 
 
 def build(settings: DeliverabilitySettings) -> Runtime:
