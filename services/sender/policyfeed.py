@@ -120,7 +120,14 @@ class PolicyFeed:
             fetch_max_wait_ms=fetch_ms,
         )
         try:
-            await consumer.start()
+            starting = asyncio.ensure_future(consumer.start())
+            try:
+                await asyncio.shield(starting)
+            except asyncio.CancelledError:
+                # A start cut off half-way (the sender stopping as it starts) leaves aiokafka's
+                # bootstrap connection reading for ever: let the start end, then stop below.
+                await asyncio.gather(starting, return_exceptions=True)
+                raise
             parts = [
                 TopicPartition(name, p)
                 for p in sorted(await self.publisher.producer.partitions_for(name))
