@@ -29,6 +29,9 @@ class Topic(StrEnum):
     JOBS_EVENTS = "jobs.events"
     #: per receiving domain, the sending policy in force (deliverability; key: the domain).
     DOMAIN_POLICY = "domain.policy"
+    #: per campaign, the complaint guard's held receiving domains (deliverability →
+    #: scheduler; key: the campaign).
+    CAMPAIGN_GUARD = "campaign.guard"
 
     @property
     def dlq(self) -> str:
@@ -36,7 +39,12 @@ class Topic(StrEnum):
 
     @property
     def compacted(self) -> bool:
-        return self in (Topic.CONTACTS_CHANGELOG, Topic.CAMPAIGN_CONTENT, Topic.DOMAIN_POLICY)
+        return self in (
+            Topic.CONTACTS_CHANGELOG,
+            Topic.CAMPAIGN_CONTENT,
+            Topic.DOMAIN_POLICY,
+            Topic.CAMPAIGN_GUARD,
+        )
 
     @property
     def upstream(self) -> bool:
@@ -81,6 +89,7 @@ KEYS = {
     Topic.MAIL_SYSTEM: "job_id",
     Topic.JOBS_EVENTS: "job_id",
     Topic.DOMAIN_POLICY: "domain (lower case, IDNs as A-labels)",
+    Topic.CAMPAIGN_GUARD: "campaign_id",
 }
 
 

@@ -72,7 +72,13 @@ async def test_every_topic_is_registered_with_its_rule_and_again_nothing_changes
     assert registry.config == {
         f"{PREFIX}{topic.value}-value": (
             "BACKWARD_TRANSITIVE"
-            if topic in (Topic.CONTACTS_CHANGELOG, Topic.CAMPAIGN_CONTENT, Topic.DOMAIN_POLICY)
+            if topic
+            in (
+                Topic.CONTACTS_CHANGELOG,
+                Topic.CAMPAIGN_CONTENT,
+                Topic.DOMAIN_POLICY,
+                Topic.CAMPAIGN_GUARD,
+            )
             else "BACKWARD"
         )
         for topic in Topic
