@@ -299,6 +299,45 @@ DELIVERABILITY_TALLIES = Counter(
 DELIVERABILITY_DOMAINS = Gauge(
     "tayori_deliverability_domains", "Receiving domains with figures in the last hour"
 )
+#: each receiving domain's counters over the last hour (the hour window GET /v1/domains
+#: shows), by domain and counter (attempts, delivered, deferred, rejected, hard_bounces,
+#: soft_bounces, complaints, opens, clicks). ``domain``: the DELIVERABILITY_METRICS_TOP
+#: domains with the most attempts in the hour (those under a published throttle or pause
+#: first), the rest summed as "other"; a domain that leaves them loses its series.
+#: Refreshed every policy round (services/deliverability/gauges.py).
+DELIVERABILITY_DOMAIN_HOUR = Gauge(
+    "tayori_deliverability_domain_hour",
+    "Last hour's counters per receiving domain (top N by attempts, the rest as other)",
+    ["domain", "counter"],
+)
+#: complaints / delivered over the last hour, by domain (as DELIVERABILITY_DOMAIN_HOUR; for
+#: "other", of the summed counters); 0 while nothing was delivered.
+DELIVERABILITY_DOMAIN_COMPLAINT_RATE = Gauge(
+    "tayori_deliverability_domain_complaint_rate",
+    "Complaints per delivered message over the last hour, per receiving domain",
+    ["domain"],
+)
+#: deferred / attempts over the last hour, by domain (as DELIVERABILITY_DOMAIN_HOUR).
+DELIVERABILITY_DOMAIN_DEFERRAL_RATE = Gauge(
+    "tayori_deliverability_domain_deferral_rate",
+    "Deferrals per attempt over the last hour, per receiving domain",
+    ["domain"],
+)
+#: the policy in force on domain.policy as this service last published it, by domain (as
+#: DELIVERABILITY_DOMAIN_HOUR) and state (normal, throttled, paused): 1 for the domain's
+#: state, 0 for the others; for "other", how many of its domains are in each state.
+DELIVERABILITY_DOMAIN_POLICY = Gauge(
+    "tayori_deliverability_domain_policy",
+    "Published sending policy per receiving domain (1: the state in force)",
+    ["domain", "state"],
+)
+#: campaigns whose complaint guard held receiving domains, by kind: tripped (a campaign's
+#: guard held its first domains), grown (a guard already holding domains held more).
+DELIVERABILITY_CAMPAIGN_GUARDS = Counter(
+    "tayori_deliverability_campaign_guards_total",
+    "Campaigns whose complaint guard held receiving domains",
+    ["kind"],
+)
 
 
 # Owners ----------------------------------------------------------------------------------
@@ -355,7 +394,15 @@ BOUNCE_PROCESSOR = (
     TRACKING_HITS,
     ESP_WEBHOOKS,
 )
-DELIVERABILITY = (DELIVERABILITY_TALLIES, DELIVERABILITY_DOMAINS)
+DELIVERABILITY = (
+    DELIVERABILITY_TALLIES,
+    DELIVERABILITY_DOMAINS,
+    DELIVERABILITY_DOMAIN_HOUR,
+    DELIVERABILITY_DOMAIN_COMPLAINT_RATE,
+    DELIVERABILITY_DOMAIN_DEFERRAL_RATE,
+    DELIVERABILITY_DOMAIN_POLICY,
+    DELIVERABILITY_CAMPAIGN_GUARDS,
+)
 #: each service's own families (its app.py passes them to its Runtime).
 OWNED: dict[str, tuple[MetricWrapperBase, ...]] = {
     "contacts": CONTACTS,

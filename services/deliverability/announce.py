@@ -20,7 +20,7 @@ from typing import Any
 from libs.common.kafka import Publisher
 from libs.common.logging import get_logger
 from libs.common.topics import Topic
-from services.deliverability import policy
+from services.deliverability import gauges, policy
 from services.deliverability.api import Tables
 from services.deliverability.policy import NORMAL, Decision, Thresholds
 from services.deliverability.settings import DeliverabilitySettings
@@ -91,6 +91,11 @@ class Announcer:
                 continue
             await self._publish(domain, decision, now)
             sent += 1
+        gauges.show(
+            {d: _hour_now(w, now) for d, w in hours.items()},
+            self.published,
+            self.settings.metrics_top,
+        )
         return sent
 
     async def _publish(self, domain: str, decision: Decision, now: float) -> None:

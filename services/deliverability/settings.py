@@ -27,6 +27,9 @@ class DeliverabilitySettings(CommonSettings):
     batch_records: int = env("DELIVERABILITY_BATCH_RECORDS", 2000)
     #: how long a round waits for its batch to fill.
     batch_seconds: float = env("DELIVERABILITY_BATCH_SECONDS", 0.2)
+    #: per-domain metrics name this many domains (by attempts in the last hour); the rest
+    #: are summed as "other" (gauges.py).
+    metrics_top: int = env("DELIVERABILITY_METRICS_TOP", 20)
     #: how often each domain's policy is decided from its windows (domain.policy).
     policy_interval_seconds: float = env("DELIVERABILITY_POLICY_INTERVAL_SECONDS", 5.0)
     #: an unchanged throttle or pause is published again this often (its end moves on).
