@@ -152,6 +152,13 @@ def test_dashboard_covers_what_operators_watch() -> None:
         "tayori_messages_dead_lettered_total": "dead letters",
         "tayori_http_request_seconds_bucket": "HTTP latency",
         "tayori_db_pool_connections": "database pool saturation",
+        "tayori_deliverability_domain_hour": "delivered and deferred per domain",
+        "tayori_deliverability_domain_complaint_rate": "complaint rate per domain",
+        "tayori_deliverability_domain_policy": "policy state per domain",
+        "tayori_sender_domain_waits_total": "the sender's waits per domain",
+        "tayori_sender_domain_throttles_total": "the sender's throttles per domain",
+        "tayori_sender_domain_gave_up_total": "the sender's give-ups per domain",
+        "tayori_deliverability_campaign_guards_total": "campaign complaint guards",
     }.items():
         assert metric in exprs, f"no panel on {what} ({metric})"
     assert re.search(
@@ -178,3 +185,18 @@ def test_queries_parse_as_promql(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"SUCCESS: {len(rules)} rules found" in done.stdout
+
+
+def test_the_complaint_rate_panel_draws_the_bulk_sender_limit() -> None:
+    """0.3%: the line past which the large providers throttle or junk a bulk sender, and
+    the deliverability service pauses the domain (DELIVERABILITY_COMPLAINT_RATE)."""
+    (panel,) = [
+        p
+        for p in _panels()
+        if p["type"] != "row"
+        and any("tayori_deliverability_domain_complaint_rate" in t["expr"] for t in p["targets"])
+    ]
+    defaults = panel["fieldConfig"]["defaults"]
+    assert defaults["unit"] == "percentunit"
+    assert defaults["custom"]["thresholdsStyle"]["mode"] == "line"
+    assert 0.003 in [step["value"] for step in defaults["thresholds"]["steps"]]
