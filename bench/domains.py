@@ -294,13 +294,17 @@ async def send(root: Path, name: str, count: int, limited: str | None, timeout: 
             watcher = asyncio.ensure_future(arrivals.watch(stack.results))
             sampler = asyncio.ensure_future(_sample(session, ports["deliverability"], samples))
             try:
-                state, reserve_seconds, _ = await _send_campaign(
-                    Api(session, ports["scheduler"]),
-                    group,
-                    watcher,
-                    CpuMeter(stack.pids),
-                    timeout=timeout,
-                )
+                try:
+                    state, reserve_seconds, _ = await _send_campaign(
+                        Api(session, ports["scheduler"]),
+                        group,
+                        watcher,
+                        CpuMeter(stack.pids),
+                        timeout=timeout,
+                    )
+                except TimeoutError:  # reported: what had arrived by then, incomplete
+                    progress(f"domains {name}: {len(arrivals.seen):,} results after {timeout} s")
+                    state, reserve_seconds = {"status": f"timed out after {timeout:g} s"}, 0.0
                 # The service catches up with the last results (or the wait ends): another
                 # process, seen only through the samples.
                 deadline = time.time() + CATCH_UP_SECONDS
@@ -325,9 +329,9 @@ async def send(root: Path, name: str, count: int, limited: str | None, timeout: 
 def _summary(measured: dict, limited: str) -> dict[str, Any]:
     """The figures of one run (JSON-ready)."""
     arrivals: _Arrivals = measured["arrivals"]
-    every = [t for times in arrivals.times.values() for t in times]
+    every = [t for times in arrivals.times.values() for t in times] or [0.0]
     first, last = min(every), max(every)
-    rest = others(arrivals.times, limited)
+    rest = others(arrivals.times, limited) or [first]
     accepted = measured["relay"]["accepted"]
     deferred = measured["relay"]["deferred"]
     used = consumption(measured["samples"], first, last, arrivals.records)
