@@ -113,8 +113,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--domains-timeout",
         type=float,
-        default=900.0,
-        help="seconds each campaign of the domains benchmark may take to get every result",
+        default=domains.TIMEOUT,
+        help="seconds each campaign of the domains benchmark may take to get every result"
+        f" (default {domains.TIMEOUT:g}; one not done by then is reported as it stands)",
     )
     parser.add_argument(
         "--requests",
@@ -213,6 +214,9 @@ def run(argv: list[str]) -> int:
         f"Python {info['python']}, Linux {info['kernel']}"
     )
     print(f"command: python -m bench {' '.join(argv)}".rstrip())
+    overrides = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("SENDER_DOMAIN_"))
+    if overrides:  # the services take the environment: a run's figures depend on these
+        print(f"environment: {' '.join(overrides)}")
     print(f"load average at start: {loadavg()} (other work on the machine skews every figure)")
     print(flush=True)
     started = time.monotonic()

@@ -128,3 +128,31 @@ def test_metric_sum_adds_the_matching_series() -> None:
         'tayori_consumer_lag_records_other{topic="delivery.results"} 100.0\n'
     )
     assert domains.metric_sum(text, "tayori_consumer_lag_records", "delivery.results") == 7.0
+
+
+def _measured(gave_up_at: float | None) -> dict:
+    arrivals = domains.Arrivals(count=5, seen={1, 2, 3, 4}, records=5)
+    arrivals.times = {"a.jp": [100.0, 101.0], "b.jp": [102.0], "lim.jp": [100.5]}
+    return {
+        "arrivals": arrivals,
+        "samples": [(99.0, 0, 0), (103.0, 5, 0)],
+        "relay": {"accepted": {"lim.jp": [100.5]}, "deferred": {"lim.jp": [100.6, 100.7]}},
+        "final_status": "sent",
+        "counters": {},
+        "reserve_seconds": 1.0,
+        "gave_up_at": gave_up_at,
+    }
+
+
+def test_the_other_domains_rate_runs_from_the_first_result_to_their_last() -> None:
+    figures = domains.summary(_measured(None), "lim.jp")
+    assert figures["others_results"] == 3
+    assert figures["others_rate"] == 1.5  # 3 in 2 s
+    assert figures["limited"]["relay_deferred"] == 2
+    assert figures["deliverability"]["catch_up_seconds"] == 1.0
+
+
+def test_an_incomplete_runs_rate_counts_to_when_the_wait_gave_up() -> None:
+    figures = domains.summary(_measured(110.0), "lim.jp")
+    assert figures["others_rate"] == 0.3  # 3 in the 10 s until the wait gave up
+    assert figures["others_seconds"] == 10.0
