@@ -18,7 +18,11 @@ And the deliverability service's events/s and consumer lag on ``delivery.results
 Rates count from the run's first ``delivery.results`` record to the domain's last, as
 bench/campaign.py counts. The relay's own ceiling is raw aiosmtplib to it, same run.
 Each run gets a fresh PostgreSQL, broker and relay; the sender's settings are its defaults
-(the environment's ``SENDER_*`` pass through, e.g. ``SENDER_DOMAIN_PAUSE_SECONDS``).
+(the environment's ``SENDER_*`` pass through, e.g. ``SENDER_DOMAIN_PAUSE_SECONDS``). A run
+whose results do not all arrive within ``--domains-timeout`` is reported as it stands.
+
+    flock /tmp/tayori-heavy.lock .venv/bin/python -m bench --only domains \
+        [--domains-recipients N] [--domains-timeout SECONDS]
 """
 
 from __future__ import annotations
