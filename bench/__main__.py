@@ -1,11 +1,12 @@
 """``make bench``: ingest, search (the API and the console's search page) and snapshot
 benchmarks of contacts, the unsubscribe latency of suppression, a campaign's send rate
-through scheduler and sender, and the bounce processor's DSN and open-pixel rates; a CSV
+through scheduler and sender, one deferring domain among 20 (the others' rate, the
+deliverability service's), and the bounce processor's DSN and open-pixel rates; a CSV
 export through the exporter.
 
-    python -m bench [--only ingest|search|snapshot|export|unsubscribe|campaign|bounce]
+    python -m bench [--only ingest|search|snapshot|export|unsubscribe|campaign|domains|bounce]
                     [--contacts N]
-                    [--ingest-events N] [--recipients N]
+                    [--ingest-events N] [--recipients N] [--domains-recipients N]
 
 Each benchmark runs on a fresh embedded stack (new temp directory, new PostgreSQL data
 directory with default durability, new broker) and prints its figure next to the ceiling
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench import bounce, campaign, export, ingest, search, snapshot, unsubscribe
+from bench import bounce, campaign, domains, export, ingest, search, snapshot, unsubscribe
 from bench.cpu import loadavg
 from bench.load import load
 from bench.report import Result, json_line, progress, table
@@ -72,7 +73,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=("ingest", "search", "snapshot", "unsubscribe", "campaign", "bounce", "export"),
+        choices=(
+            "ingest",
+            "search",
+            "snapshot",
+            "unsubscribe",
+            "campaign",
+            "domains",
+            "bounce",
+            "export",
+        ),
         action="append",
         help="run only this benchmark (repeatable)",
     )
@@ -93,6 +103,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=campaign.RECIPIENTS,
         help=f"recipients of the campaign benchmark (default {campaign.RECIPIENTS:,})",
+    )
+    parser.add_argument(
+        "--domains-recipients",
+        type=int,
+        default=domains.RECIPIENTS,
+        help=f"recipients of each domains benchmark campaign (default {domains.RECIPIENTS:,})",
+    )
+    parser.add_argument(
+        "--domains-timeout",
+        type=float,
+        default=domains.TIMEOUT,
+        help="seconds each campaign of the domains benchmark may take to get every result"
+        f" (default {domains.TIMEOUT:g}; one not done by then is reported as it stands)",
     )
     parser.add_argument(
         "--requests",
@@ -126,6 +149,7 @@ async def main(args: argparse.Namespace, root: Path) -> list[Result]:
         "export",
         "unsubscribe",
         "campaign",
+        "domains",
         "bounce",
     ]
     ingest_events = args.ingest_events or min(DEFAULT_INGEST, args.contacts)
@@ -169,6 +193,9 @@ async def main(args: argparse.Namespace, root: Path) -> list[Result]:
         if "campaign" in chosen:
             started = time.monotonic()
             report(await campaign.run(root, args.recipients), started)
+        if "domains" in chosen:
+            started = time.monotonic()
+            report(await domains.run(root, args.domains_recipients, args.domains_timeout), started)
         if "bounce" in chosen:
             started = time.monotonic()
             report(await bounce.run(root), started)
@@ -187,6 +214,9 @@ def run(argv: list[str]) -> int:
         f"Python {info['python']}, Linux {info['kernel']}"
     )
     print(f"command: python -m bench {' '.join(argv)}".rstrip())
+    overrides = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("SENDER_DOMAIN_"))
+    if overrides:  # the services take the environment: a run's figures depend on these
+        print(f"environment: {' '.join(overrides)}")
     print(f"load average at start: {loadavg()} (other work on the machine skews every figure)")
     print(flush=True)
     started = time.monotonic()

@@ -30,7 +30,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,10 +174,15 @@ class Api:
 
 
 async def _send_campaign(
-    scheduler: Api, group: int, watcher: asyncio.Future[None], meter: CpuMeter
+    scheduler: Api,
+    group: int,
+    watcher: asyncio.Future[None],
+    meter: CpuMeter,
+    timeout: float = 900.0,
 ) -> tuple[dict[str, Any], float, Sample]:
     """Create, reserve and send the campaign: its final state, how long reserving took and
-    the CPU sample taken when the reservation was done."""
+    the CPU sample taken when the reservation was done. ``timeout``: seconds the results
+    may take after the reservation."""
     category = await scheduler(
         "POST",
         "/v1/categories",
@@ -211,7 +216,7 @@ async def _send_campaign(
     reserve_seconds = time.perf_counter() - reserved_at
     reserved = meter.sample()
     progress(f"campaign: {state['status']} after {reserve_seconds:.1f}s, sending")
-    await asyncio.wait_for(watcher, 900)
+    await asyncio.wait_for(watcher, timeout)
     while (state := await scheduler("GET", path))["status"] == "sending":  # noqa: ASYNC110
         await asyncio.sleep(0.2)
     return state, reserve_seconds, reserved
@@ -270,14 +275,21 @@ class _Stack:
 
 
 @asynccontextmanager
-async def _stack(root: Path, name: str, schemas: dict[str, Path]) -> AsyncIterator[_Stack]:
+async def _stack(
+    root: Path,
+    name: str,
+    schemas: dict[str, Path],
+    sink_factory: Callable[[int, Path], subprocess.Popen[bytes]] = smtp_sink,
+) -> AsyncIterator[_Stack]:
     """Everything a measurement runs on, new (files under ``root`` named after ``name``),
-    with ``schemas`` migrated; stopped after."""
+    with ``schemas`` migrated; stopped after. ``sink_factory(port, log)`` starts the SMTP
+    server the sender relays to (smtp-sink; bench/domains.py's relay); it is stopped with
+    SIGTERM."""
     postgres = EmbeddedPostgres(root / f"{name}-pg")
     broker = EmbeddedBroker(free_port(), log_path=root / f"{name}-broker.log")
     sink_port = free_port()
     sink_log = root / f"{name}-sink.log"
-    sink = smtp_sink(sink_port, sink_log)
+    sink = sink_factory(sink_port, sink_log)
     processes: list[subprocess.Popen[bytes]] = []
     try:
         dsn = await postgres.create_database("tayori")
