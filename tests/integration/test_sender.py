@@ -761,6 +761,7 @@ async def test_operator_api_shows_relays_and_a_campaign_ledger(
     assert ledger == {
         "campaign_id": campaign,
         "control": "active",
+        "held_domains": [],
         "by_status": {"done": 1},
         "by_outcome": {"sent": 1},
     }
