@@ -5,6 +5,7 @@ complaint guard), a resume with them lets it go, and the held set outlives a res
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,28 @@ async def test_a_pause_with_domains_holds_only_those_domains_until_resumed(
         r["email"]: "sent" for r in to_held + to_open
     }
     assert recipients(smtp_sink.messages()) == {r["email"]: 1 for r in to_held + to_open}
+
+
+async def test_per_domain_the_later_command_wins_and_a_halted_campaign_holds_nothing(
+    sender: Service, kafka: Kafka
+) -> None:
+    campaign = str(uuid.uuid4())
+    await kafka.send(Topic.CAMPAIGN_CONTROL, campaign, by_domains(campaign, "pause", [HELD]))
+    stale = by_domains(campaign, "resume", [HELD])
+    stale["issued_at"] -= timedelta(minutes=1)  # decided before the pause: it loses
+    await kafka.send(Topic.CAMPAIGN_CONTROL, campaign, stale)
+    await kafka.send(Topic.CAMPAIGN_CONTROL, campaign, by_domains(campaign, "pause", [OPEN]))
+    await held_domains(sender, campaign, [HELD, OPEN])
+    await handled(sender, stale)
+    await held_domains(sender, campaign, [HELD, OPEN])
+
+    halted = str(uuid.uuid4())
+    await kafka.send(Topic.CAMPAIGN_CONTROL, halted, control(halted, "halt"))
+    late = by_domains(halted, "pause", [HELD])
+    await kafka.send(Topic.CAMPAIGN_CONTROL, halted, late)
+    await handled(sender, late)
+    ledger = await sender.api.ok("GET", f"/v1/ledger/{halted}")
+    assert (ledger["control"], ledger["held_domains"]) == ("halted", [])
 
 
 async def test_the_held_domains_outlive_a_restart_and_a_whole_campaign_resume(
