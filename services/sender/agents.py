@@ -40,7 +40,6 @@ log = get_logger(__name__)
 
 #: while a batch waits for its outcomes, its consumer is told it still works this often.
 KEEPALIVE_SECONDS = 10.0
-CONTROL_STATES = {"halt": "halted", "cancel": "cancelled", "pause": "paused", "resume": "active"}
 
 
 @dataclass
@@ -81,21 +80,19 @@ async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:
 
 async def _campaign_mails(ctx: Context, batch: list[Message]) -> dict[LedgerKey, _Mail]:
     """Decode: the batch's requests whose campaign may send, each with its built content,
-    once per ledger key. A stopped campaign's request is dropped with no result (paused:
-    the scheduler re-releases it after resume; halted and cancelled: final)."""
+    once per ledger key. A stopped campaign's request, or one to a domain its campaign's
+    mail is held for, is dropped with no result (paused: the scheduler re-releases it
+    after resume; halted and cancelled: final)."""
     campaigns = sorted({m.value["campaign_id"] for m in batch if not m.value.get("test")})
     async with ctx.pool.acquire() as conn:
-        stopped = {
-            r["campaign_id"]: r["state"]
-            for r in await conn.fetch(QUERIES["control-states"], campaigns)
-        }
+        stopped, held = _controls(await conn.fetch(QUERIES["control-states"], campaigns))
     named = {m.value["content_id"] for m in batch if m.value.get("content_id")}
     missing = [i for i in named if not ctx.composer.cached(i)]
     received = await contents.load(ctx.pool, missing) if missing else {}
     mails: dict[LedgerKey, _Mail] = {}
     for message in batch:
         request = message.value
-        state = processor.campaign_stop(request, stopped)
+        state = processor.campaign_stop(request, stopped, held)
         if state is not None:
             SENDER_DROPPED.labels(state).inc()
             log.info(
@@ -259,31 +256,76 @@ async def _deliver(ctx: Context, deliveries: Sequence[Delivery]) -> None:
                 delivery.done.cancel()
 
 
+def _controls(
+    rows: Sequence[asyncpg.Record],
+) -> tuple[dict[str, str], dict[str, frozenset[str]]]:
+    """control-states rows as (campaign → state, campaign → held domains)."""
+    stopped = {r["campaign_id"]: r["state"] for r in rows if r["state"] is not None}
+    held = {r["campaign_id"]: frozenset(r["domains"]) for r in rows if r["domains"]}
+    return stopped, held
+
+
 async def handle_control(ctx: Context, batch: list[Message]) -> None:
-    """``campaign.control``: halt and cancel are final, pause holds until resume."""
-    changed: dict[str, str] = {}
+    """``campaign.control``: halt and cancel are final, pause holds until resume; a pause
+    or resume with ``domains`` holds or lets go the campaign's mail to those domains only
+    (processor.control_change)."""
+    states: dict[str, str] = {}
+    held: dict[str, frozenset[str]] = {}
     async with ctx.pool.acquire() as conn, conn.transaction():
         for message in await claim_once(conn, batch, lambda m: m.value["command_id"]):
             command = message.value
-            with bound_contextvars(campaign_id=command["campaign_id"]):
-                state = CONTROL_STATES[command["action"]]
+            campaign_id = command["campaign_id"]
+            with bound_contextvars(campaign_id=campaign_id):
+                change = processor.control_change(command)
+                if isinstance(change, processor.DomainChange):
+                    changed = await conn.fetch(
+                        QUERIES["apply-domain-control"],
+                        campaign_id,
+                        change.held,
+                        list(change.domains),
+                        command.get("reason"),
+                        command["issued_at"],
+                    )
+                    if not changed:
+                        log.info(
+                            "campaign_control_ignored",
+                            action=command["action"],
+                            domains=list(change.domains),
+                        )
+                        continue
+                    rows = await conn.fetch(QUERIES["held-domains"], campaign_id)
+                    held[campaign_id] = frozenset(r["domain"] for r in rows)
+                    log.info(
+                        "campaign_control",
+                        action=command["action"],
+                        domains=[r["domain"] for r in changed],
+                        held=sorted(held[campaign_id]),
+                        reason=command.get("reason"),
+                    )
+                    continue
                 row = await conn.fetchrow(
                     QUERIES["apply-control"],
-                    command["campaign_id"],
-                    state,
+                    campaign_id,
+                    change.state,
                     command.get("reason"),
                     command["issued_at"],
                 )
                 if row is None:
                     log.info("campaign_control_ignored", action=command["action"])
                     continue
-                changed[command["campaign_id"]] = row["state"]
+                states[campaign_id] = row["state"]
                 log.info("campaign_control", action=command["action"], reason=command.get("reason"))
-    for campaign_id, state in changed.items():
+    # Committed: deliveries still queued see the change (Context.still_wanted).
+    for campaign_id, state in states.items():
         if state == "active":
             ctx.stopped.pop(campaign_id, None)
         else:
             ctx.stopped[campaign_id] = state
+    for campaign_id, domains in held.items():
+        if domains:
+            ctx.held[campaign_id] = domains
+        else:
+            ctx.held.pop(campaign_id, None)
 
 
 async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None:
@@ -294,10 +336,12 @@ async def handle_suppression_changes(ctx: Context, batch: list[Message]) -> None
 
 
 async def load_stopped(ctx: Context) -> None:
-    """At start: the campaigns that must not send (abandons queued deliveries of them)."""
+    """At start: the campaigns that must not send, and the domains each campaign's mail is
+    held for (abandons queued deliveries of them)."""
     async with ctx.pool.acquire() as conn:
-        for row in await conn.fetch(QUERIES["stopped-campaigns"]):
-            ctx.stopped[row["campaign_id"]] = row["state"]
+        stopped, held = _controls(await conn.fetch(QUERIES["stopped-campaigns"]))
+    ctx.stopped.update(stopped)
+    ctx.held.update(held)
 
 
 async def handle_contents(ctx: Context, batch: list[Message]) -> None:

@@ -51,7 +51,12 @@ class CampaignPath(Model):
 
 class Ledger(Answer):
     campaign_id: str
-    control: str = Field(description="active, paused or cancelled", examples=["active"])
+    control: str = Field(description="active, paused, halted or cancelled", examples=["active"])
+    held_domains: list[str] = Field(
+        description="receiving domains the campaign's mail is held for (a campaign.control "
+        "pause with domains: the complaint guard), until a resume names them",
+        examples=[["docomo.ne.jp"]],
+    )
     by_status: dict[str, int]
     by_outcome: dict[str, int]
 
@@ -105,11 +110,13 @@ async def list_relays(request: web.Request) -> web.Response:
 @requires("viewer")
 @contract(path=CampaignPath, response=Ledger)
 async def campaign_ledger(request: web.Request, path: CampaignPath) -> web.Response:
-    """One campaign's send ledger: rows by status and by outcome, and its control state."""
+    """One campaign's send ledger: rows by status and by outcome, its control state and the
+    receiving domains its mail is held for."""
     ctx = _ctx(request)
     async with ctx.pool.acquire() as conn:
         rows = await conn.fetch(QUERIES["ledger-summary"], path.campaign_id)
         control = await conn.fetchval(QUERIES["control-state"], path.campaign_id)
+        held = await conn.fetch(QUERIES["held-domains"], path.campaign_id)
     by_status: dict[str, int] = {}
     by_outcome: dict[str, int] = {}
     for row in rows:
@@ -120,6 +127,7 @@ async def campaign_ledger(request: web.Request, path: CampaignPath) -> web.Respo
         {
             "campaign_id": path.campaign_id,
             "control": control or "active",
+            "held_domains": [r["domain"] for r in held],
             "by_status": by_status,
             "by_outcome": by_outcome,
         }

@@ -8,6 +8,7 @@ import asyncpg
 from aiohttp import web
 
 from libs.common.kafka import Publisher
+from services.sender import processor
 from services.sender.compose import Composer
 from services.sender.ledger import Delivery, Ledger, OwnerLock
 from services.sender.replan import ReplannedConnection
@@ -30,6 +31,9 @@ class Context:
     #: campaigns that must not send now (paused, halted, cancelled), as committed by the
     #: campaign.control consumer: a delivery still queued for one is abandoned.
     stopped: dict[str, str] = field(default_factory=dict)
+    #: each campaign's receiving domains whose mail is held (a campaign.control pause with
+    #: domains), likewise: a delivery still queued to one of them is abandoned.
+    held: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.composer = Composer(self.settings)
@@ -45,7 +49,11 @@ class Context:
         self.relays.start()
 
     def still_wanted(self, delivery: Delivery) -> bool:
-        return delivery.kind != "campaign" or delivery.campaign_id not in self.stopped
+        return (
+            delivery.kind != "campaign"
+            or processor.stop_of(delivery.campaign_id, delivery.email, self.stopped, self.held)
+            is None
+        )
 
     async def stop(self) -> None:
         await self.relays.stop()

@@ -3,8 +3,9 @@
 What to do with a send request, in two steps around the ledger claim:
 
 * before the claim, :func:`campaign_stop`: a request of a halted, cancelled or paused
-  campaign is dropped with no result (nothing happened to the recipient; after a pause the
-  scheduler releases it again);
+  campaign, or of a campaign whose mail to the recipient's domain is held (a pause with
+  ``domains``, :func:`control_change`), is dropped with no result (nothing happened to the
+  recipient; after a resume the scheduler releases it again);
 * after it, :func:`after_claim` over what the ledger held for its key and what the
   sender's suppression copy answered (``copy.decide``, which applies
   ``libs/common/mail/can_send.py``): :class:`Duplicate` (the ledger decided it already: its
@@ -19,7 +20,7 @@ stored in the ledger row) and :func:`ledger_row` (what the ledger records for it
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -45,12 +46,91 @@ def kind_of(request: Mapping[str, Any]) -> str:
     return TEST if request.get("test") else CAMPAIGN
 
 
-def campaign_stop(request: Mapping[str, Any], stopped: Mapping[str, str]) -> str | None:
-    """The state (halted, cancelled, paused) that stops this request's campaign, if any.
-    ``stopped`` holds the campaigns that are not active. A test send is never stopped."""
+#: why a request is dropped when its campaign's mail to its recipient's domain is held.
+DOMAIN_PAUSED = "domain_paused"
+#: the campaign state each campaign.control action sets (pause / resume without domains).
+CONTROL_STATES = {"halt": "halted", "cancel": "cancelled", "pause": "paused", "resume": "active"}
+
+
+def campaign_stop(
+    request: Mapping[str, Any],
+    stopped: Mapping[str, str],
+    held: Mapping[str, Collection[str]] | None = None,
+) -> str | None:
+    """What stops this request, if anything: its campaign's state (halted, cancelled,
+    paused) or :data:`DOMAIN_PAUSED`. ``stopped`` holds the campaigns that are not active,
+    ``held`` each campaign's held receiving domains. A test send is never stopped."""
     if request.get("test"):
         return None
-    return stopped.get(request["campaign_id"])
+    return stop_of(request["campaign_id"], request["email"], stopped, held)
+
+
+def stop_of(
+    campaign_id: str,
+    email: str,
+    stopped: Mapping[str, str],
+    held: Mapping[str, Collection[str]] | None = None,
+) -> str | None:
+    """:func:`campaign_stop` of a campaign mail to ``email`` (also asked of a delivery still
+    queued: one whose campaign or domain stopped meanwhile is abandoned)."""
+    state = stopped.get(campaign_id)
+    if state is not None:
+        return state
+    domains = held.get(campaign_id) if held else None
+    if domains and recipient_domain(email) in domains:
+        return DOMAIN_PAUSED
+    return None
+
+
+def recipient_domain(email: str) -> str:
+    """The receiving domain of an address as campaign.control names it: lower case after
+    the last '@', an IDN as its A-label (the contract's form; an address's own domain may
+    be written either way)."""
+    domain = email.rpartition("@")[2].lower()
+    return domain if domain.isascii() else a_label(domain)
+
+
+def a_label(domain: str) -> str:
+    """``domain`` with its non-ASCII labels as A-labels; as it is if it cannot be encoded."""
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
+
+
+def domains_of(names: Iterable[str]) -> tuple[str, ...]:
+    """A command's domains as :func:`recipient_domain` gives them: lower case, A-labels,
+    no blanks, each once, sorted."""
+    return tuple(sorted({recipient_domain(n.strip()) for n in names if n.strip()}))
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """A campaign.control command that sets the whole campaign's state."""
+
+    state: str
+
+
+@dataclass(frozen=True)
+class DomainChange:
+    """A pause (``held``) or resume with domains: the campaign's mail to those receiving
+    domains is held, or no longer; its state and its other domains are untouched."""
+
+    domains: tuple[str, ...]
+    held: bool
+
+
+def control_change(command: Mapping[str, Any]) -> StateChange | DomainChange:
+    """What a campaign.control command changes. halt and cancel always stop the whole
+    campaign (their ``domains`` mean nothing); pause and resume with ``domains`` change
+    the held set only, without the whole campaign as before (v1 had no ``domains``). A
+    command whose domains are all blank changes nothing rather than the whole campaign: a
+    resume meant for some domains must not resume everything."""
+    action = command["action"]
+    named = command.get("domains") or []
+    if action in ("pause", "resume") and named:
+        return DomainChange(domains_of(named), held=action == "pause")
+    return StateChange(CONTROL_STATES[action])
 
 
 def needs_check(claimed: Claimed) -> bool:

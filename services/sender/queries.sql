@@ -58,12 +58,28 @@ WITH settings AS (
 SELECT (SELECT count(*) FROM settings) AS asynchronous, (SELECT count(*) FROM finished) AS rows;
 
 -- name: control-states
--- Campaigns of a batch that must not send now (paused, halted, cancelled).
-SELECT campaign_id, state FROM campaign_control
-WHERE campaign_id = ANY($1::text[]) AND state <> 'active';
+-- Campaigns of a batch that must not send now (state paused, halted, cancelled; NULL:
+-- active) or not to some receiving domains (domains: the held ones; NULL: none).
+SELECT campaign_id, c.state, h.domains
+FROM (
+    SELECT campaign_id, state FROM campaign_control
+    WHERE campaign_id = ANY($1::text[]) AND state <> 'active'
+) c
+FULL JOIN (
+    SELECT campaign_id, array_agg(domain) AS domains FROM campaign_domain_control
+    WHERE campaign_id = ANY($1::text[]) AND held
+    GROUP BY campaign_id
+) h USING (campaign_id);
 
 -- name: stopped-campaigns
-SELECT campaign_id, state FROM campaign_control WHERE state <> 'active';
+-- control-states of every campaign (at start).
+SELECT campaign_id, c.state, h.domains
+FROM (SELECT campaign_id, state FROM campaign_control WHERE state <> 'active') c
+FULL JOIN (
+    SELECT campaign_id, array_agg(domain) AS domains FROM campaign_domain_control
+    WHERE held
+    GROUP BY campaign_id
+) h USING (campaign_id);
 
 -- name: apply-control
 -- halted and cancelled are final; otherwise the later command wins.
@@ -78,6 +94,26 @@ RETURNING state;
 
 -- name: control-state
 SELECT state FROM campaign_control WHERE campaign_id = $1;
+
+-- name: apply-domain-control
+-- Hold ($2 true: a pause with domains) or let go (a resume) the campaign's mail to the
+-- domains $3; per domain the later command wins. Nothing for a halted or cancelled
+-- campaign: the whole of it stopped for good. Returns the domains changed.
+INSERT INTO campaign_domain_control AS d (campaign_id, domain, held, reason, issued_at)
+SELECT $1, x.domain, $2, $4, $5 FROM unnest($3::text[]) AS x (domain)
+WHERE NOT EXISTS (
+    SELECT 1 FROM campaign_control c
+    WHERE c.campaign_id = $1 AND c.state IN ('halted', 'cancelled')
+)
+ON CONFLICT (campaign_id, domain) DO UPDATE
+SET held = excluded.held, reason = excluded.reason, issued_at = excluded.issued_at,
+    updated_at = now()
+WHERE d.issued_at <= excluded.issued_at
+RETURNING domain;
+
+-- name: held-domains
+-- The campaign's receiving domains whose mail is held now.
+SELECT domain FROM campaign_domain_control WHERE campaign_id = $1 AND held ORDER BY domain;
 
 -- name: copy-memberships
 INSERT INTO membership_copy AS t (contact_id, group_id, state, version)

@@ -25,6 +25,7 @@ from services.sender.context import CONTEXT
 from services.suppression.store import change_record
 from tayori.embedded import MaildirHandler, SmtpSink, free_port
 from tests.conftest import Kafka, Service, Stack, eventually, running
+from tests.integration.relays import TestRelay, kept, serving
 
 pytestmark = pytest.mark.integration
 
@@ -203,24 +204,15 @@ async def test_last_moment_suppression(sender: Service, kafka: Kafka, smtp_sink:
     assert recipients(smtp_sink.messages()) == {"c23@example.com": 1}
 
 
-class RefusingHandler(MaildirHandler):
+class RefusingHandler(TestRelay):
     """Refuses recipients by their local part: perm → 550 5.1.1, policy → 550 5.7.1,
     temp → 451 4.3.0, dataperm → accepted but 554 5.6.0 after the end of data, closing →
     accepted but 421 after its first end of data (the relay shuts the connection)."""
 
     def __init__(self, maildir: Path, pipelining: bool) -> None:
-        super().__init__(maildir)
+        super().__init__(maildir, pipelining)
         self.rcpt_attempts: Counter[str] = Counter()
         self.data_attempts: Counter[str] = Counter()
-        self.pipelining = pipelining
-
-    async def handle_EHLO(
-        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
-    ) -> list[str]:
-        if self.pipelining:
-            return await super().handle_EHLO(server, session, envelope, hostname, responses)
-        session.host_name = hostname
-        return responses
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any
@@ -248,16 +240,8 @@ class RefusingHandler(MaildirHandler):
 
 @pytest.fixture(params=[False, True], ids=["one_by_one", "pipelining"])
 def refusing_relay(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
-    handler = RefusingHandler(tmp_path / "refusing", pipelining=request.param)
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    yield controller
-    controller.stop()
-
-
-def kept(handler: MaildirHandler) -> list[Message]:
-    """The mail a relay of this module kept."""
-    return list(handler.maildir)
+    with serving(RefusingHandler(tmp_path / "refusing", pipelining=request.param)) as controller:
+        yield controller
 
 
 async def queue_for_one_connection(kafka: Kafka, contact_id: int, addresses: list[str]) -> None:
@@ -761,6 +745,7 @@ async def test_operator_api_shows_relays_and_a_campaign_ledger(
     assert ledger == {
         "campaign_id": campaign,
         "control": "active",
+        "held_domains": [],
         "by_status": {"done": 1},
         "by_outcome": {"sent": 1},
     }

@@ -4,19 +4,19 @@ deliverability service publishes on domain.policy."""
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from libs.common.metrics import sample_value
 from libs.common.topics import Topic
-from tayori.embedded import MaildirHandler, SmtpSink, free_port
+from tayori.embedded import SmtpSink
 from tests.conftest import (
     OPERATOR_TOKEN,
     VIEWER_TOKEN,
@@ -26,8 +26,8 @@ from tests.conftest import (
     eventually,
     running,
 )
+from tests.integration.relays import TestRelay, kept, serving
 from tests.integration.test_sender import (
-    kept,
     one_connection,
     publish_all,
     queue_for_one_connection,
@@ -41,33 +41,29 @@ pytestmark = pytest.mark.integration
 LIMITED, FAST = "limited.example", "fast.example"
 
 
-class RateLimitingHandler(MaildirHandler):
-    """Answers ``421 4.7.0`` to the first ``refusals`` RCPTs for LIMITED (the relay closing
-    on a sender that goes too fast), then accepts; every other domain at once. Records
-    (monotonic time, event, address) of each RCPT answer and each accepted message."""
+REFUSAL = "421 4.7.0 Try again later, closing connection (too many messages)"
 
-    def __init__(self, maildir: Path, refusals: int, pipelining: bool) -> None:
-        super().__init__(maildir)
-        self.refusals = refusals
-        self.pipelining = pipelining
+
+class RecordingRelay(TestRelay):
+    """Accepts every RCPT unless :meth:`refuses` says so (then ``421 4.7.0``: the relay
+    closing on a sender that goes too fast). Records (monotonic time, event, address) of
+    each RCPT answer ("rcpt" or "421") and each accepted message ("kept")."""
+
+    def __init__(self, maildir: Path, pipelining: bool) -> None:
+        super().__init__(maildir, pipelining)
         self.events: list[tuple[float, str, str]] = []
 
-    async def handle_EHLO(
-        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
-    ) -> list[str]:
-        if self.pipelining:
-            return await super().handle_EHLO(server, session, envelope, hostname, responses)
-        session.host_name = hostname
-        return responses
+    def refuses(self, address: str, now: float) -> bool:
+        return False
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any
     ) -> str:
-        if address.endswith("@" + LIMITED) and self.refusals > 0:
-            self.refusals -= 1
-            self.events.append((time.monotonic(), "421", address))
-            return "421 4.7.0 Try again later, closing connection (too many messages)"
-        self.events.append((time.monotonic(), "rcpt", address))
+        now = time.monotonic()
+        if self.refuses(address, now):
+            self.events.append((now, "421", address))
+            return REFUSAL
+        self.events.append((now, "rcpt", address))
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -75,6 +71,42 @@ class RateLimitingHandler(MaildirHandler):
         reply = await super().handle_DATA(server, session, envelope)
         self.events.append((time.monotonic(), "kept", envelope.rcpt_tos[0]))
         return reply
+
+
+class RateLimitingHandler(RecordingRelay):
+    """Answers ``421 4.7.0`` to the first ``refusals`` RCPTs for LIMITED, then accepts;
+    every other domain at once."""
+
+    def __init__(self, maildir: Path, refusals: int, pipelining: bool) -> None:
+        super().__init__(maildir, pipelining)
+        self.refusals = refusals
+
+    def refuses(self, address: str, now: float) -> bool:
+        if address.endswith("@" + LIMITED) and self.refusals > 0:
+            self.refusals -= 1
+            return True
+        return False
+
+
+class RateCappingRelay(RecordingRelay):
+    """Accepts at most ``per_second`` RCPTs for LIMITED in any one second (a sliding
+    window over the RCPTs it accepted); beyond that, ``421 4.7.0`` — the way a receiving
+    MX answers a sender above its rate. Every other domain at once."""
+
+    def __init__(self, maildir: Path, per_second: int, pipelining: bool) -> None:
+        super().__init__(maildir, pipelining)
+        self.per_second = per_second
+        self.accepted: deque[float] = deque()
+
+    def refuses(self, address: str, now: float) -> bool:
+        if not address.endswith("@" + LIMITED):
+            return False
+        while self.accepted and self.accepted[0] <= now - 1.0:
+            self.accepted.popleft()
+        if len(self.accepted) >= self.per_second:
+            return True
+        self.accepted.append(now)
+        return False
 
 
 def metric(name: str, domain: str, **labels: str) -> float:
@@ -90,8 +122,6 @@ async def test_a_rate_limiting_domain_is_paused_while_another_goes_at_full_speed
     one mail and every result is ``sent``."""
     pause = 3.0
     handler = RateLimitingHandler(tmp_path / "relay", refusals=3, pipelining=pipelining)
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
-    controller.start()
     limited = [f"l{i}@{LIMITED}" for i in range(8)]
     fast = [f"f{i}@{FAST}" for i in range(120)]
     # LIMITED first, so its first 421 comes before FAST's mail; one connection, so the
@@ -100,7 +130,7 @@ async def test_a_rate_limiting_domain_is_paused_while_another_goes_at_full_speed
     await queue_for_one_connection(kafka, 44, addresses)
     waits_fast = metric("tayori_sender_domain_waits_total", FAST, reason="rate")
     pauses = metric("tayori_sender_domain_throttles_total", LIMITED, kind="pause")
-    try:
+    with serving(handler) as controller:
         relay = f"127.0.0.1:{controller.port}"
         async with one_connection(
             stack,
@@ -139,8 +169,97 @@ async def test_a_rate_limiting_domain_is_paused_while_another_goes_at_full_speed
         assert sum(kind == "kept" and a.endswith(FAST) for _, kind, a in between) > 0
         by_domain = Counter(a.partition("@")[2] for _, kind, a in events if kind == "kept")
         assert by_domain == {LIMITED: len(limited), FAST: len(fast)}
-    finally:
-        controller.stop()
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+async def test_a_domain_over_its_rate_slows_while_the_others_flow_and_nothing_is_lost(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, tmp_path: Path
+) -> None:
+    """Issue 21's proof. The relay answers 421 4.7.0 to LIMITED's RCPTs beyond
+    ``per_second`` a second; the sender offers both domains its ceiling for an unlisted
+    domain (``ceiling`` msgs/s, SENDER_DOMAIN_RATE), well above that; three refusals
+    pause LIMITED for ``pause`` seconds (shortened from the default's five minutes).
+    From the relay's own record:
+
+    * LIMITED slows: after its first refusals the sender offers it less than before, near
+      what it accepts — refusals become the exception — and its mail keeps going;
+    * FAST is not held behind LIMITED: its mail keeps arriving while LIMITED waits, in
+      each of LIMITED's pauses, its longest gap well under LIMITED's;
+    * nothing is lost or doubled: every recipient of both domains has exactly one message
+      and one ``sent`` result, the deferred ones once LIMITED took them.
+
+    Only quantities of one run compared with each other: no wall-clock bound."""
+    per_second, ceiling, pause = 4, 20.0, 2.0
+    handler = RateCappingRelay(tmp_path / "relay", per_second=per_second, pipelining=True)
+    limited = [f"l{i}@{LIMITED}" for i in range(30)]
+    fast = [f"f{i}@{FAST}" for i in range(200)]
+    # Both domains from the start, mixed; one contact, so one partition and one batch:
+    # whatever FAST waits for is the relay pool's doing, not the batch's.
+    mixed = iter(limited)
+    addresses: list[str] = []
+    for i, address in enumerate(fast):
+        if i % 7 == 0:
+            addresses.extend(itertools.islice(mixed, 1))
+        addresses.append(address)
+    addresses.extend(mixed)
+    assert sorted(addresses) == sorted(limited + fast)
+    await queue_for_one_connection(kafka, 45, addresses)
+    with serving(handler) as controller:
+        async with running(
+            "sender",
+            stack,
+            database,
+            prefix,
+            smtp_relays=f"127.0.0.1:{controller.port}",
+            smtp_connections=4,
+            domain_rate=ceiling,
+            domain_pause_after=3,
+            domain_pause_seconds=pause,
+            domain_aimd_floor=1.0,
+            domain_aimd_increase=0.5,
+        ):
+            got = await results(kafka, len(addresses))
+    # Nothing lost, nothing twice.
+    assert {r["email"]: r["outcome"] for r in got} == dict.fromkeys(addresses, "sent")
+    assert len(got) == len(addresses)
+    assert recipients(kept(handler)) == dict.fromkeys(addresses, 1)
+
+    events = handler.events
+    ours = [(t, kind) for t, kind, a in events if a.endswith("@" + LIMITED) and kind != "kept"]
+    first_refusal = next(t for t, kind in ours if kind == "421")
+    # Before LIMITED said no, it was offered more RCPTs in a second than it takes.
+    start = ours[0][0]
+    offered_first_second = sum(start <= t < start + 1.0 for t, _ in ours)
+    assert offered_first_second > per_second
+    # After: it slowed to about what it accepts. From its first acceptance after the
+    # first refusals on (the sender had paused it), its RCPTs are mostly accepted — the
+    # sender found its rate instead of hammering it — offered at a lower rate than in the
+    # first second, and accepted at a good part of the limit: slowed, not stalled.
+    settled = next(t for t, kind in ours if t > first_refusal and kind == "rcpt")
+    later = [(t, kind) for t, kind in ours if t >= settled]
+    refused_later = sum(kind == "421" for _, kind in later)
+    assert refused_later < len(later) / 3, (refused_later, len(later))
+    span = later[-1][0] - later[0][0]
+    assert len(later) / span < offered_first_second
+    assert (len(later) - refused_later) / span >= per_second / 4
+    # FAST flowed while LIMITED waited: its messages kept arriving through LIMITED's slow
+    # period, in every one of LIMITED's pauses, with gaps far shorter than LIMITED's.
+    fast_kept = [t for t, kind, a in events if kind == "kept" and a.endswith("@" + FAST)]
+    limited_kept = [t for t, kind, a in events if kind == "kept" and a.endswith("@" + LIMITED)]
+    during = [t for t in fast_kept if t >= first_refusal]
+    assert len(during) > len(fast) / 2
+    assert max(gaps(during)) < max(gaps(limited_kept)) / 2
+    paused = [
+        (a, b)
+        for (a, _), (b, _) in itertools.pairwise(ours)
+        if b - a >= pause * 0.9 and b <= fast_kept[-1]
+    ]
+    assert paused, "no pause of LIMITED while FAST was still sending: nothing shown"
+    for a, b in paused:
+        assert sum(a < t < b for t in fast_kept) > 1, (a, b)
 
 
 async def test_domain_override_api(sender: Service) -> None:

@@ -42,6 +42,60 @@ def test_a_stopped_campaign_stops_its_requests_but_not_test_sends() -> None:
     assert processor.campaign_stop(request(), {str(uuid.uuid4()): "halted"}) is None
 
 
+def test_a_held_domain_stops_its_campaigns_requests_to_it_only() -> None:
+    held = {CAMPAIGN: frozenset({"example.jp", "xn--eckwd4c7c.jp"})}
+    stop = processor.campaign_stop
+    assert stop(request(email="a@example.jp"), {}, held) == processor.DOMAIN_PAUSED
+    assert stop(request(email="A.B@Mail@EXAMPLE.JP"), {}, held) == "domain_paused"  # last '@'
+    assert stop(request(email="a@ドメイン.JP"), {}, held) == "domain_paused"  # as an A-label
+    assert stop(request(email="a@other.jp"), {}, held) is None
+    assert stop(request(email="a@sub.example.jp"), {}, held) is None  # a domain, not a suffix
+    assert stop(request(email="a@example.jp", test=True), {}, held) is None
+    other = {str(uuid.uuid4()): frozenset({"example.jp"})}
+    assert stop(request(email="a@example.jp"), {}, other) is None
+    # The campaign's own state comes first: a halted campaign is halted to every domain.
+    assert stop(request(email="a@example.jp"), {CAMPAIGN: "halted"}, held) == "halted"
+    assert stop(request(email="a@other.jp"), {CAMPAIGN: "paused"}, held) == "paused"
+    assert processor.stop_of(CAMPAIGN, "x@example.jp", {}, held) == "domain_paused"
+    assert processor.stop_of(CAMPAIGN, "x@example.jp", {}, None) is None
+
+
+def control(action: str, domains: list[str] | None = None) -> dict[str, object]:
+    command: dict[str, object] = {"campaign_id": CAMPAIGN, "action": action}
+    if domains is not None:
+        command["domains"] = domains
+    return command
+
+
+def test_a_control_command_changes_the_state_or_the_held_domains() -> None:
+    change = processor.control_change
+    StateChange, DomainChange = processor.StateChange, processor.DomainChange
+    # v1 records (no domains) and v2 with none: the whole campaign, as before.
+    assert change(control("pause")) == StateChange("paused")
+    assert change(control("pause", [])) == StateChange("paused")
+    assert change(control("resume", [])) == StateChange("active")
+    assert change(control("halt")) == StateChange("halted")
+    assert change(control("cancel")) == StateChange("cancelled")
+    # Domains: normalised like a recipient's (lower case, A-labels), each once, sorted.
+    assert change(control("pause", ["Gmail.com ", "docomo.ne.jp", "gmail.com"])) == DomainChange(
+        ("docomo.ne.jp", "gmail.com"), held=True
+    )
+    assert change(control("resume", ["ドメイン.jp"])) == DomainChange(
+        ("xn--eckwd4c7c.jp",), held=False
+    )
+    # halt and cancel stop the whole campaign whatever they name.
+    assert change(control("halt", ["gmail.com"])) == StateChange("halted")
+    assert change(control("cancel", ["gmail.com"])) == StateChange("cancelled")
+    # Only blanks: nothing changes (a resume for some domains never resumes everything).
+    assert change(control("resume", [" ", ""])) == DomainChange((), held=False)
+
+
+def test_recipient_domains() -> None:
+    assert processor.recipient_domain("a@Example.JP") == "example.jp"
+    assert processor.recipient_domain("no-at-sign") == "no-at-sign"
+    assert processor.recipient_domain("a@bad..ドメイン") == "bad..ドメイン"  # not encodable: as is
+
+
 def test_a_fresh_claim_is_delivered_when_allowed_and_suppressed_with_its_reason() -> None:
     fresh = Claimed(KEY, fresh=True, status="claimed", result=None)
     assert processor.needs_check(fresh)
