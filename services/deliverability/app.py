@@ -51,9 +51,10 @@ from faust.exceptions import ConsumerNotStarted
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from libs.common import http, metrics, runner
-from libs.common.kafka import LAG_REFRESH_SECONDS, Publisher, make_producer
-from libs.common.kafkasecurity import check_connection, connection_options
+from libs.common.kafka import LAG_REFRESH_SECONDS, Publisher
+from libs.common.kafkasecurity import connection_options
 from libs.common.logging import get_logger
+from libs.common.service import started_producer
 from libs.common.topics import StreamTopic, Topic, topic_name
 from services.deliverability import agents, api
 from services.deliverability.announce import Announcer
@@ -217,17 +218,9 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
-        if s.kafka_security_protocol.upper() != "PLAINTEXT":
-            # A TLS or SASL refusal is a ConfigError naming the server and why (one line,
-            # exit 2), as for every service; faust alone would retry it for ever.
-            await check_connection(s, f"tayori-{s.service}")
-        producer = make_producer(s)
-        try:
-            await producer.start()
-        except BaseException:
-            await producer.stop()  # a failed start leaves its client's connections open
-            raise
-        self.publisher = Publisher(s, producer)
+        # The connection is checked first, as for every service: faust alone would retry
+        # a TLS or SASL refusal for ever.
+        self.publisher = Publisher(s, await started_producer(s))
         self.app, self.tables = make_faust_app(s, self.publisher)
         self.app.on_before_shutdown.connect(self._drain, sender=self.app)
         for spec in self.consumers:
