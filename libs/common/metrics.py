@@ -299,6 +299,13 @@ DELIVERABILITY_TALLIES = Counter(
 DELIVERABILITY_DOMAINS = Gauge(
     "tayori_deliverability_domains", "Receiving domains with figures in the last hour"
 )
+#: campaign.guard records published: ``tripped`` a campaign's first (its complaint rate
+#: passed the threshold), ``grown`` one naming more receiving domains than the last.
+DELIVERABILITY_CAMPAIGN_GUARDS = Counter(
+    "tayori_deliverability_campaign_guards_total",
+    "Campaigns whose complaint guard held receiving domains",
+    ["kind"],
+)
 
 
 # Owners ----------------------------------------------------------------------------------
@@ -355,7 +362,11 @@ BOUNCE_PROCESSOR = (
     TRACKING_HITS,
     ESP_WEBHOOKS,
 )
-DELIVERABILITY = (DELIVERABILITY_TALLIES, DELIVERABILITY_DOMAINS)
+DELIVERABILITY = (
+    DELIVERABILITY_TALLIES,
+    DELIVERABILITY_DOMAINS,
+    DELIVERABILITY_CAMPAIGN_GUARDS,
+)
 #: each service's own families (its app.py passes them to its Runtime).
 OWNED: dict[str, tuple[MetricWrapperBase, ...]] = {
     "contacts": CONTACTS,
