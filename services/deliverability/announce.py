@@ -76,6 +76,8 @@ class Announcer:
     def __post_init__(self) -> None:
         self.limits = self.settings.thresholds()
         self.guard_limits = self.settings.guard_limits()
+        for kind in ("tripped", "grown"):  # alerts find the series at zero
+            metrics.DELIVERABILITY_CAMPAIGN_GUARDS.labels(kind)
 
     async def round(self, now: float | None = None) -> int:
         """Decide every domain seen in the last hour (and every one last published as
@@ -134,7 +136,7 @@ class Announcer:
         table = self.tables.campaigns
         keep = self.settings.campaign_keep_hours * 3600
         sent = 0
-        for campaign, figures in sorted(list(table.data.items())):
+        for campaign, figures in sorted(table.data.items(), key=lambda item: item[0]):
             if now - figures.updated_at > keep:
                 del table[campaign]
                 log.info("campaign_figures_dropped", campaign_id=campaign)

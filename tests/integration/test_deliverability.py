@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from libs.common import avro
+from libs.common import avro, metrics
 from libs.common.topics import StreamTopic, Topic, topic_name
 from services.deliverability.app import INPUTS, Runtime
 from services.deliverability.settings import DeliverabilitySettings
@@ -352,6 +352,8 @@ async def test_a_campaign_past_the_complaint_rate_holds_the_domains_past_it(
         "campaign_complaint_min_delivered": 20,
     }
     path = f"/v1/campaigns/{GUARDED}"
+    guards = {k: metrics.DELIVERABILITY_CAMPAIGN_GUARDS.labels(k) for k in ("tripped", "grown")}
+    before = {k: c._value.get() for k, c in guards.items()}
 
     async def counted(api: Api, delivered: int, complaints: int) -> dict[str, Any]:
         async def check() -> dict[str, Any]:
@@ -408,6 +410,10 @@ async def test_a_campaign_past_the_complaint_rate_holds_the_domains_past_it(
         assert second["guard_id"] != first["guard_id"]
         body = await counted(api, 40, 5)
         assert [d["held"] for d in body["domains"]] == [True, True]
+        assert {k: c._value.get() - before[k] for k, c in guards.items()} == {
+            "tripped": 1,
+            "grown": 1,
+        }
         assert body["guard"]["domains"] == ["docomo.ne.jp", "gmail.com"]
         assert await announcer.round() == 0
 
