@@ -331,8 +331,8 @@ DELIVERABILITY_DOMAIN_POLICY = Gauge(
     "Published sending policy per receiving domain (1: the state in force)",
     ["domain", "state"],
 )
-#: campaigns whose complaint guard held receiving domains, by kind: tripped (a campaign's
-#: guard held its first domains), grown (a guard already holding domains held more).
+#: campaign.guard records published: ``tripped`` a campaign's first (its complaint rate
+#: passed the threshold), ``grown`` one naming more receiving domains than the last.
 DELIVERABILITY_CAMPAIGN_GUARDS = Counter(
     "tayori_deliverability_campaign_guards_total",
     "Campaigns whose complaint guard held receiving domains",

@@ -64,16 +64,19 @@ C = TypeVar("C")
 T = TypeVar("T")
 
 
-async def _started(settings: CommonSettings) -> AIOKafkaProducer:
+async def started_producer(settings: CommonSettings) -> AIOKafkaProducer:
+    """A started producer for ``settings``' cluster, its connection checked first: a TLS or
+    SASL refusal is a :class:`~libs.common.settings.ConfigError` naming the server and why
+    (one line, exit 2), which stops the start; a broker that does not answer yet raises
+    what aiokafka raises (the caller retries it like any outage). A start that fails stops
+    the producer again: a failed start leaves its client's connections open."""
     if settings.kafka_security_protocol.upper() != "PLAINTEXT":
-        # A TLS or SASL refusal is a ConfigError naming the server and why, which stops
-        # the start; a broker that does not answer yet is retried like any outage.
         await check_connection(settings, f"tayori-{settings.service}")
     producer = make_producer(settings)
     try:
         await producer.start()
     except BaseException:
-        await producer.stop()  # a failed start leaves its client's connections open
+        await producer.stop()
         raise
     return producer
 
@@ -166,7 +169,7 @@ class Runtime:
             ),
         )
         db.observe_pool(self.pool, s.service)
-        producer = await self._when_up("kafka", lambda: _started(s))
+        producer = await self._when_up("kafka", lambda: started_producer(s))
         self.publisher = Publisher(s, producer)
         self.outbox = OutboxRelay(self.pool, self.publisher, self.schema, dsn=s.database_url)
         self._spawn(self.outbox.run, "outbox")

@@ -95,16 +95,19 @@ KEYS = {
 
 class StreamTopic(StrEnum):
     """The deliverability service's own faust topics: its per-domain tallies (the
-    repartition by recipient domain) and its tables' changelogs. faust declares them itself
-    with the source topics' partition count (changelogs compacted); no DLQ: only the
-    service writes them, records it made."""
+    repartition by recipient domain), its per-campaign tallies (the repartition by
+    campaign) and its tables' changelogs. faust declares them itself with the source
+    topics' partition count (changelogs compacted); no DLQ: only the service writes them,
+    records it made."""
 
     TALLIES = "deliverability.tallies"
+    CAMPAIGN_TALLIES = "deliverability.campaign-tallies"
     # faust names a table's changelog "<app id>-<table>-changelog"; the app id is
     # "<prefix>deliverability", so these come out under the prefix like every other topic.
     CONTACT_DOMAINS = "deliverability-contact-domains-changelog"
     DOMAIN_MINUTE = "deliverability-domain-minute-changelog"
     DOMAIN_HOUR = "deliverability-domain-hour-changelog"
+    CAMPAIGN_DOMAINS = "deliverability-campaign-domains-changelog"
 
 
 #: Partitions per topic when Tayori creates them (the embedded broker, tests).

@@ -1,5 +1,6 @@
-"""Wiring only: decode → classify → sum per domain → send on (stage 1); add to the
-windows (stage 2). The decisions are :mod:`services.deliverability.processor`'s.
+"""Wiring only: decode → classify → sum per domain, and per campaign and domain → send on
+(stage 1); add to the windows, and to the campaigns' figures (stage 2). The decisions
+are :mod:`services.deliverability.processor`'s.
 
 A record it cannot read goes to ``<topic>.dlq`` (group ``deliverability``) like any
 consumer's, through the service's :class:`~libs.common.kafka.Publisher`."""
@@ -17,7 +18,7 @@ from libs.common.logging import get_logger
 from libs.common.metrics import DELIVERABILITY_TALLIES, MESSAGES_CONSUMED, MESSAGES_DEAD_LETTERED
 from libs.common.topics import Topic
 from services.deliverability import processor
-from services.deliverability.models import Counts
+from services.deliverability.models import Counts, no_campaign
 
 log = get_logger(__name__)
 SERVICE = "deliverability"
@@ -34,15 +35,28 @@ class Unreadable:
     reason: str
 
 
+@dataclass(frozen=True)
+class Classified:
+    """One batch of input events: its counters per receiving domain, its ``delivered`` and
+    ``complaints`` per campaign and domain (the complaint guard's), and the records that
+    could not be read (left out of both; the caller dead-letters them)."""
+
+    per_domain: dict[str, dict[str, int]]
+    per_campaign: dict[str, dict[str, dict[str, int]]]
+    unreadable: list[Unreadable]
+
+
 def classify_events(
     events: Sequence[Any], topics: Mapping[str, Topic], contact_domains: Any
-) -> tuple[dict[str, dict[str, int]], list[Unreadable]]:
-    """One batch of input events, summed per receiving domain, and the records that could
-    not be read (left out of the sums; the caller dead-letters them). A delivery result or
-    bounce teaches ``contact_domains`` (keyed by contact id, the inputs' key, so its
-    changelog partition is the input's) the contact's domain; feedback is counted under
-    it."""
+) -> Classified:
+    """One batch of input events, summed per receiving domain and per campaign and domain.
+    A delivery result or bounce teaches ``contact_domains`` (keyed by contact id, the
+    inputs' key, so its changelog partition is the input's) the contact's domain; feedback
+    is counted under it. A record naming its campaign counts for the campaign too (the
+    per-campaign sums keep only delivered and complaints, :func:`processor.tally_campaigns
+    <services.deliverability.processor.tally_campaigns>`)."""
     items: list[tuple[str | None, dict[str, int]]] = []
+    campaign_items: list[tuple[str, str, dict[str, int]]] = []
     unreadable: list[Unreadable] = []
     for event in events:
         message = event.message
@@ -64,7 +78,10 @@ def classify_events(
             contact_domains[contact] = domain
         MESSAGES_CONSUMED.labels(SERVICE, topic.value, "counted" if domain else "skipped").inc()
         items.append((domain, counts))
-    return processor.tally(items), unreadable
+        campaign = record.get("campaign_id")
+        if campaign and domain and counts:
+            campaign_items.append((campaign, domain, counts))
+    return Classified(processor.tally(items), processor.tally_campaigns(campaign_items), unreadable)
 
 
 async def dead_letter(publisher: Publisher, record: Unreadable) -> None:
@@ -103,3 +120,18 @@ def add_tally(tally: Mapping[str, Any], minute: Any, hour: Any) -> None:
     minute[domain] += counts
     hour[domain] += counts
     DELIVERABILITY_TALLIES.inc()
+
+
+def add_campaign_tally(tally: Mapping[str, Any], campaigns: Any, now: float) -> None:
+    """Add one campaign's summed counters per domain to its ``campaign-domains`` entry
+    (what its guard published is kept), touched at ``now``."""
+    campaign = str(tally["campaign_id"])
+    more = {
+        str(domain): {str(k): int(v) for k, v in counts.items()}
+        for domain, counts in tally["domains"].items()
+    }
+    known = campaigns.get(campaign) or no_campaign(now)
+    campaigns[campaign] = known.derive(
+        domains=processor.add_domains(known.domains, more),
+        updated_at=max(known.updated_at, now),
+    )

@@ -1,8 +1,10 @@
-"""HTTP API of the deliverability service (SPEC §10): the windows per receiving domain.
+"""HTTP API of the deliverability service (SPEC §10): the windows per receiving domain,
+and each campaign's complaint figures.
 
 ``GET /v1/domains``: every domain seen in the last hour with its current minute and its
 last hour, busiest first. ``GET /v1/domains/{domain}``: one domain, with each of its
-minute windows of the last hour.
+minute windows of the last hour. ``GET /v1/campaigns/{campaign_id}``: one campaign's
+delivered mail and complaints per domain, and the domains its complaint guard holds.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pydantic import Field, StringConstraints
 from libs.common.errors import NotFound
 from libs.common.http import json_response, requires
 from libs.common.http.contract import Answer, Model, contract
-from services.deliverability import processor
+from services.deliverability import guard, processor
+from services.deliverability.models import CampaignDomains
 
 routes = web.RouteTableDef()
 MAX_DOMAINS_PAGE = 1000
@@ -26,11 +29,14 @@ MAX_DOMAINS_PAGE = 1000
 
 @dataclass
 class Tables:
-    """The windowed tables the routes read (this process's partitions: all of them with
-    one replica)."""
+    """The tables the routes and the policy loop read (this process's partitions: all of
+    them with one replica)."""
 
     minute: Any
     hour: Any
+    #: the campaign-domains table (campaign id → :class:`CampaignDomains
+    #: <services.deliverability.models.CampaignDomains>`).
+    campaigns: Any
     app: faust.App
 
     def recovered(self) -> bool:
@@ -115,6 +121,48 @@ class DomainPath(Model):
     ] = Field(description="a receiving domain (IDNs as A-labels), e.g. docomo.ne.jp")
 
 
+class CampaignDomainFigures(Answer):
+    """One receiving domain's share of a campaign since it started."""
+
+    domain: str
+    delivered: int = Field(description="the campaign's mail to it accepted by the relay")
+    complaints: int = Field(description="ARF complaints about the campaign's mail to it")
+    complaint_rate: float = Field(description="complaints / delivered (0 with none delivered)")
+    held: bool = Field(description="whether the complaint guard holds the campaign's sends to it")
+
+
+class CampaignGuardState(Answer):
+    """What the complaint guard last published on campaign.guard for the campaign."""
+
+    domains: list[str] = Field(description="the receiving domains held, sorted")
+    reason: str = Field(description="why, e.g. complaint_rate 0.0052 > 0.0030 (13/2500 delivered)")
+
+
+class CampaignDetail(Answer):
+    campaign_id: str
+    delivered: int = Field(description="over all its receiving domains")
+    complaints: int = Field(description="over all its receiving domains")
+    complaint_rate: float = Field(description="complaints / delivered")
+    updated_at: str = Field(description="when its figures last moved (UTC)")
+    domains: list[CampaignDomainFigures] = Field(description="most delivered first")
+    guard: CampaignGuardState | None = Field(
+        description="the complaint guard in force (null: it holds nothing)"
+    )
+
+
+class CampaignPath(Model):
+    campaign_id: Annotated[
+        str,
+        StringConstraints(
+            pattern=r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$",
+            to_lower=True,
+        ),
+    ] = Field(
+        description="the campaign's id (a UUID)",
+        examples=["0b9f6c2e-3d1a-4c57-9f0e-6a2d8b1c4e73"],
+    )
+
+
 # Views ----------------------------------------------------------------------------------
 
 
@@ -160,3 +208,45 @@ async def get_domain(request: web.Request, path: DomainPath) -> web.Response:
             "minutes": [_window(w) for w in sorted(minutes) if w[0] <= now],
         }
     )
+
+
+@routes.get("/v1/campaigns/{campaign_id}")
+@requires("viewer")
+@contract(path=CampaignPath, response=CampaignDetail, errors=(404,))
+async def get_campaign(request: web.Request, path: CampaignPath) -> web.Response:
+    """配信の苦情 (campaign complaints): one campaign's delivered mail and complaints per
+    receiving domain since it started, and the complaint guard holding its sends to some
+    of them, if any (campaign.guard)."""
+    tables = request.app[TABLES]
+    figures = tables.campaigns.data.get(path.campaign_id)
+    if figures is None:
+        raise NotFound(f"no delivered mail or complaint counted for campaign {path.campaign_id}")
+    return json_response(campaign_detail(path.campaign_id, figures))
+
+
+def campaign_detail(campaign_id: str, figures: CampaignDomains) -> dict[str, Any]:
+    """The public shape of one campaign's entry in the campaign-domains table."""
+    held = set(figures.held)
+    domains: list[dict[str, Any]] = [
+        {
+            "domain": domain,
+            "delivered": int(counts.get("delivered", 0)),
+            "complaints": int(counts.get("complaints", 0)),
+            "complaint_rate": guard.complaint_rate(
+                int(counts.get("complaints", 0)), int(counts.get("delivered", 0))
+            ),
+            "held": domain in held,
+        }
+        for domain, counts in figures.domains.items()
+    ]
+    domains.sort(key=lambda d: (-d["delivered"], -d["complaints"], d["domain"]))
+    delivered, complaints = guard.totals(figures.domains)
+    return {
+        "campaign_id": campaign_id,
+        "delivered": delivered,
+        "complaints": complaints,
+        "complaint_rate": guard.complaint_rate(complaints, delivered),
+        "updated_at": _iso(figures.updated_at),
+        "domains": domains,
+        "guard": ({"domains": sorted(held), "reason": figures.reason or ""} if held else None),
+    }

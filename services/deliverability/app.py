@@ -7,17 +7,25 @@ contact_id). Two faust stages:
    raw values), learns each contact's receiving domain in the ``contact-domains`` table
    (partitioned like the inputs, so feedback — which carries no address — finds it), sums
    the batch per domain and sends one record per domain to ``deliverability.tallies``
-   keyed by the domain: the repartition by recipient domain, pre-summed.
+   keyed by the domain: the repartition by recipient domain, pre-summed. It also sums
+   the records naming a campaign per (campaign, domain) — delivered and complaints only —
+   and sends one record per campaign to ``deliverability.campaign-tallies`` keyed by the
+   campaign: the repartition by campaign, pre-summed the same way.
 2. ``count`` adds each tally to the ``domain-minute`` (tumbling 60 s) and ``domain-hour``
    (hopping 3600 s, step DELIVERABILITY_HOUR_STEP_SECONDS) windowed tables, partitioned
-   by domain. Every table recovers from its changelog topic on restart.
+   by domain; ``count-campaigns`` adds each campaign tally to the ``campaign-domains``
+   table (partitioned by campaign, not windowed: a campaign's figures since it started).
+   Every table recovers from its changelog topic on restart.
 
 Output: every DELIVERABILITY_POLICY_INTERVAL_SECONDS each domain's sending policy is
 decided from those windows and published, when it changed, on the compacted
 ``domain.policy`` topic (:mod:`services.deliverability.announce`); the senders follow it.
+In the same round each campaign's complaint guard is decided
+(:mod:`services.deliverability.guard`) and published on the compacted ``campaign.guard``
+topic when the domains it holds grow; the scheduler holds the campaign's sends to them.
 
-faust's own web server is off; ``/v1/domains`` and the standard endpoints are ours
-(aiohttp, HTTP_PORT), ``/metrics`` serving the common families and its own
+faust's own web server is off; ``/v1/domains``, ``/v1/campaigns/{id}`` and the standard
+endpoints are ours (aiohttp, HTTP_PORT), ``/metrics`` serving the common families and its own
 (``metrics.DELIVERABILITY``). An unreadable input record is dead-lettered through the
 service's :class:`~libs.common.kafka.Publisher` (the normal producer, not faust's). The
 tables live in this process: run one replica (a second one would own, and answer for,
@@ -51,14 +59,15 @@ from faust.exceptions import ConsumerNotStarted
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from libs.common import http, metrics, runner
-from libs.common.kafka import LAG_REFRESH_SECONDS, Publisher, make_producer
-from libs.common.kafkasecurity import check_connection, connection_options
+from libs.common.kafka import LAG_REFRESH_SECONDS, Publisher
+from libs.common.kafkasecurity import connection_options
 from libs.common.logging import get_logger
+from libs.common.service import started_producer
 from libs.common.topics import StreamTopic, Topic, topic_name
 from services.deliverability import agents, api
 from services.deliverability.announce import Announcer
 from services.deliverability.api import TABLES, Tables
-from services.deliverability.models import Counts, no_counts
+from services.deliverability.models import CampaignDomains, Counts, no_counts
 from services.deliverability.recovery import table_manager
 from services.deliverability.settings import DeliverabilitySettings
 
@@ -66,8 +75,8 @@ log = get_logger(__name__)
 
 INPUTS = (Topic.DELIVERY_RESULTS, Topic.BOUNCE_EVENTS, Topic.FEEDBACK_EVENTS)
 #: the topics it publishes to besides dead letters (docs/asyncapi.json): each domain's
-#: policy (announce.py).
-PRODUCES: tuple[Topic, ...] = (Topic.DOMAIN_POLICY,)
+#: policy and each campaign's complaint guard (announce.py).
+PRODUCES: tuple[Topic, ...] = (Topic.DOMAIN_POLICY, Topic.CAMPAIGN_GUARD)
 #: windows older than this are dropped from the tables (and their changelogs).
 MINUTE_EXPIRES = timedelta(hours=1)
 HOUR_EXPIRES = timedelta(hours=2)
@@ -153,22 +162,48 @@ def make_faust_app(
     hour = app.Table(
         "domain-hour", default=no_counts, value_type=Counts, partitions=settings.partitions
     ).hopping(3600, settings.hour_step_seconds, expires=HOUR_EXPIRES)
+    campaign_tallies = app.topic(
+        topic_name(StreamTopic.CAMPAIGN_TALLIES, prefix),
+        key_serializer="json",
+        value_serializer="json",
+        partitions=settings.partitions,
+        internal=True,
+    )
+    # Keyed by campaign id and written through the partitioner: the table's JSON key is the
+    # campaign tallies' key bytes, so a change lands in the changelog partition of its
+    # tally's partition, and the periodic loop can drop a campaign (a tombstone) outside
+    # the agent's stream.
+    campaigns = app.Table(
+        "campaign-domains",
+        value_type=CampaignDomains,
+        partitions=settings.partitions,
+        use_partitioner=True,
+    )
 
     @app.agent(sources, name="classify")
     async def classify(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_records, settings.batch_seconds):
-            per_domain, unreadable = agents.classify_events(events, names, contact_domains)
-            for record in unreadable:
+            batch = agents.classify_events(events, names, contact_domains)
+            for record in batch.unreadable:
                 await agents.dead_letter(publisher, record)
-            for domain, counts in per_domain.items():
+            for domain, counts in batch.per_domain.items():
                 await tallies.send(key=domain.encode(), value={"domain": domain, "counts": counts})
+            for campaign, domains in batch.per_campaign.items():
+                await campaign_tallies.send(
+                    key=campaign, value={"campaign_id": campaign, "domains": domains}
+                )
 
     @app.agent(tallies, name="count")
     async def count(stream: Any) -> None:
         async for tally in stream:
             agents.add_tally(tally, minute, hour)
 
-    return app, Tables(minute=minute.table, hour=hour.table, app=app)
+    @app.agent(campaign_tallies, name="count-campaigns")
+    async def count_campaigns(stream: Any) -> None:
+        async for tally in stream:
+            agents.add_campaign_tally(tally, campaigns, time.time())
+
+    return app, Tables(minute=minute.table, hour=hour.table, campaigns=campaigns, app=app)
 
 
 async def drain(app: faust.App, seconds: float = DRAIN_SECONDS) -> None:
@@ -217,17 +252,9 @@ class Runtime:
 
     async def start(self) -> None:
         s = self.settings
-        if s.kafka_security_protocol.upper() != "PLAINTEXT":
-            # A TLS or SASL refusal is a ConfigError naming the server and why (one line,
-            # exit 2), as for every service; faust alone would retry it for ever.
-            await check_connection(s, f"tayori-{s.service}")
-        producer = make_producer(s)
-        try:
-            await producer.start()
-        except BaseException:
-            await producer.stop()  # a failed start leaves its client's connections open
-            raise
-        self.publisher = Publisher(s, producer)
+        # The connection is checked first, as for every service: faust alone would retry
+        # a TLS or SASL refusal for ever.
+        self.publisher = Publisher(s, await started_producer(s))
         self.app, self.tables = make_faust_app(s, self.publisher)
         self.app.on_before_shutdown.connect(self._drain, sender=self.app)
         for spec in self.consumers:

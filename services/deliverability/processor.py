@@ -17,6 +17,7 @@ Counters per domain (and per window):
 from __future__ import annotations
 
 import re
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -131,6 +132,49 @@ def tally(items: Iterable[tuple[str | None, Mapping[str, int]]]) -> dict[str, di
         if domain and counts:
             per_domain.setdefault(domain, Counter()).update(counts)
     return {domain: dict(counts) for domain, counts in per_domain.items()}
+
+
+#: the counters the complaint guard keeps per campaign and receiving domain.
+CAMPAIGN_COUNTERS = ("delivered", "complaints")
+
+
+def tally_campaigns(
+    items: Iterable[tuple[str, str, Mapping[str, int]]],
+) -> dict[str, dict[str, dict[str, int]]]:
+    """One batch's ``delivered`` and ``complaints`` summed per campaign and receiving
+    domain (what is sent on, keyed by campaign, to the partition that owns it), from
+    (campaign_id, domain, counters) items. Counters of other kinds are left out, and so is
+    a campaign id that is not a UUID (the guard's records and route name campaigns by
+    their UUID; it is put in its canonical lower-case form, checked once per campaign and
+    batch)."""
+    per_campaign: dict[str, dict[str, dict[str, int]]] = {}
+    for campaign, domain, counts in items:
+        for name in CAMPAIGN_COUNTERS:
+            n = counts.get(name)
+            if n:
+                domains = per_campaign.setdefault(campaign, {})
+                counters = domains.setdefault(domain, {})
+                counters[name] = counters.get(name, 0) + n
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for campaign, domains in per_campaign.items():
+        try:
+            canonical = str(uuid.UUID(campaign))
+        except ValueError:
+            continue
+        merged = out.setdefault(canonical, {})
+        for domain, counts in domains.items():
+            merged[domain] = add(merged.get(domain, {}), counts)
+    return out
+
+
+def add_domains(
+    total: Mapping[str, Mapping[str, int]], more: Mapping[str, Mapping[str, int]]
+) -> dict[str, dict[str, int]]:
+    """A campaign's counters per domain ``total`` + ``more``, domain by domain."""
+    merged = {domain: dict(counts) for domain, counts in total.items()}
+    for domain, counts in more.items():
+        merged[domain] = add(merged.get(domain, {}), counts)
+    return merged
 
 
 def figures(counts: Mapping[str, int] | None) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from libs.common.settings import CommonSettings, env
 from libs.common.topics import DEFAULT_PARTITIONS
+from services.deliverability.guard import GuardLimits
 from services.deliverability.policy import Thresholds
 
 
@@ -52,6 +53,16 @@ class DeliverabilitySettings(CommonSettings):
     throttle_seconds: float = env("DELIVERABILITY_THROTTLE_SECONDS", 300.0)
     #: a pause not renewed ends after this long.
     pause_seconds: float = env("DELIVERABILITY_PAUSE_SECONDS", 1800.0)
+    #: a campaign's complaints / delivered (all domains) above this trips its complaint
+    #: guard: its sends to the domains past the rate are held (campaign.guard) ...
+    campaign_complaint_rate: float = env("DELIVERABILITY_CAMPAIGN_COMPLAINT_RATE", 0.003)
+    #: ... once this many of its mails were delivered.
+    campaign_complaint_min_delivered: int = env(
+        "DELIVERABILITY_CAMPAIGN_COMPLAINT_MIN_DELIVERED", 1000
+    )
+    #: a campaign with no delivery or complaint counted for this long leaves the
+    #: campaign-domains table (and its changelog).
+    campaign_keep_hours: float = env("DELIVERABILITY_CAMPAIGN_KEEP_HOURS", 168.0)
 
     def thresholds(self) -> Thresholds:
         return Thresholds(
@@ -63,4 +74,10 @@ class DeliverabilitySettings(CommonSettings):
             throttle_min_rate=self.throttle_min_rate,
             throttle_seconds=self.throttle_seconds,
             pause_seconds=self.pause_seconds,
+        )
+
+    def guard_limits(self) -> GuardLimits:
+        return GuardLimits(
+            complaint_rate=self.campaign_complaint_rate,
+            min_delivered=self.campaign_complaint_min_delivered,
         )

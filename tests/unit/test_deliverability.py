@@ -99,3 +99,34 @@ def test_tally_sums_a_batch_per_domain_and_figures_give_rates() -> None:
     assert figures["deferred_by_code"] == {"4.7.0": 1}
     assert figures["clicks"] == 0
     assert processor.figures(None)["attempts"] == 0
+
+
+CAMPAIGN = "0B9F6C2E-3D1A-4C57-9F0E-6A2D8B1C4E73"
+
+
+def test_a_batch_sums_delivered_and_complaints_per_campaign_and_domain() -> None:
+    other = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
+    items = [
+        (CAMPAIGN, "docomo.ne.jp", {"attempts": 1, "delivered": 1}),
+        (CAMPAIGN, "docomo.ne.jp", {"attempts": 1, "delivered": 1}),
+        (CAMPAIGN, "docomo.ne.jp", {"complaints": 1}),
+        (CAMPAIGN, "gmail.com", {"attempts": 1, "deferred": 1, "deferred:4.7.0": 1}),
+        (other, "gmail.com", {"attempts": 1, "delivered": 1}),
+        ("not-a-uuid", "gmail.com", {"attempts": 1, "delivered": 1}),
+    ]
+    assert processor.tally_campaigns(items) == {
+        # canonical (lower-case) ids; gmail.com's deferral moves neither counter
+        CAMPAIGN.lower(): {"docomo.ne.jp": {"delivered": 2, "complaints": 1}},
+        other: {"gmail.com": {"delivered": 1}},
+    }
+    assert processor.tally_campaigns([]) == {}
+
+
+def test_a_campaign_tally_adds_domain_by_domain() -> None:
+    total = {"docomo.ne.jp": {"delivered": 2, "complaints": 1}}
+    more = {"docomo.ne.jp": {"delivered": 3}, "gmail.com": {"complaints": 1}}
+    assert processor.add_domains(total, more) == {
+        "docomo.ne.jp": {"delivered": 5, "complaints": 1},
+        "gmail.com": {"complaints": 1},
+    }
+    assert total == {"docomo.ne.jp": {"delivered": 2, "complaints": 1}}  # not changed
