@@ -69,9 +69,7 @@ def test_a_record_no_campaign_could_use_is_invalid(changes: dict[str, object], f
 def test_a_record_holds_what_is_neither_resumed_nor_held_already() -> None:
     assert guard.newly_held({"docomo.ne.jp"}, set(), set()) == ["docomo.ne.jp"]
     # The set grew: only the new domain is paused.
-    assert guard.newly_held({"docomo.ne.jp", "gmail.com"}, {"docomo.ne.jp"}, set()) == [
-        "gmail.com"
-    ]
+    assert guard.newly_held({"docomo.ne.jp", "gmail.com"}, {"docomo.ne.jp"}, set()) == ["gmail.com"]
     # The latest record names a domain an operator resumed again: it stays resumed.
     assert guard.newly_held({"docomo.ne.jp", "gmail.com"}, {"gmail.com"}, {"docomo.ne.jp"}) == []
     # A redelivered or replayed record holds nothing new.
