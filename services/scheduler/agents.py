@@ -254,7 +254,7 @@ async def handle_guard(ctx: Context, batch: list[Message]) -> None:
                     status=campaign["status"],
                 )
                 continue
-            waiting = await conn.fetchval(QUERIES["unrelease-held"], record.campaign_id, new)
+            rows = await conn.fetchval(QUERIES["hold-rows"], record.campaign_id, new)
             await store.publish_control(
                 conn, record.campaign_id, "pause", record.reason, now, domains=new
             )
@@ -265,5 +265,5 @@ async def handle_guard(ctx: Context, batch: list[Message]) -> None:
                 guard_id=record.guard_id,
                 domains=new,
                 reason=record.reason,
-                released_again_later=waiting,
+                rows=rows,
             )

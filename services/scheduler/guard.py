@@ -10,9 +10,11 @@ The scheduler keeps, per campaign, the domains held now and those an operator re
   set, so every later record names the domains an operator resumed again — they stay
   resumed (the operator's decision stands);
 - newly held domains of a campaign that may still send are paused on ``campaign.control``
-  (``pause`` with those ``domains``): the sender drops the queued requests to them, and the
-  release loop releases no row whose recipient's domain is held (:data:`DOMAIN_SQL`), so a
-  row dropped or not yet sent goes out only after a resume, with attempt + 1;
+  (``pause`` with those ``domains``): the sender drops the queued requests to them; their
+  rows without a result are marked ``held`` (out of the release index; those released go
+  back to unreleased) and the release loop also skips any row whose recipient's domain is
+  held (:data:`DOMAIN_SQL`), so a row dropped or not yet sent goes out only after a resume,
+  with attempt + 1 if it was released before;
 - a campaign does not become ``sent`` while held rows have no result: it stays ``sending``
   and its ``guard`` says why;
 - ``POST /v1/campaigns/{id}/guard/resume`` moves named (default: all) held domains to resumed

@@ -56,6 +56,7 @@ async def resume_guard(
             named = ", ".join(body.domains) if body.domains else "any domain"
             raise Conflict(f"the complaint guard does not hold {named} for this campaign")
         await conn.execute(QUERIES["resume-guard"], campaign["id"], chosen, who, now)
+        await conn.execute(QUERIES["release-rows"], campaign["id"], chosen)
         if guard.may_send(campaign["status"]):
             await store.publish_control(
                 conn, campaign["id"], "resume", f"resumed by {who}", now, domains=chosen

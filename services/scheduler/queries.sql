@@ -142,10 +142,11 @@ SELECT count(*) AS unanswered,
 FROM recipient WHERE campaign_id = $1 AND outcome IS NULL;
 
 -- name: unreleased
--- The next rows to release, but none to a domain the complaint guard holds ($3; the domain
--- as services/scheduler/guard.py DOMAIN_SQL).
+-- The next rows to release, but none to a domain the complaint guard holds: marked held
+-- (out of the index), or — a row that arrived after the hold — by its domain ($3; the
+-- domain as services/scheduler/guard.py DOMAIN_SQL).
 SELECT seq, contact_id, email, group_id, merge_values, attempt
-FROM recipient WHERE campaign_id = $1 AND released_at IS NULL
+FROM recipient WHERE campaign_id = $1 AND released_at IS NULL AND NOT held
   AND (cardinality($3::text[]) = 0
        OR NOT lower(substring(email from '[^@]*$')) = ANY($3::text[]))
 ORDER BY seq LIMIT $2;
@@ -497,16 +498,22 @@ ON CONFLICT (campaign_id) DO UPDATE SET
     decided_at = GREATEST(g.decided_at, EXCLUDED.decided_at),
     updated_at = EXCLUDED.updated_at;
 
--- name: unrelease-held
--- Rows of newly held domains ($2) released without a result: the sender drops their requests,
--- so they wait unreleased (attempt + 1 when they go out after a resume).
-WITH again AS (
-    UPDATE recipient SET released_at = NULL
-    WHERE campaign_id = $1 AND outcome IS NULL AND released_at IS NOT NULL
+-- name: hold-rows
+-- Rows of newly held domains ($2) without a result are held; those released already wait
+-- unreleased again (the sender drops their requests; attempt + 1 when they go out after a
+-- resume). Returns how many were held.
+WITH held AS (
+    UPDATE recipient SET released_at = NULL, held = true
+    WHERE campaign_id = $1 AND outcome IS NULL AND NOT held
       AND lower(substring(email from '[^@]*$')) = ANY($2::text[])
     RETURNING 1
 )
-SELECT count(*) FROM again;
+SELECT count(*) FROM held;
+
+-- name: release-rows
+-- The rows of resumed domains ($2) may be released again.
+UPDATE recipient SET held = false
+WHERE campaign_id = $1 AND held AND lower(substring(email from '[^@]*$')) = ANY($2::text[]);
 
 -- name: guard
 SELECT * FROM campaign_guard WHERE campaign_id = $1;

@@ -109,7 +109,7 @@ def test_the_domain_of_an_address_is_after_its_last_at() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["unreleased", "unrelease-held", "held-recipients"], ids=lambda n: n
+    "name", ["unreleased", "hold-rows", "release-rows", "held-recipients"], ids=lambda n: n
 )
 def test_the_release_queries_read_the_domain_as_domain_of_does(name: str) -> None:
     assert guard.DOMAIN_SQL in QUERIES[name]

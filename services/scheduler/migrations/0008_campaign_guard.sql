@@ -18,3 +18,12 @@ CREATE TABLE campaign_guard (
     resumed_at  timestamptz,
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
+
+-- A row to a held domain, waiting unreleased: out of the release index, so a campaign whose
+-- other rows are all out does not read its held rows again on every tick. Set and cleared
+-- with the guard's held set (a row the guard holds has released_at NULL). The result's
+-- update of a row (outcome) changes neither column: it stays HOT (0002).
+ALTER TABLE recipient ADD COLUMN held boolean NOT NULL DEFAULT false;
+DROP INDEX recipient_unreleased_idx;
+CREATE INDEX recipient_unreleased_idx ON recipient (campaign_id, seq)
+    WHERE released_at IS NULL AND NOT held;
