@@ -227,6 +227,13 @@ SCHEDULER_HALTS = Counter("tayori_scheduler_halts_total", "Campaigns halted by e
 SCHEDULER_WINDOW_PAUSED = Gauge(
     "tayori_scheduler_window_paused_campaigns", "Sending campaigns paused outside their window"
 )
+#: receiving domains of campaigns the complaint guard held (campaign.guard, issue 21) and
+#: that an operator resumed (POST /v1/campaigns/{id}/guard/resume); change: held|resumed.
+SCHEDULER_GUARD_DOMAINS = Counter(
+    "tayori_scheduler_guard_domains_total",
+    "Campaign receiving domains held by the complaint guard, or resumed",
+    ["change"],
+)
 #: step-mail enrolments (F-29) started (a deliverable join of a plan with a schedule) and
 #: ended (unsubscribed, banned or left: the remaining steps stop).
 PLAN_ENROLMENTS = Counter(
@@ -380,6 +387,7 @@ SCHEDULER = (
     SCHEDULER_RESULTS,
     SCHEDULER_HALTS,
     SCHEDULER_WINDOW_PAUSED,
+    SCHEDULER_GUARD_DOMAINS,
     PLAN_ENROLMENTS,
     STEPS_RELEASED,
     STEP_RESULTS,

@@ -207,6 +207,39 @@ EN: dict[str, str] = {
     "変更は配信停止サービスが数秒以内に反映します。": (
         "The suppression service applies the change within seconds."
     ),
+    # campaign (キャンペーン詳細) and its complaint guard
+    "キャンペーン詳細": "Campaign",
+    "配信日時": "Scheduled at",
+    "件名": "Subject",
+    "配信予定数": "Planned",
+    "成功数": "Delivered",
+    "エラー数": "Errors",
+    "配信停止で除外": "Suppressed",
+    "結果待ち": "Awaiting results",
+    "未配信数": "Not sent",
+    "苦情率ガード": "Complaint guard",
+    "苦情率がしきい値を超えたため、次のドメインへの残りの配信を保留しています。"
+    "再開するまで送信されません。": (
+        "The complaint rate passed the threshold: the remaining mail to these domains is held"
+        " and is not sent until it is resumed."
+    ),
+    "配信保留中のドメイン": "Held domains",
+    "配信保留中": "held",
+    "保留中の宛先": "Held recipients",
+    "苦情率": "Complaint rate",
+    "配信成功": "delivered",
+    "判定日時": "Decided at",
+    "再開したドメイン": "Resumed domains",
+    "再開": "Resume",
+    "すべて再開": "Resume all",
+    "すべてのドメイン": "every domain",
+    "配信を再開しました": "Sending resumed",
+    "このドメインへの配信を再開しますか？"
+    "苦情率が高いままの場合、送信者の評価が下がるおそれがあります。": (
+        "Resume sending to this domain? If complaints stay high, the sender's reputation may"
+        " suffer."
+    ),
+    "保留中のすべてのドメインへの配信を再開しますか？": "Resume sending to every held domain?",
     # errors
     "ページが見つかりません": "Page not found",
     "サービスに接続できません": "A service cannot be reached",

@@ -12,6 +12,8 @@
 - ``suppression.changes``: memberships, whose changes start and end step-mail enrolments
   (F-29); results and feedback of step sends are counted per step (services/scheduler/
   stepmail.py).
+- ``campaign.guard``: the complaint guard held a campaign's mail to some receiving domains
+  (services/scheduler/guard.py); each guard_id has one effect.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from typing import Any
 import asyncpg
 
 from libs.common.db import claim_once, columns
-from libs.common.kafka import Message
+from libs.common.kafka import Message, checked
 from libs.common.logging import get_logger
-from libs.common.metrics import SCHEDULER_HALTS, SCHEDULER_RESULTS
-from services.scheduler import plans, processor, stepmail, store
+from libs.common.metrics import SCHEDULER_GUARD_DOMAINS, SCHEDULER_HALTS, SCHEDULER_RESULTS
+from services.scheduler import guard, plans, processor, stepmail, store
 from services.scheduler.context import Context
 from services.scheduler.store import QUERIES
 
@@ -203,3 +205,65 @@ async def handle_memberships(ctx: Context, batch: list[Message]) -> None:
         return
     async with ctx.pool.acquire() as conn, conn.transaction():
         await stepmail.apply_memberships(conn, changes)
+
+
+async def handle_guard(ctx: Context, batch: list[Message]) -> None:
+    """``campaign.guard`` → the held domains of a campaign; newly held ones of a campaign
+    that may still send are paused on ``campaign.control`` (pause with those domains), and
+    its rows to them released without a result wait unreleased (services/scheduler/guard.py).
+    A record naming a campaign this scheduler does not have is dropped with a warning."""
+    records = checked(batch, guard.parse)
+    now = ctx.clock.now()
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        fresh = await claim_once(conn, records, lambda r: r.guard_id)
+        if not fresh:
+            return
+        # Campaign rows first, in id order, as the other handlers and the releaser lock them:
+        # a record waits for the chunk a releaser has in hand.
+        campaigns = {
+            row["id"]: row
+            for row in await conn.fetch(
+                QUERIES["lock-guarded-campaigns"], sorted({r.campaign_id for r in fresh})
+            )
+        }
+        held: dict[uuid.UUID, set[str]] = {c: set(row["held"]) for c, row in campaigns.items()}
+        for record in fresh:
+            campaign = campaigns.get(record.campaign_id)
+            if campaign is None:
+                log.warning("campaign_guard_unknown_campaign", campaign_id=str(record.campaign_id))
+                continue
+            new = guard.newly_held(record.domains, held[record.campaign_id], campaign["resumed"])
+            await conn.execute(
+                QUERIES["record-guard"],
+                record.campaign_id,
+                record.guard_id,
+                new,
+                record.reason,
+                record.delivered,
+                record.complaints,
+                record.decided_at,
+                now,
+            )
+            held[record.campaign_id].update(new)
+            if not new or not guard.may_send(campaign["status"]):
+                log.info(
+                    "campaign_guard_recorded",
+                    campaign_id=str(record.campaign_id),
+                    guard_id=record.guard_id,
+                    held=new,
+                    status=campaign["status"],
+                )
+                continue
+            rows = await conn.fetchval(QUERIES["hold-rows"], record.campaign_id, new)
+            await store.publish_control(
+                conn, record.campaign_id, "pause", record.reason, now, domains=new
+            )
+            SCHEDULER_GUARD_DOMAINS.labels("held").inc(len(new))
+            log.warning(
+                "campaign_guard_held",
+                campaign_id=str(record.campaign_id),
+                guard_id=record.guard_id,
+                domains=new,
+                reason=record.reason,
+                rows=rows,
+            )

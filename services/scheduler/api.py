@@ -147,6 +147,7 @@ _CAMPAIGN_LINKS = {
         "recipients_csv",
         "resend_campaign",
         "cancel",
+        "resume_guard",
     )
 }
 
@@ -238,25 +239,28 @@ async def list_campaigns(request: web.Request, query: CampaignsQuery) -> web.Res
     if wanted is not None and wanted not in status.STATUSES:
         raise InvalidMessage(f"status must be one of {', '.join(status.STATUSES)}", field="status")
     after = query.cursor
-    rows = await _ctx(request).pool.fetch(QUERIES["campaigns-page"], after, wanted, limit + 1)
-    more = len(rows) > limit
-    rows = rows[:limit]
+    async with _ctx(request).pool.acquire() as conn:
+        rows = await conn.fetch(QUERIES["campaigns-page"], after, wanted, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        guards = await store.guards_of(conn, [r["id"] for r in rows])
     next_cursor = str(rows[-1]["number"]) if more else None
-    return json_response(
-        {"items": [store.campaign_json(r) for r in rows], "next_cursor": next_cursor}
-    )
+    items = [store.campaign_json(r) | {"guard": guards[r["id"]]} for r in rows]
+    return json_response({"items": items, "next_cursor": next_cursor})
 
 
 @routes.get("/v1/campaigns/{id}")
 @contract(path=CampaignPath, query=NoQuery, response=CampaignAnswer)
 async def get_campaign(request: web.Request, path: CampaignPath, query: NoQuery) -> web.Response:
     """One campaign with its status, counters (planned, success, error, suppressed, pending,
-    unsent, released, re_released), statistics (opens, clicks, unique_opens, unique_clicks)
-    and status history."""
+    unsent, released, re_released), statistics (opens, clicks, unique_opens, unique_clicks),
+    status history and the complaint guard (``guard``: null, or the held receiving domains
+    and why)."""
     async with _ctx(request).pool.acquire() as conn:
         row = await store.get_campaign(conn, path.id)
         history = await conn.fetch(QUERIES["history"], row["id"])
-    return json_response(store.campaign_json(row, history))
+        guard = await store.guard_of(conn, row["id"])
+    return json_response(store.campaign_json(row, history) | {"guard": guard})
 
 
 @routes.post("/v1/campaigns/{id}/reserve")

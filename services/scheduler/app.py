@@ -2,7 +2,8 @@
 
 Inputs: HTTP API, campaign.recipients (snapshot answers), delivery.results, send.progress
 (senders' answers to release checkpoints), feedback.events (campaign and step statistics),
-suppression.changes (step-mail enrolments), the clock.
+suppression.changes (step-mail enrolments), campaign.guard (the complaint guard's held
+receiving domains), the clock.
 Outputs: snapshot.requests and campaign.control through the outbox; send.requests (and
 their checkpoints) published directly by the release loop (acknowledged before rows are
 marked released) and, for test sends, through the outbox.
@@ -19,7 +20,7 @@ from libs.common import metrics
 from libs.common.kafka import Latency
 from libs.common.service import ConsumerSpec, LazyContext, Runtime
 from libs.common.topics import Topic
-from services.scheduler import agents, api, fence, plans_api, release
+from services.scheduler import agents, api, fence, guard_api, plans_api, release
 from services.scheduler.context import CONTEXT, Context
 from services.scheduler.settings import SchedulerSettings
 
@@ -76,6 +77,13 @@ def build(settings: SchedulerSettings) -> Runtime:
             max_records=5000,
             latency=Latency.QUIET,
         ),
+        # The complaint guard's holds: a few records per tripped campaign.
+        ConsumerSpec(
+            "scheduler.guard",
+            [Topic.CAMPAIGN_GUARD],
+            bind(agents.handle_guard),
+            latency=Latency.QUIET,
+        ),
         ConsumerSpec(
             "scheduler.memberships",
             [Topic.SUPPRESSION_CHANGES],
@@ -99,6 +107,7 @@ def build(settings: SchedulerSettings) -> Runtime:
         app[CONTEXT] = ctx()
         app.router.add_routes(api.routes)
         app.router.add_routes(plans_api.routes)
+        app.router.add_routes(guard_api.routes)
 
     runtime.setup_routes = setup_routes
     return runtime

@@ -38,7 +38,7 @@ from libs.common.http.contract import (
     TimeZoneName,
     Token,
 )
-from services.scheduler import plans, processor, resend
+from services.scheduler import guard, plans, processor, resend
 from services.scheduler.status import STATUSES
 
 # Value types -------------------------------------------------------------------------------
@@ -329,6 +329,44 @@ class StatusChange(Answer):
     at: dt.datetime
 
 
+#: a receiving domain as named in a resume (lower case or not: it is compared lower-cased).
+Domain = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=guard.MAX_DOMAIN, pattern=r"^[^@\s\x00-\x1f]+$"),
+    Field(examples=["docomo.ne.jp"]),
+]
+
+
+class GuardResumeBody(Body):
+    """再開 (complaint guard): the held receiving domains to send to again; without
+    ``domains`` (or with no body at all), every held one."""
+
+    domains: list[Domain] | None = Field(
+        None,
+        title="再開するドメイン",
+        min_length=1,
+        max_length=guard.MAX_RESUME_DOMAINS,
+        examples=[["docomo.ne.jp"]],
+    )
+
+
+class Guard(Answer):
+    """The complaint guard of a campaign (issue 21): the receiving domains whose remaining
+    sends are held until an operator resumes them, and why."""
+
+    held: list[str] = Field(examples=[["docomo.ne.jp"]])
+    resumed: list[str] = Field(examples=[[]])
+    reason: str = Field(examples=["complaint_rate 0.0052 > 0.0030 (13/2500 delivered)"])
+    delivered: int
+    complaints: int
+    decided_at: dt.datetime
+    resumed_by: str | None
+    resumed_at: dt.datetime | None
+    held_recipients: int | None = Field(
+        None, description="recipients without a result to held domains (one campaign only)"
+    )
+
+
 class Campaign(Answer):
     id: str
     name: str
@@ -369,6 +407,11 @@ class Campaign(Answer):
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     history: list[StatusChange] | None = Field(None, description="only for one campaign")
+    guard: Guard | None = Field(
+        None,
+        description="the complaint guard: null when it never tripped for the campaign"
+        " (only in GET answers and the guard's resume)",
+    )
 
 
 class Campaigns(Answer):

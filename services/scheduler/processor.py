@@ -491,13 +491,21 @@ def snapshot_request(
 
 
 def control(
-    campaign_id: str, action: str, reason: str | None, command_id: str, now: dt.datetime
+    campaign_id: str,
+    action: str,
+    reason: str | None,
+    command_id: str,
+    now: dt.datetime,
+    domains: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """A campaign.control command; ``domains`` (pause / resume only) names the receiving
+    domains it is about, none = the whole campaign."""
     return {
         "command_id": command_id,
         "campaign_id": campaign_id,
         "action": action,
         "reason": reason,
+        "domains": sorted(domains),
         "issued_at": now,
     }
 

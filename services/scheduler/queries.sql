@@ -106,8 +106,10 @@ SELECT id FROM campaign WHERE status = 'sending' ORDER BY scheduled_at;
 
 -- name: lock-sending-campaign
 -- The releaser's lock: one process releases a campaign at a time, and a halt (which updates
--- the row) waits until the chunk in hand is acknowledged.
-SELECT c.*, k.window_start, k.window_end, k.time_zone
+-- the row) waits until the chunk in hand is acknowledged. held: the domains the complaint
+-- guard holds (a guard record waits for the lock too, so the set cannot change meanwhile).
+SELECT c.*, k.window_start, k.window_end, k.time_zone,
+       COALESCE((SELECT g.held FROM campaign_guard g WHERE g.campaign_id = c.id), '{}') AS held
 FROM campaign c JOIN category k ON k.id = c.category_id
 WHERE c.id = $1 AND c.status = 'sending'
 FOR NO KEY UPDATE OF c SKIP LOCKED;
@@ -140,8 +142,13 @@ SELECT count(*) AS unanswered,
 FROM recipient WHERE campaign_id = $1 AND outcome IS NULL;
 
 -- name: unreleased
+-- The next rows to release, but none to a domain the complaint guard holds: marked held
+-- (out of the index), or — a row that arrived after the hold — by its domain ($3; the
+-- domain as services/scheduler/guard.py DOMAIN_SQL).
 SELECT seq, contact_id, email, group_id, merge_values, attempt
-FROM recipient WHERE campaign_id = $1 AND released_at IS NULL
+FROM recipient WHERE campaign_id = $1 AND released_at IS NULL AND NOT held
+  AND (cardinality($3::text[]) = 0
+       OR NOT lower(substring(email from '[^@]*$')) = ANY($3::text[]))
 ORDER BY seq LIMIT $2;
 
 -- name: mark-released
@@ -460,3 +467,74 @@ SELECT id, created_at, true FROM plan_step WHERE id = ANY($1::uuid[]);
 
 -- name: set-resent-from
 UPDATE campaign SET resent_from = $2 WHERE id = $1 RETURNING *;
+
+-- Complaint guard (issue 21; services/scheduler/guard.py) -----------------------------------------
+
+-- name: lock-guarded-campaigns
+-- The campaigns of a batch of campaign.guard records, locked (after the chunk a releaser has
+-- in hand), with their status and what the guard holds and resumed so far.
+SELECT c.id, c.status, COALESCE(g.held, '{}') AS held, COALESCE(g.resumed, '{}') AS resumed,
+       g.decided_at
+FROM campaign c LEFT JOIN campaign_guard g ON g.campaign_id = c.id
+WHERE c.id = ANY($1::uuid[])
+ORDER BY c.id
+FOR NO KEY UPDATE OF c;
+
+-- name: record-guard
+-- A decision: $3 joins the held domains; the figures are the newest decision's.
+INSERT INTO campaign_guard AS g (campaign_id, held, guard_id, reason, delivered, complaints,
+    decided_at, updated_at)
+VALUES ($1, $3, $2, $4, $5, $6, $7, $8)
+ON CONFLICT (campaign_id) DO UPDATE SET
+    held = ARRAY(SELECT DISTINCT d FROM unnest(g.held || EXCLUDED.held) AS d ORDER BY d),
+    guard_id = CASE WHEN EXCLUDED.decided_at >= g.decided_at THEN EXCLUDED.guard_id
+                    ELSE g.guard_id END,
+    reason = CASE WHEN EXCLUDED.decided_at >= g.decided_at THEN EXCLUDED.reason
+                  ELSE g.reason END,
+    delivered = CASE WHEN EXCLUDED.decided_at >= g.decided_at THEN EXCLUDED.delivered
+                     ELSE g.delivered END,
+    complaints = CASE WHEN EXCLUDED.decided_at >= g.decided_at THEN EXCLUDED.complaints
+                      ELSE g.complaints END,
+    decided_at = GREATEST(g.decided_at, EXCLUDED.decided_at),
+    updated_at = EXCLUDED.updated_at;
+
+-- name: hold-rows
+-- Rows of newly held domains ($2) without a result are held; those released already wait
+-- unreleased again (the sender drops their requests; attempt + 1 when they go out after a
+-- resume). Returns how many were held.
+WITH held AS (
+    UPDATE recipient SET released_at = NULL, held = true
+    WHERE campaign_id = $1 AND outcome IS NULL AND NOT held
+      AND lower(substring(email from '[^@]*$')) = ANY($2::text[])
+    RETURNING 1
+)
+SELECT count(*) FROM held;
+
+-- name: release-rows
+-- The rows of resumed domains ($2) may be released again.
+UPDATE recipient SET held = false
+WHERE campaign_id = $1 AND held AND lower(substring(email from '[^@]*$')) = ANY($2::text[]);
+
+-- name: guard
+SELECT * FROM campaign_guard WHERE campaign_id = $1;
+
+-- name: guard-for-update
+SELECT * FROM campaign_guard WHERE campaign_id = $1 FOR UPDATE;
+
+-- name: guards
+SELECT * FROM campaign_guard WHERE campaign_id = ANY($1::uuid[]);
+
+-- name: held-recipients
+-- Recipients without a result whose domain is held ($2).
+SELECT count(*) FROM recipient
+WHERE campaign_id = $1 AND outcome IS NULL
+  AND lower(substring(email from '[^@]*$')) = ANY($2::text[]);
+
+-- name: resume-guard
+-- An operator resumed $2: held no more, resumed from now on.
+UPDATE campaign_guard SET
+    held = ARRAY(SELECT d FROM unnest(held) AS d WHERE d <> ALL($2::text[]) ORDER BY d),
+    resumed = ARRAY(SELECT DISTINCT d FROM unnest(resumed || $2::text[]) AS d ORDER BY d),
+    resumed_by = $3, resumed_at = $4, updated_at = $4
+WHERE campaign_id = $1
+RETURNING *;

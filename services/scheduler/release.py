@@ -14,7 +14,9 @@ Each tick, with the context's clock:
    campaign is sent without them); inside the window it releases the next rows of its
    ledger at the paced rate — published directly in per-partition batches, marked released
    (with the chunk's release mark) only after the broker acknowledged them (at least once:
-   the sender's ledger absorbs duplicates). The requests name the campaign's content by id;
+   the sender's ledger absorbs duplicates) — but no row to a receiving domain the complaint
+   guard holds (services/scheduler/guard.py) until an operator resumes it; such rows keep
+   the campaign sending. The requests name the campaign's content by id;
    the content itself goes out once, on ``campaign.content``, acknowledged before the first
    request naming it;
 3. ``sent`` becomes ``aggregating``, and ``aggregating`` becomes ``aggregated`` once the
@@ -160,7 +162,8 @@ async def _release(
     budget = min(bucket.refill(clock, ctx.release_rate), ctx.settings.release_chunk)
     if budget <= 0:
         return 0
-    rows = await conn.fetch(QUERIES["unreleased"], campaign_id, budget)
+    # Rows to a domain the complaint guard holds wait (services/scheduler/guard.py).
+    rows = await conn.fetch(QUERIES["unreleased"], campaign_id, budget, list(campaign["held"]))
     if not rows:
         return 0
     content_id = await publish_content(ctx, campaign)

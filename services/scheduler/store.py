@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from libs.common.db import Queries
 from libs.common.errors import InvalidMessage, NotFound
 from libs.common.logging import get_logger
 from libs.common.topics import Topic
-from services.scheduler import processor, status
+from services.scheduler import guard, processor, status
 from services.scheduler.processor import Counters
 
 QUERIES = Queries(Path(__file__).with_name("queries.sql"))
@@ -64,10 +64,31 @@ async def publish_control(
     action: str,
     reason: str | None,
     now: dt.datetime,
+    domains: Sequence[str] = (),
 ) -> None:
-    """Queue a ``campaign.control`` command in the caller's transaction."""
-    value = processor.control(str(campaign_id), action, reason, str(uuid.uuid4()), now)
+    """Queue a ``campaign.control`` command in the caller's transaction; ``domains``: a pause
+    or resume of only the mail to those receiving domains (the complaint guard)."""
+    value = processor.control(str(campaign_id), action, reason, str(uuid.uuid4()), now, domains)
     await outbox.add(conn, Topic.CAMPAIGN_CONTROL, str(campaign_id), value)
+
+
+async def guard_of(conn: asyncpg.Connection, campaign_id: uuid.UUID) -> dict[str, Any] | None:
+    """The API's ``guard`` of one campaign, with how many of its recipients it holds."""
+    row = await conn.fetchrow(QUERIES["guard"], campaign_id)
+    if row is None:
+        return None
+    held = 0
+    if row["held"]:
+        held = await conn.fetchval(QUERIES["held-recipients"], campaign_id, list(row["held"]))
+    return guard.guard_json(row, held)
+
+
+async def guards_of(
+    conn: asyncpg.Connection, campaign_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, dict[str, Any] | None]:
+    """The API's ``guard`` of each campaign of a page (without the recipients counted)."""
+    rows = {r["campaign_id"]: r for r in await conn.fetch(QUERIES["guards"], campaign_ids)}
+    return {c: guard.guard_json(rows.get(c)) for c in campaign_ids}
 
 
 def counters(row: Mapping[str, Any]) -> Counters:

@@ -316,6 +316,8 @@ class Contract:
     path: type[BaseModel] | None = None
     query: type[BaseModel] | None = None
     body: type[BaseModel] | None = None
+    #: an empty body is taken as ``{}`` (every field of ``body`` has a default).
+    body_optional: bool = False
     #: the success answer: its status and model (None: no body, e.g. 204).
     status: int = 200
     response: type[BaseModel] | None = None
@@ -346,6 +348,7 @@ def contract(
     path: type[BaseModel] | None = None,
     query: type[BaseModel] | None = None,
     body: type[BaseModel] | None = None,
+    body_optional: bool = False,
     response: type[BaseModel] | None = None,
     status: int = 200,
     media: Mapping[str, str] | None = None,
@@ -363,6 +366,7 @@ def contract(
         path=path,
         query=query,
         body=body,
+        body_optional=body_optional,
         status=status,
         response=response,
         media=media or {},
@@ -386,6 +390,8 @@ def contract(
                 inputs["query"] = parse_params(query, query_values(query, request.query), "query")
             if body is not None:
                 raw = await read_body(request, max_bytes=max_bytes, seconds=seconds)
+                if body_optional and not raw.strip():
+                    raw = b"{}"
                 inputs["body"] = parse_json(body, raw)
             return await view(request, **inputs)
 

@@ -138,7 +138,7 @@ def _operation(
         content["application/json"] = {"schema": _ref(refs, spec.body)}
     content.update({media: {"schema": schema} for media, schema in spec.raw_body.items()})
     if content:
-        operation["requestBody"] = {"required": True, "content": content}
+        operation["requestBody"] = {"required": not spec.body_optional, "content": content}
 
     responses: dict[str, Any] = {}
     for status, model in {spec.status: spec.response, **spec.also}.items():

@@ -1,5 +1,15 @@
 """One module per screen, its templates beside it; each has ``routes``."""
 
-from services.console.screens import contact, contacts, groups, home, imports, jobs, login, soon
+from services.console.screens import (
+    campaign,
+    contact,
+    contacts,
+    groups,
+    home,
+    imports,
+    jobs,
+    login,
+    soon,
+)
 
-SCREENS = (login, home, contacts, contact, groups, imports, jobs, soon)
+SCREENS = (login, home, contacts, contact, groups, imports, jobs, campaign, soon)
