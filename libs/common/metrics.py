@@ -228,10 +228,11 @@ SCHEDULER_WINDOW_PAUSED = Gauge(
     "tayori_scheduler_window_paused_campaigns", "Sending campaigns paused outside their window"
 )
 #: receiving domains of campaigns the complaint guard held (campaign.guard, issue 21) and
-#: that an operator resumed (POST /v1/campaigns/{id}/guard/resume); change: held|resumed.
+#: that an operator resumed or gave up (POST /v1/campaigns/{id}/guard/resume|drop); change:
+#: held|resumed|dropped.
 SCHEDULER_GUARD_DOMAINS = Counter(
     "tayori_scheduler_guard_domains_total",
-    "Campaign receiving domains held by the complaint guard, or resumed",
+    "Campaign receiving domains held by the complaint guard, resumed or dropped",
     ["change"],
 )
 #: step-mail enrolments (F-29) started (a deliverable join of a plan with a schedule) and

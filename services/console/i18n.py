@@ -234,6 +234,14 @@ EN: dict[str, str] = {
     "すべて再開": "Resume all",
     "すべてのドメイン": "every domain",
     "配信を再開しました": "Sending resumed",
+    "配信を中止しました": "Sending given up",
+    "配信中止": "Give up",
+    "配信中止したドメイン": "Given-up domains",
+    "このドメインへの残りの配信を中止しますか？保留中の宛先には送信せず、配信停止で除外として数えます。"
+    "キャンペーンは完了できるようになります。": (
+        "Give up the remaining mail to this domain? Its held recipients are not sent to and"
+        " count as suppressed; the campaign can then finish."
+    ),
     "このドメインへの配信を再開しますか？"
     "苦情率が高いままの場合、送信者の評価が下がるおそれがあります。": (
         "Resume sending to this domain? If complaints stay high, the sender's reputation may"

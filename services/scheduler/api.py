@@ -148,6 +148,7 @@ _CAMPAIGN_LINKS = {
         "resend_campaign",
         "cancel",
         "resume_guard",
+        "drop_guard",
     )
 }
 

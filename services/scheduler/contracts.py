@@ -338,8 +338,8 @@ Domain = Annotated[
 
 
 class GuardResumeBody(Body):
-    """再開 (complaint guard): the held receiving domains to send to again; without
-    ``domains`` (or with no body at all), every held one."""
+    """再開 / 配信中止 (complaint guard): the held receiving domains to send to again, or to
+    give up; without ``domains`` (or with no body at all), every held one."""
 
     domains: list[Domain] | None = Field(
         None,
@@ -356,12 +356,15 @@ class Guard(Answer):
 
     held: list[str] = Field(examples=[["docomo.ne.jp"]])
     resumed: list[str] = Field(examples=[[]])
+    dropped: list[str] = Field(
+        examples=[[]], description="domains an operator gave up (their held rows: suppressed)"
+    )
     reason: str = Field(examples=["complaint_rate 0.0052 > 0.0030 (13/2500 delivered)"])
     delivered: int
     complaints: int
     decided_at: dt.datetime
-    resumed_by: str | None
-    resumed_at: dt.datetime | None
+    resumed_by: str | None = Field(description="who last resumed or dropped held domains")
+    resumed_at: dt.datetime | None = Field(description="when they did")
     held_recipients: int | None = Field(
         None, description="recipients without a result to held domains (one campaign only)"
     )

@@ -18,7 +18,11 @@ The scheduler keeps, per campaign, the domains held now and those an operator re
 - a campaign does not become ``sent`` while held rows have no result: it stays ``sending``
   and its ``guard`` says why;
 - ``POST /v1/campaigns/{id}/guard/resume`` moves named (default: all) held domains to resumed
-  and publishes ``resume`` with them.
+  and publishes ``resume`` with them;
+- ``POST /v1/campaigns/{id}/guard/drop`` gives named (default: all) held domains up: their
+  rows without a result are recorded ``suppressed`` (no mail) and counted, so the campaign
+  can finish; the sender keeps them paused. A later record does not hold a resumed or
+  dropped domain again.
 
 A finished campaign's record is kept for display only: nothing is paused.
 """
@@ -122,6 +126,7 @@ def guard_json(
     body: dict[str, Any] = {
         "held": sorted(row["held"]),
         "resumed": sorted(row["resumed"]),
+        "dropped": sorted(row["dropped"]),
         "reason": row["reason"],
         "delivered": row["delivered"],
         "complaints": row["complaints"],

@@ -7,6 +7,10 @@
   (``X-Tayori-Requested-By``, else the token's role) is kept as ``resumed_by``. 404 for an
   unknown campaign, 409 when none of the named domains is held.
 
+- ``POST /v1/campaigns/{id}/guard/drop`` (operator): the same body. The named held domains
+  are given up: their rows without a result are recorded ``suppressed`` (no mail) and
+  counted, so the campaign can finish; the sender keeps them paused. 404 / 409 as above.
+
 A campaign's ``guard`` is read with the campaign (``GET /v1/campaigns/{id}``).
 """
 
@@ -28,9 +32,7 @@ routes = web.RouteTableDef()
 log = get_logger(__name__)
 
 
-@routes.post("/v1/campaigns/{id}/guard/resume")
-@requires("operator")
-@contract(
+_GUARD_CONTRACT = contract(
     path=CampaignPath,
     query=NoQuery,
     body=GuardResumeBody,
@@ -38,38 +40,70 @@ log = get_logger(__name__)
     response=Campaign,
     errors=(409,),
 )
+
+
+@routes.post("/v1/campaigns/{id}/guard/resume")
+@requires("operator")
+@_GUARD_CONTRACT
 async def resume_guard(
     request: web.Request, path: CampaignPath, query: NoQuery, body: GuardResumeBody
 ) -> web.Response:
     """再開: send the campaign's mail to domains the complaint guard held again. Body:
     ``{"domains": ["docomo.ne.jp"]}`` (default: every held domain); 409 when none of them
     is held."""
+    return await _act(request, path, body, "resumed")
+
+
+@routes.post("/v1/campaigns/{id}/guard/drop")
+@requires("operator")
+@_GUARD_CONTRACT
+async def drop_guard(
+    request: web.Request, path: CampaignPath, query: NoQuery, body: GuardResumeBody
+) -> web.Response:
+    """配信中止: give up the campaign's mail to domains the complaint guard held; their
+    recipients without a result are counted suppressed and the campaign can finish. Body
+    and answers as for resume."""
+    return await _act(request, path, body, "dropped")
+
+
+async def _act(
+    request: web.Request, path: CampaignPath, body: GuardResumeBody, change: str
+) -> web.Response:
+    """Resume or drop the held domains ``body`` names, in one transaction with the
+    campaign row locked (as the releaser and the guard consumer lock it)."""
     ctx = _ctx(request)
     now = ctx.clock.now()
     who = request.get(REQUESTED_BY)
     async with ctx.pool.acquire() as conn, conn.transaction():
-        # The campaign row first (as the releaser and the guard consumer lock it).
         campaign = await store.get_campaign(conn, path.id, lock=True)
         row = await conn.fetchrow(QUERIES["guard-for-update"], campaign["id"])
         chosen = guard.to_resume(row["held"] if row is not None else (), body.domains)
         if not chosen:
             named = ", ".join(body.domains) if body.domains else "any domain"
             raise Conflict(f"the complaint guard does not hold {named} for this campaign")
-        await conn.execute(QUERIES["resume-guard"], campaign["id"], chosen, who, now)
-        await conn.execute(QUERIES["release-rows"], campaign["id"], chosen)
-        if guard.may_send(campaign["status"]):
-            await store.publish_control(
-                conn, campaign["id"], "resume", f"resumed by {who}", now, domains=chosen
-            )
+        if change == "resumed":
+            await conn.execute(QUERIES["resume-guard"], campaign["id"], chosen, who, now)
+            await conn.execute(QUERIES["release-rows"], campaign["id"], chosen)
+            if guard.may_send(campaign["status"]):
+                await store.publish_control(
+                    conn, campaign["id"], "resume", f"resumed by {who}", now, domains=chosen
+                )
+            dropped = 0
+        else:
+            await conn.execute(QUERIES["drop-guard"], campaign["id"], chosen, who, now)
+            dropped = await conn.fetchval(QUERIES["drop-held-rows"], campaign["id"], chosen, now)
+            if dropped:
+                campaign = await conn.fetchrow(QUERIES["add-counts"], campaign["id"], 0, 0, dropped)
         history = await conn.fetch(QUERIES["history"], campaign["id"])
         answer = store.campaign_json(campaign, history) | {
             "guard": await store.guard_of(conn, campaign["id"])
         }
-    SCHEDULER_GUARD_DOMAINS.labels("resumed").inc(len(chosen))
+    SCHEDULER_GUARD_DOMAINS.labels(change).inc(len(chosen))
     log.info(
-        "campaign_guard_resumed",
+        f"campaign_guard_{change}",
         campaign_id=str(campaign["id"]),
         domains=chosen,
+        recipients_dropped=dropped,
         status=campaign["status"],
     )
     return json_response(answer)

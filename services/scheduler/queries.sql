@@ -473,8 +473,8 @@ UPDATE campaign SET resent_from = $2 WHERE id = $1 RETURNING *;
 -- name: lock-guarded-campaigns
 -- The campaigns of a batch of campaign.guard records, locked (after the chunk a releaser has
 -- in hand), with their status and what the guard holds and resumed so far.
-SELECT c.id, c.status, COALESCE(g.held, '{}') AS held, COALESCE(g.resumed, '{}') AS resumed,
-       g.decided_at
+SELECT c.id, c.status, COALESCE(g.held, '{}') AS held,
+       COALESCE(g.resumed, '{}') || COALESCE(g.dropped, '{}') AS resumed, g.decided_at
 FROM campaign c LEFT JOIN campaign_guard g ON g.campaign_id = c.id
 WHERE c.id = ANY($1::uuid[])
 ORDER BY c.id
@@ -514,6 +514,27 @@ SELECT count(*) FROM held;
 -- The rows of resumed domains ($2) may be released again.
 UPDATE recipient SET held = false
 WHERE campaign_id = $1 AND held AND lower(substring(email from '[^@]*$')) = ANY($2::text[]);
+
+-- name: drop-held-rows
+-- An operator gave up the domains $2: their rows without a result are recorded suppressed
+-- (no mail; a late result changes nothing, as record-outcomes says), so the campaign can
+-- finish. Returns how many.
+WITH dropped AS (
+    UPDATE recipient SET held = false, outcome = 'suppressed', result_at = $3
+    WHERE campaign_id = $1 AND outcome IS NULL
+      AND lower(substring(email from '[^@]*$')) = ANY($2::text[])
+    RETURNING 1
+)
+SELECT count(*) FROM dropped;
+
+-- name: drop-guard
+-- An operator gave up $2: held no more, dropped from now on.
+UPDATE campaign_guard SET
+    held = ARRAY(SELECT d FROM unnest(held) AS d WHERE d <> ALL($2::text[]) ORDER BY d),
+    dropped = ARRAY(SELECT DISTINCT d FROM unnest(dropped || $2::text[]) AS d ORDER BY d),
+    resumed_by = $3, resumed_at = $4, updated_at = $4
+WHERE campaign_id = $1
+RETURNING *;
 
 -- name: guard
 SELECT * FROM campaign_guard WHERE campaign_id = $1;

@@ -117,13 +117,15 @@ async def test_an_operator_resumes_a_held_domain_from_the_campaign_page(
     assert "苦情率ガード" in guard and "配信保留中のドメイン" in guard
     assert DOCOMO in guard and GMAIL in guard and REASON in guard
     assert "0.52%" in guard and "13" in guard and "2500" in guard
-    # One confirmed 再開 per held domain, and one for all of them.
-    assert guard.count("data-confirm=") == 3 and f'value="{DOCOMO}"' in guard
+    # One confirmed 再開 per held domain, one for all of them, and one 配信中止 per domain.
+    assert guard.count("data-confirm=") == 5 and f'value="{DOCOMO}"' in guard
+    assert guard.count("配信中止") == 2
 
     status, page, response = await client.post(
         f"/campaigns/{cid}/guard/resume", {"csrf": client.csrf(page), "domain": DOCOMO}
     )
-    assert status == 200 and str(response.url).endswith(f"/campaigns/{cid}?resumed={DOCOMO}")
+    assert status == 200
+    assert str(response.url).endswith(f"/campaigns/{cid}?resumed={DOCOMO}&done=resume")
     assert "配信を再開しました" in page
     body = await site.api("scheduler").ok("GET", f"/v1/campaigns/{cid}")
     assert (body["guard"]["held"], body["guard"]["resumed"]) == ([GMAIL], [DOCOMO])
@@ -141,6 +143,15 @@ async def test_an_operator_resumes_a_held_domain_from_the_campaign_page(
     )
     assert status == 409 and "guard-error" in page and DOCOMO in htmllib.unescape(page)
 
+    # 配信中止 of the other held domain: its recipients count as suppressed, nothing resumed.
+    status, page, response = await client.post(
+        f"/campaigns/{cid}/guard/drop", {"csrf": client.csrf(page), "domain": GMAIL}
+    )
+    assert status == 200 and str(response.url).endswith(f"?resumed={GMAIL}&done=drop")
+    assert "配信を中止しました" in page and "guard-dropped" in page
+    body = await site.api("scheduler").ok("GET", f"/v1/campaigns/{cid}")
+    assert (body["guard"]["held"], body["guard"]["dropped"]) == ([], [GMAIL])
+
 
 async def test_a_viewer_sees_the_guard_but_cannot_resume(
     client: Browserless, site: ConsoleStack, kafka: Kafka
@@ -149,7 +160,7 @@ async def test_a_viewer_sees_the_guard_but_cannot_resume(
     assert (await client.login("viewer"))[0] == 200
     status, page, _ = await client.get(f"/campaigns/{cid}")
     assert status == 200 and DOCOMO in section(page)
-    assert "guard-resume" not in page
+    assert "guard-resume" not in page and "guard-drop" not in page
     status, _, _ = await client.post(
         f"/campaigns/{cid}/guard/resume", {"csrf": client.csrf(page), "domain": DOCOMO}
     )

@@ -210,3 +210,65 @@ async def test_guard_records_and_resumes_that_change_nothing(scheduler, contacts
     assert (resumed["guard"]["held"], resumed["guard"]["resumed"]) == ([], [DOCOMO])
     # A cancelled campaign is neither paused nor resumed on the topic.
     assert [a for a, _ in await controls_of(scheduler, kafka, cid)] == ["cancel"]
+
+
+async def test_an_operator_gives_a_held_domain_up_and_the_campaign_finishes(
+    scheduler, contacts, kafka
+):
+    """配信中止: the held domain's recipients without a result are counted suppressed (no
+    mail, nothing released again), the sender is not told to resume, the campaign finishes,
+    and a later record naming the domain again does not hold it."""
+    clock = fake_clock(scheduler)
+    api = scheduler.api
+    members = await group(contacts)
+    await people(contacts, 2, members)
+    docomo = [
+        (await contacts.api.ok("POST", "/v1/contacts", {"email": f"g{i}@docomo.ne.jp"}))["id"]
+        for i in range(2)
+    ]
+    await contacts.api.ok("POST", f"/v1/groups/{members}/members", {"contact_ids": docomo})
+    cat = await category(scheduler)
+    campaign = await reserved(scheduler, campaign_body(cat, clock, target={"group_id": members}))
+    cid = campaign["id"]
+    clock.advance(minutes=10)
+    first = await send_requests(kafka, cid, 4)
+    await publish_guard(kafka, guard_record(cid, [DOCOMO]))
+
+    async def paused() -> bool:
+        return await controls_of(scheduler, kafka, cid) == [("pause", [DOCOMO])]
+
+    await eventually(paused)
+    await play_sender(kafka, [result(r) for r in first if r["contact_id"] not in docomo])
+
+    async def counted() -> bool:
+        return (await api.ok("GET", f"/v1/campaigns/{cid}"))["success"] == 2
+
+    await eventually(counted)
+    await ticks(scheduler, 3)
+    assert (await api.ok("GET", f"/v1/campaigns/{cid}"))["status"] == "sending"
+
+    assert (await api.call("POST", f"/v1/campaigns/{cid}/guard/drop", {"domains": ["x.jp"]}))[
+        0
+    ] == 409
+    dropped = await api.ok(
+        "POST",
+        f"/v1/campaigns/{cid}/guard/drop",
+        headers={"X-Tayori-Requested-By": "taro"},
+    )
+    guard = dropped["guard"]
+    assert (guard["held"], guard["resumed"], guard["dropped"]) == ([], [], [DOCOMO])
+    assert guard["resumed_by"] == "taro"
+    assert dropped["suppressed"] == 2
+
+    done = await status_of(scheduler, cid, "aggregating")
+    assert counters(done) == {"planned": 4, "success": 2, "error": 0, "suppressed": 2, "unsent": 0}
+    assert Counter(r["attempt"] for r in await released(kafka, cid)) == {1: 4}
+    # A later record naming the dropped domain again holds nothing; nothing was resumed.
+    await publish_guard(kafka, guard_record(cid, [DOCOMO, "gmail.com"], delivered=3000))
+
+    async def grown() -> bool:
+        body = await api.ok("GET", f"/v1/campaigns/{cid}")
+        return body["guard"]["held"] == ["gmail.com"]
+
+    await eventually(grown)
+    assert [a for a, _ in await controls_of(scheduler, kafka, cid)] == ["pause"]

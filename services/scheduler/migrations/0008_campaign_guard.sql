@@ -7,6 +7,9 @@ CREATE TABLE campaign_guard (
     held        text[] NOT NULL DEFAULT '{}',
     -- domains an operator resumed; a later record naming them again does not hold them.
     resumed     text[] NOT NULL DEFAULT '{}',
+    -- domains an operator gave up: their held rows were recorded suppressed (no mail) so the
+    -- campaign could finish; a later record naming them does not hold them again.
+    dropped     text[] NOT NULL DEFAULT '{}',
     -- the newest decision's figures, for people (the campaign page shows why).
     guard_id    text NOT NULL,
     reason      text NOT NULL,
