@@ -120,6 +120,7 @@ def test_guard_json_is_null_until_the_guard_trips() -> None:
     row = {
         "held": ["gmail.com", "docomo.ne.jp"],
         "resumed": [],
+        "dropped": ["ezweb.ne.jp"],
         "reason": "complaint_rate",
         "delivered": 10,
         "complaints": 1,
@@ -130,6 +131,7 @@ def test_guard_json_is_null_until_the_guard_trips() -> None:
     body = guard.guard_json(row, 7)
     assert body is not None
     assert body["held"] == ["docomo.ne.jp", "gmail.com"] and body["held_recipients"] == 7
+    assert body["dropped"] == ["ezweb.ne.jp"]
     assert "held_recipients" not in (guard.guard_json(row) or {})
 
 
