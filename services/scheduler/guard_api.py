@@ -94,6 +94,11 @@ async def _act(
             dropped = await conn.fetchval(QUERIES["drop-held-rows"], campaign["id"], chosen, now)
             if dropped:
                 campaign = await conn.fetchrow(QUERIES["add-counts"], campaign["id"], 0, 0, dropped)
+                if campaign["status"] == "sending" and store.counters(campaign).outstanding == 0:
+                    # as a last result does (agents.handle_results)
+                    reason = "every recipient has a result"
+                    await store.transition(conn, campaign["id"], "sent", now, reason)
+                    campaign = await store.get_campaign(conn, str(campaign["id"]))
         history = await conn.fetch(QUERIES["history"], campaign["id"])
         answer = store.campaign_json(campaign, history) | {
             "guard": await store.guard_of(conn, campaign["id"])
