@@ -90,6 +90,9 @@ QUERIES = Queries(Path(__file__).with_name("queries.sql"))
 #: written by older senders, the same as 'claimed' now).
 UNFINISHED = ("claimed", "handed")
 
+#: Delivery.hold: its held row is being written; written (its batch no longer waits).
+HOLDING, HELD = "holding", "held"
+
 
 @dataclass(eq=False)
 class Delivery:
@@ -119,18 +122,27 @@ class Delivery:
     paced: DomainState | None = None
     #: when it first had to wait for its domain (monotonic; bounds its total wait).
     waiting_since: float | None = None
+    #: its send.requests record, decoded (None: mail.system, never held).
+    request: dict[str, Any] | None = None
+    #: "" | HOLDING (its held row being written) | HELD (written: its handler stopped
+    #: waiting for it; holding.py).
+    hold: str = ""
 
     @property
     def campaign_id(self) -> str:
         return self.key.campaign_id
 
 
-def _columns(keys: Sequence[LedgerKey]) -> list[list[Any]]:
+def columns(keys: Sequence[LedgerKey]) -> list[list[Any]]:
+    """Keys as the three arrays the queries unnest."""
     return [
         [k.campaign_id for k in keys],
         [k.step_id for k in keys],
         [k.contact_id for k in keys],
     ]
+
+
+_columns = columns
 
 
 async def claim(
@@ -166,6 +178,18 @@ async def claim(
         )
         for r in records
     ]
+    again = [c.key for c in claimed if not c.fresh and c.status in UNFINISHED]
+    if again:
+        # A held row's request came again (a redelivery, the scheduler's re-release after a
+        # checkpoint): it waits in its sender's pacing queue, or a sweep's; its result comes
+        # when it is sent. Neither sent here nor waited for.
+        held = {
+            LedgerKey(r["campaign_id"], r["step_id"], r["contact_id"])
+            for r in await conn.fetch(QUERIES["held-among"], *_columns(again))
+        }
+        if held:
+            log.info("held_rows_skipped", rows=len(held))
+            claimed = [c for c in claimed if c.key not in held]
     foreign = [c for c in claimed if c.status in UNFINISHED and c.owner != owner.key]
     if not foreign:
         return claimed, []
@@ -305,6 +329,11 @@ class Ledger:
         self._cycles: set[asyncio.Future[None]] = set()
         #: delivery.results of committed cycles go out through it (results.py).
         self.results = ResultsOut(publisher)
+        #: told of a held delivery's recorded outcome and its result's publication (None:
+        #: no result), so its held row goes once that is acknowledged (holding.py).
+        self.held_recorded: Callable[[Delivery, asyncio.Future[None] | None], None] = (
+            lambda d, published: None
+        )
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -393,10 +422,14 @@ class Ledger:
             sent = self.results.announce(results, traces)
             for d, _ in finished:
                 d.published = sent
-        for d, o in finished:
+        for (d, o), row in zip(finished, done, strict=True):
             SENDER_SENDS.labels(d.kind, o.outcome, o.relay or "").inc()
+            # A held delivery's ``done`` is its outcome's alone (its handler stopped waiting
+            # when it was held); one abandoned meanwhile is done already: nothing to set.
             if not d.done.done():
                 d.done.set_result(None)
+            if d.hold == HELD and announce:
+                self.held_recorded(d, d.published if row[3] is not None else None)
 
 
 def fail(future: asyncio.Future[None], exc: BaseException) -> None:

@@ -145,11 +145,15 @@ class DomainPacing:
         *,
         requeue: Callable[[Delivery], None],
         give_up: Callable[[Delivery, str], None],
+        hold: Callable[[Delivery], None] | None = None,
         defaults: Mapping[str, Limits] = domains.DEFAULTS,
     ) -> None:
         self.enabled = settings.domain_pacing
         self.requeue = requeue
         self.give_up = give_up
+        #: writes a delivery's held row (holding.py); None: nothing is held.
+        self.hold = hold
+        self.hold_seconds = settings.domain_hold_seconds
         self.defaults = defaults
         self.unlisted = Limits(settings.domain_rate, settings.domain_connections)
         self.max_wait = settings.domain_max_wait_seconds
@@ -256,6 +260,16 @@ class DomainPacing:
             self.give_up(d, f"{state.domain} {reason}: would wait more than {self.max_wait:g} s")
             return
         SENDER_DOMAIN_WAITS.labels(label, reason).inc()
+        if (
+            self.hold is not None
+            and not d.hold
+            and d.request is not None
+            and should_hold(
+                projected_wait(wait, reason, len(state.parked), state.rate_now()),
+                self.hold_seconds,
+            )
+        ):
+            self.hold(d)
         state.parked.append(d)
         if wait > 0:
             self._wake_at(state, now + wait)
@@ -415,6 +429,24 @@ class DomainPacing:
                 state.timer.cancel()
                 state.timer = None
             state.parked.clear()
+
+
+def projected_wait(wait: float, reason: str, parked: int, rate: float) -> float:
+    """How long a delivery being parked will wait for its domain, in seconds: a pause or a
+    daily cap, what remains of it (``wait``); otherwise its own wait (-1: until one of the
+    domain's transactions ends, counted as none) plus the deliveries parked before it at
+    the domain's current ``rate`` (msgs/s)."""
+    if reason in ("paused", "daily_cap"):
+        return wait
+    own = max(0.0, wait)
+    return own + parked / rate if rate > 0 else own
+
+
+def should_hold(projected: float, hold_seconds: float) -> bool:
+    """Whether a delivery that would wait ``projected`` seconds is held (its batch commits
+    without it: ledger.py "Held deliveries") rather than kept by its batch's handler. A
+    negative ``hold_seconds`` holds nothing."""
+    return hold_seconds >= 0 and projected > hold_seconds
 
 
 def _to_midnight() -> float:
