@@ -1,0 +1,178 @@
+"""Held deliveries (issue 21) through the real broker, PostgreSQL and an SMTP relay that
+caps one domain's rate: the batch of a slow domain's mail commits while that mail waits in
+held_delivery, the other domain's mail is not held behind it, and nothing is lost or sent
+twice — across a stop, too, when the next sender adopts the held rows."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections import Counter, defaultdict
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from libs.common.topics import Topic, topic_name
+from tests.conftest import Kafka, Stack, eventually, running
+from tests.integration.relays import kept, serving
+from tests.integration.test_sender import publish_all, send_request
+from tests.integration.test_sender_domains import FAST, LIMITED, RateCappingRelay
+
+pytestmark = pytest.mark.integration
+
+#: what the sender is told: a short pause after three refusals, a low AIMD floor, and a
+#: hold threshold of half a second (so that waiting out a pause holds too).
+SENDER = {
+    "smtp_connections": 4,
+    "domain_pause_after": 3,
+    "domain_pause_seconds": 2.0,
+    "domain_aimd_floor": 1.0,
+    "domain_aimd_increase": 0.5,
+    "domain_hold_seconds": 0.5,
+    "hold_sweep_seconds": 1.0,
+}
+
+
+def interleaved(campaign: str, limited: int, fast: int) -> list[dict[str, Any]]:
+    """Requests to LIMITED and FAST alternating, one contact id each (one ledger key)."""
+    a = [send_request(campaign, n, f"l{n}@{LIMITED}") for n in range(1, limited + 1)]
+    b = [send_request(campaign, 1000 + n, f"f{n}@{FAST}") for n in range(1, fast + 1)]
+    return [r for pair in itertools.zip_longest(a, b) for r in pair if r is not None]
+
+
+async def held_rows(database: str) -> int:
+    conn = await asyncpg.connect(database)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM sender.held_delivery"))
+    finally:
+        await conn.close()
+
+
+async def committed(stack: Stack, prefix: str) -> int:
+    """Offsets the sender's send.requests group committed, over every partition."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.broker.bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(f"{prefix}sender.requests")
+    finally:
+        await admin.close()
+    name = topic_name(Topic.SEND_REQUESTS, prefix)
+    return sum(
+        max(0, meta.offset)
+        for tp, meta in offsets.items()
+        if isinstance(tp, TopicPartition) and tp.topic == name
+    )
+
+
+def copies(messages: list[Message]) -> Counter[tuple[str, str]]:
+    """Messages the relay kept, by (recipient, Message-ID)."""
+    return Counter((str(m["X-Tayori-Envelope-To"]), str(m["Message-ID"])) for m in messages)
+
+
+def arrived(handler: RateCappingRelay, domain: str) -> int:
+    return sum(1 for _, kind, a in handler.events if kind == "kept" and a.endswith("@" + domain))
+
+
+async def answered(kafka: Kafka, n: int) -> dict[int, set[str]]:
+    """Result ids by contact, once ``n`` contacts have one."""
+    by_contact: dict[int, set[str]] = defaultdict(set)
+
+    async def all_there() -> bool:
+        for result in await kafka.read_to_end(Topic.DELIVERY_RESULTS):
+            assert result["outcome"] == "sent", result
+            by_contact[result["contact_id"]].add(result["result_id"])
+        return len(by_contact) >= n
+
+    await eventually(all_there, timeout=180, interval=0.5)
+    return by_contact
+
+
+def assert_each_once(handler: RateCappingRelay, requests: list[dict[str, Any]]) -> None:
+    """Every recipient got exactly one message (one Message-ID, one copy)."""
+    got = copies(kept(handler))
+    by_recipient: dict[str, list[str]] = defaultdict(list)
+    for (to, message_id), n in got.items():
+        by_recipient[to].extend([message_id] * n)
+    assert set(by_recipient) == {r["email"] for r in requests}
+    assert {to: ids for to, ids in by_recipient.items() if len(ids) != 1} == {}
+
+
+async def test_a_slow_domains_mail_is_held_and_its_batch_commits_without_it(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, tmp_path: Path
+) -> None:
+    """LIMITED takes 5 RCPTs a second (421 4.7.0 beyond); FAST everything. 150 requests to
+    each, interleaved, published before the sender starts (one batch or a few). FAST's mail
+    all arrives and the batch's offsets are committed while some of LIMITED's mail is still
+    held; in the end every message arrived once with one ``sent`` result, and the held
+    table is empty."""
+    handler = RateCappingRelay(tmp_path / "relay", per_second=5, pipelining=True)
+    requests = interleaved(str(uuid.uuid4()), 150, 150)
+    await publish_all(kafka, requests)
+    with serving(handler) as controller:
+        async with running(
+            "sender", stack, database, prefix, smtp_relays=f"127.0.0.1:{controller.port}", **SENDER
+        ):
+
+            async def fast_done_and_committed() -> bool:
+                return arrived(handler, FAST) >= 150 and await committed(stack, prefix) >= len(
+                    requests
+                )
+
+            await eventually(fast_done_and_committed, timeout=120, interval=0.1)
+            # The whole batch is committed, and LIMITED's mail still waits, held.
+            held_then = await held_rows(database)
+            limited_then = arrived(handler, LIMITED)
+            assert held_then > 0
+            assert limited_then < 150
+            by_contact = await answered(kafka, len(requests))
+
+            async def none_held() -> bool:
+                return await held_rows(database) == 0
+
+            await eventually(none_held, timeout=30)
+    assert set(by_contact) == {r["contact_id"] for r in requests}
+    assert {n: ids for n, ids in by_contact.items() if len(ids) != 1} == {}
+    assert_each_once(handler, requests)
+    assert arrived(handler, FAST) == 150
+
+
+async def test_held_rows_left_by_a_stopped_sender_are_adopted_and_sent_once(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, tmp_path: Path
+) -> None:
+    """A sender stops while LIMITED's mail is held (its batch committed): the rows stay. The
+    next sender takes them over (their owner is gone) from their stored records and sends
+    each once; every request ends with one result id and one message."""
+    handler = RateCappingRelay(tmp_path / "relay", per_second=3, pipelining=True)
+    requests = interleaved(str(uuid.uuid4()), 60, 30)
+    await publish_all(kafka, requests)
+    with serving(handler) as controller:
+        relay = f"127.0.0.1:{controller.port}"
+        async with running("sender", stack, database, prefix, smtp_relays=relay, **SENDER):
+
+            async def committed_with_rows_held() -> bool:
+                return (
+                    await committed(stack, prefix) >= len(requests)
+                    and await held_rows(database) >= 20
+                )
+
+            await eventually(committed_with_rows_held, timeout=120, interval=0.1)
+        left = await held_rows(database)
+        sent_before = arrived(handler, LIMITED)
+        assert left > 0
+        assert sent_before < 60
+        # Nothing of the committed batch comes back: the held rows are the only way on.
+        async with running("sender", stack, database, prefix, smtp_relays=relay, **SENDER):
+            by_contact = await answered(kafka, len(requests))
+
+            async def none_held() -> bool:
+                return await held_rows(database) == 0
+
+            await eventually(none_held, timeout=30)
+    assert set(by_contact) == {r["contact_id"] for r in requests}
+    assert {n: ids for n, ids in by_contact.items() if len(ids) != 1} == {}
+    assert_each_once(handler, requests)
