@@ -53,20 +53,21 @@ async def held_rows(database: str) -> int:
         await conn.close()
 
 
-async def committed(stack: Stack, prefix: str) -> int:
+async def committed(stack: Stack, kafka: Kafka, prefix: str) -> int:
     """Offsets the sender's send.requests group committed, over every partition."""
+    name = topic_name(Topic.SEND_REQUESTS, prefix)
+    partitions = [
+        TopicPartition(name, p) for p in sorted(await kafka.publisher.producer.partitions_for(name))
+    ]
     admin = AIOKafkaAdminClient(bootstrap_servers=stack.broker.bootstrap)
     await admin.start()
     try:
-        offsets = await admin.list_consumer_group_offsets(f"{prefix}sender.requests")
+        offsets = await admin.list_consumer_group_offsets(
+            f"{prefix}sender.requests", partitions=partitions
+        )
     finally:
         await admin.close()
-    name = topic_name(Topic.SEND_REQUESTS, prefix)
-    return sum(
-        max(0, meta.offset)
-        for tp, meta in offsets.items()
-        if isinstance(tp, TopicPartition) and tp.topic == name
-    )
+    return sum(max(0, offsets[tp].offset) for tp in partitions if tp in offsets)
 
 
 def copies(messages: list[Message]) -> Counter[tuple[str, str]]:
@@ -119,9 +120,9 @@ async def test_a_slow_domains_mail_is_held_and_its_batch_commits_without_it(
         ):
 
             async def fast_done_and_committed() -> bool:
-                return arrived(handler, FAST) >= 150 and await committed(stack, prefix) >= len(
-                    requests
-                )
+                return arrived(handler, FAST) >= 150 and await committed(
+                    stack, kafka, prefix
+                ) >= len(requests)
 
             await eventually(fast_done_and_committed, timeout=120, interval=0.1)
             # The whole batch is committed, and LIMITED's mail still waits, held.
@@ -156,7 +157,7 @@ async def test_held_rows_left_by_a_stopped_sender_are_adopted_and_sent_once(
 
             async def committed_with_rows_held() -> bool:
                 return (
-                    await committed(stack, prefix) >= len(requests)
+                    await committed(stack, kafka, prefix) >= len(requests)
                     and await held_rows(database) >= 20
                 )
 
