@@ -164,6 +164,7 @@ class DomainPacing:
             pause_after=settings.domain_pause_after,
             window=settings.domain_pause_window_seconds,
             pause_seconds=settings.domain_pause_seconds,
+            decrease_interval=settings.domain_aimd_decrease_interval_seconds,
         )
         self.top_n = settings.domain_metrics_top
         self.states: dict[str, DomainState] = {}

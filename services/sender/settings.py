@@ -81,6 +81,10 @@ class SenderSettings(CommonSettings):
     domain_aimd_decrease: float = env("SENDER_DOMAIN_AIMD_DECREASE", 0.5)
     domain_aimd_increase: float = env("SENDER_DOMAIN_AIMD_INCREASE", 0.1)
     domain_aimd_floor: float = env("SENDER_DOMAIN_AIMD_FLOOR", 0.2)
+    #: at most one decrease per domain per this many seconds (a burst's 4xx count once).
+    domain_aimd_decrease_interval_seconds: float = env(
+        "SENDER_DOMAIN_AIMD_DECREASE_INTERVAL_SECONDS", 1.0
+    )
     #: PAUSE_AFTER rate-limit answers (421, 4.7.x) within WINDOW seconds pause the domain
     #: for PAUSE seconds.
     domain_pause_after: int = env("SENDER_DOMAIN_PAUSE_AFTER", 3)
