@@ -52,6 +52,21 @@ advisory lock the owning process holds on a connection of its own for as long as
 (:class:`OwnerLock`). A ``claimed`` row whose owner's lock is free is a dead sender's and is
 taken over; one whose owner still holds it is left to that owner, and the handler waits
 until it is done before its offsets are committed.
+
+Held deliveries
+---------------
+The one case where a batch's offsets are committed before an outcome (holding.py): a
+delivery whose domain would keep it waiting longer than ``SENDER_DOMAIN_HOLD_SECONDS`` is
+written to ``held_delivery`` (its request, re-encoded, with its headers and trace) in a
+synchronous commit, and only then its handler stops waiting for it. Nothing is lost: from
+that commit on the request is in the table rather than in the consumer's offsets, and the
+row goes only once the outcome is recorded here and its result acknowledged by the broker.
+A request that comes again for an unfinished row with a held row is skipped by the claim
+(:func:`claim`: not resent, not waited for; its result comes when it goes). The held rows of
+a sender that is gone are taken over by a sweep (agents.sweep_held): a done row's stored
+result is published again, an unfinished one is adopted only if its owner is still the one
+found gone (so two sweeps never both take it) and sent under the rules above — a resend
+carries the same Message-ID.
 """
 
 from __future__ import annotations
