@@ -6,8 +6,12 @@ twice — across a stop, too, when the next sender adopts the held rows."""
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import subprocess
 import uuid
 from collections import Counter, defaultdict
+from datetime import UTC, datetime
 from email.message import Message
 from pathlib import Path
 from typing import Any
@@ -17,10 +21,17 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from libs.common import avro
 from libs.common.topics import Topic, topic_name
+from services.sender.holding import encode_request
+from services.sender.models import LedgerKey, Outcome
+from services.sender.processor import delivery_result
+from services.sender.smtp import UNRECORDED_PER_CONNECTION
+from tayori.embedded import SmtpSink, die_with_parent, free_port
 from tests.conftest import Kafka, Stack, eventually, running
 from tests.integration.relays import kept, serving
-from tests.integration.test_sender import publish_all, send_request
+from tests.integration.test_sender import publish_all, recipients, send_request
+from tests.integration.test_sender_crash import TAYORI
 from tests.integration.test_sender_domains import FAST, LIMITED, RateCappingRelay
 
 pytestmark = pytest.mark.integration
@@ -177,3 +188,167 @@ async def test_held_rows_left_by_a_stopped_sender_are_adopted_and_sent_once(
     assert set(by_contact) == {r["contact_id"] for r in requests}
     assert {n: ids for n, ids in by_contact.items() if len(ids) != 1} == {}
     assert_each_once(handler, requests)
+
+
+async def test_the_claim_skips_held_rows_and_the_sweep_takes_over_those_of_gone_senders(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, smtp_sink: SmtpSink
+) -> None:
+    """Held rows as other senders left them (ledger rows and held rows written here):
+
+    * c1, unfinished, its owner alive (a lock this test holds): its request comes again and
+      is neither sent nor waited for — the batch's offsets are committed — until its owner
+      is gone; then the sweep adopts it and it is sent once;
+    * c2, done by a sender that is gone: the sweep publishes its stored result again (same
+      result_id) and sends nothing;
+    * c3, unfinished, its sender gone: the sweep adopts it from its stored record and sends
+      it once."""
+    campaign = str(uuid.uuid4())
+    live_owner, gone_owner = 903, 904
+    requests = {n: send_request(campaign, n) for n in (1, 2, 3)}
+    stored = {
+        n: encode_request(avro.decode(Topic.SEND_REQUESTS, *avro.encode(Topic.SEND_REQUESTS, r)))
+        for n, r in requests.items()
+    }
+    done = delivery_result(
+        LedgerKey(campaign, "", 2),
+        "c2@example.com",
+        Outcome("sent", 250, "2.0.0", "250 OK", "relay:25", "<m2@example.com>"),
+        datetime.now(UTC),
+    )
+    lock = await asyncpg.connect(database)
+    try:
+        await lock.execute("SELECT pg_advisory_lock($1)", live_owner)
+        async with running(
+            "sender",
+            stack,
+            database,
+            prefix,
+            smtp_relays=f"127.0.0.1:{smtp_sink.port}",
+            hold_sweep_seconds=0.5,
+        ) as sender:
+            pool = sender.runtime.pool
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "INSERT INTO send_ledger"
+                    " (campaign_id, contact_id, kind, status, email, owner, outcome, result)"
+                    " VALUES ($1, 1, 'campaign', 'claimed', 'c1@example.com', $2, NULL, NULL),"
+                    "        ($1, 2, 'campaign', 'done', 'c2@example.com', $3, 'sent', $4),"
+                    "        ($1, 3, 'campaign', 'claimed', 'c3@example.com', $3, NULL, NULL)",
+                    campaign,
+                    live_owner,
+                    gone_owner,
+                    done,
+                )
+                await conn.executemany(
+                    "INSERT INTO held_delivery (campaign_id, step_id, contact_id, domain,"
+                    " value, headers) VALUES ($1, '', $2, 'example.com', $3, $4::text::jsonb)",
+                    [(campaign, n, value, headers) for n, (value, headers) in stored.items()],
+                )
+            await publish_all(kafka, [requests[1]])
+            # c1's request is passed over: its batch commits while its owner lives.
+
+            async def passed() -> bool:
+                return await committed(stack, kafka, prefix) >= 1
+
+            await eventually(passed)
+            got = await answered(kafka, 2)
+            assert set(got) == {2, 3}
+            assert got[2] == {done["result_id"]}
+            assert recipients(smtp_sink.messages()) == {"c3@example.com": 1}
+            assert await held_rows(database) == 1  # c1's, still its live owner's
+            # Its owner goes: the sweep adopts c1 and sends it once.
+            await lock.close()
+            got = await answered(kafka, 3)
+
+            async def none_held() -> bool:
+                return await held_rows(database) == 0
+
+            await eventually(none_held)
+    finally:
+        await lock.close()
+    assert {n: len(ids) for n, ids in got.items()} == {1: 1, 2: 1, 3: 1}
+    assert recipients(smtp_sink.messages()) == {"c1@example.com": 1, "c3@example.com": 1}
+
+
+def start_sender(
+    stack: Stack, database: str, prefix: str, relay: str, log: Path
+) -> subprocess.Popen[bytes]:
+    """The sender as its own process (test_sender_crash.start_sender), paced as SENDER."""
+    env = dict(
+        os.environ,
+        DATABASE_URL=database,
+        KAFKA_BOOTSTRAP=stack.broker.bootstrap,
+        KAFKA_TOPIC_PREFIX=prefix,
+        KAFKA_SESSION_TIMEOUT_MS="1000",
+        KAFKA_PROFILE="embedded",
+        KAFKA_FETCH_MAX_WAIT_MS="20",
+        SMTP_RELAYS=relay,
+        HTTP_HOST="127.0.0.1",
+        HTTP_PORT=str(free_port()),
+        LOG_LEVEL="warning",
+        DB_POOL_SIZE="5",
+        TAYORI_ADMIN_TOKEN="test-admin-token",
+        TAYORI_PROFILE="dev",
+        SMTP_CONNECTIONS=str(SENDER["smtp_connections"]),
+        SENDER_DOMAIN_PAUSE_AFTER=str(SENDER["domain_pause_after"]),
+        SENDER_DOMAIN_PAUSE_SECONDS=str(SENDER["domain_pause_seconds"]),
+        SENDER_DOMAIN_AIMD_FLOOR=str(SENDER["domain_aimd_floor"]),
+        SENDER_DOMAIN_AIMD_INCREASE=str(SENDER["domain_aimd_increase"]),
+        SENDER_DOMAIN_HOLD_SECONDS=str(SENDER["domain_hold_seconds"]),
+        SENDER_HOLD_SWEEP_SECONDS=str(SENDER["hold_sweep_seconds"]),
+    )
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [str(TAYORI), "sender"], env=env, stdout=out, stderr=out, preexec_fn=die_with_parent
+        )
+
+
+async def test_held_rows_of_a_killed_sender_are_adopted_and_nothing_is_lost(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, tmp_path: Path
+) -> None:
+    """SIGKILL while LIMITED's mail is held and FAST's is flowing: the next sender adopts
+    the held rows (their owner's lock died with it) and resends what the batch left
+    unfinished; every recipient ends with one Message-ID and every request with one
+    result id. A raw second copy only under the ledger's crash rule (an end of data out
+    when the kill came: same Message-ID, a few per connection)."""
+    handler = RateCappingRelay(tmp_path / "relay", per_second=3, pipelining=True)
+    requests = interleaved(str(uuid.uuid4()), 60, 60)
+    await publish_all(kafka, requests)
+    log = tmp_path / "sender.log"
+    with serving(handler) as controller:
+        relay = f"127.0.0.1:{controller.port}"
+        process = start_sender(stack, database, prefix, relay, log)
+        try:
+
+            async def committed_with_rows_held() -> bool:
+                assert process.poll() is None, log.read_text()
+                return (
+                    await committed(stack, kafka, prefix) >= len(requests)
+                    and await held_rows(database) >= 20
+                )
+
+            await eventually(committed_with_rows_held, timeout=120, interval=0.1)
+            process.send_signal(signal.SIGKILL)
+            process.wait(30)
+            assert arrived(handler, LIMITED) < 60
+            process = start_sender(stack, database, prefix, relay, log)
+            by_contact = await answered(kafka, len(requests))
+
+            async def none_held() -> bool:
+                return await held_rows(database) == 0
+
+            await eventually(none_held, timeout=30)
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(60)
+    assert set(by_contact) == {r["contact_id"] for r in requests}
+    assert {n: ids for n, ids in by_contact.items() if len(ids) != 1} == {}
+    got = copies(kept(handler))
+    ids: dict[str, set[str]] = defaultdict(set)
+    for to, message_id in got:
+        ids[to].add(message_id)
+    assert set(ids) == {r["email"] for r in requests}
+    assert {to: i for to, i in ids.items() if len(i) != 1} == {}
+    resent = {key: n for key, n in got.items() if n > 1}
+    assert len(resent) <= SENDER["smtp_connections"] * UNRECORDED_PER_CONNECTION, resent
