@@ -157,9 +157,6 @@ def columns(keys: Sequence[LedgerKey]) -> list[list[Any]]:
     ]
 
 
-_columns = columns
-
-
 async def claim(
     conn: asyncpg.Connection,
     rows: Sequence[tuple[LedgerKey, str, str, str | None]],
@@ -177,7 +174,7 @@ async def claim(
     await replan_transaction(conn)
     records = await conn.fetch(
         QUERIES["claim"],
-        *_columns(keys),
+        *columns(keys),
         [r[1] for r in rows],
         [r[2] for r in rows],
         [r[3] for r in rows],
@@ -200,7 +197,7 @@ async def claim(
         # when it is sent. Neither sent here nor waited for.
         held = {
             LedgerKey(r["campaign_id"], r["step_id"], r["contact_id"])
-            for r in await conn.fetch(QUERIES["held-among"], *_columns(again))
+            for r in await conn.fetch(QUERIES["held-among"], *columns(again))
         }
         if held:
             log.info("held_rows_skipped", rows=len(held))
@@ -212,7 +209,7 @@ async def claim(
     busy = [c for c in foreign if c.owner in alive]
     adopted = [c.key for c in foreign if c.owner not in alive]
     if adopted:
-        await conn.execute(QUERIES["adopt"], *_columns(adopted), owner.key)
+        await conn.execute(QUERIES["adopt"], *columns(adopted), owner.key)
     return [c for c in claimed if c not in busy], busy
 
 
@@ -222,7 +219,7 @@ async def wait_for_owners(pool: asyncpg.Pool, owner: OwnerLock, busy: Sequence[C
     keys = [c.key for c in busy]
     while True:
         async with pool.acquire() as conn:
-            rows = await conn.fetch(QUERIES["owners"], *_columns(keys))
+            rows = await conn.fetch(QUERIES["owners"], *columns(keys))
             pending = {r["owner"] for r in rows if r["status"] in UNFINISHED}
             if not pending:
                 return True
@@ -290,7 +287,7 @@ async def record(conn: asyncpg.Connection | ReplannedConnection, done: Sequence[
     keys = [d[0] for d in done]
     await conn.execute(
         QUERIES["finish"],
-        *_columns(keys),
+        *columns(keys),
         [d[2].outcome for d in done],
         [d[2].relay for d in done],
         [d[2].message_id for d in done],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -110,6 +111,4 @@ def test_the_stored_record_decodes_to_the_request() -> None:
         Topic.SEND_REQUESTS, *avro.encode(Topic.SEND_REQUESTS, send_request("c1", 7))
     )
     value, headers = encode_request(request)
-    import json
-
     assert decode_request(value, json.loads(headers)) == request
