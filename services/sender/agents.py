@@ -374,42 +374,44 @@ async def sweep_held(ctx: Context) -> None:
             return
         owners = {r["owner"] for r in rows if r["owner"] is not None}
         alive = await ctx.owner.alive(conn, owners - {ctx.owner.key})
-    orphans = [r for r in rows if r["owner"] not in alive]
-    done = [r for r in orphans if r["status"] not in ledger.UNFINISHED]
+        orphans = [_key(r) for r in rows if r["owner"] not in alive]
+        if not orphans:
+            return
+        records = await conn.fetch(QUERIES["held-records"], *ledger.columns(orphans))
+    done = [r for r in records if r["status"] not in ledger.UNFINISHED]
     if done:
         await publish(ctx.publisher, [r["result"] for r in done if r["result"] is not None])
         SENDER_HELD_TOTAL.labels("republished").inc(len(done))
         log.info("held_results_republished", rows=len(done))
     taken: list[asyncpg.Record] = []
+    owner_of = {_key(r): r["owner"] for r in rows}
     async with ctx.pool.acquire() as conn:
         if done:
             await conn.execute(QUERIES["unhold"], *ledger.columns([_key(r) for r in done]))
-        for r in orphans:
+        for r in records:
             if r["status"] in ledger.UNFINISHED and await conn.fetchval(
-                QUERIES["adopt-held"], *_values(_key(r)), r["owner"], ctx.owner.key
+                QUERIES["adopt-held"], *_values(_key(r)), owner_of[_key(r)], ctx.owner.key
             ):
                 taken.append(r)
-    if not taken:
+    messages, decoded = [], []
+    for r in taken:
+        try:
+            request = holding.decode_request(r["value"], r["headers"])
+        except InvalidMessage as exc:  # written by a sender whose schema this one cannot read
+            log.error("held_record_unreadable", campaign_id=r["campaign_id"], exc_info=exc)
+            continue  # ours now, not held here: the next sweep tries again
+        # As consumed: the record the held row stores.
+        messages.append(Message(Topic.SEND_REQUESTS, None, request, -1, -1, 0, r["trace"]))
+        decoded.append(_key(r))
+    if not messages:
         return
-    messages = [
-        Message(  # as consumed: the record the held row stores
-            Topic.SEND_REQUESTS,
-            None,
-            holding.decode_request(r["value"], r["headers"]),
-            -1,
-            -1,
-            0,
-            r["trace"],
-        )
-        for r in taken
-    ]
     traces = {_key(r): r["trace"] for r in taken}
     try:
         mails = await _campaign_mails(ctx, messages)
     except InvalidMessage as exc:  # a content that cannot be built any more
         log.error("held_deliveries_not_adopted", rows=len(taken), exc_info=exc)
         return  # ours now, not held here: the next sweep tries again
-    dropped = [_key(r) for r in taken if _key(r) not in mails]
+    dropped = [key for key in decoded if key not in mails]
     if dropped:
         async with ctx.pool.acquire() as conn:
             await conn.execute(QUERIES["unhold"], *ledger.columns(dropped))

@@ -267,10 +267,19 @@ JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS u(campaign_id, step_id, con
     USING (campaign_id, step_id, contact_id);
 
 -- name: held-rows
--- Every held row with its ledger row's state (the sweep: agents.sweep_held).
-SELECT h.campaign_id, h.step_id, h.contact_id, h.value, h.headers, h.trace,
-       l.status, l.owner, l.result
+-- Every held row's key with its ledger row's state (the sweep: agents.sweep_held); the
+-- records only of those it takes over (held-records).
+SELECT h.campaign_id, h.step_id, h.contact_id, l.status, l.owner
 FROM held_delivery h
+LEFT JOIN send_ledger l USING (campaign_id, step_id, contact_id)
+ORDER BY h.held_at;
+
+-- name: held-records
+SELECT h.campaign_id, h.step_id, h.contact_id, h.value, h.headers, h.trace, l.status,
+       l.result
+FROM held_delivery h
+JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS u(campaign_id, step_id, contact_id)
+    USING (campaign_id, step_id, contact_id)
 LEFT JOIN send_ledger l USING (campaign_id, step_id, contact_id)
 ORDER BY h.held_at;
 
