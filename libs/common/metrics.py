@@ -207,6 +207,15 @@ SENDER_DOMAIN_GAVE_UP = Counter(
     ["domain", "reason"],
 )
 
+#: deliveries held now: their batch committed while they wait for their domain in this
+#: process (ledger.py "Held deliveries"); rows of a sender that is gone count once adopted.
+SENDER_HELD = Gauge("tayori_sender_held_deliveries", "Deliveries held for their domain now")
+#: deliveries held (held: written by this process; adopted: taken over from a sender that is
+#: gone; republished: found done, result published again).
+SENDER_HELD_TOTAL = Counter(
+    "tayori_sender_held_total", "Deliveries held for their domain", ["kind"]
+)
+
 # Scheduler --------------------------------------------------------------------------
 #: campaigns by status (draft, reserving, scheduled, sending, sent, aggregating, aggregated,
 #: failed, halted, cancelled), refreshed by the release loop.
@@ -381,6 +390,8 @@ SENDER = (
     SENDER_DOMAIN_WAITS,
     SENDER_DOMAIN_THROTTLES,
     SENDER_DOMAIN_GAVE_UP,
+    SENDER_HELD,
+    SENDER_HELD_TOTAL,
 )
 SCHEDULER = (
     SCHEDULER_CAMPAIGNS,

@@ -28,10 +28,12 @@ from libs.common.kafka import Message, checked, reject, still_working
 from libs.common.logging import get_logger, mask_email
 from libs.common.mail.can_send import Decision
 from libs.common.mail.template import CampaignTemplate
-from libs.common.metrics import SENDER_DROPPED, SENDER_LEDGER_RECOVERIES
-from services.sender import contents, copy, ledger, processor, progress
+from libs.common.metrics import SENDER_DROPPED, SENDER_HELD_TOTAL, SENDER_LEDGER_RECOVERIES
+from libs.common.retry import every
+from libs.common.topics import Topic
+from services.sender import contents, copy, holding, ledger, processor, progress
 from services.sender.context import Context
-from services.sender.ledger import QUERIES, Delivery
+from services.sender.ledger import HELD, QUERIES, Delivery
 from services.sender.models import Claimed, Done, LedgerKey
 from services.sender.processor import Duplicate, Suppressed
 from services.sender.results import publish
@@ -196,7 +198,9 @@ def _act(
             outcome = processor.suppressed(action.reason)
             finished.append(processor.ledger_row(c.key, mail.kind, mail.email, outcome, now))
         else:
-            deliveries.append(Delivery(c.key, mail.kind, mail.email, mail.compose))
+            deliveries.append(
+                Delivery(c.key, mail.kind, mail.email, mail.compose, request=mail.request)
+            )
     return finished, again, deliveries
 
 
@@ -218,7 +222,8 @@ async def _published(deliveries: Sequence[Delivery]) -> None:
     """Wait until every delivery's result is acknowledged by the broker: only then may the
     batch's offsets be committed (ledger.py). A failed publication fails the handler, which
     is retried: its claim finds the rows done and publishes their stored results again."""
-    pending = {d.published for d in deliveries if d.published is not None}
+    # A held delivery's result is not the batch's to wait for (holding.py).
+    pending = {d.published for d in deliveries if d.published is not None and d.hold != HELD}
     if pending:
         await asyncio.wait(pending)  # not gather: a cycle's publication may be shared
         for sent in pending:
@@ -236,13 +241,16 @@ async def _wait_for_other_senders(ctx: Context, busy: Sequence[Claimed]) -> None
 
 
 async def _deliver(ctx: Context, deliveries: Sequence[Delivery]) -> None:
-    """Queue every delivery and wait until each outcome is committed. The wait may be long
-    (every relay down: nothing is committed meanwhile, so nothing is lost); it tells the
-    consumer it is still working, so /healthz does not have a waiting sender restarted."""
+    """Queue every delivery and wait until each outcome is committed, or the delivery is
+    held (its row written: holding.py). The wait may be long (every relay down: nothing is
+    committed meanwhile, so nothing is lost); it tells the consumer it is still working, so
+    /healthz does not have a waiting sender restarted."""
     for delivery in deliveries:
         ctx.relays.submit(delivery)
+    # The futures as they are now: a held delivery's ``done`` is replaced by its outcome's.
+    futures = [d.done for d in deliveries]
     try:
-        waiting = {d.done for d in deliveries}
+        waiting = set(futures)
         while waiting:
             done, waiting = await asyncio.wait(
                 waiting, timeout=KEEPALIVE_SECONDS, return_when=asyncio.FIRST_EXCEPTION
@@ -251,9 +259,9 @@ async def _deliver(ctx: Context, deliveries: Sequence[Delivery]) -> None:
                 future.result()  # the first failure propagates, as gather did
             still_working()
     finally:
-        for delivery in deliveries:  # cancelled (stopping): workers skip what is left
-            if not delivery.done.done():
-                delivery.done.cancel()
+        for future in futures:  # cancelled (stopping): workers skip what is left, not held
+            if not future.done():
+                future.cancel()
 
 
 def _controls(
@@ -349,3 +357,95 @@ async def handle_contents(ctx: Context, batch: list[Message]) -> None:
     records = checked(batch, contents.check)
     async with ctx.pool.acquire() as conn:
         await contents.store(conn, records)
+
+
+async def sweep_held(ctx: Context) -> None:
+    """Take over the held rows no live sender looks after: those whose ledger owner is gone
+    (its process stopped or crashed), and this process's own that it no longer holds in
+    memory (its result's publication failed). A row whose ledger row is done has its stored
+    result published again and goes; an unfinished one becomes ours (only if its owner is
+    still the one found gone: two sweeps never both take it) and is decoded from its stored
+    record and paced as a held delivery of this process. A row of a campaign or domain
+    stopped meanwhile goes, with no result, as at the claim."""
+    holder = ctx.holder
+    async with ctx.pool.acquire() as conn:
+        rows = [r for r in await conn.fetch(QUERIES["held-rows"]) if _key(r) not in holder.live]
+        if not rows:
+            return
+        owners = {r["owner"] for r in rows if r["owner"] is not None}
+        alive = await ctx.owner.alive(conn, owners - {ctx.owner.key})
+        orphans = [_key(r) for r in rows if r["owner"] not in alive]
+        if not orphans:
+            return
+        records = await conn.fetch(QUERIES["held-records"], *ledger.columns(orphans))
+    done = [r for r in records if r["status"] not in ledger.UNFINISHED]
+    if done:
+        await publish(ctx.publisher, [r["result"] for r in done if r["result"] is not None])
+        SENDER_HELD_TOTAL.labels("republished").inc(len(done))
+        log.info("held_results_republished", rows=len(done))
+    taken: list[asyncpg.Record] = []
+    owner_of = {_key(r): r["owner"] for r in rows}
+    async with ctx.pool.acquire() as conn:
+        if done:
+            await conn.execute(QUERIES["unhold"], *ledger.columns([_key(r) for r in done]))
+        for r in records:
+            if r["status"] in ledger.UNFINISHED and await conn.fetchval(
+                QUERIES["adopt-held"], *_values(_key(r)), owner_of[_key(r)], ctx.owner.key
+            ):
+                taken.append(r)
+    messages, decoded = [], []
+    for r in taken:
+        try:
+            request = holding.decode_request(r["value"], r["headers"])
+        except InvalidMessage as exc:  # written by a sender whose schema this one cannot read
+            log.error("held_record_unreadable", campaign_id=r["campaign_id"], exc_info=exc)
+            continue  # ours now, not held here: the next sweep tries again
+        # As consumed: the record the held row stores.
+        messages.append(Message(Topic.SEND_REQUESTS, None, request, -1, -1, 0, r["trace"]))
+        decoded.append(_key(r))
+    if not messages:
+        return
+    traces = {_key(r): r["trace"] for r in taken}
+    try:
+        mails = await _campaign_mails(ctx, messages)
+    except InvalidMessage as exc:  # a content that cannot be built any more
+        log.error("held_deliveries_not_adopted", rows=len(taken), exc_info=exc)
+        return  # ours now, not held here: the next sweep tries again
+    dropped = [key for key in decoded if key not in mails]
+    if dropped:
+        async with ctx.pool.acquire() as conn:
+            await conn.execute(QUERIES["unhold"], *ledger.columns(dropped))
+    for mail in mails.values():
+        d = Delivery(
+            mail.key,
+            mail.kind,
+            mail.email,
+            mail.compose,
+            request=mail.request,
+            trace=traces.get(mail.key),
+        )
+        holder.adopt(d)
+        ctx.relays.submit(d)
+    log.info("held_deliveries_adopted", deliveries=len(mails), dropped=len(dropped))
+
+
+async def sweep_held_forever(ctx: Context) -> None:
+    """The sweep at start (once this process's owner lock is held), then every
+    SENDER_HOLD_SWEEP_SECONDS."""
+    s = ctx.settings
+    await ctx.owner.wait_held(KEEPALIVE_SECONDS)
+    await every(
+        s.hold_sweep_seconds,
+        lambda: sweep_held(ctx),
+        name="held_sweep",
+        service=s.service,
+        first_now=True,
+    )
+
+
+def _key(row: asyncpg.Record) -> LedgerKey:
+    return LedgerKey(row["campaign_id"], row["step_id"], row["contact_id"])
+
+
+def _values(key: LedgerKey) -> tuple[str, str, int]:
+    return key.campaign_id, key.step_id, key.contact_id

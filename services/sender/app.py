@@ -105,6 +105,9 @@ def build(settings: SenderSettings) -> Runtime:
     async def hold_owner_lock() -> None:
         await ctx().owner.hold()
 
+    async def held_sweep() -> None:
+        await agents.sweep_held_forever(ctx())
+
     async def stop_delivery() -> None:
         if (context := ctx.made) is not None:
             await context.stop()
@@ -127,6 +130,7 @@ def build(settings: SenderSettings) -> Runtime:
     runtime.background = [
         start_delivery,
         hold_owner_lock,
+        held_sweep,
         upkeep,
         domain_overrides,
         domain_policies,

@@ -10,6 +10,7 @@ from aiohttp import web
 from libs.common.kafka import Publisher
 from services.sender import processor
 from services.sender.compose import Composer
+from services.sender.holding import Holder
 from services.sender.ledger import Delivery, Ledger, OwnerLock
 from services.sender.replan import ReplannedConnection
 from services.sender.settings import SenderSettings
@@ -28,6 +29,8 @@ class Context:
     ledger: Ledger = field(init=False)
     relays: RelayPool = field(init=False)
     owner: OwnerLock = field(init=False)
+    #: held deliveries' rows (holding.py).
+    holder: Holder = field(init=False)
     #: campaigns that must not send now (paused, halted, cancelled), as committed by the
     #: campaign.control consumer: a delivery still queued for one is abandoned.
     stopped: dict[str, str] = field(default_factory=dict)
@@ -44,8 +47,17 @@ class Context:
         )
         cycles = ReplannedConnection(self.settings.database_url, SCHEMA)
         self.ledger = Ledger(self.pool, self.settings.service, cycles, self.publisher)
-        self.relays = RelayPool(self.settings, self.ledger, still_wanted=self.still_wanted)
+        self.holder = Holder(self.pool, self.settings.service)
+        self.ledger.held_recorded = self.holder.recorded
+        self.relays = RelayPool(
+            self.settings,
+            self.ledger,
+            still_wanted=self.still_wanted,
+            hold=self.holder.hold,
+            abandoned=self.holder.abandoned,
+        )
         self.ledger.start()
+        self.holder.start()
         self.relays.start()
 
     def still_wanted(self, delivery: Delivery) -> bool:
@@ -58,6 +70,7 @@ class Context:
     async def stop(self) -> None:
         await self.relays.stop()
         await self.ledger.stop()
+        await self.holder.stop()
 
 
 CONTEXT = web.AppKey("sender", Context)

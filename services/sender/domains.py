@@ -162,6 +162,9 @@ class Aimd:
     window: float = 60.0
     #: for this many seconds.
     pause_seconds: float = 300.0
+    #: at most one decrease per this many seconds: the 4xx of one burst (one per message
+    #: in flight) are one signal, not one each (ten halvings would take 50 msgs/s to 0.05).
+    decrease_interval: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +177,8 @@ class Learned:
     recover_to: float = 0.0
     paused_until: float = 0.0
     hits: tuple[float, ...] = ()
+    #: when the rate was last multiplied down (monotonic; None: never).
+    decreased_at: float | None = None
 
 
 def is_rate_limit(code: int, enhanced: str | None) -> bool:
@@ -203,11 +208,16 @@ def deferred(
 ) -> Learned:
     """After a 4xx from the domain at monotonic time ``at``: the rate in force
     (``rate_now``, msgs/s; for an unlimited domain what it was being sent at) multiplied
-    down, not below the floor; a rate-limit answer is remembered, and the ``pause_after``-th
-    within the window pauses the domain."""
+    down, not below the floor — at most once per ``decrease_interval`` seconds: the rest of
+    a burst's answers change no rate; a rate-limit answer is remembered, and the
+    ``pause_after``-th within the window pauses the domain."""
     learned = learned or Learned(recover_to=rate_now)
     current = learned.rate if learned.rate is not None else rate_now
-    rate = max(aimd.floor, current * aimd.decrease)
+    decreased_at = learned.decreased_at
+    if decreased_at is None or at - decreased_at >= aimd.decrease_interval:
+        rate, decreased_at = max(aimd.floor, current * aimd.decrease), at
+    else:
+        rate = current
     hits = learned.hits
     paused_until = learned.paused_until
     if rate_limit:
@@ -215,7 +225,9 @@ def deferred(
         if len(hits) >= aimd.pause_after:
             paused_until = max(paused_until, at + aimd.pause_seconds)
             hits = ()
-    return replace(learned, rate=rate, paused_until=paused_until, hits=hits)
+    return replace(
+        learned, rate=rate, paused_until=paused_until, hits=hits, decreased_at=decreased_at
+    )
 
 
 def delivered(learned: Learned, *, at: float, aimd: Aimd) -> Learned | None:

@@ -52,6 +52,21 @@ advisory lock the owning process holds on a connection of its own for as long as
 (:class:`OwnerLock`). A ``claimed`` row whose owner's lock is free is a dead sender's and is
 taken over; one whose owner still holds it is left to that owner, and the handler waits
 until it is done before its offsets are committed.
+
+Held deliveries
+---------------
+The one case where a batch's offsets are committed before an outcome (holding.py): a
+delivery whose domain would keep it waiting longer than ``SENDER_DOMAIN_HOLD_SECONDS`` is
+written to ``held_delivery`` (its request, re-encoded, with its headers and trace) in a
+synchronous commit, and only then its handler stops waiting for it. Nothing is lost: from
+that commit on the request is in the table rather than in the consumer's offsets, and the
+row goes only once the outcome is recorded here and its result acknowledged by the broker.
+A request that comes again for an unfinished row with a held row is skipped by the claim
+(:func:`claim`: not resent, not waited for; its result comes when it goes). The held rows of
+a sender that is gone are taken over by a sweep (agents.sweep_held): a done row's stored
+result is published again, an unfinished one is adopted only if its owner is still the one
+found gone (so two sweeps never both take it) and sent under the rules above — a resend
+carries the same Message-ID.
 """
 
 from __future__ import annotations
@@ -90,6 +105,9 @@ QUERIES = Queries(Path(__file__).with_name("queries.sql"))
 #: written by older senders, the same as 'claimed' now).
 UNFINISHED = ("claimed", "handed")
 
+#: Delivery.hold: its held row is being written; written (its batch no longer waits).
+HOLDING, HELD = "holding", "held"
+
 
 @dataclass(eq=False)
 class Delivery:
@@ -119,13 +137,19 @@ class Delivery:
     paced: DomainState | None = None
     #: when it first had to wait for its domain (monotonic; bounds its total wait).
     waiting_since: float | None = None
+    #: its send.requests record, decoded (None: mail.system, never held).
+    request: dict[str, Any] | None = None
+    #: "" | HOLDING (its held row being written) | HELD (written: its handler stopped
+    #: waiting for it; holding.py).
+    hold: str = ""
 
     @property
     def campaign_id(self) -> str:
         return self.key.campaign_id
 
 
-def _columns(keys: Sequence[LedgerKey]) -> list[list[Any]]:
+def columns(keys: Sequence[LedgerKey]) -> list[list[Any]]:
+    """Keys as the three arrays the queries unnest."""
     return [
         [k.campaign_id for k in keys],
         [k.step_id for k in keys],
@@ -150,7 +174,7 @@ async def claim(
     await replan_transaction(conn)
     records = await conn.fetch(
         QUERIES["claim"],
-        *_columns(keys),
+        *columns(keys),
         [r[1] for r in rows],
         [r[2] for r in rows],
         [r[3] for r in rows],
@@ -166,6 +190,18 @@ async def claim(
         )
         for r in records
     ]
+    again = [c.key for c in claimed if not c.fresh and c.status in UNFINISHED]
+    if again:
+        # A held row's request came again (a redelivery, the scheduler's re-release after a
+        # checkpoint): it waits in its sender's pacing queue, or a sweep's; its result comes
+        # when it is sent. Neither sent here nor waited for.
+        held = {
+            LedgerKey(r["campaign_id"], r["step_id"], r["contact_id"])
+            for r in await conn.fetch(QUERIES["held-among"], *columns(again))
+        }
+        if held:
+            log.info("held_rows_skipped", rows=len(held))
+            claimed = [c for c in claimed if c.key not in held]
     foreign = [c for c in claimed if c.status in UNFINISHED and c.owner != owner.key]
     if not foreign:
         return claimed, []
@@ -173,7 +209,7 @@ async def claim(
     busy = [c for c in foreign if c.owner in alive]
     adopted = [c.key for c in foreign if c.owner not in alive]
     if adopted:
-        await conn.execute(QUERIES["adopt"], *_columns(adopted), owner.key)
+        await conn.execute(QUERIES["adopt"], *columns(adopted), owner.key)
     return [c for c in claimed if c not in busy], busy
 
 
@@ -183,7 +219,7 @@ async def wait_for_owners(pool: asyncpg.Pool, owner: OwnerLock, busy: Sequence[C
     keys = [c.key for c in busy]
     while True:
         async with pool.acquire() as conn:
-            rows = await conn.fetch(QUERIES["owners"], *_columns(keys))
+            rows = await conn.fetch(QUERIES["owners"], *columns(keys))
             pending = {r["owner"] for r in rows if r["status"] in UNFINISHED}
             if not pending:
                 return True
@@ -251,7 +287,7 @@ async def record(conn: asyncpg.Connection | ReplannedConnection, done: Sequence[
     keys = [d[0] for d in done]
     await conn.execute(
         QUERIES["finish"],
-        *_columns(keys),
+        *columns(keys),
         [d[2].outcome for d in done],
         [d[2].relay for d in done],
         [d[2].message_id for d in done],
@@ -305,6 +341,11 @@ class Ledger:
         self._cycles: set[asyncio.Future[None]] = set()
         #: delivery.results of committed cycles go out through it (results.py).
         self.results = ResultsOut(publisher)
+        #: told of a held delivery's recorded outcome and its result's publication (None:
+        #: no result), so its held row goes once that is acknowledged (holding.py).
+        self.held_recorded: Callable[[Delivery, asyncio.Future[None] | None], None] = (
+            lambda d, published: None
+        )
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -393,10 +434,14 @@ class Ledger:
             sent = self.results.announce(results, traces)
             for d, _ in finished:
                 d.published = sent
-        for d, o in finished:
+        for (d, o), row in zip(finished, done, strict=True):
             SENDER_SENDS.labels(d.kind, o.outcome, o.relay or "").inc()
+            # A held delivery's ``done`` is its outcome's alone (its handler stopped waiting
+            # when it was held); one abandoned meanwhile is done already: nothing to set.
             if not d.done.done():
                 d.done.set_result(None)
+            if d.hold == HELD and announce:
+                self.held_recorded(d, d.published if row[3] is not None else None)
 
 
 def fail(future: asyncio.Future[None], exc: BaseException) -> None:

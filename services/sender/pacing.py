@@ -11,7 +11,10 @@ due, its pause ends or one of its transactions ends.
 
 Nothing is lost or sent twice by waiting: a parked delivery is still claimed in the ledger
 and its batch's handler waits for its outcome, as for a 4xx backoff (``RelayPool.later``);
-on stop it stays claimed and is sent after the restart. A delivery that would wait longer
+on stop it stays claimed and is sent after the restart. One whose projected wait
+(:func:`projected_wait`) passes ``SENDER_DOMAIN_HOLD_SECONDS`` is also *held* (holding.py):
+its request is written to ``held_delivery`` and its handler stops waiting for it, so its
+batch commits and the next comes in while it stays parked here. A delivery that would wait longer
 than ``SENDER_DOMAIN_MAX_WAIT_SECONDS`` in all is not held: it is recorded as a
 ``temporary_error`` (not sent), the path a 4xx takes once its retries are spent, so the
 batch ends and the operator (or a resend) tries it again later.
@@ -145,11 +148,15 @@ class DomainPacing:
         *,
         requeue: Callable[[Delivery], None],
         give_up: Callable[[Delivery, str], None],
+        hold: Callable[[Delivery], None] | None = None,
         defaults: Mapping[str, Limits] = domains.DEFAULTS,
     ) -> None:
         self.enabled = settings.domain_pacing
         self.requeue = requeue
         self.give_up = give_up
+        #: writes a delivery's held row (holding.py); None: nothing is held.
+        self.hold = hold
+        self.hold_seconds = settings.domain_hold_seconds
         self.defaults = defaults
         self.unlisted = Limits(settings.domain_rate, settings.domain_connections)
         self.max_wait = settings.domain_max_wait_seconds
@@ -160,6 +167,7 @@ class DomainPacing:
             pause_after=settings.domain_pause_after,
             window=settings.domain_pause_window_seconds,
             pause_seconds=settings.domain_pause_seconds,
+            decrease_interval=settings.domain_aimd_decrease_interval_seconds,
         )
         self.top_n = settings.domain_metrics_top
         self.states: dict[str, DomainState] = {}
@@ -256,6 +264,16 @@ class DomainPacing:
             self.give_up(d, f"{state.domain} {reason}: would wait more than {self.max_wait:g} s")
             return
         SENDER_DOMAIN_WAITS.labels(label, reason).inc()
+        if (
+            self.hold is not None
+            and not d.hold
+            and d.request is not None
+            and should_hold(
+                projected_wait(wait, reason, len(state.parked), state.rate_now()),
+                self.hold_seconds,
+            )
+        ):
+            self.hold(d)
         state.parked.append(d)
         if wait > 0:
             self._wake_at(state, now + wait)
@@ -415,6 +433,24 @@ class DomainPacing:
                 state.timer.cancel()
                 state.timer = None
             state.parked.clear()
+
+
+def projected_wait(wait: float, reason: str, parked: int, rate: float) -> float:
+    """How long a delivery being parked will wait for its domain, in seconds: a pause or a
+    daily cap, what remains of it (``wait``); otherwise its own wait (-1: until one of the
+    domain's transactions ends, counted as none) plus the deliveries parked before it at
+    the domain's current ``rate`` (msgs/s)."""
+    if reason in ("paused", "daily_cap"):
+        return wait
+    own = max(0.0, wait)
+    return own + parked / rate if rate > 0 else own
+
+
+def should_hold(projected: float, hold_seconds: float) -> bool:
+    """Whether a delivery that would wait ``projected`` seconds is held (its batch commits
+    without it: ledger.py "Held deliveries") rather than kept by its batch's handler. A
+    negative ``hold_seconds`` holds nothing."""
+    return hold_seconds >= 0 and projected > hold_seconds
 
 
 def _to_midnight() -> float:

@@ -242,3 +242,52 @@ SELECT (claimed_at AT TIME ZONE $2::text)::date AS day,
 FROM send_ledger
 WHERE claimed_at >= $1 AND kind = 'campaign' AND status = 'done'
 GROUP BY 1;
+
+-- name: hold
+-- Held deliveries (holding.py): their requests, so that their batch may commit while they
+-- wait for their domain. A key held already keeps its row.
+INSERT INTO held_delivery
+    (campaign_id, step_id, contact_id, domain, value, headers, trace)
+SELECT x.campaign_id, x.step_id, x.contact_id, x.domain, x.value, x.headers::jsonb, x.trace
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bytea[], $6::text[],
+            $7::text[])
+    AS x (campaign_id, step_id, contact_id, domain, value, headers, trace)
+ON CONFLICT DO NOTHING;
+
+-- name: unhold
+-- Held rows whose outcome is recorded and result acknowledged (or abandoned): gone.
+DELETE FROM held_delivery h
+USING unnest($1::text[], $2::text[], $3::bigint[]) AS u(campaign_id, step_id, contact_id)
+WHERE h.campaign_id = u.campaign_id AND h.step_id = u.step_id AND h.contact_id = u.contact_id;
+
+-- name: held-among
+-- Which of these keys are held (the claim skips them: their result comes when they go).
+SELECT h.campaign_id, h.step_id, h.contact_id FROM held_delivery h
+JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS u(campaign_id, step_id, contact_id)
+    USING (campaign_id, step_id, contact_id);
+
+-- name: held-rows
+-- Every held row's key with its ledger row's state (the sweep: agents.sweep_held); the
+-- records only of those it takes over (held-records).
+SELECT h.campaign_id, h.step_id, h.contact_id, l.status, l.owner
+FROM held_delivery h
+LEFT JOIN send_ledger l USING (campaign_id, step_id, contact_id)
+ORDER BY h.held_at;
+
+-- name: held-records
+SELECT h.campaign_id, h.step_id, h.contact_id, h.value, h.headers, h.trace, l.status,
+       l.result
+FROM held_delivery h
+JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS u(campaign_id, step_id, contact_id)
+    USING (campaign_id, step_id, contact_id)
+LEFT JOIN send_ledger l USING (campaign_id, step_id, contact_id)
+ORDER BY h.held_at;
+
+-- name: adopt-held
+-- A held row's unfinished ledger row becomes ours if its owner is still the one we saw
+-- gone (another sender's sweep may have taken it meanwhile: then nothing is returned).
+UPDATE send_ledger
+SET owner = $5, updated_at = now()
+WHERE campaign_id = $1 AND step_id = $2 AND contact_id = $3
+  AND status IN ('claimed', 'handed') AND owner IS NOT DISTINCT FROM $4
+RETURNING 1;

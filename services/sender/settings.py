@@ -70,11 +70,21 @@ class SenderSettings(CommonSettings):
     #: a delivery that would wait longer than this for its domain (paused, capped) is
     #: recorded as temporary_error (not sent) instead of holding its batch.
     domain_max_wait_seconds: float = env("SENDER_DOMAIN_MAX_WAIT_SECONDS", 900.0)
+    #: a delivery whose domain would keep it waiting longer than this (its own wait plus
+    #: the domain's queue at its rate; a pause or daily cap: what remains of it) is held:
+    #: written to held_delivery so its batch commits while it waits (ledger.py).
+    domain_hold_seconds: float = env("SENDER_DOMAIN_HOLD_SECONDS", 2.0)
+    #: seconds between two sweeps for the held deliveries of senders that are gone.
+    hold_sweep_seconds: float = env("SENDER_HOLD_SWEEP_SECONDS", 15.0)
     #: AIMD: a 4xx multiplies the domain's rate by DECREASE (not below FLOOR msgs/s); each
     #: delivery adds INCREASE msgs/s back.
     domain_aimd_decrease: float = env("SENDER_DOMAIN_AIMD_DECREASE", 0.5)
     domain_aimd_increase: float = env("SENDER_DOMAIN_AIMD_INCREASE", 0.1)
     domain_aimd_floor: float = env("SENDER_DOMAIN_AIMD_FLOOR", 0.2)
+    #: at most one decrease per domain per this many seconds (a burst's 4xx count once).
+    domain_aimd_decrease_interval_seconds: float = env(
+        "SENDER_DOMAIN_AIMD_DECREASE_INTERVAL_SECONDS", 1.0
+    )
     #: PAUSE_AFTER rate-limit answers (421, 4.7.x) within WINDOW seconds pause the domain
     #: for PAUSE seconds.
     domain_pause_after: int = env("SENDER_DOMAIN_PAUSE_AFTER", 3)

@@ -176,17 +176,21 @@ class RelayPool:
         ledger: Ledger,
         *,
         still_wanted: Callable[[Delivery], bool] = lambda d: True,
+        hold: Callable[[Delivery], None] | None = None,
+        abandoned: Callable[[Delivery], None] = lambda d: None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.still_wanted = still_wanted
+        #: told of a delivery abandoned because its campaign stopped (holding.py).
+        self.abandoned = abandoned
         self.relays = [Relay(host, port, settings) for host, port in settings.relays()]
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._workers: dict[asyncio.Task[None], _Worker] = {}
         self._timers: set[asyncio.TimerHandle] = set()
         self._helo = settings.smtp_helo_name or socket.gethostname() or "localhost"
         #: per-recipient-domain admission (pacing.py).
-        self.pacing = DomainPacing(settings, requeue=self.submit, give_up=self._give_up)
+        self.pacing = DomainPacing(settings, requeue=self.submit, give_up=self._give_up, hold=hold)
         #: stopping: workers take no more deliveries.
         self.closing = False
 
@@ -362,6 +366,7 @@ class _Worker:
         if not self.pool.still_wanted(delivery):
             log.info("delivery_abandoned", campaign_id=delivery.campaign_id)
             delivery.done.set_result(None)
+            self.pool.abandoned(delivery)
             return False
         return True
 

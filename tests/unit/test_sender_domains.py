@@ -72,6 +72,21 @@ def test_a_deferral_halves_the_rate_and_deliveries_add_back() -> None:
     assert domains.delivered(learned, at=2.0, aimd=AIMD) is None  # back at 10: learning over
 
 
+def test_a_bursts_deferrals_decrease_the_rate_once_per_interval() -> None:
+    """Ten messages in flight, ten 421s within a tenth of a second: one halving, not ten;
+    the next decrease waits for the interval (1 s here), and the answers still count
+    towards a pause."""
+    learned = None
+    for i in range(10):
+        learned = domains.deferred(learned, rate_now=50.0, rate_limit=True, at=i / 100, aimd=AIMD)
+    assert learned is not None and learned.rate == 25.0
+    assert learned.paused_until > 0  # the third answer in the window paused it
+    later = domains.deferred(learned, rate_now=25.0, rate_limit=False, at=0.99, aimd=AIMD)
+    assert later.rate == 25.0
+    later = domains.deferred(later, rate_now=25.0, rate_limit=False, at=1.0, aimd=AIMD)
+    assert later.rate == 12.5
+
+
 def test_the_rate_does_not_fall_below_the_floor() -> None:
     learned = None
     for i in range(20):
