@@ -156,3 +156,8 @@ def test_an_incomplete_runs_rate_counts_to_when_the_wait_gave_up() -> None:
     figures = domains.summary(_measured(110.0), "lim.jp")
     assert figures["others_rate"] == 0.3  # 3 in the 10 s until the wait gave up
     assert figures["others_seconds"] == 10.0
+
+
+def test_once_every_other_domains_result_is_in_their_rate_ends_at_their_last() -> None:
+    figures = domains.summary(_measured(110.0), "lim.jp", others_expected=3)
+    assert figures["others_rate"] == 1.5 and figures["others_seconds"] == 2.0
