@@ -134,7 +134,12 @@ async def raw_ceiling(root: Path) -> tuple[float, int, dict[str, float]]:
     return rate(sent, elapsed), sink_count(log), used
 
 
-async def _seed(dsn: str, count: int) -> int:
+def _one_domain(i: int) -> str:
+    return f"u{i}@example.jp"
+
+
+async def _seed(dsn: str, count: int, address: Callable[[int], str] = _one_domain) -> int:
+    """``count`` deliverable contacts in one group, the i-th at ``address(i)``."""
     # contacts' search path, as its own connections have it: its triggers name its
     # functions without the schema (membership_flags_changed → refresh_membership_flags).
     conn = await asyncpg.connect(dsn, server_settings={"search_path": "contacts"})
@@ -146,7 +151,7 @@ async def _seed(dsn: str, count: int) -> int:
             "contact",
             schema_name="contacts",
             columns=["email", "name"],
-            records=[(f"u{i}@example.jp", f"顧客 {i}") for i in range(count)],
+            records=[(address(i), f"顧客 {i}") for i in range(count)],
         )
         await conn.execute(
             "INSERT INTO contacts.membership (contact_id, group_id, state, method)"

@@ -43,13 +43,13 @@ from typing import Any
 
 import aiohttp
 import aiosmtplib
-import asyncpg
 from aiokafka import AIOKafkaConsumer
 
 from bench.campaign import (
     CONNECTIONS,
     FROM,
     Api,
+    _seed,
     _send_campaign,
     _stack,
     sample_message,
@@ -205,27 +205,9 @@ async def raw_ceiling(root: Path) -> tuple[float, int]:
 # A run ------------------------------------------------------------------------------------
 
 
-async def _seed(dsn: str, count: int) -> int:
-    """``count`` deliverable contacts in one group, u<i>@ one of DOMAINS in turn."""
-    conn = await asyncpg.connect(dsn, server_settings={"search_path": "contacts"})
-    try:
-        group = await conn.fetchval(
-            "INSERT INTO contacts.contact_group (kind, name) VALUES ('group', 'bench') RETURNING id"
-        )
-        await conn.copy_records_to_table(
-            "contact",
-            schema_name="contacts",
-            columns=["email", "name"],
-            records=[(f"u{i}@{DOMAINS[i % len(DOMAINS)]}", f"顧客 {i}") for i in range(count)],
-        )
-        await conn.execute(
-            "INSERT INTO contacts.membership (contact_id, group_id, state, method)"
-            " SELECT id, $1, 'deliverable', 'system' FROM contacts.contact",
-            group,
-        )
-        return int(group)
-    finally:
-        await conn.close()
+def _address(i: int) -> str:
+    """u<i>@ one of DOMAINS in turn."""
+    return f"u{i}@{DOMAINS[i % len(DOMAINS)]}"
 
 
 @dataclass
@@ -283,7 +265,7 @@ async def send(root: Path, name: str, count: int, limited: str | None, timeout: 
     async with _stack(root, name, schemas, relay_factory(limited)) as stack:
         relay_log = stack.sink_log
         progress(f"domains {name}: loading {count:,} contacts over {len(DOMAINS)} domains")
-        group = await _seed(stack.dsn, count)
+        group = await _seed(stack.dsn, count, _address)
         ports = {s: free_port() for s in ("contacts", "scheduler", "sender", "deliverability")}
         stack.env["CONTACTS_URL"] = f"http://127.0.0.1:{ports['contacts']}"
         stack.env["SCHEDULER_MIN_LEAD_SECONDS"] = "2"
