@@ -5,8 +5,9 @@ an outcome (ledger.py). A delivery that pacing (pacing.py) parks for longer than
 ``SENDER_DOMAIN_HOLD_SECONDS`` — its domain is slow, paused or capped — would keep its
 whole batch, and so every other domain's mail behind it, waiting; and a batch held past the
 consumer's poll interval loses its partition. So such a delivery is **held**: its request
-(its record, Avro with its headers) is written to ``held_delivery``, durably, and only then
-its handler stops waiting for it (its ``done`` future is resolved and replaced by a new one
+(its record, Avro with its headers) is written to ``held_delivery`` and only then its
+handler stops waiting for it (the handler's ledger flush makes the row durable before the
+batch's offsets are committed) (its ``done`` future is resolved and replaced by a new one
 for its outcome). It stays parked here and goes when its domain admits it; its outcome is
 recorded and its result published as any other's, after which its held row is deleted.
 
@@ -147,8 +148,11 @@ class Holder:
         rows = [(d, *encode_request(d.request or {})) for d in holding]
 
         async def transaction() -> None:
-            # A synchronous commit: durable, and so is every ledger cycle before it.
+            # Committed without waiting for the WAL flush, as the ledger's cycles are: the
+            # handler the held rows release flushes (Ledger.flush) before it commits its
+            # batch's offsets, and a flushing commit makes every earlier one durable.
             async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit = off")
                 if rows:
                     keys = [d.key for d, _, _ in rows]
                     await conn.execute(
@@ -176,7 +180,7 @@ class Holder:
             d.hold = HELD
             waited, d.done = d.done, asyncio.get_running_loop().create_future()
             d.done.add_done_callback(functools.partial(self._outcome_failed, d))
-            waited.set_result(None)  # its handler stops waiting: the row is durable
+            waited.set_result(None)  # its handler stops waiting (and flushes: the row is durable)
         if late:
             self._unholding.extend(late)
             self._wake.set()

@@ -57,9 +57,10 @@ Held deliveries
 ---------------
 The one case where a batch's offsets are committed before an outcome (holding.py): a
 delivery whose domain would keep it waiting longer than ``SENDER_DOMAIN_HOLD_SECONDS`` is
-written to ``held_delivery`` (its request, re-encoded, with its headers and trace) in a
-synchronous commit, and only then its handler stops waiting for it. Nothing is lost: from
-that commit on the request is in the table rather than in the consumer's offsets, and the
+written to ``held_delivery`` (its request, re-encoded, with its headers and trace), and
+only then its handler stops waiting for it. The write commits asynchronously like a cycle;
+the handler's flush before the batch's offsets makes it durable. Nothing is lost: from
+that flush on the request is in the table rather than in the consumer's offsets, and the
 row goes only once the outcome is recorded here and its result acknowledged by the broker.
 A request that comes again for an unfinished row with a held row is skipped by the claim
 (:func:`claim`: not resent, not waited for; its result comes when it goes). The held rows of
