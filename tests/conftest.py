@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import io
 import shutil
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -481,3 +482,17 @@ def _print_hung_tasks() -> None:
         f"\n--- asyncio tasks of a test running for {HUNG_TEST_SECONDS:.0f} s ---", file=sys.stderr
     )
     print(task_stacks(asyncio.all_tasks()), file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def reserved_port() -> Iterator[int]:
+    """A loopback port kept bound (SO_REUSEADDR, not listening) until the block ends, so
+    nothing else takes it — an outgoing connection's ephemeral port, another worker's
+    server — while the server meant for it is still starting; that server binds it anyway
+    (SO_REUSEADDR, as aiohttp's sites set it, and this socket does not listen).
+    :func:`free_port` gives a port up at once: fine for a server started right after, not
+    for one started after minutes of other work."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])

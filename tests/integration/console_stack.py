@@ -94,8 +94,10 @@ async def console_stack(
             ConsoleSettings, stack, dsn, prefix, **{**urls, **console_overrides}
         )
         console = Console(settings)
-        await within(HANG_SECONDS, "the console's start", console.start())
+        # stopped even when its start fails half-way (its pool and client session closed,
+        # not left for the garbage collector to warn about in a later test)
         exits.push_async_callback(lambda: within(HANG_SECONDS, "console stop", console.stop()))
+        await within(HANG_SECONDS, "the console's start", console.start())
         conn = await db.connect(dsn, SCHEMA)
         try:
             for username, role in USERS.items():

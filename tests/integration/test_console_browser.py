@@ -29,7 +29,7 @@ from libs.common import db
 from services.console import auth
 from services.console.app import SCHEMA
 from tayori.embedded import free_port
-from tests.conftest import Stack, eventually
+from tests.conftest import Stack, eventually, reserved_port
 from tests.integration.console_stack import (
     PASSWORD,
     ConsoleStack,
@@ -67,20 +67,22 @@ WAIT_MS = 60_000
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def site(stack: Stack, template_db: str) -> AsyncIterator[ConsoleStack]:
-    port = free_port()
-    async with console_stack(
-        stack,
-        template_db,
-        ("contacts", "suppression", "scheduler", "exporter", "bounce_processor", "sender"),
-        # the sender answers ホーム's figures; these journeys send no mail
-        service_overrides={"sender": {"smtp_relays": f"127.0.0.1:{free_port()}"}},
-        http_port=port,
-        public_url=f"http://127.0.0.1:{port}",
-        # the export mail's link opens the console (as tayori dev sets it)
-        exporter_public_url=f"http://127.0.0.1:{port}",
-        login_max_failures=3,
-    ) as running:
-        yield running
+    # The console starts after six services: its port is held until then (a port merely
+    # picked was once taken meanwhile: "address already in use").
+    with reserved_port() as port:
+        async with console_stack(
+            stack,
+            template_db,
+            ("contacts", "suppression", "scheduler", "exporter", "bounce_processor", "sender"),
+            # the sender answers ホーム's figures; these journeys send no mail
+            service_overrides={"sender": {"smtp_relays": f"127.0.0.1:{free_port()}"}},
+            http_port=port,
+            public_url=f"http://127.0.0.1:{port}",
+            # the export mail's link opens the console (as tayori dev sets it)
+            exporter_public_url=f"http://127.0.0.1:{port}",
+            login_max_failures=3,
+        ) as running:
+            yield running
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
