@@ -34,8 +34,10 @@ SMTP_CONNECTIONS = 16
 
 
 def start_sender(
-    stack: Stack, database: str, prefix: str, sink: SmtpSink, log: Path
+    stack: Stack, database: str, prefix: str, relay: str, log: Path, **settings: str
 ) -> subprocess.Popen[bytes]:
+    """The sender as its own process, relaying to ``relay`` (host:port); ``settings``: more
+    environment (SENDER_* and the like) on top of these."""
     env = dict(
         os.environ,
         DATABASE_URL=database,
@@ -44,7 +46,7 @@ def start_sender(
         KAFKA_SESSION_TIMEOUT_MS="1000",
         KAFKA_PROFILE="embedded",
         KAFKA_FETCH_MAX_WAIT_MS="20",
-        SMTP_RELAYS=f"127.0.0.1:{sink.port}",
+        SMTP_RELAYS=relay,
         SMTP_CONNECTIONS=str(SMTP_CONNECTIONS),
         HTTP_HOST="127.0.0.1",
         HTTP_PORT=str(free_port()),
@@ -55,6 +57,7 @@ def start_sender(
         TAYORI_ADMIN_TOKEN="test-admin-token",
         TAYORI_PROFILE="dev",
     )
+    env.update(settings)
     with open(log, "ab") as out:
         return subprocess.Popen(
             [str(TAYORI), "sender"],
@@ -76,7 +79,7 @@ async def test_kill_9_mid_campaign_sends_each_mail_once(
     await asyncio.gather(*futures)
     log = tmp_path / "sender.log"
 
-    process = start_sender(stack, database, prefix, smtp_sink, log)
+    process = start_sender(stack, database, prefix, f"127.0.0.1:{smtp_sink.port}", log)
     try:
 
         async def some_sent() -> bool:
@@ -88,7 +91,7 @@ async def test_kill_9_mid_campaign_sends_each_mail_once(
         process.wait(30)
         killed_at = len(smtp_sink.messages())
 
-        process = start_sender(stack, database, prefix, smtp_sink, log)
+        process = start_sender(stack, database, prefix, f"127.0.0.1:{smtp_sink.port}", log)
         by_contact: dict[int, set[str]] = defaultdict(set)
 
         async def all_answered() -> bool:

@@ -6,7 +6,6 @@ twice — across a stop, too, when the next sender adopts the held rows."""
 from __future__ import annotations
 
 import itertools
-import os
 import signal
 import subprocess
 import uuid
@@ -27,11 +26,11 @@ from services.sender.holding import encode_request
 from services.sender.models import LedgerKey, Outcome
 from services.sender.processor import delivery_result
 from services.sender.smtp import UNRECORDED_PER_CONNECTION
-from tayori.embedded import SmtpSink, die_with_parent, free_port
+from tayori.embedded import SmtpSink
 from tests.conftest import Kafka, Stack, eventually, running
+from tests.integration import test_sender_crash as crash
 from tests.integration.relays import kept, serving
 from tests.integration.test_sender import publish_all, recipients, send_request
-from tests.integration.test_sender_crash import TAYORI
 from tests.integration.test_sender_domains import FAST, LIMITED, RateCappingRelay
 
 pytestmark = pytest.mark.integration
@@ -274,21 +273,12 @@ def start_sender(
     stack: Stack, database: str, prefix: str, relay: str, log: Path
 ) -> subprocess.Popen[bytes]:
     """The sender as its own process (test_sender_crash.start_sender), paced as SENDER."""
-    env = dict(
-        os.environ,
-        DATABASE_URL=database,
-        KAFKA_BOOTSTRAP=stack.broker.bootstrap,
-        KAFKA_TOPIC_PREFIX=prefix,
-        KAFKA_SESSION_TIMEOUT_MS="1000",
-        KAFKA_PROFILE="embedded",
-        KAFKA_FETCH_MAX_WAIT_MS="20",
-        SMTP_RELAYS=relay,
-        HTTP_HOST="127.0.0.1",
-        HTTP_PORT=str(free_port()),
-        LOG_LEVEL="warning",
-        DB_POOL_SIZE="5",
-        TAYORI_ADMIN_TOKEN="test-admin-token",
-        TAYORI_PROFILE="dev",
+    return crash.start_sender(
+        stack,
+        database,
+        prefix,
+        relay,
+        log,
         SMTP_CONNECTIONS=str(SENDER["smtp_connections"]),
         SENDER_DOMAIN_PAUSE_AFTER=str(SENDER["domain_pause_after"]),
         SENDER_DOMAIN_PAUSE_SECONDS=str(SENDER["domain_pause_seconds"]),
@@ -297,10 +287,6 @@ def start_sender(
         SENDER_DOMAIN_HOLD_SECONDS=str(SENDER["domain_hold_seconds"]),
         SENDER_HOLD_SWEEP_SECONDS=str(SENDER["hold_sweep_seconds"]),
     )
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [str(TAYORI), "sender"], env=env, stdout=out, stderr=out, preexec_fn=die_with_parent
-        )
 
 
 async def test_held_rows_of_a_killed_sender_are_adopted_and_nothing_is_lost(
