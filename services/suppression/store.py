@@ -261,7 +261,7 @@ async def join(
     early = await conn.fetchrow(QUERIES["take-early-unsubscribe"], contact_id, group_id)
     if row is not None:
         await publish(conn, [membership_change(row)])
-        if early is not None and early["clicked_at"] >= row["joined_at"]:
+        if early is not None and clicked_after_join(early["clicked_at"], row["joined_at"]):
             _, row = await change_state(
                 conn,
                 contact_id,
@@ -272,6 +272,14 @@ async def join(
                 campaign_id=early["campaign_id"],
             )
     return row
+
+
+def clicked_after_join(clicked_at: dt.datetime, joined_at: dt.datetime) -> bool:
+    """Whether a reader's click came after the join, compared at the join's resolution: a
+    join's ``issued_at`` travels in milliseconds and a click is kept to the microsecond, so a
+    click a few hundred microseconds before the join would otherwise count as after it. A click
+    in the join's own millisecond is taken as before it: that join is a new subscription."""
+    return clicked_at.replace(microsecond=clicked_at.microsecond // 1000 * 1000) > joined_at
 
 
 async def unsubscribe_early(

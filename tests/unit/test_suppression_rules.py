@@ -5,6 +5,8 @@ policy propagates (F-12), the can-send decision (F-14 to F-16) and unsubscribe l
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import functools
 import json
 import re
 
@@ -28,6 +30,7 @@ from services.suppression.processor import (
     propagation,
     reader_unsubscribe,
 )
+from services.suppression.store import clicked_after_join
 
 # F-11: the whole matrix ---------------------------------------------------------------------
 
@@ -494,3 +497,15 @@ def test_pack_refuses_ids_out_of_range():
         with pytest.raises(ValueError):
             pack(target)
     assert unpack(pack(UnsubscribeTarget(2**64 - 1, 0))) == UnsubscribeTarget(2**64 - 1, 0)
+
+
+def test_a_click_counts_as_after_a_join_only_from_the_next_millisecond():
+    """A join's time travels in milliseconds, a click's is kept to the microsecond."""
+    joined = dt.datetime(2026, 12, 5, 9, 0, 0, 123000, tzinfo=dt.UTC)  # 09:00:00.123
+    at = functools.partial(dt.datetime, 2026, 12, 5, 9, 0, tzinfo=dt.UTC)
+    assert not clicked_after_join(at(0, 122999), joined)
+    # the join was issued later in this same millisecond than the click: not after it
+    assert not clicked_after_join(at(0, 123400), joined)
+    assert not clicked_after_join(at(0, 123999), joined)
+    assert clicked_after_join(at(0, 124000), joined)
+    assert clicked_after_join(at(1, 0), joined)
