@@ -10,8 +10,8 @@ The policy in force for a domain is one function of five inputs,
 * an operator **override** (``/v1/domains/{domain}/override``): replaces the ceiling and
   sets the state; ``normal`` overrules a published pause, never a learned one;
 * the **learned** AIMD state (:class:`Learned`): what the domain's own replies taught this
-  process — a 4xx multiplies the rate down, each delivery adds back; repeated rate-limit
-  answers (421, 4.7.x) pause the domain;
+  process — a 4xx multiplies the rate down, each delivery adds back; rate-limit answers
+  (421, 4.7.x) that go on while the domain accepts nothing pause it;
 * a **warm-up** schedule: a daily cap that rises day by day.
 
 Everything here is a value or a function of values: the relay pool (pacing.py) keeps the
@@ -157,7 +157,9 @@ class Aimd:
     increase: float = 0.1
     #: the lowest rate the multiplier reaches (msgs/s).
     floor: float = 0.2
-    #: this many rate-limit answers (421, 4.7.x) within ``window`` seconds pause the domain
+    #: this many rate-limit signals (421, 4.7.x; one per ``decrease_interval``, as the
+    #: decreases) in a row — no delivery accepted between them — within ``window`` seconds
+    #: pause the domain
     pause_after: int = 3
     window: float = 60.0
     #: for this many seconds.
@@ -171,7 +173,8 @@ class Aimd:
 class Learned:
     """What the domain's replies taught: ``rate`` in force (None: back at the ceiling),
     the rate before the first decrease (reaching it again ends the learning), a pause
-    (monotonic seconds) and the recent rate-limit answers (monotonic times)."""
+    (monotonic seconds) and the rate-limit signals since the last delivery (monotonic
+    times)."""
 
     rate: float | None = None
     recover_to: float = 0.0
@@ -209,35 +212,41 @@ def deferred(
     """After a 4xx from the domain at monotonic time ``at``: the rate in force
     (``rate_now``, msgs/s; for an unlimited domain what it was being sent at) multiplied
     down, not below the floor — at most once per ``decrease_interval`` seconds: the rest of
-    a burst's answers change no rate; a rate-limit answer is remembered, and the
-    ``pause_after``-th within the window pauses the domain."""
+    a burst's answers (one per message in flight) change nothing.
+
+    A rate-limit answer that decreases the rate is a *signal*; the ``pause_after``-th
+    signal within the window with no delivery accepted since the first (:func:`delivered`
+    forgets them) pauses the domain: it went on refusing everything while it was slowed
+    down, so it is blocking us, not metering us. A domain that accepts some of what it is
+    offered and refuses the rest is metering: AIMD finds its rate, and a pause would only
+    stop its mail for ``pause_seconds`` and start the search over."""
     learned = learned or Learned(recover_to=rate_now)
-    current = learned.rate if learned.rate is not None else rate_now
     decreased_at = learned.decreased_at
-    if decreased_at is None or at - decreased_at >= aimd.decrease_interval:
-        rate, decreased_at = max(aimd.floor, current * aimd.decrease), at
-    else:
-        rate = current
-    hits = learned.hits
-    paused_until = learned.paused_until
+    if decreased_at is not None and at - decreased_at < aimd.decrease_interval:
+        return learned
+    current = learned.rate if learned.rate is not None else rate_now
+    hits, paused_until = learned.hits, learned.paused_until
     if rate_limit:
         hits = (*(t for t in hits if t > at - aimd.window), at)
         if len(hits) >= aimd.pause_after:
-            paused_until = max(paused_until, at + aimd.pause_seconds)
-            hits = ()
+            paused_until, hits = max(paused_until, at + aimd.pause_seconds), ()
     return replace(
-        learned, rate=rate, paused_until=paused_until, hits=hits, decreased_at=decreased_at
+        learned,
+        rate=max(aimd.floor, current * aimd.decrease),
+        paused_until=paused_until,
+        hits=hits,
+        decreased_at=at,
     )
 
 
 def delivered(learned: Learned, *, at: float, aimd: Aimd) -> Learned | None:
-    """After a delivery at monotonic time ``at``: the rate raised by ``increase``; None
-    (learning over) once it is back where it was before the first decrease and no pause
-    is pending."""
+    """After a delivery at monotonic time ``at``: the rate raised by ``increase`` and the
+    rate-limit signals forgotten (the domain accepts mail); None (learning over) once the
+    rate is back where it was before the first decrease and no pause is pending."""
     rate = (learned.rate or 0.0) + aimd.increase
     if rate >= learned.recover_to and learned.paused_until <= at:
         return None
-    return replace(learned, rate=rate)
+    return replace(learned, rate=rate, hits=())
 
 
 # The policy in force ----------------------------------------------------------------------

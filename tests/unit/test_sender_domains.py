@@ -73,18 +73,41 @@ def test_a_deferral_halves_the_rate_and_deliveries_add_back() -> None:
 
 
 def test_a_bursts_deferrals_decrease_the_rate_once_per_interval() -> None:
-    """Ten messages in flight, ten 421s within a tenth of a second: one halving, not ten;
-    the next decrease waits for the interval (1 s here), and the answers still count
-    towards a pause."""
+    """Ten messages in flight, ten 421s within a tenth of a second: one halving, not ten,
+    and one signal towards a pause, not ten; the next decrease waits for the interval (1 s
+    here)."""
     learned = None
     for i in range(10):
         learned = domains.deferred(learned, rate_now=50.0, rate_limit=True, at=i / 100, aimd=AIMD)
     assert learned is not None and learned.rate == 25.0
-    assert learned.paused_until > 0  # the third answer in the window paused it
+    assert learned.paused_until == 0.0 and learned.hits == (0.0,)
     later = domains.deferred(learned, rate_now=25.0, rate_limit=False, at=0.99, aimd=AIMD)
     assert later.rate == 25.0
     later = domains.deferred(later, rate_now=25.0, rate_limit=False, at=1.0, aimd=AIMD)
     assert later.rate == 12.5
+
+
+def test_a_domain_refusing_everything_while_slowed_is_paused() -> None:
+    """A rate-limit answer every interval and nothing accepted: the third pauses it."""
+    learned = None
+    for at in (0.0, 1.0, 2.0):
+        learned = domains.deferred(learned, rate_now=50.0, rate_limit=True, at=at, aimd=AIMD)
+    assert learned is not None and learned.paused_until == 2.0 + AIMD.pause_seconds
+
+
+def test_a_domain_that_accepts_part_of_its_mail_is_slowed_not_paused() -> None:
+    """Metering, not blocking: deliveries between the rate-limit answers. The rate comes
+    down at each answer; the domain is never paused."""
+    learned = None
+    for second in range(10):
+        learned = domains.deferred(
+            learned, rate_now=50.0, rate_limit=True, at=float(second), aimd=AIMD
+        )
+        back = domains.delivered(learned, at=second + 0.5, aimd=AIMD)
+        assert back is not None
+        learned = back
+    assert learned is not None and learned.paused_until == 0.0
+    assert learned.rate < 50.0 / 10  # slowed right down all the same
 
 
 def test_the_rate_does_not_fall_below_the_floor() -> None:
@@ -302,13 +325,15 @@ async def test_only_answers_about_the_domain_slow_it(
 
 async def test_deferrals_then_a_pause_then_recovery() -> None:
     pool = Pool()
-    pacing = pool.pacing(domain_pause_after=2, domain_pause_seconds=0.2)
+    pacing = pool.pacing(
+        domain_pause_after=2, domain_pause_seconds=0.2, domain_aimd_decrease_interval_seconds=0
+    )
     d = delivery("a@other.example")
     assert pacing.admit(d)
     pacing.deferred(d, 421, "4.7.0")
     state = pacing.states["other.example"]
     assert state.policy.state == THROTTLED
-    pacing.deferred(d, 421, "4.7.0")
+    pacing.deferred(d, 421, "4.7.0")  # refused again, nothing accepted between: a block
     assert state.policy.state == PAUSED
     pacing.release(d)
     assert not pacing.admit(d)  # paused: parked, woken when the pause ends
