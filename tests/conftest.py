@@ -417,15 +417,25 @@ class Kafka:
         return records
 
 
-@pytest.fixture
-async def kafka(stack: Stack, prefix: str) -> AsyncIterator[Kafka]:
+@contextlib.asynccontextmanager
+async def publishing(stack: Stack, prefix: str) -> AsyncIterator[Kafka]:
+    """A publisher and a reader for ``prefix``'s topics, as a service publishes to them; the
+    producer is stopped on the way out."""
     settings = CommonSettings(
         kafka_bootstrap=stack.broker.bootstrap, topic_prefix=prefix, service="test"
     )
     producer = make_producer(settings, linger_ms=0)
     await producer.start()
-    yield Kafka(stack, prefix, Publisher(settings, producer))
-    await producer.stop()
+    try:
+        yield Kafka(stack, prefix, Publisher(settings, producer))
+    finally:
+        await producer.stop()
+
+
+@pytest.fixture
+async def kafka(stack: Stack, prefix: str) -> AsyncIterator[Kafka]:
+    async with publishing(stack, prefix) as publisher:
+        yield publisher
 
 
 @pytest.fixture

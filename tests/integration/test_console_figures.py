@@ -20,9 +20,7 @@ import pytest
 import pytest_asyncio
 from aiosmtpd.controller import Controller
 
-from libs.common.kafka import Publisher, make_producer
 from libs.common.mail.tracking import TrackingLinks
-from libs.common.settings import CommonSettings
 from libs.common.topics import Topic
 from tayori.embedded import free_port
 from tests.conftest import Kafka, Stack, eventually
@@ -32,12 +30,14 @@ from tests.integration.console_stack import (
     ConsoleStack,
     console_stack,
     no_leaked_tasks_but_keepalives,
+    site_kafka,
 )
 from tests.integration.test_bounce_processor import Bounces, fixture
 from tests.integration.test_sender import RefusingHandler, send_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("console_figures")]
 no_leaked_tasks = no_leaked_tasks_but_keepalives
+kafka = site_kafka
 TOKYO = dt.timezone(dt.timedelta(hours=9))
 #: as tests/integration/test_console_browser.py drives it (not imported: that module skips
 #: itself where Chromium is missing, and these HTTP tests must run there too)
@@ -70,18 +70,6 @@ async def site(stack: Stack, template_db: str, relay: Controller) -> AsyncIterat
         },
     ) as running:
         yield running
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def kafka(stack: Stack, site: ConsoleStack) -> AsyncIterator[Kafka]:
-    """The module's topics, as a service publishes to them."""
-    settings = CommonSettings(
-        kafka_bootstrap=stack.broker.bootstrap, topic_prefix=site.prefix, service="test"
-    )
-    producer = make_producer(settings, linger_ms=0)
-    await producer.start()
-    yield Kafka(stack, site.prefix, Publisher(settings, producer))
-    await producer.stop()
 
 
 class World:

@@ -15,8 +15,6 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from libs.common.kafka import Publisher, make_producer
-from libs.common.settings import CommonSettings
 from libs.common.topics import Topic
 from tests.conftest import Kafka, Stack, eventually
 from tests.integration.console_stack import (
@@ -24,11 +22,13 @@ from tests.integration.console_stack import (
     ConsoleStack,
     console_stack,
     no_leaked_tasks_but_keepalives,
+    site_kafka,
 )
 from tests.integration.test_contacts_api import published
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("console_guard")]
 no_leaked_tasks = no_leaked_tasks_but_keepalives
+kafka = site_kafka
 DOCOMO, GMAIL = "docomo.ne.jp", "gmail.com"
 REASON = "complaint_rate 0.0052 > 0.0030 (13/2500 delivered)"
 
@@ -37,18 +37,6 @@ REASON = "complaint_rate 0.0052 > 0.0030 (13/2500 delivered)"
 async def site(stack: Stack, template_db: str) -> AsyncIterator[ConsoleStack]:
     async with console_stack(stack, template_db, ("contacts", "scheduler")) as running:
         yield running
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def kafka(stack: Stack, site: ConsoleStack) -> AsyncIterator[Kafka]:
-    """The module's topics, as deliverability publishes to them."""
-    settings = CommonSettings(
-        kafka_bootstrap=stack.broker.bootstrap, topic_prefix=site.prefix, service="test"
-    )
-    producer = make_producer(settings, linger_ms=0)
-    await producer.start()
-    yield Kafka(stack, site.prefix, Publisher(settings, producer))
-    await producer.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
