@@ -121,7 +121,7 @@ def settings_for(cls: type[T], stack: Stack, database: str, prefix: str, **overr
         db_pool_size=5,
     )
     values.update(overrides)
-    return cls(**values)  # type: ignore[call-arg]
+    return cls(**values)
 
 
 class Api:
@@ -439,16 +439,17 @@ async def kafka(stack: Stack, prefix: str) -> AsyncIterator[Kafka]:
 
 
 @pytest.fixture
-def smtp_sink(tmp_path: Path) -> SmtpSink:
+def smtp_sink(tmp_path: Path) -> Iterator[SmtpSink]:
     sink = SmtpSink(tmp_path / "maildir", free_port())
     yield sink
     sink.stop()
 
 
 async def eventually(
-    check: Callable[[], Awaitable[T]], *, timeout: float = 60.0, interval: float = 0.05
+    check: Callable[[], Awaitable[T | None]], *, timeout: float = 60.0, interval: float = 0.05
 ) -> T:
-    """Poll ``check`` until it returns a truthy value (or stops raising AssertionError)."""
+    """Poll ``check`` until it returns a truthy value (or stops raising AssertionError), and
+    return that value (so never None: a check may answer None for "not yet")."""
     deadline = asyncio.get_running_loop().time() + timeout
     last: Any = None
     while True:
