@@ -328,15 +328,26 @@ def card(page: str, key: str) -> tuple[str, str]:
     return found.group(1), found.group(2)
 
 
-async def test_home_shows_the_figures_of_today_and_the_week(
-    site: ConsoleStack, world: World
-) -> None:
-    client = Browserless(site.base)
+def figure(page: str, key: str) -> str:
+    """The home page's card ``figure-<key>``, its chart and any notice included."""
+    return page.split(f'id="figure-{key}"', 1)[1].split("</article>", 1)[0]
+
+
+async def home(base: str) -> tuple[int, str]:
+    """The home page as a viewer of the console at ``base`` sees it: (status, page)."""
+    client = Browserless(base)
     try:
         assert (await client.login("viewer"))[0] == 200
         status, page, _ = await client.get("/")
     finally:
         await client.close()
+    return status, page
+
+
+async def test_home_shows_the_figures_of_today_and_the_week(
+    site: ConsoleStack, world: World
+) -> None:
+    status, page = await home(site.base)
     assert status == 200
     assert card(page, "sent") == (str(4 + MANY), str(4 + MANY))
     assert card(page, "errors") == ("1", "1")
@@ -346,10 +357,9 @@ async def test_home_shows_the_figures_of_today_and_the_week(
     assert card(page, "opens") == ("1", "1")
     assert card(page, "clicks") == ("1", "1")
     for key in ("sent", "errors", "bounces", "complaints", "unsubscribes", "opens", "clicks"):
-        figure = page.split(f'id="figure-{key}"', 1)[1].split("</article>", 1)[0]
-        assert "取得できません" not in figure
+        assert "取得できません" not in figure(page, key)
     # each chart: seven bars, today's the tallest of the sends
-    sent = page.split('id="figure-sent"', 1)[1].split("</article>", 1)[0]
+    sent = figure(page, "sent")
     assert sent.count("<rect") == 7
     assert re.search(rf"<title>\d\d/\d\d: {4 + MANY}</title>", sent)
 
@@ -358,17 +368,12 @@ async def test_home_says_which_service_is_away(
     stack: Stack, template_db: str, relay: Controller
 ) -> None:
     async with console_stack(stack, template_db, ("suppression",)) as partial:
-        client = Browserless(partial.base)
-        try:
-            assert (await client.login("viewer"))[0] == 200
-            status, page, _ = await client.get("/")
-        finally:
-            await client.close()
+        status, page = await home(partial.base)
     assert status == 200
     assert card(page, "unsubscribes") == ("0", "0")
-    sent = page.split('id="figure-sent"', 1)[1].split("</article>", 1)[0]
+    sent = figure(page, "sent")
     assert "取得できません" in sent and "sender" in sent
-    assert "bounce_processor" in page.split('id="figure-complaints"', 1)[1].split("</article>")[0]
+    assert "bounce_processor" in figure(page, "complaints")
 
 
 async def test_contact_page_shows_campaigns_opens_clicks_and_bounces(

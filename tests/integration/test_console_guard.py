@@ -88,6 +88,17 @@ async def tripped_campaign(site: ConsoleStack, kafka: Kafka) -> str:
     return cid
 
 
+async def tripped_page(
+    client: Browserless, site: ConsoleStack, kafka: Kafka, role: str
+) -> tuple[str, str]:
+    """A tripped campaign (tripped_campaign) and its page as a ``role`` sees it: (id, page)."""
+    cid = await tripped_campaign(site, kafka)
+    assert (await client.login(role))[0] == 200
+    status, page, _ = await client.get(f"/campaigns/{cid}")
+    assert status == 200, page
+    return cid, page
+
+
 def section(page: str) -> str:
     """The guard's section of the campaign page, unescaped."""
     start = page.index('id="guard"')
@@ -97,10 +108,7 @@ def section(page: str) -> str:
 async def test_an_operator_resumes_a_held_domain_from_the_campaign_page(
     client: Browserless, site: ConsoleStack, kafka: Kafka
 ) -> None:
-    cid = await tripped_campaign(site, kafka)
-    assert (await client.login("operator"))[0] == 200
-    status, page, _ = await client.get(f"/campaigns/{cid}")
-    assert status == 200, page
+    cid, page = await tripped_page(client, site, kafka, "operator")
     guard = section(page)
     assert "苦情率ガード" in guard and "配信保留中のドメイン" in guard
     assert DOCOMO in guard and GMAIL in guard and REASON in guard
@@ -144,10 +152,8 @@ async def test_an_operator_resumes_a_held_domain_from_the_campaign_page(
 async def test_a_viewer_sees_the_guard_but_cannot_resume(
     client: Browserless, site: ConsoleStack, kafka: Kafka
 ) -> None:
-    cid = await tripped_campaign(site, kafka)
-    assert (await client.login("viewer"))[0] == 200
-    status, page, _ = await client.get(f"/campaigns/{cid}")
-    assert status == 200 and DOCOMO in section(page)
+    cid, page = await tripped_page(client, site, kafka, "viewer")
+    assert DOCOMO in section(page)
     assert "guard-resume" not in page and "guard-drop" not in page
     status, _, _ = await client.post(
         f"/campaigns/{cid}/guard/resume", {"csrf": client.csrf(page), "domain": DOCOMO}
