@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import os
 import shutil
 import socket
 import sys
@@ -122,6 +123,27 @@ def settings_for(cls: type[T], stack: Stack, database: str, prefix: str, **overr
     )
     values.update(overrides)
     return cls(**values)
+
+
+def service_environ(stack: Stack, database: str, prefix: str, **extra: str) -> dict[str, str]:
+    """The environment of a service started as a process of its own (``tayori <service>``)
+    on this test's database and topics, as settings_for configures one in this process, at
+    a free HTTP port (``HTTP_PORT``); ``extra`` on top."""
+    return (
+        dict(
+            os.environ,
+            DATABASE_URL=database,
+            KAFKA_BOOTSTRAP=stack.broker.bootstrap,
+            KAFKA_TOPIC_PREFIX=prefix,
+            KAFKA_SESSION_TIMEOUT_MS="1000",
+            KAFKA_PROFILE="embedded",
+            KAFKA_FETCH_MAX_WAIT_MS="20",
+            HTTP_HOST="127.0.0.1",
+            HTTP_PORT=str(free_port()),
+            TAYORI_ADMIN_TOKEN=ADMIN_TOKEN,
+        )
+        | extra
+    )
 
 
 class Api:
