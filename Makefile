@@ -42,7 +42,7 @@ asyncapi: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy libs services tayori
+	$(BIN)/mypy libs services tayori tests
 
 # The container image (Dockerfile), with docker or podman, whichever is there and running.
 # Nothing else here needs a container engine.

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import os
 import shutil
 import socket
 import sys
@@ -121,7 +122,28 @@ def settings_for(cls: type[T], stack: Stack, database: str, prefix: str, **overr
         db_pool_size=5,
     )
     values.update(overrides)
-    return cls(**values)  # type: ignore[call-arg]
+    return cls(**values)
+
+
+def service_environ(stack: Stack, database: str, prefix: str, **extra: str) -> dict[str, str]:
+    """The environment of a service started as a process of its own (``tayori <service>``)
+    on this test's database and topics, as settings_for configures one in this process, at
+    a free HTTP port (``HTTP_PORT``); ``extra`` on top."""
+    return (
+        dict(
+            os.environ,
+            DATABASE_URL=database,
+            KAFKA_BOOTSTRAP=stack.broker.bootstrap,
+            KAFKA_TOPIC_PREFIX=prefix,
+            KAFKA_SESSION_TIMEOUT_MS="1000",
+            KAFKA_PROFILE="embedded",
+            KAFKA_FETCH_MAX_WAIT_MS="20",
+            HTTP_HOST="127.0.0.1",
+            HTTP_PORT=str(free_port()),
+            TAYORI_ADMIN_TOKEN=ADMIN_TOKEN,
+        )
+        | extra
+    )
 
 
 class Api:
@@ -417,28 +439,39 @@ class Kafka:
         return records
 
 
-@pytest.fixture
-async def kafka(stack: Stack, prefix: str) -> AsyncIterator[Kafka]:
+@contextlib.asynccontextmanager
+async def publishing(stack: Stack, prefix: str) -> AsyncIterator[Kafka]:
+    """A publisher and a reader for ``prefix``'s topics, as a service publishes to them; the
+    producer is stopped on the way out."""
     settings = CommonSettings(
         kafka_bootstrap=stack.broker.bootstrap, topic_prefix=prefix, service="test"
     )
     producer = make_producer(settings, linger_ms=0)
     await producer.start()
-    yield Kafka(stack, prefix, Publisher(settings, producer))
-    await producer.stop()
+    try:
+        yield Kafka(stack, prefix, Publisher(settings, producer))
+    finally:
+        await producer.stop()
 
 
 @pytest.fixture
-def smtp_sink(tmp_path: Path) -> SmtpSink:
+async def kafka(stack: Stack, prefix: str) -> AsyncIterator[Kafka]:
+    async with publishing(stack, prefix) as publisher:
+        yield publisher
+
+
+@pytest.fixture
+def smtp_sink(tmp_path: Path) -> Iterator[SmtpSink]:
     sink = SmtpSink(tmp_path / "maildir", free_port())
     yield sink
     sink.stop()
 
 
 async def eventually(
-    check: Callable[[], Awaitable[T]], *, timeout: float = 60.0, interval: float = 0.05
+    check: Callable[[], Awaitable[T | None]], *, timeout: float = 60.0, interval: float = 0.05
 ) -> T:
-    """Poll ``check`` until it returns a truthy value (or stops raising AssertionError)."""
+    """Poll ``check`` until it returns a truthy value (or stops raising AssertionError), and
+    return that value (so never None: a check may answer None for "not yet")."""
     deadline = asyncio.get_running_loop().time() + timeout
     last: Any = None
     while True:

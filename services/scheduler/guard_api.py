@@ -16,6 +16,11 @@ A campaign's ``guard`` is read with the campaign (``GET /v1/campaigns/{id}``).
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
 from aiohttp import web
 
 from libs.common.errors import Conflict
@@ -51,7 +56,7 @@ async def resume_guard(
     """再開: send the campaign's mail to domains the complaint guard held again. Body:
     ``{"domains": ["docomo.ne.jp"]}`` (default: every held domain); 409 when none of them
     is held."""
-    return await _act(request, path, body, "resumed")
+    return await _act(request, path, body, "resumed", _resume)
 
 
 @routes.post("/v1/campaigns/{id}/guard/drop")
@@ -63,14 +68,54 @@ async def drop_guard(
     """配信中止: give up the campaign's mail to domains the complaint guard held; their
     recipients without a result are counted suppressed and the campaign can finish. Body
     and answers as for resume."""
-    return await _act(request, path, body, "dropped")
+    return await _act(request, path, body, "dropped", _drop)
+
+
+#: what resuming or dropping does to the campaign's locked row: it records the chosen
+#: domains (by whom, when) and returns the campaign row as it now is and how many waiting
+#: recipients it gave up
+Apply = Callable[
+    [asyncpg.Connection, Any, list[str], str | None, dt.datetime], Awaitable[tuple[Any, int]]
+]
+
+
+async def _resume(
+    conn: asyncpg.Connection, campaign: Any, chosen: list[str], who: str | None, now: dt.datetime
+) -> tuple[Any, int]:
+    """再開: the domains' waiting rows are released again, and a campaign that may still send
+    tells the sender to resume them."""
+    await conn.execute(QUERIES["resume-guard"], campaign["id"], chosen, who, now)
+    await conn.execute(QUERIES["release-rows"], campaign["id"], chosen)
+    if guard.may_send(campaign["status"]):
+        await store.publish_control(
+            conn, campaign["id"], "resume", f"resumed by {who}", now, domains=chosen
+        )
+    return campaign, 0
+
+
+async def _drop(
+    conn: asyncpg.Connection, campaign: Any, chosen: list[str], who: str | None, now: dt.datetime
+) -> tuple[Any, int]:
+    """配信中止: the domains' rows without a result are counted suppressed; the campaign is
+    sent once that leaves nothing outstanding."""
+    await conn.execute(QUERIES["drop-guard"], campaign["id"], chosen, who, now)
+    dropped = await conn.fetchval(QUERIES["drop-held-rows"], campaign["id"], chosen, now)
+    if dropped:
+        campaign = await conn.fetchrow(QUERIES["add-counts"], campaign["id"], 0, 0, dropped)
+        if campaign["status"] == "sending" and store.counters(campaign).outstanding == 0:
+            # as a last result does (agents.handle_results)
+            reason = "every recipient has a result"
+            await store.transition(conn, campaign["id"], "sent", now, reason)
+            campaign = await store.get_campaign(conn, str(campaign["id"]))
+    return campaign, dropped
 
 
 async def _act(
-    request: web.Request, path: CampaignPath, body: GuardResumeBody, change: str
+    request: web.Request, path: CampaignPath, body: GuardResumeBody, change: str, apply: Apply
 ) -> web.Response:
-    """Resume or drop the held domains ``body`` names, in one transaction with the
-    campaign row locked (as the releaser and the guard consumer lock it)."""
+    """Resume or drop (``apply``; ``change`` names it in the metric and the log) the held
+    domains ``body`` names, in one transaction with the campaign row locked (as the releaser
+    and the guard consumer lock it)."""
     ctx = _ctx(request)
     now = ctx.clock.now()
     who = request.get(REQUESTED_BY)
@@ -81,24 +126,7 @@ async def _act(
         if not chosen:
             named = ", ".join(body.domains) if body.domains else "any domain"
             raise Conflict(f"the complaint guard does not hold {named} for this campaign")
-        if change == "resumed":
-            await conn.execute(QUERIES["resume-guard"], campaign["id"], chosen, who, now)
-            await conn.execute(QUERIES["release-rows"], campaign["id"], chosen)
-            if guard.may_send(campaign["status"]):
-                await store.publish_control(
-                    conn, campaign["id"], "resume", f"resumed by {who}", now, domains=chosen
-                )
-            dropped = 0
-        else:
-            await conn.execute(QUERIES["drop-guard"], campaign["id"], chosen, who, now)
-            dropped = await conn.fetchval(QUERIES["drop-held-rows"], campaign["id"], chosen, now)
-            if dropped:
-                campaign = await conn.fetchrow(QUERIES["add-counts"], campaign["id"], 0, 0, dropped)
-                if campaign["status"] == "sending" and store.counters(campaign).outstanding == 0:
-                    # as a last result does (agents.handle_results)
-                    reason = "every recipient has a result"
-                    await store.transition(conn, campaign["id"], "sent", now, reason)
-                    campaign = await store.get_campaign(conn, str(campaign["id"]))
+        campaign, dropped = await apply(conn, campaign, chosen, who, now)
         history = await conn.fetch(QUERIES["history"], campaign["id"])
         answer = store.campaign_json(campaign, history) | {
             "guard": await store.guard_of(conn, campaign["id"])

@@ -22,8 +22,10 @@ from services.console.settings import ConsoleSettings
 from tayori.embedded import free_port
 from tests.conftest import (
     HANG_SECONDS,
+    Kafka,
     Service,
     Stack,
+    publishing,
     running,
     settings_for,
     task_stacks,
@@ -105,6 +107,14 @@ async def console_stack(
         finally:
             await conn.close()
         yield ConsoleStack(console, services, f"http://127.0.0.1:{console.port}", dsn, prefix)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def site_kafka(stack: Stack, site: ConsoleStack) -> AsyncIterator[Kafka]:
+    """The topics of the module's ``site`` (its ConsoleStack fixture), published to as a
+    service would; a module takes it as its ``kafka`` (``kafka = site_kafka``)."""
+    async with publishing(stack, site.prefix) as kafka:
+        yield kafka
 
 
 class Browserless:

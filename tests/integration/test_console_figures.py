@@ -20,9 +20,7 @@ import pytest
 import pytest_asyncio
 from aiosmtpd.controller import Controller
 
-from libs.common.kafka import Publisher, make_producer
 from libs.common.mail.tracking import TrackingLinks
-from libs.common.settings import CommonSettings
 from libs.common.topics import Topic
 from tayori.embedded import free_port
 from tests.conftest import Kafka, Stack, eventually
@@ -32,12 +30,14 @@ from tests.integration.console_stack import (
     ConsoleStack,
     console_stack,
     no_leaked_tasks_but_keepalives,
+    site_kafka,
 )
 from tests.integration.test_bounce_processor import Bounces, fixture
 from tests.integration.test_sender import RefusingHandler, send_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("console_figures")]
 no_leaked_tasks = no_leaked_tasks_but_keepalives
+kafka = site_kafka
 TOKYO = dt.timezone(dt.timedelta(hours=9))
 #: as tests/integration/test_console_browser.py drives it (not imported: that module skips
 #: itself where Chromium is missing, and these HTTP tests must run there too)
@@ -70,18 +70,6 @@ async def site(stack: Stack, template_db: str, relay: Controller) -> AsyncIterat
         },
     ) as running:
         yield running
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def kafka(stack: Stack, site: ConsoleStack) -> AsyncIterator[Kafka]:
-    """The module's topics, as a service publishes to them."""
-    settings = CommonSettings(
-        kafka_bootstrap=stack.broker.bootstrap, topic_prefix=site.prefix, service="test"
-    )
-    producer = make_producer(settings, linger_ms=0)
-    await producer.start()
-    yield Kafka(stack, site.prefix, Publisher(settings, producer))
-    await producer.stop()
 
 
 class World:
@@ -340,15 +328,26 @@ def card(page: str, key: str) -> tuple[str, str]:
     return found.group(1), found.group(2)
 
 
-async def test_home_shows_the_figures_of_today_and_the_week(
-    site: ConsoleStack, world: World
-) -> None:
-    client = Browserless(site.base)
+def figure(page: str, key: str) -> str:
+    """The home page's card ``figure-<key>``, its chart and any notice included."""
+    return page.split(f'id="figure-{key}"', 1)[1].split("</article>", 1)[0]
+
+
+async def home(base: str) -> tuple[int, str]:
+    """The home page as a viewer of the console at ``base`` sees it: (status, page)."""
+    client = Browserless(base)
     try:
         assert (await client.login("viewer"))[0] == 200
         status, page, _ = await client.get("/")
     finally:
         await client.close()
+    return status, page
+
+
+async def test_home_shows_the_figures_of_today_and_the_week(
+    site: ConsoleStack, world: World
+) -> None:
+    status, page = await home(site.base)
     assert status == 200
     assert card(page, "sent") == (str(4 + MANY), str(4 + MANY))
     assert card(page, "errors") == ("1", "1")
@@ -358,10 +357,9 @@ async def test_home_shows_the_figures_of_today_and_the_week(
     assert card(page, "opens") == ("1", "1")
     assert card(page, "clicks") == ("1", "1")
     for key in ("sent", "errors", "bounces", "complaints", "unsubscribes", "opens", "clicks"):
-        figure = page.split(f'id="figure-{key}"', 1)[1].split("</article>", 1)[0]
-        assert "取得できません" not in figure
+        assert "取得できません" not in figure(page, key)
     # each chart: seven bars, today's the tallest of the sends
-    sent = page.split('id="figure-sent"', 1)[1].split("</article>", 1)[0]
+    sent = figure(page, "sent")
     assert sent.count("<rect") == 7
     assert re.search(rf"<title>\d\d/\d\d: {4 + MANY}</title>", sent)
 
@@ -370,17 +368,12 @@ async def test_home_says_which_service_is_away(
     stack: Stack, template_db: str, relay: Controller
 ) -> None:
     async with console_stack(stack, template_db, ("suppression",)) as partial:
-        client = Browserless(partial.base)
-        try:
-            assert (await client.login("viewer"))[0] == 200
-            status, page, _ = await client.get("/")
-        finally:
-            await client.close()
+        status, page = await home(partial.base)
     assert status == 200
     assert card(page, "unsubscribes") == ("0", "0")
-    sent = page.split('id="figure-sent"', 1)[1].split("</article>", 1)[0]
+    sent = figure(page, "sent")
     assert "取得できません" in sent and "sender" in sent
-    assert "bounce_processor" in page.split('id="figure-complaints"', 1)[1].split("</article>")[0]
+    assert "bounce_processor" in figure(page, "complaints")
 
 
 async def test_contact_page_shows_campaigns_opens_clicks_and_bounces(

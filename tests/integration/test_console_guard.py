@@ -15,8 +15,6 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from libs.common.kafka import Publisher, make_producer
-from libs.common.settings import CommonSettings
 from libs.common.topics import Topic
 from tests.conftest import Kafka, Stack, eventually
 from tests.integration.console_stack import (
@@ -24,11 +22,13 @@ from tests.integration.console_stack import (
     ConsoleStack,
     console_stack,
     no_leaked_tasks_but_keepalives,
+    site_kafka,
 )
 from tests.integration.test_contacts_api import published
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("console_guard")]
 no_leaked_tasks = no_leaked_tasks_but_keepalives
+kafka = site_kafka
 DOCOMO, GMAIL = "docomo.ne.jp", "gmail.com"
 REASON = "complaint_rate 0.0052 > 0.0030 (13/2500 delivered)"
 
@@ -37,18 +37,6 @@ REASON = "complaint_rate 0.0052 > 0.0030 (13/2500 delivered)"
 async def site(stack: Stack, template_db: str) -> AsyncIterator[ConsoleStack]:
     async with console_stack(stack, template_db, ("contacts", "scheduler")) as running:
         yield running
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def kafka(stack: Stack, site: ConsoleStack) -> AsyncIterator[Kafka]:
-    """The module's topics, as deliverability publishes to them."""
-    settings = CommonSettings(
-        kafka_bootstrap=stack.broker.bootstrap, topic_prefix=site.prefix, service="test"
-    )
-    producer = make_producer(settings, linger_ms=0)
-    await producer.start()
-    yield Kafka(stack, site.prefix, Publisher(settings, producer))
-    await producer.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -100,6 +88,17 @@ async def tripped_campaign(site: ConsoleStack, kafka: Kafka) -> str:
     return cid
 
 
+async def tripped_page(
+    client: Browserless, site: ConsoleStack, kafka: Kafka, role: str
+) -> tuple[str, str]:
+    """A tripped campaign (tripped_campaign) and its page as a ``role`` sees it: (id, page)."""
+    cid = await tripped_campaign(site, kafka)
+    assert (await client.login(role))[0] == 200
+    status, page, _ = await client.get(f"/campaigns/{cid}")
+    assert status == 200, page
+    return cid, page
+
+
 def section(page: str) -> str:
     """The guard's section of the campaign page, unescaped."""
     start = page.index('id="guard"')
@@ -109,10 +108,7 @@ def section(page: str) -> str:
 async def test_an_operator_resumes_a_held_domain_from_the_campaign_page(
     client: Browserless, site: ConsoleStack, kafka: Kafka
 ) -> None:
-    cid = await tripped_campaign(site, kafka)
-    assert (await client.login("operator"))[0] == 200
-    status, page, _ = await client.get(f"/campaigns/{cid}")
-    assert status == 200, page
+    cid, page = await tripped_page(client, site, kafka, "operator")
     guard = section(page)
     assert "苦情率ガード" in guard and "配信保留中のドメイン" in guard
     assert DOCOMO in guard and GMAIL in guard and REASON in guard
@@ -156,10 +152,8 @@ async def test_an_operator_resumes_a_held_domain_from_the_campaign_page(
 async def test_a_viewer_sees_the_guard_but_cannot_resume(
     client: Browserless, site: ConsoleStack, kafka: Kafka
 ) -> None:
-    cid = await tripped_campaign(site, kafka)
-    assert (await client.login("viewer"))[0] == 200
-    status, page, _ = await client.get(f"/campaigns/{cid}")
-    assert status == 200 and DOCOMO in section(page)
+    cid, page = await tripped_page(client, site, kafka, "viewer")
+    assert DOCOMO in section(page)
     assert "guard-resume" not in page and "guard-drop" not in page
     status, _, _ = await client.post(
         f"/campaigns/{cid}/guard/resume", {"csrf": client.csrf(page), "domain": DOCOMO}

@@ -46,7 +46,7 @@ def _published() -> dict[str, dict[str, int]]:
 async def _send_mail(kafka: Kafka) -> None:
     contact = 1000
     for domain, sent, deferred, rejected in MAIL:
-        outcomes = [("sent", {})] * sent
+        outcomes: list[tuple[str, dict[str, Any]]] = [("sent", {})] * sent
         outcomes += [("temporary_error", {"smtp_code": 452, "enhanced_code": "4.2.2"})] * deferred
         outcomes += [("permanent_error", {"smtp_code": 550})] * rejected
         for outcome, codes in outcomes:

@@ -26,12 +26,12 @@ from typing import TypeVar
 
 import psutil
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
 from libs.common.topics import all_topic_names
 from tayori.dev import PORTS
 from tayori.embedded import free_port
 from tayori.services import SERVICES
+from tests.integration.test_embedded import topic_names
 
 T = TypeVar("T")
 
@@ -235,15 +235,6 @@ def test_dev_restarts_a_killed_service_and_stops_during_its_backoff(dev: DevRun)
     _assert_all_gone(dev.stop())
 
 
-async def _topics(bootstrap: str) -> set[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        return set(await admin.list_topics())
-    finally:
-        await admin.close()
-
-
 async def test_dev_restarts_a_killed_broker_and_creates_the_topics_again(dev: DevRun) -> None:
     broker = dev.broker()
     broker.kill()
@@ -254,7 +245,7 @@ async def test_dev_restarts_a_killed_broker_and_creates_the_topics_again(dev: De
         "Kafka state (topics, offsets, in-flight records) was lost",
     )
     assert dev.broker().pid != broker.pid
-    assert set(all_topic_names()) <= await _topics(f"127.0.0.1:{dev.ports['kafka']}")
+    assert set(all_topic_names()) <= await topic_names(f"127.0.0.1:{dev.ports['kafka']}")
     assert dev.proc.poll() is None
     # The services ride it out or are restarted by dev: either way each one runs.
     for name in SERVICES:

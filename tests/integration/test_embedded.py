@@ -85,7 +85,8 @@ async def test_postgres_start_server_after_kill_9_with_sessions_open(
         session.terminate()
 
 
-async def _topics(bootstrap: str) -> set[str]:
+async def topic_names(bootstrap: str) -> set[str]:
+    """The topics the broker at ``bootstrap`` lists."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -98,13 +99,13 @@ async def test_broker_restart_gives_an_empty_broker_on_the_same_port(
     broker: EmbeddedBroker,
 ) -> None:
     await ensure_topics(broker.bootstrap, "r.", partitions=1)
-    assert set(all_topic_names("r.")) <= await _topics(broker.bootstrap)
+    assert set(all_topic_names("r.")) <= await topic_names(broker.bootstrap)
 
     broker.kill()
     assert not broker.running()
     broker.restart()
     assert broker.running()
-    assert not set(all_topic_names("r.")) & await _topics(broker.bootstrap)
+    assert not set(all_topic_names("r.")) & await topic_names(broker.bootstrap)
 
     await ensure_topics(broker.bootstrap, "r.", partitions=1)
     name = topic_name(Topic.MAIL_SYSTEM, "r.")

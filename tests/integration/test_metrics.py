@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
 
 from libs.common import db, metrics
 from libs.common.kafka import Message
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.integration
 WITHOUT_DATABASE = {"deliverability"}
 
 
-def _names(families: Iterable[Collector]) -> set[str]:
+def _names(families: Iterable[MetricWrapperBase]) -> set[str]:
     return {described.name for family in families for described in family.describe()}
 
 

@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 from libs.common.topics import Topic
+from services.scheduler.clock import FakeClock
 from tests.conftest import eventually
 from tests.integration.test_contacts_api import published
 from tests.integration.test_contacts_projections import publish_together
@@ -71,24 +72,34 @@ async def guard_of(scheduler: Any, campaign_id: str) -> dict[str, Any]:
     return await eventually(tripped)
 
 
+async def sending_campaign(
+    scheduler: Any, contacts: Any, others: int, held: list[str]
+) -> tuple[FakeClock, str, list[int]]:
+    """A campaign reserved for a group of ``others`` people (p0..@example.jp) and one contact
+    per address of ``held`` (the domain a test will hold), its send time reached on the
+    scheduler's fake clock: the clock, the campaign's id and the ``held`` contacts' ids."""
+    clock = fake_clock(scheduler)
+    members = await group(contacts)
+    await people(contacts, others, members)
+    ids = [
+        (await contacts.api.ok("POST", "/v1/contacts", {"email": email}))["id"] for email in held
+    ]
+    await contacts.api.ok("POST", f"/v1/groups/{members}/members", {"contact_ids": ids})
+    cat = await category(scheduler)
+    campaign = await reserved(scheduler, campaign_body(cat, clock, target={"group_id": members}))
+    clock.advance(minutes=10)
+    return clock, campaign["id"], ids
+
+
 async def test_a_held_domain_waits_until_an_operator_resumes_it(scheduler, contacts, kafka):
     """Two receiving domains; the guard holds docomo.ne.jp after its three requests went out
     without a result: the sender is told to pause that domain, its rows are not released
     again (not by the result timeout either) and the campaign stays sending, showing why.
     A resume by a named person sends them again (attempt 2) and the campaign finishes."""
-    clock = fake_clock(scheduler)
     api = scheduler.api
-    members = await group(contacts)
-    await people(contacts, 3, members)  # p0..p2@example.jp
-    docomo = [
-        (await contacts.api.ok("POST", "/v1/contacts", {"email": f"d{i}@DoCoMo.ne.jp"}))["id"]
-        for i in range(3)
-    ]
-    await contacts.api.ok("POST", f"/v1/groups/{members}/members", {"contact_ids": docomo})
-    cat = await category(scheduler)
-    campaign = await reserved(scheduler, campaign_body(cat, clock, target={"group_id": members}))
-    cid = campaign["id"]
-    clock.advance(minutes=10)
+    clock, cid, docomo = await sending_campaign(
+        scheduler, contacts, 3, [f"d{i}@DoCoMo.ne.jp" for i in range(3)]
+    )
     first = await send_requests(kafka, cid, 6)
     await play_sender(kafka, [result(r) for r in first if r["contact_id"] not in docomo])
 
@@ -218,19 +229,10 @@ async def test_an_operator_gives_a_held_domain_up_and_the_campaign_finishes(
     """配信中止: the held domain's recipients without a result are counted suppressed (no
     mail, nothing released again), the sender is not told to resume, the campaign finishes,
     and a later record naming the domain again does not hold it."""
-    clock = fake_clock(scheduler)
     api = scheduler.api
-    members = await group(contacts)
-    await people(contacts, 2, members)
-    docomo = [
-        (await contacts.api.ok("POST", "/v1/contacts", {"email": f"g{i}@docomo.ne.jp"}))["id"]
-        for i in range(2)
-    ]
-    await contacts.api.ok("POST", f"/v1/groups/{members}/members", {"contact_ids": docomo})
-    cat = await category(scheduler)
-    campaign = await reserved(scheduler, campaign_body(cat, clock, target={"group_id": members}))
-    cid = campaign["id"]
-    clock.advance(minutes=10)
+    _, cid, docomo = await sending_campaign(
+        scheduler, contacts, 2, [f"g{i}@docomo.ne.jp" for i in range(2)]
+    )
     first = await send_requests(kafka, cid, 4)
     await publish_guard(kafka, guard_record(cid, [DOCOMO]))
 

@@ -6,6 +6,7 @@ expected; a registry away holds the records until it is back."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -94,7 +95,7 @@ async def test_confluent_framed_contact_events_are_applied(
     await kafka.send(Topic.CONTACTS_EVENTS, "tayori@example.jp", upserted("tayori@example.jp"))
 
     for email in [*events, "tayori@example.jp"]:
-        row = await eventually(lambda email=email: contact(contacts_with_registry, email))
+        row = await eventually(functools.partial(contact, contacts_with_registry, email))
         assert row["email"] == email
     assert (await contact(contacts_with_registry, "older@example.jp"))["name"] == "山田 花子"
     assert await kafka.read_to_end(Topic.CONTACTS_EVENTS.dlq) == []

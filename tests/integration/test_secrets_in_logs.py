@@ -9,6 +9,7 @@ secret value."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import sys
@@ -94,7 +95,7 @@ async def test_no_service_logs_a_secret_at_start(
         async with aiohttp.ClientSession() as session:
             for name in SERVICES:
                 await eventually(
-                    lambda name=name: _ready(session, ports[name], processes[name], logs[name]),
+                    functools.partial(_ready, session, ports[name], processes[name], logs[name]),
                     timeout=180,
                     interval=0.2,
                 )

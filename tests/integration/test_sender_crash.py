@@ -11,7 +11,6 @@ drop. A raw second copy is allowed only in that form, and at most
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import uuid
@@ -22,8 +21,8 @@ import pytest
 
 from libs.common.topics import Topic
 from services.sender.smtp import UNRECORDED_PER_CONNECTION
-from tayori.embedded import SmtpSink, die_with_parent, free_port
-from tests.conftest import Kafka, Stack, eventually
+from tayori.embedded import SmtpSink, die_with_parent
+from tests.conftest import Kafka, Stack, eventually, service_environ
 from tests.integration.test_sender import send_request
 
 pytestmark = pytest.mark.integration
@@ -38,26 +37,15 @@ def start_sender(
 ) -> subprocess.Popen[bytes]:
     """The sender as its own process, relaying to ``relay`` (host:port); ``settings``: more
     environment (SENDER_* and the like) on top of these."""
-    env = dict(
-        os.environ,
-        DATABASE_URL=database,
-        KAFKA_BOOTSTRAP=stack.broker.bootstrap,
-        KAFKA_TOPIC_PREFIX=prefix,
-        KAFKA_SESSION_TIMEOUT_MS="1000",
-        KAFKA_PROFILE="embedded",
-        KAFKA_FETCH_MAX_WAIT_MS="20",
-        SMTP_RELAYS=relay,
-        SMTP_CONNECTIONS=str(SMTP_CONNECTIONS),
-        HTTP_HOST="127.0.0.1",
-        HTTP_PORT=str(free_port()),
-        LOG_LEVEL="warning",
-        DB_POOL_SIZE="5",
-        # A service refuses to start without an admin token, and with the development
-        # signing key outside the dev profile.
-        TAYORI_ADMIN_TOKEN="test-admin-token",
-        TAYORI_PROFILE="dev",
-    )
-    env.update(settings)
+    own = {
+        "SMTP_RELAYS": relay,
+        "SMTP_CONNECTIONS": str(SMTP_CONNECTIONS),
+        "LOG_LEVEL": "warning",
+        "DB_POOL_SIZE": "5",
+        # A service refuses to start with the development signing key outside the dev profile.
+        "TAYORI_PROFILE": "dev",
+    }
+    env = service_environ(stack, database, prefix, **(own | settings))
     with open(log, "ab") as out:
         return subprocess.Popen(
             [str(TAYORI), "sender"],

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import urllib.parse
@@ -27,7 +26,7 @@ from libs.common import avro, trace
 from libs.common.mail.unsubscribe import UnsubscribeLinks, UnsubscribeTarget
 from libs.common.topics import Topic
 from tayori.embedded import free_port
-from tests.conftest import ADMIN_TOKEN, Stack, eventually
+from tests.conftest import ADMIN_TOKEN, Stack, eventually, service_environ
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = "t1:trace-test-signing-secret"
@@ -87,22 +86,9 @@ class Process:
 
 
 def service_env(stack: Stack, database: str, prefix: str, **extra: str) -> dict[str, str]:
-    env = dict(
-        os.environ,
-        DATABASE_URL=database,
-        KAFKA_BOOTSTRAP=stack.broker.bootstrap,
-        KAFKA_TOPIC_PREFIX=prefix,
-        KAFKA_SESSION_TIMEOUT_MS="1000",
-        KAFKA_PROFILE="embedded",
-        KAFKA_FETCH_MAX_WAIT_MS="20",
-        HTTP_HOST="127.0.0.1",
-        HTTP_PORT=str(free_port()),
-        TAYORI_ADMIN_TOKEN=ADMIN_TOKEN,
-        TAYORI_SIGNING_KEYS=KEYS,
-        LOG_LEVEL="debug",
+    return service_environ(
+        stack, database, prefix, **{"TAYORI_SIGNING_KEYS": KEYS, "LOG_LEVEL": "debug", **extra}
     )
-    env.update(extra)
-    return env
 
 
 @contextlib.asynccontextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import re
 import signal
 import subprocess
@@ -23,8 +22,7 @@ from libs.common.mail.tokens import Sealer, Signer
 from libs.common.mail.unsubscribe import UnsubscribeLinks, UnsubscribeTarget, pack
 from libs.common.metrics import sample_value
 from libs.common.topics import Topic
-from tayori.embedded import free_port
-from tests.conftest import ADMIN_TOKEN, OPERATOR_TOKEN, eventually, running
+from tests.conftest import ADMIN_TOKEN, OPERATOR_TOKEN, eventually, running, service_environ
 from tests.integration.test_contacts_api import published
 from tests.integration.test_contacts_projections import search_ids
 from tests.integration.test_suppression import (
@@ -345,19 +343,8 @@ async def test_links_only_for_memberships_opaque_and_every_mailed_link_works(
 def start_service(
     stack: Any, database: str, prefix: str, keys: str, log: Path
 ) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    env = dict(
-        os.environ,
-        DATABASE_URL=database,
-        KAFKA_BOOTSTRAP=stack.broker.bootstrap,
-        KAFKA_TOPIC_PREFIX=prefix,
-        HTTP_PORT=str(port),
-        HTTP_HOST="127.0.0.1",
-        TAYORI_ADMIN_TOKEN=ADMIN_TOKEN,
-        TAYORI_SIGNING_KEYS=keys,
-        KAFKA_SESSION_TIMEOUT_MS="1000",
-        KAFKA_PROFILE="embedded",
-    )
+    env = service_environ(stack, database, prefix, TAYORI_SIGNING_KEYS=keys)
+    port = int(env["HTTP_PORT"])
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tayori", "suppression"],

@@ -30,7 +30,7 @@ CHECKED_IN = ROOT / "docs" / "asyncapi.json"
 ID = "^[A-Za-z0-9_.-]+$"
 
 REF = {"type": "object", "required": ["$ref"], "properties": {"$ref": {"type": "string"}}}
-KAFKA_BINDING = {
+KAFKA_BINDING: dict[str, Any] = {
     "type": "object",
     "required": ["bindingVersion"],
     "properties": {"bindingVersion": {"const": "0.5.0"}},

@@ -108,7 +108,8 @@ def test_defaults_that_are_maps_and_arrays_are_written_as_fastavro_writes_them()
     )
     write = avrocodec.compile_writer(schema)
     assert write is not None
-    for value in ({}, {"m": {"k": "v"}}, {"a": []}, {"m": {}, "a": [3], "s": ""}):
+    values: list[dict[str, Any]] = [{}, {"m": {"k": "v"}}, {"a": []}, {"m": {}, "a": [3], "s": ""}]
+    for value in values:
         assert write(value) == fast_write(schema, value), value
     assert write({}) == write({})  # the shared default is not changed by a write
 

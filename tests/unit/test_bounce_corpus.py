@@ -69,8 +69,12 @@ def test_every_recipient_block_of_a_multi_recipient_dsn() -> None:
     ]
     assert report.envelope_id == "0b9f6c2e3d1a4c57-4096"
     # our mail went to one address: the blocks naming it speak for it
-    assert failure_for(report, ["GONE@example.com"]).classification == "invalid_address"
-    assert failure_for(report, ["slow@example.com"]).classification == "temporary_error"
+    gone, slow = (
+        failure_for(report, ["GONE@example.com"]),
+        failure_for(report, ["slow@example.com"]),
+    )
+    assert gone is not None and gone.classification == "invalid_address"
+    assert slow is not None and slow.classification == "temporary_error"
     # the list we mailed expanded and one member got it: the address itself works
     assert failure_for(report, ["sales@example.com"]) is None
     assert failure_for(report, []) is None
@@ -102,8 +106,10 @@ def test_attribution_only_by_a_signed_return_path() -> None:
     received = dt.datetime(2025, 6, 11, tzinfo=dt.UTC)
 
     by_rcpt = read_mail(verp, raw("postfix_user_unknown"), [address])
+    assert by_rcpt.target is not None
     assert (by_rcpt.target.campaign_id, by_rcpt.target.contact_id) == (campaign, 42)
     failure = failure_of(by_rcpt, "taro@example.jp", received)
+    assert failure is not None
     # the address our mail went to, not the one the DSN names (a forward)
     assert (failure.email, failure.classification, failure.source) == (
         "taro@example.jp",
@@ -114,7 +120,8 @@ def test_attribution_only_by_a_signed_return_path() -> None:
 
     # an ARF report sent to the feedback-loop address: its Original-Mail-From is ours
     arf = raw("arf_abuse").replace(b"b-k1-example@bounces.localhost", address.encode())
-    assert read_mail(verp, arf, ["fbl@bounces.localhost"]).target.contact_id == 42
+    target = read_mail(verp, arf, ["fbl@bounces.localhost"]).target
+    assert target is not None and target.contact_id == 42
 
     # the sample return path in the corpus is not signed: nobody is blamed
     unsigned = read_mail(verp, raw("postfix_user_unknown"), ["fbl@bounces.localhost"])

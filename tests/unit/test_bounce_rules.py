@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from services.bounce_processor.rules import (
@@ -18,7 +20,7 @@ from services.bounce_processor.rules import (
 THRESHOLD = 5
 
 
-def run(events: list[Event], state: ContactState | None = None) -> list[Effect]:
+def run(events: Sequence[Event], state: ContactState | None = None) -> list[Effect]:
     state = state or ContactState(1, "a@example.jp")
     effects = []
     for event in events:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from services.contacts.processor import contact_patch
 
 def test_errors_name_the_field_with_its_prefix() -> None:
     fields = {"plan": FieldDefinition("plan", "プラン", "choice", ("free",))}
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "contact.name": {"name": ["not", "text"]},
         "contact.star": {"star": "maybe"},
         "contact.acquired_at": {"acquired_at": "soon"},

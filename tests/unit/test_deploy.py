@@ -754,7 +754,7 @@ def _exported_series() -> dict[str, set[str]]:
             "gauge": ("",),
             "histogram": ("_bucket", "_sum", "_count"),
             "summary": ("_sum", "_count", ""),
-        }[metric._type]
+        }[str(metric._type)]
         for suffix in suffixes:
             series[name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
     return series

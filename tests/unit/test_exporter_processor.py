@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from typing import Any
 
 import pytest
 
@@ -115,7 +116,11 @@ def test_a_group_export_narrowed_by_a_filter_and_a_saved_filter_round_trips() ->
         parse_request(whole, requested_by="a", notify_email="o@x.jp", now=NOW)["filter_json"]
         is None
     )
-    for change, field in [({"filter": []}, "filter"), ({"saved_filter_id": 0}, "saved_filter_id")]:
+    refusals: list[tuple[dict[str, Any], str]] = [
+        ({"filter": []}, "filter"),
+        ({"saved_filter_id": 0}, "saved_filter_id"),
+    ]
+    for change, field in refusals:
         with pytest.raises(InvalidMessage) as refused:
             parse_request(
                 {**body, **change}, requested_by="admin", notify_email="ops@x.jp", now=NOW

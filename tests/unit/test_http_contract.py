@@ -89,7 +89,8 @@ def _app(*, body_seconds: float = 30.0) -> web.Application:
 
 @pytest.fixture
 async def server() -> AsyncIterator[TestServer]:
-    async with TestServer(_app()) as running:
+    running = TestServer(_app())
+    async with running:
         yield running
 
 
@@ -209,7 +210,8 @@ async def test_a_chunked_body_is_cut_at_the_limit() -> None:
             sent += len(chunk)
             yield chunk
 
-    async with TestServer(_app()) as server:
+    server = TestServer(_app())
+    async with server:
         status, _, body = await _call(
             server,
             "POST",

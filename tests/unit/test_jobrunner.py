@@ -77,13 +77,13 @@ class Counting:
 
 async def test_runs_steps_to_the_end() -> None:
     job = Counting(5)
-    await run_job(FakePool(), job, pause=QUICK)  # type: ignore[arg-type]
+    await run_job(FakePool(), job, pause=QUICK)
     assert (job.done, job.claims, job.failed) == (5, 1, [])
 
 
 async def test_nothing_to_claim_runs_nothing() -> None:
     job = Counting(5, status="done")
-    await run_job(FakePool(), job, pause=QUICK)  # type: ignore[arg-type]
+    await run_job(FakePool(), job, pause=QUICK)
     assert (job.done, job.claims) == (0, 1)
 
 
@@ -97,7 +97,7 @@ async def test_transient_failure_pauses_and_resumes_from_the_checkpoint() -> Non
             raise asyncpg.ConnectionDoesNotExistError("connection was closed")
 
     job.on_step = away
-    await run_job(FakePool(), job, pause=QUICK)  # type: ignore[arg-type]
+    await run_job(FakePool(), job, pause=QUICK)
     assert job.done == 5
     assert job.claims == 4  # the first claim and one after each outage
     assert job.failed == []
@@ -111,7 +111,7 @@ async def test_a_bug_fails_the_job_once() -> None:
             raise KeyError("column")
 
     job.on_step = bug
-    await run_job(FakePool(), job, pause=QUICK)  # type: ignore[arg-type]
+    await run_job(FakePool(), job, pause=QUICK)
     assert job.done == 3
     assert job.failed == ["KeyError('column')"]
 
@@ -132,7 +132,7 @@ async def test_a_failure_that_cannot_be_recorded_yet_is_recorded_later() -> None
         raise ValueError("bad")
 
     job.on_step, job.fail = bug, flaky_fail  # type: ignore[method-assign]
-    await run_job(FakePool(), job, pause=QUICK)  # type: ignore[arg-type]
+    await run_job(FakePool(), job, pause=QUICK)
     assert (attempts, job.failed) == (2, ["ValueError('bad')"])
 
 
@@ -144,7 +144,7 @@ async def test_cancelled_job_stops_at_the_next_step() -> None:
             job.status = "cancelled"
 
     job.on_step = cancel_at_3
-    await run_job(FakePool(), job, pause=QUICK)  # type: ignore[arg-type]
+    await run_job(FakePool(), job, pause=QUICK)
     assert (job.done, job.failed) == (3, [])
 
 
@@ -156,7 +156,7 @@ async def test_heartbeat_while_a_step_runs() -> None:
         await asyncio.sleep(0.1)
 
     job.on_step = slow
-    await run_job(FakePool(), job, pause=QUICK)  # type: ignore[arg-type]
+    await run_job(FakePool(), job, pause=QUICK)
     assert job.beats >= 2
 
 
@@ -169,7 +169,7 @@ async def test_stopping_the_task_leaves_the_job_as_committed() -> None:
         await asyncio.Event().wait()
 
     job.on_step = forever
-    task = asyncio.create_task(run_job(FakePool(), job, pause=QUICK))  # type: ignore[arg-type]
+    task = asyncio.create_task(run_job(FakePool(), job, pause=QUICK))
     await started.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -229,11 +229,11 @@ async def test_what_a_step_counts_is_counted_after_its_commit_once() -> None:
     """A step whose commit fails is redone from the checkpoint: counted once, after the commit
     that held (the exporter's done/failed and the import's rows used to count twice)."""
     job = CountingAfterCommit(3)
-    await run_job(CommitFailingPool(0), job, pause=QUICK)  # type: ignore[arg-type]
+    await run_job(CommitFailingPool(0), job, pause=QUICK)
     assert job.counted == [1, 2, 3]
     job = CountingAfterCommit(3)
     pool = CommitFailingPool(2)  # the claim's commit and the first step's fail
-    await run_job(pool, job, pause=QUICK)  # type: ignore[arg-type]
+    await run_job(pool, job, pause=QUICK)
     assert job.counted == [1, 2, 3]
     assert job.claims == 3
 
@@ -251,7 +251,7 @@ async def test_a_failure_is_counted_once_its_record_committed() -> None:
 
     pool = CommitFailingPool(0)
     job = Crashing(1)
-    await run_job(pool, job, pause=QUICK)  # type: ignore[arg-type]
+    await run_job(pool, job, pause=QUICK)
     assert counted == ["KeyError('bug')"]
     counted.clear()
 
@@ -260,7 +260,7 @@ async def test_a_failure_is_counted_once_its_record_committed() -> None:
             pool.conn.failures = 1  # type: ignore[attr-defined]  # the failure's first record
             raise KeyError("bug")
 
-    await run_job(pool, CrashingBeforeAnOutage(1), pause=QUICK)  # type: ignore[arg-type]
+    await run_job(pool, CrashingBeforeAnOutage(1), pause=QUICK)
     assert counted == ["KeyError('bug')"]
     assert pool.conn.failures == 0  # type: ignore[attr-defined]  # the record's commit did fail
 

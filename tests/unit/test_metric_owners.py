@@ -23,7 +23,7 @@ def test_every_family_has_exactly_one_owner() -> None:
     owned = list(metrics.every())
     assert len(owned) == len({id(f) for f in owned}), "a family is listed twice"
     assert {id(f) for f in declared} == {id(f) for f in owned}, [
-        f.describe()[0].name for f in declared if all(f is not o for o in owned)
+        next(iter(f.describe())).name for f in declared if all(f is not o for o in owned)
     ]
     assert set(metrics.OWNED) == set(SERVICES)
 

@@ -5,6 +5,7 @@ before)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import email
 import random
 from collections.abc import Mapping
@@ -108,8 +109,9 @@ def test_campaign_message_bytes_unchanged(
         )
 
     message, reference = build(), build()
-    reference._text_base64 = _WholePart()  # type: ignore[assignment]
-    reference._html_base64 = _WholePart()  # type: ignore[assignment]
+    # every body part of the reference encoded whole (its BodyPart's base64 replaced)
+    whole = cast(Base64Part, _WholePart())
+    reference.parts = tuple(dataclasses.replace(part, base64=whole) for part in reference.parts)
     reference.boundary = message.boundary
     reference._head = message._head
     if message.boundary is not None:

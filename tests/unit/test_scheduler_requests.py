@@ -71,13 +71,18 @@ def _text(rng: random.Random) -> str:
     return "".join(rng.choice(alphabet) for _ in range(rng.choice([0, 1, 5, 40, 70, 200])))
 
 
+def _merge_values(rng: random.Random) -> dict[str, str] | None:
+    """Up to 70 merge values; where there are none, no map at all or an empty one."""
+    values = {_text(rng): _text(rng) for _ in range(rng.choice([0, 0, 1, 3, 70]))}
+    return values or rng.choice([None, {}])
+
+
 def _row(rng: random.Random) -> dict[str, Any]:
     return {
         "contact_id": rng.choice([*CONTACT_IDS, rng.randrange(2**63)]),
         "email": _text(rng) + "@example.jp",
         "group_id": rng.choice([None, 0, 1, 64, 300, 2**40]),
-        "merge_values": {_text(rng): _text(rng) for _ in range(rng.choice([0, 0, 1, 3, 70]))}
-        or rng.choice([None, {}]),
+        "merge_values": _merge_values(rng),
         "attempt": rng.choice([0, 1, 2, 63, 64]),
     }
 
@@ -113,7 +118,7 @@ def test_chunk_requests_decode_as_the_rows_released(seed: int) -> None:
             "track_clicks": rng.choice([True, False]),
         }
     )
-    chunk = {
+    chunk: dict[str, Any] = {
         "campaign_id": str(uuid.UUID(int=rng.getrandbits(128))),
         "include": rng.choice([True, False]),
         "content": content,

@@ -23,8 +23,8 @@ def timing(day: int, hhmm: str, since: dt.datetime = LONG_AGO) -> steps.StepTimi
     return steps.StepTiming(day, dt.time(hour, minute), since)
 
 
-def tokyo(*args: int) -> dt.datetime:
-    return dt.datetime(*args, tzinfo=TOKYO)  # type: ignore[misc]
+def tokyo(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> dt.datetime:
+    return dt.datetime(year, month, day, hour, minute, tzinfo=TOKYO)
 
 
 def test_day_offset_counts_local_calendar_days_from_the_enrolment_date() -> None:
@@ -184,8 +184,12 @@ def test_history_targets_are_limited_to_three_months() -> None:
     recent = (dt.datetime(2026, 3, 1, tzinfo=dt.UTC), False)
     old = (dt.datetime(2026, 2, 27, tzinfo=dt.UTC), False)
     resend.check_history({"a"}, {"a": recent}, now, 3)
-    for known, words in [({"a": old}, "last 3 months"), ({}, "does not exist"),
-                         ({"a": (None, False)}, "has not been sent")]:  # fmt: skip
+    refusals: list[tuple[dict[str, tuple[dt.datetime | None, bool]], str]] = [
+        ({"a": old}, "last 3 months"),
+        ({}, "does not exist"),
+        ({"a": (None, False)}, "has not been sent"),
+    ]
+    for known, words in refusals:
         with pytest.raises(InvalidMessage) as caught:
             resend.check_history({"a"}, known, now, 3)
         assert words in caught.value.reason

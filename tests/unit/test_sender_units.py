@@ -319,7 +319,7 @@ def test_composing_a_campaign_mail() -> None:
 
 def html_of(data: bytes) -> str:
     parts = email.message_from_bytes(data).get_payload()
-    assert isinstance(parts, list)
+    assert isinstance(parts, list) and isinstance(parts[1], email.message.Message)
     payload = parts[1].get_payload(decode=True)
     assert isinstance(payload, bytes)
     return payload.decode()

@@ -68,7 +68,7 @@ def parts(data: bytes) -> tuple[str, str | None]:
     assert isinstance(message, EmailMessage)
     if not message.is_multipart():
         return message.get_content(), None
-    text, html = (p.get_content() for p in message.iter_parts())  # type: ignore[attr-defined]
+    text, html = (p.get_content() for p in message.iter_parts())
     return text, html
 
 
