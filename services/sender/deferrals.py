@@ -32,6 +32,8 @@ LINGER_SECONDS = 0.1
 #: at most this many records wait for the broker; more (a broker outage during a deferral
 #: storm) are dropped and counted, not kept in memory without bound.
 WAITING_MAX = 10_000
+#: at a stop, how long the last publications may take before they are given up.
+STOP_GRACE_SECONDS = 5.0
 
 
 class DeferralsOut:
@@ -57,14 +59,23 @@ class DeferralsOut:
             self._running.add(self._next)
             self._next.add_done_callback(self._settled)
 
-    async def stop(self) -> None:
-        """Publish what waits now and let the publications under way finish."""
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Publish what waits now and let the publications under way finish, for at most
+        ``grace`` seconds (a broker away at the stop must not hold the sender's stop up
+        for its request timeout): the rest are cancelled and counted lost."""
         if self._next is not None:
             self._next.cancel()
             self._next = None
         if self._waiting:
-            await self._publish(self._take())
-        await asyncio.gather(*self._running, return_exceptions=True)
+            last = asyncio.ensure_future(self._publish(self._take()))
+            self._running.add(last)
+            last.add_done_callback(self._settled)
+        if not self._running:
+            return
+        _, late = await asyncio.wait(set(self._running), timeout=grace)
+        for publication in late:
+            publication.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
     def _settled(self, publication: asyncio.Task[None]) -> None:
         """Forget a finished publication; a bug in it is logged loudly (no handler waits
@@ -95,6 +106,9 @@ class DeferralsOut:
                     Topic.DELIVERY_DEFERRALS, [(r["contact_id"], r) for r in records]
                 )
             await asyncio.gather(*futures)
+        except asyncio.CancelledError:  # a stop gave up waiting for the broker
+            SENDER_DEFERRALS.labels("lost").inc(len(records))
+            raise
         except Exception as exc:
             if classify(exc) is not Fault.TRANSIENT:
                 raise

@@ -77,3 +77,20 @@ async def test_beyond_the_bound_records_are_dropped_not_kept() -> None:
     assert _count("lost") == lost + 5
     await out.stop()
     assert sum(len(rs) for _, rs in publisher.calls) == deferrals.WAITING_MAX
+
+
+class SilentPublisher(StandInPublisher):
+    """A broker that never answers: every publication waits for ever."""
+
+    async def send_keyed(
+        self, topic: Topic, records: list[tuple[Any, dict[str, Any]]]
+    ) -> list[asyncio.Future[Any]]:
+        return [asyncio.get_running_loop().create_future()]
+
+
+async def test_a_stop_does_not_wait_for_a_broker_that_does_not_answer() -> None:
+    out = DeferralsOut(cast(Publisher, SilentPublisher()))
+    lost = _count("lost")
+    out.deferred(_record(1))
+    await out.stop(grace=0.05)
+    assert _count("lost") == lost + 1
