@@ -19,7 +19,9 @@ so a message costs one round trip — then its reply. A connection has at most
 :mod:`libs.common.mail.smtp_reply`: 4xx → tried again after a backoff, a bounded number of times;
 5xx → permanent or policy error; 421 → a relay problem, not a message outcome — but a 421
 in answer to RCPT TO (its MAIL accepted) is the recipient domain's rate limit: the domain
-is slowed or paused, not the relay.
+is slowed or paused, not the relay. Each 4xx that is tried again (that 421 included) is
+also handed to :mod:`services.sender.deferrals` for ``delivery.deferrals``, without
+waiting; the last one, whose retries are spent, is the message's result instead.
 
 Before a worker sends a delivery, its recipient domain admits it (:mod:`services.sender.pacing`:
 token bucket, in-flight cap, pause, warm-up cap); one that must wait is parked with its
