@@ -207,6 +207,13 @@ SENDER_DOMAIN_GAVE_UP = Counter(
     ["domain", "reason"],
 )
 
+#: 4xx answers the sender retries inside itself, as records on delivery.deferrals
+#: (deferrals.py): published (acknowledged by the broker) or lost (the broker away, or
+#: more waiting than DEFERRALS_WAITING_MAX; telemetry, not sent again).
+SENDER_DEFERRALS = Counter(
+    "tayori_sender_deferrals_total", "Retried 4xx answers on delivery.deferrals", ["outcome"]
+)
+
 #: deliveries held now: their batch committed while they wait for their domain in this
 #: process (ledger.py "Held deliveries"); rows of a sender that is gone count once adopted.
 SENDER_HELD = Gauge("tayori_sender_held_deliveries", "Deliveries held for their domain now")
@@ -392,6 +399,7 @@ SENDER = (
     SENDER_DOMAIN_GAVE_UP,
     SENDER_HELD,
     SENDER_HELD_TOTAL,
+    SENDER_DEFERRALS,
 )
 SCHEDULER = (
     SCHEDULER_CAMPAIGNS,

@@ -21,6 +21,9 @@ class Topic(StrEnum):
     CAMPAIGN_CONTROL = "campaign.control"
     CAMPAIGN_CONTENT = "campaign.content"
     DELIVERY_RESULTS = "delivery.results"
+    #: each 4xx the sender retries inside itself, when it happens (sender → deliverability;
+    #: key: the contact). Not an outcome: never on delivery.results.
+    DELIVERY_DEFERRALS = "delivery.deferrals"
     FEEDBACK_EVENTS = "feedback.events"
     BOUNCE_EVENTS = "bounce.events"
     EXPORT_REQUESTS = "export.requests"
@@ -82,6 +85,7 @@ KEYS = {
     Topic.CAMPAIGN_CONTROL: "campaign_id",
     Topic.CAMPAIGN_CONTENT: "content_id",
     Topic.DELIVERY_RESULTS: "contact_id",
+    Topic.DELIVERY_DEFERRALS: "contact_id",
     Topic.FEEDBACK_EVENTS: "contact_id",
     Topic.BOUNCE_EVENTS: "contact_id",
     Topic.EXPORT_REQUESTS: "job_id",

@@ -69,12 +69,7 @@ def classify_events(
         contact = record.get("contact_id")
         known = contact_domains.get(contact) if contact is not None else None
         domain, counts = processor.classify(topic, record, known)
-        if (
-            contact is not None
-            and domain
-            and topic is not Topic.FEEDBACK_EVENTS
-            and known != domain
-        ):
+        if contact is not None and domain and topic in processor.TEACHES_DOMAIN and known != domain:
             contact_domains[contact] = domain
         MESSAGES_CONSUMED.labels(SERVICE, topic.value, "counted" if domain else "skipped").inc()
         items.append((domain, counts))

@@ -84,9 +84,13 @@ class Figures(Answer):
 
     start: str | None = Field(description="window start (UTC)")
     end: str | None = Field(description="window end (UTC)")
-    attempts: int = Field(description="sends that reached the relay")
+    attempts: int = Field(
+        description="answers to sends that reached the relay (each 4xx the sender retried too)"
+    )
     delivered: int = Field(description="accepted by the relay (2xx)")
-    deferred: int = Field(description="deferred (4xx)")
+    deferred: int = Field(
+        description="deferred (4xx): retried by the sender (delivery.deferrals) or its last try"
+    )
     rejected: int = Field(description="refused at send time (5xx)")
     hard_bounces: int
     soft_bounces: int

@@ -1,9 +1,10 @@
 """The deliverability service: its topics, agents, tables and routes in one place.
 
-Inputs: ``delivery.results``, ``bounce.events``, ``feedback.events`` (all keyed by
+Inputs: ``delivery.results``, ``delivery.deferrals`` (the 4xx answers the sender retried
+inside itself, when they happened), ``bounce.events``, ``feedback.events`` (all keyed by
 contact_id). Two faust stages:
 
-1. ``classify`` reads the three inputs in batches, decodes them (the shared Avro codec,
+1. ``classify`` reads the four inputs in batches, decodes them (the shared Avro codec,
    raw values), learns each contact's receiving domain in the ``contact-domains`` table
    (partitioned like the inputs, so feedback — which carries no address — finds it), sums
    the batch per domain and sends one record per domain to ``deliverability.tallies``
@@ -73,7 +74,12 @@ from services.deliverability.settings import DeliverabilitySettings
 
 log = get_logger(__name__)
 
-INPUTS = (Topic.DELIVERY_RESULTS, Topic.BOUNCE_EVENTS, Topic.FEEDBACK_EVENTS)
+INPUTS = (
+    Topic.DELIVERY_RESULTS,
+    Topic.DELIVERY_DEFERRALS,
+    Topic.BOUNCE_EVENTS,
+    Topic.FEEDBACK_EVENTS,
+)
 #: the topics it publishes to besides dead letters (docs/asyncapi.json): each domain's
 #: policy and each campaign's complaint guard (announce.py).
 PRODUCES: tuple[Topic, ...] = (Topic.DOMAIN_POLICY, Topic.CAMPAIGN_GUARD)

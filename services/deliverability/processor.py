@@ -3,10 +3,14 @@ counters it moves. No broker, no faust: ``tests/unit/test_deliverability.py`` ru
 
 Counters per domain (and per window):
 
-- ``attempts``: a send reached the relay (sent, 4xx or 5xx; a suppressed send is none);
+- ``attempts``: a send reached the relay and was answered (sent, 4xx or 5xx; a
+  suppressed send is none): each answer counts, so a message deferred twice and then
+  delivered is three attempts;
 - ``delivered``: the relay accepted it (250);
 - ``deferred``: a 4xx answer, also counted under ``deferred:<enhanced code>`` (``4.7.0``)
-  or ``deferred:<smtp code>`` when the relay gave no enhanced code;
+  or ``deferred:<smtp code>`` when the relay gave no enhanced code: the final result of a
+  4xx whose retries are spent (``delivery.results``, temporary_error) and each 4xx the
+  sender retried inside itself (``delivery.deferrals``, published when it happened);
 - ``rejected``: a 5xx answer at send time (permanent and policy errors);
 - ``hard_bounces`` / ``soft_bounces`` / ``complaints``: the bounce processor's classified
   bounces (F-30): a hard one, a soft or policy one, an ARF complaint;
@@ -39,6 +43,9 @@ DEFERRED_CODE = "deferred:"
 #: an enhanced status code (RFC 3463) as we keep it: bounded, so a relay's odd text cannot
 #: grow the tables.
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+#: the inputs that teach ``contact-domains`` a contact's domain: a deferral's contact id
+#: is a system mail's recipient index when it is no campaign's, so it teaches nothing.
+TEACHES_DOMAIN = (Topic.DELIVERY_RESULTS, Topic.BOUNCE_EVENTS)
 #: a receiving domain as we count it: letters, digits, hyphens, dots (IDNs in their
 #: A-label form), at most 253 characters.
 _DOMAIN = re.compile(
@@ -53,6 +60,13 @@ def domain_of(address: str | None) -> str | None:
         return None
     _, at, domain = address.strip().rpartition("@")
     if not at:
+        return None
+    return normal_domain(domain)
+
+
+def normal_domain(domain: str | None) -> str | None:
+    """``domain`` as we count it (lower-case, IDNs as A-labels), or None when unusable."""
+    if not domain:
         return None
     domain = domain.strip().rstrip(">").rstrip(".").lower()
     if not domain.isascii():
@@ -78,11 +92,18 @@ def result_counts(record: Mapping[str, Any]) -> dict[str, int]:
     if outcome == "sent":
         return {"attempts": 1, "delivered": 1}
     if outcome == "temporary_error":
-        code = deferral_code(record.get("smtp_code"), record.get("enhanced_code"))
-        return {"attempts": 1, "deferred": 1, DEFERRED_CODE + code: 1}
+        return deferral_counts(record)
     if outcome in ("permanent_error", "policy_error"):
         return {"attempts": 1, "rejected": 1}
     return {}  # suppressed: nothing reached the relay
+
+
+def deferral_counts(record: Mapping[str, Any]) -> dict[str, int]:
+    """The counters a deferral the sender retried moves (``delivery.deferrals``): an
+    attempt answered 4xx, under its code. Its message's final result counts on its own
+    (the sender publishes no deferral for the 4xx that became the result)."""
+    code = deferral_code(record.get("smtp_code"), record.get("enhanced_code"))
+    return {"attempts": 1, "deferred": 1, DEFERRED_CODE + code: 1}
 
 
 def bounce_counts(record: Mapping[str, Any]) -> dict[str, int]:
@@ -109,6 +130,8 @@ def classify(
     address: its domain is ``known_domain``, the one learnt for its contact."""
     if topic is Topic.DELIVERY_RESULTS:
         return domain_of(record.get("email")), result_counts(record)
+    if topic is Topic.DELIVERY_DEFERRALS:
+        return normal_domain(record.get("domain")), deferral_counts(record)
     if topic is Topic.BOUNCE_EVENTS:
         return domain_of(record.get("email")), bounce_counts(record)
     if topic is Topic.FEEDBACK_EVENTS:

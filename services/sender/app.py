@@ -3,7 +3,8 @@
 Inputs: send.requests (big batches), campaign.content (each campaign's content, once),
 campaign.control, mail.system, suppression.changes (its own last-mile
 copy). Outputs: SMTP to the relays, delivery.results (published once
-the ledger committed them; ledger.py) and send.progress (answers to the release checkpoints
+the ledger committed them; ledger.py), delivery.deferrals (each 4xx retried here, when it
+happens; deferrals.py) and send.progress (answers to the release checkpoints
 among send.requests; progress.py). HTTP: /v1/relays, /v1/ledger/{campaign_id}, the
 per-domain overrides /v1/domains/{domain}/override and /v1/domain-overrides (api.py), and
 /healthz, /readyz, /metrics from the runtime. Every replica also reads the whole of
@@ -30,6 +31,7 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 #: the topics it publishes to (its consumers' topics are in build): for docs/asyncapi.json
 PRODUCES = (
     Topic.DELIVERY_RESULTS,
+    Topic.DELIVERY_DEFERRALS,
     Topic.SEND_PROGRESS,
 )
 #: the topics every replica reads whole, in no consumer group (docs/asyncapi.json):

@@ -10,6 +10,7 @@ from aiohttp import web
 from libs.common.kafka import Publisher
 from services.sender import processor
 from services.sender.compose import Composer
+from services.sender.deferrals import DeferralsOut
 from services.sender.holding import Holder
 from services.sender.ledger import Delivery, Ledger, OwnerLock
 from services.sender.replan import ReplannedConnection
@@ -31,6 +32,8 @@ class Context:
     owner: OwnerLock = field(init=False)
     #: held deliveries' rows (holding.py).
     holder: Holder = field(init=False)
+    #: the 4xx answers retried inside the sender, out on delivery.deferrals (deferrals.py).
+    deferrals: DeferralsOut = field(init=False)
     #: campaigns that must not send now (paused, halted, cancelled), as committed by the
     #: campaign.control consumer: a delivery still queued for one is abandoned.
     stopped: dict[str, str] = field(default_factory=dict)
@@ -49,12 +52,14 @@ class Context:
         self.ledger = Ledger(self.pool, self.settings.service, cycles, self.publisher)
         self.holder = Holder(self.pool, self.settings.service)
         self.ledger.held_recorded = self.holder.recorded
+        self.deferrals = DeferralsOut(self.publisher)
         self.relays = RelayPool(
             self.settings,
             self.ledger,
             still_wanted=self.still_wanted,
             hold=self.holder.hold,
             abandoned=self.holder.abandoned,
+            deferrals=self.deferrals.deferred,
         )
         self.ledger.start()
         self.holder.start()
@@ -71,6 +76,7 @@ class Context:
         await self.relays.stop()
         await self.ledger.stop()
         await self.holder.stop()
+        await self.deferrals.stop()
 
 
 CONTEXT = web.AppKey("sender", Context)

@@ -208,6 +208,32 @@ def delivery_result(key: LedgerKey, email: str, outcome: Outcome, at: datetime) 
     }
 
 
+def deferral(
+    key: LedgerKey,
+    domain: str,
+    code: int,
+    enhanced_code: str | None,
+    diagnostic: str | None,
+    relay: str | None,
+    at: datetime,
+) -> dict[str, Any]:
+    """A DeliveryDeferral (``delivery.deferrals``): one 4xx answer that ``key``'s delivery
+    met and will be tried again after. The receiving domain, not the address: the record
+    is about the domain's intake (deliverability counts it per domain)."""
+    return {
+        "deferral_id": str(uuid.uuid4()),
+        "campaign_id": key.campaign_id,
+        "contact_id": key.contact_id,
+        "domain": domain,
+        "smtp_code": code,
+        "enhanced_code": enhanced_code,
+        "diagnostic": diagnostic,
+        "relay": relay,
+        "step_id": key.step_id or None,
+        "occurred_at": _ms(at),
+    }
+
+
 def ledger_row(key: LedgerKey, kind: str, email: str, outcome: Outcome, at: datetime) -> Done:
     """What the ledger records for an outcome: a campaign row stores its DeliveryResult
     (published after the commit, and again from the row if its batch comes back); a test

@@ -19,7 +19,9 @@ so a message costs one round trip — then its reply. A connection has at most
 :mod:`libs.common.mail.smtp_reply`: 4xx → tried again after a backoff, a bounded number of times;
 5xx → permanent or policy error; 421 → a relay problem, not a message outcome — but a 421
 in answer to RCPT TO (its MAIL accepted) is the recipient domain's rate limit: the domain
-is slowed or paused, not the relay.
+is slowed or paused, not the relay. Each 4xx that is tried again (that 421 included) is
+also handed to :mod:`services.sender.deferrals` for ``delivery.deferrals``, without
+waiting; the last one, whose retries are spent, is the message's result instead.
 
 Before a worker sends a delivery, its recipient domain admits it (:mod:`services.sender.pacing`:
 token bucket, in-flight cap, pause, warm-up cap); one that must wait is parked with its
@@ -35,6 +37,8 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from aiosmtplib import SMTP, SMTPException, SMTPHeloError
 from aiosmtplib.protocol import normalize_message_line_endings
@@ -49,6 +53,7 @@ from libs.common.metrics import (
     SENDER_RETRIES,
     SENDER_SMTP_SECONDS,
 )
+from services.sender import domains, processor
 from services.sender.exchange import Exchange, take_over
 from services.sender.ledger import Delivery, Ledger, fail
 from services.sender.models import Outcome
@@ -178,8 +183,11 @@ class RelayPool:
         still_wanted: Callable[[Delivery], bool] = lambda d: True,
         hold: Callable[[Delivery], None] | None = None,
         abandoned: Callable[[Delivery], None] = lambda d: None,
+        deferrals: Callable[[dict[str, Any]], None] = lambda record: None,
     ) -> None:
         self.settings = settings
+        #: takes each 4xx answer retried here, as a DeliveryDeferral (deferrals.py).
+        self.deferrals = deferrals
         self.ledger = ledger
         self.still_wanted = still_wanted
         #: told of a delivery abandoned because its campaign stopped (holding.py).
@@ -231,6 +239,23 @@ class RelayPool:
         """Its domain would keep it waiting too long: recorded as not sent (temporary), as
         a 4xx whose retries are spent, so its batch ends; a resend tries it again."""
         self.ledger.finish(delivery, Outcome("temporary_error", diagnostic=f"not sent: {why}"))
+
+    def deferral(self, d: Delivery, reply: Reply, relay: str) -> None:
+        """``d`` met a 4xx from ``relay`` and will be tried again: the answer goes on
+        ``delivery.deferrals`` (in the background; a 4xx whose retries are spent is its
+        result instead, never both)."""
+        domain = d.domain or domains.domain_of(d.email)
+        self.deferrals(
+            processor.deferral(
+                d.key,
+                domain,
+                reply.code,
+                reply.enhanced_code,
+                reply.diagnostic,
+                relay,
+                datetime.now(UTC),
+            )
+        )
 
     def later(self, delay: float, delivery: Delivery) -> None:
         """Put ``delivery`` back on the queue after ``delay`` seconds (4xx backoff)."""
@@ -346,6 +371,7 @@ class _Worker:
         )
         self.pool.pacing.release(d)
         self.pool.pacing.deferred(d, reply.code, reply.enhanced_code)
+        self.pool.deferral(d, reply, self.relay.name)
         if d.waiting_since is None:
             d.waiting_since = time.monotonic()
         self.pool.submit(d)
@@ -644,6 +670,7 @@ class _Worker:
                     reply=reply.diagnostic,
                     delay=delay,
                 )
+                self.pool.deferral(d, reply, self.relay.name)
                 self.pool.later(delay * random.uniform(0.8, 1.2), d)
                 return
             reply = classify(reply.code, reply.text, final=True)

@@ -278,6 +278,14 @@ async def test_relay_replies_become_outcomes(
         stack, database, prefix, relay, smtp_retry_backoff=0.02, smtp_temp_retries=2
     ):
         got = {r["email"].partition("@")[0]: r for r in await results(kafka, len(addresses))}
+    # Each 4xx retried went out on delivery.deferrals (a stopped sender has published what
+    # it held); the last one, whose retries were spent, is the result only.
+    deferrals = await kafka.read_to_end(Topic.DELIVERY_DEFERRALS)
+    assert [
+        (d["contact_id"], d["domain"], d["smtp_code"], d["enhanced_code"], d["relay"])
+        for d in deferrals
+    ] == [(30, "example.com", 451, "4.3.0", relay)] * 2
+    assert {d["campaign_id"] for d in deferrals} == {got["temp"]["campaign_id"]}
     summary = {
         k: (r["outcome"], r["smtp_code"], r["enhanced_code"], r["relay"]) for k, r in got.items()
     }

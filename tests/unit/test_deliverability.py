@@ -130,3 +130,33 @@ def test_a_campaign_tally_adds_domain_by_domain() -> None:
         "gmail.com": {"complaints": 1},
     }
     assert total == {"docomo.ne.jp": {"delivered": 2, "complaints": 1}}  # not changed
+
+
+def test_a_deferral_the_sender_retried_is_an_attempt_deferred_under_its_code() -> None:
+    deferral = {"domain": "DoCoMo.ne.jp", "smtp_code": 421, "enhanced_code": "4.7.0"}
+    assert processor.classify(Topic.DELIVERY_DEFERRALS, deferral) == (
+        "docomo.ne.jp",
+        {"attempts": 1, "deferred": 1, "deferred:4.7.0": 1},
+    )
+    bare = {"domain": "a.jp", "smtp_code": 451, "enhanced_code": None}
+    assert processor.deferral_counts(bare) == {"attempts": 1, "deferred": 1, "deferred:451": 1}
+    # the same counters as a result whose retries were spent: one answer, counted once
+    spent = _result("temporary_error", 421, "4.7.0")
+    assert processor.result_counts(spent) == processor.deferral_counts(deferral)
+    assert processor.classify(Topic.DELIVERY_DEFERRALS, {"domain": "bad domain"})[0] is None
+    # a deferral's contact id may be a system mail's recipient index: it teaches no domain
+    assert Topic.DELIVERY_DEFERRALS not in processor.TEACHES_DOMAIN
+
+
+def test_deferrals_and_the_final_result_sum_per_domain() -> None:
+    """A message deferred twice, then delivered: three attempts, two deferred."""
+    deferral = {"domain": "docomo.ne.jp", "smtp_code": 421, "enhanced_code": "4.7.0"}
+    batch = [
+        processor.classify(Topic.DELIVERY_DEFERRALS, deferral),
+        processor.classify(Topic.DELIVERY_DEFERRALS, deferral),
+        processor.classify(Topic.DELIVERY_RESULTS, _result("sent", 250)),
+    ]
+    counts = processor.tally(batch)["docomo.ne.jp"]
+    figures = processor.figures(counts)
+    assert (figures["attempts"], figures["deferred"], figures["delivered"]) == (3, 2, 1)
+    assert figures["deferred_by_code"] == {"4.7.0": 2}

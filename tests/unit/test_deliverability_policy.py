@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from libs.common.topics import Topic
+from services.deliverability import processor
 from services.deliverability.policy import (
     NORMAL,
     PAUSED,
@@ -118,3 +120,19 @@ def test_recent_windows_are_the_last_minutes_oldest_first() -> None:
     ]
     assert recent_windows(windows, NOW, 5) == [{"attempts": 3}, {"attempts": 2}]
     assert recent_windows([], NOW, 5) == []
+
+
+def test_the_senders_retried_deferrals_throttle_or_pause_before_any_result() -> None:
+    """The sender's deferrals alone (its mail still waiting, no result yet) move the
+    rules: attempts and deferred both count them, so the ratio is theirs."""
+    retried = {"domain": "docomo.ne.jp", "smtp_code": 421, "enhanced_code": "4.7.0"}
+    minute = processor.tally([processor.classify(Topic.DELIVERY_DEFERRALS, retried)] * 25)[
+        "docomo.ne.jp"
+    ]
+    paused = decide([minute], minute, now=NOW, limits=LIMITS)
+    assert paused.state == PAUSED
+    assert paused.reason == "rate_limit_deferrals 25 >= 20 (421/4.7.x in 1m)"
+    low = Thresholds(deferral_min_attempts=10, rate_limit_deferrals=0)
+    throttled = decide([minute], minute, now=NOW, limits=low)
+    assert throttled.state == THROTTLED
+    assert throttled.reason == "deferral_ratio 1.00 >= 0.30 (25/25 in 1m)"

@@ -6,7 +6,9 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
+from libs.common import avro
 from libs.common.mail.can_send import ALLOWED, Decision
+from libs.common.topics import Topic
 from services.sender import processor
 from services.sender.models import Claimed, LedgerKey, Outcome
 from services.sender.processor import Deliverable, Duplicate, Suppressed
@@ -171,3 +173,32 @@ def test_test_sends_and_system_mail_record_no_result() -> None:
     assert processor.ledger_row(KEY, "test", "op@example.jp", outcome, AT)[3] is None
     system = processor.system_key("m", 0)
     assert processor.ledger_row(system, "system", "op@example.jp", outcome, AT)[3] is None
+
+
+def test_a_deferral_names_the_domain_and_the_code_not_the_address() -> None:
+    step = LedgerKey(CAMPAIGN, "step-1", 42)
+    record = processor.deferral(
+        step, "docomo.ne.jp", 421, "4.7.0", "421 4.7.0 Try again later", "relay-a", AT
+    )
+    again = processor.deferral(step, "docomo.ne.jp", 421, "4.7.0", None, "relay-a", AT)
+    assert record["deferral_id"] != again["deferral_id"]
+    assert (record["campaign_id"], record["contact_id"], record["step_id"]) == (
+        CAMPAIGN,
+        42,
+        "step-1",
+    )
+    assert (record["domain"], record["smtp_code"], record["enhanced_code"]) == (
+        "docomo.ne.jp",
+        421,
+        "4.7.0",
+    )
+    assert record["occurred_at"] == int(AT.timestamp() * 1000)
+    assert "email" not in record
+    no_step = LedgerKey(CAMPAIGN, "", 42)
+    assert processor.deferral(no_step, "a.jp", 451, None, None, None, AT)["step_id"] is None
+    # what the topic's schema takes, as it is
+    data, headers = avro.encode(Topic.DELIVERY_DEFERRALS, record)
+    decoded = avro.decode(Topic.DELIVERY_DEFERRALS, data, headers)
+    assert {k: v for k, v in decoded.items() if k != "occurred_at"} == {
+        k: v for k, v in record.items() if k != "occurred_at"
+    }
