@@ -107,7 +107,7 @@ def test_a_domain_that_accepts_part_of_its_mail_is_slowed_not_paused() -> None:
         assert back is not None
         learned = back
     assert learned is not None and learned.paused_until == 0.0
-    assert learned.rate < 50.0 / 10  # slowed right down all the same
+    assert learned.rate is not None and learned.rate < 50.0 / 10  # slowed right down all the same
 
 
 def test_the_rate_does_not_fall_below_the_floor() -> None:
