@@ -168,7 +168,7 @@ async def handle_progress(ctx: Context, batch: list[Message]) -> None:
     """``send.progress``: a sender reached a checkpoint in a partition of send.requests
     (idempotent: one row per checkpoint and partition), and how many of the campaign's
     deliveries senders held then (v2): the newest answer's count is the campaign's, received
-    now (one key, one partition: the batch's last answer of a campaign is its newest)."""
+    now (by the senders' reached_at: two senders' answers may land in either order)."""
     reached = [
         (checkpoint_id, m.value["partition"], m.value["reached_at"], m.value.get("held", 0))
         for m in batch
@@ -176,11 +176,11 @@ async def handle_progress(ctx: Context, batch: list[Message]) -> None:
     ]
     if not reached:
         return
-    newest = {
-        campaign_id: m.value.get("held", 0)
+    newest = processor.newest_held(
+        (campaign_id, m.value["reached_at"], m.value.get("held", 0))
         for m in batch
         if (campaign_id := _uuid(m.value["campaign_id"])) is not None
-    }
+    )
     now = ctx.clock.now()
     async with ctx.pool.acquire() as conn:
         await conn.execute(
@@ -188,7 +188,8 @@ async def handle_progress(ctx: Context, batch: list[Message]) -> None:
         )
         # One campaign row a statement, in id order: never two locks held at once.
         for campaign_id in sorted(newest):
-            await conn.execute(QUERIES["set-sender-held"], campaign_id, newest[campaign_id], now)
+            counted, held = newest[campaign_id]
+            await conn.execute(QUERIES["set-sender-held"], campaign_id, held, now, counted)
 
 
 async def handle_feedback(ctx: Context, batch: list[Message]) -> None:

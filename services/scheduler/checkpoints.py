@@ -94,6 +94,8 @@ async def tend(
         since_issued=None if issued is None else time.monotonic() - issued,
         interval=ctx.settings.checkpoint_seconds,
     )
+    if step.forget:
+        await conn.execute(QUERIES["forget-checkpoints"], list(step.forget))
     if step.confirm is not None:
         await confirm(ctx, conn, campaign, step.confirm)
     if step.fence:

@@ -348,6 +348,9 @@ class CheckpointStep:
     fence: tuple[uuid.UUID, ...] = ()
     #: publish a new checkpoint.
     issue: bool = False
+    #: checkpoints every partition answered, one of them with held mail: they will never be
+    #: confirmed (an answer's count never changes), so they go.
+    forget: tuple[uuid.UUID, ...] = ()
 
 
 def fence_passed(fence: Sequence[int], results_counted: Mapping[int, int]) -> bool:
@@ -394,6 +397,8 @@ def checkpoint_step(
       fence the results consumer passed (``results_counted``: its group's committed offsets
       by partition);
     - ``fence``: the conclusive checkpoints newer than that, without a fence yet;
+    - ``forget``: the checkpoints answered everywhere with held mail (never confirmed:
+      a campaign whose mail is held for hours would otherwise keep one per interval);
     - ``issue``: some released row awaits its result (``awaiting_results``), something was
       released since the last confirmed checkpoint, and ``interval`` seconds passed since
       the last one was issued (``since_issued``; None: none yet). A checkpoint that was
@@ -411,7 +416,22 @@ def checkpoint_step(
         and release_mark > confirmed_mark
         and (since_issued is None or since_issued >= interval)
     )
-    return CheckpointStep(confirm=confirm, fence=fence, issue=issue)
+    forget = tuple(c.id for c in checkpoints if c.reached_everywhere and not c.conclusive)
+    return CheckpointStep(confirm=confirm, fence=fence, issue=issue, forget=forget)
+
+
+def newest_held(
+    answers: Iterable[tuple[uuid.UUID, dt.datetime, int]],
+) -> dict[uuid.UUID, tuple[dt.datetime, int]]:
+    """Per campaign, the newest of a batch's answers (campaign, reached_at, held) as
+    (reached_at, held): the senders' answers reach send.progress in the order they were
+    published, which two senders may invert; the later count wins (the last one of a tie)."""
+    newest: dict[uuid.UUID, tuple[dt.datetime, int]] = {}
+    for campaign_id, reached_at, held in answers:
+        seen = newest.get(campaign_id)
+        if seen is None or reached_at >= seen[0]:
+            newest[campaign_id] = (reached_at, held)
+    return newest
 
 
 def senders_hold(held: int, held_at: dt.datetime | None, cutoff: dt.datetime) -> bool:

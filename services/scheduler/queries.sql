@@ -192,8 +192,15 @@ JOIN checkpoint c ON c.id = x.checkpoint_id
 ON CONFLICT DO NOTHING;
 
 -- name: set-sender-held
--- The newest answer's held count of a campaign, received at $3 (the scheduler's clock).
-UPDATE campaign SET sender_held = $2, sender_held_at = $3 WHERE id = $1;
+-- An answer's held count of a campaign ($2, counted at $4 by its sender), received at $3
+-- (the scheduler's clock); an answer counted before the one recorded changes nothing (two
+-- senders' answers may reach send.progress in the other order).
+UPDATE campaign SET sender_held = $2, sender_held_at = $3, sender_held_counted = $4
+WHERE id = $1 AND (sender_held_counted IS NULL OR sender_held_counted <= $4);
+
+-- name: forget-checkpoints
+-- Checkpoints that can never be confirmed (every partition answered, one with held mail).
+DELETE FROM checkpoint WHERE id = ANY($1::uuid[]);
 
 -- name: set-fence
 UPDATE checkpoint SET fence = $2 WHERE id = ANY($1::uuid[]) AND fence IS NULL;

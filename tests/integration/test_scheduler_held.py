@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import uuid
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
+from libs.common.topics import Topic
 from services.scheduler.context import context_of
 from tests.conftest import eventually, running
 from tests.integration.relays import kept, serving
@@ -70,7 +73,7 @@ async def members_at(contacts: Any, addresses: list[str], group_id: int) -> None
 
 
 async def test_a_campaign_waits_for_its_held_mail_and_every_recipient_gets_one(
-    stack, database, prefix, contacts, monkeypatch, tmp_path: Path
+    stack, database, prefix, contacts, kafka, monkeypatch, tmp_path: Path
 ):
     """LIMITED's mail is held while FAST's goes; the campaign shows the held count, stays
     配信中 (its held rows are neither released again nor given up) and is sent only once
@@ -135,3 +138,22 @@ async def test_a_campaign_waits_for_its_held_mail_and_every_recipient_gets_one(
     assert (done["released"], done["re_released"]) == (len(addresses), 0)
     assert (done["pending"], done["sender_held"]) == (0, 0)
     assert 0 < max(shown) <= len(limited)
+    # The senders said so: answers to the checkpoints counted LIMITED's held mail (never
+    # FAST's, never more than LIMITED has), and the last one nothing.
+    answers = [a for a in await kafka.read_to_end(Topic.SEND_PROGRESS) if a["campaign_id"] == cid]
+    assert 0 < max(a["held"] for a in answers) <= len(limited)
+    # The checkpoints answered with held mail were forgotten, never confirmed.
+    conn = await asyncpg.connect(database)
+    try:
+        left = await conn.fetchval(
+            """SELECT count(*) FROM scheduler.checkpoint c
+               WHERE c.campaign_id = $1 AND EXISTS (
+                   SELECT 1 FROM scheduler.checkpoint_reached r
+                   WHERE r.checkpoint_id = c.id AND r.held > 0)
+                 AND c.partitions <= (SELECT count(*) FROM scheduler.checkpoint_reached r
+                                      WHERE r.checkpoint_id = c.id)""",
+            uuid.UUID(cid),
+        )
+    finally:
+        await conn.close()
+    assert left == 0

@@ -20,6 +20,7 @@ from services.scheduler.processor import (
     checkpoint_request,
     checkpoint_step,
     held_shown,
+    newest_held,
     senders_hold,
 )
 from services.sender import progress
@@ -50,8 +51,12 @@ def test_a_checkpoint_answered_with_held_mail_is_never_confirmed_nor_fenced() ->
     held = Checkpoint(A, mark=3, partitions=2, reached=2, fence=(10, 10), held=5)
     assert not held.conclusive
     assert step([held]).confirm is None
+    # Answered everywhere: its count can only grow, it will never be confirmed, it goes.
     unfenced = Checkpoint(A, mark=3, partitions=2, reached=2, held=1)
-    assert step([unfenced]) == CheckpointStep()
+    assert step([unfenced]) == CheckpointStep(forget=(A,))
+    # Not answered everywhere yet: it waits (its other answers may come).
+    partial = Checkpoint(A, mark=3, partitions=2, reached=1, held=4)
+    assert step([partial]) == CheckpointStep()
 
 
 def test_the_first_checkpoint_answered_with_nothing_held_is_confirmed() -> None:
@@ -61,7 +66,7 @@ def test_the_first_checkpoint_answered_with_nothing_held_is_confirmed() -> None:
     a = Checkpoint(A, mark=9, partitions=2, reached=2, fence=(10, 10), held=30)
     b = Checkpoint(B, mark=9, partitions=2, reached=2, fence=(50, 50), held=2)
     c = Checkpoint(C, mark=9, partitions=2, reached=2)
-    assert step([a, b, c]) == CheckpointStep(fence=(C,))
+    assert step([a, b, c]) == CheckpointStep(fence=(C,), forget=(A, B))
     fenced = Checkpoint(C, mark=9, partitions=2, reached=2, fence=(90, 90))
     assert step([a, b, fenced]).confirm == fenced
 
@@ -72,6 +77,17 @@ def test_checkpoints_keep_coming_while_mail_is_held() -> None:
     held = Checkpoint(A, mark=9, partitions=2, reached=2, fence=(10, 10), held=3)
     assert step([held], since_issued=60.0).issue
     assert not step([held], since_issued=59.0).issue
+
+
+def test_the_newest_answer_of_a_campaign_counts() -> None:
+    t = [NOW + dt.timedelta(seconds=n) for n in range(3)]
+    # Two senders' answers landed inverted: the one counted later wins, whatever the order.
+    assert newest_held([(A, t[2], 0), (A, t[1], 9), (B, t[0], 4)]) == {
+        A: (t[2], 0),
+        B: (t[0], 4),
+    }
+    assert newest_held([(A, t[1], 9), (A, t[1], 3)]) == {A: (t[1], 3)}
+    assert newest_held([]) == {}
 
 
 def test_the_overdue_check_waits_while_senders_hold_mail() -> None:

@@ -8,6 +8,8 @@
 ALTER TABLE checkpoint_reached ADD COLUMN held int NOT NULL DEFAULT 0;
 
 ALTER TABLE campaign
-    -- the newest answer's held count, and when the scheduler received it (its clock).
-    ADD COLUMN sender_held    int NOT NULL DEFAULT 0,
-    ADD COLUMN sender_held_at timestamptz;
+    -- the newest answer's held count, when the scheduler received it (its clock: how old
+    -- the count is), and when the sender wrote it (its reached_at: which answer is newest).
+    ADD COLUMN sender_held         int NOT NULL DEFAULT 0,
+    ADD COLUMN sender_held_at      timestamptz,
+    ADD COLUMN sender_held_counted timestamptz;
