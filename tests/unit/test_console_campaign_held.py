@@ -68,3 +68,8 @@ def test_held_mail_is_shown_with_its_count(lang: str, label: str) -> None:
 def test_nothing_held_shows_nothing() -> None:
     shown = page("ja")
     assert "送信待ち" not in shown and "sender-held" not in shown
+
+
+def test_a_scheduler_without_the_held_count_shows_the_page_without_it() -> None:
+    shown = page("ja", sender_held=None)
+    assert "送信待ち" not in shown and 'id="count-pending">24<' in shown
