@@ -2,7 +2,7 @@
 -- waiting long (services/sender/holding.py); it has no result yet and is not lost. Each
 -- answer to a checkpoint says how many of the campaign's deliveries are held (send.progress
 -- v2), so the scheduler waits for them instead of releasing them again or finishing the
--- campaign without them (services/scheduler/processor.py checkpoint_step, held_waits).
+-- campaign without them (services/scheduler/processor.py checkpoint_step, senders_hold).
 
 -- The campaign's held count in the answer of this partition (0 from a v1 sender).
 ALTER TABLE checkpoint_reached ADD COLUMN held int NOT NULL DEFAULT 0;
