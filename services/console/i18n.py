@@ -217,6 +217,12 @@ EN: dict[str, str] = {
     "配信停止で除外": "Suppressed",
     "結果待ち": "Awaiting results",
     "未配信数": "Not sent",
+    "送信待ち (ドメインの速度制限)": "Waiting (held for domain rate limits)",
+    "受信ドメインの速度制限に合わせて送信を待っている宛先があります。"
+    "順に送信され、すべての結果が出るまで配信中のままです。": (
+        "Some recipients' mail waits for their receiving domain's rate limit: it goes out"
+        " in turn, and the campaign stays sending until every result is in."
+    ),
     "苦情率ガード": "Complaint guard",
     "苦情率がしきい値を超えたため、次のドメインへの残りの配信を保留しています。"
     "再開するまで送信されません。": (

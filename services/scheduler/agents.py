@@ -166,21 +166,30 @@ async def handle_results(ctx: Context, batch: list[Message]) -> None:
 
 async def handle_progress(ctx: Context, batch: list[Message]) -> None:
     """``send.progress``: a sender reached a checkpoint in a partition of send.requests
-    (idempotent: one row per checkpoint and partition)."""
+    (idempotent: one row per checkpoint and partition), and how many of the campaign's
+    deliveries senders held then (v2): the newest answer's count is the campaign's, received
+    now (by the senders' reached_at: two senders' answers may land in either order)."""
     reached = [
-        (checkpoint_id, m.value["partition"], m.value["reached_at"])
+        (checkpoint_id, m.value["partition"], m.value["reached_at"], m.value.get("held", 0))
         for m in batch
         if (checkpoint_id := _uuid(m.value["checkpoint_id"])) is not None
     ]
     if not reached:
         return
+    newest = processor.newest_held(
+        (campaign_id, m.value["reached_at"], m.value.get("held", 0))
+        for m in batch
+        if (campaign_id := _uuid(m.value["campaign_id"])) is not None
+    )
+    now = ctx.clock.now()
     async with ctx.pool.acquire() as conn:
         await conn.execute(
-            QUERIES["record-reached"],
-            [r[0] for r in reached],
-            [r[1] for r in reached],
-            [r[2] for r in reached],
+            QUERIES["record-reached"], *(list(column) for column in zip(*reached, strict=True))
         )
+        # One campaign row a statement, in id order: never two locks held at once.
+        for campaign_id in sorted(newest):
+            counted, held = newest[campaign_id]
+            await conn.execute(QUERIES["set-sender-held"], campaign_id, held, now, counted)
 
 
 async def handle_feedback(ctx: Context, batch: list[Message]) -> None:

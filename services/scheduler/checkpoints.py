@@ -27,6 +27,13 @@ the senders instead, in the stream itself:
    (services/sender/ledger.py). A row at its ``SCHEDULER_MAX_RELEASES``-th release is not
    sent again: the overdue check gives it up (release.py).
 
+Mail a sender *holds* for its receiving domain's pace (services/sender/holding.py) is
+neither: it has no result yet and goes when its domain admits it. Each answer says how many
+of the campaign's deliveries are held (send.progress v2); a checkpoint answered with held
+mail is never confirmed, and while the newest answer says some is held the overdue check
+neither releases rows again nor gives the campaign up (processor.checkpoint_step,
+processor.senders_hold). The campaign stays 配信中 until the held mail has its results.
+
 The decision is :func:`services.scheduler.processor.checkpoint_step`; this module does its
 I/O in the releasing tick's transaction, under the campaign row's lock.
 """
@@ -70,6 +77,7 @@ async def tend(
             r["partitions"],
             r["reached"],
             None if r["fence"] is None else tuple(r["fence"]),
+            r["held"],
         )
         for r in rows
     ]
@@ -86,6 +94,8 @@ async def tend(
         since_issued=None if issued is None else time.monotonic() - issued,
         interval=ctx.settings.checkpoint_seconds,
     )
+    if step.forget:
+        await conn.execute(QUERIES["forget-checkpoints"], list(step.forget))
     if step.confirm is not None:
         await confirm(ctx, conn, campaign, step.confirm)
     if step.fence:

@@ -397,6 +397,11 @@ class Campaign(Answer):
     pending: int
     released: int
     re_released: int
+    sender_held: int = Field(
+        description="送信待ち (ドメインの速度制限): recipients whose mail a sender holds until"
+        " its receiving domain admits it, by the newest checkpoint answer; the campaign stays"
+        " sending until they have results (0 once it sends no more)"
+    )
     opens: int
     clicks: int
     unique_opens: int

@@ -323,10 +323,19 @@ class Checkpoint:
     reached: int
     #: delivery.results end offsets (index: partition) once every partition had reached it.
     fence: tuple[int, ...] | None = None
+    #: the most deliveries of the campaign a sender's answer said were held for their
+    #: domain (send.progress v2; 0 from a v1 sender).
+    held: int = 0
 
     @property
     def reached_everywhere(self) -> bool:
         return self.reached >= self.partitions
+
+    @property
+    def conclusive(self) -> bool:
+        """Every partition answered and no answer saw held mail: a row before it without a
+        result is lost, not waiting for its domain (see :func:`checkpoint_step`)."""
+        return self.reached_everywhere and self.held == 0
 
 
 @dataclass(frozen=True)
@@ -339,6 +348,9 @@ class CheckpointStep:
     fence: tuple[uuid.UUID, ...] = ()
     #: publish a new checkpoint.
     issue: bool = False
+    #: checkpoints every partition answered, one of them with held mail: they will never be
+    #: confirmed (an answer's count never changes), so they go.
+    forget: tuple[uuid.UUID, ...] = ()
 
 
 def fence_passed(fence: Sequence[int], results_counted: Mapping[int, int]) -> bool:
@@ -371,17 +383,28 @@ def checkpoint_step(
     checkpoint waits behind the requests before it, however slow the sender, and covers none
     released after it.
 
-    - ``confirm``: the newest checkpoint newer than ``confirmed_mark`` that every partition
-      reached and whose fence the results consumer passed (``results_counted``: its group's
-      committed offsets by partition);
-    - ``fence``: the checkpoints newer than that which every partition reached, without a
-      fence yet;
+    Held mail is not lost either: a sender holds a delivery its domain keeps waiting long
+    (services/sender/holding.py) and answers the checkpoint without its result, which comes
+    when the domain admits it. The answers say how many of the campaign's deliveries were
+    held (send.progress v2, counted over every sender); a checkpoint any answer of which saw
+    held mail proves nothing about the rows before it and is never confirmed (not
+    :attr:`Checkpoint.conclusive`). Later checkpoints keep coming while rows await their
+    results, and the first one answered with nothing held is confirmed: by then every held
+    delivery before it has its result out, so what is still missing is lost. Mail lost
+    while some is held is thus released again once the held mail has gone, not before.
+
+    - ``confirm``: the newest conclusive checkpoint newer than ``confirmed_mark`` whose
+      fence the results consumer passed (``results_counted``: its group's committed offsets
+      by partition);
+    - ``fence``: the conclusive checkpoints newer than that, without a fence yet;
+    - ``forget``: the checkpoints answered everywhere with held mail (never confirmed:
+      a campaign whose mail is held for hours would otherwise keep one per interval);
     - ``issue``: some released row awaits its result (``awaiting_results``), something was
       released since the last confirmed checkpoint, and ``interval`` seconds passed since
       the last one was issued (``since_issued``; None: none yet). A checkpoint that was
       itself lost is made good by the next one.
     """
-    candidates = [c for c in checkpoints if c.mark > confirmed_mark and c.reached_everywhere]
+    candidates = [c for c in checkpoints if c.mark > confirmed_mark and c.conclusive]
     passed = [
         c for c in candidates if c.fence is not None and fence_passed(c.fence, results_counted)
     ]
@@ -393,7 +416,39 @@ def checkpoint_step(
         and release_mark > confirmed_mark
         and (since_issued is None or since_issued >= interval)
     )
-    return CheckpointStep(confirm=confirm, fence=fence, issue=issue)
+    forget = tuple(c.id for c in checkpoints if c.reached_everywhere and not c.conclusive)
+    return CheckpointStep(confirm=confirm, fence=fence, issue=issue, forget=forget)
+
+
+def newest_held(
+    answers: Iterable[tuple[uuid.UUID, dt.datetime, int]],
+) -> dict[uuid.UUID, tuple[dt.datetime, int]]:
+    """Per campaign, the newest of a batch's answers (campaign, reached_at, held) as
+    (reached_at, held): the senders' answers reach send.progress in the order they were
+    published, which two senders may invert; the later count wins (the last one of a tie)."""
+    newest: dict[uuid.UUID, tuple[dt.datetime, int]] = {}
+    for campaign_id, reached_at, held in answers:
+        seen = newest.get(campaign_id)
+        if seen is None or reached_at >= seen[0]:
+            newest[campaign_id] = (reached_at, held)
+    return newest
+
+
+def senders_hold(held: int, held_at: dt.datetime | None, cutoff: dt.datetime) -> bool:
+    """Whether senders hold some of a campaign's mail for its receiving domains, by the
+    newest answer to a checkpoint (``held`` deliveries, received at ``held_at``): then the
+    overdue check neither releases rows again nor gives the campaign up — the held mail
+    goes at its domain's pace, however long past the result timeout. An answer older than
+    ``cutoff`` (the result timeout ago) no longer counts: senders that stopped answering
+    are not waited for beyond the timeout that holds for any row."""
+    return held > 0 and held_at is not None and held_at >= cutoff
+
+
+def held_shown(held: int, status: str, pending: int) -> int:
+    """The campaign's held count as shown (送信待ち: ドメインの速度制限): the newest
+    answer's, while it may send; never more than the recipients still pending, and 0 once
+    it sends no more (a count answered before its last results came is stale)."""
+    return 0 if status in SENDING_OVER else max(0, min(held, pending))
 
 
 def checkpoint_request(campaign_id: str, checkpoint_id: str, now: dt.datetime) -> dict[str, Any]:

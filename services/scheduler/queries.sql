@@ -168,9 +168,12 @@ RETURNING release_mark;
 -- name: checkpoints
 -- A campaign's checkpoints newer than its confirmed mark $2, with the partitions that
 -- reached them.
-SELECT c.id, c.mark, c.partitions, c.fence,
-       (SELECT count(*) FROM checkpoint_reached r WHERE r.checkpoint_id = c.id) AS reached
+SELECT c.id, c.mark, c.partitions, c.fence, r.reached, r.held
 FROM checkpoint c
+CROSS JOIN LATERAL (
+    SELECT count(*) AS reached, COALESCE(max(r.held), 0) AS held
+    FROM checkpoint_reached r WHERE r.checkpoint_id = c.id
+) r
 WHERE c.campaign_id = $1 AND c.mark > $2
 ORDER BY c.mark, c.issued_at;
 
@@ -178,13 +181,26 @@ ORDER BY c.mark, c.issued_at;
 INSERT INTO checkpoint (id, campaign_id, mark, partitions, issued_at) VALUES ($1, $2, $3, $4, $5);
 
 -- name: record-reached
--- Answers from send.progress; answers to checkpoints this scheduler does not know (forgotten
--- after a newer one was applied, or never committed) change nothing.
-INSERT INTO checkpoint_reached (checkpoint_id, partition, reached_at)
-SELECT x.checkpoint_id, x.partition, x.reached_at
-FROM unnest($1::uuid[], $2::int[], $3::timestamptz[]) AS x (checkpoint_id, partition, reached_at)
+-- Answers from send.progress, with the campaign's held count each saw; answers to
+-- checkpoints this scheduler does not know (forgotten after a newer one was applied, or
+-- never committed) change nothing.
+INSERT INTO checkpoint_reached (checkpoint_id, partition, reached_at, held)
+SELECT x.checkpoint_id, x.partition, x.reached_at, x.held
+FROM unnest($1::uuid[], $2::int[], $3::timestamptz[], $4::int[])
+    AS x (checkpoint_id, partition, reached_at, held)
 JOIN checkpoint c ON c.id = x.checkpoint_id
 ON CONFLICT DO NOTHING;
+
+-- name: set-sender-held
+-- An answer's held count of a campaign ($2, counted at $4 by its sender), received at $3
+-- (the scheduler's clock); an answer counted before the one recorded changes nothing (two
+-- senders' answers may reach send.progress in the other order).
+UPDATE campaign SET sender_held = $2, sender_held_at = $3, sender_held_counted = $4
+WHERE id = $1 AND (sender_held_counted IS NULL OR sender_held_counted <= $4);
+
+-- name: forget-checkpoints
+-- Checkpoints that can never be confirmed (every partition answered, one with held mail).
+DELETE FROM checkpoint WHERE id = ANY($1::uuid[]);
 
 -- name: set-fence
 UPDATE checkpoint SET fence = $2 WHERE id = ANY($1::uuid[]) AND fence IS NULL;

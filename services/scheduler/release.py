@@ -45,7 +45,7 @@ from libs.common.metrics import (
     SCHEDULER_WINDOW_PAUSED,
 )
 from libs.common.topics import Topic
-from services.scheduler import checkpoints, requests, status, stepmail, store
+from services.scheduler import checkpoints, processor, requests, status, stepmail, store
 from services.scheduler.contents import publish_content
 from services.scheduler.context import Context
 from services.scheduler.store import QUERIES
@@ -196,7 +196,9 @@ async def overdue(
     dead-lettered or lost, with no checkpoint answered to tell sooner) go out again, up to
     ``SCHEDULER_MAX_RELEASES`` releases; once no row is worth waiting for — each at its last
     release, and that release timed out or a confirmed checkpoint covers it — the campaign is
-    ``sent`` with those rows unsent (a late result still counts). True when it was. Looked
+    ``sent`` with those rows unsent (a late result still counts). Neither while the newest
+    checkpoint answer says senders hold some of its mail for its domains' pace
+    (processor.senders_hold): that mail is on its way. True when it was sent. Looked
     for at most every minute (it reads every row of the campaign without a result), with the
     context's clock."""
     s = ctx.settings
@@ -208,6 +210,8 @@ async def overdue(
         return False
     ctx.overdue_checked[key] = now
     cutoff = now - timeout
+    if processor.senders_hold(campaign["sender_held"], campaign["sender_held_at"], cutoff):
+        return False  # held for its domains' pace: not lost, not to be given up
     again = await conn.fetchval(QUERIES["unrelease-overdue"], campaign_id, cutoff, s.max_releases)
     if again:
         log.warning("results_overdue_released_again", campaign_id=key, rows=again)

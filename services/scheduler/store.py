@@ -147,6 +147,12 @@ def campaign_json(row: Mapping[str, Any], history: list[Any] | None = None) -> d
         "pending": c.pending(row["status"]),
         "released": row["released"],
         "re_released": row["re_released"],
+        # 送信待ち (ドメインの速度制限): recipients whose mail a sender holds until its
+        # receiving domain admits it (issue 21), as the newest checkpoint answer said; the
+        # campaign stays sending until they have results.
+        "sender_held": processor.held_shown(
+            row["sender_held"], row["status"], c.pending(row["status"])
+        ),
         # Statistics (F-34): every open and click, and recipients who opened / clicked.
         "opens": row["opens"],
         "clicks": row["clicks"],

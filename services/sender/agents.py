@@ -64,7 +64,7 @@ async def handle_send_requests(ctx: Context, batch: list[Message]) -> None:
     requests = [m for m in batch if not progress.is_checkpoint(m)] if checkpoints else batch
     if requests:
         await _claim_deliver_record(ctx, await _campaign_mails(ctx, requests))
-    await progress.answer(ctx.publisher, checkpoints)
+    await progress.answer(ctx.publisher, ctx.pool, checkpoints)
 
 
 async def handle_system_mail(ctx: Context, batch: list[Message]) -> None:

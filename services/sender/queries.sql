@@ -291,3 +291,10 @@ SET owner = $5, updated_at = now()
 WHERE campaign_id = $1 AND step_id = $2 AND contact_id = $3
   AND status IN ('claimed', 'handed') AND owner IS NOT DISTINCT FROM $4
 RETURNING 1;
+
+-- name: held-counts
+-- How many deliveries of each of these campaigns are held now, by any sender (send.progress
+-- v2 says so with each answer to a checkpoint: progress.py). Campaign mail only (step '').
+SELECT campaign_id, count(*) AS held FROM held_delivery
+WHERE campaign_id = ANY($1::text[]) AND step_id = ''
+GROUP BY campaign_id;

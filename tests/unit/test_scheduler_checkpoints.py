@@ -115,6 +115,7 @@ def test_a_checkpoint_record_fits_send_requests_and_the_sender_tells_it_apart() 
         "campaign_id": str(A),
         "partition": 3,
         "reached_at": now,
+        "held": 0,
     }
     avro.encode(Topic.SEND_PROGRESS, answer)
     # An ordinary request (schema default) is not one.
