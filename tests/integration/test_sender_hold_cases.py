@@ -276,6 +276,60 @@ async def test_held_mail_of_a_paused_campaign_is_not_sent_and_resume_sends_it_on
     }
 
 
+async def test_held_mail_of_a_paused_campaign_resumed_on_another_replica_is_sent_once(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, smtp_sink: SmtpSink
+) -> None:
+    """As above, but the re-release after the resume reaches another replica while the
+    first one, which held and then abandoned the mail, still runs (a rebalance moved the
+    partition; the first one's owner lock is held here once it stopped consuming). The
+    abandoned rows are nobody's: the other replica sends each once instead of waiting for
+    an owner that will never finish them."""
+    campaign = str(uuid.uuid4())
+    held = to(LIMITED, campaign, 1, 3)
+    relay = f"127.0.0.1:{smtp_sink.port}"
+    lock = await asyncpg.connect(database)
+    try:
+        async with running("sender", stack, database, prefix, smtp_relays=relay, **SENDER) as one:
+            await pause_domain(one, LIMITED)
+            await publish_all(kafka, held)
+            await held_and_committed(
+                stack, kafka, prefix, database, requests=len(held), held=len(held)
+            )
+            await kafka.send(Topic.CAMPAIGN_CONTROL, campaign, control(campaign, "pause"))
+            ctx = context(one)
+
+            async def paused() -> bool:
+                return ctx.stopped.get(campaign) == "paused"
+
+            await eventually(paused)
+            await lift(one, LIMITED)
+            await none_held(database)
+            owner = ctx.owner.key
+        # The first replica lives on (its owner lock), without the partition.
+        await lock.execute("SELECT pg_advisory_lock($1)", owner)
+        async with running("sender", stack, database, prefix, smtp_relays=relay, **SENDER) as two:
+            await kafka.send(Topic.CAMPAIGN_CONTROL, campaign, control(campaign, "resume"))
+
+            async def resumed() -> bool:
+                return campaign not in context(two).stopped
+
+            await eventually(resumed)
+            await publish_all(kafka, [{**r, "request_id": str(uuid.uuid4())} for r in held])
+            got = await results_of(kafka, {r["contact_id"] for r in held})
+            got += await barrier(kafka, campaign, 900)
+    finally:
+        await lock.close()
+    by_contact = per_contact(got)
+    assert {n: len({r["result_id"] for r in rs}) for n, rs in by_contact.items()} == {
+        n: 1 for n in {r["contact_id"] for r in held} | {900}
+    }
+    assert all(rs[0]["outcome"] == "sent" for rs in by_contact.values())
+    assert recipients(smtp_sink.messages()) == {
+        **{r["email"]: 1 for r in held},
+        f"b900@{FAST}": 1,
+    }
+
+
 # 3. Two sweeps racing for the same orphaned held rows ----------------------------------------
 
 
