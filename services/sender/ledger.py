@@ -216,7 +216,8 @@ async def claim(
 
 async def wait_for_owners(pool: asyncpg.Pool, owner: OwnerLock, busy: Sequence[Claimed]) -> bool:
     """Wait until no busy row is unfinished by a live sender any more; False when one of
-    them was left unfinished by a sender that is gone (the batch must be handled again)."""
+    them was left unfinished by a sender that is gone, or let go by its sender (the batch
+    must be handled again)."""
     keys = [c.key for c in busy]
     while True:
         async with pool.acquire() as conn:
@@ -224,7 +225,8 @@ async def wait_for_owners(pool: asyncpg.Pool, owner: OwnerLock, busy: Sequence[C
             pending = {r["owner"] for r in rows if r["status"] in UNFINISHED}
             if not pending:
                 return True
-            if pending - await owner.alive(conn, pending):
+            # No owner: let go by a sender that abandoned it (holding.Holder.abandoned).
+            if pending - await owner.alive(conn, pending - {None}):
                 return False
         await asyncio.sleep(0.2)
 
