@@ -51,7 +51,9 @@ one still sends its batch. Every row records its ``owner``, a random key whose s
 advisory lock the owning process holds on a connection of its own for as long as it runs
 (:class:`OwnerLock`). A ``claimed`` row whose owner's lock is free is a dead sender's and is
 taken over; one whose owner still holds it is left to that owner, and the handler waits
-until it is done before its offsets are committed.
+until it is done before its offsets are committed. A row whose delivery its owner abandoned
+(its campaign or domain stopped while it queued: holding.Holder.abandoned) is let go, its
+owner set to none: the sender its request reaches after a resume takes it over.
 
 Held deliveries
 ---------------
