@@ -276,6 +276,54 @@ async def test_held_mail_of_a_paused_campaign_is_not_sent_and_resume_sends_it_on
     }
 
 
+async def test_held_mail_of_a_campaign_paused_and_resumed_while_its_domain_waits_goes_once(
+    stack: Stack, database: str, prefix: str, kafka: Kafka, smtp_sink: SmtpSink
+) -> None:
+    """The other order: the campaign is paused and resumed while LIMITED still keeps its
+    held mail waiting. The re-release after the resume finds the rows held and is passed
+    over (its batch commits); once LIMITED is let go the held mail goes, each once."""
+    campaign = str(uuid.uuid4())
+    held = to(LIMITED, campaign, 1, 3)
+    async with running(
+        "sender", stack, database, prefix, smtp_relays=f"127.0.0.1:{smtp_sink.port}", **SENDER
+    ) as sender:
+        await pause_domain(sender, LIMITED)
+        await publish_all(kafka, held)
+        await held_and_committed(stack, kafka, prefix, database, requests=len(held), held=3)
+        ctx = context(sender)
+        await kafka.send(Topic.CAMPAIGN_CONTROL, campaign, control(campaign, "pause"))
+
+        async def paused() -> bool:
+            return ctx.stopped.get(campaign) == "paused"
+
+        await eventually(paused)
+        await kafka.send(Topic.CAMPAIGN_CONTROL, campaign, control(campaign, "resume"))
+
+        async def resumed() -> bool:
+            return campaign not in ctx.stopped
+
+        await eventually(resumed)
+        await publish_all(kafka, [{**r, "request_id": str(uuid.uuid4())} for r in held])
+        # Passed over: committed while the rows are still held.
+        await held_and_committed(
+            stack, kafka, prefix, database, requests=2 * len(held), held=len(held)
+        )
+        assert recipients(smtp_sink.messages()) == {}
+        await lift(sender, LIMITED)
+        got = await results_of(kafka, {r["contact_id"] for r in held})
+        await none_held(database)
+        got += await barrier(kafka, campaign, 900)
+    by_contact = per_contact(got)
+    assert {n: len({r["result_id"] for r in rs}) for n, rs in by_contact.items()} == {
+        n: 1 for n in {r["contact_id"] for r in held} | {900}
+    }
+    assert all(rs[0]["outcome"] == "sent" for rs in by_contact.values())
+    assert recipients(smtp_sink.messages()) == {
+        **{r["email"]: 1 for r in held},
+        f"b900@{FAST}": 1,
+    }
+
+
 async def test_held_mail_of_a_paused_campaign_resumed_on_another_replica_is_sent_once(
     stack: Stack, database: str, prefix: str, kafka: Kafka, smtp_sink: SmtpSink
 ) -> None:
