@@ -1,7 +1,7 @@
 """Held deliveries (issue 21) in the cases around them, through the real broker, PostgreSQL
 and an SMTP relay: a held delivery's result whose publication fails while the broker is down,
-a campaign paused (whole, or some of its domains) while its mail is held, two senders'
-sweeps racing for the same orphaned held rows, and a held delivery that reaches
+a campaign paused (whole, or some of its domains) while its mail is held — resumed on the
+same replica or, after a rebalance, on another one — two senders' sweeps racing for the same orphaned held rows, and a held delivery that reaches
 SENDER_DOMAIN_MAX_WAIT_SECONDS. In each, nothing is lost and nothing is sent twice.
 
 The mail is held by an operator override that pauses LIMITED (no end): its deliveries are
@@ -246,8 +246,9 @@ async def test_held_mail_of_a_paused_campaign_is_not_sent_and_resume_sends_it_on
         await none_held(database)
         assert recipients(smtp_sink.messages()) == {r["email"]: 1 for r in a_fast + b_held}
         for r in a_held:
+            # Unfinished and let go (in the held rows' transaction): nobody's.
             row = await ledger_row(database, a, r["contact_id"])
-            assert row is not None and row["status"] == "claimed"
+            assert row is not None and (row["status"], row["owner"]) == ("claimed", None)
         resume = control(a, "resume")
         if domains is not None:
             resume["domains"] = domains
@@ -262,13 +263,9 @@ async def test_held_mail_of_a_paused_campaign_is_not_sent_and_resume_sends_it_on
         got = await results_of(kafka, {r["contact_id"] for r in requests})
         got += await barrier(kafka, b, 900)
     by_contact = per_contact(got)
-    wanted = {r["contact_id"] for r in requests} | {900}
-    assert set(by_contact) == wanted
-    assert {
-        n: {r["result_id"] for r in rs}
-        for n, rs in by_contact.items()
-        if len({r["result_id"] for r in rs}) != 1
-    } == {}
+    assert {n: len({r["result_id"] for r in rs}) for n, rs in by_contact.items()} == {
+        n: 1 for n in {r["contact_id"] for r in requests} | {900}
+    }
     assert all(rs[0]["outcome"] == "sent" for rs in by_contact.values())
     assert recipients(smtp_sink.messages()) == {
         **{r["email"]: 1 for r in requests},
