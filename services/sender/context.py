@@ -50,7 +50,7 @@ class Context:
         )
         cycles = ReplannedConnection(self.settings.database_url, SCHEMA)
         self.ledger = Ledger(self.pool, self.settings.service, cycles, self.publisher)
-        self.holder = Holder(self.pool, self.settings.service)
+        self.holder = Holder(self.pool, self.settings.service, self.owner.key)
         self.ledger.held_recorded = self.holder.recorded
         self.deferrals = DeferralsOut(self.publisher)
         self.relays = RelayPool(

@@ -55,14 +55,17 @@ def decode_request(value: bytes, headers: list[list[str]]) -> dict[str, Any]:
 class Holder:
     """Writes and deletes held rows in batches; see the module's docstring."""
 
-    def __init__(self, pool: asyncpg.Pool, service: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, service: str, owner: int | None = None) -> None:
         self.pool = pool
         self.service = service
+        #: this process's ledger owner key (ledger.OwnerLock): abandoned rows let go of it.
+        self.owner = owner
         #: the deliveries held in this process (being written, written, or adopted), until
         #: their held row is deleted.
         self.live: dict[LedgerKey, Delivery] = {}
         self._holding: list[Delivery] = []
         self._unholding: list[Delivery] = []
+        self._releasing: list[Delivery] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -113,8 +116,15 @@ class Holder:
         published.add_done_callback(settled)
 
     def abandoned(self, d: Delivery) -> None:
-        """Held ``d`` will not be sent (its campaign or domain stopped meanwhile): its row
-        goes, with no result, as for the requests dropped at the claim."""
+        """``d`` will not be sent (its campaign or domain stopped meanwhile), held or not:
+        a held row goes, with no result, as for the requests dropped at the claim; and its
+        unfinished ledger row is let go (no owner). After a resume the scheduler releases
+        its request again, maybe to another replica (a rebalance moved its partition),
+        which must take the row over rather than wait for this process to finish a
+        delivery it dropped (ledger.claim: a row whose owner is not alive is adopted)."""
+        if self.owner is not None:
+            self._releasing.append(d)
+            self._wake.set()
         if d.hold == HELD:
             self._unhold(d)
 
@@ -141,10 +151,13 @@ class Holder:
             self._wake.clear()
             holding, self._holding = self._holding, []
             unholding, self._unholding = self._unholding, []
-            if holding or unholding:
-                await self._write(holding, unholding)
+            releasing, self._releasing = self._releasing, []
+            if holding or unholding or releasing:
+                await self._write(holding, unholding, releasing)
 
-    async def _write(self, holding: list[Delivery], unholding: list[Delivery]) -> None:
+    async def _write(
+        self, holding: list[Delivery], unholding: list[Delivery], releasing: list[Delivery]
+    ) -> None:
         rows = [(d, *encode_request(d.request or {})) for d in holding]
 
         async def transaction() -> None:
@@ -165,6 +178,9 @@ class Holder:
                     )
                 if unholding:
                     await conn.execute(QUERIES["unhold"], *columns([d.key for d in unholding]))
+                if releasing:
+                    keys = [d.key for d in releasing]
+                    await conn.execute(QUERIES["release"], *columns(keys), self.owner)
 
         await retry(transaction, name="sender:holder", service=self.service, strategy=FOREVER)
         for d in unholding:

@@ -51,7 +51,9 @@ one still sends its batch. Every row records its ``owner``, a random key whose s
 advisory lock the owning process holds on a connection of its own for as long as it runs
 (:class:`OwnerLock`). A ``claimed`` row whose owner's lock is free is a dead sender's and is
 taken over; one whose owner still holds it is left to that owner, and the handler waits
-until it is done before its offsets are committed.
+until it is done before its offsets are committed. A row whose delivery its owner abandoned
+(its campaign or domain stopped while it queued: holding.Holder.abandoned) is let go, its
+owner set to none: the sender its request reaches after a resume takes it over.
 
 Held deliveries
 ---------------
@@ -216,7 +218,8 @@ async def claim(
 
 async def wait_for_owners(pool: asyncpg.Pool, owner: OwnerLock, busy: Sequence[Claimed]) -> bool:
     """Wait until no busy row is unfinished by a live sender any more; False when one of
-    them was left unfinished by a sender that is gone (the batch must be handled again)."""
+    them was left unfinished by a sender that is gone, or let go by its sender (the batch
+    must be handled again)."""
     keys = [c.key for c in busy]
     while True:
         async with pool.acquire() as conn:
@@ -224,7 +227,8 @@ async def wait_for_owners(pool: asyncpg.Pool, owner: OwnerLock, busy: Sequence[C
             pending = {r["owner"] for r in rows if r["status"] in UNFINISHED}
             if not pending:
                 return True
-            if pending - await owner.alive(conn, pending):
+            # No owner: let go by a sender that abandoned it (holding.Holder.abandoned).
+            if pending - await owner.alive(conn, pending - {None}):
                 return False
         await asyncio.sleep(0.2)
 

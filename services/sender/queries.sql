@@ -260,6 +260,16 @@ DELETE FROM held_delivery h
 USING unnest($1::text[], $2::text[], $3::bigint[]) AS u(campaign_id, step_id, contact_id)
 WHERE h.campaign_id = u.campaign_id AND h.step_id = u.step_id AND h.contact_id = u.contact_id;
 
+-- name: release
+-- Abandoned deliveries (holding.Holder.abandoned: their campaign or domain stopped while
+-- they queued): their unfinished rows, still ours, are let go (no owner), so that the
+-- sender their request reaches again after a resume takes them over (claim, adopt).
+UPDATE send_ledger l
+SET owner = NULL, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(campaign_id, step_id, contact_id)
+WHERE l.campaign_id = u.campaign_id AND l.step_id = u.step_id AND l.contact_id = u.contact_id
+  AND l.status IN ('claimed', 'handed') AND l.owner = $4;
+
 -- name: held-among
 -- Which of these keys are held (the claim skips them: their result comes when they go).
 SELECT h.campaign_id, h.step_id, h.contact_id FROM held_delivery h
