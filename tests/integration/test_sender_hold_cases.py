@@ -2,7 +2,8 @@
 and an SMTP relay: a held delivery's result whose publication fails while the broker is down,
 a campaign paused (whole, or some of its domains) while its mail is held — resumed on the
 same replica or, after a rebalance, on another one — two senders' sweeps racing for the same
-orphaned held rows, and a held delivery that reaches SENDER_DOMAIN_MAX_WAIT_SECONDS. In each, nothing is lost and nothing is sent twice.
+orphaned held rows, and a held delivery that reaches SENDER_DOMAIN_MAX_WAIT_SECONDS. In
+each, nothing is lost and nothing is sent twice.
 
 The mail is held by an operator override that pauses LIMITED (no end): its deliveries are
 parked at once with a wait past SENDER_DOMAIN_HOLD_SECONDS, so they are held; deleting the
