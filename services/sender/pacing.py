@@ -11,8 +11,9 @@ due, its pause ends or one of its transactions ends.
 
 Nothing is lost or sent twice by waiting: a parked delivery is still claimed in the ledger
 and its batch's handler waits for its outcome, as for a 4xx backoff (``RelayPool.later``);
-on stop it stays claimed and is sent after the restart. One whose projected wait
-(:func:`projected_wait`) passes ``SENDER_DOMAIN_HOLD_SECONDS`` is also *held* (holding.py):
+on stop it stays claimed and is sent after the restart. One whose wait in all (what it
+waited already plus :func:`projected_wait`) passes ``SENDER_DOMAIN_HOLD_SECONDS`` is also
+*held* (holding.py; decided again for every parked delivery when its domain slows):
 its request is written to ``held_delivery`` and its handler stops waiting for it, so its
 batch commits and the next comes in while it stays parked here. A delivery that would wait longer
 than ``SENDER_DOMAIN_MAX_WAIT_SECONDS`` in all is not held: it is recorded as a
