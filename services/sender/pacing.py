@@ -11,8 +11,9 @@ due, its pause ends or one of its transactions ends.
 
 Nothing is lost or sent twice by waiting: a parked delivery is still claimed in the ledger
 and its batch's handler waits for its outcome, as for a 4xx backoff (``RelayPool.later``);
-on stop it stays claimed and is sent after the restart. One whose projected wait
-(:func:`projected_wait`) passes ``SENDER_DOMAIN_HOLD_SECONDS`` is also *held* (holding.py):
+on stop it stays claimed and is sent after the restart. One whose wait in all (what it
+waited already plus :func:`projected_wait`) passes ``SENDER_DOMAIN_HOLD_SECONDS`` is also
+*held* (holding.py; decided again for every parked delivery when its domain slows):
 its request is written to ``held_delivery`` and its handler stops waiting for it, so its
 batch commits and the next comes in while it stays parked here. A delivery that would wait longer
 than ``SENDER_DOMAIN_MAX_WAIT_SECONDS`` in all is not held: it is recorded as a
@@ -269,7 +270,7 @@ class DomainPacing:
             and not d.hold
             and d.request is not None
             and should_hold(
-                projected_wait(wait, reason, len(state.parked), state.rate_now()),
+                waited + projected_wait(wait, reason, len(state.parked), state.rate_now()),
                 self.hold_seconds,
             )
         ):
@@ -277,6 +278,26 @@ class DomainPacing:
         state.parked.append(d)
         if wait > 0:
             self._wake_at(state, now + wait)
+
+    def _hold_parked(self, state: DomainState, now: float) -> None:
+        """The domain got slower (paused, its rate lowered) while deliveries were parked
+        with it: their waits grew since :meth:`_park` decided not to hold them, and each
+        would keep its batch — and the next batch, other domains' mail with it — waiting
+        for the new wait (a 421 pausing the domain: the whole pause). Hold each one whose
+        wait in all (what it waited already, then what it has now ahead of it) passes the
+        threshold."""
+        if self.hold is None or not state.parked:
+            return
+        policy = state.policy
+        paused = policy.state == PAUSED and now < policy.until
+        wait, reason = (policy.until - now, "paused") if paused else (0.0, "rate")
+        rate = state.rate_now()
+        for ahead, d in enumerate(state.parked):
+            if d.hold or d.request is None:
+                continue
+            waited = now - d.waiting_since if d.waiting_since is not None else 0.0
+            if should_hold(waited + projected_wait(wait, reason, ahead, rate), self.hold_seconds):
+                self.hold(d)
 
     def _wake_at(self, state: DomainState, at: float) -> None:
         if self.closing:
@@ -387,8 +408,11 @@ class DomainPacing:
     def _refresh(self, state: DomainState, *, wake: bool) -> None:
         """Recompute the domain's policy. ``wake``: an input changed that may let its
         parked deliveries go sooner (an override, a record, a timed input ending): they are
-        tried again now rather than at the wake-up the old policy set."""
-        state.policy = self._policy(state.domain, state.learned)
+        tried again now rather than at the wake-up the old policy set. One that makes them
+        wait longer may have them held (:meth:`_hold_parked`)."""
+        before, state.policy = state.policy, self._policy(state.domain, state.learned)
+        if state.parked and slower(before, state.policy):
+            self._hold_parked(state, time.monotonic())
         if state.bucket.rate != state.policy.rate:
             state.bucket.set_rate(state.policy.rate)
         if state.parked and (wake or state.timer is None):
@@ -447,10 +471,22 @@ def projected_wait(wait: float, reason: str, parked: int, rate: float) -> float:
 
 
 def should_hold(projected: float, hold_seconds: float) -> bool:
-    """Whether a delivery that would wait ``projected`` seconds is held (its batch commits
-    without it: ledger.py "Held deliveries") rather than kept by its batch's handler. A
-    negative ``hold_seconds`` holds nothing."""
+    """Whether a delivery that would wait ``projected`` seconds in all for its domain (what
+    it waited already plus :func:`projected_wait`) is held (its batch commits without it:
+    ledger.py "Held deliveries") rather than kept by its batch's handler. In all, not only
+    from now: a delivery waits again after a 421 or a pause, and waits each short enough
+    to keep added up to its batch waiting several times the threshold (a test saw 3 s of
+    a 2 s threshold, the other domains' next batch behind it). A negative
+    ``hold_seconds`` holds nothing."""
     return hold_seconds >= 0 and projected > hold_seconds
+
+
+def slower(before: Policy, after: Policy) -> bool:
+    """Whether a domain's new policy makes its parked deliveries wait longer than the old
+    one did: it is paused now, or sent at a lower rate (0 is unlimited)."""
+    if after.state == PAUSED:
+        return before.state != PAUSED or after.until > before.until
+    return after.rate > 0 and (before.rate == 0 or after.rate < before.rate)
 
 
 def _to_midnight() -> float:

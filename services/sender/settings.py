@@ -70,9 +70,10 @@ class SenderSettings(CommonSettings):
     #: a delivery that would wait longer than this for its domain (paused, capped) is
     #: recorded as temporary_error (not sent) instead of holding its batch.
     domain_max_wait_seconds: float = env("SENDER_DOMAIN_MAX_WAIT_SECONDS", 900.0)
-    #: a delivery whose domain would keep it waiting longer than this (its own wait plus
-    #: the domain's queue at its rate; a pause or daily cap: what remains of it) is held:
-    #: written to held_delivery so its batch commits while it waits (ledger.py).
+    #: a delivery whose domain would keep it waiting longer than this in all (what it
+    #: waited already, plus its own wait and the domain's queue at its rate; a pause or
+    #: daily cap: what remains of it) is held: written to held_delivery so its batch
+    #: commits while it waits (ledger.py). Decided again when its domain slows.
     domain_hold_seconds: float = env("SENDER_DOMAIN_HOLD_SECONDS", 2.0)
     #: seconds between two sweeps for the held deliveries of senders that are gone.
     hold_sweep_seconds: float = env("SENDER_HOLD_SWEEP_SECONDS", 15.0)

@@ -184,8 +184,12 @@ async def test_a_domain_over_its_rate_slows_while_the_others_flow_and_nothing_is
     ``per_second`` a second; the sender offers both domains its ceiling for an unlisted
     domain (``ceiling`` msgs/s, SENDER_DOMAIN_RATE), well above that. LIMITED accepts part
     of what it is offered — it meters, it does not block — so it is slowed, never paused
-    (a pause would stop its mail and start the search for its rate over). From the relay's
-    own record:
+    (a pause would stop its mail and start the search for its rate over). The requests
+    come in batches of ``batch``: FAST's later mail is in batches fetched while LIMITED
+    waits, which commit because LIMITED's waiting mail is held (holding.py, past ``hold``
+    seconds) — a batch kept until LIMITED's last mail of it went stalled FAST for as long
+    (a run whose broker served the one partition in two fetches). From the relay's own
+    record:
 
     * LIMITED slows: after its first refusals the sender offers it less than before, near
       what it accepts — refusals become the exception — and its mail keeps going;
@@ -196,11 +200,12 @@ async def test_a_domain_over_its_rate_slows_while_the_others_flow_and_nothing_is
 
     Only quantities of one run compared with each other: no wall-clock bound."""
     per_second, ceiling = 4, 20.0
+    hold, batch = 0.5, 20
     handler = RateCappingRelay(tmp_path / "relay", per_second=per_second, pipelining=True)
     limited = [f"l{i}@{LIMITED}" for i in range(30)]
     fast = [f"f{i}@{FAST}" for i in range(200)]
-    # Both domains from the start, mixed; one contact, so one partition and one batch:
-    # whatever FAST waits for is the relay pool's doing, not the batch's.
+    # Both domains from the start, mixed; one contact, so one partition: its batches are
+    # handled one after the other, each committed once its mail is sent or held.
     mixed = iter(limited)
     addresses: list[str] = []
     for i, address in enumerate(fast):
@@ -219,6 +224,8 @@ async def test_a_domain_over_its_rate_slows_while_the_others_flow_and_nothing_is
             prefix,
             smtp_relays=f"127.0.0.1:{controller.port}",
             smtp_connections=4,
+            send_batch=batch,
+            domain_hold_seconds=hold,
             domain_rate=ceiling,
             domain_aimd_floor=1.0,
             domain_aimd_increase=0.5,

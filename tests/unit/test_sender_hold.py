@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from typing import Any
 
 import pytest
 
 from libs.common import avro
 from libs.common.topics import Topic
-from services.sender.domains import PAUSED, Limits, Override
+from services.sender.domains import NORMAL, PAUSED, THROTTLED, Limits, Override, Policy
 from services.sender.holding import decode_request, encode_request
-from services.sender.ledger import Delivery
+from services.sender.ledger import HOLDING, Delivery
 from services.sender.models import LedgerKey
-from services.sender.pacing import DomainPacing, projected_wait, should_hold
+from services.sender.pacing import DomainPacing, projected_wait, should_hold, slower
 from services.sender.settings import SenderSettings
 from tests.integration.test_sender import send_request
 
@@ -42,10 +43,26 @@ def test_hold_only_beyond_the_threshold() -> None:
     assert not should_hold(1e9, -1.0)  # negative: nothing held
 
 
+def test_a_policy_is_slower_when_it_pauses_or_lowers_the_rate() -> None:
+    normal = Policy(10.0, 0, NORMAL)
+    assert slower(normal, Policy(5.0, 0, THROTTLED))
+    assert slower(Policy(0.0, 0, NORMAL), Policy(5.0, 0, THROTTLED))  # from unlimited
+    assert slower(normal, Policy(10.0, 0, PAUSED, until=100.0))
+    assert slower(Policy(10.0, 0, PAUSED, until=100.0), Policy(10.0, 0, PAUSED, until=200.0))
+    assert not slower(Policy(10.0, 0, PAUSED, until=200.0), Policy(10.0, 0, PAUSED, until=100.0))
+    assert not slower(Policy(5.0, 0, THROTTLED), normal)  # recovering
+    assert not slower(normal, Policy(0.0, 0, NORMAL))  # unlimited now
+    assert not slower(normal, normal)
+
+
 class Pool:
     def __init__(self) -> None:
         self.queued: list[Delivery] = []
         self.held: list[Delivery] = []
+
+    def hold(self, d: Delivery) -> None:
+        d.hold = HOLDING  # as holding.Holder.hold marks it
+        self.held.append(d)
 
     def pacing(self, **values: Any) -> DomainPacing:
         fields = {"domain_max_wait_seconds": 900.0, "domain_hold_seconds": 2.0, **values}
@@ -53,7 +70,7 @@ class Pool:
             dataclasses.replace(SenderSettings(), **fields),
             requeue=self.queued.append,
             give_up=lambda d, why: None,
-            hold=self.held.append,
+            hold=self.hold,
             defaults={"slow.example": Limits(10.0, 0)},
         )
 
@@ -94,6 +111,43 @@ async def test_a_paused_domain_holds_at_once_but_not_mail_without_a_record() -> 
     assert not pacing.admit(campaign)
     assert not pacing.admit(system)
     assert pool.held == [campaign]  # mail.system (no record to store) stays its batch's
+    pacing.stop()
+
+
+async def test_what_a_delivery_waited_already_counts_towards_the_threshold() -> None:
+    pool = Pool()
+    pacing = pool.pacing()
+    assert pacing.admit(delivery("first@slow.example", 1))  # the bucket's token
+    fresh, again = delivery("a@slow.example", 2), delivery("b@slow.example", 3)
+    # ``again`` waited 1.95 s already (a 421 sent it back, say): 0.2 s more passes 2 s.
+    again.waiting_since = time.monotonic() - 1.95
+    assert not pacing.admit(fresh)
+    assert not pacing.admit(again)
+    assert pool.held == [again]
+    pacing.stop()
+
+
+async def test_a_domain_that_slows_holds_what_was_parked_before_it_slowed() -> None:
+    """Parked with short waits (not held), then the domain slows: a halved rate holds the
+    deliveries whose queue ahead now passes the threshold, a pause holds all of them — left
+    unheld, each kept its batch, and the batches after it, until the pause ended."""
+    pool = Pool()
+    pacing = pool.pacing(domain_pause_after=2, domain_pause_seconds=300.0)
+    first = delivery("first@slow.example", 0)
+    assert pacing.admit(first)
+    parked = [delivery(f"r{i}@slow.example", 1 + i) for i in range(15)]
+    system = delivery("sys@slow.example", 99, request=False)
+    assert not any(pacing.admit(d) for d in [*parked, system])
+    assert pool.held == []  # 10 msgs/s: the last waits 1.5 s
+    pacing.deferred(first, 421, "4.7.0")  # 5 msgs/s: 10 or more ahead wait 2 s or more
+    assert pacing.policy_of("slow.example").rate == 5.0
+    assert 4 <= len(pool.held) <= 5
+    assert pool.held == parked[-len(pool.held) :]
+    pacing.deferred(first, 421, "4.7.0")  # the second: paused for 300 s
+    assert pacing.policy_of("slow.example").state == PAUSED
+    assert sorted(d.key.contact_id for d in pool.held) == list(range(1, 16))
+    assert system.hold == ""  # no record to store: its batch's
+    pacing.release(first)
     pacing.stop()
 
 
