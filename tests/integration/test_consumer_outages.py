@@ -1,7 +1,8 @@
 """libs/common/kafka.Consumer through a broker that fails: a dead letter the broker fails while
 the partitions of a poll are handled at once (the sender's send.requests) is weather, the
 round redone; a group offset past the end of a log the broker lost is read again from the
-beginning instead of waited at for ever."""
+beginning instead of waited at for ever; a round fetched before a broker restarted empty
+commits nothing on the new broker under the membership the member has joined it with."""
 
 from __future__ import annotations
 
