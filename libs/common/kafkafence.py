@@ -4,16 +4,19 @@ Kafka fences a commit by the member id and generation it carries: a member the c
 no longer knows is refused (UNKNOWN_MEMBER_ID, ILLEGAL_GENERATION). aiokafka, though, puts
 into the commit request the membership its coordinator holds *when the request is built*,
 not the one the records came under. Between a fetch and its commit the member may lose its
-place and join again; its commit then goes out under the new membership and is accepted.
+place (its coordinator forgot it: generation -1, no member id, until it has joined again)
+or join again; its commit then goes out without a membership, which a broker takes from a
+consumer outside any group when no member has joined the group yet, or under the new
+membership, which it takes too.
 
 On a durable broker that is harmless: the records are still in the log they came from. On
 a broker that restarted empty (the embedded Tansu broker keeps everything in memory; an
 unclean election is the Kafka analogue) it loses records: a sender held a batch of three
-requests per partition through the restart, its heartbeat found its member id forgotten,
-it joined the empty broker's new group, and its batch's commit of offset 3 was taken. The
-requests published after the restart sat at offsets 0-2 of the new logs, below that
-offset, and were never read (tests/integration/test_sender_outages.py, 1 run in 4 under
-CPU load). The generation does not tell the two memberships apart (Tansu counts from zero
+requests per partition through the restart, its heartbeat found its member id forgotten
+just before the batch's commit of offset 3, and the commit was taken by the empty broker.
+The requests published after the restart sat at offsets 0-2 of the new logs, below that
+offset, and were never read (tests/integration/test_sender_outages.py: once in a CI run, 1
+run of 34 here). The generation does not tell memberships apart (Tansu counts from zero
 again); the member id does: the coordinator makes a new one for each member that joins.
 
 So a round's commit is sent only while the coordinator still holds the membership of the
