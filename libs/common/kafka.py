@@ -38,6 +38,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from libs.common import avro, deadletters, registry, trace
 from libs.common.errors import DlqLimitExceeded, Fault, InvalidMessage, classify
+from libs.common.kafkafence import commit_fenced, membership
 from libs.common.kafkasecurity import connection_options
 from libs.common.logging import get_logger
 from libs.common.metrics import (
@@ -491,7 +492,8 @@ class Consumer:
     async def _round(self, consumer: AIOKafkaConsumer) -> None:
         """One poll: fetch, handle every partition's records, commit."""
         batches = await consumer.getmany(timeout_ms=1000, max_records=self.max_records)
-        assignment = self.assignments  # the records are of this one
+        # The records are of this assignment, fetched under this membership (kafkafence.py).
+        assignment, fetched = self.assignments, membership(consumer)
         self.alive()
         CONSUMER_LAST_PROGRESS.labels(self.settings.service, self.group).set(time.time())
         self._pace(consumer, busy=bool(batches))
@@ -517,20 +519,20 @@ class Consumer:
         else:
             for tp, records in batches.items():
                 await self._records(tp.topic, records)
-        if self.assignments != assignment:
-            # The group was rebalanced while they were handled: their partitions start
-            # again from the group's offsets, here or at another member. Their offsets are
-            # not committed: Kafka refuses such a commit by its generation, but a broker
-            # that restarted empty counts generations from zero again and would take
-            # offsets of a log it no longer has.
-            log.info(
-                "consumer_round_not_committed",
-                group=self.group,
-                reason="the group was rebalanced while the records were handled",
-            )
-            return
         committed = {tp: records[-1].offset + 1 for tp, records in batches.items()}
-        await consumer.commit(committed)
+        reason = await commit_fenced(
+            consumer,
+            fetched,
+            committed,
+            assignment=assignment,
+            assignments=lambda: self.assignments,
+        )
+        if reason is not None:
+            # Not committed: their partitions start again from the group's offsets, here or
+            # at another member, once the member has joined again (kafkafence.py: offsets
+            # of a log a broker that restarted empty no longer has must not reach it).
+            log.info("consumer_round_not_committed", group=self.group, reason=reason)
+            return
         self._committed.update(committed)
         self.last_commit = time.monotonic()
         await self._note_starts(consumer)  # the partitions that had nothing this round

@@ -134,6 +134,25 @@ async def all_requests_committed(settings: CommonSettings) -> bool:
     return all(committed[tp] == end for tp, (_, end) in bounds.items())
 
 
+async def sender_state(settings: CommonSettings, pool: Any) -> str:
+    """What the sender did, for a failure message: its ledger rows per campaign and status,
+    and its group's committed offset against the end of each send.requests partition (a
+    committed offset at the end with a campaign's rows missing: requests skipped)."""
+    rows = await pool.fetch(
+        "SELECT campaign_id, status, count(*) AS n FROM send_ledger GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+    ledger = [(r["campaign_id"][:8], r["status"], r["n"]) for r in rows]
+    try:
+        async with OpsKafka(settings) as ops:
+            tps = await ops.partitions(ops.name(Topic.SEND_REQUESTS))
+            bounds = await ops.bounds(tps)
+            committed = await ops.committed(ops.group_id("sender.requests"), tps)
+    except (KafkaError, Failure) as exc:
+        return f"ledger {ledger}; send.requests offsets unknown ({exc!r})"
+    offsets = {tp.partition: (committed[tp], end) for tp, (_, end) in bounds.items()}
+    return f"ledger {ledger}; send.requests (committed, end) {offsets}"
+
+
 async def results_behind_markers(
     kafka: Kafka,
     producer: Any,
@@ -269,9 +288,16 @@ async def test_results_whose_publication_fails_in_a_broker_restart_are_published
             later = str(uuid.uuid4())
             await publish_all(kafka, [send_request(later, n) for n in range(101, 101 + count)])
             wanted = {*range(1, count + 1), *range(101, 101 + count)}
-            results = await results_behind_markers(
-                kafka, producer, until=wanted, published=lambda: all_requests_committed(settings)
-            )
+            try:
+                results = await results_behind_markers(
+                    kafka,
+                    producer,
+                    until=wanted,
+                    published=lambda: all_requests_committed(settings),
+                )
+            except AssertionError as exc:
+                state = await sender_state(settings, sender.runtime.pool)
+                raise AssertionError(f"{exc}; {state}") from None
             assert {r["contact_id"] for r in results} == wanted
             healthy, detail = await sender.runtime.health()
             assert healthy, detail
