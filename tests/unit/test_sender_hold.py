@@ -132,7 +132,11 @@ async def test_a_domain_that_slows_holds_what_was_parked_before_it_slowed() -> N
     deliveries whose queue ahead now passes the threshold, a pause holds all of them — left
     unheld, each kept its batch, and the batches after it, until the pause ended."""
     pool = Pool()
-    pacing = pool.pacing(domain_pause_after=2, domain_pause_seconds=300.0)
+    pacing = pool.pacing(
+        domain_pause_after=2,
+        domain_pause_seconds=300.0,
+        domain_aimd_decrease_interval_seconds=0.0,  # each 421 a signal
+    )
     first = delivery("first@slow.example", 0)
     assert pacing.admit(first)
     parked = [delivery(f"r{i}@slow.example", 1 + i) for i in range(15)]
@@ -143,7 +147,7 @@ async def test_a_domain_that_slows_holds_what_was_parked_before_it_slowed() -> N
     assert pacing.policy_of("slow.example").rate == 5.0
     assert 4 <= len(pool.held) <= 5
     assert pool.held == parked[-len(pool.held) :]
-    pacing.deferred(first, 421, "4.7.0")  # the second: paused for 300 s
+    pacing.deferred(first, 421, "4.7.0")  # the second, nothing accepted: paused for 300 s
     assert pacing.policy_of("slow.example").state == PAUSED
     assert sorted(d.key.contact_id for d in pool.held) == list(range(1, 16))
     assert system.hold == ""  # no record to store: its batch's
