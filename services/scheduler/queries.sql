@@ -226,6 +226,11 @@ UPDATE campaign SET confirmed_mark = $2 WHERE id = $1;
 -- name: finished-sending
 SELECT id FROM campaign WHERE status = 'sent';
 
+-- name: forget-campaign-checkpoints
+-- A campaign whose sending is over releases nothing again: its checkpoints (one issued
+-- before the end, answered after it, with held mail perhaps) are of no use any more.
+DELETE FROM checkpoint WHERE campaign_id = $1;
+
 -- name: aggregation-due
 SELECT id FROM campaign WHERE status = 'aggregating' AND finished_at <= $1;
 

@@ -234,6 +234,7 @@ async def finish(ctx: Context, now: dt.datetime) -> None:
         for row in await conn.fetch(QUERIES["finished-sending"]):
             async with conn.transaction():
                 await store.transition(conn, row["id"], "aggregating", now, "counting feedback")
+                await conn.execute(QUERIES["forget-campaign-checkpoints"], row["id"])
         for row in await conn.fetch(QUERIES["aggregation-due"], now - period):
             async with conn.transaction():
                 await store.transition(
