@@ -92,7 +92,10 @@ def result_counts(record: Mapping[str, Any]) -> dict[str, int]:
     if outcome == "sent":
         return {"attempts": 1, "delivered": 1}
     if outcome == "temporary_error":
-        return deferral_counts(record)
+        # Without an SMTP code it is mail the sender gave up waiting for its domain ("not
+        # sent: … would wait more than …"): it never reached a relay. Counted, the sender's
+        # own pause of a domain would feed that domain's deferral ratio.
+        return deferral_counts(record) if record.get("smtp_code") is not None else {}
     if outcome in ("permanent_error", "policy_error"):
         return {"attempts": 1, "rejected": 1}
     return {}  # suppressed: nothing reached the relay
