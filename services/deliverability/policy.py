@@ -9,7 +9,11 @@ Rules (thresholds: :class:`Thresholds`, README's settings table), most severe fi
    (default 0.3%, the large providers' bulk-sender limit) once at least
    ``complaint_min_delivered`` were delivered → ``paused`` for ``pause_seconds``;
 2. **rate-limit deferrals**: at least ``rate_limit_deferrals`` 421 / 4.7.x answers in the
-   recent minutes → ``paused`` for ``pause_seconds``;
+   recent minutes, and more of them than deliveries → ``paused`` for ``pause_seconds``: the
+   domain refuses more than it takes, it is blocking us. One that takes most of its mail
+   and answers 421 to the rest is metering us: the sender's AIMD finds its rate (and the
+   sender's retried deferrals, ``delivery.deferrals``, count here: 67 of them while 5,000
+   went in the ``domains`` bench once paused such a domain for half an hour);
 3. **deferrals**: deferred / attempts in the recent minutes at or above ``deferral_ratio``
    once at least ``deferral_min_attempts`` were attempted → ``throttled`` to the rate the
    domain accepted (its busiest recent minute's deliveries per second, not below
@@ -110,10 +114,11 @@ def decide(
     for counts in minutes:
         recent = processor.add(recent, counts)
     span = f"{len(minutes)}m"
-    limited = rate_limit_deferrals(recent)
-    if limits.rate_limit_deferrals > 0 and limited >= limits.rate_limit_deferrals:
+    limited, delivered = rate_limit_deferrals(recent), recent.get("delivered", 0)
+    if 0 < limits.rate_limit_deferrals <= limited and limited > delivered:
         reason = (
-            f"rate_limit_deferrals {limited} >= {limits.rate_limit_deferrals} (421/4.7.x in {span})"
+            f"rate_limit_deferrals {limited} >= {limits.rate_limit_deferrals}"
+            f" (421/4.7.x in {span}, {delivered} delivered)"
         )
         return Decision(PAUSED, None, reason, now + limits.pause_seconds)
     attempts, deferred = recent.get("attempts", 0), recent.get("deferred", 0)

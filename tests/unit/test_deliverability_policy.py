@@ -57,6 +57,15 @@ def test_deferrals_below_the_minimum_volume_do_not_throttle() -> None:
     assert decide([recent], recent, now=NOW, limits=LIMITS).state == NORMAL
 
 
+def test_rate_limit_deferrals_of_a_domain_taking_most_of_its_mail_do_not_pause_it() -> None:
+    """Metering, not blocking: the sender's retried 421s while the domain takes the rest
+    (the domains bench: 67 while 5,000 went) leave it to the sender's AIMD."""
+    metered = {"attempts": 5067, "delivered": 5000, "deferred": 67, "deferred:4.7.0": 67}
+    assert decide([metered], metered, now=NOW, limits=LIMITS).state == NORMAL
+    refusing = {"attempts": 45, "delivered": 20, "deferred": 25, "deferred:421": 25}
+    assert decide([refusing], refusing, now=NOW, limits=LIMITS).state == PAUSED
+
+
 def test_the_throttle_rate_has_a_floor() -> None:
     recent = {"attempts": 100, "delivered": 0, "deferred": 100}
     assert decide([recent], recent, now=NOW, limits=LIMITS).rate == 1.0
@@ -68,7 +77,7 @@ def test_many_rate_limit_deferrals_pause_the_domain() -> None:
     decision = decide([first, second], {}, now=NOW, limits=LIMITS)
     assert decision.state == PAUSED
     assert decision.until == NOW + 1800
-    assert decision.reason == "rate_limit_deferrals 20 >= 20 (421/4.7.x in 2m)"
+    assert decision.reason == "rate_limit_deferrals 20 >= 20 (421/4.7.x in 2m, 0 delivered)"
     fewer = {"attempts": 19, "deferred": 19, "deferred:4.7.0": 19}
     assert decide([fewer], fewer, now=NOW, limits=LIMITS).state == NORMAL
     # other 4xx codes (a mailbox's) are not rate limits
@@ -131,7 +140,7 @@ def test_the_senders_retried_deferrals_throttle_or_pause_before_any_result() -> 
     ]
     paused = decide([minute], minute, now=NOW, limits=LIMITS)
     assert paused.state == PAUSED
-    assert paused.reason == "rate_limit_deferrals 25 >= 20 (421/4.7.x in 1m)"
+    assert paused.reason == "rate_limit_deferrals 25 >= 20 (421/4.7.x in 1m, 0 delivered)"
     low = Thresholds(deferral_min_attempts=10, rate_limit_deferrals=0)
     throttled = decide([minute], minute, now=NOW, limits=low)
     assert throttled.state == THROTTLED
