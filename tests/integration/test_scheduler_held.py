@@ -36,6 +36,7 @@ from tests.integration.test_scheduler import (
 )
 from tests.integration.test_sender import recipients
 from tests.integration.test_sender_domains import FAST, LIMITED, RateCappingRelay
+from tests.integration.test_sender_hold import SENDER  # mail held past half a second
 from tests.integration.test_steps import scheduler_at
 
 pytestmark = pytest.mark.integration
@@ -43,17 +44,6 @@ pytestmark = pytest.mark.integration
 #: checkpoints every half second, two releases at most, and no result timeout of its own:
 #: a row is given up as soon as its last release is covered by a confirmed checkpoint.
 SCHEDULER = {"checkpoint_seconds": 0.5, "max_releases": 2, "result_timeout_seconds": 0.0}
-#: a short pause after three refusals, a low AIMD floor, and mail held once its domain
-#: would keep it waiting over half a second (as test_sender_hold's).
-SENDER = {
-    "smtp_connections": 4,
-    "domain_pause_after": 3,
-    "domain_pause_seconds": 2.0,
-    "domain_aimd_floor": 1.0,
-    "domain_aimd_increase": 0.5,
-    "domain_hold_seconds": 0.5,
-    "hold_sweep_seconds": 1.0,
-}
 
 
 async def members_at(contacts: Any, addresses: list[str], group_id: int) -> None:
